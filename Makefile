@@ -1,0 +1,31 @@
+# Set-up and everyday commands. Everything runs from a project-local virtualenv that
+# the first command creates, so a fresh machine needs only Python 3.11+ and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint typecheck bench clean
+
+$(BIN)/dspy-trio: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+## Answer one question with the built-in simulated LM (or the LM configured in the environment).
+run: $(BIN)/dspy-trio
+	$(BIN)/dspy-trio predict "What is Trio?"
+
+## Lint, type-check and run the whole test suite.
+test: $(BIN)/dspy-trio
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+bench: $(BIN)/dspy-trio
+	$(BIN)/python -m benchmarks.concurrency
+
+clean:
+	rm -rf $(VENV)

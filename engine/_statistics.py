@@ -1,0 +1,84 @@
+"""Counters of request outcomes, snapshotted as a frozen value."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+from ._admission import AdmissionStatistics
+
+Outcome = Literal["succeeded", "failed", "timed_out", "cancelled", "rejected", "invalid"]
+
+
+@attrs.frozen
+class EngineStatistics:
+    """A snapshot of an engine.
+
+    Every request the engine was given is counted exactly once, when it ends, under one outcome:
+
+    - ``succeeded``: returned a result.
+    - ``failed``: ended with a typed error (upstream, program, engine closed).
+    - ``timed_out``: its deadline passed (the caller's scope or ``timeout=``).
+    - ``cancelled``: its caller cancelled it before its deadline.
+    - ``rejected``: refused at admission (queue full, engine closing); nothing ran.
+    - ``invalid``: refused for bad input (unknown program, bad fields); nothing ran.
+
+    So ``requests_total == in_flight + queued + the six outcomes`` at every moment.
+
+    Attributes:
+        errors_by_code: Requests that ended with a typed error, by the error's ``code``.
+        in_flight, queued, max_in_flight, max_queued: Admission state and limits.
+        closing: Whether the engine is refusing new requests.
+    """
+
+    succeeded: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    rejected: int
+    invalid: int
+    in_flight: int
+    queued: int
+    max_in_flight: int
+    max_queued: int
+    errors_by_code: Mapping[str, int]
+    closing: bool
+
+    @property
+    def requests_total(self) -> int:
+        return (
+            self.succeeded
+            + self.failed
+            + self.timed_out
+            + self.cancelled
+            + self.rejected
+            + self.invalid
+            + self.in_flight
+            + self.queued
+        )
+
+    @classmethod
+    def from_counters(
+        cls,
+        outcomes: Mapping[Outcome, int],
+        errors: Mapping[str, int],
+        *,
+        admission: AdmissionStatistics,
+        closing: bool,
+    ) -> EngineStatistics:
+        return cls(
+            succeeded=outcomes.get("succeeded", 0),
+            failed=outcomes.get("failed", 0),
+            timed_out=outcomes.get("timed_out", 0),
+            cancelled=outcomes.get("cancelled", 0),
+            rejected=outcomes.get("rejected", 0),
+            invalid=outcomes.get("invalid", 0),
+            in_flight=admission.in_flight,
+            queued=admission.queued,
+            max_in_flight=admission.max_in_flight,
+            max_queued=admission.max_queued,
+            errors_by_code=dict(errors),
+            closing=closing,
+        )

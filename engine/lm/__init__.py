@@ -1,0 +1,21 @@
+"""LM backends: ``dspy.BaseLM`` subclasses whose ``acall`` is Trio-native."""
+
+from ._base import ChunkSink as ChunkSink
+from ._base import Completion as Completion
+from ._base import TrioLM as TrioLM
+from ._factory import build_lm as build_lm
+from .openai import HTTPSettings as HTTPSettings
+from .openai import OpenAICompatibleLM as OpenAICompatibleLM
+from .simulated import SimulatedLM as SimulatedLM
+from .threaded import ThreadedLM as ThreadedLM
+
+__all__ = [
+    "ChunkSink",
+    "Completion",
+    "HTTPSettings",
+    "OpenAICompatibleLM",
+    "SimulatedLM",
+    "ThreadedLM",
+    "TrioLM",
+    "build_lm",
+]

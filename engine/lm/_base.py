@@ -1,0 +1,159 @@
+"""The base of the engine's LM backends: a ``dspy.BaseLM`` whose ``acall`` is Trio-native.
+
+DSPy adapters call ``await lm.acall(messages=[...], **kwargs)`` and expect a list of completions (strings,
+or dicts with ``text`` and optional ``reasoning_content``). Every stock async path in DSPy 3.4 calls
+asyncio directly and fails under ``trio.run``; overriding ``acall`` is the one seam that is Trio-native
+end to end, and so the one where Trio's cancellation reaches the provider's socket.
+
+Overriding ``acall`` skips what ``BaseLM.acall`` would do around the call: DSPy's cache, retries, history,
+callbacks and usage bookkeeping. This class puts back the parts a server needs: usage is reported to
+DSPy's usage tracker (``dspy.settings.usage_tracker``) and to the engine's request trace, the optional
+DSPy cache is consulted, and streaming chunks are pushed to ``dspy.settings.send_stream`` in the shape
+``dspy.streaming.StreamListener`` understands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+import dspy
+import trio
+from dspy.clients.call_result import attributes
+from dspy.clients.engines.streaming import EngineChunk
+
+from .._trace import record_lm_call
+
+Message = Mapping[str, Any]
+
+# DSPy passes these to LMs for its own bookkeeping; they are not provider request parameters.
+_DSPY_ONLY_KWARGS = frozenset({"rollout_id", "num_retries", "cache", "num_generations"})
+
+
+class ChunkSender(Protocol):
+    """Where streamed chunks go: a ``trio.MemorySendChannel`` or anything with an async ``send``."""
+
+    async def send(self, value: Any, /) -> None: ...
+
+
+@attrs.frozen
+class Completion:
+    """What one LM call produced.
+
+    Attributes:
+        texts: One completion text per choice.
+        usage: Provider usage, e.g. ``{"prompt_tokens": 12, "completion_tokens": 30}``.
+        reasoning: Per-choice reasoning text for providers that return it separately.
+    """
+
+    texts: Sequence[str]
+    usage: Mapping[str, Any] = attrs.field(factory=dict)
+    reasoning: Sequence[str | None] = ()
+
+    def outputs(self) -> list[str | dict[str, Any]]:
+        """The completion in the shape DSPy adapters expect from ``lm.acall``."""
+        if not any(self.reasoning):
+            return list(self.texts)
+        return [
+            {"text": text, **({"reasoning_content": reasoning} if reasoning else {})}
+            for text, reasoning in zip(self.texts, self.reasoning, strict=False)
+        ]
+
+
+@attrs.define
+class ChunkSink:
+    """Sends text deltas of one LM call to the stream the calling ``dspy.Predict`` is listened on.
+
+    Blocks in :meth:`send` while the consumer's bounded channel is full: that is the backpressure that
+    pauses the provider's socket read.
+    """
+
+    stream: ChunkSender
+    model: str
+    predict_id: int | None
+
+    async def send(self, text: str) -> None:
+        """Send one text delta; blocks while the stream's buffer is full."""
+        chunk = EngineChunk(
+            id=None,
+            model=self.model,
+            predict_id=self.predict_id,
+            choices=[attributes({"index": 0, "delta": {"content": text}, "finish_reason": None})],
+        )
+        await self.stream.send(chunk)
+
+
+def current_chunk_sink(model: str) -> ChunkSink | None:
+    """The sink for the current DSPy call, or None when nobody is streaming it."""
+    stream = dspy.settings.send_stream
+    if stream is None:
+        return None
+    caller = dspy.settings.caller_predict
+    return ChunkSink(stream, model, id(caller) if caller is not None else None)
+
+
+def request_params(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge an LM's default parameters with a call's, dropping unset values and DSPy-only keys."""
+    merged = {**defaults, **overrides}
+    return {k: v for k, v in merged.items() if v is not None and k not in _DSPY_ONLY_KWARGS}
+
+
+class TrioLM(dspy.BaseLM):  # type: ignore[misc]
+    """A ``dspy.BaseLM`` whose ``acall`` runs on Trio. Subclasses implement :meth:`complete`.
+
+    Instances are async-only: the synchronous ``lm(...)`` path raises, because blocking the event loop
+    on a network call is never what a server wants.
+    """
+
+    def __init__(self, model: str, *, cache: bool = False, **kwargs: Any) -> None:
+        # num_retries=0: the engine's own retry policy is the only one.
+        super().__init__(model=model, cache=cache, num_retries=0, **kwargs)
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+    ) -> Completion:
+        """Run one completion. With a ``sink``, push each text delta to it as it arrives.
+
+        Blocks until the provider has answered in full (or the caller's cancel scope fires, which must
+        close the provider connection).
+        """
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release network resources. Safe to call twice."""
+
+    async def acall(
+        self, prompt: str | None = None, messages: Sequence[Message] | None = None, **kwargs: Any
+    ) -> list[str | dict[str, Any]]:
+        """DSPy's async LM entry point, Trio-native. Blocks for the whole completion."""
+        if messages is None:
+            messages = [{"role": "user", "content": prompt or ""}]
+        params = request_params(self.kwargs, kwargs)
+        sink = current_chunk_sink(self.model)
+        cache_key = {"model": self.model, "messages": list(messages), **params} if self.cache else None
+        if cache_key is not None and (cached := dspy.cache.get(cache_key)) is not None:
+            if sink is not None:
+                await sink.send("".join(str(o.get("text") if isinstance(o, dict) else o) for o in cached))
+            return list(cached)
+
+        started = trio.current_time()
+        try:
+            completion = await self.complete(messages, params, sink)
+        finally:
+            record_lm_call(trio.current_time() - started)
+
+        if completion.usage and dspy.settings.usage_tracker is not None:
+            dspy.settings.usage_tracker.add_usage(self.model, dict(completion.usage))
+        outputs = completion.outputs()
+        if cache_key is not None:
+            dspy.cache.put(cache_key, outputs)
+        return outputs
+
+    def forward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{type(self).__name__} is async-only: run programs with `await program.acall(...)` under Trio"
+        )
+
+    async def aforward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
+        raise RuntimeError(f"{type(self).__name__} is called through acall(), not aforward()")

@@ -1,0 +1,110 @@
+"""Any stock ``dspy.LM`` (every provider DSPy and LiteLLM support), run in worker threads.
+
+This is the compatibility path, with an honest limit: a thread cannot be cancelled. When the caller's
+cancel scope fires, the engine stops waiting at once (``abandon_on_cancel=True``) and the request ends
+with its typed outcome, but the provider call runs on in its thread until it finishes or hits the LM's
+own ``timeout``, still holds its thread slot, and is still billed. Use the Trio-native backends where
+cancellation must reach the provider.
+
+The wrapped LM is built with ``num_retries=0`` and an explicit ``timeout`` so that the engine's retry and
+deadline policies are the only ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import dspy
+from dspy.clients._deprecation import adapter_message_call
+from dspy.utils.exceptions import (
+    LMError,
+    LMRateLimitError,
+    LMServerError,
+    LMTimeoutError,
+    LMTransportError,
+)
+
+from .._errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamRateLimitedError,
+    UpstreamResponseError,
+    UpstreamServerError,
+    UpstreamTimeoutError,
+)
+from ._base import ChunkSink, Completion, Message, TrioLM
+
+
+@contextmanager
+def dspy_lm_errors(model: str) -> Iterator[None]:
+    """Translate DSPy's LM errors raised inside the block into the engine's."""
+    try:
+        yield
+    except LMRateLimitError as exc:
+        raise UpstreamRateLimitedError(
+            str(exc), model=model, status=exc.status or 429, retry_after=exc.retry_after
+        ) from exc
+    except LMTimeoutError as exc:
+        raise UpstreamTimeoutError(str(exc), model=model, status=exc.status) from exc
+    except LMServerError as exc:
+        raise UpstreamServerError(str(exc), model=model, status=exc.status) from exc
+    except LMTransportError as exc:
+        raise UpstreamConnectionError(str(exc), model=model) from exc
+    except LMError as exc:
+        error: UpstreamError = UpstreamResponseError(str(exc), model=model, status=exc.status)
+        raise error from exc
+
+
+class ThreadedLM(TrioLM):
+    """Runs a stock ``dspy.LM`` in anyio worker threads, at most ``threads`` at a time.
+
+    Args:
+        lm: The wrapped LM. Build it with ``num_retries=0`` and a ``timeout``; :meth:`from_model` does.
+        threads: The most calls in flight at once (each holds one OS thread).
+    """
+
+    def __init__(self, lm: dspy.BaseLM, *, threads: int = 32) -> None:
+        super().__init__(lm.model)
+        self.inner = lm
+        self.limiter = anyio.CapacityLimiter(threads)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str,
+        *,
+        threads: int = 32,
+        timeout: float = 120.0,
+        cache: bool = False,
+        **kwargs: Any,
+    ) -> ThreadedLM:
+        """Wrap ``dspy.LM(model, ...)`` with no DSPy retries and an explicit per-call timeout."""
+        return cls(dspy.LM(model, num_retries=0, timeout=timeout, cache=cache, **kwargs), threads=threads)
+
+    def __repr__(self) -> str:
+        return f"ThreadedLM({self.inner!r}, threads={int(self.limiter.total_tokens)})"
+
+    def _call(self, messages: list[Message], params: Mapping[str, Any]) -> Any:
+        # Runs in the worker thread. Marking the call as an adapter's own message call keeps DSPy 3.4
+        # from warning that dict messages are deprecated: they are exactly what its adapter produced.
+        with adapter_message_call(self.inner, messages):
+            return self.inner(messages=messages, **params)
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+    ) -> Completion:
+        call: Callable[[], Any] = functools.partial(
+            self._call, list(messages), dict(params))
+        with dspy_lm_errors(self.model):
+            outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
+        texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]
+        reasoning = [o.get("reasoning_content") if isinstance(o, dict) else None for o in outputs]
+        if sink is not None and texts:
+            await sink.send(texts[0])
+        # The stock LM reported usage to DSPy's tracker itself: the thread sees this task's context.
+        return Completion(texts, {}, reasoning)
