@@ -297,14 +297,10 @@ async def open_engine(
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
     engine = Engine(config, backends, ProgramRegistry.build(config.programs))
-    try:
-        async with trio.open_nursery() as nursery:
-            engine._nursery = nursery
-            try:
-                yield engine
-            finally:
-                await engine._drain()
-                await engine._close_lms()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise _groups.collapse(group) from None
+    async with _groups.open_service_nursery() as nursery:
+        engine._nursery = nursery
+        try:
+            yield engine
+        finally:
+            await engine._drain()
+            await engine._close_lms()

@@ -7,6 +7,9 @@ nursery, or runs user code that may, collapses a group with a single meaningful 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 
 
@@ -30,3 +33,18 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     if not real:
         return leaves[0]
     return group
+
+
+@asynccontextmanager
+async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery for the background tasks of a context manager that yields to its caller.
+
+    The nursery is cancelled when the ``async with`` block ends, and an exception escaping it reaches
+    the caller as itself rather than wrapped in an exception group (see :func:`collapse`).
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise collapse(group) from None

@@ -13,14 +13,17 @@ the backpressure to the provider.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import certifi
 import httpx
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import ChunkSink, Completion, Message, TrioLM
+from ._http_pool import ClientShards
 from ._http_errors import status_error, transport_errors
 
 
@@ -42,21 +45,25 @@ class HTTPSettings:
     pool_timeout: float = 30.0
     max_connections: int = 1024
 
-    def client(self, base_url: str, headers: Mapping[str, str]) -> httpx.AsyncClient:
-        """A new client with these timeouts and limits (no I/O happens until first use)."""
-        return httpx.AsyncClient(
-            base_url=base_url,
-            headers=dict(headers),
-            timeout=httpx.Timeout(
-                connect=self.connect_timeout,
-                read=self.read_timeout,
-                write=self.write_timeout,
-                pool=self.pool_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=self.max_connections, max_keepalive_connections=self.max_connections
-            ),
+    def clients(self, base_url: str, headers: Mapping[str, str]) -> ClientShards:
+        """New clients with these timeouts and limits (no I/O happens until first use)."""
+        timeout = httpx.Timeout(
+            connect=self.connect_timeout,
+            read=self.read_timeout,
+            write=self.write_timeout,
+            pool=self.pool_timeout,
         )
+
+        # Loading CA certificates takes ~50 ms: do it once for all shards.
+        verify = ssl.create_default_context(cafile=certifi.where())
+
+        def make_client(connections: int) -> httpx.AsyncClient:
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            return httpx.AsyncClient(
+                base_url=base_url, headers=dict(headers), timeout=timeout, limits=limits, verify=verify
+            )
+
+        return ClientShards(self.max_connections, make_client)
 
 
 def _jsonable_response_format(value: Any) -> Any:
@@ -96,7 +103,7 @@ class OpenAICompatibleLM(TrioLM):
         super().__init__(model, **kwargs)
         self.api_base = api_base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = (http or HTTPSettings()).client(api_base.rstrip("/") + "/", headers)
+        self._clients = (http or HTTPSettings()).clients(api_base.rstrip("/") + "/", headers)
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleLM(model={self.model!r}, api_base={self.api_base!r})"
@@ -106,7 +113,7 @@ class OpenAICompatibleLM(TrioLM):
         return self
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._clients.aclose()
 
     def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": _wire_model(self.model), "messages": list(messages)}
@@ -126,8 +133,8 @@ class OpenAICompatibleLM(TrioLM):
         return await self._stream(self._body(messages, params, stream=True), sink)
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
-        with transport_errors(self.model):
-            response = await self._client.post("chat/completions", json=body)
+        with transport_errors(self.model), self._clients.lease() as client:
+            response = await client.post("chat/completions", json=body)
         if response.status_code >= 400:
             raise status_error(self.model, response.status_code, response.headers, response.text)
         try:
@@ -148,8 +155,8 @@ class OpenAICompatibleLM(TrioLM):
         reasoning: dict[int, list[str]] = {}
         usage: dict[str, Any] = {}
         finished = done = False
-        with transport_errors(self.model):
-            async with self._client.stream("POST", "chat/completions", json=body) as response:
+        with transport_errors(self.model), self._clients.lease() as client:
+            async with client.stream("POST", "chat/completions", json=body) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise status_error(self.model, response.status_code, response.headers, response.text)

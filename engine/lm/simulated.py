@@ -91,7 +91,7 @@ class SimulatedLM(TrioLM):
         values: dict[str, Any] = {}
         for index, (name, type_name) in enumerate(_output_fields(messages)):
             start = digest[index % len(digest)]
-            words = [_WORDS[(start + i * 7) % len(_WORDS)] for i in range(self.words_per_field)]
+            words = [_WORDS[(start + i) % len(_WORDS)] for i in range(self.words_per_field)]
             values[name] = _value_for(type_name.strip(), words)
         if _wants_json(messages):
             return json.dumps(values)

@@ -1,0 +1,431 @@
+"""A fake OpenAI-compatible upstream: a real HTTP/1.1 server on Trio, for tests, benchmarks and the CLI.
+
+It answers ``POST /v1/chat/completions`` (plain and ``"stream": true``) with text the built-in simulated
+LM would write for the same messages, so DSPy parses every answer. Latency and token pacing are
+configurable and run on Trio's clock. Faults are queued on demand and consumed one per request, in order:
+429 with ``Retry-After``, 500, 503, a hang, a disconnect mid-stream, a malformed chunk.
+
+Every request is recorded, including — the point of it all — the time its client closed the connection
+if that happened before the answer was complete. A watcher task reads the socket while the answer is
+being produced, so a client that cancels is seen at once, even in the middle of a sleep.
+
+It is built on h11 (the sans-I/O HTTP/1.1 library httpx itself uses) rather than on a web framework, so
+that it can misbehave at the byte level and notice a closed connection at the moment it happens.
+
+Control endpoints, for a fake upstream running in another process::
+
+    POST /_fake/faults   {"faults": [{"kind": "rate_limit", "retry_after": 2}, ...]}   queue faults
+    POST /_fake/behavior {"latency": 1.0, ...}                                         change pacing
+    GET  /_fake/records                                                                the request log
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import attrs
+import h11
+import trio
+
+from .._groups import open_service_nursery
+from ..lm.simulated import SimulatedLM
+
+FaultKind = Literal["rate_limit", "server_error", "unavailable", "hang", "disconnect", "malformed"]
+FAULT_KINDS: tuple[FaultKind, ...] = (
+    "rate_limit",
+    "server_error",
+    "unavailable",
+    "hang",
+    "disconnect",
+    "malformed",
+)
+
+
+@attrs.frozen
+class Fault:
+    """One misbehaviour, applied to the next request that arrives.
+
+    Attributes:
+        kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``hang`` (never
+            answer), ``disconnect`` (close the connection after ``after_tokens`` stream tokens, or at
+            once when not streaming), ``malformed`` (a broken JSON body or stream chunk).
+        retry_after: Seconds sent as ``Retry-After`` with 429/503.
+        retry_after_ms: Milliseconds sent as ``retry-after-ms`` with 429/503.
+        after_tokens: For ``disconnect`` and ``malformed`` on streams: good tokens sent first.
+    """
+
+    kind: FaultKind = attrs.field(validator=attrs.validators.in_(FAULT_KINDS))
+    retry_after: float | None = None
+    retry_after_ms: float | None = None
+    after_tokens: int = 0
+
+
+@attrs.define
+class Behavior:
+    """How the fake upstream paces answers (seconds on Trio's clock).
+
+    Attributes:
+        latency: Time before a non-streaming answer.
+        first_token_delay: Time before a stream's first token.
+        token_delay: Time between stream tokens.
+        words_per_field: Length of generated text fields.
+    """
+
+    latency: float = 0.0
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    words_per_field: int = 16
+
+
+@attrs.define
+class RequestRecord:
+    """What the fake upstream saw of one request.
+
+    Attributes:
+        index: Arrival order, from 0.
+        path: The request path.
+        body: The parsed JSON body (None if it was not JSON).
+        stream: Whether the client asked for a stream.
+        fault: The fault applied, if any.
+        status: The status answered (None before the answer started).
+        received_at: When the request was read in full.
+        completed_at: When the answer was sent in full.
+        client_closed_at: When the client closed the connection before the answer was complete.
+        aborted: Whether the fake upstream itself cut the connection (the ``disconnect`` fault).
+        tokens_sent: Stream tokens written to the socket.
+    """
+
+    index: int
+    path: str
+    body: Any
+    stream: bool
+    fault: FaultKind | None
+    received_at: float
+    status: int | None = None
+    completed_at: float | None = None
+    client_closed_at: float | None = None
+    aborted: bool = False
+    tokens_sent: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.completed_at is not None or self.client_closed_at is not None or self.aborted
+
+    def as_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection (seen by the watcher or by a failed write)."""
+
+
+class FakeUpstream:
+    """The server. Start it with :func:`open_fake_upstream`, or ``await nursery.start(upstream.serve)``."""
+
+    def __init__(self, behavior: Behavior | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.behavior = behavior or Behavior()
+        self.host = host
+        self.port = port
+        self.records: list[RequestRecord] = []
+        self._faults: deque[Fault] = deque()
+        self._indices = itertools.count()
+        self._open_connections = 0
+        self._changed = trio.Event()
+
+    def __repr__(self) -> str:
+        active = sum(not r.ended for r in self.records)
+        return (
+            f"<FakeUpstream {self.url} [requests: {len(self.records)}, {active} active | "
+            f"connections: {self._open_connections} open | faults queued: {len(self._faults)}]>"
+        )
+
+    @property
+    def url(self) -> str:
+        """The API root to give an OpenAI-compatible client, e.g. ``http://127.0.0.1:54321/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def open_connections(self) -> int:
+        return self._open_connections
+
+    @property
+    def active_requests(self) -> int:
+        """Requests whose answer has neither completed nor been cut off by the client."""
+        return sum(not record.ended for record in self.records)
+
+    def add_faults(self, *faults: Fault) -> None:
+        """Queue faults; each following request consumes one, in order."""
+        self._faults.extend(faults)
+
+    async def wait_for(self, predicate: Any) -> None:
+        """Block until ``predicate(self)`` is true, rechecking whenever a record changes."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve until cancelled. Reports ``self`` (with its port bound) to ``nursery.start``."""
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._connection, listeners)
+            task_status.started(self)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        self._open_connections += 1
+        connection = h11.Connection(h11.SERVER)
+        try:
+            while await self._one_exchange(connection, stream):
+                connection.start_next_cycle()
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass
+        finally:
+            self._open_connections -= 1
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await stream.aclose()
+
+    async def _receive_event(self, connection: h11.Connection, stream: trio.SocketStream) -> Any:
+        while True:
+            event = connection.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            connection.receive_data(await stream.receive_some(65536))
+
+    async def _one_exchange(self, connection: h11.Connection, stream: trio.SocketStream) -> bool:
+        """Serve one request. Returns whether the connection can carry another."""
+        request = await self._receive_event(connection, stream)
+        if not isinstance(request, h11.Request):
+            return False
+        chunks = []
+        while isinstance(event := await self._receive_event(connection, stream), h11.Data):
+            chunks.append(bytes(event.data))
+        try:
+            body = json.loads(b"".join(chunks) or b"null")
+        except ValueError:
+            body = None
+        path = request.target.decode()
+        send = _Sender(connection, stream)
+        if path.startswith("/_fake/"):
+            await self._control(send, request.method.decode(), path, body)
+            return connection.our_state is h11.DONE
+        fault = self._faults.popleft() if self._faults and path.endswith("/chat/completions") else None
+        record = RequestRecord(
+            index=next(self._indices),
+            path=path,
+            body=body,
+            stream=bool(isinstance(body, dict) and body.get("stream")),
+            fault=fault.kind if fault else None,
+            received_at=trio.current_time(),
+        )
+        self.records.append(record)
+        self._notify()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_for_close, connection, stream, record, nursery.cancel_scope)
+            try:
+                await self._answer(send, record, fault)
+            except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._client_closed(record)
+            nursery.cancel_scope.cancel()
+        if not record.ended:
+            record.completed_at = trio.current_time()
+            self._notify()
+        return not send.aborted and record.client_closed_at is None and connection.our_state is h11.DONE
+
+    def _client_closed(self, record: RequestRecord) -> None:
+        if record.client_closed_at is None and record.completed_at is None:
+            record.client_closed_at = trio.current_time()
+            self._notify()
+
+    async def _watch_for_close(
+        self,
+        connection: h11.Connection,
+        stream: trio.SocketStream,
+        record: RequestRecord,
+        scope: trio.CancelScope,
+    ) -> None:
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                if not record.aborted:
+                    self._client_closed(record)
+                scope.cancel()
+                return
+            connection.receive_data(data)  # a pipelined next request: keep it for later
+
+    async def _control(self, send: _Sender, method: str, path: str, body: Any) -> None:
+        try:
+            if method == "POST" and path == "/_fake/faults":
+                self.add_faults(*(Fault(**fault) for fault in body["faults"]))
+                await send.json(200, {"queued": len(self._faults)})
+            elif method == "POST" and path == "/_fake/behavior":
+                self.behavior = attrs.evolve(self.behavior, **body)
+                await send.json(200, attrs.asdict(self.behavior))
+            elif method == "GET" and path == "/_fake/records":
+                await send.json(200, {"records": [r.as_json() for r in self.records]})
+            else:
+                await send.json(404, {"error": {"message": f"no control endpoint {method} {path}"}})
+        except (KeyError, TypeError, ValueError) as exc:
+            await send.json(400, {"error": {"message": f"bad control request: {exc}"}})
+
+    async def _answer(self, send: _Sender, record: RequestRecord, fault: Fault | None) -> None:
+        if not record.path.endswith("/chat/completions") or not isinstance(record.body, dict):
+            record.status = 404 if isinstance(record.body, dict) else 400
+            await send.json(record.status, {"error": {"message": "POST a JSON body to /v1/chat/completions"}})
+            return
+        if fault is not None and fault.kind in ("rate_limit", "server_error", "unavailable"):
+            record.status = {"rate_limit": 429, "server_error": 500, "unavailable": 503}[fault.kind]
+            headers = []
+            if fault.retry_after is not None:
+                headers.append(("retry-after", _number(fault.retry_after)))
+            if fault.retry_after_ms is not None:
+                headers.append(("retry-after-ms", _number(fault.retry_after_ms)))
+            await send.json(record.status, {"error": {"message": f"fake {fault.kind}", "type": fault.kind}}, headers)
+            return
+        if fault is not None and fault.kind == "hang":
+            await trio.sleep_forever()
+        simulated = SimulatedLM(words_per_field=self.behavior.words_per_field)
+        messages = record.body.get("messages") or []
+        text = simulated.render(messages)
+        tokens = simulated.tokens(text)
+        model = str(record.body.get("model", "fake"))
+        usage = {
+            "prompt_tokens": math.ceil(len(json.dumps(messages)) / 4),
+            "completion_tokens": len(tokens),
+            "total_tokens": math.ceil(len(json.dumps(messages)) / 4) + len(tokens),
+        }
+        if record.stream:
+            await self._stream(send, record, fault, model, tokens, usage)
+            return
+        await trio.sleep(self.behavior.latency)
+        record.status = 200
+        if fault is not None and fault.kind == "disconnect":
+            record.aborted = True
+            await send.abort()
+            return
+        if fault is not None and fault.kind == "malformed":
+            await send.raw(200, b'{"choices": [{"message": ', "application/json")
+            return
+        await send.json(200, _completion(record.index, model, text, usage))
+
+    async def _stream(
+        self,
+        send: _Sender,
+        record: RequestRecord,
+        fault: Fault | None,
+        model: str,
+        tokens: Sequence[str],
+        usage: dict[str, int],
+    ) -> None:
+        record.status = 200
+        await send.start_stream()
+        for index, token in enumerate(tokens):
+            await trio.sleep(self.behavior.first_token_delay if index == 0 else self.behavior.token_delay)
+            if fault is not None and index == fault.after_tokens:
+                if fault.kind == "disconnect":
+                    record.aborted = True
+                    await send.abort()
+                    return
+                if fault.kind == "malformed":
+                    await send.data(b'data: {"choices": [{"delta": \n\n')
+                    await send.end()
+                    return
+            await send.data(_sse(_chunk(record.index, model, {"content": token}, None)))
+            record.tokens_sent += 1
+        await send.data(_sse(_chunk(record.index, model, {}, "stop")))
+        body = record.body if isinstance(record.body, dict) else {}
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await send.data(_sse({"id": f"chatcmpl-fake-{record.index}", "choices": [], "usage": usage}))
+        await send.data(b"data: [DONE]\n\n")
+        await send.end()
+
+
+class _Sender:
+    """Writes h11 events to the socket; a failed write means the client is gone."""
+
+    def __init__(self, connection: h11.Connection, stream: trio.SocketStream) -> None:
+        self._connection = connection
+        self._stream = stream
+        self.aborted = False
+
+    async def _send(self, event: Any) -> None:
+        payload = self._connection.send(event)
+        if payload:
+            try:
+                await self._stream.send_all(payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone from exc
+
+    async def raw(self, status: int, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
+        await self._send(h11.Response(status_code=status, headers=head))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    async def json(self, status: int, payload: Any, headers: Sequence[tuple[str, str]] = ()) -> None:
+        await self.raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+    async def start_stream(self) -> None:
+        head = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        await self._send(h11.Response(status_code=200, headers=head))
+
+    async def data(self, payload: bytes) -> None:
+        await self._send(h11.Data(data=payload))
+
+    async def end(self) -> None:
+        await self._send(h11.EndOfMessage())
+
+    async def abort(self) -> None:
+        """Close the connection without finishing the answer."""
+        self.aborted = True
+        await self._stream.aclose()
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _chunk(index: int, model: str, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-fake-{index}",
+        "object": "chat.completion.chunk",
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def _completion(index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-fake-{index}",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": usage,
+    }
+
+
+@asynccontextmanager
+async def open_fake_upstream(
+    behavior: Behavior | None = None, *, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[FakeUpstream]:
+    """Run a fake upstream for the duration of the block; it listens on ``upstream.url``."""
+    async with open_service_nursery() as nursery:
+        yield await nursery.start(FakeUpstream(behavior, host=host, port=port).serve)
