@@ -72,7 +72,8 @@ class Admission:
         except trio.WouldBlock:
             pass
         else:
-            await trio.lowlevel.checkpoint()
+            # Holding the slot now: yield without a cancellation point, or a cancel here would leak it.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if self._slots.statistics().tasks_waiting >= self._max_queued:
             raise OverloadedError(

@@ -127,6 +127,7 @@ class Engine:
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
         started = trio.current_time()
+        caller_deadline = trio.current_effective_deadline()
         request_id = request_id or uuid.uuid4().hex
         try:
             if timeout is not None and not timeout > 0:
@@ -153,8 +154,7 @@ class Engine:
             outcome = "succeeded"
             return result
         except trio.Cancelled:
-            deadline = trio.current_effective_deadline()
-            outcome = "timed_out" if trio.current_time() >= deadline else "cancelled"
+            outcome = "timed_out" if trio.current_time() >= caller_deadline else "cancelled"
             raise
         except DeadlineExceededError as exc:
             outcome = "timed_out"

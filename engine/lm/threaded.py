@@ -40,6 +40,10 @@ from .._errors import (
 from ._base import ChunkSink, Completion, Message, TrioLM
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().split("\n", 1)[0]
+
+
 @contextmanager
 def dspy_lm_errors(model: str) -> Iterator[None]:
     """Translate DSPy's LM errors raised inside the block into the engine's."""
@@ -47,16 +51,16 @@ def dspy_lm_errors(model: str) -> Iterator[None]:
         yield
     except LMRateLimitError as exc:
         raise UpstreamRateLimitedError(
-            str(exc), model=model, status=exc.status or 429, retry_after=exc.retry_after
+            _first_line(exc), model=model, status=exc.status or 429, retry_after=exc.retry_after
         ) from exc
     except LMTimeoutError as exc:
-        raise UpstreamTimeoutError(str(exc), model=model, status=exc.status) from exc
+        raise UpstreamTimeoutError(_first_line(exc), model=model, status=exc.status) from exc
     except LMServerError as exc:
-        raise UpstreamServerError(str(exc), model=model, status=exc.status) from exc
+        raise UpstreamServerError(_first_line(exc), model=model, status=exc.status) from exc
     except LMTransportError as exc:
-        raise UpstreamConnectionError(str(exc), model=model) from exc
+        raise UpstreamConnectionError(_first_line(exc), model=model) from exc
     except LMError as exc:
-        error: UpstreamError = UpstreamResponseError(str(exc), model=model, status=exc.status)
+        error: UpstreamError = UpstreamResponseError(_first_line(exc), model=model, status=exc.status)
         raise error from exc
 
 

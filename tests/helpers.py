@@ -1,0 +1,49 @@
+"""Small fakes shared by the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from engine.lm import ChunkSink, Completion, SimulatedLM
+from engine.lm._base import Message
+
+
+class CountingLM(SimulatedLM):
+    """The simulated LM, counting the calls that started and the ones that finished."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("first_token_delay", 1.0)
+        kwargs.setdefault("token_delay", 0.0)
+        super().__init__(**kwargs)
+        self.started = 0
+        self.finished = 0
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+    ) -> Completion:
+        self.started += 1
+        completion = await super().complete(messages, params, sink)
+        self.finished += 1
+        return completion
+
+
+class FailingLM(SimulatedLM):
+    """Raises ``error`` from every call, after ``delay`` seconds."""
+
+    def __init__(self, error: BaseException, delay: float = 0.0) -> None:
+        super().__init__()
+        self.error = error
+        self.delay = delay
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+    ) -> Completion:
+        await trio.sleep(self.delay)
+        raise self.error
+
+
+def tasks_living() -> int:
+    return trio.lowlevel.current_statistics().tasks_living
