@@ -165,8 +165,8 @@ class OpenAICompatibleLM(TrioLM):
                         continue  # blank separators, comments, event:/id: fields
                     data = line[len("data:") :].strip()
                     if data == "[DONE]":
-                        done = True
-                        break
+                        done = True  # read on to the end of the body, so the connection can be reused
+                        continue
                     payload = self._chunk(data)
                     usage = _usage(payload) or usage
                     for index, content, thinking, finish in _deltas(payload, self.model):
