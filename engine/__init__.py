@@ -17,32 +17,32 @@ import os as _os
 # not to; a server must not block on that. Set before anything imports it.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from ._admission import AdmissionStatistics as AdmissionStatistics  # noqa: E402
-from ._config import EngineConfig as EngineConfig  # noqa: E402
-from ._config import LMConfig as LMConfig  # noqa: E402
-from ._config import ProgramSpec as ProgramSpec  # noqa: E402
-from ._engine import Engine as Engine  # noqa: E402
-from ._engine import open_engine as open_engine  # noqa: E402
-from ._errors import ConfigError as ConfigError  # noqa: E402
-from ._errors import DeadlineExceededError as DeadlineExceededError  # noqa: E402
-from ._errors import EngineClosedError as EngineClosedError  # noqa: E402
-from ._errors import EngineError as EngineError  # noqa: E402
-from ._errors import InvalidInputError as InvalidInputError  # noqa: E402
-from ._errors import OverloadedError as OverloadedError  # noqa: E402
-from ._errors import ProgramError as ProgramError  # noqa: E402
-from ._errors import UnknownProgramError as UnknownProgramError  # noqa: E402
-from ._errors import UpstreamConnectionError as UpstreamConnectionError  # noqa: E402
-from ._errors import UpstreamError as UpstreamError  # noqa: E402
-from ._errors import UpstreamRateLimitedError as UpstreamRateLimitedError  # noqa: E402
-from ._errors import UpstreamResponseError as UpstreamResponseError  # noqa: E402
-from ._errors import UpstreamServerError as UpstreamServerError  # noqa: E402
-from ._errors import UpstreamTimeoutError as UpstreamTimeoutError  # noqa: E402
-from ._programs import InputField as InputField  # noqa: E402
-from ._programs import ProgramInfo as ProgramInfo  # noqa: E402
-from ._result import PredictionResult as PredictionResult  # noqa: E402
-from ._result import Timings as Timings  # noqa: E402
-from ._result import Usage as Usage  # noqa: E402
-from ._statistics import EngineStatistics as EngineStatistics  # noqa: E402
+from ._admission import AdmissionStatistics as AdmissionStatistics
+from ._config import EngineConfig as EngineConfig
+from ._config import LMConfig as LMConfig
+from ._config import ProgramSpec as ProgramSpec
+from ._engine import Engine as Engine
+from ._engine import open_engine as open_engine
+from ._errors import ConfigError as ConfigError
+from ._errors import DeadlineExceededError as DeadlineExceededError
+from ._errors import EngineClosedError as EngineClosedError
+from ._errors import EngineError as EngineError
+from ._errors import InvalidInputError as InvalidInputError
+from ._errors import OverloadedError as OverloadedError
+from ._errors import ProgramError as ProgramError
+from ._errors import UnknownProgramError as UnknownProgramError
+from ._errors import UpstreamConnectionError as UpstreamConnectionError
+from ._errors import UpstreamError as UpstreamError
+from ._errors import UpstreamRateLimitedError as UpstreamRateLimitedError
+from ._errors import UpstreamResponseError as UpstreamResponseError
+from ._errors import UpstreamServerError as UpstreamServerError
+from ._errors import UpstreamTimeoutError as UpstreamTimeoutError
+from ._programs import InputField as InputField
+from ._programs import ProgramInfo as ProgramInfo
+from ._result import PredictionResult as PredictionResult
+from ._result import Timings as Timings
+from ._result import Usage as Usage
+from ._statistics import EngineStatistics as EngineStatistics
 
 __all__ = [
     "AdmissionStatistics",

@@ -20,7 +20,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -246,8 +246,11 @@ def _number(env: Mapping[str, str], key: str, kind: type[int] | type[float]) -> 
         raise ConfigError(f"{key} must be a number, got {env[key]!r}") from exc
 
 
-def _build(cls: type[Any], values: dict[str, Any], where: str) -> Any:
-    known = {field.name for field in attrs.fields(cls)}
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], values: dict[str, Any], where: str) -> _T:
+    known = {field.name for field in attrs.fields(cls)}  # type: ignore[arg-type]
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")

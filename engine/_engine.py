@@ -29,7 +29,7 @@ from dspy.utils.usage_tracker import track_usage
 from . import _groups
 from ._admission import Admission
 from ._config import EngineConfig
-from ._errors import DeadlineExceededError, EngineClosedError, EngineError, InvalidInputError, ProgramError
+from ._errors import EngineClosedError, EngineError, InvalidInputError, ProgramError
 from ._programs import Program, ProgramInfo, ProgramRegistry
 from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
@@ -48,7 +48,6 @@ _ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 class _ActiveRequest:
     request_id: str
     scope: trio.CancelScope
-    closed_by_engine: bool = False
 
 
 class Engine:
@@ -57,9 +56,7 @@ class Engine:
     Safe to share between any number of tasks of the Trio run that opened it.
     """
 
-    def __init__(
-        self, config: EngineConfig, lms: Mapping[str, TrioLM], programs: ProgramRegistry
-    ) -> None:
+    def __init__(self, config: EngineConfig, lms: Mapping[str, TrioLM], programs: ProgramRegistry) -> None:
         self.config = config
         self._lms = dict(lms)
         self._programs = programs
@@ -103,7 +100,6 @@ class Engine:
         inputs: Mapping[str, Any],
         *,
         request_id: str | None = None,
-        timeout: float | None = None,
     ) -> PredictionResult:
         """Run ``program`` on ``inputs`` and return its outputs, usage and timings.
 
@@ -115,14 +111,11 @@ class Engine:
             program: A registered program name, e.g. ``"default"``.
             inputs: The program's input fields by name.
             request_id: An id to report the request under; one is generated if omitted.
-            timeout: An additional limit in seconds, enforced by the engine; when it runs out the
-                request fails with :class:`DeadlineExceededError`.
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
             OverloadedError: the queue is full; nothing was queued.
             EngineClosedError: the engine is closing.
-            DeadlineExceededError: ``timeout`` ran out.
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
@@ -130,8 +123,6 @@ class Engine:
         caller_deadline = trio.current_effective_deadline()
         request_id = request_id or uuid.uuid4().hex
         try:
-            if timeout is not None and not timeout > 0:
-                raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout!r}")
             resolved = self._programs.get(program)
             values = resolved.validate(inputs)
         except InvalidInputError:
@@ -142,8 +133,6 @@ class Engine:
             raise EngineClosedError("the engine is shutting down")
 
         active = _ActiveRequest(request_id, trio.CancelScope())
-        if timeout is not None:
-            active.scope.deadline = started + timeout
         key = next(self._ids)
         self._active[key] = active
         if len(self._active) == 1:
@@ -155,10 +144,6 @@ class Engine:
             return result
         except trio.Cancelled:
             outcome = "timed_out" if trio.current_time() >= caller_deadline else "cancelled"
-            raise
-        except DeadlineExceededError as exc:
-            outcome = "timed_out"
-            self._errors[exc.code] += 1
             raise
         except EngineError as exc:
             outcome = "rejected" if exc.code == "overloaded" else "failed"
@@ -190,12 +175,8 @@ class Engine:
                 usage=usage,
                 timings=Timings(queued=admitted - started, lm=lm_seconds, total=finished - started),
             )
-        # Only reached when our own scope absorbed its cancellation.
-        if active.closed_by_engine:
-            raise EngineClosedError("the engine shut down before the request finished")
-        raise DeadlineExceededError(
-            f"request {active.request_id} exceeded its timeout of {active.scope.deadline - started:.3f}s"
-        )
+        # Only reached when our own scope absorbed its cancellation: the engine closed under it.
+        raise EngineClosedError("the engine shut down before the request finished")
 
     async def _run_program(
         self, program: Program, values: dict[str, Any]
@@ -231,7 +212,6 @@ class Engine:
         with trio.move_on_after(self.config.drain_timeout):
             await self._idle.wait()
         for active in self._active.values():
-            active.closed_by_engine = True
             active.scope.cancel()
         with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
             cleanup.shield = True
@@ -293,7 +273,9 @@ async def open_engine(
     }
     for name, lm in (lms or {}).items():
         backends.setdefault(name, lm)
-    simulated = [name for name, c in config.lms.items() if c.provider == "simulated" and name not in (lms or {})]
+    simulated = [
+        name for name, c in config.lms.items() if c.provider == "simulated" and name not in (lms or {})
+    ]
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
     engine = Engine(config, backends, ProgramRegistry.build(config.programs))

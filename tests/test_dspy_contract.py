@@ -63,7 +63,7 @@ async def test_predict_sets_send_stream_and_caller_predict_for_the_lm() -> None:
             seen["sink"] = sink
             return await super().complete(messages, params, sink)
 
-    send, receive = trio.open_memory_channel[Any](10)
+    send, _receive = trio.open_memory_channel[Any](10)
     program = dspy.Predict("question -> answer")
     with dspy.context(lm=Spy("[[ ## answer ## ]]\nx\n\n[[ ## completed ## ]]"), send_stream=send):
         await program.acall(question="q")

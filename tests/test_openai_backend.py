@@ -26,7 +26,9 @@ MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 
 
 def lm_for(upstream: FakeUpstream, **http: Any) -> OpenAICompatibleLM:
-    return OpenAICompatibleLM("openai/fake-model", api_base=upstream.url, api_key="sk-test", http=HTTPSettings(**http))
+    return OpenAICompatibleLM(
+        "openai/fake-model", api_base=upstream.url, api_key="sk-test", http=HTTPSettings(**http)
+    )
 
 
 async def test_completion_request_shape_and_usage(fake_upstream: FakeUpstream) -> None:
@@ -82,7 +84,9 @@ async def test_faults_map_to_typed_errors(
 
 async def test_retry_after_is_kept_as_a_number_ms_header_first(fake_upstream: FakeUpstream) -> None:
     lm = lm_for(fake_upstream)
-    fake_upstream.add_faults(Fault("rate_limit", retry_after=2), Fault("rate_limit", retry_after=2, retry_after_ms=1500))
+    fake_upstream.add_faults(
+        Fault("rate_limit", retry_after=2), Fault("rate_limit", retry_after=2, retry_after_ms=1500)
+    )
     for expected in (2.0, 1.5):
         with pytest.raises(UpstreamRateLimitedError) as info:
             await lm.acall(messages=MESSAGES)

@@ -28,18 +28,21 @@ async def test_answers_parse_for_every_output_type(adapter: Any) -> None:
     lm = SimulatedLM(first_token_delay=0, token_delay=0)
     with dspy.context(lm=lm, adapter=adapter):
         prediction = await dspy.Predict(Typed).acall(question="What is Trio?")
-    assert isinstance(prediction.answer, str) and prediction.answer
+    assert isinstance(prediction.answer, str)
+    assert prediction.answer
     assert prediction.count == 42
     assert prediction.score == 0.5
     assert prediction.ok is True
     assert prediction.kind == "alpha"
-    assert isinstance(prediction.tags, list) and len(prediction.tags) == 2
+    assert isinstance(prediction.tags, list)
+    assert len(prediction.tags) == 2
 
 
 async def test_chain_of_thought_gets_reasoning_and_answer() -> None:
     with dspy.context(lm=SimulatedLM(first_token_delay=0, token_delay=0)):
         prediction = await dspy.ChainOfThought("question -> answer").acall(question="Why?")
-    assert prediction.reasoning and prediction.answer
+    assert prediction.reasoning
+    assert prediction.answer
 
 
 async def test_same_prompt_same_answer_different_prompt_different_answer() -> None:

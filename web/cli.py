@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -60,7 +61,8 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
 async def _predict(args: argparse.Namespace) -> int:
     config = EngineConfig.from_toml(args.config) if args.config else EngineConfig.from_env()
     async with open_engine(config) as engine:
-        result = await engine.predict(args.program, _inputs(args), timeout=args.timeout)
+        with trio.fail_after(args.timeout if args.timeout is not None else math.inf):
+            result = await engine.predict(args.program, _inputs(args))
     report = {
         "request_id": result.request_id,
         "program": result.program,
@@ -97,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EngineError as exc:
         print(f"dspy-trio: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except trio.TooSlowError:
+        print(f"dspy-trio: no answer within {args.timeout}s", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

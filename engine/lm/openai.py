@@ -23,8 +23,8 @@ import httpx
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import ChunkSink, Completion, Message, TrioLM
-from ._http_pool import ClientShards
 from ._http_errors import status_error, transport_errors
+from ._http_pool import ClientShards
 
 
 @attrs.frozen

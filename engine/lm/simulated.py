@@ -24,17 +24,20 @@ from ._base import ChunkSink, Completion, Message, TrioLM
 _OUTPUT_FIELDS = re.compile(r"Your output fields are:\n((?:\d+\. .*\n?)+)")
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*)\):", re.MULTILINE)
 _TOKEN = re.compile(r"\S+\s*|\s+")
-_WORDS = (
+_TEXT = (
     "trio structured concurrency cancels work cleanly while the engine streams tokens from the model "
     "every request owns one deadline and one outcome bounded channels keep memory flat under load "
     "nurseries own their tasks so nothing outlives its scope and the socket closes when the client leaves"
-).split()
+)
+_WORDS = _TEXT.split(" ")
 
 
 def _output_fields(messages: Sequence[Message]) -> list[tuple[str, str]]:
     for message in messages:
-        if message.get("role") == "system" and isinstance(message.get("content"), str):
-            if found := _OUTPUT_FIELDS.search(message["content"]):
+        content = message.get("content")
+        if message.get("role") == "system" and isinstance(content, str):
+            found = _OUTPUT_FIELDS.search(content)
+            if found:
                 return _FIELD_LINE.findall(found.group(1))
     return [("answer", "str")]
 

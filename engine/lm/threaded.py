@@ -102,8 +102,7 @@ class ThreadedLM(TrioLM):
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
     ) -> Completion:
-        call: Callable[[], Any] = functools.partial(
-            self._call, list(messages), dict(params))
+        call: Callable[[], Any] = functools.partial(self._call, list(messages), dict(params))
         with dspy_lm_errors(self.model):
             outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
         texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]

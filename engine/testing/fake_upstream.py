@@ -292,7 +292,9 @@ class FakeUpstream:
                 headers.append(("retry-after", _number(fault.retry_after)))
             if fault.retry_after_ms is not None:
                 headers.append(("retry-after-ms", _number(fault.retry_after_ms)))
-            await send.json(record.status, {"error": {"message": f"fake {fault.kind}", "type": fault.kind}}, headers)
+            await send.json(
+                record.status, {"error": {"message": f"fake {fault.kind}", "type": fault.kind}}, headers
+            )
             return
         if fault is not None and fault.kind == "hang":
             await trio.sleep_forever()
@@ -368,7 +370,9 @@ class _Sender:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _ClientGone from exc
 
-    async def raw(self, status: int, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+    async def raw(
+        self, status: int, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
         await self._send(h11.Response(status_code=status, headers=head))
         await self._send(h11.Data(data=body))
@@ -415,9 +419,7 @@ def _completion(index: int, model: str, text: str, usage: dict[str, int]) -> dic
         "id": f"chatcmpl-fake-{index}",
         "object": "chat.completion",
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": usage,
     }
 

@@ -1,0 +1,52 @@
+"""Any stock dspy.LM through worker threads: it works, errors are typed, and cancel only abandons."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from engine import EngineConfig, LMConfig, UpstreamRateLimitedError, open_engine
+from engine.testing import Behavior, FakeUpstream, Fault
+
+
+def threaded_config(upstream: FakeUpstream) -> EngineConfig:
+    lm = LMConfig(
+        provider="dspy", model="openai/fake-model", api_base=upstream.url, api_key="sk-test", threads=4
+    )
+    return EngineConfig(lms={"default": lm})
+
+
+async def test_stock_lm_answers_with_usage(fake_upstream: FakeUpstream) -> None:
+    async with open_engine(threaded_config(fake_upstream)) as engine:
+        result = await engine.predict("default", {"question": "What is Trio?"})
+    assert result.outputs["answer"]
+    assert result.usage.completion_tokens > 0
+    [record] = fake_upstream.records
+    assert record.body["model"] == "fake-model"
+
+
+async def test_rate_limit_maps_to_the_typed_error_with_retry_after(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.add_faults(Fault("rate_limit", retry_after=3))
+    async with open_engine(threaded_config(fake_upstream)) as engine:
+        with pytest.raises(UpstreamRateLimitedError) as info:
+            await engine.predict("default", {"question": "q"})
+    assert info.value.retry_after == 3
+    assert "\n" not in info.value.message
+
+
+async def test_cancel_returns_at_once_but_the_thread_runs_the_call_to_completion(
+    fake_upstream: FakeUpstream,
+) -> None:
+    """The documented limit of this path: the upstream never sees the cancel."""
+    fake_upstream.behavior = Behavior(latency=1.0)
+    async with open_engine(threaded_config(fake_upstream)) as engine:
+        start = trio.current_time()
+        with trio.move_on_after(0.2):
+            await engine.predict("default", {"question": "q"})
+        assert trio.current_time() - start < 0.5
+        assert engine.statistics().timed_out == 1
+        with trio.fail_after(10):
+            await fake_upstream.wait_for(lambda u: u.records and u.records[0].ended)
+    [record] = fake_upstream.records
+    assert record.client_closed_at is None
+    assert record.completed_at is not None
