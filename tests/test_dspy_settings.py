@@ -1,0 +1,47 @@
+"""Process set-up a long-running server needs: no unbounded history or trace, cache off unless asked."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import dspy
+from dspy.clients.base_lm import GLOBAL_HISTORY
+
+from engine import EngineConfig, LMConfig, open_engine
+from engine.testing import FakeUpstream
+
+FAST = LMConfig(first_token_delay=0, token_delay=0)
+
+
+async def test_requests_leave_no_history_or_trace_behind() -> None:
+    history_before = len(GLOBAL_HISTORY)
+    trace_before = len(dspy.settings.trace)
+    async with open_engine(EngineConfig(lms={"default": FAST})) as engine:
+        for i in range(20):
+            await engine.predict("default", {"question": f"q{i}"})
+        assert engine.lms["default"].history == []
+    assert len(GLOBAL_HISTORY) == history_before
+    assert len(dspy.settings.trace) == trace_before
+
+
+def test_litellm_never_fetches_its_cost_map_from_the_network() -> None:
+    assert os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+
+
+async def test_identical_requests_reach_the_model_unless_the_cache_is_enabled(
+    fake_upstream: FakeUpstream,
+) -> None:
+    lm = LMConfig(provider="openai", model="cache-probe", api_base=fake_upstream.url)
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        first = await engine.predict("default", {"question": "same question"})
+        second = await engine.predict("default", {"question": "same question"})
+    assert len(fake_upstream.records) == 2
+    assert first.outputs == second.outputs
+
+    question = f"cached question {uuid.uuid4()}"  # DSPy's cache may persist on disk across runs
+    async with open_engine(EngineConfig(lms={"default": lm}, dspy_cache=True)) as engine:
+        await engine.predict("default", {"question": question})
+        cached = await engine.predict("default", {"question": question})
+    assert len(fake_upstream.records) == 3
+    assert cached.outputs["answer"]
