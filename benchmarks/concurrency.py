@@ -36,7 +36,9 @@ def _worker(mode: str, url: str, n: int, threads: int) -> dict[str, Any]:
     if mode == "trio-native":
         lm = LMConfig(provider="openai", model="bench-model", api_base=url, api_key="sk-bench")
     else:
-        lm = LMConfig(provider="dspy", model="openai/bench-model", api_base=url, api_key="sk-bench", threads=threads)
+        lm = LMConfig(
+            provider="dspy", model="openai/bench-model", api_base=url, api_key="sk-bench", threads=threads
+        )
     config = EngineConfig(lms={"default": lm}, max_in_flight=n, max_queued=0)
     peak_threads = threading.active_count()
     outcome: dict[str, Any] = {}
@@ -81,8 +83,10 @@ def _worker(mode: str, url: str, n: int, threads: int) -> dict[str, Any]:
 
 def _start_upstream(latency: float) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "web.cli", "--log-level", "WARNING", "fake-upstream", "--port", "0"]
-        + ["--latency", str(latency)],
+        [
+            *(sys.executable, "-m", "web.cli", "--log-level", "WARNING"),
+            *("fake-upstream", "--port", "0", "--latency", str(latency)),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -138,19 +142,23 @@ def main() -> None:
         f"\n{args.n} concurrent predictions, upstream latency {ideal:g}s "
         f"(ideal wall {ideal:g}s), medians of {args.rounds} rounds"
     )
-    header = f"{'mode':14s} {'wall s':>8s} {'x ideal':>8s} {'CPU ms/pred':>12s} {'peak RSS MB':>12s} {'threads':>8s} {'ok':>6s}"
+    header = (
+        f"{'mode':16s} {'wall s':>8s} {'x ideal':>8s} {'CPU ms/pred':>12s} "
+        f"{'peak RSS MB':>12s} {'threads':>8s} {'ok':>6s}"
+    )
     print(header)
     print("-" * len(header))
     for mode in MODES:
         label = mode if mode == "trio-native" else f"{mode}({args.threads})"
         print(
-            f"{label:14s} {median(mode, 'wall'):8.2f} {median(mode, 'wall') / ideal:8.2f} "
+            f"{label:16s} {median(mode, 'wall'):8.2f} {median(mode, 'wall') / ideal:8.2f} "
             f"{median(mode, 'cpu') / args.n * 1000:12.2f} {median(mode, 'peak_rss_mb'):12.0f} "
             f"{median(mode, 'peak_threads'):8.0f} {min(run['ok'] for run in runs[mode]):6d}"
         )
     native, threads = "trio-native", "dspy-threads"
     print(
-        f"\nratios (dspy-threads / trio-native): wall {median(threads, 'wall') / median(native, 'wall'):.1f}x, "
+        "\nratios (dspy-threads / trio-native): "
+        f"wall {median(threads, 'wall') / median(native, 'wall'):.1f}x, "
         f"CPU per prediction {median(threads, 'cpu') / median(native, 'cpu'):.2f}x, "
         f"peak RSS {median(threads, 'peak_rss_mb') / median(native, 'peak_rss_mb'):.2f}x, "
         f"OS threads {median(threads, 'peak_threads') / median(native, 'peak_threads'):.0f}x"
