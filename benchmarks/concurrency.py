@@ -135,7 +135,7 @@ def main() -> None:
         upstream.kill()
 
     def median(mode: str, key: str) -> float:
-        return statistics.median(run[key] for run in runs[mode])
+        return float(statistics.median(run[key] for run in runs[mode]))
 
     ideal = args.latency
     print(
