@@ -21,6 +21,7 @@ from ._admission import AdmissionStatistics as AdmissionStatistics
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
 from ._config import ProgramSpec as ProgramSpec
+from ._config import StreamOptions as StreamOptions
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
 from ._errors import ConfigError as ConfigError
@@ -30,6 +31,7 @@ from ._errors import EngineError as EngineError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import OverloadedError as OverloadedError
 from ._errors import ProgramError as ProgramError
+from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
 from ._errors import UpstreamConnectionError as UpstreamConnectionError
 from ._errors import UpstreamError as UpstreamError
@@ -43,6 +45,12 @@ from ._result import PredictionResult as PredictionResult
 from ._result import Timings as Timings
 from ._result import Usage as Usage
 from ._statistics import EngineStatistics as EngineStatistics
+from ._stream_events import ErrorEvent as ErrorEvent
+from ._stream_events import FieldDelta as FieldDelta
+from ._stream_events import FinalEvent as FinalEvent
+from ._stream_events import StatusEvent as StatusEvent
+from ._stream_events import StreamEvent as StreamEvent
+from ._streaming import EventStream as EventStream
 
 __all__ = [
     "AdmissionStatistics",
@@ -53,6 +61,10 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineStatistics",
+    "ErrorEvent",
+    "EventStream",
+    "FieldDelta",
+    "FinalEvent",
     "InputField",
     "InvalidInputError",
     "LMConfig",
@@ -61,6 +73,10 @@ __all__ = [
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
+    "SlowConsumerError",
+    "StatusEvent",
+    "StreamEvent",
+    "StreamOptions",
     "Timings",
     "UnknownProgramError",
     "UpstreamConnectionError",

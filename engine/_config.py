@@ -27,6 +27,7 @@ import attrs
 from ._errors import ConfigError
 
 Provider = Literal["simulated", "openai", "dspy"]
+Backpressure = Literal["block", "timeout", "drop"]
 AdapterName = Literal["chat", "json"]
 ModuleKind = Literal["predict", "chain_of_thought"]
 
@@ -126,6 +127,34 @@ class ProgramSpec:
         return _build(cls, dict(data), where)
 
 
+@attrs.frozen
+class StreamOptions:
+    """How a stream treats its consumer. Defaults come from ``EngineConfig.stream``; each stream may
+    override them.
+
+    Attributes:
+        backpressure: ``block`` (the producer, and so the upstream read, waits for the consumer),
+            ``timeout`` (like block, but a consumer that takes nothing for ``consumer_timeout`` seconds
+            ends the stream with ``SlowConsumerError``), or ``drop`` (never wait; drop the oldest deltas).
+        buffer_size: Events buffered between producer and consumer.
+        consumer_timeout: Seconds without progress before ``timeout`` gives up on the consumer.
+        coalesce_chars: Merge consecutive deltas of a field up to this many characters (0: no limit
+            when ``coalesce_ms`` is set, else no merging).
+        coalesce_ms: Hold the newest delta of a field up to this long for more text to merge in.
+    """
+
+    backpressure: Backpressure = attrs.field(default="block", validator=_one_of(("block", "timeout", "drop")))
+    buffer_size: int = attrs.field(default=64, validator=_positive)
+    consumer_timeout: float = attrs.field(default=30.0, validator=_positive)
+    coalesce_chars: int = attrs.field(default=0, validator=_non_negative)
+    coalesce_ms: float = attrs.field(default=0.0, validator=_non_negative)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, where: str = "stream") -> StreamOptions:
+        """Build from a TOML table."""
+        return _build(cls, dict(data), where)
+
+
 def _default_lms() -> dict[str, LMConfig]:
     return {"default": LMConfig()}
 
@@ -147,6 +176,7 @@ class EngineConfig:
         adapter: The default DSPy adapter, ``chat`` or ``json``.
         dspy_cache: Use DSPy's cache for LM calls (off for served programs: identical requests
             should reach the model).
+        stream: Default stream options (backpressure, buffer, coalescing).
     """
 
     lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms)
@@ -156,6 +186,7 @@ class EngineConfig:
     drain_timeout: float = attrs.field(default=10.0, validator=_non_negative)
     adapter: AdapterName = attrs.field(default="chat", validator=_one_of(ADAPTERS))
     dspy_cache: bool = False
+    stream: StreamOptions = attrs.field(factory=StreamOptions)
 
     def __attrs_post_init__(self) -> None:
         for name, spec in self.programs.items():
@@ -168,11 +199,14 @@ class EngineConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> EngineConfig:
-        """Build from the structure of a TOML file: ``[engine]``, ``[lms.NAME]``, ``[programs.NAME]``."""
-        unknown = set(data) - {"engine", "lms", "programs"}
+        """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]``,
+        ``[programs.NAME]``."""
+        unknown = set(data) - {"engine", "stream", "lms", "programs"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = dict(data.get("engine", {}))
+        if "stream" in data:
+            values["stream"] = StreamOptions.from_mapping(data["stream"])
         if "lms" in data:
             values["lms"] = {
                 name: LMConfig.from_mapping(table, where=f"lms.{name}") for name, table in data["lms"].items()

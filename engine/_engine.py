@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, NoReturn
 
 import attrs
@@ -28,11 +29,14 @@ from dspy.utils.usage_tracker import track_usage
 
 from . import _groups
 from ._admission import Admission
-from ._config import EngineConfig
-from ._errors import EngineClosedError, EngineError, InvalidInputError, ProgramError
+from ._config import EngineConfig, StreamOptions
+from ._errors import EngineClosedError, EngineError, InvalidInputError, OverloadedError, ProgramError
+from ._event_buffer import EventBuffer
 from ._programs import Program, ProgramInfo, ProgramRegistry
 from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
+from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
+from ._streaming import EventStream, ListenerBridge
 from ._trace import tracing
 from .lm import TrioLM, build_lm
 
@@ -45,9 +49,28 @@ _ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 
 
 @attrs.define(eq=False)
-class _ActiveRequest:
+class _Request:
+    """One accepted request while the engine owns it."""
+
     request_id: str
-    scope: trio.CancelScope
+    program: Program
+    values: dict[str, Any]
+    started: float
+    caller_deadline: float
+    # The engine cancels this scope only to close; whatever it wraps ends with EngineClosedError.
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    admitted: float = math.nan
+    outcome: Outcome | None = None
+    error_code: str | None = None
+
+    def settle(self, outcome: Outcome, error_code: str | None = None) -> None:
+        """Record the request's outcome; the first one recorded is the one that counts."""
+        if self.outcome is None:
+            self.outcome, self.error_code = outcome, error_code
+
+    def settle_interrupted(self) -> None:
+        """Settle a request that ended without an outcome of its own: its caller's scope ended it."""
+        self.settle("timed_out" if trio.current_time() >= self.caller_deadline else "cancelled")
 
 
 class Engine:
@@ -61,10 +84,11 @@ class Engine:
         self._lms = dict(lms)
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
-        self._active: dict[int, _ActiveRequest] = {}
+        self._active: dict[int, _Request] = {}
         self._ids = itertools.count()
         self._outcomes: Counter[Outcome] = Counter()
         self._errors: Counter[str] = Counter()
+        self._stream_drops: Counter[str] = Counter()
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
@@ -91,8 +115,61 @@ class Engine:
         """A frozen snapshot of the engine's counters and admission state."""
         admission = self._admission.statistics()
         return EngineStatistics.from_counters(
-            self._outcomes, self._errors, admission=admission, closing=self._closing
+            self._outcomes,
+            self._errors,
+            admission=admission,
+            closing=self._closing,
+            stream_deltas_dropped=self._stream_drops["dropped"],
+            stream_deltas_coalesced=self._stream_drops["coalesced"],
         )
+
+    def _accept(self, program: str, inputs: Mapping[str, Any], request_id: str | None) -> _Request:
+        """Check a new request; count it as invalid or rejected if it cannot be taken."""
+        started = trio.current_time()
+        try:
+            resolved = self._programs.get(program)
+            values = resolved.validate(inputs)
+        except InvalidInputError:
+            self._outcomes["invalid"] += 1
+            raise
+        if self._closing:
+            self._outcomes["rejected"] += 1
+            raise EngineClosedError("the engine is shutting down")
+        return _Request(
+            request_id or uuid.uuid4().hex, resolved, values, started, trio.current_effective_deadline()
+        )
+
+    @contextmanager
+    def _tracked(self, request: _Request) -> Iterator[None]:
+        """Own ``request`` for the block's duration and count its outcome exactly once at the end."""
+        key = next(self._ids)
+        self._active[key] = request
+        if len(self._active) == 1:
+            self._idle = trio.Event()
+        try:
+            yield
+        except trio.Cancelled:
+            request.settle_interrupted()
+            raise
+        except EngineError as exc:
+            request.settle("rejected" if isinstance(exc, OverloadedError) else "failed", exc.code)
+            raise
+        finally:
+            request.settle_interrupted()
+            assert request.outcome is not None
+            self._outcomes[request.outcome] += 1
+            if request.error_code is not None:
+                self._errors[request.error_code] += 1
+            del self._active[key]
+            if not self._active:
+                self._idle.set()
+
+    async def _admit(self, request: _Request) -> None:
+        await self._admission.acquire(request)
+        request.admitted = trio.current_time()
+
+    def _release(self, request: _Request) -> None:
+        self._admission.release(request, service_time=trio.current_time() - request.admitted)
 
     async def predict(
         self,
@@ -119,72 +196,127 @@ class Engine:
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
-        started = trio.current_time()
-        caller_deadline = trio.current_effective_deadline()
-        request_id = request_id or uuid.uuid4().hex
-        try:
-            resolved = self._programs.get(program)
-            values = resolved.validate(inputs)
-        except InvalidInputError:
-            self._outcomes["invalid"] += 1
-            raise
-        if self._closing:
-            self._outcomes["rejected"] += 1
-            raise EngineClosedError("the engine is shutting down")
+        request = self._accept(program, inputs, request_id)
+        with self._tracked(request):
+            with request.scope:
+                await self._admit(request)
+                try:
+                    # A request whose deadline passed while it queued is never started.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    outputs, usage, lm_seconds = await self._run_program(request.program, request.values)
+                finally:
+                    self._release(request)
+                request.settle("succeeded")
+                return self._result(request, outputs, usage, lm_seconds)
+            # Only reached when our own scope absorbed its cancellation: the engine closed under it.
+            raise EngineClosedError("the engine shut down before the request finished")
 
-        active = _ActiveRequest(request_id, trio.CancelScope())
-        key = next(self._ids)
-        self._active[key] = active
-        if len(self._active) == 1:
-            self._idle = trio.Event()
-        outcome: Outcome = "failed"
-        try:
-            result = await self._run_request(active, resolved, values, started)
-            outcome = "succeeded"
-            return result
-        except trio.Cancelled:
-            outcome = "timed_out" if trio.current_time() >= caller_deadline else "cancelled"
-            raise
-        except EngineError as exc:
-            outcome = "rejected" if exc.code == "overloaded" else "failed"
-            self._errors[exc.code] += 1
-            raise
-        finally:
-            self._outcomes[outcome] += 1
-            del self._active[key]
-            if not self._active:
-                self._idle.set()
+    @asynccontextmanager
+    async def stream(
+        self,
+        program: str,
+        inputs: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        options: StreamOptions | None = None,
+    ) -> AsyncIterator[EventStream]:
+        """Run ``program`` on ``inputs``, streaming its output fields as they are generated.
 
-    async def _run_request(
-        self, active: _ActiveRequest, program: Program, values: dict[str, Any], started: float
-    ) -> PredictionResult:
-        with active.scope:
-            await self._admission.acquire(active)
-            admitted = trio.current_time()
+        ::
+
+            async with engine.stream("default", {"question": "..."}) as events:
+                async for event in events:   # StatusEvent, FieldDelta..., then one FinalEvent or ErrorEvent
+                    ...
+
+        Entering blocks while the request is queued for a slot, so an overload is raised here, before any
+        event. The program then runs in a task of the stream; leaving the block cancels it (closing the
+        upstream connection) and leaves nothing running. Errors of the program, the LM or the consumer
+        policy arrive as one :class:`ErrorEvent` event, never as an exception out of the iteration.
+
+        Args:
+            program: A registered program name.
+            inputs: The program's input fields by name.
+            request_id: An id to report the request under; one is generated if omitted.
+            options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
+
+        Raises:
+            UnknownProgramError, InvalidInputError, OverloadedError, EngineClosedError: on entry, as for
+                :meth:`predict`; nothing was started.
+        """
+        request = self._accept(program, inputs, request_id)
+        options = options or self.config.stream
+        buffer = EventBuffer(
+            options.buffer_size,
+            options.backpressure,
+            consumer_timeout=options.consumer_timeout if options.backpressure == "timeout" else math.inf,
+            coalesce_chars=options.coalesce_chars,
+            coalesce_ms=options.coalesce_ms,
+        )
+        events = EventStream(request.request_id, buffer)
+        with self._tracked(request):
+            with request.scope:
+                await self._admit(request)
+            if request.scope.cancelled_caught:
+                raise EngineClosedError("the engine shut down before the stream started")
             try:
-                # A request whose deadline passed while it queued is never started.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                outputs, usage, lm_seconds = await self._run_program(program, values)
+                async with _groups.open_service_nursery() as nursery:
+                    nursery.start_soon(self._produce, request, events)
+                    yield events
             finally:
-                self._admission.release(active, service_time=trio.current_time() - admitted)
-            finished = trio.current_time()
-            return PredictionResult(
-                request_id=active.request_id,
-                program=program.name,
-                outputs=outputs,
-                usage=usage,
-                timings=Timings(queued=admitted - started, lm=lm_seconds, total=finished - started),
-            )
-        # Only reached when our own scope absorbed its cancellation: the engine closed under it.
-        raise EngineClosedError("the engine shut down before the request finished")
+                self._stream_drops["dropped"] += buffer.dropped
+                self._stream_drops["coalesced"] += buffer.coalesced
+
+    async def _produce(self, request: _Request, events: EventStream) -> None:
+        """The producer task of a stream: runs the program, fills the buffer, sets the terminal event."""
+        buffer = events.buffer
+        request.scope = trio.CancelScope()  # the admission wait used the first one
+        try:
+            with request.scope:
+                await buffer.put(StatusEvent("running", queued=request.admitted - request.started))
+                bridge = ListenerBridge(request.program.module, buffer)
+                try:
+                    outputs, usage, lm_seconds = await self._run_program(
+                        request.program, request.values, send_stream=bridge
+                    )
+                    await bridge.finish()
+                except EngineError as exc:
+                    events.terminal = ErrorEvent(exc)
+                    request.settle("failed", exc.code)
+                else:
+                    result = self._result(request, outputs, usage, lm_seconds)
+                    events.terminal = FinalEvent(result, dropped=buffer.dropped, coalesced=buffer.coalesced)
+                    request.settle("succeeded")
+            if request.scope.cancelled_caught:
+                error = EngineClosedError("the engine shut down before the stream finished")
+                events.terminal = ErrorEvent(error)
+                request.settle("failed", error.code)
+        finally:
+            self._release(request)
+            buffer.close()
+
+    def _result(
+        self, request: _Request, outputs: dict[str, Any], usage: Usage, lm_seconds: float
+    ) -> PredictionResult:
+        return PredictionResult(
+            request_id=request.request_id,
+            program=request.program.name,
+            outputs=outputs,
+            usage=usage,
+            timings=Timings(
+                queued=request.admitted - request.started,
+                lm=lm_seconds,
+                total=trio.current_time() - request.started,
+            ),
+        )
 
     async def _run_program(
-        self, program: Program, values: dict[str, Any]
+        self, program: Program, values: dict[str, Any], *, send_stream: ListenerBridge | None = None
     ) -> tuple[dict[str, Any], Usage, float]:
         adapter = _ADAPTERS[program.adapter or self.config.adapter]()
         settings = {
             "lm": self._lms[program.lm],
             "adapter": adapter,
+            "send_stream": send_stream,
             "disable_history": True,
             "max_trace_size": 0,
             "max_history_size": 0,

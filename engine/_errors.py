@@ -12,6 +12,7 @@ deadline) is reported the Trio way, by the caller's scope.
     │   └── UnknownProgramError    no program is registered under that name
     ├── OverloadedError            admission refused: the queue is full (carries retry_after)
     ├── DeadlineExceededError      an engine-imposed time limit ran out
+    ├── SlowConsumerError          a stream's consumer stopped reading (``timeout`` backpressure)
     ├── EngineClosedError          the engine is shutting down or closed
     ├── ConfigError                the configuration cannot be used
     ├── ProgramError               the DSPy program failed (e.g. the LM's output did not parse)
@@ -33,6 +34,7 @@ __all__ = [
     "InvalidInputError",
     "OverloadedError",
     "ProgramError",
+    "SlowConsumerError",
     "UnknownProgramError",
     "UpstreamConnectionError",
     "UpstreamError",
@@ -105,6 +107,13 @@ class DeadlineExceededError(EngineError):
     """
 
     code = "deadline_exceeded"
+
+
+class SlowConsumerError(EngineError):
+    """Raised (as a stream's error event) when a stream under the ``timeout`` backpressure policy could
+    not hand its consumer an event for ``consumer_timeout`` seconds. The upstream call is cancelled."""
+
+    code = "slow_consumer"
 
 
 class EngineClosedError(EngineError):

@@ -31,6 +31,8 @@ class EngineStatistics:
         errors_by_code: Requests that ended with a typed error, by the error's ``code``.
         in_flight, queued, max_in_flight, max_queued: Admission state and limits.
         closing: Whether the engine is refusing new requests.
+        stream_deltas_dropped: Field deltas dropped by the ``drop`` backpressure policy.
+        stream_deltas_coalesced: Field deltas merged into earlier ones by coalescing.
     """
 
     succeeded: int
@@ -45,6 +47,8 @@ class EngineStatistics:
     max_queued: int
     errors_by_code: Mapping[str, int]
     closing: bool
+    stream_deltas_dropped: int = 0
+    stream_deltas_coalesced: int = 0
 
     @property
     def requests_total(self) -> int:
@@ -67,6 +71,8 @@ class EngineStatistics:
         *,
         admission: AdmissionStatistics,
         closing: bool,
+        stream_deltas_dropped: int = 0,
+        stream_deltas_coalesced: int = 0,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -81,4 +87,6 @@ class EngineStatistics:
             max_queued=admission.max_queued,
             errors_by_code=dict(errors),
             closing=closing,
+            stream_deltas_dropped=stream_deltas_dropped,
+            stream_deltas_coalesced=stream_deltas_coalesced,
         )
