@@ -273,7 +273,8 @@ class Engine:
         try:
             with request.scope:
                 await buffer.put(StatusEvent("running", queued=request.admitted - request.started))
-                bridge = ListenerBridge(request.program.module, buffer)
+                json = (request.program.adapter or self.config.adapter) == "json"
+                bridge = ListenerBridge(request.program.module, buffer, json=json)
                 try:
                     outputs, usage, lm_seconds = await self._run_program(
                         request.program, request.values, send_stream=bridge

@@ -23,6 +23,7 @@ from dspy.streaming import StreamListener
 
 from ._errors import EngineError
 from ._event_buffer import EventBuffer
+from ._json_fields import JSONFieldScanner
 from ._stream_events import ErrorEvent, FieldDelta, FinalEvent, StreamEvent
 
 
@@ -32,16 +33,23 @@ class ListenerBridge:
     Args:
         module: The program; every predictor in it gets a listener per output field.
         buffer: Where the deltas go; :meth:`send` blocks while it is full (policy ``block``).
+        json: Whether the program runs with ``JSONAdapter``; its output is split by
+            :class:`JSONFieldScanner` instead of DSPy's listener (see ``_json_fields``).
     """
 
-    def __init__(self, module: dspy.Module, buffer: EventBuffer) -> None:
+    def __init__(self, module: dspy.Module, buffer: EventBuffer, *, json: bool = False) -> None:
         self._buffer = buffer
         self._listeners: dict[int, list[StreamListener]] = {}
+        self._scanners: dict[int, tuple[str, JSONFieldScanner]] = {}
         for name, predictor in module.named_predictors():
-            self._listeners[id(predictor)] = [
-                StreamListener(field, predict=predictor, predict_name=name, allow_reuse=True)
-                for field in predictor.signature.output_fields
-            ]
+            fields = list(predictor.signature.output_fields)
+            if json:
+                self._scanners[id(predictor)] = (name, JSONFieldScanner(fields))
+            else:
+                self._listeners[id(predictor)] = [
+                    StreamListener(field, predict=predictor, predict_name=name, allow_reuse=True)
+                    for field in fields
+                ]
 
     async def _put(self, response: Any) -> None:
         if response is not None and response.chunk:
@@ -51,7 +59,17 @@ class ListenerBridge:
 
     async def send(self, chunk: Any) -> None:
         """Take one LM chunk. Blocks while the buffer is full (the backpressure point)."""
-        for listener in self._listeners.get(getattr(chunk, "predict_id", None) or 0, ()):
+        predict_id = getattr(chunk, "predict_id", None) or 0
+        if predict_id in self._scanners:
+            name, scanner = self._scanners[predict_id]
+            try:
+                text = chunk.choices[0].delta.content or ""
+            except (AttributeError, IndexError, TypeError):
+                return
+            for field, delta in scanner.feed(text):
+                await self._buffer.put(FieldDelta(name, field, delta))
+            return
+        for listener in self._listeners.get(predict_id, ()):
             await self._put(listener.receive(chunk))
 
     async def finish(self) -> None:
