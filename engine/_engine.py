@@ -36,7 +36,7 @@ from ._programs import Program, ProgramInfo, ProgramRegistry
 from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
 from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
-from ._streaming import EventStream, ListenerBridge
+from ._streaming import DeltaRouter, EventStream
 from ._trace import tracing
 from .lm import TrioLM, build_lm
 
@@ -274,7 +274,7 @@ class Engine:
             with request.scope:
                 await buffer.put(StatusEvent("running", queued=request.admitted - request.started))
                 json = (request.program.adapter or self.config.adapter) == "json"
-                bridge = ListenerBridge(request.program.module, buffer, json=json)
+                bridge = DeltaRouter(request.program.module, buffer, json=json)
                 try:
                     outputs, usage, lm_seconds = await self._run_program(
                         request.program, request.values, send_stream=bridge
@@ -311,7 +311,7 @@ class Engine:
         )
 
     async def _run_program(
-        self, program: Program, values: dict[str, Any], *, send_stream: ListenerBridge | None = None
+        self, program: Program, values: dict[str, Any], *, send_stream: DeltaRouter | None = None
     ) -> tuple[dict[str, Any], Usage, float]:
         adapter = _ADAPTERS[program.adapter or self.config.adapter]()
         settings = {

@@ -90,6 +90,10 @@ class JSONFieldScanner:
         flush()
         return out
 
+    def finish(self) -> list[tuple[str, str]]:
+        """The stream ended. Everything certain was already emitted by :meth:`feed`."""
+        return []
+
     def _decode(self, char: str) -> str | None:
         """Decode one character of a JSON string. Returns the text it stands for, ``""`` for the closing
         quote, or None while an escape is incomplete."""

@@ -1,12 +1,12 @@
-"""Streaming a program's output fields: DSPy's stream listeners fed from the LM, into a bounded buffer.
+"""Streaming a program's output fields: LM chunks split per field, into a bounded buffer.
 
 DSPy's ``Predict`` streams when ``dspy.settings.send_stream`` is set: the LM backend awaits
-``send_stream.send(chunk)`` for each delta (the stock ``dspy.LM`` does it from its worker thread through
-``anyio.from_thread.run``). The engine sets ``send_stream`` to a :class:`ListenerBridge`, which runs the
-chunk through a ``dspy.streaming.StreamListener`` per output field of the predictor that produced it and
-puts the resulting :class:`FieldDelta` events into the stream's :class:`EventBuffer`. So the LM's own send
-is where backpressure applies: while the buffer is full (policy ``block``), the LM does not read the
-next bytes from its socket.
+``send_stream.send(chunk)`` for each delta, in the chunk shape DSPy's ``StreamListener`` understands (the
+stock ``dspy.LM`` does it from its worker thread through ``anyio.from_thread.run``). The engine sets
+``send_stream`` to a :class:`DeltaRouter`, which splits the text of each predictor's output into per-field
+deltas (see ``_chat_fields`` and ``_json_fields`` for why not with ``StreamListener`` itself) and puts
+them into the stream's :class:`EventBuffer`. So the LM's own send is where backpressure applies: while
+the buffer is full (policy ``block``), the LM does not read the next bytes from its socket.
 
 ``dspy.streamify`` is deliberately not used: under Trio, a consumer that stops early crashed the run
 (``TrioInternalError``) in our measurements; a producer task, a bounded buffer and the listeners driven
@@ -15,68 +15,64 @@ by hand are correct by construction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import dspy
 import trio
-from dspy.streaming import StreamListener
 
+from ._chat_fields import ChatFieldScanner
 from ._errors import EngineError
 from ._event_buffer import EventBuffer
 from ._json_fields import JSONFieldScanner
 from ._stream_events import ErrorEvent, FieldDelta, FinalEvent, StreamEvent
 
 
-class ListenerBridge:
+class FieldScanner(Protocol):
+    def feed(self, text: str) -> list[tuple[str, str]]: ...
+
+    def finish(self) -> list[tuple[str, str]]: ...
+
+
+class DeltaRouter:
     """Stands in for ``dspy.settings.send_stream``: LM chunks in, field deltas out into ``buffer``.
 
+    Each predictor of the program gets a scanner for the output format of the program's adapter
+    (:class:`ChatFieldScanner` or :class:`JSONFieldScanner`); a chunk is routed by its ``predict_id``.
+
     Args:
-        module: The program; every predictor in it gets a listener per output field.
+        module: The program.
         buffer: Where the deltas go; :meth:`send` blocks while it is full (policy ``block``).
-        json: Whether the program runs with ``JSONAdapter``; its output is split by
-            :class:`JSONFieldScanner` instead of DSPy's listener (see ``_json_fields``).
+        json: Whether the program runs with ``JSONAdapter``.
     """
 
     def __init__(self, module: dspy.Module, buffer: EventBuffer, *, json: bool = False) -> None:
         self._buffer = buffer
-        self._listeners: dict[int, list[StreamListener]] = {}
-        self._scanners: dict[int, tuple[str, JSONFieldScanner]] = {}
-        for name, predictor in module.named_predictors():
-            fields = list(predictor.signature.output_fields)
-            if json:
-                self._scanners[id(predictor)] = (name, JSONFieldScanner(fields))
-            else:
-                self._listeners[id(predictor)] = [
-                    StreamListener(field, predict=predictor, predict_name=name, allow_reuse=True)
-                    for field in fields
-                ]
+        scanner = JSONFieldScanner if json else ChatFieldScanner
+        self._scanners: dict[int, tuple[str, FieldScanner]] = {
+            id(predictor): (name, scanner(list(predictor.signature.output_fields)))
+            for name, predictor in module.named_predictors()
+        }
 
-    async def _put(self, response: Any) -> None:
-        if response is not None and response.chunk:
-            await self._buffer.put(
-                FieldDelta(response.predict_name, response.signature_field_name, response.chunk)
-            )
+    async def _put(self, predictor: str, deltas: list[tuple[str, str]]) -> None:
+        for field, text in deltas:
+            await self._buffer.put(FieldDelta(predictor, field, text))
 
     async def send(self, chunk: Any) -> None:
         """Take one LM chunk. Blocks while the buffer is full (the backpressure point)."""
-        predict_id = getattr(chunk, "predict_id", None) or 0
-        if predict_id in self._scanners:
-            name, scanner = self._scanners[predict_id]
-            try:
-                text = chunk.choices[0].delta.content or ""
-            except (AttributeError, IndexError, TypeError):
-                return
-            for field, delta in scanner.feed(text):
-                await self._buffer.put(FieldDelta(name, field, delta))
+        route = self._scanners.get(getattr(chunk, "predict_id", None) or 0)
+        if route is None:
             return
-        for listener in self._listeners.get(predict_id, ()):
-            await self._put(listener.receive(chunk))
+        try:
+            text = chunk.choices[0].delta.content
+        except (AttributeError, IndexError, TypeError):
+            return
+        if text:
+            await self._put(route[0], route[1].feed(text))
 
     async def finish(self) -> None:
-        """Flush what the listeners still hold (text of a field whose end marker never came)."""
-        for listeners in self._listeners.values():
-            for listener in listeners:
-                await self._put(listener.finalize())
+        """Flush what the scanners still hold (text of a field whose end marker never came)."""
+        for name, scanner in self._scanners.values():
+            await self._put(name, scanner.finish())
 
 
 class EventStream:

@@ -107,7 +107,6 @@ class ThreadedLM(TrioLM):
             outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
         texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]
         reasoning = [o.get("reasoning_content") if isinstance(o, dict) else None for o in outputs]
-        if sink is not None and texts:
-            await sink.send(texts[0])
-        # The stock LM reported usage to DSPy's tracker itself: the thread sees this task's context.
+        # The stock LM reported usage to DSPy's tracker itself, and when streaming it sent its chunks to
+        # dspy.settings.send_stream itself (anyio.from_thread.run): the thread sees this task's context.
         return Completion(texts, {}, reasoning)
