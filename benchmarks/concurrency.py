@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from benchmarks._upstream import start_upstream
+
 MODES = ("trio-native", "dspy-threads")
 
 
@@ -81,23 +83,6 @@ def _worker(mode: str, url: str, n: int, threads: int) -> dict[str, Any]:
     return outcome
 
 
-def _start_upstream(latency: float) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "web.cli", "--log-level", "WARNING"),
-            *("fake-upstream", "--port", "0", "--latency", str(latency)),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline().strip()
-    if not line.startswith("fake upstream listening on "):
-        process.kill()
-        raise SystemExit(f"fake upstream did not start: {line!r}")
-    return process, line.removeprefix("fake upstream listening on ")
-
-
 def _run_worker(mode: str, url: str, n: int, threads: int) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.concurrency", "--worker", mode, "--url", url]
     command += ["--n", str(n), "--threads", str(threads)]
@@ -123,7 +108,7 @@ def main() -> None:
         print(json.dumps(_worker(args.worker, args.url, args.n, args.threads)))
         return
 
-    upstream, url = _start_upstream(args.latency)
+    upstream, url = start_upstream(args.latency)
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     try:
         for round_index in range(args.rounds):

@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8001)
     for name in ("latency", "first_token_delay", "token_delay"):
         fake.add_argument(f"--{name.replace('_', '-')}", type=float, default=0.0, dest=name)
+    fake.add_argument("--words-per-field", type=int, default=16, help="length of generated text fields")
     return parser
 
 
@@ -79,7 +80,10 @@ async def _predict(args: argparse.Namespace) -> int:
 
 async def _fake_upstream(args: argparse.Namespace) -> int:
     behavior = Behavior(
-        latency=args.latency, first_token_delay=args.first_token_delay, token_delay=args.token_delay
+        latency=args.latency,
+        first_token_delay=args.first_token_delay,
+        token_delay=args.token_delay,
+        words_per_field=args.words_per_field,
     )
     upstream = FakeUpstream(behavior, host=args.host, port=args.port)
     async with trio.open_nursery() as nursery:
