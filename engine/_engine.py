@@ -92,7 +92,6 @@ class Engine:
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
-        self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -332,16 +331,13 @@ class Engine:
         usage = Usage.from_tracker_totals(tracker.get_total_tokens())
         return dict(prediction.items()), usage, trace.lm_seconds
 
-    def _begin_close(self) -> None:
-        self._closing = True
-
     async def _drain(self) -> None:
         """Refuse new requests, let active ones run for ``drain_timeout``, then cancel the rest.
 
         Blocks until every request that was active has ended (cancellation is bounded by
         ``_CLEANUP_TIMEOUT``).
         """
-        self._begin_close()
+        self._closing = True
         with trio.move_on_after(self.config.drain_timeout):
             await self._idle.wait()
         for active in self._active.values():
@@ -386,10 +382,12 @@ async def open_engine(
         async with open_engine(EngineConfig.from_env()) as engine:
             result = await engine.predict("default", {"question": "What is Trio?"})
 
-    Building programs and LMs happens on entry (imports and file reads block briefly). Leaving the
-    block ends all work cleanly: new requests are refused, in-flight ones get ``config.drain_timeout``
-    seconds to finish and are then cancelled with :class:`EngineClosedError`, and the LMs' connections
-    are closed. Exceptions from the block propagate as they are, never wrapped in an exception group.
+    Building programs and LMs happens on entry (imports and file reads block briefly). The engine runs
+    no background task of its own: requests run in their callers' tasks and a stream's producer in a
+    nursery scoped to the stream's block. Leaving the block ends all work cleanly: new requests are
+    refused, in-flight ones get ``config.drain_timeout`` seconds to finish and are then cancelled with
+    :class:`EngineClosedError`, and the LMs' connections are closed. Exceptions from the block propagate
+    as they are, never wrapped in an exception group.
 
     Args:
         config: The configuration; ``EngineConfig.from_env()`` when omitted.
@@ -400,22 +398,18 @@ async def open_engine(
         ConfigError: the configuration cannot be used.
     """
     config = EngineConfig.from_env() if config is None else config
+    given = dict(lms or {})
     backends = {
-        name: (lms or {}).get(name) or build_lm(lm_config, cache=config.dspy_cache)
+        name: given[name] if name in given else build_lm(lm_config, cache=config.dspy_cache)
         for name, lm_config in config.lms.items()
     }
-    for name, lm in (lms or {}).items():
-        backends.setdefault(name, lm)
-    simulated = [
-        name for name, c in config.lms.items() if c.provider == "simulated" and name not in (lms or {})
-    ]
+    backends.update(given)
+    simulated = [name for name, c in config.lms.items() if c.provider == "simulated" and name not in given]
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
     engine = Engine(config, backends, ProgramRegistry.build(config.programs))
-    async with _groups.open_service_nursery() as nursery:
-        engine._nursery = nursery
-        try:
-            yield engine
-        finally:
-            await engine._drain()
-            await engine._close_lms()
+    try:
+        yield engine
+    finally:
+        await engine._drain()
+        await engine._close_lms()

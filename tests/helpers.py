@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,3 +48,14 @@ class FailingLM(SimulatedLM):
 
 def tasks_living() -> int:
     return trio.lowlevel.current_statistics().tasks_living
+
+
+def random_chunks(text: str, seed: int, longest: int) -> list[str]:
+    """``text`` cut into pieces of 1 to ``longest`` characters, the same for the same seed."""
+    rng = random.Random(seed)
+    pieces, start = [], 0
+    while start < len(text):
+        end = start + rng.randint(1, longest)
+        pieces.append(text[start:end])
+        start = end
+    return pieces

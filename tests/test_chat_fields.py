@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import random
-
 import dspy
 import pytest
 
 from engine._chat_fields import ChatFieldScanner
+
+from .helpers import random_chunks
 
 SIGNATURE = dspy.Signature("question -> reasoning, answer")
 TEXT = (
@@ -30,14 +30,8 @@ def scan(pieces: list[str]) -> dict[str, str]:
 
 @pytest.mark.parametrize("seed", range(30))
 def test_any_chunking_matches_dspys_own_parse(seed: int) -> None:
-    rng = random.Random(seed)
-    pieces, start = [], 0
-    while start < len(TEXT):
-        end = start + rng.randint(1, 8)
-        pieces.append(TEXT[start:end])
-        start = end
     expected = dspy.ChatAdapter().parse(SIGNATURE, TEXT)
-    assert scan(pieces) == expected
+    assert scan(random_chunks(TEXT, seed, 8)) == expected
 
 
 def test_text_is_emitted_as_soon_as_it_cannot_be_a_header() -> None:

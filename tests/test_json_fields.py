@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from typing import Any
 
 import dspy
@@ -13,6 +12,8 @@ from dspy.clients.engines.streaming import EngineChunk
 from dspy.streaming import StreamListener
 
 from engine._json_fields import JSONFieldScanner
+
+from .helpers import random_chunks
 
 DOCUMENT = {
     "answer": 'He said "hi"\\ and left.\nNext line \u00e9 \U0001f600 done',
@@ -32,20 +33,10 @@ def scan(text: str, pieces: list[str]) -> dict[str, str]:
     return out
 
 
-def split(text: str, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    pieces, start = [], 0
-    while start < len(text):
-        end = start + rng.randint(1, 6)
-        pieces.append(text[start:end])
-        start = end
-    return pieces
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_any_chunking_gives_the_decoded_strings_and_raw_values(seed: int) -> None:
     text = "```json\n" + json.dumps(DOCUMENT, indent=1) + "\n```"
-    assert scan(text, split(text, seed)) == {
+    assert scan(text, random_chunks(text, seed, 6)) == {
         "answer": DOCUMENT["answer"],
         "count": "42",
         "tags": json.dumps(DOCUMENT["tags"], indent=1).replace("\n", "\n "),
