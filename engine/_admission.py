@@ -58,6 +58,21 @@ class Admission:
         """
         self._slots.acquire_on_behalf_of_nowait(owner)
 
+    def check(self) -> None:
+        """Raise :class:`OverloadedError` if a request arriving now would be refused."""
+        if self._slots.borrowed_tokens >= self._slots.total_tokens and self._queue_full():
+            raise self._overloaded()
+
+    def _queue_full(self) -> bool:
+        return self._slots.statistics().tasks_waiting >= self._max_queued
+
+    def _overloaded(self) -> OverloadedError:
+        return OverloadedError(
+            f"engine overloaded: {self._slots.borrowed_tokens} requests in flight and "
+            f"{self._max_queued} queued",
+            retry_after=self.retry_after(),
+        )
+
     async def acquire(self, owner: object) -> None:
         """Take a slot for ``owner``, waiting in the queue if none is free.
 
@@ -75,12 +90,8 @@ class Admission:
             # Holding the slot now: yield without a cancellation point, or a cancel here would leak it.
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        if self._slots.statistics().tasks_waiting >= self._max_queued:
-            raise OverloadedError(
-                f"engine overloaded: {self._slots.borrowed_tokens} requests in flight and "
-                f"{self._max_queued} queued",
-                retry_after=self.retry_after(),
-            )
+        if self._queue_full():
+            raise self._overloaded()
         await self._slots.acquire_on_behalf_of(owner)
 
     def release(self, owner: object, *, service_time: float | None = None) -> None:

@@ -89,6 +89,7 @@ class Engine:
         self._outcomes: Counter[Outcome] = Counter()
         self._errors: Counter[str] = Counter()
         self._stream_drops: Counter[str] = Counter()
+        self._seconds_total = 0.0
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
@@ -120,7 +121,30 @@ class Engine:
             closing=self._closing,
             stream_deltas_dropped=self._stream_drops["dropped"],
             stream_deltas_coalesced=self._stream_drops["coalesced"],
+            seconds_total=self._seconds_total,
         )
+
+    def precheck(self, program: str, inputs: Mapping[str, Any]) -> None:
+        """Raise now what :meth:`predict` or :meth:`stream` would raise before starting: for adapters
+        that must choose a status before a streamed body begins (an HTTP status precedes the body).
+
+        Counts nothing and reserves nothing: a request that passes may still find the queue full a
+        moment later, and then gets the same errors from :meth:`stream`.
+
+        Raises:
+            UnknownProgramError, InvalidInputError: the request is wrong.
+            EngineClosedError: the engine is closing.
+            OverloadedError: the queue is full right now.
+        """
+        self._programs.get(program).validate(inputs)
+        if self._closing:
+            raise EngineClosedError("the engine is shutting down")
+        self._admission.check()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the engine refuses new requests (it is draining or closed)."""
+        return self._closing
 
     def _accept(self, program: str, inputs: Mapping[str, Any], request_id: str | None) -> _Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken."""
@@ -157,6 +181,8 @@ class Engine:
             request.settle_interrupted()
             assert request.outcome is not None
             self._outcomes[request.outcome] += 1
+            if request.outcome != "rejected":
+                self._seconds_total += trio.current_time() - request.started
             if request.error_code is not None:
                 self._errors[request.error_code] += 1
             del self._active[key]
@@ -331,8 +357,10 @@ class Engine:
         usage = Usage.from_tracker_totals(tracker.get_total_tokens())
         return dict(prediction.items()), usage, trace.lm_seconds
 
-    async def _drain(self) -> None:
-        """Refuse new requests, let active ones run for ``drain_timeout``, then cancel the rest.
+    async def drain(self) -> None:
+        """Refuse new requests, let active ones run for ``config.drain_timeout``, then cancel the rest
+        (they end with :class:`EngineClosedError`). Leaving :func:`open_engine` does this too; call it
+        earlier to drain before the rest of a server shuts down. Idempotent.
 
         Blocks until every request that was active has ended (cancellation is bounded by
         ``_CLEANUP_TIMEOUT``).
@@ -411,5 +439,5 @@ async def open_engine(
     try:
         yield engine
     finally:
-        await engine._drain()
+        await engine.drain()
         await engine._close_lms()

@@ -33,6 +33,8 @@ class EngineStatistics:
         closing: Whether the engine is refusing new requests.
         stream_deltas_dropped: Field deltas dropped by the ``drop`` backpressure policy.
         stream_deltas_coalesced: Field deltas merged into earlier ones by coalescing.
+        seconds_total: Summed duration of the requests that ended after being accepted (every
+            outcome but ``rejected`` and ``invalid``).
     """
 
     succeeded: int
@@ -49,6 +51,7 @@ class EngineStatistics:
     closing: bool
     stream_deltas_dropped: int = 0
     stream_deltas_coalesced: int = 0
+    seconds_total: float = 0.0
 
     @property
     def requests_total(self) -> int:
@@ -63,6 +66,11 @@ class EngineStatistics:
             + self.queued
         )
 
+    @property
+    def ended(self) -> int:
+        """Accepted requests that have ended, whatever their outcome."""
+        return self.succeeded + self.failed + self.timed_out + self.cancelled
+
     @classmethod
     def from_counters(
         cls,
@@ -73,6 +81,7 @@ class EngineStatistics:
         closing: bool,
         stream_deltas_dropped: int = 0,
         stream_deltas_coalesced: int = 0,
+        seconds_total: float = 0.0,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -89,4 +98,5 @@ class EngineStatistics:
             closing=closing,
             stream_deltas_dropped=stream_deltas_dropped,
             stream_deltas_coalesced=stream_deltas_coalesced,
+            seconds_total=seconds_total,
         )

@@ -2,6 +2,7 @@
 
 ::
 
+    dspy-trio serve --port 8000                    serve HTTP, SSE and WebSocket (simulated LM by default)
     dspy-trio predict "What is Trio?"              answer one question (simulated LM unless configured)
     dspy-trio predict --program qa --input question="..." --timeout 5
     dspy-trio fake-upstream --port 8001 --latency 0.2   run the fake OpenAI-compatible upstream
@@ -13,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -23,11 +25,23 @@ import trio
 from engine import EngineConfig, EngineError, open_engine
 from engine.testing.fake_upstream import Behavior, FakeUpstream
 
+from .server import run_workers, serve
+from .settings import ServiceSettings
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspy-trio", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the HTTP / SSE / WebSocket API")
+    serve.add_argument(
+        "--host", default=None, help="address to listen on (default 127.0.0.1, $DSPY_TRIO_HOST)"
+    )
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000, $DSPY_TRIO_PORT)")
+    serve.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
+    serve.add_argument("--config", default=None, help="TOML config file (default: $DSPY_TRIO_CONFIG)")
+    serve.add_argument("--worker-of", type=int, default=None, help=argparse.SUPPRESS)
 
     predict = commands.add_parser("predict", help="run one prediction and print its outputs as JSON")
     predict.add_argument("question", nargs="?", help="the question, for programs with a 'question' input")
@@ -78,6 +92,24 @@ async def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_settings(args: argparse.Namespace) -> ServiceSettings:
+    env = dict(os.environ)
+    if args.config:
+        env["DSPY_TRIO_CONFIG"] = args.config
+    settings = ServiceSettings.from_env(env)
+    changes = {
+        k: v
+        for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers))
+        if v is not None
+    }
+    return attrs.evolve(settings, **changes)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    await serve(_service_settings(args), worker_count=args.worker_of or 1)
+    return 0
+
+
 async def _fake_upstream(args: argparse.Namespace) -> int:
     behavior = Behavior(
         latency=args.latency,
@@ -97,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    command = {"predict": _predict, "fake-upstream": _fake_upstream}[args.command]
+    if args.command == "serve":
+        workers = args.workers if args.workers is not None else _service_settings(args).workers
+        if workers > 1 and args.worker_of is None:
+            return run_workers(sys.argv[1:] if argv is None else list(argv), workers)
+    command = {"serve": _serve, "predict": _predict, "fake-upstream": _fake_upstream}[args.command]
     try:
         return trio.run(command, args)
     except EngineError as exc:

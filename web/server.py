@@ -1,0 +1,133 @@
+"""Running the service on Hypercorn's Trio worker, with a drain before shutdown.
+
+On SIGTERM or SIGINT (or :meth:`Server.shutdown`): ``/ready`` turns 503 and the engine refuses new
+requests; in-flight ones get ``drain_timeout`` seconds to finish, and the rest are cancelled with a typed
+``engine_closed`` error (an error event on streams). Only then is Hypercorn told to stop, so no
+connection is cut in the middle of an answer; then the process exits.
+
+``--workers N`` starts N such processes on one port (``SO_REUSEPORT``; the kernel spreads connections);
+each has its own engine, limits and metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from engine.lm import TrioLM
+
+from .app import ServiceState, create_app
+from .settings import ServiceSettings
+
+logger = logging.getLogger("web")
+
+
+def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.workers = worker_count  # >1 makes Hypercorn bind with SO_REUSEPORT
+    config.websocket_ping_interval = settings.ws_ping_interval
+    config.graceful_timeout = 5.0  # the engine has drained by the time Hypercorn is asked to stop
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+@attrs.define
+class Server:
+    """A running service: its URL, and a way to stop it as SIGTERM would."""
+
+    url: str
+    state: ServiceState
+    _stop: trio.Event
+
+    def shutdown(self) -> None:
+        """Begin the graceful shutdown (drain, then stop). Returns at once."""
+        self._stop.set()
+
+
+async def serve(
+    settings: ServiceSettings,
+    *,
+    lms: Mapping[str, TrioLM] | None = None,
+    handle_signals: bool = True,
+    worker_count: int = 1,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM/SIGINT or :meth:`Server.shutdown`; supports ``nursery.start``.
+
+    Blocks for the life of the server, including the drain.
+    """
+    app = create_app(settings, lms=lms)
+    state: ServiceState = app.extensions["dspy_trio"]
+    stop = trio.Event()
+    stopped = trio.Event()
+
+    async def drain_then_stop() -> None:
+        await stop.wait()
+        logger.info("shutting down: draining in-flight requests")
+        state.draining = True
+        if state.engine is not None:
+            await state.engine.drain()
+        stopped.set()
+
+    signals_scope = trio.CancelScope()
+
+    async def watch_signals() -> None:
+        with signals_scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain_then_stop)
+        if handle_signals:
+            nursery.start_soon(watch_signals)
+        config = hypercorn_config(settings, worker_count=worker_count)
+        binds = await nursery.start(
+            functools.partial(hypercorn_serve, app, config, shutdown_trigger=stopped.wait)
+        )
+        task_status.started(Server(binds[0], state, stop))
+        logger.info("serving on %s", binds[0])
+        await stopped.wait()
+        signals_scope.cancel()  # Hypercorn now closes its connections and ends the lifespan itself
+    logger.info("stopped")
+
+
+@asynccontextmanager
+async def open_server(
+    settings: ServiceSettings, *, lms: Mapping[str, TrioLM] | None = None
+) -> AsyncIterator[Server]:
+    """Run the service in the background for the block (tests, embedding); drains it on exit."""
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            functools.partial(serve, settings, lms=lms, handle_signals=False)
+        )
+        try:
+            yield server
+        finally:
+            server.shutdown()
+
+
+def run_workers(argv: Sequence[str], workers: int) -> int:
+    """Start ``workers`` serving processes on one port and wait for them; forwards SIGTERM/SIGINT."""
+    command = [sys.executable, "-m", "web.cli", *argv, "--worker-of", str(workers)]
+    children = [subprocess.Popen(command) for _ in range(workers)]
+
+    def forward(signum: int, frame: object) -> None:
+        for child in children:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
