@@ -1,0 +1,211 @@
+"""The HTTP API over a real Hypercorn server with a real httpx client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from engine import EngineConfig, LMConfig, UpstreamServerError
+from engine.testing import Behavior, FakeUpstream
+
+from .helpers import CountingLM, FailingLM
+from .web_helpers import running, settings
+
+
+async def post(url: str, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=url) as client:
+        return await client.post(path, json=body, **kwargs)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["message"] and error["type"]
+    assert "Traceback" not in response.text
+    assert response.headers["x-request-id"]
+    return dict(error)
+
+
+async def test_health_ready_and_the_seed_predict() -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/health")).text == "OK"
+        assert (await client.get("/ready")).json() == {"status": "ready"}
+        response = await client.post("/predict", json={"question": "What is Trio?"}, headers={"X-Request-ID": "abc-1"})
+        assert response.status_code == 200
+        body = response.json()
+        assert body["answer"] and body["duration_ms"] >= 0
+        assert response.headers["x-request-id"] == "abc-1"
+        assert response.headers["server-timing"].startswith("total;dur=")
+        assert "lm;dur=" in response.headers["server-timing"]
+
+
+async def test_programs_listing_and_program_predict() -> None:
+    engine = EngineConfig(lms={"default": LMConfig(first_token_delay=0, token_delay=0)})
+    async with running(settings(engine=engine)) as server, httpx.AsyncClient(base_url=server.url) as client:
+        listing = (await client.get("/v1/programs")).json()
+        assert listing == {"programs": [{
+            "name": "default", "kind": "Predict", "lm": "default",
+            "inputs": [{"name": "question", "type": "str", "required": True}], "outputs": ["answer"],
+        }]}
+        response = await client.post("/v1/programs/default/predict", json={"inputs": {"question": "q"}})
+        body = response.json()
+        assert body["outputs"]["answer"]
+        assert body["usage"]["completion_tokens"] > 0
+        assert set(body["timings"]) == {"queued_ms", "lm_ms", "total_ms"}
+
+
+async def test_every_bad_request_gets_its_status_and_a_json_error() -> None:
+    async with running(settings(max_body_bytes=2000, max_input_chars=100)) as server:
+        url = server.url
+        assert_error(await post(url, "/v1/programs/nope/predict", {"inputs": {"question": "q"}}), 404, "unknown_program")
+        error = assert_error(await post(url, "/v1/programs/default/predict", {"inputs": {"q": "x"}}), 422, "invalid_input")
+        assert error["param"] == "q"
+        assert_error(await post(url, "/v1/programs/default/predict", {"inputs": {"question": 1}}), 422, "invalid_input")
+        assert_error(await post(url, "/predict", {}), 422, "invalid_body")
+        assert_error(await post(url, "/predict", {"question": "q", "extra": 1}), 422, "invalid_body")
+        assert_error(await post(url, "/predict", {"question": 5}), 422, "invalid_body")
+        assert_error(await post(url, "/predict", {"question": "q", "timeout_secs": -1}), 422, "invalid_body")
+        assert_error(await post(url, "/predict", content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_request")
+        assert_error(await post(url, "/predict", {"question": "x" * 5000}), 413, "body_too_large")
+        assert_error(await post(url, "/predict", {"question": "x" * 500}), 413, "input_too_large")
+        assert_error(await post(url, "/predict", {"question": "q"}, headers={"X-Request-Timeout": "soon"}), 422, "invalid_timeout")
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert_error(await client.get("/predict"), 405, "method_not_allowed")
+            assert_error(await client.get("/nowhere"), 404, "not_found")
+            assert (await client.get("/health")).text == "OK"
+
+
+async def test_a_request_past_its_timeout_is_a_504() -> None:
+    lm = CountingLM(first_token_delay=30.0)
+    async with running(lms={"default": lm}) as server:
+        started = trio.current_time()
+        response = await post(server.url, "/predict", {"question": "q", "timeout_secs": 0.3})
+        assert_error(response, 504, "deadline_exceeded")
+        assert trio.current_time() - started < 5
+        response = await post(server.url, "/predict", {"question": "q"}, headers={"X-Request-Timeout": "0.2"})
+        assert_error(response, 504, "deadline_exceeded")
+        stats = server.state.engine.statistics()  # type: ignore[union-attr]
+        assert stats.timed_out == 2
+
+
+async def test_overload_is_refused_at_once_with_retry_after() -> None:
+    engine = EngineConfig(lms={"default": LMConfig()}, max_in_flight=1, max_queued=0)
+    lm = CountingLM(first_token_delay=30.0)
+    async with running(settings(engine=engine), lms={"default": lm}) as server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, server.url, "/predict", {"question": "holds the slot", "timeout_secs": 5})
+            while server.state.engine.statistics().in_flight == 0:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+            started = trio.current_time()
+            response = await post(server.url, "/predict", {"question": "refused"})
+            assert trio.current_time() - started < 1
+            assert_error(response, 429, "overloaded")
+            assert int(response.headers["retry-after"]) >= 1
+            stream = await post(server.url, "/v1/programs/default/stream", {"inputs": {"question": "q"}})
+            assert_error(stream, 429, "overloaded")
+            nursery.cancel_scope.cancel()
+
+
+async def test_api_keys_are_required_except_for_health_and_ready() -> None:
+    async with running(settings(api_keys=("k1", "k2"))) as server, httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/ready")).status_code == 200
+        assert_error(await client.post("/predict", json={"question": "q"}), 401, "invalid_api_key")
+        wrong = {"Authorization": "Bearer nope"}
+        assert_error(await client.post("/predict", json={"question": "q"}, headers=wrong), 401, "invalid_api_key")
+        good = {"Authorization": "Bearer k2"}
+        assert (await client.post("/predict", json={"question": "q"}, headers=good)).status_code == 200
+
+
+async def test_cors_headers_only_for_configured_origins() -> None:
+    async with running(settings(cors_origins=("https://app.example",))) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            allowed = await client.get("/health", headers={"Origin": "https://app.example"})
+            other = await client.get("/health", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+async def test_upstream_errors_map_to_gateway_statuses() -> None:
+    async with running(lms={"default": FailingLM(UpstreamServerError("down", status=503))}) as server:
+        assert_error(await post(server.url, "/predict", {"question": "q"}), 502, "upstream_server_error")
+
+
+async def test_client_disconnect_cancels_the_upstream_call(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behavior = Behavior(latency=30)
+    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
+        with trio.move_on_after(0.5):
+            await post(server.url, "/predict", {"question": "q"})
+        left_at = trio.current_time()
+        with trio.fail_after(5):
+            await fake_upstream.wait_for(lambda u: u.records and u.records[0].ended)
+        record = fake_upstream.records[0]
+        assert record.completed_at is None
+        assert record.client_closed_at is not None
+        assert record.client_closed_at - left_at < 0.1
+        with trio.fail_after(5):
+            while server.state.engine.statistics().cancelled != 1:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+
+
+async def test_metrics_in_prometheus_text_and_the_seed_json() -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        await client.post("/predict", json={"question": "q"})
+        await client.post("/v1/programs/default/predict", json={"inputs": {}})
+        text = await client.get("/metrics")
+        assert text.headers["content-type"].startswith("text/plain")
+        assert 'dspy_trio_requests_total{outcome="succeeded"} 1.0' in text.text
+        assert 'dspy_trio_requests_total{outcome="invalid"} 1.0' in text.text
+        seed = (await client.get("/metrics", headers={"Accept": "application/json"})).json()
+    assert seed["total_requests"] == 2
+    assert seed["active_requests"] == 0
+    assert (seed["total_errors"], seed["total_timeouts"], seed["error_rate"]) == (0, 0, 0.0)
+    assert seed["average_duration_ms"] > 0
+
+
+async def test_openapi_schema_is_served() -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        schema = (await client.get("/openapi.json")).json()
+    assert "/predict" in schema["paths"]
+    assert "/v1/programs/{name}/predict" in schema["paths"]
+
+
+async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() -> None:
+    base = EngineConfig(lms={"default": LMConfig()})
+    fast, slow = CountingLM(first_token_delay=0.3), CountingLM(first_token_delay=30.0)
+    results: dict[str, httpx.Response] = {}
+    engine = EngineConfig(
+        lms={"default": LMConfig(), "slow": LMConfig()},
+        programs={"default": base.programs["default"], "slow": attrs.evolve(base.programs["default"], lm="slow")},
+        drain_timeout=1.0,
+    )
+    async with running(settings(engine=engine), lms={"default": fast, "slow": slow}) as server:
+
+        async def call(name: str, program: str) -> None:
+            body = {"inputs": {"question": "q"}}
+            results[name] = await post(server.url, f"/v1/programs/{program}/predict", body)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, "short", "default")
+            nursery.start_soon(call, "long", "slow")
+            with trio.fail_after(5):
+                while server.state.engine.statistics().in_flight < 2:  # type: ignore[union-attr]
+                    await trio.sleep(0.01)
+            server.shutdown()
+            await trio.sleep(0.05)
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                assert (await client.get("/ready")).status_code == 503
+                assert_error(await client.post("/predict", json={"question": "late"}), 503, "not_ready")
+    assert results["short"].status_code == 200
+    assert_error(results["long"], 503, "engine_closed")
+
+
+def test_error_bodies_are_json_serialisable() -> None:
+    assert json.loads(json.dumps({"error": {"message": "m", "type": "t", "code": "c", "param": None}}))

@@ -1,0 +1,29 @@
+"""Running the real service (Hypercorn on an ephemeral port) for tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+
+from engine import EngineConfig, LMConfig
+from engine.lm import TrioLM
+from web.server import Server, open_server
+from web.settings import ServiceSettings
+
+FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
+
+
+def settings(**changes: Any) -> ServiceSettings:
+    engine = changes.pop("engine", None) or EngineConfig(lms={"default": FAST})
+    return attrs.evolve(ServiceSettings(port=0), engine=engine, **changes)
+
+
+@asynccontextmanager
+async def running(
+    service: ServiceSettings | None = None, *, lms: Mapping[str, TrioLM] | None = None
+) -> AsyncIterator[Server]:
+    async with open_server(service or settings(), lms=lms) as server:
+        yield server
