@@ -59,3 +59,12 @@ def random_chunks(text: str, seed: int, longest: int) -> list[str]:
         pieces.append(text[start:end])
         start = end
     return pieces
+
+
+async def wait_until(predicate: Any, *, seconds: float = 5.0, poll: float = 0.01) -> None:
+    """Poll ``predicate()`` until it is true (for state that has no event to wait on)."""
+    with trio.fail_after(seconds):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(poll)

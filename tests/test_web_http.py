@@ -7,13 +7,12 @@ from typing import Any
 
 import attrs
 import httpx
-import pytest
 import trio
 
 from engine import EngineConfig, LMConfig, UpstreamServerError
 from engine.testing import Behavior, FakeUpstream
 
-from .helpers import CountingLM, FailingLM
+from .helpers import CountingLM, FailingLM, wait_until
 from .web_helpers import running, settings
 
 
@@ -26,7 +25,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code
-    assert error["message"] and error["type"]
+    assert error["message"]
+    assert error["type"]
     assert "Traceback" not in response.text
     assert response.headers["x-request-id"]
     return dict(error)
@@ -36,10 +36,13 @@ async def test_health_ready_and_the_seed_predict() -> None:
     async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
         assert (await client.get("/health")).text == "OK"
         assert (await client.get("/ready")).json() == {"status": "ready"}
-        response = await client.post("/predict", json={"question": "What is Trio?"}, headers={"X-Request-ID": "abc-1"})
+        response = await client.post(
+            "/predict", json={"question": "What is Trio?"}, headers={"X-Request-ID": "abc-1"}
+        )
         assert response.status_code == 200
         body = response.json()
-        assert body["answer"] and body["duration_ms"] >= 0
+        assert body["answer"]
+        assert body["duration_ms"] >= 0
         assert response.headers["x-request-id"] == "abc-1"
         assert response.headers["server-timing"].startswith("total;dur=")
         assert "lm;dur=" in response.headers["server-timing"]
@@ -49,10 +52,17 @@ async def test_programs_listing_and_program_predict() -> None:
     engine = EngineConfig(lms={"default": LMConfig(first_token_delay=0, token_delay=0)})
     async with running(settings(engine=engine)) as server, httpx.AsyncClient(base_url=server.url) as client:
         listing = (await client.get("/v1/programs")).json()
-        assert listing == {"programs": [{
-            "name": "default", "kind": "Predict", "lm": "default",
-            "inputs": [{"name": "question", "type": "str", "required": True}], "outputs": ["answer"],
-        }]}
+        assert listing == {
+            "programs": [
+                {
+                    "name": "default",
+                    "kind": "Predict",
+                    "lm": "default",
+                    "inputs": [{"name": "question", "type": "str", "required": True}],
+                    "outputs": ["answer"],
+                }
+            ]
+        }
         response = await client.post("/v1/programs/default/predict", json={"inputs": {"question": "q"}})
         body = response.json()
         assert body["outputs"]["answer"]
@@ -63,18 +73,34 @@ async def test_programs_listing_and_program_predict() -> None:
 async def test_every_bad_request_gets_its_status_and_a_json_error() -> None:
     async with running(settings(max_body_bytes=2000, max_input_chars=100)) as server:
         url = server.url
-        assert_error(await post(url, "/v1/programs/nope/predict", {"inputs": {"question": "q"}}), 404, "unknown_program")
-        error = assert_error(await post(url, "/v1/programs/default/predict", {"inputs": {"q": "x"}}), 422, "invalid_input")
+        assert_error(
+            await post(url, "/v1/programs/nope/predict", {"inputs": {"question": "q"}}),
+            404,
+            "unknown_program",
+        )
+        error = assert_error(
+            await post(url, "/v1/programs/default/predict", {"inputs": {"q": "x"}}), 422, "invalid_input"
+        )
         assert error["param"] == "q"
-        assert_error(await post(url, "/v1/programs/default/predict", {"inputs": {"question": 1}}), 422, "invalid_input")
+        assert_error(
+            await post(url, "/v1/programs/default/predict", {"inputs": {"question": 1}}), 422, "invalid_input"
+        )
         assert_error(await post(url, "/predict", {}), 422, "invalid_body")
         assert_error(await post(url, "/predict", {"question": "q", "extra": 1}), 422, "invalid_body")
         assert_error(await post(url, "/predict", {"question": 5}), 422, "invalid_body")
         assert_error(await post(url, "/predict", {"question": "q", "timeout_secs": -1}), 422, "invalid_body")
-        assert_error(await post(url, "/predict", content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_request")
+        assert_error(
+            await post(url, "/predict", content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            "bad_request",
+        )
         assert_error(await post(url, "/predict", {"question": "x" * 5000}), 413, "body_too_large")
         assert_error(await post(url, "/predict", {"question": "x" * 500}), 413, "input_too_large")
-        assert_error(await post(url, "/predict", {"question": "q"}, headers={"X-Request-Timeout": "soon"}), 422, "invalid_timeout")
+        assert_error(
+            await post(url, "/predict", {"question": "q"}, headers={"X-Request-Timeout": "soon"}),
+            422,
+            "invalid_timeout",
+        )
         async with httpx.AsyncClient(base_url=url) as client:
             assert_error(await client.get("/predict"), 405, "method_not_allowed")
             assert_error(await client.get("/nowhere"), 404, "not_found")
@@ -97,37 +123,45 @@ async def test_a_request_past_its_timeout_is_a_504() -> None:
 async def test_overload_is_refused_at_once_with_retry_after() -> None:
     engine = EngineConfig(lms={"default": LMConfig()}, max_in_flight=1, max_queued=0)
     lm = CountingLM(first_token_delay=30.0)
-    async with running(settings(engine=engine), lms={"default": lm}) as server:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(post, server.url, "/predict", {"question": "holds the slot", "timeout_secs": 5})
-            while server.state.engine.statistics().in_flight == 0:  # type: ignore[union-attr]
-                await trio.sleep(0.01)
-            started = trio.current_time()
-            response = await post(server.url, "/predict", {"question": "refused"})
-            assert trio.current_time() - started < 1
-            assert_error(response, 429, "overloaded")
-            assert int(response.headers["retry-after"]) >= 1
-            stream = await post(server.url, "/v1/programs/default/stream", {"inputs": {"question": "q"}})
-            assert_error(stream, 429, "overloaded")
-            nursery.cancel_scope.cancel()
+    async with (
+        running(settings(engine=engine), lms={"default": lm}) as server,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(post, server.url, "/predict", {"question": "holds the slot", "timeout_secs": 5})
+        await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
+        started = trio.current_time()
+        response = await post(server.url, "/predict", {"question": "refused"})
+        assert trio.current_time() - started < 1
+        assert_error(response, 429, "overloaded")
+        assert int(response.headers["retry-after"]) >= 1
+        stream = await post(server.url, "/v1/programs/default/stream", {"inputs": {"question": "q"}})
+        assert_error(stream, 429, "overloaded")
+        nursery.cancel_scope.cancel()
 
 
 async def test_api_keys_are_required_except_for_health_and_ready() -> None:
-    async with running(settings(api_keys=("k1", "k2"))) as server, httpx.AsyncClient(base_url=server.url) as client:
+    async with (
+        running(settings(api_keys=("k1", "k2"))) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
         assert (await client.get("/health")).status_code == 200
         assert (await client.get("/ready")).status_code == 200
         assert_error(await client.post("/predict", json={"question": "q"}), 401, "invalid_api_key")
         wrong = {"Authorization": "Bearer nope"}
-        assert_error(await client.post("/predict", json={"question": "q"}, headers=wrong), 401, "invalid_api_key")
+        assert_error(
+            await client.post("/predict", json={"question": "q"}, headers=wrong), 401, "invalid_api_key"
+        )
         good = {"Authorization": "Bearer k2"}
         assert (await client.post("/predict", json={"question": "q"}, headers=good)).status_code == 200
 
 
 async def test_cors_headers_only_for_configured_origins() -> None:
-    async with running(settings(cors_origins=("https://app.example",))) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            allowed = await client.get("/health", headers={"Origin": "https://app.example"})
-            other = await client.get("/health", headers={"Origin": "https://evil.example"})
+    async with (
+        running(settings(cors_origins=("https://app.example",))) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        allowed = await client.get("/health", headers={"Origin": "https://app.example"})
+        other = await client.get("/health", headers={"Origin": "https://evil.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in other.headers
 
@@ -150,9 +184,7 @@ async def test_client_disconnect_cancels_the_upstream_call(fake_upstream: FakeUp
         assert record.completed_at is None
         assert record.client_closed_at is not None
         assert record.client_closed_at - left_at < 0.1
-        with trio.fail_after(5):
-            while server.state.engine.statistics().cancelled != 1:  # type: ignore[union-attr]
-                await trio.sleep(0.01)
+        await wait_until(lambda: server.state.engine.statistics().cancelled == 1)  # type: ignore[union-attr]
 
 
 async def test_metrics_in_prometheus_text_and_the_seed_json() -> None:
@@ -183,7 +215,10 @@ async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() ->
     results: dict[str, httpx.Response] = {}
     engine = EngineConfig(
         lms={"default": LMConfig(), "slow": LMConfig()},
-        programs={"default": base.programs["default"], "slow": attrs.evolve(base.programs["default"], lm="slow")},
+        programs={
+            "default": base.programs["default"],
+            "slow": attrs.evolve(base.programs["default"], lm="slow"),
+        },
         drain_timeout=1.0,
     )
     async with running(settings(engine=engine), lms={"default": fast, "slow": slow}) as server:
@@ -195,9 +230,7 @@ async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() ->
         async with trio.open_nursery() as nursery:
             nursery.start_soon(call, "short", "default")
             nursery.start_soon(call, "long", "slow")
-            with trio.fail_after(5):
-                while server.state.engine.statistics().in_flight < 2:  # type: ignore[union-attr]
-                    await trio.sleep(0.01)
+            await wait_until(lambda: server.state.engine.statistics().in_flight == 2)  # type: ignore[union-attr]
             server.shutdown()
             await trio.sleep(0.05)
             async with httpx.AsyncClient(base_url=server.url) as client:

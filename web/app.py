@@ -237,6 +237,11 @@ def create_app(
         kind = "invalid_request_error" if status < 500 else "server_error"
         return _json(error_body(message, type=kind, code=codes.get(status, "http_error")), status)
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def on_undecodable_body(error: UnicodeDecodeError) -> Response:
+        message = "the request body must be UTF-8 JSON"
+        return _json(error_body(message, type="invalid_request_error", code="bad_request"), 400)
+
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
         logger.exception("unhandled error in %s %s", request.method, request.path)

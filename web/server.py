@@ -36,8 +36,10 @@ def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> Hyp
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.workers = worker_count  # >1 makes Hypercorn bind with SO_REUSEPORT
-    config.websocket_ping_interval = settings.ws_ping_interval
-    config.graceful_timeout = 5.0  # the engine has drained by the time Hypercorn is asked to stop
+    config.websocket_ping_interval = settings.ws_ping_interval or None
+    # The engine has drained before Hypercorn is asked to stop, so this only bounds the flushing of the
+    # last responses, and the wait for Hypercorn's WebSocket ping tasks, which outlive closed sockets.
+    config.graceful_timeout = 1.0
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config

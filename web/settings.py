@@ -43,7 +43,7 @@ class ServiceSettings:
         max_input_chars: Inputs whose text is longer in total get 413.
         sse_keepalive: Seconds between SSE keep-alive comments while a stream is quiet.
         ws_max_requests: Concurrent requests one WebSocket may run.
-        ws_ping_interval: Seconds between WebSocket keep-alive pings.
+        ws_ping_interval: Seconds between WebSocket keep-alive pings (Hypercorn's); None for none.
     """
 
     engine: EngineConfig = attrs.field(factory=EngineConfig)
@@ -58,7 +58,7 @@ class ServiceSettings:
     max_input_chars: int = 100_000
     sse_keepalive: float = 15.0
     ws_max_requests: int = 16
-    ws_ping_interval: float = 20.0
+    ws_ping_interval: float | None = 20.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServiceSettings:

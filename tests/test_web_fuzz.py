@@ -1,0 +1,96 @@
+"""Property test: whatever bytes arrive at an endpoint, the answer is a 4xx JSON error and the server
+stays healthy."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from web.server import open_server
+
+from .web_helpers import settings as service_settings
+
+ENDPOINTS = [
+    "/predict",
+    "/predict/stream",
+    "/stream",
+    "/v1/programs/default/predict",
+    "/v1/programs/default/stream",
+]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+# Bodies that are valid for some endpoint are excluded by the assertion's filter below.
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.dictionaries(
+        st.sampled_from(["question", "inputs", "timeout_secs", "x"]), json_values, max_size=3
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    """A real server in a thread of its own (Hypothesis runs examples synchronously)."""
+    started: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with open_server(service_settings(max_body_bytes=4096)) as server:
+            started.put((server.url, trio.lowlevel.current_trio_token(), stop))
+            await stop.wait()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    url, token, stop = started.get(timeout=30)
+    yield url
+    trio.from_thread.run_sync(stop.set, trio_token=token)
+    thread.join(timeout=30)
+
+
+def _valid(path: str, body: bytes) -> bool:
+    try:
+        value: Any = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(value, dict):
+        return False
+    if path.startswith("/v1/"):
+        inputs = value.get("inputs")
+        return (
+            set(value) <= {"inputs", "timeout_secs"}
+            and isinstance(inputs, dict)
+            and set(inputs) == {"question"}
+            and isinstance(inputs["question"], str)
+        )
+    return set(value) <= {"question", "timeout_secs"} and isinstance(value.get("question"), str)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(ENDPOINTS), body=bodies)
+def test_malformed_bodies_get_a_4xx_json_error(server_url: str, path: str, body: bytes) -> None:
+    with httpx.Client(base_url=server_url, timeout=30) as client:
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        if _valid(path, body):
+            assert response.status_code in (200, 422)  # e.g. a timeout_secs of the wrong kind
+            return
+        assert 400 <= response.status_code < 500, (path, body, response.status_code, response.text)
+        error = response.json()["error"]
+        assert error["code"]
+        assert error["message"]
+        assert client.get("/health").text == "OK"

@@ -1,0 +1,192 @@
+"""SSE and WebSocket over a real Hypercorn server, with the project's own client."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from engine import EngineConfig, LMConfig, UpstreamServerError
+from engine.testing import Behavior, FakeUpstream
+from web.client import ServiceError, open_client
+
+from .helpers import CountingLM, FailingLM, wait_until
+from .web_helpers import running, settings
+
+
+async def raw_sse(url: str, path: str, body: Any) -> tuple[httpx.Response, str]:
+    async with httpx.AsyncClient(base_url=url) as client, client.stream("POST", path, json=body) as response:
+        text = (await response.aread()).decode()
+    return response, text
+
+
+async def test_seed_sse_endpoints_send_tokens_then_done() -> None:
+    async with running() as server:
+        for path in ("/stream", "/predict/stream"):
+            response, text = await raw_sse(server.url, path, {"question": "What is Trio?"})
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-accel-buffering"] == "no"
+            events = [block for block in text.split("\n\n") if block]
+            assert events[-1] == "data: [DONE]"
+            tokens = [e.removeprefix("data: ") for e in events[:-1]]
+            assert len(tokens) > 3
+            assert all(e.startswith("data: ") for e in events)
+
+
+async def test_program_sse_has_status_deltas_and_one_final() -> None:
+    async with running() as server, open_client(server.url) as client:
+        events = [event async for event in client.stream("default", {"question": "q"})]
+    names = [name for name, _ in events]
+    assert names[0] == "status"
+    assert names[-1] == "final"
+    assert names.count("final") == 1
+    final = events[-1][1]
+    text = "".join(p["text"] for name, p in events if name == "delta")
+    assert text == final["outputs"]["answer"]
+    assert final["usage"]["completion_tokens"] > 0
+
+
+async def test_a_failure_mid_stream_is_an_error_event() -> None:
+    async with running(
+        lms={"default": FailingLM(UpstreamServerError("down", status=500), delay=0.1)}
+    ) as server:
+        async with open_client(server.url) as client:
+            events = [event async for event in client.stream("default", {"question": "q"})]
+        _response, text = await raw_sse(server.url, "/stream", {"question": "q"})
+    assert events[-1][0] == "error"
+    assert events[-1][1]["error"]["code"] == "upstream_server_error"
+    assert text.endswith("data: [DONE]\n\n")
+    assert "event: error" in text
+
+
+async def test_a_stream_past_its_timeout_ends_with_an_error_event_and_keepalives_flow() -> None:
+    lm = CountingLM(first_token_delay=30.0)
+    async with running(settings(sse_keepalive=0.1), lms={"default": lm}) as server:
+        started = trio.current_time()
+        _response, text = await raw_sse(
+            server.url, "/v1/programs/default/stream", {"inputs": {"question": "q"}, "timeout_secs": 0.5}
+        )
+        assert trio.current_time() - started < 5
+    assert ": keep-alive" in text
+    last = [block for block in text.split("\n\n") if block][-1]
+    assert last.startswith("event: error")
+    assert json.loads(last.split("data: ", 1)[1])["error"]["code"] == "deadline_exceeded"
+
+
+async def test_bad_stream_requests_get_a_status_not_an_event() -> None:
+    async with running() as server:
+        response, text = await raw_sse(server.url, "/v1/programs/default/stream", {"inputs": {"nope": "x"}})
+        assert response.status_code == 422
+        assert json.loads(text)["error"]["param"] == "nope"
+        response, _ = await raw_sse(server.url, "/v1/programs/missing/stream", {"inputs": {}})
+        assert response.status_code == 404
+
+
+async def test_leaving_an_sse_stream_closes_the_upstream_connection(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=0.05)
+    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
+        async with open_client(server.url) as client:
+            async for name, _payload in client.stream("default", {"question": "q"}):
+                if name == "delta":
+                    break
+        left_at = trio.current_time()
+        with trio.fail_after(5):
+            await fake_upstream.wait_for(lambda u: u.records and u.records[0].ended)
+        record = fake_upstream.records[0]
+        assert record.completed_at is None
+        assert record.client_closed_at is not None
+        assert record.client_closed_at - left_at < 0.1
+
+
+async def test_seed_websocket_answers_token_frames_then_done() -> None:
+    async with running() as server, open_client(server.url) as client:
+        async with client.ws_ask("What is Trio?") as tokens:
+            received = [token async for token in tokens]
+        assert len(received) > 3
+        async with open_websocket_url(server.url.replace("http", "ws") + "/ws") as ws:
+            await ws.send_message(b"binary is not a question")
+            assert json.loads(await ws.get_message())["error"]["code"] == "invalid_frame"
+            assert await ws.get_message() == "[DONE]"
+            await ws.send_message("still works?")
+            frames = []
+            while (frame := await ws.get_message()) != "[DONE]":
+                frames.append(frame)
+            assert frames
+
+
+async def test_multiplexed_websocket_runs_requests_concurrently_and_cancels_by_id(
+    fake_upstream: FakeUpstream,
+) -> None:
+    fake_upstream.behavior = Behavior(latency=0.2, first_token_delay=0.0, token_delay=0.05)
+    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    async with (
+        running(settings(engine=EngineConfig(lms={"default": lm}))) as server,
+        open_client(server.url) as client,
+        client.open_multiplexed() as ws,
+    ):
+        results: dict[str, Any] = {}
+
+        async def predict(request_id: str) -> None:
+            results[request_id] = await ws.predict("default", {"question": request_id}, id=request_id)
+
+        async def stream_and_cancel() -> None:
+            frames = []
+            async for frame in ws.stream("default", {"question": "long"}, id="to-cancel"):
+                frames.append(frame)
+                if frame["type"] == "delta":
+                    await ws.cancel("to-cancel")
+            results["to-cancel"] = frames
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(predict, f"p{i}")
+            nursery.start_soon(stream_and_cancel)
+        assert trio.current_time() - started < 1.5, "the five 0.2 s predictions ran concurrently"
+        for i in range(5):
+            assert results[f"p{i}"]["type"] == "result"
+            assert results[f"p{i}"]["outputs"]["answer"]
+        assert results["to-cancel"][-1] == {"id": "to-cancel", "type": "cancelled"}
+        with trio.fail_after(5):
+            await fake_upstream.wait_for(lambda u: all(r.ended for r in u.records))
+        cancelled = [r for r in fake_upstream.records if r.stream]
+        assert cancelled[0].client_closed_at is not None
+
+
+async def test_bad_frames_get_error_frames_and_the_socket_carries_on() -> None:
+    async with (
+        running(settings(ws_max_requests=1), lms={"default": CountingLM(first_token_delay=0.3)}) as server,
+        open_client(server.url) as client,
+        client.open_multiplexed() as ws,
+    ):
+        await ws.send_raw("not json")
+        await ws.send_raw(json.dumps({"type": "predict"}))
+        await ws.send_raw(json.dumps({"id": "x", "type": "dance"}))
+        await ws.send_raw(json.dumps({"id": "y", "type": "predict", "inputs": "nope"}))
+        await ws.send_raw(json.dumps({"id": "z", "type": "predict", "inputs": {}, "timeout_secs": -1}))
+        await ws.send_raw(json.dumps({"id": "c", "type": "cancel"}))
+        await wait_until(lambda: len(ws.unrouted) == 6)
+        codes = [frame["error"]["code"] for frame in ws.unrouted]
+        assert codes == [
+            "invalid_frame",
+            "invalid_frame",
+            "invalid_frame",
+            "invalid_frame",
+            "invalid_timeout",
+            "unknown_id",
+        ]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.predict, "default", {"question": "first"})
+            await trio.sleep(0.1)
+            with pytest.raises(ServiceError, match="too_many_requests"):
+                await ws.predict("default", {"question": "second"})
+        with pytest.raises(ServiceError, match="invalid_input"):
+            await ws.predict("default", {"wrong": "field"})
+        assert (await ws.predict("default", {"question": "after all that"}))["type"] == "result"
