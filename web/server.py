@@ -36,6 +36,7 @@ def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> Hyp
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.workers = worker_count  # >1 makes Hypercorn bind with SO_REUSEPORT
+    config.backlog = 4096  # Hypercorn's default (100) resets connections in a burst of 1,000 clients
     config.websocket_ping_interval = settings.ws_ping_interval or None
     # The engine has drained before Hypercorn is asked to stop, so this only bounds the flushing of the
     # last responses, and the wait for Hypercorn's WebSocket ping tasks, which outlive closed sockets.
