@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck bench clean
+.PHONY: serve run test bench clean
 
 $(BIN)/dspy-trio: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
@@ -13,7 +13,11 @@ $(BIN)/dspy-trio: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-## Answer one question with the built-in simulated LM (or the LM configured in the environment).
+## Serve HTTP, SSE and WebSocket on 127.0.0.1:8000 (simulated LM unless one is configured).
+serve: $(BIN)/dspy-trio
+	$(BIN)/dspy-trio serve
+
+## Answer one question from the command line.
 run: $(BIN)/dspy-trio
 	$(BIN)/dspy-trio predict "What is Trio?"
 
@@ -26,6 +30,8 @@ test: $(BIN)/dspy-trio
 
 bench: $(BIN)/dspy-trio
 	$(BIN)/python -m benchmarks.concurrency
+	$(BIN)/python -m benchmarks.streaming
+	$(BIN)/python -m benchmarks.http
 
 clean:
 	rm -rf $(VENV)
