@@ -18,6 +18,7 @@ import os as _os
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from ._admission import AdmissionStatistics as AdmissionStatistics
+from ._batch import BatchItem as BatchItem
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
 from ._config import ProgramSpec as ProgramSpec
@@ -31,6 +32,7 @@ from ._errors import EngineError as EngineError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import OverloadedError as OverloadedError
 from ._errors import ProgramError as ProgramError
+from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
 from ._errors import UpstreamConnectionError as UpstreamConnectionError
@@ -54,6 +56,7 @@ from ._streaming import EventStream as EventStream
 
 __all__ = [
     "AdmissionStatistics",
+    "BatchItem",
     "ConfigError",
     "DeadlineExceededError",
     "Engine",
@@ -73,6 +76,7 @@ __all__ = [
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
+    "RequestCancelledError",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",

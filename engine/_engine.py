@@ -17,8 +17,8 @@ import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, NoReturn
 
 import attrs
@@ -29,8 +29,16 @@ from dspy.utils.usage_tracker import track_usage
 
 from . import _groups
 from ._admission import Admission
+from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
-from ._errors import EngineClosedError, EngineError, InvalidInputError, OverloadedError, ProgramError
+from ._errors import (
+    EngineClosedError,
+    EngineError,
+    InvalidInputError,
+    OverloadedError,
+    ProgramError,
+    RequestCancelledError,
+)
 from ._event_buffer import EventBuffer
 from ._programs import Program, ProgramInfo, ProgramRegistry
 from ._result import PredictionResult, Timings, Usage
@@ -290,6 +298,58 @@ class Engine:
             finally:
                 self._stream_drops["dropped"] += buffer.dropped
                 self._stream_drops["coalesced"] += buffer.coalesced
+
+    def batch_stream(
+        self,
+        program: str,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        concurrency: int = 16,
+        fail_fast: bool = False,
+        request_id: str | None = None,
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[BatchItem]]:
+        """Run ``program`` on every item, handing out each item's outcome as soon as it is ready.
+
+        ::
+
+            async with engine.batch_stream("default", items, concurrency=8) as outcomes:
+                async for item in outcomes:          # BatchItem(index, result | error), completion order
+                    ...
+
+        At most ``concurrency`` items run at once and at most ``concurrency`` finished outcomes wait for
+        the consumer; ``items`` may be a lazy iterable, read one item at a time. Each item is a request
+        of its own (admission, statistics). Leaving the block cancels what is still running.
+
+        Raises:
+            InvalidInputError: on entry, if ``concurrency`` is not a positive integer.
+        """
+        return open_batch(
+            self, program, items, concurrency=concurrency, fail_fast=fail_fast, request_id=request_id
+        )
+
+    async def batch(
+        self,
+        program: str,
+        items: Iterable[Mapping[str, Any]],
+        *,
+        concurrency: int = 16,
+        fail_fast: bool = False,
+        request_id: str | None = None,
+    ) -> list[BatchItem]:
+        """Run ``program`` on every item; return one outcome per item, in input order.
+
+        Blocks until every item has an outcome. One item's failure never loses the others; with
+        ``fail_fast`` the first failure cancels the rest, which end as :class:`RequestCancelledError`.
+        """
+        items = list(items)
+        outcomes: list[BatchItem | None] = [None] * len(items)
+        async with self.batch_stream(
+            program, items, concurrency=concurrency, fail_fast=fail_fast, request_id=request_id
+        ) as stream:
+            async for item in stream:
+                outcomes[item.index] = item
+        cancelled = RequestCancelledError("not started: another item failed")
+        return [item or BatchItem(index, error=cancelled) for index, item in enumerate(outcomes)]
 
     async def _produce(self, request: _Request, events: EventStream) -> None:
         """The producer task of a stream: runs the program, fills the buffer, sets the terminal event."""

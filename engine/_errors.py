@@ -14,6 +14,7 @@ deadline) is reported the Trio way, by the caller's scope.
     ├── DeadlineExceededError      an engine-imposed time limit ran out
     ├── SlowConsumerError          a stream's consumer stopped reading (``timeout`` backpressure)
     ├── EngineClosedError          the engine is shutting down or closed
+    ├── RequestCancelledError      the engine cancelled the request on purpose (fail-fast batch, cancel by id)
     ├── ConfigError                the configuration cannot be used
     ├── ProgramError               the DSPy program failed (e.g. the LM's output did not parse)
     └── UpstreamError              the LM provider failed
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidInputError",
     "OverloadedError",
     "ProgramError",
+    "RequestCancelledError",
     "SlowConsumerError",
     "UnknownProgramError",
     "UpstreamConnectionError",
@@ -121,6 +123,13 @@ class EngineClosedError(EngineError):
     the shutdown had to cancel once its drain timeout ran out."""
 
     code = "engine_closed"
+
+
+class RequestCancelledError(EngineError):
+    """The outcome of a request the engine cancelled on purpose: the rest of a ``fail_fast`` batch after
+    one item failed. (A cancel by the caller's own scope is reported by that scope instead.)"""
+
+    code = "cancelled"
 
 
 class ConfigError(EngineError):

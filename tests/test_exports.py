@@ -8,6 +8,7 @@ import engine.testing
 def test_engine_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
         "AdmissionStatistics",
+        "BatchItem",
         "ConfigError",
         "DeadlineExceededError",
         "Engine",
@@ -27,6 +28,7 @@ def test_engine_public_names_are_pinned() -> None:
         "ProgramError",
         "ProgramInfo",
         "ProgramSpec",
+        "RequestCancelledError",
         "SlowConsumerError",
         "StatusEvent",
         "StreamEvent",

@@ -190,3 +190,45 @@ async def test_bad_frames_get_error_frames_and_the_socket_carries_on() -> None:
         with pytest.raises(ServiceError, match="invalid_input"):
             await ws.predict("default", {"wrong": "field"})
         assert (await ws.predict("default", {"question": "after all that"}))["type"] == "result"
+
+
+async def test_batch_in_order_as_json_and_as_completed_over_sse_and_ndjson() -> None:
+    items = [{"question": "a"}, {"wrong": "b"}, {"question": "c"}]
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post("/v1/programs/default/batch", json={"items": items, "concurrency": 2})
+        results = response.json()["results"]
+        assert [(r["index"], r["ok"]) for r in results] == [(0, True), (1, False), (2, True)]
+        assert results[1]["error"]["code"] == "invalid_input"
+        assert results[0]["outputs"]["answer"]
+
+        sse_headers = {"Accept": "text/event-stream"}
+        body = {"items": items}
+        async with client.stream(
+            "POST", "/v1/programs/default/batch", json=body, headers=sse_headers
+        ) as stream:
+            text = (await stream.aread()).decode()
+        blocks = [b for b in text.split("\n\n") if b]
+        assert [b.split("\n")[0] for b in blocks] == ["event: item"] * 3 + ["event: done"]
+        assert sorted(json.loads(b.split("data: ", 1)[1])["index"] for b in blocks[:3]) == [0, 1, 2]
+
+        ndjson = await client.post(
+            "/v1/programs/default/batch", json=body, headers={"Accept": "application/x-ndjson"}
+        )
+        lines = [json.loads(line) for line in ndjson.text.splitlines()]
+        assert sorted(line["index"] for line in lines[:3]) == [0, 1, 2]
+        assert lines[-1] == {"done": True, "count": 3}
+
+        missing = await client.post("/v1/programs/nope/batch", json=body)
+        assert missing.status_code == 404
+        empty = await client.post("/v1/programs/default/batch", json={"items": []})
+        assert empty.status_code == 422
+
+
+async def test_a_batch_past_its_timeout_reports_the_late_items() -> None:
+    async with (
+        running(lms={"default": CountingLM(first_token_delay=30.0)}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        body = {"items": [{"question": "q"}] * 2, "timeout_secs": 0.3}
+        response = await client.post("/v1/programs/default/batch", json=body)
+    assert [r["error"]["code"] for r in response.json()["results"]] == ["deadline_exceeded"] * 2

@@ -23,14 +23,22 @@ from quart_schema import QuartSchema, RequestSchemaValidationError, validate_req
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from engine import DeadlineExceededError, Engine, EngineError, PredictionResult, open_engine
+from engine import (
+    BatchItem,
+    DeadlineExceededError,
+    Engine,
+    EngineError,
+    PredictionResult,
+    UnknownProgramError,
+    open_engine,
+)
 from engine.lm import TrioLM
 
-from .encoding import dumps, result_json
+from .encoding import batch_item_json, dumps, result_json
 from .errors import HTTPError, engine_error_response, error_body, http_error_response
 from .metrics import metrics_json, metrics_text
 from .settings import ServiceSettings
-from .sse import SSE_HEADERS, StreamBody, general_encoder, seed_encoder
+from .sse import SSE_HEADERS, batch_body, general_encoder, seed_encoder, stream_body
 
 logger = logging.getLogger("web")
 
@@ -43,6 +51,16 @@ class SeedRequest(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid")
     question: str
+    timeout_secs: float | None = pydantic.Field(default=None, gt=0)
+
+
+class BatchRequest(pydantic.BaseModel):
+    """A batch for a named program: one inputs object per item."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    items: list[dict[str, Any]] = pydantic.Field(min_length=1, max_length=10_000)
+    concurrency: int = pydantic.Field(default=8, ge=1, le=256)
+    fail_fast: bool = False
     timeout_secs: float | None = pydantic.Field(default=None, gt=0)
 
 
@@ -156,7 +174,7 @@ def create_app(
         engine = state.require_engine()
         check_inputs(inputs)
         engine.precheck(program, inputs)  # so that bad input and overload get a status, not an event
-        body = StreamBody(
+        body = stream_body(
             engine,
             program,
             inputs,
@@ -314,6 +332,63 @@ def create_app(
     async def program_stream(name: str, data: ProgramRequest) -> Response:
         g.timeout_secs = data.timeout_secs
         return stream_response(name, data.inputs, seed=False)
+
+    @app.post("/v1/programs/<name>/batch")
+    @validate_request(BatchRequest)
+    async def program_batch(name: str, data: BatchRequest) -> Response:
+        """Every item's outcome: JSON in input order, or as they complete over SSE or NDJSON
+        (``Accept: text/event-stream`` or ``application/x-ndjson``)."""
+        engine = state.require_engine()
+        g.timeout_secs = data.timeout_secs
+        if len(data.items) > settings.max_batch_items:
+            raise HTTPError(
+                413,
+                f"at most {settings.max_batch_items} items per batch",
+                type="invalid_request_error",
+                code="batch_too_large",
+            )
+        check_inputs({"items": data.items})
+        known = [info.name for info in engine.programs()]
+        if name not in known:  # the batch's own error; bad items get an outcome each instead
+            raise UnknownProgramError(name, known)
+        until = deadline()
+        concurrency = min(data.concurrency, settings.max_batch_concurrency)
+
+        request_id = g.request_id  # the body runs after the handler, outside the request context
+
+        def open_batch() -> Any:
+            return engine.batch_stream(
+                name, data.items, concurrency=concurrency, fail_fast=data.fail_fast, request_id=request_id
+            )
+
+        accept = request.accept_mimetypes.best_match(
+            ["application/json", "text/event-stream", "application/x-ndjson"]
+        )
+        if accept in ("text/event-stream", "application/x-ndjson"):
+            body = batch_body(
+                open_batch,
+                deadline=until,
+                keepalive=settings.sse_keepalive,
+                ndjson=accept != "text/event-stream",
+            )
+            response = Response(
+                body,
+                status=200,
+                headers=SSE_HEADERS
+                if accept == "text/event-stream"
+                else {"Content-Type": "application/x-ndjson"},
+            )
+            response.timeout = None
+            return response
+        outcomes: list[dict[str, Any] | None] = [None] * len(data.items)
+        with trio.move_on_at(until):
+            async with open_batch() as stream:
+                async for item in stream:
+                    outcomes[item.index] = batch_item_json(item)
+        late = DeadlineExceededError("the batch ran past its timeout")
+        return _json(
+            {"results": [o or batch_item_json(BatchItem(i, error=late)) for i, o in enumerate(outcomes)]}
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -7,7 +7,16 @@ from typing import Any
 
 import attrs
 
-from engine import EngineError, ErrorEvent, FieldDelta, FinalEvent, PredictionResult, StatusEvent, StreamEvent
+from engine import (
+    BatchItem,
+    EngineError,
+    ErrorEvent,
+    FieldDelta,
+    FinalEvent,
+    PredictionResult,
+    StatusEvent,
+    StreamEvent,
+)
 
 from .errors import engine_error_response
 
@@ -41,6 +50,14 @@ def result_json(result: PredictionResult) -> dict[str, Any]:
             "total_ms": round(result.timings.total * 1000, 3),
         },
     }
+
+
+def batch_item_json(item: BatchItem) -> dict[str, Any]:
+    """One batch outcome: ``{"index", "ok": true, ...result}`` or ``{"index", "ok": false, "error"}``."""
+    if item.result is not None:
+        return {"index": item.index, "ok": True, **result_json(item.result)}
+    assert item.error is not None
+    return {"index": item.index, "ok": False, **error_json(item.error)}
 
 
 def error_json(error: EngineError) -> dict[str, Any]:

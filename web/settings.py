@@ -42,6 +42,8 @@ class ServiceSettings:
         max_body_bytes: Request bodies larger than this get 413.
         max_input_chars: Inputs whose text is longer in total get 413.
         sse_keepalive: Seconds between SSE keep-alive comments while a stream is quiet.
+        max_batch_items: Items one batch request may hold (more get 413).
+        max_batch_concurrency: The most items of one batch that run at once.
         ws_max_requests: Concurrent requests one WebSocket may run.
         ws_ping_interval: Seconds between WebSocket keep-alive pings (Hypercorn's); None for none.
     """
@@ -57,6 +59,8 @@ class ServiceSettings:
     max_body_bytes: int = 1 << 20
     max_input_chars: int = 100_000
     sse_keepalive: float = 15.0
+    max_batch_items: int = 1000
+    max_batch_concurrency: int = 64
     ws_max_requests: int = 16
     ws_ping_interval: float | None = 20.0
 
