@@ -218,6 +218,10 @@ async def test_batch_in_order_as_json_and_as_completed_over_sse_and_ndjson() -> 
         assert sorted(line["index"] for line in lines[:3]) == [0, 1, 2]
         assert lines[-1] == {"done": True, "count": 3}
 
+        async with open_client(server.url) as typed:
+            outcomes = await typed.batch("default", items, concurrency=3)
+        assert [o["ok"] for o in outcomes] == [True, False, True]
+
         missing = await client.post("/v1/programs/nope/batch", json=body)
         assert missing.status_code == 404
         empty = await client.post("/v1/programs/default/batch", json={"items": []})

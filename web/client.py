@@ -92,6 +92,16 @@ class Client:
         _raise_for(response, payload)
         return dict(payload)
 
+    async def batch(
+        self, program: str, items: list[Mapping[str, Any]], *, concurrency: int = 8, fail_fast: bool = False
+    ) -> list[dict[str, Any]]:
+        """``POST /v1/programs/{program}/batch``: one outcome per item, in input order."""
+        body = {"items": [dict(item) for item in items], "concurrency": concurrency, "fail_fast": fail_fast}
+        response = await self.http.post(f"/v1/programs/{program}/batch", json=body)
+        payload = response.json()
+        _raise_for(response, payload)
+        return list(payload["results"])
+
     async def ask(self, question: str, *, timeout_secs: float | None = None) -> dict[str, Any]:
         """The seed's ``POST /predict``: ``{"answer", "duration_ms"}``."""
         body: dict[str, Any] = {"question": question}
