@@ -236,3 +236,32 @@ async def test_a_batch_past_its_timeout_reports_the_late_items() -> None:
         body = {"items": [{"question": "q"}] * 2, "timeout_secs": 0.3}
         response = await client.post("/v1/programs/default/batch", json=body)
     assert [r["error"]["code"] for r in response.json()["results"]] == ["deadline_exceeded"] * 2
+
+
+async def test_websockets_need_the_api_key_when_keys_are_set() -> None:
+    async with running(settings(api_keys=("secret",))) as server:
+        ws_url = server.url.replace("http", "ws") + "/ws"
+        handshake = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            refused = await client.get("/ws", headers=handshake)
+        assert refused.status_code == 403
+        async with open_websocket_url(ws_url + "?api_key=secret") as ws:
+            await ws.send_message("q")
+            assert await ws.get_message() != "[DONE]"
+        async with open_client(server.url, api_key="secret") as client, client.ws_ask("q") as tokens:
+            assert [token async for token in tokens]
+
+
+async def test_requested_timeouts_are_capped_by_the_server_maximum() -> None:
+    lm = CountingLM(first_token_delay=30.0)
+    async with running(settings(max_timeout=0.3), lms={"default": lm}) as server:
+        started = trio.current_time()
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            response = await client.post("/predict", json={"question": "q", "timeout_secs": 3600})
+        assert response.status_code == 504
+        assert trio.current_time() - started < 5
