@@ -29,7 +29,7 @@ import trio
 
 from benchmarks._upstream import start_upstream
 from engine import EngineConfig, FieldDelta, LMConfig, StreamOptions, open_engine
-from engine.lm import ChunkSink, Completion, SimulatedLM
+from engine.lm import Completion, DeltaSink, SimulatedLM
 
 
 def _rss_mb() -> float:
@@ -77,7 +77,7 @@ async def _throughput(tokens: int, runs: int) -> None:
 class _ClockedSink:
     """Wraps an LM's chunk sink; notes when the first text after the answer header is sent."""
 
-    def __init__(self, sink: ChunkSink, sent_at: list[float]) -> None:
+    def __init__(self, sink: DeltaSink, sent_at: list[float]) -> None:
         self._sink = sink
         self._sent_at = sent_at
         self._text = ""
@@ -94,9 +94,9 @@ async def _ttft_in_process(runs: int) -> list[float]:
     sent_at: list[float] = []
 
     class Clocked(SimulatedLM):
-        async def complete(self, messages: Any, params: Any, sink: ChunkSink | None) -> Completion:
+        async def complete(self, messages: Any, params: Any, sink: DeltaSink | None) -> Completion:
             clocked = _ClockedSink(sink, sent_at) if sink is not None else None
-            return await super().complete(messages, params, clocked)  # type: ignore[arg-type]
+            return await super().complete(messages, params, clocked)
 
     lm = Clocked(first_token_delay=0.02, token_delay=0.001, words_per_field=20)
     added = []

@@ -53,6 +53,7 @@ from ._stream_events import FinalEvent as FinalEvent
 from ._stream_events import StatusEvent as StatusEvent
 from ._stream_events import StreamEvent as StreamEvent
 from ._streaming import EventStream as EventStream
+from ._upstream import UpstreamStatistics as UpstreamStatistics
 
 __all__ = [
     "AdmissionStatistics",
@@ -88,6 +89,7 @@ __all__ = [
     "UpstreamRateLimitedError",
     "UpstreamResponseError",
     "UpstreamServerError",
+    "UpstreamStatistics",
     "UpstreamTimeoutError",
     "Usage",
     "open_engine",

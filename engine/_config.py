@@ -24,7 +24,10 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 
+from ._adaptive import AdaptiveSettings
 from ._errors import ConfigError
+from ._retry import RetryPolicy
+from ._upstream import UpstreamPolicy
 
 Provider = Literal["simulated", "openai", "dspy"]
 Backpressure = Literal["block", "timeout", "drop"]
@@ -69,6 +72,13 @@ class LMConfig:
         threads: Worker threads, i.e. concurrent calls (``dspy``).
         first_token_delay, token_delay, words_per_field: Pacing of the ``simulated`` LM.
         params: Default request parameters (``temperature``, ``max_tokens``, ...).
+        rpm, tpm: Requests and tokens per minute allowed to this upstream (None: unlimited).
+        max_attempts, retry_base_delay, retry_max_delay, retry_budget: Retries of retryable failures
+            (exponential backoff with full jitter, at most ``retry_budget`` of recent requests).
+        attempt_timeout: Seconds one attempt may take; first_token_timeout and stall_timeout bound a
+            stream's silence before its first chunk and between chunks.
+        adaptive_concurrency, min_concurrency, max_concurrency, initial_concurrency: An AIMD limit on
+            concurrent calls to this upstream.
     """
 
     provider: Provider = attrs.field(default="simulated", validator=_one_of(PROVIDERS))
@@ -83,6 +93,42 @@ class LMConfig:
     token_delay: float = attrs.field(default=0.01, validator=_non_negative)
     words_per_field: int = attrs.field(default=16, validator=_positive)
     params: Mapping[str, Any] = attrs.field(factory=dict)
+    rpm: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    tpm: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    max_attempts: int = attrs.field(default=3, validator=_positive)
+    retry_base_delay: float = attrs.field(default=0.25, validator=_non_negative)
+    retry_max_delay: float = attrs.field(default=20.0, validator=_non_negative)
+    retry_budget: float = attrs.field(default=0.2, validator=_non_negative)
+    attempt_timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    first_token_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_positive)
+    )
+    stall_timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
+    adaptive_concurrency: bool = False
+    min_concurrency: int = attrs.field(default=1, validator=_positive)
+    max_concurrency: int = attrs.field(default=512, validator=_positive)
+    initial_concurrency: int = attrs.field(default=16, validator=_positive)
+
+    def policy(self) -> UpstreamPolicy:
+        """The call policy (rate limits, retries, timeouts, adaptive concurrency) these values describe."""
+        return UpstreamPolicy(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            retry=RetryPolicy(
+                max_attempts=self.max_attempts,
+                base_delay=self.retry_base_delay,
+                max_delay=self.retry_max_delay,
+                budget_ratio=self.retry_budget,
+            ),
+            attempt_timeout=self.attempt_timeout,
+            first_token_timeout=self.first_token_timeout,
+            stall_timeout=self.stall_timeout,
+            adaptive=AdaptiveSettings(
+                initial=self.initial_concurrency, minimum=self.min_concurrency, maximum=self.max_concurrency
+            )
+            if self.adaptive_concurrency
+            else None,
+        )
 
     def __attrs_post_init__(self) -> None:
         if self.provider == "openai" and not self.api_base:

@@ -32,6 +32,7 @@ from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._errors import (
+    DeadlineExceededError,
     EngineClosedError,
     EngineError,
     InvalidInputError,
@@ -40,13 +41,15 @@ from ._errors import (
     RequestCancelledError,
 )
 from ._event_buffer import EventBuffer
+from ._lm_factory import build_lm
 from ._programs import Program, ProgramInfo, ProgramRegistry
 from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
 from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
 from ._streaming import DeltaRouter, EventStream
-from ._trace import tracing
-from .lm import TrioLM, build_lm
+from ._trace import RequestTrace, tracing
+from ._upstream import UpstreamGuard, UpstreamPolicy
+from .lm import TrioLM
 
 logger = logging.getLogger("engine")
 
@@ -65,8 +68,9 @@ class _Request:
     values: dict[str, Any]
     started: float
     caller_deadline: float
-    # The engine cancels this scope only to close; whatever it wraps ends with EngineClosedError.
+    # The engine cancels this scope to close or on cancel(request_id); the reason says which.
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    cancel_reason: EngineError | None = None
     admitted: float = math.nan
     outcome: Outcome | None = None
     error_code: str | None = None
@@ -75,6 +79,16 @@ class _Request:
         """Record the request's outcome; the first one recorded is the one that counts."""
         if self.outcome is None:
             self.outcome, self.error_code = outcome, error_code
+
+    def cancel(self, reason: EngineError) -> None:
+        """End the request with ``reason`` wherever it is (queued, running, streaming)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self.scope.cancel()
+
+    def interruption(self) -> EngineError:
+        """The error of a request whose scope the engine cancelled."""
+        return self.cancel_reason or EngineClosedError("the engine shut down before the request finished")
 
     def settle_interrupted(self) -> None:
         """Settle a request that ended without an outcome of its own: its caller's scope ended it."""
@@ -101,6 +115,12 @@ class Engine:
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
+        self._guards = {
+            name: UpstreamGuard(name, config.lms[name].policy() if name in config.lms else UpstreamPolicy())
+            for name in self._lms
+        }
+        for name, lm in self._lms.items():
+            lm.guard = self._guards[name]
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -130,7 +150,21 @@ class Engine:
             stream_deltas_dropped=self._stream_drops["dropped"],
             stream_deltas_coalesced=self._stream_drops["coalesced"],
             seconds_total=self._seconds_total,
+            upstreams={name: guard.statistics() for name, guard in self._guards.items()},
         )
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel the request with this id wherever it is (queued, waiting, running, streaming).
+
+        It ends with :class:`RequestCancelledError` (an :class:`ErrorEvent` on a stream), and its
+        upstream connection is closed. Returns whether such a request was active.
+        """
+        found = False
+        for request in self._active.values():
+            if request.request_id == request_id:
+                request.cancel(RequestCancelledError(f"request {request_id} was cancelled"))
+                found = True
+        return found
 
     def precheck(self, program: str, inputs: Mapping[str, Any]) -> None:
         """Raise now what :meth:`predict` or :meth:`stream` would raise before starting: for adapters
@@ -183,7 +217,7 @@ class Engine:
             request.settle_interrupted()
             raise
         except EngineError as exc:
-            request.settle("rejected" if isinstance(exc, OverloadedError) else "failed", exc.code)
+            request.settle(_outcome_of(exc), exc.code)
             raise
         finally:
             request.settle_interrupted()
@@ -236,13 +270,13 @@ class Engine:
                 try:
                     # A request whose deadline passed while it queued is never started.
                     await trio.lowlevel.checkpoint_if_cancelled()
-                    outputs, usage, lm_seconds = await self._run_program(request.program, request.values)
+                    outputs, usage, trace = await self._run_program(request.program, request.values)
                 finally:
                     self._release(request)
                 request.settle("succeeded")
-                return self._result(request, outputs, usage, lm_seconds)
-            # Only reached when our own scope absorbed its cancellation: the engine closed under it.
-            raise EngineClosedError("the engine shut down before the request finished")
+                return self._result(request, outputs, usage, trace)
+            # Only reached when our own scope absorbed its cancellation: closed, or cancelled by id.
+            raise request.interruption()
 
     @asynccontextmanager
     async def stream(
@@ -290,7 +324,7 @@ class Engine:
             with request.scope:
                 await self._admit(request)
             if request.scope.cancelled_caught:
-                raise EngineClosedError("the engine shut down before the stream started")
+                raise request.interruption()
             try:
                 async with _groups.open_service_nursery() as nursery:
                     nursery.start_soon(self._produce, request, events)
@@ -361,27 +395,27 @@ class Engine:
                 json = (request.program.adapter or self.config.adapter) == "json"
                 bridge = DeltaRouter(request.program.module, buffer, json=json)
                 try:
-                    outputs, usage, lm_seconds = await self._run_program(
+                    outputs, usage, trace = await self._run_program(
                         request.program, request.values, send_stream=bridge
                     )
                     await bridge.finish()
                 except EngineError as exc:
                     events.terminal = ErrorEvent(exc)
-                    request.settle("failed", exc.code)
+                    request.settle(_outcome_of(exc), exc.code)
                 else:
-                    result = self._result(request, outputs, usage, lm_seconds)
+                    result = self._result(request, outputs, usage, trace)
                     events.terminal = FinalEvent(result, dropped=buffer.dropped, coalesced=buffer.coalesced)
                     request.settle("succeeded")
             if request.scope.cancelled_caught:
-                error = EngineClosedError("the engine shut down before the stream finished")
+                error = request.interruption()
                 events.terminal = ErrorEvent(error)
-                request.settle("failed", error.code)
+                request.settle(_outcome_of(error), error.code)
         finally:
             self._release(request)
             buffer.close()
 
     def _result(
-        self, request: _Request, outputs: dict[str, Any], usage: Usage, lm_seconds: float
+        self, request: _Request, outputs: dict[str, Any], usage: Usage, trace: RequestTrace
     ) -> PredictionResult:
         return PredictionResult(
             request_id=request.request_id,
@@ -390,14 +424,15 @@ class Engine:
             usage=usage,
             timings=Timings(
                 queued=request.admitted - request.started,
-                lm=lm_seconds,
+                lm=trace.lm_seconds,
                 total=trio.current_time() - request.started,
             ),
+            attempts=trace.attempts,
         )
 
     async def _run_program(
         self, program: Program, values: dict[str, Any], *, send_stream: DeltaRouter | None = None
-    ) -> tuple[dict[str, Any], Usage, float]:
+    ) -> tuple[dict[str, Any], Usage, RequestTrace]:
         adapter = _ADAPTERS[program.adapter or self.config.adapter]()
         settings = {
             "lm": self._lms[program.lm],
@@ -415,7 +450,7 @@ class Engine:
             except Exception as exc:
                 _raise_program_failure(program, exc)
         usage = Usage.from_tracker_totals(tracker.get_total_tokens())
-        return dict(prediction.items()), usage, trace.lm_seconds
+        return dict(prediction.items()), usage, trace
 
     async def drain(self) -> None:
         """Refuse new requests, let active ones run for ``config.drain_timeout``, then cancel the rest
@@ -429,7 +464,7 @@ class Engine:
         with trio.move_on_after(self.config.drain_timeout):
             await self._idle.wait()
         for active in self._active.values():
-            active.scope.cancel()
+            active.cancel(EngineClosedError("the engine shut down before the request finished"))
         with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
             cleanup.shield = True
             await self._idle.wait()
@@ -443,6 +478,16 @@ class Engine:
             cleanup.shield = True
             for lm in self._lms.values():
                 await lm.aclose()
+
+
+def _outcome_of(error: EngineError) -> Outcome:
+    if isinstance(error, OverloadedError):
+        return "rejected"
+    if isinstance(error, RequestCancelledError):
+        return "cancelled"
+    if isinstance(error, DeadlineExceededError):
+        return "timed_out"
+    return "failed"
 
 
 def _raise_program_failure(program: Program, exc: BaseException) -> NoReturn:

@@ -66,6 +66,7 @@ class PredictionResult:
         outputs: The prediction's output fields, by name.
         usage: Token usage of every LM call of the request.
         timings: Where the time went.
+        attempts: LM call attempts the request made, retries included (0 if it made no LM call).
     """
 
     request_id: str
@@ -73,3 +74,4 @@ class PredictionResult:
     outputs: Mapping[str, Any]
     usage: Usage
     timings: Timings
+    attempts: int = 1

@@ -8,6 +8,7 @@ from typing import Literal
 import attrs
 
 from ._admission import AdmissionStatistics
+from ._upstream import UpstreamStatistics
 
 Outcome = Literal["succeeded", "failed", "timed_out", "cancelled", "rejected", "invalid"]
 
@@ -33,6 +34,7 @@ class EngineStatistics:
         closing: Whether the engine is refusing new requests.
         stream_deltas_dropped: Field deltas dropped by the ``drop`` backpressure policy.
         stream_deltas_coalesced: Field deltas merged into earlier ones by coalescing.
+        upstreams: Per upstream (LM name): adaptive limit, retries by cause, rate-limit waits.
         seconds_total: Summed duration of the requests that ended after being accepted (every
             outcome but ``rejected`` and ``invalid``).
     """
@@ -52,6 +54,7 @@ class EngineStatistics:
     stream_deltas_dropped: int = 0
     stream_deltas_coalesced: int = 0
     seconds_total: float = 0.0
+    upstreams: Mapping[str, UpstreamStatistics] = attrs.field(factory=dict)
 
     @property
     def requests_total(self) -> int:
@@ -82,6 +85,7 @@ class EngineStatistics:
         stream_deltas_dropped: int = 0,
         stream_deltas_coalesced: int = 0,
         seconds_total: float = 0.0,
+        upstreams: Mapping[str, UpstreamStatistics] | None = None,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -99,4 +103,5 @@ class EngineStatistics:
             stream_deltas_dropped=stream_deltas_dropped,
             stream_deltas_coalesced=stream_deltas_coalesced,
             seconds_total=seconds_total,
+            upstreams=dict(upstreams or {}),
         )

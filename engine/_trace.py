@@ -19,6 +19,7 @@ class RequestTrace:
 
     lm_seconds: float = 0.0
     lm_calls: int = 0
+    attempts: int = 0
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -43,3 +44,10 @@ def record_lm_call(seconds: float) -> None:
     if trace is not None:
         trace.lm_calls += 1
         trace.lm_seconds += seconds
+
+
+def record_attempt() -> None:
+    """Count one attempt of an LM call (retries make several) in the current request's trace."""
+    trace = _current.get()
+    if trace is not None:
+        trace.attempts += 1

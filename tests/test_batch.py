@@ -32,7 +32,7 @@ class SometimesFailing(CountingLM):
 
 
 def config(**changes: Any) -> EngineConfig:
-    return EngineConfig(lms={"default": LMConfig()}, **changes)
+    return EngineConfig(lms={"default": LMConfig(max_attempts=1)}, **changes)
 
 
 async def test_ordered_results_with_per_item_outcomes(autojump_clock: Any) -> None:

@@ -40,6 +40,7 @@ def test_engine_public_names_are_pinned() -> None:
         "UpstreamRateLimitedError",
         "UpstreamResponseError",
         "UpstreamServerError",
+        "UpstreamStatistics",
         "UpstreamTimeoutError",
         "Usage",
         "open_engine",

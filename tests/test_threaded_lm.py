@@ -11,7 +11,12 @@ from engine.testing import Behavior, FakeUpstream, Fault
 
 def threaded_config(upstream: FakeUpstream) -> EngineConfig:
     lm = LMConfig(
-        provider="dspy", model="openai/fake-model", api_base=upstream.url, api_key="sk-test", threads=4
+        provider="dspy",
+        model="openai/fake-model",
+        api_base=upstream.url,
+        api_key="sk-test",
+        threads=4,
+        max_attempts=1,
     )
     return EngineConfig(lms={"default": lm})
 

@@ -2,8 +2,8 @@
 
 from ._base import ChunkSink as ChunkSink
 from ._base import Completion as Completion
+from ._base import DeltaSink as DeltaSink
 from ._base import TrioLM as TrioLM
-from ._factory import build_lm as build_lm
 from .openai import HTTPSettings as HTTPSettings
 from .openai import OpenAICompatibleLM as OpenAICompatibleLM
 from .simulated import SimulatedLM as SimulatedLM
@@ -12,10 +12,10 @@ from .threaded import ThreadedLM as ThreadedLM
 __all__ = [
     "ChunkSink",
     "Completion",
+    "DeltaSink",
     "HTTPSettings",
     "OpenAICompatibleLM",
     "SimulatedLM",
     "ThreadedLM",
     "TrioLM",
-    "build_lm",
 ]

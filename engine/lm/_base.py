@@ -14,7 +14,8 @@ DSPy cache is consulted, and streaming chunks are pushed to ``dspy.settings.send
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -35,6 +36,24 @@ class ChunkSender(Protocol):
     """Where streamed chunks go: a ``trio.MemorySendChannel`` or anything with an async ``send``."""
 
     async def send(self, value: Any, /) -> None: ...
+
+
+class DeltaSink(Protocol):
+    """Where an LM pushes the text of a streamed completion, delta by delta."""
+
+    async def send(self, text: str, /) -> None: ...
+
+
+class CallGuard(Protocol):
+    """Policies wrapped around each LM call (rate limits, retries, timeouts); see ``engine._upstream``."""
+
+    async def call(
+        self,
+        attempt: Callable[[DeltaSink | None], Awaitable[Completion]],
+        sink: DeltaSink | None,
+        *,
+        estimate: float,
+    ) -> Completion: ...
 
 
 @attrs.frozen
@@ -109,9 +128,10 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
     def __init__(self, model: str, *, cache: bool = False, **kwargs: Any) -> None:
         # num_retries=0: the engine's own retry policy is the only one.
         super().__init__(model=model, cache=cache, num_retries=0, **kwargs)
+        self.guard: CallGuard | None = None  # installed by the engine that owns this LM
 
     async def complete(
-        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
         """Run one completion. With a ``sink``, push each text delta to it as it arrives.
 
@@ -139,7 +159,14 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
         started = trio.current_time()
         try:
-            completion = await self.complete(messages, params, sink)
+            if self.guard is None:
+                completion = await self.complete(messages, params, sink)
+            else:
+                completion = await self.guard.call(
+                    lambda guarded_sink: self.complete(messages, params, guarded_sink),
+                    sink,
+                    estimate=estimate_tokens(messages, params),
+                )
         finally:
             record_lm_call(trio.current_time() - started)
 
@@ -157,3 +184,9 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
     async def aforward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
         raise RuntimeError(f"{type(self).__name__} is called through acall(), not aforward()")
+
+
+def estimate_tokens(messages: Sequence[Message], params: Mapping[str, Any]) -> float:
+    """A call's token cost before it runs: ~4 characters a token of prompt, plus the completion cap."""
+    prompt = sum(len(str(m.get("content", ""))) for m in messages) / 4
+    return math.ceil(prompt) + int(params.get("max_tokens") or 512)

@@ -22,7 +22,7 @@ import certifi
 import httpx
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
-from ._base import ChunkSink, Completion, Message, TrioLM
+from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_errors import status_error, transport_errors
 from ._http_pool import ClientShards
 
@@ -126,7 +126,7 @@ class OpenAICompatibleLM(TrioLM):
         return body
 
     async def complete(
-        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
         if sink is None:
             return await self._complete(self._body(messages, params, stream=False))
@@ -150,7 +150,7 @@ class OpenAICompatibleLM(TrioLM):
             raise UpstreamResponseError(f"{self.model}: completion content is not text", model=self.model)
         return Completion(texts, _usage(payload), reasoning)
 
-    async def _stream(self, body: dict[str, Any], sink: ChunkSink) -> Completion:
+    async def _stream(self, body: dict[str, Any], sink: DeltaSink) -> Completion:
         parts: dict[int, list[str]] = {}
         reasoning: dict[int, list[str]] = {}
         usage: dict[str, Any] = {}

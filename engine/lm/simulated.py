@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from ._base import ChunkSink, Completion, Message, TrioLM
+from ._base import Completion, DeltaSink, Message, TrioLM
 
 _OUTPUT_FIELDS = re.compile(r"Your output fields are:\n((?:\d+\. .*\n?)+)")
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*)\):", re.MULTILINE)
@@ -113,7 +113,7 @@ class SimulatedLM(TrioLM):
         return self.first_token_delay + max(0, n_tokens - 1) * self.token_delay
 
     async def complete(
-        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
         text = self.render(messages)
         tokens = self.tokens(text)

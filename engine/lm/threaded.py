@@ -37,7 +37,7 @@ from .._errors import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from ._base import ChunkSink, Completion, Message, TrioLM
+from ._base import Completion, DeltaSink, Message, TrioLM
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,7 +100,7 @@ class ThreadedLM(TrioLM):
             return self.inner(messages=messages, **params)
 
     async def complete(
-        self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
         call: Callable[[], Any] = functools.partial(self._call, list(messages), dict(params))
         with dspy_lm_errors(self.model):

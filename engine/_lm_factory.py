@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from .._config import LMConfig
-from ._base import TrioLM
-from .openai import HTTPSettings, OpenAICompatibleLM
-from .simulated import SimulatedLM
-from .threaded import ThreadedLM
+from ._config import LMConfig
+from .lm import HTTPSettings, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
 
 
 def build_lm(config: LMConfig, *, cache: bool = False) -> TrioLM:

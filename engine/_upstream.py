@@ -1,0 +1,234 @@
+"""The policies around every LM call to one upstream: cool-down, rate limits, adaptive concurrency,
+cascading timeouts and retries. All waits live inside the caller's deadline.
+
+One call goes: wait out a shared cool-down (set by a 429's ``Retry-After``, so one rate limit does not
+become a storm) -> take an RPM token and an estimate of TPM tokens -> take an adaptive-concurrency slot ->
+run the attempt under the per-attempt timeout, and for streams the first-token and inter-token stall
+timeouts -> on a retryable failure, back off (full jitter, never before ``Retry-After``, never past the
+deadline, within the retry budget) and go again. The TPM charge is corrected with the real usage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+
+import attrs
+import trio
+
+from ._adaptive import AdaptiveLimit, AdaptiveSettings
+from ._errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamRateLimitedError,
+    UpstreamServerError,
+    UpstreamTimeoutError,
+)
+from ._retry import RetryBudget, RetryPolicy, seeded
+from ._token_bucket import TokenBucket
+from ._trace import record_attempt
+from .lm._base import Completion, DeltaSink
+
+Attempt = Callable[[DeltaSink | None], Awaitable[Completion]]
+
+
+@attrs.frozen
+class UpstreamPolicy:
+    """Everything that governs calls to one upstream. ``None`` disables a limit.
+
+    Attributes:
+        rpm: Requests per minute.
+        tpm: Tokens (prompt + completion) per minute; charged with an estimate, corrected after.
+        retry: Which failures are retried, how, and how often.
+        attempt_timeout: Seconds one attempt may take in total.
+        first_token_timeout: Seconds a stream may take to deliver its first chunk.
+        stall_timeout: Seconds a stream may stay silent between chunks (time the consumer holds the
+            stream back does not count).
+        adaptive: Adaptive concurrency bounds, or None for no per-upstream concurrency limit.
+    """
+
+    rpm: float | None = None
+    tpm: float | None = None
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    attempt_timeout: float | None = None
+    first_token_timeout: float | None = None
+    stall_timeout: float | None = None
+    adaptive: AdaptiveSettings | None = None
+
+
+@attrs.frozen
+class UpstreamStatistics:
+    """A snapshot of one upstream's policies.
+
+    Attributes:
+        concurrency_limit: The adaptive limit now (None when not adaptive).
+        in_use: Calls holding an adaptive slot.
+        retries_by_cause: Retries made, by cause (``rate_limited``, ``server_error``, ``connection``,
+            ``timeout``).
+        rate_limit_wait_seconds: Time calls spent waiting for RPM/TPM capacity or a cool-down.
+        cooldown_remaining: Seconds until calls may go again after a 429, 0 when none.
+    """
+
+    concurrency_limit: float | None
+    in_use: int
+    retries_by_cause: Mapping[str, int]
+    rate_limit_wait_seconds: float
+    cooldown_remaining: float
+
+
+def _cause(error: UpstreamError) -> str:
+    if isinstance(error, UpstreamRateLimitedError):
+        return "rate_limited"
+    if isinstance(error, UpstreamServerError):
+        return "server_error"
+    if isinstance(error, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(error, UpstreamConnectionError):
+        return "connection"
+    return "other"
+
+
+class _WatchedSink:
+    """A chunk sink that moves a watchdog's deadline: the first-token timeout until the first chunk,
+    then the stall timeout after each one. The wait inside ``send`` (a slow consumer) is not counted."""
+
+    def __init__(self, sink: DeltaSink, watchdog: trio.CancelScope, stall_timeout: float | None) -> None:
+        self._sink = sink
+        self._watchdog = watchdog
+        self._stall_timeout = stall_timeout
+        self.delivered = False
+
+    async def send(self, text: str) -> None:
+        self.delivered = True
+        self._watchdog.deadline = math.inf
+        await self._sink.send(text)
+        if self._stall_timeout is not None:
+            self._watchdog.deadline = trio.current_time() + self._stall_timeout
+
+
+class UpstreamGuard:
+    """Applies an :class:`UpstreamPolicy` to the calls of one LM backend.
+
+    Args:
+        name: The upstream's name (for messages and statistics).
+        policy: The policy.
+        jitter: ``uniform(a, b)`` used for backoff jitter; pass ``seeded(n)`` for reproducible tests.
+    """
+
+    def __init__(
+        self, name: str, policy: UpstreamPolicy, *, jitter: Callable[[float, float], float] | None = None
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._rpm = TokenBucket(policy.rpm, name=f"{name} rpm") if policy.rpm else None
+        self._tpm = TokenBucket(policy.tpm, name=f"{name} tpm") if policy.tpm else None
+        self._adaptive = AdaptiveLimit(policy.adaptive) if policy.adaptive else None
+        self._budget = RetryBudget(policy.retry)
+        self._uniform = jitter or seeded()
+        self._cooldown_until = -math.inf
+        self._cooldown_waited = 0.0
+        self.retries: Counter[str] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<UpstreamGuard {self.name} {self.statistics()}>"
+
+    def statistics(self) -> UpstreamStatistics:
+        waited = self._cooldown_waited + sum(b.waited for b in (self._rpm, self._tpm) if b is not None)
+        return UpstreamStatistics(
+            concurrency_limit=self._adaptive.limit if self._adaptive else None,
+            in_use=self._adaptive.in_use if self._adaptive else 0,
+            retries_by_cause=dict(self.retries),
+            rate_limit_wait_seconds=waited,
+            cooldown_remaining=max(0.0, self._cooldown_until - trio.current_time()),
+        )
+
+    async def _wait_cooldown(self) -> None:
+        wait = self._cooldown_until - trio.current_time()
+        if wait <= 0:
+            return
+        if trio.current_time() + wait > trio.current_effective_deadline():
+            raise UpstreamRateLimitedError(
+                f"{self.name}: rate limited for another {wait:.3f}s, past the request's deadline",
+                retry_after=wait,
+            )
+        started = trio.current_time()
+        await trio.sleep_until(self._cooldown_until)
+        self._cooldown_waited += trio.current_time() - started
+
+    async def call(self, attempt: Attempt, sink: DeltaSink | None, *, estimate: float) -> Completion:
+        """Run ``attempt`` under the policy, retrying as allowed. Blocks for waits and attempts.
+
+        Raises:
+            UpstreamError: the last attempt's error, when no retry is allowed (or the wait for one
+                would pass the deadline).
+            DeadlineExceededError: a rate-limit wait would pass the deadline.
+        """
+        self._budget.record_request()
+        retry = 0
+        while True:
+            await self._wait_cooldown()
+            if self._rpm is not None:
+                await self._rpm.acquire(1)
+            if self._tpm is not None:
+                await self._tpm.acquire(min(estimate, self._tpm.capacity))
+            watchdog = trio.CancelScope()
+            watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if sink is not None else None
+            try:
+                completion = await self._attempt(attempt, watched, watchdog)
+            except UpstreamError as error:
+                if self._tpm is not None:
+                    self._tpm.adjust(-min(estimate, self._tpm.capacity))  # a failed attempt used nothing
+                if isinstance(error, UpstreamRateLimitedError) and error.retry_after is not None:
+                    self._cooldown_until = max(self._cooldown_until, trio.current_time() + error.retry_after)
+                retry += 1
+                delivered = watched is not None and watched.delivered  # a stream cannot be taken back
+                if not error.retryable or delivered or retry >= self.policy.retry.max_attempts:
+                    raise
+                wait = self.policy.retry.backoff(retry, error, self._uniform)
+                if trio.current_time() + wait > trio.current_effective_deadline():
+                    raise
+                if not self._budget.try_spend():
+                    raise
+                self.retries[_cause(error)] += 1
+                await trio.sleep(wait)
+                continue
+            if self._tpm is not None:
+                used = float(completion.usage.get("total_tokens") or 0) or estimate
+                self._tpm.adjust(used - min(estimate, self._tpm.capacity))
+            return completion
+
+    async def _attempt(
+        self, attempt: Attempt, watched: _WatchedSink | None, watchdog: trio.CancelScope
+    ) -> Completion:
+        """One attempt under the per-attempt timeout and the stream watchdog, in an adaptive slot."""
+        policy = self.policy
+        owner = object()
+        call = await self._adaptive.acquire(owner) if self._adaptive else 0
+        started = trio.current_time()
+        latency: float | None = None
+        overloaded = False
+        record_attempt()
+        if watched is not None and policy.first_token_timeout is not None:
+            watchdog.deadline = started + policy.first_token_timeout
+        try:
+            with trio.move_on_after(policy.attempt_timeout or math.inf) as whole, watchdog:
+                try:
+                    completion = await attempt(watched)
+                except UpstreamError as error:
+                    overloaded = isinstance(error, UpstreamRateLimitedError | UpstreamTimeoutError)
+                    raise
+                latency = trio.current_time() - started
+                return completion
+            overloaded = True
+            raise UpstreamTimeoutError(self._timeout_message(whole, watched), model=self.name)
+        finally:
+            if self._adaptive is not None:
+                self._adaptive.release(owner, call, latency=latency, overloaded=overloaded)
+
+    def _timeout_message(self, whole: trio.CancelScope, watched: _WatchedSink | None) -> str:
+        if whole.cancelled_caught:
+            return f"{self.name}: no complete answer within {self.policy.attempt_timeout:g}s"
+        if watched is not None and watched.delivered:
+            return f"{self.name}: the stream stalled for {self.policy.stall_timeout:g}s"
+        return f"{self.name}: no first token within {self.policy.first_token_timeout:g}s"

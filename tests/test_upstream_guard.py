@@ -1,0 +1,186 @@
+"""The policies around each LM call, on the virtual clock with a seeded jitter source."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from engine import (
+    DeadlineExceededError,
+    UpstreamConnectionError,
+    UpstreamRateLimitedError,
+    UpstreamResponseError,
+    UpstreamServerError,
+    UpstreamTimeoutError,
+)
+from engine._adaptive import AdaptiveSettings
+from engine._retry import RetryPolicy, seeded
+from engine._upstream import UpstreamGuard, UpstreamPolicy
+from engine.lm import Completion
+
+OK = Completion(["done"], {"total_tokens": 30})
+
+
+class Script:
+    """An attempt function that fails with the scripted errors, in order, then succeeds."""
+
+    def __init__(self, *errors: Exception, delay: float = 0.0, tokens: int = 0) -> None:
+        self.errors = list(errors)
+        self.delay = delay
+        self.tokens = tokens
+        self.started: list[float] = []
+
+    async def __call__(self, sink: Any) -> Completion:
+        self.started.append(trio.current_time())
+        for _ in range(self.tokens):
+            await sink.send("tok ")
+        await trio.sleep(self.delay)
+        if self.errors:
+            raise self.errors.pop(0)
+        return OK
+
+
+def guard(**policy: Any) -> UpstreamGuard:
+    retry = policy.pop("retry", RetryPolicy(max_attempts=4, base_delay=1.0, max_delay=8.0))
+    return UpstreamGuard("up", UpstreamPolicy(retry=retry, **policy), jitter=seeded(3))
+
+
+def expected_waits(*ceilings: float) -> list[float]:
+    uniform: Callable[[float, float], float] = seeded(3)
+    return [uniform(0.0, c) for c in ceilings]
+
+
+async def test_retryable_failures_are_retried_on_the_jittered_schedule(autojump_clock: Any) -> None:
+    script = Script(UpstreamServerError("503"), UpstreamConnectionError("reset"))
+    g = guard()
+    assert await g.call(script, None, estimate=10) is OK
+    w1, w2 = expected_waits(1.0, 2.0)
+    assert script.started == pytest.approx([0, w1, w1 + w2])
+    assert g.statistics().retries_by_cause == {"server_error": 1, "connection": 1}
+
+
+async def test_non_retryable_failures_are_not_retried(autojump_clock: Any) -> None:
+    script = Script(UpstreamResponseError("400"))
+    with pytest.raises(UpstreamResponseError):
+        await guard().call(script, None, estimate=10)
+    assert len(script.started) == 1
+
+
+async def test_retry_after_is_respected_to_the_millisecond(autojump_clock: Any) -> None:
+    script = Script(UpstreamRateLimitedError("429", retry_after=1.234))
+    g = guard(retry=RetryPolicy(max_attempts=2, base_delay=0.001))
+    await g.call(script, None, estimate=10)
+    assert script.started[1] - script.started[0] == pytest.approx(1.234, abs=1e-9)
+
+
+async def test_a_wait_that_would_pass_the_deadline_fails_at_once(autojump_clock: Any) -> None:
+    script = Script(UpstreamRateLimitedError("429", retry_after=30))
+    start = trio.current_time()
+    with trio.move_on_after(10), pytest.raises(UpstreamRateLimitedError):
+        await guard().call(script, None, estimate=10)
+    assert trio.current_time() == start, "gave up without sleeping"
+
+
+async def test_one_429_holds_off_every_call_to_that_upstream(autojump_clock: Any) -> None:
+    g = guard(retry=RetryPolicy(max_attempts=1))
+    first = Script(UpstreamRateLimitedError("429", retry_after=2.5))
+    with pytest.raises(UpstreamRateLimitedError):
+        await g.call(first, None, estimate=10)
+    assert g.statistics().cooldown_remaining == 2.5
+    others = [Script() for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        for script in others:
+            nursery.start_soon(functools.partial(g.call, script, None, estimate=10))
+    assert [s.started for s in others] == [[2.5]] * 3
+    assert g.statistics().rate_limit_wait_seconds == pytest.approx(7.5)
+
+
+async def test_never_retry_after_tokens_reached_the_caller(autojump_clock: Any) -> None:
+    class Sink:
+        async def send(self, text: str) -> None:
+            pass
+
+    script = Script(UpstreamConnectionError("reset mid-stream"), tokens=3)
+    with pytest.raises(UpstreamConnectionError):
+        await guard().call(script, Sink(), estimate=10)
+    assert len(script.started) == 1
+
+
+async def test_attempt_timeout_cuts_an_attempt_and_retries(autojump_clock: Any) -> None:
+    script = Script(delay=100.0)
+    g = guard(attempt_timeout=5.0, retry=RetryPolicy(max_attempts=2, base_delay=0.0))
+    with pytest.raises(UpstreamTimeoutError, match="no complete answer within 5s"):
+        await g.call(script, None, estimate=10)
+    assert script.started == [0, 5]
+    assert trio.current_time() == 10
+
+
+async def test_first_token_and_stall_timeouts_do_not_count_the_consumers_time(autojump_clock: Any) -> None:
+    class SlowConsumer:
+        async def send(self, text: str) -> None:
+            await trio.sleep(50)  # far longer than the stall timeout: backpressure, not a stall
+
+    class Stream:
+        def __init__(self, gaps: list[float]) -> None:
+            self.gaps = gaps
+
+        async def __call__(self, sink: Any) -> Completion:
+            for gap in self.gaps:
+                await trio.sleep(gap)
+                await sink.send("tok")
+            return OK
+
+    g = guard(first_token_timeout=2.0, stall_timeout=1.0, retry=RetryPolicy(max_attempts=1))
+    assert await g.call(Stream([1.5, 0.5, 0.9]), SlowConsumer(), estimate=1) is OK
+    with pytest.raises(UpstreamTimeoutError, match="no first token within 2s"):
+        await g.call(Stream([3.0]), SlowConsumer(), estimate=1)
+    with pytest.raises(UpstreamTimeoutError, match="stalled for 1s"):
+        await g.call(Stream([0.1, 1.5]), SlowConsumer(), estimate=1)
+
+
+async def test_the_retry_budget_stops_hammering_a_failing_upstream(autojump_clock: Any) -> None:
+    g = guard(retry=RetryPolicy(max_attempts=5, base_delay=0.0, budget_ratio=0.1, budget_floor=2, window=60))
+    attempts = 0
+    for _ in range(20):
+        script = Script(*[UpstreamServerError("503")] * 5)
+        with pytest.raises(UpstreamServerError):
+            await g.call(script, None, estimate=1)
+        attempts += len(script.started)
+    assert attempts == 20 + 2 + 2  # every request once, plus the floor, plus 10% of 20
+
+
+async def test_rpm_spaces_calls_and_tpm_is_corrected_with_real_usage(autojump_clock: Any) -> None:
+    g = guard(rpm=60)
+    scripts = [Script() for _ in range(62)]
+    for script in scripts:
+        await g.call(script, None, estimate=1)
+    assert scripts[59].started == [0]
+    assert [s.started[0] for s in scripts[60:]] == [1.0, 2.0]
+
+    g = guard(tpm=600)
+    await g.call(Script(), None, estimate=600)  # estimated the whole minute; used 30
+    start = trio.current_time()
+    await g.call(Script(), None, estimate=570)
+    assert trio.current_time() == start, "the correction gave back the unused estimate"
+
+
+async def test_rate_limit_waits_past_the_deadline_fail_fast(autojump_clock: Any) -> None:
+    g = guard(rpm=1)
+    await g.call(Script(), None, estimate=1)
+    with trio.move_on_after(30), pytest.raises(DeadlineExceededError):
+        await g.call(Script(), None, estimate=1)
+    assert trio.current_time() == 0
+
+
+async def test_adaptive_limit_shrinks_on_429_and_is_visible(autojump_clock: Any) -> None:
+    g = guard(adaptive=AdaptiveSettings(initial=8, minimum=2, maximum=16), retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(UpstreamRateLimitedError):
+        await g.call(Script(UpstreamRateLimitedError("429")), None, estimate=1)
+    assert g.statistics().concurrency_limit == 4
+    for _ in range(10):
+        await g.call(Script(delay=0.1), None, estimate=1)
+    assert 4 < (g.statistics().concurrency_limit or 0) < 8
