@@ -11,6 +11,9 @@ Environment (read by :meth:`EngineConfig.from_env`)::
     LM_API_BASE           API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
     LM_API_KEY            API key (falls back to OPENAI_API_KEY for provider openai)
     LM_TIMEOUT            seconds a provider may stay silent within one call (default 120)
+    LM_RPM, LM_TPM        requests / tokens per minute allowed to the provider (default unlimited)
+    LM_MAX_ATTEMPTS       attempts per LM call, retries included (default 3)
+    LM_ATTEMPT_TIMEOUT    seconds one attempt may take in total (default none)
     DSPY_TRIO_MAX_IN_FLIGHT, DSPY_TRIO_MAX_QUEUED, DSPY_TRIO_DRAIN_TIMEOUT, DSPY_TRIO_ADAPTER
 """
 
@@ -293,8 +296,15 @@ class EngineConfig:
         api_key = env.get("LM_API_KEY") or (env.get("OPENAI_API_KEY") if provider == "openai" else None)
         if api_key:
             lm_changes["api_key"] = api_key
-        if env.get("LM_TIMEOUT"):
-            lm_changes["timeout"] = _number(env, "LM_TIMEOUT", float)
+        for key, field, kind in (
+            ("LM_TIMEOUT", "timeout", float),
+            ("LM_RPM", "rpm", float),
+            ("LM_TPM", "tpm", float),
+            ("LM_MAX_ATTEMPTS", "max_attempts", int),
+            ("LM_ATTEMPT_TIMEOUT", "attempt_timeout", float),
+        ):
+            if env.get(key):
+                lm_changes[field] = _number(env, key, kind)
         if lm_changes:
             base = config.lms.get("default", LMConfig())
             if lm_changes.get("provider", base.provider) != base.provider and "model" not in lm_changes:

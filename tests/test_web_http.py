@@ -242,3 +242,22 @@ async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() ->
 
 def test_error_bodies_are_json_serialisable() -> None:
     assert json.loads(json.dumps({"error": {"message": "m", "type": "t", "code": "c", "param": None}}))
+
+
+async def test_delete_cancels_an_in_flight_request_by_its_id() -> None:
+    lm = CountingLM(first_token_delay=30.0)
+    async with running(lms={"default": lm}) as server, httpx.AsyncClient(base_url=server.url) as client:
+        responses: list[httpx.Response] = []
+
+        async def slow() -> None:
+            responses.append(
+                await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "job-7"})
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
+            cancelled = await client.delete("/v1/requests/job-7")
+            assert cancelled.json() == {"cancelled": "job-7"}
+        assert_error(responses[0], 499, "cancelled")
+        assert_error(await client.delete("/v1/requests/job-7"), 404, "unknown_request")

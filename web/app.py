@@ -390,6 +390,15 @@ def create_app(
             {"results": [o or batch_item_json(BatchItem(i, error=late)) for i, o in enumerate(outcomes)]}
         )
 
+    @app.delete("/v1/requests/<request_id>")
+    async def cancel_request(request_id: str) -> Response:
+        """Cancel an in-flight request by its ``X-Request-ID``, from any connection."""
+        if not state.require_engine().cancel(request_id):
+            raise HTTPError(
+                404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
+            )
+        return _json({"cancelled": request_id})
+
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
