@@ -6,10 +6,11 @@ time limits of single requests belong to the callers' cancel scopes instead.
 Environment (read by :meth:`EngineConfig.from_env`)::
 
     DSPY_TRIO_CONFIG      path of a TOML file read first (see README)
-    LM_PROVIDER           simulated | openai | dspy   (default: openai if LM_API_BASE is set, else simulated)
+    LM_PROVIDER           simulated | openai | anthropic | dspy
+                          (default: openai if LM_API_BASE is set, else simulated)
     LM_MODEL              model name, e.g. gpt-4o-mini, or openai/gpt-4o-mini for the dspy provider
     LM_API_BASE           API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
-    LM_API_KEY            API key (falls back to OPENAI_API_KEY for provider openai)
+    LM_API_KEY            API key (falls back to OPENAI_API_KEY / ANTHROPIC_API_KEY for those providers)
     LM_TIMEOUT            seconds a provider may stay silent within one call (default 120)
     LM_RPM, LM_TPM        requests / tokens per minute allowed to the provider (default unlimited)
     LM_MAX_ATTEMPTS       attempts per LM call, retries included (default 3)
@@ -32,12 +33,12 @@ from ._errors import ConfigError
 from ._retry import RetryPolicy
 from ._upstream import UpstreamPolicy
 
-Provider = Literal["simulated", "openai", "dspy"]
+Provider = Literal["simulated", "openai", "anthropic", "dspy"]
 Backpressure = Literal["block", "timeout", "drop"]
 AdapterName = Literal["chat", "json"]
 ModuleKind = Literal["predict", "chain_of_thought"]
 
-PROVIDERS: tuple[Provider, ...] = ("simulated", "openai", "dspy")
+PROVIDERS: tuple[Provider, ...] = ("simulated", "openai", "anthropic", "dspy")
 ADAPTERS: tuple[AdapterName, ...] = ("chat", "json")
 
 
@@ -65,9 +66,11 @@ class LMConfig:
 
     Attributes:
         provider: ``simulated`` (built in, no network), ``openai`` (any OpenAI-compatible endpoint,
-            Trio-native) or ``dspy`` (any stock ``dspy.LM`` model string, run in worker threads).
+            Trio-native), ``anthropic`` (Anthropic's Messages API, Trio-native) or ``dspy`` (any stock
+            ``dspy.LM`` model string, run in worker threads).
         model: The model name.
-        api_base: API root for ``openai`` (required) and optionally ``dspy``.
+        api_base: API root for ``openai`` (required), ``anthropic`` (default its public API) and
+            optionally ``dspy``.
         api_key: API key; never shown in ``repr``.
         timeout: Seconds the provider may stay silent within one call.
         connect_timeout: Seconds to open a connection.
@@ -293,7 +296,8 @@ class EngineConfig:
             if env.get(key):
                 lm_changes[field] = env[key]
         provider = lm_changes.get("provider", config.lms.get("default", LMConfig()).provider)
-        api_key = env.get("LM_API_KEY") or (env.get("OPENAI_API_KEY") if provider == "openai" else None)
+        provider_key = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(provider, "")
+        api_key = env.get("LM_API_KEY") or env.get(provider_key)
         if api_key:
             lm_changes["api_key"] = api_key
         for key, field, kind in (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._config import LMConfig
-from .lm import HTTPSettings, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
+from .lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
 
 
 def build_lm(config: LMConfig, *, cache: bool = False) -> TrioLM:
@@ -18,13 +18,18 @@ def build_lm(config: LMConfig, *, cache: bool = False) -> TrioLM:
             cache=cache,
             **params,
         )
-    if config.provider == "openai":
-        assert config.api_base is not None  # LMConfig checks this
+    if config.provider in ("openai", "anthropic"):
         http = HTTPSettings(
             connect_timeout=config.connect_timeout,
             read_timeout=config.timeout,
             max_connections=config.max_connections,
         )
+        if config.provider == "anthropic":
+            base = config.api_base or "https://api.anthropic.com"
+            return AnthropicLM(
+                config.model, api_key=config.api_key, api_base=base, http=http, cache=cache, **params
+            )
+        assert config.api_base is not None  # LMConfig checks this
         return OpenAICompatibleLM(
             config.model, api_base=config.api_base, api_key=config.api_key, http=http, cache=cache, **params
         )

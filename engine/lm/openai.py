@@ -25,6 +25,7 @@ from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_errors import status_error, transport_errors
 from ._http_pool import ClientShards
+from ._sse import SSEParser
 
 
 @attrs.frozen
@@ -160,10 +161,11 @@ class OpenAICompatibleLM(TrioLM):
                 if response.status_code >= 400:
                     await response.aread()
                     raise status_error(self.model, response.status_code, response.headers, response.text)
+                parser = SSEParser()
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event:/id: fields
-                    data = line[len("data:") :].strip()
+                    if (event := parser.feed(line)) is None:
+                        continue
+                    data = event[1].strip()
                     if data == "[DONE]":
                         done = True  # read on to the end of the body, so the connection can be reused
                         continue

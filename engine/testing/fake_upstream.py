@@ -1,6 +1,7 @@
 """A fake OpenAI-compatible upstream: a real HTTP/1.1 server on Trio, for tests, benchmarks and the CLI.
 
-It answers ``POST /v1/chat/completions`` (plain and ``"stream": true``) with text the built-in simulated
+It answers ``POST /v1/chat/completions`` and Anthropic's ``POST /v1/messages`` (plain and streamed) with
+text the built-in simulated
 LM would write for the same messages, so DSPy parses every answer. Latency and token pacing are
 configurable and run on Trio's clock. Faults are queued on demand and consumed one per request, in order:
 429 with ``Retry-After``, 500, 503, a hang, a disconnect mid-stream, a malformed chunk.
@@ -35,12 +36,18 @@ import trio
 
 from .._groups import open_service_nursery
 from ..lm.simulated import SimulatedLM
+from ._wire import AnthropicWire, OpenAIWire, wire_for
 
-FaultKind = Literal["rate_limit", "server_error", "unavailable", "hang", "disconnect", "malformed"]
+_ERROR_STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
+
+FaultKind = Literal[
+    "rate_limit", "server_error", "unavailable", "overloaded", "hang", "disconnect", "malformed"
+]
 FAULT_KINDS: tuple[FaultKind, ...] = (
     "rate_limit",
     "server_error",
     "unavailable",
+    "overloaded",
     "hang",
     "disconnect",
     "malformed",
@@ -52,7 +59,8 @@ class Fault:
     """One misbehaviour, applied to the next request that arrives.
 
     Attributes:
-        kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``hang`` (never
+        kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``overloaded``
+            (529, Anthropic's), ``hang`` (never
             answer), ``disconnect`` (close the connection after ``after_tokens`` stream tokens, or at
             once when not streaming), ``malformed`` (a broken JSON body or stream chunk).
         retry_after: Seconds sent as ``Retry-After`` with 429/503.
@@ -218,7 +226,7 @@ class FakeUpstream:
         if path.startswith("/_fake/"):
             await self._control(send, request.method.decode(), path, body)
             return connection.our_state is h11.DONE
-        fault = self._faults.popleft() if self._faults and path.endswith("/chat/completions") else None
+        fault = self._faults.popleft() if self._faults and wire_for(path) is not None else None
         record = RequestRecord(
             index=next(self._indices),
             path=path,
@@ -281,35 +289,36 @@ class FakeUpstream:
             await send.json(400, {"error": {"message": f"bad control request: {exc}"}})
 
     async def _answer(self, send: _Sender, record: RequestRecord, fault: Fault | None) -> None:
-        if not record.path.endswith("/chat/completions") or not isinstance(record.body, dict):
+        wire = wire_for(record.path)
+        if wire is None or not isinstance(record.body, dict):
             record.status = 404 if isinstance(record.body, dict) else 400
-            await send.json(record.status, {"error": {"message": "POST a JSON body to /v1/chat/completions"}})
+            message = "POST a JSON body to /v1/chat/completions or /v1/messages"
+            await send.json(record.status, {"error": {"message": message}})
             return
-        if fault is not None and fault.kind in ("rate_limit", "server_error", "unavailable"):
-            record.status = {"rate_limit": 429, "server_error": 500, "unavailable": 503}[fault.kind]
+        if fault is not None and fault.kind in _ERROR_STATUS:
+            record.status = _ERROR_STATUS[fault.kind]
             headers = []
             if fault.retry_after is not None:
                 headers.append(("retry-after", _number(fault.retry_after)))
             if fault.retry_after_ms is not None:
                 headers.append(("retry-after-ms", _number(fault.retry_after_ms)))
-            await send.json(
-                record.status, {"error": {"message": f"fake {fault.kind}", "type": fault.kind}}, headers
-            )
+            await send.json(record.status, wire.error(fault.kind, f"fake {fault.kind}"), headers)
             return
         if fault is not None and fault.kind == "hang":
             await trio.sleep_forever()
         simulated = SimulatedLM(words_per_field=self.behavior.words_per_field)
-        messages = record.body.get("messages") or []
+        messages = wire.messages(record.body)
         text = simulated.render(messages)
         tokens = simulated.tokens(text)
         model = str(record.body.get("model", "fake"))
+        prompt_tokens = math.ceil(len(json.dumps(messages)) / 4)
         usage = {
-            "prompt_tokens": math.ceil(len(json.dumps(messages)) / 4),
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": len(tokens),
-            "total_tokens": math.ceil(len(json.dumps(messages)) / 4) + len(tokens),
+            "total_tokens": prompt_tokens + len(tokens),
         }
         if record.stream:
-            await self._stream(send, record, fault, model, tokens, usage)
+            await self._stream(send, record, fault, wire, model, tokens, usage)
             return
         await trio.sleep(self.behavior.latency)
         record.status = 200
@@ -318,21 +327,24 @@ class FakeUpstream:
             await send.abort()
             return
         if fault is not None and fault.kind == "malformed":
-            await send.raw(200, b'{"choices": [{"message": ', "application/json")
+            await send.raw(200, wire.malformed_body, "application/json")
             return
-        await send.json(200, _completion(record.index, model, text, usage))
+        await send.json(200, wire.completion(record.index, model, text, usage))
 
     async def _stream(
         self,
         send: _Sender,
         record: RequestRecord,
         fault: Fault | None,
+        wire: OpenAIWire | AnthropicWire,
         model: str,
         tokens: Sequence[str],
         usage: dict[str, int],
     ) -> None:
         record.status = 200
         await send.start_stream()
+        if start := wire.stream_start(record.index, model, usage):
+            await send.data(start)
         for index, token in enumerate(tokens):
             await trio.sleep(self.behavior.first_token_delay if index == 0 else self.behavior.token_delay)
             if fault is not None and index == fault.after_tokens:
@@ -341,16 +353,12 @@ class FakeUpstream:
                     await send.abort()
                     return
                 if fault.kind == "malformed":
-                    await send.data(b'data: {"choices": [{"delta": \n\n')
+                    await send.data(wire.malformed_chunk)
                     await send.end()
                     return
-            await send.data(_sse(_chunk(record.index, model, {"content": token}, None)))
+            await send.data(wire.stream_token(record.index, model, token))
             record.tokens_sent += 1
-        await send.data(_sse(_chunk(record.index, model, {}, "stop")))
-        body = record.body if isinstance(record.body, dict) else {}
-        if (body.get("stream_options") or {}).get("include_usage"):
-            await send.data(_sse({"id": f"chatcmpl-fake-{record.index}", "choices": [], "usage": usage}))
-        await send.data(b"data: [DONE]\n\n")
+        await send.data(wire.stream_end(record.index, model, usage, record.body))
         await send.end()
 
 
@@ -399,29 +407,6 @@ class _Sender:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
-
-def _chunk(index: int, model: str, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-fake-{index}",
-        "object": "chat.completion.chunk",
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-    }
-
-
-def _completion(index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-fake-{index}",
-        "object": "chat.completion",
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": usage,
-    }
 
 
 @asynccontextmanager

@@ -1,0 +1,191 @@
+"""Anthropic's Messages API over ``httpx.AsyncClient``, Trio-native, plain and streaming.
+
+DSPy's chat messages are mapped to the Messages API: system messages become the ``system`` field,
+consecutive messages of one role are merged (the API wants user and assistant to alternate), and
+``max_tokens`` is always sent (the API requires it). Streams arrive as typed SSE events
+(``message_start``, ``content_block_delta``, ``message_delta``, ``message_stop``, ``error``); text deltas
+are pushed to the sink as they come, thinking deltas become the completion's reasoning. Errors map like
+the OpenAI-compatible backend's (429 with ``retry-after``, 529 overloaded and other 5xx, connection
+failures, malformed payloads, an ``error`` event mid-stream), so the engine's retry, cool-down and
+rate-limit policies apply unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
+from ._base import Completion, DeltaSink, Message, TrioLM
+from ._http_errors import status_error, transport_errors
+from ._sse import SSEParser
+from .openai import HTTPSettings
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 1024
+# OpenAI-style parameter names DSPy passes, and their Messages API names (None: not sent).
+_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop": "stop_sequences",
+    "n": None,
+}
+
+
+def to_messages_api(messages: Sequence[Message]) -> tuple[str | None, list[dict[str, Any]]]:
+    """DSPy's chat messages as the Messages API's ``system`` and alternating ``messages``."""
+    system = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "system":
+            continue
+        role = "assistant" if role == "assistant" else "user"
+        content = message.get("content", "")
+        text = content if isinstance(content, str) else json.dumps(content)
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + text
+        else:
+            turns.append({"role": role, "content": text})
+    return ("\n\n".join(system) or None), turns
+
+
+def _usage(usage: Mapping[str, Any]) -> dict[str, int]:
+    prompt = int(usage.get("input_tokens") or 0)
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class AnthropicLM(TrioLM):
+    """A ``dspy.BaseLM`` for Anthropic's Messages API.
+
+    Args:
+        model: The model, e.g. ``claude-sonnet-4-5``; a leading ``anthropic/`` (DSPy's prefix) is not sent.
+        api_key: Sent as ``x-api-key``.
+        api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
+        http: Timeouts and connection limits.
+        **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        api_base: str = "https://api.anthropic.com",
+        http: HTTPSettings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.api_base = api_base
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        root = api_base.rstrip("/").removesuffix("/v1")
+        self._clients = (http or HTTPSettings()).clients(root + "/", headers)
+
+    def __repr__(self) -> str:
+        return f"AnthropicLM(model={self.model!r}, api_base={self.api_base!r})"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AnthropicLM:
+        return self  # a connection pool is shared, not copied
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
+
+    def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+        system, turns = to_messages_api(messages)
+        body: dict[str, Any] = {
+            "model": self.model.removeprefix("anthropic/"),
+            "messages": turns,
+            "max_tokens": int(params.get("max_tokens") or DEFAULT_MAX_TOKENS),
+        }
+        if system:
+            body["system"] = system
+        for name, value in params.items():
+            if name in _PARAMS and _PARAMS[name] is not None:
+                body[str(_PARAMS[name])] = [value] if name == "stop" and isinstance(value, str) else value
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
+    ) -> Completion:
+        body = self._body(messages, params, stream=sink is not None)
+        if sink is None:
+            return await self._complete(body)
+        return await self._stream(body, sink)
+
+    async def _complete(self, body: dict[str, Any]) -> Completion:
+        with transport_errors(self.model), self._clients.lease() as client:
+            response = await client.post("v1/messages", json=body)
+        if response.status_code >= 400:
+            raise status_error(self.model, response.status_code, response.headers, response.text)
+        try:
+            payload = response.json()
+            blocks = payload["content"]
+            text = "".join(b["text"] for b in blocks if b.get("type") == "text")
+            thinking = "".join(b.get("thinking", "") for b in blocks if b.get("type") == "thinking")
+            usage = _usage(payload.get("usage") or {})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UpstreamResponseError(
+                f"{self.model}: malformed message: {response.text[:200]!r}", model=self.model
+            ) from exc
+        return Completion([text], usage, [thinking or None])
+
+    async def _stream(self, body: dict[str, Any], sink: DeltaSink) -> Completion:
+        text: list[str] = []
+        thinking: list[str] = []
+        usage: dict[str, Any] = {}
+        stopped = False
+        with transport_errors(self.model), self._clients.lease() as client:
+            async with client.stream("POST", "v1/messages", json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise status_error(self.model, response.status_code, response.headers, response.text)
+                parser = SSEParser()
+                async for line in response.aiter_lines():
+                    if (event := parser.feed(line)) is None:
+                        continue
+                    name, payload = event[0], self._payload(event[1])
+                    kind = payload.get("type", name)
+                    if kind == "message_start":
+                        usage.update(payload.get("message", {}).get("usage") or {})
+                    elif kind == "content_block_delta":
+                        delta = payload.get("delta") or {}
+                        if delta.get("type") == "text_delta" and delta.get("text"):
+                            text.append(delta["text"])
+                            await sink.send(delta["text"])
+                        elif delta.get("type") == "thinking_delta":
+                            thinking.append(delta.get("thinking", ""))
+                    elif kind == "message_delta":
+                        usage.update(payload.get("usage") or {})
+                    elif kind == "message_stop":
+                        stopped = True
+                    elif kind == "error":
+                        self._raise_stream_error(payload)
+        if not stopped:
+            raise UpstreamConnectionError(f"{self.model}: stream ended before message_stop", model=self.model)
+        return Completion(["".join(text)], _usage(usage), ["".join(thinking) or None])
+
+    def _payload(self, data: str) -> dict[str, Any]:
+        try:
+            payload = json.loads(data)
+        except ValueError as exc:
+            raise UpstreamResponseError(
+                f"{self.model}: malformed stream event: {data[:200]!r}", model=self.model
+            ) from exc
+        if not isinstance(payload, dict):
+            raise UpstreamResponseError(f"{self.model}: stream event is not an object", model=self.model)
+        return payload
+
+    def _raise_stream_error(self, payload: Mapping[str, Any]) -> None:
+        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        assert isinstance(error, dict)
+        message = f"{self.model}: error mid-stream: {error.get('type')}: {error.get('message')}"
+        if error.get("type") in ("overloaded_error", "api_error"):
+            raise UpstreamServerError(message, model=self.model, status=529)
+        raise UpstreamResponseError(message, model=self.model)

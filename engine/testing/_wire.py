@@ -1,0 +1,135 @@
+"""The wire formats the fake upstream speaks: OpenAI chat completions and Anthropic messages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+
+def sse(payload: dict[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+@attrs.frozen
+class OpenAIWire:
+    """``POST /v1/chat/completions``."""
+
+    path = "/chat/completions"
+
+    def messages(self, body: dict[str, Any]) -> list[Any]:
+        return list(body.get("messages") or [])
+
+    def error(self, kind: str, message: str) -> dict[str, Any]:
+        return {"error": {"message": message, "type": kind}}
+
+    def completion(self, index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-fake-{index}",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": usage,
+        }
+
+    def _chunk(self, index: int, model: str, delta: dict[str, Any], finish: str | None) -> bytes:
+        return sse(
+            {
+                "id": f"chatcmpl-fake-{index}",
+                "object": "chat.completion.chunk",
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+        )
+
+    def stream_start(self, index: int, model: str, usage: dict[str, int]) -> bytes:
+        return b""
+
+    def stream_token(self, index: int, model: str, token: str) -> bytes:
+        return self._chunk(index, model, {"content": token}, None)
+
+    def stream_end(self, index: int, model: str, usage: dict[str, int], body: dict[str, Any]) -> bytes:
+        end = self._chunk(index, model, {}, "stop")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            end += sse({"id": f"chatcmpl-fake-{index}", "choices": [], "usage": usage})
+        return end + b"data: [DONE]\n\n"
+
+    malformed_body = b'{"choices": [{"message": '
+    malformed_chunk = b'data: {"choices": [{"delta": \n\n'
+
+
+@attrs.frozen
+class AnthropicWire:
+    """``POST /v1/messages``."""
+
+    path = "/messages"
+
+    def messages(self, body: dict[str, Any]) -> list[Any]:
+        system = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+        return system + list(body.get("messages") or [])
+
+    def error(self, kind: str, message: str) -> dict[str, Any]:
+        kinds = {"rate_limit": "rate_limit_error", "overloaded": "overloaded_error"}
+        return {"type": "error", "error": {"type": kinds.get(kind, "api_error"), "message": message}}
+
+    def _usage(self, usage: dict[str, int]) -> dict[str, int]:
+        return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+
+    def completion(self, index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+        return {
+            "id": f"msg_fake_{index}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "usage": self._usage(usage),
+        }
+
+    def stream_start(self, index: int, model: str, usage: dict[str, int]) -> bytes:
+        message = {
+            "id": f"msg_fake_{index}",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": 1},
+        }
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+        return (
+            sse({"type": "message_start", "message": message}, "message_start")
+            + sse(block, "content_block_start")
+            + sse({"type": "ping"}, "ping")
+        )
+
+    def stream_token(self, index: int, model: str, token: str) -> bytes:
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}}
+        return sse(delta, "content_block_delta")
+
+    def stream_end(self, index: int, model: str, usage: dict[str, int], body: dict[str, Any]) -> bytes:
+        return (
+            sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+            + sse(
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": usage["completion_tokens"]},
+                },
+                "message_delta",
+            )
+            + sse({"type": "message_stop"}, "message_stop")
+        )
+
+    malformed_body = b'{"content": [{"type": "text", '
+    malformed_chunk = b'event: content_block_delta\ndata: {"type": "content_block_delta", \n\n'
+
+
+WIRES = (OpenAIWire(), AnthropicWire())
+
+
+def wire_for(path: str) -> OpenAIWire | AnthropicWire | None:
+    return next((wire for wire in WIRES if path.endswith(wire.path)), None)

@@ -1,0 +1,135 @@
+"""The Anthropic Messages API backend against the fake upstream's Anthropic mode, over real sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dspy
+import pytest
+import trio
+
+from engine import (
+    EngineConfig,
+    ErrorEvent,
+    FieldDelta,
+    FinalEvent,
+    LMConfig,
+    UpstreamConnectionError,
+    UpstreamRateLimitedError,
+    UpstreamResponseError,
+    UpstreamServerError,
+    open_engine,
+)
+from engine.lm import AnthropicLM
+from engine.lm.anthropic import to_messages_api
+from engine.testing import Behavior, FakeUpstream, Fault
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "first"},
+    {"role": "user", "content": "second"},
+]
+
+
+def anthropic(upstream: FakeUpstream) -> AnthropicLM:
+    return AnthropicLM("anthropic/claude-test", api_key="sk-ant", api_base=upstream.url)
+
+
+def test_chat_messages_map_to_system_and_alternating_turns() -> None:
+    system, turns = to_messages_api([*MESSAGES, {"role": "assistant", "content": "ok"}])
+    assert system == "Be brief."
+    assert turns == [{"role": "user", "content": "first\n\nsecond"}, {"role": "assistant", "content": "ok"}]
+
+
+async def test_a_message_request_and_its_usage(fake_upstream: FakeUpstream) -> None:
+    lm = anthropic(fake_upstream)
+    with dspy.context(lm=lm), dspy.track_usage() as tracker:
+        prediction = await dspy.Predict("question -> answer").acall(question="What is Trio?")
+    await lm.aclose()
+    assert prediction.answer
+    [record] = fake_upstream.records
+    assert record.path == "/v1/messages"
+    assert record.body["model"] == "claude-test"
+    assert record.body["max_tokens"] == 1024
+    assert "system" in record.body
+    assert [m["role"] for m in record.body["messages"]] == ["user"]
+    usage = tracker.get_total_tokens()["anthropic/claude-test"]
+    assert usage["completion_tokens"] > 0
+    assert usage["prompt_tokens"] > 0
+
+
+async def test_streaming_through_the_engine(fake_upstream: FakeUpstream) -> None:
+    lm = LMConfig(provider="anthropic", model="claude-test", api_base=fake_upstream.url, api_key="k")
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        async with engine.stream("default", {"question": "q"}) as events:
+            received = [event async for event in events]
+        result = await engine.predict("default", {"question": "q"})
+    assert isinstance(received[-1], FinalEvent)
+    text = "".join(e.text for e in received if isinstance(e, FieldDelta))
+    assert text == received[-1].result.outputs["answer"]
+    assert received[-1].result.usage.completion_tokens == fake_upstream.records[0].tokens_sent
+    assert result.outputs["answer"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize(
+    ("fault", "error", "match"),
+    [
+        (Fault("rate_limit", retry_after=4), UpstreamRateLimitedError, "HTTP 429"),
+        (Fault("overloaded"), UpstreamServerError, "HTTP 529"),
+        (Fault("server_error"), UpstreamServerError, "HTTP 500"),
+        (Fault("malformed", after_tokens=2), UpstreamResponseError, "malformed"),
+        (Fault("disconnect", after_tokens=2), UpstreamConnectionError, "claude-test"),
+    ],
+    ids=["429", "529", "500", "malformed", "disconnect"],
+)
+async def test_faults_map_to_the_same_typed_errors(
+    fake_upstream: FakeUpstream, fault: Fault, error: type[Exception], match: str, stream: bool
+) -> None:
+    lm = anthropic(fake_upstream)
+    fake_upstream.add_faults(fault)
+    send, _receive = trio.open_memory_channel[Any](10_000)
+    with pytest.raises(error, match=match) as info, dspy.context(send_stream=send if stream else None):
+        await lm.acall(messages=MESSAGES)
+    if fault.kind == "rate_limit":
+        assert info.value.retry_after == 4  # type: ignore[attr-defined]
+    await lm.aclose()
+
+
+async def test_retries_and_stream_errors_go_through_the_engines_policies(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.add_faults(Fault("overloaded"))
+    lm = LMConfig(
+        provider="anthropic",
+        model="claude-test",
+        api_base=fake_upstream.url,
+        api_key="k",
+        retry_base_delay=0.01,
+    )
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        result = await engine.predict("default", {"question": "q"})
+        assert result.attempts == 2
+        fake_upstream.add_faults(Fault("disconnect", after_tokens=3))
+        async with engine.stream("default", {"question": "q"}) as events:
+            last = [event async for event in events][-1]
+    assert isinstance(last, ErrorEvent)
+    assert isinstance(last.error, UpstreamConnectionError)
+
+
+async def test_cancel_closes_the_connection_within_50ms(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behavior = Behavior(latency=30)
+    lm = anthropic(fake_upstream)
+    with trio.move_on_after(0.3):
+        await lm.acall(messages=MESSAGES)
+    cancelled_at = trio.current_time()
+    with trio.fail_after(5):
+        await fake_upstream.wait_for(lambda u: u.records and u.records[0].ended)
+    assert fake_upstream.records[0].client_closed_at - cancelled_at < 0.05
+    await lm.aclose()
+
+
+def test_anthropic_from_the_environment() -> None:
+    config = EngineConfig.from_env(
+        {"LM_PROVIDER": "anthropic", "LM_MODEL": "claude-x", "ANTHROPIC_API_KEY": "a"}
+    )
+    lm = config.lms["default"]
+    assert (lm.provider, lm.model, lm.api_key, lm.api_base) == ("anthropic", "claude-x", "a", None)
