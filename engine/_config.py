@@ -229,6 +229,7 @@ class EngineConfig:
         dspy_cache: Use DSPy's cache for LM calls (off for served programs: identical requests
             should reach the model).
         stream: Default stream options (backpressure, buffer, coalescing).
+        log_text: Put inputs and outputs in the request log lines (off: privacy by default).
     """
 
     lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms)
@@ -239,6 +240,7 @@ class EngineConfig:
     adapter: AdapterName = attrs.field(default="chat", validator=_one_of(ADAPTERS))
     dspy_cache: bool = False
     stream: StreamOptions = attrs.field(factory=StreamOptions)
+    log_text: bool = False
 
     def __attrs_post_init__(self) -> None:
         for name, spec in self.programs.items():

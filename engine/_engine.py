@@ -42,11 +42,13 @@ from ._errors import (
 )
 from ._event_buffer import EventBuffer
 from ._lm_factory import build_lm
+from ._metrics import EngineMetrics
 from ._programs import Program, ProgramInfo, ProgramRegistry
 from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
 from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
 from ._streaming import DeltaRouter, EventStream
+from ._telemetry import log_request, span
 from ._trace import RequestTrace, tracing
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .lm import TrioLM
@@ -74,6 +76,9 @@ class _Request:
     admitted: float = math.nan
     outcome: Outcome | None = None
     error_code: str | None = None
+    kind: str = "predict"
+    trace: RequestTrace | None = None
+    result: PredictionResult | None = None
 
     def settle(self, outcome: Outcome, error_code: str | None = None) -> None:
         """Record the request's outcome; the first one recorded is the one that counts."""
@@ -115,6 +120,9 @@ class Engine:
         self._closing = False
         self._idle = trio.Event()
         self._idle.set()
+        self.metrics = EngineMetrics(self.statistics)
+        self._program_models = {info.name: info.lm for info in programs.infos()}
+        self._program_names = set(self._program_models)
         self._guards = {
             name: UpstreamGuard(name, config.lms[name].policy() if name in config.lms else UpstreamPolicy())
             for name in self._lms
@@ -188,21 +196,39 @@ class Engine:
         """Whether the engine refuses new requests (it is draining or closed)."""
         return self._closing
 
-    def _accept(self, program: str, inputs: Mapping[str, Any], request_id: str | None) -> _Request:
+    def _accept(
+        self, program: str, inputs: Mapping[str, Any], request_id: str | None, kind: str = "predict"
+    ) -> _Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken."""
         started = trio.current_time()
         try:
             resolved = self._programs.get(program)
             values = resolved.validate(inputs)
-        except InvalidInputError:
-            self._outcomes["invalid"] += 1
+        except InvalidInputError as exc:
+            self._refused(program, "invalid", exc)
             raise
         if self._closing:
-            self._outcomes["rejected"] += 1
-            raise EngineClosedError("the engine is shutting down")
+            error = EngineClosedError("the engine is shutting down")
+            self._refused(program, "rejected", error)
+            raise error
         return _Request(
-            request_id or uuid.uuid4().hex, resolved, values, started, trio.current_effective_deadline()
+            request_id or uuid.uuid4().hex,
+            resolved,
+            values,
+            started,
+            trio.current_effective_deadline(),
+            kind=kind,
         )
+
+    def _refused(self, program: str, outcome: Outcome, error: EngineError) -> None:
+        """Count a request refused before it was accepted (bad input, closing)."""
+        self._outcomes[outcome] += 1
+        known = program if isinstance(program, str) and program in self._program_names else "unknown"
+        self.metrics.record(known, self._model_of(known), outcome, error.code, None, None)
+
+    def _model_of(self, program: str) -> str:
+        name = self._program_models.get(program)
+        return str(self._lms[name].model) if name in self._lms else ""
 
     @contextmanager
     def _tracked(self, request: _Request) -> Iterator[None]:
@@ -212,7 +238,10 @@ class Engine:
         if len(self._active) == 1:
             self._idle = trio.Event()
         try:
-            yield
+            with span(
+                f"dspy_trio.{request.kind}", request_id=request.request_id, program=request.program.name
+            ):
+                yield
         except trio.Cancelled:
             request.settle_interrupted()
             raise
@@ -230,6 +259,47 @@ class Engine:
             del self._active[key]
             if not self._active:
                 self._idle.set()
+            self._report(request)
+
+    def _report(self, request: _Request) -> None:
+        """Metrics and the log line of an ended request."""
+        program = request.program.name
+        model = self._model_of(program)
+        ran = not math.isnan(request.admitted)
+        timings = request.result.timings if request.result else (self._timings(request) if ran else None)
+        usage = request.result.usage if request.result else None
+        assert request.outcome is not None
+        self.metrics.record(program, model, request.outcome, request.error_code, timings, usage)
+        record: dict[str, Any] = {
+            "event": "request",
+            "request_id": request.request_id,
+            "kind": request.kind,
+            "program": program,
+            "model": model,
+            "outcome": request.outcome,
+            "error": request.error_code,
+        }
+        if timings is not None:
+            record.update(
+                queued_ms=round(timings.queued * 1000, 3),
+                lm_ms=round(timings.lm * 1000, 3),
+                total_ms=round(timings.total * 1000, 3),
+            )
+        if request.trace is not None:
+            record["attempts"] = request.trace.attempts
+        if usage is not None:
+            record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
+        if self.config.log_text:
+            record["inputs"] = request.values
+            if request.result is not None:
+                record["outputs"] = dict(request.result.outputs)
+        log_request(record)
+
+    def _timings(self, request: _Request) -> Timings:
+        lm = request.trace.lm_seconds if request.trace else 0.0
+        return Timings(
+            queued=request.admitted - request.started, lm=lm, total=trio.current_time() - request.started
+        )
 
     async def _admit(self, request: _Request) -> None:
         await self._admission.acquire(request)
@@ -270,11 +340,11 @@ class Engine:
                 try:
                     # A request whose deadline passed while it queued is never started.
                     await trio.lowlevel.checkpoint_if_cancelled()
-                    outputs, usage, trace = await self._run_program(request.program, request.values)
+                    outputs, usage = await self._run_program(request)
                 finally:
                     self._release(request)
                 request.settle("succeeded")
-                return self._result(request, outputs, usage, trace)
+                return self._result(request, outputs, usage)
             # Only reached when our own scope absorbed its cancellation: closed, or cancelled by id.
             raise request.interruption()
 
@@ -310,7 +380,7 @@ class Engine:
             UnknownProgramError, InvalidInputError, OverloadedError, EngineClosedError: on entry, as for
                 :meth:`predict`; nothing was started.
         """
-        request = self._accept(program, inputs, request_id)
+        request = self._accept(program, inputs, request_id, kind="stream")
         options = options or self.config.stream
         buffer = EventBuffer(
             options.buffer_size,
@@ -393,17 +463,21 @@ class Engine:
             with request.scope:
                 await buffer.put(StatusEvent("running", queued=request.admitted - request.started))
                 json = (request.program.adapter or self.config.adapter) == "json"
-                bridge = DeltaRouter(request.program.module, buffer, json=json)
+                program, model = request.program.name, self._model_of(request.program.name)
+
+                def first_delta(field: str) -> None:
+                    seconds = trio.current_time() - request.started
+                    self.metrics.record_first_token(program, model, field, seconds)
+
+                router = DeltaRouter(request.program.module, buffer, json=json, on_first_delta=first_delta)
                 try:
-                    outputs, usage, trace = await self._run_program(
-                        request.program, request.values, send_stream=bridge
-                    )
-                    await bridge.finish()
+                    outputs, usage = await self._run_program(request, send_stream=router)
+                    await router.finish()
                 except EngineError as exc:
                     events.terminal = ErrorEvent(exc)
                     request.settle(_outcome_of(exc), exc.code)
                 else:
-                    result = self._result(request, outputs, usage, trace)
+                    result = self._result(request, outputs, usage)
                     events.terminal = FinalEvent(result, dropped=buffer.dropped, coalesced=buffer.coalesced)
                     request.settle("succeeded")
             if request.scope.cancelled_caught:
@@ -414,10 +488,9 @@ class Engine:
             self._release(request)
             buffer.close()
 
-    def _result(
-        self, request: _Request, outputs: dict[str, Any], usage: Usage, trace: RequestTrace
-    ) -> PredictionResult:
-        return PredictionResult(
+    def _result(self, request: _Request, outputs: dict[str, Any], usage: Usage) -> PredictionResult:
+        trace = request.trace or RequestTrace()
+        request.result = PredictionResult(
             request_id=request.request_id,
             program=request.program.name,
             outputs=outputs,
@@ -429,10 +502,12 @@ class Engine:
             ),
             attempts=trace.attempts,
         )
+        return request.result
 
     async def _run_program(
-        self, program: Program, values: dict[str, Any], *, send_stream: DeltaRouter | None = None
-    ) -> tuple[dict[str, Any], Usage, RequestTrace]:
+        self, request: _Request, *, send_stream: DeltaRouter | None = None
+    ) -> tuple[dict[str, Any], Usage]:
+        program, values = request.program, request.values
         adapter = _ADAPTERS[program.adapter or self.config.adapter]()
         settings = {
             "lm": self._lms[program.lm],
@@ -443,6 +518,7 @@ class Engine:
             "max_history_size": 0,
         }
         with dspy.context(**settings), track_usage() as tracker, tracing() as trace:
+            request.trace = trace
             try:
                 prediction = await program.module.acall(**values)
             except BaseExceptionGroup as group:
@@ -450,7 +526,7 @@ class Engine:
             except Exception as exc:
                 _raise_program_failure(program, exc)
         usage = Usage.from_tracker_totals(tracker.get_total_tokens())
-        return dict(prediction.items()), usage, trace
+        return dict(prediction.items()), usage
 
     async def drain(self) -> None:
         """Refuse new requests, let active ones run for ``config.drain_timeout``, then cancel the rest

@@ -15,6 +15,7 @@ by hand are correct by construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import dspy
@@ -43,10 +44,20 @@ class DeltaRouter:
         module: The program.
         buffer: Where the deltas go; :meth:`send` blocks while it is full (policy ``block``).
         json: Whether the program runs with ``JSONAdapter``.
+        on_first_delta: Called with the field name at the first delta of each predictor's field.
     """
 
-    def __init__(self, module: dspy.Module, buffer: EventBuffer, *, json: bool = False) -> None:
+    def __init__(
+        self,
+        module: dspy.Module,
+        buffer: EventBuffer,
+        *,
+        json: bool = False,
+        on_first_delta: Callable[[str], None] | None = None,
+    ) -> None:
         self._buffer = buffer
+        self._on_first_delta = on_first_delta
+        self._seen: set[tuple[str, str]] = set()
         scanner = JSONFieldScanner if json else ChatFieldScanner
         self._scanners: dict[int, tuple[str, FieldScanner]] = {
             id(predictor): (name, scanner(list(predictor.signature.output_fields)))
@@ -55,6 +66,9 @@ class DeltaRouter:
 
     async def _put(self, predictor: str, deltas: list[tuple[str, str]]) -> None:
         for field, text in deltas:
+            if self._on_first_delta is not None and (predictor, field) not in self._seen:
+                self._seen.add((predictor, field))
+                self._on_first_delta(field)
             await self._buffer.put(FieldDelta(predictor, field, text))
 
     async def send(self, chunk: Any) -> None:

@@ -26,6 +26,7 @@ from ._errors import (
     UpstreamTimeoutError,
 )
 from ._retry import RetryBudget, RetryPolicy, seeded
+from ._telemetry import span
 from ._token_bucket import TokenBucket
 from ._trace import record_attempt
 from .lm._base import Completion, DeltaSink
@@ -212,7 +213,11 @@ class UpstreamGuard:
         if watched is not None and policy.first_token_timeout is not None:
             watchdog.deadline = started + policy.first_token_timeout
         try:
-            with trio.move_on_after(policy.attempt_timeout or math.inf) as whole, watchdog:
+            with (
+                span("dspy_trio.lm_attempt", upstream=self.name),
+                trio.move_on_after(policy.attempt_timeout or math.inf) as whole,
+                watchdog,
+            ):
                 try:
                     completion = await attempt(watched)
                 except UpstreamError as error:

@@ -193,8 +193,14 @@ async def test_metrics_in_prometheus_text_and_the_seed_json() -> None:
         await client.post("/v1/programs/default/predict", json={"inputs": {}})
         text = await client.get("/metrics")
         assert text.headers["content-type"].startswith("text/plain")
-        assert 'dspy_trio_requests_total{outcome="succeeded"} 1.0' in text.text
-        assert 'dspy_trio_requests_total{outcome="invalid"} 1.0' in text.text
+        assert (
+            'dspy_trio_requests_total{model="simulated/lm",outcome="succeeded",program="default"} 1.0'
+            in text.text
+        )
+        assert (
+            'dspy_trio_requests_total{model="simulated/lm",outcome="invalid",program="default"} 1.0'
+            in text.text
+        )
         seed = (await client.get("/metrics", headers={"Accept": "application/json"})).json()
     assert seed["total_requests"] == 2
     assert seed["active_requests"] == 0

@@ -405,7 +405,7 @@ def create_app(
         engine = state.require_engine()
         if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
             return _json(metrics_json(engine.statistics()))
-        body, content_type = metrics_text(engine.statistics())
+        body, content_type = metrics_text(engine)
         return Response(body, content_type=content_type)
 
     from .websockets import register_websockets

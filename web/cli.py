@@ -128,6 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dspy-trio`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Request log lines are JSON objects already: one per line, nothing around them.
+    requests = logging.getLogger("engine.requests")
+    json_lines = logging.StreamHandler()
+    json_lines.setFormatter(logging.Formatter("%(message)s"))
+    requests.addHandler(json_lines)
+    requests.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         workers = args.workers if args.workers is not None else _service_settings(args).workers

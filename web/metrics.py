@@ -2,54 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine import EngineStatistics
-
-_OUTCOMES = ("succeeded", "failed", "timed_out", "cancelled", "rejected", "invalid")
+from engine import Engine, EngineStatistics
 
 
-class _StatisticsCollector(Collector):
-    def __init__(self, stats: EngineStatistics) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Any]:
-        s = self._stats
-        requests = CounterMetricFamily("dspy_trio_requests", "Requests by outcome.", labels=["outcome"])
-        for outcome in _OUTCOMES:
-            requests.add_metric([outcome], getattr(s, outcome))
-        yield requests
-        errors = CounterMetricFamily(
-            "dspy_trio_errors", "Requests that ended in an error, by code.", labels=["code"]
-        )
-        for code, count in sorted(s.errors_by_code.items()):
-            errors.add_metric([code], count)
-        yield errors
-        yield GaugeMetricFamily("dspy_trio_in_flight", "Requests holding a slot.", value=s.in_flight)
-        yield GaugeMetricFamily("dspy_trio_queued", "Requests waiting for a slot.", value=s.queued)
-        yield GaugeMetricFamily("dspy_trio_max_in_flight", "The in-flight limit.", value=s.max_in_flight)
-        yield GaugeMetricFamily("dspy_trio_max_queued", "The queue bound.", value=s.max_queued)
-        yield CounterMetricFamily(
-            "dspy_trio_request_seconds", "Summed duration of ended requests.", value=s.seconds_total
-        )
-        drops = CounterMetricFamily(
-            "dspy_trio_stream_deltas", "Stream deltas dropped or coalesced.", labels=["fate"]
-        )
-        drops.add_metric(["dropped"], s.stream_deltas_dropped)
-        drops.add_metric(["coalesced"], s.stream_deltas_coalesced)
-        yield drops
-
-
-def metrics_text(stats: EngineStatistics) -> tuple[bytes, str]:
-    """The Prometheus exposition of ``stats`` and its content type."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatisticsCollector(stats))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+def metrics_text(engine: Engine) -> tuple[bytes, str]:
+    """The engine's Prometheus registry in text exposition format, and its content type."""
+    return generate_latest(engine.metrics.registry), CONTENT_TYPE_LATEST
 
 
 def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
