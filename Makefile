@@ -28,10 +28,10 @@ test: $(BIN)/dspy-trio
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+## Run every benchmark against its peers (installs the bench extra: FastAPI, uvicorn, matplotlib).
 bench: $(BIN)/dspy-trio
-	$(BIN)/python -m benchmarks.concurrency
-	$(BIN)/python -m benchmarks.streaming
-	$(BIN)/python -m benchmarks.http
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m benchmarks all
 
 clean:
 	rm -rf $(VENV)

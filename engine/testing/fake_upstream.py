@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -106,6 +107,8 @@ class RequestRecord:
         completed_at: When the answer was sent in full.
         client_closed_at: When the client closed the connection before the answer was complete.
         aborted: Whether the fake upstream itself cut the connection (the ``disconnect`` fault).
+        client_closed_wall, completed_wall: The same moments on the wall clock (``time.time()``), for
+            comparing with another process's observations.
         tokens_sent: Stream tokens written to the socket.
     """
 
@@ -120,6 +123,8 @@ class RequestRecord:
     client_closed_at: float | None = None
     aborted: bool = False
     tokens_sent: int = 0
+    client_closed_wall: float | None = None
+    completed_wall: float | None = None
 
     @property
     def ended(self) -> bool:
@@ -246,12 +251,14 @@ class FakeUpstream:
             nursery.cancel_scope.cancel()
         if not record.ended:
             record.completed_at = trio.current_time()
+            record.completed_wall = time.time()
             self._notify()
         return not send.aborted and record.client_closed_at is None and connection.our_state is h11.DONE
 
     def _client_closed(self, record: RequestRecord) -> None:
         if record.client_closed_at is None and record.completed_at is None:
             record.client_closed_at = trio.current_time()
+            record.client_closed_wall = time.time()
             self._notify()
 
     async def _watch_for_close(
