@@ -11,10 +11,14 @@ linear in the number of requests. Each call leases the least busy shard for its 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
+
+from ._http_errors import status_error, transport_errors
+from ._sse import SSEParser
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
@@ -47,6 +51,38 @@ class ClientShards:
             yield self._clients[index]
         finally:
             self._busy[index] -= 1
+
+    async def post_json(self, model: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        """POST ``body`` as JSON and return the response. Blocks for the whole response.
+
+        Raises:
+            UpstreamError: a transport failure, or an error status (mapped by :func:`status_error`).
+        """
+        with transport_errors(model), self.lease() as client:
+            response = await client.post(path, json=body)
+        if response.status_code >= 400:
+            raise status_error(model, response.status_code, response.headers, response.text)
+        return response
+
+    async def post_sse(
+        self, model: str, path: str, body: dict[str, Any], on_event: Callable[[str, str], Awaitable[None]]
+    ) -> None:
+        """POST ``body`` and hand each Server-Sent Event of the response, ``(event, data)``, to ``on_event``
+        as it arrives, reading the next line only after ``on_event`` returns (so a slow consumer pauses
+        the socket). Blocks until the body ends.
+
+        Raises:
+            UpstreamError: a transport failure, or an error status.
+        """
+        with transport_errors(model), self.lease() as client:
+            async with client.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise status_error(model, response.status_code, response.headers, response.text)
+                parser = SSEParser()
+                async for line in response.aiter_lines():
+                    if (event := parser.feed(line)) is not None:
+                        await on_event(*event)
 
     async def aclose(self) -> None:
         """Close every shard's connections."""

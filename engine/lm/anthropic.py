@@ -18,8 +18,6 @@ from typing import Any
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
 from ._base import Completion, DeltaSink, Message, TrioLM
-from ._http_errors import status_error, transport_errors
-from ._sse import SSEParser
 from .openai import HTTPSettings
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -120,10 +118,7 @@ class AnthropicLM(TrioLM):
         return await self._stream(body, sink)
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
-        with transport_errors(self.model), self._clients.lease() as client:
-            response = await client.post("v1/messages", json=body)
-        if response.status_code >= 400:
-            raise status_error(self.model, response.status_code, response.headers, response.text)
+        response = await self._clients.post_json(self.model, "v1/messages", body)
         try:
             payload = response.json()
             blocks = payload["content"]
@@ -141,32 +136,28 @@ class AnthropicLM(TrioLM):
         thinking: list[str] = []
         usage: dict[str, Any] = {}
         stopped = False
-        with transport_errors(self.model), self._clients.lease() as client:
-            async with client.stream("POST", "v1/messages", json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise status_error(self.model, response.status_code, response.headers, response.text)
-                parser = SSEParser()
-                async for line in response.aiter_lines():
-                    if (event := parser.feed(line)) is None:
-                        continue
-                    name, payload = event[0], self._payload(event[1])
-                    kind = payload.get("type", name)
-                    if kind == "message_start":
-                        usage.update(payload.get("message", {}).get("usage") or {})
-                    elif kind == "content_block_delta":
-                        delta = payload.get("delta") or {}
-                        if delta.get("type") == "text_delta" and delta.get("text"):
-                            text.append(delta["text"])
-                            await sink.send(delta["text"])
-                        elif delta.get("type") == "thinking_delta":
-                            thinking.append(delta.get("thinking", ""))
-                    elif kind == "message_delta":
-                        usage.update(payload.get("usage") or {})
-                    elif kind == "message_stop":
-                        stopped = True
-                    elif kind == "error":
-                        self._raise_stream_error(payload)
+
+        async def on_event(name: str, data: str) -> None:
+            nonlocal stopped
+            payload = self._payload(data)
+            kind = payload.get("type", name)
+            if kind == "message_start":
+                usage.update(payload.get("message", {}).get("usage") or {})
+            elif kind == "content_block_delta":
+                delta = payload.get("delta") or {}
+                if delta.get("type") == "text_delta" and delta.get("text"):
+                    text.append(delta["text"])
+                    await sink.send(delta["text"])
+                elif delta.get("type") == "thinking_delta":
+                    thinking.append(delta.get("thinking", ""))
+            elif kind == "message_delta":
+                usage.update(payload.get("usage") or {})
+            elif kind == "message_stop":
+                stopped = True
+            elif kind == "error":
+                self._raise_stream_error(payload)
+
+        await self._clients.post_sse(self.model, "v1/messages", body, on_event)
         if not stopped:
             raise UpstreamConnectionError(f"{self.model}: stream ended before message_stop", model=self.model)
         return Completion(["".join(text)], _usage(usage), ["".join(thinking) or None])

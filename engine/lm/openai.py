@@ -23,9 +23,7 @@ import httpx
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import Completion, DeltaSink, Message, TrioLM
-from ._http_errors import status_error, transport_errors
 from ._http_pool import ClientShards
-from ._sse import SSEParser
 
 
 @attrs.frozen
@@ -134,10 +132,7 @@ class OpenAICompatibleLM(TrioLM):
         return await self._stream(self._body(messages, params, stream=True), sink)
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
-        with transport_errors(self.model), self._clients.lease() as client:
-            response = await client.post("chat/completions", json=body)
-        if response.status_code >= 400:
-            raise status_error(self.model, response.status_code, response.headers, response.text)
+        response = await self._clients.post_json(self.model, "chat/completions", body)
         try:
             payload = response.json()
             choices = payload["choices"]
@@ -156,29 +151,24 @@ class OpenAICompatibleLM(TrioLM):
         reasoning: dict[int, list[str]] = {}
         usage: dict[str, Any] = {}
         finished = done = False
-        with transport_errors(self.model), self._clients.lease() as client:
-            async with client.stream("POST", "chat/completions", json=body) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise status_error(self.model, response.status_code, response.headers, response.text)
-                parser = SSEParser()
-                async for line in response.aiter_lines():
-                    if (event := parser.feed(line)) is None:
-                        continue
-                    data = event[1].strip()
-                    if data == "[DONE]":
-                        done = True  # read on to the end of the body, so the connection can be reused
-                        continue
-                    payload = self._chunk(data)
-                    usage = _usage(payload) or usage
-                    for index, content, thinking, finish in _deltas(payload, self.model):
-                        if content:
-                            parts.setdefault(index, []).append(content)
-                            if index == 0:
-                                await sink.send(content)
-                        if thinking:
-                            reasoning.setdefault(index, []).append(thinking)
-                        finished = finished or finish
+
+        async def on_event(name: str, data: str) -> None:
+            nonlocal usage, finished, done
+            if data.strip() == "[DONE]":
+                done = True  # read on to the end of the body, so the connection can be reused
+                return
+            payload = self._chunk(data.strip())
+            usage = _usage(payload) or usage
+            for index, content, thinking, finish in _deltas(payload, self.model):
+                if content:
+                    parts.setdefault(index, []).append(content)
+                    if index == 0:
+                        await sink.send(content)
+                if thinking:
+                    reasoning.setdefault(index, []).append(thinking)
+                finished = finished or finish
+
+        await self._clients.post_sse(self.model, "chat/completions", body, on_event)
         if not (done or finished):
             raise UpstreamConnectionError(f"{self.model}: stream ended before completion", model=self.model)
         count = max([*parts, *reasoning], default=0) + 1
