@@ -2,6 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+from .._errors import UpstreamResponseError
+
+
+def json_object(model: str, data: str) -> dict[str, Any]:
+    """The JSON object an event's data holds.
+
+    Raises:
+        UpstreamResponseError: when the data is not JSON, or not an object.
+    """
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise UpstreamResponseError(f"{model}: malformed stream event: {data[:200]!r}", model=model) from exc
+    if not isinstance(payload, dict):
+        raise UpstreamResponseError(f"{model}: stream event is not an object", model=model)
+    return payload
+
 
 class SSEParser:
     """Turns SSE lines into ``(event, data)`` pairs; ``event`` is ``"message"`` unless the stream named it.

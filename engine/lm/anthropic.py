@@ -18,6 +18,7 @@ from typing import Any
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
 from ._base import Completion, DeltaSink, Message, TrioLM
+from ._sse import json_object
 from .openai import HTTPSettings
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -139,7 +140,7 @@ class AnthropicLM(TrioLM):
 
         async def on_event(name: str, data: str) -> None:
             nonlocal stopped
-            payload = self._payload(data)
+            payload = json_object(self.model, data)
             kind = payload.get("type", name)
             if kind == "message_start":
                 usage.update(payload.get("message", {}).get("usage") or {})
@@ -161,17 +162,6 @@ class AnthropicLM(TrioLM):
         if not stopped:
             raise UpstreamConnectionError(f"{self.model}: stream ended before message_stop", model=self.model)
         return Completion(["".join(text)], _usage(usage), ["".join(thinking) or None])
-
-    def _payload(self, data: str) -> dict[str, Any]:
-        try:
-            payload = json.loads(data)
-        except ValueError as exc:
-            raise UpstreamResponseError(
-                f"{self.model}: malformed stream event: {data[:200]!r}", model=self.model
-            ) from exc
-        if not isinstance(payload, dict):
-            raise UpstreamResponseError(f"{self.model}: stream event is not an object", model=self.model)
-        return payload
 
     def _raise_stream_error(self, payload: Mapping[str, Any]) -> None:
         error = payload.get("error") if isinstance(payload.get("error"), dict) else {}

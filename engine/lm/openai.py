@@ -12,7 +12,6 @@ the backpressure to the provider.
 
 from __future__ import annotations
 
-import json
 import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import httpx
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_pool import ClientShards
+from ._sse import json_object
 
 
 @attrs.frozen
@@ -177,14 +177,7 @@ class OpenAICompatibleLM(TrioLM):
         return Completion(texts, usage, thoughts)
 
     def _chunk(self, data: str) -> dict[str, Any]:
-        try:
-            payload = json.loads(data)
-        except ValueError as exc:
-            raise UpstreamResponseError(
-                f"{self.model}: malformed stream chunk: {data[:200]!r}", model=self.model
-            ) from exc
-        if not isinstance(payload, dict):
-            raise UpstreamResponseError(f"{self.model}: stream chunk is not an object", model=self.model)
+        payload = json_object(self.model, data)
         if "error" in payload:
             message = payload["error"].get("message") if isinstance(payload["error"], dict) else None
             raise UpstreamResponseError(
