@@ -21,12 +21,13 @@ serve: $(BIN)/dspy-trio
 run: $(BIN)/dspy-trio
 	$(BIN)/dspy-trio predict "What is Trio?"
 
-## Lint, type-check and run the whole test suite.
+## Lint, type-check and run the whole test suite (installs Chromium for the browser tests if it can).
 test: $(BIN)/dspy-trio
+	bash .ci/ensure-chromium
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 ## Run every benchmark against its peers (installs the bench extra: FastAPI, uvicorn, matplotlib).
 bench: $(BIN)/dspy-trio

@@ -13,6 +13,7 @@ import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -43,7 +44,8 @@ from .sse import SSE_HEADERS, batch_body, general_encoder, seed_encoder, stream_
 logger = logging.getLogger("web")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = frozenset({"/health", "/ready"})
+_OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+_STATIC = Path(__file__).parent / "static"
 
 
 class SeedRequest(pydantic.BaseModel):
@@ -116,7 +118,7 @@ def create_app(
         lms: LM instances to use instead of those in the engine config (tests, embedding).
     """
     settings = settings or ServiceSettings.from_env()
-    app = QuartTrio("dspy_trio")
+    app = QuartTrio("dspy_trio", static_folder=str(_STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams are bounded by each request's own deadline
     QuartSchema(app, info={"title": "dspy-trio", "version": "0.1.0"})
@@ -192,7 +194,8 @@ def create_app(
         g.started = trio.current_time()
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        if settings.api_keys and request.path not in _OPEN_PATHS:
+        public = request.path in _OPEN_PATHS or request.path.startswith("/static/")
+        if settings.api_keys and not public:
             authorization = request.headers.get("Authorization", "")
             scheme, _, key = authorization.partition(" ")
             matches = [hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys]
@@ -264,6 +267,11 @@ def create_app(
     async def on_unexpected(error: Exception) -> Response:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return _json(error_body("internal error", type="server_error", code="internal_error"), 500)
+
+    @app.get("/")
+    async def playground() -> Response:
+        """The browser playground (static files shipped in the package)."""
+        return await app.send_static_file("index.html")
 
     @app.get("/health")
     async def health() -> Response:
