@@ -48,7 +48,7 @@ from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
 from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
 from ._streaming import DeltaRouter, EventStream
-from ._telemetry import log_request, span
+from ._telemetry import log_request, request_log, span
 from ._trace import RequestTrace, tracing
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .lm import TrioLM
@@ -270,6 +270,8 @@ class Engine:
         usage = request.result.usage if request.result else None
         assert request.outcome is not None
         self.metrics.record(program, model, request.outcome, request.error_code, timings, usage)
+        if not request_log.isEnabledFor(logging.INFO):
+            return  # the log line is built only for a logger that will write it
         record: dict[str, Any] = {
             "event": "request",
             "request_id": request.request_id,

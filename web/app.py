@@ -149,7 +149,7 @@ def create_app(
                     code="invalid_timeout",
                     param="X-Request-Timeout",
                 )
-        timeout = min(asked or settings.default_timeout, settings.max_timeout)
+        timeout = settings.timeout_for(asked)
         g.timeout = timeout
         return trio.current_time() + timeout
 

@@ -64,6 +64,11 @@ class ServiceSettings:
     ws_max_requests: int = 16
     ws_ping_interval: float | None = 20.0
 
+    def timeout_for(self, asked: float | None) -> float:
+        """Seconds a request may run: what it asked for (already checked positive), capped at
+        ``max_timeout``; ``default_timeout`` when it asked for nothing."""
+        return float(min(asked or self.default_timeout, self.max_timeout))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServiceSettings:
         env = os.environ if env is None else env

@@ -68,16 +68,14 @@ def register_websockets(app: QuartTrio, state: Any) -> None:
 
     def timeout_of(frame: dict[str, Any]) -> float:
         asked = frame.get("timeout_secs")
-        if asked is None:
-            return float(settings.default_timeout)
-        if (
+        if asked is not None and (
             not isinstance(asked, int | float)
             or isinstance(asked, bool)
             or not asked > 0
             or not math.isfinite(asked)
         ):
             raise ValueError("timeout_secs must be a positive number")
-        return float(min(asked, settings.max_timeout))
+        return float(settings.timeout_for(asked))
 
     @app.websocket("/ws")
     async def seed_ws() -> None:
