@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, NoReturn
 
-import attrs
 import dspy
 import trio
 from dspy.utils.exceptions import AdapterParseError
@@ -32,11 +31,9 @@ from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._errors import (
-    DeadlineExceededError,
     EngineClosedError,
     EngineError,
     InvalidInputError,
-    OverloadedError,
     ProgramError,
     RequestCancelledError,
 )
@@ -44,6 +41,7 @@ from ._event_buffer import EventBuffer
 from ._lm_factory import build_lm
 from ._metrics import EngineMetrics
 from ._programs import Program, ProgramInfo, ProgramRegistry
+from ._request import Request, outcome_of
 from ._result import PredictionResult, Timings, Usage
 from ._statistics import EngineStatistics, Outcome
 from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
@@ -61,45 +59,6 @@ _CLEANUP_TIMEOUT = 5.0
 _ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 
 
-@attrs.define(eq=False)
-class _Request:
-    """One accepted request while the engine owns it."""
-
-    request_id: str
-    program: Program
-    values: dict[str, Any]
-    started: float
-    caller_deadline: float
-    # The engine cancels this scope to close or on cancel(request_id); the reason says which.
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    cancel_reason: EngineError | None = None
-    admitted: float = math.nan
-    outcome: Outcome | None = None
-    error_code: str | None = None
-    kind: str = "predict"
-    trace: RequestTrace | None = None
-    result: PredictionResult | None = None
-
-    def settle(self, outcome: Outcome, error_code: str | None = None) -> None:
-        """Record the request's outcome; the first one recorded is the one that counts."""
-        if self.outcome is None:
-            self.outcome, self.error_code = outcome, error_code
-
-    def cancel(self, reason: EngineError) -> None:
-        """End the request with ``reason`` wherever it is (queued, running, streaming)."""
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
-        self.scope.cancel()
-
-    def interruption(self) -> EngineError:
-        """The error of a request whose scope the engine cancelled."""
-        return self.cancel_reason or EngineClosedError("the engine shut down before the request finished")
-
-    def settle_interrupted(self) -> None:
-        """Settle a request that ended without an outcome of its own: its caller's scope ended it."""
-        self.settle("timed_out" if trio.current_time() >= self.caller_deadline else "cancelled")
-
-
 class Engine:
     """Runs DSPy programs under Trio with admission control. Get one from :func:`open_engine`.
 
@@ -111,7 +70,7 @@ class Engine:
         self._lms = dict(lms)
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
-        self._active: dict[int, _Request] = {}
+        self._active: dict[int, Request] = {}
         self._ids = itertools.count()
         self._outcomes: Counter[Outcome] = Counter()
         self._errors: Counter[str] = Counter()
@@ -198,7 +157,7 @@ class Engine:
 
     def _accept(
         self, program: str, inputs: Mapping[str, Any], request_id: str | None, kind: str = "predict"
-    ) -> _Request:
+    ) -> Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken."""
         started = trio.current_time()
         try:
@@ -211,7 +170,7 @@ class Engine:
             error = EngineClosedError("the engine is shutting down")
             self._refused(program, "rejected", error)
             raise error
-        return _Request(
+        return Request(
             request_id or uuid.uuid4().hex,
             resolved,
             values,
@@ -231,7 +190,7 @@ class Engine:
         return str(self._lms[name].model) if name in self._lms else ""
 
     @contextmanager
-    def _tracked(self, request: _Request) -> Iterator[None]:
+    def _tracked(self, request: Request) -> Iterator[None]:
         """Own ``request`` for the block's duration and count its outcome exactly once at the end."""
         key = next(self._ids)
         self._active[key] = request
@@ -246,7 +205,7 @@ class Engine:
             request.settle_interrupted()
             raise
         except EngineError as exc:
-            request.settle(_outcome_of(exc), exc.code)
+            request.settle(outcome_of(exc), exc.code)
             raise
         finally:
             request.settle_interrupted()
@@ -261,53 +220,22 @@ class Engine:
                 self._idle.set()
             self._report(request)
 
-    def _report(self, request: _Request) -> None:
+    def _report(self, request: Request) -> None:
         """Metrics and the log line of an ended request."""
-        program = request.program.name
-        model = self._model_of(program)
-        ran = not math.isnan(request.admitted)
-        timings = request.result.timings if request.result else (self._timings(request) if ran else None)
+        model = self._model_of(request.program.name)
         usage = request.result.usage if request.result else None
         assert request.outcome is not None
-        self.metrics.record(program, model, request.outcome, request.error_code, timings, usage)
-        if not request_log.isEnabledFor(logging.INFO):
-            return  # the log line is built only for a logger that will write it
-        record: dict[str, Any] = {
-            "event": "request",
-            "request_id": request.request_id,
-            "kind": request.kind,
-            "program": program,
-            "model": model,
-            "outcome": request.outcome,
-            "error": request.error_code,
-        }
-        if timings is not None:
-            record.update(
-                queued_ms=round(timings.queued * 1000, 3),
-                lm_ms=round(timings.lm * 1000, 3),
-                total_ms=round(timings.total * 1000, 3),
-            )
-        if request.trace is not None:
-            record["attempts"] = request.trace.attempts
-        if usage is not None:
-            record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
-        if self.config.log_text:
-            record["inputs"] = request.values
-            if request.result is not None:
-                record["outputs"] = dict(request.result.outputs)
-        log_request(record)
-
-    def _timings(self, request: _Request) -> Timings:
-        lm = request.trace.lm_seconds if request.trace else 0.0
-        return Timings(
-            queued=request.admitted - request.started, lm=lm, total=trio.current_time() - request.started
+        self.metrics.record(
+            request.program.name, model, request.outcome, request.error_code, request.timings(), usage
         )
+        if request_log.isEnabledFor(logging.INFO):  # build the line only for a logger that writes it
+            log_request(request.log_record(model, include_text=self.config.log_text))
 
-    async def _admit(self, request: _Request) -> None:
+    async def _admit(self, request: Request) -> None:
         await self._admission.acquire(request)
         request.admitted = trio.current_time()
 
-    def _release(self, request: _Request) -> None:
+    def _release(self, request: Request) -> None:
         self._admission.release(request, service_time=trio.current_time() - request.admitted)
 
     async def predict(
@@ -457,7 +385,7 @@ class Engine:
         cancelled = RequestCancelledError("not started: another item failed")
         return [item or BatchItem(index, error=cancelled) for index, item in enumerate(outcomes)]
 
-    async def _produce(self, request: _Request, events: EventStream) -> None:
+    async def _produce(self, request: Request, events: EventStream) -> None:
         """The producer task of a stream: runs the program, fills the buffer, sets the terminal event."""
         buffer = events.buffer
         request.scope = trio.CancelScope()  # the admission wait used the first one
@@ -477,7 +405,7 @@ class Engine:
                     await router.finish()
                 except EngineError as exc:
                     events.terminal = ErrorEvent(exc)
-                    request.settle(_outcome_of(exc), exc.code)
+                    request.settle(outcome_of(exc), exc.code)
                 else:
                     result = self._result(request, outputs, usage)
                     events.terminal = FinalEvent(result, dropped=buffer.dropped, coalesced=buffer.coalesced)
@@ -485,12 +413,12 @@ class Engine:
             if request.scope.cancelled_caught:
                 error = request.interruption()
                 events.terminal = ErrorEvent(error)
-                request.settle(_outcome_of(error), error.code)
+                request.settle(outcome_of(error), error.code)
         finally:
             self._release(request)
             buffer.close()
 
-    def _result(self, request: _Request, outputs: dict[str, Any], usage: Usage) -> PredictionResult:
+    def _result(self, request: Request, outputs: dict[str, Any], usage: Usage) -> PredictionResult:
         trace = request.trace or RequestTrace()
         request.result = PredictionResult(
             request_id=request.request_id,
@@ -507,7 +435,7 @@ class Engine:
         return request.result
 
     async def _run_program(
-        self, request: _Request, *, send_stream: DeltaRouter | None = None
+        self, request: Request, *, send_stream: DeltaRouter | None = None
     ) -> tuple[dict[str, Any], Usage]:
         program, values = request.program, request.values
         adapter = _ADAPTERS[program.adapter or self.config.adapter]()
@@ -556,16 +484,6 @@ class Engine:
             cleanup.shield = True
             for lm in self._lms.values():
                 await lm.aclose()
-
-
-def _outcome_of(error: EngineError) -> Outcome:
-    if isinstance(error, OverloadedError):
-        return "rejected"
-    if isinstance(error, RequestCancelledError):
-        return "cancelled"
-    if isinstance(error, DeadlineExceededError):
-        return "timed_out"
-    return "failed"
 
 
 def _raise_program_failure(program: Program, exc: BaseException) -> NoReturn:
