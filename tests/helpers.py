@@ -68,3 +68,15 @@ async def wait_until(predicate: Any, *, seconds: float = 5.0, poll: float = 0.01
             if predicate():
                 return
             await trio.sleep(poll)
+
+
+async def first_request_closed_by_client(upstream: Any, left_at: float, within: float) -> Any:
+    """Wait for the fake upstream's first request to end; check that the client closed its connection
+    (the answer never completed) within ``within`` seconds of ``left_at``. Returns the record."""
+    with trio.fail_after(5):
+        await upstream.wait_for(lambda u: u.records and u.records[0].ended)
+    record = upstream.records[0]
+    assert record.completed_at is None
+    assert record.client_closed_at is not None
+    assert record.client_closed_at - left_at < within
+    return record
