@@ -17,7 +17,6 @@ import os as _os
 # not to; a server must not block on that. Set before anything imports it.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from ._admission import AdmissionStatistics as AdmissionStatistics
 from ._batch import BatchItem as BatchItem
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
@@ -32,6 +31,7 @@ from ._errors import EngineError as EngineError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import OverloadedError as OverloadedError
 from ._errors import ProgramError as ProgramError
+from ._errors import RateLimitWaitError as RateLimitWaitError
 from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
@@ -56,7 +56,6 @@ from ._streaming import EventStream as EventStream
 from ._upstream import UpstreamStatistics as UpstreamStatistics
 
 __all__ = [
-    "AdmissionStatistics",
     "BatchItem",
     "ConfigError",
     "DeadlineExceededError",
@@ -77,6 +76,7 @@ __all__ = [
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
+    "RateLimitWaitError",
     "RequestCancelledError",
     "SlowConsumerError",
     "StatusEvent",

@@ -13,6 +13,7 @@ from engine import (
     EngineConfig,
     ErrorEvent,
     LMConfig,
+    RateLimitWaitError,
     RequestCancelledError,
     UpstreamConnectionError,
     UpstreamError,
@@ -133,6 +134,6 @@ async def test_a_rate_limit_that_outlasts_the_deadline_fails_fast(fake_upstream:
         with trio.fail_after(5), pytest.raises(UpstreamRateLimitedError):
             await engine.predict("default", {"question": "q"})
         assert trio.current_time() - started < 1
-        with trio.fail_after(5), pytest.raises(UpstreamRateLimitedError, match="past the request's deadline"):
+        with trio.fail_after(5), pytest.raises(RateLimitWaitError, match="would pass the deadline"):
             await engine.predict("default", {"question": "the cool-down applies to the next request"})
     assert len(fake_upstream.records) == 1

@@ -16,6 +16,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import httpx
+
 from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._sse import json_object
@@ -65,6 +67,7 @@ class AnthropicLM(TrioLM):
         api_key: Sent as ``x-api-key``.
         api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
         http: Timeouts and connection limits.
+        transport: An ``httpx`` transport to send requests through instead of the network (tests).
         **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
     """
 
@@ -75,6 +78,7 @@ class AnthropicLM(TrioLM):
         api_key: str | None = None,
         api_base: str = "https://api.anthropic.com",
         http: HTTPSettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
@@ -83,7 +87,7 @@ class AnthropicLM(TrioLM):
         if api_key:
             headers["x-api-key"] = api_key
         root = api_base.rstrip("/").removesuffix("/v1")
-        self._clients = (http or HTTPSettings()).clients(root + "/", headers)
+        self._clients = (http or HTTPSettings()).clients(root + "/", headers, transport=transport)
 
     def __repr__(self) -> str:
         return f"AnthropicLM(model={self.model!r}, api_base={self.api_base!r})"

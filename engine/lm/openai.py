@@ -44,14 +44,36 @@ class HTTPSettings:
     pool_timeout: float = 30.0
     max_connections: int = 1024
 
-    def clients(self, base_url: str, headers: Mapping[str, str]) -> ClientShards:
-        """New clients with these timeouts and limits (no I/O happens until first use)."""
-        timeout = httpx.Timeout(
+    def httpx_timeout(self) -> httpx.Timeout:
+        """These timeouts as httpx's."""
+        return httpx.Timeout(
             connect=self.connect_timeout,
             read=self.read_timeout,
             write=self.write_timeout,
             pool=self.pool_timeout,
         )
+
+    def clients(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> ClientShards:
+        """New clients with these timeouts and limits (no I/O happens until first use).
+
+        Args:
+            transport: Send every request through this transport instead of the network (tests pass an
+                ``httpx.MockTransport``); one client then serves all calls.
+        """
+        timeout = self.httpx_timeout()
+        if transport is not None:
+            return ClientShards(
+                1,
+                lambda _: httpx.AsyncClient(
+                    base_url=base_url, headers=dict(headers), timeout=timeout, transport=transport
+                ),
+            )
 
         # Loading CA certificates takes ~50 ms: do it once for all shards.
         verify = ssl.create_default_context(cafile=certifi.where())
@@ -87,6 +109,7 @@ class OpenAICompatibleLM(TrioLM):
         api_base: The API root, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
         api_key: Sent as ``Authorization: Bearer``; None sends no key.
         http: Timeouts and connection limits.
+        transport: An ``httpx`` transport to send requests through instead of the network (tests).
         **kwargs: Default request parameters (``temperature``, ``max_tokens``, ...).
     """
 
@@ -97,12 +120,15 @@ class OpenAICompatibleLM(TrioLM):
         api_base: str,
         api_key: str | None = None,
         http: HTTPSettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
         self.api_base = api_base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._clients = (http or HTTPSettings()).clients(api_base.rstrip("/") + "/", headers)
+        self._clients = (http or HTTPSettings()).clients(
+            api_base.rstrip("/") + "/", headers, transport=transport
+        )
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleLM(model={self.model!r}, api_base={self.api_base!r})"
