@@ -17,10 +17,13 @@ import os as _os
 # not to; a server must not block on that. Set before anything imports it.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
+from ._config import CallTimeouts as CallTimeouts
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
 from ._config import ProgramSpec as ProgramSpec
+from ._config import RateLimit as RateLimit
 from ._config import StreamOptions as StreamOptions
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
@@ -46,6 +49,7 @@ from ._programs import ProgramInfo as ProgramInfo
 from ._result import PredictionResult as PredictionResult
 from ._result import Timings as Timings
 from ._result import Usage as Usage
+from ._retry import RetryPolicy as RetryPolicy
 from ._statistics import EngineStatistics as EngineStatistics
 from ._stream_events import ErrorEvent as ErrorEvent
 from ._stream_events import FieldDelta as FieldDelta
@@ -56,7 +60,9 @@ from ._streaming import EventStream as EventStream
 from ._upstream import UpstreamStatistics as UpstreamStatistics
 
 __all__ = [
+    "AdaptiveSettings",
     "BatchItem",
+    "CallTimeouts",
     "ConfigError",
     "DeadlineExceededError",
     "Engine",
@@ -76,8 +82,10 @@ __all__ = [
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
+    "RateLimit",
     "RateLimitWaitError",
     "RequestCancelledError",
+    "RetryPolicy",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",

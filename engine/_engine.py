@@ -537,8 +537,11 @@ async def open_engine(
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
     engine = Engine(config, backends, ProgramRegistry.build(config.programs))
-    try:
-        yield engine
-    finally:
-        await engine.drain()
-        await engine._close_lms()
+    async with _groups.open_service_nursery() as upkeep:  # each LM's maintain(): e.g. connection reaping
+        for backend in backends.values():
+            await upkeep.start(backend.maintain)
+        try:
+            yield engine
+        finally:
+            await engine.drain()
+            await engine._close_lms()

@@ -11,7 +11,9 @@ import engine.testing
 
 def test_engine_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
+        "AdaptiveSettings",
         "BatchItem",
+        "CallTimeouts",
         "ConfigError",
         "DeadlineExceededError",
         "Engine",
@@ -31,8 +33,10 @@ def test_engine_public_names_are_pinned() -> None:
         "ProgramError",
         "ProgramInfo",
         "ProgramSpec",
+        "RateLimit",
         "RateLimitWaitError",
         "RequestCancelledError",
+        "RetryPolicy",
         "SlowConsumerError",
         "StatusEvent",
         "StreamEvent",
@@ -78,6 +82,7 @@ def test_testing_public_names_are_pinned() -> None:
         "Behavior",
         "FakeUpstream",
         "Fault",
+        "IdleClose",
         "RequestRecord",
         "open_fake_upstream",
     ]

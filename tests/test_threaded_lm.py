@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig, UpstreamRateLimitedError, open_engine
+from engine import EngineConfig, LMConfig, RetryPolicy, UpstreamRateLimitedError, open_engine
 from engine.testing import Behavior, FakeUpstream, Fault
 
 
@@ -16,7 +16,7 @@ def threaded_config(upstream: FakeUpstream) -> EngineConfig:
         api_base=upstream.url,
         api_key="sk-test",
         threads=4,
-        max_attempts=1,
+        retry=RetryPolicy(max_attempts=1),
     )
     return EngineConfig(lms={"default": lm})
 

@@ -140,6 +140,12 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         """
         raise NotImplementedError
 
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background upkeep of the backend's resources while it is in use, e.g. closing connections
+        the provider closed. Run it with ``await nursery.start(lm.maintain)``; it runs until cancelled,
+        or returns at once when the backend needs none (the default)."""
+        task_status.started()
+
     async def aclose(self) -> None:
         """Release network resources. Safe to call twice."""
 

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import certifi
 import httpx
+import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_pool import ClientShards
 from ._sse import json_object
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
 
 
 @attrs.frozen
@@ -36,6 +40,8 @@ class HTTPSettings:
         write_timeout: Seconds to send the request.
         pool_timeout: Seconds to wait for a free pooled connection.
         max_connections: Concurrent connections to the provider.
+        idle_check_interval: Seconds between checks for kept-alive connections the provider closed,
+            which the backend's ``maintain`` task then closes too (None: never check).
     """
 
     connect_timeout: float = 10.0
@@ -43,6 +49,7 @@ class HTTPSettings:
     write_timeout: float = 30.0
     pool_timeout: float = 30.0
     max_connections: int = 1024
+    idle_check_interval: float | None = 1.0
 
     def httpx_timeout(self) -> httpx.Timeout:
         """These timeouts as httpx's."""
@@ -68,21 +75,27 @@ class HTTPSettings:
         """
         timeout = self.httpx_timeout()
         if transport is not None:
+            given = transport
             return ClientShards(
                 1,
-                lambda _: httpx.AsyncClient(
-                    base_url=base_url, headers=dict(headers), timeout=timeout, transport=transport
+                lambda _: (
+                    httpx.AsyncClient(
+                        base_url=base_url, headers=dict(headers), timeout=timeout, transport=given
+                    ),
+                    given,
                 ),
             )
 
         # Loading CA certificates takes ~50 ms: do it once for all shards.
         verify = ssl.create_default_context(cafile=certifi.where())
 
-        def make_client(connections: int) -> httpx.AsyncClient:
+        def make_client(connections: int) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
             limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-            return httpx.AsyncClient(
-                base_url=base_url, headers=dict(headers), timeout=timeout, limits=limits, verify=verify
+            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits)
+            client = httpx.AsyncClient(
+                base_url=base_url, headers=dict(headers), timeout=timeout, transport=own
             )
+            return client, own
 
         return ClientShards(self.max_connections, make_client)
 
@@ -126,8 +139,20 @@ class OpenAICompatibleLM(TrioLM):
         super().__init__(model, **kwargs)
         self.api_base = api_base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._clients = (http or HTTPSettings()).clients(
-            api_base.rstrip("/") + "/", headers, transport=transport
+        self.http = http or HTTPSettings()
+        self._clients = self.http.clients(api_base.rstrip("/") + "/", headers, transport=transport)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> OpenAICompatibleLM:
+        """The backend an ``LMConfig`` describes."""
+        assert config.api_base is not None  # LMConfig checks this
+        return cls(
+            config.model,
+            api_base=config.api_base,
+            api_key=config.api_key,
+            http=config.http,
+            cache=cache,
+            **config.params,
         )
 
     def __repr__(self) -> str:
@@ -136,6 +161,11 @@ class OpenAICompatibleLM(TrioLM):
     def __deepcopy__(self, memo: dict[int, Any]) -> OpenAICompatibleLM:
         # DSPy deep-copies modules (and the LMs they hold); a connection pool is shared, not copied.
         return self
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close kept-alive connections the provider closed, every ``http.idle_check_interval`` seconds,
+        until cancelled."""
+        await self._clients.reap_forever(self.http.idle_check_interval, task_status=task_status)
 
     async def aclose(self) -> None:
         await self._clients.aclose()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -38,6 +38,9 @@ from .._errors import (
     UpstreamTimeoutError,
 )
 from ._base import Completion, DeltaSink, Message, TrioLM
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
 
 
 def _first_line(exc: BaseException) -> str:
@@ -89,6 +92,19 @@ class ThreadedLM(TrioLM):
     ) -> ThreadedLM:
         """Wrap ``dspy.LM(model, ...)`` with no DSPy retries and an explicit per-call timeout."""
         return cls(dspy.LM(model, num_retries=0, timeout=timeout, cache=cache, **kwargs), threads=threads)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> ThreadedLM:
+        """The backend an ``LMConfig`` describes (``http.read_timeout`` is the stock LM's timeout)."""
+        extra = {"api_base": config.api_base, "api_key": config.api_key}
+        return cls.from_model(
+            config.model,
+            threads=config.threads,
+            timeout=config.http.read_timeout,
+            cache=cache,
+            **{k: v for k, v in extra.items() if v is not None},
+            **config.params,
+        )
 
     def __repr__(self) -> str:
         return f"ThreadedLM({self.inner!r}, threads={int(self.limiter.total_tokens)})"
