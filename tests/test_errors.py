@@ -74,3 +74,14 @@ def test_no_docstring_mentions_a_timeout_parameter_the_engine_does_not_have() ->
         doc = getattr(engine, name).__doc__ or ""
         assert "timeout=" not in doc, name
     assert EngineClosedError.outcome in ("failed", "shut_down")
+
+
+def test_usage_says_when_it_was_estimated() -> None:
+    from engine import Usage
+
+    exact = Usage.from_tracker_totals({"m": {"prompt_tokens": 3, "completion_tokens": 2}})
+    guessed = Usage.from_tracker_totals(
+        {"m": {"prompt_tokens": 3, "completion_tokens": 2, "estimated": True}}
+    )
+    assert (exact.estimated, guessed.estimated) == (False, True)
+    assert guessed.total_tokens == 5

@@ -189,3 +189,72 @@ async def test_gzip_bodies_decode(autojump_clock: Any) -> None:
 def test_http_settings_carry_every_timeout() -> None:
     settings = HTTPSettings(connect_timeout=1, read_timeout=2, write_timeout=3, pool_timeout=4)
     assert settings.httpx_timeout() == httpx.Timeout(connect=1, read=2, write=3, pool=4)
+
+
+async def test_an_output_token_cap_is_sent_by_default_and_can_be_overridden(autojump_clock: Any) -> None:
+    script = Scripted()
+    await openai_lm(script).acall(messages=MESSAGES)
+    await openai_lm(script, max_tokens=64).acall(messages=MESSAGES)
+    await openai_lm(script).acall(messages=MESSAGES, max_tokens=8)
+    assert [body["max_tokens"] for body in script.bodies] == [1024, 64, 8]
+
+
+async def test_the_json_adapter_asks_openai_compatible_servers_for_json(autojump_clock: Any) -> None:
+    import dspy
+
+    answer = {"choices": [{"index": 0, "message": {"content": '{"answer": "ok"}'}, "finish_reason": "stop"}]}
+    script = Scripted(success=answer)
+    with dspy.context(lm=openai_lm(script), adapter=dspy.JSONAdapter()):
+        prediction = await dspy.Predict("question -> answer").acall(question="q")
+    with dspy.context(lm=openai_lm(script, response_format={"type": "text"}), adapter=dspy.JSONAdapter()):
+        await dspy.Predict("question -> answer").acall(question="q")
+    assert prediction.answer == "ok"
+    assert [body["response_format"] for body in script.bodies] == [{"type": "json_object"}, {"type": "text"}]
+
+
+async def test_the_chat_adapter_sends_no_response_format(autojump_clock: Any) -> None:
+    import dspy
+
+    answer = {
+        "choices": [{"index": 0, "message": {"content": "[[ ## answer ## ]]\nok"}, "finish_reason": "stop"}]
+    }
+    script = Scripted(success=answer)
+    with dspy.context(lm=openai_lm(script), adapter=dspy.ChatAdapter()):
+        await dspy.Predict("question -> answer").acall(question="q")
+    assert "response_format" not in script.bodies[0]
+
+
+def _sse(*payloads: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads) + b"data: [DONE]\n\n"
+
+
+async def test_a_stream_without_a_usage_chunk_reports_estimated_usage(autojump_clock: Any) -> None:
+    chunks = [{"choices": [{"index": 0, "delta": {"content": word}}]} for word in ("one ", "two ", "three")]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(*chunks))
+
+    class Sink:
+        async def send(self, text: str) -> None:
+            pass
+
+    completion = await openai_lm(handler).complete(MESSAGES, {}, Sink())
+    assert completion.usage["estimated"] is True
+    assert completion.usage["completion_tokens"] > 0
+    assert completion.usage["prompt_tokens"] > 0
+    assert (
+        completion.usage["total_tokens"]
+        == completion.usage["prompt_tokens"] + completion.usage["completion_tokens"]
+    )
+
+    with_usage = [
+        *chunks,
+        {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}},
+    ]
+
+    async def reporting(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(*with_usage))
+
+    reported = await openai_lm(reporting).complete(MESSAGES, {}, Sink())
+    assert reported.usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}

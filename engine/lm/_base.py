@@ -192,6 +192,19 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         raise RuntimeError(f"{type(self).__name__} is called through acall(), not aforward()")
 
 
+def estimated_usage(messages: Sequence[Message], texts: Sequence[str]) -> dict[str, Any]:
+    """Usage for a provider that reported none (a stream without a usage chunk): ~4 characters a
+    token, marked ``estimated``."""
+    prompt = math.ceil(sum(len(str(m.get("content", ""))) for m in messages) / 4)
+    completion = math.ceil(sum(len(text) for text in texts) / 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "estimated": True,
+    }
+
+
 def estimate_tokens(messages: Sequence[Message], params: Mapping[str, Any]) -> float:
     """A call's token cost before it runs: ~4 characters a token of prompt, plus the completion cap."""
     prompt = sum(len(str(m.get("content", ""))) for m in messages) / 4

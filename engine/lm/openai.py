@@ -22,7 +22,7 @@ import httpx
 import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
-from ._base import Completion, DeltaSink, Message, TrioLM
+from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_pool import ClientShards
 from ._sse import json_object
 
@@ -110,6 +110,17 @@ def _jsonable_response_format(value: Any) -> Any:
     return value
 
 
+# Sent as max_tokens unless the LM's params or the call set it (None: send no cap). Without a cap a small
+# self-hosted model can loop to its context limit: one such request ran 353 s.
+DEFAULT_MAX_TOKENS = 1024
+
+# The request parameters DSPy may pass that an OpenAI-compatible server takes. ``response_format`` here
+# makes DSPy's JSONAdapter ask for ``{"type": "json_object"}``.
+_SUPPORTED_PARAMS = frozenset(
+    {"temperature", "max_tokens", "top_p", "n", "stop", "seed", "response_format", "logprobs", "top_logprobs"}
+)
+
+
 def _wire_model(model: str) -> str:
     return model.removeprefix("openai/")
 
@@ -136,6 +147,7 @@ class OpenAICompatibleLM(TrioLM):
         transport: httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         super().__init__(model, **kwargs)
         self.api_base = api_base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -170,9 +182,16 @@ class OpenAICompatibleLM(TrioLM):
     async def aclose(self) -> None:
         await self._clients.aclose()
 
+    @property
+    def supported_params(self) -> set[str]:
+        """What DSPy's adapters may send; with ``response_format`` in it, JSONAdapter asks for JSON."""
+        return set(_SUPPORTED_PARAMS)
+
     def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": _wire_model(self.model), "messages": list(messages)}
         body.update(params)
+        if self.kwargs.get("response_format") is not None:  # the user's choice beats the adapter's
+            body["response_format"] = self.kwargs["response_format"]
         if "response_format" in body:
             body["response_format"] = _jsonable_response_format(body["response_format"])
         if stream:
@@ -230,7 +249,7 @@ class OpenAICompatibleLM(TrioLM):
         count = max([*parts, *reasoning], default=0) + 1
         texts = ["".join(parts.get(i, [])) for i in range(count)]
         thoughts = ["".join(reasoning[i]) if i in reasoning else None for i in range(count)]
-        return Completion(texts, usage, thoughts)
+        return Completion(texts, usage or estimated_usage(body["messages"], texts), thoughts)
 
     def _chunk(self, data: str) -> dict[str, Any]:
         payload = json_object(self.model, data)
