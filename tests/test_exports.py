@@ -118,3 +118,18 @@ def test_engine_never_imports_the_web_layer() -> None:
         text = path.read_text()
         for banned in ("import web", "from web", "quart", "hypercorn"):
             assert banned not in text, f"{path} mentions {banned!r}"
+
+
+async def test_an_engine_comes_only_from_open_engine() -> None:
+    with pytest.raises(TypeError, match="no public constructor; use open_engine"):
+        engine.Engine(engine.EngineConfig(), {}, None)  # type: ignore[arg-type]
+    async with engine.open_engine(engine.EngineConfig()) as opened:
+        assert isinstance(opened, engine.Engine)
+
+
+def test_dead_code_is_gone() -> None:
+    from engine import _token_bucket, _trace
+
+    assert not hasattr(_token_bucket, "unlimited")
+    assert "lm_calls" not in {field.name for field in __import__("attrs").fields(_trace.RequestTrace)}
+    assert not hasattr(engine.EngineConfig, "uses_simulated_lm")
