@@ -56,10 +56,14 @@ def _worker(mode: str, url: str, concurrency: int) -> dict[str, Any]:
     if mode == "dspy-trio":
         import trio
 
-        from engine import EngineConfig, LMConfig, open_engine
+        from engine import EngineConfig, LMConfig, RetryPolicy, open_engine
 
         config = EngineConfig(
-            lms={"default": LMConfig(provider="openai", model="bench", api_base=url, max_attempts=1)},
+            lms={
+                "default": LMConfig(
+                    provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
+                )
+            },
             max_in_flight=concurrency,
             max_queued=n,
         )

@@ -17,11 +17,13 @@ import os as _os
 # not to; a server must not block on that. Set before anything imports it.
 _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from ._admission import AdmissionStatistics as AdmissionStatistics
+from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
+from ._config import CallTimeouts as CallTimeouts
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
 from ._config import ProgramSpec as ProgramSpec
+from ._config import RateLimit as RateLimit
 from ._config import StreamOptions as StreamOptions
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
@@ -32,6 +34,7 @@ from ._errors import EngineError as EngineError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import OverloadedError as OverloadedError
 from ._errors import ProgramError as ProgramError
+from ._errors import RateLimitWaitError as RateLimitWaitError
 from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
@@ -46,6 +49,7 @@ from ._programs import ProgramInfo as ProgramInfo
 from ._result import PredictionResult as PredictionResult
 from ._result import Timings as Timings
 from ._result import Usage as Usage
+from ._retry import RetryPolicy as RetryPolicy
 from ._statistics import EngineStatistics as EngineStatistics
 from ._stream_events import ErrorEvent as ErrorEvent
 from ._stream_events import FieldDelta as FieldDelta
@@ -56,8 +60,9 @@ from ._streaming import EventStream as EventStream
 from ._upstream import UpstreamStatistics as UpstreamStatistics
 
 __all__ = [
-    "AdmissionStatistics",
+    "AdaptiveSettings",
     "BatchItem",
+    "CallTimeouts",
     "ConfigError",
     "DeadlineExceededError",
     "Engine",
@@ -77,7 +82,10 @@ __all__ = [
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
+    "RateLimit",
+    "RateLimitWaitError",
     "RequestCancelledError",
+    "RetryPolicy",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",

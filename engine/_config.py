@@ -1,9 +1,11 @@
 """Engine configuration: frozen values with named constructors for the environment and TOML files.
 
 Every policy number of the engine (limits, queue bound, drain timeout) lives here, in one object;
-time limits of single requests belong to the callers' cancel scopes instead.
+time limits of single requests belong to the callers' cancel scopes instead. An LM's policies are the
+frozen values the engine runs them with, nested as they are (``[lms.NAME.retry]`` is a
+:class:`RetryPolicy`), not copied into flat fields.
 
-Environment (read by :meth:`EngineConfig.from_env`)::
+Environment (read by :meth:`EngineConfig.from_env`; each overrides the ``default`` LM of the file)::
 
     DSPY_TRIO_CONFIG      path of a TOML file read first (see README)
     LM_PROVIDER           simulated | openai | anthropic | dspy
@@ -11,15 +13,19 @@ Environment (read by :meth:`EngineConfig.from_env`)::
     LM_MODEL              model name, e.g. gpt-4o-mini, or openai/gpt-4o-mini for the dspy provider
     LM_API_BASE           API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
     LM_API_KEY            API key (falls back to OPENAI_API_KEY / ANTHROPIC_API_KEY for those providers)
-    LM_TIMEOUT            seconds a provider may stay silent within one call (default 120)
-    LM_RPM, LM_TPM        requests / tokens per minute allowed to the provider (default unlimited)
-    LM_MAX_ATTEMPTS       attempts per LM call, retries included (default 3)
-    LM_ATTEMPT_TIMEOUT    seconds one attempt may take in total (default none)
+    LM_ADAPTER            chat | json: the default DSPy adapter (same as DSPY_TRIO_ADAPTER)
+    LM_MAX_TOKENS         output-token cap sent with every call (default 1024 for the HTTP providers)
+    LM_PARAMS             request parameters as a JSON object, e.g. '{"temperature": 0.2}'
+    LM_TIMEOUT            http.read_timeout: seconds the provider may stay silent within one call (120)
+    LM_RPM, LM_TPM        rate_limit.rpm / rate_limit.tpm: requests / tokens per minute (unlimited)
+    LM_MAX_ATTEMPTS       retry.max_attempts: attempts per LM call, retries included (3)
+    LM_ATTEMPT_TIMEOUT    timeouts.attempt: seconds one attempt may take in total (none)
     DSPY_TRIO_MAX_IN_FLIGHT, DSPY_TRIO_MAX_QUEUED, DSPY_TRIO_DRAIN_TIMEOUT, DSPY_TRIO_ADAPTER
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -30,15 +36,15 @@ import attrs
 
 from ._adaptive import AdaptiveSettings
 from ._errors import ConfigError
+from ._lm_factory import PROVIDERS
 from ._retry import RetryPolicy
 from ._upstream import UpstreamPolicy
+from .lm import HTTPSettings
 
-Provider = Literal["simulated", "openai", "anthropic", "dspy"]
 Backpressure = Literal["block", "timeout", "drop"]
 AdapterName = Literal["chat", "json"]
 ModuleKind = Literal["predict", "chain_of_thought"]
 
-PROVIDERS: tuple[Provider, ...] = ("simulated", "openai", "anthropic", "dspy")
 ADAPTERS: tuple[AdapterName, ...] = ("chat", "json")
 
 
@@ -60,92 +66,163 @@ def _one_of(options: tuple[str, ...]) -> Any:
     return check
 
 
+_optional_positive = attrs.validators.optional(_positive)
+
+
+def _registered(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in PROVIDERS:
+        raise ConfigError(f"{attribute.name} must be one of {', '.join(PROVIDERS)}; got {value!r}")
+
+
 @attrs.frozen
-class LMConfig:
-    """One upstream language model.
+class RateLimit:
+    """Requests and tokens per minute allowed to one upstream (``[lms.NAME.rate_limit]``).
 
     Attributes:
-        provider: ``simulated`` (built in, no network), ``openai`` (any OpenAI-compatible endpoint,
-            Trio-native), ``anthropic`` (Anthropic's Messages API, Trio-native) or ``dspy`` (any stock
-            ``dspy.LM`` model string, run in worker threads).
+        rpm: Requests per minute (None: unlimited).
+        tpm: Tokens (prompt + completion) per minute, charged with an estimate and corrected after.
+    """
+
+    rpm: float | None = attrs.field(default=None, validator=_optional_positive)
+    tpm: float | None = attrs.field(default=None, validator=_optional_positive)
+
+
+@attrs.frozen
+class CallTimeouts:
+    """Time limits of one LM call's attempts, inside the caller's deadline (``[lms.NAME.timeouts]``).
+
+    Attributes:
+        attempt: Seconds one attempt may take in total (None: no limit but the deadline).
+        first_token: Seconds a stream may take to deliver its first chunk.
+        stall: Seconds a stream may stay silent between chunks (time the consumer holds it back does
+            not count).
+    """
+
+    attempt: float | None = attrs.field(default=None, validator=_optional_positive)
+    first_token: float | None = attrs.field(default=None, validator=_optional_positive)
+    stall: float | None = attrs.field(default=None, validator=_optional_positive)
+
+
+# The nested tables of an LM and the frozen value each one is.
+_NESTED: dict[str, type[Any]] = {
+    "http": HTTPSettings,
+    "timeouts": CallTimeouts,
+    "rate_limit": RateLimit,
+    "retry": RetryPolicy,
+    "adaptive": AdaptiveSettings,
+}
+
+# Flat keys of earlier versions and where they live now (for a helpful error).
+_MOVED = {
+    "timeout": "http.read_timeout",
+    "connect_timeout": "http.connect_timeout",
+    "max_connections": "http.max_connections",
+    "rpm": "rate_limit.rpm",
+    "tpm": "rate_limit.tpm",
+    "max_attempts": "retry.max_attempts",
+    "retry_base_delay": "retry.base_delay",
+    "retry_max_delay": "retry.max_delay",
+    "retry_budget": "retry.budget_ratio",
+    "attempt_timeout": "timeouts.attempt",
+    "first_token_timeout": "timeouts.first_token",
+    "stall_timeout": "timeouts.stall",
+    "adaptive_concurrency": "adaptive (a table; present means on)",
+    "min_concurrency": "adaptive.minimum",
+    "max_concurrency": "adaptive.maximum",
+    "initial_concurrency": "adaptive.initial",
+}
+
+
+def _check_numbers(value: Any, where: str) -> None:
+    for field in attrs.fields(type(value)):
+        number = getattr(value, field.name)
+        if isinstance(number, int | float) and not isinstance(number, bool) and number < 0:
+            raise ConfigError(f"{where}.{field.name} must not be negative, got {number!r}")
+    if isinstance(value, RetryPolicy) and value.max_attempts < 1:
+        raise ConfigError(f"{where}.max_attempts must be at least 1, got {value.max_attempts!r}")
+
+
+@attrs.frozen
+class LMConfig:
+    """One upstream language model and the policies its calls run under.
+
+    Attributes:
+        provider: A registered provider: ``simulated`` (built in, no network), ``openai`` (any
+            OpenAI-compatible endpoint, Trio-native), ``anthropic`` (Anthropic's Messages API,
+            Trio-native) or ``dspy`` (any stock ``dspy.LM`` model string, run in worker threads).
         model: The model name.
         api_base: API root for ``openai`` (required), ``anthropic`` (default its public API) and
             optionally ``dspy``.
         api_key: API key; never shown in ``repr``.
-        timeout: Seconds the provider may stay silent within one call.
-        connect_timeout: Seconds to open a connection.
-        max_connections: Connections to the provider (``openai``).
+        params: Default request parameters (``temperature``, ``max_tokens``, ...). The HTTP providers
+            send ``max_tokens = 1024`` unless it is set here.
+        http: Connection policy of the HTTP providers: connect / read / write / pool timeouts,
+            connections, the check for connections the provider closed.
+        timeouts: Per-attempt time limits (attempt, first token, stall).
+        rate_limit: Requests and tokens per minute.
+        retry: Retries of retryable failures (attempts, backoff, budget and its window).
+        adaptive: An AIMD limit on concurrent calls to this upstream; None for none.
         threads: Worker threads, i.e. concurrent calls (``dspy``).
         first_token_delay, token_delay, words_per_field: Pacing of the ``simulated`` LM.
-        params: Default request parameters (``temperature``, ``max_tokens``, ...).
-        rpm, tpm: Requests and tokens per minute allowed to this upstream (None: unlimited).
-        max_attempts, retry_base_delay, retry_max_delay, retry_budget: Retries of retryable failures
-            (exponential backoff with full jitter, at most ``retry_budget`` of recent requests).
-        attempt_timeout: Seconds one attempt may take; first_token_timeout and stall_timeout bound a
-            stream's silence before its first chunk and between chunks.
-        adaptive_concurrency, min_concurrency, max_concurrency, initial_concurrency: An AIMD limit on
-            concurrent calls to this upstream.
     """
 
-    provider: Provider = attrs.field(default="simulated", validator=_one_of(PROVIDERS))
+    provider: str = attrs.field(default="simulated", validator=_registered)
     model: str = "simulated/lm"
     api_base: str | None = None
     api_key: str | None = attrs.field(default=None, repr=False)
-    timeout: float = attrs.field(default=120.0, validator=_positive)
-    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
-    max_connections: int = attrs.field(default=1024, validator=_positive)
+    params: Mapping[str, Any] = attrs.field(factory=dict)
+    http: HTTPSettings = attrs.field(factory=HTTPSettings)
+    timeouts: CallTimeouts = attrs.field(factory=CallTimeouts)
+    rate_limit: RateLimit = attrs.field(factory=RateLimit)
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
+    adaptive: AdaptiveSettings | None = None
     threads: int = attrs.field(default=32, validator=_positive)
     first_token_delay: float = attrs.field(default=0.05, validator=_non_negative)
     token_delay: float = attrs.field(default=0.01, validator=_non_negative)
     words_per_field: int = attrs.field(default=16, validator=_positive)
-    params: Mapping[str, Any] = attrs.field(factory=dict)
-    rpm: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
-    tpm: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
-    max_attempts: int = attrs.field(default=3, validator=_positive)
-    retry_base_delay: float = attrs.field(default=0.25, validator=_non_negative)
-    retry_max_delay: float = attrs.field(default=20.0, validator=_non_negative)
-    retry_budget: float = attrs.field(default=0.2, validator=_non_negative)
-    attempt_timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
-    first_token_timeout: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(_positive)
-    )
-    stall_timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
-    adaptive_concurrency: bool = False
-    min_concurrency: int = attrs.field(default=1, validator=_positive)
-    max_concurrency: int = attrs.field(default=512, validator=_positive)
-    initial_concurrency: int = attrs.field(default=16, validator=_positive)
-
-    def policy(self) -> UpstreamPolicy:
-        """The call policy (rate limits, retries, timeouts, adaptive concurrency) these values describe."""
-        return UpstreamPolicy(
-            rpm=self.rpm,
-            tpm=self.tpm,
-            retry=RetryPolicy(
-                max_attempts=self.max_attempts,
-                base_delay=self.retry_base_delay,
-                max_delay=self.retry_max_delay,
-                budget_ratio=self.retry_budget,
-            ),
-            attempt_timeout=self.attempt_timeout,
-            first_token_timeout=self.first_token_timeout,
-            stall_timeout=self.stall_timeout,
-            adaptive=AdaptiveSettings(
-                initial=self.initial_concurrency, minimum=self.min_concurrency, maximum=self.max_concurrency
-            )
-            if self.adaptive_concurrency
-            else None,
-        )
 
     def __attrs_post_init__(self) -> None:
-        if self.provider == "openai" and not self.api_base:
-            raise ConfigError("an openai LM needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1")
+        if PROVIDERS[self.provider].needs_api_base and not self.api_base:
+            raise ConfigError(
+                f"a {self.provider} LM needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
+            )
+        for name in _NESTED:
+            if (value := getattr(self, name)) is not None:
+                _check_numbers(value, name)
+
+    def policy(self) -> UpstreamPolicy:
+        """The call policy (rate limits, retries, timeouts, adaptive concurrency) of this LM."""
+        return UpstreamPolicy(
+            rpm=self.rate_limit.rpm,
+            tpm=self.rate_limit.tpm,
+            retry=self.retry,
+            attempt_timeout=self.timeouts.attempt,
+            first_token_timeout=self.timeouts.first_token,
+            stall_timeout=self.timeouts.stall,
+            adaptive=self.adaptive,
+        )
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, where: str = "lm") -> LMConfig:
-        """Build from a TOML table; ``api_key_env`` names an environment variable holding the key."""
+    def from_mapping(
+        cls, data: Mapping[str, Any], *, where: str = "lm", env: Mapping[str, str] | None = None
+    ) -> LMConfig:
+        """Build from a TOML table. Nested tables (``http``, ``timeouts``, ``rate_limit``, ``retry``,
+        ``adaptive``) become their frozen values; ``api_key_env`` names an environment variable
+        holding the key, which must be set."""
         values = dict(data)
+        env = os.environ if env is None else env
         if env_name := values.pop("api_key_env", None):
-            values.setdefault("api_key", os.environ.get(str(env_name)))
+            key = env.get(str(env_name)) or os.environ.get(str(env_name))
+            if not key:
+                raise ConfigError(f"{where}: api_key_env names {env_name}, which is not set")
+            values.setdefault("api_key", key)
+        for name, kind in _NESTED.items():
+            if name in values and isinstance(values[name], Mapping):
+                values[name] = _build(kind, dict(values[name]), f"{where}.{name}")
+        moved = sorted(set(values) & set(_MOVED))
+        if moved:
+            hints = ", ".join(f"{key} -> {_MOVED[key]}" for key in moved)
+            raise ConfigError(f"{where}: these keys moved into nested tables: {hints}")
         return _build(cls, values, where)
 
 
@@ -247,14 +324,10 @@ class EngineConfig:
             if spec.lm not in self.lms:
                 raise ConfigError(f"program {name!r} uses LM {spec.lm!r}, which is not configured")
 
-    @property
-    def uses_simulated_lm(self) -> bool:
-        return any(lm.provider == "simulated" for lm in self.lms.values())
-
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> EngineConfig:
-        """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]``,
-        ``[programs.NAME]``."""
+    def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
+        """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]`` (with its
+        nested tables), ``[programs.NAME]``. ``env`` is where ``api_key_env`` names are looked up."""
         unknown = set(data) - {"engine", "stream", "lms", "programs"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
@@ -263,7 +336,8 @@ class EngineConfig:
             values["stream"] = StreamOptions.from_mapping(data["stream"])
         if "lms" in data:
             values["lms"] = {
-                name: LMConfig.from_mapping(table, where=f"lms.{name}") for name, table in data["lms"].items()
+                name: LMConfig.from_mapping(table, where=f"lms.{name}", env=env)
+                for name, table in data["lms"].items()
             }
         if "programs" in data:
             programs = {
@@ -274,51 +348,26 @@ class EngineConfig:
         return _build(cls, values, "engine")
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike[str]) -> EngineConfig:
+    def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Read a TOML config file."""
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
-        return cls.from_mapping(data)
+        return cls.from_mapping(data, env=env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Read ``DSPY_TRIO_CONFIG`` (if set), then let the environment override the default LM and the
         engine's limits. With nothing set, the default LM is the built-in simulated one."""
         env = os.environ if env is None else env
-        config = cls.from_toml(env["DSPY_TRIO_CONFIG"]) if env.get("DSPY_TRIO_CONFIG") else cls()
+        path = env.get("DSPY_TRIO_CONFIG")
+        config = cls.from_toml(path, env=env) if path else cls()
+        lms = dict(config.lms)
+        if (default := _default_lm_from_env(config.lms.get("default", LMConfig()), env)) is not None:
+            lms["default"] = default
 
-        lm_changes: dict[str, Any] = {}
-        if provider := env.get("LM_PROVIDER"):
-            lm_changes["provider"] = provider
-        elif env.get("LM_API_BASE"):
-            lm_changes["provider"] = "openai"
-        for key, field in (("LM_MODEL", "model"), ("LM_API_BASE", "api_base")):
-            if env.get(key):
-                lm_changes[field] = env[key]
-        provider = lm_changes.get("provider", config.lms.get("default", LMConfig()).provider)
-        provider_key = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}.get(provider, "")
-        api_key = env.get("LM_API_KEY") or env.get(provider_key)
-        if api_key:
-            lm_changes["api_key"] = api_key
-        for key, field, kind in (
-            ("LM_TIMEOUT", "timeout", float),
-            ("LM_RPM", "rpm", float),
-            ("LM_TPM", "tpm", float),
-            ("LM_MAX_ATTEMPTS", "max_attempts", int),
-            ("LM_ATTEMPT_TIMEOUT", "attempt_timeout", float),
-        ):
-            if env.get(key):
-                lm_changes[field] = _number(env, key, kind)
-        if lm_changes:
-            base = config.lms.get("default", LMConfig())
-            if lm_changes.get("provider", base.provider) != base.provider and "model" not in lm_changes:
-                raise ConfigError(f"LM_PROVIDER={lm_changes['provider']} needs LM_MODEL")
-            lms = {**config.lms, "default": _build(LMConfig, {**attrs.asdict(base), **lm_changes}, "LM_*")}
-            config = attrs.evolve(config, lms=lms)
-
-        engine_changes: dict[str, Any] = {}
+        engine_changes: dict[str, Any] = {"lms": lms}
         for key, field, kind in (
             ("DSPY_TRIO_MAX_IN_FLIGHT", "max_in_flight", int),
             ("DSPY_TRIO_MAX_QUEUED", "max_queued", int),
@@ -326,13 +375,61 @@ class EngineConfig:
         ):
             if env.get(key):
                 engine_changes[field] = _number(env, key, kind)
-        if env.get("DSPY_TRIO_ADAPTER"):
-            engine_changes["adapter"] = env["DSPY_TRIO_ADAPTER"]
+        for key in ("DSPY_TRIO_ADAPTER", "LM_ADAPTER"):
+            if env.get(key):
+                engine_changes["adapter"] = env[key]
         return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*")
 
 
-def _shallow(config: EngineConfig) -> dict[str, Any]:
-    return {field.name: getattr(config, field.name) for field in attrs.fields(EngineConfig)}
+def _default_lm_from_env(base: LMConfig, env: Mapping[str, str]) -> LMConfig | None:
+    """``base`` with the ``LM_*`` variables applied, or None when none is set."""
+    top: dict[str, Any] = {}
+    if provider := env.get("LM_PROVIDER"):
+        top["provider"] = provider
+    elif env.get("LM_API_BASE"):
+        top["provider"] = "openai"
+    for key, field in (("LM_MODEL", "model"), ("LM_API_BASE", "api_base")):
+        if env.get(key):
+            top[field] = env[key]
+    provider = top.get("provider", base.provider)
+    spec = PROVIDERS.get(provider)
+    api_key = env.get("LM_API_KEY") or (env.get(spec.key_env) if spec and spec.key_env else None)
+    if api_key:
+        top["api_key"] = api_key
+    if top.get("provider", base.provider) != base.provider and "model" not in top:
+        raise ConfigError(f"LM_PROVIDER={top['provider']} needs LM_MODEL")
+    params = dict(base.params)
+    if env.get("LM_PARAMS"):
+        try:
+            extra = json.loads(env["LM_PARAMS"])
+        except ValueError as exc:
+            raise ConfigError(f"LM_PARAMS must be a JSON object, got {env['LM_PARAMS']!r}") from exc
+        if not isinstance(extra, dict):
+            raise ConfigError(f"LM_PARAMS must be a JSON object, got {env['LM_PARAMS']!r}")
+        params.update(extra)
+    if env.get("LM_MAX_TOKENS"):
+        params["max_tokens"] = int(_number(env, "LM_MAX_TOKENS", int))
+    if params != dict(base.params):
+        top["params"] = params
+    nested: dict[str, dict[str, Any]] = {}
+    for key, table, field, kind in (
+        ("LM_TIMEOUT", "http", "read_timeout", float),
+        ("LM_RPM", "rate_limit", "rpm", float),
+        ("LM_TPM", "rate_limit", "tpm", float),
+        ("LM_MAX_ATTEMPTS", "retry", "max_attempts", int),
+        ("LM_ATTEMPT_TIMEOUT", "timeouts", "attempt", float),
+    ):
+        if env.get(key):
+            nested.setdefault(table, {})[field] = _number(env, key, kind)
+    if not top and not nested:
+        return None
+    for table, changes in nested.items():
+        top[table] = attrs.evolve(getattr(base, table), **changes)
+    return _build(LMConfig, {**_shallow(base), **top}, "LM_*")
+
+
+def _shallow(value: Any) -> dict[str, Any]:
+    return {field.name: getattr(value, field.name) for field in attrs.fields(type(value))}
 
 
 def _number(env: Mapping[str, str], key: str, kind: type[int] | type[float]) -> float:

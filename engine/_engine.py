@@ -30,6 +30,7 @@ from . import _groups
 from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
+from ._construction import NoPublicConstructor
 from ._errors import (
     EngineClosedError,
     EngineError,
@@ -59,7 +60,7 @@ _CLEANUP_TIMEOUT = 5.0
 _ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 
 
-class Engine:
+class Engine(metaclass=NoPublicConstructor):
     """Runs DSPy programs under Trio with admission control. Get one from :func:`open_engine`.
 
     Safe to share between any number of tasks of the Trio run that opened it.
@@ -536,9 +537,12 @@ async def open_engine(
     simulated = [name for name, c in config.lms.items() if c.provider == "simulated" and name not in given]
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
-    engine = Engine(config, backends, ProgramRegistry.build(config.programs))
-    try:
-        yield engine
-    finally:
-        await engine.drain()
-        await engine._close_lms()
+    engine = Engine._create(config, backends, ProgramRegistry.build(config.programs))
+    async with _groups.open_service_nursery() as upkeep:  # each LM's maintain(): e.g. connection reaping
+        for backend in backends.values():
+            await upkeep.start(backend.maintain)
+        try:
+            yield engine
+        finally:
+            await engine.drain()
+            await engine._close_lms()

@@ -11,21 +11,32 @@ deadline) is reported the Trio way, by the caller's scope.
     ├── InvalidInputError          the request itself is wrong (a field, a value, an option)
     │   └── UnknownProgramError    no program is registered under that name
     ├── OverloadedError            admission refused: the queue is full (carries retry_after)
-    ├── DeadlineExceededError      an engine-imposed time limit ran out
+    │   └── RateLimitWaitError     a wait for an upstream's capacity would pass the deadline
+    ├── DeadlineExceededError      a service-imposed time limit ran out
     ├── SlowConsumerError          a stream's consumer stopped reading (``timeout`` backpressure)
     ├── EngineClosedError          the engine is shutting down or closed
     ├── RequestCancelledError      the engine cancelled the request on purpose (fail-fast batch, cancel by id)
     ├── ConfigError                the configuration cannot be used
     ├── ProgramError               the DSPy program failed (e.g. the LM's output did not parse)
     └── UpstreamError              the LM provider failed
-        ├── UpstreamRateLimitedError   429 (carries retry_after)
-        ├── UpstreamServerError        5xx
+        ├── UpstreamRateLimitedError   429
+        ├── UpstreamServerError        5xx (503, 529 ...)
         ├── UpstreamConnectionError    connect / read / write failures
         ├── UpstreamTimeoutError       the provider did not answer within the per-attempt timeout
         └── UpstreamResponseError      the provider answered with something we cannot read
+
+What the engine decides from an error is a property of its class, not an ``isinstance`` ladder:
+``outcome`` (how a request ended by it is counted), and for upstream errors ``retryable``,
+``retry_cause`` (the label retries are counted under) and ``pushback`` (whether it tells the adaptive
+concurrency limit that the upstream is overloaded). Every upstream error may carry ``retry_after``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from ._statistics import Outcome
 
 __all__ = [
     "ConfigError",
@@ -35,6 +46,7 @@ __all__ = [
     "InvalidInputError",
     "OverloadedError",
     "ProgramError",
+    "RateLimitWaitError",
     "RequestCancelledError",
     "SlowConsumerError",
     "UnknownProgramError",
@@ -53,9 +65,11 @@ class EngineError(Exception):
     Attributes:
         message: A human-readable explanation, safe to show to a client.
         code: A short stable identifier (``"invalid_input"``, ``"overloaded"``, ...).
+        outcome: The outcome a request that ends with this error is counted under.
     """
 
     code = "engine_error"
+    outcome: ClassVar[Outcome] = "failed"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -70,6 +84,7 @@ class InvalidInputError(EngineError):
     """
 
     code = "invalid_input"
+    outcome: ClassVar[Outcome] = "invalid"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -94,21 +109,33 @@ class OverloadedError(EngineError):
     """
 
     code = "overloaded"
+    outcome: ClassVar[Outcome] = "rejected"
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class DeadlineExceededError(EngineError):
-    """Raised when a time limit the engine enforces runs out.
+class RateLimitWaitError(OverloadedError):
+    """Raised at once, instead of sleeping, when a wait for an upstream's capacity would end after the
+    caller's deadline: a requests- or tokens-per-minute limit, or the cool-down an upstream asked for
+    with ``Retry-After``. Nothing was sent for that LM call. ``retry_after`` is the wait, in seconds.
+    """
 
-    That is a ``timeout=`` given to the engine, or a wait the engine can tell in advance will not end
-    before the deadline. A deadline set by the caller's own cancel scope is reported by that scope
-    (``trio.TooSlowError`` from ``trio.fail_after``), not by this error.
+    code = "rate_limit_wait"
+
+
+class DeadlineExceededError(EngineError):
+    """The error of a request whose service-imposed time limit ran out (the web layer's
+    ``timeout_secs``, for instance).
+
+    A deadline set by the caller's own cancel scope is reported by that scope (``trio.TooSlowError``
+    from ``trio.fail_after``), not by this error; a wait the engine can tell in advance would pass the
+    deadline is a :class:`RateLimitWaitError`.
     """
 
     code = "deadline_exceeded"
+    outcome: ClassVar[Outcome] = "timed_out"
 
 
 class SlowConsumerError(EngineError):
@@ -130,6 +157,7 @@ class RequestCancelledError(EngineError):
     one item failed. (A cancel by the caller's own scope is reported by that scope instead.)"""
 
     code = "cancelled"
+    outcome: ClassVar[Outcome] = "cancelled"
 
 
 class ConfigError(EngineError):
@@ -151,24 +179,39 @@ class UpstreamError(EngineError):
     Attributes:
         model: The model that was called.
         status: The HTTP status the provider answered with, if it answered.
-        retryable: Whether trying again later may succeed (429, 5xx, connection failures).
+        retry_after: Seconds the provider asked us to wait (``retry-after-ms`` or ``Retry-After``),
+            or None when it did not say.
+        retryable: Whether trying again later may succeed (429, 5xx, connection failures, timeouts).
+        retry_cause: The label retries after this error are counted under; None when not retryable.
+        pushback: Whether the error tells the adaptive concurrency limit the upstream is overloaded.
     """
 
     code = "upstream_error"
-    retryable = False
+    retryable: ClassVar[bool] = False
+    retry_cause: ClassVar[str | None] = None
+    pushback: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, model: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.model = model
         self.status = status
+        self.retry_after = retry_after
 
 
 class UpstreamRateLimitedError(UpstreamError):
-    """Raised when the provider answers 429. ``retry_after`` holds its ``Retry-After`` (or
-    ``retry-after-ms``) in seconds, or None when it sent neither."""
+    """Raised when the provider answers 429."""
 
     code = "upstream_rate_limited"
     retryable = True
+    retry_cause = "rate_limited"
+    pushback = True
 
     def __init__(
         self,
@@ -178,15 +221,15 @@ class UpstreamRateLimitedError(UpstreamError):
         status: int | None = 429,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, model=model, status=status)
-        self.retry_after = retry_after
+        super().__init__(message, model=model, status=status, retry_after=retry_after)
 
 
 class UpstreamServerError(UpstreamError):
-    """Raised when the provider answers with a 5xx status."""
+    """Raised when the provider answers with a 5xx status (or 529, Anthropic's "overloaded")."""
 
     code = "upstream_server_error"
     retryable = True
+    retry_cause = "server_error"
 
 
 class UpstreamConnectionError(UpstreamError):
@@ -194,6 +237,7 @@ class UpstreamConnectionError(UpstreamError):
 
     code = "upstream_connection_error"
     retryable = True
+    retry_cause = "connection"
 
 
 class UpstreamTimeoutError(UpstreamError):
@@ -201,6 +245,8 @@ class UpstreamTimeoutError(UpstreamError):
 
     code = "upstream_timeout"
     retryable = True
+    retry_cause = "timeout"
+    pushback = True
 
 
 class UpstreamResponseError(UpstreamError):

@@ -1,44 +1,46 @@
-"""Building LM backends from :class:`~engine.LMConfig` values."""
+"""The provider registry: how each ``LMConfig.provider`` builds its backend.
+
+A new provider is its own module in ``engine/lm/`` with a ``from_config(config, *, cache)`` constructor,
+plus one line here. Nothing else names providers: ``LMConfig`` validates against this registry, and the
+environment's API-key fallback (``OPENAI_API_KEY`` ...) comes from it.
+"""
 
 from __future__ import annotations
 
-from ._config import LMConfig
-from .lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import attrs
+
+from .lm import AnthropicLM, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
+
+if TYPE_CHECKING:
+    from ._config import LMConfig
+
+
+@attrs.frozen
+class Provider:
+    """One kind of LM backend.
+
+    Attributes:
+        build: ``build(config, cache=...)``: a new backend; does no I/O.
+        needs_api_base: ``api_base`` is required.
+        key_env: The environment variable holding its API key when ``LM_API_KEY`` is unset.
+    """
+
+    build: Callable[..., TrioLM]
+    needs_api_base: bool = False
+    key_env: str | None = None
+
+
+PROVIDERS: dict[str, Provider] = {
+    "simulated": Provider(SimulatedLM.from_config),
+    "openai": Provider(OpenAICompatibleLM.from_config, needs_api_base=True, key_env="OPENAI_API_KEY"),
+    "anthropic": Provider(AnthropicLM.from_config, key_env="ANTHROPIC_API_KEY"),
+    "dspy": Provider(ThreadedLM.from_config),
+}
 
 
 def build_lm(config: LMConfig, *, cache: bool = False) -> TrioLM:
     """A new LM backend for ``config``. Does no I/O; the caller owns it and must ``aclose`` it."""
-    params = dict(config.params)
-    if config.provider == "simulated":
-        return SimulatedLM(
-            config.model,
-            first_token_delay=config.first_token_delay,
-            token_delay=config.token_delay,
-            words_per_field=config.words_per_field,
-            cache=cache,
-            **params,
-        )
-    if config.provider in ("openai", "anthropic"):
-        http = HTTPSettings(
-            connect_timeout=config.connect_timeout,
-            read_timeout=config.timeout,
-            max_connections=config.max_connections,
-        )
-        if config.provider == "anthropic":
-            base = config.api_base or "https://api.anthropic.com"
-            return AnthropicLM(
-                config.model, api_key=config.api_key, api_base=base, http=http, cache=cache, **params
-            )
-        assert config.api_base is not None  # LMConfig checks this
-        return OpenAICompatibleLM(
-            config.model, api_base=config.api_base, api_key=config.api_key, http=http, cache=cache, **params
-        )
-    extra = {"api_base": config.api_base, "api_key": config.api_key}
-    return ThreadedLM.from_model(
-        config.model,
-        threads=config.threads,
-        timeout=config.timeout,
-        cache=cache,
-        **{k: v for k, v in extra.items() if v is not None},
-        **params,
-    )
+    return PROVIDERS[config.provider].build(config, cache=cache)

@@ -8,13 +8,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import (
-    DeadlineExceededError,
-    EngineClosedError,
-    EngineError,
-    OverloadedError,
-    RequestCancelledError,
-)
+from ._errors import EngineClosedError, EngineError
 from ._programs import Program
 from ._result import PredictionResult, Timings
 from ._statistics import Outcome
@@ -23,13 +17,7 @@ from ._trace import RequestTrace
 
 def outcome_of(error: EngineError) -> Outcome:
     """The outcome a request ended by ``error`` is counted under."""
-    if isinstance(error, OverloadedError):
-        return "rejected"
-    if isinstance(error, RequestCancelledError):
-        return "cancelled"
-    if isinstance(error, DeadlineExceededError):
-        return "timed_out"
-    return "failed"
+    return error.outcome
 
 
 @attrs.define(eq=False)

@@ -16,11 +16,14 @@ class Usage:
         prompt_tokens: Tokens sent to the LM.
         completion_tokens: Tokens the LM generated.
         by_model: The raw usage entries DSPy's usage tracker collected, per model name.
+        estimated: Whether some of the counts are the engine's estimate (~4 characters a token)
+            because a provider reported none, e.g. a stream from a server that sends no usage chunk.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     by_model: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -33,7 +36,8 @@ class Usage:
         def count(key: str) -> int:
             return sum(int(entry.get(key) or 0) for entry in totals.values())
 
-        return cls(count("prompt_tokens"), count("completion_tokens"), dict(totals))
+        estimated = any(entry.get("estimated") for entry in totals.values())
+        return cls(count("prompt_tokens"), count("completion_tokens"), dict(totals), estimated)
 
 
 @attrs.frozen

@@ -3,7 +3,7 @@
 - Only retryable failures (429, 5xx, connection failures, per-attempt timeouts), and never once a token of
   the attempt reached the caller (a stream cannot be taken back).
 - Exponential backoff with full jitter: a random wait in ``[0, min(max_delay, base_delay * 2**n)]``, never
-  shorter than the upstream's ``Retry-After``.
+  shorter than the upstream's ``Retry-After`` (on any retryable status: 429, 503, 529 ...).
 - Never past the deadline: when the wait would end after the caller's deadline, give up at once with the
   last error instead of sleeping.
 - A retry budget: retries may be at most ``budget_ratio`` of the requests seen in the last ``window``
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from ._errors import UpstreamError, UpstreamRateLimitedError
+from ._errors import UpstreamError
 
 
 @attrs.frozen
@@ -46,7 +46,7 @@ class RetryPolicy:
         """Seconds to wait before retry number ``retry`` (from 1) after ``error``."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** (retry - 1))
         wait = uniform(0.0, ceiling)
-        if isinstance(error, UpstreamRateLimitedError) and error.retry_after is not None:
+        if error.retry_after is not None:
             wait = max(wait, error.retry_after)
         return wait
 

@@ -21,7 +21,7 @@ class EngineStatistics:
 
     - ``succeeded``: returned a result.
     - ``failed``: ended with a typed error (upstream, program, engine closed).
-    - ``timed_out``: its deadline passed (the caller's scope or ``timeout=``).
+    - ``timed_out``: its deadline passed (the caller's scope).
     - ``cancelled``: its caller cancelled it before its deadline.
     - ``rejected``: refused at admission (queue full, engine closing); nothing ran.
     - ``invalid``: refused for bad input (unknown program, bad fields); nothing ran.

@@ -1,18 +1,16 @@
 """A token bucket on Trio's clock, for requests-per-minute and tokens-per-minute limits.
 
 Waiting for tokens happens inside the caller's deadline: when the wait could not end before the deadline,
-:meth:`TokenBucket.acquire` fails at once with :class:`DeadlineExceededError` instead of sleeping for
+:meth:`TokenBucket.acquire` fails at once with :class:`RateLimitWaitError` instead of sleeping for
 nothing. A charge may be corrected afterwards (TPM is charged with an estimate before the call and
 corrected with the real usage after), so the level may go below zero: later callers then wait longer.
 """
 
 from __future__ import annotations
 
-import math
-
 import trio
 
-from ._errors import DeadlineExceededError
+from ._errors import RateLimitWaitError
 
 
 class TokenBucket:
@@ -57,19 +55,18 @@ class TokenBucket:
         """Take ``amount`` tokens, waiting for them in FIFO order.
 
         Raises:
-            DeadlineExceededError: at once, when the tokens could not arrive before the caller's deadline
-                (or never could: ``amount`` exceeds the capacity).
+            RateLimitWaitError: at once, when the tokens could not arrive before the caller's deadline.
+            ValueError: ``amount`` exceeds the capacity, so it never could (callers clamp their charge).
         """
         if amount > self.capacity:
-            raise DeadlineExceededError(
-                f"{self.name}: {amount:g} exceeds the bucket's capacity {self.capacity:g}"
-            )
+            raise ValueError(f"{self.name}: {amount:g} exceeds the bucket's capacity {self.capacity:g}")
         async with self._lock:
             wait = self.wait_time(amount)
             if wait > 0:
                 if trio.current_time() + wait > trio.current_effective_deadline():
-                    raise DeadlineExceededError(
-                        f"{self.name} limit: {wait:.3f}s wait for capacity would pass the deadline"
+                    raise RateLimitWaitError(
+                        f"{self.name} limit: {wait:.3f}s wait for capacity would pass the deadline",
+                        retry_after=wait,
                     )
                 started = trio.current_time()
                 await trio.sleep(wait)
@@ -83,7 +80,3 @@ class TokenBucket:
         """Charge ``delta`` more tokens (or refund, if negative) after the fact."""
         self._refill()
         self._level = min(self.capacity, self._level - delta)
-
-
-def unlimited(value: float | None) -> bool:
-    return value is None or math.isinf(value)

@@ -18,7 +18,6 @@ class RequestTrace:
     """Mutable totals of one request's LM calls."""
 
     lm_seconds: float = 0.0
-    lm_calls: int = 0
     attempts: int = 0
 
 
@@ -42,7 +41,6 @@ def record_lm_call(seconds: float) -> None:
     """Add one LM call of ``seconds`` to the current request's trace, if there is one."""
     trace = _current.get()
     if trace is not None:
-        trace.lm_calls += 1
         trace.lm_seconds += seconds
 
 

@@ -1,11 +1,12 @@
 """The policies around every LM call to one upstream: cool-down, rate limits, adaptive concurrency,
 cascading timeouts and retries. All waits live inside the caller's deadline.
 
-One call goes: wait out a shared cool-down (set by a 429's ``Retry-After``, so one rate limit does not
-become a storm) -> take an RPM token and an estimate of TPM tokens -> take an adaptive-concurrency slot ->
-run the attempt under the per-attempt timeout, and for streams the first-token and inter-token stall
-timeouts -> on a retryable failure, back off (full jitter, never before ``Retry-After``, never past the
-deadline, within the retry budget) and go again. The TPM charge is corrected with the real usage.
+One call goes: wait out a shared cool-down (set by the ``Retry-After`` of a 429, 503, 529..., so one rate
+limit does not become a storm) -> take an RPM token and an estimate of TPM tokens -> take an
+adaptive-concurrency slot -> run the attempt under the per-attempt timeout, and for streams the
+first-token and inter-token stall timeouts -> on a retryable failure, back off (full jitter, never before
+``Retry-After``, never past the deadline, within the retry budget) and go again. The TPM charge is
+corrected with the real usage.
 """
 
 from __future__ import annotations
@@ -18,13 +19,7 @@ import attrs
 import trio
 
 from ._adaptive import AdaptiveLimit, AdaptiveSettings
-from ._errors import (
-    UpstreamConnectionError,
-    UpstreamError,
-    UpstreamRateLimitedError,
-    UpstreamServerError,
-    UpstreamTimeoutError,
-)
+from ._errors import RateLimitWaitError, UpstreamError, UpstreamTimeoutError
 from ._retry import RetryBudget, RetryPolicy, seeded
 from ._telemetry import span
 from ._token_bucket import TokenBucket
@@ -68,7 +63,7 @@ class UpstreamStatistics:
         retries_by_cause: Retries made, by cause (``rate_limited``, ``server_error``, ``connection``,
             ``timeout``).
         rate_limit_wait_seconds: Time calls spent waiting for RPM/TPM capacity or a cool-down.
-        cooldown_remaining: Seconds until calls may go again after a 429, 0 when none.
+        cooldown_remaining: Seconds until calls may go again after a ``Retry-After``, 0 when none.
     """
 
     concurrency_limit: float | None
@@ -76,18 +71,6 @@ class UpstreamStatistics:
     retries_by_cause: Mapping[str, int]
     rate_limit_wait_seconds: float
     cooldown_remaining: float
-
-
-def _cause(error: UpstreamError) -> str:
-    if isinstance(error, UpstreamRateLimitedError):
-        return "rate_limited"
-    if isinstance(error, UpstreamServerError):
-        return "server_error"
-    if isinstance(error, UpstreamTimeoutError):
-        return "timeout"
-    if isinstance(error, UpstreamConnectionError):
-        return "connection"
-    return "other"
 
 
 class _WatchedSink:
@@ -149,8 +132,8 @@ class UpstreamGuard:
         if wait <= 0:
             return
         if trio.current_time() + wait > trio.current_effective_deadline():
-            raise UpstreamRateLimitedError(
-                f"{self.name}: rate limited for another {wait:.3f}s, past the request's deadline",
+            raise RateLimitWaitError(
+                f"{self.name}: the upstream's {wait:.3f}s cool-down would pass the deadline",
                 retry_after=wait,
             )
         started = trio.current_time()
@@ -163,7 +146,7 @@ class UpstreamGuard:
         Raises:
             UpstreamError: the last attempt's error, when no retry is allowed (or the wait for one
                 would pass the deadline).
-            DeadlineExceededError: a rate-limit wait would pass the deadline.
+            RateLimitWaitError: a wait for a cool-down or a rate limit would pass the deadline.
         """
         self._budget.record_request()
         retry = 0
@@ -180,7 +163,7 @@ class UpstreamGuard:
             except UpstreamError as error:
                 if self._tpm is not None:
                     self._tpm.adjust(-min(estimate, self._tpm.capacity))  # a failed attempt used nothing
-                if isinstance(error, UpstreamRateLimitedError) and error.retry_after is not None:
+                if error.retry_after is not None:
                     self._cooldown_until = max(self._cooldown_until, trio.current_time() + error.retry_after)
                 retry += 1
                 delivered = watched is not None and watched.delivered  # a stream cannot be taken back
@@ -191,7 +174,7 @@ class UpstreamGuard:
                     raise
                 if not self._budget.try_spend():
                     raise
-                self.retries[_cause(error)] += 1
+                self.retries[error.retry_cause or "other"] += 1
                 await trio.sleep(wait)
                 continue
             if self._tpm is not None:
@@ -221,7 +204,7 @@ class UpstreamGuard:
                 try:
                     completion = await attempt(watched)
                 except UpstreamError as error:
-                    overloaded = isinstance(error, UpstreamRateLimitedError | UpstreamTimeoutError)
+                    overloaded = error.pushback
                     raise
                 latency = trio.current_time() - started
                 return completion

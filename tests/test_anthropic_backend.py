@@ -14,6 +14,7 @@ from engine import (
     FieldDelta,
     FinalEvent,
     LMConfig,
+    RetryPolicy,
     UpstreamConnectionError,
     UpstreamRateLimitedError,
     UpstreamResponseError,
@@ -105,7 +106,7 @@ async def test_retries_and_stream_errors_go_through_the_engines_policies(fake_up
         model="claude-test",
         api_base=fake_upstream.url,
         api_key="k",
-        retry_base_delay=0.01,
+        retry=RetryPolicy(base_delay=0.01),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})

@@ -13,6 +13,7 @@ from engine import (
     InvalidInputError,
     LMConfig,
     RequestCancelledError,
+    RetryPolicy,
     UpstreamServerError,
     open_engine,
 )
@@ -32,7 +33,7 @@ class SometimesFailing(CountingLM):
 
 
 def config(**changes: Any) -> EngineConfig:
-    return EngineConfig(lms={"default": LMConfig(max_attempts=1)}, **changes)
+    return EngineConfig(lms={"default": LMConfig(retry=RetryPolicy(max_attempts=1))}, **changes)
 
 
 async def test_ordered_results_with_per_item_outcomes(autojump_clock: Any) -> None:

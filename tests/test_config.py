@@ -6,14 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from engine import ConfigError, EngineConfig, LMConfig
+from engine import (
+    AdaptiveSettings,
+    CallTimeouts,
+    ConfigError,
+    EngineConfig,
+    LMConfig,
+    RateLimit,
+    RetryPolicy,
+)
+from engine.lm import HTTPSettings
 
 
 def test_nothing_configured_means_the_simulated_lm_and_the_default_program() -> None:
     config = EngineConfig.from_env({})
     assert config.lms["default"].provider == "simulated"
     assert config.programs["default"].source == "question -> answer"
-    assert config.uses_simulated_lm
 
 
 def test_env_selects_an_openai_compatible_lm() -> None:
@@ -26,7 +34,7 @@ def test_env_selects_an_openai_compatible_lm() -> None:
         }
     )
     lm = config.lms["default"]
-    assert (lm.provider, lm.model, lm.api_base, lm.api_key, lm.timeout) == (
+    assert (lm.provider, lm.model, lm.api_base, lm.api_key, lm.http.read_timeout) == (
         "openai",
         "llama",
         "http://127.0.0.1:9/v1",
@@ -119,3 +127,133 @@ def test_bad_toml_is_a_config_error(tmp_path: Path, text: str, message: str) -> 
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         EngineConfig.from_toml(path)
+
+
+def test_each_lm_nests_its_real_policy_values(tmp_path: Path) -> None:
+    path = tmp_path / "nested.toml"
+    path.write_text(
+        """
+[lms.default]
+provider = "openai"
+model = "m"
+api_base = "http://127.0.0.1:9/v1"
+
+[lms.default.http]
+connect_timeout = 2
+read_timeout = 30
+write_timeout = 4
+pool_timeout = 5
+max_connections = 64
+
+[lms.default.timeouts]
+attempt = 60
+first_token = 10
+stall = 5
+
+[lms.default.rate_limit]
+rpm = 500
+tpm = 100000
+
+[lms.default.retry]
+max_attempts = 4
+base_delay = 0.5
+budget_floor = 3
+window = 30
+
+[lms.default.adaptive]
+initial = 8
+maximum = 64
+"""
+    )
+    lm = EngineConfig.from_toml(path).lms["default"]
+    assert lm.http == HTTPSettings(
+        connect_timeout=2, read_timeout=30, write_timeout=4, pool_timeout=5, max_connections=64
+    )
+    assert lm.timeouts == CallTimeouts(attempt=60, first_token=10, stall=5)
+    assert lm.rate_limit == RateLimit(rpm=500, tpm=100000)
+    assert lm.retry == RetryPolicy(max_attempts=4, base_delay=0.5, budget_floor=3, window=30)
+    assert lm.adaptive == AdaptiveSettings(initial=8, maximum=64)
+    policy = lm.policy()
+    assert (policy.rpm, policy.tpm, policy.attempt_timeout, policy.stall_timeout) == (500, 100000, 60, 5)
+    assert policy.retry is lm.retry
+    assert policy.adaptive is lm.adaptive
+
+
+def test_the_old_environment_variables_still_set_the_nested_values() -> None:
+    env = {
+        "LM_TIMEOUT": "7",
+        "LM_RPM": "60",
+        "LM_TPM": "1000",
+        "LM_MAX_ATTEMPTS": "2",
+        "LM_ATTEMPT_TIMEOUT": "9",
+    }
+    lm = EngineConfig.from_env(env).lms["default"]
+    assert lm.http.read_timeout == 7
+    assert lm.rate_limit == RateLimit(rpm=60, tpm=1000)
+    assert lm.retry.max_attempts == 2
+    assert lm.timeouts.attempt == 9
+
+
+def test_adapter_and_model_parameters_from_the_environment() -> None:
+    config = EngineConfig.from_env(
+        {
+            "LM_API_BASE": "http://127.0.0.1:9/v1",
+            "LM_MODEL": "smol",
+            "LM_ADAPTER": "json",
+            "LM_PARAMS": '{"temperature": 0.1, "repeat_penalty": 1.1}',
+            "LM_MAX_TOKENS": "256",
+        }
+    )
+    assert config.adapter == "json"
+    assert config.lms["default"].params == {"temperature": 0.1, "repeat_penalty": 1.1, "max_tokens": 256}
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"rpm": 5}, "moved into nested tables: rpm -> rate_limit.rpm"),
+        (
+            {"max_attempts": 2, "timeout": 3},
+            "max_attempts -> retry.max_attempts, timeout -> http.read_timeout",
+        ),
+        ({"retry": {"max_attempts": 0}}, "max_attempts must be at least 1"),
+        ({"retry": {"base_delay": -1}}, "retry.base_delay must not be negative"),
+        ({"retry": {"tries": 2}}, "lm.retry: unknown key"),
+        ({"rate_limit": {"rpm": 0}}, "rpm must be positive"),
+        ({"provider": "magic"}, "provider must be one of simulated, openai, anthropic, dspy"),
+        (
+            {"api_key_env": "DSPY_TRIO_SURELY_UNSET"},
+            "api_key_env names DSPY_TRIO_SURELY_UNSET, which is not set",
+        ),
+    ],
+)
+def test_bad_lm_tables_are_config_errors(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LMConfig.from_mapping(table, env={})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LM_PARAMS": "[1, 2]"}, "LM_PARAMS must be a JSON object"),
+        ({"LM_PARAMS": "{temperature: 1}"}, "LM_PARAMS must be a JSON object"),
+        ({"LM_MAX_TOKENS": "many"}, "LM_MAX_TOKENS must be a number"),
+        ({"LM_ADAPTER": "xml"}, "adapter must be one of chat, json"),
+    ],
+)
+def test_bad_lm_environment_is_a_config_error(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_env(env)
+
+
+def test_a_new_provider_is_one_registry_entry() -> None:
+    from engine._lm_factory import PROVIDERS, Provider, build_lm
+    from engine.lm import SimulatedLM
+
+    PROVIDERS["echo"] = Provider(SimulatedLM.from_config)
+    try:
+        lm = build_lm(LMConfig(provider="echo", model="echo/1"))
+        assert isinstance(lm, SimulatedLM)
+        assert lm.model == "echo/1"
+    finally:
+        del PROVIDERS["echo"]

@@ -1,5 +1,9 @@
 """The public API is exactly what engine/__init__.py re-exports."""
 
+import types
+
+import pytest
+
 import engine
 import engine.lm
 import engine.testing
@@ -7,8 +11,9 @@ import engine.testing
 
 def test_engine_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
-        "AdmissionStatistics",
+        "AdaptiveSettings",
         "BatchItem",
+        "CallTimeouts",
         "ConfigError",
         "DeadlineExceededError",
         "Engine",
@@ -28,7 +33,10 @@ def test_engine_public_names_are_pinned() -> None:
         "ProgramError",
         "ProgramInfo",
         "ProgramSpec",
+        "RateLimit",
+        "RateLimitWaitError",
         "RequestCancelledError",
+        "RetryPolicy",
         "SlowConsumerError",
         "StatusEvent",
         "StreamEvent",
@@ -55,10 +63,51 @@ def test_every_error_is_an_engine_error() -> None:
     assert len({e.code for e in errors}) == len(errors), "each error has its own code"
 
 
-def test_lm_and_testing_exports_resolve() -> None:
-    for module in (engine.lm, engine.testing):
-        for name in module.__all__:
-            assert hasattr(module, name)
+def test_lm_public_names_are_pinned() -> None:
+    assert sorted(engine.lm.__all__) == [
+        "AnthropicLM",
+        "ChunkSink",
+        "Completion",
+        "DeltaSink",
+        "HTTPSettings",
+        "OpenAICompatibleLM",
+        "SimulatedLM",
+        "ThreadedLM",
+        "TrioLM",
+    ]
+
+
+def test_testing_public_names_are_pinned() -> None:
+    assert sorted(engine.testing.__all__) == [
+        "Behavior",
+        "FakeUpstream",
+        "Fault",
+        "IdleClose",
+        "RequestRecord",
+        "open_fake_upstream",
+    ]
+
+
+@pytest.mark.parametrize("module", [engine, engine.lm, engine.testing], ids=lambda m: m.__name__)
+def test_every_public_name_resolves_and_nothing_public_is_unlisted(module: types.ModuleType) -> None:
+    for name in module.__all__:
+        assert hasattr(module, name)
+    public = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public <= set(module.__all__), f"{module.__name__} exposes unlisted names"
+
+
+def test_no_public_api_returns_an_unexported_statistics_type() -> None:
+    import typing
+
+    hints = typing.get_type_hints(engine.EngineStatistics)
+    for hint in hints.values():
+        name = getattr(hint, "__name__", "")
+        if name.endswith("Statistics"):
+            assert name in engine.__all__
 
 
 def test_engine_never_imports_the_web_layer() -> None:
@@ -69,3 +118,18 @@ def test_engine_never_imports_the_web_layer() -> None:
         text = path.read_text()
         for banned in ("import web", "from web", "quart", "hypercorn"):
             assert banned not in text, f"{path} mentions {banned!r}"
+
+
+async def test_an_engine_comes_only_from_open_engine() -> None:
+    with pytest.raises(TypeError, match="no public constructor; use open_engine"):
+        engine.Engine(engine.EngineConfig(), {}, None)  # type: ignore[arg-type]
+    async with engine.open_engine(engine.EngineConfig()) as opened:
+        assert isinstance(opened, engine.Engine)
+
+
+def test_dead_code_is_gone() -> None:
+    from engine import _token_bucket, _trace
+
+    assert not hasattr(_token_bucket, "unlimited")
+    assert "lm_calls" not in {field.name for field in __import__("attrs").fields(_trace.RequestTrace)}
+    assert not hasattr(engine.EngineConfig, "uses_simulated_lm")

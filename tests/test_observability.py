@@ -18,6 +18,7 @@ from engine import (
     OverloadedError,
     ProgramSpec,
     RequestCancelledError,
+    RetryPolicy,
     UpstreamServerError,
     open_engine,
 )
@@ -38,7 +39,7 @@ async def test_counters_and_histograms_match_a_scripted_mix_of_outcomes(autojump
         FailingLM(UpstreamServerError("x", status=500), delay=0.5),
     )
     config = EngineConfig(
-        lms={"default": LMConfig(), "bad": LMConfig(max_attempts=1)},
+        lms={"default": LMConfig(), "bad": LMConfig(retry=RetryPolicy(max_attempts=1))},
         programs={
             "default": ProgramSpec("question -> answer"),
             "bad": ProgramSpec("question -> answer", lm="bad"),

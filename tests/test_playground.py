@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig
+from engine import EngineConfig, LMConfig, RetryPolicy
 from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 from web.server import open_server
 
@@ -61,7 +61,9 @@ def service() -> Iterator[Service]:
     async def main() -> None:
         stop = trio.Event()
         async with open_fake_upstream(Behavior(first_token_delay=0.05, token_delay=0.05)) as upstream:
-            lm = LMConfig(provider="openai", model="fake", api_base=upstream.url, max_attempts=1)
+            lm = LMConfig(
+                provider="openai", model="fake", api_base=upstream.url, retry=RetryPolicy(max_attempts=1)
+            )
             async with open_server(settings(engine=EngineConfig(lms={"default": lm}))) as server:
                 started.put((Service(server.url, upstream, trio.lowlevel.current_trio_token()), stop))
                 await stop.wait()

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import DeadlineExceededError, UpstreamRateLimitedError, UpstreamServerError
+from engine import RateLimitWaitError, UpstreamRateLimitedError, UpstreamServerError
 from engine._adaptive import AdaptiveLimit, AdaptiveSettings
 from engine._retry import RetryBudget, RetryPolicy, seeded
 from engine._token_bucket import TokenBucket
@@ -28,10 +28,15 @@ async def test_bucket_fails_at_once_when_the_wait_would_pass_the_deadline(autoju
     bucket = TokenBucket(60, burst=1)
     await bucket.acquire()
     start = trio.current_time()
-    with trio.fail_after(0.5), pytest.raises(DeadlineExceededError, match="would pass the deadline"):
+    with trio.fail_after(0.5), pytest.raises(RateLimitWaitError, match="would pass the deadline") as info:
         await bucket.acquire()
+    assert info.value.retry_after == pytest.approx(1.0)
     assert trio.current_time() == start
-    with pytest.raises(DeadlineExceededError, match="exceeds the bucket's capacity"):
+
+
+async def test_a_request_larger_than_the_bucket_is_a_programming_error_not_a_deadline() -> None:
+    bucket = TokenBucket(60, burst=1)
+    with pytest.raises(ValueError, match="exceeds the bucket's capacity"):
         await bucket.acquire(5)
 
 

@@ -10,10 +10,13 @@ import pytest
 import trio
 
 from engine import (
+    CallTimeouts,
     EngineConfig,
     ErrorEvent,
     LMConfig,
+    RateLimitWaitError,
     RequestCancelledError,
+    RetryPolicy,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamRateLimitedError,
@@ -65,7 +68,9 @@ async def test_cancel_by_id_ends_the_request_wherever_it_is(autojump_clock: Any,
 
 async def test_results_report_attempts_and_statistics_count_retries(fake_upstream: FakeUpstream) -> None:
     fake_upstream.add_faults(Fault("unavailable"), Fault("server_error"))
-    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url, retry_base_delay=0.01)
+    lm = LMConfig(
+        provider="openai", model="fake", api_base=fake_upstream.url, retry=RetryPolicy(base_delay=0.01)
+    )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})
         assert result.attempts == 3
@@ -78,7 +83,9 @@ async def test_429_bursts_every_request_one_outcome_and_retries_never_early(
 ) -> None:
     """A burst of 429s with Retry-After: the shared cool-down holds every request off until then."""
     fake_upstream.add_faults(*[Fault("rate_limit", retry_after_ms=300)] * 5)
-    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url, max_attempts=5)
+    lm = LMConfig(
+        provider="openai", model="fake", api_base=fake_upstream.url, retry=RetryPolicy(max_attempts=5)
+    )
     outcomes: list[Any] = []
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
 
@@ -111,8 +118,8 @@ async def test_hangs_and_mid_stream_disconnects_each_end_in_one_outcome(fake_ups
         provider="openai",
         model="fake",
         api_base=fake_upstream.url,
-        attempt_timeout=0.5,
-        retry_base_delay=0.01,
+        timeouts=CallTimeouts(attempt=0.5),
+        retry=RetryPolicy(base_delay=0.01),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         recovered = await engine.predict("default", {"question": "first hangs"})
@@ -133,6 +140,6 @@ async def test_a_rate_limit_that_outlasts_the_deadline_fails_fast(fake_upstream:
         with trio.fail_after(5), pytest.raises(UpstreamRateLimitedError):
             await engine.predict("default", {"question": "q"})
         assert trio.current_time() - started < 1
-        with trio.fail_after(5), pytest.raises(UpstreamRateLimitedError, match="past the request's deadline"):
+        with trio.fail_after(5), pytest.raises(RateLimitWaitError, match="would pass the deadline"):
             await engine.predict("default", {"question": "the cool-down applies to the next request"})
     assert len(fake_upstream.records) == 1

@@ -19,6 +19,7 @@ from engine import (
     UpstreamTimeoutError,
     open_engine,
 )
+from engine.lm import HTTPSettings
 from engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import first_request_closed_by_client
@@ -68,7 +69,7 @@ async def test_mid_stream_faults_end_in_exactly_one_error_event(
 
 async def test_a_stalled_upstream_is_cut_off_by_the_read_timeout(fake_upstream: FakeUpstream) -> None:
     fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=10.0)
-    async with open_engine(openai_config(fake_upstream, timeout=0.3)) as engine:
+    async with open_engine(openai_config(fake_upstream, http=HTTPSettings(read_timeout=0.3))) as engine:
         events = await collect(engine)
     assert isinstance(events[-1], ErrorEvent)
     assert isinstance(events[-1].error, UpstreamTimeoutError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig, UpstreamRateLimitedError, open_engine
+from engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, UpstreamRateLimitedError, open_engine
 from engine.testing import Behavior, FakeUpstream, Fault
 
 
@@ -16,7 +16,7 @@ def threaded_config(upstream: FakeUpstream) -> EngineConfig:
         api_base=upstream.url,
         api_key="sk-test",
         threads=4,
-        max_attempts=1,
+        retry=RetryPolicy(max_attempts=1),
     )
     return EngineConfig(lms={"default": lm})
 
@@ -55,3 +55,30 @@ async def test_cancel_returns_at_once_but_the_thread_runs_the_call_to_completion
     [record] = fake_upstream.records
     assert record.client_closed_at is None
     assert record.completed_at is not None
+
+
+@pytest.mark.parametrize("params", [{"min_tokens": 5}, {"repeat_penalty": 1.1}])
+async def test_params_that_take_dspys_asyncio_litellm_route_are_refused_at_start_up(
+    params: dict[str, float],
+) -> None:
+    """DSPy streams its LiteLLM route by running asyncio code on the calling (Trio) thread; under Trio
+    that failed every stream and froze the server. The configuration is refused before anything runs."""
+    lm = LMConfig(provider="dspy", model="openai/m", api_base="http://127.0.0.1:9/v1", params=params)
+    with pytest.raises(ConfigError, match="LiteLLM") as info:
+        async with open_engine(EngineConfig(lms={"default": lm})):
+            pytest.fail("the engine opened")
+    assert next(iter(params)) in info.value.message
+    assert 'provider = "openai"' in info.value.message
+
+
+async def test_params_dspy_sends_natively_are_accepted(fake_upstream: FakeUpstream) -> None:
+    lm = LMConfig(
+        provider="dspy",
+        model="openai/fake-model",
+        api_base=fake_upstream.url,
+        api_key="k",
+        params={"temperature": 0.3, "max_tokens": 40},
+    )
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        result = await engine.predict("default", {"question": "q"})
+    assert result.outputs["answer"]

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from engine import (
-    DeadlineExceededError,
+    RateLimitWaitError,
     UpstreamConnectionError,
     UpstreamRateLimitedError,
     UpstreamResponseError,
@@ -171,9 +171,28 @@ async def test_rpm_spaces_calls_and_tpm_is_corrected_with_real_usage(autojump_cl
 async def test_rate_limit_waits_past_the_deadline_fail_fast(autojump_clock: Any) -> None:
     g = guard(rpm=1)
     await g.call(Script(), None, estimate=1)
-    with trio.move_on_after(30), pytest.raises(DeadlineExceededError):
+    with trio.move_on_after(30), pytest.raises(RateLimitWaitError) as info:
         await g.call(Script(), None, estimate=1)
+    assert info.value.retry_after == pytest.approx(60)
     assert trio.current_time() == 0
+
+
+async def test_a_cool_down_past_the_deadline_raises_the_same_error_as_a_bucket(autojump_clock: Any) -> None:
+    g = guard(retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(UpstreamRateLimitedError):
+        await g.call(Script(UpstreamRateLimitedError("429", retry_after=30)), None, estimate=1)
+    with trio.move_on_after(10), pytest.raises(RateLimitWaitError, match="would pass the deadline") as info:
+        await g.call(Script(), None, estimate=1)
+    assert info.value.retry_after == 30
+    assert info.value.outcome == "rejected"
+    assert trio.current_time() == 0
+
+
+async def test_retry_after_of_a_503_is_honoured_like_a_429s(autojump_clock: Any) -> None:
+    script = Script(UpstreamServerError("503", status=503, retry_after=1.0))
+    g = guard(retry=RetryPolicy(max_attempts=2, base_delay=0.25))
+    await g.call(script, None, estimate=10)
+    assert script.started == [0.0, 1.0]
 
 
 async def test_adaptive_limit_shrinks_on_429_and_is_visible(autojump_clock: Any) -> None:

@@ -140,6 +140,12 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         """
         raise NotImplementedError
 
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background upkeep of the backend's resources while it is in use, e.g. closing connections
+        the provider closed. Run it with ``await nursery.start(lm.maintain)``; it runs until cancelled,
+        or returns at once when the backend needs none (the default)."""
+        task_status.started()
+
     async def aclose(self) -> None:
         """Release network resources. Safe to call twice."""
 
@@ -184,6 +190,19 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
     async def aforward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
         raise RuntimeError(f"{type(self).__name__} is called through acall(), not aforward()")
+
+
+def estimated_usage(messages: Sequence[Message], texts: Sequence[str]) -> dict[str, Any]:
+    """Usage for a provider that reported none (a stream without a usage chunk): ~4 characters a
+    token, marked ``estimated``."""
+    prompt = math.ceil(sum(len(str(m.get("content", ""))) for m in messages) / 4)
+    completion = math.ceil(sum(len(text) for text in texts) / 4)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "estimated": True,
+    }
 
 
 def estimate_tokens(messages: Sequence[Message], params: Mapping[str, Any]) -> float:

@@ -21,12 +21,16 @@ from .._errors import (
 
 @contextmanager
 def transport_errors(model: str) -> Iterator[None]:
-    """Translate httpx transport failures raised inside the block. ``trio.Cancelled`` passes through."""
+    """Translate httpx failures raised inside the block; the most specific first, ``httpx.RequestError``
+    (anything else that went wrong with the request) last. ``trio.Cancelled`` passes through."""
     try:
         yield
     except httpx.TimeoutException as exc:
         raise UpstreamTimeoutError(f"{model}: no answer in time ({type(exc).__name__})", model=model) from exc
-    except httpx.TransportError as exc:
+    except (httpx.DecodingError, httpx.TooManyRedirects) as exc:
+        error: UpstreamError = UpstreamResponseError(f"{model}: {type(exc).__name__}: {exc}", model=model)
+        raise error from exc
+    except httpx.RequestError as exc:
         raise UpstreamConnectionError(f"{model}: {type(exc).__name__}: {exc}", model=model) from exc
 
 
@@ -70,12 +74,12 @@ def _provider_message(body: str) -> str:
 
 
 def status_error(model: str, status: int, headers: Mapping[str, str], body: str) -> UpstreamError:
-    """The engine error for a provider response with an error ``status``."""
+    """The engine error for a provider response with an error ``status``. Every retryable status
+    (429, and 5xx such as 503 and Anthropic's 529) carries the provider's ``Retry-After``."""
     message = f"{model}: HTTP {status}: {_provider_message(body)}"
+    retry_after = parse_retry_after(headers)
     if status == 429:
-        return UpstreamRateLimitedError(
-            message, model=model, status=status, retry_after=parse_retry_after(headers)
-        )
+        return UpstreamRateLimitedError(message, model=model, status=status, retry_after=retry_after)
     if status >= 500:
-        return UpstreamServerError(message, model=model, status=status)
+        return UpstreamServerError(message, model=model, status=status, retry_after=retry_after)
     return UpstreamResponseError(message, model=model, status=status)

@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._sse import json_object
 from .openai import HTTPSettings
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
@@ -65,6 +71,7 @@ class AnthropicLM(TrioLM):
         api_key: Sent as ``x-api-key``.
         api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
         http: Timeouts and connection limits.
+        transport: An ``httpx`` transport to send requests through instead of the network (tests).
         **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
     """
 
@@ -75,6 +82,7 @@ class AnthropicLM(TrioLM):
         api_key: str | None = None,
         api_base: str = "https://api.anthropic.com",
         http: HTTPSettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
@@ -83,13 +91,31 @@ class AnthropicLM(TrioLM):
         if api_key:
             headers["x-api-key"] = api_key
         root = api_base.rstrip("/").removesuffix("/v1")
-        self._clients = (http or HTTPSettings()).clients(root + "/", headers)
+        self.http = http or HTTPSettings()
+        self._clients = self.http.clients(root + "/", headers, transport=transport)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> AnthropicLM:
+        """The backend an ``LMConfig`` describes."""
+        return cls(
+            config.model,
+            api_key=config.api_key,
+            api_base=config.api_base or "https://api.anthropic.com",
+            http=config.http,
+            cache=cache,
+            **config.params,
+        )
 
     def __repr__(self) -> str:
         return f"AnthropicLM(model={self.model!r}, api_base={self.api_base!r})"
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AnthropicLM:
         return self  # a connection pool is shared, not copied
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close kept-alive connections the provider closed, every ``http.idle_check_interval`` seconds,
+        until cancelled."""
+        await self._clients.reap_forever(self.http.idle_check_interval, task_status=task_status)
 
     async def aclose(self) -> None:
         await self._clients.aclose()

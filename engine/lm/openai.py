@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import certifi
 import httpx
+import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
-from ._base import Completion, DeltaSink, Message, TrioLM
+from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_pool import ClientShards
 from ._sse import json_object
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
 
 
 @attrs.frozen
@@ -36,6 +40,8 @@ class HTTPSettings:
         write_timeout: Seconds to send the request.
         pool_timeout: Seconds to wait for a free pooled connection.
         max_connections: Concurrent connections to the provider.
+        idle_check_interval: Seconds between checks for kept-alive connections the provider closed,
+            which the backend's ``maintain`` task then closes too (None: never check).
     """
 
     connect_timeout: float = 10.0
@@ -43,24 +49,53 @@ class HTTPSettings:
     write_timeout: float = 30.0
     pool_timeout: float = 30.0
     max_connections: int = 1024
+    idle_check_interval: float | None = 1.0
 
-    def clients(self, base_url: str, headers: Mapping[str, str]) -> ClientShards:
-        """New clients with these timeouts and limits (no I/O happens until first use)."""
-        timeout = httpx.Timeout(
+    def httpx_timeout(self) -> httpx.Timeout:
+        """These timeouts as httpx's."""
+        return httpx.Timeout(
             connect=self.connect_timeout,
             read=self.read_timeout,
             write=self.write_timeout,
             pool=self.pool_timeout,
         )
 
+    def clients(
+        self,
+        base_url: str,
+        headers: Mapping[str, str],
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> ClientShards:
+        """New clients with these timeouts and limits (no I/O happens until first use).
+
+        Args:
+            transport: Send every request through this transport instead of the network (tests pass an
+                ``httpx.MockTransport``); one client then serves all calls.
+        """
+        timeout = self.httpx_timeout()
+        if transport is not None:
+            given = transport
+            return ClientShards(
+                1,
+                lambda _: (
+                    httpx.AsyncClient(
+                        base_url=base_url, headers=dict(headers), timeout=timeout, transport=given
+                    ),
+                    given,
+                ),
+            )
+
         # Loading CA certificates takes ~50 ms: do it once for all shards.
         verify = ssl.create_default_context(cafile=certifi.where())
 
-        def make_client(connections: int) -> httpx.AsyncClient:
+        def make_client(connections: int) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
             limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-            return httpx.AsyncClient(
-                base_url=base_url, headers=dict(headers), timeout=timeout, limits=limits, verify=verify
+            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits)
+            client = httpx.AsyncClient(
+                base_url=base_url, headers=dict(headers), timeout=timeout, transport=own
             )
+            return client, own
 
         return ClientShards(self.max_connections, make_client)
 
@@ -75,6 +110,17 @@ def _jsonable_response_format(value: Any) -> Any:
     return value
 
 
+# Sent as max_tokens unless the LM's params or the call set it (None: send no cap). Without a cap a small
+# self-hosted model can loop to its context limit: one such request ran 353 s.
+DEFAULT_MAX_TOKENS = 1024
+
+# The request parameters DSPy may pass that an OpenAI-compatible server takes. ``response_format`` here
+# makes DSPy's JSONAdapter ask for ``{"type": "json_object"}``.
+_SUPPORTED_PARAMS = frozenset(
+    {"temperature", "max_tokens", "top_p", "n", "stop", "seed", "response_format", "logprobs", "top_logprobs"}
+)
+
+
 def _wire_model(model: str) -> str:
     return model.removeprefix("openai/")
 
@@ -87,6 +133,7 @@ class OpenAICompatibleLM(TrioLM):
         api_base: The API root, e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1``.
         api_key: Sent as ``Authorization: Bearer``; None sends no key.
         http: Timeouts and connection limits.
+        transport: An ``httpx`` transport to send requests through instead of the network (tests).
         **kwargs: Default request parameters (``temperature``, ``max_tokens``, ...).
     """
 
@@ -97,12 +144,28 @@ class OpenAICompatibleLM(TrioLM):
         api_base: str,
         api_key: str | None = None,
         http: HTTPSettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         super().__init__(model, **kwargs)
         self.api_base = api_base
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._clients = (http or HTTPSettings()).clients(api_base.rstrip("/") + "/", headers)
+        self.http = http or HTTPSettings()
+        self._clients = self.http.clients(api_base.rstrip("/") + "/", headers, transport=transport)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> OpenAICompatibleLM:
+        """The backend an ``LMConfig`` describes."""
+        assert config.api_base is not None  # LMConfig checks this
+        return cls(
+            config.model,
+            api_base=config.api_base,
+            api_key=config.api_key,
+            http=config.http,
+            cache=cache,
+            **config.params,
+        )
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleLM(model={self.model!r}, api_base={self.api_base!r})"
@@ -111,12 +174,24 @@ class OpenAICompatibleLM(TrioLM):
         # DSPy deep-copies modules (and the LMs they hold); a connection pool is shared, not copied.
         return self
 
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close kept-alive connections the provider closed, every ``http.idle_check_interval`` seconds,
+        until cancelled."""
+        await self._clients.reap_forever(self.http.idle_check_interval, task_status=task_status)
+
     async def aclose(self) -> None:
         await self._clients.aclose()
+
+    @property
+    def supported_params(self) -> set[str]:
+        """What DSPy's adapters may send; with ``response_format`` in it, JSONAdapter asks for JSON."""
+        return set(_SUPPORTED_PARAMS)
 
     def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": _wire_model(self.model), "messages": list(messages)}
         body.update(params)
+        if self.kwargs.get("response_format") is not None:  # the user's choice beats the adapter's
+            body["response_format"] = self.kwargs["response_format"]
         if "response_format" in body:
             body["response_format"] = _jsonable_response_format(body["response_format"])
         if stream:
@@ -174,7 +249,7 @@ class OpenAICompatibleLM(TrioLM):
         count = max([*parts, *reasoning], default=0) + 1
         texts = ["".join(parts.get(i, [])) for i in range(count)]
         thoughts = ["".join(reasoning[i]) if i in reasoning else None for i in range(count)]
-        return Completion(texts, usage, thoughts)
+        return Completion(texts, usage or estimated_usage(body["messages"], texts), thoughts)
 
     def _chunk(self, data: str) -> dict[str, Any]:
         payload = json_object(self.model, data)

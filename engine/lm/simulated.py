@@ -15,11 +15,14 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._base import Completion, DeltaSink, Message, TrioLM
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
 
 _OUTPUT_FIELDS = re.compile(r"Your output fields are:\n((?:\d+\. .*\n?)+)")
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*)\):", re.MULTILINE)
@@ -87,6 +90,18 @@ class SimulatedLM(TrioLM):
         self.first_token_delay = first_token_delay
         self.token_delay = token_delay
         self.words_per_field = words_per_field
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> SimulatedLM:
+        """The simulated LM an ``LMConfig`` describes (its pacing and default parameters)."""
+        return cls(
+            config.model,
+            first_token_delay=config.first_token_delay,
+            token_delay=config.token_delay,
+            words_per_field=config.words_per_field,
+            cache=cache,
+            **config.params,
+        )
 
     def render(self, messages: Sequence[Message]) -> str:
         """The full completion text this LM answers ``messages`` with."""

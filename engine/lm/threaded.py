@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -30,6 +30,7 @@ from dspy.utils.exceptions import (
 )
 
 from .._errors import (
+    ConfigError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamRateLimitedError,
@@ -38,6 +39,9 @@ from .._errors import (
     UpstreamTimeoutError,
 )
 from ._base import Completion, DeltaSink, Message, TrioLM
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
 
 
 def _first_line(exc: BaseException) -> str:
@@ -62,6 +66,32 @@ def dspy_lm_errors(model: str) -> Iterator[None]:
     except LMError as exc:
         error: UpstreamError = UpstreamResponseError(_first_line(exc), model=model, status=exc.status)
         raise error from exc
+
+
+def refuse_litellm_route(lm: dspy.BaseLM, params: Mapping[str, Any]) -> None:
+    """Refuse, before anything runs, a stock LM whose calls DSPy would route through LiteLLM.
+
+    DSPy 3.4 sends a request its native engine cannot represent (``min_tokens``, ``repeat_penalty``,
+    ...) through LiteLLM, and streams that route by handing LiteLLM's asyncio coroutine back to the
+    calling thread's event loop (``anyio.from_thread.run``): under Trio every such stream failed with
+    "unrecognized yield message" and the first one froze the server. The route is decided without I/O
+    by DSPy's own planner, asked here about a sample call.
+
+    Raises:
+        ConfigError: the route would be LiteLLM.
+    """
+    from dspy.clients.execution import _select_engine, prepare
+
+    call = prepare(lm, None, [{"role": "user", "content": "probe"}], {}, asynchronous=False, direct=True)
+    backend, _, _ = _select_engine(lm, call, False)
+    if type(backend).__name__.startswith("LiteLLM"):
+        names = ", ".join(sorted(params)) or "(none)"
+        raise ConfigError(
+            f"LM {lm.model!r}: with these params ({names}) DSPy takes its LiteLLM route, which runs "
+            "asyncio code on the Trio thread and cannot work here. For an OpenAI-compatible server use "
+            'provider = "openai" (Trio-native; it sends any params as given), or drop the params DSPy '
+            "cannot send natively."
+        )
 
 
 class ThreadedLM(TrioLM):
@@ -89,6 +119,26 @@ class ThreadedLM(TrioLM):
     ) -> ThreadedLM:
         """Wrap ``dspy.LM(model, ...)`` with no DSPy retries and an explicit per-call timeout."""
         return cls(dspy.LM(model, num_retries=0, timeout=timeout, cache=cache, **kwargs), threads=threads)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> ThreadedLM:
+        """The backend an ``LMConfig`` describes (``http.read_timeout`` is the stock LM's timeout).
+
+        Raises:
+            ConfigError: DSPy would send these parameters through its LiteLLM route (see
+                :func:`refuse_litellm_route`).
+        """
+        extra = {"api_base": config.api_base, "api_key": config.api_key}
+        lm = cls.from_model(
+            config.model,
+            threads=config.threads,
+            timeout=config.http.read_timeout,
+            cache=cache,
+            **{k: v for k, v in extra.items() if v is not None},
+            **config.params,
+        )
+        refuse_litellm_route(lm.inner, config.params)
+        return lm
 
     def __repr__(self) -> str:
         return f"ThreadedLM({self.inner!r}, threads={int(self.limiter.total_tokens)})"

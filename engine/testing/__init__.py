@@ -7,7 +7,8 @@ that embed the engine get the ``fake_upstream`` and ``simulated_engine`` fixture
 from .fake_upstream import Behavior as Behavior
 from .fake_upstream import FakeUpstream as FakeUpstream
 from .fake_upstream import Fault as Fault
+from .fake_upstream import IdleClose as IdleClose
 from .fake_upstream import RequestRecord as RequestRecord
 from .fake_upstream import open_fake_upstream as open_fake_upstream
 
-__all__ = ["Behavior", "FakeUpstream", "Fault", "RequestRecord", "open_fake_upstream"]
+__all__ = ["Behavior", "FakeUpstream", "Fault", "IdleClose", "RequestRecord", "open_fake_upstream"]

@@ -84,12 +84,30 @@ class Behavior:
         first_token_delay: Time before a stream's first token.
         token_delay: Time between stream tokens.
         words_per_field: Length of generated text fields.
+        idle_timeout: Close a kept-alive connection that carried no request for this long, as real
+            servers do (None: keep it open). The close is a half-close (``send_eof``), so the moment the
+            *client* closes its end is seen and recorded in :attr:`FakeUpstream.idle_closes`.
     """
 
     latency: float = 0.0
     first_token_delay: float = 0.0
     token_delay: float = 0.0
     words_per_field: int = 16
+    idle_timeout: float | None = None
+
+
+@attrs.define
+class IdleClose:
+    """A kept-alive connection the fake upstream closed for idleness.
+
+    Attributes:
+        closed_at: When the upstream closed its end (Trio's clock).
+        client_closed_at: When the client closed its end in turn (None while it keeps it open: the
+            client's socket then sits in CLOSE-WAIT).
+    """
+
+    closed_at: float
+    client_closed_at: float | None = None
 
 
 @attrs.define
@@ -146,6 +164,7 @@ class FakeUpstream:
         self.host = host
         self.port = port
         self.records: list[RequestRecord] = []
+        self.idle_closes: list[IdleClose] = []
         self._faults: deque[Fault] = deque()
         self._indices = itertools.count()
         self._open_connections = 0
@@ -199,6 +218,8 @@ class FakeUpstream:
         try:
             while await self._one_exchange(connection, stream):
                 connection.start_next_cycle()
+                if not await self._await_next_request(connection, stream):
+                    break
         except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         finally:
@@ -206,6 +227,26 @@ class FakeUpstream:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 await stream.aclose()
+
+    async def _await_next_request(self, connection: h11.Connection, stream: trio.SocketStream) -> bool:
+        """Wait for the next request on a kept-alive connection, up to ``behavior.idle_timeout``.
+        Returns False after closing it for idleness (and recording when the client closed its end)."""
+        idle_timeout = self.behavior.idle_timeout
+        if idle_timeout is None or connection.trailing_data[0]:
+            return True
+        with trio.move_on_after(idle_timeout):
+            connection.receive_data(await stream.receive_some(65536))
+            return True
+        record = IdleClose(closed_at=trio.current_time())
+        self.idle_closes.append(record)
+        self._notify()
+        await stream.send_eof()
+        with trio.move_on_after(60):
+            while await stream.receive_some(65536):
+                pass
+            record.client_closed_at = trio.current_time()
+            self._notify()
+        return False
 
     async def _receive_event(self, connection: h11.Connection, stream: trio.SocketStream) -> Any:
         while True:
