@@ -22,6 +22,7 @@ import httpx
 import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
+from .._validate import optional_positive, positive, positive_int
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_pool import ClientShards
 from ._sse import json_object
@@ -44,12 +45,12 @@ class HTTPSettings:
             which the backend's ``maintain`` task then closes too (None: never check).
     """
 
-    connect_timeout: float = 10.0
-    read_timeout: float = 120.0
-    write_timeout: float = 30.0
-    pool_timeout: float = 30.0
-    max_connections: int = 1024
-    idle_check_interval: float | None = 1.0
+    connect_timeout: float = attrs.field(default=10.0, validator=positive)
+    read_timeout: float = attrs.field(default=120.0, validator=positive)
+    write_timeout: float = attrs.field(default=30.0, validator=positive)
+    pool_timeout: float = attrs.field(default=30.0, validator=positive)
+    max_connections: int = attrs.field(default=1024, validator=positive_int)
+    idle_check_interval: float | None = attrs.field(default=1.0, validator=optional_positive)
 
     def httpx_timeout(self) -> httpx.Timeout:
         """These timeouts as httpx's."""
