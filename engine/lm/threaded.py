@@ -60,7 +60,9 @@ def dspy_lm_errors(model: str) -> Iterator[None]:
     except LMTimeoutError as exc:
         raise UpstreamTimeoutError(_first_line(exc), model=model, status=exc.status) from exc
     except LMServerError as exc:
-        raise UpstreamServerError(_first_line(exc), model=model, status=exc.status) from exc
+        raise UpstreamServerError(
+            _first_line(exc), model=model, status=exc.status, retry_after=exc.retry_after
+        ) from exc
     except LMTransportError as exc:
         raise UpstreamConnectionError(_first_line(exc), model=model) from exc
     except LMError as exc:
