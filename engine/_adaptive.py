@@ -1,10 +1,10 @@
 """Adaptive concurrency per upstream: AIMD between configured bounds.
 
 The limit grows by ``1 / limit`` for every call that succeeds without latency inflation (about one more
-slot per round of calls), and halves when the upstream pushes back: a 429, a timeout, or a latency above
-``inflation`` times the best latency seen recently. A decrease waits for the calls that were already in
-flight at the last decrease to drain (one decrease per round trip), so a burst of errors from one round
-halves the limit once, not to the floor.
+slot per round of calls), and halves when the upstream pushes back: a 429, a 503 or 529 ("overloaded"),
+a timeout, or a latency above ``inflation`` times the best latency seen recently. A decrease waits for the
+calls that were already in flight at the last decrease to drain (one decrease per round trip), so a burst
+of errors from one round halves the limit once, not to the floor.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class AdaptiveLimit:
         Args:
             call: What :meth:`acquire` returned.
             latency: Seconds the call took, when it completed.
-            overloaded: Whether the upstream pushed back (429, timeout).
+            overloaded: Whether the upstream pushed back (429, 503, 529, timeout).
         """
         self._slots.release_on_behalf_of(owner)
         if latency is not None and not overloaded:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -50,9 +51,9 @@ class RetryPolicy:
 
     def retry_after(self, error: UpstreamError) -> float | None:
         """The wait ``error`` asks for, at most ``max_retry_after``; None when it asks for none."""
-        if error.retry_after is None:
+        if error.retry_after is None or math.isnan(error.retry_after):
             return None
-        return min(error.retry_after, self.max_retry_after)
+        return min(max(0.0, error.retry_after), self.max_retry_after)
 
     def backoff(self, retry: int, error: UpstreamError, uniform: Callable[[float, float], float]) -> float:
         """Seconds to wait before retry number ``retry`` (from 1) after ``error``."""
