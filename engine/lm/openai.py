@@ -191,8 +191,10 @@ class OpenAICompatibleLM(TrioLM):
     def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": _wire_model(self.model), "messages": list(messages)}
         body.update(params)
-        if self.kwargs.get("response_format") is not None:  # the user's choice beats the adapter's
+        if "response_format" in self.kwargs:  # the user's choice beats the adapter's; None sends none
             body["response_format"] = self.kwargs["response_format"]
+            if body["response_format"] is None:
+                del body["response_format"]
         if "response_format" in body:
             body["response_format"] = _jsonable_response_format(body["response_format"])
         if stream:
