@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from engine import ConfigError, InvalidInputError, UpstreamServerError
+from engine import ConfigError, InvalidInputError, UpstreamRateLimitedError, UpstreamServerError
 from engine._adaptive import AdaptiveLimit, AdaptiveSettings
 from engine._retry import RetryPolicy, seeded
 from engine._upstream import UpstreamGuard, UpstreamPolicy
@@ -119,3 +119,15 @@ def test_the_initial_adaptive_limit_is_kept_within_its_bounds() -> None:
     """``adaptive = {maximum = 8}`` keeps the default initial 16 valid: the limit starts at 8."""
     assert AdaptiveLimit(AdaptiveSettings(maximum=8)).limit == 8
     assert AdaptiveLimit(AdaptiveSettings(minimum=32)).limit == 32
+
+
+@pytest.mark.parametrize("seconds", [math.inf, math.nan])
+def test_the_dspy_provider_ignores_a_non_finite_retry_after(seconds: float) -> None:
+    from dspy.utils.exceptions import LMRateLimitError, LMServerError
+
+    from engine.lm.threaded import dspy_lm_errors
+
+    for error in (LMRateLimitError("slow", retry_after=seconds), LMServerError("busy", retry_after=seconds)):
+        with pytest.raises((UpstreamServerError, UpstreamRateLimitedError)) as info, dspy_lm_errors("m"):
+            raise error
+        assert info.value.retry_after is None
