@@ -1,10 +1,10 @@
 """Adaptive concurrency per upstream: AIMD between configured bounds.
 
 The limit grows by ``1 / limit`` for every call that succeeds without latency inflation (about one more
-slot per round of calls), and halves when the upstream pushes back: a 429, a timeout, or a latency above
-``inflation`` times the best latency seen recently. A decrease waits for the calls that were already in
-flight at the last decrease to drain (one decrease per round trip), so a burst of errors from one round
-halves the limit once, not to the floor.
+slot per round of calls), and halves when the upstream pushes back: a 429, a 503 or 529 ("overloaded"),
+a timeout, or a latency above ``inflation`` times the best latency seen recently. A decrease waits for the
+calls that were already in flight at the last decrease to drain (one decrease per round trip), so a burst
+of errors from one round halves the limit once, not to the floor.
 """
 
 from __future__ import annotations
@@ -14,23 +14,30 @@ import math
 import attrs
 import trio
 
+from ._errors import ConfigError
+from ._validate import number
+
 
 @attrs.frozen
 class AdaptiveSettings:
     """Bounds and sensitivity of an adaptive limit.
 
     Attributes:
-        initial: Limit at start.
-        minimum, maximum: Bounds.
-        inflation: Latency above this multiple of the recent best counts as overload.
-        decrease: Factor applied on overload.
+        initial: Limit at start (kept within the bounds).
+        minimum, maximum: Bounds (at least 1; ``minimum <= maximum``).
+        inflation: Latency above this multiple of the recent best counts as overload (more than 1).
+        decrease: Factor applied on overload (between 0 and 1).
     """
 
-    initial: float = 16
-    minimum: float = 1
-    maximum: float = 512
-    inflation: float = 3.0
-    decrease: float = 0.5
+    initial: float = attrs.field(default=16, validator=number(minimum=1))
+    minimum: float = attrs.field(default=1, validator=number(minimum=1))
+    maximum: float = attrs.field(default=512, validator=number(minimum=1))
+    inflation: float = attrs.field(default=3.0, validator=number(above=1))
+    decrease: float = attrs.field(default=0.5, validator=number(above=0, below=1))
+
+    def __attrs_post_init__(self) -> None:
+        if self.minimum > self.maximum:
+            raise ConfigError(f"minimum ({self.minimum!r}) must not exceed maximum ({self.maximum!r})")
 
 
 class AdaptiveLimit:
@@ -38,7 +45,7 @@ class AdaptiveLimit:
 
     def __init__(self, settings: AdaptiveSettings) -> None:
         self.settings = settings
-        self.limit = float(settings.initial)
+        self.limit = min(settings.maximum, max(settings.minimum, float(settings.initial)))
         self._slots = trio.CapacityLimiter(max(1, math.floor(self.limit)))
         self._best_latency = math.inf
         self._calls = 0
@@ -69,7 +76,7 @@ class AdaptiveLimit:
         Args:
             call: What :meth:`acquire` returned.
             latency: Seconds the call took, when it completed.
-            overloaded: Whether the upstream pushed back (429, timeout).
+            overloaded: Whether the upstream pushed back (429, 503, 529, timeout).
         """
         self._slots.release_on_behalf_of(owner)
         if latency is not None and not overloaded:

@@ -8,14 +8,21 @@ frozen values the engine runs them with, nested as they are (``[lms.NAME.retry]`
 Environment (read by :meth:`EngineConfig.from_env`; each overrides the ``default`` LM of the file)::
 
     DSPY_TRIO_CONFIG      path of a TOML file read first (see README)
-    LM_PROVIDER           simulated | openai | anthropic | dspy
-                          (default: openai if LM_API_BASE is set, else simulated)
+    LM_PROVIDER           simulated | openai | anthropic | dspy (default: the file's provider; else openai
+                          if LM_API_BASE is set, else simulated). Switching the provider drops the file's
+                          api_key and api_base: they belonged to the other provider.
     LM_MODEL              model name, e.g. gpt-4o-mini, or openai/gpt-4o-mini for the dspy provider
     LM_API_BASE           API root of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
-    LM_API_KEY            API key (falls back to OPENAI_API_KEY / ANTHROPIC_API_KEY for those providers)
+    LM_API_KEY            API key; wins over the file's api_key / api_key_env (an LM without a key of its
+                          own falls back to OPENAI_API_KEY / ANTHROPIC_API_KEY for those providers)
     LM_ADAPTER            chat | json: the default DSPy adapter (same as DSPY_TRIO_ADAPTER)
-    LM_MAX_TOKENS         output-token cap sent with every call (default 1024 for the HTTP providers)
+    LM_MAX_TOKENS         output-token cap sent with every call, a positive integer (default 1024 for the
+                          HTTP providers)
     LM_PARAMS             request parameters as a JSON object, e.g. '{"temperature": 0.2}'
+
+Every value is checked when it is loaded (finite numbers, ranges, integers, http(s) URLs, keys that can
+be sent in a header, params that are request parameters): a bad one is a ConfigError naming the TOML key
+or the environment variable and the value, never a failure at run time.
     LM_TIMEOUT            http.read_timeout: seconds the provider may stay silent within one call (120)
     LM_RPM, LM_TPM        rate_limit.rpm / rate_limit.tpm: requests / tokens per minute (unlimited)
     LM_MAX_ATTEMPTS       retry.max_attempts: attempts per LM call, retries included (3)
@@ -31,6 +38,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -39,6 +47,15 @@ from ._errors import ConfigError
 from ._lm_factory import PROVIDERS
 from ._retry import RetryPolicy
 from ._upstream import UpstreamPolicy
+from ._validate import (
+    json_compliant,
+    non_negative,
+    non_negative_int,
+    optional,
+    optional_positive,
+    positive,
+    positive_int,
+)
 from .lm import HTTPSettings
 
 Backpressure = Literal["block", "timeout", "drop"]
@@ -48,25 +65,12 @@ ModuleKind = Literal["predict", "chain_of_thought"]
 ADAPTERS: tuple[AdapterName, ...] = ("chat", "json")
 
 
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{attribute.name} must be positive, got {value!r}")
-
-
-def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value >= 0:
-        raise ConfigError(f"{attribute.name} must not be negative, got {value!r}")
-
-
 def _one_of(options: tuple[str, ...]) -> Any:
     def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in options:
             raise ConfigError(f"{attribute.name} must be one of {', '.join(options)}; got {value!r}")
 
     return check
-
-
-_optional_positive = attrs.validators.optional(_positive)
 
 
 def _registered(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -83,8 +87,8 @@ class RateLimit:
         tpm: Tokens (prompt + completion) per minute, charged with an estimate and corrected after.
     """
 
-    rpm: float | None = attrs.field(default=None, validator=_optional_positive)
-    tpm: float | None = attrs.field(default=None, validator=_optional_positive)
+    rpm: float | None = attrs.field(default=None, validator=optional_positive)
+    tpm: float | None = attrs.field(default=None, validator=optional_positive)
 
 
 @attrs.frozen
@@ -98,9 +102,9 @@ class CallTimeouts:
             not count).
     """
 
-    attempt: float | None = attrs.field(default=None, validator=_optional_positive)
-    first_token: float | None = attrs.field(default=None, validator=_optional_positive)
-    stall: float | None = attrs.field(default=None, validator=_optional_positive)
+    attempt: float | None = attrs.field(default=None, validator=optional_positive)
+    first_token: float | None = attrs.field(default=None, validator=optional_positive)
+    stall: float | None = attrs.field(default=None, validator=optional_positive)
 
 
 # The nested tables of an LM and the frozen value each one is.
@@ -133,13 +137,87 @@ _MOVED = {
 }
 
 
-def _check_numbers(value: Any, where: str) -> None:
-    for field in attrs.fields(type(value)):
-        number = getattr(value, field.name)
-        if isinstance(number, int | float) and not isinstance(number, bool) and number < 0:
-            raise ConfigError(f"{where}.{field.name} must not be negative, got {number!r}")
-    if isinstance(value, RetryPolicy) and value.max_attempts < 1:
-        raise ConfigError(f"{where}.max_attempts must be at least 1, got {value.max_attempts!r}")
+# What the backends take as constructor arguments or set in the request body themselves: a ``params``
+# key of the same name would collide with the argument (a TypeError at start-up) or silently replace the
+# prompt (``messages``), the model, or the framing of the answer (``stream``).
+RESERVED_PARAMS = frozenset(
+    {
+        "model",
+        "model_type",
+        "messages",
+        "prompt",
+        "stream",
+        "stream_options",
+        "cache",
+        "api_base",
+        "api_key",
+        "http",
+        "transport",
+        "threads",
+        "timeout",
+        "num_retries",
+    }
+)
+
+
+def check_params(params: Any, where: str) -> None:
+    """Refuse request parameters that cannot be sent: not a table, a reserved key (see
+    :data:`RESERVED_PARAMS`), a value JSON cannot carry (NaN, infinities), or a ``max_tokens`` that is
+    not a positive integer (None: send no cap).
+
+    Raises:
+        ConfigError: naming ``where`` and the bad key or value.
+    """
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{where} must be a table of request parameters, got {params!r}")
+    if reserved := sorted(set(map(str, params)) & RESERVED_PARAMS):
+        raise ConfigError(
+            f"{where} cannot set {', '.join(reserved)}: the engine sets these itself"
+            " (the model, api_base and api_key are fields of the LM, not request parameters)"
+        )
+    json_compliant(dict(params), where)
+    tokens = params.get("max_tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise ConfigError(f"{where}.max_tokens must be a positive integer, got {tokens!r}")
+
+
+def _params(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    check_params(value, attribute.name)
+
+
+def _copy_mapping(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def _http_url(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+        raise ConfigError(
+            f"{attribute.name} must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1;"
+            f" got {value!r}"
+        )
+
+
+def _header_value(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # The key itself is never shown: only what is wrong with it.
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a string")
+    if value != value.strip():
+        raise ConfigError(
+            f"{attribute.name} has leading or trailing whitespace (a newline from a secret file?)"
+        )
+    if not (value.isascii() and value.isprintable()):
+        raise ConfigError(f"{attribute.name} has characters that cannot be sent in an HTTP header")
+
+
+def _table(kind: type[Any]) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, kind):
+            raise ConfigError(f"{attribute.name} must be a table ({kind.__name__}), got {value!r}")
+
+    return check
 
 
 @attrs.frozen
@@ -167,28 +245,29 @@ class LMConfig:
     """
 
     provider: str = attrs.field(default="simulated", validator=_registered)
-    model: str = "simulated/lm"
-    api_base: str | None = None
-    api_key: str | None = attrs.field(default=None, repr=False)
-    params: Mapping[str, Any] = attrs.field(factory=dict)
-    http: HTTPSettings = attrs.field(factory=HTTPSettings)
-    timeouts: CallTimeouts = attrs.field(factory=CallTimeouts)
-    rate_limit: RateLimit = attrs.field(factory=RateLimit)
-    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
-    adaptive: AdaptiveSettings | None = None
-    threads: int = attrs.field(default=32, validator=_positive)
-    first_token_delay: float = attrs.field(default=0.05, validator=_non_negative)
-    token_delay: float = attrs.field(default=0.01, validator=_non_negative)
-    words_per_field: int = attrs.field(default=16, validator=_positive)
+    model: str = attrs.field(default="simulated/lm", validator=attrs.validators.instance_of(str))
+    api_base: str | None = attrs.field(default=None, validator=optional(_http_url))
+    api_key: str | None = attrs.field(default=None, repr=False, validator=optional(_header_value))
+    params: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_copy_mapping, validator=_params, hash=False
+    )
+    http: HTTPSettings = attrs.field(factory=HTTPSettings, validator=_table(HTTPSettings))
+    timeouts: CallTimeouts = attrs.field(factory=CallTimeouts, validator=_table(CallTimeouts))
+    rate_limit: RateLimit = attrs.field(factory=RateLimit, validator=_table(RateLimit))
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy, validator=_table(RetryPolicy))
+    adaptive: AdaptiveSettings | None = attrs.field(
+        default=None, validator=optional(_table(AdaptiveSettings))
+    )
+    threads: int = attrs.field(default=32, validator=positive_int)
+    first_token_delay: float = attrs.field(default=0.05, validator=non_negative)
+    token_delay: float = attrs.field(default=0.01, validator=non_negative)
+    words_per_field: int = attrs.field(default=16, validator=positive_int)
 
     def __attrs_post_init__(self) -> None:
         if PROVIDERS[self.provider].needs_api_base and not self.api_base:
             raise ConfigError(
                 f"a {self.provider} LM needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
             )
-        for name in _NESTED:
-            if (value := getattr(self, name)) is not None:
-                _check_numbers(value, name)
 
     def policy(self) -> UpstreamPolicy:
         """The call policy (rate limits, retries, timeouts, adaptive concurrency) of this LM."""
@@ -219,6 +298,8 @@ class LMConfig:
         for name, kind in _NESTED.items():
             if name in values and isinstance(values[name], Mapping):
                 values[name] = _build(kind, dict(values[name]), f"{where}.{name}")
+            elif name in values and not isinstance(values[name], kind):
+                raise ConfigError(f"{where}.{name} must be a table, got {values[name]!r}")
         moved = sorted(set(values) & set(_MOVED))
         if moved:
             hints = ", ".join(f"{key} -> {_MOVED[key]}" for key in moved)
@@ -273,10 +354,10 @@ class StreamOptions:
     """
 
     backpressure: Backpressure = attrs.field(default="block", validator=_one_of(("block", "timeout", "drop")))
-    buffer_size: int = attrs.field(default=64, validator=_positive)
-    consumer_timeout: float = attrs.field(default=30.0, validator=_positive)
-    coalesce_chars: int = attrs.field(default=0, validator=_non_negative)
-    coalesce_ms: float = attrs.field(default=0.0, validator=_non_negative)
+    buffer_size: int = attrs.field(default=64, validator=positive_int)
+    consumer_timeout: float = attrs.field(default=30.0, validator=positive)
+    coalesce_chars: int = attrs.field(default=0, validator=non_negative_int)
+    coalesce_ms: float = attrs.field(default=0.0, validator=non_negative)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, where: str = "stream") -> StreamOptions:
@@ -288,8 +369,18 @@ def _default_lms() -> dict[str, LMConfig]:
     return {"default": LMConfig()}
 
 
-def _default_programs() -> dict[str, ProgramSpec]:
-    return {"default": ProgramSpec("question -> answer")}
+def _default_programs(lms: Mapping[str, LMConfig]) -> dict[str, ProgramSpec]:
+    """The implicit ``default`` program: ``question -> answer`` on the LM called ``default``, or on the
+    only LM there is; none when several LMs are configured and none is called ``default``."""
+    if "default" in lms:
+        return {"default": ProgramSpec("question -> answer")}
+    if len(lms) == 1:
+        return {"default": ProgramSpec("question -> answer", lm=next(iter(lms)))}
+    return {}
+
+
+def _programs_of(config: EngineConfig) -> dict[str, ProgramSpec]:
+    return _default_programs(config.lms)
 
 
 @attrs.frozen
@@ -298,7 +389,8 @@ class EngineConfig:
 
     Attributes:
         lms: Upstream LMs by name; programs refer to them by name.
-        programs: Served programs by name. ``default`` is ``"question -> answer"`` unless configured.
+        programs: Served programs by name. ``default`` is ``"question -> answer"`` unless configured
+            (on the LM called ``default``, or on the only LM there is).
         max_in_flight: Requests running at once (each may make several LM calls).
         max_queued: Requests waiting for a slot; beyond that admission fails at once.
         drain_timeout: Seconds a closing engine lets in-flight requests finish before cancelling them.
@@ -309,11 +401,13 @@ class EngineConfig:
         log_text: Put inputs and outputs in the request log lines (off: privacy by default).
     """
 
-    lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms)
-    programs: Mapping[str, ProgramSpec] = attrs.field(factory=_default_programs)
-    max_in_flight: int = attrs.field(default=512, validator=_positive)
-    max_queued: int = attrs.field(default=2048, validator=_non_negative)
-    drain_timeout: float = attrs.field(default=10.0, validator=_non_negative)
+    lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms, converter=_copy_mapping, hash=False)
+    programs: Mapping[str, ProgramSpec] = attrs.field(
+        default=attrs.Factory(_programs_of, takes_self=True), converter=_copy_mapping, hash=False
+    )
+    max_in_flight: int = attrs.field(default=512, validator=positive_int)
+    max_queued: int = attrs.field(default=2048, validator=non_negative_int)
+    drain_timeout: float = attrs.field(default=10.0, validator=non_negative)
     adapter: AdapterName = attrs.field(default="chat", validator=_one_of(ADAPTERS))
     dspy_cache: bool = False
     stream: StreamOptions = attrs.field(factory=StreamOptions)
@@ -344,17 +438,13 @@ class EngineConfig:
                 name: ProgramSpec.from_mapping(table, where=f"programs.{name}")
                 for name, table in data["programs"].items()
             }
-            values["programs"] = {**_default_programs(), **programs}
+            values["programs"] = {**_default_programs(values.get("lms", _default_lms())), **programs}
         return _build(cls, values, "engine")
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Read a TOML config file."""
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
-        return cls.from_mapping(data, env=env)
+        return cls.from_mapping(_read_toml(path), env=env)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineConfig:
@@ -362,7 +452,7 @@ class EngineConfig:
         engine's limits. With nothing set, the default LM is the built-in simulated one."""
         env = os.environ if env is None else env
         path = env.get("DSPY_TRIO_CONFIG")
-        config = cls.from_toml(path, env=env) if path else cls()
+        config = cls.from_mapping(_key_from_env(_read_toml(path), env), env=env) if path else cls()
         lms = dict(config.lms)
         if (default := _default_lm_from_env(config.lms.get("default", LMConfig()), env)) is not None:
             lms["default"] = default
@@ -381,23 +471,52 @@ class EngineConfig:
         return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*")
 
 
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+
+
+def _key_from_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """The file's structure with ``LM_API_KEY`` in place of the default LM's ``api_key_env``: the
+    environment overrides the default LM, so a variable the file names need not be set then."""
+    lms = data.get("lms")
+    table = lms.get("default") if isinstance(lms, Mapping) else None
+    if not env.get("LM_API_KEY") or not isinstance(table, Mapping) or "api_key_env" not in table:
+        return data
+    table = {k: v for k, v in table.items() if k != "api_key_env"} | {"api_key": env["LM_API_KEY"]}
+    return {**data, "lms": {**lms, "default": table}}  # type: ignore[dict-item]
+
+
 def _default_lm_from_env(base: LMConfig, env: Mapping[str, str]) -> LMConfig | None:
     """``base`` with the ``LM_*`` variables applied, or None when none is set."""
     top: dict[str, Any] = {}
+    values = _shallow(base)
     if provider := env.get("LM_PROVIDER"):
         top["provider"] = provider
-    elif env.get("LM_API_BASE"):
-        top["provider"] = "openai"
+    elif env.get("LM_API_BASE") and base.provider == "simulated":
+        top["provider"] = "openai"  # no real provider chosen yet: a base URL means an OpenAI-compatible one
     for key, field in (("LM_MODEL", "model"), ("LM_API_BASE", "api_base")):
         if env.get(key):
             top[field] = env[key]
     provider = top.get("provider", base.provider)
+    if provider != base.provider:
+        if "model" not in top:
+            why = "LM_PROVIDER" if env.get("LM_PROVIDER") else "LM_API_BASE without LM_PROVIDER"
+            raise ConfigError(f"{why} makes the default LM provider {provider}, which needs LM_MODEL")
+        # The file's key and base belonged to the other provider: never send them to this one.
+        values.update(api_key=None, api_base=None)
     spec = PROVIDERS.get(provider)
-    api_key = env.get("LM_API_KEY") or (env.get(spec.key_env) if spec and spec.key_env else None)
-    if api_key:
-        top["api_key"] = api_key
-    if top.get("provider", base.provider) != base.provider and "model" not in top:
-        raise ConfigError(f"LM_PROVIDER={top['provider']} needs LM_MODEL")
+    if env.get("LM_API_KEY"):
+        top["api_key"] = env["LM_API_KEY"]
+    elif values["api_key"] is None and spec and spec.key_env and env.get(spec.key_env):
+        top["api_key"] = env[spec.key_env]
+    if provider == "simulated" and env.get("LM_API_KEY"):
+        raise ConfigError(
+            "LM_API_KEY is set but the default LM is the built-in simulated one: set LM_API_BASE (an "
+            "OpenAI-compatible server) or LM_PROVIDER (openai, anthropic, dspy)"
+        )
     params = dict(base.params)
     if env.get("LM_PARAMS"):
         try:
@@ -406,12 +525,15 @@ def _default_lm_from_env(base: LMConfig, env: Mapping[str, str]) -> LMConfig | N
             raise ConfigError(f"LM_PARAMS must be a JSON object, got {env['LM_PARAMS']!r}") from exc
         if not isinstance(extra, dict):
             raise ConfigError(f"LM_PARAMS must be a JSON object, got {env['LM_PARAMS']!r}")
+        check_params(extra, "LM_PARAMS")
         params.update(extra)
     if env.get("LM_MAX_TOKENS"):
-        params["max_tokens"] = int(_number(env, "LM_MAX_TOKENS", int))
+        tokens = _number(env, "LM_MAX_TOKENS", int)
+        if tokens < 1:
+            raise ConfigError(f"LM_MAX_TOKENS must be a positive integer, got {env['LM_MAX_TOKENS']!r}")
+        params["max_tokens"] = int(tokens)
     if params != dict(base.params):
         top["params"] = params
-    nested: dict[str, dict[str, Any]] = {}
     for key, table, field, kind in (
         ("LM_TIMEOUT", "http", "read_timeout", float),
         ("LM_RPM", "rate_limit", "rpm", float),
@@ -420,12 +542,13 @@ def _default_lm_from_env(base: LMConfig, env: Mapping[str, str]) -> LMConfig | N
         ("LM_ATTEMPT_TIMEOUT", "timeouts", "attempt", float),
     ):
         if env.get(key):
-            nested.setdefault(table, {})[field] = _number(env, key, kind)
-    if not top and not nested:
+            try:
+                top[table] = attrs.evolve(top.get(table, values[table]), **{field: _number(env, key, kind)})
+            except ConfigError as exc:
+                raise ConfigError(f"{key}={env[key]!r}: {exc.message}") from exc
+    if not top:
         return None
-    for table, changes in nested.items():
-        top[table] = attrs.evolve(getattr(base, table), **changes)
-    return _build(LMConfig, {**_shallow(base), **top}, "LM_*")
+    return _build(LMConfig, {**values, **top}, "LM_*")
 
 
 def _shallow(value: Any) -> dict[str, Any]:
@@ -449,5 +572,10 @@ def _build(cls: type[_T], values: dict[str, Any], where: str) -> _T:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     try:
         return cls(**values)
+    except ConfigError as exc:
+        # A field's own message starts with its name: join it to the table's, giving the TOML key.
+        field = exc.message.split(" ", 1)[0].split(".", 1)[0]
+        joiner = "." if field in known and not where.endswith("*") else ": "
+        raise ConfigError(f"{where}{joiner}{exc.message}") from exc
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc

@@ -33,7 +33,7 @@ concurrency limit that the upstream is overloaded). Every upstream error may car
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from ._statistics import Outcome
@@ -74,6 +74,18 @@ class EngineError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce rebuilds with cls(*args), which keyword-only and extra constructor
+        # arguments break: rebuild without __init__ and restore the attributes instead, so errors survive
+        # pickle (process boundaries) and copy.
+        return (_rebuild, (type(self), self.args), dict(vars(self)))
+
+
+def _rebuild(cls: type[EngineError], args: tuple[Any, ...]) -> EngineError:
+    error = cls.__new__(cls)
+    error.args = args
+    return error
 
 
 class InvalidInputError(EngineError):
@@ -183,13 +195,14 @@ class UpstreamError(EngineError):
             or None when it did not say.
         retryable: Whether trying again later may succeed (429, 5xx, connection failures, timeouts).
         retry_cause: The label retries after this error are counted under; None when not retryable.
-        pushback: Whether the error tells the adaptive concurrency limit the upstream is overloaded.
+        pushback: Whether the error tells the adaptive concurrency limit the upstream is overloaded
+            (429, a timeout, and the "overloaded" statuses 503 and 529).
     """
 
     code = "upstream_error"
     retryable: ClassVar[bool] = False
     retry_cause: ClassVar[str | None] = None
-    pushback: ClassVar[bool] = False
+    pushback: bool = False
 
     def __init__(
         self,
@@ -224,12 +237,29 @@ class UpstreamRateLimitedError(UpstreamError):
         super().__init__(message, model=model, status=status, retry_after=retry_after)
 
 
+# Statuses that say "overloaded, slow down" rather than "broken": 503 Service Unavailable, and 529,
+# Anthropic's overloaded_error. They push the adaptive concurrency limit down like a 429.
+OVERLOADED_STATUSES = frozenset({503, 529})
+
+
 class UpstreamServerError(UpstreamError):
-    """Raised when the provider answers with a 5xx status (or 529, Anthropic's "overloaded")."""
+    """Raised when the provider answers with a 5xx status (or 529, Anthropic's "overloaded"). A 503 or
+    529 is pushback: the adaptive concurrency limit falls as for a 429."""
 
     code = "upstream_server_error"
     retryable = True
     retry_cause = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, model=model, status=status, retry_after=retry_after)
+        self.pushback = status in OVERLOADED_STATUSES
 
 
 class UpstreamConnectionError(UpstreamError):

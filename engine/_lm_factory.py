@@ -25,7 +25,8 @@ class Provider:
     Attributes:
         build: ``build(config, cache=...)``: a new backend; does no I/O.
         needs_api_base: ``api_base`` is required.
-        key_env: The environment variable holding its API key when ``LM_API_KEY`` is unset.
+        key_env: The environment variable holding its API key when ``LM_API_KEY`` is unset and the
+            LM has no key of its own.
     """
 
     build: Callable[..., TrioLM]

@@ -3,7 +3,9 @@
 - Only retryable failures (429, 5xx, connection failures, per-attempt timeouts), and never once a token of
   the attempt reached the caller (a stream cannot be taken back).
 - Exponential backoff with full jitter: a random wait in ``[0, min(max_delay, base_delay * 2**n)]``, never
-  shorter than the upstream's ``Retry-After`` (on any retryable status: 429, 503, 529 ...).
+  shorter than the upstream's ``Retry-After`` (on any retryable status: 429, 503, 529 ...). A
+  ``Retry-After`` longer than ``max_retry_after`` counts as ``max_retry_after``, so one header cannot put
+  a call without a deadline (or the upstream's shared cool-down) to sleep for years.
 - Never past the deadline: when the wait would end after the caller's deadline, give up at once with the
   last error instead of sleeping.
 - A retry budget: retries may be at most ``budget_ratio`` of the requests seen in the last ``window``
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +23,7 @@ import attrs
 import trio
 
 from ._errors import UpstreamError
+from ._validate import non_negative, non_negative_int, number, positive
 
 
 @attrs.frozen
@@ -33,21 +37,30 @@ class RetryPolicy:
         budget_ratio: Retries allowed as a fraction of recent requests.
         budget_floor: Retries always allowed per window, however few the requests.
         window: Seconds of history the budget looks at.
+        max_retry_after: The longest ``Retry-After`` honoured, in seconds; a longer one counts as this
+            long (for the backoff and for the upstream's cool-down).
     """
 
-    max_attempts: int = 3
-    base_delay: float = 0.25
-    max_delay: float = 20.0
-    budget_ratio: float = 0.2
-    budget_floor: int = 10
-    window: float = 10.0
+    max_attempts: int = attrs.field(default=3, validator=number(minimum=1, integer=True))
+    base_delay: float = attrs.field(default=0.25, validator=non_negative)
+    max_delay: float = attrs.field(default=20.0, validator=non_negative)
+    budget_ratio: float = attrs.field(default=0.2, validator=non_negative)
+    budget_floor: int = attrs.field(default=10, validator=non_negative_int)
+    window: float = attrs.field(default=10.0, validator=positive)
+    max_retry_after: float = attrs.field(default=60.0, validator=positive)
+
+    def retry_after(self, error: UpstreamError) -> float | None:
+        """The wait ``error`` asks for, at most ``max_retry_after``; None when it asks for none."""
+        if error.retry_after is None or math.isnan(error.retry_after):
+            return None
+        return min(max(0.0, error.retry_after), self.max_retry_after)
 
     def backoff(self, retry: int, error: UpstreamError, uniform: Callable[[float, float], float]) -> float:
         """Seconds to wait before retry number ``retry`` (from 1) after ``error``."""
         ceiling = min(self.max_delay, self.base_delay * 2 ** (retry - 1))
         wait = uniform(0.0, ceiling)
-        if error.retry_after is not None:
-            wait = max(wait, error.retry_after)
+        if (asked := self.retry_after(error)) is not None:
+            wait = max(wait, asked)
         return wait
 
 

@@ -163,8 +163,8 @@ class UpstreamGuard:
             except UpstreamError as error:
                 if self._tpm is not None:
                     self._tpm.adjust(-min(estimate, self._tpm.capacity))  # a failed attempt used nothing
-                if error.retry_after is not None:
-                    self._cooldown_until = max(self._cooldown_until, trio.current_time() + error.retry_after)
+                if (asked := self.policy.retry.retry_after(error)) is not None:  # capped by the policy
+                    self._cooldown_until = max(self._cooldown_until, trio.current_time() + asked)
                 retry += 1
                 delivered = watched is not None and watched.delivered  # a stream cannot be taken back
                 if not error.retryable or delivered or retry >= self.policy.retry.max_attempts:

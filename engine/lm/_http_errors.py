@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 import httpx
 
 from .._errors import (
+    ConfigError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamRateLimitedError,
@@ -30,6 +32,10 @@ def transport_errors(model: str) -> Iterator[None]:
     except (httpx.DecodingError, httpx.TooManyRedirects) as exc:
         error: UpstreamError = UpstreamResponseError(f"{model}: {type(exc).__name__}: {exc}", model=model)
         raise error from exc
+    except (httpx.UnsupportedProtocol, httpx.LocalProtocolError) as exc:
+        # Our own request cannot be sent (a URL without http(s), a header value h11 refuses): no retry
+        # can help, so this is not a (retryable) connection failure.
+        raise ConfigError(f"{model}: the request cannot be sent: {type(exc).__name__}: {exc}") from exc
     except httpx.RequestError as exc:
         raise UpstreamConnectionError(f"{model}: {type(exc).__name__}: {exc}", model=model) from exc
 
@@ -37,25 +43,43 @@ def transport_errors(model: str) -> Iterator[None]:
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date).
 
-    Returns None when neither header is present or parseable. Never negative.
+    Returns None when neither header is present or parseable. Never negative. A value that is not a
+    finite number (``inf``, ``Infinity``, ``nan``, ``1e400``) is ignored like any other garbage: it
+    falls through from ``retry-after-ms`` to ``Retry-After``, and from there to None. How long is too
+    long is the retry policy's decision (``RetryPolicy.max_retry_after``).
     """
-    if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
+    if (ms := _finite(headers.get("retry-after-ms"))) is not None:
+        return max(0.0, ms / 1000.0)
     value = headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if (seconds := _finite(value)) is not None:
+        return max(0.0, seconds)
+    if _number_like(value):
+        return None  # "inf", "nan", "1e400": a number, but not one to wait for
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _finite(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _number_like(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _provider_message(body: str) -> str:

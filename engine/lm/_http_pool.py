@@ -17,6 +17,7 @@ real sockets checks.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -26,12 +27,28 @@ import httpcore
 import httpx
 import trio
 
+from .._errors import InvalidInputError
 from ._http_errors import status_error, transport_errors
 from ._sse import SSEParser
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
 SHARD_SIZE = 16
+
+_JSON = {"content-type": "application/json"}
+
+
+def encode_body(model: str, body: dict[str, Any]) -> bytes:
+    """``body`` as JSON, the way httpx would encode it.
+
+    Raises:
+        InvalidInputError: a request parameter JSON cannot carry (NaN, an infinity, an object that is
+            not JSON): nothing was sent, and no retry could help.
+    """
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{model}: a request parameter cannot be sent as JSON: {exc}") from exc
 
 
 class ClientShards:
@@ -73,8 +90,9 @@ class ClientShards:
         Raises:
             UpstreamError: a transport failure, or an error status (mapped by :func:`status_error`).
         """
+        content = encode_body(model, body)
         with transport_errors(model), self.lease() as client:
-            response = await client.post(path, json=body)
+            response = await client.post(path, content=content, headers=_JSON)
         if response.status_code >= 400:
             raise status_error(model, response.status_code, response.headers, response.text)
         return response
@@ -89,8 +107,9 @@ class ClientShards:
         Raises:
             UpstreamError: a transport failure, or an error status.
         """
+        content = encode_body(model, body)
         with transport_errors(model), self.lease() as client:
-            async with client.stream("POST", path, json=body) as response:
+            async with client.stream("POST", path, content=content, headers=_JSON) as response:
                 if response.status_code >= 400:
                     await response.aread()
                     raise status_error(model, response.status_code, response.headers, response.text)

@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
-from ._base import Completion, DeltaSink, Message, TrioLM
+from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._sse import json_object
 from .openai import HTTPSettings
 
@@ -85,6 +85,8 @@ class AnthropicLM(TrioLM):
         transport: httpx.AsyncBaseTransport | None = None,
         **kwargs: Any,
     ) -> None:
+        # Set like any param (not only in the body), so the TPM estimate charges the cap actually sent.
+        kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         super().__init__(model, **kwargs)
         self.api_base = api_base
         headers = {"anthropic-version": ANTHROPIC_VERSION}
@@ -187,7 +189,11 @@ class AnthropicLM(TrioLM):
         await self._clients.post_sse(self.model, "v1/messages", body, on_event)
         if not stopped:
             raise UpstreamConnectionError(f"{self.model}: stream ended before message_stop", model=self.model)
-        return Completion(["".join(text)], _usage(usage), ["".join(thinking) or None])
+        texts = ["".join(text)]
+        if not usage.get("input_tokens") and not usage.get("output_tokens"):  # the stream reported none
+            turns = [{"content": body.get("system") or ""}, *body["messages"]]
+            return Completion(texts, estimated_usage(turns, texts), ["".join(thinking) or None])
+        return Completion(texts, _usage(usage), ["".join(thinking) or None])
 
     def _raise_stream_error(self, payload: Mapping[str, Any]) -> None:
         error = payload.get("error") if isinstance(payload.get("error"), dict) else {}

@@ -22,6 +22,7 @@ import httpx
 import trio
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
+from .._validate import optional_positive, positive, positive_int
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_pool import ClientShards
 from ._sse import json_object
@@ -44,12 +45,12 @@ class HTTPSettings:
             which the backend's ``maintain`` task then closes too (None: never check).
     """
 
-    connect_timeout: float = 10.0
-    read_timeout: float = 120.0
-    write_timeout: float = 30.0
-    pool_timeout: float = 30.0
-    max_connections: int = 1024
-    idle_check_interval: float | None = 1.0
+    connect_timeout: float = attrs.field(default=10.0, validator=positive)
+    read_timeout: float = attrs.field(default=120.0, validator=positive)
+    write_timeout: float = attrs.field(default=30.0, validator=positive)
+    pool_timeout: float = attrs.field(default=30.0, validator=positive)
+    max_connections: int = attrs.field(default=1024, validator=positive_int)
+    idle_check_interval: float | None = attrs.field(default=1.0, validator=optional_positive)
 
     def httpx_timeout(self) -> httpx.Timeout:
         """These timeouts as httpx's."""
@@ -190,8 +191,10 @@ class OpenAICompatibleLM(TrioLM):
     def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": _wire_model(self.model), "messages": list(messages)}
         body.update(params)
-        if self.kwargs.get("response_format") is not None:  # the user's choice beats the adapter's
+        if "response_format" in self.kwargs:  # the user's choice beats the adapter's; None sends none
             body["response_format"] = self.kwargs["response_format"]
+            if body["response_format"] is None:
+                del body["response_format"]
         if "response_format" in body:
             body["response_format"] = _jsonable_response_format(body["response_format"])
         if stream:

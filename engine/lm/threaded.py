@@ -13,6 +13,7 @@ deadline policies are the only ones.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,11 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().split("\n", 1)[0]
 
 
+def _finite(seconds: float | None) -> float | None:
+    """DSPy's parsed ``Retry-After``, ignored unless it is a finite number (like our own parser's)."""
+    return seconds if seconds is not None and math.isfinite(seconds) else None
+
+
 @contextmanager
 def dspy_lm_errors(model: str) -> Iterator[None]:
     """Translate DSPy's LM errors raised inside the block into the engine's."""
@@ -55,12 +61,14 @@ def dspy_lm_errors(model: str) -> Iterator[None]:
         yield
     except LMRateLimitError as exc:
         raise UpstreamRateLimitedError(
-            _first_line(exc), model=model, status=exc.status or 429, retry_after=exc.retry_after
+            _first_line(exc), model=model, status=exc.status or 429, retry_after=_finite(exc.retry_after)
         ) from exc
     except LMTimeoutError as exc:
         raise UpstreamTimeoutError(_first_line(exc), model=model, status=exc.status) from exc
     except LMServerError as exc:
-        raise UpstreamServerError(_first_line(exc), model=model, status=exc.status) from exc
+        raise UpstreamServerError(
+            _first_line(exc), model=model, status=exc.status, retry_after=_finite(exc.retry_after)
+        ) from exc
     except LMTransportError as exc:
         raise UpstreamConnectionError(_first_line(exc), model=model) from exc
     except LMError as exc:
