@@ -245,20 +245,45 @@ def test_error_bodies_are_json_serialisable() -> None:
     assert json.loads(json.dumps({"error": {"message": "m", "type": "t", "code": "c", "param": None}}))
 
 
-async def test_delete_cancels_an_in_flight_request_by_its_id() -> None:
+async def test_delete_cancels_an_in_flight_request_by_its_server_id_for_its_owner_only() -> None:
+    """Ids that route are the server's (unique, in ``X-Server-Request-ID``); a client's ``X-Request-ID`` is
+    only a label, and another API key gets 404 for an id it did not start (ids cannot be probed)."""
     lm = CountingLM(first_token_delay=30.0)
-    async with running(lms={"default": lm}) as server, httpx.AsyncClient(base_url=server.url) as client:
-        responses: list[httpx.Response] = []
-
-        async def slow() -> None:
-            responses.append(
-                await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "job-7"})
-            )
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow)
+    keys = {"A": {"Authorization": "Bearer key-a"}, "B": {"Authorization": "Bearer key-b"}}
+    service = settings(api_keys=("key-a", "key-b"))
+    async with (
+        running(service, lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        body = {"inputs": {"question": "q"}}
+        headers = {**keys["A"], "X-Request-ID": "job-7"}
+        async with client.stream("POST", "/v1/programs/default/stream", json=body, headers=headers) as stream:
+            assert stream.headers["x-request-id"] == "job-7"  # the label, echoed
+            server_id = stream.headers["x-server-request-id"]
+            assert server_id != "job-7"
+            assert len(server_id) == 32
             await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
-            cancelled = await client.delete("/v1/requests/job-7")
-            assert cancelled.json() == {"cancelled": "job-7"}
-        assert_error(responses[0], 499, "cancelled")
-        assert_error(await client.delete("/v1/requests/job-7"), 404, "unknown_request")
+            assert_error(await client.delete("/v1/requests/job-7", headers=keys["A"]), 404, "unknown_request")
+            assert_error(
+                await client.delete(f"/v1/requests/{server_id}", headers=keys["B"]), 404, "unknown_request"
+            )
+            assert server.state.engine.statistics().in_flight == 1  # type: ignore[union-attr]
+            cancelled = await client.delete(f"/v1/requests/{server_id}", headers=keys["A"])
+            assert cancelled.json() == {"cancelled": server_id}
+            text = (await stream.aread()).decode()
+        assert "event: error" in text
+        assert '"code":"cancelled"' in text
+        assert_error(
+            await client.delete(f"/v1/requests/{server_id}", headers=keys["A"]), 404, "unknown_request"
+        )
+
+
+async def test_two_requests_with_the_same_label_get_different_server_ids() -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        first, second = [
+            await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "same"})
+            for _ in range(2)
+        ]
+    assert first.headers["x-request-id"] == second.headers["x-request-id"] == "same"
+    assert first.json()["request_id"] != second.json()["request_id"]
+    assert first.json()["request_id"] == first.headers["x-server-request-id"]

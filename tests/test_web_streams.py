@@ -167,15 +167,17 @@ async def test_bad_frames_get_error_frames_and_the_socket_carries_on() -> None:
         await ws.send_raw(json.dumps({"id": "z", "type": "predict", "inputs": {}, "timeout_secs": -1}))
         await ws.send_raw(json.dumps({"id": "c", "type": "cancel"}))
         await wait_until(lambda: len(ws.unrouted) == 6)
-        codes = [frame["error"]["code"] for frame in ws.unrouted]
+        codes = [(frame["id"], frame["error"]["code"]) for frame in ws.unrouted]
+        # The same models and codes as HTTP bodies; the client's label comes back when the frame had one.
         assert codes == [
-            "invalid_frame",
-            "invalid_frame",
-            "invalid_frame",
-            "invalid_frame",
-            "invalid_timeout",
-            "unknown_id",
+            (None, "bad_request"),
+            (None, "invalid_body"),
+            ("x", "invalid_body"),
+            ("y", "invalid_body"),
+            ("z", "invalid_body"),
+            ("c", "unknown_id"),
         ]
+        assert ws.unrouted[4]["error"]["param"] == "timeout_secs"
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ws.predict, "default", {"question": "first"})
@@ -244,7 +246,8 @@ async def test_websockets_need_the_api_key_when_keys_are_set() -> None:
         }
         async with httpx.AsyncClient(base_url=server.url) as client:
             refused = await client.get("/ws", headers=handshake)
-        assert refused.status_code == 403
+        assert refused.status_code == 401  # as the README says, with a JSON body naming the problem
+        assert refused.json()["error"]["code"] == "invalid_api_key"
         async with open_websocket_url(ws_url + "?api_key=secret") as ws:
             await ws.send_message("q")
             assert await ws.get_message() != "[DONE]"
