@@ -88,21 +88,14 @@ class KeepAliveGuard:
                 settled.set()
             return message
 
-        start: Any = None
-
         async def guarded_send(message: Any) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message  # held until the first body message: its headers may still change
-                return
-            if message["type"] == "http.response.body" and start is not None:
-                first, start = start, None
+            if message["type"] == "http.response.start" and not body_done.is_set():
+                # An answer before the body arrived: wait for the body (bounded) so the connection
+                # stays usable, or tell the client the connection closes.
+                with trio.move_on_after(self.drain_timeout):
+                    await settled.wait()
                 if not body_done.is_set():
-                    with trio.move_on_after(self.drain_timeout):
-                        await settled.wait()
-                if not body_done.is_set():
-                    first["headers"] = [*first.get("headers", ()), (b"connection", b"close")]
-                await send(first)
+                    message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Hypercorn recycles or closes the connection inside this call: let it finish.
                 with trio.CancelScope(shield=True) as final:
