@@ -40,7 +40,7 @@ async def eventually(server: Server, outcome: str, count: int = 1) -> None:
         return (await outcomes(server)).get(outcome, 0) >= count
 
     with trio.fail_after(5):
-        while not await reached():
+        while not await reached():  # noqa: ASYNC110 - polls /metrics over HTTP
             await trio.sleep(0.02)
     assert sum((await outcomes(server)).values()) == count, await outcomes(server)
 
@@ -75,21 +75,25 @@ async def test_sse_past_its_deadline_is_timed_out_with_an_error_event() -> None:
 @ENGINE_LABELS
 async def test_sse_whose_client_left_is_abandoned() -> None:
     async with running(lms={"default": CountingLM(first_token_delay=30)}) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            async with client.stream("POST", "/v1/programs/default/stream", json={"inputs": SLOW}) as stream:
-                assert stream.status_code == 200
-                await trio.sleep(0.2)
+        async with (
+            httpx.AsyncClient(base_url=server.url) as client,
+            client.stream("POST", "/v1/programs/default/stream", json={"inputs": SLOW}) as stream,
+        ):
+            assert stream.status_code == 200
+            await trio.sleep(0.2)
         await eventually(server, "abandoned")
 
 
 async def test_sse_cancelled_by_id_is_cancelled() -> None:
     async with running(lms={"default": CountingLM(first_token_delay=30)}) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
-            async with client.stream("POST", "/stream", json=SLOW) as stream:
-                server_id = stream.headers["x-server-request-id"]
-                await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
-                assert (await client.delete(f"/v1/requests/{server_id}")).status_code == 200
-                text = (await stream.aread()).decode()
+        async with (
+            httpx.AsyncClient(base_url=server.url) as client,
+            client.stream("POST", "/stream", json=SLOW) as stream,
+        ):
+            server_id = stream.headers["x-server-request-id"]
+            await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
+            assert (await client.delete(f"/v1/requests/{server_id}")).status_code == 200
+            text = (await stream.aread()).decode()
         assert text.endswith("data: [DONE]\n\n")
         await eventually(server, "cancelled")
 
@@ -108,14 +112,16 @@ async def test_multiplexed_websocket_deadline_and_cancel_frame() -> None:
     lm = CountingLM(first_token_delay=30)
     async with running(lms={"default": lm}) as server:
         async with open_client(server.url) as client, client.open_multiplexed() as ws:
-            late = [f async for f in ws.stream("default", SLOW, timeout_secs=0.2)]
+            async with ws.stream("default", SLOW, timeout_secs=0.2) as answers:
+                late = [f async for f in answers]
             assert late[-1]["type"] == "error"
             assert late[-1]["error"]["code"] == "deadline_exceeded"
             await eventually(server, "timed_out")
             frames: list[dict[str, object]] = []
 
             async def run() -> None:
-                frames.extend([f async for f in ws.frames({"id": "c", "type": "predict", "inputs": SLOW})])
+                async with ws.frames({"id": "c", "type": "predict", "inputs": SLOW}) as answers:
+                    frames.extend([f async for f in answers])
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run)
@@ -144,7 +150,10 @@ async def test_the_deadline_counts_from_the_arrival_of_the_request_head() -> Non
         port = int(server.url.rsplit(":", 1)[1])
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
-            head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            head = (
+                "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
             sent = trio.current_time()
             await stream.send_all(head.encode())
             await trio.sleep(0.7)

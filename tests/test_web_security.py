@@ -95,8 +95,9 @@ async def test_websocket_labels_collide_harmlessly_across_sockets() -> None:
         answers: dict[str, dict[str, Any]] = {}
 
         async def ask(name: str, ws: Any) -> None:
-            async for frame in ws.frames({"id": "r0", "type": "predict", "inputs": {"question": name}}):
-                answers[name] = frame
+            async with ws.frames({"id": "r0", "type": "predict", "inputs": {"question": name}}) as frames:
+                async for frame in frames:
+                    answers[name] = frame
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, "first", first)

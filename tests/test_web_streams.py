@@ -39,8 +39,12 @@ async def test_seed_sse_endpoints_send_tokens_then_done() -> None:
 
 
 async def test_program_sse_has_status_deltas_and_one_final() -> None:
-    async with running() as server, open_client(server.url) as client:
-        events = [event async for event in client.stream("default", {"question": "q"})]
+    async with (
+        running() as server,
+        open_client(server.url) as client,
+        client.stream("default", {"question": "q"}) as stream,
+    ):
+        events = [event async for event in stream]
     names = [name for name, _ in events]
     assert names[0] == "status"
     assert names[-1] == "final"
@@ -55,8 +59,8 @@ async def test_a_failure_mid_stream_is_an_error_event() -> None:
     async with running(
         lms={"default": FailingLM(UpstreamServerError("down", status=500), delay=0.1)}
     ) as server:
-        async with open_client(server.url) as client:
-            events = [event async for event in client.stream("default", {"question": "q"})]
+        async with open_client(server.url) as client, client.stream("default", {"question": "q"}) as stream:
+            events = [event async for event in stream]
         _response, text = await raw_sse(server.url, "/stream", {"question": "q"})
     assert events[-1][0] == "error"
     assert events[-1][1]["error"]["code"] == "upstream_server_error"
@@ -91,8 +95,8 @@ async def test_leaving_an_sse_stream_closes_the_upstream_connection(fake_upstrea
     fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=0.05)
     lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
     async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
-        async with open_client(server.url) as client:
-            async for name, _payload in client.stream("default", {"question": "q"}):
+        async with open_client(server.url) as client, client.stream("default", {"question": "q"}) as stream:
+            async for name, _payload in stream:
                 if name == "delta":
                     break
         left_at = trio.current_time()
@@ -132,10 +136,11 @@ async def test_multiplexed_websocket_runs_requests_concurrently_and_cancels_by_i
 
         async def stream_and_cancel() -> None:
             frames = []
-            async for frame in ws.stream("default", {"question": "long"}, id="to-cancel"):
-                frames.append(frame)
-                if frame["type"] == "delta":
-                    await ws.cancel("to-cancel")
+            async with ws.stream("default", {"question": "long"}, id="to-cancel") as answers:
+                async for frame in answers:
+                    frames.append(frame)
+                    if frame["type"] == "delta":
+                        await ws.cancel("to-cancel")
             results["to-cancel"] = frames
 
         started = trio.current_time()
