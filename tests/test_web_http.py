@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 import httpx
 import trio
+from openapi_spec_validator import validate
 
 from engine import EngineConfig, LMConfig, UpstreamServerError
 from engine.testing import Behavior, FakeUpstream
@@ -208,6 +209,8 @@ async def test_openapi_schema_is_served() -> None:
         schema = (await client.get("/openapi.json")).json()
     assert "/predict" in schema["paths"]
     assert "/v1/programs/{name}/predict" in schema["paths"]
+    assert "requestBody" in schema["paths"]["/v1/programs/{name}/predict"]["post"]
+    validate(schema)  # a valid OpenAPI 3 document
 
 
 async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() -> None:

@@ -27,6 +27,7 @@ import trio
 from quart import Response, g, request
 from quart_cors import cors
 from quart_schema import QuartSchema
+from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -61,6 +62,20 @@ _WERKZEUG_CODES = {
 }
 
 
+class _OpenAPI(OpenAPIProvider):
+    """quart-schema's schema, made valid OpenAPI 3: every operation names at least a default response."""
+
+    def schema(self) -> dict[str, Any]:
+        document = super().schema()
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict) and not operation.get("responses"):
+                    operation["responses"] = {
+                        "default": {"description": "JSON, or an error in OpenAI's shape"}
+                    }
+        return document
+
+
 def create_app(
     settings: ServiceSettings | None = None, *, lms: Mapping[str, TrioLM] | None = None
 ) -> QuartTrio:
@@ -74,7 +89,7 @@ def create_app(
     app = QuartTrio("dspy_trio", static_folder=str(_STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams are bounded by each request's own deadline
-    QuartSchema(app, info={"title": "dspy-trio", "version": "0.1.0"})
+    QuartSchema(app, info={"title": "dspy-trio", "version": "0.1.0"}, openapi_provider_class=_OpenAPI)
     state = ServiceState(settings)
     app.extensions["dspy_trio"] = state
 

@@ -31,10 +31,16 @@ async def seed_predict(data: SeedRequest) -> Response:
 
 
 @seed.post("/predict/stream")
+@json_body(SeedRequest)
+async def seed_predict_stream(data: SeedRequest) -> Response:
+    """The seed's SSE: ``data: <token>`` per token, then ``data: [DONE]``."""
+    return stream_response("default", {"question": data.question}, data.timeout_secs, seed=True)
+
+
 @seed.post("/stream")
 @json_body(SeedRequest)
 async def seed_stream(data: SeedRequest) -> Response:
-    """The seed's SSE: ``data: <token>`` per token, then ``data: [DONE]``."""
+    """The seed's SSE (as ``/predict/stream``)."""
     return stream_response("default", {"question": data.question}, data.timeout_secs, seed=True)
 
 
