@@ -174,7 +174,7 @@ class _Socket:
         async for text in self._outbox:
             await websocket.send(text)
 
-    def parse(self, raw: str | bytes) -> RunFrame | CancelFrame:
+    def parse(self, raw: str | bytes | None) -> RunFrame | CancelFrame:
         """A frame, validated like an HTTP body.
 
         Raises:
@@ -182,9 +182,9 @@ class _Socket:
         """
         value: Any = None
         try:
-            value = parse_json(
-                raw, max_bytes=self.settings.max_body_bytes, max_depth=self.settings.max_json_depth
-            )
+            limits = self.settings
+            # An empty frame arrives as None (Quart-Trio reads "bytes or text").
+            value = parse_json(raw or b"", max_bytes=limits.max_body_bytes, max_depth=limits.max_json_depth)
             frame = FRAME.validate_python(value)
             if isinstance(frame, RunFrame):
                 check_inputs(frame.inputs, max_chars=self.settings.max_input_chars)
@@ -194,7 +194,7 @@ class _Socket:
         except HTTPError as exc:
             raise _BadFrame(_label_of(value), exc) from None
 
-    async def handle(self, raw: str | bytes, arrived: float) -> None:
+    async def handle(self, raw: str | bytes | None, arrived: float) -> None:
         """Act on one incoming frame; every problem becomes an error frame."""
         try:
             frame = self.parse(raw)
