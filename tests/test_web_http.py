@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import attrs
 import httpx
+import pytest
 import trio
 from openapi_spec_validator import validate
 
@@ -290,3 +292,27 @@ async def test_two_requests_with_the_same_label_get_different_server_ids() -> No
     assert first.headers["x-request-id"] == second.headers["x-request-id"] == "same"
     assert first.json()["request_id"] != second.json()["request_id"]
     assert first.json()["request_id"] == first.headers["x-server-request-id"]
+
+
+async def test_requests_refused_by_the_web_layer_are_logged_like_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="web.requests")
+    async with (
+        running(settings(api_keys=("k",), max_body_bytes=100)) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "mine"})
+        key = {"Authorization": "Bearer k"}
+        await client.post("/predict", json={"question": "q" * 200}, headers=key)
+        await client.post("/predict", json={"nope": 1}, headers=key)
+        await client.get("/nowhere", headers=key)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "web.requests"]
+    assert [(line["status"], line["error"], line["outcome"]) for line in lines] == [
+        (401, "invalid_api_key", "rejected"),
+        (413, "body_too_large", "invalid"),
+        (422, "invalid_body", "invalid"),
+        (404, "not_found", "invalid"),
+    ]
+    assert lines[0]["label"] == "mine"
+    assert len(lines[0]["request_id"]) == 32

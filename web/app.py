@@ -35,6 +35,7 @@ from engine import EngineError, open_engine
 from engine.lm import TrioLM
 
 from .auth import authorize
+from .encoding import dumps
 from .errors import HTTPError, engine_error_response, error_body, http_error_response
 from .http import json_response
 from .http import settings as _settings
@@ -138,17 +139,27 @@ async def decorate(response: Response) -> Response:
     if (timings := g.get("timings")) is not None:
         timing += [f"queue;dur={timings.queued * 1000:.3f}", f"lm;dur={timings.lm * 1000:.3f}"]
     response.headers["Server-Timing"] = ", ".join(timing)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "%s %s %d %.1fms request_id=%s label=%s",
-            request.method,
-            request.path,
-            response.status_code,
-            total,
-            request_id,
-            g.get("label"),
-        )
+    if (refused := g.get("refused")) is not None and access_log.isEnabledFor(logging.INFO):
+        log_refusal(refused, response.status_code, total)
     return response
+
+
+def log_refusal(code: str, status: int, total_ms: float) -> None:
+    """One JSON line, shaped like the engine's request lines, for a request the web layer refused before
+    the engine saw it (401, 404, 405, 413, 415, 422, ...)."""
+    line = {
+        "event": "request",
+        "request_id": g.get("request_id"),
+        "label": g.get("label"),
+        "kind": "http",
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "outcome": "rejected" if status in (401, 403) else "invalid",
+        "error": code,
+        "total_ms": round(total_ms, 3),
+    }
+    access_log.info(dumps(line))
 
 
 def register_error_handlers(app: QuartTrio) -> None:
@@ -162,6 +173,7 @@ def register_error_handlers(app: QuartTrio) -> None:
     @app.errorhandler(HTTPError)
     async def on_http_error(error: HTTPError) -> Response:
         status, body = http_error_response(error)
+        g.refused = error.code
         return json_response(body, status)
 
     @app.errorhandler(HTTPException)
@@ -176,11 +188,13 @@ def register_error_handlers(app: QuartTrio) -> None:
         if status == 405 and (valid := getattr(error, "valid_methods", None)):
             headers["Allow"] = ", ".join(sorted(valid))
         body = error_body(message, type=kind, code=_WERKZEUG_CODES.get(status, "http_error"))
+        g.refused = body["error"]["code"]
         return json_response(body, status, headers)
 
     @app.errorhandler(UnicodeDecodeError)
     async def on_undecodable_body(error: UnicodeDecodeError) -> Response:
         message = "the request body must be UTF-8 JSON"
+        g.refused = "bad_request"
         return json_response(error_body(message, type="invalid_request_error", code="bad_request"), 400)
 
     @app.errorhandler(Exception)
