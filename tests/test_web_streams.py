@@ -268,3 +268,27 @@ async def test_requested_timeouts_are_capped_by_the_server_maximum() -> None:
             response = await client.post("/predict", json={"question": "q", "timeout_secs": 3600})
         assert response.status_code == 504
         assert trio.current_time() - started < 5
+
+
+class _NonStreamingLM(CountingLM):
+    """Answers in one piece: no deltas reach the stream, only the final prediction."""
+
+    async def complete(self, messages: Any, params: Any, sink: Any) -> Any:
+        return await super().complete(messages, params, None)
+
+
+async def test_seed_streams_deliver_the_answer_even_without_deltas() -> None:
+    lm = _NonStreamingLM(first_token_delay=0.0)
+    async with running(lms={"default": lm}) as server:
+        _response, text = await raw_sse(server.url, "/stream", {"question": "q"})
+        events = [block for block in text.split("\n\n") if block]
+        assert events[-1] == "data: [DONE]"
+        assert len(events) == 2
+        assert events[0].startswith("data: ")
+        assert len(events[0]) > len("data: ")
+        async with open_websocket_url(server.url.replace("http", "ws") + "/ws") as ws:
+            await ws.send_message("q")
+            answer = await ws.get_message()
+            assert answer not in ("[DONE]", "")
+            assert not answer.startswith('{"error"')
+            assert await ws.get_message() == "[DONE]"
