@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import pydantic
-import trio
 from quart import Response, current_app, g, request
 from quart_schema import document_request
 
@@ -19,6 +18,7 @@ from .errors import HTTPError
 from .limits import check_inputs, parse_json
 from .models import validate
 from .settings import ServiceSettings
+from .sse import SSE_HEADERS
 from .state import ServiceState
 
 M = TypeVar("M", bound=pydantic.BaseModel)
@@ -102,13 +102,7 @@ async def predict(program: str, inputs: Mapping[str, Any], until: RequestDeadlin
 
 def sse_response(body: Any, content_type: str = "text/event-stream") -> Response:
     """A streamed response with the SSE headers (no response timeout: the request's deadline ends it)."""
-    from .sse import SSE_HEADERS
-
     headers = SSE_HEADERS if content_type == "text/event-stream" else {"Content-Type": content_type}
     response = Response(body, status=200, headers=headers)
     response.timeout = None
     return response
-
-
-def now() -> float:
-    return trio.current_time()
