@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from quart import Response, g, request
+from quart import Response, g, has_request_context, request, websocket
 from quart_cors import cors
 from quart_schema import QuartSchema
 from quart_schema.openapi import OpenAPIProvider
@@ -199,7 +199,10 @@ def register_error_handlers(app: QuartTrio) -> None:
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
+        if has_request_context():
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+        else:  # a WebSocket handler
+            logger.exception("unhandled error in WebSocket %s", websocket.path)
         return json_response(error_body("internal error", type="server_error", code="internal_error"), 500)
 
 
