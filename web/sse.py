@@ -1,14 +1,16 @@
 """Server-Sent Events responses that run an engine stream for exactly the life of the response.
 
 Quart sends a streamed body by entering it (``async with body``), iterating it, and exiting it, all in the
-request's task. :class:`EventBody` enters the engine's stream in ``__aenter__`` and leaves it in
-``__aexit__``, and hands out one encoded event per ``__anext__``. So the stream's producer nursery opens
-and closes in that one task, and no async generator ever holds a nursery or cancel scope across a
-``yield``. A client that disconnects cancels the request task, which leaves the engine stream, which
-cancels the producer and closes the upstream connection.
+request's task. :class:`EventBody` opens a nursery in ``__aenter__`` (closed in ``__aexit__``, in that
+same task) with one pump task that enters the engine's stream *inside the request's deadline scope* and
+forwards its events through an unbuffered channel; ``__anext__`` hands out one encoded event at a time.
+No async generator ever holds a nursery or cancel scope across a ``yield``.
 
-The request's deadline and the keep-alive comments are cancel scopes inside ``__anext__``: when the
-deadline passes, the stream ends with an error event (``deadline_exceeded``) instead of a cut connection.
+So the engine can tell the endings apart: the request's deadline is the pump's cancel scope (the engine
+sees it as ``trio.current_effective_deadline()``; when it passes, the response ends with an error event,
+``deadline_exceeded``, not a cut connection); a client that disconnects cancels the request task, and so
+the pump, before the deadline; a cancel by id comes from the engine itself. Keep-alive comments are sent
+after ``keepalive`` seconds of quiet.
 """
 
 from __future__ import annotations
