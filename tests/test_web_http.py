@@ -178,8 +178,11 @@ async def test_client_disconnect_cancels_the_upstream_call(fake_upstream: FakeUp
     fake_upstream.behavior = Behavior(latency=30)
     lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
     async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
-        with trio.move_on_after(0.5):
-            await post(server.url, "/predict", {"question": "q"})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, server.url, "/predict", {"question": "q"})
+            # Leave once the call is upstream (a fixed delay raced the first request on a loaded machine).
+            await fake_upstream.wait_for(lambda u: bool(u.records))
+            nursery.cancel_scope.cancel()
         left_at = trio.current_time()
         await first_request_closed_by_client(fake_upstream, left_at, within=0.1)
         await wait_until(lambda: server.state.engine.statistics().cancelled == 1)  # type: ignore[union-attr]

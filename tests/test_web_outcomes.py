@@ -4,6 +4,7 @@ deadline counts from the arrival of the request's head. A fail-fast batch gives 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -55,10 +56,12 @@ async def test_http_predict_past_its_deadline_is_timed_out() -> None:
 
 @ENGINE_LABELS
 async def test_http_predict_whose_client_left_is_abandoned() -> None:
-    async with running(lms={"default": CountingLM(first_token_delay=30)}) as server:
-        with trio.move_on_after(0.3):
-            async with httpx.AsyncClient(base_url=server.url) as client:
-                await client.post("/predict", json=SLOW)
+    lm = CountingLM(first_token_delay=30)
+    async with running(lms={"default": lm}) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client, trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(client.post, "/predict", json=SLOW))
+            await wait_until(lambda: lm.started == 1)  # leave once the engine runs it
+            nursery.cancel_scope.cancel()
         await eventually(server, "abandoned")
 
 
@@ -80,7 +83,7 @@ async def test_sse_whose_client_left_is_abandoned() -> None:
             client.stream("POST", "/v1/programs/default/stream", json={"inputs": SLOW}) as stream,
         ):
             assert stream.status_code == 200
-            await trio.sleep(0.2)
+            await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
         await eventually(server, "abandoned")
 
 
