@@ -14,6 +14,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trio_websocket import open_websocket_url
 
 from web.server import open_server
 
@@ -93,4 +94,58 @@ def test_malformed_bodies_get_a_4xx_json_error(server_url: str, path: str, body:
         error = response.json()["error"]
         assert error["code"]
         assert error["message"]
+        assert client.get("/health").text == "OK"
+
+
+# WebSocket frames: nesting, size, types and Unicode (lone surrogates in JSON escapes included).
+nested = st.integers(min_value=0, max_value=300).map(lambda n: "[" * n + "]" * n)
+escapes = st.lists(
+    st.sampled_from(["a", "\\ud800", "\\udfff", "\\u00e9", "\\u0000", "é", "😀"]), max_size=8
+).map(lambda parts: '{"id": "u", "type": "predict", "inputs": {"question": "' + "".join(parts) + '"}}')
+frames = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200),
+    nested,
+    escapes,
+    st.integers(min_value=0, max_value=6000).map(
+        lambda n: json.dumps({"id": "big", "type": "predict", "inputs": {"question": "x" * n}})
+    ),
+    json_values.map(json.dumps),
+    st.fixed_dictionaries(
+        {"id": st.text(max_size=3), "type": st.sampled_from(["predict", "stream", "cancel", "x"])},
+        optional={"inputs": json_values, "timeout_secs": json_values, "program": json_values},
+    ).map(json.dumps),
+)
+
+LAST = {"result", "final", "error", "cancelled"}
+
+
+async def _send_frame(url: str, frame: str | bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send ``frame`` to /v1/ws; return what came back for it, and the answer to a valid request after it."""
+    async with open_websocket_url(url.replace("http", "ws") + "/v1/ws") as ws:
+        await ws.send_message(frame)
+        await ws.send_message(json.dumps({"id": "probe", "type": "predict", "inputs": {"question": "q"}}))
+        answers: list[dict[str, Any]] = []
+        with trio.fail_after(20):
+            while True:
+                answer = json.loads(await ws.get_message())
+                if answer.get("id") == "probe" and answer["type"] in LAST:
+                    return answers, answer
+                answers.append(answer)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=frames)
+def test_malformed_websocket_frames_get_an_error_frame_and_the_socket_lives_on(
+    server_url: str, frame: str | bytes
+) -> None:
+    answers, probe = trio.run(_send_frame, server_url, frame)
+    assert probe["type"] == "result", probe  # the socket and its other requests live on
+    finished = [a for a in answers if a["type"] in LAST]
+    assert len(finished) <= 1
+    if finished and finished[0]["type"] == "error":
+        assert finished[0]["error"]["code"]
+        assert finished[0]["error"]["message"]
+        assert finished[0]["error"]["code"] != "internal_error"
+    with httpx.Client(base_url=server_url, timeout=30) as client:
         assert client.get("/health").text == "OK"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import attrs
 import httpx
+import pytest
 import trio
+from openapi_spec_validator import validate
 
 from engine import EngineConfig, LMConfig, UpstreamServerError
 from engine.testing import Behavior, FakeUpstream
@@ -175,8 +178,11 @@ async def test_client_disconnect_cancels_the_upstream_call(fake_upstream: FakeUp
     fake_upstream.behavior = Behavior(latency=30)
     lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
     async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
-        with trio.move_on_after(0.5):
-            await post(server.url, "/predict", {"question": "q"})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, server.url, "/predict", {"question": "q"})
+            # Leave once the call is upstream (a fixed delay raced the first request on a loaded machine).
+            await fake_upstream.wait_for(lambda u: bool(u.records))
+            nursery.cancel_scope.cancel()
         left_at = trio.current_time()
         await first_request_closed_by_client(fake_upstream, left_at, within=0.1)
         await wait_until(lambda: server.state.engine.statistics().cancelled == 1)  # type: ignore[union-attr]
@@ -208,6 +214,8 @@ async def test_openapi_schema_is_served() -> None:
         schema = (await client.get("/openapi.json")).json()
     assert "/predict" in schema["paths"]
     assert "/v1/programs/{name}/predict" in schema["paths"]
+    assert "requestBody" in schema["paths"]["/v1/programs/{name}/predict"]["post"]
+    validate(schema)  # a valid OpenAPI 3 document
 
 
 async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() -> None:
@@ -245,20 +253,69 @@ def test_error_bodies_are_json_serialisable() -> None:
     assert json.loads(json.dumps({"error": {"message": "m", "type": "t", "code": "c", "param": None}}))
 
 
-async def test_delete_cancels_an_in_flight_request_by_its_id() -> None:
+async def test_delete_cancels_an_in_flight_request_by_its_server_id_for_its_owner_only() -> None:
+    """Ids that route are the server's (unique, in ``X-Server-Request-ID``); a client's ``X-Request-ID`` is
+    only a label, and another API key gets 404 for an id it did not start (ids cannot be probed)."""
     lm = CountingLM(first_token_delay=30.0)
-    async with running(lms={"default": lm}) as server, httpx.AsyncClient(base_url=server.url) as client:
-        responses: list[httpx.Response] = []
-
-        async def slow() -> None:
-            responses.append(
-                await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "job-7"})
-            )
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow)
+    keys = {"A": {"Authorization": "Bearer key-a"}, "B": {"Authorization": "Bearer key-b"}}
+    service = settings(api_keys=("key-a", "key-b"))
+    async with (
+        running(service, lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        body = {"inputs": {"question": "q"}}
+        headers = {**keys["A"], "X-Request-ID": "job-7"}
+        async with client.stream("POST", "/v1/programs/default/stream", json=body, headers=headers) as stream:
+            assert stream.headers["x-request-id"] == "job-7"  # the label, echoed
+            server_id = stream.headers["x-server-request-id"]
+            assert server_id != "job-7"
+            assert len(server_id) == 32
             await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
-            cancelled = await client.delete("/v1/requests/job-7")
-            assert cancelled.json() == {"cancelled": "job-7"}
-        assert_error(responses[0], 499, "cancelled")
-        assert_error(await client.delete("/v1/requests/job-7"), 404, "unknown_request")
+            assert_error(await client.delete("/v1/requests/job-7", headers=keys["A"]), 404, "unknown_request")
+            assert_error(
+                await client.delete(f"/v1/requests/{server_id}", headers=keys["B"]), 404, "unknown_request"
+            )
+            assert server.state.engine.statistics().in_flight == 1  # type: ignore[union-attr]
+            cancelled = await client.delete(f"/v1/requests/{server_id}", headers=keys["A"])
+            assert cancelled.json() == {"cancelled": server_id}
+            text = (await stream.aread()).decode()
+        assert "event: error" in text
+        assert '"code":"cancelled"' in text
+        assert_error(
+            await client.delete(f"/v1/requests/{server_id}", headers=keys["A"]), 404, "unknown_request"
+        )
+
+
+async def test_two_requests_with_the_same_label_get_different_server_ids() -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        first, second = [
+            await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "same"})
+            for _ in range(2)
+        ]
+    assert first.headers["x-request-id"] == second.headers["x-request-id"] == "same"
+    assert first.json()["request_id"] != second.json()["request_id"]
+    assert first.json()["request_id"] == first.headers["x-server-request-id"]
+
+
+async def test_requests_refused_by_the_web_layer_are_logged_like_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="web.requests")
+    async with (
+        running(settings(api_keys=("k",), max_body_bytes=100)) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        await client.post("/predict", json={"question": "q"}, headers={"X-Request-ID": "mine"})
+        key = {"Authorization": "Bearer k"}
+        await client.post("/predict", json={"question": "q" * 200}, headers=key)
+        await client.post("/predict", json={"nope": 1}, headers=key)
+        await client.get("/nowhere", headers=key)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "web.requests"]
+    assert [(line["status"], line["error"], line["outcome"]) for line in lines] == [
+        (401, "invalid_api_key", "rejected"),
+        (413, "body_too_large", "invalid"),
+        (422, "invalid_body", "invalid"),
+        (404, "not_found", "invalid"),
+    ]
+    assert lines[0]["label"] == "mine"
+    assert len(lines[0]["request_id"]) == 32

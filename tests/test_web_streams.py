@@ -39,8 +39,12 @@ async def test_seed_sse_endpoints_send_tokens_then_done() -> None:
 
 
 async def test_program_sse_has_status_deltas_and_one_final() -> None:
-    async with running() as server, open_client(server.url) as client:
-        events = [event async for event in client.stream("default", {"question": "q"})]
+    async with (
+        running() as server,
+        open_client(server.url) as client,
+        client.stream("default", {"question": "q"}) as stream,
+    ):
+        events = [event async for event in stream]
     names = [name for name, _ in events]
     assert names[0] == "status"
     assert names[-1] == "final"
@@ -55,8 +59,8 @@ async def test_a_failure_mid_stream_is_an_error_event() -> None:
     async with running(
         lms={"default": FailingLM(UpstreamServerError("down", status=500), delay=0.1)}
     ) as server:
-        async with open_client(server.url) as client:
-            events = [event async for event in client.stream("default", {"question": "q"})]
+        async with open_client(server.url) as client, client.stream("default", {"question": "q"}) as stream:
+            events = [event async for event in stream]
         _response, text = await raw_sse(server.url, "/stream", {"question": "q"})
     assert events[-1][0] == "error"
     assert events[-1][1]["error"]["code"] == "upstream_server_error"
@@ -91,8 +95,8 @@ async def test_leaving_an_sse_stream_closes_the_upstream_connection(fake_upstrea
     fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=0.05)
     lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
     async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
-        async with open_client(server.url) as client:
-            async for name, _payload in client.stream("default", {"question": "q"}):
+        async with open_client(server.url) as client, client.stream("default", {"question": "q"}) as stream:
+            async for name, _payload in stream:
                 if name == "delta":
                     break
         left_at = trio.current_time()
@@ -132,10 +136,11 @@ async def test_multiplexed_websocket_runs_requests_concurrently_and_cancels_by_i
 
         async def stream_and_cancel() -> None:
             frames = []
-            async for frame in ws.stream("default", {"question": "long"}, id="to-cancel"):
-                frames.append(frame)
-                if frame["type"] == "delta":
-                    await ws.cancel("to-cancel")
+            async with ws.stream("default", {"question": "long"}, id="to-cancel") as answers:
+                async for frame in answers:
+                    frames.append(frame)
+                    if frame["type"] == "delta":
+                        await ws.cancel("to-cancel")
             results["to-cancel"] = frames
 
         started = trio.current_time()
@@ -167,15 +172,17 @@ async def test_bad_frames_get_error_frames_and_the_socket_carries_on() -> None:
         await ws.send_raw(json.dumps({"id": "z", "type": "predict", "inputs": {}, "timeout_secs": -1}))
         await ws.send_raw(json.dumps({"id": "c", "type": "cancel"}))
         await wait_until(lambda: len(ws.unrouted) == 6)
-        codes = [frame["error"]["code"] for frame in ws.unrouted]
+        codes = [(frame["id"], frame["error"]["code"]) for frame in ws.unrouted]
+        # The same models and codes as HTTP bodies; the client's label comes back when the frame had one.
         assert codes == [
-            "invalid_frame",
-            "invalid_frame",
-            "invalid_frame",
-            "invalid_frame",
-            "invalid_timeout",
-            "unknown_id",
+            (None, "bad_request"),
+            (None, "invalid_body"),
+            ("x", "invalid_body"),
+            ("y", "invalid_body"),
+            ("z", "invalid_body"),
+            ("c", "unknown_id"),
         ]
+        assert ws.unrouted[4]["error"]["param"] == "timeout_secs"
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ws.predict, "default", {"question": "first"})
@@ -244,7 +251,8 @@ async def test_websockets_need_the_api_key_when_keys_are_set() -> None:
         }
         async with httpx.AsyncClient(base_url=server.url) as client:
             refused = await client.get("/ws", headers=handshake)
-        assert refused.status_code == 403
+        assert refused.status_code == 401  # as the README says, with a JSON body naming the problem
+        assert refused.json()["error"]["code"] == "invalid_api_key"
         async with open_websocket_url(ws_url + "?api_key=secret") as ws:
             await ws.send_message("q")
             assert await ws.get_message() != "[DONE]"
@@ -260,3 +268,27 @@ async def test_requested_timeouts_are_capped_by_the_server_maximum() -> None:
             response = await client.post("/predict", json={"question": "q", "timeout_secs": 3600})
         assert response.status_code == 504
         assert trio.current_time() - started < 5
+
+
+class _NonStreamingLM(CountingLM):
+    """Answers in one piece: no deltas reach the stream, only the final prediction."""
+
+    async def complete(self, messages: Any, params: Any, sink: Any) -> Any:
+        return await super().complete(messages, params, None)
+
+
+async def test_seed_streams_deliver_the_answer_even_without_deltas() -> None:
+    lm = _NonStreamingLM(first_token_delay=0.0)
+    async with running(lms={"default": lm}) as server:
+        _response, text = await raw_sse(server.url, "/stream", {"question": "q"})
+        events = [block for block in text.split("\n\n") if block]
+        assert events[-1] == "data: [DONE]"
+        assert len(events) == 2
+        assert events[0].startswith("data: ")
+        assert len(events[0]) > len("data: ")
+        async with open_websocket_url(server.url.replace("http", "ws") + "/ws") as ws:
+            await ws.send_message("q")
+            answer = await ws.get_message()
+            assert answer not in ("[DONE]", "")
+            assert not answer.startswith('{"error"')
+            assert await ws.get_message() == "[DONE]"

@@ -1,111 +1,80 @@
 """The Quart-Trio application: parse, call the engine, format. No scheduling logic lives here.
 
+The routes live in Blueprints by concern (:mod:`web.routes_seed`, :mod:`web.routes_programs`,
+:mod:`web.routes_ops`, :mod:`web.websockets`); this module wires them with what every request shares:
+
+- a server-generated request id (``uuid4`` hex), the only id used for routing and cancelling; a client's
+  ``X-Request-ID`` is kept as a correlation label (echoed back, logged);
+- the arrival time of the request's head, from which its deadline counts (:mod:`web.deadline`);
+- one :func:`web.auth.authorize` for HTTP and WebSocket, whose key becomes the request's owner;
+- CORS by quart-cors (off unless ``cors_origins`` is set);
+- one log line per answered HTTP request, refusals included; errors as JSON (:mod:`web.errors`).
+
 The engine is opened by the app's lifespan (``while_serving``) and drained by :func:`web.server.serve`
-before Hypercorn closes connections. Every response carries ``X-Request-ID`` and ``Server-Timing``;
-errors are JSON in OpenAI's shape with one status per error (see :mod:`web.errors`).
+before Hypercorn closes connections.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import attrs
-import pydantic
 import trio
-from quart import Response, g, request
-from quart_schema import QuartSchema, RequestSchemaValidationError, validate_request
+from quart import Response, g, has_request_context, request, websocket
+from quart_cors import cors
+from quart_schema import QuartSchema
+from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from engine import (
-    BatchItem,
-    DeadlineExceededError,
-    Engine,
-    EngineError,
-    PredictionResult,
-    UnknownProgramError,
-    open_engine,
-)
+from engine import EngineError, open_engine
 from engine.lm import TrioLM
 
-from .encoding import batch_item_json, dumps, result_json
+from .auth import authorize
+from .encoding import dumps
 from .errors import HTTPError, engine_error_response, error_body, http_error_response
-from .metrics import metrics_json, metrics_text
+from .http import json_response
+from .http import settings as _settings
+from .routes_ops import ops
+from .routes_programs import programs
+from .routes_seed import seed
 from .settings import ServiceSettings
-from .sse import SSE_HEADERS, batch_body, general_encoder, seed_encoder, stream_body
+from .state import ServiceState
+from .websockets import websockets
 
 logger = logging.getLogger("web")
+access_log = logging.getLogger("web.requests")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+_LABEL = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STATIC = Path(__file__).parent / "static"
+_CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"]
+_CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After"]
+_CORS_METHODS = ["GET", "POST", "DELETE", "OPTIONS"]
+_WERKZEUG_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
-class SeedRequest(pydantic.BaseModel):
-    """The seed's body: a question for the default program."""
+class _OpenAPI(OpenAPIProvider):
+    """quart-schema's schema, made valid OpenAPI 3: every operation names at least a default response."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
-    question: str
-    timeout_secs: float | None = pydantic.Field(default=None, gt=0)
-
-
-class BatchRequest(pydantic.BaseModel):
-    """A batch for a named program: one inputs object per item."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-    items: list[dict[str, Any]] = pydantic.Field(min_length=1, max_length=10_000)
-    concurrency: int = pydantic.Field(default=8, ge=1, le=256)
-    fail_fast: bool = False
-    timeout_secs: float | None = pydantic.Field(default=None, gt=0)
-
-
-class ProgramRequest(pydantic.BaseModel):
-    """A request to a named program: its input fields."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-    inputs: dict[str, Any]
-    timeout_secs: float | None = pydantic.Field(default=None, gt=0)
-
-
-@attrs.define
-class ServiceState:
-    """What the handlers share: the settings, the engine while serving, and whether to take traffic."""
-
-    settings: ServiceSettings
-    engine: Engine | None = None
-    draining: bool = False
-
-    @property
-    def ready(self) -> bool:
-        return self.engine is not None and not self.draining and not self.engine.closing
-
-    def require_engine(self) -> Engine:
-        if self.engine is None or self.draining:
-            raise HTTPError(
-                503, "the service is not ready", type="service_unavailable_error", code="not_ready"
-            )
-        return self.engine
-
-
-def _json(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(dumps(payload), status=status, headers=dict(headers or {}), mimetype="application/json")
-
-
-def _text_size(value: Any) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, Mapping):
-        return sum(_text_size(k) + _text_size(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return sum(_text_size(v) for v in value)
-    return 0
+    def schema(self) -> dict[str, Any]:
+        document = super().schema()
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict) and not operation.get("responses"):
+                    operation["responses"] = {
+                        "default": {"description": "JSON, or an error in OpenAI's shape"}
+                    }
+        return document
 
 
 def create_app(
@@ -121,7 +90,7 @@ def create_app(
     app = QuartTrio("dspy_trio", static_folder=str(_STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams are bounded by each request's own deadline
-    QuartSchema(app, info={"title": "dspy-trio", "version": "0.1.0"})
+    QuartSchema(app, info={"title": "dspy-trio", "version": "0.1.0"}, openapi_provider_class=_OpenAPI)
     state = ServiceState(settings)
     app.extensions["dspy_trio"] = state
 
@@ -132,291 +101,109 @@ def create_app(
             yield
             state.draining = True
 
-    def deadline() -> float:
-        """The request's deadline: ``timeout_secs`` in the body or ``X-Request-Timeout``, capped."""
-        asked = g.get("timeout_secs")
-        header = request.headers.get("X-Request-Timeout")
-        if asked is None and header is not None:
-            try:
-                asked = float(header)
-            except ValueError:
-                asked = math.nan
-            if not asked > 0 or not math.isfinite(asked):
-                raise HTTPError(
-                    422,
-                    "X-Request-Timeout must be a positive number of seconds",
-                    type="invalid_request_error",
-                    code="invalid_timeout",
-                    param="X-Request-Timeout",
-                )
-        timeout = settings.timeout_for(asked)
-        g.timeout = timeout
-        return trio.current_time() + timeout
-
-    def check_inputs(inputs: Mapping[str, Any]) -> None:
-        if _text_size(inputs) > settings.max_input_chars:
-            raise HTTPError(
-                413,
-                f"inputs are longer than {settings.max_input_chars} characters",
-                type="invalid_request_error",
-                code="input_too_large",
-            )
-
-    async def predict(program: str, inputs: Mapping[str, Any]) -> PredictionResult:
-        engine = state.require_engine()
-        check_inputs(inputs)
-        with trio.move_on_at(deadline()) as scope:
-            result = await engine.predict(program, inputs, request_id=g.request_id)
-            g.timings = result.timings
-            return result
-        assert scope.cancelled_caught
-        raise DeadlineExceededError(f"the request ran past its timeout of {g.timeout:g}s")
-
-    def stream_response(program: str, inputs: Mapping[str, Any], *, seed: bool) -> Response:
-        engine = state.require_engine()
-        check_inputs(inputs)
-        engine.precheck(program, inputs)  # so that bad input and overload get a status, not an event
-        body = stream_body(
-            engine,
-            program,
-            inputs,
-            request_id=g.request_id,
-            deadline=deadline(),
-            keepalive=settings.sse_keepalive,
-            encode=seed_encoder if seed else general_encoder,
+    app.before_request(identify_and_authorize)
+    app.after_request(decorate)
+    for blueprint in (ops, seed, programs, websockets):
+        app.register_blueprint(blueprint)
+    if settings.cors_origins:
+        cors(
+            app,
+            allow_origin=list(settings.cors_origins),
+            allow_methods=_CORS_METHODS,
+            allow_headers=_CORS_HEADERS,
+            expose_headers=_CORS_EXPOSE,
+            max_age=600,
         )
-        response = Response(body, status=200, headers=SSE_HEADERS)
-        response.timeout = None
-        return response
+    register_error_handlers(app)
+    return app
 
-    @app.before_request
-    async def identify_and_authenticate() -> None:
-        g.started = trio.current_time()
-        given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        public = request.path in _OPEN_PATHS or request.path.startswith("/static/")
-        if settings.api_keys and not public:
-            authorization = request.headers.get("Authorization", "")
-            scheme, _, key = authorization.partition(" ")
-            matches = [hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys]
-            if scheme.lower() != "bearer" or not any(matches):
-                raise HTTPError(
-                    401,
-                    "a valid API key is required (Authorization: Bearer KEY)",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                )
 
-    @app.after_request
-    async def decorate(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.get("request_id", "")
-        timing = [f"total;dur={(trio.current_time() - g.get('started', trio.current_time())) * 1000:.3f}"]
-        if (timings := g.get("timings")) is not None:
-            timing += [f"queue;dur={timings.queued * 1000:.3f}", f"lm;dur={timings.lm * 1000:.3f}"]
-        response.headers["Server-Timing"] = ", ".join(timing)
-        origin = request.headers.get("Origin")
-        if origin and origin in settings.cors_origins:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Allow-Headers"] = (
-                "Authorization, Content-Type, X-Request-ID, X-Request-Timeout"
-            )
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Server-Timing, Retry-After"
-        return response
+async def identify_and_authorize() -> None:
+    """Before every HTTP request: its arrival time, its ids, and its owner (or 401)."""
+    g.arrived = trio.current_time()
+    g.request_id = uuid.uuid4().hex
+    label = request.headers.get("X-Request-ID", "")
+    g.label = label if _LABEL.match(label) else None
+    g.owner = ""
+    g.owner = authorize(_settings(), method=request.method, path=request.path, headers=request.headers)
+
+
+async def decorate(response: Response) -> Response:
+    """After every HTTP request: ids, ``Server-Timing``, ``Allow`` on 405, and one access log line."""
+    request_id = g.get("request_id", "")
+    response.headers["X-Server-Request-ID"] = request_id
+    response.headers["X-Request-ID"] = g.get("label") or request_id
+    arrived = g.get("arrived", trio.current_time())
+    total = (trio.current_time() - arrived) * 1000
+    timing = [f"total;dur={total:.3f}"]
+    if (timings := g.get("timings")) is not None:
+        timing += [f"queue;dur={timings.queued * 1000:.3f}", f"lm;dur={timings.lm * 1000:.3f}"]
+    response.headers["Server-Timing"] = ", ".join(timing)
+    if (refused := g.get("refused")) is not None and access_log.isEnabledFor(logging.INFO):
+        log_refusal(refused, response.status_code, total)
+    return response
+
+
+def log_refusal(code: str, status: int, total_ms: float) -> None:
+    """One JSON line, shaped like the engine's request lines, for a request the web layer refused before
+    the engine saw it (401, 404, 405, 413, 415, 422, ...)."""
+    line = {
+        "event": "request",
+        "request_id": g.get("request_id"),
+        "label": g.get("label"),
+        "kind": "http",
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "outcome": "rejected" if status in (401, 403) else "invalid",
+        "error": code,
+        "total_ms": round(total_ms, 3),
+    }
+    access_log.info(dumps(line))
+
+
+def register_error_handlers(app: QuartTrio) -> None:
+    """Every error as JSON in OpenAI's shape; never a stack trace."""
 
     @app.errorhandler(EngineError)
     async def on_engine_error(error: EngineError) -> Response:
         status, body, headers = engine_error_response(error)
-        return _json(body, status, headers)
+        return json_response(body, status, headers)
 
     @app.errorhandler(HTTPError)
     async def on_http_error(error: HTTPError) -> Response:
         status, body = http_error_response(error)
-        return _json(body, status)
-
-    @app.errorhandler(RequestSchemaValidationError)
-    async def on_schema_error(error: RequestSchemaValidationError) -> Response:
-        problem = error.validation_error
-        if isinstance(problem, pydantic.ValidationError) and problem.errors():
-            first = problem.errors()[0]
-            field = ".".join(str(part) for part in first.get("loc", ()))
-            message = f"{field or 'body'}: {first.get('msg', 'invalid')}"
-        else:
-            field, message = "", f"invalid request body: {problem}"
-        return _json(
-            error_body(message, type="invalid_request_error", code="invalid_body", param=field or None), 422
-        )
+        g.refused = error.code
+        return json_response(body, status)
 
     @app.errorhandler(HTTPException)
     async def on_werkzeug_error(error: HTTPException) -> Response:
         status = error.code or 500
-        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         message = {
             400: "the request body must be valid JSON",
-            413: f"the request body is larger than {settings.max_body_bytes} bytes",
+            413: f"the request body is larger than {_settings().max_body_bytes} bytes",
         }.get(status, error.description or error.name)
         kind = "invalid_request_error" if status < 500 else "server_error"
-        return _json(error_body(message, type=kind, code=codes.get(status, "http_error")), status)
+        headers: dict[str, Any] = {}
+        if status == 405 and (valid := getattr(error, "valid_methods", None)):
+            headers["Allow"] = ", ".join(sorted(valid))
+        body = error_body(message, type=kind, code=_WERKZEUG_CODES.get(status, "http_error"))
+        g.refused = body["error"]["code"]
+        return json_response(body, status, headers)
 
     @app.errorhandler(UnicodeDecodeError)
     async def on_undecodable_body(error: UnicodeDecodeError) -> Response:
         message = "the request body must be UTF-8 JSON"
-        return _json(error_body(message, type="invalid_request_error", code="bad_request"), 400)
+        g.refused = "bad_request"
+        return json_response(error_body(message, type="invalid_request_error", code="bad_request"), 400)
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
-        return _json(error_body("internal error", type="server_error", code="internal_error"), 500)
+        if has_request_context():
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+        else:  # a WebSocket handler
+            logger.exception("unhandled error in WebSocket %s", websocket.path)
+        return json_response(error_body("internal error", type="server_error", code="internal_error"), 500)
 
-    @app.get("/")
-    async def playground() -> Response:
-        """The browser playground (static files shipped in the package)."""
-        return await app.send_static_file("index.html")
 
-    @app.get("/health")
-    async def health() -> Response:
-        """Liveness: the process answers."""
-        return Response("OK", mimetype="text/plain")
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        """Readiness: 503 while starting or draining."""
-        if state.ready:
-            return _json({"status": "ready"})
-        return _json(error_body("not ready", type="service_unavailable_error", code="not_ready"), 503)
-
-    @app.post("/predict")
-    @validate_request(SeedRequest)
-    async def seed_predict(data: SeedRequest) -> Response:
-        """The seed's endpoint: answer a question with the default program."""
-        g.timeout_secs = data.timeout_secs
-        result = await predict("default", {"question": data.question})
-        outputs = result.outputs
-        answer = outputs["answer"] if "answer" in outputs else next(iter(outputs.values()), None)
-        return _json(
-            {
-                "answer": answer,
-                "duration_ms": round(result.timings.total * 1000, 3),
-                "request_id": result.request_id,
-            }
-        )
-
-    async def seed_stream(data: SeedRequest) -> Response:
-        g.timeout_secs = data.timeout_secs
-        return stream_response("default", {"question": data.question}, seed=True)
-
-    app.post("/predict/stream")(validate_request(SeedRequest)(seed_stream))
-    app.add_url_rule("/stream", "stream", validate_request(SeedRequest)(seed_stream), methods=["POST"])
-
-    @app.get("/v1/programs")
-    async def programs() -> Response:
-        """Every served program with its input and output fields."""
-        engine = state.require_engine()
-        return _json(
-            {
-                "programs": [
-                    {
-                        "name": info.name,
-                        "kind": info.kind,
-                        "lm": info.lm,
-                        "inputs": [
-                            {"name": f.name, "type": f.type, "required": f.required} for f in info.inputs
-                        ],
-                        "outputs": list(info.outputs),
-                    }
-                    for info in engine.programs()
-                ]
-            }
-        )
-
-    @app.post("/v1/programs/<name>/predict")
-    @validate_request(ProgramRequest)
-    async def program_predict(name: str, data: ProgramRequest) -> Response:
-        g.timeout_secs = data.timeout_secs
-        return _json(result_json(await predict(name, data.inputs)))
-
-    @app.post("/v1/programs/<name>/stream")
-    @validate_request(ProgramRequest)
-    async def program_stream(name: str, data: ProgramRequest) -> Response:
-        g.timeout_secs = data.timeout_secs
-        return stream_response(name, data.inputs, seed=False)
-
-    @app.post("/v1/programs/<name>/batch")
-    @validate_request(BatchRequest)
-    async def program_batch(name: str, data: BatchRequest) -> Response:
-        """Every item's outcome: JSON in input order, or as they complete over SSE or NDJSON
-        (``Accept: text/event-stream`` or ``application/x-ndjson``)."""
-        engine = state.require_engine()
-        g.timeout_secs = data.timeout_secs
-        if len(data.items) > settings.max_batch_items:
-            raise HTTPError(
-                413,
-                f"at most {settings.max_batch_items} items per batch",
-                type="invalid_request_error",
-                code="batch_too_large",
-            )
-        check_inputs({"items": data.items})
-        known = [info.name for info in engine.programs()]
-        if name not in known:  # the batch's own error; bad items get an outcome each instead
-            raise UnknownProgramError(name, known)
-        until = deadline()
-        concurrency = min(data.concurrency, settings.max_batch_concurrency)
-
-        request_id = g.request_id  # the body runs after the handler, outside the request context
-
-        def open_batch() -> Any:
-            return engine.batch_stream(
-                name, data.items, concurrency=concurrency, fail_fast=data.fail_fast, request_id=request_id
-            )
-
-        accept = request.accept_mimetypes.best_match(
-            ["application/json", "text/event-stream", "application/x-ndjson"]
-        )
-        if accept in ("text/event-stream", "application/x-ndjson"):
-            body = batch_body(
-                open_batch,
-                deadline=until,
-                keepalive=settings.sse_keepalive,
-                ndjson=accept != "text/event-stream",
-            )
-            response = Response(
-                body,
-                status=200,
-                headers=SSE_HEADERS
-                if accept == "text/event-stream"
-                else {"Content-Type": "application/x-ndjson"},
-            )
-            response.timeout = None
-            return response
-        outcomes: list[dict[str, Any] | None] = [None] * len(data.items)
-        with trio.move_on_at(until):
-            async with open_batch() as stream:
-                async for item in stream:
-                    outcomes[item.index] = batch_item_json(item)
-        late = DeadlineExceededError("the batch ran past its timeout")
-        return _json(
-            {"results": [o or batch_item_json(BatchItem(i, error=late)) for i, o in enumerate(outcomes)]}
-        )
-
-    @app.delete("/v1/requests/<request_id>")
-    async def cancel_request(request_id: str) -> Response:
-        """Cancel an in-flight request by its ``X-Request-ID``, from any connection."""
-        if not state.require_engine().cancel(request_id):
-            raise HTTPError(
-                404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
-            )
-        return _json({"cancelled": request_id})
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
-        engine = state.require_engine()
-        if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
-            return _json(metrics_json(engine.statistics()))
-        body, content_type = metrics_text(engine)
-        return Response(body, content_type=content_type)
-
-    from .websockets import register_websockets
-
-    register_websockets(app, state)
-    return app
+__all__ = ["ServiceState", "create_app"]

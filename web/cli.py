@@ -129,11 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Request log lines are JSON objects already: one per line, nothing around them.
-    requests = logging.getLogger("engine.requests")
+    # The web layer's lines (requests it refused before the engine saw them) go the same way.
     json_lines = logging.StreamHandler()
     json_lines.setFormatter(logging.Formatter("%(message)s"))
-    requests.addHandler(json_lines)
-    requests.propagate = False
+    for name in ("engine.requests", "web.requests"):
+        requests = logging.getLogger(name)
+        requests.addHandler(json_lines)
+        requests.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "serve":
         workers = args.workers if args.workers is not None else _service_settings(args).workers

@@ -4,14 +4,14 @@
 
     async with open_client("http://127.0.0.1:8000", api_key="...") as client:
         answer = await client.predict("default", {"question": "What is Trio?"})
-        async for event in client.stream("default", {"question": "..."}):  # (name, payload) pairs
-            ...
+        async with client.stream("default", {"question": "..."}) as events:  # (name, payload) pairs
+            async for name, payload in events: ...
         async with client.ws_ask("What is Trio?") as tokens:                # the seed's /ws protocol
             async for token in tokens: ...
         async with client.open_multiplexed() as ws:                          # /v1/ws, many requests at once
             result = await ws.predict("default", {"question": "a"})
-            async for frame in ws.stream("default", {"question": "b"}, request_id="b"):
-                ...
+            async with ws.stream("default", {"question": "b"}, id="b") as frames:
+                async for frame in frames: ...
 
 Errors come back as :class:`ServiceError` with the status and the server's error body.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
@@ -112,12 +112,16 @@ class Client:
         _raise_for(response, payload)
         return dict(payload)
 
+    @trio.as_safe_channel
     async def stream(
         self, program: str, inputs: Mapping[str, Any], *, timeout_secs: float | None = None
-    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """``POST /v1/programs/{program}/stream``: (event, payload) pairs, the last ``final`` or ``error``.
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+        """``POST /v1/programs/{program}/stream``:
+        ``async with client.stream(...) as events: async for name, payload in events``; the last event is
+        ``final`` or ``error``.
 
-        Breaking out of the loop closes the connection, which cancels the request on the server.
+        The HTTP response lives in a task of its own; leaving the block closes the connection, which
+        cancels the request on the server.
         """
         body: dict[str, Any] = {"inputs": dict(inputs)}
         if timeout_secs is not None:
@@ -185,8 +189,11 @@ class Multiplexed:
         """Send a frame as is (for testing the server's handling of bad frames)."""
         await self._ws.send_message(frame)
 
-    async def frames(self, frame: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Send a request frame and iterate its answer frames until the last one."""
+    @trio.as_safe_channel
+    async def frames(self, frame: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Send a request frame; ``async with ws.frames(frame) as answers: async for answer in answers``
+        until the last one (``result``, ``final``, ``error`` or ``cancelled``). ``id`` is this socket's
+        label for the request (one is chosen if missing); the server gives it its own unique id."""
         request_id = frame.setdefault("id", f"r{next(self._ids)}")
         send, receive = trio.open_memory_channel[dict[str, Any]](64)
         self._routes[request_id] = send
@@ -200,15 +207,20 @@ class Multiplexed:
             del self._routes[request_id]
 
     async def predict(self, program: str, inputs: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-        async for frame in self.frames(
-            {"type": "predict", "program": program, "inputs": dict(inputs), **extra}
-        ):
-            if frame["type"] == "error":
-                raise ServiceError(0, frame)
-            return frame
+        """One prediction over the socket; raises :class:`ServiceError` for an error frame."""
+        request = {"type": "predict", "program": program, "inputs": dict(inputs), **extra}
+        async with self.frames(request) as answers:
+            async for frame in answers:
+                if frame["type"] == "error":
+                    raise ServiceError(0, frame)
+                return frame
         raise ServiceError(0, {"error": {"code": "no_answer", "message": "the socket ended"}})
 
-    def stream(self, program: str, inputs: Mapping[str, Any], **extra: Any) -> AsyncIterator[dict[str, Any]]:
+    def stream(
+        self, program: str, inputs: Mapping[str, Any], **extra: Any
+    ) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[dict[str, Any]]]:
+        """``async with ws.stream(...) as frames: async for frame in frames``: status, deltas, then one
+        ``final``, ``error`` or ``cancelled`` frame."""
         return self.frames({"type": "stream", "program": program, "inputs": dict(inputs), **extra})
 
     async def cancel(self, request_id: str) -> None:

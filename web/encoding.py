@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, assert_never
 
 import attrs
 
@@ -66,14 +66,21 @@ def error_json(error: EngineError) -> dict[str, Any]:
 
 def event_json(event: StreamEvent) -> tuple[str, dict[str, Any]]:
     """The SSE event name and JSON payload of a stream event."""
-    if isinstance(event, FieldDelta):
-        return "delta", {"predictor": event.predictor, "field": event.field, "text": event.text}
-    if isinstance(event, StatusEvent):
-        return "status", {"stage": event.stage, "queued_ms": round(event.queued * 1000, 3)}
-    if isinstance(event, FinalEvent):
-        return "final", {**result_json(event.result), "dropped": event.dropped, "coalesced": event.coalesced}
-    assert isinstance(event, ErrorEvent)
-    return "error", error_json(event.error)
+    match event:
+        case FieldDelta():
+            return "delta", {"predictor": event.predictor, "field": event.field, "text": event.text}
+        case StatusEvent():
+            return "status", {"stage": event.stage, "queued_ms": round(event.queued * 1000, 3)}
+        case FinalEvent():
+            return "final", {
+                **result_json(event.result),
+                "dropped": event.dropped,
+                "coalesced": event.coalesced,
+            }
+        case ErrorEvent():
+            return "error", error_json(event.error)
+        case _:
+            assert_never(event)
 
 
 def sse(data: str, event: str | None = None) -> bytes:

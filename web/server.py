@@ -26,8 +26,10 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from engine.lm import TrioLM
 
-from .app import ServiceState, create_app
+from .app import create_app
+from .keepalive import KeepAliveGuard
 from .settings import ServiceSettings
+from .state import ServiceState
 
 logger = logging.getLogger("web")
 
@@ -41,6 +43,9 @@ def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> Hyp
     # The engine has drained before Hypercorn is asked to stop, so this only bounds the flushing of the
     # last responses, and the wait for Hypercorn's WebSocket ping tasks, which outlive closed sockets.
     config.graceful_timeout = 1.0
+    config.keep_alive_timeout = settings.keep_alive_timeout  # idle keep-alive connections close after it
+    # Frames over the limit get an error frame from the app; only far larger ones close the socket (1009).
+    config.websocket_max_message_size = 4 * settings.max_body_bytes
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
@@ -97,8 +102,11 @@ async def serve(
         if handle_signals:
             nursery.start_soon(watch_signals)
         config = hypercorn_config(settings, worker_count=worker_count)
+        guarded = KeepAliveGuard(
+            app, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
+        )
         binds = await nursery.start(
-            functools.partial(hypercorn_serve, app, config, shutdown_trigger=stopped.wait)
+            functools.partial(hypercorn_serve, guarded, config, shutdown_trigger=stopped.wait)
         )
         task_status.started(Server(binds[0], state, stop))
         logger.info("serving on %s", binds[0])

@@ -11,6 +11,8 @@ Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags
     DSPY_TRIO_MAX_TIMEOUT                   the most a request may ask for (300)
     DSPY_TRIO_MAX_BODY_BYTES                request body limit (1 MiB)
     DSPY_TRIO_MAX_INPUT_CHARS               limit on the text of all input fields together (100,000)
+    DSPY_TRIO_MAX_JSON_DEPTH                nesting limit of JSON bodies and WebSocket frames (32)
+    DSPY_TRIO_KEEP_ALIVE_TIMEOUT            seconds an idle keep-alive connection stays open (5)
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ class ServiceSettings:
         cors_origins: Origins allowed by CORS; empty means CORS headers are never sent.
         default_timeout: Seconds a request may run when it names no timeout.
         max_timeout: The most a request may ask for (``timeout_secs`` or ``X-Request-Timeout``).
-        max_body_bytes: Request bodies larger than this get 413.
-        max_input_chars: Inputs whose text is longer in total get 413.
+        max_body_bytes: Request bodies and WebSocket frames larger than this get 413 (an error frame).
+        max_input_chars: Inputs whose text is longer in total get 413 (an error frame).
+        max_json_depth: JSON nested deeper than this gets 400 (an error frame), before it is parsed.
+        keep_alive_timeout: Seconds an idle HTTP keep-alive connection stays open; also the most an
+            answer sent before the request body arrived waits for that body.
         sse_keepalive: Seconds between SSE keep-alive comments while a stream is quiet.
         max_batch_items: Items one batch request may hold (more get 413).
         max_batch_concurrency: The most items of one batch that run at once.
@@ -58,6 +63,8 @@ class ServiceSettings:
     max_timeout: float = 300.0
     max_body_bytes: int = 1 << 20
     max_input_chars: int = 100_000
+    max_json_depth: int = 32
+    keep_alive_timeout: float = 5.0
     sse_keepalive: float = 15.0
     max_batch_items: int = 1000
     max_batch_concurrency: int = 64
@@ -91,4 +98,6 @@ class ServiceSettings:
             max_timeout=number("DSPY_TRIO_MAX_TIMEOUT", defaults.max_timeout),
             max_body_bytes=int(number("DSPY_TRIO_MAX_BODY_BYTES", defaults.max_body_bytes)),
             max_input_chars=int(number("DSPY_TRIO_MAX_INPUT_CHARS", defaults.max_input_chars)),
+            max_json_depth=int(number("DSPY_TRIO_MAX_JSON_DEPTH", defaults.max_json_depth)),
+            keep_alive_timeout=number("DSPY_TRIO_KEEP_ALIVE_TIMEOUT", defaults.keep_alive_timeout),
         )

@@ -1,19 +1,22 @@
 """Server-Sent Events responses that run an engine stream for exactly the life of the response.
 
 Quart sends a streamed body by entering it (``async with body``), iterating it, and exiting it, all in the
-request's task. :class:`EventBody` enters the engine's stream in ``__aenter__`` and leaves it in
-``__aexit__``, and hands out one encoded event per ``__anext__``. So the stream's producer nursery opens
-and closes in that one task, and no async generator ever holds a nursery or cancel scope across a
-``yield``. A client that disconnects cancels the request task, which leaves the engine stream, which
-cancels the producer and closes the upstream connection.
+request's task. :class:`EventBody` opens a nursery in ``__aenter__`` (closed in ``__aexit__``, in that
+same task) with one pump task that enters the engine's stream *inside the request's deadline scope* and
+forwards its events through an unbuffered channel; ``__anext__`` hands out one encoded event at a time.
+No async generator ever holds a nursery or cancel scope across a ``yield``.
 
-The request's deadline and the keep-alive comments are cancel scopes inside ``__anext__``: when the
-deadline passes, the stream ends with an error event (``deadline_exceeded``) instead of a cut connection.
+So the engine can tell the endings apart: the request's deadline is the pump's cancel scope (the engine
+sees it as ``trio.current_effective_deadline()``; when it passes, the response ends with an error event,
+``deadline_exceeded``, not a cut connection); a client that disconnects cancels the request task, and so
+the pump, before the deadline; a cancel by id comes from the engine itself. Keep-alive comments are sent
+after ``keepalive`` seconds of quiet.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -21,9 +24,10 @@ from typing import Any
 import trio
 from quart.wrappers.response import ResponseBody
 
-from engine import DeadlineExceededError, Engine, EngineError, ErrorEvent, FinalEvent, StreamEvent
+from engine import BatchItem, EngineError, ErrorEvent, FinalEvent, RequestCancelledError, StreamEvent
 
-from .encoding import SSE_DONE, SSE_KEEPALIVE, batch_item_json, dumps, error_json, event_json, sse
+from .deadline import RequestDeadline
+from .encoding import SSE_DONE, SSE_KEEPALIVE, batch_item_json, dumps, event_json, sse
 
 Encoder = Callable[[StreamEvent], bytes | None]
 
@@ -34,17 +38,31 @@ def general_encoder(event: StreamEvent) -> bytes:
     return sse(dumps(payload), event=name)
 
 
-def seed_encoder(event: StreamEvent) -> bytes | None:
+def seed_encoder() -> Encoder:
     """The seed's format: ``data: <token>`` per delta, then ``data: [DONE]`` (after an ``error`` event
-    when the stream failed)."""
-    name, payload = event_json(event)
-    if name == "delta":
-        return sse(str(payload["text"]))
-    if name == "final":
-        return SSE_DONE
-    if name == "error":
-        return sse(dumps(payload), event="error") + SSE_DONE
-    return None
+    when the stream failed). When the answer came without any delta (a backend that does not stream),
+    the final answer is sent as one ``data:`` event before ``[DONE]``, so it is never lost."""
+    sent_delta = False
+
+    def encode(event: StreamEvent) -> bytes | None:
+        nonlocal sent_delta
+        name, payload = event_json(event)
+        if name == "delta":
+            sent_delta = True
+            return sse(str(payload["text"]))
+        if name == "final":
+            answer = seed_answer(payload["outputs"])
+            return SSE_DONE if sent_delta or answer is None else sse(str(answer)) + SSE_DONE
+        if name == "error":
+            return sse(dumps(payload), event="error") + SSE_DONE
+        return None
+
+    return encode
+
+
+def seed_answer(outputs: Mapping[str, Any]) -> Any:
+    """The seed's answer among a program's outputs: ``answer``, else the first output."""
+    return outputs["answer"] if "answer" in outputs else next(iter(outputs.values()), None)
 
 
 SSE_HEADERS = {
@@ -56,162 +74,174 @@ SSE_HEADERS = {
 
 
 class EventBody(ResponseBody):
-    """A streamed response body fed by an async iterator that lives in an async context manager.
+    """A streamed response body fed by a source that lives in an async context manager.
+
+    ``__aenter__`` opens a nursery (in the request's task) and starts one pump task that enters the
+    source *inside the request's deadline scope* and forwards its items through an unbuffered channel;
+    ``__anext__`` takes them one at a time, sending a keep-alive comment after ``keepalive`` seconds of
+    quiet; ``__aexit__`` closes the nursery. So:
+
+    - the engine sees the request's deadline as ``trio.current_effective_deadline()``: a deadline that
+      fires is the request's deadline (the pump then sends ``timeout_event`` as the last item);
+    - a client that disconnects cancels the request task, which cancels the pump before the deadline:
+      the engine tells that apart as the caller leaving;
+    - no async generator holds a nursery or cancel scope across a ``yield``.
 
     Args:
-        open_source: Opens the source (e.g. ``engine.stream(...)``); entered in ``__aenter__`` and left in
-            ``__aexit__``, in the request's task.
-        deadline: When the response must end (Trio clock); then ``timeout_event`` is sent last.
+        open_source: Opens the source (e.g. ``engine.stream(...)``), an async iterable of items.
+        deadline: The request's deadline.
         keepalive: Seconds of quiet after which a keep-alive comment is sent.
-        encode: Turns a source item into bytes, or None to send nothing for it.
+        encode: Turns an item into bytes, or None to send nothing for it.
         is_last: Whether an item ends the response (sent, then nothing more).
-        error_event: The item to send last when opening the source raises an engine error.
-        timeout_event: The item to send last when the deadline passes.
-        end_event: The item to send after the source is exhausted, if any.
+        finish: The items to send last: given None when the source was exhausted, the deadline's
+            error when it passed, or the engine error raised when opening the source.
     """
 
     def __init__(
         self,
         open_source: Callable[[], AbstractAsyncContextManager[Any]],
         *,
-        deadline: float,
+        deadline: RequestDeadline,
         keepalive: float,
         encode: Callable[[Any], bytes | None],
         is_last: Callable[[Any], bool],
-        error_event: Callable[[EngineError], Any],
-        timeout_event: Callable[[], Any],
-        end_event: Callable[[], Any] | None = None,
+        finish: Callable[[EngineError | None], Sequence[Any]],
     ) -> None:
         self._open_source = open_source
         self._deadline = deadline
         self._keepalive = keepalive
         self._encode = encode
         self._is_last = is_last
-        self._error_event = error_event
-        self._timeout_event = timeout_event
-        self._end_event = end_event
+        self._finish = finish
         self._stack = AsyncExitStack()
-        self._source: Any = None
-        self._pending: list[bytes] = []
-        self._done = False
+        self._items: trio.MemoryReceiveChannel[Any] | None = None
 
     async def __aenter__(self) -> EventBody:
-        try:
-            self._source = await self._stack.enter_async_context(self._open_source())
-        except EngineError as exc:
-            # Raced past the handler's precheck (e.g. the queue filled meanwhile): still one error event.
-            self._finish(self._error_event(exc))
+        nursery = await self._stack.enter_async_context(trio.open_nursery())
+        send, self._items = trio.open_memory_channel[Any](0)
+        nursery.start_soon(self._pump, send)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._items is not None:
+            self._items.close()  # a consumer that left early: the pump's next send ends it
         await self._stack.__aexit__(exc_type, exc, tb)
+
+    async def _pump(self, send: trio.MemorySendChannel[Any]) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async with send:
+                reason: EngineError | None = None
+                with self._deadline.scope() as scope:
+                    try:
+                        async with self._open_source() as source:
+                            async for item in source:
+                                await send.send(item)
+                                if self._is_last(item):
+                                    return
+                    except EngineError as exc:
+                        reason = exc  # raced past the handler's precheck (e.g. the queue filled)
+                if scope.cancelled_caught:
+                    reason = self._deadline.error()
+                for item in self._finish(reason):
+                    await send.send(item)
 
     def __aiter__(self) -> EventBody:
         return self
 
-    def _finish(self, last: Any) -> None:
-        self._done = True
-        if last is not None and (encoded := self._encode(last)) is not None:
-            self._pending.append(encoded)
-
     async def __anext__(self) -> bytes:
+        assert self._items is not None, "enter the body first"
         while True:
-            if self._pending:
-                return self._pending.pop(0)
-            if self._done:
-                raise StopAsyncIteration
-            wake = min(self._deadline, trio.current_time() + self._keepalive)
-            with trio.move_on_at(wake) as waited:
+            with trio.move_on_after(self._keepalive) as quiet:
                 try:
-                    item = await self._source.__anext__()
-                except StopAsyncIteration:
-                    self._finish(self._end_event() if self._end_event else None)
-                    continue
-            if waited.cancelled_caught:
-                if trio.current_time() < self._deadline:
-                    return SSE_KEEPALIVE
-                self._finish(self._timeout_event())
-                continue
-            if self._is_last(item):
-                self._finish(item)
-                continue
+                    item = await self._items.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    raise StopAsyncIteration from None
+            if quiet.cancelled_caught:
+                return SSE_KEEPALIVE
             if (encoded := self._encode(item)) is not None:
                 return encoded
 
 
 def stream_body(
-    engine: Engine,
-    program: str,
-    inputs: Mapping[str, Any],
+    open_stream: Callable[[], AbstractAsyncContextManager[Any]],
     *,
-    request_id: str,
-    deadline: float,
+    deadline: RequestDeadline,
     keepalive: float,
     encode: Encoder,
 ) -> EventBody:
-    """The body of an SSE response that streams one program run."""
+    """The body of an SSE response that streams one program run (``open_stream`` enters
+    ``engine.stream``); it ends with the final event or one error event."""
     return EventBody(
-        lambda: engine.stream(program, inputs, request_id=request_id),
+        open_stream,
         deadline=deadline,
         keepalive=keepalive,
         encode=encode,
         is_last=lambda event: isinstance(event, FinalEvent | ErrorEvent),
-        error_event=ErrorEvent,
-        timeout_event=lambda: ErrorEvent(DeadlineExceededError("the request ran past its timeout")),
+        finish=lambda reason: [ErrorEvent(reason)] if reason is not None else [],
     )
 
 
+class _BatchItems:
+    """A batch's outcomes as ``("item", json)`` pairs, remembering which indexes got one."""
+
+    def __init__(self, outcomes: trio.MemoryReceiveChannel[BatchItem]) -> None:
+        self._outcomes = outcomes
+        self.seen: set[int] = set()
+
+    def __aiter__(self) -> _BatchItems:
+        return self
+
+    async def __anext__(self) -> tuple[str, dict[str, Any]]:
+        try:
+            item = await self._outcomes.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        self.seen.add(item.index)
+        return "item", batch_item_json(item)
+
+
+def missing_outcomes(count: int, seen: set[int], reason: EngineError | None) -> list[BatchItem]:
+    """The outcomes of the items that never got one: ``reason`` (the deadline), else ``cancelled``
+    (never started because ``fail_fast`` stopped the batch)."""
+    error = reason or RequestCancelledError("not started: another item failed")
+    return [BatchItem(index, error=error) for index in range(count) if index not in seen]
+
+
 def batch_body(
-    open_batch: Callable[[], AbstractAsyncContextManager[Any]],
+    open_batch: Callable[[], AbstractAsyncContextManager[trio.MemoryReceiveChannel[BatchItem]]],
     *,
-    deadline: float,
+    count: int,
+    deadline: RequestDeadline,
     keepalive: float,
     ndjson: bool,
 ) -> EventBody:
     """The body of an as-completed batch: ``event: item`` per outcome then ``event: done`` over SSE, or
-    one JSON line per outcome then ``{"done": true}`` as NDJSON. Past the deadline, an error ends it."""
+    one JSON line per outcome then ``{"done": true}`` as NDJSON. Every one of the ``count`` items gets
+    exactly one outcome, also those never started (fail-fast, deadline)."""
 
-    def encode(value: Any) -> bytes:
+    def encode(value: tuple[str, dict[str, Any]]) -> bytes:
         name, payload = value
         if ndjson:
             return (dumps(payload if name == "item" else {name: True, **payload}) + "\n").encode()
         return sse(dumps(payload), event=name)
 
-    class Items:
-        def __init__(self, outcomes: Any) -> None:
-            self._outcomes = outcomes
-            self.count = 0
-
-        def __aiter__(self) -> Items:
-            return self
-
-        async def __anext__(self) -> tuple[str, dict[str, Any]]:
-            try:
-                item = await self._outcomes.receive()
-            except trio.EndOfChannel:
-                raise StopAsyncIteration from None
-            self.count += 1
-            return "item", batch_item_json(item)
-
-    items: list[Items] = []
+    sources: list[_BatchItems] = []
 
     @asynccontextmanager
-    async def source() -> AsyncIterator[Items]:
+    async def source() -> AsyncIterator[_BatchItems]:
         async with open_batch() as outcomes:
-            items.append(Items(outcomes))
-            yield items[0]
+            sources.append(_BatchItems(outcomes))
+            yield sources[0]
+
+    def finish(reason: EngineError | None) -> list[tuple[str, dict[str, Any]]]:
+        seen = sources[0].seen if sources else set()
+        rest = [("item", batch_item_json(item)) for item in missing_outcomes(count, seen, reason)]
+        return [*rest, ("done", {"count": count})]
 
     return EventBody(
-        source,
-        deadline=deadline,
-        keepalive=keepalive,
-        encode=encode,
-        is_last=lambda value: False,
-        error_event=lambda exc: ("error", error_json(exc)),
-        timeout_event=lambda: ("error", error_json(DeadlineExceededError("the batch ran past its timeout"))),
-        end_event=lambda: ("done", {"count": items[0].count if items else 0}),
+        source, deadline=deadline, keepalive=keepalive, encode=encode, is_last=lambda _: False, finish=finish
     )
 
 
@@ -219,8 +249,9 @@ __all__ = [
     "SSE_HEADERS",
     "EventBody",
     "batch_body",
-    "error_json",
     "general_encoder",
+    "missing_outcomes",
+    "seed_answer",
     "seed_encoder",
     "stream_body",
 ]

@@ -1,0 +1,153 @@
+"""The same input limits on every transport (HTTP, SSE, /ws, /v1/ws): size, nesting, input text, Unicode,
+timeouts; a bad WebSocket frame gets an error frame and the socket and its other requests live on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from web.client import ServiceError, open_client
+from web.limits import json_depth
+
+from .helpers import CountingLM, wait_until
+from .web_helpers import running, settings
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+async def post(client: httpx.AsyncClient, path: str, content: bytes | str, **headers: str) -> httpx.Response:
+    return await client.post(path, content=content, headers={"Content-Type": "application/json", **headers})
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code, error
+    assert "Traceback" not in response.text
+    return dict(error)
+
+
+def test_json_depth_scans_without_recursion_and_skips_strings() -> None:
+    assert json_depth(b"[" * 100_000) == 100_000
+    assert json_depth(b'{"a": "[[[[", "b": [1, {"c": "\\"]["}]}') == 3
+    assert json_depth(b"5") == 0
+
+
+@pytest.mark.parametrize(
+    "path", ["/predict", "/stream", "/v1/programs/default/predict", "/v1/programs/default/batch"]
+)
+async def test_deeply_nested_json_is_a_400_not_a_500(path: str, caplog: pytest.LogCaptureFixture) -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        assert_error(await post(client, path, DEEP), 400, "too_deeply_nested")
+        nested_input = '{"inputs": {"question": ' + DEEP + "}}"
+        assert_error(await post(client, path, nested_input), 400, "too_deeply_nested")
+        assert (await client.get("/health")).text == "OK"
+    assert not [r for r in caplog.records if r.exc_info], "no traceback is logged"
+
+
+async def test_small_input_problems_are_4xx_with_clear_messages() -> None:
+    lm = CountingLM(first_token_delay=0.0)
+    async with running(lms={"default": lm}) as server, httpx.AsyncClient(base_url=server.url) as client:
+        surrogate = '{"question": "\\ud800"}'
+        assert_error(await post(client, "/predict", surrogate), 422, "invalid_unicode")
+        assert_error(await post(client, "/stream", surrogate), 422, "invalid_unicode")
+        program = '{"inputs": {"question": "a\\udfffb"}}'
+        assert_error(await post(client, "/v1/programs/default/predict", program), 422, "invalid_unicode")
+        for timeout in ("true", '"5"', "1e999", "0"):
+            body = '{"question": "q", "timeout_secs": ' + timeout + "}"
+            error = assert_error(await post(client, "/predict", body), 422, "invalid_body")
+            assert error["param"] == "timeout_secs"
+        no_type = await client.post("/predict", content=b'{"question": "q"}')
+        error = assert_error(no_type, 415, "unsupported_media_type")
+        assert "Request" not in error["message"]  # no internal class names
+        assert "application/json" in error["message"]
+        not_object = assert_error(await post(client, "/predict", "[1]"), 422, "invalid_body")
+        assert "Request" not in not_object["message"]
+        wrong_method = await client.get("/predict")
+        assert_error(wrong_method, 405, "method_not_allowed")
+        assert wrong_method.headers["allow"] == "OPTIONS, POST"
+        assert lm.started == 0
+
+
+async def test_multiplexed_websocket_validates_frames_like_http_bodies() -> None:
+    lm = CountingLM(first_token_delay=0.5)
+    service = settings(max_body_bytes=20_000, max_input_chars=1000)
+    async with (
+        running(service, lms={"default": lm}) as server,
+        open_client(server.url) as client,
+        client.open_multiplexed() as ws,
+    ):
+        results: list[dict[str, Any]] = []
+
+        async def in_flight() -> None:
+            results.append(await ws.predict("default", {"question": "survives"}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_flight)
+            await wait_until(lambda: lm.started == 1)
+            await ws.send_raw(DEEP)  # used to kill the socket with a RecursionError
+            await ws.send_raw(
+                json.dumps(
+                    {"id": "n", "type": "predict", "inputs": {"question": json.loads("[" * 40 + "]" * 40)}}
+                )
+            )
+            await ws.send_raw(
+                json.dumps({"id": "big", "type": "predict", "inputs": {"question": "x" * 5000}})
+            )
+            await ws.send_raw(
+                json.dumps({"id": "huge", "type": "predict", "inputs": {"question": "x" * 50_000}})
+            )
+            await ws.send_raw('{"id": "u", "type": "stream", "inputs": {"question": "\\ud800"}}')
+            await ws.send_raw(
+                json.dumps({"id": "t", "type": "predict", "inputs": {"question": "q"}, "timeout_secs": True})
+            )
+            await ws.send_raw(
+                json.dumps({"id": "s", "type": "predict", "inputs": {"question": "q"}, "timeout_secs": "5"})
+            )
+            await ws.send_raw("")  # arrives as None in Quart-Trio (found by the fuzz test)
+            await wait_until(lambda: len(ws.unrouted) == 8)
+        codes = [(frame["id"], frame["error"]["code"]) for frame in ws.unrouted]
+        assert codes == [
+            (None, "too_deeply_nested"),
+            (None, "too_deeply_nested"),
+            ("big", "input_too_large"),
+            (None, "body_too_large"),
+            ("u", "invalid_unicode"),
+            ("t", "invalid_body"),
+            ("s", "invalid_body"),
+            (None, "bad_request"),
+        ]
+        assert results[0]["type"] == "result"  # the request in flight lived on
+        assert lm.started == 1  # nothing bad went upstream
+        assert (await ws.predict("default", {"question": "after"}))["type"] == "result"
+
+
+async def test_seed_websocket_applies_the_input_limits() -> None:
+    lm = CountingLM(first_token_delay=0.0)
+    async with running(settings(max_input_chars=1000), lms={"default": lm}) as server:
+        async with open_websocket_url(server.url.replace("http", "ws") + "/ws") as ws:
+            await ws.send_message("x" * 150_000)
+            error = json.loads(await ws.get_message())
+            assert error["error"]["code"] in ("input_too_large", "frame_too_large")
+            assert await ws.get_message() == "[DONE]"
+            await ws.send_message("a real question")
+            frames = []
+            while (frame := await ws.get_message()) != "[DONE]":
+                frames.append(frame)
+            assert frames
+        assert lm.started == 1
+
+
+async def test_client_raises_the_error_frame() -> None:
+    async with (
+        running(settings(max_input_chars=10)) as server,
+        open_client(server.url) as client,
+        client.open_multiplexed() as ws,
+    ):
+        with pytest.raises(ServiceError, match="input_too_large"):
+            await ws.predict("default", {"question": "far too long a question"})

@@ -1,0 +1,114 @@
+"""Input limits shared by every transport: body / frame size, JSON nesting, input text, valid Unicode.
+
+HTTP bodies and WebSocket frames go through the same :func:`parse_json` and :func:`check_inputs`, so
+the limits cannot drift between transports. Nesting is measured on the raw text *before* parsing (a
+linear scan, no recursion), so ``"[" * 100_000`` costs a scan and one 400, never a RecursionError; input
+sizes are measured with an explicit stack for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import HTTPError
+
+_OPENERS = frozenset(b"[{")
+_CLOSERS = frozenset(b"]}")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (strings skipped), without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in _OPENERS:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in _CLOSERS:
+            depth -= 1
+    return deepest
+
+
+def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int) -> Any:
+    """Parse a JSON body or frame within the limits.
+
+    Raises:
+        HTTPError: 413 ``body_too_large`` over ``max_bytes``; 400 ``too_deeply_nested`` over
+            ``max_depth``; 400 ``bad_request`` when it is not UTF-8 JSON.
+    """
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > max_bytes:
+        raise HTTPError(
+            413,
+            f"the body is larger than {max_bytes} bytes",
+            type="invalid_request_error",
+            code="body_too_large",
+        )
+    if json_depth(data) > max_depth:
+        raise HTTPError(
+            400,
+            f"the JSON is nested deeper than {max_depth} levels",
+            type="invalid_request_error",
+            code="too_deeply_nested",
+        )
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise HTTPError(
+            400, "the body must be valid UTF-8 JSON", type="invalid_request_error", code="bad_request"
+        ) from exc
+
+
+def check_inputs(inputs: Mapping[str, Any] | list[Any], *, max_chars: int) -> None:
+    """Check the text of program inputs: at most ``max_chars`` in total, and valid Unicode.
+
+    Raises:
+        HTTPError: 413 ``input_too_large``; 422 ``invalid_unicode`` for a lone surrogate (``"\\ud800"``),
+            which no LM can take.
+    """
+    total = 0
+    stack: list[Any] = [inputs]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+            _check_unicode(value)
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                stack.append(key)
+                stack.append(item)
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        if total > max_chars:
+            raise HTTPError(
+                413,
+                f"inputs are longer than {max_chars} characters",
+                type="invalid_request_error",
+                code="input_too_large",
+            )
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HTTPError(
+            422,
+            f"inputs hold an invalid Unicode character (a lone surrogate at position {exc.start})",
+            type="invalid_request_error",
+            code="invalid_unicode",
+        ) from exc
+
+
+__all__ = ["check_inputs", "json_depth", "parse_json"]

@@ -1,0 +1,55 @@
+"""Operations: the playground, liveness, readiness, metrics, and cancelling a request by its id."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, current_app, g, request
+
+from .errors import HTTPError, error_body
+from .http import json_response, state
+from .metrics import metrics_json, metrics_text
+
+ops = Blueprint("ops", __name__)
+
+
+@ops.get("/")
+async def playground() -> Response:
+    """The browser playground (static files shipped in the package)."""
+    return await current_app.send_static_file("index.html")
+
+
+@ops.get("/health")
+async def health() -> Response:
+    """Liveness: the process answers."""
+    return Response("OK", mimetype="text/plain")
+
+
+@ops.get("/ready")
+async def ready() -> Response:
+    """Readiness: 503 while starting or draining."""
+    if state().ready:
+        return json_response({"status": "ready"})
+    return json_response(error_body("not ready", type="service_unavailable_error", code="not_ready"), 503)
+
+
+@ops.delete("/v1/requests/<request_id>")
+async def cancel_request(request_id: str) -> Response:
+    """Cancel an in-flight request by the id the server gave it (``request_id`` in bodies, the
+    ``X-Server-Request-ID`` header). Only the API key that started it may; for any other caller the id
+    does not exist (404), so ids cannot be probed."""
+    service = state()
+    engine = service.require_engine()
+    if not service.may_cancel(request_id, g.owner) or not engine.cancel(request_id):
+        raise HTTPError(
+            404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
+        )
+    return json_response({"cancelled": request_id})
+
+
+@ops.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
+    engine = state().require_engine()
+    if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
+        return json_response(metrics_json(engine.statistics()))
+    body, content_type = metrics_text(engine)
+    return Response(body, content_type=content_type)

@@ -1,0 +1,55 @@
+"""What the handlers of one service share: settings, the engine while serving, and who owns which request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import attrs
+
+from engine import Engine
+
+from .errors import HTTPError
+from .settings import ServiceSettings
+
+
+@attrs.define
+class ServiceState:
+    """The service's shared state (one per app).
+
+    Attributes:
+        settings: The service settings.
+        engine: The engine while serving, else None.
+        draining: Set when shutdown begins: new requests get 503.
+        owners: Server-generated request id -> the owner's key (the API key that started it, or "").
+    """
+
+    settings: ServiceSettings
+    engine: Engine | None = None
+    draining: bool = False
+    owners: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining and not self.engine.closing
+
+    def require_engine(self) -> Engine:
+        """The engine, or a 503 ``not_ready`` while starting or draining."""
+        if self.engine is None or self.draining:
+            raise HTTPError(
+                503, "the service is not ready", type="service_unavailable_error", code="not_ready"
+            )
+        return self.engine
+
+    @contextmanager
+    def owning(self, request_id: str, owner: str) -> Iterator[None]:
+        """Record that ``owner`` started ``request_id`` for the block (so only it may cancel it)."""
+        self.owners[request_id] = owner
+        try:
+            yield
+        finally:
+            self.owners.pop(request_id, None)
+
+    def may_cancel(self, request_id: str, owner: str) -> bool:
+        """Whether ``owner`` started the in-flight request ``request_id`` (unknown ids: no)."""
+        return self.owners.get(request_id) == owner
