@@ -26,7 +26,7 @@ import attrs
 import httpx
 import trio
 
-from engine import EngineConfig, LMConfig
+from engine import CallTimeouts, EngineConfig, LMConfig, RetryPolicy
 from engine.testing import Behavior, Fault
 from engine.testing.fake_upstream import open_fake_upstream
 from web.server import open_server
@@ -105,8 +105,8 @@ async def main(args: argparse.Namespace) -> None:
             provider="openai",
             model="fake",
             api_base=upstream.url,
-            attempt_timeout=args.attempt_timeout,
-            max_attempts=3,
+            timeouts=CallTimeouts(attempt=args.attempt_timeout),
+            retry=RetryPolicy(max_attempts=3),
         )
         engine = EngineConfig(lms={"default": lm}, max_in_flight=256, max_queued=1024)
         service = ServiceSettings(engine=engine, port=0, ws_ping_interval=None)
