@@ -580,7 +580,9 @@ async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error
     ):
         response = await client.post("/predict", json={"question": "q"})
         with trio.move_on_after(3):
-            body = {"inputs": {"question": "q"}}
+            # The 429 started a cool-down (capped by retry.max_retry_after): a stream whose deadline
+            # ends before it is refused at once with an error event instead of waiting.
+            body = {"inputs": {"question": "q"}, "timeout_secs": 2}
             async with client.stream("POST", "/v1/programs/default/stream", json=body) as stream:
                 async for text in stream.aiter_text():
                     stream_text.append(text)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,29 @@ def create_app(
     state = ServiceState(settings)
     app.extensions["dspy_trio"] = state
 
-    @app.while_serving  # type: ignore[type-var]
-    async def lifespan() -> AsyncIterator[None]:
-        async with open_engine(settings.engine, lms=lms) as engine:
-            state.engine = engine
-            yield
-            state.draining = True
+    # The engine lives in a task of the lifespan's nursery (``app.nursery``), not in an async generator
+    # (``while_serving``): its nursery must never be suspended across a ``yield``, or a cancelled
+    # lifespan corrupts Trio's nursery stack.
+    engine_stop, engine_closed = trio.Event(), trio.Event()
+
+    async def own_engine(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with open_engine(settings.engine, lms=lms) as engine:
+                state.engine = engine
+                task_status.started()
+                await engine_stop.wait()
+                state.draining = True
+        finally:
+            engine_closed.set()
+
+    @app.before_serving
+    async def start_engine() -> None:
+        await app.nursery.start(own_engine)
+
+    @app.after_serving
+    async def stop_engine() -> None:
+        engine_stop.set()
+        await engine_closed.wait()
 
     app.before_request(identify_and_authorize)
     app.after_request(decorate)

@@ -60,6 +60,9 @@ def status_of(error: EngineError) -> tuple[int, str]:
     return 500, "server_error"
 
 
+_MAX_RETRY_AFTER = 86_400.0
+
+
 def error_body(message: str, *, type: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "code": code, "param": param}}
 
@@ -70,11 +73,17 @@ def engine_error_response(error: EngineError) -> tuple[int, dict[str, Any], dict
     param = error.field if isinstance(error, InvalidInputError) else None
     headers = {}
     retry_after = getattr(error, "retry_after", None)
-    if status in (429, 503) and retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    elif isinstance(error, EngineClosedError):
-        headers["Retry-After"] = "1"
+    if status in (429, 503) or isinstance(error, EngineClosedError):
+        headers["Retry-After"] = _retry_after_header(retry_after)
     return status, error_body(error.message, type=kind, code=error.code, param=param), headers
+
+
+def _retry_after_header(seconds: float | None) -> str:
+    """Whole seconds (RFC 9110), at least 1 and at most a day; 1 when unknown or not a finite number,
+    so an upstream's absurd value (``Retry-After: inf``) stops here."""
+    if seconds is None or not math.isfinite(seconds):
+        return "1"
+    return str(max(1, math.ceil(min(seconds, _MAX_RETRY_AFTER))))
 
 
 def http_error_response(error: HTTPError) -> tuple[int, dict[str, Any]]:

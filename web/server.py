@@ -24,6 +24,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
 from engine.lm import TrioLM
 
 from .app import create_app
@@ -119,15 +120,21 @@ async def serve(
 async def open_server(
     settings: ServiceSettings, *, lms: Mapping[str, TrioLM] | None = None
 ) -> AsyncIterator[Server]:
-    """Run the service in the background for the block (tests, embedding); drains it on exit."""
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(
-            functools.partial(serve, settings, lms=lms, handle_signals=False)
-        )
-        try:
-            yield server
-        finally:
-            server.shutdown()
+    """Run the service in the background for the block (tests, embedding); drains it on exit.
+
+    An exception raised in the block reaches the caller as itself, not wrapped in an exception group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                functools.partial(serve, settings, lms=lms, handle_signals=False)
+            )
+            try:
+                yield server
+            finally:
+                server.shutdown()
+    except BaseExceptionGroup as group:
+        raise collapse(group) from None
 
 
 def run_workers(argv: Sequence[str], workers: int) -> int:
