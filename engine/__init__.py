@@ -32,6 +32,7 @@ from ._errors import EngineError as EngineError
 from ._errors import InvalidInputError as InvalidInputError
 from ._errors import OverloadedError as OverloadedError
 from ._errors import ProgramError as ProgramError
+from ._errors import RequestAbandonedError as RequestAbandonedError
 from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
@@ -77,6 +78,7 @@ __all__ = [
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
+    "RequestAbandonedError",
     "RequestCancelledError",
     "SlowConsumerError",
     "StatusEvent",
