@@ -86,6 +86,9 @@ class Ledger:
                 f"dspy_trio.{request.kind}", request_id=request.request_id, program=request.program.name
             ):
                 yield
+        except trio.Cancelled as exc:
+            request.settle_interrupted(exc)
+            raise
         except EngineError as exc:
             if not request.consumer_owned:
                 request.settle_error(exc)

@@ -109,19 +109,27 @@ class Request:
         """The error of a request whose scope the engine cancelled."""
         return self.cancel_reason or EngineClosedError("the engine shut down before the request finished")
 
-    def timed_out(self) -> bool:
-        """Whether the request's deadline has passed."""
-        return trio.current_time() >= self.caller_deadline
+    def timed_out(self, cancelled: trio.Cancelled | None = None) -> bool:
+        """Whether the caller's scope that ended the request ended it for a deadline.
 
-    def caller_interruption(self) -> EngineError:
+        The request's deadline is the caller's effective deadline at acceptance: it passed or not. A
+        request accepted in a scope that was already cancelled has none (``-inf``); then Trio's own
+        record of why (``Cancelled.source``) decides. (``source`` alone would not do: an inner deadline,
+        such as a sleep's, that expires at the same instant as an explicit cancel is reported instead.)
+        """
+        if self.caller_deadline != -math.inf:
+            return trio.current_time() >= self.caller_deadline
+        return getattr(cancelled, "source", "deadline") == "deadline"
+
+    def caller_interruption(self, cancelled: trio.Cancelled | None = None) -> EngineError:
         """The error a stream's consumer reads when the stream's own scope was cancelled by its caller."""
-        if self.timed_out():
+        if self.timed_out(cancelled):
             return DeadlineExceededError("the stream's deadline passed before it finished")
         return RequestAbandonedError("the stream's consumer left before it finished")
 
-    def settle_interrupted(self) -> None:
+    def settle_interrupted(self, cancelled: trio.Cancelled | None = None) -> None:
         """Settle a request that ended without an outcome of its own: its caller's scope ended it."""
-        self.settle("timed_out" if self.timed_out() else "abandoned")
+        self.settle("timed_out" if self.timed_out(cancelled) else "abandoned")
 
     def timings(self) -> Timings | None:
         """Where the time went: the result's, or so far for a request that got a slot, else None."""

@@ -100,10 +100,10 @@ async def _produce(
             error = request.interruption()
             events.terminal = ErrorEvent(error)
             request.settle_error(error)
-    except trio.Cancelled:  # the consumer's scope, or the consumer left the block
+    except trio.Cancelled as exc:  # the consumer's scope, or the consumer left the block
         if events.terminal is None:
-            events.terminal = ErrorEvent(request.caller_interruption())
-        request.settle_interrupted()
+            events.terminal = ErrorEvent(request.caller_interruption(exc))
+        request.settle_interrupted(exc)
         raise
     finally:
         admission.release(request, service_time=trio.current_time() - request.admitted)

@@ -13,8 +13,9 @@ stream early, by a drain, or by cancelling the scope of the engine's owner. Afte
   ``timed_out`` for its deadline, ``abandoned`` for its scope or an early exit, ``cancelled`` for
   ``engine.cancel``, ``shut_down`` for drain/close, and the result's or error's outcome otherwise.
 
-All times sit on separate grids (LM pacing on multiples of 0.25 s, own cancels at +0.125, engine-wide
-ends at +0.0625), so no two causes ever land at the same virtual instant and each outcome has one cause.
+Times sit on grids (LM pacing on multiples of 0.25 s; cancels and engine-wide ends either on that grid,
+so that they race with admissions and completions at the same virtual instant, or between its points).
+Trio's choice among tasks woken at the same instant is seeded per example, so every example replays.
 
 A second property runs over real sockets against the fake upstream (fewer examples, real clock): every
 upstream connection is closed within 50 ms of the cancel that ended its request.
@@ -36,6 +37,7 @@ import attrs
 import dspy
 import pytest
 import trio
+import trio._core._run as trio_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
@@ -102,6 +104,7 @@ class Plan:
     ops: tuple[Op, ...]
     end: str  # none, drain, engine_scope
     end_at: float
+    scheduler_seed: int  # Trio's choice among tasks woken at the same instant
 
 
 def grid(low: int, high: int, offset: float = 0.0) -> st.SearchStrategy[float]:
@@ -118,7 +121,7 @@ def ops(draw: Any) -> Op:
         kind=kind,
         start=draw(grid(0, 8)),
         method=draw(st.sampled_from(methods)),
-        after=draw(grid(0, 12, GRID / 2)),
+        after=draw(grid(0, 12, GRID / 2) | grid(0, 12)),
         size=draw(st.integers(1, 3)),
         failing=draw(st.sampled_from([False, False, False, True])),
     )
@@ -134,7 +137,8 @@ plans = st.builds(
     words=st.integers(1, 3),
     ops=st.lists(ops(), min_size=1, max_size=5).map(tuple),
     end=st.sampled_from(["none", "none", "drain", "engine_scope"]),
-    end_at=grid(0, 16, GRID / 4),
+    end_at=grid(0, 16, GRID / 4) | grid(0, 8),
+    scheduler_seed=st.integers(0, 2**32 - 1),
 )
 
 
@@ -151,6 +155,7 @@ class Record:
     events: list[Any] = attrs.field(factory=list)
     read_to_end: bool = False
     entered_at: float = math.inf
+    cancel_hit: bool = False  # engine.cancel found the request active
     items: list[Any] = attrs.field(factory=list)
 
     @property
@@ -254,7 +259,7 @@ async def fire(engine: Any, record: Record) -> None:
         record.scope.cancel()
     else:
         for request_id in record.item_ids():
-            engine.cancel(request_id)
+            record.cancel_hit |= engine.cancel(request_id)
 
 
 async def run_plan(plan: Plan, outcomes: Outcomes) -> None:
@@ -288,9 +293,13 @@ async def run_plan(plan: Plan, outcomes: Outcomes) -> None:
                         await trio.sleep_until(plan.end_at)
                         if plan.end == "drain":
                             await engine.drain()
+                            # Drain waits its timeout at most: what it cancels ends at once.
+                            assert trio.current_time() <= plan.end_at + plan.drain_timeout
                         else:
                             engine_scope.cancel()
                             await trio.sleep_forever()
+            if plan.end == "engine_scope":  # left by cancellation: everything ended at once
+                assert trio.current_time() == plan.end_at
     assert tasks_living() == baseline, "no task of the engine is left"
     check(plan, engine, records, outcomes)
 
@@ -311,6 +320,8 @@ def check(plan: Plan, engine: Any, records: list[Record], outcomes: Outcomes) ->
             assert record.scope is not None
             assert record.scope.cancelled_caught, "the caller's scope caught its own cancellation"
             assert record.ended_at == record.fires_at
+        if record.cancel_hit and op.kind in ("predict", "stream"):
+            assert record.ended_at == record.fires_at, "engine.cancel ends an active request at once"
         terminals = [e for e in record.events if isinstance(e, FinalEvent | ErrorEvent)]
         assert len(terminals) <= 1, "a stream has at most one terminal event"
         if record.read_to_end:
@@ -374,6 +385,7 @@ def cause_allowed(outcome: str, record: Record, ended: bool) -> bool:
 
 
 def run_example(plan: Plan) -> None:
+    trio_run._r.seed(plan.scheduler_seed)
     with request_outcomes() as outcomes:
         trio.run(run_plan, plan, outcomes, clock=MockClock(autojump_threshold=0))
 
@@ -461,7 +473,7 @@ async def run_network_plan(plan: NetworkPlan) -> None:
                         await engine.drain()
                     elif method == "engine_scope":
                         engine_scope.cancel()
-                    await trio.sleep(1.0)  # long enough for any request to be cut, far shorter than it lasts
+                    await trio.sleep(0.3)  # long enough for any request to be cut, far shorter than it lasts
         with trio.fail_after(5):
             await upstream.wait_for(lambda u: u.records and u.records[0].ended)
         [record] = upstream.records
