@@ -156,6 +156,7 @@ class Record:
     read_to_end: bool = False
     entered_at: float = math.inf
     cancel_hit: bool = False  # engine.cancel found the request active
+    terminal: Any = None  # a stream's terminal event as its producer set it
     items: list[Any] = attrs.field(factory=list)
 
     @property
@@ -233,6 +234,7 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
                         async for event in events:
                             record.events.append(event)
                         record.read_to_end = True
+                record.terminal = events.terminal  # what the producer ended with, read or not
             elif op.kind == "batch":
                 items = [inputs] * op.size
                 record.items = await engine.batch(program, items, concurrency=2, request_id=record.request_id)
@@ -339,9 +341,12 @@ def check(plan: Plan, engine: Any, records: list[Record], outcomes: Outcomes) ->
                 expected[record.request_id] = outcome_of_event(terminals[0])
             elif record.result in OUTCOME_OF_CODE:  # refused on entry
                 expected[record.request_id] = OUTCOME_OF_CODE[record.result]
-            elif own_scope_ended or record.entered_at < record.fires_at:  # its scope ended it, or it left
+            elif record.terminal is not None:  # left unread: the producer's own end (it saw the exit)
+                expected[record.request_id] = outcome_of_event(record.terminal)
+                if isinstance(record.terminal, ErrorEvent):
+                    assert type(record.terminal.error) is not EngineError, "never a bare EngineError"
+            elif own_scope_ended:
                 expected[record.request_id] = OUTCOME_OF_METHOD[op.method]
-            # else: entered only after its time to leave had come, and left at once (any cause may apply)
         else:
             for item in record.items:
                 item_id = f"{record.request_id}-{item.index}"
