@@ -157,6 +157,7 @@ class Record:
     entered_at: float = math.inf
     cancel_hit: bool = False  # engine.cancel found the request active
     terminal: Any = None  # a stream's terminal event as its producer set it
+    doomed_reads: int = 0  # events a stream handed to a consumer whose scope was already cancelled
     items: list[Any] = attrs.field(factory=list)
 
     @property
@@ -231,7 +232,14 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
                 async with engine.stream(program, inputs, request_id=record.request_id) as events:
                     record.entered_at = trio.current_time()
                     with trio.move_on_at(leave_at):
-                        async for event in events:
+                        while True:
+                            doomed = trio.current_time() >= trio.current_effective_deadline()
+                            try:
+                                event = await events.__anext__()
+                            except StopAsyncIteration:
+                                break
+                            # Like a channel: a consumer already cancelled gets Cancelled, not an event.
+                            record.doomed_reads += doomed
                             record.events.append(event)
                         record.read_to_end = True
                 record.terminal = events.terminal  # what the producer ended with, read or not
@@ -324,6 +332,11 @@ def check(plan: Plan, engine: Any, records: list[Record], outcomes: Outcomes) ->
             assert record.ended_at == record.fires_at
         if record.cancel_hit and op.kind in ("predict", "stream"):
             assert record.ended_at == record.fires_at, "engine.cancel ends an active request at once"
+        assert record.doomed_reads == 0, "a cancelled consumer was handed an event"
+        if plan.end == "drain":  # nothing runs past the drain's timeout
+            assert record.ended_at <= max(plan.end_at + plan.drain_timeout, op.start), record
+        elif plan.end == "engine_scope":  # nor past the engine owner's cancellation
+            assert record.ended_at <= max(plan.end_at, op.start), record
         terminals = [e for e in record.events if isinstance(e, FinalEvent | ErrorEvent)]
         assert len(terminals) <= 1, "a stream has at most one terminal event"
         if record.read_to_end:
