@@ -79,6 +79,7 @@ OUTCOME_OF_METHOD = {
     "deadline": "timed_out",
     "scope": "abandoned",
     "leave": "abandoned",
+    "self_cancel": "abandoned",
     "engine_cancel": "cancelled",
 }
 
@@ -87,7 +88,7 @@ OUTCOME_OF_METHOD = {
 class Op:
     kind: str
     start: float
-    method: str  # none, deadline, scope, engine_cancel, leave (streams only)
+    method: str  # none, deadline, scope, engine_cancel, leave (streams), self_cancel (stream)
     after: float  # when the method fires, after the start
     size: int  # batch items
     failing: bool
@@ -117,6 +118,8 @@ def ops(draw: Any) -> Op:
     methods = ["none", "deadline", "scope", "engine_cancel"]
     if kind in ("stream", "batch_stream"):
         methods.append("leave")
+    if kind == "stream":
+        methods.append("self_cancel")  # the consumer cancels its own scope after `size` events
     return Op(
         kind=kind,
         start=draw(grid(0, 8)),
@@ -156,6 +159,7 @@ class Record:
     read_to_end: bool = False
     entered_at: float = math.inf
     cancel_hit: bool = False  # engine.cancel found the request active
+    stream: Any = None
     terminal: Any = None  # a stream's terminal event as its producer set it
     doomed_reads: int = 0  # events a stream handed to a consumer whose scope was already cancelled
     items: list[Any] = attrs.field(factory=list)
@@ -216,7 +220,7 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
     await trio.sleep(op.start)
     program = "bad" if op.failing else "default"
     inputs = {"question": f"q{record.index}"}
-    if op.method != "none":
+    if op.method not in ("none", "self_cancel"):
         record.fires_at = trio.current_time() + op.after
     leave_at = record.fires_at if op.method == "leave" else math.inf
     with trio.CancelScope() as scope:
@@ -230,6 +234,7 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
                 await engine.predict(program, inputs, request_id=record.request_id)
             elif op.kind == "stream":
                 async with engine.stream(program, inputs, request_id=record.request_id) as events:
+                    record.stream = events
                     record.entered_at = trio.current_time()
                     with trio.move_on_at(leave_at):
                         while True:
@@ -241,8 +246,10 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
                             # Like a channel: a consumer already cancelled gets Cancelled, not an event.
                             record.doomed_reads += doomed
                             record.events.append(event)
+                            if op.method == "self_cancel" and len(record.events) == op.size:
+                                record.fires_at = trio.current_time()
+                                scope.cancel()
                         record.read_to_end = True
-                record.terminal = events.terminal  # what the producer ended with, read or not
             elif op.kind == "batch":
                 items = [inputs] * op.size
                 record.items = await engine.batch(program, items, concurrency=2, request_id=record.request_id)
@@ -260,6 +267,8 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
         except BaseExceptionGroup:
             record.result = "group"
     record.ended_at = trio.current_time()
+    if record.stream is not None:
+        record.terminal = record.stream.terminal  # what the producer ended with, read or not
 
 
 async def fire(engine: Any, record: Record) -> None:
@@ -326,7 +335,7 @@ def check(plan: Plan, engine: Any, records: list[Record], outcomes: Outcomes) ->
         assert record.ended_at is not None
         own_scope_ended = record.result is None
         if own_scope_ended:
-            assert op.method in ("deadline", "scope"), record
+            assert op.method in ("deadline", "scope", "self_cancel"), record
             assert record.scope is not None
             assert record.scope.cancelled_caught, "the caller's scope caught its own cancellation"
             assert record.ended_at == record.fires_at
@@ -395,7 +404,7 @@ def cause_allowed(outcome: str, record: Record, ended: bool) -> bool:
         "failed": record.op.failing,
         "rejected": True,
         "timed_out": method == "deadline",
-        "abandoned": method in ("scope", "leave"),
+        "abandoned": method in ("scope", "leave", "self_cancel"),
         "cancelled": method == "engine_cancel",
         "shut_down": ended,
         "invalid": False,
