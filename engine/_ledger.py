@@ -75,9 +75,12 @@ class Ledger:
 
         An :class:`EngineError` leaving the block is the request's outcome, unless the request was
         handed to a consumer (a stream) by then: what the consumer's own code raises is not the stream's.
-        A request that ends with no outcome of its own was ended by its caller's scope.
+        A request that ends with no outcome of its own was ended by its caller's scope. A request may end
+        before the block does (:meth:`end`: a stream whose producer finished while its consumer still
+        reads buffered events holds nothing of the engine's any more).
         """
         key = next(self._keys)
+        request.ledger_key = key
         self._active[key] = request
         if len(self._active) == 1:
             self._idle = trio.Event()
@@ -94,11 +97,16 @@ class Ledger:
                 request.settle_error(exc)
             raise
         finally:
-            request.settle_interrupted()
-            del self._active[key]
-            if not self._active:
-                self._idle.set()
-            self._book(request)
+            self.end(request)
+
+    def end(self, request: Request) -> None:
+        """Book ``request``'s outcome and stop tracking it, once; later calls do nothing."""
+        if self._active.pop(request.ledger_key, None) is None:
+            return
+        request.settle_interrupted()
+        if not self._active:
+            self._idle.set()
+        self._book(request)
 
     def _book(self, request: Request) -> None:
         assert request.outcome is not None

@@ -75,6 +75,8 @@ class Request:
     result: PredictionResult | None = None
     # Set once a stream is handed to its consumer: exceptions through its block are then the consumer's.
     consumer_owned: bool = False
+    # The request's entry in the ledger while it is active.
+    ledger_key: int = -1
 
     def settle(self, outcome: Outcome, error_code: str | None = None) -> None:
         """Record the request's outcome; the first one recorded is the one that counts."""

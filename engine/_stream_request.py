@@ -62,10 +62,11 @@ async def open_stream(
                 error = request.interruption()
                 request.settle_error(error)
                 events.end(ErrorEvent(error))
+                ledger.end(request)
                 yield events
                 return
             async with _groups.open_service_nursery() as nursery:
-                nursery.start_soon(_produce, request, events, admission, runner, on_first_delta)
+                nursery.start_soon(_produce, request, events, ledger, admission, runner, on_first_delta)
                 yield events
     finally:
         ledger.stream_drops["dropped"] += buffer.dropped
@@ -75,11 +76,13 @@ async def open_stream(
 async def _produce(
     request: Request,
     events: EventStream,
+    ledger: Ledger,
     admission: Admission,
     runner: ProgramRunner,
     on_first_delta: Callable[[str], None] | None,
 ) -> None:
-    """The producer task: runs the program, fills the buffer, sets the one terminal event."""
+    """The producer task: runs the program, fills the buffer, sets the one terminal event. When it
+    ends, so does the request (its outcome is booked): what is left is the consumer reading the buffer."""
     buffer = events.buffer
     try:
         with request.scoped() as running:
@@ -108,3 +111,4 @@ async def _produce(
     finally:
         admission.release(request, service_time=trio.current_time() - request.admitted)
         buffer.close()
+        ledger.end(request)

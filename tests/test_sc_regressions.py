@@ -357,3 +357,55 @@ async def test_no_engine_task_outlives_a_cancelled_stream(autojump_clock: Any) -
             engine.cancel("x")
             _ = [event async for event in events]
         assert tasks_living() == baseline
+
+
+# 8. One outcome classification for every kind of call.
+
+
+@pytest.mark.parametrize("kind", ["predict", "stream", "batch", "batch_stream"])
+@pytest.mark.parametrize(
+    ("how", "outcome"),
+    [
+        ("deadline", "timed_out"),
+        ("scope", "abandoned"),
+        ("engine_cancel", "cancelled"),
+        ("drain", "shut_down"),
+    ],
+)
+async def test_the_same_cancel_books_the_same_outcome_for_every_kind(
+    autojump_clock: Any, kind: str, how: str, outcome: str
+) -> None:
+    lm = CountingLM(first_token_delay=10.0)
+    async with open_engine(config(drain_timeout=0), lms={"default": lm}) as engine:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as scope:
+                if how == "deadline":
+                    scope.deadline = 2.0
+
+                async def cut() -> None:
+                    await trio.sleep(2)
+                    if how == "scope":
+                        scope.cancel()
+                    elif how == "engine_cancel":
+                        assert engine.cancel("r") or engine.cancel("r-0")
+                    elif how == "drain":
+                        await engine.drain()
+
+                nursery.start_soon(cut)
+                inputs = {"question": "q"}
+                with contextlib.suppress(EngineError):
+                    if kind == "predict":
+                        await engine.predict("default", inputs, request_id="r")
+                    elif kind == "stream":
+                        async with engine.stream("default", inputs, request_id="r") as events:
+                            _ = [event async for event in events]
+                    elif kind == "batch":
+                        await engine.batch("default", [inputs], request_id="r")
+                    else:
+                        async with engine.batch_stream("default", [inputs], request_id="r") as items:
+                            _ = [item async for item in items]
+            assert trio.current_time() == 2
+        stats = engine.statistics()
+        booked = {name: getattr(stats, name) for name in ("timed_out", "abandoned", "cancelled", "shut_down")}
+        assert booked == {name: int(name == outcome) for name in booked}
+        assert (stats.in_flight, stats.succeeded) == (0, 0)

@@ -92,6 +92,7 @@ class Op:
     after: float  # when the method fires, after the start
     size: int  # batch items
     failing: bool
+    read_delay: float  # a stream consumer's pause after each event (a slow consumer lets the producer finish)
 
 
 @attrs.frozen
@@ -119,7 +120,7 @@ def ops(draw: Any) -> Op:
     if kind in ("stream", "batch_stream"):
         methods.append("leave")
     if kind == "stream":
-        methods.append("self_cancel")  # the consumer cancels its own scope after `size` events
+        methods.append("self_cancel")  # the consumer cancels its own scope mid-stream
     return Op(
         kind=kind,
         start=draw(grid(0, 8)),
@@ -127,6 +128,7 @@ def ops(draw: Any) -> Op:
         after=draw(grid(0, 12, GRID / 2) | grid(0, 12)),
         size=draw(st.integers(1, 3)),
         failing=draw(st.sampled_from([False, False, False, True])),
+        read_delay=draw(st.sampled_from([0.0, 0.0, GRID])),
     )
 
 
@@ -238,6 +240,12 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
                     record.entered_at = trio.current_time()
                     with trio.move_on_at(leave_at):
                         while True:
+                            if op.method == "self_cancel" and record.fires_at == math.inf:
+                                # size 1, 2: after that many events; 3: when only the terminal is left
+                                only_terminal = events.terminal is not None and not len(events.buffer)
+                                if len(record.events) == op.size or (op.size == 3 and only_terminal):
+                                    record.fires_at = trio.current_time()
+                                    scope.cancel()
                             doomed = trio.current_time() >= trio.current_effective_deadline()
                             try:
                                 event = await events.__anext__()
@@ -246,9 +254,8 @@ async def run_call(engine: Any, record: Record, nursery: trio.Nursery) -> None:
                             # Like a channel: a consumer already cancelled gets Cancelled, not an event.
                             record.doomed_reads += doomed
                             record.events.append(event)
-                            if op.method == "self_cancel" and len(record.events) == op.size:
-                                record.fires_at = trio.current_time()
-                                scope.cancel()
+                            if op.read_delay:
+                                await trio.sleep(op.read_delay)
                         record.read_to_end = True
             elif op.kind == "batch":
                 items = [inputs] * op.size
@@ -339,12 +346,13 @@ def check(plan: Plan, engine: Any, records: list[Record], outcomes: Outcomes) ->
             assert record.scope is not None
             assert record.scope.cancelled_caught, "the caller's scope caught its own cancellation"
             assert record.ended_at == record.fires_at
-        if record.cancel_hit and op.kind in ("predict", "stream"):
+        slow_reader = op.kind == "stream" and op.read_delay > 0  # may read its buffered events on after
+        if record.cancel_hit and op.kind in ("predict", "stream") and not slow_reader:
             assert record.ended_at == record.fires_at, "engine.cancel ends an active request at once"
         assert record.doomed_reads == 0, "a cancelled consumer was handed an event"
-        if plan.end == "drain":  # nothing runs past the drain's timeout
+        if plan.end == "drain" and not slow_reader:  # nothing runs past the drain's timeout
             assert record.ended_at <= max(plan.end_at + plan.drain_timeout, op.start), record
-        elif plan.end == "engine_scope":  # nor past the engine owner's cancellation
+        elif plan.end == "engine_scope" and not slow_reader:  # nor past the engine owner's cancellation
             assert record.ended_at <= max(plan.end_at, op.start), record
         terminals = [e for e in record.events if isinstance(e, FinalEvent | ErrorEvent)]
         assert len(terminals) <= 1, "a stream has at most one terminal event"
