@@ -35,6 +35,7 @@ from ._errors import InvalidInputError as InvalidInputError
 from ._errors import OverloadedError as OverloadedError
 from ._errors import ProgramError as ProgramError
 from ._errors import RateLimitWaitError as RateLimitWaitError
+from ._errors import RequestAbandonedError as RequestAbandonedError
 from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
@@ -84,6 +85,7 @@ __all__ = [
     "ProgramSpec",
     "RateLimit",
     "RateLimitWaitError",
+    "RequestAbandonedError",
     "RequestCancelledError",
     "RetryPolicy",
     "SlowConsumerError",

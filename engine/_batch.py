@@ -6,15 +6,19 @@ bounded channel to the consumer: when it stops taking them, the workers stop pul
 more than ``concurrency`` finished outcomes ever wait in memory. Each item's request goes through
 :meth:`Engine.predict`, so admission, deadlines and statistics apply per item.
 
-One item's failure never loses the others. With ``fail_fast`` the first failure cancels the rest:
-items in flight end as :class:`RequestCancelledError` outcomes, and no further items are started.
+One item's failure never loses the others. With ``fail_fast`` the first failure cancels the rest by
+their request ids: items in flight end as :class:`RequestCancelledError` (outcome ``cancelled``), and no
+further items are started.
+
+The batch knows the engine only as the two functions it is given (``predict`` and ``cancel``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -23,8 +27,11 @@ from . import _groups
 from ._errors import EngineError, InvalidInputError, RequestCancelledError
 from ._result import PredictionResult
 
-if TYPE_CHECKING:
-    from ._engine import Engine
+
+class Predict(Protocol):
+    def __call__(
+        self, program: str, inputs: Mapping[str, Any], *, request_id: str | None = None
+    ) -> Awaitable[PredictionResult]: ...
 
 
 @attrs.frozen
@@ -53,7 +60,8 @@ def _check_concurrency(concurrency: int) -> None:
 
 @asynccontextmanager
 async def open_batch(
-    engine: Engine,
+    predict: Predict,
+    cancel: Callable[[str, EngineError], object],
     program: str,
     items: Iterable[Mapping[str, Any]],
     *,
@@ -61,30 +69,26 @@ async def open_batch(
     fail_fast: bool = False,
     request_id: str | None = None,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
-    """Run a batch; iterate the channel for outcomes as they complete. See :meth:`Engine.batch_stream`."""
+    """Run a batch; iterate the channel for outcomes as they complete. See :meth:`Engine.batch_stream`.
+
+    ``predict`` runs one item; ``cancel(request_id, reason)`` ends an item in flight (fail-fast).
+    """
     _check_concurrency(concurrency)
-    prefix = request_id or f"batch-{id(items):x}"
+    prefix = request_id or f"batch-{uuid.uuid4().hex}"
     indexed = iter(enumerate(items))
     send, receive = trio.open_memory_channel[BatchItem](concurrency)
-    in_flight: set[trio.CancelScope] = set()
+    in_flight: set[str] = set()
     stopped = False
 
     async def run_item(index: int, inputs: Mapping[str, Any]) -> BatchItem:
-        outcome: BatchItem | None = None
-        with trio.CancelScope() as scope:
-            in_flight.add(scope)
-            try:
-                result = await engine.predict(program, inputs, request_id=f"{prefix}-{index}")
-                outcome = BatchItem(index, result=result)
-            except EngineError as exc:
-                outcome = BatchItem(index, error=exc)
-            finally:
-                in_flight.discard(scope)
-        if outcome is None:  # cancelled by fail-fast
-            outcome = BatchItem(
-                index, error=RequestCancelledError(f"item {index} cancelled: another item failed")
-            )
-        return outcome
+        item_id = f"{prefix}-{index}"
+        in_flight.add(item_id)
+        try:
+            return BatchItem(index, result=await predict(program, inputs, request_id=item_id))
+        except EngineError as exc:
+            return BatchItem(index, error=exc)
+        finally:
+            in_flight.discard(item_id)
 
     async def worker(outcomes: trio.MemorySendChannel[BatchItem]) -> None:
         nonlocal stopped
@@ -95,8 +99,9 @@ async def open_batch(
                 outcome = await run_item(index, inputs)
                 if fail_fast and not outcome.ok and not stopped:
                     stopped = True
-                    for scope in in_flight:
-                        scope.cancel()
+                    for item_id in list(in_flight):
+                        item = item_id.rsplit("-", 1)[1]
+                        cancel(item_id, RequestCancelledError(f"item {item} cancelled: another item failed"))
                 await outcomes.send(outcome)
 
     async with _groups.open_service_nursery() as nursery:

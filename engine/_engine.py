@@ -5,59 +5,48 @@ A request runs in its caller's task, not in a task of the engine. That keeps the
 between tasks: when an HTTP handler is cancelled because its client left, the ``trio.Cancelled`` lands
 directly in the LM's socket read and the provider connection closes.
 
-The engine still owns each request through a cancel scope it registers while the request is active.
-Closing the engine refuses new requests, lets the active ones finish for ``drain_timeout`` seconds, then
-cancels the rest through those scopes; each of them ends with :class:`EngineClosedError`.
+The engine still owns each request through its cancel scopes, registered in the ledger while the request
+is active. Closing the engine refuses new requests, lets the active ones finish for ``drain_timeout``
+seconds, then cancels the rest through those scopes; each of them ends with :class:`EngineClosedError`.
+
+The engine itself only composes: bookkeeping is :mod:`engine._ledger`, a request's scopes and outcome
+:mod:`engine._request`, running a program :mod:`engine._runner`, streams :mod:`engine._stream_request`,
+batches :mod:`engine._batch`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
-import dspy
 import trio
-from dspy.utils.exceptions import AdapterParseError
-from dspy.utils.usage_tracker import track_usage
 
 from . import _groups
 from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
-from ._errors import (
-    EngineClosedError,
-    EngineError,
-    InvalidInputError,
-    ProgramError,
-    RequestCancelledError,
-)
-from ._event_buffer import EventBuffer
+from ._errors import EngineClosedError, InvalidInputError, RequestCancelledError
+from ._ledger import Ledger
 from ._lm_factory import build_lm
 from ._metrics import EngineMetrics
-from ._programs import Program, ProgramInfo, ProgramRegistry
-from ._request import Request, outcome_of
-from ._result import PredictionResult, Timings, Usage
-from ._statistics import EngineStatistics, Outcome
-from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
-from ._streaming import DeltaRouter, EventStream
-from ._telemetry import log_request, request_log, span
-from ._trace import RequestTrace, tracing
+from ._programs import ProgramInfo, ProgramRegistry
+from ._request import Request
+from ._result import PredictionResult
+from ._runner import ProgramRunner
+from ._statistics import EngineStatistics
+from ._stream_request import open_stream
+from ._streaming import EventStream
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .lm import TrioLM
 
 logger = logging.getLogger("engine")
 
-# Awaiting cleanup (closing HTTP clients) is shielded but never unbounded.
+# Awaiting cleanup (cancelled requests ending, closing HTTP clients) is shielded but never unbounded.
 _CLEANUP_TIMEOUT = 5.0
-
-_ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 
 
 class Engine(metaclass=NoPublicConstructor):
@@ -71,18 +60,11 @@ class Engine(metaclass=NoPublicConstructor):
         self._lms = dict(lms)
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
-        self._active: dict[int, Request] = {}
-        self._ids = itertools.count()
-        self._outcomes: Counter[Outcome] = Counter()
-        self._errors: Counter[str] = Counter()
-        self._stream_drops: Counter[str] = Counter()
-        self._seconds_total = 0.0
         self._closing = False
-        self._idle = trio.Event()
-        self._idle.set()
+        self._runner = ProgramRunner(self._lms, config.adapter)
+        self._program_lms = {info.name: info.lm for info in programs.infos()}
         self.metrics = EngineMetrics(self.statistics)
-        self._program_models = {info.name: info.lm for info in programs.infos()}
-        self._program_names = set(self._program_models)
+        self._ledger = Ledger(self.metrics, self._model_of, set(self._program_lms), log_text=config.log_text)
         self._guards = {
             name: UpstreamGuard(name, config.lms[name].policy() if name in config.lms else UpstreamPolicy())
             for name in self._lms
@@ -94,8 +76,9 @@ class Engine(metaclass=NoPublicConstructor):
         s = self.statistics()
         return (
             f"<Engine [Requests: {s.in_flight} in flight, {s.queued} queued | "
-            f"{s.succeeded} ok, {s.failed} failed, {s.timed_out} timed out, {s.cancelled} cancelled, "
-            f"{s.rejected} rejected]{' closing' if self._closing else ''}>"
+            f"{s.succeeded} ok, {s.failed} failed, {s.timed_out} timed out, {s.abandoned} abandoned, "
+            f"{s.cancelled} cancelled, {s.shut_down} shut down, {s.rejected} rejected]"
+            f"{' closing' if self._closing else ''}>"
         )
 
     @property
@@ -109,30 +92,28 @@ class Engine(metaclass=NoPublicConstructor):
 
     def statistics(self) -> EngineStatistics:
         """A frozen snapshot of the engine's counters and admission state."""
-        admission = self._admission.statistics()
+        ledger = self._ledger
         return EngineStatistics.from_counters(
-            self._outcomes,
-            self._errors,
-            admission=admission,
+            ledger.outcomes,
+            ledger.errors,
+            admission=self._admission.statistics(),
             closing=self._closing,
-            stream_deltas_dropped=self._stream_drops["dropped"],
-            stream_deltas_coalesced=self._stream_drops["coalesced"],
-            seconds_total=self._seconds_total,
+            stream_deltas_dropped=ledger.stream_drops["dropped"],
+            stream_deltas_coalesced=ledger.stream_drops["coalesced"],
+            seconds_total=ledger.seconds_total,
             upstreams={name: guard.statistics() for name, guard in self._guards.items()},
         )
 
     def cancel(self, request_id: str) -> bool:
         """Cancel the request with this id wherever it is (queued, waiting, running, streaming).
 
-        It ends with :class:`RequestCancelledError` (an :class:`ErrorEvent` on a stream), and its
-        upstream connection is closed. Returns whether such a request was active.
+        It ends with :class:`RequestCancelledError` (outcome ``cancelled``; on a stream, one
+        :class:`ErrorEvent`, also when it was still queued), and its upstream connection is closed.
+        Returns whether such a request was active. Does not block.
         """
-        found = False
-        for request in self._active.values():
-            if request.request_id == request_id:
-                request.cancel(RequestCancelledError(f"request {request_id} was cancelled"))
-                found = True
-        return found
+        return self._ledger.cancel(
+            request_id, lambda: RequestCancelledError(f"request {request_id} was cancelled")
+        )
 
     def precheck(self, program: str, inputs: Mapping[str, Any]) -> None:
         """Raise now what :meth:`predict` or :meth:`stream` would raise before starting: for adapters
@@ -156,6 +137,9 @@ class Engine(metaclass=NoPublicConstructor):
         """Whether the engine refuses new requests (it is draining or closed)."""
         return self._closing
 
+    def _model_of(self, program: str) -> str:
+        return self._runner.model_of(self._program_lms.get(program))
+
     def _accept(
         self, program: str, inputs: Mapping[str, Any], request_id: str | None, kind: str = "predict"
     ) -> Request:
@@ -165,11 +149,11 @@ class Engine(metaclass=NoPublicConstructor):
             resolved = self._programs.get(program)
             values = resolved.validate(inputs)
         except InvalidInputError as exc:
-            self._refused(program, "invalid", exc)
+            self._ledger.refused(program, "invalid", exc)
             raise
         if self._closing:
             error = EngineClosedError("the engine is shutting down")
-            self._refused(program, "rejected", error)
+            self._ledger.refused(program, "rejected", error)
             raise error
         return Request(
             request_id or uuid.uuid4().hex,
@@ -179,65 +163,6 @@ class Engine(metaclass=NoPublicConstructor):
             trio.current_effective_deadline(),
             kind=kind,
         )
-
-    def _refused(self, program: str, outcome: Outcome, error: EngineError) -> None:
-        """Count a request refused before it was accepted (bad input, closing)."""
-        self._outcomes[outcome] += 1
-        known = program if isinstance(program, str) and program in self._program_names else "unknown"
-        self.metrics.record(known, self._model_of(known), outcome, error.code, None, None)
-
-    def _model_of(self, program: str) -> str:
-        name = self._program_models.get(program)
-        return str(self._lms[name].model) if name in self._lms else ""
-
-    @contextmanager
-    def _tracked(self, request: Request) -> Iterator[None]:
-        """Own ``request`` for the block's duration and count its outcome exactly once at the end."""
-        key = next(self._ids)
-        self._active[key] = request
-        if len(self._active) == 1:
-            self._idle = trio.Event()
-        try:
-            with span(
-                f"dspy_trio.{request.kind}", request_id=request.request_id, program=request.program.name
-            ):
-                yield
-        except trio.Cancelled:
-            request.settle_interrupted()
-            raise
-        except EngineError as exc:
-            request.settle(outcome_of(exc), exc.code)
-            raise
-        finally:
-            request.settle_interrupted()
-            assert request.outcome is not None
-            self._outcomes[request.outcome] += 1
-            if request.outcome != "rejected":
-                self._seconds_total += trio.current_time() - request.started
-            if request.error_code is not None:
-                self._errors[request.error_code] += 1
-            del self._active[key]
-            if not self._active:
-                self._idle.set()
-            self._report(request)
-
-    def _report(self, request: Request) -> None:
-        """Metrics and the log line of an ended request."""
-        model = self._model_of(request.program.name)
-        usage = request.result.usage if request.result else None
-        assert request.outcome is not None
-        self.metrics.record(
-            request.program.name, model, request.outcome, request.error_code, request.timings(), usage
-        )
-        if request_log.isEnabledFor(logging.INFO):  # build the line only for a logger that writes it
-            log_request(request.log_record(model, include_text=self.config.log_text))
-
-    async def _admit(self, request: Request) -> None:
-        await self._admission.acquire(request)
-        request.admitted = trio.current_time()
-
-    def _release(self, request: Request) -> None:
-        self._admission.release(request, service_time=trio.current_time() - request.admitted)
 
     async def predict(
         self,
@@ -261,21 +186,23 @@ class Engine(metaclass=NoPublicConstructor):
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
             OverloadedError: the queue is full; nothing was queued.
             EngineClosedError: the engine is closing.
+            RequestCancelledError: :meth:`cancel` ended it.
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
         request = self._accept(program, inputs, request_id)
-        with self._tracked(request):
-            with request.scope:
-                await self._admit(request)
+        with self._ledger.track(request):
+            with request.scoped():
+                await self._admission.acquire(request)
+                request.admitted = trio.current_time()
                 try:
                     # A request whose deadline passed while it queued is never started.
                     await trio.lowlevel.checkpoint_if_cancelled()
-                    outputs, usage = await self._run_program(request)
+                    outputs, usage = await self._runner.run(request)
                 finally:
-                    self._release(request)
+                    self._admission.release(request, service_time=trio.current_time() - request.admitted)
                 request.settle("succeeded")
-                return self._result(request, outputs, usage)
+                return self._runner.result(request, outputs, usage)
             # Only reached when our own scope absorbed its cancellation: closed, or cancelled by id.
             raise request.interruption()
 
@@ -299,7 +226,9 @@ class Engine(metaclass=NoPublicConstructor):
         Entering blocks while the request is queued for a slot, so an overload is raised here, before any
         event. The program then runs in a task of the stream; leaving the block cancels it (closing the
         upstream connection) and leaves nothing running. Errors of the program, the LM or the consumer
-        policy arrive as one :class:`ErrorEvent` event, never as an exception out of the iteration.
+        policy, and a cancel by the engine (:meth:`cancel`, shutdown; also while queued), arrive as one
+        :class:`ErrorEvent`, never as an exception out of the entry or the iteration. The deadline of the
+        scope around the block is the stream's: it passing is ``timed_out``; leaving early ``abandoned``.
 
         Args:
             program: A registered program name.
@@ -312,27 +241,21 @@ class Engine(metaclass=NoPublicConstructor):
                 :meth:`predict`; nothing was started.
         """
         request = self._accept(program, inputs, request_id, kind="stream")
-        options = options or self.config.stream
-        buffer = EventBuffer(
-            options.buffer_size,
-            options.backpressure,
-            consumer_timeout=options.consumer_timeout if options.backpressure == "timeout" else math.inf,
-            coalesce_chars=options.coalesce_chars,
-            coalesce_ms=options.coalesce_ms,
-        )
-        events = EventStream(request.request_id, buffer)
-        with self._tracked(request):
-            with request.scope:
-                await self._admit(request)
-            if request.scope.cancelled_caught:
-                raise request.interruption()
-            try:
-                async with _groups.open_service_nursery() as nursery:
-                    nursery.start_soon(self._produce, request, events)
-                    yield events
-            finally:
-                self._stream_drops["dropped"] += buffer.dropped
-                self._stream_drops["coalesced"] += buffer.coalesced
+        name, model = request.program.name, self._model_of(request.program.name)
+
+        def first_delta(field: str) -> None:
+            seconds = trio.current_time() - request.started
+            self.metrics.record_first_token(name, model, field, seconds)
+
+        async with open_stream(
+            request,
+            options or self.config.stream,
+            ledger=self._ledger,
+            admission=self._admission,
+            runner=self._runner,
+            on_first_delta=first_delta,
+        ) as events:
+            yield events
 
     def batch_stream(
         self,
@@ -353,13 +276,20 @@ class Engine(metaclass=NoPublicConstructor):
 
         At most ``concurrency`` items run at once and at most ``concurrency`` finished outcomes wait for
         the consumer; ``items`` may be a lazy iterable, read one item at a time. Each item is a request
-        of its own (admission, statistics). Leaving the block cancels what is still running.
+        of its own (admission, statistics, the same outcomes as :meth:`predict`). Leaving the block
+        cancels what is still running (those items are ``abandoned``).
 
         Raises:
             InvalidInputError: on entry, if ``concurrency`` is not a positive integer.
         """
         return open_batch(
-            self, program, items, concurrency=concurrency, fail_fast=fail_fast, request_id=request_id
+            self.predict,
+            lambda item_id, reason: self._ledger.cancel(item_id, lambda: reason),
+            program,
+            items,
+            concurrency=concurrency,
+            fail_fast=fail_fast,
+            request_id=request_id,
         )
 
     async def batch(
@@ -386,117 +316,40 @@ class Engine(metaclass=NoPublicConstructor):
         cancelled = RequestCancelledError("not started: another item failed")
         return [item or BatchItem(index, error=cancelled) for index, item in enumerate(outcomes)]
 
-    async def _produce(self, request: Request, events: EventStream) -> None:
-        """The producer task of a stream: runs the program, fills the buffer, sets the terminal event."""
-        buffer = events.buffer
-        request.scope = trio.CancelScope()  # the admission wait used the first one
-        try:
-            with request.scope:
-                await buffer.put(StatusEvent("running", queued=request.admitted - request.started))
-                json = (request.program.adapter or self.config.adapter) == "json"
-                program, model = request.program.name, self._model_of(request.program.name)
-
-                def first_delta(field: str) -> None:
-                    seconds = trio.current_time() - request.started
-                    self.metrics.record_first_token(program, model, field, seconds)
-
-                router = DeltaRouter(request.program.module, buffer, json=json, on_first_delta=first_delta)
-                try:
-                    outputs, usage = await self._run_program(request, send_stream=router)
-                    await router.finish()
-                except EngineError as exc:
-                    events.terminal = ErrorEvent(exc)
-                    request.settle(outcome_of(exc), exc.code)
-                else:
-                    result = self._result(request, outputs, usage)
-                    events.terminal = FinalEvent(result, dropped=buffer.dropped, coalesced=buffer.coalesced)
-                    request.settle("succeeded")
-            if request.scope.cancelled_caught:
-                error = request.interruption()
-                events.terminal = ErrorEvent(error)
-                request.settle(outcome_of(error), error.code)
-        finally:
-            self._release(request)
-            buffer.close()
-
-    def _result(self, request: Request, outputs: dict[str, Any], usage: Usage) -> PredictionResult:
-        trace = request.trace or RequestTrace()
-        request.result = PredictionResult(
-            request_id=request.request_id,
-            program=request.program.name,
-            outputs=outputs,
-            usage=usage,
-            timings=Timings(
-                queued=request.admitted - request.started,
-                lm=trace.lm_seconds,
-                total=trio.current_time() - request.started,
-            ),
-            attempts=trace.attempts,
-        )
-        return request.result
-
-    async def _run_program(
-        self, request: Request, *, send_stream: DeltaRouter | None = None
-    ) -> tuple[dict[str, Any], Usage]:
-        program, values = request.program, request.values
-        adapter = _ADAPTERS[program.adapter or self.config.adapter]()
-        settings = {
-            "lm": self._lms[program.lm],
-            "adapter": adapter,
-            "send_stream": send_stream,
-            "disable_history": True,
-            "max_trace_size": 0,
-            "max_history_size": 0,
-        }
-        with dspy.context(**settings), track_usage() as tracker, tracing() as trace:
-            request.trace = trace
-            try:
-                prediction = await program.module.acall(**values)
-            except BaseExceptionGroup as group:
-                _raise_program_failure(program, _groups.collapse(group))
-            except Exception as exc:
-                _raise_program_failure(program, exc)
-        usage = Usage.from_tracker_totals(tracker.get_total_tokens())
-        return dict(prediction.items()), usage
-
     async def drain(self) -> None:
         """Refuse new requests, let active ones run for ``config.drain_timeout``, then cancel the rest
-        (they end with :class:`EngineClosedError`). Leaving :func:`open_engine` does this too; call it
-        earlier to drain before the rest of a server shuts down. Idempotent.
+        (they end with :class:`EngineClosedError`, outcome ``shut_down``). Leaving :func:`open_engine`
+        does this too; call it earlier to drain before the rest of a server shuts down. Idempotent.
 
-        Blocks until every request that was active has ended (cancellation is bounded by
-        ``_CLEANUP_TIMEOUT``).
+        Blocks until every request that was active has ended. If the caller's scope is cancelled while
+        it waits, the rest are cancelled at once and still awaited (shielded, for at most
+        ``_CLEANUP_TIMEOUT`` seconds) before ``trio.Cancelled`` propagates.
         """
         self._closing = True
-        with trio.move_on_after(self.config.drain_timeout):
-            await self._idle.wait()
-        for active in self._active.values():
-            active.cancel(EngineClosedError("the engine shut down before the request finished"))
-        with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
-            cleanup.shield = True
-            await self._idle.wait()
-        if cleanup.cancelled_caught:
-            logger.error(
-                "%d requests did not end within %ss of being cancelled", len(self._active), _CLEANUP_TIMEOUT
-            )
+        try:
+            with trio.move_on_after(self.config.drain_timeout):
+                await self._ledger.wait_idle()
+        finally:
+            with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
+                cleanup.shield = True
+                self._ledger.cancel_all(
+                    lambda: EngineClosedError("the engine shut down before the request finished")
+                )
+                await self._ledger.wait_idle()
+            if cleanup.cancelled_caught:
+                logger.error(
+                    "%d requests did not end within %ss of being cancelled",
+                    self._ledger.active,
+                    _CLEANUP_TIMEOUT,
+                )
 
-    async def _close_lms(self) -> None:
-        with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
-            cleanup.shield = True
-            for lm in self._lms.values():
-                await lm.aclose()
 
-
-def _raise_program_failure(program: Program, exc: BaseException) -> NoReturn:
-    """Raise what a failure of ``program`` looks like to the engine's caller: engine errors and
-    cancellation as they are, anything else as a :class:`ProgramError` caused by it."""
-    if isinstance(exc, EngineError) or not isinstance(exc, Exception):
-        raise exc
-    if isinstance(exc, AdapterParseError):
-        message = f"program {program.name!r}: the LM's answer did not fit the signature: {exc}"
-    else:
-        message = f"program {program.name!r} failed: {type(exc).__name__}: {exc}"
-    raise ProgramError(message) from exc
+async def close_lms(lms: Iterable[TrioLM]) -> None:
+    """Close every LM (shielded, bounded), whether or not the caller is cancelled."""
+    with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
+        cleanup.shield = True
+        for lm in lms:
+            await lm.aclose()
 
 
 @asynccontextmanager
@@ -516,8 +369,10 @@ async def open_engine(
     no background task of its own: requests run in their callers' tasks and a stream's producer in a
     nursery scoped to the stream's block. Leaving the block ends all work cleanly: new requests are
     refused, in-flight ones get ``config.drain_timeout`` seconds to finish and are then cancelled with
-    :class:`EngineClosedError`, and the LMs' connections are closed. Exceptions from the block propagate
-    as they are, never wrapped in an exception group.
+    :class:`EngineClosedError`, and the LMs' connections are closed. Leaving it because the enclosing
+    scope was cancelled skips the graceful wait but not the rest: in-flight requests are cancelled at once
+    and awaited, and the LMs closed, shielded and bounded. Exceptions from the block propagate as they
+    are, never wrapped in an exception group.
 
     Args:
         config: The configuration; ``EngineConfig.from_env()`` when omitted.
@@ -529,20 +384,25 @@ async def open_engine(
     """
     config = EngineConfig.from_env() if config is None else config
     given = dict(lms or {})
-    backends = {
-        name: given[name] if name in given else build_lm(lm_config, cache=config.dspy_cache)
-        for name, lm_config in config.lms.items()
-    }
-    backends.update(given)
+    backends: dict[str, TrioLM] = dict(given)
+    try:
+        for name, lm_config in config.lms.items():
+            if name not in given:
+                backends[name] = build_lm(lm_config, cache=config.dspy_cache)
+        engine = Engine._create(config, backends, ProgramRegistry.build(config.programs))
+    except BaseException:
+        await close_lms(backends.values())  # an engine that failed to open still closes what it holds
+        raise
     simulated = [name for name, c in config.lms.items() if c.provider == "simulated" and name not in given]
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
-    engine = Engine._create(config, backends, ProgramRegistry.build(config.programs))
-    async with _groups.open_service_nursery() as upkeep:  # each LM's maintain(): e.g. connection reaping
-        for backend in backends.values():
-            await upkeep.start(backend.maintain)
-        try:
-            yield engine
-        finally:
-            await engine.drain()
-            await engine._close_lms()
+    try:
+        async with _groups.open_service_nursery() as upkeep:  # each LM's maintain(), e.g. reaping
+            for backend in backends.values():
+                await upkeep.start(backend.maintain)
+            try:
+                yield engine
+            finally:
+                await engine.drain()
+    finally:
+        await close_lms(backends.values())

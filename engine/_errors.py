@@ -16,6 +16,7 @@ deadline) is reported the Trio way, by the caller's scope.
     ├── SlowConsumerError          a stream's consumer stopped reading (``timeout`` backpressure)
     ├── EngineClosedError          the engine is shutting down or closed
     ├── RequestCancelledError      the engine cancelled the request on purpose (fail-fast batch, cancel by id)
+    ├── RequestAbandonedError      a stream's consumer read on after its own scope ended the stream
     ├── ConfigError                the configuration cannot be used
     ├── ProgramError               the DSPy program failed (e.g. the LM's output did not parse)
     └── UpstreamError              the LM provider failed
@@ -47,6 +48,7 @@ __all__ = [
     "OverloadedError",
     "ProgramError",
     "RateLimitWaitError",
+    "RequestAbandonedError",
     "RequestCancelledError",
     "SlowConsumerError",
     "UnknownProgramError",
@@ -162,14 +164,25 @@ class EngineClosedError(EngineError):
     the shutdown had to cancel once its drain timeout ran out."""
 
     code = "engine_closed"
+    outcome: ClassVar[Outcome] = "shut_down"
 
 
 class RequestCancelledError(EngineError):
-    """The outcome of a request the engine cancelled on purpose: the rest of a ``fail_fast`` batch after
-    one item failed. (A cancel by the caller's own scope is reported by that scope instead.)"""
+    """The outcome of a request the engine cancelled on purpose: ``engine.cancel(request_id)``, or the rest
+    of a ``fail_fast`` batch after one item failed. (A cancel by the caller's own scope is reported by
+    that scope instead.)"""
 
     code = "cancelled"
     outcome: ClassVar[Outcome] = "cancelled"
+
+
+class RequestAbandonedError(EngineError):
+    """The error event of a stream whose own caller's scope was cancelled (without its deadline passing)
+    while its consumer still read events, e.g. in a shielded scope. Outcome ``abandoned``. Other callers
+    see such a cancel the Trio way, as ``trio.Cancelled`` caught by their scope."""
+
+    code = "abandoned"
+    outcome: ClassVar[Outcome] = "abandoned"
 
 
 class ConfigError(EngineError):

@@ -1,14 +1,31 @@
-"""One accepted request while the engine owns it: its cancel scope, its outcome, and what it reports."""
+"""One accepted request while the engine owns it: its cancel scopes, its outcome, and what it reports.
+
+How a request ended decides its outcome, and only this module decides it (see :func:`outcome_of` and
+:meth:`Request.settle_interrupted`):
+
+- the engine's own cancel ended it: ``cancelled`` (``engine.cancel(request_id)``, a fail-fast batch) or
+  ``shut_down`` (drain, engine closed);
+- the caller's scope ended it: ``timed_out`` when the request's deadline (the caller's effective deadline
+  when it was accepted) has passed, else ``abandoned`` (a client left, a consumer left a stream early);
+- an error ended it: ``rejected`` (overload), ``timed_out`` (an engine time limit), ``failed`` (any other).
+
+A request runs in one or two tasks (a stream's admission in the consumer's task, its program in the
+producer's), each stage in a cancel scope of its own. :meth:`Request.scoped` makes each new stage's scope
+the one :meth:`Request.cancel` reaches, and cancels it at once if a cancel came between two stages, so
+a cancel is never lost in the hand-over.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
 import trio
 
-from ._errors import EngineClosedError, EngineError
+from ._errors import DeadlineExceededError, EngineClosedError, EngineError, RequestAbandonedError
 from ._programs import Program
 from ._result import PredictionResult, Timings
 from ._statistics import Outcome
@@ -28,9 +45,10 @@ class Request:
     program: Program
     values: dict[str, Any]
     started: float
+    # The caller's effective deadline when the request was accepted: what tells timed_out from abandoned.
     caller_deadline: float
-    # The engine cancels this scope to close or on cancel(request_id); the reason says which.
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    # The scope of the stage running now; the engine cancels it to close or on cancel(request_id).
+    scope: trio.CancelScope | None = None
     cancel_reason: EngineError | None = None
     admitted: float = math.nan
     outcome: Outcome | None = None
@@ -38,25 +56,65 @@ class Request:
     kind: str = "predict"
     trace: RequestTrace | None = None
     result: PredictionResult | None = None
+    # Set once a stream is handed to its consumer: exceptions through its block are then the consumer's.
+    consumer_owned: bool = False
+    # The request's entry in the ledger while it is active.
+    ledger_key: int = -1
 
     def settle(self, outcome: Outcome, error_code: str | None = None) -> None:
         """Record the request's outcome; the first one recorded is the one that counts."""
         if self.outcome is None:
             self.outcome, self.error_code = outcome, error_code
 
+    def settle_error(self, error: EngineError) -> None:
+        """Record the outcome of a request that ended with ``error``."""
+        self.settle(outcome_of(error), error.code)
+
     def cancel(self, reason: EngineError) -> None:
-        """End the request with ``reason`` wherever it is (queued, running, streaming)."""
+        """End the request with ``reason`` wherever it is (queued, running, streaming, between stages)."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
-        self.scope.cancel()
+        if self.scope is not None:
+            self.scope.cancel()
+
+    @contextmanager
+    def scoped(self) -> Iterator[trio.CancelScope]:
+        """Run one stage of the request in a fresh cancel scope that :meth:`cancel` reaches.
+
+        A cancel that arrived before the stage began cancels its scope at once.
+        """
+        scope = trio.CancelScope()
+        self.scope = scope
+        if self.cancel_reason is not None:
+            scope.cancel()
+        with scope:
+            yield scope
 
     def interruption(self) -> EngineError:
         """The error of a request whose scope the engine cancelled."""
         return self.cancel_reason or EngineClosedError("the engine shut down before the request finished")
 
-    def settle_interrupted(self) -> None:
+    def timed_out(self, cancelled: trio.Cancelled | None = None) -> bool:
+        """Whether the caller's scope that ended the request ended it for a deadline.
+
+        The request's deadline is the caller's effective deadline at acceptance: it passed or not. A
+        request accepted in a scope that was already cancelled has none (``-inf``); then Trio's own
+        record of why (``Cancelled.source``) decides. (``source`` alone would not do: an inner deadline,
+        such as a sleep's, that expires at the same instant as an explicit cancel is reported instead.)
+        """
+        if self.caller_deadline != -math.inf:
+            return trio.current_time() >= self.caller_deadline
+        return getattr(cancelled, "source", "deadline") == "deadline"
+
+    def caller_interruption(self, cancelled: trio.Cancelled | None = None) -> EngineError:
+        """The error a stream's consumer reads when the stream's own scope was cancelled by its caller."""
+        if self.timed_out(cancelled):
+            return DeadlineExceededError("the stream's deadline passed before it finished")
+        return RequestAbandonedError("the stream's consumer left before it finished")
+
+    def settle_interrupted(self, cancelled: trio.Cancelled | None = None) -> None:
         """Settle a request that ended without an outcome of its own: its caller's scope ended it."""
-        self.settle("timed_out" if trio.current_time() >= self.caller_deadline else "cancelled")
+        self.settle("timed_out" if self.timed_out(cancelled) else "abandoned")
 
     def timings(self) -> Timings | None:
         """Where the time went: the result's, or so far for a request that got a slot, else None."""

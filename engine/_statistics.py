@@ -10,7 +10,19 @@ import attrs
 from ._admission import AdmissionStatistics
 from ._upstream import UpstreamStatistics
 
-Outcome = Literal["succeeded", "failed", "timed_out", "cancelled", "rejected", "invalid"]
+Outcome = Literal[
+    "succeeded", "failed", "timed_out", "abandoned", "cancelled", "shut_down", "rejected", "invalid"
+]
+OUTCOMES: tuple[Outcome, ...] = (
+    "succeeded",
+    "failed",
+    "timed_out",
+    "abandoned",
+    "cancelled",
+    "shut_down",
+    "rejected",
+    "invalid",
+)
 
 
 @attrs.frozen
@@ -20,13 +32,17 @@ class EngineStatistics:
     Every request the engine was given is counted exactly once, when it ends, under one outcome:
 
     - ``succeeded``: returned a result.
-    - ``failed``: ended with a typed error (upstream, program, engine closed).
-    - ``timed_out``: its deadline passed (the caller's scope).
-    - ``cancelled``: its caller cancelled it before its deadline.
+    - ``failed``: ended with a typed error (upstream, program, slow consumer).
+    - ``timed_out``: its deadline passed (the caller's effective deadline when it was accepted, or an
+      engine time limit).
+    - ``abandoned``: its caller's scope was cancelled before its deadline (a client disconnected, a
+      consumer left a stream early).
+    - ``cancelled``: the engine cancelled it on purpose (``engine.cancel(request_id)``, fail-fast batch).
+    - ``shut_down``: the engine's drain or close ended it.
     - ``rejected``: refused at admission (queue full, engine closing); nothing ran.
     - ``invalid``: refused for bad input (unknown program, bad fields); nothing ran.
 
-    So ``requests_total == in_flight + queued + the six outcomes`` at every moment.
+    So ``requests_total == in_flight + queued + the eight outcomes`` at every moment.
 
     Attributes:
         errors_by_code: Requests that ended with a typed error, by the error's ``code``.
@@ -42,7 +58,9 @@ class EngineStatistics:
     succeeded: int
     failed: int
     timed_out: int
+    abandoned: int
     cancelled: int
+    shut_down: int
     rejected: int
     invalid: int
     in_flight: int
@@ -62,7 +80,9 @@ class EngineStatistics:
             self.succeeded
             + self.failed
             + self.timed_out
+            + self.abandoned
             + self.cancelled
+            + self.shut_down
             + self.rejected
             + self.invalid
             + self.in_flight
@@ -72,7 +92,9 @@ class EngineStatistics:
     @property
     def ended(self) -> int:
         """Accepted requests that have ended, whatever their outcome."""
-        return self.succeeded + self.failed + self.timed_out + self.cancelled
+        return (
+            self.succeeded + self.failed + self.timed_out + self.abandoned + self.cancelled + self.shut_down
+        )
 
     @classmethod
     def from_counters(
@@ -91,7 +113,9 @@ class EngineStatistics:
             succeeded=outcomes.get("succeeded", 0),
             failed=outcomes.get("failed", 0),
             timed_out=outcomes.get("timed_out", 0),
+            abandoned=outcomes.get("abandoned", 0),
             cancelled=outcomes.get("cancelled", 0),
+            shut_down=outcomes.get("shut_down", 0),
             rejected=outcomes.get("rejected", 0),
             invalid=outcomes.get("invalid", 0),
             in_flight=admission.in_flight,

@@ -22,7 +22,7 @@ import dspy
 import trio
 
 from ._chat_fields import ChatFieldScanner
-from ._errors import EngineError
+from ._errors import RequestAbandonedError
 from ._event_buffer import EventBuffer
 from ._json_fields import JSONFieldScanner
 from ._stream_events import ErrorEvent, FieldDelta, FinalEvent, StreamEvent
@@ -93,7 +93,9 @@ class EventStream:
     """The consumer's side of a stream: ``async for event in events``.
 
     Yields :class:`StatusEvent` and :class:`FieldDelta` events, then exactly one :class:`FinalEvent` or
-    :class:`ErrorEvent`, then stops. Each step blocks until the next event is ready.
+    :class:`ErrorEvent`, then stops. Each step blocks until the next event is ready, and like a Trio
+    channel each step is a checkpoint: a consumer whose scope is cancelled gets ``trio.Cancelled``, not
+    the next event (the terminal one included).
     """
 
     def __init__(self, request_id: str, buffer: EventBuffer) -> None:
@@ -108,14 +110,20 @@ class EventStream:
     def __aiter__(self) -> EventStream:
         return self
 
+    def end(self, terminal: FinalEvent | ErrorEvent) -> None:
+        """End the stream with ``terminal`` after what is already queued (no producer ran)."""
+        self.terminal = terminal
+        self.buffer.close()
+
     async def __anext__(self) -> StreamEvent:
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._done:
             raise StopAsyncIteration
         try:
             return await self.buffer.get()
         except trio.EndOfChannel:
+            await trio.lowlevel.cancel_shielded_checkpoint()
             self._done = True
-            if self.terminal is None:
-                # The producer was cancelled from outside (the caller's own scope): say so once.
-                return ErrorEvent(EngineError("the stream was cancelled before it finished"))
+            if self.terminal is None:  # the producer never ran: its caller's scope ended it first
+                return ErrorEvent(RequestAbandonedError("the stream ended before it started"))
             return self.terminal

@@ -112,6 +112,7 @@ class UpstreamGuard:
         self._uniform = jitter or seeded()
         self._cooldown_until = -math.inf
         self._cooldown_waited = 0.0
+        self._cooldown_waiters: set[trio.CancelScope] = set()
         self.retries: Counter[str] = Counter()
 
     def __repr__(self) -> str:
@@ -128,17 +129,33 @@ class UpstreamGuard:
         )
 
     async def _wait_cooldown(self) -> None:
-        wait = self._cooldown_until - trio.current_time()
-        if wait <= 0:
-            return
-        if trio.current_time() + wait > trio.current_effective_deadline():
-            raise RateLimitWaitError(
-                f"{self.name}: the upstream's {wait:.3f}s cool-down would pass the deadline",
-                retry_after=wait,
-            )
+        """Wait until no cool-down remains. A longer ``Retry-After`` that arrives meanwhile extends the
+        wait; one that would end past the deadline fails at once, when it becomes known."""
         started = trio.current_time()
-        await trio.sleep_until(self._cooldown_until)
-        self._cooldown_waited += trio.current_time() - started
+        try:
+            while (until := self._cooldown_until) > trio.current_time():
+                if until > trio.current_effective_deadline():
+                    wait = until - trio.current_time()
+                    raise RateLimitWaitError(
+                        f"{self.name}: the upstream's {wait:.3f}s cool-down would pass the deadline",
+                        retry_after=wait,
+                    )
+                with trio.CancelScope() as waiting:
+                    self._cooldown_waiters.add(waiting)
+                    try:
+                        await trio.sleep_until(until)
+                    finally:
+                        self._cooldown_waiters.discard(waiting)
+        finally:
+            self._cooldown_waited += trio.current_time() - started
+
+    def _extend_cooldown(self, retry_after: float) -> None:
+        """Hold calls off for ``retry_after`` seconds from now; wake the waiters to re-check."""
+        until = trio.current_time() + retry_after
+        if until > self._cooldown_until:
+            self._cooldown_until = until
+            for waiting in self._cooldown_waiters:
+                waiting.cancel()
 
     async def call(self, attempt: Attempt, sink: DeltaSink | None, *, estimate: float) -> Completion:
         """Run ``attempt`` under the policy, retrying as allowed. Blocks for waits and attempts.
@@ -164,7 +181,7 @@ class UpstreamGuard:
                 if self._tpm is not None:
                     self._tpm.adjust(-min(estimate, self._tpm.capacity))  # a failed attempt used nothing
                 if (asked := self.policy.retry.retry_after(error)) is not None:  # capped by the policy
-                    self._cooldown_until = max(self._cooldown_until, trio.current_time() + asked)
+                    self._extend_cooldown(asked)
                 retry += 1
                 delivered = watched is not None and watched.delivered  # a stream cannot be taken back
                 if not error.retryable or delivered or retry >= self.policy.retry.max_attempts:

@@ -108,14 +108,14 @@ async def test_caller_deadline_during_the_lm_call_cancels_at_that_exact_time(aut
     assert (lm.started, lm.finished) == (1, 0)
 
 
-async def test_caller_cancel_before_deadline_counts_as_cancelled(autojump_clock: Any) -> None:
+async def test_caller_cancel_before_deadline_counts_as_abandoned(autojump_clock: Any) -> None:
     async with open_engine(config(), lms={"default": CountingLM(first_token_delay=10.0)}) as engine:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(engine.predict, "default", {"question": "q"})
             await trio.sleep(1)
             nursery.cancel_scope.cancel()
         stats = engine.statistics()
-        assert (stats.cancelled, stats.in_flight) == (1, 0)
+        assert (stats.abandoned, stats.cancelled, stats.timed_out, stats.in_flight) == (1, 0, 0, 0)
 
 
 async def test_queue_is_fifo_and_queue_wait_counts_in_timings(autojump_clock: Any) -> None:
@@ -258,7 +258,8 @@ async def test_closing_cancels_what_outlives_the_drain_with_engine_closed(autoju
             await engine.predict("default", {"question": "after close"})
     assert len(errors) == 1
     stats = engine.statistics()
-    assert (stats.failed, stats.rejected, stats.errors_by_code) == (1, 1, {"engine_closed": 1})
+    assert (stats.shut_down, stats.failed, stats.rejected) == (1, 0, 1)
+    assert stats.errors_by_code == {"engine_closed": 1}
 
 
 async def test_exceptions_from_the_block_are_not_wrapped_in_groups(autojump_clock: Any) -> None:
@@ -272,5 +273,5 @@ async def test_repr_is_a_useful_summary(autojump_clock: Any) -> None:
         await engine.predict("default", {"question": "q"})
         assert repr(engine) == (
             "<Engine [Requests: 0 in flight, 0 queued | "
-            "1 ok, 0 failed, 0 timed out, 0 cancelled, 0 rejected]>"
+            "1 ok, 0 failed, 0 timed out, 0 abandoned, 0 cancelled, 0 shut down, 0 rejected]>"
         )

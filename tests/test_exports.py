@@ -35,6 +35,7 @@ def test_engine_public_names_are_pinned() -> None:
         "ProgramSpec",
         "RateLimit",
         "RateLimitWaitError",
+        "RequestAbandonedError",
         "RequestCancelledError",
         "RetryPolicy",
         "SlowConsumerError",

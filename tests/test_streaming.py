@@ -197,7 +197,7 @@ async def test_leaving_the_block_at_any_stage_cancels_and_leaves_nothing(
                 async for _event in events:
                     pass
         stats = engine.statistics()
-        assert (stats.in_flight, stats.queued, stats.cancelled) == (0, 0, 1)
+        assert (stats.in_flight, stats.queued, stats.abandoned) == (0, 0, 1), "leaving early is abandoned"
         assert tasks_living() == baseline
         # The slot is free at once: a new request runs immediately.
         result = await engine.predict("default", {"question": "next"})

@@ -86,7 +86,7 @@ async def test_leaving_the_stream_closes_the_upstream_connection_within_50ms(
                     break
         left_at = trio.current_time()
         await first_request_closed_by_client(fake_upstream, left_at, within=0.05)
-        assert engine.statistics().cancelled == 1
+        assert engine.statistics().abandoned == 1
 
 
 async def test_block_policy_backpressure_reaches_the_upstream_socket(fake_upstream: FakeUpstream) -> None:

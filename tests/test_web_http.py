@@ -185,7 +185,7 @@ async def test_client_disconnect_cancels_the_upstream_call(fake_upstream: FakeUp
             nursery.cancel_scope.cancel()
         left_at = trio.current_time()
         await first_request_closed_by_client(fake_upstream, left_at, within=0.1)
-        await wait_until(lambda: server.state.engine.statistics().cancelled == 1)  # type: ignore[union-attr]
+        await wait_until(lambda: server.state.engine.statistics().abandoned == 1)  # type: ignore[union-attr]
 
 
 async def test_metrics_in_prometheus_text_and_the_seed_json() -> None:

@@ -19,7 +19,6 @@ from web.server import Server
 from .helpers import CountingLM, wait_until
 from .web_helpers import running, settings
 
-ENGINE_LABELS = pytest.mark.xfail(strict=True, reason="engine outcome classification lands with #16 branch")
 SLOW = {"question": "q"}
 
 
@@ -54,7 +53,6 @@ async def test_http_predict_past_its_deadline_is_timed_out() -> None:
         await eventually(server, "timed_out")
 
 
-@ENGINE_LABELS
 async def test_http_predict_whose_client_left_is_abandoned() -> None:
     lm = CountingLM(first_token_delay=30)
     async with running(lms={"default": lm}) as server:
@@ -75,7 +73,6 @@ async def test_sse_past_its_deadline_is_timed_out_with_an_error_event() -> None:
         await eventually(server, "timed_out")
 
 
-@ENGINE_LABELS
 async def test_sse_whose_client_left_is_abandoned() -> None:
     async with running(lms={"default": CountingLM(first_token_delay=30)}) as server:
         async with (
@@ -134,7 +131,6 @@ async def test_multiplexed_websocket_deadline_and_cancel_frame() -> None:
         assert (await outcomes(server)).get("cancelled") == 1
 
 
-@ENGINE_LABELS
 async def test_multiplexed_websocket_closed_by_its_client_is_abandoned() -> None:
     lm = CountingLM(first_token_delay=30)
     async with running(lms={"default": lm}) as server:

@@ -27,6 +27,8 @@ def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
         "error_rate": round(errors / ended, 6) if ended else 0.0,
         "succeeded": stats.succeeded,
         "cancelled": stats.cancelled,
+        "abandoned": stats.abandoned,
+        "shut_down": stats.shut_down,
         "rejected": stats.rejected,
         "invalid": stats.invalid,
         "queued": stats.queued,

@@ -7,7 +7,9 @@ own ``timeout``, still holds its thread slot, and is still billed. Use the Trio-
 cancellation must reach the provider.
 
 The wrapped LM is built with ``num_retries=0`` and an explicit ``timeout`` so that the engine's retry and
-deadline policies are the only ones.
+deadline policies are the only ones. When streaming, the stock LM's chunks (sent from its thread with
+``anyio.from_thread.run``) go through the sink this backend was given, like every backend's: so the
+engine's first-token and stall watchdogs and its "no retry after delivery" rule see them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -102,6 +104,22 @@ def refuse_litellm_route(lm: dspy.BaseLM, params: Mapping[str, Any]) -> None:
         )
 
 
+class _ChunksToSink:
+    """Stands in for ``dspy.settings.send_stream`` while the stock LM runs: forwards each chunk's text
+    to the backend's sink (which reaches the real stream through the engine's guard)."""
+
+    def __init__(self, sink: DeltaSink) -> None:
+        self._sink = sink
+
+    async def send(self, chunk: Any) -> None:
+        try:
+            text = chunk.choices[0].delta.content
+        except (AttributeError, IndexError, TypeError):
+            return
+        if text:
+            await self._sink.send(text)
+
+
 class ThreadedLM(TrioLM):
     """Runs a stock ``dspy.LM`` in anyio worker threads, at most ``threads`` at a time.
 
@@ -161,10 +179,11 @@ class ThreadedLM(TrioLM):
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
         call: Callable[[], Any] = functools.partial(self._call, list(messages), dict(params))
-        with dspy_lm_errors(self.model):
+        # The thread sees this task's context, so the stock LM streams to the sink given here.
+        streaming = dspy.context(send_stream=_ChunksToSink(sink)) if sink is not None else nullcontext()
+        with dspy_lm_errors(self.model), streaming:
             outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
         texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]
         reasoning = [o.get("reasoning_content") if isinstance(o, dict) else None for o in outputs]
-        # The stock LM reported usage to DSPy's tracker itself, and when streaming it sent its chunks to
-        # dspy.settings.send_stream itself (anyio.from_thread.run): the thread sees this task's context.
+        # The stock LM reported usage to DSPy's tracker itself.
         return Completion(texts, {}, reasoning)

@@ -1,0 +1,107 @@
+"""Running one DSPy program for one request: the engine's port to DSPy's program API.
+
+The program runs in the calling task under ``dspy.context`` (its LM, its adapter, the stream router, no
+history or trace growth), with DSPy's usage tracker and the engine's request trace around it. Whatever
+the program raises that is not already an engine error becomes a :class:`ProgramError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import dspy
+import trio
+from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.usage_tracker import track_usage
+
+from . import _groups
+from ._config import AdapterName
+from ._errors import EngineError, ProgramError
+from ._programs import Program
+from ._request import Request
+from ._result import PredictionResult, Timings, Usage
+from ._streaming import DeltaRouter
+from ._trace import RequestTrace, tracing
+from .lm import TrioLM
+
+_ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
+
+
+class ProgramRunner:
+    """Runs programs on the engine's LMs.
+
+    Args:
+        lms: The LM backends by name.
+        adapter: The adapter of programs that do not name one.
+    """
+
+    def __init__(self, lms: Mapping[str, TrioLM], adapter: AdapterName) -> None:
+        self._lms = lms
+        self.adapter = adapter
+
+    def model_of(self, lm: str | None) -> str:
+        """The model name of the LM called ``lm`` (a metrics label), or "" for none."""
+        return str(self._lms[lm].model) if lm is not None and lm in self._lms else ""
+
+    def adapter_of(self, program: Program) -> AdapterName:
+        return program.adapter or self.adapter
+
+    async def run(
+        self, request: Request, *, send_stream: DeltaRouter | None = None
+    ) -> tuple[dict[str, Any], Usage]:
+        """Run the request's program on its inputs. Blocks for every LM call the program makes.
+
+        Raises:
+            EngineError: what an LM call raised (upstream errors, timeouts).
+            ProgramError: anything else the program raised.
+        """
+        program, values = request.program, request.values
+        settings = {
+            "lm": self._lms[program.lm],
+            "adapter": _ADAPTERS[self.adapter_of(program)](),
+            "send_stream": send_stream,
+            "disable_history": True,
+            "max_trace_size": 0,
+            "max_history_size": 0,
+        }
+        with dspy.context(**settings), track_usage() as tracker, tracing() as trace:
+            request.trace = trace
+            try:
+                prediction = await program.module.acall(**values)
+            except BaseExceptionGroup as group:
+                _raise_program_failure(program, _groups.collapse(group))
+            except Exception as exc:
+                _raise_program_failure(program, exc)
+        usage = Usage.from_tracker_totals(tracker.get_total_tokens())
+        return dict(prediction.items()), usage
+
+    @staticmethod
+    def result(request: Request, outputs: dict[str, Any], usage: Usage) -> PredictionResult:
+        """The request's result (kept on the request for its log line)."""
+        trace = request.trace or RequestTrace()
+        request.result = PredictionResult(
+            request_id=request.request_id,
+            program=request.program.name,
+            outputs=outputs,
+            usage=usage,
+            timings=Timings(
+                queued=request.admitted - request.started,
+                lm=trace.lm_seconds,
+                total=trio.current_time() - request.started,
+            ),
+            attempts=trace.attempts,
+        )
+        return request.result
+
+
+def _raise_program_failure(program: Program, exc: BaseException) -> NoReturn:
+    """Raise what a failure of ``program`` looks like to the engine's caller: engine errors and
+    cancellation as they are, anything else as a :class:`ProgramError` caused by it."""
+    if isinstance(exc, EngineError) or not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, AdapterParseError):
+        message = f"program {program.name!r}: the LM's answer did not fit the signature: {exc}"
+    else:
+        message = f"program {program.name!r} failed: {type(exc).__name__}: {exc}"
+    raise ProgramError(message) from exc
