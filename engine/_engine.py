@@ -12,6 +12,7 @@ cancels the rest through those scopes; each of them ends with :class:`EngineClos
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -38,6 +39,7 @@ from ._errors import (
     RequestCancelledError,
 )
 from ._event_buffer import EventBuffer
+from ._limits import Limits
 from ._lm_factory import build_lm
 from ._metrics import EngineMetrics
 from ._programs import Program, ProgramInfo, ProgramRegistry
@@ -49,6 +51,7 @@ from ._streaming import DeltaRouter, EventStream
 from ._telemetry import log_request, request_log, span
 from ._trace import RequestTrace, tracing
 from ._upstream import UpstreamGuard, UpstreamPolicy
+from .cluster import Cluster, open_cluster
 from .lm import TrioLM
 
 logger = logging.getLogger("engine")
@@ -65,8 +68,16 @@ class Engine:
     Safe to share between any number of tasks of the Trio run that opened it.
     """
 
-    def __init__(self, config: EngineConfig, lms: Mapping[str, TrioLM], programs: ProgramRegistry) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        lms: Mapping[str, TrioLM],
+        programs: ProgramRegistry,
+        *,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.config = config
+        self.cluster = cluster  # shared limits, registry and cancel across processes (engine.cluster)
         self._lms = dict(lms)
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
@@ -82,8 +93,11 @@ class Engine:
         self.metrics = EngineMetrics(self.statistics)
         self._program_models = {info.name: info.lm for info in programs.infos()}
         self._program_names = set(self._program_models)
+        limits: Limits | None = cluster
         self._guards = {
-            name: UpstreamGuard(name, config.lms[name].policy() if name in config.lms else UpstreamPolicy())
+            name: UpstreamGuard(
+                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
+            )
             for name in self._lms
         }
         for name, lm in self._lms.items():
@@ -132,6 +146,15 @@ class Engine:
                 request.cancel(RequestCancelledError(f"request {request_id} was cancelled"))
                 found = True
         return found
+
+    async def cancel_anywhere(self, request_id: str, *, owner: str | None = None) -> bool:
+        """Like :meth:`cancel`, and with a cluster also in the worker or replica that runs the request.
+
+        Blocks for at most two bounded Redis round-trips when the request is not in this process.
+        """
+        if self.cancel(request_id):
+            return True
+        return self.cluster is not None and await self.cluster.cancel(request_id, owner=owner)
 
     def precheck(self, program: str, inputs: Mapping[str, Any]) -> None:
         """Raise now what :meth:`predict` or :meth:`stream` would raise before starting: for adapters
@@ -196,6 +219,8 @@ class Engine:
         self._active[key] = request
         if len(self._active) == 1:
             self._idle = trio.Event()
+        if self.cluster is not None:
+            self.cluster.registry.started(request.request_id, deadline=request.caller_deadline)
         try:
             with span(
                 f"dspy_trio.{request.kind}", request_id=request.request_id, program=request.program.name
@@ -216,6 +241,8 @@ class Engine:
             if request.error_code is not None:
                 self._errors[request.error_code] += 1
             del self._active[key]
+            if self.cluster is not None:
+                self.cluster.registry.ended(request.request_id)
             if not self._active:
                 self._idle.set()
             self._report(request)
@@ -536,9 +563,17 @@ async def open_engine(
     simulated = [name for name, c in config.lms.items() if c.provider == "simulated" and name not in given]
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
-    engine = Engine(config, backends, ProgramRegistry.build(config.programs))
-    try:
-        yield engine
-    finally:
-        await engine.drain()
-        await engine._close_lms()
+    async with contextlib.AsyncExitStack() as stack:
+        cluster = (
+            await stack.enter_async_context(open_cluster(config.cluster))
+            if config.cluster.redis_url
+            else None
+        )
+        engine = Engine(config, backends, ProgramRegistry.build(config.programs), cluster=cluster)
+        if cluster is not None:
+            cluster.attach(engine.cancel)
+        try:
+            yield engine
+        finally:
+            await engine.drain()
+            await engine._close_lms()
