@@ -71,6 +71,7 @@ class Cluster:
         self._quotas: dict[tuple[str, str], SharedQuota] = {}
         self._cooldowns: dict[str, SharedCoolDown] = {}
         self._cancel: Callable[[str], bool] | None = None
+        self.subscribed = trio.Event()  # set while cancels and cool-downs of others are heard
 
     def __repr__(self) -> str:
         return f"<Cluster {self.link!r}>"
@@ -118,31 +119,33 @@ class Cluster:
             except (ValueError, TypeError, KeyError):
                 logger.warning("ignored a malformed cool-down message: %r", data)
 
-    async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive cancels for this process and cool-downs from all. Reconnects by itself."""
+    async def _listen(self) -> None:
+        """Receive cancels for this process and cool-downs from all, until cancelled.
+
+        Subscribes only while Redis answers (the heartbeat notices when it does again); a subscription
+        that breaks marks the link degraded and is made again after the next good heartbeat.
+        """
         channels = [self.registry.cancel_channel(self.link.process_id), self.link.key("cooldown")]
         retry = ExponentialBackoffRetryPolicy(
-            (RedisConnectionError,), retries=None, base_delay=0.05, max_delay=1.0, jitter=True
+            (RedisConnectionError,), retries=3, base_delay=0.05, max_delay=0.5, jitter=True
         )
-        started = False
         while True:
+            if self.link.degraded:
+                await trio.sleep(self.link.config.heartbeat_interval)
+                continue
             try:
                 pubsub = self.link.client.pubsub(
                     channels=channels, ignore_subscribe_messages=True, retry_policy=retry
                 )
                 async with pubsub:
-                    if not started:
-                        started = True
-                        task_status.started()
+                    self.subscribed.set()
                     async for message in pubsub:
                         self._dispatch(message)
             except trio.Cancelled:
                 raise
             except Exception as exc:
                 self.link.mark_down(f"subscriber: {type(exc).__name__}: {exc}")
-            if not started:
-                started = True
-                task_status.started()
+            self.subscribed = trio.Event()
             await trio.sleep(self.link.config.heartbeat_interval)
 
 
@@ -178,8 +181,10 @@ async def open_cluster(
             async with _groups.open_service_nursery() as nursery:
                 nursery.start_soon(link.run_writer)
                 nursery.start_soon(run_heartbeat, link, lambda: list(cluster._quotas.values()))
-                with trio.move_on_after(max(1.0, 4 * config.call_timeout)):
-                    await nursery.start(cluster._listen)
+                nursery.start_soon(cluster._listen)
+                if not link.degraded:
+                    with trio.move_on_after(4 * config.call_timeout):
+                        await cluster.subscribed.wait()
                 try:
                     yield cluster
                 finally:

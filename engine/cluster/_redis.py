@@ -93,6 +93,9 @@ class RedisLink:
             except trio.Cancelled:
                 raise
             except (RedisError, OSError) as exc:
+                # coredis may report a cancelled command as a lost connection: a cancel came first
+                # (our cap, handled below, or the caller's, which propagates and proves nothing).
+                await trio.lowlevel.checkpoint_if_cancelled()
                 self.mark_down(f"{type(exc).__name__}: {exc}")
                 raise RedisUnavailableError(str(exc)) from exc
             self.mark_up()
