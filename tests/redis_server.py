@@ -13,9 +13,10 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
+import trio
 
 REDIS = shutil.which("redis-server")
 
@@ -101,3 +102,17 @@ def own_redis_server() -> Iterator[RedisServer]:
 def prefix() -> str:
     """A key prefix of one test's own."""
     return f"test-{uuid.uuid4().hex[:10]}"
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Give real I/O (Redis replies, pub/sub messages) turns until ``condition`` holds; virtual time
+    stands still meanwhile. Bounded by 10 s of real time."""
+    limit = time.monotonic() + 10
+    while time.monotonic() < limit:
+        held = condition()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return
+        await trio.lowlevel.checkpoint()
+    raise AssertionError("the condition never held")

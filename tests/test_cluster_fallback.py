@@ -19,7 +19,7 @@ from engine import DeadlineExceededError
 from engine._config import ClusterConfig
 from engine.cluster import Cluster, open_cluster
 from engine.cluster._heartbeat import beat
-from tests.redis_server import RedisServer, own_redis_server, prefix
+from tests.redis_server import RedisServer, eventually, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
 
@@ -64,7 +64,7 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
 ) -> None:
     """Two processes share 30/min; Redis dies: each keeps 30/2 = 15/min alone; Redis returns: shared."""
     caplog.set_level(logging.WARNING, "engine.cluster")
-    async with clusters(own_redis_server, 2) as (a, b):
+    async with clusters(own_redis_server, 2) as (a, _b):
         await beat(a.link)
         assert a.statistics().processes == 2
         quota = a.quota("up", "rpm", 30)
@@ -85,8 +85,7 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
         own_redis_server.start()
         mock_clock.jump(1.0)  # the next heartbeat probes Redis and ends the degraded state
         await trio.testing.wait_all_tasks_blocked()
-        while a.statistics().degraded:
-            await trio.sleep(0.01)
+        await eventually(lambda: not a.statistics().degraded)
         await quota.acquire(1)
         assert await quota.level() == 29.0  # a fresh shared bucket in the restarted Redis, used again
         assert [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]

@@ -8,8 +8,7 @@ jumps it, and every wait is asserted in exact virtual seconds.
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
@@ -21,7 +20,7 @@ from engine._config import ClusterConfig
 from engine._upstream import UpstreamGuard, UpstreamPolicy
 from engine.cluster import Cluster, SharedQuota, open_cluster
 from engine.lm._base import Completion
-from tests.redis_server import RedisServer, own_redis_server, prefix, redis_server
+from tests.redis_server import RedisServer, eventually, own_redis_server, prefix, redis_server
 
 __all__ = ["own_redis_server", "redis_server"]  # fixtures
 
@@ -33,20 +32,6 @@ IDLE_JUMP = 0.5
 @pytest.fixture
 def mock_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=IDLE_JUMP)
-
-
-async def eventually(condition: Callable[[], bool | Awaitable[bool]]) -> None:
-    """Give real I/O (Redis replies, pub/sub messages) turns until ``condition`` holds; virtual time
-    stands still meanwhile. Bounded by 10 s of real time."""
-    limit = time.monotonic() + 10
-    while time.monotonic() < limit:
-        held = condition()
-        if not isinstance(held, bool):
-            held = await held
-        if held:
-            return
-        await trio.lowlevel.checkpoint()
-    raise AssertionError("the condition never held")
 
 
 @asynccontextmanager
