@@ -52,6 +52,7 @@ from ._telemetry import log_request, request_log, span
 from ._trace import RequestTrace, tracing
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .cluster import Cluster, open_cluster
+from .cluster._metrics import ClusterCollector
 from .lm import TrioLM
 
 logger = logging.getLogger("engine")
@@ -102,6 +103,8 @@ class Engine:
         }
         for name, lm in self._lms.items():
             lm.guard = self._guards[name]
+        if cluster is not None:
+            self.metrics.registry.register(ClusterCollector(cluster.statistics))
 
     def __repr__(self) -> str:
         s = self.statistics()

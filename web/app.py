@@ -40,6 +40,7 @@ from .errors import HTTPError, engine_error_response, error_body, http_error_res
 from .metrics import metrics_json, metrics_text
 from .settings import ServiceSettings
 from .sse import SSE_HEADERS, batch_body, general_encoder, seed_encoder, stream_body
+from .workers import instance_metrics_json, instance_metrics_text, workers_dir
 
 logger = logging.getLogger("web")
 
@@ -400,8 +401,9 @@ def create_app(
 
     @app.delete("/v1/requests/<request_id>")
     async def cancel_request(request_id: str) -> Response:
-        """Cancel an in-flight request by its ``X-Request-ID``, from any connection."""
-        if not state.require_engine().cancel(request_id):
+        """Cancel an in-flight request by its ``X-Request-ID``, from any connection (and, with a cluster,
+        from any worker or replica)."""
+        if not await state.require_engine().cancel_anywhere(request_id):
             raise HTTPError(
                 404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
             )
@@ -411,9 +413,15 @@ def create_app(
     async def metrics() -> Response:
         """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
         engine = state.require_engine()
+        directory = workers_dir()  # several workers: the whole instance
         if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
+            if directory is not None:
+                return _json(instance_metrics_json(directory, engine))
             return _json(metrics_json(engine.statistics()))
-        body, content_type = metrics_text(engine)
+        if directory is not None:
+            body, content_type = instance_metrics_text(directory, engine)
+        else:
+            body, content_type = metrics_text(engine)
         return Response(body, content_type=content_type)
 
     from .websockets import register_websockets
