@@ -222,7 +222,7 @@ class ClusterConfig:
 
     redis_url: str | None = attrs.field(default=None, repr=False)
     key_prefix: str = "dspy-trio"
-    call_timeout: float = attrs.field(default=0.25, validator=_positive)
+    call_timeout: float = attrs.field(default=0.5, validator=_positive)
     heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
 
 

@@ -52,11 +52,10 @@ async def test_redis_down_at_start_serves_with_local_limits(
     async with clusters(own_redis_server, 1) as (a,):
         assert a.statistics().degraded
         quota = a.quota("up", "rpm", 30)
-        for _ in range(30):
-            await quota.acquire(1)
         with pytest.raises(DeadlineExceededError), trio.fail_after(1):
-            await quota.acquire(1)
-        assert trio.current_time() == 0.0
+            await quota.acquire(1)  # the local share starts empty: 30/min, the first token in 2 s
+        await quota.acquire(1)
+        assert trio.current_time() == 2.0
 
 
 async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
@@ -71,15 +70,19 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
         await quota.acquire(1)  # shared
         own_redis_server.stop()
 
-        for _ in range(15):  # the first call finds Redis gone, then the local share of 15 serves
+        # The first call finds Redis gone; the local share (15/min, starting empty) serves from then on.
+        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
             await quota.acquire(1)
         assert a.statistics().degraded
-        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
-            await quota.acquire(1)  # 15 a minute: the next one is 4 s away
         assert trio.current_time() == 0.0
         calls = a.statistics().round_trips
-        await a.quota("up", "tpm", 6000).acquire(100)  # degraded: served locally, Redis not asked
-        assert a.statistics().round_trips == calls
+        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
+            await quota.acquire(1)
+        assert a.statistics().round_trips == calls  # degraded: Redis is not asked per request
+        await quota.acquire(1)
+        assert trio.current_time() == 4.0  # 60 s / 15
+        await a.quota("up", "tpm", 6000).acquire(100)  # degraded: served locally, at 3000/min
+        assert trio.current_time() == 4.0 + 2.0
         assert len(unreachable_logs(caplog)) <= 2  # once per process (b notices at its own heartbeat)
 
         own_redis_server.start()
@@ -97,12 +100,15 @@ async def test_a_hung_redis_costs_a_request_at_most_the_call_cap(
     async with clusters(own_redis_server, 1) as (a,):
         quota = a.quota("up", "rpm", 30)
         own_redis_server.freeze()
-        await quota.acquire(1)
-        assert trio.current_time() == 0.25  # the cap, then the local limit served it
+        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
+            await quota.acquire(1)
+        assert trio.current_time() == 0.25  # the cap, then the local share (starting empty) refused it
         assert a.statistics().degraded
-        start = trio.current_time()
-        await quota.acquire(1)
-        assert trio.current_time() == start  # degraded: Redis is not asked again
+        calls = a.statistics().round_trips
+        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
+            await quota.acquire(1)
+        assert trio.current_time() == 0.25  # degraded: Redis is not asked again
+        assert a.statistics().round_trips == calls
         own_redis_server.thaw()
 
 

@@ -70,7 +70,8 @@ class SharedQuota:
     """A token bucket of ``per_minute`` tokens a minute (burst: a minute's worth) held in Redis.
 
     Satisfies the :class:`engine._limits.Quota` port. While the link is degraded it uses a local
-    bucket with this process's share of the rate (``per_minute`` / the last known number of processes).
+    bucket with this process's share of the rate (``per_minute`` / the last known number of processes),
+    starting empty: across all processes the upstream then sees at most the quota's rate meanwhile.
     """
 
     def __init__(self, link: RedisLink, upstream: str, kind: LimitKind, per_minute: float) -> None:
@@ -100,6 +101,9 @@ class SharedQuota:
         if self._fallback is None or self._fallback_episode != self._link.degraded_episodes:
             share = self.per_minute / max(1, self._link.processes)
             self._fallback = TokenBucket(share, name=f"{self.name} (local share)")
+            # Empty at first: what the shared bucket had left is unknown, and N processes each starting
+            # with a full share would let a burst of the whole quota through on top of what was used.
+            self._fallback.adjust(self._fallback.capacity)
             self._fallback_episode = self._link.degraded_episodes
         return self._fallback
 
