@@ -19,7 +19,7 @@ from engine import DeadlineExceededError
 from engine._config import ClusterConfig
 from engine.cluster import Cluster, open_cluster
 from engine.cluster._heartbeat import beat
-from tests.redis_server import RedisServer, eventually, own_redis_server, prefix
+from tests.redis_server import RedisServer, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
 
@@ -52,10 +52,11 @@ async def test_redis_down_at_start_serves_with_local_limits(
     async with clusters(own_redis_server, 1) as (a,):
         assert a.statistics().degraded
         quota = a.quota("up", "rpm", 30)
+        for _ in range(30):  # never reached Redis: a full share (one process known: all of it)
+            await quota.acquire(1)
         with pytest.raises(DeadlineExceededError), trio.fail_after(1):
-            await quota.acquire(1)  # the local share starts empty: 30/min, the first token in 2 s
-        await quota.acquire(1)
-        assert trio.current_time() == 2.0
+            await quota.acquire(1)
+        assert trio.current_time() == 0.0
 
 
 async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
@@ -67,13 +68,18 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
         await beat(a.link)
         assert a.statistics().processes == 2
         quota = a.quota("up", "rpm", 30)
-        await quota.acquire(1)  # shared
+        for _ in range(20):
+            await quota.acquire(1)  # shared: 10 left
         own_redis_server.stop()
 
-        # The first call finds Redis gone; the local share (15/min, starting empty) serves from then on.
-        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
+        # The first call finds Redis gone; the local share serves from then on: 15/min, starting with
+        # half of the 10 the shared bucket had left.
+        for _ in range(5):
             await quota.acquire(1)
         assert a.statistics().degraded
+        assert trio.current_time() == 0.0
+        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
+            await quota.acquire(1)
         assert trio.current_time() == 0.0
         calls = a.statistics().round_trips
         with pytest.raises(DeadlineExceededError), trio.fail_after(1):
@@ -81,14 +87,17 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
         assert a.statistics().round_trips == calls  # degraded: Redis is not asked per request
         await quota.acquire(1)
         assert trio.current_time() == 4.0  # 60 s / 15
-        await a.quota("up", "tpm", 6000).acquire(100)  # degraded: served locally, at 3000/min
-        assert trio.current_time() == 4.0 + 2.0
+        await a.quota("up", "tpm", 6000).acquire(3000)  # degraded, never shared: a full share at once
+        assert trio.current_time() == 4.0
         assert len(unreachable_logs(caplog)) <= 2  # once per process (b notices at its own heartbeat)
 
         own_redis_server.start()
-        mock_clock.jump(1.0)  # the next heartbeat probes Redis and ends the degraded state
-        await trio.testing.wait_all_tasks_blocked()
-        await eventually(lambda: not a.statistics().degraded)
+        for _ in range(40):  # the next heartbeat probes Redis and ends the degraded state
+            mock_clock.jump(1.0)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # real time: Redis answers
+            if not a.statistics().degraded:
+                break
+        assert not a.statistics().degraded
         await quota.acquire(1)
         assert await quota.level() == 29.0  # a fresh shared bucket in the restarted Redis, used again
         assert [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
@@ -99,10 +108,11 @@ async def test_a_hung_redis_costs_a_request_at_most_the_call_cap(
 ) -> None:
     async with clusters(own_redis_server, 1) as (a,):
         quota = a.quota("up", "rpm", 30)
+        for _ in range(29):
+            await quota.acquire(1)  # shared: 1 left
         own_redis_server.freeze()
-        with pytest.raises(DeadlineExceededError), trio.fail_after(1):
-            await quota.acquire(1)
-        assert trio.current_time() == 0.25  # the cap, then the local share (starting empty) refused it
+        await quota.acquire(1)  # the cap, then the local share (1 left) served it
+        assert trio.current_time() == 0.25
         assert a.statistics().degraded
         calls = a.statistics().round_trips
         with pytest.raises(DeadlineExceededError), trio.fail_after(1):

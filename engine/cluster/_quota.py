@@ -26,8 +26,8 @@ from .._token_bucket import TokenBucket
 from ._redis import RedisLink, RedisUnavailableError
 
 # KEYS[1] = bucket; ARGV = rate per second, capacity, now, amount, max wait, correction.
-# Returns the wait in seconds as a string (Lua numbers would be truncated to integers),
-# negative when the wait would pass the deadline (then nothing was taken).
+# Returns {wait, level} as strings (Lua numbers would be truncated to integers): the wait in seconds,
+# negative when it would pass the deadline (then nothing was taken), and the level left.
 ACQUIRE_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
@@ -60,7 +60,7 @@ if amount > 0 then
 end
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'updated', tostring(updated))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity / rate + 60) * 1000))
-return tostring(wait)
+return {tostring(wait), tostring(level)}
 """
 
 _LONGEST_WAIT = 1e9  # "no deadline", as a number Lua can read
@@ -71,7 +71,7 @@ class SharedQuota:
 
     Satisfies the :class:`engine._limits.Quota` port. While the link is degraded it uses a local
     bucket with this process's share of the rate (``per_minute`` / the last known number of processes),
-    starting empty: across all processes the upstream then sees at most the quota's rate meanwhile.
+    starting with its share of what the shared bucket last had (a full share if Redis never answered).
     """
 
     def __init__(self, link: RedisLink, upstream: str, kind: LimitKind, per_minute: float) -> None:
@@ -87,6 +87,7 @@ class SharedQuota:
         self._pending = 0.0  # corrections not yet sent to Redis
         self._fallback: TokenBucket | None = None
         self._fallback_episode = -1
+        self._known: tuple[float, float] | None = None  # (level, when) last reported by Redis
         self._waited = 0.0
 
     def __repr__(self) -> str:
@@ -99,23 +100,30 @@ class SharedQuota:
 
     def _local(self) -> TokenBucket:
         if self._fallback is None or self._fallback_episode != self._link.degraded_episodes:
-            share = self.per_minute / max(1, self._link.processes)
-            self._fallback = TokenBucket(share, name=f"{self.name} (local share)")
-            # Empty at first: what the shared bucket had left is unknown, and N processes each starting
-            # with a full share would let a burst of the whole quota through on top of what was used.
-            self._fallback.adjust(self._fallback.capacity)
+            processes = max(1, self._link.processes)
+            share = TokenBucket(self.per_minute / processes, name=f"{self.name} (local share)")
+            if self._known is not None:
+                # Start from this process's share of what the shared bucket last had (refilled since),
+                # so that N processes falling back together do not add a burst on top of what was used.
+                level, at = self._known
+                left = min(self.capacity, level + max(0.0, self._link.clock() - at) * self.rate)
+                share.adjust(share.capacity - max(0.0, left) / processes)
+            self._fallback = share
             self._fallback_episode = self._link.degraded_episodes
         return self._fallback
 
     async def _run(self, amount: float, max_wait: float) -> float:
         correction, self._pending = self._pending, 0.0
-        args = (self.rate, self.capacity, self._link.clock(), amount, max_wait, correction)
+        now = self._link.clock()
+        args = (self.rate, self.capacity, now, amount, max_wait, correction)
         try:
             reply: Any = await self._link.call(lambda: self._script(keys=[self.key], args=args))
         except BaseException:
             self._pending += correction  # not applied: keep it for the next call
             raise
-        return float(reply)
+        wait, level = (float(x) for x in reply)
+        self._known = (level, now)
+        return wait
 
     async def acquire(self, amount: float = 1.0) -> None:
         """Take ``amount`` from the shared bucket, waiting for it within the caller's deadline.
