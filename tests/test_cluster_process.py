@@ -239,7 +239,7 @@ async def test_redis_stopped_mid_load_no_hang_local_fallback_then_recovery(fresh
                     await trio.sleep(0.02)
         assert len(statuses) == 16
         assert set(statuses) <= {200, 429, 503, 504}
-        assert statuses.count(200) >= 8  # the share of 30/4 a minute per process keeps serving
+        assert statuses.count(200) >= 6  # those before the stop (the local shares start empty)
         metrics = (await client.get(f"{url}/metrics")).text
         assert "dspy_trio_cluster_degraded" in metrics
         degraded = _gauge(metrics, "dspy_trio_cluster_degraded")

@@ -166,6 +166,9 @@ async def open_cluster(
     """
     if not config.redis_url:
         raise ValueError("open_cluster needs a redis_url")
+    # coredis logs every failed connection attempt with a traceback at ERROR; Redis's health is reported
+    # here instead, once per change (RedisLink.mark_down / mark_up) and as the degraded gauge.
+    logging.getLogger("coredis").setLevel(logging.CRITICAL)
     client: coredis.Redis[str] = coredis.Redis.from_url(
         config.redis_url,
         decode_responses=True,

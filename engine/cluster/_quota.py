@@ -71,7 +71,8 @@ class SharedQuota:
 
     Satisfies the :class:`engine._limits.Quota` port. While the link is degraded it uses a local
     bucket with this process's share of the rate (``per_minute`` / the last known number of processes),
-    starting with its share of what the shared bucket last had (a full share if Redis never answered).
+    starting empty (full if Redis never answered): across all processes the upstream then sees at most
+    the quota's rate meanwhile, never an extra burst, however often Redis comes and goes.
     """
 
     def __init__(self, link: RedisLink, upstream: str, kind: LimitKind, per_minute: float) -> None:
@@ -87,7 +88,7 @@ class SharedQuota:
         self._pending = 0.0  # corrections not yet sent to Redis
         self._fallback: TokenBucket | None = None
         self._fallback_episode = -1
-        self._known: tuple[float, float] | None = None  # (level, when) last reported by Redis
+        self._reached = False  # whether Redis ever answered for this bucket
         self._waited = 0.0
 
     def __repr__(self) -> str:
@@ -102,28 +103,25 @@ class SharedQuota:
         if self._fallback is None or self._fallback_episode != self._link.degraded_episodes:
             processes = max(1, self._link.processes)
             share = TokenBucket(self.per_minute / processes, name=f"{self.name} (local share)")
-            if self._known is not None:
-                # Start from this process's share of what the shared bucket last had (refilled since),
-                # so that N processes falling back together do not add a burst on top of what was used.
-                level, at = self._known
-                left = min(self.capacity, level + max(0.0, self._link.clock() - at) * self.rate)
-                share.adjust(share.capacity - max(0.0, left) / processes)
+            if self._reached:
+                # Empty at first: what the others took since is unknown, and N processes falling back
+                # together with a share each would add a burst on top of what was used. A process that
+                # never reached Redis starts with its full share.
+                share.adjust(share.capacity)
             self._fallback = share
             self._fallback_episode = self._link.degraded_episodes
         return self._fallback
 
     async def _run(self, amount: float, max_wait: float) -> float:
         correction, self._pending = self._pending, 0.0
-        now = self._link.clock()
-        args = (self.rate, self.capacity, now, amount, max_wait, correction)
+        args = (self.rate, self.capacity, self._link.clock(), amount, max_wait, correction)
         try:
             reply: Any = await self._link.call(lambda: self._script(keys=[self.key], args=args))
         except BaseException:
             self._pending += correction  # not applied: keep it for the next call
             raise
-        wait, level = (float(x) for x in reply)
-        self._known = (level, now)
-        return wait
+        self._reached = True
+        return float(reply[0])
 
     async def acquire(self, amount: float = 1.0) -> None:
         """Take ``amount`` from the shared bucket, waiting for it within the caller's deadline.
