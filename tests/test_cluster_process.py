@@ -125,7 +125,7 @@ async def test_the_upstream_sees_at_most_the_quota_from_all_replicas_and_workers
     # The quota is used, not starved (a loaded machine may push a Redis reply past the call's cap: that
     # process then runs on its local share for a heartbeat, which only ever refuses more).
     assert seen >= RPM // 3
-    assert statuses.count(200) == seen
+    assert statuses.count(200) <= seen  # a request may reach the upstream and still miss its deadline
     assert len(statuses) == 120
     assert set(statuses) <= {200, 429, 503, 504}  # the rest were refused at once, with a status
 
