@@ -6,7 +6,8 @@ One run starts redis-server, the fake upstream (its own process), two replicas (
 each its own process and port, both with ``DSPY_TRIO_REDIS_URL``) and two HAProxy instances built from
 deploy/haproxy.cfg (one with the first replica only, one with both), then measures:
 
-1. Throughput: predictions per second through HAProxy, 1 replica vs 2 (no rate limit, same client load).
+1. Throughput: predictions per second through HAProxy, 1 replica vs 2 (no rate limit, same client load),
+   and one replica without the proxy (what HAProxy costs here).
 2. Quota adherence: a program whose LM has an RPM quota, hammered through HAProxy from both replicas; the
    requests the upstream saw vs what the quota allows (a minute's burst plus the rate for the elapsed
    time). With ``--contrast``, the same against two replicas without Redis (each applies the full quota).
@@ -240,7 +241,11 @@ def main() -> int:
         print(f"# {args.workers} worker(s) per replica, {args.concurrency} concurrent clients, via HAProxy")
         trio.run(load, f"http://127.0.0.1:{two_port}", "default", 2.0, args.concurrency)  # warm-up
         rates = {}
-        for name, port in (("1 replica", one_port), ("2 replicas", two_port)):
+        for name, port in (
+            ("1 replica", one_port),
+            ("2 replicas", two_port),
+            ("1 replica, no proxy", ports[0]),
+        ):
             ok, failed, elapsed = trio.run(
                 load, f"http://127.0.0.1:{port}", "default", args.seconds, args.concurrency
             )
