@@ -75,10 +75,14 @@ class RedisLink:
         """A key or channel name of this deployment: ``prefix:part:part``."""
         return ":".join((self.config.key_prefix, *parts))
 
-    async def call(self, command: Callable[[], Awaitable[T]], *, probe: bool = False) -> T:
+    async def call(
+        self, command: Callable[[], Awaitable[T]], *, probe: bool = False, degrade: bool = True
+    ) -> T:
         """Run one Redis command within ``call_timeout`` and the caller's deadline.
 
         Blocks for at most ``call_timeout`` seconds. While degraded, fails at once unless ``probe``.
+        With ``degrade=False`` (background writes) a failure is counted but leaves the state alone: the
+        heartbeat and the requests' own calls decide whether Redis is reachable.
 
         Raises:
             RedisUnavailableError: Redis failed or was too slow (the link is now degraded).
@@ -96,12 +100,18 @@ class RedisLink:
                 # coredis may report a cancelled command as a lost connection: a cancel came first
                 # (our cap, handled below, or the caller's, which propagates and proves nothing).
                 await trio.lowlevel.checkpoint_if_cancelled()
-                self.mark_down(f"{type(exc).__name__}: {exc}")
+                self._failed(f"{type(exc).__name__}: {exc}", degrade)
                 raise RedisUnavailableError(str(exc)) from exc
             self.mark_up()
             return reply
-        self.mark_down(f"no answer within {self.config.call_timeout:g}s")
+        self._failed(f"no answer within {self.config.call_timeout:g}s", degrade)
         raise RedisUnavailableError("redis did not answer in time")
+
+    def _failed(self, why: str, degrade: bool) -> None:
+        if degrade:
+            self.mark_down(why)
+        else:
+            self.failures += 1
 
     def mark_down(self, why: str) -> None:
         self.failures += 1
@@ -140,7 +150,7 @@ class RedisLink:
                 except trio.WouldBlock:
                     break
             try:
-                await self.call(lambda batch=batch: self._send(batch))  # type: ignore[misc]
+                await self.call(lambda batch=batch: self._send(batch), degrade=False)  # type: ignore[misc]
             except RedisUnavailableError:
                 self.writes_dropped += len(batch)
 
