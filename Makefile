@@ -21,9 +21,10 @@ serve: $(BIN)/dspy-trio
 run: $(BIN)/dspy-trio
 	$(BIN)/dspy-trio predict "What is Trio?"
 
-## Lint, type-check and run the whole test suite (installs Chromium for the browser tests if it can).
+## Lint, type-check and run the whole test suite (installs Chromium, redis-server and haproxy if it can).
 test: $(BIN)/dspy-trio
 	bash .ci/ensure-chromium
+	bash .ci/ensure-redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -28,6 +28,7 @@ or the environment variable and the value, never a failure at run time.
     LM_MAX_ATTEMPTS       retry.max_attempts: attempts per LM call, retries included (3)
     LM_ATTEMPT_TIMEOUT    timeouts.attempt: seconds one attempt may take in total (none)
     DSPY_TRIO_MAX_IN_FLIGHT, DSPY_TRIO_MAX_QUEUED, DSPY_TRIO_DRAIN_TIMEOUT, DSPY_TRIO_ADAPTER
+    DSPY_TRIO_REDIS_URL   redis://host:port/db shared by every worker and replica (quota, cool-down, cancel)
 """
 
 from __future__ import annotations
@@ -365,6 +366,24 @@ class StreamOptions:
         return _build(cls, dict(data), where)
 
 
+@attrs.frozen
+class ClusterConfig:
+    """State shared by every worker and replica through Redis (``[cluster]`` in TOML).
+
+    Attributes:
+        redis_url: ``redis://host:port/db``; None keeps every limit per process.
+        key_prefix: Prefix of every Redis key and channel (one per deployment sharing a Redis).
+        call_timeout: Seconds one Redis call may take (always also within the request's deadline);
+            past it the process falls back to local limits until Redis answers again.
+        heartbeat_interval: Seconds between heartbeats (how the processes sharing a quota are counted).
+    """
+
+    redis_url: str | None = attrs.field(default=None, repr=False)
+    key_prefix: str = "dspy-trio"
+    call_timeout: float = attrs.field(default=0.5, validator=positive)
+    heartbeat_interval: float = attrs.field(default=1.0, validator=positive)
+
+
 def _default_lms() -> dict[str, LMConfig]:
     return {"default": LMConfig()}
 
@@ -412,6 +431,7 @@ class EngineConfig:
     dspy_cache: bool = False
     stream: StreamOptions = attrs.field(factory=StreamOptions)
     log_text: bool = False
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
 
     def __attrs_post_init__(self) -> None:
         for name, spec in self.programs.items():
@@ -422,12 +442,14 @@ class EngineConfig:
     def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]`` (with its
         nested tables), ``[programs.NAME]``. ``env`` is where ``api_key_env`` names are looked up."""
-        unknown = set(data) - {"engine", "stream", "lms", "programs"}
+        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = dict(data.get("engine", {}))
         if "stream" in data:
             values["stream"] = StreamOptions.from_mapping(data["stream"])
+        if "cluster" in data:
+            values["cluster"] = _build(ClusterConfig, dict(data["cluster"]), "cluster")
         if "lms" in data:
             values["lms"] = {
                 name: LMConfig.from_mapping(table, where=f"lms.{name}", env=env)
@@ -468,6 +490,8 @@ class EngineConfig:
         for key in ("DSPY_TRIO_ADAPTER", "LM_ADAPTER"):
             if env.get(key):
                 engine_changes["adapter"] = env[key]
+        if env.get("DSPY_TRIO_REDIS_URL"):
+            engine_changes["cluster"] = attrs.evolve(config.cluster, redis_url=env["DSPY_TRIO_REDIS_URL"])
         return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*")
 
 

@@ -16,10 +16,11 @@ batches :mod:`engine._batch`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 import trio
@@ -31,6 +32,7 @@ from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
 from ._errors import EngineClosedError, InvalidInputError, RequestCancelledError
 from ._ledger import Ledger
+from ._limits import Limits
 from ._lm_factory import build_lm
 from ._metrics import EngineMetrics
 from ._programs import ProgramInfo, ProgramRegistry
@@ -41,6 +43,8 @@ from ._statistics import EngineStatistics
 from ._stream_request import open_stream
 from ._streaming import EventStream
 from ._upstream import UpstreamGuard, UpstreamPolicy
+from .cluster import Cluster, open_cluster
+from .cluster._metrics import ClusterCollector
 from .lm import TrioLM
 
 logger = logging.getLogger("engine")
@@ -55,8 +59,16 @@ class Engine(metaclass=NoPublicConstructor):
     Safe to share between any number of tasks of the Trio run that opened it.
     """
 
-    def __init__(self, config: EngineConfig, lms: Mapping[str, TrioLM], programs: ProgramRegistry) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        lms: Mapping[str, TrioLM],
+        programs: ProgramRegistry,
+        *,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.config = config
+        self.cluster = cluster  # shared limits, registry and cancel across processes (engine.cluster)
         self._lms = dict(lms)
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
@@ -64,13 +76,24 @@ class Engine(metaclass=NoPublicConstructor):
         self._runner = ProgramRunner(self._lms, config.adapter)
         self._program_lms = {info.name: info.lm for info in programs.infos()}
         self.metrics = EngineMetrics(self.statistics)
-        self._ledger = Ledger(self.metrics, self._model_of, set(self._program_lms), log_text=config.log_text)
+        self._ledger = Ledger(
+            self.metrics,
+            self._model_of,
+            set(self._program_lms),
+            log_text=config.log_text,
+            registry=cluster.registry if cluster is not None else None,
+        )
+        limits: Limits | None = cluster
         self._guards = {
-            name: UpstreamGuard(name, config.lms[name].policy() if name in config.lms else UpstreamPolicy())
+            name: UpstreamGuard(
+                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
+            )
             for name in self._lms
         }
         for name, lm in self._lms.items():
             lm.guard = self._guards[name]
+        if cluster is not None:
+            self.metrics.registry.register(ClusterCollector(cluster.statistics))
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -115,6 +138,18 @@ class Engine(metaclass=NoPublicConstructor):
             request_id, lambda: RequestCancelledError(f"request {request_id} was cancelled")
         )
 
+    async def cancel_anywhere(self, request_id: str, *, owner: str | None = None) -> bool:
+        """Like :meth:`cancel`, for the request's ``owner`` only (when given), and with a cluster also in
+        the worker or replica that runs the request (its owner checked there too).
+
+        Returns whether a request was told to stop. Blocks for at most two bounded Redis round-trips
+        when the request is not in this process.
+        """
+        reason = RequestCancelledError(f"request {request_id} was cancelled")
+        if self._ledger.cancel(request_id, lambda: reason, owner=owner):
+            return True
+        return self.cluster is not None and await self.cluster.cancel(request_id, owner=owner)
+
     def precheck(self, program: str, inputs: Mapping[str, Any]) -> None:
         """Raise now what :meth:`predict` or :meth:`stream` would raise before starting: for adapters
         that must choose a status before a streamed body begins (an HTTP status precedes the body).
@@ -141,7 +176,13 @@ class Engine(metaclass=NoPublicConstructor):
         return self._runner.model_of(self._program_lms.get(program))
 
     def _accept(
-        self, program: str, inputs: Mapping[str, Any], request_id: str | None, kind: str = "predict"
+        self,
+        program: str,
+        inputs: Mapping[str, Any],
+        request_id: str | None,
+        *,
+        owner: str | None = None,
+        kind: str = "predict",
     ) -> Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken."""
         started = trio.current_time()
@@ -162,6 +203,7 @@ class Engine(metaclass=NoPublicConstructor):
             started,
             trio.current_effective_deadline(),
             kind=kind,
+            owner=owner,
         )
 
     async def predict(
@@ -170,6 +212,7 @@ class Engine(metaclass=NoPublicConstructor):
         inputs: Mapping[str, Any],
         *,
         request_id: str | None = None,
+        owner: str | None = None,
     ) -> PredictionResult:
         """Run ``program`` on ``inputs`` and return its outputs, usage and timings.
 
@@ -181,6 +224,8 @@ class Engine(metaclass=NoPublicConstructor):
             program: A registered program name, e.g. ``"default"``.
             inputs: The program's input fields by name.
             request_id: An id to report the request under; one is generated if omitted.
+            owner: Who started the request (e.g. an API key): with a cluster, only the same owner may
+                cancel it from another process (:meth:`cancel_anywhere`).
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
@@ -190,7 +235,7 @@ class Engine(metaclass=NoPublicConstructor):
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
-        request = self._accept(program, inputs, request_id)
+        request = self._accept(program, inputs, request_id, owner=owner)
         with self._ledger.track(request):
             with request.scoped():
                 await self._admission.acquire(request)
@@ -213,6 +258,7 @@ class Engine(metaclass=NoPublicConstructor):
         inputs: Mapping[str, Any],
         *,
         request_id: str | None = None,
+        owner: str | None = None,
         options: StreamOptions | None = None,
     ) -> AsyncIterator[EventStream]:
         """Run ``program`` on ``inputs``, streaming its output fields as they are generated.
@@ -234,13 +280,15 @@ class Engine(metaclass=NoPublicConstructor):
             program: A registered program name.
             inputs: The program's input fields by name.
             request_id: An id to report the request under; one is generated if omitted.
+            owner: Who started the request (e.g. an API key): with a cluster, only the same owner may
+                cancel it from another process (:meth:`cancel_anywhere`).
             options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
 
         Raises:
             UnknownProgramError, InvalidInputError, OverloadedError, EngineClosedError: on entry, as for
                 :meth:`predict`; nothing was started.
         """
-        request = self._accept(program, inputs, request_id, kind="stream")
+        request = self._accept(program, inputs, request_id, owner=owner, kind="stream")
         name, model = request.program.name, self._model_of(request.program.name)
 
         def first_delta(field: str) -> None:
@@ -265,6 +313,7 @@ class Engine(metaclass=NoPublicConstructor):
         concurrency: int = 16,
         fail_fast: bool = False,
         request_id: str | None = None,
+        owner: str | None = None,
     ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[BatchItem]]:
         """Run ``program`` on every item, handing out each item's outcome as soon as it is ready.
 
@@ -283,7 +332,7 @@ class Engine(metaclass=NoPublicConstructor):
             InvalidInputError: on entry, if ``concurrency`` is not a positive integer.
         """
         return open_batch(
-            self.predict,
+            functools.partial(self.predict, owner=owner),
             lambda item_id, reason: self._ledger.cancel(item_id, lambda: reason),
             program,
             items,
@@ -300,6 +349,7 @@ class Engine(metaclass=NoPublicConstructor):
         concurrency: int = 16,
         fail_fast: bool = False,
         request_id: str | None = None,
+        owner: str | None = None,
     ) -> list[BatchItem]:
         """Run ``program`` on every item; return one outcome per item, in input order.
 
@@ -309,7 +359,7 @@ class Engine(metaclass=NoPublicConstructor):
         items = list(items)
         outcomes: list[BatchItem | None] = [None] * len(items)
         async with self.batch_stream(
-            program, items, concurrency=concurrency, fail_fast=fail_fast, request_id=request_id
+            program, items, concurrency=concurrency, fail_fast=fail_fast, request_id=request_id, owner=owner
         ) as stream:
             async for item in stream:
                 outcomes[item.index] = item
@@ -389,16 +439,22 @@ async def open_engine(
         for name, lm_config in config.lms.items():
             if name not in given:
                 backends[name] = build_lm(lm_config, cache=config.dspy_cache)
-        engine = Engine._create(config, backends, ProgramRegistry.build(config.programs))
+        programs = ProgramRegistry.build(config.programs)
     except BaseException:
         await close_lms(backends.values())  # an engine that failed to open still closes what it holds
         raise
     simulated = [name for name, c in config.lms.items() if c.provider == "simulated" and name not in given]
     if simulated:
         logger.info("LM %s: the built-in simulated LM (no real LM configured)", ", ".join(simulated))
+    shared: AbstractAsyncContextManager[Cluster | None] = (
+        open_cluster(config.cluster) if config.cluster.redis_url else nullcontext()
+    )
     try:
-        async with _groups.open_service_nursery() as upkeep:  # each LM's maintain(), e.g. reaping
-            for backend in backends.values():
+        async with shared as cluster, _groups.open_service_nursery() as upkeep:
+            engine = Engine._create(config, backends, programs, cluster=cluster)
+            if cluster is not None:
+                cluster.attach(engine.cancel)
+            for backend in backends.values():  # each LM's maintain(), e.g. reaping closed connections
                 await upkeep.start(backend.maintain)
             try:
                 yield engine

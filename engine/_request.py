@@ -54,6 +54,7 @@ class Request:
     outcome: Outcome | None = None
     error_code: str | None = None
     kind: str = "predict"
+    owner: str | None = None
     trace: RequestTrace | None = None
     result: PredictionResult | None = None
     # Set once a stream is handed to its consumer: exceptions through its block are then the consumer's.

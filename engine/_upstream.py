@@ -20,9 +20,9 @@ import trio
 
 from ._adaptive import AdaptiveLimit, AdaptiveSettings
 from ._errors import RateLimitWaitError, UpstreamError, UpstreamTimeoutError
+from ._limits import Limits, LocalLimits
 from ._retry import RetryBudget, RetryPolicy, seeded
 from ._telemetry import span
-from ._token_bucket import TokenBucket
 from ._trace import record_attempt
 from .lm._base import Completion, DeltaSink
 
@@ -98,22 +98,38 @@ class UpstreamGuard:
         name: The upstream's name (for messages and statistics).
         policy: The policy.
         jitter: ``uniform(a, b)`` used for backoff jitter; pass ``seeded(n)`` for reproducible tests.
+        limits: Where the RPM/TPM buckets and the cool-down live: this process (default), or shared by
+            every process of a cluster (``engine.cluster``).
     """
 
     def __init__(
-        self, name: str, policy: UpstreamPolicy, *, jitter: Callable[[float, float], float] | None = None
+        self,
+        name: str,
+        policy: UpstreamPolicy,
+        *,
+        jitter: Callable[[float, float], float] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
-        self._rpm = TokenBucket(policy.rpm, name=f"{name} rpm") if policy.rpm else None
-        self._tpm = TokenBucket(policy.tpm, name=f"{name} tpm") if policy.tpm else None
+        limits = limits or LocalLimits()
+        self._rpm = limits.quota(name, "rpm", policy.rpm) if policy.rpm else None
+        self._tpm = limits.quota(name, "tpm", policy.tpm) if policy.tpm else None
         self._adaptive = AdaptiveLimit(policy.adaptive) if policy.adaptive else None
         self._budget = RetryBudget(policy.retry)
         self._uniform = jitter or seeded()
-        self._cooldown_until = -math.inf
+        self._cooldown = limits.cooldown(name)
         self._cooldown_waited = 0.0
         self._cooldown_waiters: set[trio.CancelScope] = set()
         self.retries: Counter[str] = Counter()
+
+    @property
+    def _cooldown_until(self) -> float:
+        return self._cooldown.until
+
+    @_cooldown_until.setter
+    def _cooldown_until(self, until: float) -> None:
+        self._cooldown.extend_to(until)
 
     def __repr__(self) -> str:
         return f"<UpstreamGuard {self.name} {self.statistics()}>"

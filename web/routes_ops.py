@@ -7,6 +7,7 @@ from quart import Blueprint, Response, current_app, g, request
 from .errors import HTTPError, error_body
 from .http import json_response, state
 from .metrics import metrics_json, metrics_text
+from .workers import instance_metrics_json, instance_metrics_text, workers_dir
 
 ops = Blueprint("ops", __name__)
 
@@ -35,10 +36,15 @@ async def ready() -> Response:
 async def cancel_request(request_id: str) -> Response:
     """Cancel an in-flight request by the id the server gave it (``request_id`` in bodies, the
     ``X-Server-Request-ID`` header). Only the API key that started it may; for any other caller the id
-    does not exist (404), so ids cannot be probed."""
+    does not exist (404), so ids cannot be probed. With a cluster (Redis), a request running in another
+    worker or replica is cancelled there, under the same rule."""
     service = state()
     engine = service.require_engine()
-    if not service.may_cancel(request_id, g.owner) or not engine.cancel(request_id):
+    if request_id in service.owners:  # started here: only its owner may
+        found = service.may_cancel(request_id, g.owner) and engine.cancel(request_id)
+    else:
+        found = await engine.cancel_anywhere(request_id, owner=g.owner)
+    if not found:
         raise HTTPError(
             404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
         )
@@ -49,7 +55,13 @@ async def cancel_request(request_id: str) -> Response:
 async def metrics() -> Response:
     """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
     engine = state().require_engine()
+    directory = workers_dir()  # several workers: the whole instance
     if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
+        if directory is not None:
+            return json_response(instance_metrics_json(directory, engine))
         return json_response(metrics_json(engine.statistics()))
-    body, content_type = metrics_text(engine)
+    if directory is not None:
+        body, content_type = instance_metrics_text(directory, engine)
+    else:
+        body, content_type = metrics_text(engine)
     return Response(body, content_type=content_type)

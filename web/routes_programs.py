@@ -76,7 +76,12 @@ async def program_batch(name: str, data: BatchRequest) -> Response:
     async def open_batch() -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
         with service.owning(request_id, owner):
             async with engine.batch_stream(
-                name, data.items, concurrency=concurrency, fail_fast=data.fail_fast, request_id=request_id
+                name,
+                data.items,
+                concurrency=concurrency,
+                fail_fast=data.fail_fast,
+                request_id=request_id,
+                owner=owner,
             ) as outcomes:
                 yield outcomes
 

@@ -5,8 +5,10 @@ requests; in-flight ones get ``drain_timeout`` seconds to finish, and the rest a
 ``engine_closed`` error (an error event on streams). Only then is Hypercorn told to stop, so no
 connection is cut in the middle of an answer; then the process exits.
 
-``--workers N`` starts N such processes on one port (``SO_REUSEPORT``; the kernel spreads connections);
-each has its own engine, limits and metrics.
+``--workers N`` starts N such processes on one port (``SO_REUSEPORT``; the kernel spreads connections),
+supervised by the parent (``web/workers.py``: a worker that dies is restarted, SIGTERM drains them all,
+``/metrics`` covers all of them). Each has its own engine and limits, unless ``DSPY_TRIO_REDIS_URL`` makes
+the workers (and replicas) share their upstream quotas, cool-downs and cancels (``engine.cluster``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import trio
@@ -31,6 +32,7 @@ from .app import create_app
 from .keepalive import KeepAliveGuard
 from .settings import ServiceSettings
 from .state import ServiceState
+from .workers import run_snapshots, supervise, workers_dir
 
 logger = logging.getLogger("web")
 
@@ -98,8 +100,26 @@ async def serve(
                 stop.set()
                 return
 
+    engine_config = settings.engine
+    limited = any(lm.rate_limit.rpm or lm.rate_limit.tpm for lm in engine_config.lms.values())
+    if worker_count > 1 and limited and not engine_config.cluster.redis_url:
+        logger.warning(
+            "%d workers and no DSPY_TRIO_REDIS_URL: each worker applies the full RPM/TPM limits, so the "
+            "upstream may see up to %d times its quota (set DSPY_TRIO_REDIS_URL to share it)",
+            worker_count,
+            worker_count,
+        )
+
+    snapshots_scope = trio.CancelScope()
+
+    async def snapshots(directory: Path) -> None:
+        with snapshots_scope:
+            await run_snapshots(directory, lambda: state.engine)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(drain_then_stop)
+        if (directory := workers_dir()) is not None:
+            nursery.start_soon(snapshots, directory)
         if handle_signals:
             nursery.start_soon(watch_signals)
         config = hypercorn_config(settings, worker_count=worker_count)
@@ -113,6 +133,7 @@ async def serve(
         logger.info("serving on %s", binds[0])
         await stopped.wait()
         signals_scope.cancel()  # Hypercorn now closes its connections and ends the lifespan itself
+        snapshots_scope.cancel()
     logger.info("stopped")
 
 
@@ -138,14 +159,5 @@ async def open_server(
 
 
 def run_workers(argv: Sequence[str], workers: int) -> int:
-    """Start ``workers`` serving processes on one port and wait for them; forwards SIGTERM/SIGINT."""
-    command = [sys.executable, "-m", "web.cli", *argv, "--worker-of", str(workers)]
-    children = [subprocess.Popen(command) for _ in range(workers)]
-
-    def forward(signum: int, frame: object) -> None:
-        for child in children:
-            child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    """Start ``workers`` serving processes on one port and supervise them (see ``web/workers.py``)."""
+    return supervise(argv, workers)

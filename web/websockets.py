@@ -127,7 +127,9 @@ async def _seed_answer(
     sent_delta = False
     with until.scope() as timer, service.owning(request_id, owner):
         try:
-            async with engine.stream("default", {"question": question}, request_id=request_id) as events:
+            async with engine.stream(
+                "default", {"question": question}, request_id=request_id, owner=owner
+            ) as events:
                 async for event in events:
                     name, payload = event_json(event)
                     if name == "delta":
@@ -247,10 +249,14 @@ class _Socket:
 
     async def serve(self, frame: RunFrame, request_id: str) -> None:
         if frame.type == "predict":
-            result = await self.engine.predict(frame.program, frame.inputs, request_id=request_id)
+            result = await self.engine.predict(
+                frame.program, frame.inputs, request_id=request_id, owner=self.owner
+            )
             await self.outbox.send(dumps({"id": frame.id, "type": "result", **result_json(result)}))
             return
-        async with self.engine.stream(frame.program, frame.inputs, request_id=request_id) as events:
+        async with self.engine.stream(
+            frame.program, frame.inputs, request_id=request_id, owner=self.owner
+        ) as events:
             async for event in events:
                 if isinstance(event, ErrorEvent) and isinstance(event.error, RequestCancelledError):
                     await self.outbox.send(dumps({"id": frame.id, "type": "cancelled"}))

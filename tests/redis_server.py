@@ -1,0 +1,118 @@
+"""A real ``redis-server`` (Debian's package) on an ephemeral port, for the cluster tests.
+
+``redis_server`` is one server for the whole test session; tests isolate themselves with their own key
+prefix. ``own_redis_server`` is a server of one test's own, for tests that stop, freeze or restart it.
+Without ``redis-server`` on the machine these tests skip loudly (``make test`` installs it when it can).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+import trio
+
+REDIS = shutil.which("redis-server")
+
+needs_redis = pytest.mark.skipif(
+    REDIS is None, reason="redis-server is not installed (apt-get install redis-server; make test does it)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """One ``redis-server`` process without persistence; can be stopped, frozen and started again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS is not None
+        command = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        limit = time.monotonic() + 10
+        while time.monotonic() < limit:  # real time: waiting for another process to listen
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def freeze(self) -> None:
+        """Stop answering without closing connections (SIGSTOP): a hung Redis."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; make test does it)")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; make test does it)")
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None:
+            server.thaw()
+        server.stop()
+
+
+def prefix() -> str:
+    """A key prefix of one test's own."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Give real I/O (Redis replies, pub/sub messages) turns until ``condition`` holds; virtual time
+    stands still meanwhile. Bounded by 10 s of real time."""
+    limit = time.monotonic() + 10
+    while time.monotonic() < limit:
+        held = condition()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return
+        await trio.lowlevel.checkpoint()
+    raise AssertionError("the condition never held")
