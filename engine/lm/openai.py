@@ -12,18 +12,25 @@ the backpressure to the provider.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import certifi
 import httpx
 
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_pool import ClientShards
 from ._sse import json_object
+from ._transport import (
+    HTTPClient,
+    LeanClient,
+    Timeouts,
+    TransportName,
+    choose,
+    default_ssl_context,
+    new_ssl_context,
+)
 
 
 @attrs.frozen
@@ -36,6 +43,10 @@ class HTTPSettings:
         write_timeout: Seconds to send the request.
         pool_timeout: Seconds to wait for a free pooled connection.
         max_connections: Concurrent connections to the provider.
+        idle_timeout: Seconds an idle keep-alive connection is kept (lean transport).
+        transport: ``"lean"`` (h11 on Trio streams), ``"httpx"``, or ``"auto"``: lean unless an HTTP
+            proxy from the environment applies to the URL or ``http2`` is asked for.
+        http2: Speak HTTP/2 (through httpx; needs the ``h2`` package).
     """
 
     connect_timeout: float = 10.0
@@ -43,9 +54,26 @@ class HTTPSettings:
     write_timeout: float = 30.0
     pool_timeout: float = 30.0
     max_connections: int = 1024
+    idle_timeout: float = 5.0
+    transport: TransportName = "auto"
+    http2: bool = False
 
-    def clients(self, base_url: str, headers: Mapping[str, str]) -> ClientShards:
-        """New clients with these timeouts and limits (no I/O happens until first use)."""
+    def clients(self, base_url: str, headers: Mapping[str, str]) -> HTTPClient:
+        """A client with these timeouts and limits (no I/O happens until first use)."""
+        if choose(base_url, self.transport, http2=self.http2) == "lean":
+            timeouts = Timeouts(
+                connect=self.connect_timeout,
+                read=self.read_timeout,
+                write=self.write_timeout,
+                pool=self.pool_timeout,
+            )
+            return LeanClient(
+                base_url,
+                headers,
+                timeouts=timeouts,
+                max_connections=self.max_connections,
+                idle_timeout=self.idle_timeout,
+            )
         timeout = httpx.Timeout(
             connect=self.connect_timeout,
             read=self.read_timeout,
@@ -53,13 +81,22 @@ class HTTPSettings:
             pool=self.pool_timeout,
         )
 
-        # Loading CA certificates takes ~50 ms: do it once for all shards.
-        verify = ssl.create_default_context(cafile=certifi.where())
+        # Loading CA certificates takes ~50 ms: one context for all shards and lean clients.
+        verify = new_ssl_context() if self.http2 else default_ssl_context()
 
         def make_client(connections: int) -> httpx.AsyncClient:
-            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            limits = httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                keepalive_expiry=self.idle_timeout,
+            )
             return httpx.AsyncClient(
-                base_url=base_url, headers=dict(headers), timeout=timeout, limits=limits, verify=verify
+                base_url=base_url,
+                headers=dict(headers),
+                timeout=timeout,
+                limits=limits,
+                verify=verify,
+                http2=self.http2,
             )
 
         return ClientShards(self.max_connections, make_client)

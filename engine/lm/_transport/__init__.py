@@ -24,11 +24,16 @@ from ._errors import WriteError as WriteError
 from ._errors import WriteTimeout as WriteTimeout
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
+from ._protocol import HTTPClient as HTTPClient
+from ._protocol import JSONResponse as JSONResponse
 from ._tls import default_ssl_context as default_ssl_context
+from ._tls import new_ssl_context as new_ssl_context
 
 __all__ = [
     "ConnectError",
     "ConnectTimeout",
+    "HTTPClient",
+    "JSONResponse",
     "LeanClient",
     "LineSplitter",
     "Pool",
@@ -46,5 +51,6 @@ __all__ = [
     "WriteTimeout",
     "choose",
     "default_ssl_context",
+    "new_ssl_context",
     "proxy_for",
 ]

@@ -15,9 +15,9 @@ import ssl
 import certifi
 
 
-@functools.cache
-def default_ssl_context() -> ssl.SSLContext:
-    """The shared, verifying client context (built on first use)."""
+def new_ssl_context() -> ssl.SSLContext:
+    """A new verifying client context (for httpx's HTTP/2 clients: httpcore sets ALPN on the context it
+    is given, so they must not share the lean transport's)."""
     cafile = os.environ.get("SSL_CERT_FILE") or None
     capath = os.environ.get("SSL_CERT_DIR") or None
     if cafile is None and capath is None:
@@ -25,3 +25,9 @@ def default_ssl_context() -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=cafile, capath=capath)
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+@functools.cache
+def default_ssl_context() -> ssl.SSLContext:
+    """The shared, verifying client context (built on first use)."""
+    return new_ssl_context()
