@@ -117,6 +117,7 @@ class Connection:
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.closed = False
+        self.eof = False  # the peer ended its side: nothing more can come on this connection
         self._decoder: Any = None
 
     def __repr__(self) -> str:
@@ -140,8 +141,11 @@ class Connection:
 
     @property
     def reusable(self) -> bool:
-        """After a complete exchange: both sides are done and neither asked to close."""
-        return not self.closed and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        """After a complete exchange: both sides are done, neither asked to close, and the body did not
+        end with the connection (a response framed by EOF, as HTTP/1.0 bodies are)."""
+        if self.closed or self.eof:
+            return False
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
     async def send(self, data: bytes) -> None:
         """Send the whole request in one ``send_all``. Blocks until the kernel took every byte.
@@ -181,6 +185,7 @@ class Connection:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ReadError(f"connection broke while reading: {exc.__cause__ or exc}") from exc
+            self.eof = not data
             self.h11.receive_data(bytes(data))
 
     def decoder(self, response: h11.Response) -> None:
