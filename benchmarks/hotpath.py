@@ -15,8 +15,9 @@ Parts:
   c1000     --c1000 concurrent predictions against a 1 s upstream; goal: wall <= 1.3x the ideal (1 s).
   profile   cProfile of engine.predict on the lean transport: top functions by own time, and own time
             by package.
-  gc        a steady load for --gc-seconds (64 concurrent, 50 ms upstream): worst event-loop stall, p99
-            latency and full collections, without and with gc.freeze() after start-up.
+  gc        a steady load for --gc-seconds (--gc-clients closed-loop clients, 50 ms upstream): worst
+            event-loop stall, p99 latency and full collections, without and with gc.freeze() after
+            start-up (the engine opened and warmed up).
 """
 
 from __future__ import annotations
@@ -220,13 +221,14 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     if kind == "c1000":
         return _c1000_worker(args.url, option, args.c1000)
     if kind == "gc":
-        return _gc_worker(args.url, option == "freeze", args.gc_seconds, 64)
+        return _gc_worker(args.url, option == "freeze", args.gc_seconds, args.gc_clients)
     raise SystemExit(f"unknown worker {args.worker}")
 
 
 def _run(worker: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.hotpath", "--worker", worker, "--url", url]
     command += ["--n", str(args.n), "--c1000", str(args.c1000), "--gc-seconds", str(args.gc_seconds)]
+    command += ["--gc-clients", str(args.gc_clients)]
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -246,6 +248,58 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    print(f"\nhot path, medians of {args.rounds} rounds (each in its own process)")
+    if "floor" in results:
+        floor, floor64 = _median(results["floor"], "floor_ms"), _median(results["floor"], "floor64_ms")
+        adapter, post = _median(results["floor"], "adapter_ms"), _median(results["floor"], "h11_post_ms")
+        post64 = _median(results["floor"], "h11_post64_ms")
+        print(
+            f"  floor: ChatAdapter format+parse {adapter:.3f} ms + raw h11 POST {post:.3f} ms "
+            f"= {floor:.3f} ms"
+        )
+        print(f"         (the POSTs on 64 connections at once: {post64:.3f} ms; floor {floor64:.3f} ms)")
+        for transport in TRANSPORTS:
+            cpu = _median(results[f"predict:{transport}"], "cpu_ms")
+            print(
+                f"  engine.predict, {transport:5s}, 64 concurrent: {cpu:.3f} ms = {cpu / floor:.2f}x "
+                f"the floor (goal <= 2.0x: {_verdict(cpu / floor <= 2.0)}); "
+                f"{cpu / floor64:.2f}x the 64-connection floor"
+            )
+        ratio = _median(results["predict:httpx"], "cpu_ms") / _median(results["predict:lean"], "cpu_ms")
+        print(f"  httpx / lean CPU per prediction: {ratio:.2f}x")
+    for transport in TRANSPORTS:
+        key = f"c1000:{transport}"
+        if key in results:
+            wall, cpu = _median(results[key], "wall"), _median(results[key], "cpu_ms")
+            print(
+                f"  {args.c1000} concurrent vs a 1 s upstream, {transport:5s}: wall {wall:.2f}x ideal "
+                f"(goal <= 1.3x: {_verdict(wall <= 1.3)}), {cpu:.2f} ms CPU/prediction, "
+                f"{min(r['ok'] for r in results[key])} ok, {results[key][0]['threads']} OS thread(s)"
+            )
+    for mode in ("plain", "freeze"):
+        key = f"gc:{mode}"
+        if key in results:
+            runs = results[key]
+            stall = max(r["worst_stall_ms"] for r in runs)
+            worst_gc = max(r["worst_full_collection_ms"] for r in runs)
+            print(
+                f"  gc {mode:6s}: p50 {_median(runs, 'p50_ms'):.1f} ms, "
+                f"p99 {_median(runs, 'p99_ms'):.1f} ms, "
+                f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms, full collections "
+                f"{_median(runs, 'full_collections'):.0f} (worst {worst_gc:.1f} ms), "
+                f"{_median(runs, 'requests'):.0f} requests"
+            )
+    if "profile:lean" in results:
+        summary = results["profile:lean"][0]["profile"]
+        total = summary["total_ms_per_prediction"]
+        print(f"\nprofile of engine.predict (lean), own time per prediction under cProfile: {total:.3f} ms")
+        print("  by package: " + ", ".join(f"{k} {v:.3f}" for k, v in list(summary["packages"].items())[:12]))
+        for row in summary["top"][:25]:
+            own, cum, calls = row["own_ms"], row["cum_ms"], row["calls"]
+            print(f"  {own:.4f} own {cum:.4f} cum {calls:6.1f} calls  {row['where']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", nargs="+", default=["cpu", "c1000", "profile", "gc"])
@@ -253,6 +307,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="predictions per CPU measurement")
     parser.add_argument("--c1000", type=int, default=1000, help="concurrent predictions of part c1000")
     parser.add_argument("--gc-seconds", type=float, default=30.0)
+    parser.add_argument("--gc-clients", type=int, default=16, help="closed-loop clients of part gc")
     parser.add_argument("--json", default=None, help="also write raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -297,51 +352,7 @@ def main() -> None:
         finally:
             upstream.kill()
 
-    print(f"\nhot path, medians of {args.rounds} rounds (each in its own process)")
-    if "floor" in results:
-        floor = _median(results["floor"], "floor_ms")
-        print(
-            f"  floor: ChatAdapter format+parse {_median(results['floor'], 'adapter_ms'):.3f} ms + raw h11 POST "
-            f"{_median(results['floor'], 'h11_post_ms'):.3f} ms = {floor:.3f} ms CPU"
-        )
-        for transport in TRANSPORTS:
-            cpu = _median(results[f"predict:{transport}"], "cpu_ms")
-            print(
-                f"  engine.predict, {transport:5s} transport, 64 concurrent: {cpu:.3f} ms CPU = "
-                f"{cpu / floor:.2f}x the floor (goal <= 2.0x: {_verdict(cpu / floor <= 2.0)})"
-            )
-        ratio = _median(results["predict:httpx"], "cpu_ms") / _median(results["predict:lean"], "cpu_ms")
-        print(f"  httpx / lean CPU per prediction: {ratio:.2f}x")
-    for transport in TRANSPORTS:
-        key = f"c1000:{transport}"
-        if key in results:
-            wall = _median(results[key], "wall")
-            print(
-                f"  {args.c1000} concurrent vs 1 s upstream, {transport:5s}: wall {wall:.2f} s = {wall:.2f}x ideal "
-                f"(goal <= 1.3x: {_verdict(wall <= 1.3)}), {_median(results[key], 'cpu_ms'):.2f} ms CPU/pred, "
-                f"{min(r['ok'] for r in results[key])} ok, {results[key][0]['threads']} OS thread(s)"
-            )
-    for mode in ("plain", "freeze"):
-        key = f"gc:{mode}"
-        if key in results:
-            runs = results[key]
-            print(
-                f"  gc {mode:6s}: p50 {_median(runs, 'p50_ms'):.1f} ms, p99 {_median(runs, 'p99_ms'):.1f} ms, "
-                f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {max(r['worst_stall_ms'] for r in runs):.1f} ms, "
-                f"full collections {_median(runs, 'full_collections'):.0f} (worst "
-                f"{max(r['worst_full_collection_ms'] for r in runs):.1f} ms), {_median(runs, 'requests'):.0f} requests"
-            )
-    if "profile:lean" in results:
-        summary = results["profile:lean"][0]["profile"]
-        print(
-            f"\nprofile of engine.predict (lean), own time per prediction under cProfile: "
-            f"{summary['total_ms_per_prediction']:.3f} ms"
-        )
-        print("  by package: " + ", ".join(f"{k} {v:.3f}" for k, v in list(summary["packages"].items())[:12]))
-        for row in summary["top"][:25]:
-            print(
-                f"  {row['own_ms']:.4f} ms own {row['cum_ms']:.4f} cum {row['calls']:6.1f} calls  {row['where']}"
-            )
+    _summary(results, args)
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"args": vars(args), "results": results}, file, indent=2)
