@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import h11
 import pytest
 import trio
 
-from engine.lm import HTTPSettings, OpenAICompatibleLM
+from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM
 from engine.lm._http_pool import ClientShards
 from engine.lm._transport import LeanClient, choose, proxy_for
 
@@ -96,4 +97,33 @@ async def test_requests_go_through_the_proxy_from_the_environment(monkeypatch: p
         response = await lm._clients.post_json("m", "chat/completions", {"messages": []})
         assert response.json() == completion
         assert server.requests[0].target == b"http://upstream.invalid/v1/chat/completions"
+        await lm.aclose()
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.deltas: list[str] = []
+
+    async def send(self, text: str) -> None:
+        self.deltas.append(text)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_both_transports_give_the_backends_the_same_answers(fake_upstream: Any, transport: str) -> None:
+    http = HTTPSettings(transport=transport)  # type: ignore[arg-type]
+    backends = [
+        OpenAICompatibleLM("openai/m", api_base=fake_upstream.url, api_key="k", http=http),
+        AnthropicLM("anthropic/m", api_base=fake_upstream.url, api_key="k", http=http),
+    ]
+    messages = [{"role": "user", "content": "[[ ## question ## ]]\nWhat is Trio?"}]
+    for lm in backends:
+        assert isinstance(lm._clients, LeanClient if transport == "lean" else ClientShards)
+        plain = await lm.complete(messages, {}, None)
+        sink = Sink()
+        streamed = await lm.complete(messages, {}, sink)
+        assert plain.texts == streamed.texts
+        assert plain.texts[0].startswith("[[ ## answer ## ]]")
+        assert "".join(sink.deltas) == streamed.texts[0]
+        assert streamed.usage["completion_tokens"] > 0
         await lm.aclose()
