@@ -240,6 +240,16 @@ def _run(worker: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(run[key] for run in runs))
 
@@ -275,7 +285,8 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
             print(
                 f"  {args.c1000} concurrent vs a 1 s upstream, {transport:5s}: wall {wall:.2f}x ideal "
                 f"(goal <= 1.3x: {_verdict(wall <= 1.3)}), {cpu:.2f} ms CPU/prediction, "
-                f"{min(r['ok'] for r in results[key])} ok, {results[key][0]['threads']} OS thread(s)"
+                f"{min(r['ok'] for r in results[key])} ok, {results[key][0]['threads']} OS thread(s); "
+                f"the fake upstream used {_median(results[key], 'upstream_cpu_ms'):.2f} ms CPU per answer"
             )
     for mode in ("plain", "freeze"):
         key = f"gc:{mode}"
@@ -340,7 +351,12 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 for transport in TRANSPORTS if r % 2 == 0 else TRANSPORTS[::-1]:
-                    run(f"c1000:{transport}", url)
+                    before = _process_cpu(upstream.pid)
+                    result = run(f"c1000:{transport}", url)
+                    # The fake upstream's own CPU per answer: it bounds how fast 1,000 answers can go out.
+                    result["upstream_cpu_ms"] = (
+                        (_process_cpu(upstream.pid) - before) / (args.c1000 + 1) * 1000
+                    )
         finally:
             upstream.kill()
     if "gc" in args.parts:
