@@ -3,8 +3,10 @@ timeouts, cancellation at every stage, error mapping."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import socket
 
 import h11
 import pytest
@@ -22,6 +24,7 @@ from engine import (
 )
 from engine.lm._transport import (
     ConnectError,
+    ConnectTimeout,
     LeanClient,
     LineSplitter,
     PoolTimeout,
@@ -248,6 +251,29 @@ async def test_gzip_only_when_asked_and_decoded() -> None:
 async def hang(stream: trio.abc.Stream, server: RawServer) -> None:
     await read_request(stream, h11.Connection(h11.SERVER), server)
     await wait_closed(stream)
+
+
+async def test_connect_timeout_is_exact(autojump_clock: trio.testing.MockClock) -> None:
+    """A listener whose accept queue is full drops new SYNs: the connect hangs until its timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        client = LeanClient(f"http://127.0.0.1:{port}/v1", timeouts=Timeouts(connect=4.0))
+        started = trio.current_time()
+        with pytest.raises(ConnectTimeout):
+            await client.request_json("x", {})
+        assert trio.current_time() - started == 4.0
+        with pytest.raises(UpstreamTimeoutError, match="ConnectTimeout"):
+            await client.post_json("m", "x", {})
+        assert idle_and_active(client) == (0, 0)
+        for filler in fillers:
+            filler.close()
 
 
 async def test_read_timeout_is_exact(autojump_clock: trio.testing.MockClock) -> None:
