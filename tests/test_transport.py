@@ -547,3 +547,33 @@ def test_line_splitter_keeps_an_unterminated_last_line_for_the_end() -> None:
     assert splitter.feed(b"data: a\r") == []
     assert splitter.feed(b"\ndata: b") == ["data: a"]
     assert splitter.feed(b"", final=True) == ["data: b"]
+
+
+async def test_reaper_closes_idle_connections_the_server_closed(mock_clock: trio.testing.MockClock) -> None:
+    """A pool nobody uses: ``reap_forever`` closes, every interval, the idle connections whose server
+    closed them (and those past ``idle_timeout``), so none lingers in CLOSE-WAIT."""
+    close_now = trio.Event()
+
+    async def answer_then_close_on_cue(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        await stream.send_all(json_response())
+        await close_now.wait()
+
+    async with open_raw_server(answer_then_close_on_cue) as server:
+        client = LeanClient(server.url, idle_timeout=100.0)
+        async with trio.open_nursery() as nursery:
+            await client.post_json("m", "x", {})
+            assert idle_and_active(client) == (0, 1)
+            await nursery.start(client.reap_forever, 2.0)
+            mock_clock.jump(2.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_and_active(client) == (0, 1)  # alive: kept
+            close_now.set()
+            await server.wait_for(lambda s: s.closed == 1)
+            await wait_until(client.pool._idle[0].peer_gone)
+            mock_clock.jump(2.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert idle_and_active(client) == (0, 0)
+            nursery.cancel_scope.cancel()
+        assert await client.reap() == 0
+        client.close()

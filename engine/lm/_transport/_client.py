@@ -270,6 +270,23 @@ class LeanClient:
                     await on_event(*sse)
                 return
 
+    async def reap(self) -> int:
+        """Close the idle connections that expired or whose server closed them; returns how many."""
+        await trio.lowlevel.checkpoint()
+        return self.pool.reap()
+
+    async def reap_forever(
+        self, interval: float | None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call :meth:`reap` every ``interval`` seconds until cancelled (returns at once with no
+        interval). For ``nursery.start``."""
+        task_status.started()
+        if interval is None:
+            return
+        while True:
+            await trio.sleep(interval)
+            self.pool.reap()
+
     def close(self) -> None:
         """Close every idle connection and stop keeping connections (synchronous)."""
         self.pool.close()

@@ -8,9 +8,10 @@ the right: a request takes the newest (the one least likely to have been closed 
 pops the oldest from the left. A new connection is opened only when no idle one is left, so open
 connections never exceed the cap.
 
-Nothing runs in the background (the engine owns no task for its LMs): idle connections are reaped on
-every acquire and release — those idle longer than ``idle_timeout`` are closed, and the one about to be
-reused is first checked for a peer close (EOF readable while idle) and discarded if so.
+Idle connections are reaped on every acquire and release — those idle longer than ``idle_timeout`` are
+closed, and the one about to be reused is first checked for a peer close (EOF readable while idle) and
+discarded if so. A pool nobody uses is swept by :meth:`Pool.reap`, which the owner may call on a timer
+(``LeanClient.reap_forever``), so sockets the server closed do not linger in CLOSE-WAIT.
 """
 
 from __future__ import annotations
@@ -119,6 +120,18 @@ class Pool:
             connection.close()
         self._slots.release()
         self._expire(now)
+
+    def reap(self) -> int:
+        """Close idle connections that expired or that the server closed; returns how many. Synchronous:
+        one ``poll`` syscall per idle connection."""
+        self._expire(trio.current_time())
+        alive = deque(connection for connection in self._idle if not connection.peer_gone())
+        reaped = len(self._idle) - len(alive)
+        for connection in self._idle:
+            if connection not in alive:
+                connection.close()
+        self._idle = alive
+        return reaped
 
     def _expire(self, now: float) -> None:
         while self._idle and now - self._idle[0].idle_since >= self.idle_timeout:
