@@ -292,13 +292,14 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
         key = f"gc:{mode}"
         if key in results:
             runs = results[key]
-            stall = max(r["worst_stall_ms"] for r in runs)
-            worst_gc = max(r["worst_full_collection_ms"] for r in runs)
+            stall, stall_max = _median(runs, "worst_stall_ms"), max(r["worst_stall_ms"] for r in runs)
+            worst_gc = _median(runs, "worst_full_collection_ms")
             print(
                 f"  gc {mode:6s}: p50 {_median(runs, 'p50_ms'):.1f} ms, "
                 f"p99 {_median(runs, 'p99_ms'):.1f} ms, "
-                f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms, full collections "
-                f"{_median(runs, 'full_collections'):.0f} (worst {worst_gc:.1f} ms), "
+                f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms (of all runs "
+                f"{stall_max:.1f}), full collections {_median(runs, 'full_collections'):.0f} (longest "
+                f"{worst_gc:.1f} ms), "
                 f"{_median(runs, 'requests'):.0f} requests"
             )
     if "profile:lean" in results:
@@ -320,11 +321,17 @@ def main() -> None:
     parser.add_argument("--gc-seconds", type=float, default=30.0)
     parser.add_argument("--gc-clients", type=int, default=16, help="closed-loop clients of part gc")
     parser.add_argument("--json", default=None, help="also write raw results to this file")
+    parser.add_argument("--show", default=None, help="print the summary of a run saved with --json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args)))
+        return
+    if args.show:
+        with open(args.show) as file:
+            saved = json.load(file)
+        _summary(saved["results"], argparse.Namespace(**saved["args"]))
         return
 
     results: dict[str, list[dict[str, Any]]] = {}
