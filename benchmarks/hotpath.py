@@ -45,7 +45,7 @@ def _engine(url: str, transport: str, concurrency: int) -> Any:
         max_in_flight=concurrency,
         max_queued=100_000,
     )
-    lm = OpenAICompatibleLM("bench", api_base=url, http=HTTPSettings(transport=transport))  # type: ignore[arg-type]
+    lm = OpenAICompatibleLM("bench", api_base=url, http=HTTPSettings(client=transport))  # type: ignore[arg-type]
     return open_engine(config, lms={"default": lm})
 
 

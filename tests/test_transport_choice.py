@@ -72,7 +72,7 @@ def test_http2_and_explicit_choices() -> None:
     assert choose("https://a.example/v1", http2=True) == "httpx"
     assert choose("https://a.example/v1", "httpx") == "httpx"
     assert choose("https://a.example/v1", "lean") == "lean"
-    assert isinstance(HTTPSettings(transport="httpx").clients("http://a.example/", {}), ClientShards)
+    assert isinstance(HTTPSettings(client="httpx").clients("http://a.example/", {}), ClientShards)
 
 
 @pytest.mark.network
@@ -111,7 +111,7 @@ class Sink:
 @pytest.mark.network
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
 async def test_both_transports_give_the_backends_the_same_answers(fake_upstream: Any, transport: str) -> None:
-    http = HTTPSettings(transport=transport)  # type: ignore[arg-type]
+    http = HTTPSettings(client=transport)  # type: ignore[arg-type]
     backends = [
         OpenAICompatibleLM("openai/m", api_base=fake_upstream.url, api_key="k", http=http),
         AnthropicLM("anthropic/m", api_base=fake_upstream.url, api_key="k", http=http),

@@ -44,7 +44,7 @@ class HTTPSettings:
         pool_timeout: Seconds to wait for a free pooled connection.
         max_connections: Concurrent connections to the provider.
         idle_timeout: Seconds an idle keep-alive connection is kept (lean transport).
-        transport: ``"lean"`` (h11 on Trio streams), ``"httpx"``, or ``"auto"``: lean unless an HTTP
+        client: ``"lean"`` (h11 on Trio streams), ``"httpx"``, or ``"auto"``: lean unless an HTTP
             proxy from the environment applies to the URL or ``http2`` is asked for.
         http2: Speak HTTP/2 (through httpx; needs the ``h2`` package).
     """
@@ -55,12 +55,12 @@ class HTTPSettings:
     pool_timeout: float = 30.0
     max_connections: int = 1024
     idle_timeout: float = 5.0
-    transport: TransportName = "auto"
+    client: TransportName = "auto"
     http2: bool = False
 
     def clients(self, base_url: str, headers: Mapping[str, str]) -> HTTPClient:
         """A client with these timeouts and limits (no I/O happens until first use)."""
-        if choose(base_url, self.transport, http2=self.http2) == "lean":
+        if choose(base_url, self.client, http2=self.http2) == "lean":
             timeouts = Timeouts(
                 connect=self.connect_timeout,
                 read=self.read_timeout,
