@@ -12,12 +12,10 @@ the backpressure to the provider.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import certifi
 import httpx
 import trio
 
@@ -26,6 +24,15 @@ from .._validate import optional_positive, positive, positive_int
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_pool import ClientShards
 from ._sse import json_object
+from ._transport import (
+    HTTPClient,
+    LeanClient,
+    Timeouts,
+    TransportName,
+    choose,
+    default_ssl_context,
+    new_ssl_context,
+)
 
 if TYPE_CHECKING:
     from .._config import LMConfig
@@ -43,6 +50,10 @@ class HTTPSettings:
         max_connections: Concurrent connections to the provider.
         idle_check_interval: Seconds between checks for kept-alive connections the provider closed,
             which the backend's ``maintain`` task then closes too (None: never check).
+        idle_timeout: Seconds an idle keep-alive connection is kept.
+        client: ``"lean"`` (h11 on Trio streams), ``"httpx"``, or ``"auto"``: lean unless an HTTP
+            proxy from the environment applies to the URL or ``http2`` is asked for.
+        http2: Speak HTTP/2 (through httpx; needs the ``h2`` package).
     """
 
     connect_timeout: float = attrs.field(default=10.0, validator=positive)
@@ -51,6 +62,11 @@ class HTTPSettings:
     pool_timeout: float = attrs.field(default=30.0, validator=positive)
     max_connections: int = attrs.field(default=1024, validator=positive_int)
     idle_check_interval: float | None = attrs.field(default=1.0, validator=optional_positive)
+    idle_timeout: float = attrs.field(default=5.0, validator=positive)
+    client: TransportName = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "lean", "httpx"))
+    )
+    http2: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def httpx_timeout(self) -> httpx.Timeout:
         """These timeouts as httpx's."""
@@ -67,12 +83,13 @@ class HTTPSettings:
         headers: Mapping[str, str],
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-    ) -> ClientShards:
-        """New clients with these timeouts and limits (no I/O happens until first use).
+    ) -> HTTPClient:
+        """A client with these timeouts and limits (no I/O happens until first use): the lean transport,
+        or httpx shards where :func:`choose` says so.
 
         Args:
-            transport: Send every request through this transport instead of the network (tests pass an
-                ``httpx.MockTransport``); one client then serves all calls.
+            transport: Send every request through this httpx transport instead of the network (tests
+                pass an ``httpx.MockTransport``); one httpx client then serves all calls.
         """
         timeout = self.httpx_timeout()
         if transport is not None:
@@ -86,13 +103,31 @@ class HTTPSettings:
                     given,
                 ),
             )
+        if choose(base_url, self.client, http2=self.http2) == "lean":
+            timeouts = Timeouts(
+                connect=self.connect_timeout,
+                read=self.read_timeout,
+                write=self.write_timeout,
+                pool=self.pool_timeout,
+            )
+            return LeanClient(
+                base_url,
+                headers,
+                timeouts=timeouts,
+                max_connections=self.max_connections,
+                idle_timeout=self.idle_timeout,
+            )
 
-        # Loading CA certificates takes ~50 ms: do it once for all shards.
-        verify = ssl.create_default_context(cafile=certifi.where())
+        # Loading CA certificates takes ~50 ms: one context for all shards and lean clients.
+        verify = new_ssl_context() if self.http2 else default_ssl_context()
 
         def make_client(connections: int) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
-            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits)
+            limits = httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                keepalive_expiry=self.idle_timeout,
+            )
+            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits, http2=self.http2)
             client = httpx.AsyncClient(
                 base_url=base_url, headers=dict(headers), timeout=timeout, transport=own
             )

@@ -1,0 +1,389 @@
+"""The hot path (issue 13), in one run: the floor, ``engine.predict`` CPU per prediction with the httpx
+transport and the lean one, 1,000 concurrent predictions against a 1 s upstream, a profile, and loop
+stalls with and without ``gc.freeze()``.
+
+Every measurement runs in a fresh worker process (modes alternate over ``--rounds``) against the fake
+upstream in its own process; the table shows medians and the issue's goals as ratios::
+
+    python -m benchmarks.hotpath                         # everything, 2 rounds
+    python -m benchmarks.hotpath --rounds 3 --gc-seconds 60
+    python -m benchmarks.hotpath --parts cpu profile
+
+Parts:
+  cpu       floor (benchmarks.floor) and engine.predict CPU ms per prediction, --n predictions at 64
+            concurrent, 20 ms upstream; goal: engine.predict <= 2.0x the floor.
+  c1000     --c1000 concurrent predictions against a 1 s upstream; goal: wall <= 1.3x the ideal (1 s).
+  profile   cProfile of engine.predict on the lean transport: top functions by own time, and own time
+            by package.
+  gc        a steady load for --gc-seconds (--gc-clients closed-loop clients, 50 ms upstream): worst
+            event-loop stall, p99 latency and full collections, without and with gc.freeze() after
+            start-up (the engine opened and warmed up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from benchmarks._upstream import start_upstream
+
+TRANSPORTS = ("httpx", "lean")
+
+
+def _engine(url: str, transport: str, concurrency: int) -> Any:
+    from engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from engine.lm import HTTPSettings, OpenAICompatibleLM
+
+    config = EngineConfig(
+        lms={
+            "default": LMConfig(
+                provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
+            )
+        },
+        max_in_flight=concurrency,
+        max_queued=100_000,
+    )
+    lm = OpenAICompatibleLM("bench", api_base=url, http=HTTPSettings(client=transport))  # type: ignore[arg-type]
+    return open_engine(config, lms={"default": lm})
+
+
+def _predict_worker(url: str, transport: str, n: int, concurrency: int, profile: bool) -> dict[str, Any]:
+    import trio
+
+    async def run() -> dict[str, Any]:
+        async with _engine(url, transport, concurrency) as engine:
+            for i in range(20):
+                await engine.predict("default", {"question": f"warm-up {i}"})
+            limit = trio.Semaphore(concurrency)
+
+            async def one(i: int) -> None:
+                async with limit:
+                    await engine.predict("default", {"question": f"question number {i}"})
+
+            profiler = None
+            if profile:
+                import cProfile
+
+                profiler = cProfile.Profile()
+                profiler.enable()
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            result: dict[str, Any] = {"cpu_ms": cpu / n * 1000, "wall": wall}
+            if profiler is not None:
+                profiler.disable()
+                result["profile"] = _profile_summary(profiler, n)
+            return result
+
+    return dict(trio.run(run))
+
+
+def _profile_summary(profiler: Any, n: int) -> dict[str, Any]:
+    import pstats
+
+    stats = pstats.Stats(profiler)
+    entries = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values())
+    by_package: dict[str, float] = {}
+    rows = []
+    for (filename, line, name), (_cc, calls, tt, ct, _callers) in entries.items():
+        package = _package(filename)
+        by_package[package] = by_package.get(package, 0.0) + tt
+        rows.append((tt, ct, calls, f"{package}:{os.path.basename(filename)}:{line}({name})"))
+    rows.sort(reverse=True)
+    return {
+        "total_ms_per_prediction": total / n * 1000,
+        "top": [
+            {"own_ms": tt / n * 1000, "cum_ms": ct / n * 1000, "calls": calls / n, "where": where}
+            for tt, ct, calls, where in rows[:25]
+        ],
+        "packages": {k: v / n * 1000 for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def _package(filename: str) -> str:
+    if "site-packages/" in filename:
+        return filename.split("site-packages/")[1].split("/")[0].removesuffix(".py")
+    for ours in ("/engine/lm/_transport/", "/engine/lm/", "/engine/"):
+        if ours in filename:
+            return ours.strip("/").replace("/", ".")
+    if filename.startswith("~") or "/lib/python3" in filename:
+        return "stdlib"
+    return "other"
+
+
+def _c1000_worker(url: str, transport: str, n: int) -> dict[str, Any]:
+    import threading
+
+    import trio
+
+    async def run() -> dict[str, Any]:
+        async with _engine(url, transport, n) as engine:
+            await engine.predict("default", {"question": "warm-up"})
+            ok = 0
+
+            async def one(i: int) -> None:
+                nonlocal ok
+                await engine.predict("default", {"question": f"question number {i}"})
+                ok += 1
+
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
+            return {
+                "wall": time.perf_counter() - wall0,
+                "cpu_ms": (time.process_time() - cpu0) / n * 1000,
+                "ok": ok,
+                "threads": threading.active_count(),
+            }
+
+    return dict(trio.run(run))
+
+
+def _gc_worker(url: str, freeze: bool, seconds: float, concurrency: int) -> dict[str, Any]:
+    import gc
+
+    import trio
+
+    pauses: list[float] = []
+    started_at: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            started_at.append(time.perf_counter())
+        else:
+            pauses.append(time.perf_counter() - started_at.pop())
+
+    async def run() -> dict[str, Any]:
+        latencies: list[float] = []
+        worst_stall = 0.0
+        async with _engine(url, "lean", concurrency) as engine:
+            for i in range(50):
+                await engine.predict("default", {"question": f"warm-up {i}"})
+            if freeze:
+                gc.freeze()
+            gc.callbacks.append(on_gc)
+
+            async def monitor() -> None:
+                nonlocal worst_stall
+                while True:
+                    before = time.perf_counter()
+                    await trio.sleep(0.005)
+                    worst_stall = max(worst_stall, time.perf_counter() - before - 0.005)
+
+            async def client(c: int) -> None:
+                i = 0
+                while True:
+                    t0 = time.perf_counter()
+                    await engine.predict("default", {"question": f"question {c} {i}"})
+                    latencies.append(time.perf_counter() - t0)
+                    i += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(monitor)
+                for c in range(concurrency):
+                    nursery.start_soon(client, c)
+                await trio.sleep(seconds)
+                nursery.cancel_scope.cancel()
+        gc.callbacks.remove(on_gc)
+        latencies.sort()
+        return {
+            "requests": len(latencies),
+            "p50_ms": latencies[len(latencies) // 2] * 1000,
+            "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+            "max_ms": latencies[-1] * 1000,
+            "worst_stall_ms": worst_stall * 1000,
+            "full_collections": len(pauses),
+            "worst_full_collection_ms": max(pauses, default=0.0) * 1000,
+            "frozen_objects": gc.get_freeze_count(),
+        }
+
+    return dict(trio.run(run))
+
+
+def _worker(args: argparse.Namespace) -> dict[str, Any]:
+    kind, _, option = args.worker.partition(":")
+    if kind == "floor":
+        from benchmarks.floor import measure
+
+        return measure(args.url, args.n)
+    if kind == "predict":
+        return _predict_worker(args.url, option, args.n, 64, profile=False)
+    if kind == "profile":
+        return _predict_worker(args.url, option, args.n, 64, profile=True)
+    if kind == "c1000":
+        return _c1000_worker(args.url, option, args.c1000)
+    if kind == "gc":
+        return _gc_worker(args.url, option == "freeze", args.gc_seconds, args.gc_clients)
+    raise SystemExit(f"unknown worker {args.worker}")
+
+
+def _run(worker: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.hotpath", "--worker", worker, "--url", url]
+    command += ["--n", str(args.n), "--c1000", str(args.c1000), "--gc-seconds", str(args.gc_seconds)]
+    command += ["--gc-clients", str(args.gc_clients)]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"{worker} worker failed:\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"  {worker:16s} {json.dumps({k: v for k, v in result.items() if k != 'profile'})}", file=sys.stderr
+    )
+    return result
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(run[key] for run in runs))
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    print(f"\nhot path, medians of {args.rounds} rounds (each in its own process)")
+    if "floor" in results:
+        floor, floor64 = _median(results["floor"], "floor_ms"), _median(results["floor"], "floor64_ms")
+        adapter, post = _median(results["floor"], "adapter_ms"), _median(results["floor"], "h11_post_ms")
+        post64 = _median(results["floor"], "h11_post64_ms")
+        print(
+            f"  floor: ChatAdapter format+parse {adapter:.3f} ms + raw h11 POST {post:.3f} ms "
+            f"= {floor:.3f} ms"
+        )
+        print(f"         (the POSTs on 64 connections at once: {post64:.3f} ms; floor {floor64:.3f} ms)")
+        for transport in TRANSPORTS:
+            cpu = _median(results[f"predict:{transport}"], "cpu_ms")
+            print(
+                f"  engine.predict, {transport:5s}, 64 concurrent: {cpu:.3f} ms = {cpu / floor:.2f}x "
+                f"the floor (goal <= 2.0x: {_verdict(cpu / floor <= 2.0)}); "
+                f"{cpu / floor64:.2f}x the 64-connection floor"
+            )
+        ratio = _median(results["predict:httpx"], "cpu_ms") / _median(results["predict:lean"], "cpu_ms")
+        print(f"  httpx / lean CPU per prediction: {ratio:.2f}x")
+    for transport in TRANSPORTS:
+        key = f"c1000:{transport}"
+        if key in results:
+            wall, cpu = _median(results[key], "wall"), _median(results[key], "cpu_ms")
+            print(
+                f"  {args.c1000} concurrent vs a 1 s upstream, {transport:5s}: wall {wall:.2f}x ideal "
+                f"(goal <= 1.3x: {_verdict(wall <= 1.3)}), {cpu:.2f} ms CPU/prediction, "
+                f"{min(r['ok'] for r in results[key])} ok, {results[key][0]['threads']} OS thread(s); "
+                f"the fake upstream used {_median(results[key], 'upstream_cpu_ms'):.2f} ms CPU per answer"
+            )
+    for mode in ("plain", "freeze"):
+        key = f"gc:{mode}"
+        if key in results:
+            runs = results[key]
+            stall, stall_max = _median(runs, "worst_stall_ms"), max(r["worst_stall_ms"] for r in runs)
+            worst_gc = _median(runs, "worst_full_collection_ms")
+            print(
+                f"  gc {mode:6s}: p50 {_median(runs, 'p50_ms'):.1f} ms, "
+                f"p99 {_median(runs, 'p99_ms'):.1f} ms, "
+                f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms (of all runs "
+                f"{stall_max:.1f}), full collections {_median(runs, 'full_collections'):.0f} (longest "
+                f"{worst_gc:.1f} ms), "
+                f"{_median(runs, 'requests'):.0f} requests"
+            )
+    if "profile:lean" in results:
+        summary = results["profile:lean"][0]["profile"]
+        total = summary["total_ms_per_prediction"]
+        print(f"\nprofile of engine.predict (lean), own time per prediction under cProfile: {total:.3f} ms")
+        print("  by package: " + ", ".join(f"{k} {v:.3f}" for k, v in list(summary["packages"].items())[:12]))
+        for row in summary["top"][:25]:
+            own, cum, calls = row["own_ms"], row["cum_ms"], row["calls"]
+            print(f"  {own:.4f} own {cum:.4f} cum {calls:6.1f} calls  {row['where']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["cpu", "c1000", "profile", "gc"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--n", type=int, default=2000, help="predictions per CPU measurement")
+    parser.add_argument("--c1000", type=int, default=1000, help="concurrent predictions of part c1000")
+    parser.add_argument("--gc-seconds", type=float, default=30.0)
+    parser.add_argument("--gc-clients", type=int, default=16, help="closed-loop clients of part gc")
+    parser.add_argument("--json", default=None, help="also write raw results to this file")
+    parser.add_argument("--show", default=None, help="print the summary of a run saved with --json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return
+    if args.show:
+        with open(args.show) as file:
+            saved = json.load(file)
+        _summary(saved["results"], argparse.Namespace(**saved["args"]))
+        return
+
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    def run(worker: str, url: str) -> dict[str, Any]:
+        result = _run(worker, url, args)
+        results.setdefault(worker, []).append(result)
+        return result
+
+    if "cpu" in args.parts or "profile" in args.parts:
+        upstream, url = start_upstream(0.02)
+        try:
+            for r in range(args.rounds):
+                if "cpu" in args.parts:
+                    order = ["floor", "predict:httpx", "predict:lean"]
+                    for worker in order if r % 2 == 0 else order[::-1]:
+                        run(worker, url)
+            if "profile" in args.parts:
+                run("profile:lean", url)
+        finally:
+            upstream.kill()
+    if "c1000" in args.parts:
+        upstream, url = start_upstream(1.0)
+        try:
+            for r in range(args.rounds):
+                for transport in TRANSPORTS if r % 2 == 0 else TRANSPORTS[::-1]:
+                    before = _process_cpu(upstream.pid)
+                    result = run(f"c1000:{transport}", url)
+                    # The fake upstream's own CPU per answer: it bounds how fast 1,000 answers can go out.
+                    result["upstream_cpu_ms"] = (
+                        (_process_cpu(upstream.pid) - before) / (args.c1000 + 1) * 1000
+                    )
+        finally:
+            upstream.kill()
+    if "gc" in args.parts:
+        upstream, url = start_upstream(0.05)
+        try:
+            for r in range(args.rounds):
+                for mode in ("plain", "freeze") if r % 2 == 0 else ("freeze", "plain"):
+                    run(f"gc:{mode}", url)
+        finally:
+            upstream.kill()
+
+    _summary(results, args)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"args": vars(args), "results": results}, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
