@@ -32,6 +32,7 @@ from ._transport import (
     choose,
     default_ssl_context,
     new_ssl_context,
+    proxy_for,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class HTTPSettings:
 
         # Loading CA certificates takes ~50 ms: one context for all shards and lean clients.
         verify = new_ssl_context() if self.http2 else default_ssl_context()
+        proxy = proxy_for(base_url)
 
         def make_client(connections: int) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
             limits = httpx.Limits(
@@ -127,7 +129,8 @@ class HTTPSettings:
                 max_keepalive_connections=connections,
                 keepalive_expiry=self.idle_timeout,
             )
-            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits, http2=self.http2)
+            # Our own transport (for reaping) means httpx applies no proxy from the environment itself.
+            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits, http2=self.http2, proxy=proxy)
             client = httpx.AsyncClient(
                 base_url=base_url, headers=dict(headers), timeout=timeout, transport=own
             )
