@@ -6,6 +6,7 @@ The image is not built here (no Docker daemon, no registry); these tests read th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
+
+from tests.web_helpers import running
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -114,3 +118,17 @@ def test_installs_the_runtime_only_and_listens_on_all_interfaces() -> None:
 def test_the_build_context_leaves_out_local_environments() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".venv-model", "tests"} <= ignored
+
+
+async def test_the_healthcheck_probe_passes_on_a_ready_server_and_fails_without_one() -> None:
+    """The HEALTHCHECK command itself, run against the real service: exit 0 when /ready is 200, else not."""
+    check = _one("HEALTHCHECK")
+    command = json.loads(check[check.index("CMD") + 3 :].strip())
+    command[0] = sys.executable
+    async with running() as server:
+        port = server.url.rsplit(":", 1)[1]
+        env = {**os.environ, "DSPY_TRIO_PORT": port}
+        ready = await trio.run_process(command, env=env, check=False, capture_stderr=True)
+        assert ready.returncode == 0, ready.stderr
+    gone = await trio.run_process(command, env=env, check=False, capture_stderr=True)
+    assert gone.returncode != 0

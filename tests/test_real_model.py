@@ -1,0 +1,193 @@
+"""Checks against a real model nobody here wrote (opt-in: ``pytest -m real_model``).
+
+Needs an OpenAI-compatible model server: ``DSPY_TRIO_REAL_MODEL_URL`` is its ``/v1`` root and
+``DSPY_TRIO_REAL_MODEL_NAME`` its model name (default ``smollm2``). ``make local-model`` starts one
+(llama.cpp's server with SmolLM2-135M-Instruct, see scripts/local-model.sh); ``make test-real-model`` runs
+these checks against it. They go through the real service (Hypercorn on an ephemeral port, real HTTP) with
+the set-up a small model needs: the JSON adapter, ``response_format`` json_object and an output-token cap.
+
+Wall-clock times appear here only as *comparisons* against the same model called directly, measured in the
+same test; a real model is too slow and too variable for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from engine import EngineConfig, LMConfig, ProgramSpec
+from tests.web_helpers import running, settings
+
+pytestmark = pytest.mark.real_model
+
+URL = os.environ.get("DSPY_TRIO_REAL_MODEL_URL", "").rstrip("/")
+MODEL = os.environ.get("DSPY_TRIO_REAL_MODEL_NAME", "smollm2")
+SMALL_MODEL_PARAMS = {"temperature": 0.0, "max_tokens": 128, "response_format": {"type": "json_object"}}
+LONG_PROMPT = (
+    "Write a very long essay, at least 3000 words, about the history of computing, decade by decade."
+)
+
+
+@pytest.fixture(autouse=True)
+def _needs_a_model() -> None:
+    if not URL:
+        pytest.skip("DSPY_TRIO_REAL_MODEL_URL is not set (start one with `make local-model`)")
+
+
+def service() -> Any:
+    def lm(**params: Any) -> LMConfig:
+        return LMConfig(
+            provider="openai", model=MODEL, api_base=URL, api_key="none", timeout=120, max_attempts=1,
+            params={**SMALL_MODEL_PARAMS, **params},
+        )  # fmt: skip
+
+    engine = EngineConfig(
+        lms={"default": lm(), "long": lm(max_tokens=1500, response_format={"type": "text"})},
+        programs={
+            "default": ProgramSpec("question -> answer"),
+            "essay": ProgramSpec("topic -> essay", lm="long", adapter="chat"),
+        },
+        adapter="json",
+    )
+    return settings(engine=engine, default_timeout=120, max_timeout=300)
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    event, data = "message", []
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            yield event, "\n".join(data)
+            event, data = "message", []
+
+
+async def direct(client: httpx.AsyncClient, content: str, **params: Any) -> dict[str, Any]:
+    response = await client.post(
+        f"{URL}/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": content}], **params},
+        timeout=300,
+    )
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_predict_answers_through_the_service() -> None:
+    async with running(service()) as server, httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        response = await client.post(
+            "/v1/programs/default/predict", json={"inputs": {"question": "What is the capital of France?"}}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert isinstance(body["outputs"]["answer"], str)
+        assert body["outputs"]["answer"].strip()
+        assert body["usage"]["completion_tokens"] > 0
+
+
+async def test_stream_ends_with_the_final_answer() -> None:
+    async with running(service()) as server, httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        events = []
+        body = {"inputs": {"question": "Name a primary colour."}}
+        async with client.stream("POST", "/v1/programs/default/stream", json=body) as response:
+            assert response.status_code == 200
+            events = [(name, data) async for name, data in sse_events(response)]
+        names = [name for name, _ in events]
+        assert names[-1] == "final", events
+        final = json.loads(events[-1][1])
+        assert final["outputs"]["answer"].strip()
+
+
+async def test_stream_usage_is_not_zero() -> None:
+    """llama.cpp sends no usage chunk on streams: the service must count or estimate the tokens.
+
+    EXPECTS helper seams' usage estimation (issue #15); fails before it lands.
+    """
+    async with running(service()) as server, httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        body = {"inputs": {"question": "Name a primary colour."}}
+        async with client.stream("POST", "/v1/programs/default/stream", json=body) as response:
+            events = [(name, data) async for name, data in sse_events(response)]
+        final = json.loads(events[-1][1])
+        assert final["usage"]["completion_tokens"] > 0, final
+
+
+async def test_seed_stream_delivers_the_answer() -> None:
+    """The seed's /stream must carry the answer's text before [DONE], even when it came without deltas.
+
+    EXPECTS helper edge's fix (issue #15); fails before it lands.
+    """
+    async with running(service()) as server, httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        async with client.stream("POST", "/stream", json={"question": "Name a primary colour."}) as response:
+            assert response.status_code == 200
+            data = [data async for _, data in sse_events(response)]
+        assert data[-1] == "[DONE]"
+        assert "".join(data[:-1]).strip(), data
+
+
+async def time_direct_probe(client: httpx.AsyncClient) -> float:
+    """Seconds the model takes to answer a one-token request: long while its slot is busy."""
+    started = time.monotonic()
+    await direct(client, "Say hi.", max_tokens=1)
+    return time.monotonic() - started
+
+
+async def test_a_cancelled_stream_frees_the_model_slot() -> None:
+    """Closing a stream through the service stops the model's generation: the next request is not queued
+    behind the abandoned one. Compared with how long the model takes to write that answer undisturbed."""
+    async with httpx.AsyncClient() as model:
+        started = time.monotonic()
+        full = await direct(model, LONG_PROMPT, max_tokens=400, temperature=0.0)
+        full_seconds = time.monotonic() - started
+        if full["usage"]["completion_tokens"] < 200:
+            pytest.skip(
+                f"the model stopped after {full['usage']['completion_tokens']} tokens: nothing to cancel"
+            )
+        idle_probe = await time_direct_probe(model)
+
+        async with (
+            running(service()) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+        ):
+            body = {"inputs": {"topic": LONG_PROMPT}}
+            async with client.stream("POST", "/v1/programs/essay/stream", json=body) as response:
+                async for name, _ in sse_events(response):
+                    if name == "delta":
+                        break  # the model is generating: leave
+            probe = await time_direct_probe(model)
+    print(f"full answer {full_seconds:.2f}s, probe idle {idle_probe:.2f}s, probe after cancel {probe:.2f}s")
+    assert probe < idle_probe + full_seconds / 4
+
+
+async def test_a_cancelled_predict_frees_the_model_slot() -> None:
+    """A predict whose client leaves must stop the model too (llama.cpp stops only when a *stream* closes).
+
+    EXPECTS helper seams' upstream streaming for predict (issue #15); fails before it lands.
+    """
+    async with httpx.AsyncClient() as model:
+        started = time.monotonic()
+        full = await direct(model, LONG_PROMPT, max_tokens=400, temperature=0.0)
+        full_seconds = time.monotonic() - started
+        if full["usage"]["completion_tokens"] < 200:
+            pytest.skip(
+                f"the model stopped after {full['usage']['completion_tokens']} tokens: nothing to cancel"
+            )
+        idle_probe = await time_direct_probe(model)
+
+        async with (
+            running(service()) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=120) as client,
+        ):
+            with trio.move_on_after(full_seconds / 4):
+                await client.post("/v1/programs/essay/predict", json={"inputs": {"topic": LONG_PROMPT}})
+            probe = await time_direct_probe(model)
+    print(f"full answer {full_seconds:.2f}s, probe idle {idle_probe:.2f}s, probe after cancel {probe:.2f}s")
+    assert probe < idle_probe + full_seconds / 4
