@@ -1,6 +1,6 @@
 # dspy-trio service image (not built by this repository's tests or CI; the tests lint this file).
 #   docker build -t dspy-trio .
-#   docker run --rm -p 8000:8000 -e LM_API_BASE=http://host.docker.internal:8080/v1 -e LM_MODEL=smollm2 dspy-trio
+#   docker run --rm -p 8000:8000 -e LM_API_BASE=https://api.openai.com/v1 -e LM_MODEL=gpt-4o-mini -e LM_API_KEY dspy-trio
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

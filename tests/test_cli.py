@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 internal error, 2 usage or configuration error, 3 no answe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -187,6 +188,16 @@ async def test_serve_announces_the_simulated_lm_before_serving(env: dict[str, st
     assert all(LOG_LINE.match(line) for line in stderr.splitlines() if line.strip()), stderr
 
 
+@pytest.fixture
+def _restore_logging() -> Iterator[None]:
+    """main() installs its log handlers; take them away again, with their captured stderr."""
+    root, requests = logging.getLogger(), logging.getLogger("engine.requests")
+    saved = (list(root.handlers), root.level, list(requests.handlers), requests.propagate)
+    yield
+    root.handlers[:], root.level, requests.handlers[:], requests.propagate = saved
+
+
+@pytest.mark.usefixtures("_restore_logging")
 async def test_an_internal_error_exits_1_with_its_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
