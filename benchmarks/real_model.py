@@ -71,24 +71,23 @@ def service(url: str, model: str) -> ServiceSettings:
     engine = EngineConfig(
         lms={
             "default": lm_config(url, model, **JSON_FORMAT),
-            "long": lm_config(url, model, max_tokens=400),
+            "long": lm_config(url, model, max_tokens=400, **JSON_FORMAT),
         },
         programs={
             "default": ProgramSpec("question -> answer"),
-            "essay": ProgramSpec("topic -> essay", lm="long", adapter="chat"),
+            "essay": ProgramSpec("topic -> essay", lm="long"),
         },
         adapter="json",
     )
     return ServiceSettings(engine=engine, port=0, default_timeout=300, max_timeout=300, ws_ping_interval=None)
 
 
-def json_adapter_messages(question: str) -> list[dict[str, Any]]:
-    """The messages dspy-trio sends for ``question -> answer`` with the JSON adapter."""
-    signature = dspy.ensure_signature("question -> answer")
-    messages: list[dict[str, Any]] = dspy.JSONAdapter().format(
-        signature, demos=[], inputs={"question": question}
+def json_adapter_messages(signature: str, **inputs: str) -> list[dict[str, Any]]:
+    """The messages dspy-trio sends for ``signature`` with the JSON adapter."""
+    formatted: list[dict[str, Any]] = dspy.JSONAdapter().format(
+        dspy.ensure_signature(signature), demos=[], inputs=inputs
     )
-    return messages
+    return formatted
 
 
 async def timed(call: Callable[[], Any]) -> float:
@@ -109,7 +108,7 @@ async def sse_until(response: httpx.Response, last: Callable[[str], bool]) -> in
 async def overhead(url: str, model: str, base: str, rounds: int) -> None:
     async with httpx.AsyncClient(timeout=300) as http:
         question = QUESTIONS[0]
-        messages = json_adapter_messages(question)
+        messages = json_adapter_messages("question -> answer", question=question)
         direct_body = {"model": model, "messages": messages, **PARAMS, **JSON_FORMAT}
         ours_body = {"inputs": {"question": question}}
 
@@ -157,48 +156,56 @@ async def probe(http: httpx.AsyncClient, url: str, model: str) -> float:
     return await timed(call)
 
 
+async def wait_until_idle(http: httpx.AsyncClient, url: str, model: str) -> float:
+    for _ in range(200):
+        if (seconds := await probe(http, url, model)) < 1.0:
+            return seconds
+    raise RuntimeError("the model never became idle")
+
+
 async def cancel(url: str, model: str, base: str) -> None:
     async with httpx.AsyncClient(timeout=300) as http:
-        long_body = {
-            "model": model,
-            "messages": [{"role": "user", "content": LONG_PROMPT}],
-            "max_tokens": 400,
-        }
+        messages = json_adapter_messages("topic -> essay", topic=LONG_PROMPT)
+        long_body = {"model": model, "messages": messages, **PARAMS, **JSON_FORMAT, "max_tokens": 400}
+        await wait_until_idle(http, url, model)
         full = await timed(lambda: http.post(f"{url}/chat/completions", json=long_body))
         idle = statistics.median([await probe(http, url, model) for _ in range(3)])
         print(
-            f"cancel   full long answer {full:.2f} s; one-token probe on an idle model {idle * 1000:.0f} ms"
+            f"cancel   long answer undisturbed {full:.2f} s; "
+            f"one-token request, idle model {idle * 1000:.0f} ms"
         )
         essay = {"inputs": {"topic": LONG_PROMPT}}
 
         async def ours_stream() -> None:
-            async with http.stream("POST", f"{base}/v1/programs/essay/stream", json=essay) as response:
-                await sse_until(response, lambda line: line.startswith("event: delta"))
+            with trio.move_on_after(2.0):
+                async with http.stream("POST", f"{base}/v1/programs/essay/stream", json=essay) as response:
+                    await sse_until(response, lambda line: False)
 
         async def direct_stream() -> None:
-            async with http.stream(
-                "POST", f"{url}/chat/completions", json={**long_body, "stream": True}
-            ) as r:
-                await sse_until(r, lambda line: line.startswith("data: {"))
+            with trio.move_on_after(2.0):
+                async with http.stream(
+                    "POST", f"{url}/chat/completions", json={**long_body, "stream": True}
+                ) as r:
+                    await sse_until(r, lambda line: False)
 
         async def ours_predict() -> None:
-            with trio.move_on_after(1.0):
+            with trio.move_on_after(2.0):
                 await http.post(f"{base}/v1/programs/essay/predict", json=essay)
 
         async def direct_predict() -> None:
-            with trio.move_on_after(1.0):
+            with trio.move_on_after(2.0):
                 await http.post(f"{url}/chat/completions", json=long_body)
 
         for name, leave in (
-            ("stream left after its first delta, through dspy-trio", ours_stream),
-            ("stream left after its first chunk, direct", direct_stream),
-            ("predict left after 1 s, through dspy-trio", ours_predict),
-            ("predict left after 1 s, direct", direct_predict),
-        ):
+            ("stream left after 2 s, through dspy-trio", ours_stream),
+            ("stream left after 2 s, direct", direct_stream),
+            ("predict left after 2 s, through dspy-trio", ours_predict),
+            ("predict left after 2 s, direct", direct_predict),
+        ) * 2:
+            await wait_until_idle(http, url, model)
             await leave()
             waited = await probe(http, url, model)
-            print(f"cancel   {name:55} next request waited {waited:6.2f} s")
-            await trio.sleep(max(0.0, full - waited) + 1)  # let any abandoned generation finish
+            print(f"cancel   {name:45} next request waited {waited:6.2f} s")
 
 
 async def parse_failures(url: str, model: str) -> None:
