@@ -218,7 +218,5 @@ async def test_a_cancelled_predict_frees_the_model_slot() -> None:
                     await client.post("/v1/programs/essay/predict", json={"inputs": {"topic": LONG_PROMPT}})
 
             ours_wait = await slot_wait_after_leaving(model, leave_our_predict)
-    print(
-        f"slot busy after leaving: our predict {ours_wait:.2f}s, a direct stream {direct_wait:.2f}s"
-    )
+    print(f"slot busy after leaving: our predict {ours_wait:.2f}s, a direct stream {direct_wait:.2f}s")
     assert ours_wait <= direct_wait * 1.5 + 1.0
