@@ -1,8 +1,11 @@
-"""Project-wide pytest options."""
+"""Project-wide pytest set-up: the engine's pytest plugin, loaded explicitly as any user's project would,
+and the project's own options."""
 
 from __future__ import annotations
 
 import pytest
+
+pytest_plugins = ["engine.testing.pytest_plugin"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -158,8 +158,8 @@ async def test_500_concurrent_predictions_complete_on_one_os_thread(fake_upstrea
                 nursery.start_soon(one, i)
             with trio.fail_after(30):
                 await fake_upstream.wait_for(lambda u: u.active_requests >= 100)
-            assert threading.active_count() == threads_before
+            assert threading.active_count() <= threads_before  # no new thread; an older one may end
         assert engine.statistics().succeeded == 500
     assert len({r.outputs["answer"] for r in results}) > 1
     assert len(fake_upstream.records) == 500
-    assert threading.active_count() == threads_before
+    assert threading.active_count() <= threads_before  # no new thread; an older one may end
