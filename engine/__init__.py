@@ -27,6 +27,7 @@ from ._config import RateLimit as RateLimit
 from ._config import StreamOptions as StreamOptions
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
+from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlineExceededError as DeadlineExceededError
 from ._errors import EngineClosedError as EngineClosedError
@@ -64,6 +65,7 @@ __all__ = [
     "AdaptiveSettings",
     "BatchItem",
     "CallTimeouts",
+    "ClusterUnavailableError",
     "ConfigError",
     "DeadlineExceededError",
     "Engine",

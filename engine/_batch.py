@@ -68,10 +68,13 @@ async def open_batch(
     concurrency: int = 16,
     fail_fast: bool = False,
     request_id: str | None = None,
+    running: dict[str, Callable[[EngineError], None]] | None = None,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
     """Run a batch; iterate the channel for outcomes as they complete. See :meth:`Engine.batch_stream`.
 
-    ``predict`` runs one item; ``cancel(request_id, reason)`` ends an item in flight (fail-fast).
+    ``predict`` runs one item; ``cancel(request_id, reason)`` ends an item in flight (fail-fast). While
+    the batch runs, ``running[batch id]`` stops it: no item starts any more, the ones in flight end with
+    the reason given.
     """
     _check_concurrency(concurrency)
     prefix = request_id or f"batch-{uuid.uuid4().hex}"
@@ -90,22 +93,30 @@ async def open_batch(
         finally:
             in_flight.discard(item_id)
 
-    async def worker(outcomes: trio.MemorySendChannel[BatchItem]) -> None:
+    def stop(reason: EngineError) -> None:
         nonlocal stopped
+        stopped = True
+        for item_id in list(in_flight):
+            cancel(item_id, reason)
+
+    async def worker(outcomes: trio.MemorySendChannel[BatchItem]) -> None:
         async with outcomes:
             for index, inputs in indexed:
                 if stopped:
                     return
                 outcome = await run_item(index, inputs)
                 if fail_fast and not outcome.ok and not stopped:
-                    stopped = True
-                    for item_id in list(in_flight):
-                        item = item_id.rsplit("-", 1)[1]
-                        cancel(item_id, RequestCancelledError(f"item {item} cancelled: another item failed"))
+                    stop(RequestCancelledError(f"cancelled: item {index} of the batch failed"))
                 await outcomes.send(outcome)
 
-    async with _groups.open_service_nursery() as nursery:
-        async with send:
-            for _ in range(concurrency):
-                nursery.start_soon(worker, send.clone())
-        yield receive
+    if running is not None:
+        running[prefix] = stop
+    try:
+        async with _groups.open_service_nursery() as nursery:
+            async with send:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker, send.clone())
+            yield receive
+    finally:
+        if running is not None:
+            running.pop(prefix, None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
@@ -30,7 +30,7 @@ from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
-from ._errors import EngineClosedError, InvalidInputError, RequestCancelledError
+from ._errors import EngineClosedError, EngineError, InvalidInputError, RequestCancelledError
 from ._ledger import Ledger
 from ._limits import Limits
 from ._lm_factory import build_lm
@@ -73,6 +73,7 @@ class Engine(metaclass=NoPublicConstructor):
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
         self._closing = False
+        self._batches: dict[str, Callable[[EngineError], None]] = {}  # batch id -> stop it (cancel by id)
         self._runner = ProgramRunner(self._lms, config.adapter)
         self._program_lms = {info.name: info.lm for info in programs.infos()}
         self.metrics = EngineMetrics(self.statistics)
@@ -134,9 +135,12 @@ class Engine(metaclass=NoPublicConstructor):
         :class:`ErrorEvent`, also when it was still queued), and its upstream connection is closed.
         Returns whether such a request was active. Does not block.
         """
-        return self._ledger.cancel(
-            request_id, lambda: RequestCancelledError(f"request {request_id} was cancelled")
-        )
+        reason = RequestCancelledError(f"request {request_id} was cancelled")
+        found = self._ledger.cancel(request_id, lambda: reason)
+        if (stop_batch := self._batches.get(request_id)) is not None:  # a whole batch, by its id
+            stop_batch(reason)
+            found = True
+        return found
 
     async def cancel_anywhere(self, request_id: str, *, owner: str | None = None) -> bool:
         """Like :meth:`cancel`, for the request's ``owner`` only (when given), and with a cluster also in
@@ -339,6 +343,7 @@ class Engine(metaclass=NoPublicConstructor):
             concurrency=concurrency,
             fail_fast=fail_fast,
             request_id=request_id,
+            running=self._batches,
         )
 
     async def batch(
@@ -395,11 +400,24 @@ class Engine(metaclass=NoPublicConstructor):
 
 
 async def close_lms(lms: Iterable[TrioLM]) -> None:
-    """Close every LM (shielded, bounded), whether or not the caller is cancelled."""
-    with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
-        cleanup.shield = True
-        for lm in lms:
-            await lm.aclose()
+    """Close every LM at once, each shielded and bounded on its own, whether or not the caller is cancelled:
+    one LM whose ``aclose`` fails (logged) or hangs never keeps the others open. Blocks for at most
+    ``_CLEANUP_TIMEOUT`` seconds."""
+
+    async def close(lm: TrioLM) -> None:
+        with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
+            cleanup.shield = True
+            try:
+                await lm.aclose()
+            except Exception:
+                logger.exception("closing LM %r failed", lm)
+        if cleanup.cancelled_caught:
+            logger.error("closing LM %r took longer than %ss; left behind", lm, _CLEANUP_TIMEOUT)
+
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            for lm in lms:
+                nursery.start_soon(close, lm)
 
 
 @asynccontextmanager

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._statistics import Outcome
 
 __all__ = [
+    "ClusterUnavailableError",
     "ConfigError",
     "DeadlineExceededError",
     "EngineClosedError",
@@ -183,6 +184,13 @@ class RequestAbandonedError(EngineError):
 
     code = "abandoned"
     outcome: ClassVar[Outcome] = "abandoned"
+
+
+class ClusterUnavailableError(EngineError):
+    """Raised when an operation that needs the shared state of a cluster (Redis) cannot reach it, e.g. a
+    cancel by id of a request that may run in another process. Nothing was changed; try again later."""
+
+    code = "cluster_unavailable"
 
 
 class ConfigError(EngineError):

@@ -71,7 +71,7 @@ def configs(tmp_path: Path) -> Path:
     # An LM nobody listens to: only the LM_* variables can make this configuration answer.
     (tmp_path / "dead_lm.toml").write_text(
         '[lms.default]\nprovider = "openai"\nmodel = "m"\napi_base = "http://127.0.0.1:9/v1"\n'
-        "max_attempts = 1\nconnect_timeout = 2\n"
+        "retry = { max_attempts = 1 }\nhttp = { connect_timeout = 2 }\n"
     )
     return tmp_path
 

@@ -14,6 +14,7 @@ def test_engine_public_names_are_pinned() -> None:
         "AdaptiveSettings",
         "BatchItem",
         "CallTimeouts",
+        "ClusterUnavailableError",
         "ConfigError",
         "DeadlineExceededError",
         "Engine",

@@ -100,12 +100,20 @@ def create_app(
     engine_stop, engine_closed = trio.Event(), trio.Event()
 
     async def own_engine(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
         try:
             async with open_engine(settings.engine, lms=lms) as engine:
                 state.engine = engine
                 task_status.started()
+                started = True
                 await engine_stop.wait()
                 state.draining = True
+        except Exception as exc:
+            # Hypercorn would log a failed lifespan and serve on without an engine: instead the service
+            # stops and ``serve`` ends with this error (a supervisor then restarts the process).
+            state.fail(exc)
+            if not started:
+                raise
         finally:
             engine_closed.set()
 

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from engine import (
+    ClusterUnavailableError,
     DeadlineExceededError,
     EngineClosedError,
     EngineError,
@@ -43,6 +44,7 @@ _STATUS: list[tuple[type[EngineError], int, str]] = [
     (InvalidInputError, 422, "invalid_request_error"),
     (OverloadedError, 429, "rate_limit_error"),
     (EngineClosedError, 503, "service_unavailable_error"),
+    (ClusterUnavailableError, 503, "service_unavailable_error"),
     (RequestCancelledError, 499, "cancelled_error"),
     (RequestAbandonedError, 499, "cancelled_error"),
     (DeadlineExceededError, 504, "timeout_error"),

@@ -39,7 +39,7 @@ async def cancel_request(request_id: str) -> Response:
     does not exist (404), so ids cannot be probed. With a cluster (Redis), a request running in another
     worker or replica is cancelled there, under the same rule."""
     service = state()
-    engine = service.require_engine()
+    engine = service.engine_even_draining()  # an owner may still cancel while the server drains
     if request_id in service.owners:  # started here: only its owner may
         found = service.may_cancel(request_id, g.owner) and engine.cancel(request_id)
     else:
@@ -54,7 +54,7 @@ async def cancel_request(request_id: str) -> Response:
 @ops.get("/metrics")
 async def metrics() -> Response:
     """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
-    engine = state().require_engine()
+    engine = state().engine_even_draining()  # the last counts of a stopping process stay readable
     directory = workers_dir()  # several workers: the whole instance
     if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
         if directory is not None:

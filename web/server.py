@@ -139,6 +139,10 @@ def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> Hyp
     return config
 
 
+class _EngineFailed(Exception):
+    """Ends serving when the engine failed to open (the failure itself is in the service state)."""
+
+
 @attrs.define
 class Server:
     """A running service: its URL, and a way to stop it as SIGTERM would."""
@@ -201,24 +205,36 @@ async def serve(
         with snapshots_scope:
             await run_snapshots(directory, lambda: state.engine)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(drain_then_stop)
-        if (directory := workers_dir()) is not None:
-            nursery.start_soon(snapshots, directory)
-        if handle_signals:
-            nursery.start_soon(watch_signals)
-        config = hypercorn_config(settings, worker_count=worker_count)
-        guarded = KeepAliveGuard(
-            app, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
-        )
-        binds = await nursery.start(
-            functools.partial(hypercorn_serve, guarded, config, shutdown_trigger=stopped.wait)
-        )
-        task_status.started(Server(binds[0], state, stop))
-        logger.info("serving on %s", binds[0])
-        await stopped.wait()
-        signals_scope.cancel()  # Hypercorn now closes its connections and ends the lifespan itself
-        snapshots_scope.cancel()
+    state.on_failure = stop.set
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_then_stop)
+            if (directory := workers_dir()) is not None:
+                nursery.start_soon(snapshots, directory)
+            if handle_signals:
+                nursery.start_soon(watch_signals)
+            config = hypercorn_config(settings, worker_count=worker_count)
+            guarded = KeepAliveGuard(
+                app, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
+            )
+            binds = await nursery.start(
+                functools.partial(hypercorn_serve, guarded, config, shutdown_trigger=stopped.wait)
+            )
+            if state.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
+                stop.set()
+                raise _EngineFailed
+            task_status.started(Server(binds[0], state, stop))
+            logger.info("serving on %s", binds[0])
+            await stopped.wait()
+            signals_scope.cancel()  # Hypercorn now closes its connections and ends the lifespan itself
+            snapshots_scope.cancel()
+    except BaseException as exc:
+        # Hypercorn echoes the engine's failure (LifespanFailureError): the caller sees one error, ours.
+        if state.failure is None or isinstance(exc, trio.Cancelled):
+            raise
+        logger.debug("serving ended by the engine's failure", exc_info=exc)
+    if state.failure is not None:
+        raise RuntimeError(f"the engine failed: {state.failure}") from state.failure
     logger.info("stopped")
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import attrs
@@ -11,6 +12,8 @@ from engine import Engine
 
 from .errors import HTTPError
 from .settings import ServiceSettings
+
+logger = logging.getLogger("web")
 
 
 @attrs.define
@@ -28,6 +31,17 @@ class ServiceState:
     engine: Engine | None = None
     draining: bool = False
     owners: dict[str, str] = attrs.field(factory=dict)
+    # Why the engine ended on its own (it failed to open, or crashed while serving), and who to tell.
+    failure: BaseException | None = None
+    on_failure: Callable[[], None] = lambda: None
+
+    def fail(self, error: BaseException) -> None:
+        """Record that the engine failed: refuse traffic and ask the server to stop."""
+        logger.critical("the engine failed; the service stops: %r", error, exc_info=error)
+        if self.failure is None:
+            self.failure = error
+        self.draining = True
+        self.on_failure()
 
     @property
     def ready(self) -> bool:
@@ -36,6 +50,14 @@ class ServiceState:
     def require_engine(self) -> Engine:
         """The engine, or a 503 ``not_ready`` while starting or draining."""
         if self.engine is None or self.draining:
+            raise HTTPError(
+                503, "the service is not ready", type="service_unavailable_error", code="not_ready"
+            )
+        return self.engine
+
+    def engine_even_draining(self) -> Engine:
+        """The engine also while it drains (cancel by id, metrics), or a 503 ``not_ready`` without one."""
+        if self.engine is None:
             raise HTTPError(
                 503, "the service is not ready", type="service_unavailable_error", code="not_ready"
             )

@@ -19,6 +19,7 @@ import math
 
 import trio
 
+from .._errors import ClusterUnavailableError
 from ._redis import RedisLink, RedisUnavailableError
 
 _TTL_MARGIN = 30.0  # seconds a registration outlives its request's deadline
@@ -55,6 +56,9 @@ class Registry:
 
         A request registered with an owner is only cancelled for the same owner; for anyone else it is
         "not found" (as if it did not exist). Blocks for two bounded round-trips at most.
+
+        Raises:
+            ClusterUnavailableError: Redis cannot be reached, so where the request runs is unknown.
         """
         try:
             raw = await self._link.call(lambda: self._link.client.get(self._link.key("request", request_id)))
@@ -65,6 +69,6 @@ class Registry:
                 return False
             channel = self.cancel_channel(str(record["process"]))
             receivers = await self._link.call(lambda: self._link.client.publish(channel, request_id))
-        except RedisUnavailableError:
-            return False
+        except RedisUnavailableError as exc:
+            raise ClusterUnavailableError(f"cannot reach the cluster to cancel {request_id}: {exc}") from exc
         return bool(receivers > 0)

@@ -167,13 +167,18 @@ class LeanClient:
         try:
             data = self._request_bytes(connection, path, body, accept)
             await connection.send(data)
-            while True:
-                event = await connection.next_event(scope)
-                if isinstance(event, h11.Response):
-                    connection.decoder(event)
-                    return connection, event
-                if not isinstance(event, h11.InformationalResponse):  # pragma: no cover - h11 guarantees
-                    raise RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
+            # The read timeout bounds the silence between reads; the whole head must also arrive within
+            # it, or a server trickling header bytes would hold the call for hours.
+            with trio.move_on_after(self.timeouts.read) as whole_head:
+                while True:
+                    event = await connection.next_event(scope)
+                    if isinstance(event, h11.Response):
+                        connection.decoder(event)
+                        return connection, event
+                    if not isinstance(event, h11.InformationalResponse):  # pragma: no cover - h11 guarantees
+                        raise RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
+            assert whole_head.cancelled_caught
+            raise read_timeout_error(self.timeouts.read)
         except BaseException:
             self.pool.release(connection)  # not reusable mid-exchange: closed
             raise
@@ -306,8 +311,18 @@ class LineSplitter:
         self._buffer = ""
 
     def feed(self, data: bytes, *, final: bool = False) -> list[str]:
-        """The lines completed by ``data``; with ``final``, also the last unterminated one."""
-        text = self._buffer + self._decoder.decode(data, final)
+        """The lines completed by ``data``; with ``final``, also the last unterminated one.
+
+        Raises:
+            RemoteProtocolError: a line grew past ``MAX_BODY_BYTES`` characters without ending.
+        """
+        new = self._decoder.decode(data, final)
+        if not final and "\n" not in new and "\r" not in new and not self._buffer.endswith("\r"):
+            self._buffer += new  # no line ends here: no need to split everything again
+            if len(self._buffer) > MAX_BODY_BYTES:
+                raise RemoteProtocolError(f"an event-stream line longer than {MAX_BODY_BYTES} characters")
+            return []
+        text = self._buffer + new
         held = ""
         if not final and text.endswith("\r"):
             text, held = text[:-1], "\r"
@@ -319,4 +334,6 @@ class LineSplitter:
                 lines.append(rest)
         else:
             self._buffer = rest + held
+            if len(self._buffer) > MAX_BODY_BYTES:
+                raise RemoteProtocolError(f"an event-stream line longer than {MAX_BODY_BYTES} characters")
         return lines
