@@ -112,8 +112,8 @@ def main() -> None:
     print(
         f"engine.predict, {args.n} predictions at {CONCURRENCY} concurrent, medians of {args.rounds} rounds"
     )
-    header = f"{'words':>5} {'tokens':>6} | {'plain ms':>8} {'stream ms':>9} {'ratio':>5} | upstream ms plain/stream"
-    print(header)
+    print(f"{'words':>5} {'tokens':>6} | {'plain ms':>8} {'stream ms':>9} {'ratio':>5} | upstream ms", end="")
+    print(" plain / stream")
     for words in args.words:
         result = _measure(words, args.n, args.rounds)
         plain, stream = result["plain"], result["stream"]
