@@ -49,6 +49,7 @@ from engine import (
     FinalEvent,
     LMConfig,
     ProgramSpec,
+    RetryPolicy,
     UpstreamServerError,
     open_engine,
 )
@@ -205,7 +206,7 @@ def request_outcomes() -> Iterator[Outcomes]:
 
 def engine_config(plan: Plan) -> EngineConfig:
     return EngineConfig(
-        lms={"default": LMConfig(), "bad": LMConfig(max_attempts=1)},
+        lms={"default": LMConfig(), "bad": LMConfig(retry=RetryPolicy(max_attempts=1))},
         programs={
             "default": ProgramSpec(QA),
             "bad": ProgramSpec(QA_BAD, lm="bad"),
@@ -464,7 +465,13 @@ network_plans = st.builds(
 async def run_network_plan(plan: NetworkPlan) -> None:
     behavior = Behavior(latency=2.0, first_token_delay=0.0, token_delay=0.01, words_per_field=400)
     async with open_fake_upstream(behavior) as upstream:
-        lm = LMConfig(provider="openai", model="fake", api_base=upstream.url, api_key="k", max_attempts=1)
+        lm = LMConfig(
+            provider="openai",
+            model="fake",
+            api_base=upstream.url,
+            api_key="k",
+            retry=RetryPolicy(max_attempts=1),
+        )
         config = EngineConfig(lms={"default": lm}, drain_timeout=0)
         fired = [math.inf]
         scopes: list[trio.CancelScope] = []
