@@ -276,6 +276,11 @@ class LMConfig:
             raise ConfigError(
                 f"a {self.provider} LM needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
             )
+        if self.stream_upstream and self.provider not in ("openai", "anthropic"):
+            raise ConfigError(
+                f"stream_upstream (LM_STREAM_UPSTREAM) applies to the openai and anthropic providers, "
+                f"not {self.provider}"
+            )
 
     def policy(self) -> UpstreamPolicy:
         """The call policy (rate limits, retries, timeouts, adaptive concurrency) of this LM."""

@@ -144,6 +144,14 @@ def test_config_reads_stream_upstream_from_toml_and_env() -> None:
         LMConfig.from_mapping({**table, "stream_upstream": False, "params": {"stream_upstream": True}})
 
 
+@pytest.mark.parametrize("provider", ["simulated", "dspy"])
+def test_stream_upstream_on_a_provider_without_it_is_a_config_error(provider: str) -> None:
+    with pytest.raises(ConfigError, match=f"applies to the openai and anthropic providers, not {provider}"):
+        LMConfig(provider=provider, model="openai/m", api_base="http://127.0.0.1:1/v1", stream_upstream=True)
+    with pytest.raises(ConfigError, match="LM_STREAM_UPSTREAM"):
+        EngineConfig.from_env({"LM_STREAM_UPSTREAM": "true"})  # the default LM is the simulated one
+
+
 def test_from_config_passes_stream_upstream() -> None:
     config = LMConfig(provider="openai", model="m", api_base="http://127.0.0.1:1/v1", stream_upstream=True)
     assert OpenAICompatibleLM.from_config(config).stream_upstream is True
