@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
+import dspy
 import pytest
 import trio
 
@@ -57,14 +60,20 @@ async def test_cancel_returns_at_once_but_the_thread_runs_the_call_to_completion
     assert record.completed_at is not None
 
 
+@pytest.mark.parametrize(
+    ("api_base", "match"),
+    [("https://api.openai.com/v1", "LiteLLM"), ("http://127.0.0.1:9/v1", "cannot send these params")],
+    ids=["openai", "compatible-server"],
+)
 @pytest.mark.parametrize("params", [{"min_tokens": 5}, {"repeat_penalty": 1.1}])
 async def test_params_that_take_dspys_asyncio_litellm_route_are_refused_at_start_up(
-    params: dict[str, float],
+    params: dict[str, float], api_base: str, match: str
 ) -> None:
     """DSPy streams its LiteLLM route by running asyncio code on the calling (Trio) thread; under Trio
-    that failed every stream and froze the server. The configuration is refused before anything runs."""
-    lm = LMConfig(provider="dspy", model="openai/m", api_base="http://127.0.0.1:9/v1", params=params)
-    with pytest.raises(ConfigError, match="LiteLLM") as info:
+    that failed every stream and froze the server. The configuration is refused before anything runs
+    (for a compatible server DSPy itself refuses params its native route cannot carry)."""
+    lm = LMConfig(provider="dspy", model="openai/m", api_base=api_base, api_key="k", params=params)
+    with pytest.raises(ConfigError, match=match) as info:
         async with open_engine(EngineConfig(lms={"default": lm})):
             pytest.fail("the engine opened")
     assert next(iter(params)) in info.value.message
@@ -82,3 +91,44 @@ async def test_params_dspy_sends_natively_are_accepted(fake_upstream: FakeUpstre
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})
     assert result.outputs["answer"]
+
+
+@pytest.mark.parametrize("api_key", ["k", None], ids=["key", "no-key"])
+async def test_a_compatible_server_gets_max_tokens_not_max_completion_tokens(
+    fake_upstream: FakeUpstream, api_key: str | None
+) -> None:
+    """DSPy spells the cap ``max_completion_tokens`` (OpenAI's current name), which llama.cpp ignores:
+    an ``openai/`` model on any other server is sent ``max_tokens``, with or without a key."""
+    lm = LMConfig(
+        provider="dspy",
+        model="openai/fake-model",
+        api_base=fake_upstream.url,
+        api_key=api_key,
+        params={"max_tokens": 40},
+    )
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        result = await engine.predict("default", {"question": "q"})
+        async with engine.stream("default", {"question": "q"}) as events:
+            async for _event in events:
+                pass
+    assert result.outputs["answer"]
+    assert len(fake_upstream.records) == 2
+    for record in fake_upstream.records:
+        assert record.body["model"] == "fake-model"
+        assert record.body["max_tokens"] == 40
+        assert "max_completion_tokens" not in record.body
+
+
+def test_openai_itself_keeps_dspys_settings_and_nothing_is_registered_process_wide() -> None:
+    registered_providers = importlib.import_module("dspy.lm15").registered_providers
+    from engine.lm import ThreadedLM
+    from engine.lm.threaded import COMPATIBLE_PROVIDER
+
+    openai = LMConfig(provider="dspy", model="openai/gpt-4o-mini", api_base="https://api.openai.com/v1")
+    assert ThreadedLM.from_config(openai).inner.model == "openai/gpt-4o-mini"
+    local = LMConfig(provider="dspy", model="openai/m", api_base="http://127.0.0.1:9/v1")
+    threaded = ThreadedLM.from_config(local)
+    assert threaded.model == "openai/m"
+    assert threaded.inner.model == f"{COMPATIBLE_PROVIDER}/m"
+    assert all(binding.id != COMPATIBLE_PROVIDER for binding in registered_providers())
+    assert dspy.LM("openai/m", api_base="http://127.0.0.1:9/v1")._providers == registered_providers()

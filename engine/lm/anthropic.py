@@ -72,6 +72,8 @@ class AnthropicLM(TrioLM):
         api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
         http: Timeouts and connection limits.
         transport: An ``httpx`` transport to send requests through instead of the network (tests).
+        stream_upstream: Send non-streamed calls as streams too and assemble the answer, so that a
+            cancelled call closes a stream (see ``OpenAICompatibleLM``).
         **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
     """
 
@@ -83,12 +85,14 @@ class AnthropicLM(TrioLM):
         api_base: str = "https://api.anthropic.com",
         http: HTTPSettings | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        stream_upstream: bool = False,
         **kwargs: Any,
     ) -> None:
         # Set like any param (not only in the body), so the TPM estimate charges the cap actually sent.
         kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         super().__init__(model, **kwargs)
         self.api_base = api_base
+        self.stream_upstream = stream_upstream
         headers = {"anthropic-version": ANTHROPIC_VERSION}
         if api_key:
             headers["x-api-key"] = api_key
@@ -104,6 +108,7 @@ class AnthropicLM(TrioLM):
             api_key=config.api_key,
             api_base=config.api_base or "https://api.anthropic.com",
             http=config.http,
+            stream_upstream=config.stream_upstream,
             cache=cache,
             **config.params,
         )
@@ -141,8 +146,9 @@ class AnthropicLM(TrioLM):
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
-        body = self._body(messages, params, stream=sink is not None)
-        if sink is None:
+        stream = sink is not None or self.stream_upstream
+        body = self._body(messages, params, stream=stream)
+        if not stream:
             return await self._complete(body)
         return await self._stream(body, sink)
 
@@ -160,7 +166,8 @@ class AnthropicLM(TrioLM):
             ) from exc
         return Completion([text], usage, [thinking or None])
 
-    async def _stream(self, body: dict[str, Any], sink: DeltaSink) -> Completion:
+    async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
+        """Read an SSE answer, pushing text deltas to ``sink`` (None: assemble it only)."""
         text: list[str] = []
         thinking: list[str] = []
         usage: dict[str, Any] = {}
@@ -176,7 +183,8 @@ class AnthropicLM(TrioLM):
                 delta = payload.get("delta") or {}
                 if delta.get("type") == "text_delta" and delta.get("text"):
                     text.append(delta["text"])
-                    await sink.send(delta["text"])
+                    if sink is not None:
+                        await sink.send(delta["text"])
                 elif delta.get("type") == "thinking_delta":
                     thinking.append(delta.get("thinking", ""))
             elif kind == "message_delta":

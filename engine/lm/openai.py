@@ -173,6 +173,9 @@ class OpenAICompatibleLM(TrioLM):
         api_key: Sent as ``Authorization: Bearer``; None sends no key.
         http: Timeouts and connection limits.
         transport: An ``httpx`` transport to send requests through instead of the network (tests).
+        stream_upstream: Send non-streamed calls upstream as streams too (``stream: true``) and
+            assemble the answer: closing a stream is what makes self-hosted servers (llama.cpp) stop
+            generating when the call is cancelled, while they finish a plain request nobody reads.
         **kwargs: Default request parameters (``temperature``, ``max_tokens``, ...).
     """
 
@@ -184,11 +187,13 @@ class OpenAICompatibleLM(TrioLM):
         api_key: str | None = None,
         http: HTTPSettings | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        stream_upstream: bool = False,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
         super().__init__(model, **kwargs)
         self.api_base = api_base
+        self.stream_upstream = stream_upstream
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = http or HTTPSettings()
         self._clients = self.http.clients(api_base.rstrip("/") + "/", headers, transport=transport)
@@ -202,6 +207,7 @@ class OpenAICompatibleLM(TrioLM):
             api_base=config.api_base,
             api_key=config.api_key,
             http=config.http,
+            stream_upstream=config.stream_upstream,
             cache=cache,
             **config.params,
         )
@@ -243,7 +249,7 @@ class OpenAICompatibleLM(TrioLM):
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
-        if sink is None:
+        if sink is None and not self.stream_upstream:
             return await self._complete(self._body(messages, params, stream=False))
         return await self._stream(self._body(messages, params, stream=True), sink)
 
@@ -262,7 +268,8 @@ class OpenAICompatibleLM(TrioLM):
             raise UpstreamResponseError(f"{self.model}: completion content is not text", model=self.model)
         return Completion(texts, _usage(payload), reasoning)
 
-    async def _stream(self, body: dict[str, Any], sink: DeltaSink) -> Completion:
+    async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
+        """Read an SSE answer, pushing choice 0's deltas to ``sink`` (None: assemble it only)."""
         parts: dict[int, list[str]] = {}
         reasoning: dict[int, list[str]] = {}
         usage: dict[str, Any] = {}
@@ -278,7 +285,7 @@ class OpenAICompatibleLM(TrioLM):
             for index, content, thinking, finish in _deltas(payload, self.model):
                 if content:
                     parts.setdefault(index, []).append(content)
-                    if index == 0:
+                    if index == 0 and sink is not None:
                         await sink.send(content)
                 if thinking:
                     reasoning.setdefault(index, []).append(thinking)

@@ -14,7 +14,9 @@ engine's first-token and stall watchdogs and its "no retry after delivery" rule 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 import dspy
+import httpx
 from dspy.clients._deprecation import adapter_message_call
 from dspy.utils.exceptions import (
     LMError,
@@ -30,6 +33,7 @@ from dspy.utils.exceptions import (
     LMServerError,
     LMTimeoutError,
     LMTransportError,
+    LMUnsupportedFeatureError,
 )
 
 from .._errors import (
@@ -92,16 +96,60 @@ def refuse_litellm_route(lm: dspy.BaseLM, params: Mapping[str, Any]) -> None:
     """
     from dspy.clients.execution import _select_engine, prepare
 
+    unsupported = _dspy_module("dspy._vendor.lm15.errors").UnsupportedFeatureError
+
+    names = ", ".join(sorted(params)) or "(none)"
     call = prepare(lm, None, [{"role": "user", "content": "probe"}], {}, asynchronous=False, direct=True)
-    backend, _, _ = _select_engine(lm, call, False)
+    try:
+        backend, _, _ = _select_engine(lm, call, False)
+    except (unsupported, LMUnsupportedFeatureError) as exc:
+        # A model bound to a declared provider (see compatible_server_model) is refused, not rerouted.
+        raise ConfigError(
+            f"LM {lm.model!r}: DSPy cannot send these params ({names}): {_first_line(exc)}. Use "
+            'provider = "openai" (Trio-native; it sends any params as given), or drop them.'
+        ) from exc
     if type(backend).__name__.startswith("LiteLLM"):
-        names = ", ".join(sorted(params)) or "(none)"
         raise ConfigError(
             f"LM {lm.model!r}: with these params ({names}) DSPy takes its LiteLLM route, which runs "
             "asyncio code on the Trio thread and cannot work here. For an OpenAI-compatible server use "
             'provider = "openai" (Trio-native; it sends any params as given), or drop the params DSPy '
             "cannot send natively."
         )
+
+
+# The provider id of an OpenAI-compatible server that is not OpenAI's, bound to one stock LM only.
+COMPATIBLE_PROVIDER = "dspy_trio_compatible"
+
+
+def compatible_server_model(model: str, api_base: str | None) -> tuple[str, Any] | None:
+    """For an ``openai/`` model served elsewhere than api.openai.com: the model string and the DSPy
+    provider binding that send ``max_tokens`` (which llama.cpp, vLLM and Ollama read) instead of
+    DSPy's ``max_completion_tokens`` (OpenAI's current spelling, which llama.cpp ignores). None for
+    other models.
+
+    The binding is a declared provider (OpenAI's chat wire with ``max_tokens_field="max_tokens"``)
+    attached to the one ``dspy.LM`` built for it, not registered process-wide
+    (``dspy.lm15.register_provider``), so no other LM in the process changes.
+    """
+    if not model.startswith("openai/") or not api_base:
+        return None
+    if (httpx.URL(api_base).host or "").lower() == "api.openai.com":
+        return None
+    lm15 = _dspy_module("dspy.lm15")
+    compat = dataclasses.replace(lm15.OpenAIChatCompat.preset("openai"), max_tokens_field="max_tokens")
+    access = _dspy_module("dspy._vendor.lm15.features").AccessPolicy(
+        provider=COMPATIBLE_PROVIDER, env_keys=(), base_url=api_base
+    )
+    # A server without keys (llama.cpp) gets a placeholder, as the openai/ route sends none needed.
+    definition = lm15.ProviderDefinition.chat(access, compat=compat, placeholder_key="no-key")
+    binding = lm15.RegisteredProvider(definition=definition)
+    return f"{COMPATIBLE_PROVIDER}/{model.removeprefix('openai/')}", binding
+
+
+def _dspy_module(name: str) -> Any:
+    """Import a DSPy module untyped: a static import of ``dspy.lm15`` (whose vendored package ships
+    ``py.typed``) makes mypy type-check all of DSPy, which is not typed."""
+    return importlib.import_module(name)
 
 
 class _ChunksToSink:
@@ -155,14 +203,18 @@ class ThreadedLM(TrioLM):
                 :func:`refuse_litellm_route`).
         """
         extra = {"api_base": config.api_base, "api_key": config.api_key}
+        compatible = compatible_server_model(config.model, config.api_base)
         lm = cls.from_model(
-            config.model,
+            compatible[0] if compatible else config.model,
             threads=config.threads,
             timeout=config.http.read_timeout,
             cache=cache,
             **{k: v for k, v in extra.items() if v is not None},
             **config.params,
         )
+        if compatible:
+            lm.inner._providers = (*lm.inner._providers, compatible[1])
+            lm.model = config.model
         refuse_litellm_route(lm.inner, config.params)
         return lm
 

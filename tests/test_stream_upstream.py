@@ -1,0 +1,159 @@
+"""``stream_upstream``: non-streamed calls sent upstream as SSE streams, over real sockets (real clock).
+
+Self-hosted servers (llama.cpp) stop generating when a stream's connection closes but finish a plain
+request whose client left; with ``stream_upstream`` a cancelled predict closes a stream.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import dspy
+import httpx
+import pytest
+import trio
+
+from engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, open_engine
+from engine.lm import AnthropicLM, OpenAICompatibleLM, TrioLM
+from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+
+from .helpers import first_request_closed_by_client
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Trio?"}]
+
+
+def openai_lm(upstream: FakeUpstream, *, stream_upstream: bool) -> OpenAICompatibleLM:
+    return OpenAICompatibleLM("openai/fake-model", api_base=upstream.url, stream_upstream=stream_upstream)
+
+
+def anthropic_lm(upstream: FakeUpstream, *, stream_upstream: bool) -> AnthropicLM:
+    return AnthropicLM(
+        "anthropic/claude-test", api_key="sk-ant", api_base=upstream.url, stream_upstream=stream_upstream
+    )
+
+
+BACKENDS = [openai_lm, anthropic_lm]
+IDS = ["openai", "anthropic"]
+
+
+@pytest.mark.parametrize("make", BACKENDS, ids=IDS)
+async def test_outputs_and_usage_equal_the_plain_path(fake_upstream: FakeUpstream, make: Any) -> None:
+    results = []
+    for stream_upstream in (False, True):
+        lm = make(fake_upstream, stream_upstream=stream_upstream)
+        with dspy.context(lm=lm), dspy.track_usage() as tracker:
+            prediction = await dspy.Predict("question -> answer").acall(question="What is Trio?")
+        await lm.aclose()
+        results.append((prediction.toDict(), tracker.get_total_tokens()))
+    plain, streamed = results
+    assert plain == streamed
+    assert plain[0]["answer"]
+    [usage] = plain[1].values()
+    assert usage["completion_tokens"] > 0
+    first, second = fake_upstream.records
+    assert "stream" not in first.body
+    assert second.body["stream"] is True
+    if make is openai_lm:
+        assert second.body["stream_options"] == {"include_usage": True}
+
+
+async def test_openai_without_a_usage_chunk_estimates_usage() -> None:
+    """A server that ignores ``stream_options`` sends no usage: it is estimated, and marked so."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        chunks = [
+            {"choices": [{"index": 0, "delta": {"content": "Hello "}, "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {"content": "world"}, "finish_reason": "stop"}]},
+        ]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    lm = OpenAICompatibleLM(
+        "m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler), stream_upstream=True
+    )
+    with dspy.track_usage() as tracker:
+        assert await lm.acall(messages=MESSAGES) == ["Hello world"]
+    await lm.aclose()
+    usage = tracker.get_total_tokens()["m"]
+    assert usage["estimated"] is True
+    assert usage["completion_tokens"] == 3  # 11 characters, ~4 a token
+
+
+@pytest.mark.parametrize("make", BACKENDS, ids=IDS)
+async def test_a_cancelled_call_closes_the_upstream_stream_within_50ms(make: Any) -> None:
+    async with open_fake_upstream(Behavior(first_token_delay=0.05, token_delay=0.5)) as upstream:
+        lm: TrioLM = make(upstream, stream_upstream=True)
+        with trio.move_on_after(0.3):
+            await lm.acall(messages=MESSAGES)
+        cancelled_at = trio.current_time()
+        record = await first_request_closed_by_client(upstream, cancelled_at, within=0.05)
+        assert record.body["stream"] is True
+        assert record.tokens_sent >= 1  # cut mid-generation, not before it started
+        assert upstream.active_requests == 0
+        await lm.aclose()
+
+
+async def test_an_engine_deadline_closes_the_upstream_stream(fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behavior = Behavior(first_token_delay=0.05, token_delay=0.5)
+    lm = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url, stream_upstream=True)
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        with trio.move_on_after(0.3):
+            await engine.predict("default", {"question": "q"})
+        cancelled_at = trio.current_time()
+        record = await first_request_closed_by_client(fake_upstream, cancelled_at, within=0.05)
+    assert record.body["stream"] is True
+
+
+async def test_a_stream_broken_mid_way_is_retried_for_predict(fake_upstream: FakeUpstream) -> None:
+    """For predict no token reached the caller, so a stream whose connection breaks after some tokens
+    is retried like a plain request whose connection broke (a streamed call is not: its tokens are the
+    caller's). A malformed chunk is not retried, as a malformed plain body is not."""
+    fake_upstream.add_faults(Fault("disconnect", after_tokens=3))
+    lm = LMConfig(
+        provider="openai",
+        model="fake-model",
+        api_base=fake_upstream.url,
+        stream_upstream=True,
+        retry=RetryPolicy(base_delay=0.0),
+    )
+    async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+        result = await engine.predict("default", {"question": "q"})
+    assert result.outputs["answer"]
+    first, second = fake_upstream.records
+    assert first.tokens_sent == 3
+    assert first.completed_at is None
+    assert second.body["stream"] is True
+    assert second.completed_at is not None
+
+
+def test_config_reads_stream_upstream_from_toml_and_env() -> None:
+    table = {"provider": "openai", "model": "m", "api_base": "http://127.0.0.1:1/v1", "stream_upstream": True}
+    assert LMConfig.from_mapping(table).stream_upstream is True
+    assert LMConfig().stream_upstream is False
+    env = {"LM_API_BASE": "http://127.0.0.1:1/v1", "LM_MODEL": "m", "LM_STREAM_UPSTREAM": "true"}
+    assert EngineConfig.from_env(env).lms["default"].stream_upstream is True
+    env["LM_STREAM_UPSTREAM"] = "0"
+    assert EngineConfig.from_env(env).lms["default"].stream_upstream is False
+    env["LM_STREAM_UPSTREAM"] = "maybe"
+    with pytest.raises(ConfigError, match="LM_STREAM_UPSTREAM must be true or false"):
+        EngineConfig.from_env(env)
+    with pytest.raises(ConfigError, match="stream_upstream"):
+        LMConfig.from_mapping({**table, "stream_upstream": "yes"})
+    with pytest.raises(ConfigError, match="stream_upstream"):
+        LMConfig.from_mapping({**table, "stream_upstream": False, "params": {"stream_upstream": True}})
+
+
+@pytest.mark.parametrize("provider", ["simulated", "dspy"])
+def test_stream_upstream_on_a_provider_without_it_is_a_config_error(provider: str) -> None:
+    with pytest.raises(ConfigError, match=f"applies to the openai and anthropic providers, not {provider}"):
+        LMConfig(provider=provider, model="openai/m", api_base="http://127.0.0.1:1/v1", stream_upstream=True)
+    with pytest.raises(ConfigError, match="LM_STREAM_UPSTREAM"):
+        EngineConfig.from_env({"LM_STREAM_UPSTREAM": "true"})  # the default LM is the simulated one
+
+
+def test_from_config_passes_stream_upstream() -> None:
+    config = LMConfig(provider="openai", model="m", api_base="http://127.0.0.1:1/v1", stream_upstream=True)
+    assert OpenAICompatibleLM.from_config(config).stream_upstream is True
+    config = LMConfig(provider="anthropic", model="m", api_key="k", stream_upstream=True)
+    assert AnthropicLM.from_config(config).stream_upstream is True
