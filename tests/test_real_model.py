@@ -53,6 +53,7 @@ def service() -> Any:
             api_key="none",
             http=HTTPSettings(read_timeout=120),
             retry=RetryPolicy(max_attempts=1),
+            stream_upstream=True,  # what README recommends for a self-hosted model: a cancel stops it
             params={**SMALL_MODEL_PARAMS, **params},
         )
 
@@ -116,10 +117,7 @@ async def test_stream_ends_with_the_final_answer() -> None:
 
 
 async def test_stream_usage_is_not_zero() -> None:
-    """llama.cpp sends no usage chunk on streams: the service must count or estimate the tokens.
-
-    EXPECTS helper seams' usage estimation (issue #15); fails before it lands.
-    """
+    """llama.cpp sends no usage chunk on streams: the service must count or estimate the tokens."""
     async with running(service()) as server, httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         body = {"inputs": {"question": "Name a primary colour."}}
         async with client.stream("POST", "/v1/programs/default/stream", json=body) as response:
@@ -129,10 +127,7 @@ async def test_stream_usage_is_not_zero() -> None:
 
 
 async def test_seed_stream_delivers_the_answer() -> None:
-    """The seed's /stream must carry the answer's text before [DONE], even when it came without deltas.
-
-    EXPECTS helper edge's fix (issue #15); fails before it lands.
-    """
+    """The seed's /stream must carry the answer's text before [DONE], even when it came without deltas."""
     async with running(service()) as server, httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         async with client.stream("POST", "/stream", json={"question": "Name a primary colour."}) as response:
             assert response.status_code == 200
@@ -208,10 +203,8 @@ async def test_a_cancelled_stream_frees_the_model_slot() -> None:
 
 async def test_a_cancelled_predict_frees_the_model_slot() -> None:
     """A predict whose client leaves must free the model's slot as a closed stream does (llama.cpp finishes
-    a non-streamed request after its client left).
-
-    EXPECTS helper seams' upstream streaming for predict (issue #15); fails before it lands.
-    """
+    a non-streamed request after its client left): with ``stream_upstream`` the predict is a stream
+    upstream, and leaving it closes that stream."""
     async with httpx.AsyncClient() as model:
         direct_wait = await slot_wait_after_leaving(model, lambda: leave_direct_stream(model))
         async with (
