@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import attrs
+import httpx
 import pytest
 import trio
 
@@ -14,7 +15,7 @@ from engine import EngineConfig, LMConfig, RateLimit, RequestCancelledError, ope
 from engine._config import ClusterConfig
 from engine.cluster import open_cluster
 from tests.redis_server import RedisServer, eventually, prefix, redis_server
-from web.server import serve
+from web.server import open_server, serve
 from web.settings import ServiceSettings
 
 __all__ = ["redis_server"]  # fixture
@@ -114,3 +115,19 @@ async def test_workers_with_rate_limits_and_no_redis_warn_at_start(
         )
         server.shutdown()
     assert any("may see up to 2 times its quota" in r.getMessage() for r in caplog.records) is warned
+
+
+async def test_ready_tells_how_many_processes_share_the_quota(redis_server: RedisServer) -> None:
+    """``/ready`` of a replica with Redis shows the processes sharing the quota and the degraded flag."""
+    shared = prefix()
+    settings = attrs.evolve(
+        ServiceSettings(port=0), engine=config(redis_server, shared), ws_ping_interval=None
+    )
+    async with open_engine(config(redis_server, shared)), open_server(settings) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+
+            async def both_seen() -> bool:
+                body = (await client.get("/ready")).json()
+                return bool(body["cluster"] == {"processes": 2, "degraded": False})
+
+            await eventually(both_seen)

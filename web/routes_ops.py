@@ -26,9 +26,15 @@ async def health() -> Response:
 
 @ops.get("/ready")
 async def ready() -> Response:
-    """Readiness: 503 while starting or draining."""
-    if state().ready:
-        return json_response({"status": "ready"})
+    """Readiness: 503 while starting or draining. With a cluster (Redis), also how many processes share
+    the upstream quota and whether this one has fallen back to its local share (``degraded``)."""
+    service = state()
+    if service.ready:
+        body: dict[str, object] = {"status": "ready"}
+        if service.engine is not None and service.engine.cluster is not None:
+            cluster = service.engine.cluster.statistics()
+            body["cluster"] = {"processes": cluster.processes, "degraded": cluster.degraded}
+        return json_response(body)
     return json_response(error_body("not ready", type="service_unavailable_error", code="not_ready"), 503)
 
 
