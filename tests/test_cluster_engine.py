@@ -120,14 +120,16 @@ async def test_workers_with_rate_limits_and_no_redis_warn_at_start(
 async def test_ready_tells_how_many_processes_share_the_quota(redis_server: RedisServer) -> None:
     """``/ready`` of a replica with Redis shows the processes sharing the quota and the degraded flag."""
     shared = prefix()
-    settings = attrs.evolve(
-        ServiceSettings(port=0), engine=config(redis_server, shared), ws_ping_interval=None
-    )
-    async with open_engine(config(redis_server, shared)), open_server(settings) as server:
-        async with httpx.AsyncClient(base_url=server.url) as client:
+    engine = config(redis_server, shared)
+    settings = attrs.evolve(ServiceSettings(port=0), engine=engine, ws_ping_interval=None)
+    async with (
+        open_engine(config(redis_server, shared)),
+        open_server(settings) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
 
-            async def both_seen() -> bool:
-                body = (await client.get("/ready")).json()
-                return bool(body["cluster"] == {"processes": 2, "degraded": False})
+        async def both_seen() -> bool:
+            body = (await client.get("/ready")).json()
+            return bool(body["cluster"] == {"processes": 2, "degraded": False})
 
-            await eventually(both_seen)
+        await eventually(both_seen)
