@@ -45,7 +45,7 @@ from ._streaming import EventStream
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .cluster import Cluster, open_cluster
 from .cluster._metrics import ClusterCollector
-from .lm import TrioLM
+from .lm import GuardedLM, TrioLM
 
 logger = logging.getLogger("engine")
 
@@ -69,7 +69,15 @@ class Engine(metaclass=NoPublicConstructor):
     ) -> None:
         self.config = config
         self.cluster = cluster  # shared limits, registry and cancel across processes (engine.cluster)
-        self._lms = dict(lms)
+        limits: Limits | None = cluster
+        self._guards = {
+            name: UpstreamGuard(
+                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
+            )
+            for name in lms
+        }
+        # Every call to an upstream goes through its guard: the backends are wrapped, not changed.
+        self._lms: dict[str, TrioLM] = {name: GuardedLM(lm, self._guards[name]) for name, lm in lms.items()}
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
         self._closing = False
@@ -83,15 +91,6 @@ class Engine(metaclass=NoPublicConstructor):
             log_text=config.log_text,
             registry=cluster.registry if cluster is not None else None,
         )
-        limits: Limits | None = cluster
-        self._guards = {
-            name: UpstreamGuard(
-                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
-            )
-            for name in self._lms
-        }
-        for name, lm in self._lms.items():
-            lm.guard = self._guards[name]
         if cluster is not None:
             self.metrics.registry.register(ClusterCollector(cluster.statistics))
 
@@ -106,7 +105,7 @@ class Engine(metaclass=NoPublicConstructor):
 
     @property
     def lms(self) -> Mapping[str, TrioLM]:
-        """The engine's LM backends, by name."""
+        """The engine's LM backends by name, each wrapped in its upstream guard (:class:`GuardedLM`)."""
         return dict(self._lms)
 
     def programs(self) -> list[ProgramInfo]:

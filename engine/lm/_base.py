@@ -128,7 +128,6 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
     def __init__(self, model: str, *, cache: bool = False, **kwargs: Any) -> None:
         # num_retries=0: the engine's own retry policy is the only one.
         super().__init__(model=model, cache=cache, num_retries=0, **kwargs)
-        self.guard: CallGuard | None = None  # installed by the engine that owns this LM
 
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
@@ -165,14 +164,7 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
         started = trio.current_time()
         try:
-            if self.guard is None:
-                completion = await self.complete(messages, params, sink)
-            else:
-                completion = await self.guard.call(
-                    lambda guarded_sink: self.complete(messages, params, guarded_sink),
-                    sink,
-                    estimate=estimate_tokens(messages, params),
-                )
+            completion = await self.complete(messages, params, sink)
         finally:
             record_lm_call(trio.current_time() - started)
 
@@ -190,6 +182,49 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
     async def aforward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
         raise RuntimeError(f"{type(self).__name__} is called through acall(), not aforward()")
+
+
+class GuardedLM(TrioLM):
+    """A backend whose every completion goes through a :class:`CallGuard` (the engine's upstream
+    policies: cool-down, rate limits, adaptive concurrency, timeouts, retries).
+
+    ``open_engine`` wraps each backend in one; the backend itself is not changed. DSPy sees the
+    wrapper (same model and parameters), so the cache, usage and trace bookkeeping of :meth:`acall`
+    happen once, outside the retries.
+
+    Args:
+        inner: The backend that does the calls.
+        guard: The policies around each call.
+    """
+
+    def __init__(self, inner: TrioLM, guard: CallGuard) -> None:
+        super().__init__(model=inner.model, cache=inner.cache)
+        self.model_type = inner.model_type
+        self.kwargs = inner.kwargs  # the same dict: parameters stay the inner backend's
+        self.inner = inner
+        self.guard = guard
+
+    def __repr__(self) -> str:
+        return f"<GuardedLM {self.inner!r}>"
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
+    ) -> Completion:
+        """The inner backend's completion under the guard. Blocks for waits, attempts and retries."""
+        inner = self.inner
+        return await self.guard.call(
+            lambda guarded_sink: inner.complete(messages, params, guarded_sink),
+            sink,
+            estimate=estimate_tokens(messages, params),
+        )
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The inner backend's upkeep."""
+        await self.inner.maintain(task_status=task_status)
+
+    async def aclose(self) -> None:
+        """Close the inner backend."""
+        await self.inner.aclose()
 
 
 def estimated_usage(messages: Sequence[Message], texts: Sequence[str]) -> dict[str, Any]:
