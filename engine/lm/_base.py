@@ -21,9 +21,8 @@ from typing import Any, Protocol
 import attrs
 import dspy
 import trio
-from dspy.clients.call_result import attributes
-from dspy.clients.engines.streaming import EngineChunk
 
+from .. import _dspy
 from .._trace import record_lm_call
 
 Message = Mapping[str, Any]
@@ -94,22 +93,13 @@ class ChunkSink:
 
     async def send(self, text: str) -> None:
         """Send one text delta; blocks while the stream's buffer is full."""
-        chunk = EngineChunk(
-            id=None,
-            model=self.model,
-            predict_id=self.predict_id,
-            choices=[attributes({"index": 0, "delta": {"content": text}, "finish_reason": None})],
-        )
-        await self.stream.send(chunk)
+        await self.stream.send(_dspy.stream_chunk(self.model, self.predict_id, text))
 
 
 def current_chunk_sink(model: str) -> ChunkSink | None:
     """The sink for the current DSPy call, or None when nobody is streaming it."""
-    stream = dspy.settings.send_stream
-    if stream is None:
-        return None
-    caller = dspy.settings.caller_predict
-    return ChunkSink(stream, model, id(caller) if caller is not None else None)
+    stream, predict_id = _dspy.current_stream()
+    return None if stream is None else ChunkSink(stream, model, predict_id)
 
 
 def request_params(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,7 +147,7 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         params = request_params(self.kwargs, kwargs)
         sink = current_chunk_sink(self.model)
         cache_key = {"model": self.model, "messages": list(messages), **params} if self.cache else None
-        if cache_key is not None and (cached := dspy.cache.get(cache_key)) is not None:
+        if cache_key is not None and (cached := _dspy.cache_get(cache_key)) is not None:
             if sink is not None:
                 await sink.send("".join(str(o.get("text") if isinstance(o, dict) else o) for o in cached))
             return list(cached)
@@ -168,11 +158,11 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         finally:
             record_lm_call(trio.current_time() - started)
 
-        if completion.usage and dspy.settings.usage_tracker is not None:
-            dspy.settings.usage_tracker.add_usage(self.model, dict(completion.usage))
+        if completion.usage:
+            _dspy.report_usage(self.model, completion.usage)
         outputs = completion.outputs()
         if cache_key is not None:
-            dspy.cache.put(cache_key, outputs)
+            _dspy.cache_put(cache_key, outputs)
         return outputs
 
     def forward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
