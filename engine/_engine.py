@@ -30,7 +30,7 @@ from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
-from ._errors import EngineClosedError, InvalidInputError, RequestCancelledError
+from ._errors import EngineClosedError, InvalidInputError, OverloadedError, RequestCancelledError
 from ._ledger import Ledger
 from ._limits import Limits
 from ._lm_factory import build_lm
@@ -183,13 +183,22 @@ class Engine(metaclass=NoPublicConstructor):
         owner: str | None = None,
         kind: str = "predict",
     ) -> Request:
-        """Check a new request; count it as invalid or rejected if it cannot be taken."""
+        """Check a new request; count it as invalid or rejected if it cannot be taken.
+
+        An overloaded engine refuses before validating the inputs (the costly part of acceptance), so a
+        refusal stays far cheaper than an acceptance when the engine is saturated.
+        """
         started = trio.current_time()
         try:
             resolved = self._programs.get(program)
+            if not self._closing:
+                self._admission.check()
             values = resolved.validate(inputs)
         except InvalidInputError as exc:
             self._ledger.refused(program, "invalid", exc)
+            raise
+        except OverloadedError as exc:
+            self._ledger.refused(program, "rejected", exc, count_error=True)
             raise
         if self._closing:
             error = EngineClosedError("the engine is shutting down")
