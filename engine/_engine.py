@@ -166,6 +166,24 @@ class Engine(metaclass=NoPublicConstructor):
             raise EngineClosedError("the engine is shutting down")
         self._admission.check()
 
+    def refuse_if_overloaded(self, program: str) -> None:
+        """Refuse a request for ``program`` now if the engine is overloaded, before anything else about
+        it is looked at (a server calls it before parsing the body). Does not block.
+
+        A refusal is counted (outcome ``rejected``, code ``overloaded``) as if :meth:`predict` had
+        refused it; a request that passes is not counted here, and may still be refused later.
+
+        Raises:
+            OverloadedError: the queue is full right now.
+        """
+        if self._closing:
+            return  # the usual path reports it, with its own error
+        try:
+            self._admission.check()
+        except OverloadedError as exc:
+            self._ledger.refused(program, "rejected", exc, count_error=True)
+            raise
+
     @property
     def closing(self) -> bool:
         """Whether the engine refuses new requests (it is draining or closed)."""
