@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from . import _groups
+from . import _dspy, _groups
 from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
@@ -459,6 +459,7 @@ async def open_engine(
         ConfigError: the configuration cannot be used.
     """
     config = EngineConfig.from_env() if config is None else config
+    _dspy.cache_type_adapters()  # same prompts and parses, one pydantic TypeAdapter per type
     given = dict(lms or {})
     backends: dict[str, TrioLM] = dict(given)
     try:

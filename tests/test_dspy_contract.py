@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dspy
 import pytest
@@ -134,3 +134,48 @@ def test_only_the_seam_and_the_lm_base_classes_import_dspy() -> None:
     }
     assert importers <= {"_dspy.py", "lm/_base.py", "lm/threaded.py"}
     assert "_dspy.py" in importers
+
+
+class Typed(dspy.Signature):
+    """Answer with care."""
+
+    question: str = dspy.InputField()
+    context: list[str] = dspy.InputField()
+    facts: dict[str, int] = dspy.InputField()
+    when: int | str = dspy.InputField()
+    answer: str = dspy.OutputField()
+    score: int = dspy.OutputField()
+    tags: list[str] = dspy.OutputField()
+    kind: Literal["a", "b"] = dspy.OutputField()
+
+
+@pytest.mark.parametrize(
+    ("adapter_type", "answer"),
+    [
+        (
+            dspy.ChatAdapter,
+            '[[ ## answer ## ]]\nBlue.\n\n[[ ## score ## ]]\n7\n\n[[ ## tags ## ]]\n["x", "y"]\n\n'
+            "[[ ## kind ## ]]\nb\n\n[[ ## completed ## ]]",
+        ),
+        (dspy.JSONAdapter, '{"answer": "Blue.", "score": "7", "tags": ["x", "y"], "kind": "b"}'),
+    ],
+)
+async def test_cached_type_adapters_change_no_prompt_and_no_parse(
+    adapter_type: type[Any], answer: str
+) -> None:
+    """``_dspy.cache_type_adapters`` (one pydantic TypeAdapter per type): byte-identical messages and
+    equal outputs, for typed inputs and outputs, on both adapters."""
+    inputs = {"question": "Sky?", "context": ["day", "clear"], "facts": {"a": 1}, "when": 3}
+    runs: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for enabled in (False, True, True):
+            _dspy.cache_type_adapters(enabled)
+            lm = RecordingLM(answer)
+            with dspy.context(lm=lm, adapter=adapter_type()):
+                prediction = await dspy.Predict(Typed).acall(**inputs)
+            runs.append((json.dumps(lm.calls, sort_keys=True), dict(prediction.items())))
+    finally:
+        _dspy.cache_type_adapters(False)
+    assert runs[0] == runs[1] == runs[2]
+    assert (int, "<class 'int'>") in _dspy._TYPE_ADAPTERS  # the cached runs did go through the cache
+    assert runs[0][1] == {"answer": "Blue.", "score": 7, "tags": ["x", "y"], "kind": "b"}
