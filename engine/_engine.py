@@ -25,12 +25,18 @@ from typing import Any
 
 import trio
 
-from . import _groups
+from . import _dspy, _groups
 from ._admission import Admission
 from ._batch import BatchItem, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
-from ._errors import EngineClosedError, EngineError, InvalidInputError, RequestCancelledError
+from ._errors import (
+    EngineClosedError,
+    EngineError,
+    InvalidInputError,
+    OverloadedError,
+    RequestCancelledError,
+)
 from ._ledger import Ledger
 from ._limits import Limits
 from ._lm_factory import build_lm
@@ -45,7 +51,7 @@ from ._streaming import EventStream
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .cluster import Cluster, open_cluster
 from .cluster._metrics import ClusterCollector
-from .lm import TrioLM
+from .lm import GuardedLM, TrioLM
 
 logger = logging.getLogger("engine")
 
@@ -69,7 +75,15 @@ class Engine(metaclass=NoPublicConstructor):
     ) -> None:
         self.config = config
         self.cluster = cluster  # shared limits, registry and cancel across processes (engine.cluster)
-        self._lms = dict(lms)
+        limits: Limits | None = cluster
+        self._guards = {
+            name: UpstreamGuard(
+                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
+            )
+            for name in lms
+        }
+        # Every call to an upstream goes through its guard: the backends are wrapped, not changed.
+        self._lms: dict[str, TrioLM] = {name: GuardedLM(lm, self._guards[name]) for name, lm in lms.items()}
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
         self._closing = False
@@ -84,15 +98,6 @@ class Engine(metaclass=NoPublicConstructor):
             log_text=config.log_text,
             registry=cluster.registry if cluster is not None else None,
         )
-        limits: Limits | None = cluster
-        self._guards = {
-            name: UpstreamGuard(
-                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
-            )
-            for name in self._lms
-        }
-        for name, lm in self._lms.items():
-            lm.guard = self._guards[name]
         if cluster is not None:
             self.metrics.registry.register(ClusterCollector(cluster.statistics))
 
@@ -107,7 +112,7 @@ class Engine(metaclass=NoPublicConstructor):
 
     @property
     def lms(self) -> Mapping[str, TrioLM]:
-        """The engine's LM backends, by name."""
+        """The engine's LM backends by name, each wrapped in its upstream guard (:class:`GuardedLM`)."""
         return dict(self._lms)
 
     def programs(self) -> list[ProgramInfo]:
@@ -171,6 +176,24 @@ class Engine(metaclass=NoPublicConstructor):
             raise EngineClosedError("the engine is shutting down")
         self._admission.check()
 
+    def refuse_if_overloaded(self, program: str) -> None:
+        """Refuse a request for ``program`` now if the engine is overloaded, before anything else about
+        it is looked at (a server calls it before parsing the body). Does not block.
+
+        A refusal is counted (outcome ``rejected``, code ``overloaded``) as if :meth:`predict` had
+        refused it; a request that passes is not counted here, and may still be refused later.
+
+        Raises:
+            OverloadedError: the queue is full right now.
+        """
+        if self._closing:
+            return  # the usual path reports it, with its own error
+        try:
+            self._admission.check()
+        except OverloadedError as exc:
+            self._ledger.refused(program, "rejected", exc, count_error=True)
+            raise
+
     @property
     def closing(self) -> bool:
         """Whether the engine refuses new requests (it is draining or closed)."""
@@ -188,13 +211,22 @@ class Engine(metaclass=NoPublicConstructor):
         owner: str | None = None,
         kind: str = "predict",
     ) -> Request:
-        """Check a new request; count it as invalid or rejected if it cannot be taken."""
+        """Check a new request; count it as invalid or rejected if it cannot be taken.
+
+        An overloaded engine refuses before validating the inputs (the costly part of acceptance), so a
+        refusal stays far cheaper than an acceptance when the engine is saturated.
+        """
         started = trio.current_time()
         try:
             resolved = self._programs.get(program)
+            if not self._closing:
+                self._admission.check()
             values = resolved.validate(inputs)
         except InvalidInputError as exc:
             self._ledger.refused(program, "invalid", exc)
+            raise
+        except OverloadedError as exc:
+            self._ledger.refused(program, "rejected", exc, count_error=True)
             raise
         if self._closing:
             error = EngineClosedError("the engine is shutting down")
@@ -451,6 +483,7 @@ async def open_engine(
         ConfigError: the configuration cannot be used.
     """
     config = EngineConfig.from_env() if config is None else config
+    _dspy.cache_type_adapters()  # same prompts and parses, one pydantic TypeAdapter per type
     given = dict(lms or {})
     backends: dict[str, TrioLM] = dict(given)
     try:

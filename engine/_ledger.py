@@ -76,9 +76,14 @@ class Ledger:
         """Requests accepted and not yet ended."""
         return len(self._active)
 
-    def refused(self, program: str, outcome: Outcome, error: EngineError) -> None:
-        """Count a request refused before it was accepted (bad input, closing)."""
+    def refused(
+        self, program: str, outcome: Outcome, error: EngineError, *, count_error: bool = False
+    ) -> None:
+        """Count a request refused before it was accepted (bad input, closing, overload); with
+        ``count_error``, also count its error code (as an overload refused later would be)."""
         self.outcomes[outcome] += 1
+        if count_error:
+            self.errors[error.code] += 1
         known = program if isinstance(program, str) and program in self._known else "unknown"
         self._metrics.record(known, self._model_of(known), outcome, error.code, None, None)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -81,7 +82,24 @@ class EngineMetrics:
         self.tokens = Counter(
             "dspy_trio_tokens", "LM tokens used.", [*labels, "direction"], registry=self.registry
         )
+        self._by_program: dict[tuple[str, str], _Children] = {}
         self.registry.register(_EngineCollector(statistics))
+
+    def _children(self, program: str, model: str) -> _Children:
+        key = (program, model)
+        children = self._by_program.get(key)
+        if children is None:
+            children = self._by_program[key] = _Children(
+                requests={},
+                errors={},
+                queue_wait=self.queue_wait.labels(program, model),
+                lm_latency=self.lm_latency.labels(program, model),
+                total_latency=self.total_latency.labels(program, model),
+                overhead=self.overhead.labels(program, model),
+                tokens_in=self.tokens.labels(program, model, "in"),
+                tokens_out=self.tokens.labels(program, model, "out"),
+            )
+        return children
 
     def record(
         self,
@@ -92,21 +110,43 @@ class EngineMetrics:
         timings: Timings | None,
         usage: Usage | None,
     ) -> None:
-        """Count one ended request (and observe its timings, when it ran)."""
-        self.requests.labels(program, model, outcome).inc()
+        """Count one ended request (and observe its timings, when it ran). The label children of a
+        (program, model) are built once and kept."""
+        children = self._children(program, model)
+        counter = children.requests.get(outcome)
+        if counter is None:
+            counter = children.requests[outcome] = self.requests.labels(program, model, outcome)
+        counter.inc()
         if error_code is not None:
-            self.errors.labels(program, model, error_code).inc()
+            errors = children.errors.get(error_code)
+            if errors is None:
+                errors = children.errors[error_code] = self.errors.labels(program, model, error_code)
+            errors.inc()
         if timings is not None:
-            self.queue_wait.labels(program, model).observe(timings.queued)
-            self.lm_latency.labels(program, model).observe(timings.lm)
-            self.total_latency.labels(program, model).observe(timings.total)
-            self.overhead.labels(program, model).observe(timings.overhead)
+            children.queue_wait.observe(timings.queued)
+            children.lm_latency.observe(timings.lm)
+            children.total_latency.observe(timings.total)
+            children.overhead.observe(timings.overhead)
         if usage is not None:
-            self.tokens.labels(program, model, "in").inc(usage.prompt_tokens)
-            self.tokens.labels(program, model, "out").inc(usage.completion_tokens)
+            children.tokens_in.inc(usage.prompt_tokens)
+            children.tokens_out.inc(usage.completion_tokens)
 
     def record_first_token(self, program: str, model: str, field: str, seconds: float) -> None:
         self.first_token.labels(program, model, field).observe(seconds)
+
+
+@attrs.define
+class _Children:
+    """The label children of one (program, model): ``.labels(...)`` is a lock and a dict lookup per call."""
+
+    requests: dict[str, Counter]
+    errors: dict[str, Counter]
+    queue_wait: Histogram
+    lm_latency: Histogram
+    total_latency: Histogram
+    overhead: Histogram
+    tokens_in: Counter
+    tokens_out: Counter
 
 
 class _EngineCollector(Collector):

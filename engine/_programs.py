@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import dspy
 import pydantic
-from dspy.signatures.signature import ensure_signature
 
 from ._config import AdapterName, ProgramSpec
+from ._dspy import ChainOfThought, Module, Predict, Signature, ensure_signature, load_program
 from ._errors import ConfigError, InvalidInputError, UnknownProgramError
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -67,7 +66,7 @@ class Program:
     """
 
     name: str
-    module: dspy.Module
+    module: Module
     lm: str
     adapter: AdapterName | None
     info: ProgramInfo
@@ -140,16 +139,16 @@ def _type_adapter(annotation: Any) -> pydantic.TypeAdapter[Any] | None:
         return None  # an annotation pydantic cannot check: pass values through unchecked
 
 
-def _signature_of(module: dspy.Module) -> type[dspy.Signature] | None:
+def _signature_of(module: Module) -> type[Signature] | None:
     """The signature whose input fields a built-in single-predictor module takes, if it is one."""
-    if isinstance(module, dspy.Predict):
+    if isinstance(module, Predict):
         return module.signature  # type: ignore[no-any-return]
-    if isinstance(module, dspy.ChainOfThought):
+    if isinstance(module, ChainOfThought):
         return module.predict.signature  # type: ignore[no-any-return]
     return None
 
 
-def _describe(name: str, module: dspy.Module, lm: str) -> tuple[ProgramInfo, bool]:
+def _describe(name: str, module: Module, lm: str) -> tuple[ProgramInfo, bool]:
     if not callable(getattr(module, "aforward", None)):
         raise ConfigError(
             f"program {name!r} ({type(module).__name__}) has no aforward(); the engine awaits programs "
@@ -186,11 +185,11 @@ def _describe(name: str, module: dspy.Module, lm: str) -> tuple[ProgramInfo, boo
     return ProgramInfo(name, type(module).__name__, lm, inputs, outputs), open_inputs
 
 
-def _module_from_source(name: str, spec: ProgramSpec) -> dspy.Module:
+def _module_from_source(name: str, spec: ProgramSpec) -> Module:
     source = spec.source
-    if isinstance(source, dspy.Module):
+    if isinstance(source, Module):
         return source
-    if isinstance(source, type) and issubclass(source, dspy.Signature):
+    if isinstance(source, type) and issubclass(source, Signature):
         return _from_signature(source, spec)
     if not isinstance(source, str):
         raise ConfigError(f"program {name!r}: unsupported source {source!r}")
@@ -209,10 +208,10 @@ def _module_from_source(name: str, spec: ProgramSpec) -> dspy.Module:
                 "cloudpickle; set allow_pickle = true for trusted files"
             )
         try:
-            loaded = dspy.load(str(path), allow_pickle=True)
+            loaded = load_program(str(path))
         except Exception as exc:
             raise ConfigError(f"program {name!r}: cannot load {source!r}: {exc}") from exc
-        if not isinstance(loaded, dspy.Module):
+        if not isinstance(loaded, Module):
             raise ConfigError(f"program {name!r}: {source!r} did not hold a dspy.Module")
         return loaded
     raise ConfigError(
@@ -221,13 +220,13 @@ def _module_from_source(name: str, spec: ProgramSpec) -> dspy.Module:
     )
 
 
-def _from_signature(signature: type[dspy.Signature], spec: ProgramSpec) -> dspy.Module:
+def _from_signature(signature: type[Signature], spec: ProgramSpec) -> Module:
     if spec.module == "chain_of_thought":
-        return dspy.ChainOfThought(signature)
-    return dspy.Predict(signature)
+        return ChainOfThought(signature)
+    return Predict(signature)
 
 
-def _from_import_path(name: str, source: str, spec: ProgramSpec) -> dspy.Module:
+def _from_import_path(name: str, source: str, spec: ProgramSpec) -> Module:
     module_name, _, attribute = source.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -235,11 +234,11 @@ def _from_import_path(name: str, source: str, spec: ProgramSpec) -> dspy.Module:
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"program {name!r}: cannot import {source!r}: {exc}") from exc
-    if isinstance(target, type) and issubclass(target, dspy.Signature):
+    if isinstance(target, type) and issubclass(target, Signature):
         return _from_signature(target, spec)
-    if isinstance(target, type) and issubclass(target, dspy.Module):
+    if isinstance(target, type) and issubclass(target, Module):
         target = target()
-    if not isinstance(target, dspy.Module):
+    if not isinstance(target, Module):
         raise ConfigError(f"program {name!r}: {source!r} is not a dspy.Module or Signature")
     return target
 

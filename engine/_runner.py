@@ -1,7 +1,8 @@
 """Running one DSPy program for one request: the engine's port to DSPy's program API.
 
-The program runs in the calling task under ``dspy.context`` (its LM, its adapter, the stream router, no
-history or trace growth), with DSPy's usage tracker and the engine's request trace around it. Whatever
+The program runs in the calling task under one DSPy settings context (its LM, its adapter, the stream
+router, no history or trace growth, DSPy's usage tracker; see ``_dspy.program_context``) and the engine's
+request trace. Whatever
 the program raises that is not already an engine error becomes a :class:`ProgramError`.
 """
 
@@ -10,13 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-import dspy
 import trio
-from dspy.utils.exceptions import AdapterParseError
-from dspy.utils.usage_tracker import track_usage
 
 from . import _groups
 from ._config import AdapterName
+from ._dspy import AdapterParseError, parse_failure_message, program_context
 from ._errors import EngineError, ProgramError
 from ._programs import Program
 from ._request import Request
@@ -24,8 +23,6 @@ from ._result import PredictionResult, Timings, Usage
 from ._streaming import DeltaRouter
 from ._trace import RequestTrace, tracing
 from .lm import TrioLM
-
-_ADAPTERS = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 
 
 class ProgramRunner:
@@ -57,22 +54,15 @@ class ProgramRunner:
             ProgramError: anything else the program raised.
         """
         program, values = request.program, request.values
-        settings = {
-            "lm": self._lms[program.lm],
-            "adapter": _ADAPTERS[self.adapter_of(program)](),
-            "send_stream": send_stream,
-            "disable_history": True,
-            "max_trace_size": 0,
-            "max_history_size": 0,
-        }
-        with dspy.context(**settings), track_usage() as tracker, tracing() as trace:
+        adapter = self.adapter_of(program)
+        with program_context(self._lms[program.lm], adapter, send_stream) as tracker, tracing() as trace:
             request.trace = trace
             try:
                 prediction = await program.module.acall(**values)
             except BaseExceptionGroup as group:
-                _raise_program_failure(program, _groups.collapse(group))
+                _raise_program_failure(program, adapter, _groups.collapse(group))
             except Exception as exc:
-                _raise_program_failure(program, exc)
+                _raise_program_failure(program, adapter, exc)
         usage = Usage.from_tracker_totals(tracker.get_total_tokens())
         return dict(prediction.items()), usage
 
@@ -95,13 +85,13 @@ class ProgramRunner:
         return request.result
 
 
-def _raise_program_failure(program: Program, exc: BaseException) -> NoReturn:
+def _raise_program_failure(program: Program, adapter: AdapterName, exc: BaseException) -> NoReturn:
     """Raise what a failure of ``program`` looks like to the engine's caller: engine errors and
     cancellation as they are, anything else as a :class:`ProgramError` caused by it."""
     if isinstance(exc, EngineError) or not isinstance(exc, Exception):
         raise exc
     if isinstance(exc, AdapterParseError):
-        message = f"program {program.name!r}: the LM's answer did not fit the signature: {exc}"
+        message = parse_failure_message(program.name, exc, adapter)
     else:
         message = f"program {program.name!r} failed: {type(exc).__name__}: {exc}"
     raise ProgramError(message) from exc

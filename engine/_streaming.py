@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import dspy
 import trio
 
 from ._chat_fields import ChatFieldScanner
+from ._dspy import Module
 from ._errors import RequestAbandonedError
 from ._event_buffer import EventBuffer
 from ._json_fields import JSONFieldScanner
@@ -49,7 +49,7 @@ class DeltaRouter:
 
     def __init__(
         self,
-        module: dspy.Module,
+        module: Module,
         buffer: EventBuffer,
         *,
         json: bool = False,

@@ -2,38 +2,42 @@
 
 One JSON line per request on the ``engine.requests`` logger at INFO: request id, program, model, kind,
 outcome, error code, timings, attempts and tokens; the inputs and outputs only when the engine's
-``log_text`` is on (privacy by default). Spans are made only when ``opentelemetry-api`` is installed (and
-do nothing until an SDK is configured): one around each request and one around each LM attempt, carrying
-the request id, which links them to the log line.
+``log_text`` is on (privacy by default). Spans are made only when ``opentelemetry-api`` is installed and
+an SDK's tracer provider is configured (otherwise :func:`span` costs one check): one around each
+request and one around each LM attempt, carrying the request id, which links them to the log line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 request_log = logging.getLogger("engine.requests")
 
 _otel_trace: Any
+_NO_PROVIDERS: tuple[type, ...] = ()
 try:
     import opentelemetry.trace as _otel_trace
+
+    # What get_tracer_provider() returns until an SDK's provider is set: spans from them do nothing.
+    _NO_PROVIDERS = (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider)
 except ImportError:  # pragma: no cover - exercised when the optional dependency is absent
     _otel_trace = None
 
 
-@contextmanager
-def span(name: str, **attributes: Any) -> Iterator[Any]:
-    """A span named ``name`` around the block when OpenTelemetry is available, else nothing."""
-    if _otel_trace is None:
-        yield None
-        return
+_NO_SPAN: AbstractContextManager[Any] = nullcontext()
+
+
+def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
+    """A span named ``name`` around the block when OpenTelemetry is installed and a tracer provider is
+    configured; else a shared do-nothing context (no span objects, no attribute dict: a check per call)."""
+    if _otel_trace is None or isinstance(_otel_trace.get_tracer_provider(), _NO_PROVIDERS):
+        return _NO_SPAN
     tracer = _otel_trace.get_tracer("dspy_trio")
     clean = {k: v for k, v in attributes.items() if v is not None}
-    with tracer.start_as_current_span(name, attributes=clean) as current:
-        yield current
+    return tracer.start_as_current_span(name, attributes=clean)  # type: ignore[no-any-return]
 
 
 def log_request(record: dict[str, Any]) -> None:

@@ -7,8 +7,6 @@ child tasks, so every LM call the program makes, however deeply nested, adds to 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import attrs
 
@@ -26,15 +24,25 @@ _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
 )
 
 
-@contextmanager
-def tracing() -> Iterator[RequestTrace]:
-    """Open a fresh trace for the code inside the block (and the tasks it starts)."""
-    trace = RequestTrace()
-    token = _current.set(trace)
-    try:
-        yield trace
-    finally:
-        _current.reset(token)
+class tracing:  # lower case: used as ``with tracing() as trace``, like the function it replaced
+    """Open a fresh trace for the code inside the block (and the tasks it starts).
+
+    A plain class, not a generator context manager: it is entered once per request.
+    """
+
+    __slots__ = ("_token", "trace")
+
+    def __init__(self) -> None:
+        self.trace = RequestTrace()
+        self._token: contextvars.Token[RequestTrace | None] | None = None
+
+    def __enter__(self) -> RequestTrace:
+        self._token = _current.set(self.trace)
+        return self.trace
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._token is not None
+        _current.reset(self._token)
 
 
 def record_lm_call(seconds: float) -> None:

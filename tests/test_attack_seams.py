@@ -30,7 +30,7 @@ from engine._adaptive import AdaptiveSettings
 from engine._config import ProgramSpec
 from engine._retry import RetryPolicy, seeded
 from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import AnthropicLM, OpenAICompatibleLM, SimulatedLM, TrioLM
+from engine.lm import AnthropicLM, GuardedLM, OpenAICompatibleLM, SimulatedLM, TrioLM
 from engine.lm._http_errors import parse_retry_after
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
@@ -66,10 +66,11 @@ def openai_lm(handler: Handler, **params: Any) -> OpenAICompatibleLM:
     )
 
 
-def guarded(lm: TrioLM, *, attempts: int = 3, adaptive: AdaptiveSettings | None = None) -> TrioLM:
+def guarded(lm: TrioLM, *, attempts: int = 3, adaptive: AdaptiveSettings | None = None) -> GuardedLM:
     retry = RetryPolicy(max_attempts=attempts, base_delay=0.25, max_delay=8.0)
-    lm.guard = UpstreamGuard("up", UpstreamPolicy(retry=retry, adaptive=adaptive), jitter=seeded(3))
-    return lm
+    return GuardedLM(
+        lm, UpstreamGuard("up", UpstreamPolicy(retry=retry, adaptive=adaptive), jitter=seeded(3))
+    )
 
 
 # --- 1. Nested LM tables accept values that crash, spin or hang later -------------------------------------
@@ -357,6 +358,7 @@ async def test_an_overloaded_529_pushes_the_adaptive_limit_down(autojump_clock: 
     lm = guarded(openai_lm(script), attempts=1, adaptive=AdaptiveSettings(initial=16))
     with pytest.raises(UpstreamServerError):
         await lm.acall(messages=MESSAGES)
+    assert isinstance(lm, GuardedLM)
     assert isinstance(lm.guard, UpstreamGuard)
     assert lm.guard.statistics().concurrency_limit == 8
 
@@ -449,8 +451,7 @@ async def test_the_tpm_estimate_counts_the_output_cap_actually_sent(autojump_clo
 
     lm = AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
     guard = RecordingGuard()
-    lm.guard = guard
-    await lm.acall(messages=[{"role": "user", "content": "hi"}])
+    await GuardedLM(lm, guard).acall(messages=[{"role": "user", "content": "hi"}])
     assert bodies[0]["max_tokens"] == 1024
     assert guard.estimates[0] >= 1024
 

@@ -6,12 +6,18 @@ after a DSPy upgrade, the backends in engine/lm/ need the same change.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
 
 import dspy
+import pytest
 import trio
 from dspy.streaming import StreamListener
 
+import engine
+from engine import _dspy
 from engine.lm import ChunkSink, TrioLM
 from engine.lm._base import Completion
 
@@ -88,3 +94,88 @@ async def test_stream_listener_understands_the_chunks_the_backends_send() -> Non
         if final := listener.finalize():
             out.append(final.chunk)
     assert "".join(out) == "Blue sky today."
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter_type", "answer"),
+    [
+        (
+            "chat",
+            dspy.ChatAdapter,
+            "[[ ## reasoning ## ]]\nDay.\n\n[[ ## answer ## ]]\nBlue.\n\n[[ ## completed ## ]]",
+        ),
+        ("json", dspy.JSONAdapter, '{"reasoning": "Day.", "answer": "Blue."}'),
+    ],
+)
+async def test_the_engines_program_context_sends_byte_identical_prompts(
+    name: str, adapter_type: type[Any], answer: str
+) -> None:
+    """The seam's shared adapters and single settings context change nothing DSPy sends."""
+    stock, ours = RecordingLM(answer), RecordingLM(answer)
+    program = dspy.ChainOfThought("question, context: list[str] -> answer")
+    inputs = {"question": "Sky colour?", "context": ["It is day.", "No clouds."]}
+    for _ in range(2):  # the second call runs on the cached adapter
+        with dspy.context(lm=stock, adapter=adapter_type()), dspy.track_usage():
+            await program.acall(**inputs)
+        with _dspy.program_context(ours, name, None):
+            await program.acall(**inputs)
+    assert ours.calls == stock.calls
+    assert json.dumps(ours.calls[1], sort_keys=True) == json.dumps(stock.calls[1], sort_keys=True)
+
+
+def test_only_the_seam_and_the_lm_base_classes_import_dspy() -> None:
+    """Every DSPy touchpoint of engine/ is in engine/_dspy.py; the LM backends subclass dspy.BaseLM
+    (lm/_base.py) and wrap a stock dspy.LM (lm/threaded.py)."""
+    root = Path(engine.__file__).parent
+    importers = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if re.search(r"^\s*(import dspy|from dspy[ .])", path.read_text(), re.MULTILINE)
+    }
+    assert importers <= {"_dspy.py", "lm/_base.py", "lm/threaded.py"}
+    assert "_dspy.py" in importers
+
+
+class Typed(dspy.Signature):
+    """Answer with care."""
+
+    question: str = dspy.InputField()
+    context: list[str] = dspy.InputField()
+    facts: dict[str, int] = dspy.InputField()
+    when: int | str = dspy.InputField()
+    answer: str = dspy.OutputField()
+    score: int = dspy.OutputField()
+    tags: list[str] = dspy.OutputField()
+    kind: Literal["a", "b"] = dspy.OutputField()
+
+
+@pytest.mark.parametrize(
+    ("adapter_type", "answer"),
+    [
+        (
+            dspy.ChatAdapter,
+            '[[ ## answer ## ]]\nBlue.\n\n[[ ## score ## ]]\n7\n\n[[ ## tags ## ]]\n["x", "y"]\n\n'
+            "[[ ## kind ## ]]\nb\n\n[[ ## completed ## ]]",
+        ),
+        (dspy.JSONAdapter, '{"answer": "Blue.", "score": "7", "tags": ["x", "y"], "kind": "b"}'),
+    ],
+)
+async def test_cached_type_adapters_change_no_prompt_and_no_parse(
+    adapter_type: type[Any], answer: str
+) -> None:
+    """``_dspy.cache_type_adapters`` (one pydantic TypeAdapter per type): byte-identical messages and
+    equal outputs, for typed inputs and outputs, on both adapters."""
+    inputs = {"question": "Sky?", "context": ["day", "clear"], "facts": {"a": 1}, "when": 3}
+    runs: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for enabled in (False, True, True):
+            _dspy.cache_type_adapters(enabled)
+            lm = RecordingLM(answer)
+            with dspy.context(lm=lm, adapter=adapter_type()):
+                prediction = await dspy.Predict(Typed).acall(**inputs)
+            runs.append((json.dumps(lm.calls, sort_keys=True), dict(prediction.items())))
+    finally:
+        _dspy.cache_type_adapters(False)
+    assert runs[0] == runs[1] == runs[2]
+    assert (int, "<class 'int'>") in _dspy._TYPE_ADAPTERS  # the cached runs did go through the cache
+    assert runs[0][1] == {"answer": "Blue.", "score": 7, "tags": ["x", "y"], "kind": "b"}

@@ -275,3 +275,21 @@ async def test_repr_is_a_useful_summary(autojump_clock: Any) -> None:
             "<Engine [Requests: 0 in flight, 0 queued | "
             "1 ok, 0 failed, 0 timed out, 0 abandoned, 0 cancelled, 0 shut down, 0 rejected]>"
         )
+
+
+async def test_an_overloaded_engine_refuses_before_validating_the_inputs(autojump_clock: Any) -> None:
+    """The refusal skips validation (the costly part of accepting): inputs that would be invalid are
+    refused as an overload, counted once as rejected with its error code."""
+    lm = CountingLM(first_token_delay=2.0)
+    async with open_engine(config(max_in_flight=1, max_queued=0), lms={"default": lm}) as engine:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.predict, "default", {"question": "q"})
+            await trio.sleep(0.5)
+            with pytest.raises(OverloadedError):
+                await engine.predict("default", {"not_a_field": 1})
+            stats = engine.statistics()
+            assert (stats.rejected, stats.invalid, stats.errors_by_code) == (1, 0, {"overloaded": 1})
+        with pytest.raises(InvalidInputError):  # with room again, the inputs are validated as before
+            await engine.predict("default", {"not_a_field": 1})
+        stats = engine.statistics()
+        assert (stats.succeeded, stats.rejected, stats.invalid, stats.requests_total) == (1, 1, 1, 3)

@@ -71,6 +71,7 @@ def test_lm_public_names_are_pinned() -> None:
         "ChunkSink",
         "Completion",
         "DeltaSink",
+        "GuardedLM",
         "HTTPSettings",
         "OpenAICompatibleLM",
         "SimulatedLM",

@@ -21,7 +21,7 @@ from engine import (
 )
 from engine._retry import RetryPolicy, seeded
 from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from engine.lm import AnthropicLM, GuardedLM, HTTPSettings, OpenAICompatibleLM, TrioLM
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -65,10 +65,9 @@ def anthropic_lm(handler: Handler) -> AnthropicLM:
     return AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
 
 
-def guarded(lm: TrioLM, attempts: int = 3) -> TrioLM:
+def guarded(lm: TrioLM, attempts: int = 3) -> GuardedLM:
     retry = RetryPolicy(max_attempts=attempts, base_delay=0.25, max_delay=8.0)
-    lm.guard = UpstreamGuard("up", UpstreamPolicy(retry=retry), jitter=seeded(3))
-    return lm
+    return GuardedLM(lm, UpstreamGuard("up", UpstreamPolicy(retry=retry), jitter=seeded(3)))
 
 
 @pytest.mark.parametrize(

@@ -200,3 +200,17 @@ async def test_spans_wrap_requests_and_lm_attempts_with_the_request_id() -> None
     assert request.attributes["request_id"] == "span-1"
     assert attempt.parent is not None
     assert attempt.parent.span_id == request.context.span_id
+
+
+def test_no_span_objects_are_made_when_no_tracer_provider_is_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry import trace
+
+    from engine import _telemetry
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
+    made = _telemetry.span("dspy_trio.predict", request_id="r")
+    assert made is _telemetry.span("dspy_trio.lm_attempt", upstream="u")  # one shared no-op context
+    with made as current:
+        assert current is None

@@ -17,7 +17,7 @@ from engine import ConfigError, InvalidInputError, UpstreamRateLimitedError, Ups
 from engine._adaptive import AdaptiveLimit, AdaptiveSettings
 from engine._retry import RetryPolicy, seeded
 from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import OpenAICompatibleLM, TrioLM
+from engine.lm import GuardedLM, OpenAICompatibleLM
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 COMPLETION = {
@@ -41,14 +41,13 @@ class Scripted:
         return httpx.Response(200, json=COMPLETION)
 
 
-def guarded(handler: Any, *, attempts: int = 3, **retry: Any) -> tuple[TrioLM, UpstreamGuard]:
+def guarded(handler: Any, *, attempts: int = 3, **retry: Any) -> tuple[GuardedLM, UpstreamGuard]:
     lm = OpenAICompatibleLM(
         "openai/m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler)
     )
     policy = RetryPolicy(max_attempts=attempts, base_delay=0.25, max_delay=8.0, **retry)
     guard = UpstreamGuard("up", UpstreamPolicy(retry=policy), jitter=seeded(3))
-    lm.guard = guard
-    return lm, guard
+    return GuardedLM(lm, guard), guard
 
 
 async def test_a_huge_retry_after_is_waited_only_up_to_max_retry_after(autojump_clock: Any) -> None:

@@ -319,3 +319,36 @@ async def test_requests_refused_by_the_web_layer_are_logged_like_the_others(
     ]
     assert lines[0]["label"] == "mine"
     assert len(lines[0]["request_id"]) == 32
+
+
+async def test_overload_is_refused_before_the_body_is_parsed_and_the_connection_stays_usable() -> None:
+    """A body that is not even JSON gets the 429 (not a 400): the refusal came before parsing. The
+    refused request is counted once, and the kept-alive connection serves the next request."""
+    engine = EngineConfig(lms={"default": LMConfig()}, max_in_flight=1, max_queued=0)
+    lm = CountingLM(first_token_delay=30.0)
+    async with (
+        running(settings(engine=engine), lms={"default": lm}) as server,
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        holder = trio.CancelScope()
+
+        async def hold() -> None:
+            with holder:
+                await post(server.url, "/predict", {"question": "holds the slot", "timeout_secs": 5})
+
+        nursery.start_soon(hold)
+        await wait_until(lambda: server.state.engine.statistics().in_flight == 1)  # type: ignore[union-attr]
+        for path in ("/predict", "/v1/programs/default/predict", "/v1/programs/default/stream"):
+            response = await client.post(
+                path, content=b"{not json", headers={"Content-Type": "application/json"}
+            )
+            assert_error(response, 429, "overloaded")
+            assert "retry-after" in response.headers
+        stats = server.state.engine.statistics()  # type: ignore[union-attr]
+        assert (stats.rejected, stats.invalid, stats.errors_by_code) == (3, 0, {"overloaded": 3})
+        holder.cancel()
+        await wait_until(lambda: server.state.engine.statistics().in_flight == 0)  # type: ignore[union-attr]
+        response = await client.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
+        assert response.status_code == 400  # with room again, the body is parsed as before
+        assert (await client.get("/health")).status_code == 200

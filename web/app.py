@@ -39,6 +39,7 @@ from .encoding import dumps
 from .errors import HTTPError, engine_error_response, error_body, http_error_response
 from .http import json_response
 from .http import settings as _settings
+from .http import state as _state
 from .routes_ops import ops
 from .routes_programs import programs
 from .routes_seed import seed
@@ -127,6 +128,7 @@ def create_app(
         await engine_closed.wait()
 
     app.before_request(identify_and_authorize)
+    app.before_request(refuse_when_overloaded)
     app.after_request(decorate)
     for blueprint in (ops, seed, programs, websockets):
         app.register_blueprint(blueprint)
@@ -151,6 +153,25 @@ async def identify_and_authorize() -> None:
     g.label = label if _LABEL.match(label) else None
     g.owner = ""
     g.owner = authorize(_settings(), method=request.method, path=request.path, headers=request.headers)
+
+
+# Endpoints that refuse an overload before their body is read (a batch is admitted item by item).
+_OVERLOAD_CHECKED = {
+    "programs.program_predict": None,
+    "programs.program_stream": None,
+    "seed.seed_predict": "default",
+    "seed.seed_predict_stream": "default",
+    "seed.seed_stream": "default",
+}
+
+
+async def refuse_when_overloaded() -> None:
+    """Before a prediction or stream: a 429 at once when the engine is overloaded, before the body is
+    parsed and validated, so refusals stay cheap when the server is saturated."""
+    if request.endpoint not in _OVERLOAD_CHECKED or (engine := _state().engine) is None:
+        return
+    program = _OVERLOAD_CHECKED[request.endpoint] or (request.view_args or {}).get("name", "")
+    engine.refuse_if_overloaded(str(program))
 
 
 async def decorate(response: Response) -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import signal
 import socket
@@ -162,11 +163,18 @@ async def serve(
     lms: Mapping[str, TrioLM] | None = None,
     handle_signals: bool = True,
     worker_count: int = 1,
+    freeze_heap: bool = True,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGTERM/SIGINT or :meth:`Server.shutdown`; supports ``nursery.start``.
 
-    Blocks for the life of the server, including the drain.
+    With ``freeze_heap`` (the serving process's default), the heap built at start-up (the app, the
+    engine, DSPy, pydantic) is collected once and moved out of the garbage collector's reach with
+    ``gc.freeze()`` once the app has started, so later full collections do not walk it and stall the
+    event loop (issue #13: worst loop stall ~200 ms -> ~65 ms). ``open_server`` (tests, embedding) does
+    not do it: a process-wide GC setting is the serving process's call.
+
+    Blocks for the life of the server, including the drain (and for one full collection at start-up).
     """
     app = create_app(settings, lms=lms)
     state: ServiceState = app.extensions["dspy_trio"]
@@ -223,6 +231,9 @@ async def serve(
             if state.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
                 stop.set()
                 raise _EngineFailed
+            if freeze_heap:  # Hypercorn has run the app's start-up (the engine is open) by now
+                gc.collect()
+                gc.freeze()
             task_status.started(Server(binds[0], state, stop))
             logger.info("serving on %s", binds[0])
             await stopped.wait()
@@ -249,7 +260,7 @@ async def open_server(
     try:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                functools.partial(serve, settings, lms=lms, handle_signals=False)
+                functools.partial(serve, settings, lms=lms, handle_signals=False, freeze_heap=False)
             )
             try:
                 yield server

@@ -3,6 +3,7 @@
 from ._base import ChunkSink as ChunkSink
 from ._base import Completion as Completion
 from ._base import DeltaSink as DeltaSink
+from ._base import GuardedLM as GuardedLM
 from ._base import TrioLM as TrioLM
 from .anthropic import AnthropicLM as AnthropicLM
 from .openai import HTTPSettings as HTTPSettings
@@ -15,6 +16,7 @@ __all__ = [
     "ChunkSink",
     "Completion",
     "DeltaSink",
+    "GuardedLM",
     "HTTPSettings",
     "OpenAICompatibleLM",
     "SimulatedLM",

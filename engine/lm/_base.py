@@ -21,9 +21,8 @@ from typing import Any, Protocol
 import attrs
 import dspy
 import trio
-from dspy.clients.call_result import attributes
-from dspy.clients.engines.streaming import EngineChunk
 
+from .. import _dspy
 from .._trace import record_lm_call
 
 Message = Mapping[str, Any]
@@ -94,22 +93,13 @@ class ChunkSink:
 
     async def send(self, text: str) -> None:
         """Send one text delta; blocks while the stream's buffer is full."""
-        chunk = EngineChunk(
-            id=None,
-            model=self.model,
-            predict_id=self.predict_id,
-            choices=[attributes({"index": 0, "delta": {"content": text}, "finish_reason": None})],
-        )
-        await self.stream.send(chunk)
+        await self.stream.send(_dspy.stream_chunk(self.model, self.predict_id, text))
 
 
 def current_chunk_sink(model: str) -> ChunkSink | None:
     """The sink for the current DSPy call, or None when nobody is streaming it."""
-    stream = dspy.settings.send_stream
-    if stream is None:
-        return None
-    caller = dspy.settings.caller_predict
-    return ChunkSink(stream, model, id(caller) if caller is not None else None)
+    stream, predict_id = _dspy.current_stream()
+    return None if stream is None else ChunkSink(stream, model, predict_id)
 
 
 def request_params(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,7 +118,6 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
     def __init__(self, model: str, *, cache: bool = False, **kwargs: Any) -> None:
         # num_retries=0: the engine's own retry policy is the only one.
         super().__init__(model=model, cache=cache, num_retries=0, **kwargs)
-        self.guard: CallGuard | None = None  # installed by the engine that owns this LM
 
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
@@ -158,29 +147,22 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         params = request_params(self.kwargs, kwargs)
         sink = current_chunk_sink(self.model)
         cache_key = {"model": self.model, "messages": list(messages), **params} if self.cache else None
-        if cache_key is not None and (cached := dspy.cache.get(cache_key)) is not None:
+        if cache_key is not None and (cached := _dspy.cache_get(cache_key)) is not None:
             if sink is not None:
                 await sink.send("".join(str(o.get("text") if isinstance(o, dict) else o) for o in cached))
             return list(cached)
 
         started = trio.current_time()
         try:
-            if self.guard is None:
-                completion = await self.complete(messages, params, sink)
-            else:
-                completion = await self.guard.call(
-                    lambda guarded_sink: self.complete(messages, params, guarded_sink),
-                    sink,
-                    estimate=estimate_tokens(messages, params),
-                )
+            completion = await self.complete(messages, params, sink)
         finally:
             record_lm_call(trio.current_time() - started)
 
-        if completion.usage and dspy.settings.usage_tracker is not None:
-            dspy.settings.usage_tracker.add_usage(self.model, dict(completion.usage))
+        if completion.usage:
+            _dspy.report_usage(self.model, completion.usage)
         outputs = completion.outputs()
         if cache_key is not None:
-            dspy.cache.put(cache_key, outputs)
+            _dspy.cache_put(cache_key, outputs)
         return outputs
 
     def forward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
@@ -190,6 +172,49 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
     async def aforward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
         raise RuntimeError(f"{type(self).__name__} is called through acall(), not aforward()")
+
+
+class GuardedLM(TrioLM):
+    """A backend whose every completion goes through a :class:`CallGuard` (the engine's upstream
+    policies: cool-down, rate limits, adaptive concurrency, timeouts, retries).
+
+    ``open_engine`` wraps each backend in one; the backend itself is not changed. DSPy sees the
+    wrapper (same model and parameters), so the cache, usage and trace bookkeeping of :meth:`acall`
+    happen once, outside the retries.
+
+    Args:
+        inner: The backend that does the calls.
+        guard: The policies around each call.
+    """
+
+    def __init__(self, inner: TrioLM, guard: CallGuard) -> None:
+        super().__init__(model=inner.model, cache=inner.cache)
+        self.model_type = inner.model_type
+        self.kwargs = inner.kwargs  # the same dict: parameters stay the inner backend's
+        self.inner = inner
+        self.guard = guard
+
+    def __repr__(self) -> str:
+        return f"<GuardedLM {self.inner!r}>"
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
+    ) -> Completion:
+        """The inner backend's completion under the guard. Blocks for waits, attempts and retries."""
+        inner = self.inner
+        return await self.guard.call(
+            lambda guarded_sink: inner.complete(messages, params, guarded_sink),
+            sink,
+            estimate=estimate_tokens(messages, params),
+        )
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The inner backend's upkeep."""
+        await self.inner.maintain(task_status=task_status)
+
+    async def aclose(self) -> None:
+        """Close the inner backend."""
+        await self.inner.aclose()
 
 
 def estimated_usage(messages: Sequence[Message], texts: Sequence[str]) -> dict[str, Any]:
