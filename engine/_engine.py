@@ -186,8 +186,8 @@ class Engine(metaclass=NoPublicConstructor):
         Raises:
             OverloadedError: the queue is full right now.
         """
-        if self._closing:
-            return  # the usual path reports it, with its own error
+        if self._closing or program not in self._program_lms:
+            return  # the usual path reports these, with their own errors (closing, unknown program)
         try:
             self._admission.check()
         except OverloadedError as exc:

@@ -168,7 +168,9 @@ _OVERLOAD_CHECKED = {
 async def refuse_when_overloaded() -> None:
     """Before a prediction or stream: a 429 at once when the engine is overloaded, before the body is
     parsed and validated, so refusals stay cheap when the server is saturated."""
-    if request.endpoint not in _OVERLOAD_CHECKED or (engine := _state().engine) is None:
+    if request.method != "POST" or request.endpoint not in _OVERLOAD_CHECKED:
+        return  # e.g. a CORS preflight (OPTIONS) of the same route: never refused, never counted
+    if (engine := _state().engine) is None:
         return
     program = _OVERLOAD_CHECKED[request.endpoint] or (request.view_args or {}).get("name", "")
     engine.refuse_if_overloaded(str(program))

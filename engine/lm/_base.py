@@ -197,6 +197,24 @@ class GuardedLM(TrioLM):
     def __repr__(self) -> str:
         return f"<GuardedLM {self.inner!r}>"
 
+    # What DSPy's adapters ask an LM (JSONAdapter sends ``response_format`` only where it is supported):
+    # the inner backend's answers, never BaseLM's defaults.
+    @property
+    def supports_function_calling(self) -> bool:
+        return bool(self.inner.supports_function_calling)
+
+    @property
+    def supports_reasoning(self) -> bool:
+        return bool(self.inner.supports_reasoning)
+
+    @property
+    def supports_response_schema(self) -> bool:
+        return bool(self.inner.supports_response_schema)
+
+    @property
+    def supported_params(self) -> set[str]:
+        return set(self.inner.supported_params)
+
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:

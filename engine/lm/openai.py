@@ -12,6 +12,7 @@ the backpressure to the provider.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ import trio
 from .._errors import UpstreamConnectionError, UpstreamResponseError
 from .._validate import optional_positive, positive, positive_int
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
+from ._http_errors import status_error
 from ._http_pool import ClientShards
 from ._sse import json_object
 from ._transport import (
@@ -273,10 +275,11 @@ class OpenAICompatibleLM(TrioLM):
         parts: dict[int, list[str]] = {}
         reasoning: dict[int, list[str]] = {}
         usage: dict[str, Any] = {}
-        finished = done = False
+        finished: set[int] = set()  # choices that ended with a finish reason
+        done = False
 
         async def on_event(name: str, data: str) -> None:
-            nonlocal usage, finished, done
+            nonlocal usage, done
             if data.strip() == "[DONE]":
                 done = True  # read on to the end of the body, so the connection can be reused
                 return
@@ -289,10 +292,13 @@ class OpenAICompatibleLM(TrioLM):
                         await sink.send(content)
                 if thinking:
                     reasoning.setdefault(index, []).append(thinking)
-                finished = finished or finish
+                if finish:
+                    finished.add(index)
 
         await self._clients.post_sse(self.model, "chat/completions", body, on_event)
-        if not (done or finished):
+        wanted = body.get("n")
+        choices = wanted if isinstance(wanted, int) and wanted > 1 else 1
+        if not done and len(finished) < choices:  # a stream cut before every choice ended
             raise UpstreamConnectionError(f"{self.model}: stream ended before completion", model=self.model)
         count = max([*parts, *reasoning], default=0) + 1
         texts = ["".join(parts.get(i, [])) for i in range(count)]
@@ -302,9 +308,15 @@ class OpenAICompatibleLM(TrioLM):
     def _chunk(self, data: str) -> dict[str, Any]:
         payload = json_object(self.model, data)
         if "error" in payload:
-            message = payload["error"].get("message") if isinstance(payload["error"], dict) else None
+            error = payload["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            code = error.get("code") if isinstance(error, dict) else None
+            if isinstance(code, int) and not isinstance(code, bool) and (code == 429 or code >= 500):
+                # An overload or rate limit the server reports after its 200: the same error (and retry
+                # policy) as that status before the stream began.
+                raise status_error(self.model, code, {}, json.dumps(payload))
             raise UpstreamResponseError(
-                f"{self.model}: error mid-stream: {message or payload['error']}", model=self.model
+                f"{self.model}: error mid-stream: {message or error}", model=self.model
             )
         return payload
 
