@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import (
+    InvalidInputError,
     UpstreamConnectionError,
     UpstreamRateLimitedError,
     UpstreamServerError,
@@ -65,6 +66,28 @@ async def test_keep_alive_reuses_one_connection(fake_upstream: FakeUpstream) -> 
     assert [r.path for r in fake_upstream.records] == ["/v1/chat/completions"] * 3
     await client.aclose()
     assert idle_and_active(client) == (0, 0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), object()], ids=["nan", "inf", "object"])
+async def test_a_body_json_cannot_carry_is_invalid_input_and_sends_nothing(
+    fake_upstream: FakeUpstream, value: object
+) -> None:
+    """The same encoding, and the same typed error, as the httpx path (``encode_body``): no connection
+    is taken and nothing reaches the upstream."""
+    client = LeanClient(fake_upstream.url + "/")
+    for call in (
+        lambda: client.post_json("m", "chat/completions", {"temperature": value}),
+        lambda: client.post_sse("m", "chat/completions", {"temperature": value}, _ignore_event),
+    ):
+        with pytest.raises(InvalidInputError, match="cannot be sent as JSON"):
+            await call()
+    assert client.pool.statistics().opened == 0
+    assert fake_upstream.records == []
+    await client.aclose()
+
+
+async def _ignore_event(event: str, data: str) -> None:
+    pass
 
 
 async def test_request_is_one_send_with_the_expected_head() -> None:
@@ -187,7 +210,7 @@ async def test_early_close_mid_body_is_an_error_and_nothing_leaks() -> None:
         assert isinstance(info.value.__cause__, RemoteProtocolError)
         assert idle_and_active(client) == (0, 0)
         with pytest.raises(RemoteProtocolError, match=r"without a complete response|peer closed"):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         client.close()
 
 
@@ -198,7 +221,7 @@ async def test_close_before_any_response_is_a_protocol_error() -> None:
     async with open_raw_server(handle) as server:
         client = LeanClient(server.url)
         with pytest.raises(RemoteProtocolError):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         assert idle_and_active(client) == (0, 0)
 
 
@@ -221,7 +244,7 @@ async def test_refused_connection_maps_to_connection_error() -> None:
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
         client = LeanClient(f"http://127.0.0.1:{port}/v1")
         with pytest.raises(ConnectError):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         with pytest.raises(UpstreamConnectionError, match="ConnectError"):
             await client.post_json("m", "x", {})
         assert idle_and_active(client) == (0, 0)
@@ -267,7 +290,7 @@ async def test_connect_timeout_is_exact(autojump_clock: trio.testing.MockClock) 
         client = LeanClient(f"http://127.0.0.1:{port}/v1", timeouts=Timeouts(connect=4.0))
         started = trio.current_time()
         with pytest.raises(ConnectTimeout):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         assert trio.current_time() - started == 4.0
         with pytest.raises(UpstreamTimeoutError, match="ConnectTimeout"):
             await client.post_json("m", "x", {})
@@ -281,7 +304,7 @@ async def test_read_timeout_is_exact(autojump_clock: trio.testing.MockClock) -> 
         client = LeanClient(server.url, timeouts=Timeouts(read=7.0))
         started = trio.current_time()
         with pytest.raises(ReadTimeout):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         assert trio.current_time() - started == 7.0
         assert idle_and_active(client) == (0, 0)
         with pytest.raises(UpstreamTimeoutError, match="ReadTimeout"):
@@ -325,7 +348,7 @@ async def test_write_timeout_is_exact(autojump_clock: trio.testing.MockClock) ->
         client = LeanClient(server.url, timeouts=Timeouts(write=3.0))
         started = trio.current_time()
         with pytest.raises(WriteTimeout):
-            await client.request_json("x", {"big": "x" * 64_000_000})
+            await client.request_json("x", json.dumps({"big": "x" * 64_000_000}).encode())
         assert trio.current_time() - started == 3.0
         assert idle_and_active(client) == (0, 0)
 
@@ -334,11 +357,11 @@ async def test_pool_timeout_is_exact(autojump_clock: trio.testing.MockClock) -> 
     async with open_raw_server(hang) as server:
         client = LeanClient(server.url, max_connections=1, timeouts=Timeouts(pool=2.0, read=100.0))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.request_json, "first", {})
+            nursery.start_soon(client.request_json, "first", b"{}")
             await server.wait_for(lambda s: len(s.requests) == 1)
             started = trio.current_time()
             with pytest.raises(PoolTimeout):
-                await client.request_json("second", {})
+                await client.request_json("second", b"{}")
             assert trio.current_time() - started == 2.0
             nursery.cancel_scope.cancel()
         assert idle_and_active(client) == (0, 0)
@@ -367,7 +390,7 @@ async def test_pool_cap_and_fifo_waiters(cap: int) -> None:
         client = LeanClient(server.url, max_connections=cap)
         async with trio.open_nursery() as nursery:
             for i in range(8):
-                nursery.start_soon(client.request_json, f"r{i}", {})
+                nursery.start_soon(client.request_json, f"r{i}", b"{}")
                 await trio.testing.wait_all_tasks_blocked()
             await server.wait_for(lambda s: len(s.requests) == cap)
             assert client.pool.statistics().waiting == 8 - cap
@@ -390,10 +413,10 @@ async def test_cancel_while_waiting_for_the_pool_leaves_it_consistent() -> None:
     async with open_raw_server(hang) as server:
         client = LeanClient(server.url, max_connections=1)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.request_json, "first", {})
+            nursery.start_soon(client.request_json, "first", b"{}")
             await server.wait_for(lambda s: len(s.requests) == 1)
             with trio.move_on_after(0.01):
-                await client.request_json("second", {})
+                await client.request_json("second", b"{}")
             assert client.pool.statistics() == client.pool.statistics().__class__(1, 0, 0, 1)
             nursery.cancel_scope.cancel()
         assert idle_and_active(client) == (0, 0)
@@ -409,7 +432,7 @@ async def test_cancel_while_sending_closes_the_connection() -> None:
     async with open_raw_server(read_later) as server:
         client = LeanClient(server.url)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.request_json, "x", {"big": "x" * 64_000_000})
+            nursery.start_soon(client.request_json, "x", json.dumps({"big": "x" * 64_000_000}).encode())
             await server.wait_for(lambda s: s.connections == 1)
             await trio.testing.wait_all_tasks_blocked()  # the client is blocked in send_all
             assert idle_and_active(client) == (1, 0)
@@ -450,7 +473,7 @@ async def test_cancel_mid_body_closes_the_connection() -> None:
     async with open_raw_server(partial) as server:
         client = LeanClient(server.url)
         with trio.move_on_after(0.05):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         assert idle_and_active(client) == (0, 0)
         await server.wait_for(lambda s: s.closed == 1)
 

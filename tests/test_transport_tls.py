@@ -58,7 +58,7 @@ async def test_unknown_ca_is_refused(ca: trustme.CA) -> None:
     async with open_raw_server(handler, ssl_context=context) as server:
         client = LeanClient(f"https://localhost:{server.port}/v1")  # certifi's CAs only
         with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
         with pytest.raises(UpstreamConnectionError, match="ConnectError"):
             await client.post_json("m", "x", {})
         assert client.pool.statistics().active == 0
@@ -70,7 +70,7 @@ async def test_certificate_for_another_host_is_refused(ca: trustme.CA) -> None:
     async with open_raw_server(handler, ssl_context=context) as server:
         client = LeanClient(f"https://localhost:{server.port}/v1", ssl_context=client_context(ca))
         with pytest.raises(ConnectError, match=r"match|mismatch"):
-            await client.request_json("x", {})
+            await client.request_json("x", b"{}")
 
 
 async def test_cancel_over_tls_closes_the_socket_at_once(ca: trustme.CA) -> None:
@@ -89,7 +89,7 @@ async def test_cancel_over_tls_closes_the_socket_at_once(ca: trustme.CA) -> None
     async with open_raw_server(hang, ssl_context=context) as server:
         client = LeanClient(f"https://localhost:{server.port}/v1", ssl_context=client_context(ca))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.request_json, "x", {})
+            nursery.start_soon(client.request_json, "x", b"{}")
             await server.wait_for(lambda s: len(s.requests) == 1)
             cancelled_at = trio.current_time()
             nursery.cancel_scope.cancel()

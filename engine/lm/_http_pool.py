@@ -17,7 +17,6 @@ real sockets checks.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -27,28 +26,15 @@ import httpcore
 import httpx
 import trio
 
-from .._errors import InvalidInputError
 from ._http_errors import status_error, transport_errors
 from ._sse import SSEParser
+from ._transport._protocol import encode_body
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
 SHARD_SIZE = 16
 
 _JSON = {"content-type": "application/json"}
-
-
-def encode_body(model: str, body: dict[str, Any]) -> bytes:
-    """``body`` as JSON, the way httpx would encode it.
-
-    Raises:
-        InvalidInputError: a request parameter JSON cannot carry (NaN, an infinity, an object that is
-            not JSON): nothing was sent, and no retry could help.
-    """
-    try:
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"{model}: a request parameter cannot be sent as JSON: {exc}") from exc
 
 
 class ClientShards:

@@ -37,6 +37,7 @@ from .._sse import SSEParser
 from ._connection import Connection, Origin, Timeouts, read_timeout_error
 from ._errors import RemoteProtocolError, TransportError, TransportTimeout
 from ._pool import Pool
+from ._protocol import encode_body
 from ._tls import default_ssl_context
 
 USER_AGENT = "dspy-trio"
@@ -145,27 +146,26 @@ class LeanClient:
             self._heads[(path, accept)] = (head, event)
         return head, event
 
-    def _request_bytes(self, connection: Connection, path: str, body: Any, accept: str) -> bytes:
-        """The whole request — head and JSON body — as one bytes object.
+    def _request_bytes(self, connection: Connection, path: str, payload: bytes, accept: str) -> bytes:
+        """The whole request — head and JSON ``payload`` — as one bytes object.
 
         h11 validated the head once (:meth:`_head`); here it is only told that the request went out
         (an equivalent event with an empty body, whose bytes are dropped), so its state machine frames
         the response and decides keep-alive exactly as if it had written the request itself.
         """
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         head, event = self._head(path, accept)
         connection.h11.send(event)
         connection.h11.send(h11.EndOfMessage())
         return b"".join((head, str(len(payload)).encode(), b"\r\n\r\n", payload))
 
     async def _start(
-        self, path: str, body: Any, accept: str, scope: trio.CancelScope
+        self, path: str, payload: bytes, accept: str, scope: trio.CancelScope
     ) -> tuple[Connection, h11.Response]:
         """Acquire a connection, send the request, read the response head. On failure the connection
         is closed and released here."""
         connection = await self.pool.acquire()
         try:
-            data = self._request_bytes(connection, path, body, accept)
+            data = self._request_bytes(connection, path, payload, accept)
             await connection.send(data)
             # The read timeout bounds the silence between reads; the whole head must also arrive within
             # it, or a server trickling header bytes would hold the call for hours.
@@ -198,15 +198,15 @@ class LeanClient:
                 chunks.append(connection.decode(b"", final=True))
                 return b"".join(chunks)
 
-    async def request_json(self, path: str, body: Any) -> Response:
-        """POST ``body`` as JSON to ``path`` and read the whole response (any status). Blocks for the
-        exchange.
+    async def request_json(self, path: str, payload: bytes) -> Response:
+        """POST ``payload`` (JSON bytes, see :func:`encode_body`) to ``path`` and read the whole response
+        (any status). Blocks for the exchange.
 
         Raises:
             TransportError: a transport failure (see ``_errors``); the connection is then closed.
         """
         with trio.CancelScope() as scope:
-            connection, head = await self._start(path, body, "application/json", scope)
+            connection, head = await self._start(path, payload, "application/json", scope)
             try:
                 content = await self._read_body(connection, scope)
             finally:
@@ -220,8 +220,9 @@ class LeanClient:
         Raises:
             UpstreamError: a transport failure, or an error status (mapped by :func:`status_error`).
         """
+        payload = encode_body(model, body)  # before a connection is taken: a bad body sends nothing
         with _mapped(model):
-            response = await self.request_json(path, body)
+            response = await self.request_json(path, payload)
         if response.status_code >= 400:
             raise status_error(model, response.status_code, response.headers, response.text)
         return response
@@ -236,8 +237,9 @@ class LeanClient:
         Raises:
             UpstreamError: a transport failure, or an error status.
         """
+        payload = encode_body(model, body)
         with _mapped(model), trio.CancelScope() as scope:
-            connection, head = await self._start(path, body, "text/event-stream", scope)
+            connection, head = await self._start(path, payload, "text/event-stream", scope)
             try:
                 if head.status_code >= 400:
                     text = (await self._read_body(connection, scope)).decode("utf-8", errors="replace")

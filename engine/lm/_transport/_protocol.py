@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
+
+from ..._errors import InvalidInputError
+
+
+def encode_body(model: str, body: dict[str, Any]) -> bytes:
+    """``body`` as compact JSON, as every transport sends it.
+
+    Raises:
+        InvalidInputError: a request parameter JSON cannot carry (NaN, an infinity, an object that is
+            not JSON): nothing was sent, and no retry could help.
+    """
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{model}: a request parameter cannot be sent as JSON: {exc}") from exc
 
 
 class JSONResponse(Protocol):
