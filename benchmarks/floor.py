@@ -115,6 +115,89 @@ def h11_post_ms(url: str, n: int = 2000, concurrency: int = 1) -> float:
     return float(trio.run(run))
 
 
+def concurrent_floor(url: str, n: int = 1000, *, warm: bool = False) -> dict[str, float]:
+    """``n`` predictions' floor all at once, one OS thread: each formats ``question -> answer`` with
+    DSPy's ChatAdapter, POSTs it with raw h11 on its own connection, parses the JSON and the answer.
+    ``warm``: the ``n`` connections are opened (and used once) first, as a server's kept-alive pool
+    would be; otherwise each task also connects. Returns the wall seconds and CPU ms per prediction:
+    what any engine's ``n``-concurrent wall time is measured against."""
+    import dspy
+    import h11
+    import trio
+
+    parts = urlsplit(url)
+    target = (parts.path.rstrip("/") + "/chat/completions").encode()
+    adapter = dspy.ChatAdapter()
+    signature = dspy.Signature("question -> answer")
+    host = f"{parts.hostname}:{parts.port}"
+
+    async def post(stream: trio.SocketStream, connection: Any, question: str) -> Any:
+        messages = adapter.format(signature, demos=[], inputs={"question": question})
+        payload = json.dumps({"model": "bench", "messages": messages}, separators=(",", ":")).encode()
+        headers = [
+            ("host", host),
+            ("content-type", "application/json"),
+            ("content-length", str(len(payload))),
+        ]
+        data = connection.send(h11.Request(method="POST", target=target, headers=headers))
+        data += connection.send(h11.Data(data=payload)) + connection.send(h11.EndOfMessage())
+        await stream.send_all(data)
+        chunks = []
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        connection.start_next_cycle()
+        text = json.loads(b"".join(chunks))["choices"][0]["message"]["content"]
+        return adapter.parse(signature, text)
+
+    async def run() -> dict[str, float]:
+        streams: list[tuple[trio.SocketStream, Any]] = []
+        if warm:
+
+            async def open_one() -> None:
+                stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+                connection = h11.Connection(h11.CLIENT)
+                await post(stream, connection, "warm-up")
+                streams.append((stream, connection))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(n):
+                    nursery.start_soon(open_one)
+        ok = 0
+
+        async def one(i: int) -> None:
+            nonlocal ok
+            if warm:
+                stream, connection = streams[i]
+            else:
+                stream = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+                connection = h11.Connection(h11.CLIENT)
+            await post(stream, connection, f"question number {i}")
+            ok += 1
+            if not warm:
+                await stream.aclose()
+
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        result = {
+            "wall": time.perf_counter() - wall0,
+            "cpu_ms": (time.process_time() - cpu0) / n * 1000,
+            "ok": float(ok),
+        }
+        for stream, _connection in streams:
+            await stream.aclose()
+        return result
+
+    return dict(trio.run(run))
+
+
 def measure(url: str, n: int = 2000) -> dict[str, float]:
     """The floor's parts; ``floor_ms`` with one connection, ``floor64_ms`` with 64."""
     adapter, post, post64 = adapter_ms(n), h11_post_ms(url, n), h11_post_ms(url, n, 64)

@@ -484,6 +484,7 @@ async def open_engine(
     """
     config = EngineConfig.from_env() if config is None else config
     _dspy.cache_type_adapters()  # same prompts and parses, one pydantic TypeAdapter per type
+    _dspy.cache_signature_fields()  # and a signature's fields split once, not at every access
     given = dict(lms or {})
     backends: dict[str, TrioLM] = dict(given)
     try:

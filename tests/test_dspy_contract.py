@@ -179,3 +179,65 @@ async def test_cached_type_adapters_change_no_prompt_and_no_parse(
     assert runs[0] == runs[1] == runs[2]
     assert (int, "<class 'int'>") in _dspy._TYPE_ADAPTERS  # the cached runs did go through the cache
     assert runs[0][1] == {"answer": "Blue.", "score": 7, "tags": ["x", "y"], "kind": "b"}
+
+
+@pytest.mark.parametrize(
+    ("adapter_type", "answer"),
+    [
+        (
+            dspy.ChatAdapter,
+            '[[ ## answer ## ]]\nBlue.\n\n[[ ## score ## ]]\n7\n\n[[ ## tags ## ]]\n["x", "y"]\n\n'
+            "[[ ## kind ## ]]\nb\n\n[[ ## completed ## ]]",
+        ),
+        (dspy.JSONAdapter, '{"answer": "Blue.", "score": "7", "tags": ["x", "y"], "kind": "b"}'),
+    ],
+)
+async def test_cached_signature_fields_change_no_prompt_and_no_parse(
+    adapter_type: type[Any], answer: str
+) -> None:
+    """``_dspy.cache_signature_fields`` (a signature's fields split once per class): byte-identical
+    messages and equal outputs, for a typed signature and a ChainOfThought's extended one."""
+    inputs = {"question": "Sky?", "context": ["day", "clear"], "facts": {"a": 1}, "when": 3}
+    runs: list[tuple[str, dict[str, Any]]] = []
+    try:
+        for enabled in (False, True, True):
+            _dspy.cache_signature_fields(enabled)
+            lm = RecordingLM(answer)
+            with dspy.context(lm=lm, adapter=adapter_type()):
+                prediction = await dspy.Predict(Typed).acall(**inputs)
+            runs.append((json.dumps(lm.calls, sort_keys=True), dict(prediction.items())))
+    finally:
+        _dspy.cache_signature_fields(False)
+    assert runs[0] == runs[1] == runs[2]
+    assert Typed in _dspy._SIGNATURE_FIELDS  # the cached runs did go through the cache
+
+
+def test_cached_signature_fields_follow_every_way_dspy_derives_or_edits_a_signature() -> None:
+    """New classes from ``append``/``prepend``/``delete``/``with_updated_fields``/``with_instructions``
+    get their own fields; an edited field's prefix is seen; the returned dicts are the caller's own."""
+    try:
+        _dspy.cache_signature_fields(True)
+        base = dspy.Signature("question -> answer")
+        assert list(base.input_fields) == ["question"]
+        assert list(base.output_fields) == ["answer"]
+        grown = base.append("context", dspy.InputField(), type_=str).prepend(
+            "reasoning", dspy.OutputField(), type_=str
+        )
+        assert list(grown.input_fields) == ["question", "context"]
+        assert list(grown.output_fields) == ["reasoning", "answer"]
+        assert list(grown.fields) == ["question", "context", "reasoning", "answer"]
+        assert list(grown.delete("context").input_fields) == ["question"]
+        assert list(base.input_fields) == ["question"]  # the base is unchanged
+        renamed = base.with_updated_fields("answer", prefix="Final:")
+        assert renamed.output_fields["answer"].json_schema_extra["prefix"] == "Final:"
+        assert base.with_instructions("Be brief.").input_fields.keys() == base.input_fields.keys()
+        mine = base.input_fields
+        mine.clear()  # a caller that edits what it got
+        assert list(base.input_fields) == ["question"]
+        cot = dspy.ChainOfThought("question -> answer").predict.signature
+        _dspy.cache_signature_fields(False)
+        stock = (list(cot.input_fields), list(cot.output_fields))
+        _dspy.cache_signature_fields(True)
+        assert (list(cot.input_fields), list(cot.output_fields)) == stock
+    finally:
+        _dspy.cache_signature_fields(False)

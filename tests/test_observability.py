@@ -214,3 +214,41 @@ def test_no_span_objects_are_made_when_no_tracer_provider_is_configured(
     assert made is _telemetry.span("dspy_trio.lm_attempt", upstream="u")  # one shared no-op context
     with made as current:
         assert current is None
+
+
+def test_no_tracer_provider_is_seen_without_asking_opentelemetry_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no provider set, ``span`` does not call ``get_tracer_provider`` (which looks the environment
+    up on every call); a provider set later is seen at once."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from engine import _telemetry
+
+    def must_not_be_called() -> Any:
+        raise AssertionError("get_tracer_provider called on the hot path")
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(_telemetry, "_PROVIDER_IN_ENV", False)
+    monkeypatch.setattr(trace, "get_tracer_provider", must_not_be_called)
+    assert _telemetry.span("dspy_trio.predict") is _telemetry._NO_SPAN
+    provider = TracerProvider()
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    assert _telemetry.span("dspy_trio.predict") is not _telemetry._NO_SPAN
+
+
+def test_a_tracer_provider_named_in_the_environment_is_still_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from engine import _telemetry
+
+    provider = TracerProvider()
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(_telemetry, "_PROVIDER_IN_ENV", True)
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    assert _telemetry.span("dspy_trio.predict") is not _telemetry._NO_SPAN
