@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
 
 import attrs
 import trio
@@ -25,6 +26,8 @@ from ._retry import RetryBudget, RetryPolicy, seeded
 from ._telemetry import span
 from ._trace import record_attempt
 from .lm._base import Completion, DeltaSink
+
+_NO_SCOPE = nullcontext()
 
 Attempt = Callable[[DeltaSink | None], Awaitable[Completion]]
 
@@ -228,11 +231,13 @@ class UpstreamGuard:
         record_attempt()
         if watched is not None and policy.first_token_timeout is not None:
             watchdog.deadline = started + policy.first_token_timeout
+        whole = trio.CancelScope(deadline=started + (policy.attempt_timeout or math.inf))
         try:
+            # The watchdog (first token, stalls) only watches a stream; a plain call has one scope.
             with (
                 span("dspy_trio.lm_attempt", upstream=self.name),
-                trio.move_on_after(policy.attempt_timeout or math.inf) as whole,
-                watchdog,
+                whole,
+                watchdog if watched is not None else _NO_SCOPE,
             ):
                 try:
                     completion = await attempt(watched)

@@ -34,7 +34,7 @@ import trio
 from ..._errors import UpstreamConnectionError, UpstreamTimeoutError
 from .._http_errors import status_error
 from .._sse import SSEParser
-from ._connection import Connection, Origin, Timeouts, read_timeout_error
+from ._connection import Connection, ExchangeTimer, Origin, Timeouts
 from ._errors import RemoteProtocolError, TransportError, TransportTimeout
 from ._pool import Pool
 from ._protocol import encode_body
@@ -159,35 +159,33 @@ class LeanClient:
         return b"".join((head, str(len(payload)).encode(), b"\r\n\r\n", payload))
 
     async def _start(
-        self, path: str, payload: bytes, accept: str, scope: trio.CancelScope
+        self, path: str, payload: bytes, accept: str, timer: ExchangeTimer
     ) -> tuple[Connection, h11.Response]:
-        """Acquire a connection, send the request, read the response head. On failure the connection
-        is closed and released here."""
+        """Acquire a connection, send the request, read the response head, all within ``timer``'s scope
+        (the caller's). On failure the connection is closed and released here."""
         connection = await self.pool.acquire()
         try:
             data = self._request_bytes(connection, path, payload, accept)
-            await connection.send(data)
+            await connection.send(data, timer)
             # The read timeout bounds the silence between reads; the whole head must also arrive within
             # it, or a server trickling header bytes would hold the call for hours.
-            with trio.move_on_after(self.timeouts.read) as whole_head:
-                while True:
-                    event = await connection.next_event(scope)
-                    if isinstance(event, h11.Response):
-                        connection.decoder(event)
-                        return connection, event
-                    if not isinstance(event, h11.InformationalResponse):  # pragma: no cover - h11 guarantees
-                        raise RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
-            assert whole_head.cancelled_caught
-            raise read_timeout_error(self.timeouts.read)
+            head_by = trio.current_time() + self.timeouts.read
+            while True:
+                event = await connection.next_event(timer, head_by)
+                if isinstance(event, h11.Response):
+                    connection.decoder(event)
+                    return connection, event
+                if not isinstance(event, h11.InformationalResponse):  # pragma: no cover - h11 guarantees
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
         except BaseException:
             self.pool.release(connection)  # not reusable mid-exchange: closed
             raise
 
-    async def _read_body(self, connection: Connection, scope: trio.CancelScope) -> bytes:
+    async def _read_body(self, connection: Connection, timer: ExchangeTimer) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = await connection.next_event(scope)
+            event = await connection.next_event(timer)
             if isinstance(event, h11.Data):
                 chunk = connection.decode(bytes(event.data))
                 size += len(chunk)
@@ -205,14 +203,15 @@ class LeanClient:
         Raises:
             TransportError: a transport failure (see ``_errors``); the connection is then closed.
         """
-        with trio.CancelScope() as scope:
-            connection, head = await self._start(path, payload, "application/json", scope)
+        timer = ExchangeTimer(self.timeouts)
+        with timer.scope:
+            connection, head = await self._start(path, payload, "application/json", timer)
             try:
-                content = await self._read_body(connection, scope)
+                content = await self._read_body(connection, timer)
             finally:
                 self.pool.release(connection)
             return Response(head.status_code, _headers(head), content)
-        raise read_timeout_error(self.timeouts.read)
+        raise timer.error()
 
     async def post_json(self, model: str, path: str, body: dict[str, Any]) -> Response:
         """POST ``body`` as JSON and return the response. Blocks for the whole response.
@@ -238,29 +237,30 @@ class LeanClient:
             UpstreamError: a transport failure, or an error status.
         """
         payload = encode_body(model, body)
-        with _mapped(model), trio.CancelScope() as scope:
-            connection, head = await self._start(path, payload, "text/event-stream", scope)
+        timer = ExchangeTimer(self.timeouts)
+        with _mapped(model), timer.scope:
+            connection, head = await self._start(path, payload, "text/event-stream", timer)
             try:
                 if head.status_code >= 400:
-                    text = (await self._read_body(connection, scope)).decode("utf-8", errors="replace")
+                    text = (await self._read_body(connection, timer)).decode("utf-8", errors="replace")
                     raise status_error(model, head.status_code, _headers(head), text)
-                await self._events(connection, scope, on_event)
+                await self._events(connection, timer, on_event)
             finally:
                 self.pool.release(connection)
             return
         with _mapped(model):
-            raise read_timeout_error(self.timeouts.read)
+            raise timer.error()
 
     async def _events(
         self,
         connection: Connection,
-        scope: trio.CancelScope,
+        timer: ExchangeTimer,
         on_event: Callable[[str, str], Awaitable[None]],
     ) -> None:
         parser = SSEParser()
         lines = LineSplitter()
         while True:
-            event = await connection.next_event(scope)
+            event = await connection.next_event(timer)
             if isinstance(event, h11.Data):
                 text = lines.feed(connection.decode(bytes(event.data)))
             elif isinstance(event, h11.EndOfMessage):
@@ -270,7 +270,7 @@ class LeanClient:
             for line in text:
                 if (sse := parser.feed(line)) is not None:
                     # The read scope must not time out the consumer: only socket reads are bounded.
-                    scope.deadline = trio.current_time() + float("inf")
+                    timer.pause()
                     await on_event(*sse)
             if isinstance(event, h11.EndOfMessage):
                 if (sse := parser.feed("")) is not None:

@@ -5,13 +5,16 @@ socket synchronously (no TLS ``close_notify``; HTTP's own framing already protec
 body). So a cancelled request closes its socket at the moment the ``Cancelled`` exception passes
 through, with no shielded cleanup to bound — the upstream sees the close within a scheduler tick.
 
-Timeouts are cancel scopes. Reading uses one scope per response whose deadline moves forward before every
+Timeouts are one cancel scope per exchange (:class:`ExchangeTimer`) whose deadline each phase moves: to
+``write`` seconds from now while the request is sent, then to ``read`` seconds from now before every
 read, so ``read`` bounds the silence between two reads, not the whole body (a long stream stays alive as
-long as it makes progress).
+long as it makes progress). One scope, not one per phase: entering and leaving a cancel scope is among
+the costliest things a request does in Trio.
 """
 
 from __future__ import annotations
 
+import math
 import select
 import ssl
 import zlib
@@ -58,6 +61,39 @@ class Origin:
     scheme: str
     host: str
     port: int
+
+
+class ExchangeTimer:
+    """The one cancel scope of an exchange and which phase its deadline bounds now.
+
+    Enter :attr:`scope` around the exchange; :meth:`writing` and :meth:`reading` move its deadline;
+    when the scope fired, :meth:`error` is the timeout to raise.
+    """
+
+    __slots__ = ("phase", "scope", "timeouts")
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        self.scope = trio.CancelScope()
+        self.phase = "write"
+
+    def writing(self) -> None:
+        self.phase = "write"
+        self.scope.deadline = trio.current_time() + self.timeouts.write
+
+    def reading(self, limit: float = math.inf) -> None:
+        """Allow ``timeouts.read`` seconds for the next read, but never past ``limit``."""
+        self.phase = "read"
+        self.scope.deadline = min(trio.current_time() + self.timeouts.read, limit)
+
+    def pause(self) -> None:
+        """No deadline while the caller's own code runs (a stream's consumer)."""
+        self.scope.deadline = math.inf
+
+    def error(self) -> WriteTimeout | ReadTimeout:
+        if self.phase == "write":
+            return WriteTimeout(f"request not sent within {self.timeouts.write}s")
+        return read_timeout_error(self.timeouts.read)
 
 
 async def open_connection(
@@ -147,25 +183,25 @@ class Connection:
             return False
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
-    async def send(self, data: bytes) -> None:
-        """Send the whole request in one ``send_all``. Blocks until the kernel took every byte.
+    async def send(self, data: bytes, timer: ExchangeTimer) -> None:
+        """Send the whole request in one ``send_all``, ``timer``'s deadline ``timeouts.write`` from now
+        (the caller turns that scope's cancellation into ``timer.error()``, a :class:`WriteTimeout`).
+        Blocks until the kernel took every byte.
 
         Raises:
-            WriteTimeout: the peer did not take the bytes within ``timeouts.write``.
             WriteError: the connection broke.
         """
-        with trio.move_on_after(self.timeouts.write) as scope:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise WriteError(f"connection broke while sending: {exc.__cause__ or exc}") from exc
-        if scope.cancelled_caught:
-            raise WriteTimeout(f"request not sent within {self.timeouts.write}s")
+        timer.writing()
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise WriteError(f"connection broke while sending: {exc.__cause__ or exc}") from exc
 
-    async def next_event(self, scope: trio.CancelScope) -> Any:
+    async def next_event(self, timer: ExchangeTimer, limit: float = math.inf) -> Any:
         """The next h11 event of the response, reading from the socket as needed; every read first moves
-        ``scope``'s deadline to ``timeouts.read`` seconds from now (the caller turns that scope's
-        cancellation into :class:`ReadTimeout`). Blocks while the peer is silent.
+        ``timer``'s deadline to ``timeouts.read`` seconds from now, or to ``limit`` if sooner (the caller
+        turns that scope's cancellation into ``timer.error()``, a :class:`ReadTimeout`). Blocks while
+        the peer is silent.
 
         Raises:
             ReadError: the connection broke.
@@ -180,7 +216,7 @@ class Connection:
                 if isinstance(event, h11.ConnectionClosed):
                     raise RemoteProtocolError("the server closed the connection without a complete response")
                 return event
-            scope.deadline = trio.current_time() + self.timeouts.read
+            timer.reading(limit)
             try:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
