@@ -39,8 +39,17 @@ from benchmarks._canned_upstream import start_canned_upstream
 from benchmarks._upstream import start_upstream
 
 TRANSPORTS = ("httpx", "lean")
-# cold: every prediction opens its connection; warm: the pool holds c1000 kept-alive connections.
-C1000_MODES = ("floor-cold", "lean-cold", "httpx-cold", "floor-warm", "lean-warm")
+# cold: every prediction opens its connection; warm: the pool holds c1000 kept-alive connections;
+# frozen: gc.freeze() after the warm-up, as `dspy-trio serve` does after start-up.
+C1000_MODES = (
+    "floor-cold",
+    "lean-cold",
+    "httpx-cold",
+    "floor-warm",
+    "lean-warm",
+    "floor-warm-frozen",
+    "lean-warm-frozen",
+)
 
 
 def _engine(url: str, transport: str, concurrency: int) -> Any:
@@ -127,7 +136,8 @@ def _package(filename: str) -> str:
     return "other"
 
 
-def _c1000_worker(url: str, transport: str, n: int, warm: bool) -> dict[str, Any]:
+def _c1000_worker(url: str, transport: str, n: int, warm: bool, frozen: bool) -> dict[str, Any]:
+    import gc
     import threading
 
     import trio
@@ -139,6 +149,9 @@ def _c1000_worker(url: str, transport: str, n: int, warm: bool) -> dict[str, Any
                 async with trio.open_nursery() as nursery:
                     for i in range(n):
                         nursery.start_soon(engine.predict, "default", {"question": f"warm-up {i}"})
+            if frozen:  # what `dspy-trio serve` does once started
+                gc.collect()
+                gc.freeze()
             ok = 0
 
             async def one(i: int) -> None:
@@ -234,12 +247,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     if kind == "profile":
         return _predict_worker(args.url, option, args.n, 64, profile=True)
     if kind == "c1000":
-        transport, _, pool = option.partition("-")
+        transport, pool, frozen = [*option.split("-"), ""][:3]
         if transport == "floor":
             from benchmarks.floor import concurrent_floor
 
-            return {**concurrent_floor(args.url, args.c1000, warm=pool == "warm"), "threads": 1}
-        return _c1000_worker(args.url, transport, args.c1000, warm=pool == "warm")
+            floor = concurrent_floor(args.url, args.c1000, warm=pool == "warm", frozen=frozen == "frozen")
+            return {**floor, "threads": 1}
+        return _c1000_worker(args.url, transport, args.c1000, warm=pool == "warm", frozen=frozen == "frozen")
     if kind == "gc":
         return _gc_worker(args.url, option == "freeze", args.gc_seconds, args.gc_clients)
     raise SystemExit(f"unknown worker {args.worker}")
@@ -305,7 +319,7 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
         )
         floors = {
             pool: _median(results[f"c1000:floor-{pool}"], "wall")
-            for pool in ("cold", "warm")
+            for pool in ("cold", "warm", "warm-frozen")
             if f"c1000:floor-{pool}" in results
         }
         for mode in C1000_MODES:
@@ -313,14 +327,14 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
             if key not in results:
                 continue
             wall, cpu = _median(results[key], "wall"), _median(results[key], "cpu_ms")
-            pool = mode.rpartition("-")[2]
+            pool = mode.partition("-")[2]
             versus = (
                 f", {wall / floors[pool]:.2f}x the floor's wall"
                 if pool in floors and "floor" not in mode
                 else ""
             )
             print(
-                f"    {mode:11s} wall {wall:.2f} s = {wall:.2f}x ideal "
+                f"    {mode:17s} wall {wall:.2f} s = {wall:.2f}x ideal "
                 f"(goal <= 1.3x: {_verdict(wall <= 1.3)})"
                 f"{versus}; {cpu:.2f} ms CPU/prediction, {min(r['ok'] for r in results[key]):.0f} ok, "
                 f"{results[key][0]['threads']} thread(s); "
