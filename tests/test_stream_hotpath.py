@@ -213,7 +213,7 @@ async def test_every_stream_ends_with_exactly_one_terminal_event(
         received = []
         async for event in events:
             received.append(event)
-            await trio.sleep(0)  # a consumer slower than the producer
+            await trio.sleep(0.001)  # a consumer slower than the producer
     terminals = [e for e in received if isinstance(e, (FinalEvent, ErrorEvent))]
     assert len(terminals) == 1
     assert received[-1] is terminals[0]
