@@ -140,6 +140,8 @@ async def test_a_call_from_a_predictor_the_router_does_not_know_is_not_streamed(
 
 
 async def test_block_policy_still_pauses_the_lm_at_capacity(autojump_clock: Any) -> None:
+    """The LM's send is still where it waits (over a socket that pauses its reads: see
+    ``test_streaming_network.test_block_policy_backpressure_reaches_the_upstream_socket``)."""
     lm = CountingLM(first_token_delay=0, token_delay=0, words_per_field=500)
     options = StreamOptions(backpressure="block", buffer_size=3)
     async with (
@@ -153,24 +155,6 @@ async def test_block_policy_still_pauses_the_lm_at_capacity(autojump_clock: Any)
         rest = [event async for event in events]
     assert isinstance(rest[-1], FinalEvent)
     assert events.buffer.peak == 3
-
-
-async def test_block_backpressure_stops_the_upstreams_writes(fake_upstream: FakeUpstream) -> None:
-    fake_upstream.behavior = Behavior(words_per_field=20_000)
-    config = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
-    options = StreamOptions(backpressure="block", buffer_size=4)
-    async with (
-        open_engine(EngineConfig(lms={"default": config})) as engine,
-        engine.stream("default", {"question": "q"}, options=options) as events,
-    ):
-        await events.__anext__()
-        await trio.sleep(0.5)
-        stalled_at = fake_upstream.records[0].tokens_sent
-        await trio.sleep(0.3)
-        assert fake_upstream.records[0].tokens_sent == stalled_at < 20_000
-        rest = [event async for event in events]
-    assert isinstance(rest[-1], FinalEvent)
-    assert len(rest[-1].result.outputs["answer"].split()) == 20_000
 
 
 @pytest.mark.parametrize("stop_after", [1, 5, 50])
