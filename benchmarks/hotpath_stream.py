@@ -93,6 +93,8 @@ def _throughput_worker(kind: str, url: str, tokens: int) -> dict[str, Any]:
 
 def _cancel_worker(kind: str, url: str, trials: int, lanes: int, seed: int) -> dict[str, Any]:
     """``kind`` is ``predict`` or ``stream``: cancel the caller's scope after a random delay."""
+    import gc
+
     import httpx
     import trio
 
@@ -122,19 +124,45 @@ def _cancel_worker(kind: str, url: str, trials: int, lanes: int, seed: int) -> d
                             pass
                 raise AssertionError(f"{tag} finished before its cancel")
 
+    full_collections: list[float] = []
+    started_at: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                started_at.append(time.perf_counter())
+            elif started_at:
+                full_collections.append((time.perf_counter() - started_at.pop()) * 1000)
+
     async def run() -> dict[str, Any]:
-        async with open_engine(config) as eng:
+        stalls = [0.0]
+
+        async def watch_loop() -> None:  # how late a 1 ms sleep wakes: the event loop's worst stall
+            while True:
+                before = time.perf_counter()
+                await trio.sleep(0.001)
+                stalls[0] = max(stalls[0], (time.perf_counter() - before - 0.001) * 1000)
+
+        async with open_engine(config) as eng, trio.open_nursery() as watcher:
+            watcher.start_soon(watch_loop)
             queue = iter(range(trials))
 
             async def lane() -> None:
                 for i in queue:
                     await trial(eng, f"cancel trial {i} end")
 
+            gc.callbacks.append(on_gc)
             async with trio.open_nursery() as nursery:
                 for _ in range(lanes):
                     nursery.start_soon(lane)
+            gc.callbacks.remove(on_gc)
             await trio.sleep(0.5)  # let the upstream note the last closes
-        return await _closes(url, cancelled_at, httpx)
+            watcher.cancel_scope.cancel()
+        result = await _closes(url, cancelled_at, httpx)
+        result["worst_loop_stall_ms"] = stalls[0]
+        result["full_collections"] = len(full_collections)
+        result["longest_full_collection_ms"] = max(full_collections, default=0.0)
+        return result
 
     return dict(trio.run(run))
 
@@ -327,6 +355,12 @@ def _report_closes(label: str, result: dict[str, Any]) -> None:
         f"{result['trials']}, ran on upstream {result['ran_on']}, cancelled before reaching it "
         f"{len(result['unmatched'])}; goal p99 <= 20 ms: {_verdict(ok)})"
     )
+    if "worst_loop_stall_ms" in result:
+        print(
+            f"  {'':30s} the engine's event loop: worst stall {result['worst_loop_stall_ms']:.1f} ms, "
+            f"{result['full_collections']} full collections (longest "
+            f"{result['longest_full_collection_ms']:.1f} ms)"
+        )
 
 
 def _cancel(args: argparse.Namespace, tree: Path) -> None:
