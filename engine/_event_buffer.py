@@ -29,12 +29,6 @@ from ._errors import SlowConsumerError
 from ._stream_events import FieldDelta, StreamEvent
 
 
-@attrs.define
-class _Slot:
-    event: StreamEvent
-    created: float
-
-
 class EventBuffer:
     """A bounded FIFO of stream events with a backpressure policy. Not shared between streams."""
 
@@ -49,7 +43,9 @@ class EventBuffer:
     ) -> None:
         if capacity < 1:
             raise ValueError("an event buffer holds at least one event")
-        self._slots: deque[_Slot] = deque()
+        self._slots: deque[StreamEvent] = deque()
+        # When each queued event was queued: only coalesce_ms needs it.
+        self._created: deque[float] | None = deque() if coalesce_ms > 0 else None
         self._capacity = capacity
         self._policy = policy
         self._consumer_timeout = consumer_timeout
@@ -76,19 +72,21 @@ class EventBuffer:
         if not (self._coalescing and isinstance(event, FieldDelta) and self._slots):
             return False
         last = self._slots[-1]
-        if not (isinstance(last.event, FieldDelta) and last.event.same_field(event)):
+        if not (isinstance(last, FieldDelta) and last.same_field(event)):
             return False
-        merged = last.event.text + event.text
+        merged = last.text + event.text
         if self._coalesce_chars and len(merged) > self._coalesce_chars:
             return False
-        last.event = attrs.evolve(last.event, text=merged)
+        self._slots[-1] = attrs.evolve(last, text=merged)
         self.coalesced += 1
         return True
 
     def _drop_oldest_delta(self) -> bool:
         for index, slot in enumerate(self._slots):
-            if isinstance(slot.event, FieldDelta):
+            if isinstance(slot, FieldDelta):
                 del self._slots[index]
+                if self._created is not None:
+                    del self._created[index]
                 self.dropped += 1
                 return True
         return False
@@ -96,15 +94,20 @@ class EventBuffer:
     async def put(self, event: StreamEvent) -> None:
         """Queue ``event``. Blocks while the buffer is full under ``block`` and ``timeout``.
 
+        A cancel point, but with room in the buffer not a schedule point: a fast producer queues a
+        batch of events per wake-up of the consumer instead of one per trip through the scheduler (the
+        producer, an LM, yields at its own socket reads or pacing sleeps).
+
         Raises:
             SlowConsumerError: under ``timeout``, when the consumer took nothing for ``consumer_timeout``.
             trio.ClosedResourceError: after :meth:`close`.
         """
         if self._closed:
             raise trio.ClosedResourceError("the stream has ended")
-        await trio.lowlevel.checkpoint()
-        if self._merge(event):
-            self._not_empty.unpark_all()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._coalescing and self._merge(event):
+            if self._not_empty:
+                self._not_empty.unpark_all()
             return
         while len(self._slots) >= self._capacity:
             if self._policy == "drop" and self._drop_oldest_delta():
@@ -117,9 +120,13 @@ class EventBuffer:
                 )
             if self._closed:
                 raise trio.ClosedResourceError("the stream has ended")
-        self._slots.append(_Slot(event, trio.current_time()))
-        self.peak = max(self.peak, len(self._slots))
-        self._not_empty.unpark_all()
+        self._slots.append(event)
+        if self._created is not None:
+            self._created.append(trio.current_time())
+        if len(self._slots) > self.peak:
+            self.peak = len(self._slots)
+        if self._not_empty:
+            self._not_empty.unpark_all()
 
     def close(self) -> None:
         """No more events will come; the consumer drains what is queued. Idempotent."""
@@ -130,19 +137,15 @@ class EventBuffer:
     def _ready(self) -> float:
         """When the head event may be handed out (``-inf``: now)."""
         head = self._slots[0]
-        if (
-            not self._coalescing
-            or self._closed
-            or len(self._slots) > 1
-            or not isinstance(head.event, FieldDelta)
-        ):
+        if self._created is None or self._closed or len(self._slots) > 1 or not isinstance(head, FieldDelta):
             return -math.inf
-        if self._coalesce_chars and len(head.event.text) >= self._coalesce_chars:
+        if self._coalesce_chars and len(head.text) >= self._coalesce_chars:
             return -math.inf
-        return head.created + self._coalesce_s
+        return self._created[0] + self._coalesce_s
 
     async def get(self) -> StreamEvent:
-        """The next event. Blocks until one is ready (see coalescing).
+        """The next event. Blocks until one is ready (see coalescing). A cancel point; a schedule
+        point only when it waits.
 
         Raises:
             trio.EndOfChannel: when the buffer is closed and drained.
@@ -153,14 +156,14 @@ class EventBuffer:
                     raise trio.EndOfChannel
                 await self._not_empty.park()
                 continue
-            ready = self._ready()
-            if ready > trio.current_time():
+            if self._created is not None and (ready := self._ready()) > trio.current_time():
                 with trio.move_on_at(ready):
                     await self._not_empty.park()
                 continue
-            await trio.lowlevel.checkpoint()
-            if not self._slots:  # the producer's drop policy may have taken it meanwhile
-                continue
-            event = self._slots.popleft().event
-            self._not_full.unpark()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            event = self._slots.popleft()
+            if self._created is not None:
+                self._created.popleft()
+            if self._not_full:
+                self._not_full.unpark()
             return event

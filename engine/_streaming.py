@@ -1,12 +1,14 @@
 """Streaming a program's output fields: LM chunks split per field, into a bounded buffer.
 
-DSPy's ``Predict`` streams when ``dspy.settings.send_stream`` is set: the LM backend awaits
-``send_stream.send(chunk)`` for each delta, in the chunk shape DSPy's ``StreamListener`` understands (the
-stock ``dspy.LM`` does it from its worker thread through ``anyio.from_thread.run``). The engine sets
-``send_stream`` to a :class:`DeltaRouter`, which splits the text of each predictor's output into per-field
-deltas (see ``_chat_fields`` and ``_json_fields`` for why not with ``StreamListener`` itself) and puts
-them into the stream's :class:`EventBuffer`. So the LM's own send is where backpressure applies: while
-the buffer is full (policy ``block``), the LM does not read the next bytes from its socket.
+DSPy's ``Predict`` streams when ``dspy.settings.send_stream`` is set. The engine sets it to a
+:class:`DeltaRouter`, which splits the text of each predictor's output into per-field deltas (see
+``_chat_fields`` and ``_json_fields`` for why not with ``StreamListener`` itself) and puts them into the
+stream's :class:`EventBuffer`. The engine's backends see that the router is a ``TextRouter`` and push
+each delta's text straight to the calling predictor's sink: no DSPy chunk is built per token (only a
+foreign ``send_stream``, e.g. a user's ``dspy.streamify``, gets those; the stock ``dspy.LM`` in its worker
+thread sends DSPy chunks, which ``ThreadedLM`` unwraps into the same sink). So the LM's own send is where
+backpressure applies: while the buffer is full (policy ``block``), the LM does not read the next bytes
+from its socket.
 
 ``dspy.streamify`` is deliberately not used: under Trio, a consumer that stops early crashed the run
 (``TrioInternalError``) in our measurements; a producer task, a bounded buffer and the listeners driven
@@ -26,6 +28,7 @@ from ._errors import RequestAbandonedError
 from ._event_buffer import EventBuffer
 from ._json_fields import JSONFieldScanner
 from ._stream_events import ErrorEvent, FieldDelta, FinalEvent, StreamEvent
+from .lm._base import DeltaSink, TextRouter
 
 
 class FieldScanner(Protocol):
@@ -34,15 +37,17 @@ class FieldScanner(Protocol):
     def finish(self) -> list[tuple[str, str]]: ...
 
 
-class DeltaRouter:
-    """Stands in for ``dspy.settings.send_stream``: LM chunks in, field deltas out into ``buffer``.
+class DeltaRouter(TextRouter):
+    """Stands in for ``dspy.settings.send_stream``: LM text in, field deltas out into ``buffer``.
 
     Each predictor of the program gets a scanner for the output format of the program's adapter
-    (:class:`ChatFieldScanner` or :class:`JSONFieldScanner`); a chunk is routed by its ``predict_id``.
+    (:class:`ChatFieldScanner` or :class:`JSONFieldScanner`). The engine's backends ask :meth:`sink` for
+    a predictor's sink once per LM call and push plain text to it; anything else that writes DSPy
+    chunks to ``send_stream`` goes through :meth:`send`, routed by the chunk's ``predict_id``.
 
     Args:
         module: The program.
-        buffer: Where the deltas go; :meth:`send` blocks while it is full (policy ``block``).
+        buffer: Where the deltas go; a sink's ``send`` blocks while it is full (policy ``block``).
         json: Whether the program runs with ``JSONAdapter``.
         on_first_delta: Called with the field name at the first delta of each predictor's field.
     """
@@ -55,38 +60,70 @@ class DeltaRouter:
         json: bool = False,
         on_first_delta: Callable[[str], None] | None = None,
     ) -> None:
-        self._buffer = buffer
-        self._on_first_delta = on_first_delta
-        self._seen: set[tuple[str, str]] = set()
         scanner = JSONFieldScanner if json else ChatFieldScanner
-        self._scanners: dict[int, tuple[str, FieldScanner]] = {
-            id(predictor): (name, scanner(list(predictor.signature.output_fields)))
+        self._sinks: dict[int, _PredictorSink] = {
+            id(predictor): _PredictorSink(
+                name, scanner(list(predictor.signature.output_fields)), buffer, on_first_delta
+            )
             for name, predictor in module.named_predictors()
         }
 
-    async def _put(self, predictor: str, deltas: list[tuple[str, str]]) -> None:
-        for field, text in deltas:
-            if self._on_first_delta is not None and (predictor, field) not in self._seen:
-                self._seen.add((predictor, field))
-                self._on_first_delta(field)
-            await self._buffer.put(FieldDelta(predictor, field, text))
+    def sink(self, predict_id: int | None) -> DeltaSink | None:
+        """The sink of predictor ``predict_id`` (None for a predictor not in the program)."""
+        return self._sinks.get(predict_id or 0)
 
     async def send(self, chunk: Any) -> None:
-        """Take one LM chunk. Blocks while the buffer is full (the backpressure point)."""
-        route = self._scanners.get(getattr(chunk, "predict_id", None) or 0)
-        if route is None:
+        """Take one DSPy-shaped chunk. Blocks while the buffer is full (the backpressure point)."""
+        sink = self._sinks.get(getattr(chunk, "predict_id", None) or 0)
+        if sink is None:
             return
         try:
             text = chunk.choices[0].delta.content
         except (AttributeError, IndexError, TypeError):
             return
         if text:
-            await self._put(route[0], route[1].feed(text))
+            await sink.send(text)
 
     async def finish(self) -> None:
         """Flush what the scanners still hold (text of a field whose end marker never came)."""
-        for name, scanner in self._scanners.values():
-            await self._put(name, scanner.finish())
+        for sink in self._sinks.values():
+            await sink.finish()
+
+
+class _PredictorSink:
+    """One predictor's text in, its field deltas out into the buffer."""
+
+    __slots__ = ("_buffer", "_name", "_on_first_delta", "_scanner", "_seen")
+
+    def __init__(
+        self,
+        name: str,
+        scanner: FieldScanner,
+        buffer: EventBuffer,
+        on_first_delta: Callable[[str], None] | None,
+    ) -> None:
+        self._name = name
+        self._scanner = scanner
+        self._buffer = buffer
+        self._on_first_delta = on_first_delta
+        self._seen: set[str] = set()
+
+    async def send(self, text: str) -> None:
+        """Take one text delta of the predictor's output. Blocks while the buffer is full."""
+        if text:
+            deltas = self._scanner.feed(text)
+            if deltas:
+                await self._put(deltas)
+
+    async def finish(self) -> None:
+        await self._put(self._scanner.finish())
+
+    async def _put(self, deltas: list[tuple[str, str]]) -> None:
+        for field, text in deltas:
+            if self._on_first_delta is not None and field not in self._seen:
+                self._seen.add(field)
+                self._on_first_delta(field)
+            await self._buffer.put(FieldDelta(self._name, field, text))
 
 
 class EventStream:

@@ -8,12 +8,14 @@ end to end, and so the one where Trio's cancellation reaches the provider's sock
 Overriding ``acall`` skips what ``BaseLM.acall`` would do around the call: DSPy's cache, retries, history,
 callbacks and usage bookkeeping. This class puts back the parts a server needs: usage is reported to
 DSPy's usage tracker (``dspy.settings.usage_tracker``) and to the engine's request trace, the optional
-DSPy cache is consulted, and streaming chunks are pushed to ``dspy.settings.send_stream`` in the shape
-``dspy.streaming.StreamListener`` understands.
+DSPy cache is consulted, and streamed text goes to ``dspy.settings.send_stream``: straight to the engine's
+own router (a :class:`TextRouter`, no object per delta), or to any other stream (a user's channel read
+with ``dspy.streaming.StreamListener``) as chunks in the shape the listener understands.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -79,9 +81,20 @@ class Completion:
         ]
 
 
+class TextRouter(abc.ABC):
+    """A ``dspy.settings.send_stream`` that takes the backends' text directly (the engine's own
+    router). A backend streaming to it builds no DSPy chunk per delta; see :func:`current_chunk_sink`."""
+
+    @abc.abstractmethod
+    def sink(self, predict_id: int | None) -> DeltaSink | None:
+        """Where the text of one LM call of the predictor ``predict_id`` goes (None: nobody reads it,
+        so the call need not stream)."""
+
+
 @attrs.define
 class ChunkSink:
-    """Sends text deltas of one LM call to the stream the calling ``dspy.Predict`` is listened on.
+    """Sends text deltas of one LM call to a foreign stream (one that is not a :class:`TextRouter`) as
+    DSPy chunks, routed like DSPy's own by ``predict_id``.
 
     Blocks in :meth:`send` while the consumer's bounded channel is full: that is the backpressure that
     pauses the provider's socket read.
@@ -96,10 +109,15 @@ class ChunkSink:
         await self.stream.send(_dspy.stream_chunk(self.model, self.predict_id, text))
 
 
-def current_chunk_sink(model: str) -> ChunkSink | None:
-    """The sink for the current DSPy call, or None when nobody is streaming it."""
+def current_chunk_sink(model: str) -> DeltaSink | None:
+    """The sink for the current DSPy call, or None when nobody is streaming it: the engine's router
+    gives its own (text only), any other ``send_stream`` gets DSPy-shaped chunks (:class:`ChunkSink`)."""
     stream, predict_id = _dspy.current_stream()
-    return None if stream is None else ChunkSink(stream, model, predict_id)
+    if stream is None:
+        return None
+    if isinstance(stream, TextRouter):
+        return stream.sink(predict_id)
+    return ChunkSink(stream, model, predict_id)
 
 
 def request_params(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
