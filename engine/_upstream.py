@@ -88,7 +88,8 @@ class _WatchedSink:
 
     async def send(self, text: str) -> None:
         self.delivered = True
-        self._watchdog.deadline = math.inf
+        if self._watchdog.deadline != math.inf:  # setting a deadline is not free: only when it changes
+            self._watchdog.deadline = math.inf
         await self._sink.send(text)
         if self._stall_timeout is not None:
             self._watchdog.deadline = trio.current_time() + self._stall_timeout

@@ -87,8 +87,10 @@ class ExchangeTimer:
         self.scope.deadline = min(trio.current_time() + self.timeouts.read, limit)
 
     def pause(self) -> None:
-        """No deadline while the caller's own code runs (a stream's consumer)."""
-        self.scope.deadline = math.inf
+        """No deadline while the caller's own code runs (a stream's consumer). Set once per read, not
+        per event: setting a deadline is not free."""
+        if self.scope.deadline != math.inf:
+            self.scope.deadline = math.inf
 
     def error(self) -> WriteTimeout | ReadTimeout:
         if self.phase == "write":
