@@ -115,17 +115,14 @@ def h11_post_ms(url: str, n: int = 2000, concurrency: int = 1) -> float:
     return float(trio.run(run))
 
 
-def concurrent_floor(
-    url: str, n: int = 1000, *, warm: bool = False, frozen: bool = False
-) -> dict[str, float]:
+def concurrent_floor(url: str, n: int = 1000, *, warm: bool = False, tuned: bool = False) -> dict[str, float]:
     """``n`` predictions' floor all at once, one OS thread: each formats ``question -> answer`` with
     DSPy's ChatAdapter, POSTs it with raw h11 on its own connection, parses the JSON and the answer.
     ``warm``: the ``n`` connections are opened (and used once) first, as a server's kept-alive pool
-    would be; otherwise each task also connects. ``frozen``: ``gc.freeze()`` before the measured round.
+    would be; otherwise each task also connects. ``tuned``: the collector set as ``dspy-trio serve`` sets it
+    (``engine.tune_gc_for_serving``) before the measured round.
     Returns the wall seconds and CPU ms per prediction:
     what any engine's ``n``-concurrent wall time is measured against."""
-    import gc
-
     import dspy
     import h11
     import trio
@@ -173,9 +170,10 @@ def concurrent_floor(
             async with trio.open_nursery() as nursery:
                 for _ in range(n):
                     nursery.start_soon(open_one)
-        if frozen:
-            gc.collect()
-            gc.freeze()
+        if tuned:
+            from engine import tune_gc_for_serving
+
+            tune_gc_for_serving()
         ok = 0
 
         async def one(i: int) -> None:

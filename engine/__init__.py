@@ -46,6 +46,8 @@ from ._errors import UpstreamRateLimitedError as UpstreamRateLimitedError
 from ._errors import UpstreamResponseError as UpstreamResponseError
 from ._errors import UpstreamServerError as UpstreamServerError
 from ._errors import UpstreamTimeoutError as UpstreamTimeoutError
+from ._gc import GCSettings as GCSettings
+from ._gc import tune_gc_for_serving as tune_gc_for_serving
 from ._programs import InputField as InputField
 from ._programs import ProgramInfo as ProgramInfo
 from ._result import PredictionResult as PredictionResult
@@ -77,6 +79,7 @@ __all__ = [
     "EventStream",
     "FieldDelta",
     "FinalEvent",
+    "GCSettings",
     "InputField",
     "InvalidInputError",
     "LMConfig",
@@ -105,4 +108,5 @@ __all__ = [
     "UpstreamTimeoutError",
     "Usage",
     "open_engine",
+    "tune_gc_for_serving",
 ]

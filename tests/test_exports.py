@@ -26,6 +26,7 @@ def test_engine_public_names_are_pinned() -> None:
         "EventStream",
         "FieldDelta",
         "FinalEvent",
+        "GCSettings",
         "InputField",
         "InvalidInputError",
         "LMConfig",
@@ -54,6 +55,7 @@ def test_engine_public_names_are_pinned() -> None:
         "UpstreamTimeoutError",
         "Usage",
         "open_engine",
+        "tune_gc_for_serving",
     ]
     for name in set(engine.__all__) - {"StreamEvent"}:  # StreamEvent is a union alias
         assert getattr(engine, name).__module__.startswith("engine")

@@ -10,28 +10,43 @@ import httpx
 import pytest
 import trio
 
+from engine import tune_gc_for_serving
 from tests.web_helpers import running, settings
 from web.server import Server, serve
 
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
+    thresholds = gc.get_threshold()
     gc.unfreeze()
     yield
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 async def test_serve_freezes_the_start_up_heap_before_serving(unfrozen: None) -> None:
     assert gc.get_freeze_count() == 0
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(functools.partial(serve, settings(), handle_signals=False))
-        frozen = gc.get_freeze_count()
+        frozen, young = gc.get_freeze_count(), gc.get_threshold()[0]
         async with httpx.AsyncClient(base_url=server.url) as client:
             assert (await client.get("/ready")).status_code == 200
         server.shutdown()
     assert frozen > 0
+    assert young >= 10_000  # young collections no longer re-walk the requests in flight every 700 objects
+
+
+def test_tune_gc_for_serving_freezes_and_only_raises_the_young_threshold(unfrozen: None) -> None:
+    gc.set_threshold(700, 10, 10)
+    settings_now = tune_gc_for_serving()
+    assert settings_now.frozen == gc.get_freeze_count() > 0
+    assert settings_now.thresholds == gc.get_threshold() == (10_000, 10, 10)
+    gc.set_threshold(50_000, 5, 5)
+    assert tune_gc_for_serving(20_000).thresholds == (50_000, 5, 5)  # never lowered
 
 
 async def test_open_server_leaves_the_gc_alone(unfrozen: None) -> None:
+    thresholds = gc.get_threshold()
     async with running():
         assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == thresholds

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import gc
 import logging
 import signal
 import socket
@@ -29,6 +28,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from engine import tune_gc_for_serving
 from engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
 from engine.lm import TrioLM
 
@@ -168,11 +168,12 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT or :meth:`Server.shutdown`; supports ``nursery.start``.
 
-    With ``freeze_heap`` (the serving process's default), the heap built at start-up (the app, the
-    engine, DSPy, pydantic) is collected once and moved out of the garbage collector's reach with
-    ``gc.freeze()`` once the app has started, so later full collections do not walk it and stall the
-    event loop (issue #13: worst loop stall ~200 ms -> ~65 ms). ``open_server`` (tests, embedding) does
-    not do it: a process-wide GC setting is the serving process's call.
+    With ``freeze_heap`` (the serving process's default), once the app has started the heap built at
+    start-up (the app, the engine, DSPy, pydantic) is collected once and moved out of the garbage
+    collector's reach with ``gc.freeze()``, and the young generation's threshold is raised to 10,000
+    (``engine.tune_gc_for_serving``), so full collections do not walk that heap and stall the event
+    loop, and young ones stop re-walking the requests in flight (issue #13). ``open_server`` (tests,
+    embedding) does not do it: a process-wide GC setting is the serving process's call.
 
     Blocks for the life of the server, including the drain (and for one full collection at start-up).
     """
@@ -232,8 +233,7 @@ async def serve(
                 stop.set()
                 raise _EngineFailed
             if freeze_heap:  # Hypercorn has run the app's start-up (the engine is open) by now
-                gc.collect()
-                gc.freeze()
+                tune_gc_for_serving()
             task_status.started(Server(binds[0], state, stop))
             logger.info("serving on %s", binds[0])
             await stopped.wait()
