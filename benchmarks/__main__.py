@@ -1,7 +1,9 @@
-"""The benchmarks' entry point: ``python -m benchmarks [all|throughput|serving|concurrency|streaming|http]``.
+"""The benchmarks' entry point: ``python -m benchmarks [all|hot|<workload> ...]``.
 
-Each workload starts the fake upstream in its own process, runs dspy-trio and its peers alternately, prints a
-table of medians and ratios, and (throughput, serving) writes raw JSON and a PNG plot to benchmarks/results/.
+Each workload starts its upstream in its own process, runs dspy-trio and its peers (or its floor)
+alternately, prints a table of medians and ratios, and (throughput, serving) writes raw JSON and a PNG plot
+to benchmarks/results/. ``hot`` is the hot path of issue #13 (hotpath, hotpath_http, hotpath_stream);
+``all`` is every workload.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
-WORKLOADS = ("throughput", "serving", "concurrency", "streaming", "http")
+HOT = ("hotpath", "hotpath_http", "hotpath_stream")
+WORKLOADS = ("throughput", "serving", "concurrency", "streaming", "http", *HOT)
 
 
 def main() -> int:
     chosen = sys.argv[1:] or ["all"]
-    names = list(WORKLOADS) if chosen == ["all"] else chosen
+    groups = {"all": WORKLOADS, "hot": HOT}
+    names = [name for choice in chosen for name in groups.get(choice, (choice,))]
     unknown = [name for name in names if name not in WORKLOADS]
     if unknown:
-        print(f"unknown workload(s): {', '.join(unknown)}; choose from all, {', '.join(WORKLOADS)}")
+        print(f"unknown workload(s): {', '.join(unknown)}; choose from all, hot, {', '.join(WORKLOADS)}")
         return 2
     for name in names:
         print(f"\n=== {name} ===", flush=True)
