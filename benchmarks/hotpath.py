@@ -187,16 +187,18 @@ def _gc_worker(url: str, mode: str, seconds: float, concurrency: int) -> dict[st
 
     import trio
 
-    pauses: list[float] = []
+    pauses: list[float] = []  # full collections
     started_at: list[float] = []
+    collector = [0.0]  # seconds in every collection, all generations
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
-        if info["generation"] != 2:
-            return
         if phase == "start":
             started_at.append(time.perf_counter())
-        else:
-            pauses.append(time.perf_counter() - started_at.pop())
+            return
+        took = time.perf_counter() - started_at.pop()
+        collector[0] += took
+        if info["generation"] == 2:
+            pauses.append(took)
 
     async def run() -> dict[str, Any]:
         latencies: list[float] = []
@@ -240,6 +242,7 @@ def _gc_worker(url: str, mode: str, seconds: float, concurrency: int) -> dict[st
             "max_ms": latencies[-1] * 1000,
             "worst_stall_ms": worst_stall * 1000,
             "full_collections": len(pauses),
+            "gc_ms_per_request": collector[0] / max(1, len(latencies)) * 1000,
             "worst_full_collection_ms": max(pauses, default=0.0) * 1000,
             "frozen_objects": gc.get_freeze_count(),
         }
@@ -372,7 +375,7 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
                 f"p99 {_median(runs, 'p99_ms'):.1f} ms, "
                 f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms (of all runs "
                 f"{stall_max:.1f}), full collections {_median(runs, 'full_collections'):.0f} (longest "
-                f"{worst_gc:.1f} ms), "
+                f"{worst_gc:.1f} ms), collector {_median(runs, 'gc_ms_per_request'):.3f} ms/request, "
                 f"{_median(runs, 'requests'):.0f} requests"
             )
     if "profile:lean" in results:
