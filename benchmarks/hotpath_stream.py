@@ -428,9 +428,15 @@ def main() -> None:
             ref = subprocess.run(
                 ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
             ).stdout.strip()
-        baseline_dir, commit = _export(ref)
-        trees["baseline"] = baseline_dir
-        print(f"baseline: {args.baseline or 'merge-base of HEAD and main'} = {commit} ({baseline_dir})")
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if args.baseline is None and ref == head:
+            print("baseline: none (HEAD is on main; pass --baseline REF to measure one)")
+        else:
+            baseline_dir, commit = _export(ref)
+            trees["baseline"] = baseline_dir
+            print(f"baseline: {args.baseline or 'merge-base of HEAD and main'} = {commit} ({baseline_dir})")
     started = time.perf_counter()
     try:
         if "throughput" in args.parts:
