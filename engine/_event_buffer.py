@@ -109,9 +109,20 @@ class EventBuffer:
             if self._not_empty:
                 self._not_empty.unpark_all()
             return
+        turns = 0
         while len(self._slots) >= self._capacity:
-            if self._policy == "drop" and self._drop_oldest_delta():
-                break
+            if self._policy == "drop":
+                # A consumer woken by earlier puts has not run yet (put does not yield while there is
+                # room): give it its turn before dropping. Two, as Trio may run this task first in the
+                # next batch. A consumer that falls behind still loses the oldest deltas.
+                if turns < 2:
+                    turns += 1
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    if self._closed:
+                        raise trio.ClosedResourceError("the stream has ended")
+                    continue
+                if self._drop_oldest_delta():
+                    break
             with trio.move_on_after(self._consumer_timeout) as waited:
                 await self._not_full.park()
             if waited.cancelled_caught:

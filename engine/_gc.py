@@ -24,24 +24,36 @@ YOUNG_THRESHOLD = 10_000
 
 @attrs.frozen
 class GCSettings:
-    """What :func:`tune_gc_for_serving` set: the objects frozen and the three thresholds."""
+    """What :func:`tune_gc_for_serving` set: the objects frozen, the three thresholds, and the
+    thresholds before (what :meth:`restore` puts back)."""
 
     frozen: int
     thresholds: tuple[int, int, int]
+    previous: tuple[int, int, int]
+
+    def restore(self) -> None:
+        """Undo :func:`tune_gc_for_serving` when the serving part of a process ends but the process
+        goes on (tests, an embedding app): unfreeze, so what serving left behind can be collected, and
+        put the thresholds back."""
+        gc.unfreeze()
+        gc.set_threshold(*self.previous)
 
 
 def tune_gc_for_serving(young_threshold: int = YOUNG_THRESHOLD) -> GCSettings:
     """Collect once, freeze what is alive (the start-up heap: modules, DSPy, the app and the engine) out
     of the collector's reach, and raise the young generation's threshold to ``young_threshold`` (never
-    lowers it). Call it once the application has started, before serving. Blocks for one full collection
+    lowers it, and leaves automatic collection off if the application turned it off). Call it once the
+    application has started, before serving; :meth:`GCSettings.restore` undoes it. Blocks for one full collection
     (tens of milliseconds). Cyclic garbage still gets collected, only less often; reference counting frees
     everything else at once as before.
 
     Returns:
         The settings now in force.
     """
+    previous = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    young, middle, old = gc.get_threshold()
-    gc.set_threshold(max(young, young_threshold), middle, old)
-    return GCSettings(frozen=gc.get_freeze_count(), thresholds=gc.get_threshold())
+    young, middle, old = previous
+    if young != 0:  # 0: the application turned automatic collection off; leave it off
+        gc.set_threshold(max(young, young_threshold), middle, old)
+    return GCSettings(frozen=gc.get_freeze_count(), thresholds=gc.get_threshold(), previous=previous)

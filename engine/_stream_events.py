@@ -29,14 +29,18 @@ class FieldDelta:
             ``ChainOfThought``, attribute paths such as ``polish.predict`` in custom modules).
         field: The output field (``answer``, ``reasoning``, ...).
         text: The text added since the field's previous delta.
+        call: Which LM call of the predictor the text comes from, counted from 0 within the request: a
+            module that calls one predictor twice (a refinement loop) streams both answers, and the
+            outputs are rebuilt from the deltas of the predictor's last call.
     """
 
     predictor: str
     field: str
     text: str
+    call: int = 0
 
     def same_field(self, other: FieldDelta) -> bool:
-        return self.predictor == other.predictor and self.field == other.field
+        return self.predictor == other.predictor and self.field == other.field and self.call == other.call
 
 
 @attrs.frozen

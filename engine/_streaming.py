@@ -17,6 +17,7 @@ by hand are correct by construction.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -63,14 +64,22 @@ class DeltaRouter(TextRouter):
         scanner = JSONFieldScanner if json else ChatFieldScanner
         self._sinks: dict[int, _PredictorSink] = {
             id(predictor): _PredictorSink(
-                name, scanner(list(predictor.signature.output_fields)), buffer, on_first_delta
+                name,
+                functools.partial(scanner, list(predictor.signature.output_fields)),
+                buffer,
+                on_first_delta,
             )
             for name, predictor in module.named_predictors()
         }
 
     def sink(self, predict_id: int | None) -> DeltaSink | None:
-        """The sink of predictor ``predict_id`` (None for a predictor not in the program)."""
-        return self._sinks.get(predict_id or 0)
+        """The sink of predictor ``predict_id`` for one new LM call (None for a predictor not in the
+        program). A second call of the same predictor starts a fresh scan, its deltas numbered
+        ``call=1``, ...; what the previous call's scanner still held goes out first."""
+        sink = self._sinks.get(predict_id or 0)
+        if sink is not None:
+            sink.new_call()
+        return sink
 
     async def send(self, chunk: Any) -> None:
         """Take one DSPy-shaped chunk. Blocks while the buffer is full (the backpressure point)."""
@@ -93,37 +102,69 @@ class DeltaRouter(TextRouter):
 class _PredictorSink:
     """One predictor's text in, its field deltas out into the buffer."""
 
-    __slots__ = ("_buffer", "_name", "_on_first_delta", "_scanner", "_seen")
+    __slots__ = (
+        "_buffer",
+        "_call",
+        "_calls",
+        "_held",
+        "_make_scanner",
+        "_name",
+        "_on_first_delta",
+        "_scanner",
+        "_seen",
+    )
 
     def __init__(
         self,
         name: str,
-        scanner: FieldScanner,
+        make_scanner: Callable[[], FieldScanner],
         buffer: EventBuffer,
         on_first_delta: Callable[[str], None] | None,
     ) -> None:
         self._name = name
-        self._scanner = scanner
+        self._make_scanner = make_scanner
+        self._scanner = make_scanner()
         self._buffer = buffer
         self._on_first_delta = on_first_delta
         self._seen: set[str] = set()
+        self._calls = 0  # LM calls started
+        self._call = 0  # the call the scanner's text belongs to
+        # Deltas of a finished call's scanner that are still to go out: (call, field, text).
+        self._held: list[tuple[int, str, str]] = []
+
+    def new_call(self) -> None:
+        """An LM call of this predictor starts: from the second on, a fresh scanner (synchronous; what
+        the old one held is sent before the new call's first delta)."""
+        self._calls += 1
+        if self._calls > 1:
+            self._held += [(self._call, field, text) for field, text in self._scanner.finish()]
+            self._scanner = self._make_scanner()
+            self._call = self._calls - 1
 
     async def send(self, text: str) -> None:
         """Take one text delta of the predictor's output. Blocks while the buffer is full."""
+        if self._held:
+            await self._flush_held()
         if text:
             deltas = self._scanner.feed(text)
             if deltas:
-                await self._put(deltas)
+                await self._put(self._call, deltas)
 
     async def finish(self) -> None:
-        await self._put(self._scanner.finish())
+        await self._flush_held()
+        await self._put(self._call, self._scanner.finish())
 
-    async def _put(self, deltas: list[tuple[str, str]]) -> None:
+    async def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        for call, field, text in held:
+            await self._put(call, [(field, text)])
+
+    async def _put(self, call: int, deltas: list[tuple[str, str]]) -> None:
         for field, text in deltas:
             if self._on_first_delta is not None and field not in self._seen:
                 self._seen.add(field)
                 self._on_first_delta(field)
-            await self._buffer.put(FieldDelta(self._name, field, text))
+            await self._buffer.put(FieldDelta(self._name, field, text, call))
 
 
 class EventStream:

@@ -30,16 +30,14 @@ except ImportError:  # pragma: no cover - exercised when the optional dependency
 
 _NO_SPAN: AbstractContextManager[Any] = nullcontext()
 _UNKNOWN = object()
-# A provider named in the environment is loaded by OpenTelemetry on first use; read once at import.
-_PROVIDER_IN_ENV = _otel_trace is not None and "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+_PROVIDER_VARIABLE = "OTEL_PYTHON_TRACER_PROVIDER"  # a provider OpenTelemetry loads on first use
 
 
 def _tracing_configured() -> bool:
-    """Whether an SDK's tracer provider is set. ``get_tracer_provider()`` looks ``os.environ`` up on
-    every call while none is set (~4% of a prediction's CPU for two spans), so the set provider is read
-    directly; OpenTelemetry's own call is the fallback (a provider from the environment, another API)."""
+    """Whether an SDK's tracer provider is set (or named in the environment, which OpenTelemetry then
+    loads). With neither, no provider object is fetched and nothing is made."""
     provider = getattr(_otel_trace, "_TRACER_PROVIDER", _UNKNOWN)
-    if provider is None and not _PROVIDER_IN_ENV:
+    if provider is None and _PROVIDER_VARIABLE not in os.environ:
         return False
     return not isinstance(_otel_trace.get_tracer_provider(), _NO_PROVIDERS)
 

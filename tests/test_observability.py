@@ -219,8 +219,8 @@ def test_no_span_objects_are_made_when_no_tracer_provider_is_configured(
 def test_no_tracer_provider_is_seen_without_asking_opentelemetry_each_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With no provider set, ``span`` does not call ``get_tracer_provider`` (which looks the environment
-    up on every call); a provider set later is seen at once."""
+    """With no provider set (nor named in the environment), ``span`` fetches no provider object and
+    makes nothing; a provider set later is seen at once."""
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -230,7 +230,7 @@ def test_no_tracer_provider_is_seen_without_asking_opentelemetry_each_time(
         raise AssertionError("get_tracer_provider called on the hot path")
 
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
-    monkeypatch.setattr(_telemetry, "_PROVIDER_IN_ENV", False)
+    monkeypatch.delenv("OTEL_PYTHON_TRACER_PROVIDER", raising=False)
     monkeypatch.setattr(trace, "get_tracer_provider", must_not_be_called)
     assert _telemetry.span("dspy_trio.predict") is _telemetry._NO_SPAN
     provider = TracerProvider()
@@ -249,6 +249,6 @@ def test_a_tracer_provider_named_in_the_environment_is_still_asked_for(
 
     provider = TracerProvider()
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
-    monkeypatch.setattr(_telemetry, "_PROVIDER_IN_ENV", True)
+    monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "sdk_tracer_provider")
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
     assert _telemetry.span("dspy_trio.predict") is not _telemetry._NO_SPAN

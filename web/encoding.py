@@ -68,7 +68,14 @@ def event_json(event: StreamEvent) -> tuple[str, dict[str, Any]]:
     """The SSE event name and JSON payload of a stream event."""
     match event:
         case FieldDelta():
-            return "delta", {"predictor": event.predictor, "field": event.field, "text": event.text}
+            delta: dict[str, str | int] = {
+                "predictor": event.predictor,
+                "field": event.field,
+                "text": event.text,
+            }
+            if event.call:  # a predictor's second (third, ...) LM call within the request
+                delta["call"] = event.call
+            return "delta", delta
         case StatusEvent():
             return "status", {"stage": event.stage, "queued_ms": round(event.queued * 1000, 3)}
         case FinalEvent():

@@ -28,7 +28,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from engine import tune_gc_for_serving
+from engine import GCSettings, tune_gc_for_serving
 from engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
 from engine.lm import TrioLM
 
@@ -215,6 +215,7 @@ async def serve(
             await run_snapshots(directory, lambda: state.engine)
 
     state.on_failure = stop.set
+    tuned_gc: GCSettings | None = None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(drain_then_stop)
@@ -233,7 +234,7 @@ async def serve(
                 stop.set()
                 raise _EngineFailed
             if freeze_heap:  # Hypercorn has run the app's start-up (the engine is open) by now
-                tune_gc_for_serving()
+                tuned_gc = tune_gc_for_serving()
             task_status.started(Server(binds[0], state, stop))
             logger.info("serving on %s", binds[0])
             await stopped.wait()
@@ -244,6 +245,9 @@ async def serve(
         if state.failure is None or isinstance(exc, trio.Cancelled):
             raise
         logger.debug("serving ended by the engine's failure", exc_info=exc)
+    finally:
+        if tuned_gc is not None:  # the process may go on (tests, an embedding app): let it all be collected
+            tuned_gc.restore()
     if state.failure is not None:
         raise RuntimeError(f"the engine failed: {state.failure}") from state.failure
     logger.info("stopped")

@@ -274,6 +274,7 @@ class LeanClient:
                     await on_event(*sse)
             if isinstance(event, h11.EndOfMessage):
                 if (sse := parser.feed("")) is not None:
+                    timer.pause()
                     await on_event(*sse)
                 return
 
