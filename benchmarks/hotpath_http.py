@@ -445,11 +445,18 @@ def part_cpu(args: argparse.Namespace, results: dict[str, Any]) -> None:
     results["cpu"] = rows
 
 
+def _rss_latency(args: argparse.Namespace, connections: int) -> float:
+    """The upstream latency of a row of part rss: --rss-latency, else long enough for every request to
+    be admitted before the first answer comes back (3 s, plus 3 ms per connection over 500)."""
+    return float(args.rss_latency or 3.0 + max(0, connections - 500) * 0.003)
+
+
 def part_rss(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    upstream, upstream_url = start_upstream(args.rss_latency)
     rows = []
-    try:
-        for connections in args.rss_connections:
+    for connections in args.rss_connections:
+        latency = _rss_latency(args, connections)
+        upstream, upstream_url = start_upstream(latency)
+        try:
             server, url = start_ours(upstream_url, in_flight=connections, queued=connections)
             try:
                 row = _run_load(
@@ -457,10 +464,10 @@ def part_rss(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 )
             finally:
                 stop(server)
-            rows.append(row)
-            print(f"  rss {json.dumps(row)}", file=sys.stderr)
-    finally:
-        upstream.kill()
+        finally:
+            upstream.kill()
+        rows.append({**row, "latency": latency})
+        print(f"  rss {json.dumps(row)}", file=sys.stderr)
     results["rss"] = rows
 
 
@@ -550,7 +557,7 @@ def part_memory(args: argparse.Namespace, results: dict[str, Any]) -> None:
     idle and at the plateau of part rss, compared by file (and the top lines)."""
     import tracemalloc
 
-    upstream, upstream_url = start_upstream(args.rss_latency)
+    upstream, upstream_url = start_upstream(args.rss_latency or 8.0)  # tracemalloc slows the server
     rows = []
     try:
         for connections in args.rss_connections:
@@ -731,17 +738,18 @@ def summary(results: dict[str, Any], args: argparse.Namespace) -> None:
             f"(ours), {_median(rows['bare'], 'client_cpu_ms'):.3f} ms (bare)"
         )
     if "rss" in results:
-        print(f"\nRSS per in-flight request (upstream latency {args.rss_latency:g} s)")
+        print("\nRSS per in-flight request (RSS with every request in flight - RSS idle) / in flight")
         print(
-            f"  {'conns':>6s} {'round':>6s} {'idle MB':>8s} {'plateau MB':>11s} {'in flight':>10s} "
-            f"{'KB each':>8s}"
+            f"  {'conns':>6s} {'round':>6s} {'upstream':>8s} {'idle MB':>8s} {'conns MB':>8s} "
+            f"{'plateau MB':>11s} {'in flight':>10s} {'KB each':>8s}"
         )
         for row in results["rss"]:
             for r in row["rounds"]:
                 name = "cold" if r["round"] == 0 else "warm"
                 flag = "" if r["all_in_flight"] else " (not all in flight at once)"
                 print(
-                    f"  {row['connections']:6d} {name:>6s} {r['idle_kb'] / 1024:8.1f} "
+                    f"  {row['connections']:6d} {name:>6s} {row.get('latency', 0):7.1f}s "
+                    f"{r['idle_kb'] / 1024:8.1f} {r['connected_kb'] / 1024:8.1f} "
                     f"{r['plateau_kb'] / 1024:11.1f} {r['in_flight']:10d} {r['kb_per_in_flight']:8.1f}"
                     f"  (goal <= 50 KB: {_verdict(r['kb_per_in_flight'] <= 50)}){flag}"
                 )
@@ -808,7 +816,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3000, help="requests per CPU measurement")
     parser.add_argument("--clients", type=int, default=64, help="keep-alive clients of part cpu")
     parser.add_argument("--rss-connections", type=int, nargs="+", default=[64, 1000])
-    parser.add_argument("--rss-latency", type=float, default=3.0)
+    parser.add_argument("--rss-latency", type=float, default=None, help="seconds (default: by size)")
     parser.add_argument("--rss-rounds", type=int, default=2, help="cold, then warm rounds")
     parser.add_argument("--overload-rounds", type=int, default=1)
     parser.add_argument("--profile-load", choices=["cpu", "refuse"], default="cpu")
