@@ -31,19 +31,20 @@ from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGIReceiveEven
 _FINAL_SEND_LIMIT = 10.0
 
 
-def _content_length(scope: Any) -> int | None:
+def _body_headers(scope: Any) -> tuple[int | None, bool]:
+    """The declared ``Content-Length`` (None if absent or not a number), and whether a body follows."""
+    declared: int | None = None
+    chunked = False
     for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length":
+        lowered = name.lower()
+        if lowered == b"content-length":
             try:
-                return int(value)
+                declared = int(value)
             except ValueError:
-                return None
-    return None
-
-
-def _has_body(scope: Any) -> bool:
-    names = {name.lower() for name, _ in scope.get("headers", ())}
-    return b"transfer-encoding" in names or (_content_length(scope) or 0) > 0
+                declared = None
+        elif lowered == b"transfer-encoding":
+            chunked = True
+    return declared, chunked or (declared or 0) > 0
 
 
 class KeepAliveGuard:
@@ -64,37 +65,41 @@ class KeepAliveGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body_done = trio.Event()  # the whole body arrived (or the client left)
-        settled = trio.Event()  # ... or more than max_body_bytes arrived: no point waiting for it
+        # Plain flags, and an Event only when an early answer has to wait: this runs for every request.
+        body_done = settled = False  # the whole body arrived (or the client left) / ... or too much did
+        waiter: trio.Event | None = None
         received = 0
-        declared = _content_length(scope)
-        if not _has_body(scope):
-            body_done.set()
-            settled.set()
+        declared, has_body = _body_headers(scope)
+        if not has_body:
+            body_done = settled = True
         elif declared is not None and declared > self.max_body_bytes:
-            settled.set()
+            settled = True
 
         async def tracked_receive() -> ASGIReceiveEvent:
-            nonlocal received
+            nonlocal received, body_done, settled
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if not message.get("more_body", False):
-                    body_done.set()
-                if body_done.is_set() or received > self.max_body_bytes:
-                    settled.set()
+                    body_done = True
+                if body_done or received > self.max_body_bytes:
+                    settled = True
             elif message["type"] == "http.disconnect":
-                body_done.set()
-                settled.set()
+                body_done = settled = True
+            if settled and waiter is not None:
+                waiter.set()
             return message
 
         async def guarded_send(message: Any) -> None:
-            if message["type"] == "http.response.start" and not body_done.is_set():
+            nonlocal waiter
+            if message["type"] == "http.response.start" and not body_done:
                 # An answer before the body arrived: wait for the body (bounded) so the connection
                 # stays usable, or tell the client the connection closes.
-                with trio.move_on_after(self.drain_timeout):
-                    await settled.wait()
-                if not body_done.is_set():
+                if not settled:
+                    waiter = trio.Event()
+                    with trio.move_on_after(self.drain_timeout):
+                        await waiter.wait()
+                if not body_done:
                     message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Hypercorn recycles or closes the connection inside this call: let it finish.

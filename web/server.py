@@ -33,6 +33,7 @@ from engine._groups import collapse  # the engine's one rule for keeping groups 
 from engine.lm import TrioLM
 
 from .app import create_app
+from .gate import OverloadGate
 from .keepalive import KeepAliveGuard
 from .settings import ServiceSettings
 from .state import ServiceState
@@ -225,7 +226,9 @@ async def serve(
                 nursery.start_soon(watch_signals)
             config = hypercorn_config(settings, worker_count=worker_count)
             guarded = KeepAliveGuard(
-                app, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
+                OverloadGate(app, state),  # an overload refused in ASGI, before Quart runs
+                max_body_bytes=settings.max_body_bytes,
+                drain_timeout=settings.keep_alive_timeout,
             )
             binds = await nursery.start(
                 functools.partial(hypercorn_serve, guarded, config, shutdown_trigger=stopped.wait)

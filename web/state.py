@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import attrs
 
@@ -14,6 +13,21 @@ from .errors import HTTPError
 from .settings import ServiceSettings
 
 logger = logging.getLogger("web")
+
+
+class _Owning:
+    """The context manager of :meth:`ServiceState.owning` (a class: no generator kept per request)."""
+
+    __slots__ = ("_owner", "_owners", "_request_id")
+
+    def __init__(self, owners: dict[str, str], request_id: str, owner: str) -> None:
+        self._owners, self._request_id, self._owner = owners, request_id, owner
+
+    def __enter__(self) -> None:
+        self._owners[self._request_id] = self._owner
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._owners.pop(self._request_id, None)
 
 
 @attrs.define
@@ -63,14 +77,9 @@ class ServiceState:
             )
         return self.engine
 
-    @contextmanager
-    def owning(self, request_id: str, owner: str) -> Iterator[None]:
+    def owning(self, request_id: str, owner: str) -> _Owning:
         """Record that ``owner`` started ``request_id`` for the block (so only it may cancel it)."""
-        self.owners[request_id] = owner
-        try:
-            yield
-        finally:
-            self.owners.pop(request_id, None)
+        return _Owning(self.owners, request_id, owner)
 
     def may_cancel(self, request_id: str, owner: str) -> bool:
         """Whether ``owner`` started the in-flight request ``request_id`` (unknown ids: no)."""
