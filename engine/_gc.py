@@ -43,9 +43,9 @@ def tune_gc_for_serving(young_threshold: int = YOUNG_THRESHOLD) -> GCSettings:
     """Collect once, freeze what is alive (the start-up heap: modules, DSPy, the app and the engine) out
     of the collector's reach, and raise the young generation's threshold to ``young_threshold`` (never
     lowers it, and leaves automatic collection off if the application turned it off). Call it once the
-    application has started, before serving; :meth:`GCSettings.restore` undoes it. Blocks for one full collection
-    (tens of milliseconds). Cyclic garbage still gets collected, only less often; reference counting frees
-    everything else at once as before.
+    application has started, before serving; :meth:`GCSettings.restore` undoes it. Blocks for one full
+    collection (tens of milliseconds). Cyclic garbage still gets collected, only less often; reference
+    counting frees everything else at once as before.
 
     Returns:
         The settings now in force.

@@ -230,4 +230,5 @@ async def test_deltas_of_a_predictor_called_twice_rebuild_its_final_output(autoj
     rebuilt = "".join(e.text for e in answers if e.call == 1)
     assert rebuilt == final.result.outputs["answer"]
     first = "".join(e.text for e in answers if e.call == 0)
-    assert first and first != rebuilt
+    assert first
+    assert first != rebuilt
