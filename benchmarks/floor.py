@@ -42,6 +42,28 @@ def adapter_ms(n: int = 2000) -> float:
     return (time.process_time() - started) / n * 1000
 
 
+async def raw_post(stream: Any, connection: Any, host: str, target: bytes, payload: bytes) -> bytes:
+    """One POST of ``payload`` with raw h11 on a kept-alive Trio stream; the response body. Blocks for
+    the exchange."""
+    import h11
+
+    headers = [("host", host), ("content-type", "application/json"), ("content-length", str(len(payload)))]
+    data = connection.send(h11.Request(method="POST", target=target, headers=headers))
+    data += connection.send(h11.Data(data=payload)) + connection.send(h11.EndOfMessage())
+    await stream.send_all(data)
+    chunks = []
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Data):
+            chunks.append(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    connection.start_next_cycle()
+    return b"".join(chunks)
+
+
 def h11_post_ms(url: str, n: int = 2000, concurrency: int = 1) -> float:
     """CPU ms of one POST with raw h11 on a kept-alive Trio stream, JSON answer parsed; ``concurrency``
     connections each carry requests one after another (1: the floor as issue 13 defined it; 64: the
@@ -82,26 +104,7 @@ def h11_post_ms(url: str, n: int = 2000, concurrency: int = 1) -> float:
 
         async def one() -> Any:
             payload = json.dumps(body, separators=(",", ":")).encode()
-            headers = [
-                ("host", host),
-                ("content-type", "application/json"),
-                ("content-length", str(len(payload))),
-            ]
-            data = connection.send(h11.Request(method="POST", target=target, headers=headers))
-            data += connection.send(h11.Data(data=payload))
-            data += connection.send(h11.EndOfMessage())
-            await stream.send_all(data)
-            chunks = []
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Data):
-                    chunks.append(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            connection.start_next_cycle()
-            return json.loads(b"".join(chunks))
+            return json.loads(await raw_post(stream, connection, host, target, payload))
 
         for _ in range(20):
             await one()
@@ -136,25 +139,8 @@ def concurrent_floor(url: str, n: int = 1000, *, warm: bool = False, tuned: bool
     async def post(stream: trio.SocketStream, connection: Any, question: str) -> Any:
         messages = adapter.format(signature, demos=[], inputs={"question": question})
         payload = json.dumps({"model": "bench", "messages": messages}, separators=(",", ":")).encode()
-        headers = [
-            ("host", host),
-            ("content-type", "application/json"),
-            ("content-length", str(len(payload))),
-        ]
-        data = connection.send(h11.Request(method="POST", target=target, headers=headers))
-        data += connection.send(h11.Data(data=payload)) + connection.send(h11.EndOfMessage())
-        await stream.send_all(data)
-        chunks = []
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                connection.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Data):
-                chunks.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-        connection.start_next_cycle()
-        text = json.loads(b"".join(chunks))["choices"][0]["message"]["content"]
+        body = await raw_post(stream, connection, host, target, payload)
+        text = json.loads(body)["choices"][0]["message"]["content"]
         return adapter.parse(signature, text)
 
     async def run() -> dict[str, float]:

@@ -471,68 +471,10 @@ def part_rss(args: argparse.Namespace, results: dict[str, Any]) -> None:
     results["rss"] = rows
 
 
-async def _overload(url: str, rate: float, seconds: float) -> dict[str, Any]:
-    """Open-loop load at ``rate`` requests/s (as ``benchmarks.serving._overload``), plus each refusal's
-    own time in the server (its ``Server-Timing: total``)."""
-    import ssl
-
-    import httpx
-    import trio
-
-    admitted: list[float] = []
-    refused: list[float] = []
-    refused_server: list[float] = []
-    with_retry_after = failures = 0
-    verify = ssl.create_default_context()
-    async with httpx.AsyncClient(
-        base_url=url, timeout=120, verify=verify, limits=httpx.Limits(max_connections=4096)
-    ) as client:
-
-        async def one(i: int) -> None:
-            nonlocal with_retry_after, failures
-            started = time.perf_counter()
-            try:
-                response = await client.post("/predict", json={"question": f"overload {i}"})
-            except httpx.HTTPError:
-                failures += 1
-                return
-            took = time.perf_counter() - started
-            if response.status_code == 200:
-                admitted.append(took)
-            elif response.status_code in (429, 503):
-                refused.append(took)
-                with_retry_after += "retry-after" in response.headers
-                match = re.search(r"total;dur=([0-9.]+)", response.headers.get("server-timing", ""))
-                if match:
-                    refused_server.append(float(match.group(1)) / 1000)
-            else:
-                failures += 1
-
-        async with trio.open_nursery() as nursery:
-            for i in range(int(rate * seconds)):
-                nursery.start_soon(one, i)
-                await trio.sleep(1 / rate)
-
-    def p(samples: list[float], q: float) -> float | None:
-        return sorted(samples)[min(len(samples) - 1, int(len(samples) * q))] * 1000 if samples else None
-
-    return {
-        "admitted": len(admitted),
-        "admitted_p50_ms": p(admitted, 0.5),
-        "admitted_p99_ms": p(admitted, 0.99),
-        "refused": len(refused),
-        "refused_p50_ms": p(refused, 0.5),
-        "refused_p99_ms": p(refused, 0.99),
-        "refused_server_p99_ms": p(refused_server, 0.99),
-        "with_retry_after": with_retry_after,
-        "failures": failures,
-    }
-
-
 def part_overload(args: argparse.Namespace, results: dict[str, Any]) -> None:
     import trio
 
-    from benchmarks.serving import _warm
+    from benchmarks.serving import _overload, _warm
 
     upstream, upstream_url = start_upstream(0.2)
     runs = []

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import ssl
 import statistics
@@ -204,11 +205,12 @@ async def _stream_trials(url: str, kind: str, streams: int, first_token_delay: f
 
 
 async def _overload(url: str, rate: float, seconds: float) -> dict[str, Any]:
-    """Open-loop load at ``rate`` requests/s: latency of the admitted, time to refuse the rest."""
+    """Open-loop load at ``rate`` requests/s: latency of the admitted, time to refuse the rest, and each
+    refusal's own time in the server (its ``Server-Timing: total``; dspy-trio's only)."""
     admitted: list[float] = []
     refused: list[float] = []
-    with_retry_after = 0
-    failures = 0
+    refused_server: list[float] = []
+    with_retry_after = failures = 0
     verify = ssl.create_default_context()
     async with httpx.AsyncClient(
         base_url=url, timeout=120, verify=verify, limits=httpx.Limits(max_connections=4096)
@@ -228,6 +230,9 @@ async def _overload(url: str, rate: float, seconds: float) -> dict[str, Any]:
             elif response.status_code in (429, 503):
                 refused.append(took)
                 with_retry_after += "retry-after" in response.headers
+                match = re.search(r"total;dur=([0-9.]+)", response.headers.get("server-timing", ""))
+                if match:
+                    refused_server.append(float(match.group(1)) / 1000)
             else:
                 failures += 1
 
@@ -244,7 +249,9 @@ async def _overload(url: str, rate: float, seconds: float) -> dict[str, Any]:
         "admitted_p50_ms": p(admitted, 0.5),
         "admitted_p99_ms": p(admitted, 0.99),
         "refused": len(refused),
+        "refused_p50_ms": p(refused, 0.5),
         "refused_p99_ms": p(refused, 0.99),
+        "refused_server_p99_ms": p(refused_server, 0.99),
         "with_retry_after": with_retry_after,
         "failures": failures,
     }

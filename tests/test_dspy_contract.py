@@ -136,6 +136,16 @@ def test_only_the_seam_and_the_lm_base_classes_import_dspy() -> None:
     assert "_dspy.py" in importers
 
 
+TYPED_ANSWERS = [
+    (
+        dspy.ChatAdapter,
+        '[[ ## answer ## ]]\nBlue.\n\n[[ ## score ## ]]\n7\n\n[[ ## tags ## ]]\n["x", "y"]\n\n'
+        "[[ ## kind ## ]]\nb\n\n[[ ## completed ## ]]",
+    ),
+    (dspy.JSONAdapter, '{"answer": "Blue.", "score": "7", "tags": ["x", "y"], "kind": "b"}'),
+]
+
+
 class Typed(dspy.Signature):
     """Answer with care."""
 
@@ -149,17 +159,7 @@ class Typed(dspy.Signature):
     kind: Literal["a", "b"] = dspy.OutputField()
 
 
-@pytest.mark.parametrize(
-    ("adapter_type", "answer"),
-    [
-        (
-            dspy.ChatAdapter,
-            '[[ ## answer ## ]]\nBlue.\n\n[[ ## score ## ]]\n7\n\n[[ ## tags ## ]]\n["x", "y"]\n\n'
-            "[[ ## kind ## ]]\nb\n\n[[ ## completed ## ]]",
-        ),
-        (dspy.JSONAdapter, '{"answer": "Blue.", "score": "7", "tags": ["x", "y"], "kind": "b"}'),
-    ],
-)
+@pytest.mark.parametrize(("adapter_type", "answer"), TYPED_ANSWERS)
 async def test_cached_type_adapters_change_no_prompt_and_no_parse(
     adapter_type: type[Any], answer: str
 ) -> None:
@@ -181,17 +181,7 @@ async def test_cached_type_adapters_change_no_prompt_and_no_parse(
     assert runs[0][1] == {"answer": "Blue.", "score": 7, "tags": ["x", "y"], "kind": "b"}
 
 
-@pytest.mark.parametrize(
-    ("adapter_type", "answer"),
-    [
-        (
-            dspy.ChatAdapter,
-            '[[ ## answer ## ]]\nBlue.\n\n[[ ## score ## ]]\n7\n\n[[ ## tags ## ]]\n["x", "y"]\n\n'
-            "[[ ## kind ## ]]\nb\n\n[[ ## completed ## ]]",
-        ),
-        (dspy.JSONAdapter, '{"answer": "Blue.", "score": "7", "tags": ["x", "y"], "kind": "b"}'),
-    ],
-)
+@pytest.mark.parametrize(("adapter_type", "answer"), TYPED_ANSWERS)
 async def test_cached_signature_fields_change_no_prompt_and_no_parse(
     adapter_type: type[Any], answer: str
 ) -> None:
