@@ -123,6 +123,12 @@ class EventBuffer:
                     continue
                 if self._drop_oldest_delta():
                     break
+                # Nothing queued may be dropped (status events only): the new delta is the oldest
+                # droppable one; anything else goes in over capacity. Never wait under drop.
+                if isinstance(event, FieldDelta):
+                    self.dropped += 1
+                    return
+                break
             with trio.move_on_after(self._consumer_timeout) as waited:
                 await self._not_full.park()
             if waited.cancelled_caught:

@@ -17,7 +17,6 @@ by hand are correct by construction.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -41,15 +40,19 @@ class FieldScanner(Protocol):
 class DeltaRouter(TextRouter):
     """Stands in for ``dspy.settings.send_stream``: LM text in, field deltas out into ``buffer``.
 
-    Each predictor of the program gets a scanner for the output format of the program's adapter
-    (:class:`ChatFieldScanner` or :class:`JSONFieldScanner`). The engine's backends ask :meth:`sink` for
-    a predictor's sink once per LM call and push plain text to it; anything else that writes DSPy
-    chunks to ``send_stream`` goes through :meth:`send`, routed by the chunk's ``predict_id``.
+    The engine's backends ask :meth:`sink` for a sink once per LM call and push plain text to it; each
+    call gets its own scanner for the output format (:class:`ChatFieldScanner` or
+    :class:`JSONFieldScanner`) and its own number (``FieldDelta.call``: 0, 1, ... per predictor), so a
+    predictor called twice, one after the other or at the same time, streams two answers that never
+    mix. Anything else that writes DSPy chunks to ``send_stream`` goes through :meth:`send`, routed by
+    the chunk's ``predict_id`` (one scan per predictor: DSPy's chunks do not say where a call starts).
 
     Args:
         module: The program.
         buffer: Where the deltas go; a sink's ``send`` blocks while it is full (policy ``block``).
-        json: Whether the program runs with ``JSONAdapter``.
+        json: Whether the program runs with ``JSONAdapter``. A ``ChatAdapter`` program's call whose text
+            starts with ``{`` (DSPy's fallback to ``JSONAdapter`` after an unparsable reply) is scanned
+            as JSON.
         on_first_delta: Called with the field name at the first delta of each predictor's field.
     """
 
@@ -61,110 +64,119 @@ class DeltaRouter(TextRouter):
         json: bool = False,
         on_first_delta: Callable[[str], None] | None = None,
     ) -> None:
-        scanner = JSONFieldScanner if json else ChatFieldScanner
-        self._sinks: dict[int, _PredictorSink] = {
-            id(predictor): _PredictorSink(
-                name,
-                functools.partial(scanner, list(predictor.signature.output_fields)),
-                buffer,
-                on_first_delta,
-            )
+        self._buffer = buffer
+        self._json = json
+        self._on_first_delta = on_first_delta
+        self._predictors: dict[int, _Predictor] = {
+            id(predictor): _Predictor(name, list(predictor.signature.output_fields))
             for name, predictor in module.named_predictors()
         }
+        self._calls: list[_CallSink] = []  # every call's sink, in the order the calls started
+        self._chunk_sinks: dict[int, _CallSink] = {}  # the foreign chunk path: one per predictor
+
+    def _new_call(self, predictor: _Predictor) -> _CallSink:
+        sink = _CallSink(predictor, predictor.calls, self._buffer, self._json, self._on_first_delta)
+        predictor.calls += 1
+        self._calls.append(sink)
+        return sink
 
     def sink(self, predict_id: int | None) -> DeltaSink | None:
-        """The sink of predictor ``predict_id`` for one new LM call (None for a predictor not in the
-        program). A second call of the same predictor starts a fresh scan, its deltas numbered
-        ``call=1``, ...; what the previous call's scanner still held goes out first."""
-        sink = self._sinks.get(predict_id or 0)
-        if sink is not None:
-            sink.new_call()
-        return sink
+        """A sink for one new LM call of predictor ``predict_id`` (None for a predictor not in the
+        program). Synchronous."""
+        predictor = self._predictors.get(predict_id or 0)
+        return None if predictor is None else self._new_call(predictor)
 
     async def send(self, chunk: Any) -> None:
         """Take one DSPy-shaped chunk. Blocks while the buffer is full (the backpressure point)."""
-        sink = self._sinks.get(getattr(chunk, "predict_id", None) or 0)
-        if sink is None:
+        key = getattr(chunk, "predict_id", None) or 0
+        predictor = self._predictors.get(key)
+        if predictor is None:
             return
         try:
             text = chunk.choices[0].delta.content
         except (AttributeError, IndexError, TypeError):
             return
         if text:
+            sink = self._chunk_sinks.get(key)
+            if sink is None:
+                sink = self._chunk_sinks[key] = self._new_call(predictor)
             await sink.send(text)
 
     async def finish(self) -> None:
-        """Flush what the scanners still hold (text of a field whose end marker never came)."""
-        for sink in self._sinks.values():
+        """Flush what the scanners still hold (text of a field whose end marker never came), call by
+        call in the order they started."""
+        for sink in self._calls:
             await sink.finish()
 
 
-class _PredictorSink:
-    """One predictor's text in, its field deltas out into the buffer."""
+class _Predictor:
+    """One predictor of the program: its name, its output fields, how many LM calls it started."""
 
-    __slots__ = (
-        "_buffer",
-        "_call",
-        "_calls",
-        "_held",
-        "_make_scanner",
-        "_name",
-        "_on_first_delta",
-        "_scanner",
-        "_seen",
-    )
+    __slots__ = ("calls", "fields", "name", "seen")
+
+    def __init__(self, name: str, fields: list[str]) -> None:
+        self.name = name
+        self.fields = fields
+        self.calls = 0
+        self.seen: set[str] = set()  # fields that had a delta (on_first_delta fires once per field)
+
+
+class _CallSink:
+    """One LM call's text in, its field deltas out into the buffer."""
+
+    __slots__ = ("_buffer", "_call", "_json", "_lead", "_on_first_delta", "_predictor", "_scanner")
 
     def __init__(
         self,
-        name: str,
-        make_scanner: Callable[[], FieldScanner],
+        predictor: _Predictor,
+        call: int,
         buffer: EventBuffer,
+        json: bool,
         on_first_delta: Callable[[str], None] | None,
     ) -> None:
-        self._name = name
-        self._make_scanner = make_scanner
-        self._scanner = make_scanner()
+        self._predictor = predictor
+        self._call = call
         self._buffer = buffer
+        self._json = json
         self._on_first_delta = on_first_delta
-        self._seen: set[str] = set()
-        self._calls = 0  # LM calls started
-        self._call = 0  # the call the scanner's text belongs to
-        # Deltas of a finished call's scanner that are still to go out: (call, field, text).
-        self._held: list[tuple[int, str, str]] = []
+        self._scanner: FieldScanner | None = JSONFieldScanner(predictor.fields) if json else None
+        self._lead = ""  # leading whitespace, held until the text shows which format it is
 
-    def new_call(self) -> None:
-        """An LM call of this predictor starts: from the second on, a fresh scanner (synchronous; what
-        the old one held is sent before the new call's first delta)."""
-        self._calls += 1
-        if self._calls > 1:
-            self._held += [(self._call, field, text) for field, text in self._scanner.finish()]
-            self._scanner = self._make_scanner()
-            self._call = self._calls - 1
+    def _scanner_for(self, text: str) -> FieldScanner | None:
+        if self._scanner is None:
+            self._lead += text
+            start = self._lead.lstrip()
+            if not start:
+                return None
+            kind = JSONFieldScanner if start.startswith("{") else ChatFieldScanner
+            self._scanner = kind(self._predictor.fields)
+        return self._scanner
 
     async def send(self, text: str) -> None:
-        """Take one text delta of the predictor's output. Blocks while the buffer is full."""
-        if self._held:
-            await self._flush_held()
-        if text:
-            deltas = self._scanner.feed(text)
-            if deltas:
-                await self._put(self._call, deltas)
+        """Take one text delta of the call's output. Blocks while the buffer is full."""
+        if not text:
+            return
+        lead = self._scanner is None
+        scanner = self._scanner_for(text)
+        if scanner is None:
+            return
+        if lead:
+            text, self._lead = self._lead, ""
+        deltas = scanner.feed(text)
+        if deltas:
+            await self._put(deltas)
 
     async def finish(self) -> None:
-        await self._flush_held()
-        await self._put(self._call, self._scanner.finish())
+        if self._scanner is not None:
+            await self._put(self._scanner.finish())
 
-    async def _flush_held(self) -> None:
-        held, self._held = self._held, []
-        for call, field, text in held:
-            await self._put(call, [(field, text)])
-
-    async def _put(self, call: int, deltas: list[tuple[str, str]]) -> None:
+    async def _put(self, deltas: list[tuple[str, str]]) -> None:
+        name, seen = self._predictor.name, self._predictor.seen
         for field, text in deltas:
-            if self._on_first_delta is not None and field not in self._seen:
-                self._seen.add(field)
+            if self._on_first_delta is not None and field not in seen:
+                seen.add(field)
                 self._on_first_delta(field)
-            await self._buffer.put(FieldDelta(self._name, field, text, call))
+            await self._buffer.put(FieldDelta(name, field, text, self._call))
 
 
 class EventStream:

@@ -126,7 +126,9 @@ async def test_with_api_keys_a_401_comes_before_the_429_and_is_not_counted_as_re
         holder.cancel()
 
 
-async def test_with_cors_a_refusal_from_a_browser_carries_the_cors_headers_and_matches_the_gates() -> None:
+async def test_with_cors_a_refusal_from_a_browser_carries_the_cors_headers_and_matches_the_plain_one() -> (
+    None
+):
     origin = "https://app.example"
     lm = CountingLM(first_token_delay=30.0)
     async with (
@@ -148,6 +150,7 @@ async def test_with_cors_a_refusal_from_a_browser_carries_the_cors_headers_and_m
     varying = {"date", "server-timing", "x-server-request-id", "x-request-id", "content-length"}
     cors = {name for name in browser[1] if name.startswith("access-control-") or name == "vary"}
     assert {k: v for k, v in browser[1].items() if k not in varying | cors} == {
-        k: v for k, v in plain[1].items() if k not in varying
+        k: v for k, v in plain[1].items() if k not in varying | cors
     }
+    assert plain[1].get("vary") == "Origin"  # with CORS configured the app answers: quart-cors's Vary too
     assert _rejected(server) == 2

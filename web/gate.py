@@ -36,18 +36,21 @@ from engine import OverloadedError
 from .auth import authorize
 from .encoding import dumps
 from .errors import HTTPError, engine_error_response
+from .keepalive import body_headers
 from .state import ServiceState
 
 _DEFAULT_PROGRAM_PATHS = frozenset({"/predict", "/predict/stream", "/stream"})
-_PROGRAM_PATH = re.compile(r"^/v1/programs/([^/]+)/(?:predict|stream)$")
-_LABEL = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_PROGRAM_PATH = re.compile(r"/v1/programs/([^/]+)/(?:predict|stream)")  # fullmatch: "$" allows a "\n"
+_LABEL = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # fullmatch
 
 
 class _ScopeHeaders:
     """An ASGI scope's request headers, case-insensitive, as :func:`web.auth.authorize` reads them."""
 
     def __init__(self, raw: Any) -> None:
-        self._headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+        self._headers: dict[str, str] = {}
+        for name, value in raw:  # a repeated header: its first value, as werkzeug's Headers.get reads it
+            self._headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
 
     def get(self, key: str) -> str | None:
         return self._headers.get(key.lower())
@@ -75,7 +78,7 @@ class OverloadGate:
         path: str = scope["path"]
         if path in _DEFAULT_PROGRAM_PATHS:
             return "default"
-        if path.startswith("/v1/programs/") and (match := _PROGRAM_PATH.match(path)):
+        if path.startswith("/v1/programs/") and (match := _PROGRAM_PATH.fullmatch(path)):
             return match.group(1)
         return None
 
@@ -94,14 +97,14 @@ class OverloadGate:
         await self.app(scope, receive, send)
 
     def _app_answers_first(self, scope: Any) -> bool:
-        """Whether the app must answer this request itself: a 401 comes first, or it needs CORS (then
-        the app's own hook refuses it, after those)."""
+        """Whether the app must answer this request itself: a 401 comes first, or CORS is configured
+        (then the app's own hook refuses it, after those)."""
         settings = self.state.settings
-        if not settings.api_keys and not settings.cors_origins:
+        if settings.cors_origins:  # quart-cors shapes every answer (Vary: Origin even with no Origin)
+            return True
+        if not settings.api_keys:
             return False
         headers = _ScopeHeaders(scope["headers"])
-        if settings.cors_origins and "Origin" in headers:
-            return True
         try:
             authorize(settings, method="POST", path=scope["path"], headers=headers)
         except HTTPError:
@@ -118,17 +121,25 @@ class OverloadGate:
     ) -> None:
         # As the app's Server-Timing: the time to the answer, not the wait for the body below.
         total = (trio.current_time() - arrived) * 1000
-        # Read (never parse) the body first, so the connection can serve the next request.
+        # Read (never parse) the body first, so the connection can serve the next request; a body
+        # declared too large, larger than the limit or not all there within the keep-alive timeout gets
+        # "Connection: close" instead (and KeepAliveGuard then waits no more).
         limit = self.state.settings.max_body_bytes
-        received = 0
-        with trio.move_on_after(self.state.settings.keep_alive_timeout):
-            while True:
-                message: Any = await receive()
-                if message["type"] == "http.disconnect":
-                    return  # the client left: nobody to answer
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False) or received > limit:
-                    break
+        declared, has_body = body_headers(scope)
+        complete = not has_body
+        if has_body and (declared is None or declared <= limit):
+            received = 0
+            with trio.move_on_after(self.state.settings.keep_alive_timeout):
+                while True:
+                    message: Any = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left: nobody to answer
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        break
+                    if not message.get("more_body", False):
+                        complete = True
+                        break
         status, body, extra = engine_error_response(error)
         payload = dumps(body).encode()
         request_id = uuid.uuid4().hex
@@ -138,9 +149,11 @@ class OverloadGate:
             (b"content-length", str(len(payload)).encode()),
             *((name.lower().encode(), value.encode()) for name, value in extra.items()),
             (b"x-server-request-id", request_id.encode()),
-            (b"x-request-id", label if _LABEL.match(label) else request_id.encode()),
+            (b"x-request-id", label if _LABEL.fullmatch(label) else request_id.encode()),
             (b"server-timing", f"total;dur={total:.3f}".encode()),
         ]
+        if not complete:
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers, "trailers": False})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
 

@@ -31,7 +31,7 @@ from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGIReceiveEven
 _FINAL_SEND_LIMIT = 10.0
 
 
-def _body_headers(scope: Any) -> tuple[int | None, bool]:
+def body_headers(scope: Any) -> tuple[int | None, bool]:
     """The declared ``Content-Length`` (None if absent or not a number), and whether a body follows."""
     declared: int | None = None
     chunked = False
@@ -69,7 +69,7 @@ class KeepAliveGuard:
         body_done = settled = False  # the whole body arrived (or the client left) / ... or too much did
         waiter: trio.Event | None = None
         received = 0
-        declared, has_body = _body_headers(scope)
+        declared, has_body = body_headers(scope)
         if not has_body:
             body_done = settled = True
         elif declared is not None and declared > self.max_body_bytes:
@@ -91,15 +91,22 @@ class KeepAliveGuard:
             return message
 
         async def guarded_send(message: Any) -> None:
-            nonlocal waiter
+            nonlocal waiter, settled
             if message["type"] == "http.response.start" and not body_done:
                 # An answer before the body arrived: wait for the body (bounded) so the connection
-                # stays usable, or tell the client the connection closes.
+                # stays usable, or tell the client the connection closes. An answer that says so itself
+                # (the overload gate's, after its own bounded read) is not held again.
+                closing = any(
+                    name.lower() == b"connection" and value.lower() == b"close"
+                    for name, value in message.get("headers", ())
+                )
+                if closing:
+                    settled = True
                 if not settled:
                     waiter = trio.Event()
                     with trio.move_on_after(self.drain_timeout):
                         await waiter.wait()
-                if not body_done:
+                if not body_done and not closing:
                     message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 # Hypercorn recycles or closes the connection inside this call: let it finish.
@@ -112,4 +119,4 @@ class KeepAliveGuard:
         await self.app(scope, tracked_receive, guarded_send)
 
 
-__all__ = ["KeepAliveGuard"]
+__all__ = ["KeepAliveGuard", "body_headers"]
