@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks._canned_upstream import start_canned_upstream
@@ -113,19 +114,28 @@ def _predict_worker(
     return dict(trio.run(run))
 
 
-def _profile_summary(profiler: Any, n: int) -> dict[str, Any]:
+def profile_table(
+    source: Any, package_of: Callable[[str], str]
+) -> tuple[float, dict[str, float], list[tuple[float, float, int, str]]]:
+    """A cProfile profile (a ``Profile`` or a stats file) as: total own seconds, own seconds by package
+    (``package_of(filename)``), and rows ``(own, cumulative, calls, "package:file:line(name)")``,
+    costliest first."""
     import pstats
 
-    stats = pstats.Stats(profiler)
-    entries = stats.stats  # type: ignore[attr-defined]
+    entries = pstats.Stats(source).stats  # type: ignore[attr-defined]
     total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values())
     by_package: dict[str, float] = {}
     rows = []
     for (filename, line, name), (_cc, calls, tt, ct, _callers) in entries.items():
-        package = _package(filename)
+        package = package_of(filename)
         by_package[package] = by_package.get(package, 0.0) + tt
         rows.append((tt, ct, calls, f"{package}:{os.path.basename(filename)}:{line}({name})"))
     rows.sort(reverse=True)
+    return total, by_package, rows
+
+
+def _profile_summary(profiler: Any, n: int) -> dict[str, Any]:
+    total, by_package, rows = profile_table(profiler, _package)
     return {
         "total_ms_per_prediction": total / n * 1000,
         "top": [

@@ -45,7 +45,7 @@ import time
 from typing import Any
 
 from benchmarks._upstream import start_upstream
-from benchmarks.hotpath import _process_cpu
+from benchmarks.hotpath import _process_cpu, profile_table
 
 PREDICT_PATH = "/v1/programs/default/predict"
 ECHO_PATH = "/echo"
@@ -574,8 +574,6 @@ def _by_package(stats: list[Any], connections: int) -> dict[str, float]:
 
 
 def part_profile(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    import pstats
-
     refuse = args.profile_load == "refuse"
     upstream, upstream_url = start_upstream(600.0 if refuse else 0.02)
     with tempfile.TemporaryDirectory() as tmp:
@@ -593,18 +591,9 @@ def part_profile(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 stop(server)
         finally:
             upstream.kill()
-        stats = pstats.Stats(out)
+        total, by_package, rows = profile_table(out, _package)  # before the directory goes
     # Everything the process did while profiled: start-up and warm-up included, so divide by all requests.
     n = args.n + max(args.clients * 5, 300)
-    entries = stats.stats  # type: ignore[attr-defined]
-    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values())
-    by_package: dict[str, float] = {}
-    rows = []
-    for (filename, line, name), (_cc, calls, tt, ct, _callers) in entries.items():
-        package = _package(filename)
-        by_package[package] = by_package.get(package, 0.0) + tt
-        rows.append((tt, ct, calls, f"{package}:{os.path.basename(filename)}:{line}({name})"))
-    rows.sort(reverse=True)
     results["profile"] = {
         "load": row,
         "requests": n,

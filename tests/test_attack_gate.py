@@ -306,21 +306,6 @@ async def test_a_chat_programs_json_fallback_call_streams_the_answer_it_returns(
     assert "".join(e.text for e in answers if e.call == last) == "from the json call"
 
 
-class _AskTwice(dspy.Module):  # type: ignore[misc]
-    """A refinement loop: the predictor's second call refines its first answer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.step = dspy.Predict("question -> answer")
-
-    async def aforward(self, question: str) -> dspy.Prediction:
-        first = await self.step.acall(question=question)
-        return await self.step.acall(question=first.answer)
-
-
-ask_twice = _AskTwice()
-
-
 def _sse_data(body: str) -> list[str]:
     return [line[len("data: ") :] for line in body.split("\n") if line.startswith("data: ")]
 
