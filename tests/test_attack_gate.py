@@ -25,7 +25,7 @@ from web.server import Server
 
 from .helpers import CountingLM
 from .test_web_gate import _hold_the_slot, _overloaded
-from .test_web_keepalive import _port
+from .test_web_keepalive import _port, _read_response
 from .web_helpers import running
 
 # Headers that differ between any two answers (fresh ids, clocks).
@@ -61,19 +61,9 @@ def _request_head(path: str, *fields: tuple[str, str]) -> tuple[h11.Connection, 
 
 
 async def _response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, dict[str, str], bytes]:
-    status, headers, body = 0, {}, b""
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))
-            continue
-        if isinstance(event, h11.Response):
-            status = event.status_code
-            headers = {k.decode(): v.decode() for k, v in event.headers if k.decode() not in VARYING}
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return status, headers, body
+    """One response, its varying headers left out."""
+    status, headers, body = await _read_response(stream, conn)
+    return status, {k: v for k, v in headers.items() if k not in VARYING}, body
 
 
 async def _exchange(server: Server, path: str, *fields: tuple[str, str]) -> tuple[int, dict[str, str], bytes]:

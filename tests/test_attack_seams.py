@@ -8,7 +8,6 @@ import copy
 import json
 import math
 import pickle
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -28,49 +27,14 @@ from engine import (
 )
 from engine._adaptive import AdaptiveSettings
 from engine._config import ProgramSpec
-from engine._retry import RetryPolicy, seeded
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import AnthropicLM, GuardedLM, OpenAICompatibleLM, SimulatedLM, TrioLM
+from engine._retry import RetryPolicy
+from engine._upstream import UpstreamGuard
+from engine.lm import AnthropicLM, GuardedLM, SimulatedLM
 from engine.lm._http_errors import parse_retry_after
+from tests.mock_transport import COMPLETION, Scripted, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
-Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
-COMPLETION = {
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http://upstream.test/v1"}
-
-
-class Scripted:
-    """Answers with the scripted responses in order, then success; records virtual times and bodies."""
-
-    def __init__(self, *responses: httpx.Response, success: dict[str, Any] = COMPLETION) -> None:
-        self.responses = list(responses)
-        self.success = success
-        self.times: list[float] = []
-        self.bodies: list[dict[str, Any]] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.times.append(trio.current_time())
-        self.bodies.append(json.loads(request.content))
-        await trio.lowlevel.checkpoint()
-        if self.responses:
-            return self.responses.pop(0)
-        return httpx.Response(200, json=self.success)
-
-
-def openai_lm(handler: Handler, **params: Any) -> OpenAICompatibleLM:
-    return OpenAICompatibleLM(
-        "openai/m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler), **params
-    )
-
-
-def guarded(lm: TrioLM, *, attempts: int = 3, adaptive: AdaptiveSettings | None = None) -> GuardedLM:
-    retry = RetryPolicy(max_attempts=attempts, base_delay=0.25, max_delay=8.0)
-    return GuardedLM(
-        lm, UpstreamGuard("up", UpstreamPolicy(retry=retry, adaptive=adaptive), jitter=seeded(3))
-    )
 
 
 # --- 1. Nested LM tables accept values that crash, spin or hang later -------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,55 +19,18 @@ from engine import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from engine._retry import RetryPolicy, seeded
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import AnthropicLM, GuardedLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from engine.lm import AnthropicLM, HTTPSettings
+from tests.mock_transport import COMPLETION, Handler, Scripted, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
-
-COMPLETION = {
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 MESSAGE = {
     "content": [{"type": "text", "text": "ok"}],
     "usage": {"input_tokens": 3, "output_tokens": 1},
 }
 
 
-class Scripted:
-    """A transport handler answering with the scripted responses in order, then success; it records
-    the virtual time of every request it received."""
-
-    def __init__(self, *responses: httpx.Response, success: dict[str, Any] = COMPLETION) -> None:
-        self.responses = list(responses)
-        self.success = success
-        self.times: list[float] = []
-        self.bodies: list[dict[str, Any]] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.times.append(trio.current_time())
-        self.bodies.append(json.loads(request.content))
-        await trio.lowlevel.checkpoint()
-        if self.responses:
-            return self.responses.pop(0)
-        return httpx.Response(200, json=self.success)
-
-
-def openai_lm(handler: Handler, **params: Any) -> OpenAICompatibleLM:
-    return OpenAICompatibleLM(
-        "openai/m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler), **params
-    )
-
-
 def anthropic_lm(handler: Handler) -> AnthropicLM:
     return AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
-
-
-def guarded(lm: TrioLM, attempts: int = 3) -> GuardedLM:
-    retry = RetryPolicy(max_attempts=attempts, base_delay=0.25, max_delay=8.0)
-    return GuardedLM(lm, UpstreamGuard("up", UpstreamPolicy(retry=retry), jitter=seeded(3)))
 
 
 @pytest.mark.parametrize(
