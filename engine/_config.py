@@ -274,7 +274,7 @@ class LMConfig:
     def __attrs_post_init__(self) -> None:
         if PROVIDERS[self.provider].needs_api_base and not self.api_base:
             raise ConfigError(
-                f"a {self.provider} LM needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
+                f"an LM of provider {self.provider!r} needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
             )
         if self.stream_upstream and self.provider not in ("openai", "anthropic"):
             raise ConfigError(
@@ -378,6 +378,15 @@ class StreamOptions:
         return _build(cls, dict(data), where)
 
 
+def _redis_url(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # The URL is never shown: it may carry a password.
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ConfigError(
+            f"{attribute.name} must be a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0"
+        )
+
+
 @attrs.frozen
 class ClusterConfig:
     """State shared by every worker and replica through Redis (``[cluster]`` in TOML).
@@ -390,7 +399,7 @@ class ClusterConfig:
         heartbeat_interval: Seconds between heartbeats (how the processes sharing a quota are counted).
     """
 
-    redis_url: str | None = attrs.field(default=None, repr=False)
+    redis_url: str | None = attrs.field(default=None, repr=False, validator=optional(_redis_url))
     key_prefix: str = "dspy-trio"
     call_timeout: float = attrs.field(default=0.5, validator=positive)
     heartbeat_interval: float = attrs.field(default=1.0, validator=positive)
@@ -492,6 +501,7 @@ class EngineConfig:
             lms["default"] = default
 
         engine_changes: dict[str, Any] = {"lms": lms}
+        names: dict[str, str] = {}  # field -> the variable that set it, for the error that names it
         for key, field, kind in (
             ("DSPY_TRIO_MAX_IN_FLIGHT", "max_in_flight", int),
             ("DSPY_TRIO_MAX_QUEUED", "max_queued", int),
@@ -499,12 +509,26 @@ class EngineConfig:
         ):
             if env.get(key):
                 engine_changes[field] = _number(env, key, kind)
+                names[field] = f"{key}={env[key]!r}"
         for key in ("DSPY_TRIO_ADAPTER", "LM_ADAPTER"):
             if env.get(key):
                 engine_changes["adapter"] = env[key]
+                names["adapter"] = f"{key}={env[key]!r}"
         if env.get("DSPY_TRIO_REDIS_URL"):
-            engine_changes["cluster"] = attrs.evolve(config.cluster, redis_url=env["DSPY_TRIO_REDIS_URL"])
-        return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*")
+            try:
+                redis_url = env["DSPY_TRIO_REDIS_URL"]
+                engine_changes["cluster"] = attrs.evolve(config.cluster, redis_url=redis_url)
+            except ConfigError as exc:
+                raise ConfigError(f"DSPY_TRIO_REDIS_URL={_shown_url(redis_url)!r}: {exc.message}") from exc
+        return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*", names=names)
+
+
+def _shown_url(url: str) -> str:
+    """``url`` without a password, for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}").geturl()
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -529,6 +553,20 @@ def _default_lm_from_env(base: LMConfig, env: Mapping[str, str]) -> LMConfig | N
     """``base`` with the ``LM_*`` variables applied, or None when none is set."""
     top: dict[str, Any] = {}
     values = _shallow(base)
+    # field -> the variable that set it, for the error that names it (the key's value is never shown)
+    names = {
+        field: f"{key}={env[key]!r}"
+        for key, field in (
+            ("LM_PROVIDER", "provider"),
+            ("LM_MODEL", "model"),
+            ("LM_API_BASE", "api_base"),
+            ("LM_PARAMS", "params"),
+            ("LM_STREAM_UPSTREAM", "stream_upstream"),
+        )
+        if env.get(key)
+    }
+    if env.get("LM_API_KEY"):
+        names["api_key"] = "LM_API_KEY"
     if provider := env.get("LM_PROVIDER"):
         top["provider"] = provider
     elif env.get("LM_API_BASE") and base.provider == "simulated":
@@ -586,7 +624,7 @@ def _default_lm_from_env(base: LMConfig, env: Mapping[str, str]) -> LMConfig | N
                 raise ConfigError(f"{key}={env[key]!r}: {exc.message}") from exc
     if not top:
         return None
-    return _build(LMConfig, {**values, **top}, "LM_*")
+    return _build(LMConfig, {**values, **top}, "LM_*", names=names)
 
 
 def _shallow(value: Any) -> dict[str, Any]:
@@ -612,7 +650,11 @@ def _number(env: Mapping[str, str], key: str, kind: type[int] | type[float]) -> 
 _T = TypeVar("_T")
 
 
-def _build(cls: type[_T], values: dict[str, Any], where: str) -> _T:
+def _build(
+    cls: type[_T], values: dict[str, Any], where: str, *, names: Mapping[str, str] | None = None
+) -> _T:
+    """``cls(**values)``; a ConfigError names the TOML key (``where`` + the field), or the variable
+    that set the field (``names``: field -> ``VARIABLE='value'``)."""
     known = {field.name for field in attrs.fields(cls)}  # type: ignore[arg-type]
     unknown = set(values) - known
     if unknown:
@@ -622,6 +664,8 @@ def _build(cls: type[_T], values: dict[str, Any], where: str) -> _T:
     except ConfigError as exc:
         # A field's own message starts with its name: join it to the table's, giving the TOML key.
         field = exc.message.split(" ", 1)[0].split(".", 1)[0]
+        if names and field in names:
+            raise ConfigError(f"{names[field]}: {exc.message}") from exc
         joiner = "." if field in known and not where.endswith("*") else ": "
         raise ConfigError(f"{where}{joiner}{exc.message}") from exc
     except TypeError as exc:

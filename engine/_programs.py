@@ -234,10 +234,17 @@ def _from_import_path(name: str, source: str, spec: ProgramSpec) -> Module:
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"program {name!r}: cannot import {source!r}: {exc}") from exc
+    except Exception as exc:  # the user's module failed while it ran (or did not compile)
+        raise ConfigError(
+            f"program {name!r}: importing {source!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(target, type) and issubclass(target, Signature):
         return _from_signature(target, spec)
     if isinstance(target, type) and issubclass(target, Module):
-        target = target()
+        try:
+            target = target()
+        except Exception as exc:
+            raise ConfigError(f"program {name!r}: {source!r}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(target, Module):
         raise ConfigError(f"program {name!r}: {source!r} is not a dspy.Module or Signature")
     return target

@@ -25,7 +25,17 @@ from web.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 LOG_LINE = re.compile(rf"^{TIMESTAMP} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
-LM_VARIABLES = ("LM_PROVIDER", "LM_API_BASE", "LM_MODEL", "LM_API_KEY", "DSPY_TRIO_CONFIG", "DSPY_TRIO_PORT")
+LM_VARIABLES = (
+    "LM_PROVIDER",
+    "LM_API_BASE",
+    "LM_MODEL",
+    "LM_API_KEY",
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "DSPY_TRIO_CONFIG",
+    "DSPY_TRIO_PORT",
+    "PYTHONPATH",
+)
 
 
 def clean_env(**changes: str) -> dict[str, str]:
@@ -110,6 +120,104 @@ async def test_user_errors_are_one_line_and_exit_code_2(busy_port: int, configs:
         assert result.returncode == 2, (args, result.returncode, result.stderr)
 
 
+@pytest.fixture
+def user_mistakes(tmp_path: Path) -> Path:
+    """Config files and program modules with the mistakes a new user makes."""
+    (tmp_path / "typo_module.toml").write_text('[programs.summarize]\nsource = "summarise_prog:program"\n')
+    (tmp_path / "raising.py").write_text('raise RuntimeError("the database is down")\n')
+    (tmp_path / "raising.toml").write_text('[programs.boom]\nsource = "raising:program"\n')
+    (tmp_path / "broken_syntax.py").write_text("def f(:\n")
+    (tmp_path / "broken_syntax.toml").write_text('[programs.bad]\nsource = "broken_syntax:program"\n')
+    (tmp_path / "provider.toml").write_text('[lms.default]\nprovider = "openia"\nmodel = "m"\n')
+    (tmp_path / "a_directory.toml").mkdir()
+    return tmp_path
+
+
+# (arguments, environment, what the one line must say): every user error of `serve` (and the same of
+# `predict`) is one line on stderr and exit code 2, before anything listens.
+SERVE_MISTAKES: list[tuple[tuple[str, ...], dict[str, str], str]] = [
+    (("serve", "--config", "{d}/typo_module.toml"), {}, "program 'summarize': cannot import"),
+    (("predict", "--config", "{d}/typo_module.toml", "--program", "summarize"), {}, "cannot import"),
+    (
+        ("serve", "--config", "{d}/raising.toml"),
+        {"PYTHONPATH": "{d}"},
+        "program 'boom': importing 'raising:program' raised RuntimeError: the database is down",
+    ),
+    (
+        ("predict", "--config", "{d}/raising.toml", "--program", "boom"),
+        {"PYTHONPATH": "{d}"},
+        "raised RuntimeError: the database is down",
+    ),
+    (
+        ("serve", "--config", "{d}/broken_syntax.toml"),
+        {"PYTHONPATH": "{d}"},
+        "importing 'broken_syntax:program' raised SyntaxError",
+    ),
+    (
+        ("serve", "--workers", "2", "--config", "{d}/typo_module.toml"),
+        {},
+        "program 'summarize': cannot import",
+    ),
+    (("serve", "--config", "{d}/provider.toml"), {}, "lms.default.provider must be one of"),
+    (("serve", "--config", "{d}/a_directory.toml"), {}, "cannot read config file"),
+    (("serve", "--port", "99999"), {}, "argument --port: must be a port number (0-65535), got '99999'"),
+    (("serve", "--host", "192.0.2.1"), {}, "the address is not one of this machine's"),
+    (("serve",), {"DSPY_TRIO_PORT": "99999"}, "DSPY_TRIO_PORT='99999': port must be at most 65535"),
+    (("serve",), {"DSPY_TRIO_PORT": "80.5"}, "DSPY_TRIO_PORT must be an integer, got '80.5'"),
+    (("serve",), {"DSPY_TRIO_WORKERS": "0"}, "DSPY_TRIO_WORKERS='0': workers must be positive"),
+    (("serve",), {"DSPY_TRIO_MAX_BODY_BYTES": "-5"}, "DSPY_TRIO_MAX_BODY_BYTES='-5': max_body_bytes"),
+    (("serve",), {"DSPY_TRIO_DEFAULT_TIMEOUT": "nan"}, "DSPY_TRIO_DEFAULT_TIMEOUT='nan': default_timeout"),
+    (("serve",), {"DSPY_TRIO_KEEP_ALIVE_TIMEOUT": "0"}, "DSPY_TRIO_KEEP_ALIVE_TIMEOUT='0'"),
+    (("serve",), {"DSPY_TRIO_MAX_JSON_DEPTH": "0"}, "DSPY_TRIO_MAX_JSON_DEPTH='0'"),
+    (("serve",), {"LM_ADAPTER": "jsn"}, "LM_ADAPTER='jsn': adapter must be one of chat, json"),
+    (("serve",), {"DSPY_TRIO_ADAPTER": "xml"}, "DSPY_TRIO_ADAPTER='xml': adapter must be one of"),
+    (("serve",), {"LM_PROVIDER": "openia", "LM_MODEL": "m"}, "LM_PROVIDER='openia': provider must be"),
+    (("serve",), {"DSPY_TRIO_MAX_IN_FLIGHT": "0"}, "DSPY_TRIO_MAX_IN_FLIGHT='0': max_in_flight must be"),
+    (
+        ("serve",),
+        {"LM_PROVIDER": "openai", "LM_MODEL": "m"},
+        "an LM of provider 'openai' needs api_base (LM_API_BASE)",
+    ),
+    (("serve",), {"DSPY_TRIO_REDIS_URL": "127.0.0.1:6379"}, "DSPY_TRIO_REDIS_URL='127.0.0.1:6379'"),
+    (
+        ("serve",),
+        {"LM_API_BASE": "https://api.openai.com/v1", "LM_MODEL": "gpt-4o-mini"},
+        "LM 'default' calls https://api.openai.com/v1 without an API key: set LM_API_KEY (or OPENAI_API_KEY)",
+    ),
+    (
+        ("predict", "q"),
+        {"LM_PROVIDER": "anthropic", "LM_MODEL": "claude-x"},
+        "calls https://api.anthropic.com without an API key: set LM_API_KEY (or ANTHROPIC_API_KEY)",
+    ),
+]
+
+
+async def test_every_user_error_of_serve_is_one_line_and_exit_code_2(user_mistakes: Path) -> None:
+    results: dict[int, subprocess.CompletedProcess[str]] = {}
+    limiter = trio.CapacityLimiter(4)  # each run imports DSPy: a few at a time on 2 cores
+
+    async def run(index: int, args: tuple[str, ...], env: dict[str, str]) -> None:
+        async with limiter:
+            arguments = [a.format(d=user_mistakes) for a in args]
+            if arguments[0] == "serve" and "--port" not in arguments:
+                arguments += ["--port", "0"]  # should a mistake go unnoticed: never the default port
+            results[index] = await cli(
+                *arguments, env=clean_env(**{k: v.format(d=user_mistakes) for k, v in env.items()})
+            )
+
+    async with trio.open_nursery() as nursery:
+        for index, (args, env, _) in enumerate(SERVE_MISTAKES):
+            nursery.start_soon(run, index, args, env)
+    for index, (args, env, expected) in enumerate(SERVE_MISTAKES):
+        result = results[index]
+        assert "Traceback" not in result.stderr, (args, env, result.stderr)
+        assert "internal error" not in result.stderr, (args, env, result.stderr)
+        [line] = problem_lines(result.stderr)
+        assert line.startswith("dspy-trio"), (args, env, line)
+        assert expected in line, (args, env, line)
+        assert result.returncode == 2, (args, env, result.returncode, result.stderr)
+
+
 async def test_env_port_that_is_not_a_number_is_a_configuration_error() -> None:
     result = await cli("serve", env=clean_env(DSPY_TRIO_PORT="eighty"))
     assert result.returncode == 2
@@ -149,20 +257,50 @@ async def serve_until_listening(*args: str, env: dict[str, str]) -> tuple[trio.P
     )
     assert process.stderr is not None
     buffer = ""
-    with trio.fail_after(60):
-        while "serving on " not in buffer:
-            chunk = await process.stderr.receive_some()
-            if not chunk:
-                raise AssertionError(f"server exited early: {buffer}")
-            buffer += chunk.decode()
+    while "serving on " not in buffer:
+        chunk = await process.stderr.receive_some()
+        if not chunk:
+            raise AssertionError(f"server exited early: {buffer}")
+        buffer += chunk.decode()
     url = buffer.split("serving on ")[1].split()[0]
     return process, url, buffer
 
 
 async def stop(process: trio.Process) -> None:
     process.terminate()
-    with trio.fail_after(15):
-        assert await process.wait() == 0
+    assert await process.wait() == 0
+
+
+async def test_serve_logs_which_lm_it_serves_and_never_its_key() -> None:
+    """One line per LM before serving: provider, model, API root (no password, no query), whether a key
+    is set and stream_upstream; the key itself appears nowhere."""
+    env = clean_env(
+        LM_API_BASE="http://user:hunter2@127.0.0.1:9/v1?token=t0ps3cret",
+        LM_MODEL="smollm2",
+        LM_API_KEY="sk-never-shown",
+        LM_STREAM_UPSTREAM="true",
+    )
+    process, _, stderr = await serve_until_listening(env=env)
+    await stop(process)
+    [line] = [line for line in stderr.splitlines() if " web.cli: LM " in line]
+    assert line.endswith(
+        "INFO web.cli: LM default: openai, model 'smollm2', at http://127.0.0.1:9/v1, API key set, "
+        "stream_upstream on"
+    ), line
+    for secret in ("sk-never-shown", "hunter2", "t0ps3cret"):
+        assert secret not in stderr
+
+
+async def test_serve_warns_of_a_remote_server_without_an_api_key() -> None:
+    """A self-hosted server elsewhere may need no key: serve starts, with a warning that says what to set."""
+    env = clean_env(LM_API_BASE="https://gpu.example.invalid/v1", LM_MODEL="m")
+    process, _, stderr = await serve_until_listening(env=env)
+    await stop(process)
+    [warning] = [line for line in stderr.splitlines() if " WARNING " in line]
+    assert warning.endswith(
+        "WARNING web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 without an API key: "
+        "fine for a self-hosted server that needs none, else set LM_API_KEY"
+    ), warning
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,14 @@
 ``serve`` and ``predict`` read their configuration the same way: the TOML file of ``--config`` (else
 ``$DSPY_TRIO_CONFIG``), then the ``LM_*`` and ``DSPY_TRIO_*`` environment variables override it.
 
+Before anything listens, ``serve`` checks what it can (:mod:`web.preflight`): the settings, the address,
+the API keys of hosted providers, and that the engine opens (program modules imported and built); then it
+logs one line per LM (provider, model, API root, never the key).
+
 Exit codes: 0 done; 1 internal error (a bug: the traceback is printed); 2 usage or configuration error (bad
-flag, bad config file, unknown program, invalid input, port in use: one line on stderr); 3 no answer within
-``--timeout``; 4 the prediction failed (the LM provider or the program); 130 interrupted.
+flag, bad config file or variable, a program module that cannot be imported, a hosted API without its key,
+unknown program, invalid input, an address that cannot be listened on: one line on stderr); 3 no answer
+within ``--timeout``; 4 the prediction failed (the LM provider or the program); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import trio
 from engine import ConfigError, EngineConfig, EngineError, InvalidInputError, open_engine
 from engine.testing.fake_upstream import Behavior, FakeUpstream
 
+from .preflight import check_api_keys, check_engine_opens, describe_lm
 from .server import CannotListenError, check_can_listen, configure_logging, run_workers, serve
 from .settings import ServiceSettings
 
@@ -72,6 +78,19 @@ def _positive(kind: type[float] | type[int], *, zero: bool = False) -> Any:
     return parse
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0-65535), got {text!r}")
+    return value
+
+
+_port.__name__ = "port"
+
+
 def _version() -> str:
     try:
         return metadata.version("dspy-trio")
@@ -90,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default=None, help="address to listen on (default 127.0.0.1, $DSPY_TRIO_HOST)"
     )
     serve.add_argument(
-        "--port", type=_positive(int, zero=True), default=None, help="port (default 8000, $DSPY_TRIO_PORT)"
+        "--port", type=_port, default=None, help="port (default 8000, $DSPY_TRIO_PORT; 0: any free port)"
     )
     serve.add_argument("--workers", type=_positive(int), default=None, help="worker processes (default 1)")
     serve.add_argument("--config", default=None, help="TOML config file (default: $DSPY_TRIO_CONFIG)")
@@ -107,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
     fake = commands.add_parser("fake-upstream", help="serve the fake OpenAI-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=_positive(int, zero=True), default=8001)
+    fake.add_argument("--port", type=_port, default=8001)
     for name in ("latency", "first_token_delay", "token_delay"):
         fake.add_argument(
             f"--{name.replace('_', '-')}", type=_positive(float, zero=True), default=0.0, dest=name
@@ -138,7 +157,10 @@ def _env(args: argparse.Namespace) -> Mapping[str, str]:
     return env
 
 
-def _announce_simulated(config: EngineConfig) -> None:
+def _check_lms(config: EngineConfig) -> None:
+    """Refuse a hosted API without its key (ConfigError); warn about the other doubtful LMs."""
+    for warning in check_api_keys(config):
+        logger.warning("%s", warning)
     simulated = sorted(name for name, lm in config.lms.items() if lm.provider == "simulated")
     if simulated:
         logger.warning(
@@ -150,7 +172,7 @@ def _announce_simulated(config: EngineConfig) -> None:
 
 async def _predict(args: argparse.Namespace) -> int:
     config = EngineConfig.from_env(_env(args))
-    _announce_simulated(config)
+    _check_lms(config)
     inputs = _inputs(args)
     async with open_engine(config) as engine:
         with trio.fail_after(args.timeout if args.timeout is not None else math.inf):
@@ -208,9 +230,13 @@ def _leaf(exc: BaseException) -> BaseException:
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "serve":
         settings = _service_settings(args)  # a bad config fails here, before anything starts
-        if args.worker_of is None:
+        if args.worker_of is None:  # the parent (or the only process) checks once, before any worker
             check_can_listen(settings.host, settings.port)
-            _announce_simulated(settings.engine)
+            _check_lms(settings.engine)
+            trio.run(check_engine_opens, settings.engine)
+            for name, lm in settings.engine.lms.items():
+                if lm.provider != "simulated":  # announced above, loudly
+                    logger.info("LM %s: %s", name, describe_lm(lm))
             if settings.workers > 1:
                 return run_workers(sys.argv[1:] if argv is None else list(argv), settings.workers)
     command = {"serve": _serve, "predict": _predict, "fake-upstream": _fake_upstream}[args.command]

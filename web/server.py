@@ -99,13 +99,11 @@ class CannotListenError(Exception):
 
 
 def check_can_listen(host: str, port: int) -> None:
-    """Fail early, with one clear message, if ``host:port`` cannot be bound; port 0 always can.
+    """Fail early, with one clear message, if ``host:port`` cannot be bound (port 0: if ``host`` cannot).
 
     Run it before starting anything, and before worker processes bind with ``SO_REUSEPORT`` (which would
     make the probe fail on their own sockets). Raises :class:`CannotListenError`.
     """
-    if port == 0:
-        return
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -17,8 +17,10 @@ Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import attrs
 
@@ -29,9 +31,51 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (value or "").split(",") if part.strip())
 
 
+def _number(*, integer: bool = False, minimum: float | None = None, maximum: float | None = None) -> Any:
+    """An attrs validator: a finite number (an ``int`` when ``integer``), positive unless a ``minimum``
+    is given, and at most ``maximum``. Errors name the field; :meth:`ServiceSettings.from_env` adds the
+    variable."""
+
+    def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        name = attribute.name
+        if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+            raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if minimum is None and value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum:g}, got {value!r}")
+
+    return check
+
+
+def _optional(check: Callable[[object, attrs.Attribute[Any], Any], None]) -> Any:
+    def optional(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            check(instance, attribute, value)
+
+    return optional
+
+
+def _host(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+        raise ConfigError(f"{attribute.name} must be a host name or address, got {value!r}")
+
+
+_seconds = _number()
+_count = _number(integer=True)
+_port = _number(integer=True, minimum=0, maximum=65535)  # 0 picks a free port
+
+
 @attrs.frozen
 class ServiceSettings:
     """How the service listens, protects itself and bounds requests.
+
+    Every value is checked when the settings are built: a bad one is a :class:`engine.ConfigError`
+    naming the field (or, from :meth:`from_env`, the variable and its value).
 
     Attributes:
         engine: The engine's configuration.
@@ -54,22 +98,22 @@ class ServiceSettings:
     """
 
     engine: EngineConfig = attrs.field(factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    host: str = attrs.field(default="127.0.0.1", validator=_host)
+    port: int = attrs.field(default=8000, validator=_port)
+    workers: int = attrs.field(default=1, validator=_count)
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
-    default_timeout: float = 60.0
-    max_timeout: float = 300.0
-    max_body_bytes: int = 1 << 20
-    max_input_chars: int = 100_000
-    max_json_depth: int = 32
-    keep_alive_timeout: float = 5.0
-    sse_keepalive: float = 15.0
-    max_batch_items: int = 1000
-    max_batch_concurrency: int = 64
-    ws_max_requests: int = 16
-    ws_ping_interval: float | None = 20.0
+    default_timeout: float = attrs.field(default=60.0, validator=_seconds)
+    max_timeout: float = attrs.field(default=300.0, validator=_seconds)
+    max_body_bytes: int = attrs.field(default=1 << 20, validator=_count)
+    max_input_chars: int = attrs.field(default=100_000, validator=_count)
+    max_json_depth: int = attrs.field(default=32, validator=_count)
+    keep_alive_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    sse_keepalive: float = attrs.field(default=15.0, validator=_seconds)
+    max_batch_items: int = attrs.field(default=1000, validator=_count)
+    max_batch_concurrency: int = attrs.field(default=64, validator=_count)
+    ws_max_requests: int = attrs.field(default=16, validator=_count)
+    ws_ping_interval: float | None = attrs.field(default=20.0, validator=_optional(_seconds))
 
     def timeout_for(self, asked: float | None) -> float:
         """Seconds a request may run: what it asked for (already checked positive), capped at
@@ -78,26 +122,55 @@ class ServiceSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServiceSettings:
+        """Read the ``DSPY_TRIO_*`` variables above (and the engine's, :meth:`EngineConfig.from_env`).
+
+        Raises:
+            engine.ConfigError: naming the variable and its value.
+        """
         env = os.environ if env is None else env
-
-        def number(key: str, default: float) -> float:
-            try:
-                return float(env[key]) if env.get(key) else default
-            except ValueError as exc:
-                raise ConfigError(f"{key} must be a number, got {env[key]!r}") from exc
-
-        defaults = cls()
+        values: dict[str, Any] = {}
+        fields = attrs.fields_dict(cls)
+        for key, name in _VARIABLES.items():
+            if not env.get(key):
+                continue
+            field = fields[name]
+            values[name] = _parse(key, env[key], integer=field.type in ("int", int))
+            if field.validator is not None:
+                try:
+                    field.validator(None, field, values[name])
+                except ConfigError as exc:
+                    raise ConfigError(f"{key}={env[key]!r}: {exc.message}") from exc
+        if env.get("DSPY_TRIO_HOST"):
+            values["host"] = env["DSPY_TRIO_HOST"]
         return cls(
             engine=EngineConfig.from_env(env),
-            host=env.get("DSPY_TRIO_HOST") or defaults.host,
-            port=int(number("DSPY_TRIO_PORT", defaults.port)),
-            workers=int(number("DSPY_TRIO_WORKERS", defaults.workers)),
             api_keys=_split(env.get("DSPY_TRIO_API_KEYS")),
             cors_origins=_split(env.get("DSPY_TRIO_CORS_ORIGINS")),
-            default_timeout=number("DSPY_TRIO_DEFAULT_TIMEOUT", defaults.default_timeout),
-            max_timeout=number("DSPY_TRIO_MAX_TIMEOUT", defaults.max_timeout),
-            max_body_bytes=int(number("DSPY_TRIO_MAX_BODY_BYTES", defaults.max_body_bytes)),
-            max_input_chars=int(number("DSPY_TRIO_MAX_INPUT_CHARS", defaults.max_input_chars)),
-            max_json_depth=int(number("DSPY_TRIO_MAX_JSON_DEPTH", defaults.max_json_depth)),
-            keep_alive_timeout=number("DSPY_TRIO_KEEP_ALIVE_TIMEOUT", defaults.keep_alive_timeout),
+            **values,
         )
+
+
+# The numeric variables and the fields they set.
+_VARIABLES = {
+    "DSPY_TRIO_PORT": "port",
+    "DSPY_TRIO_WORKERS": "workers",
+    "DSPY_TRIO_DEFAULT_TIMEOUT": "default_timeout",
+    "DSPY_TRIO_MAX_TIMEOUT": "max_timeout",
+    "DSPY_TRIO_MAX_BODY_BYTES": "max_body_bytes",
+    "DSPY_TRIO_MAX_INPUT_CHARS": "max_input_chars",
+    "DSPY_TRIO_MAX_JSON_DEPTH": "max_json_depth",
+    "DSPY_TRIO_KEEP_ALIVE_TIMEOUT": "keep_alive_timeout",
+}
+
+
+def _parse(key: str, text: str, *, integer: bool) -> float | int:
+    """A variable's number (an integer: ``8000`` or ``1e6``, never ``80.5``), naming it when it is not one."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{key} must be a number, got {text!r}") from None
+    if not integer:
+        return value
+    if not value.is_integer():
+        raise ConfigError(f"{key} must be an integer, got {text!r}")
+    return int(value)
