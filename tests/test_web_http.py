@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import attrs
@@ -247,6 +248,61 @@ async def test_drain_lets_short_requests_finish_and_ends_long_ones_with_503() ->
                 assert_error(await client.post("/predict", json={"question": "late"}), 503, "not_ready")
     assert results["short"].status_code == 200
     assert_error(results["long"], 503, "engine_closed")
+
+
+WEBSOCKET_HANDSHAKE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
+def local_port(response: httpx.Response) -> int:
+    """The client port of the connection that carried ``response`` (the same port: the same connection)."""
+    port: int = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    return port
+
+
+async def test_while_draining_every_refusal_says_when_to_retry() -> None:
+    """503 ``not_ready`` and ``/ready``'s 503 carry ``Retry-After: 1`` on every transport (HTTP routes and
+    the WebSocket handshakes), and a keep-alive connection goes on serving after each."""
+    engine = EngineConfig(lms={"default": LMConfig()}, drain_timeout=600.0)
+    lms = {"default": CountingLM(first_token_delay=600.0)}
+    async with running(settings(engine=engine), lms=lms) as server, trio.open_nursery() as nursery:
+        body = {"inputs": {"question": "q"}}
+        nursery.start_soon(post, server.url, "/v1/programs/default/predict", body)  # holds the drain open
+        engine = server.state.engine
+        assert engine is not None
+        await wait_until(lambda: engine.statistics().in_flight == 1, seconds=math.inf)
+        server.shutdown()
+        await wait_until(lambda: server.state.draining, seconds=math.inf)
+        ports = set()
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            ready = await client.get("/ready")
+            assert_error(ready, 503, "not_ready")
+            assert ready.headers["retry-after"] == "1"
+            ports.add(local_port(ready))
+            for method, path, json_body in [
+                ("POST", "/predict", {"question": "q"}),
+                ("POST", "/stream", {"question": "q"}),
+                ("POST", "/v1/programs/default/predict", body),
+                ("POST", "/v1/programs/default/stream", body),
+                ("POST", "/v1/programs/default/batch", {"items": [{"question": "q"}]}),
+                ("GET", "/v1/programs", None),
+            ]:
+                response = await client.request(method, path, json=json_body)
+                assert_error(response, 503, "not_ready")
+                assert response.headers["retry-after"] == "1", path
+                ports.add(local_port(response))
+            assert len(ports) == 1  # one keep-alive connection served every refusal
+        for path in ("/ws", "/v1/ws"):  # a WebSocket handshake is refused before the upgrade
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                response = await client.get(path, headers=WEBSOCKET_HANDSHAKE)
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "not_ready"
+            assert response.headers["retry-after"] == "1", path
+        nursery.cancel_scope.cancel()  # the client leaves: its request ends, and the drain with it
 
 
 def test_error_bodies_are_json_serialisable() -> None:

@@ -220,9 +220,9 @@ def register_error_handlers(app: QuartTrio) -> None:
 
     @app.errorhandler(HTTPError)
     async def on_http_error(error: HTTPError) -> Response:
-        status, body = http_error_response(error)
+        status, body, headers = http_error_response(error)
         g.refused = error.code
-        return json_response(body, status)
+        return json_response(body, status, headers)
 
     @app.errorhandler(HTTPException)
     async def on_werkzeug_error(error: HTTPException) -> Response:

@@ -27,15 +27,26 @@ from engine import (
 
 
 class HTTPError(Exception):
-    """An error of the HTTP layer itself (bad JSON, auth, size limits), with its status."""
+    """An error of the HTTP layer itself (bad JSON, auth, size limits), with its status (and, for a
+    refusal the client should retry, the seconds to wait: ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, *, type: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str,
+        code: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.param = param
+        self.retry_after = retry_after
 
 
 # Most specific first.
@@ -90,5 +101,8 @@ def _retry_after_header(seconds: float | None) -> str:
     return str(max(1, math.ceil(min(seconds, _MAX_RETRY_AFTER))))
 
 
-def http_error_response(error: HTTPError) -> tuple[int, dict[str, Any]]:
-    return error.status, error_body(error.message, type=error.type, code=error.code, param=error.param)
+def http_error_response(error: HTTPError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and extra headers (``Retry-After``) for an error of the HTTP layer."""
+    headers = {} if error.retry_after is None else {"Retry-After": _retry_after_header(error.retry_after)}
+    body = error_body(error.message, type=error.type, code=error.code, param=error.param)
+    return error.status, body, headers

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, current_app, g, request
 
-from .errors import HTTPError, error_body
+from .errors import HTTPError
 from .http import json_response, state
 from .metrics import metrics_json, metrics_text
+from .state import not_ready
 from .workers import instance_metrics_json, instance_metrics_text, workers_dir
 
 ops = Blueprint("ops", __name__)
@@ -35,7 +36,7 @@ async def ready() -> Response:
             cluster = service.engine.cluster.statistics()
             body["cluster"] = {"processes": cluster.processes, "degraded": cluster.degraded}
         return json_response(body)
-    return json_response(error_body("not ready", type="service_unavailable_error", code="not_ready"), 503)
+    raise not_ready()
 
 
 @ops.delete("/v1/requests/<request_id>")

@@ -14,6 +14,22 @@ from .settings import ServiceSettings
 
 logger = logging.getLogger("web")
 
+# Seconds a client refused with 503 ``not_ready`` (starting, draining; also ``/ready``) is told to wait
+# (``Retry-After``): a starting service is ready within about a second, and a draining one is going away,
+# so the retry should soon reach another replica (as after the engine's own 503 ``engine_closed``).
+NOT_READY_RETRY_AFTER = 1.0
+
+
+def not_ready() -> HTTPError:
+    """The 503 ``not_ready`` of a service that is starting or draining, with ``Retry-After``."""
+    return HTTPError(
+        503,
+        "the service is not ready (starting or shutting down)",
+        type="service_unavailable_error",
+        code="not_ready",
+        retry_after=NOT_READY_RETRY_AFTER,
+    )
+
 
 class _Owning:
     """The context manager of :meth:`ServiceState.owning` (a class: no generator kept per request)."""
@@ -64,17 +80,13 @@ class ServiceState:
     def require_engine(self) -> Engine:
         """The engine, or a 503 ``not_ready`` while starting or draining."""
         if self.engine is None or self.draining:
-            raise HTTPError(
-                503, "the service is not ready", type="service_unavailable_error", code="not_ready"
-            )
+            raise not_ready()
         return self.engine
 
     def engine_even_draining(self) -> Engine:
         """The engine also while it drains (cancel by id, metrics), or a 503 ``not_ready`` without one."""
         if self.engine is None:
-            raise HTTPError(
-                503, "the service is not ready", type="service_unavailable_error", code="not_ready"
-            )
+            raise not_ready()
         return self.engine
 
     def owning(self, request_id: str, owner: str) -> _Owning:
