@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
 import trio
+from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from web.client import ServiceError, open_client
@@ -36,6 +38,46 @@ def test_json_depth_scans_without_recursion_and_skips_strings() -> None:
     assert json_depth(b"[" * 100_000) == 100_000
     assert json_depth(b'{"a": "[[[[", "b": [1, {"c": "\\"]["}]}') == 3
     assert json_depth(b"5") == 0
+    assert json_depth(b"[" * 1_000_000, limit=32) == 33  # stops past the limit
+
+
+def _depth_byte_by_byte(raw: bytes) -> int:
+    """The reference: one pass over every byte, tracking strings and escapes."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+_JSON_STRINGS = st.lists(
+    st.sampled_from([b"a", b"[", b"]", b"{", b"}", b"\\\\", b'\\"', b"\\n", b"\\u005b"]), max_size=6
+).map(lambda parts: b'"' + b"".join(parts) + b'"')
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(
+    st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b"1", b":", b","]) | _JSON_STRINGS, max_size=40),
+    st.sampled_from([b"", b'"', b'"\\', b'"ab[']),
+)
+def test_json_depth_agrees_with_a_byte_by_byte_scan(pieces: list[bytes], cut: bytes) -> None:
+    """Brackets and strings with escapes, balanced or not, ending in the middle of a string or not (any
+    JSON text, valid or cut short, has its backslashes inside strings): the prefilter changes nothing."""
+    raw = b"".join(pieces) + cut
+    assert json_depth(raw) == _depth_byte_by_byte(raw)
 
 
 @pytest.mark.parametrize(
@@ -114,9 +156,9 @@ async def test_multiplexed_websocket_validates_frames_like_http_bodies() -> None
         codes = [(frame["id"], frame["error"]["code"]) for frame in ws.unrouted]
         assert codes == [
             (None, "too_deeply_nested"),
-            (None, "too_deeply_nested"),
+            ("n", "too_deeply_nested"),  # refused before parsing: the id found by a bounded scan
             ("big", "input_too_large"),
-            (None, "body_too_large"),
+            ("huge", "body_too_large"),
             ("u", "invalid_unicode"),
             ("t", "invalid_body"),
             ("s", "invalid_body"),
@@ -125,6 +167,54 @@ async def test_multiplexed_websocket_validates_frames_like_http_bodies() -> None
         assert results[0]["type"] == "result"  # the request in flight lived on
         assert lm.started == 1  # nothing bad went upstream
         assert (await ws.predict("default", {"question": "after"}))["type"] == "result"
+
+
+async def test_frames_refused_before_parsing_keep_their_top_level_id() -> None:
+    """A frame too large, too deep or not JSON is never parsed, yet its error frame carries its id, found
+    by a bounded scan of its head: not fooled by nesting, escaped quotes or an "id" inside a string or a
+    nested object; an id past the scanned head is not looked for (null). The socket lives on."""
+    service = settings(max_body_bytes=20_000, max_json_depth=32)
+    nested = "[" * 40 + "]" * 40
+    text = "x" * 30_000
+    frames: list[tuple[str | bytes, str | None, str]] = [
+        ('{"a": ' + nested + ', "id": "deep-before", "type": "predict"}', "deep-before", "too_deeply_nested"),
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + ', "id": "far"}', None, "too_deeply_nested"),
+        ('{"inputs": {"id": "inner", "q": ' + nested + '}, "type": "stream"}', None, "too_deeply_nested"),
+        (
+            json.dumps({"id": "big-first", "type": "predict", "inputs": {"question": text}}),
+            "big-first",
+            "body_too_large",
+        ),
+        (
+            json.dumps({"type": "predict", "inputs": {"question": '"id": "fake" ' + text}}),
+            None,
+            "body_too_large",
+        ),
+        (
+            json.dumps({"pad": '\\"' * 500, "id": "after-escapes", "q": text}),
+            "after-escapes",
+            "body_too_large",
+        ),
+        (json.dumps({"id": "binary", "q": text}).encode(), "binary", "body_too_large"),
+        ('{"id": "broken", "type": "predict", ', "broken", "bad_request"),
+        (
+            b'{"id": "not-utf8", "q": "\xff\xfe"}',  # a binary frame that is not UTF-8
+            "not-utf8",
+            "bad_request",
+        ),
+    ]
+    async with (
+        running(service) as server,
+        open_websocket_url(server.url.replace("http", "ws") + "/v1/ws") as ws,
+    ):
+        for frame, label, code in frames:
+            await ws.send_message(frame)
+            error = json.loads(await ws.get_message())
+            assert (error["id"], error["type"], error["error"]["code"]) == (label, "error", code), frame[:80]
+            ok = {"id": "ok", "type": "predict", "inputs": {"question": "still there?"}}
+            await ws.send_message(json.dumps(ok))
+            answer = json.loads(await ws.get_message())
+            assert (answer["id"], answer["type"]) == ("ok", "result")
 
 
 async def test_seed_websocket_applies_the_input_limits() -> None:

@@ -16,7 +16,8 @@ A frame's ``id`` is the client's label *within its socket*; the server gives eve
 unique id (``request_id`` in results) for routing, cancelling and logs, so ids of different sockets
 never collide. Frames are validated by the same models and limits as the HTTP bodies (size, nesting,
 input text, Unicode, ``timeout_secs``); a bad frame gets an ``error`` frame (with its id, when it had
-one) and disturbs nothing else. Every request ends with exactly one ``result``, ``final``, ``error`` or
+one: for a frame refused before parsing, found by the bounded scan of :mod:`web.frame_label`) and
+disturbs nothing else. Every request ends with exactly one ``result``, ``final``, ``error`` or
 ``cancelled`` frame. At most ``ws_max_requests`` requests run per socket. Frames go out through one
 sender task and a bounded channel. Closing the socket cancels its requests (and their upstream calls).
 
@@ -46,6 +47,7 @@ from .auth import authorize
 from .deadline import RequestDeadline
 from .encoding import dumps, error_json, event_json, result_json
 from .errors import HTTPError, error_body
+from .frame_label import frame_label
 from .http import state
 from .limits import check_inputs, parse_json
 from .models import FRAME, CancelFrame, RunFrame, validation_error
@@ -193,8 +195,9 @@ class _Socket:
             return frame
         except pydantic.ValidationError as exc:
             raise _BadFrame(_label_of(value), validation_error(exc, tagged=True)) from None
-        except HTTPError as exc:
-            raise _BadFrame(_label_of(value), exc) from None
+        except HTTPError as exc:  # refused unparsed (too large, too deep, not JSON): a bounded scan
+            label = _label_of(value) if value is not None else frame_label(raw)
+            raise _BadFrame(label, exc) from None
 
     async def handle(self, raw: str | bytes | None, arrived: float) -> None:
         """Act on one incoming frame; every problem becomes an error frame."""
