@@ -151,3 +151,24 @@ def test_errors_are_shown_readably(page: Any, service: Service) -> None:
 def test_the_metrics_view_updates(page: Any) -> None:
     page.wait_for_selector("#metric-values dt:has-text('requests')")
     assert page.locator("#metric-values dd").count() >= 5
+
+
+def test_the_api_docs_render_with_no_network(browser: Any, service: Service) -> None:
+    """``/docs`` (Swagger UI) loads everything from the service itself: with every other host cut off, it
+    still lists the operations (it was blank offline when its script came from a CDN)."""
+    page = browser.new_page()
+    elsewhere: list[str] = []
+
+    def only_the_service(route: Any) -> None:
+        if route.request.url.startswith(service.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_service)
+    page.goto(service.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path[data-path='/v1/programs/{name}/predict']")
+    assert page.locator(".opblock").count() >= 12
+    assert elsewhere == []
+    page.close()

@@ -27,7 +27,6 @@ import trio
 from quart import Response, g, has_request_context, request, websocket
 from quart_cors import cors
 from quart_schema import QuartSchema
-from quart_schema.openapi import OpenAPIProvider
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -40,6 +39,7 @@ from .errors import HTTPError, engine_error_response, error_body, http_error_res
 from .http import json_response
 from .http import settings as _settings
 from .http import state as _state
+from .openapi import SWAGGER_CSS_URL, SWAGGER_JS_URL, ServiceOpenAPI, swagger_ui
 from .routes_ops import ops
 from .routes_programs import programs
 from .routes_seed import seed
@@ -64,20 +64,6 @@ _WERKZEUG_CODES = {
 }
 
 
-class _OpenAPI(OpenAPIProvider):
-    """quart-schema's schema, made valid OpenAPI 3: every operation names at least a default response."""
-
-    def schema(self) -> dict[str, Any]:
-        document = super().schema()
-        for operations in document.get("paths", {}).values():
-            for operation in operations.values():
-                if isinstance(operation, dict) and not operation.get("responses"):
-                    operation["responses"] = {
-                        "default": {"description": "JSON, or an error in OpenAI's shape"}
-                    }
-        return document
-
-
 def create_app(
     settings: ServiceSettings | None = None, *, lms: Mapping[str, TrioLM] | None = None
 ) -> QuartTrio:
@@ -91,7 +77,15 @@ def create_app(
     app = QuartTrio("dspy_trio", static_folder=str(_STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams are bounded by each request's own deadline
-    QuartSchema(app, info={"title": "dspy-trio", "version": "0.1.0"}, openapi_provider_class=_OpenAPI)
+    app.config["QUART_SCHEMA_SWAGGER_JS_URL"] = SWAGGER_JS_URL  # served from the package: /docs works offline
+    app.config["QUART_SCHEMA_SWAGGER_CSS_URL"] = SWAGGER_CSS_URL
+    QuartSchema(
+        app,
+        info={"title": "dspy-trio", "version": "0.1.0"},
+        openapi_provider_class=ServiceOpenAPI,
+        redoc_ui_path=None,  # both load their scripts from CDNs: blank pages offline
+        scalar_ui_path=None,
+    )
     state = ServiceState(settings)
     app.extensions["dspy_trio"] = state
 
@@ -130,7 +124,7 @@ def create_app(
     app.before_request(identify_and_authorize)
     app.before_request(refuse_when_overloaded)
     app.after_request(decorate)
-    for blueprint in (ops, seed, programs, websockets):
+    for blueprint in (ops, seed, programs, websockets, swagger_ui):
         app.register_blueprint(blueprint)
     if settings.cors_origins:
         cors(
@@ -227,10 +221,11 @@ def register_error_handlers(app: QuartTrio) -> None:
     @app.errorhandler(HTTPException)
     async def on_werkzeug_error(error: HTTPException) -> Response:
         status = error.code or 500
-        message = {
-            400: "the request body must be valid JSON",
-            413: f"the request body is larger than {_settings().max_body_bytes} bytes",
-        }.get(status, error.description or error.name)
+        message = error.description or error.name
+        if status == 413:
+            message = f"the request body is larger than {_settings().max_body_bytes} bytes"
+        elif message == type(error).description:  # werkzeug's generic text: say what is known
+            message = f"{error.name.lower()}: {request.method} {request.path}"
         kind = "invalid_request_error" if status < 500 else "server_error"
         headers: dict[str, Any] = {}
         if status == 405 and (valid := getattr(error, "valid_methods", None)):

@@ -43,18 +43,24 @@ def json_depth(raw: bytes, limit: int | None = None) -> int:
     return deepest
 
 
-def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int) -> Any:
+def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int, what: str = "body") -> Any:
     """Parse a JSON body or frame within the limits.
+
+    Args:
+        raw: The body or frame.
+        max_bytes, max_depth: The limits.
+        what: How messages name it (``"body"``, ``"frame"``).
 
     Raises:
         HTTPError: 413 ``body_too_large`` over ``max_bytes``; 400 ``too_deeply_nested`` over
-            ``max_depth``; 400 ``bad_request`` when it is not UTF-8 JSON.
+            ``max_depth``; 400 ``bad_request`` when it is empty, not UTF-8 or not JSON, the message
+            saying where (line, column) and what is wrong.
     """
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if len(data) > max_bytes:
         raise HTTPError(
             413,
-            f"the body is larger than {max_bytes} bytes",
+            f"the {what} is larger than {max_bytes} bytes",
             type="invalid_request_error",
             code="body_too_large",
         )
@@ -69,8 +75,18 @@ def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int) -> Any:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise HTTPError(
-            400, "the body must be valid UTF-8 JSON", type="invalid_request_error", code="bad_request"
+            400, _why_not_json(data, exc, what), type="invalid_request_error", code="bad_request"
         ) from exc
+
+
+def _why_not_json(data: bytes, error: Exception, what: str) -> str:
+    if not data.strip():
+        return f"the {what} is empty: send a JSON object"
+    if isinstance(error, UnicodeDecodeError):
+        return f"the {what} is not UTF-8: byte {data[error.start]:#04x} at position {error.start}"
+    if isinstance(error, json.JSONDecodeError):
+        return f"the {what} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
+    return f"the {what} cannot be read as JSON: {error}"  # e.g. an integer of more than 4,300 digits
 
 
 def check_inputs(inputs: Mapping[str, Any] | list[Any], *, max_chars: int) -> None:

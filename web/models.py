@@ -36,7 +36,8 @@ class ProgramRequest(_Strict):
 class BatchRequest(_Strict):
     """A batch for a named program: one inputs object per item."""
 
-    items: list[dict[str, Any]] = pydantic.Field(min_length=1, max_length=10_000)
+    # At most ``max_batch_items`` (a setting: the route answers 413 past it; /openapi.json says maxItems).
+    items: list[dict[str, Any]] = pydantic.Field(min_length=1)
     concurrency: int = pydantic.Field(default=8, ge=1, le=256, strict=True)
     fail_fast: bool = pydantic.Field(default=False, strict=True)
     timeout_secs: Timeout = None
@@ -72,12 +73,32 @@ def validate(model: type[M], value: Any) -> M:
     """
     if not isinstance(value, dict):
         raise HTTPError(
-            422, "the body must be a JSON object", type="invalid_request_error", code="invalid_body"
+            422,
+            f"the body must be a JSON object, got {json_type(value)}",
+            type="invalid_request_error",
+            code="invalid_body",
         )
     try:
         return model.model_validate(value)
     except pydantic.ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def json_type(value: Any) -> str:
+    """How JSON names the type of a parsed value (``an array``, ``a string``, ...)."""
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "a boolean"
+        case int() | float():
+            return "a number"
+        case str():
+            return "a string"
+        case list():
+            return "an array"
+        case _:
+            return "an object"
 
 
 def validation_error(exc: pydantic.ValidationError, *, tagged: bool = False) -> HTTPError:

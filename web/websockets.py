@@ -188,7 +188,9 @@ class _Socket:
         try:
             limits = self.settings
             # An empty frame arrives as None (Quart-Trio reads "bytes or text").
-            value = parse_json(raw or b"", max_bytes=limits.max_body_bytes, max_depth=limits.max_json_depth)
+            value = parse_json(
+                raw or b"", max_bytes=limits.max_body_bytes, max_depth=limits.max_json_depth, what="frame"
+            )
             frame = FRAME.validate_python(value)
             if isinstance(frame, RunFrame):
                 check_inputs(frame.inputs, max_chars=self.settings.max_input_chars)

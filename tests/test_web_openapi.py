@@ -1,0 +1,274 @@
+"""/openapi.json over a real server: a valid OpenAPI 3.1 document that says what the service does; every
+refusal a client can provoke has its status documented for that operation, a JSON body naming the
+problem, and leaves the keep-alive connection usable."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, NamedTuple
+
+import attrs
+import httpx
+import pytest
+import trio
+from openapi_spec_validator import validate
+
+from engine import EngineConfig, LMConfig, RetryPolicy, UpstreamServerError
+
+from .helpers import CountingLM, FailingLM, wait_until
+from .web_helpers import running, settings
+
+KEY = {"Authorization": "Bearer k"}
+JSON = {**KEY, "Content-Type": "application/json"}
+DEEP = "[" * 50 + "]" * 50
+
+
+def documented(document: dict[str, Any], template: str, method: str) -> set[int]:
+    return {int(status) for status in document["paths"][template][method.lower()]["responses"]}
+
+
+def local_port(response: httpx.Response) -> int:
+    port: int = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    return port
+
+
+async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
+    service = settings(api_keys=("k",), max_batch_items=5)
+    async with running(service) as server, httpx.AsyncClient(base_url=server.url, headers=KEY) as client:
+        document = (await client.get("/openapi.json")).json()
+    validate(document)
+    posts = [op for ops in document["paths"].values() for method, op in ops.items() if method == "post"]
+    assert len(posts) == 6
+    assert all(op["requestBody"]["required"] is True for op in posts)  # a bodiless POST gets 415
+    batch = document["paths"]["/v1/programs/{name}/batch"]["post"]
+    items = batch["requestBody"]["content"]["application/json"]["schema"]["properties"]["items"]
+    assert items["maxItems"] == 5  # the configured max_batch_items: one more gets 413
+    assert "413" in batch["responses"]
+    error = document["components"]["schemas"]["Error"]
+    assert error["properties"]["error"]["required"] == ["message", "type", "code", "param"]
+    refusal = document["paths"]["/predict"]["post"]["responses"]["429"]
+    assert refusal["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "Retry-After" in refusal["headers"]
+    assert "Retry-After" in document["paths"]["/ready"]["get"]["responses"]["503"]["headers"]
+    assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert document["paths"]["/v1/programs"]["get"]["security"] == [{"bearer": []}]
+    assert "/redocs" not in document["paths"]
+    assert "/static/swagger-ui/{name}" not in document["paths"]
+    for ops in document["paths"].values():
+        for op in ops.values():
+            assert "``" not in op["summary"]  # Markdown, not reStructuredText
+            assert op["summary"].endswith((".", ")")), op["summary"]  # a whole first sentence
+
+
+class Refusal(NamedTuple):
+    """A request the web layer refuses: what it is, and what the answer must say."""
+
+    request: str  # "METHOD /path"
+    body: bytes | None
+    status: int
+    code: str
+    says: str  # in the message
+    headers: dict[str, str] = JSON
+
+
+def template(document: dict[str, Any], path: str) -> str:
+    """The document's path template that ``path`` matches (``/v1/programs/x/predict`` ...)."""
+    for candidate in document["paths"]:
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", candidate), path):
+            return str(candidate)
+    raise AssertionError(f"{path} is not in the document")
+
+
+NO_KEY = {"Content-Type": "application/json"}
+WEB_REFUSALS = [
+    Refusal("POST /predict", None, 415, "unsupported_media_type", "Content-Type: application/json", KEY),
+    Refusal(
+        "POST /stream",
+        b'{"question": "q"}',
+        415,
+        "unsupported_media_type",
+        "JSON",
+        {**KEY, "Content-Type": "text/plain"},
+    ),
+    Refusal("POST /predict", b"", 400, "bad_request", "the body is empty: send a JSON object"),
+    Refusal(
+        "POST /predict",
+        b"{bad",
+        400,
+        "bad_request",
+        "not valid JSON: Expecting property name enclosed in double quotes at line 1, column 2",
+    ),
+    Refusal("POST /predict", b'{"question": "q"', 400, "bad_request", "line 1, column 17"),
+    Refusal(
+        "POST /predict", b'{"question": "\xff"}', 400, "bad_request", "not UTF-8: byte 0xff at position 14"
+    ),
+    Refusal(
+        "POST /predict",
+        b'{"question": 1' + b"0" * 5000 + b"}",
+        400,
+        "bad_request",
+        "cannot be read as JSON: Exceeds the limit (4300 digits)",
+    ),
+    Refusal("POST /predict", DEEP.encode(), 400, "too_deeply_nested", "deeper than 32 levels"),
+    Refusal("POST /predict", b"[]", 422, "invalid_body", "a JSON object, got an array"),
+    Refusal("POST /predict", b'"q"', 422, "invalid_body", "a JSON object, got a string"),
+    Refusal(
+        "POST /predict", b'{"question": 5}', 422, "invalid_body", "question: Input should be a valid string"
+    ),
+    Refusal("POST /predict", b'{"question": "q", "extra": 1}', 422, "invalid_body", "extra: Extra inputs"),
+    Refusal("POST /predict", b'{"question": "q", "timeout_secs": "5"}', 422, "invalid_body", "timeout_secs:"),
+    Refusal(
+        "POST /predict",
+        b'{"question": "q"}',
+        422,
+        "invalid_timeout",
+        "X-Request-Timeout must be a positive number",
+        {**JSON, "X-Request-Timeout": "soon"},
+    ),
+    Refusal(
+        "POST /predict", b'{"question": "q"}', 401, "invalid_api_key", "Authorization: Bearer KEY", NO_KEY
+    ),
+    Refusal(
+        "POST /predict",
+        json.dumps({"question": "x" * 7000}).encode(),
+        413,
+        "body_too_large",
+        "larger than 6000 bytes",
+    ),
+    Refusal("POST /v1/programs/nope/predict", b'{"inputs": {}}', 404, "unknown_program", "nope"),
+    Refusal(
+        "POST /v1/programs/default/predict",
+        b'{"inputs": {"nope": 1}}',
+        422,
+        "invalid_input",
+        "unknown input field 'nope'",
+    ),
+    Refusal(
+        "POST /v1/programs/default/predict",
+        json.dumps({"inputs": {"question": "x" * 200}}).encode(),
+        413,
+        "input_too_large",
+        "100 characters",
+    ),
+    Refusal(
+        "POST /v1/programs/default/stream",
+        b'{"inputs": {}}',
+        422,
+        "invalid_input",
+        "missing input field 'question'",
+    ),
+    Refusal("POST /v1/programs/nope/stream", b'{"inputs": {}}', 404, "unknown_program", "nope"),
+    Refusal(
+        "POST /v1/programs/default/batch",
+        json.dumps({"items": [{}] * 6}).encode(),
+        413,
+        "batch_too_large",
+        "at most 5 items",
+    ),
+    Refusal(
+        "POST /v1/programs/default/batch",
+        b'{"items": []}',
+        422,
+        "invalid_body",
+        "items: List should have at least 1 item",
+    ),
+    Refusal("POST /v1/programs/nope/batch", b'{"items": [{}]}', 404, "unknown_program", "nope"),
+    Refusal("DELETE /v1/requests/abc", None, 404, "unknown_request", "no request 'abc' is in flight", KEY),
+    Refusal("GET /v1/programs", None, 401, "invalid_api_key", "a valid API key is required", {}),
+    Refusal("GET /metrics", None, 401, "invalid_api_key", "a valid API key is required", {}),
+]
+
+
+async def test_every_refusal_of_the_web_layer_is_documented_named_and_keeps_the_connection() -> None:
+    service = settings(api_keys=("k",), max_batch_items=5, max_body_bytes=6000, max_input_chars=100)
+    async with running(service) as server, httpx.AsyncClient(base_url=server.url) as client:
+        document = (await client.get("/openapi.json", headers=KEY)).json()
+        for refusal in WEB_REFUSALS:
+            method, path = refusal.request.split()
+            response = await client.request(method, path, headers=refusal.headers, content=refusal.body)
+            case = (refusal.request, (refusal.body or b"")[:40], response.text[:300])
+            assert response.status_code == refusal.status, case
+            error = response.json()["error"]
+            assert error["code"] == refusal.code, case
+            assert refusal.says in error["message"], case
+            assert refusal.status in documented(document, template(document, path), method), case
+            after = await client.get("/health")
+            if response.headers.get("connection") != "close":
+                assert local_port(after) == local_port(response), case  # the same connection serves on
+
+
+async def test_every_refusal_of_the_engine_is_documented() -> None:
+    """429, 499, 502, 503 and 504 come from the engine: each is a documented status of the operation."""
+    base = EngineConfig(lms={"default": LMConfig()})
+    engine = EngineConfig(
+        lms={"default": LMConfig(), "failing": LMConfig(retry=RetryPolicy(max_attempts=1))},
+        programs={
+            "default": base.programs["default"],
+            "failing": attrs.evolve(base.programs["default"], lm="failing"),
+        },
+        max_in_flight=1,
+        max_queued=0,
+        drain_timeout=600.0,
+    )
+    lms = {
+        "default": CountingLM(first_token_delay=600.0),
+        "failing": FailingLM(UpstreamServerError("the provider broke", status=500)),
+    }
+    seen: dict[int, str] = {}
+    answers: list[httpx.Response] = []
+    async with (
+        running(settings(engine=engine), lms=lms) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        in_flight = server.state.engine.statistics  # type: ignore[union-attr]
+
+        async def occupy() -> None:  # the only slot, for as long as it is not cancelled
+            async with httpx.AsyncClient(base_url=server.url) as other:
+                answers.append(await other.post("/predict", json={"question": "hold the slot"}))
+
+        document = (await client.get("/openapi.json")).json()
+        failing = await client.post("/v1/programs/failing/predict", json={"inputs": {"question": "q"}})
+        seen[failing.status_code] = "/v1/programs/{name}/predict"
+        late = await client.post("/predict", json={"question": "q", "timeout_secs": 0.01})
+        seen[late.status_code] = "/predict"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(occupy)
+            await wait_until(lambda: in_flight().in_flight == 1, seconds=math.inf)
+            body = {"inputs": {"question": "q"}}
+            overloaded = await client.post("/v1/programs/default/predict", json=body)
+            seen[overloaded.status_code] = "/v1/programs/{name}/predict"
+            [request_id] = server.state.owners
+            assert (await client.delete(f"/v1/requests/{request_id}")).status_code == 200
+        seen[answers[0].status_code] = "/predict"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(occupy)  # holds the drain open
+            await wait_until(lambda: in_flight().in_flight == 1, seconds=math.inf)
+            server.shutdown()
+            await wait_until(lambda: server.state.draining, seconds=math.inf)
+            draining = await client.post("/stream", json={"question": "q"})
+            seen[draining.status_code] = "/stream"
+            nursery.cancel_scope.cancel()
+    assert set(seen) == {429, 499, 502, 503, 504}, seen
+    for status, template in seen.items():
+        assert status in documented(document, template, "post"), (status, template)
+
+
+@pytest.mark.parametrize("path", ["/redocs", "/scalar"])
+async def test_no_docs_page_that_needs_a_cdn(path: str) -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get(path)).status_code == 404
+
+
+async def test_swagger_ui_files_come_from_the_package() -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        page = (await client.get("/docs")).text
+        assert "/static/swagger-ui/swagger-ui-bundle.js" in page
+        assert "https://" not in page
+        script = await client.get("/static/swagger-ui/swagger-ui-bundle.js")
+        assert script.status_code == 200
+        assert "SwaggerUIBundle" in script.text
+        assert (await client.get("/static/swagger-ui/swagger-ui.css")).status_code == 200
+        for other in ("index.html", "..%2Fflask_swagger_ui.py", "oauth2-redirect.html"):
+            assert (await client.get(f"/static/swagger-ui/{other}")).status_code == 404
