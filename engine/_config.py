@@ -528,7 +528,7 @@ def _shown_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    return parts._replace(netloc=f"{parts.username or ''}:***@{parts.hostname}").geturl()
+    return parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

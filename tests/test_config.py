@@ -76,6 +76,46 @@ def test_bad_environment_is_a_config_error(env: dict[str, str], message: str) ->
         EngineConfig.from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LM_ADAPTER": "jsn"}, "LM_ADAPTER='jsn': adapter must be one of chat, json; got 'jsn'"),
+        ({"DSPY_TRIO_ADAPTER": "xml"}, "DSPY_TRIO_ADAPTER='xml': adapter must be one of"),
+        ({"LM_PROVIDER": "magic", "LM_MODEL": "m"}, "LM_PROVIDER='magic': provider must be one of"),
+        ({"DSPY_TRIO_MAX_IN_FLIGHT": "0"}, "DSPY_TRIO_MAX_IN_FLIGHT='0': max_in_flight must be positive"),
+        ({"DSPY_TRIO_MAX_QUEUED": "-1"}, "DSPY_TRIO_MAX_QUEUED='-1': max_queued must not be negative"),
+        ({"DSPY_TRIO_DRAIN_TIMEOUT": "nan"}, "DSPY_TRIO_DRAIN_TIMEOUT='nan': drain_timeout must be a finite"),
+        (
+            {"LM_API_BASE": "127.0.0.1:8080/v1", "LM_MODEL": "m"},
+            "LM_API_BASE='127.0.0.1:8080/v1': api_base must be an http",
+        ),
+        ({"LM_API_BASE": "http://h/v1", "LM_MODEL": "m", "LM_API_KEY": " k"}, "LM_API_KEY: api_key has lead"),
+        ({"LM_PROVIDER": "dspy", "LM_MODEL": "m", "LM_STREAM_UPSTREAM": "1"}, "LM_STREAM_UPSTREAM='1': "),
+        (
+            {"LM_PROVIDER": "openai", "LM_MODEL": "m"},
+            "an LM of provider 'openai' needs api_base (LM_API_BASE)",
+        ),
+        (
+            {"DSPY_TRIO_REDIS_URL": "localhost:6379"},
+            "DSPY_TRIO_REDIS_URL='localhost:6379': redis_url must be",
+        ),
+        ({"DSPY_TRIO_REDIS_URL": "http://:pw@h:1"}, "DSPY_TRIO_REDIS_URL='http://:***@h:1': redis_url"),
+    ],
+)
+def test_a_bad_variable_is_named_with_its_value(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        EngineConfig.from_env(env)
+    assert message in str(raised.value)
+    assert "pw@" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://user:pw@cache.internal:6380", "unix:///run/redis.sock"]
+)
+def test_redis_urls_of_every_scheme_are_accepted(url: str) -> None:
+    assert EngineConfig.from_env({"DSPY_TRIO_REDIS_URL": url}).cluster.redis_url == url
+
+
 def test_toml_file_with_several_lms_and_programs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", "secret")
     path = tmp_path / "dspy-trio.toml"
