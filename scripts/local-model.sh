@@ -5,11 +5,15 @@
 #   scripts/local-model.sh install        # build into .venv-model (many minutes on 2 cores; once)
 #   scripts/local-model.sh serve [PORT]   # install if needed, then serve on 127.0.0.1:PORT (default 8080)
 #   scripts/local-model.sh model-path     # print the .gguf file's path
+#   scripts/local-model.sh env [PORT]     # print the dspy-trio variables that point at it
 #
 # llama.cpp is compiled from source for a portable CPU baseline: GGML_NATIVE=OFF, AVX/AVX2/FMA/F16C on,
 # AMX off, AVX-512 only where this CPU has it. The server runs with --interrupt_requests False so that one
-# request is not cut off by the next. Then point dspy-trio at it:
-#   LM_PROVIDER=openai LM_BASE_URL=http://127.0.0.1:8080/v1 LM_MODEL=smollm2 .venv/bin/dspy-trio serve
+# request is not cut off by the next. Then point dspy-trio at it (what `env` prints):
+#   LM_PROVIDER=openai LM_API_BASE=http://127.0.0.1:8080/v1 LM_MODEL=smollm2 LM_ADAPTER=json LM_MAX_TOKENS=256
+#   LM_STREAM_UPSTREAM=true .venv/bin/dspy-trio serve
+# (JSON adapter and a token cap: a 135M model follows JSON far better than chat markers, and may loop
+# without a cap; stream_upstream: a cancelled request then stops the generation, frees the only slot.)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,13 +66,24 @@ print(found[0])
 PY
 }
 
+check_port() {
+    [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -le 65535 ] || die "port must be a number from 0 to 65535, got '$1'"
+}
+
+# The variables dspy-trio reads (EngineConfig.from_env) to use this server: see README, Real models.
+dspy_trio_env() {
+    printf '%s' "LM_PROVIDER=openai LM_API_BASE=http://127.0.0.1:$1/v1 LM_MODEL=smollm2"
+    printf '%s\n' " LM_ADAPTER=json LM_MAX_TOKENS=256 LM_STREAM_UPSTREAM=true"
+}
+
 serve() {
     local port="${1:-8080}"
-    [[ "$port" =~ ^[0-9]+$ ]] || die "port must be a number, got '$port'"
+    check_port "$port"
     install
     local model
     model="$(model_path)"
     echo "local-model: serving $model on http://127.0.0.1:$port/v1 (model name: smollm2)" >&2
+    echo "local-model: point dspy-trio at it with: $(dspy_trio_env "$port") .venv/bin/dspy-trio serve" >&2
     exec "$VENV/bin/python" -m llama_cpp.server --model "$model" --model_alias smollm2 \
         --host 127.0.0.1 --port "$port" --n_ctx "${MODEL_N_CTX:-2048}" \
         --interrupt_requests False
@@ -78,6 +93,7 @@ case "${1:-}" in
     install) install ;;
     serve) shift; serve "$@" ;;
     model-path) model_path ;;
+    env) port="${2:-8080}"; check_port "$port"; dspy_trio_env "$port" ;;
     cmake-args) cmake_args; echo ;;
-    *) die "usage: scripts/local-model.sh install | serve [PORT] | model-path | cmake-args" ;;
+    *) die "usage: scripts/local-model.sh install | serve [PORT] | model-path | env [PORT] | cmake-args" ;;
 esac

@@ -80,3 +80,38 @@ async def first_request_closed_by_client(upstream: Any, left_at: float, within: 
     assert record.client_closed_at is not None
     assert record.client_closed_at - left_at < within
     return record
+
+
+class _Recording(dict[str, str]):
+    """An environment that records every variable read from it."""
+
+    def __init__(self, values: Mapping[str, str], read: set[str]) -> None:
+        super().__init__(values)
+        self.read = read
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def variables_the_service_reads() -> set[str]:
+    """Every environment variable ``ServiceSettings.from_env`` (and so ``EngineConfig.from_env``) reads,
+    with no LM configured and with each provider that has a key variable."""
+    from web.settings import ServiceSettings
+
+    read: set[str] = set()
+    for values in (
+        {},
+        {"LM_PROVIDER": "openai", "LM_API_BASE": "http://127.0.0.1:1/v1", "LM_MODEL": "m"},
+        {"LM_PROVIDER": "anthropic", "LM_MODEL": "m"},
+    ):
+        ServiceSettings.from_env(_Recording(values, read))
+    return read

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.helpers import variables_the_service_reads
 from tests.web_helpers import running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,24 @@ def test_every_shell_line_is_understood() -> None:
     assert unknown == [], "a README command this test does not know how to check"
     not_run = [line for line in lines if kind(line) == "not run"]
     assert all(line.startswith("make ") for line in not_run), not_run
+
+
+def test_commands_for_a_self_hosted_model_stop_it_on_cancel() -> None:
+    """A self-hosted server (llama.cpp) finishes a non-streamed request whose client left, its only slot
+    busy for the whole generation, unless calls go upstream as streams: every README command that points
+    the service at a model on this machine sets LM_STREAM_UPSTREAM=true."""
+    self_hosted = [
+        line for line in sh_lines() if re.search(r"LM_API_BASE=http://(127\.0\.0\.1|localhost)", line)
+    ]
+    assert self_hosted
+    for line in self_hosted:
+        assert "LM_STREAM_UPSTREAM=true" in line, line
+
+
+def test_commands_set_only_variables_the_service_reads() -> None:
+    named = {name for line in sh_lines() for name in re.findall(r"\b((?:LM|DSPY_TRIO)_[A-Z_]+)=", line)}
+    assert "LM_API_BASE" in named
+    assert named <= variables_the_service_reads(), named - variables_the_service_reads()
 
 
 def test_every_python_block_compiles() -> None:
