@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import trio
 
+from benchmarks._optional import plot_if_possible, require
 from benchmarks._upstream import start_upstream
 from benchmarks.http import _predict_load
 from benchmarks.throughput import RESULTS
@@ -354,6 +355,7 @@ def main() -> None:
     )
     parser.add_argument("--streams", type=int, default=20)
     args = parser.parse_args()
+    require("fastapi", "uvicorn", why="the peers this benchmark compares dspy-trio with")
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
@@ -420,11 +422,12 @@ def main() -> None:
             indent=2,
         )
     )
-    if rows:
-        plot(rows, RESULTS / "serving.png")
-    if cancels or streams or overload:
-        plot_extras(cancels, streams, overload, RESULTS / "serving_extras.png")
     print(f"\nraw results: {RESULTS / 'serving.json'}")
+    if rows:
+        plot_if_possible(lambda: plot(rows, RESULTS / "serving.png"), RESULTS / "serving.png")
+    if cancels or streams or overload:
+        extras = RESULTS / "serving_extras.png"
+        plot_if_possible(lambda: plot_extras(cancels, streams, overload, extras), extras)
 
 
 def report(

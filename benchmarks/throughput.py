@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._optional import plot_if_possible
 from benchmarks._upstream import start_upstream
 
 MODES = ("dspy-trio", "asyncio-acall", "parallel-8", "parallel-tuned")
@@ -218,8 +219,9 @@ def main() -> None:
     (RESULTS / "throughput.json").write_text(
         json.dumps({"args": vars(args), "runs": runs, "rows": rows}, indent=2)
     )
-    plot(rows, RESULTS / "throughput.png", args.latency)
-    print(f"\nraw results: {RESULTS / 'throughput.json'}; plot: {RESULTS / 'throughput.png'}")
+    print(f"\nraw results: {RESULTS / 'throughput.json'}")
+    path = RESULTS / "throughput.png"
+    plot_if_possible(lambda: plot(rows, path, args.latency), path)
 
 
 if __name__ == "__main__":

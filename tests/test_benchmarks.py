@@ -1,0 +1,61 @@
+"""The benchmarks as a user runs them without the bench extra (matplotlib, FastAPI, uvicorn): a benchmark
+that only plots with it runs to its end and says how to get the plot; one that needs it says so at once."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# benchmarks.throughput's main() with its results written to the directory given (not benchmarks/results/).
+THROUGHPUT = """
+import sys
+from pathlib import Path
+import benchmarks.throughput as throughput
+throughput.RESULTS = Path(sys.argv[1])
+sys.argv = ["throughput", "--concurrency", "2", "--latency", "0.01"]
+throughput.main()
+"""
+
+
+async def run(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, *args], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+    )
+
+
+async def test_throughput_runs_to_its_end_with_or_without_matplotlib(tmp_path: Path) -> None:
+    done = await run("-c", THROUGHPUT, str(tmp_path))
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert {row["mode"] for row in json.loads((tmp_path / "throughput.json").read_text())["rows"]} == {
+        "dspy-trio",
+        "asyncio-acall",
+        "parallel-8",
+        "parallel-tuned",
+    }
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "no plot (throughput.png): matplotlib is not installed; for plots: " in out
+        assert "pip install -e '.[bench]'" in out
+    else:
+        assert (tmp_path / "throughput.png").is_file()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fastapi") is not None, reason="the bench extra is installed: nothing to refuse"
+)
+async def test_serving_without_its_peers_says_what_to_install_at_once() -> None:
+    done = await run("-m", "benchmarks.serving", "--part", "predict")
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert done.stderr.decode().splitlines() == [
+        "fastapi, uvicorn not installed (the peers this benchmark compares dspy-trio with): "
+        ".venv/bin/pip install -e '.[bench]' (or make bench)"
+    ]
