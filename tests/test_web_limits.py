@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import h11
 import httpx
 import hypothesis
 import pytest
@@ -241,3 +242,75 @@ async def test_client_raises_the_error_frame() -> None:
     ):
         with pytest.raises(ServiceError, match="input_too_large"):
             await ws.predict("default", {"question": "far too long a question"})
+
+
+BAD_BODIES: list[tuple[bytes, int, str, str]] = [
+    (b"{bad", 400, "bad_request", "not valid JSON: Expecting property name enclosed in double quotes"),
+    (b"", 400, "bad_request", "the body is empty"),
+    (b'{"question": "\xc3"}', 400, "bad_request", "not UTF-8: byte 0xc3 at position 14"),
+    (b'{"question": "q"} {}', 400, "bad_request", "not valid JSON: Extra data at line 1, column 19"),
+    (b"[" * 40 + b"]" * 40, 400, "too_deeply_nested", "nested deeper than 32 levels"),
+    (b'"\\"id\\": [[[[' + b"[" * 40 + b'"', 422, "invalid_body", "a JSON object, got a string"),
+    (b"null", 422, "invalid_body", "a JSON object, got null"),
+    (b'{"question": ["q"]}', 422, "invalid_body", "question: Input should be a valid string"),
+    (
+        b'{"question": "q", "timeout_secs": -0.0}',
+        422,
+        "invalid_body",
+        "timeout_secs: Input should be greater",
+    ),
+    (b'{"question": "\\ud800"}', 422, "invalid_unicode", "a lone surrogate at position 0"),
+]
+
+
+def _request(body: bytes, framing: str) -> list[bytes]:
+    """``POST /predict`` with ``body``, as the pieces to send: framed by Content-Length (one piece, or a
+    piece a byte) or chunked (a chunk a byte, with a chunk extension)."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    if framing == "chunked":
+        chunks = b"".join(b"1;ext=x\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body)))
+        return [head + b"Transfer-Encoding: chunked\r\n\r\n", chunks + b"0\r\n\r\n"]
+    whole = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    if framing == "bytewise":
+        return [whole[i : i + 1] for i in range(len(whole))]
+    return [whole]
+
+
+@pytest.mark.parametrize("framing", ["whole", "bytewise", "chunked"])
+async def test_bad_bodies_in_any_framing_get_their_4xx_and_the_connection_serves_on(framing: str) -> None:
+    """Each bad body gets its status and a message naming the problem, and the same connection then
+    answers a pipelined pair (a bad body and a good request sent in one write) in order."""
+    async with running() as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+        conn = h11.Connection(h11.CLIENT)
+        async with stream:
+            for body, status, code, says in BAD_BODIES:
+                for piece in _request(body, framing):
+                    await stream.send_all(piece)
+                got, answer = await _response(stream, conn)
+                error = json.loads(answer)["error"]
+                assert (got, error["code"]) == (status, code), (body[:40], answer[:200])
+                assert says in error["message"], (body[:40], error["message"])
+            good = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            await stream.send_all(b"".join(_request(b"{bad", framing)) + good)
+            assert (await _response(stream, conn))[0] == 400
+            assert await _response(stream, conn) == (200, b"OK")
+
+
+async def _response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, bytes]:
+    """The next response on the connection. The requests went out as raw bytes; h11 (client side) only
+    parses, so it is told of a request it did not send."""
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    status, body = 0, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            conn.start_next_cycle()
+            return status, body
