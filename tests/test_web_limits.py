@@ -4,6 +4,7 @@ timeouts; a bad WebSocket frame gets an error frame and the socket and its other
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import h11
@@ -132,7 +133,7 @@ async def test_multiplexed_websocket_validates_frames_like_http_bodies() -> None
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(in_flight)
-            await wait_until(lambda: lm.started == 1)
+            await wait_until(lambda: lm.started == 1, seconds=math.inf)
             await ws.send_raw(DEEP)  # used to kill the socket with a RecursionError
             await ws.send_raw(
                 json.dumps(
@@ -153,7 +154,7 @@ async def test_multiplexed_websocket_validates_frames_like_http_bodies() -> None
                 json.dumps({"id": "s", "type": "predict", "inputs": {"question": "q"}, "timeout_secs": "5"})
             )
             await ws.send_raw("")  # arrives as None in Quart-Trio (found by the fuzz test)
-            await wait_until(lambda: len(ws.unrouted) == 8)
+            await wait_until(lambda: len(ws.unrouted) == 8, seconds=math.inf)
         codes = [(frame["id"], frame["error"]["code"]) for frame in ws.unrouted]
         assert codes == [
             (None, "too_deeply_nested"),
