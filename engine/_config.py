@@ -533,7 +533,12 @@ def _shown_url(url: str) -> str:
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ConfigError(
+            f"cannot read config file {str(path)!r}: not UTF-8 (byte {exc.object[exc.start]:#04x} at "
+            f"position {exc.start})"
+        ) from exc
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
 

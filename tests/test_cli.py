@@ -130,6 +130,7 @@ def user_mistakes(tmp_path: Path) -> Path:
     (tmp_path / "broken_syntax.toml").write_text('[programs.bad]\nsource = "broken_syntax:program"\n')
     (tmp_path / "provider.toml").write_text('[lms.default]\nprovider = "openia"\nmodel = "m"\n')
     (tmp_path / "a_directory.toml").mkdir()
+    (tmp_path / "latin1.toml").write_bytes("[engine]\nmax_in_flight = 3  # ½\n".encode("latin-1"))
     return tmp_path
 
 
@@ -160,6 +161,7 @@ SERVE_MISTAKES: list[tuple[tuple[str, ...], dict[str, str], str]] = [
     ),
     (("serve", "--config", "{d}/provider.toml"), {}, "lms.default.provider must be one of"),
     (("serve", "--config", "{d}/a_directory.toml"), {}, "cannot read config file"),
+    (("serve", "--config", "{d}/latin1.toml"), {}, "latin1.toml': not UTF-8 (byte 0xbd at position 30)"),
     (("serve", "--port", "99999"), {}, "argument --port: must be a port number (0-65535), got '99999'"),
     (("serve", "--host", "192.0.2.1"), {}, "the address is not one of this machine's"),
     (("serve",), {"DSPY_TRIO_PORT": "99999"}, "DSPY_TRIO_PORT='99999': port must be at most 65535"),
