@@ -272,3 +272,15 @@ async def test_swagger_ui_files_come_from_the_package() -> None:
         assert (await client.get("/static/swagger-ui/swagger-ui.css")).status_code == 200
         for other in ("index.html", "..%2Fflask_swagger_ui.py", "oauth2-redirect.html"):
             assert (await client.get(f"/static/swagger-ui/{other}")).status_code == 404
+
+
+async def test_with_api_keys_the_docs_open_and_the_api_stays_closed() -> None:
+    """As the playground: /docs and /openapi.json load without a key (Swagger UI's "Authorize" then takes
+    the key for the calls it makes); every operation still needs it."""
+    async with running(settings(api_keys=("k",))) as server, httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.get("/docs")).status_code == 200
+        assert (await client.get("/openapi.json")).json()["components"]["securitySchemes"]
+        assert (await client.get("/static/swagger-ui/swagger-ui.css")).status_code == 200
+        assert (await client.get("/v1/programs")).status_code == 401
+        assert (await client.get("/docs/../v1/programs")).status_code == 401
+        assert (await client.post("/predict", json={"question": "q"})).status_code == 401

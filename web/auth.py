@@ -2,8 +2,8 @@
 
 Rules (the README's security section states them):
 
-- With ``api_keys`` configured, every request except ``/health``, ``/ready``, the playground and its
-  static files needs ``Authorization: Bearer KEY`` (a WebSocket may pass ``?api_key=KEY``). The key, compared
+- With ``api_keys`` configured, every request except ``/health``, ``/ready``, the playground, the API's
+  description (``/docs``, ``/openapi.json``) and the static files needs ``Authorization: Bearer KEY`` (a WebSocket may pass ``?api_key=KEY``). The key, compared
   in constant time, is the request's *owner*: only the same key may cancel it. Without keys the owner is
   ``""`` for everyone, so anyone may cancel (as anyone may call).
 - A CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) is never authenticated: browsers
@@ -31,7 +31,8 @@ class Headers(Protocol):
     def __contains__(self, key: str, /) -> bool: ...
 
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+# The probes, the playground, and the API's description (/docs, whose Swagger UI asks for the key).
+OPEN_PATHS = frozenset({"/health", "/ready", "/", "/docs", "/openapi.json"})
 
 
 def _public(path: str) -> bool:
