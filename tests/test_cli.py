@@ -120,6 +120,13 @@ async def test_user_errors_are_one_line_and_exit_code_2(busy_port: int, configs:
         assert result.returncode == 2, (args, result.returncode, result.stderr)
 
 
+def free_port() -> int:
+    """A port nothing listens on now (for a command that must fail before it listens)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def user_mistakes(tmp_path: Path) -> Path:
     """Config files and program modules with the mistakes a new user makes."""
@@ -155,11 +162,17 @@ SERVE_MISTAKES: list[tuple[tuple[str, ...], dict[str, str], str]] = [
         "importing 'broken_syntax:program' raised SyntaxError",
     ),
     (
-        ("serve", "--workers", "2", "--config", "{d}/typo_module.toml"),
+        ("serve", "--workers", "2", "--port", "{free_port}", "--config", "{d}/typo_module.toml"),
         {},
         "program 'summarize': cannot import",
     ),
     (("serve", "--config", "{d}/provider.toml"), {}, "lms.default.provider must be one of"),
+    (
+        ("serve", "--workers", "2", "--port", "0"),
+        {},
+        "2 workers need a fixed port (--port or DSPY_TRIO_PORT)",
+    ),
+    (("serve", "--port", "0"), {"DSPY_TRIO_WORKERS": "3"}, "3 workers need a fixed port"),
     (("serve", "--config", "{d}/a_directory.toml"), {}, "cannot read config file"),
     (("serve", "--config", "{d}/latin1.toml"), {}, "latin1.toml': not UTF-8 (byte 0xbd at position 30)"),
     (("serve", "--port", "99999"), {}, "argument --port: must be a port number (0-65535), got '99999'"),
@@ -200,7 +213,7 @@ async def test_every_user_error_of_serve_is_one_line_and_exit_code_2(user_mistak
 
     async def run(index: int, args: tuple[str, ...], env: dict[str, str]) -> None:
         async with limiter:
-            arguments = [a.format(d=user_mistakes) for a in args]
+            arguments = [a.format(d=user_mistakes, free_port=free_port()) for a in args]
             if arguments[0] == "serve" and "--port" not in arguments:
                 arguments += ["--port", "0"]  # should a mistake go unnoticed: never the default port
             results[index] = await cli(

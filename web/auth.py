@@ -3,9 +3,10 @@
 Rules (the README's security section states them):
 
 - With ``api_keys`` configured, every request except ``/health``, ``/ready``, the playground, the API's
-  description (``/docs``, ``/openapi.json``) and the static files needs ``Authorization: Bearer KEY`` (a WebSocket may pass ``?api_key=KEY``). The key, compared
-  in constant time, is the request's *owner*: only the same key may cancel it. Without keys the owner is
-  ``""`` for everyone, so anyone may cancel (as anyone may call).
+  description (``/docs``, ``/openapi.json``) and the static files needs ``Authorization: Bearer KEY`` (a
+  WebSocket may pass ``?api_key=KEY``). The key, compared in constant time, is the request's *owner*:
+  only the same key may cancel it. Without keys the owner is ``""`` for everyone, so anyone may cancel
+  (as anyone may call).
 - A CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) is never authenticated: browsers
   send it without credentials.
 - A WebSocket handshake from a browser (it has an ``Origin``) is refused unless that origin is the

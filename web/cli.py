@@ -231,6 +231,11 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.command == "serve":
         settings = _service_settings(args)  # a bad config fails here, before anything starts
         if args.worker_of is None:  # the parent (or the only process) checks once, before any worker
+            if settings.workers > 1 and settings.port == 0:
+                raise UsageError(
+                    f"{settings.workers} workers need a fixed port (--port or DSPY_TRIO_PORT): with port 0 "
+                    "each worker would listen on a port of its own"
+                )
             check_can_listen(settings.host, settings.port)
             _check_lms(settings.engine)
             trio.run(check_engine_opens, settings.engine)
