@@ -26,7 +26,6 @@ from pathlib import Path
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from engine import GCSettings, tune_gc_for_serving
 from engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
@@ -35,6 +34,7 @@ from engine.lm import TrioLM
 from .app import create_app
 from .gate import OverloadGate
 from .keepalive import KeepAliveGuard
+from .listener import serve_app
 from .settings import ServiceSettings
 from .state import ServiceState
 from .workers import run_snapshots, supervise, workers_dir
@@ -231,7 +231,12 @@ async def serve(
                 drain_timeout=settings.keep_alive_timeout,
             )
             binds = await nursery.start(
-                functools.partial(hypercorn_serve, guarded, config, shutdown_trigger=stopped.wait)
+                functools.partial(
+                    serve_app,
+                    guarded,
+                    config,
+                    shutdown_trigger=stopped.wait,
+                )
             )
             if state.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
                 stop.set()
