@@ -15,7 +15,8 @@ lets one connection end the server:
 - **Accept failures are one log line per interval.** At the descriptor limit (``EMFILE``) ``accept``
   fails until a connection closes; ``trio.serve_listeners`` logged a full traceback every 0.1 s
   while it retried. We retry as often, and log a line per interval with the count.
-- **Connections are** :class:`web.connection.Connection` **(HTTP/1.1 only)**.
+- **Connections are** :class:`web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
+  and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``.
 
 Each connection costs one ``try`` and one closure more than Hypercorn's; requests cost nothing more.
 """
@@ -36,7 +37,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
-from .connection import Connection
+from .connection import Connection, watch_for_dead_peers
 from .rate_limited_log import RateLimitedLog
 
 logger = logging.getLogger("web")
@@ -106,6 +107,7 @@ async def serve_app(
     app: object,
     config: Config,
     *,
+    dead_peer_timeout: float | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -124,6 +126,7 @@ async def serve_app(
     problems = RateLimitedLog(logger, interval=LOG_INTERVAL)
 
     async def connection(stream: trio.SocketStream) -> None:
+        watch_for_dead_peers(stream.socket, dead_peer_timeout)
         await Connection(wrapped, config, context, ConnectionState(lifespan_state.copy()), stream)
 
     async with trio.open_nursery() as lifespan_nursery:

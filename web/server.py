@@ -235,6 +235,7 @@ async def serve(
                     serve_app,
                     guarded,
                     config,
+                    dead_peer_timeout=settings.dead_peer_timeout,
                     shutdown_trigger=stopped.wait,
                 )
             )

@@ -13,6 +13,9 @@ Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags
     DSPY_TRIO_MAX_INPUT_CHARS               limit on the text of all input fields together (100,000)
     DSPY_TRIO_MAX_JSON_DEPTH                nesting limit of JSON bodies and WebSocket frames (32)
     DSPY_TRIO_KEEP_ALIVE_TIMEOUT            seconds an idle keep-alive connection stays open (5)
+    DSPY_TRIO_WS_PING_INTERVAL              seconds between WebSocket pings (20; 0 for none)
+    DSPY_TRIO_DEAD_PEER_TIMEOUT             seconds after which TCP drops a peer that stopped answering
+                                            (30; 0 leaves the kernel's defaults)
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class ServiceSettings:
         max_batch_concurrency: The most items of one batch that run at once.
         ws_max_requests: Concurrent requests one WebSocket may run.
         ws_ping_interval: Seconds between WebSocket keep-alive pings (Hypercorn's); None for none.
+        dead_peer_timeout: Seconds after which the kernel drops a connection whose peer stopped
+            answering without closing it (TCP keep-alive probes on idle connections,
+            ``TCP_USER_TIMEOUT`` on busy ones); None leaves the kernel's defaults (about 15 minutes).
     """
 
     engine: EngineConfig = attrs.field(factory=EngineConfig)
@@ -70,6 +76,7 @@ class ServiceSettings:
     max_batch_concurrency: int = 64
     ws_max_requests: int = 16
     ws_ping_interval: float | None = 20.0
+    dead_peer_timeout: float | None = 30.0
 
     def timeout_for(self, asked: float | None) -> float:
         """Seconds a request may run: what it asked for (already checked positive), capped at
@@ -100,4 +107,6 @@ class ServiceSettings:
             max_input_chars=int(number("DSPY_TRIO_MAX_INPUT_CHARS", defaults.max_input_chars)),
             max_json_depth=int(number("DSPY_TRIO_MAX_JSON_DEPTH", defaults.max_json_depth)),
             keep_alive_timeout=number("DSPY_TRIO_KEEP_ALIVE_TIMEOUT", defaults.keep_alive_timeout),
+            ws_ping_interval=number("DSPY_TRIO_WS_PING_INTERVAL", defaults.ws_ping_interval or 0) or None,
+            dead_peer_timeout=number("DSPY_TRIO_DEAD_PEER_TIMEOUT", defaults.dead_peer_timeout or 0) or None,
         )
