@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import h2.config
 import h2.connection
@@ -23,6 +24,7 @@ import pytest
 import trio
 
 from .test_web_keepalive import _port
+from .test_web_process import start
 from .web_helpers import running, settings
 
 PREDICT = b'{"question":"q"}'
@@ -394,3 +396,20 @@ async def test_a_repeated_identical_content_length_is_one_length_and_the_connect
             await stream.send_all(request("GET", "/health", "Host: x"))
             first, second = await read_responses(stream, 2)
             assert first[0] == second[0] == 200
+
+
+async def test_the_served_process_survives_the_h2c_attack_and_exits_0_on_sigterm() -> None:
+    """As reported: `dspy-trio serve` exited 1 after one such connection, with everything in flight."""
+    process, [url] = await start("--port", "0", env={"LM_PROVIDER": "simulated"})
+    try:
+        port = _port(url)
+        for _ in range(3):
+            await _h2_attack(port, body_length=2_000_000, data=b"x" * 1000)
+        await assert_still_serving(port)
+        assert process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(GUARD):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
