@@ -24,8 +24,9 @@ from hypercorn.events import Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
 from engine import EngineConfig, LMConfig
-from web.listener import accept_connections, serve_connection
+from web.listener import accept_connections, serve_app, serve_connection
 from web.rate_limited_log import RateLimitedLog
+from web.server import hypercorn_config
 
 from .helpers import CountingLM, wait_until
 from .test_web_keepalive import _port, _read_response
@@ -177,45 +178,47 @@ def _set_fd_limit(pid: int, soft: int) -> int:
     return int(before)
 
 
-async def _read_to_end(stream: trio.abc.ReceiveStream) -> bytes:
-    received = b""
-    with trio.fail_after(GUARD):
-        while chunk := await stream.receive_some(65536):
-            received += chunk
-    return received
-
-
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs prlimit (Linux)")
 async def test_a_server_at_its_descriptor_limit_logs_a_line_not_a_traceback_every_tenth_of_a_second() -> None:
     process, [url] = await start("--port", "0", env={"LM_PROVIDER": "simulated"})
+    assert process.stderr is not None
+    stderr = process.stderr
     port = _port(url)
     held: list[trio.SocketStream] = []
+    log = bytearray()
     started = time.monotonic()
+
+    async def read_log() -> None:
+        while chunk := await stderr.receive_some(65536):
+            log.extend(chunk)
+
     try:
-        original = _set_fd_limit(process.pid, len(os.listdir(f"/proc/{process.pid}/fd")) + 3)
-        for _ in range(8):  # 3 get a descriptor, the rest wait in the backlog while accept fails
-            held.append(await trio.open_tcp_stream("127.0.0.1", port))
-        await trio.sleep(1.5)  # 15 retries of accept
-        for stream in held:
-            await stream.aclose()
-        held.clear()
-        _set_fd_limit(process.pid, original)
-        await assert_still_serving(port)  # served again once descriptors are free
-        process.send_signal(signal.SIGTERM)
-        assert process.stderr is not None
-        log = (await _read_to_end(process.stderr)).decode()
-        with trio.fail_after(GUARD):
-            await process.wait()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_log)
+            original = _set_fd_limit(process.pid, len(os.listdir(f"/proc/{process.pid}/fd")) + 3)
+            for _ in range(8):  # 3 get a descriptor, the rest wait in the backlog while accept fails
+                held.append(await trio.open_tcp_stream("127.0.0.1", port))
+            await wait_until(lambda: b"EMFILE" in log, seconds=GUARD)
+            await trio.sleep(1.5)  # about 15 more failed accepts
+            for stream in held:
+                await stream.aclose()
+            held.clear()
+            _set_fd_limit(process.pid, original)
+            await assert_still_serving(port)  # served again once descriptors are free
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(GUARD):
+                await process.wait()
     finally:
         for stream in held:
             await stream.aclose()
         if process.returncode is None:
             process.kill()
-    accept_lines = [line for line in log.splitlines() if "EMFILE" in line]
+    text = log.decode()
+    accept_lines = [line for line in text.splitlines() if "EMFILE" in line]
     # the first at once, one per 10 s interval (a loaded machine may stretch the test), then the count
     # when serving ended; trio's accept loop wrote a traceback every 0.1 s
-    assert 1 <= len(accept_lines) <= 2 + (time.monotonic() - started) // 10, log
-    assert "Traceback" not in log
+    assert 1 <= len(accept_lines) <= 2 + (time.monotonic() - started) // 10, text
+    assert "Traceback" not in text
 
 
 # --- the served app -------------------------------------------------------------------------------------
@@ -296,3 +299,10 @@ async def test_graceful_shutdown_with_connections_open_lets_the_request_in_fligh
             assert [status for status, _, _ in parse_responses(await read_until_closed(idle))] == [200]
             await read_until_closed(websocket)  # closed by the shutdown (after the graceful timeout)
     assert lm.finished == 1
+
+
+async def test_tls_is_refused_before_anything_starts() -> None:
+    config = hypercorn_config(settings())
+    config.certfile, config.keyfile = "cert.pem", "key.pem"
+    with pytest.raises(ValueError, match="TLS-terminating proxy"):
+        await serve_app(object(), config)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
@@ -118,11 +119,16 @@ async def serve_app(
     (``config.graceful_timeout``) and the lifespan shutdown. Raises ``ValueError`` if ``config`` asks
     for TLS or QUIC (not served: put a TLS-terminating proxy in front).
     """
+    if config.ssl_enabled or config.quic_bind:
+        raise ValueError("TLS and QUIC are not served: put a TLS-terminating proxy in front")
     config.set_statsd_logger_class(StatsdLogger)
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
-    context = WorkerContext(None)
+    max_requests = None  # as Hypercorn: a worker stops after this many requests (with jitter), if set
+    if config.max_requests is not None:
+        max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
+    context = WorkerContext(max_requests)
     problems = RateLimitedLog(logger, interval=LOG_INTERVAL)
 
     async def connection(stream: trio.SocketStream) -> None:
@@ -134,8 +140,6 @@ async def serve_app(
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as connections:
             sockets = config.create_sockets()
-            if sockets.secure_sockets or sockets.quic_sockets:
-                raise ValueError("TLS and QUIC are not served: put a TLS-terminating proxy in front")
             listeners, binds = [], []
             for sock in sockets.insecure_sockets:
                 sock.listen(config.backlog)
