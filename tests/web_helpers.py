@@ -21,9 +21,6 @@ FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
 
 def settings(**changes: Any) -> ServiceSettings:
     engine = changes.pop("engine", None) or EngineConfig(lms={"default": FAST})
-    # Hypercorn's WebSocket ping task outlives a closed socket until the next ping; without pings a
-    # test server stops at once instead of after the graceful timeout.
-    changes.setdefault("ws_ping_interval", None)
     return attrs.evolve(ServiceSettings(port=0), engine=engine, **changes)
 
 
