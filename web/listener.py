@@ -18,7 +18,8 @@ lets one connection end the server:
 - **Connections are** :class:`web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
   and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``.
 
-Each connection costs one ``try`` and one closure more than Hypercorn's; requests cost nothing more.
+Each connection costs one ``try``, one closure and five ``setsockopt`` calls more than Hypercorn's; a
+request costs less (the head check is one pass over the header names, without Hypercorn's decoding).
 """
 
 from __future__ import annotations
