@@ -184,6 +184,12 @@ SERVE_MISTAKES: list[tuple[tuple[str, ...], dict[str, str], str]] = [
     (("serve",), {"DSPY_TRIO_DEFAULT_TIMEOUT": "nan"}, "DSPY_TRIO_DEFAULT_TIMEOUT='nan': default_timeout"),
     (("serve",), {"DSPY_TRIO_KEEP_ALIVE_TIMEOUT": "0"}, "DSPY_TRIO_KEEP_ALIVE_TIMEOUT='0'"),
     (("serve",), {"DSPY_TRIO_MAX_JSON_DEPTH": "0"}, "DSPY_TRIO_MAX_JSON_DEPTH='0'"),
+    (
+        ("serve",),
+        {"DSPY_TRIO_DEAD_PEER_TIMEOUT": "-1"},
+        "DSPY_TRIO_DEAD_PEER_TIMEOUT='-1': dead_peer_timeout",
+    ),
+    (("serve",), {"DSPY_TRIO_WS_PING_INTERVAL": "often"}, "DSPY_TRIO_WS_PING_INTERVAL must be a number"),
     (("serve",), {"LM_ADAPTER": "jsn"}, "LM_ADAPTER='jsn': adapter must be one of chat, json"),
     (("serve",), {"DSPY_TRIO_ADAPTER": "xml"}, "DSPY_TRIO_ADAPTER='xml': adapter must be one of"),
     (("serve",), {"LM_PROVIDER": "openia", "LM_MODEL": "m"}, "LM_PROVIDER='openia': provider must be"),

@@ -7,6 +7,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import trio
+import wsproto
+import wsproto.events
 
 from engine import EngineConfig, LMConfig
 from engine.lm import TrioLM
@@ -18,9 +21,6 @@ FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
 
 def settings(**changes: Any) -> ServiceSettings:
     engine = changes.pop("engine", None) or EngineConfig(lms={"default": FAST})
-    # Hypercorn's WebSocket ping task outlives a closed socket until the next ping; without pings a
-    # test server stops at once instead of after the graceful timeout.
-    changes.setdefault("ws_ping_interval", None)
     return attrs.evolve(ServiceSettings(port=0), engine=engine, **changes)
 
 
@@ -30,3 +30,18 @@ async def running(
 ) -> AsyncIterator[Server]:
     async with open_server(service or settings(), lms=lms) as server:
         yield server
+
+
+async def open_raw_websocket(
+    port: int, path: str = "/v1/ws"
+) -> tuple[trio.SocketStream, wsproto.WSConnection]:
+    """A WebSocket handshake over a plain Trio socket (no client library between us and the socket)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    await stream.send_all(client.send(wsproto.events.Request(host="x", target=path)))
+    with trio.fail_after(30):  # a hang guard
+        while True:
+            client.receive_data(await stream.receive_some(65536))
+            for event in client.events():
+                assert isinstance(event, wsproto.events.AcceptConnection), event
+                return stream, client

@@ -1,4 +1,8 @@
-"""Running the service on Hypercorn's Trio worker, with a drain before shutdown.
+"""Running the service on Hypercorn's connection code through our own listener, with a drain before
+shutdown.
+
+The listener (``web/listener.py``) accepts connections, contains the failure of any one of them, speaks
+HTTP/1.1 and WebSocket only (``web/protocol.py``) and lets dead peers go at once (``web/connection.py``).
 
 On SIGTERM or SIGINT (or :meth:`Server.shutdown`): ``/ready`` turns 503 and the engine refuses new
 requests; in-flight ones get ``drain_timeout`` seconds to finish, and the rest are cancelled with a typed
@@ -26,7 +30,6 @@ from pathlib import Path
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from engine import GCSettings, tune_gc_for_serving
 from engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
@@ -35,6 +38,7 @@ from engine.lm import TrioLM
 from .app import create_app
 from .gate import OverloadGate
 from .keepalive import KeepAliveGuard
+from .listener import serve_app
 from .settings import ServiceSettings
 from .state import ServiceState
 from .workers import run_snapshots, supervise, workers_dir
@@ -128,8 +132,8 @@ def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> Hyp
     config.workers = worker_count  # >1 makes Hypercorn bind with SO_REUSEPORT
     config.backlog = 4096  # Hypercorn's default (100) resets connections in a burst of 1,000 clients
     config.websocket_ping_interval = settings.ws_ping_interval or None
-    # The engine has drained before Hypercorn is asked to stop, so this only bounds the flushing of the
-    # last responses, and the wait for Hypercorn's WebSocket ping tasks, which outlive closed sockets.
+    # The engine has drained before the listener is asked to stop, so this only bounds the flushing of
+    # the last responses and the life of WebSockets still open (they are closed when it ends).
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = settings.keep_alive_timeout  # idle keep-alive connections close after it
     # Frames over the limit get an error frame from the app; only far larger ones close the socket (1009).
@@ -229,7 +233,13 @@ async def serve(
                 drain_timeout=settings.keep_alive_timeout,
             )
             binds = await nursery.start(
-                functools.partial(hypercorn_serve, guarded, config, shutdown_trigger=stopped.wait)
+                functools.partial(
+                    serve_app,
+                    guarded,
+                    config,
+                    dead_peer_timeout=settings.dead_peer_timeout,
+                    shutdown_trigger=stopped.wait,
+                )
             )
             if state.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
                 stop.set()

@@ -13,6 +13,9 @@ Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags
     DSPY_TRIO_MAX_INPUT_CHARS               limit on the text of all input fields together (100,000)
     DSPY_TRIO_MAX_JSON_DEPTH                nesting limit of JSON bodies and WebSocket frames (32)
     DSPY_TRIO_KEEP_ALIVE_TIMEOUT            seconds an idle keep-alive connection stays open (5)
+    DSPY_TRIO_WS_PING_INTERVAL              seconds between WebSocket pings (20; 0 for none)
+    DSPY_TRIO_DEAD_PEER_TIMEOUT             seconds after which TCP drops a peer that stopped answering
+                                            (30; 0 leaves the kernel's defaults)
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class ServiceSettings:
         max_batch_concurrency: The most items of one batch that run at once.
         ws_max_requests: Concurrent requests one WebSocket may run.
         ws_ping_interval: Seconds between WebSocket keep-alive pings (Hypercorn's); None for none.
+        dead_peer_timeout: Seconds after which the kernel drops a connection whose peer stopped
+            answering without closing it (TCP keep-alive probes on idle connections,
+            ``TCP_USER_TIMEOUT`` on busy ones); None leaves the kernel's defaults (about 15 minutes).
     """
 
     engine: EngineConfig = attrs.field(factory=EngineConfig)
@@ -114,6 +120,7 @@ class ServiceSettings:
     max_batch_concurrency: int = attrs.field(default=64, validator=_count)
     ws_max_requests: int = attrs.field(default=16, validator=_count)
     ws_ping_interval: float | None = attrs.field(default=20.0, validator=_optional(_seconds))
+    dead_peer_timeout: float | None = attrs.field(default=30.0, validator=_optional(_seconds))
 
     def timeout_for(self, asked: float | None) -> float:
         """Seconds a request may run: what it asked for (already checked positive), capped at
@@ -135,7 +142,9 @@ class ServiceSettings:
                 continue
             field = fields[name]
             values[name] = _parse(key, env[key], integer=field.type in ("int", int))
-            if field.validator is not None:
+            if key in _ZERO_FOR_NONE and values[name] == 0:
+                values[name] = None
+            elif field.validator is not None:
                 try:
                     field.validator(None, field, values[name])
                 except ConfigError as exc:
@@ -160,7 +169,10 @@ _VARIABLES = {
     "DSPY_TRIO_MAX_INPUT_CHARS": "max_input_chars",
     "DSPY_TRIO_MAX_JSON_DEPTH": "max_json_depth",
     "DSPY_TRIO_KEEP_ALIVE_TIMEOUT": "keep_alive_timeout",
+    "DSPY_TRIO_WS_PING_INTERVAL": "ws_ping_interval",
+    "DSPY_TRIO_DEAD_PEER_TIMEOUT": "dead_peer_timeout",
 }
+_ZERO_FOR_NONE = frozenset({"DSPY_TRIO_WS_PING_INTERVAL", "DSPY_TRIO_DEAD_PEER_TIMEOUT"})  # 0: none
 
 
 def _parse(key: str, text: str, *, integer: bool) -> float | int:
