@@ -109,6 +109,15 @@ def test_a_bad_variable_is_named_with_its_value(env: dict[str, str], message: st
     assert "pw@" not in str(raised.value)
 
 
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[engine]\nmax_in_flight = 3  # ½\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml': not UTF-8 \(byte 0xbd at position 30\)"):
+        EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(latin1)})
+    with pytest.raises(ConfigError, match=r"cannot read config file .*Is a directory"):
+        EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(tmp_path)})
+
+
 @pytest.mark.parametrize(
     "url", ["redis://127.0.0.1:6379/0", "rediss://user:pw@cache.internal:6380", "unix:///run/redis.sock"]
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,31 @@ def test_programs_that_cannot_be_built_are_config_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         build_program("p", ProgramSpec(source, **extra))
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (
+            'raise RuntimeError("the database is down")\n',
+            "importing 'user_prog:program' raised RuntimeError: the da",
+        ),
+        ("def f(:\n", "importing 'user_prog:program' raised SyntaxError: "),
+        (
+            "import dspy\n\nclass Program(dspy.Module):\n"
+            "    def __init__(self):\n        raise KeyError('k')\n\nprogram = Program\n",
+            "'user_prog:program'() raised KeyError: 'k'",
+        ),
+    ],
+)
+def test_a_user_module_that_fails_is_a_config_error_naming_it(
+    module: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's own module raising when imported (or not compiling, or its Module class raising when
+    built) is a ConfigError naming the program and the source, never the exception itself."""
+    (tmp_path / "user_prog.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_prog", raising=False)
+    with pytest.raises(ConfigError) as raised:
+        build_program("p", ProgramSpec("user_prog:program"))
+    assert f"program 'p': {message}" in str(raised.value)
