@@ -1,12 +1,13 @@
-"""The fake upstream itself: concurrency, records and the control endpoints."""
+"""The fake upstream itself: concurrency, records, the control endpoints and the hostile answers."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from engine.lm import OpenAICompatibleLM
-from engine.testing import Behavior, FakeUpstream, open_fake_upstream
+from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 
 async def test_sustains_1000_concurrent_slow_requests() -> None:
@@ -55,3 +56,59 @@ async def test_repr_summarises_state(fake_upstream: FakeUpstream) -> None:
     assert repr(fake_upstream) == (
         f"<FakeUpstream {fake_upstream.url} [requests: 0, 0 active | connections: 0 open | faults queued: 0]>"
     )
+
+
+async def test_hostile_answers_are_what_they_say(fake_upstream: FakeUpstream) -> None:
+    """The hostile faults, read raw: each answer is exactly the misbehaviour it is named after."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    headers = {"Authorization": "Bearer sk-secret-0123456789"}
+    root = fake_upstream.url
+    fake_upstream.add_faults(
+        Fault("bomb", size=10_000_000),
+        Fault("nested", size=5000),
+        Fault("html", status=502),
+        Fault("bad_utf8"),
+        Fault("echo_key"),
+        Fault("bomb", size=1_000_000, encoding="br"),
+    )
+    async with httpx.AsyncClient() as client:
+        bomb = await client.post(
+            f"{root}/chat/completions", json=body, headers={"Accept-Encoding": "identity"}
+        )
+        assert bomb.headers["content-encoding"] == "gzip"
+        assert len(bomb.content) >= 10_000_000  # httpx inflates it all: the bomb works
+        assert fake_upstream.records[-1].body_bytes < 100_000
+        nested = await client.post(f"{root}/chat/completions", json=body)
+        assert nested.content == b"[" * 5000 + b"]" * 5000
+        html = await client.post(f"{root}/chat/completions", json=body, headers=headers)
+        assert html.status_code == 502
+        assert html.headers["content-type"] == "text/html"
+        assert "sk-secret-0123456789" in html.text
+        bad = await client.post(f"{root}/chat/completions", json=body)
+        with pytest.raises(UnicodeDecodeError):
+            bad.content.decode()
+        echo = await client.post(f"{root}/chat/completions", json=body, headers=headers)
+        assert echo.status_code == 401
+        assert "Bearer sk-secret-0123456789" in echo.json()["error"]["message"]
+        brotli = await client.post(f"{root}/chat/completions", json=body)
+        assert brotli.headers["content-encoding"] == "br"  # labelled br, whatever the bytes are
+
+
+async def test_endless_answers_go_on_until_the_client_leaves(fake_upstream: FakeUpstream) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": True}
+    fake_upstream.add_faults(Fault("endless_event"), Fault("endless_stream"))
+    async with httpx.AsyncClient() as client:
+        for _ in range(2):
+            received = b""
+            async with client.stream("POST", f"{fake_upstream.url}/chat/completions", json=body) as stream:
+                async for chunk in stream.aiter_raw():
+                    received += chunk
+                    if len(received) > 2_000_000:
+                        break
+            await fake_upstream.wait_for(lambda u: u.records[-1].ended)
+            assert fake_upstream.records[-1].client_closed_at is not None
+            events = received.split(b"\n\n")
+            if fake_upstream.records[-1].fault == "endless_event":
+                assert len(events) == 1  # data lines, and never a blank line
+            else:
+                assert len(events) > 1000
