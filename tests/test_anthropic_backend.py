@@ -81,7 +81,7 @@ async def test_streaming_through_the_engine(fake_upstream: FakeUpstream) -> None
         (Fault("rate_limit", retry_after=4), UpstreamRateLimitedError, "HTTP 429"),
         (Fault("overloaded"), UpstreamServerError, "HTTP 529"),
         (Fault("server_error"), UpstreamServerError, "HTTP 500"),
-        (Fault("malformed", after_tokens=2), UpstreamResponseError, "malformed"),
+        (Fault("malformed", after_tokens=2), UpstreamResponseError, "not valid JSON"),
         (Fault("disconnect", after_tokens=2), UpstreamConnectionError, "claude-test"),
     ],
     ids=["429", "529", "500", "malformed", "disconnect"],

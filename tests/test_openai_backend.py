@@ -68,7 +68,7 @@ async def test_streaming_pushes_deltas_and_returns_the_whole_text(fake_upstream:
         (Fault("rate_limit", retry_after=7), UpstreamRateLimitedError, "HTTP 429"),
         (Fault("server_error"), UpstreamServerError, "HTTP 500"),
         (Fault("unavailable"), UpstreamServerError, "HTTP 503"),
-        (Fault("malformed", after_tokens=2), UpstreamResponseError, "malformed"),
+        (Fault("malformed", after_tokens=2), UpstreamResponseError, "not valid JSON"),
         (Fault("disconnect", after_tokens=2), UpstreamConnectionError, "fake-model"),
     ],
     ids=["429", "500", "503", "malformed", "disconnect"],

@@ -59,7 +59,7 @@ async def test_unknown_ca_is_refused(ca: trustme.CA) -> None:
         client = LeanClient(f"https://localhost:{server.port}/v1")  # certifi's CAs only
         with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.request_json("x", b"{}")
-        with pytest.raises(UpstreamConnectionError, match="ConnectError"):
+        with pytest.raises(UpstreamConnectionError, match=r"could not connect to the upstream$"):
             await client.post_json("m", "x", {})
         assert client.pool.statistics().active == 0
 

@@ -67,18 +67,18 @@ def nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
 
-def with_invalid_utf8(payload: bytes) -> bytes:
-    return payload.replace(_BAD_TOKEN.encode(), INVALID_UTF8)
+# What replaces the placeholder: raw bytes that are not UTF-8, or a JSON escape of a lone surrogate.
+_BAD_TEXT = {"bad_utf8": INVALID_UTF8, "surrogate": b"lone \\ud800 surrogate"}
 
 
-def bad_utf8_completion(wire: Wire, index: int, model: str) -> bytes:
+def bad_text_completion(wire: Wire, index: int, model: str, kind: str) -> bytes:
     usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
     completion = wire.completion(index, model, f"[[ ## answer ## ]]\n{_BAD_TOKEN}", usage)
-    return with_invalid_utf8(json.dumps(completion).encode())
+    return json.dumps(completion).encode().replace(_BAD_TOKEN.encode(), _BAD_TEXT[kind])
 
 
-def bad_utf8_token(wire: Wire, index: int, model: str) -> bytes:
-    return with_invalid_utf8(wire.stream_token(index, model, _BAD_TOKEN))
+def bad_text_token(wire: Wire, index: int, model: str, kind: str) -> bytes:
+    return wire.stream_token(index, model, _BAD_TOKEN).replace(_BAD_TOKEN.encode(), _BAD_TEXT[kind])
 
 
 def endless_line(size: int = 65536) -> bytes:
@@ -126,7 +126,7 @@ async def answer(send: Sender, record: RequestRecord, fault: Fault, wire: Wire, 
     kind = fault.kind
     body: Any = record.body
     model = str(body.get("model", "fake"))
-    if kind in ("echo_key", "bad_utf8") and record.stream and fault.after_tokens > 0:
+    if kind in ("echo_key", "bad_utf8", "surrogate") and record.stream and fault.after_tokens > 0:
         return False
     record.status = fault.status or (401 if kind == "echo_key" else 200)
     if kind == "echo_key":
@@ -141,15 +141,15 @@ async def answer(send: Sender, record: RequestRecord, fault: Fault, wire: Wire, 
             await send.end()
         else:
             await send.raw(200, payload, "application/json")
-    elif kind == "bad_utf8" and record.stream:
+    elif kind in ("bad_utf8", "surrogate") and record.stream:
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         await send.start_stream()
         await send.data(wire.stream_start(record.index, model, usage))
-        await send.data(bad_utf8_token(wire, record.index, model))
+        await send.data(bad_text_token(wire, record.index, model, kind))
         await send.data(wire.stream_end(record.index, model, usage, body))
         await send.end()
-    elif kind == "bad_utf8":
-        await send.raw(200, bad_utf8_completion(wire, record.index, model), "application/json")
+    elif kind in ("bad_utf8", "surrogate"):
+        await send.raw(200, bad_text_completion(wire, record.index, model, kind), "application/json")
     elif kind == "bomb":
         payload = bomb(wire, record.stream, fault.size or 100_000_000, fault.encoding)
         content_type = "text/event-stream" if record.stream else "application/json"

@@ -43,7 +43,9 @@ from . import _hostile
 from ._wire import AnthropicWire, ClientGone, OpenAIWire, Sender, wire_for
 
 _ERROR_STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
-_HOSTILE = frozenset({"endless_event", "endless_stream", "bomb", "nested", "html", "bad_utf8", "echo_key"})
+_HOSTILE = frozenset(
+    {"endless_event", "endless_stream", "bomb", "nested", "html", "bad_utf8", "surrogate", "echo_key"}
+)
 
 FaultKind = Literal[
     "rate_limit",
@@ -59,6 +61,7 @@ FaultKind = Literal[
     "nested",
     "html",
     "bad_utf8",
+    "surrogate",
     "echo_key",
 ]
 FAULT_KINDS: tuple[FaultKind, ...] = (
@@ -75,6 +78,7 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "nested",
     "html",
     "bad_utf8",
+    "surrogate",
     "echo_key",
 )
 
@@ -93,12 +97,14 @@ class Fault:
             bytes, sent in one write), ``nested`` (JSON ``size`` arrays deep, default 10,000, as the
             body or as one stream event), ``html`` (a ``status`` HTML page quoting the request's
             headers), ``bad_utf8`` (invalid UTF-8 in the completion text; on a stream, in the token
-            after ``after_tokens``), ``echo_key`` (a ``status`` error quoting the credentials received;
-            on a stream with ``after_tokens``, an error event after that many tokens).
+            after ``after_tokens``), ``surrogate`` (the same place holds ``\\ud800``: valid UTF-8 and
+            valid JSON, but a lone surrogate once parsed), ``echo_key`` (a ``status`` error quoting the
+            credentials received; on a stream with ``after_tokens``, an error event after that many
+            tokens).
         retry_after: Seconds sent as ``Retry-After`` with 429/503.
         retry_after_ms: Milliseconds sent as ``retry-after-ms`` with 429/503.
-        after_tokens: For ``disconnect``, ``malformed``, ``bad_utf8`` and ``echo_key`` on streams: good
-            tokens sent first.
+        after_tokens: For ``disconnect``, ``malformed``, ``bad_utf8``, ``surrogate`` and ``echo_key`` on
+            streams: good tokens sent first.
         status: The status of ``html`` (200) and ``echo_key`` (401).
         size: Bytes a ``bomb`` inflates to (100 MB); depth of ``nested`` (10,000).
         encoding: The ``Content-Encoding`` of a ``bomb``: ``gzip`` and ``deflate`` are real; any other
@@ -458,8 +464,8 @@ class FakeUpstream:
                     await send.data(_hostile.echo_key_stream_error(wire, record.headers, status))
                     await send.end()
                     return
-                if fault.kind == "bad_utf8":
-                    await send.data(_hostile.bad_utf8_token(wire, record.index, model))
+                if fault.kind in ("bad_utf8", "surrogate"):
+                    await send.data(_hostile.bad_text_token(wire, record.index, model, fault.kind))
                     record.tokens_sent += 1
                     continue
             await send.data(wire.stream_token(record.index, model, token))
