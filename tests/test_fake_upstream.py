@@ -48,6 +48,10 @@ async def test_control_endpoints_queue_faults_and_show_records(fake_upstream: Fa
         assert response.json()["latency"] == 0.01
         response = await client.post("/_fake/faults", json={"faults": [{"kind": "nope"}]})
         assert response.status_code == 400
+        response = await client.post("/_fake/faults", json={"faults": [{"kind": "hang"}] * 3})
+        assert response.json() == {"queued": 3}
+        response = await client.post("/_fake/faults", json={"faults": [], "clear": True})
+        assert response.json() == {"queued": 0}
         records = (await client.get("/_fake/records")).json()["records"]
     assert [(r["status"], r["fault"]) for r in records] == [(503, "unavailable")]
 

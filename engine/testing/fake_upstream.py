@@ -18,6 +18,7 @@ that it can misbehave at the byte level and notice a closed connection at the mo
 Control endpoints, for a fake upstream running in another process::
 
     POST /_fake/faults   {"faults": [{"kind": "rate_limit", "retry_after": 2}, ...]}   queue faults
+                         ("clear": true drops those still queued first)
     POST /_fake/behavior {"latency": 1.0, ...}                                         change pacing
     GET  /_fake/records                                                                the request log
 """
@@ -373,7 +374,10 @@ class FakeUpstream:
     async def _control(self, send: Sender, method: str, path: str, body: Any) -> None:
         try:
             if method == "POST" and path == "/_fake/faults":
-                self.add_faults(*(Fault(**fault) for fault in body["faults"]))
+                faults = [Fault(**fault) for fault in body["faults"]]
+                if body.get("clear"):
+                    self._faults.clear()
+                self.add_faults(*faults)
                 await send.json(200, {"queued": len(self._faults)})
             elif method == "POST" and path == "/_fake/behavior":
                 self.behavior = attrs.evolve(self.behavior, **body)
