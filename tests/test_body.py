@@ -7,7 +7,7 @@ import gzip
 import zlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.lm._body import PIECE, BadResponse, BodyDecoder, check_content_type, content_coding
@@ -38,7 +38,7 @@ def test_a_body_exactly_at_the_cap_passes_and_one_byte_more_is_refused(coding: s
         decode([packed], coding, size - 1)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     size=st.integers(min_value=0, max_value=3 * PIECE),
     limit_delta=st.integers(min_value=-3, max_value=3),

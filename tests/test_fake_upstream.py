@@ -11,8 +11,9 @@ from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 
 async def test_sustains_1000_concurrent_slow_requests() -> None:
-    # Long enough that the first request is still waiting when the thousandth arrives, on a busy machine.
-    async with open_fake_upstream(Behavior(latency=3.0)) as upstream:
+    # The first request is still waiting when the thousandth arrives, however busy the machine: they are
+    # all released at once when the thousandth is in.
+    async with open_fake_upstream(Behavior(latency=600.0)) as upstream:
         lm = OpenAICompatibleLM("fake", api_base=upstream.url)
         done = 0
 
@@ -24,10 +25,11 @@ async def test_sustains_1000_concurrent_slow_requests() -> None:
         async with trio.open_nursery() as nursery:
             for i in range(1000):
                 nursery.start_soon(one, i)
-            with trio.fail_after(60):
+            with trio.fail_after(120):  # a hang guard
                 await upstream.wait_for(lambda u: u.active_requests == 1000)
+            upstream.release_waiting()
         # The client can have every answer before the upstream has booked the last ones as complete.
-        with trio.fail_after(10):
+        with trio.fail_after(60):  # a hang guard
             await upstream.wait_for(lambda u: all(r.ended for r in u.records))
         await lm.aclose()
     assert done == 1000

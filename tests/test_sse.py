@@ -4,7 +4,7 @@ the bytes, the cap on one event (and one line), and strict UTF-8."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.lm._body import BadResponse
@@ -30,7 +30,7 @@ events = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     stream=events,
     ending=st.sampled_from(["\n", "\r\n", "\r"]),

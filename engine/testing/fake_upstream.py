@@ -217,6 +217,7 @@ class FakeUpstream:
         self._indices = itertools.count()
         self._open_connections = 0
         self._changed = trio.Event()
+        self._release = trio.Event()
 
     def __repr__(self) -> str:
         active = sum(not r.ended for r in self.records)
@@ -238,6 +239,12 @@ class FakeUpstream:
     def active_requests(self) -> int:
         """Requests whose answer has neither completed nor been cut off by the client."""
         return sum(not record.ended for record in self.records)
+
+    def release_waiting(self) -> None:
+        """Cut short the latency of every request now waiting it out: they are answered at once (a
+        test can hold many requests open with a long latency, then finish them)."""
+        self._release.set()
+        self._release = trio.Event()
 
     def add_faults(self, *faults: Fault) -> None:
         """Queue faults; each following request consumes one, in order."""
@@ -427,7 +434,8 @@ class FakeUpstream:
         if record.stream:
             await self._stream(send, record, fault, wire, model, tokens, usage)
             return
-        await trio.sleep(self.behavior.latency)
+        with trio.move_on_after(self.behavior.latency):
+            await self._release.wait()
         record.status = 200
         if fault is not None and fault.kind == "disconnect":
             record.aborted = True
