@@ -78,3 +78,15 @@ def test_json_escapes_do_not_hide_the_key(redact: Redactor, caplog: pytest.LogCa
     assert "HTTP 401" in error.message
     assert KEY not in caplog.text
     assert "Incorrect API key provided: " + REDACTED in caplog.text
+
+
+def test_a_key_echoed_in_another_case_is_removed_too(redact: Redactor) -> None:
+    assert KEY.upper() not in redact(f"no such key: {KEY.upper()}")
+    assert KEY.lower() not in redact(f"no such key: {KEY.lower()}")
+
+
+def test_an_excerpt_is_one_log_line() -> None:
+    """The upstream's words cannot forge log lines or send terminal escapes."""
+    excerpt = Redactor().excerpt("bad\nINFO engine.requests forged line\r\x1b[31mred")
+    assert not any(c in excerpt for c in "\n\r\x1b")
+    assert excerpt == "bad\\nINFO engine.requests forged line\\r\\x1b[31mred"

@@ -10,8 +10,8 @@ proxy's error page that dumps the request headers — so anything it wrote is re
 - anything shaped like a credential: ``Bearer <token>``, ``Basic <token>``, ``sk-...`` keys, and the value
   of an ``api_key`` / ``x-api-key`` / ``authorization`` / ``token`` / ``secret`` / ``password`` field.
 
-Redact first, cut afterwards (:func:`excerpt`): cutting first could leave half a key that no longer
-matches.
+Redact first, cut afterwards (:meth:`Redactor.excerpt`): cutting first could leave half a key that no
+longer matches. An excerpt is one log line: control characters are written as escapes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ FRAGMENT = 8
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key"})
 _RUN = re.compile(r"[A-Za-z0-9._~+/=\-]+")
 _TRAILING_RUN = re.compile(r"[A-Za-z0-9._~+/=\-]+\Z")
+# Control characters as escapes (``\n``, ``\x1b``) in an excerpt.
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in [*range(0x20), 0x7F]}
 _SHAPES = (
     (re.compile(r"(?i)\b(bearer|basic)(\s+)[A-Za-z0-9._~+/=\-]+"), rf"\1\2{REDACTED}"),
     (re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}"), REDACTED),
@@ -52,7 +54,10 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         kept = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._whole = [s for s in kept if len(s) >= FRAGMENT]
-        self._fragments = {s[i : i + FRAGMENT] for s in self._whole for i in range(len(s) - FRAGMENT + 1)}
+        # Lower-cased: an upstream that echoes a key upper-cased still echoes the key.
+        self._fragments = {
+            s[i : i + FRAGMENT].lower() for s in self._whole for i in range(len(s) - FRAGMENT + 1)
+        }
         # A credential shorter than a fragment is removed only where it stands alone (a one-letter test
         # key must not blank every letter of the log).
         self._short = [
@@ -84,9 +89,8 @@ class Redactor:
 
     def _run(self, match: re.Match[str]) -> str:
         run = match.group()
-        if len(run) >= FRAGMENT and any(
-            run[i : i + FRAGMENT] in self._fragments for i in range(len(run) - FRAGMENT + 1)
-        ):
+        lowered = run.lower()
+        if any(lowered[i : i + FRAGMENT] in self._fragments for i in range(len(run) - FRAGMENT + 1)):
             return REDACTED
         return run
 
@@ -94,7 +98,7 @@ class Redactor:
         """``text`` redacted, then cut to ``limit`` characters (redacting a bounded window first, so a
         huge body costs little): what the log gets of an upstream's words."""
         window = text[: 4 * limit]
-        cleaned = self(window)
+        cleaned = self(window).translate(_CONTROLS)  # one log line: no forged lines, no terminal codes
         if len(text) > len(window):  # the window may have cut a credential: drop its cut-off end
             cleaned = _TRAILING_RUN.sub("", cleaned)
         if len(cleaned) > limit or len(text) > len(window):
