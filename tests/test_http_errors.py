@@ -13,8 +13,10 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from engine import EngineConfig, LMConfig, RetryPolicy, UpstreamError
+from engine import EngineConfig, LMConfig, RetryPolicy, UpstreamError, UpstreamServerError
 from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from engine.lm._http_errors import status_error
+from engine.lm._redact import Redactor
 from engine.testing import FakeUpstream, Fault
 
 from .web_helpers import running, settings
@@ -131,3 +133,20 @@ async def _frames_until_the_end(ws: Any) -> list[dict[str, Any]]:
         while not frames or frames[-1]["type"] not in ("result", "final", "error", "cancelled"):
             frames.append(json.loads(await ws.get_message()))
     return frames
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["[" * 20_000 + "]" * 20_000, "[]," * 1_000_000, "<html>" + "x" * 100_000],
+    ids=["deep", "huge", "html"],
+)
+def test_any_error_body_gives_a_typed_error_with_our_words(
+    body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deeply nested, huge or HTML error body: the status's meaning for the client, 500 characters of
+    the body for the log."""
+    error = status_error("m", 503, {"retry-after": "2"}, body, Redactor())
+    assert isinstance(error, UpstreamServerError)
+    assert error.message == "m: the upstream answered HTTP 503: it failed"
+    assert error.retry_after == 2
+    assert len(caplog.records[-1].getMessage()) < 700

@@ -148,7 +148,10 @@ def _number_like(value: str) -> bool:
 
 
 def _provider_words(body: str) -> str:
-    """What the provider said in an error body: its JSON error's type and message, or the body."""
+    """What the provider said in an error body: its JSON error's type and message, or the body. (A body
+    over 64 KiB is not an API's error object: it is not parsed, since parsing multiplies memory.)"""
+    if len(body) > 65536:
+        return body
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
