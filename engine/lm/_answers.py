@@ -88,10 +88,13 @@ def clean_usage(usage: Any) -> dict[str, Any]:
         return {}
     clean: dict[str, Any] = {}
     for key, value in usage.items():
-        if (count := _count(value)) is not None:
-            clean[str(key)] = count
+        if type(value) is int:  # the common case first: an exact int (not a bool)
+            if value >= 0:
+                clean[key] = value
+        elif (count := _count(value)) is not None:
+            clean[key] = count
         elif isinstance(value, Mapping):
-            clean[str(key)] = {str(k): n for k, v in value.items() if (n := _count(v)) is not None}
+            clean[key] = {k: n for k, v in value.items() if (n := _count(v)) is not None}
     return clean
 
 

@@ -82,17 +82,17 @@ def _headers(response: h11.Response) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
 
 
-def _header(response: h11.Response, name: bytes) -> str | None:
-    for key, value in response.headers:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-def _decoder(response: h11.Response, limit: int) -> BodyDecoder:
-    """The decoder for ``response``'s body (see ``_body``)."""
-    codings = [value.decode("latin-1") for name, value in response.headers if name == b"content-encoding"]
-    return BodyDecoder(content_coding(codings) if codings else None, limit)
+def _body_of(response: h11.Response, limit: int) -> tuple[str | None, BodyDecoder]:
+    """``response``'s content type, and the decoder for its body (see ``_body``): one pass over the
+    headers."""
+    content_type = None
+    codings: list[str] = []
+    for name, value in response.headers:
+        if name == b"content-type":
+            content_type = value.decode("latin-1")
+        elif name == b"content-encoding":
+            codings.append(value.decode("latin-1"))
+    return content_type, BodyDecoder(content_coding(codings) if codings else None, limit)
 
 
 @contextmanager
@@ -215,14 +215,13 @@ class LeanClient:
             self.pool.release(connection)  # not reusable mid-exchange: closed
             raise
 
-    async def _read_body(self, connection: Connection, timer: ExchangeTimer, head: h11.Response) -> bytes:
-        """The whole body of ``head``, decoded, at most ``max_response_bytes``. Yields to the scheduler
+    async def _read_body(self, connection: Connection, timer: ExchangeTimer, decoder: BodyDecoder) -> bytes:
+        """The whole body, through ``decoder`` (at most ``max_response_bytes``). Yields to the scheduler
         between inflated pieces of one chunk.
 
         Raises:
             BadResponse: larger than the cap, or an encoding that cannot be decoded (or is corrupt).
         """
-        decoder = _decoder(head, self.max_response_bytes)
         chunks: list[bytes] = []
         while True:
             event = await connection.next_event(timer)
@@ -249,9 +248,10 @@ class LeanClient:
         with timer.scope:
             connection, head = await self._start(path, payload, "application/json", timer)
             try:
+                content_type, decoder = _body_of(head, self.max_response_bytes)
                 if json_only and head.status_code < 300:
-                    check_content_type(_header(head, b"content-type"), stream=False)
-                content = await self._read_body(connection, timer, head)
+                    check_content_type(content_type, stream=False)
+                content = await self._read_body(connection, timer, decoder)
             finally:
                 self.pool.release(connection)
             return Response(head.status_code, _headers(head), content)
@@ -286,12 +286,13 @@ class LeanClient:
         with _mapped(model, self.redact), timer.scope:
             connection, head = await self._start(path, payload, "text/event-stream", timer)
             try:
+                content_type, decoder = _body_of(head, self.max_response_bytes)
                 if head.status_code >= 400:
-                    content = await self._read_body(connection, timer, head)
+                    content = await self._read_body(connection, timer, decoder)
                     text = content.decode("utf-8", errors="replace")
                     raise status_error(model, head.status_code, _headers(head), text, self.redact)
-                check_content_type(_header(head, b"content-type"), stream=True)
-                await self._events(connection, timer, on_event, _decoder(head, self.max_response_bytes))
+                check_content_type(content_type, stream=True)
+                await self._events(connection, timer, on_event, decoder)
             finally:
                 self.pool.release(connection)
             return
