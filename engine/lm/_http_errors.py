@@ -164,6 +164,12 @@ def _provider_words(body: str) -> str:
     return body
 
 
+def status_words(status: int) -> str:
+    """What a client reads of an error status: ``the upstream answered HTTP 401: it refused ...``."""
+    words = _STATUS_WORDS.get(status, "it failed" if status >= 500 else "it refused the request")
+    return f"the upstream answered HTTP {status}: {words}"
+
+
 def status_error(
     model: str, status: int, headers: Mapping[str, str], body: str, redact: Redactor
 ) -> UpstreamError:
@@ -171,8 +177,7 @@ def status_error(
     status and what it means, the provider's words to the log (see the module docstring). Every
     retryable status (429, and 5xx such as 503 and Anthropic's 529) carries the provider's
     ``Retry-After``."""
-    words = _STATUS_WORDS.get(status, "it failed" if status >= 500 else "it refused the request")
-    public = f"the upstream answered HTTP {status}: {words}"
+    public = status_words(status)
     detail = _provider_words(body)
     retry_after = parse_retry_after(headers)
     if status == 429:
