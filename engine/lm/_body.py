@@ -74,9 +74,8 @@ def content_coding(values: Iterable[str]) -> str | None:
         coding
         for value in values
         for part in value.split(",")
-        if (coding := part.strip().lower()) != "identity"
+        if (coding := part.strip().lower()) not in ("", "identity")
     ]
-    codings = [coding for coding in codings if coding]
     if not codings:
         return None
     if len(codings) > 1:
