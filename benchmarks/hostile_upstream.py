@@ -183,7 +183,7 @@ def _run(tree: Path, attack: str, transport: str, url: str, seconds: float) -> d
     if done.returncode != 0:
         return {"outcome": f"worker crashed: {done.stderr.strip().splitlines()[-1][:80]}"}
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    result["upstream_requests"] = _records(root) - before
+    result["upstream_requests"] = _records(root) - before - 1  # the worker's warm-up is not counted
     return result
 
 
