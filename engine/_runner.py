@@ -3,11 +3,13 @@
 The program runs in the calling task under one DSPy settings context (its LM, its adapter, the stream
 router, no history or trace growth, DSPy's usage tracker; see ``_dspy.program_context``) and the engine's
 request trace. Whatever
-the program raises that is not already an engine error becomes a :class:`ProgramError`.
+the program raises that is not already an engine error becomes a :class:`ProgramError`: a parse failure
+says what did not parse; any other exception is logged, and its name and text stay out of the message.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -23,6 +25,8 @@ from ._result import PredictionResult, Timings, Usage
 from ._streaming import DeltaRouter
 from ._trace import RequestTrace, tracing
 from .lm import TrioLM
+
+logger = logging.getLogger("engine")
 
 
 class ProgramRunner:
@@ -93,5 +97,8 @@ def _raise_program_failure(program: Program, adapter: AdapterName, exc: BaseExce
     if isinstance(exc, AdapterParseError):
         message = parse_failure_message(program.name, exc, adapter)
     else:
-        message = f"program {program.name!r} failed: {type(exc).__name__}: {exc}"
+        # An exception's name and text are the program's internals (a RecursionError, a KeyError quoting
+        # data): clients read that the program failed; the log, and the ``__cause__``, have the rest.
+        logger.error("program %r failed", program.name, exc_info=exc)
+        message = f"program {program.name!r} failed with an internal error (the server log has the details)"
     raise ProgramError(message) from exc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -70,10 +70,23 @@ async def wait_until(predicate: Any, *, seconds: float = 5.0, poll: float = 0.01
             await trio.sleep(poll)
 
 
-async def first_request_closed_by_client(upstream: Any, left_at: float, within: float) -> Any:
+# How soon after a cancel the fake upstream must see the connection close, in the tests over real
+# sockets. What they test is that a cancel closes the connection instead of leaving the answer running,
+# so their upstreams answer in tens of seconds: the margin is far below that, and far above what a busy
+# 2-core machine (load 8) adds in scheduling delays. How fast the close really is (p99 a few ms) is a
+# benchmark's figure: python -m benchmarks.hotpath_stream --parts cancel.
+CLOSE_MARGIN = 1.0
+# How long a test waits for something that must happen before it calls it a hang: a guard, not a bound.
+HANG_GUARD = 60.0
+# A caller's deadline in the cancellation tests over real sockets: long enough for the request to reach
+# the upstream on a busy machine, far shorter than the upstream takes to answer.
+DEADLINE_AHEAD = 1.0
+
+
+async def first_request_closed_by_client(upstream: Any, left_at: float, within: float = CLOSE_MARGIN) -> Any:
     """Wait for the fake upstream's first request to end; check that the client closed its connection
     (the answer never completed) within ``within`` seconds of ``left_at``. Returns the record."""
-    with trio.fail_after(5):
+    with trio.fail_after(HANG_GUARD):
         await upstream.wait_for(lambda u: u.records and u.records[0].ended)
     record = upstream.records[0]
     assert record.completed_at is None
@@ -115,3 +128,36 @@ def variables_the_service_reads() -> set[str]:
     ):
         ServiceSettings.from_env(_Recording(values, read))
     return read
+
+
+async def cancel_once_upstream_has_it(
+    upstream: Any, call: Callable[[], Awaitable[Any]], *, tokens: int = 0, deadline: bool = False
+) -> float:
+    """Run ``call()`` and cancel it once the fake upstream holds its request (and has sent ``tokens``
+    stream tokens): 50 ms later by cancelling its scope, or, with ``deadline``, by a deadline set
+    ``DEADLINE_AHEAD`` seconds ahead before the call starts (the engine reads a caller's deadline when it
+    admits the call). Returns when the cancel fired. (Cancelling by the clock alone,
+    ``move_on_after(0.3)``, on a busy machine sometimes fired before the engine had sent anything.)"""
+    scope = trio.CancelScope()
+    if deadline:
+        scope.deadline = trio.current_time() + DEADLINE_AHEAD
+
+    async def run() -> None:
+        with scope:
+            await call()
+
+    def arrived() -> bool:
+        return bool(upstream.records) and upstream.records[-1].tokens_sent >= tokens
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await wait_until(arrived, seconds=HANG_GUARD, poll=0.005)  # tokens are not notified: polled
+        if deadline:
+            fired = scope.deadline
+            assert trio.current_time() < fired, "the request reached the upstream after its deadline"
+        else:
+            await trio.sleep(0.05)
+            fired = trio.current_time()
+            scope.cancel()
+    assert scope.cancelled_caught, "the call ended before it was cancelled"
+    return fired

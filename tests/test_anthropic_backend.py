@@ -25,7 +25,7 @@ from engine.lm import AnthropicLM
 from engine.lm.anthropic import to_messages_api
 from engine.testing import Behavior, FakeUpstream, Fault
 
-from .helpers import first_request_closed_by_client
+from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -81,7 +81,7 @@ async def test_streaming_through_the_engine(fake_upstream: FakeUpstream) -> None
         (Fault("rate_limit", retry_after=4), UpstreamRateLimitedError, "HTTP 429"),
         (Fault("overloaded"), UpstreamServerError, "HTTP 529"),
         (Fault("server_error"), UpstreamServerError, "HTTP 500"),
-        (Fault("malformed", after_tokens=2), UpstreamResponseError, "malformed"),
+        (Fault("malformed", after_tokens=2), UpstreamResponseError, "not valid JSON"),
         (Fault("disconnect", after_tokens=2), UpstreamConnectionError, "claude-test"),
     ],
     ids=["429", "529", "500", "malformed", "disconnect"],
@@ -118,13 +118,15 @@ async def test_retries_and_stream_errors_go_through_the_engines_policies(fake_up
     assert isinstance(last.error, UpstreamConnectionError)
 
 
-async def test_cancel_closes_the_connection_within_50ms(fake_upstream: FakeUpstream) -> None:
+async def test_cancel_closes_the_connection(fake_upstream: FakeUpstream) -> None:
     fake_upstream.behavior = Behavior(latency=30)
     lm = anthropic(fake_upstream)
-    with trio.move_on_after(0.3):
+
+    async def call() -> None:
         await lm.acall(messages=MESSAGES)
-    cancelled_at = trio.current_time()
-    await first_request_closed_by_client(fake_upstream, cancelled_at, within=0.05)
+
+    cancelled_at = await cancel_once_upstream_has_it(fake_upstream, call)
+    await first_request_closed_by_client(fake_upstream, cancelled_at)
     await lm.aclose()
 
 

@@ -14,10 +14,9 @@ import pytest
 import trio
 import trio.testing
 
-from engine import EngineConfig, UpstreamError, open_engine
+from engine import EngineConfig, UpstreamError, UpstreamResponseError, open_engine
 from engine._config import ClusterConfig
 from engine.lm._transport import LeanClient, Timeouts
-from engine.lm._transport import _client as transport_client
 
 from .helpers import CountingLM, wait_until
 from .redis_server import RedisServer, eventually, own_redis_server, prefix
@@ -125,14 +124,11 @@ async def test_the_owner_can_cancel_its_request_while_the_server_drains() -> Non
         assert '"code":"cancelled"' in text, text
 
 
-async def test_the_lean_transport_bounds_an_sse_line_as_it_bounds_a_body(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A broken upstream streams one SSE line that never ends. ``post_json`` refuses a body over
-    ``MAX_BODY_BYTES``; ``post_sse`` buffers the line without any bound (``LineSplitter`` keeps the whole
-    unterminated line and re-splits all of it on every read, so memory grows without limit and the CPU
-    cost is quadratic). With the bound lowered to 1 MB, a 3 MB line must be refused."""
-    monkeypatch.setattr(transport_client, "MAX_BODY_BYTES", 1024 * 1024)
+async def test_the_lean_transport_bounds_an_sse_line_as_it_bounds_a_body() -> None:
+    """A broken upstream streams one SSE line that never ends. ``post_json`` refuses a body over its
+    cap; ``post_sse`` used to buffer the line without any bound (keeping the whole unterminated line and
+    re-splitting all of it on every read, so memory grew without limit and the CPU cost was quadratic).
+    With the event cap at 1 MB, a 3 MB line must be refused as a bad answer."""
     piece = b"x" * 65536
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
 
@@ -152,9 +148,9 @@ async def test_the_lean_transport_bounds_an_sse_line_as_it_bounds_a_body(
         received.append(len(data))
 
     async with open_raw_server(endless_line) as server:
-        client = LeanClient(server.url)
+        client = LeanClient(server.url, max_event_bytes=1 << 20)
         try:
-            with trio.fail_after(30), pytest.raises(UpstreamError):
+            with trio.fail_after(30), pytest.raises(UpstreamResponseError):
                 await client.post_sse("m", "chat/completions", {"stream": True}, on_event)
         finally:
             await client.aclose()

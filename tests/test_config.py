@@ -193,6 +193,8 @@ read_timeout = 30
 write_timeout = 4
 pool_timeout = 5
 max_connections = 64
+max_response_bytes = 2097152
+max_event_bytes = 65536
 
 [lms.default.timeouts]
 attempt = 60
@@ -216,7 +218,13 @@ maximum = 64
     )
     lm = EngineConfig.from_toml(path).lms["default"]
     assert lm.http == HTTPSettings(
-        connect_timeout=2, read_timeout=30, write_timeout=4, pool_timeout=5, max_connections=64
+        connect_timeout=2,
+        read_timeout=30,
+        write_timeout=4,
+        pool_timeout=5,
+        max_connections=64,
+        max_response_bytes=2 << 20,
+        max_event_bytes=64 << 10,
     )
     assert lm.timeouts == CallTimeouts(attempt=60, first_token=10, stall=5)
     assert lm.rate_limit == RateLimit(rpm=500, tpm=100000)

@@ -22,6 +22,8 @@ OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http:
             r"lms\.x\.http\.read_timeout must be a finite number, got nan",
         ),
         ({"http": {"max_connections": 0}}, r"lms\.x\.http\.max_connections must be positive, got 0"),
+        ({"http": {"max_response_bytes": 0}}, r"lms\.x\.http\.max_response_bytes must be positive"),
+        ({"http": {"max_event_bytes": 1.5}}, r"lms\.x\.http\.max_event_bytes must be an integer"),
         ({"retry": {"max_attempts": 2.5}}, r"lms\.x\.retry\.max_attempts must be an integer, got 2\.5"),
         ({"rate_limit": {"rpm": math.inf}}, r"lms\.x\.rate_limit\.rpm must be a finite number"),
         ({"adaptive": {"inflation": 1.0}}, r"lms\.x\.adaptive\.inflation must be greater than 1"),

@@ -15,6 +15,8 @@ from engine import EngineConfig, LMConfig, open_engine
 from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
 from engine.testing import Behavior, FakeUpstream, open_fake_upstream
 
+from .helpers import HANG_GUARD
+
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 CALLS = 5
 
@@ -44,7 +46,7 @@ async def test_closed_idle_connections_are_reaped_without_a_new_request(kind: st
         async with trio.open_nursery() as nursery:
             await nursery.start(lm.maintain)
             await load(lm)
-            with trio.fail_after(5):
+            with trio.fail_after(HANG_GUARD):
                 await upstream.wait_for(all_reaped)
             nursery.cancel_scope.cancel()
         await lm.aclose()
@@ -59,7 +61,7 @@ async def test_without_upkeep_the_client_keeps_closed_connections_in_close_wait(
     async with open_fake_upstream(Behavior(idle_timeout=0.1)) as upstream:
         lm = backend("openai", upstream, HTTPSettings())
         await load(lm)
-        with trio.fail_after(5):
+        with trio.fail_after(HANG_GUARD):
             await upstream.wait_for(lambda u: len(u.idle_closes) == CALLS)
         await trio.sleep(0.5)
         assert all(c.client_closed_at is None for c in upstream.idle_closes)
@@ -80,7 +82,7 @@ async def test_an_open_engine_reaps_its_lms_connections(fake_upstream: FakeUpstr
         async with trio.open_nursery() as nursery:
             for _ in range(CALLS):
                 nursery.start_soon(engine.predict, "default", {"question": "q"})
-        with trio.fail_after(5):
+        with trio.fail_after(HANG_GUARD):
             await fake_upstream.wait_for(all_reaped)
     assert len(fake_upstream.records) == CALLS
 

@@ -222,6 +222,22 @@ async def test_unparseable_lm_output_is_a_program_error(autojump_clock: Any) -> 
             await engine.predict("default", {"question": "q"})
 
 
+async def test_a_program_failure_names_no_internal_exception(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception that is not the engine's (here a RecursionError, as deeply nested data once raised)
+    is a ProgramError whose message says the program failed; its name and text go to the log only."""
+    lm = FailingLM(RecursionError("maximum recursion depth exceeded while decoding a JSON array"))
+    async with open_engine(config(), lms={"default": lm}) as engine:
+        with pytest.raises(ProgramError) as info:
+            await engine.predict("default", {"question": "q"})
+    assert "Recursion" not in info.value.message
+    assert "JSON array" not in info.value.message
+    assert "internal error" in info.value.message
+    assert isinstance(info.value.__cause__, RecursionError)
+    assert "RecursionError: maximum recursion depth" in caplog.text
+
+
 async def test_closing_drains_in_flight_requests_within_the_drain_timeout(autojump_clock: Any) -> None:
     lm = CountingLM(first_token_delay=2.0)
     results: list[Any] = []

@@ -22,7 +22,7 @@ from engine import (
 from engine.lm import HTTPSettings, OpenAICompatibleLM
 from engine.testing import Behavior, FakeUpstream, Fault
 
-from .helpers import first_request_closed_by_client
+from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 
@@ -68,7 +68,7 @@ async def test_streaming_pushes_deltas_and_returns_the_whole_text(fake_upstream:
         (Fault("rate_limit", retry_after=7), UpstreamRateLimitedError, "HTTP 429"),
         (Fault("server_error"), UpstreamServerError, "HTTP 500"),
         (Fault("unavailable"), UpstreamServerError, "HTTP 503"),
-        (Fault("malformed", after_tokens=2), UpstreamResponseError, "malformed"),
+        (Fault("malformed", after_tokens=2), UpstreamResponseError, "not valid JSON"),
         (Fault("disconnect", after_tokens=2), UpstreamConnectionError, "fake-model"),
     ],
     ids=["429", "500", "503", "malformed", "disconnect"],
@@ -116,16 +116,19 @@ async def test_connection_refused_is_a_connection_error() -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-async def test_cancel_closes_the_upstream_connection_within_50ms(stream: bool) -> None:
+async def test_cancel_closes_the_upstream_connection(stream: bool) -> None:
     from engine.testing import open_fake_upstream
 
     async with open_fake_upstream(Behavior(latency=30, first_token_delay=0.0, token_delay=0.5)) as upstream:
         lm = lm_for(upstream)
         send, _receive = trio.open_memory_channel[Any](10_000)
-        with trio.move_on_after(0.3), dspy.context(send_stream=send if stream else None):
-            await lm.acall(messages=MESSAGES)
-        cancelled_at = trio.current_time()
-        await first_request_closed_by_client(upstream, cancelled_at, within=0.05)
+
+        async def call() -> None:
+            with dspy.context(send_stream=send if stream else None):
+                await lm.acall(messages=MESSAGES)
+
+        cancelled_at = await cancel_once_upstream_has_it(upstream, call)
+        await first_request_closed_by_client(upstream, cancelled_at)
         assert len(upstream.records) == 1
         assert upstream.active_requests == 0
         await lm.aclose()
@@ -135,10 +138,12 @@ async def test_engine_deadline_closes_the_upstream_connection(fake_upstream: Fak
     fake_upstream.behavior = Behavior(latency=30)
     lm = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
-        with trio.move_on_after(0.3):
+
+        async def call() -> None:
             await engine.predict("default", {"question": "q"})
-        cancelled_at = trio.current_time()
-        await first_request_closed_by_client(fake_upstream, cancelled_at, within=0.05)
+
+        cancelled_at = await cancel_once_upstream_has_it(fake_upstream, call, deadline=True)
+        await first_request_closed_by_client(fake_upstream, cancelled_at)
         stats = engine.statistics()
         assert (stats.timed_out, stats.in_flight) == (1, 0)
 

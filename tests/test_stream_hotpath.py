@@ -172,7 +172,7 @@ async def test_a_consumer_that_stops_mid_stream_closes_the_upstream(
                     if seen == stop_after:
                         scope.cancel()
         left_at = trio.current_time()
-        record = await first_request_closed_by_client(fake_upstream, left_at, within=1.0)
+        record = await first_request_closed_by_client(fake_upstream, left_at)
         assert record.tokens_sent < 10_000
         assert engine.statistics().abandoned == 1
         assert engine.statistics().in_flight == 0

@@ -56,7 +56,7 @@ from engine import (
 from engine.lm import SimulatedLM
 from engine.testing import Behavior, open_fake_upstream
 
-from .helpers import FailingLM, tasks_living
+from .helpers import CLOSE_MARGIN, FailingLM, tasks_living
 
 # Built once: a program given as a module instance is not rebuilt per engine (keeps examples cheap).
 QA = dspy.Predict("question -> answer")
@@ -445,6 +445,12 @@ def test_every_schedule_ends_clean_with_one_matching_outcome_per_request(
 
 
 # Over real sockets: cancellation reaches the upstream connection.
+#
+# The property is that a cancel closes the connection (the upstream's answer never completes), not how
+# fast a scheduler runs: the upstream's answer takes 30 s, the close must come within CLOSE_MARGIN of the
+# cancel, and the cancel fires only once the upstream holds the request (on a busy machine the engine can
+# take longer than ``after`` to send it). How fast the close really is, is measured by
+# ``python -m benchmarks.hotpath_stream --parts cancel`` (p99 of a few ms).
 
 
 @attrs.frozen
@@ -458,12 +464,12 @@ network_plans = st.builds(
     NetworkPlan,
     kind=st.sampled_from(["predict", "stream", "batch"]),
     method=st.sampled_from(["deadline", "scope", "engine_cancel", "leave", "drain", "engine_scope"]),
-    after=st.sampled_from([0.02, 0.05, 0.1, 0.2]),
+    after=st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.2]),
 )
 
 
 async def run_network_plan(plan: NetworkPlan) -> None:
-    behavior = Behavior(latency=2.0, first_token_delay=0.0, token_delay=0.01, words_per_field=400)
+    behavior = Behavior(latency=30.0, first_token_delay=0.0, token_delay=0.01, words_per_field=3000)
     async with open_fake_upstream(behavior) as upstream:
         lm = LMConfig(
             provider="openai",
@@ -475,6 +481,7 @@ async def run_network_plan(plan: NetworkPlan) -> None:
         config = EngineConfig(lms={"default": lm}, drain_timeout=0)
         fired = [math.inf]
         scopes: list[trio.CancelScope] = []
+        leave = trio.CancelScope()  # the stream consumer's own scope, for "leave"
         async with trio.open_nursery() as outer:
             with trio.CancelScope() as engine_scope:
                 async with open_engine(config) as engine:
@@ -483,8 +490,6 @@ async def run_network_plan(plan: NetworkPlan) -> None:
                     async def call() -> None:
                         with trio.CancelScope() as scope:
                             scopes.append(scope)
-                            if method == "deadline":
-                                scope.deadline = trio.current_time() + plan.after
                             try:
                                 if plan.kind == "predict":
                                     await engine.predict("default", {"question": "q"}, request_id="r")
@@ -494,9 +499,7 @@ async def run_network_plan(plan: NetworkPlan) -> None:
                                     async with engine.stream(
                                         "default", {"question": "q"}, request_id="r"
                                     ) as ev:
-                                        with trio.move_on_after(
-                                            plan.after if method == "leave" else math.inf
-                                        ):
+                                        with leave:
                                             async for _event in ev:
                                                 pass
                                         fired[0] = min(fired[0], trio.current_time())
@@ -504,6 +507,12 @@ async def run_network_plan(plan: NetworkPlan) -> None:
                                 pass
 
                     outer.start_soon(call)
+                    with trio.fail_after(60):  # a hang guard, not the property
+                        await upstream.wait_for(lambda u: bool(u.records))
+                    if method == "deadline":
+                        scopes[0].deadline = fired[0] = trio.current_time() + plan.after
+                    elif method == "leave":
+                        leave.deadline = trio.current_time() + plan.after
                     await trio.sleep(plan.after)
                     fired[0] = min(fired[0], trio.current_time())
                     if method == "scope":
@@ -516,15 +525,15 @@ async def run_network_plan(plan: NetworkPlan) -> None:
                     elif method == "engine_scope":
                         engine_scope.cancel()
                     await trio.sleep(0.3)  # long enough for any request to be cut, far shorter than it lasts
-        with trio.fail_after(5):
-            await upstream.wait_for(lambda u: u.records and u.records[0].ended)
+        with trio.fail_after(60):  # a hang guard, not the property
+            await upstream.wait_for(lambda u: u.records[0].ended)
         [record] = upstream.records
         assert record.completed_at is None, "the answer never completed"
         assert record.client_closed_at is not None
-        assert record.client_closed_at - fired[0] < 0.05, (plan, record.client_closed_at - fired[0])
+        assert record.client_closed_at - fired[0] < CLOSE_MARGIN, (plan, record.client_closed_at - fired[0])
 
 
-def test_every_cancel_closes_the_upstream_connection_within_50ms(request: pytest.FixtureRequest) -> None:
+def test_every_cancel_closes_the_upstream_connection(request: pytest.FixtureRequest) -> None:
     def example(plan: NetworkPlan) -> None:
         trio.run(run_network_plan, plan)
 

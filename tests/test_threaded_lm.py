@@ -8,7 +8,15 @@ import dspy
 import pytest
 import trio
 
-from engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, UpstreamRateLimitedError, open_engine
+from engine import (
+    ConfigError,
+    EngineConfig,
+    LMConfig,
+    RetryPolicy,
+    UpstreamRateLimitedError,
+    UpstreamResponseError,
+    open_engine,
+)
 from engine.testing import Behavior, FakeUpstream, Fault
 
 
@@ -132,3 +140,24 @@ def test_openai_itself_keeps_dspys_settings_and_nothing_is_registered_process_wi
     assert threaded.inner.model == f"{COMPATIBLE_PROVIDER}/m"
     assert all(binding.id != COMPATIBLE_PROVIDER for binding in registered_providers())
     assert dspy.LM("openai/m", api_base="http://127.0.0.1:9/v1")._providers == registered_providers()
+
+
+def test_a_dspy_lm_error_quoting_the_key_reaches_only_the_log_redacted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The dspy provider follows the HTTP backends' rule: DSPy's error text is the provider's (LiteLLM's
+    ``AuthenticationError: Incorrect API key provided: sk-...``); clients read the status's meaning."""
+    from dspy.utils.exceptions import LMAuthError
+
+    from engine.lm._redact import Redactor
+    from engine.lm.threaded import dspy_lm_errors
+
+    key = "sk-proj-threaded0123456789abcdefXYZ"
+    with pytest.raises(UpstreamResponseError) as info, dspy_lm_errors("m", Redactor([key])):
+        raise LMAuthError(f"AuthenticationError: Incorrect API key provided: {key}", status=401)
+    assert (
+        info.value.message
+        == "m: the upstream answered HTTP 401: it refused the credentials: check the LM's api_key"
+    )
+    assert key not in caplog.text
+    assert "Incorrect API key provided: [redacted]" in caplog.text

@@ -13,8 +13,6 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from engine import (
     InvalidInputError,
@@ -27,7 +25,6 @@ from engine.lm._transport import (
     ConnectError,
     ConnectTimeout,
     LeanClient,
-    LineSplitter,
     PoolTimeout,
     ReadTimeout,
     RemoteProtocolError,
@@ -36,7 +33,7 @@ from engine.lm._transport import (
 )
 from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
-from .helpers import first_request_closed_by_client, wait_until
+from .helpers import HANG_GUARD, first_request_closed_by_client, wait_until
 from .transport_helpers import (
     RawServer,
     json_response,
@@ -205,7 +202,7 @@ async def test_early_close_mid_body_is_an_error_and_nothing_leaks() -> None:
 
     async with open_raw_server(handle) as server:
         client = LeanClient(server.url)
-        with pytest.raises(UpstreamConnectionError, match="RemoteProtocolError") as info:
+        with pytest.raises(UpstreamConnectionError, match=r"broke HTTP/1\.1") as info:
             await client.post_json("m", "x", {})
         assert isinstance(info.value.__cause__, RemoteProtocolError)
         assert idle_and_active(client) == (0, 0)
@@ -225,14 +222,19 @@ async def test_close_before_any_response_is_a_protocol_error() -> None:
         assert idle_and_active(client) == (0, 0)
 
 
-async def test_error_statuses_map_and_keep_the_connection(fake_upstream: FakeUpstream) -> None:
+async def test_error_statuses_map_and_keep_the_connection(
+    fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The status and its meaning for the client; the provider's own words only in the log."""
     client = LeanClient(fake_upstream.url + "/")
     fake_upstream.add_faults(Fault("rate_limit", retry_after=2), Fault("server_error"))
     with pytest.raises(UpstreamRateLimitedError) as limited:
         await client.post_json("m", "chat/completions", BODY)
     assert limited.value.retry_after == 2
-    with pytest.raises(UpstreamServerError, match="HTTP 500: fake server_error"):
+    with pytest.raises(UpstreamServerError, match=r"answered HTTP 500: it failed$") as failed:
         await client.post_json("m", "chat/completions", BODY)
+    assert "fake" not in failed.value.message
+    assert "fake server_error" in caplog.text
     await client.post_json("m", "chat/completions", BODY)
     assert client.pool.statistics().opened == 1
     client.close()
@@ -245,7 +247,7 @@ async def test_refused_connection_maps_to_connection_error() -> None:
         client = LeanClient(f"http://127.0.0.1:{port}/v1")
         with pytest.raises(ConnectError):
             await client.request_json("x", b"{}")
-        with pytest.raises(UpstreamConnectionError, match="ConnectError"):
+        with pytest.raises(UpstreamConnectionError, match=r"could not connect to the upstream$"):
             await client.post_json("m", "x", {})
         assert idle_and_active(client) == (0, 0)
 
@@ -292,7 +294,7 @@ async def test_connect_timeout_is_exact(autojump_clock: trio.testing.MockClock) 
         with pytest.raises(ConnectTimeout):
             await client.request_json("x", b"{}")
         assert trio.current_time() - started == 4.0
-        with pytest.raises(UpstreamTimeoutError, match="ConnectTimeout"):
+        with pytest.raises(UpstreamTimeoutError, match="no connection to the upstream in time"):
             await client.post_json("m", "x", {})
         assert idle_and_active(client) == (0, 0)
         for filler in fillers:
@@ -307,7 +309,7 @@ async def test_read_timeout_is_exact(autojump_clock: trio.testing.MockClock) -> 
             await client.request_json("x", b"{}")
         assert trio.current_time() - started == 7.0
         assert idle_and_active(client) == (0, 0)
-        with pytest.raises(UpstreamTimeoutError, match="ReadTimeout"):
+        with pytest.raises(UpstreamTimeoutError, match="silent past the read timeout"):
             await client.post_json("m", "x", {})
         await server.wait_for(lambda s: s.closed == 2)
 
@@ -457,7 +459,7 @@ async def test_cancel_while_waiting_for_the_answer_closes_upstream_at_once() -> 
             await upstream.wait_for(lambda u: len(u.records) == 1)
             cancelled_at = trio.current_time()
             calls[0].cancel()
-        await first_request_closed_by_client(upstream, cancelled_at, within=0.02)
+        await first_request_closed_by_client(upstream, cancelled_at)
         assert idle_and_active(client) == (0, 0)
         upstream.behavior.latency = 0
         await client.post_json("m", "chat/completions", BODY)  # the pool still works
@@ -479,7 +481,7 @@ async def test_cancel_mid_body_closes_the_connection() -> None:
 
 
 async def test_consumer_leaving_a_stream_closes_upstream_at_once() -> None:
-    async with open_fake_upstream(Behavior(token_delay=0.01)) as upstream:
+    async with open_fake_upstream(Behavior(token_delay=0.01, words_per_field=2000)) as upstream:
         client = LeanClient(upstream.url + "/")
         events = 0
         left_at = 0.0
@@ -493,7 +495,7 @@ async def test_consumer_leaving_a_stream_closes_upstream_at_once() -> None:
 
         with pytest.raises(KeyError):
             await client.post_sse("m", "chat/completions", BODY | {"stream": True}, on_event)
-        await first_request_closed_by_client(upstream, left_at, within=0.02)
+        await first_request_closed_by_client(upstream, left_at)
         assert idle_and_active(client) == (0, 0)
 
 
@@ -513,7 +515,7 @@ async def test_sse_stream_reads_only_when_the_consumer_asks() -> None:
         await stream.send_all(b"data: [DONE]\n\n")  # and close: the body ends with the connection
 
     async with open_raw_server(firehose) as server:
-        client = LeanClient(server.url)
+        client = LeanClient(server.url, max_response_bytes=64 << 20)
         gate, first = trio.Event(), trio.Event()
         received: list[str] = []
 
@@ -525,7 +527,7 @@ async def test_sse_stream_reads_only_when_the_consumer_asks() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.post_sse, "m", "x", {}, on_event)
-            with trio.fail_after(5):
+            with trio.fail_after(HANG_GUARD):
                 await first.wait()
             await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the server is stuck in send_all
             assert len(received) == 1
@@ -535,41 +537,6 @@ async def test_sse_stream_reads_only_when_the_consumer_asks() -> None:
         assert [int(d.split()[0]) for d in received[:-1]] == list(range(total_events))
         assert idle_and_active(client) == (0, 0)
         client.close()
-
-
-# --- SSE line framing -------------------------------------------------------------------------------
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    lines=st.lists(
-        st.text(
-            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=8
-        ),
-        max_size=8,
-    ),
-    ending=st.sampled_from(["\n", "\r\n", "\r"]),
-    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=10),
-)
-def test_line_splitter_matches_whole_text_for_any_segmentation(
-    lines: list[str], ending: str, cuts: list[int]
-) -> None:
-    data = "".join(line + ending for line in lines).encode()
-    points = sorted({min(c, len(data)) for c in cuts})
-    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    splitter = LineSplitter()
-    got: list[str] = []
-    for piece in pieces:
-        got += splitter.feed(piece)
-    got += splitter.feed(b"", final=True)
-    assert got == lines
-
-
-def test_line_splitter_keeps_an_unterminated_last_line_for_the_end() -> None:
-    splitter = LineSplitter()
-    assert splitter.feed(b"data: a\r") == []
-    assert splitter.feed(b"\ndata: b") == ["data: a"]
-    assert splitter.feed(b"", final=True) == ["data: b"]
 
 
 async def test_reaper_closes_idle_connections_the_server_closed(mock_clock: trio.testing.MockClock) -> None:

@@ -14,6 +14,7 @@ import trustme
 from engine import UpstreamConnectionError
 from engine.lm._transport import ConnectError, LeanClient, default_ssl_context
 
+from .helpers import CLOSE_MARGIN
 from .transport_helpers import RawServer, json_response, keep_alive_handler, open_raw_server, read_request
 
 pytestmark = pytest.mark.network
@@ -59,7 +60,7 @@ async def test_unknown_ca_is_refused(ca: trustme.CA) -> None:
         client = LeanClient(f"https://localhost:{server.port}/v1")  # certifi's CAs only
         with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.request_json("x", b"{}")
-        with pytest.raises(UpstreamConnectionError, match="ConnectError"):
+        with pytest.raises(UpstreamConnectionError, match=r"could not connect to the upstream$"):
             await client.post_json("m", "x", {})
         assert client.pool.statistics().active == 0
 
@@ -94,7 +95,7 @@ async def test_cancel_over_tls_closes_the_socket_at_once(ca: trustme.CA) -> None
             cancelled_at = trio.current_time()
             nursery.cancel_scope.cancel()
         await server.wait_for(lambda s: s.closed == 1)
-        assert closed_at[0] - cancelled_at < 0.02
+        assert closed_at[0] - cancelled_at < CLOSE_MARGIN
         assert client.pool.statistics().active == 0
 
 

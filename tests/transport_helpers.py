@@ -36,7 +36,7 @@ class RawServer:
         self.changed = trio.Event()
 
     async def wait_for(self, predicate: Callable[[RawServer], bool]) -> None:
-        with trio.fail_after(5):
+        with trio.fail_after(60):  # a hang guard, not a bound
             while not predicate(self):
                 await self.changed.wait()
 

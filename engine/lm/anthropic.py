@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from .._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamServerError
+from .._errors import UpstreamConnectionError, UpstreamServerError
+from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
-from ._sse import json_object
+from ._http_errors import failure
 from .openai import HTTPSettings
 
 if TYPE_CHECKING:
@@ -57,7 +58,8 @@ def to_messages_api(messages: Sequence[Message]) -> tuple[str | None, list[dict[
     return ("\n\n".join(system) or None), turns
 
 
-def _usage(usage: Mapping[str, Any]) -> dict[str, int]:
+def _usage(reported: Mapping[str, Any]) -> dict[str, int]:
+    usage = clean_usage(reported)
     prompt = int(usage.get("input_tokens") or 0)
     completion = int(usage.get("output_tokens") or 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -154,16 +156,18 @@ class AnthropicLM(TrioLM):
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
         response = await self._clients.post_json(self.model, "v1/messages", body)
+        redact = self._clients.redact
+        payload = parse_json(self.model, response.content, redact)
         try:
-            payload = response.json()
             blocks = payload["content"]
             text = "".join(b["text"] for b in blocks if b.get("type") == "text")
             thinking = "".join(b.get("thinking", "") for b in blocks if b.get("type") == "thinking")
             usage = _usage(payload.get("usage") or {})
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UpstreamResponseError(
-                f"{self.model}: malformed message: {response.text[:200]!r}", model=self.model
-            ) from exc
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            detail = response.content[:2000].decode(errors="replace")
+            raise bad(self.model, "the upstream's answer is not a message", detail, redact) from exc
+        text = text_or_none(self.model, text, redact) or ""
+        thinking = text_or_none(self.model, thinking, redact) or ""
         return Completion([text], usage, [thinking or None])
 
     async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
@@ -173,26 +177,32 @@ class AnthropicLM(TrioLM):
         usage: dict[str, Any] = {}
         stopped = False
 
+        redact = self._clients.redact
+
         async def on_event(name: str, data: str) -> None:
             nonlocal stopped
-            payload = json_object(self.model, data)
+            payload = json_object(self.model, data, redact)
             kind = payload.get("type", name)
-            if kind == "message_start":
-                usage.update(payload.get("message", {}).get("usage") or {})
-            elif kind == "content_block_delta":
-                delta = payload.get("delta") or {}
-                if delta.get("type") == "text_delta" and delta.get("text"):
-                    text.append(delta["text"])
-                    if sink is not None:
-                        await sink.send(delta["text"])
-                elif delta.get("type") == "thinking_delta":
-                    thinking.append(delta.get("thinking", ""))
-            elif kind == "message_delta":
-                usage.update(payload.get("usage") or {})
-            elif kind == "message_stop":
-                stopped = True
-            elif kind == "error":
-                self._raise_stream_error(payload)
+            try:
+                if kind == "message_start":
+                    usage.update(payload.get("message", {}).get("usage") or {})
+                elif kind == "content_block_delta":
+                    delta = payload.get("delta") or {}
+                    if delta.get("type") == "text_delta":
+                        if delta_text := text_or_none(self.model, delta.get("text"), redact):
+                            text.append(delta_text)
+                            if sink is not None:
+                                await sink.send(delta_text)
+                    elif delta.get("type") == "thinking_delta":
+                        thinking.append(text_or_none(self.model, delta.get("thinking"), redact) or "")
+                elif kind == "message_delta":
+                    usage.update(payload.get("usage") or {})
+                elif kind == "message_stop":
+                    stopped = True
+                elif kind == "error":
+                    self._raise_stream_error(payload, data)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise bad(self.model, "the upstream's stream has a malformed event", data, redact) from exc
 
         await self._clients.post_sse(self.model, "v1/messages", body, on_event)
         if not stopped:
@@ -203,10 +213,11 @@ class AnthropicLM(TrioLM):
             return Completion(texts, estimated_usage(turns, texts), ["".join(thinking) or None])
         return Completion(texts, _usage(usage), ["".join(thinking) or None])
 
-    def _raise_stream_error(self, payload: Mapping[str, Any]) -> None:
+    def _raise_stream_error(self, payload: Mapping[str, Any], data: str) -> None:
         error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
         assert isinstance(error, dict)
-        message = f"{self.model}: error mid-stream: {error.get('type')}: {error.get('message')}"
+        redact = self._clients.redact
         if error.get("type") in ("overloaded_error", "api_error"):
-            raise UpstreamServerError(message, model=self.model, status=529)
-        raise UpstreamResponseError(message, model=self.model)
+            public = "the upstream reported it is overloaded mid-stream"
+            raise failure(UpstreamServerError, self.model, public, data, redact, status=529)
+        raise bad(self.model, "the upstream reported an error mid-stream", data, redact)

@@ -20,12 +20,14 @@ import attrs
 import httpx
 import trio
 
-from .._errors import UpstreamConnectionError, UpstreamResponseError
+from .._errors import UpstreamConnectionError
 from .._validate import optional_positive, positive, positive_int
+from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
+from ._body import MAX_EVENT_BYTES, MAX_RESPONSE_BYTES
 from ._http_errors import status_error
-from ._http_pool import ClientShards
-from ._sse import json_object
+from ._http_pool import REQUEST_HEADERS, ClientShards
+from ._redact import Redactor
 from ._transport import (
     HTTPClient,
     LeanClient,
@@ -57,6 +59,9 @@ class HTTPSettings:
         client: ``"lean"`` (h11 on Trio streams), ``"httpx"``, or ``"auto"``: lean unless an HTTP
             proxy from the environment applies to the URL or ``http2`` is asked for.
         http2: Speak HTTP/2 (through httpx; needs the ``h2`` package).
+        max_response_bytes: The most bytes one answer may have, decoded: a JSON body, or a whole
+            event stream (16 MiB). A larger answer fails the call with ``UpstreamResponseError``.
+        max_event_bytes: The most one event of a stream (or one line of it) may hold (1 MiB).
     """
 
     connect_timeout: float = attrs.field(default=10.0, validator=positive)
@@ -70,6 +75,8 @@ class HTTPSettings:
         default="auto", validator=attrs.validators.in_(("auto", "lean", "httpx"))
     )
     http2: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    max_response_bytes: int = attrs.field(default=MAX_RESPONSE_BYTES, validator=positive_int)
+    max_event_bytes: int = attrs.field(default=MAX_EVENT_BYTES, validator=positive_int)
 
     def httpx_timeout(self) -> httpx.Timeout:
         """These timeouts as httpx's."""
@@ -95,16 +102,19 @@ class HTTPSettings:
                 pass an ``httpx.MockTransport``); one httpx client then serves all calls.
         """
         timeout = self.httpx_timeout()
+        redact = Redactor.for_headers(headers)
+        sent = {**REQUEST_HEADERS, **headers}
         if transport is not None:
             given = transport
             return ClientShards(
                 1,
                 lambda _: (
-                    httpx.AsyncClient(
-                        base_url=base_url, headers=dict(headers), timeout=timeout, transport=given
-                    ),
+                    httpx.AsyncClient(base_url=base_url, headers=sent, timeout=timeout, transport=given),
                     given,
                 ),
+                redact=redact,
+                max_response_bytes=self.max_response_bytes,
+                max_event_bytes=self.max_event_bytes,
             )
         if choose(base_url, self.client, http2=self.http2) == "lean":
             timeouts = Timeouts(
@@ -119,6 +129,8 @@ class HTTPSettings:
                 timeouts=timeouts,
                 max_connections=self.max_connections,
                 idle_timeout=self.idle_timeout,
+                max_response_bytes=self.max_response_bytes,
+                max_event_bytes=self.max_event_bytes,
             )
 
         # Loading CA certificates takes ~50 ms: one context for all shards and lean clients.
@@ -133,12 +145,16 @@ class HTTPSettings:
             )
             # Our own transport (for reaping) means httpx applies no proxy from the environment itself.
             own = httpx.AsyncHTTPTransport(verify=verify, limits=limits, http2=self.http2, proxy=proxy)
-            client = httpx.AsyncClient(
-                base_url=base_url, headers=dict(headers), timeout=timeout, transport=own
-            )
+            client = httpx.AsyncClient(base_url=base_url, headers=sent, timeout=timeout, transport=own)
             return client, own
 
-        return ClientShards(self.max_connections, make_client)
+        return ClientShards(
+            self.max_connections,
+            make_client,
+            redact=redact,
+            max_response_bytes=self.max_response_bytes,
+            max_event_bytes=self.max_event_bytes,
+        )
 
 
 def _jsonable_response_format(value: Any) -> Any:
@@ -257,17 +273,16 @@ class OpenAICompatibleLM(TrioLM):
 
     async def _complete(self, body: dict[str, Any]) -> Completion:
         response = await self._clients.post_json(self.model, "chat/completions", body)
+        redact = self._clients.redact
+        payload = parse_json(self.model, response.content, redact)
         try:
-            payload = response.json()
             choices = payload["choices"]
-            texts = [choice["message"].get("content") or "" for choice in choices]
-            reasoning = [choice["message"].get("reasoning_content") for choice in choices]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise UpstreamResponseError(
-                f"{self.model}: malformed completion: {response.text[:200]!r}", model=self.model
-            ) from exc
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise UpstreamResponseError(f"{self.model}: completion content is not text", model=self.model)
+            messages = [choice["message"] for choice in choices]
+            texts = [text_or_none(self.model, m.get("content"), redact) or "" for m in messages]
+            reasoning = [text_or_none(self.model, m.get("reasoning_content"), redact) for m in messages]
+        except (KeyError, TypeError, AttributeError) as exc:
+            detail = response.content[:2000].decode(errors="replace")
+            raise bad(self.model, "the upstream's answer is not a chat completion", detail, redact) from exc
         return Completion(texts, _usage(payload), reasoning)
 
     async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
@@ -278,6 +293,10 @@ class OpenAICompatibleLM(TrioLM):
         finished: set[int] = set()  # choices that ended with a finish reason
         done = False
 
+        wanted = body.get("n")
+        choices = wanted if isinstance(wanted, int) and wanted > 1 else 1
+        redact = self._clients.redact
+
         async def on_event(name: str, data: str) -> None:
             nonlocal usage, done
             if data.strip() == "[DONE]":
@@ -285,7 +304,7 @@ class OpenAICompatibleLM(TrioLM):
                 return
             payload = self._chunk(data.strip())
             usage = _usage(payload) or usage
-            for index, content, thinking, finish in _deltas(payload, self.model):
+            for index, content, thinking, finish in _deltas(payload, self.model, choices, redact):
                 if content:
                     parts.setdefault(index, []).append(content)
                     if index == 0 and sink is not None:
@@ -296,8 +315,6 @@ class OpenAICompatibleLM(TrioLM):
                     finished.add(index)
 
         await self._clients.post_sse(self.model, "chat/completions", body, on_event)
-        wanted = body.get("n")
-        choices = wanted if isinstance(wanted, int) and wanted > 1 else 1
         if not done and len(finished) < choices:  # a stream cut before every choice ended
             raise UpstreamConnectionError(f"{self.model}: stream ended before completion", model=self.model)
         count = max([*parts, *reasoning], default=0) + 1
@@ -306,38 +323,52 @@ class OpenAICompatibleLM(TrioLM):
         return Completion(texts, usage or estimated_usage(body["messages"], texts), thoughts)
 
     def _chunk(self, data: str) -> dict[str, Any]:
-        payload = json_object(self.model, data)
+        redact = self._clients.redact
+        payload = json_object(self.model, data, redact)
         if "error" in payload:
             error = payload["error"]
-            message = error.get("message") if isinstance(error, dict) else None
             code = error.get("code") if isinstance(error, dict) else None
             if isinstance(code, int) and not isinstance(code, bool) and (code == 429 or code >= 500):
                 # An overload or rate limit the server reports after its 200: the same error (and retry
                 # policy) as that status before the stream began.
-                raise status_error(self.model, code, {}, json.dumps(payload))
-            raise UpstreamResponseError(
-                f"{self.model}: error mid-stream: {message or error}", model=self.model
-            )
+                raise status_error(self.model, code, {}, json.dumps(payload), redact)
+            raise bad(self.model, "the upstream reported an error mid-stream", json.dumps(payload), redact)
         return payload
 
 
 def _usage(payload: Mapping[str, Any]) -> dict[str, Any]:
-    usage = payload.get("usage")
-    return dict(usage) if isinstance(usage, dict) else {}
+    return clean_usage(payload.get("usage"))
 
 
-def _deltas(payload: Mapping[str, Any], model: str) -> list[tuple[int, str | None, str | None, bool]]:
-    """(choice index, content delta, reasoning delta, finished) for each choice in a stream chunk."""
-    choices = payload.get("choices") or []
+def _deltas(
+    payload: Mapping[str, Any], model: str, choices: int, redact: Redactor
+) -> list[tuple[int, str | None, str | None, bool]]:
+    """(choice index, content delta, reasoning delta, finished) for each choice in a stream chunk.
+
+    Raises:
+        UpstreamResponseError: a choice that is not an object, an index outside the ``choices`` asked
+            for, or a delta that is not text.
+    """
+    found = payload.get("choices") or []
     try:
-        return [
-            (
-                int(choice.get("index", 0)),
-                choice.get("delta", {}).get("content"),
-                choice.get("delta", {}).get("reasoning_content"),
-                bool(choice.get("finish_reason")),
+        deltas = []
+        for choice in found:
+            index = choice.get("index", 0)
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < choices:
+                raise bad(
+                    model, "the upstream's stream names a choice that was not asked for", repr(index), redact
+                )
+            delta = choice.get("delta") or {}
+            deltas.append(
+                (
+                    index,
+                    text_or_none(model, delta.get("content"), redact),
+                    text_or_none(model, delta.get("reasoning_content"), redact),
+                    bool(choice.get("finish_reason")),
+                )
             )
-            for choice in choices
-        ]
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise UpstreamResponseError(f"{model}: malformed stream chunk choices", model=model) from exc
+        return deltas
+    except (AttributeError, TypeError) as exc:
+        raise bad(
+            model, "the upstream's stream has malformed choices", json.dumps(payload)[:2000], redact
+        ) from exc

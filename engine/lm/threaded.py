@@ -39,13 +39,14 @@ from dspy.utils.exceptions import (
 from .._errors import (
     ConfigError,
     UpstreamConnectionError,
-    UpstreamError,
     UpstreamRateLimitedError,
     UpstreamResponseError,
     UpstreamServerError,
     UpstreamTimeoutError,
 )
 from ._base import Completion, DeltaSink, Message, TrioLM
+from ._http_errors import failure, status_words
+from ._redact import Redactor
 
 if TYPE_CHECKING:
     from .._config import LMConfig
@@ -61,25 +62,46 @@ def _finite(seconds: float | None) -> float | None:
 
 
 @contextmanager
-def dspy_lm_errors(model: str) -> Iterator[None]:
-    """Translate DSPy's LM errors raised inside the block into the engine's."""
+def dspy_lm_errors(model: str, redact: Redactor | None = None) -> Iterator[None]:
+    """Translate DSPy's LM errors raised inside the block into the engine's. Their text is the provider's
+    (LiteLLM's ``AuthenticationError: Incorrect API key provided: sk-...``): clients read the status
+    and what it means, the log gets the text, redacted (see ``_http_errors``)."""
+    redact = redact or Redactor()
     try:
         yield
     except LMRateLimitError as exc:
-        raise UpstreamRateLimitedError(
-            _first_line(exc), model=model, status=exc.status or 429, retry_after=_finite(exc.retry_after)
+        raise failure(
+            UpstreamRateLimitedError,
+            model,
+            status_words(exc.status or 429),
+            _first_line(exc),
+            redact,
+            status=exc.status or 429,
+            retry_after=_finite(exc.retry_after),
         ) from exc
     except LMTimeoutError as exc:
-        raise UpstreamTimeoutError(_first_line(exc), model=model, status=exc.status) from exc
+        public = "the upstream did not answer in time"
+        raise failure(
+            UpstreamTimeoutError, model, public, _first_line(exc), redact, status=exc.status
+        ) from exc
     except LMServerError as exc:
-        raise UpstreamServerError(
-            _first_line(exc), model=model, status=exc.status, retry_after=_finite(exc.retry_after)
+        raise failure(
+            UpstreamServerError,
+            model,
+            status_words(exc.status) if exc.status else "the upstream failed",
+            _first_line(exc),
+            redact,
+            status=exc.status,
+            retry_after=_finite(exc.retry_after),
         ) from exc
     except LMTransportError as exc:
-        raise UpstreamConnectionError(_first_line(exc), model=model) from exc
+        public = "the connection to the upstream failed"
+        raise failure(UpstreamConnectionError, model, public, _first_line(exc), redact) from exc
     except LMError as exc:
-        error: UpstreamError = UpstreamResponseError(_first_line(exc), model=model, status=exc.status)
-        raise error from exc
+        public = status_words(exc.status) if exc.status else "the upstream's answer could not be used"
+        raise failure(
+            UpstreamResponseError, model, public, _first_line(exc), redact, status=exc.status
+        ) from exc
 
 
 def refuse_litellm_route(lm: dspy.BaseLM, params: Mapping[str, Any]) -> None:
@@ -180,6 +202,7 @@ class ThreadedLM(TrioLM):
         super().__init__(lm.model)
         self.inner = lm
         self.limiter = anyio.CapacityLimiter(threads)
+        self._redact = Redactor([str(lm.kwargs.get("api_key") or "")])
 
     @classmethod
     def from_model(
@@ -233,7 +256,7 @@ class ThreadedLM(TrioLM):
         call: Callable[[], Any] = functools.partial(self._call, list(messages), dict(params))
         # The thread sees this task's context, so the stock LM streams to the sink given here.
         streaming = dspy.context(send_stream=_ChunksToSink(sink)) if sink is not None else nullcontext()
-        with dspy_lm_errors(self.model), streaming:
+        with dspy_lm_errors(self.model, self._redact), streaming:
             outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
         texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]
         reasoning = [o.get("reasoning_content") if isinstance(o, dict) else None for o in outputs]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import h11
+import trio
 
 
 def sse(payload: dict[str, Any], event: str | None = None) -> bytes:
@@ -133,3 +136,56 @@ WIRES = (OpenAIWire(), AnthropicWire())
 
 def wire_for(path: str) -> OpenAIWire | AnthropicWire | None:
     return next((wire for wire in WIRES if path.endswith(wire.path)), None)
+
+
+class ClientGone(Exception):
+    """The client closed the connection (seen by the watcher or by a failed write)."""
+
+
+class Sender:
+    """Writes h11 events to the socket; a failed write means the client is gone. Bytes written are
+    counted on ``record`` (a ``RequestRecord``'s ``bytes_sent``) once it is set."""
+
+    def __init__(self, connection: h11.Connection, stream: trio.SocketStream) -> None:
+        self._connection = connection
+        self._stream = stream
+        self.aborted = False
+        self.record: Any = None
+
+    async def _send(self, event: Any) -> None:
+        payload = self._connection.send(event)
+        if payload:
+            if self.record is not None:  # counted as it is handed to the socket
+                self.record.bytes_sent += len(payload)
+                if isinstance(event, h11.Data):
+                    self.record.body_bytes += len(event.data)
+            try:
+                await self._stream.send_all(payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ClientGone from exc
+
+    async def raw(
+        self, status: int, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
+        await self._send(h11.Response(status_code=status, headers=head))
+        await self._send(h11.Data(data=body))
+        await self._send(h11.EndOfMessage())
+
+    async def json(self, status: int, payload: Any, headers: Sequence[tuple[str, str]] = ()) -> None:
+        await self.raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+    async def start_stream(self, content_type: str = "text/event-stream") -> None:
+        head = [("content-type", content_type), ("cache-control", "no-cache")]
+        await self._send(h11.Response(status_code=200, headers=head))
+
+    async def data(self, payload: bytes) -> None:
+        await self._send(h11.Data(data=payload))
+
+    async def end(self) -> None:
+        await self._send(h11.EndOfMessage())
+
+    async def abort(self) -> None:
+        """Close the connection without finishing the answer."""
+        self.aborted = True
+        await self._stream.aclose()

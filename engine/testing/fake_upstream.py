@@ -4,7 +4,9 @@ It answers ``POST /v1/chat/completions`` and Anthropic's ``POST /v1/messages`` (
 text the built-in simulated
 LM would write for the same messages, so DSPy parses every answer. Latency and token pacing are
 configurable and run on Trio's clock. Faults are queued on demand and consumed one per request, in order:
-429 with ``Retry-After``, 500, 503, a hang, a disconnect mid-stream, a malformed chunk.
+429 with ``Retry-After``, 500, 503, a hang, a disconnect mid-stream, a malformed chunk — and the hostile
+answers of ``_hostile``: an event that never ends, an endless stream, a compression bomb, deeply nested
+JSON, an HTML page, invalid UTF-8, an error that quotes the request's credentials.
 
 Every request is recorded, including — the point of it all — the time its client closed the connection
 if that happened before the answer was complete. A watcher task reads the socket while the answer is
@@ -16,6 +18,7 @@ that it can misbehave at the byte level and notice a closed connection at the mo
 Control endpoints, for a fake upstream running in another process::
 
     POST /_fake/faults   {"faults": [{"kind": "rate_limit", "retry_after": 2}, ...]}   queue faults
+                         ("clear": true drops those still queued first)
     POST /_fake/behavior {"latency": 1.0, ...}                                         change pacing
     GET  /_fake/records                                                                the request log
 """
@@ -37,12 +40,30 @@ import trio
 
 from .._groups import open_service_nursery
 from ..lm.simulated import SimulatedLM
-from ._wire import AnthropicWire, OpenAIWire, wire_for
+from . import _hostile
+from ._wire import AnthropicWire, ClientGone, OpenAIWire, Sender, wire_for
 
 _ERROR_STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
+_HOSTILE = frozenset(
+    {"endless_event", "endless_stream", "bomb", "nested", "html", "bad_utf8", "surrogate", "echo_key"}
+)
 
 FaultKind = Literal[
-    "rate_limit", "server_error", "unavailable", "overloaded", "hang", "disconnect", "malformed"
+    "rate_limit",
+    "server_error",
+    "unavailable",
+    "overloaded",
+    "hang",
+    "disconnect",
+    "malformed",
+    "endless_event",
+    "endless_stream",
+    "bomb",
+    "nested",
+    "html",
+    "bad_utf8",
+    "surrogate",
+    "echo_key",
 ]
 FAULT_KINDS: tuple[FaultKind, ...] = (
     "rate_limit",
@@ -52,6 +73,14 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "hang",
     "disconnect",
     "malformed",
+    "endless_event",
+    "endless_stream",
+    "bomb",
+    "nested",
+    "html",
+    "bad_utf8",
+    "surrogate",
+    "echo_key",
 )
 
 
@@ -61,18 +90,35 @@ class Fault:
 
     Attributes:
         kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``overloaded``
-            (529, Anthropic's), ``hang`` (never
-            answer), ``disconnect`` (close the connection after ``after_tokens`` stream tokens, or at
-            once when not streaming), ``malformed`` (a broken JSON body or stream chunk).
+            (529, Anthropic's), ``hang`` (never answer), ``disconnect`` (close the connection after
+            ``after_tokens`` stream tokens, or at once when not streaming), ``malformed`` (a broken JSON
+            body or stream chunk). Hostile answers: ``endless_event`` (a stream's ``data:`` lines never
+            end an event; a JSON body never ends), ``endless_stream`` (valid deltas forever, one every
+            ``token_delay``), ``bomb`` (the answer compressed with ``encoding``, inflating to ``size``
+            bytes, sent in one write), ``nested`` (JSON ``size`` arrays deep, default 10,000, as the
+            body or as one stream event), ``html`` (a ``status`` HTML page quoting the request's
+            headers), ``bad_utf8`` (invalid UTF-8 in the completion text; on a stream, in the token
+            after ``after_tokens``), ``surrogate`` (the same place holds ``\\ud800``: valid UTF-8 and
+            valid JSON, but a lone surrogate once parsed), ``echo_key`` (a ``status`` error quoting the
+            credentials received; on a stream with ``after_tokens``, an error event after that many
+            tokens).
         retry_after: Seconds sent as ``Retry-After`` with 429/503.
         retry_after_ms: Milliseconds sent as ``retry-after-ms`` with 429/503.
-        after_tokens: For ``disconnect`` and ``malformed`` on streams: good tokens sent first.
+        after_tokens: For ``disconnect``, ``malformed``, ``bad_utf8``, ``surrogate`` and ``echo_key`` on
+            streams: good tokens sent first.
+        status: The status of ``html`` (200) and ``echo_key`` (401).
+        size: Bytes a ``bomb`` inflates to (100 MB); depth of ``nested`` (10,000).
+        encoding: The ``Content-Encoding`` of a ``bomb``: ``gzip`` and ``deflate`` are real; any other
+            label is sent over gzip bytes.
     """
 
     kind: FaultKind = attrs.field(validator=attrs.validators.in_(FAULT_KINDS))
     retry_after: float | None = None
     retry_after_ms: float | None = None
     after_tokens: int = 0
+    status: int | None = None
+    size: int | None = None
+    encoding: str = "gzip"
 
 
 @attrs.define
@@ -118,6 +164,7 @@ class RequestRecord:
         index: Arrival order, from 0.
         path: The request path.
         body: The parsed JSON body (None if it was not JSON).
+        headers: The request's headers (names lower-case).
         stream: Whether the client asked for a stream.
         fault: The fault applied, if any.
         status: The status answered (None before the answer started).
@@ -128,6 +175,8 @@ class RequestRecord:
         client_closed_wall, completed_wall: The same moments on the wall clock (``time.time()``), for
             comparing with another process's observations.
         tokens_sent: Stream tokens written to the socket.
+        bytes_sent: Bytes of the answer written to the socket (head, body and framing, as sent).
+        body_bytes: Bytes of the answer's body (as encoded, without the framing).
     """
 
     index: int
@@ -136,11 +185,14 @@ class RequestRecord:
     stream: bool
     fault: FaultKind | None
     received_at: float
+    headers: dict[str, str] = attrs.field(factory=dict)
     status: int | None = None
     completed_at: float | None = None
     client_closed_at: float | None = None
     aborted: bool = False
     tokens_sent: int = 0
+    bytes_sent: int = 0
+    body_bytes: int = 0
     client_closed_wall: float | None = None
     completed_wall: float | None = None
 
@@ -150,10 +202,6 @@ class RequestRecord:
 
     def as_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
-
-
-class _ClientGone(Exception):
-    """The client closed the connection (seen by the watcher or by a failed write)."""
 
 
 class FakeUpstream:
@@ -169,6 +217,7 @@ class FakeUpstream:
         self._indices = itertools.count()
         self._open_connections = 0
         self._changed = trio.Event()
+        self._release = trio.Event()
 
     def __repr__(self) -> str:
         active = sum(not r.ended for r in self.records)
@@ -190,6 +239,12 @@ class FakeUpstream:
     def active_requests(self) -> int:
         """Requests whose answer has neither completed nor been cut off by the client."""
         return sum(not record.ended for record in self.records)
+
+    def release_waiting(self) -> None:
+        """Cut short the latency of every request now waiting it out: they are answered at once (a
+        test can hold many requests open with a long latency, then finish them)."""
+        self._release.set()
+        self._release = trio.Event()
 
     def add_faults(self, *faults: Fault) -> None:
         """Queue faults; each following request consumes one, in order."""
@@ -220,7 +275,7 @@ class FakeUpstream:
                 connection.start_next_cycle()
                 if not await self._await_next_request(connection, stream):
                     break
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         finally:
             self._open_connections -= 1
@@ -268,7 +323,7 @@ class FakeUpstream:
         except ValueError:
             body = None
         path = request.target.decode()
-        send = _Sender(connection, stream)
+        send = Sender(connection, stream)
         if path.startswith("/_fake/"):
             await self._control(send, request.method.decode(), path, body)
             return connection.our_state is h11.DONE
@@ -280,14 +335,16 @@ class FakeUpstream:
             stream=bool(isinstance(body, dict) and body.get("stream")),
             fault=fault.kind if fault else None,
             received_at=trio.current_time(),
+            headers={name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers},
         )
         self.records.append(record)
+        send.record = record
         self._notify()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_for_close, connection, stream, record, nursery.cancel_scope)
             try:
                 await self._answer(send, record, fault)
-            except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
                 self._client_closed(record)
             nursery.cancel_scope.cancel()
         if not record.ended:
@@ -321,10 +378,13 @@ class FakeUpstream:
                 return
             connection.receive_data(data)  # a pipelined next request: keep it for later
 
-    async def _control(self, send: _Sender, method: str, path: str, body: Any) -> None:
+    async def _control(self, send: Sender, method: str, path: str, body: Any) -> None:
         try:
             if method == "POST" and path == "/_fake/faults":
-                self.add_faults(*(Fault(**fault) for fault in body["faults"]))
+                faults = [Fault(**fault) for fault in body["faults"]]
+                if body.get("clear"):
+                    self._faults.clear()
+                self.add_faults(*faults)
                 await send.json(200, {"queued": len(self._faults)})
             elif method == "POST" and path == "/_fake/behavior":
                 self.behavior = attrs.evolve(self.behavior, **body)
@@ -336,7 +396,7 @@ class FakeUpstream:
         except (KeyError, TypeError, ValueError) as exc:
             await send.json(400, {"error": {"message": f"bad control request: {exc}"}})
 
-    async def _answer(self, send: _Sender, record: RequestRecord, fault: Fault | None) -> None:
+    async def _answer(self, send: Sender, record: RequestRecord, fault: Fault | None) -> None:
         wire = wire_for(record.path)
         if wire is None or not isinstance(record.body, dict):
             record.status = 404 if isinstance(record.body, dict) else 400
@@ -354,6 +414,12 @@ class FakeUpstream:
             return
         if fault is not None and fault.kind == "hang":
             await trio.sleep_forever()
+        if (
+            fault is not None
+            and fault.kind in _HOSTILE
+            and await _hostile.answer(send, record, fault, wire, self.behavior)
+        ):
+            return
         simulated = SimulatedLM(words_per_field=self.behavior.words_per_field)
         messages = wire.messages(record.body)
         text = simulated.render(messages)
@@ -368,7 +434,8 @@ class FakeUpstream:
         if record.stream:
             await self._stream(send, record, fault, wire, model, tokens, usage)
             return
-        await trio.sleep(self.behavior.latency)
+        with trio.move_on_after(self.behavior.latency):
+            await self._release.wait()
         record.status = 200
         if fault is not None and fault.kind == "disconnect":
             record.aborted = True
@@ -381,7 +448,7 @@ class FakeUpstream:
 
     async def _stream(
         self,
-        send: _Sender,
+        send: Sender,
         record: RequestRecord,
         fault: Fault | None,
         wire: OpenAIWire | AnthropicWire,
@@ -404,53 +471,19 @@ class FakeUpstream:
                     await send.data(wire.malformed_chunk)
                     await send.end()
                     return
+                if fault.kind == "echo_key":
+                    status = fault.status or 401
+                    await send.data(_hostile.echo_key_stream_error(wire, record.headers, status))
+                    await send.end()
+                    return
+                if fault.kind in ("bad_utf8", "surrogate"):
+                    await send.data(_hostile.bad_text_token(wire, record.index, model, fault.kind))
+                    record.tokens_sent += 1
+                    continue
             await send.data(wire.stream_token(record.index, model, token))
             record.tokens_sent += 1
         await send.data(wire.stream_end(record.index, model, usage, record.body))
         await send.end()
-
-
-class _Sender:
-    """Writes h11 events to the socket; a failed write means the client is gone."""
-
-    def __init__(self, connection: h11.Connection, stream: trio.SocketStream) -> None:
-        self._connection = connection
-        self._stream = stream
-        self.aborted = False
-
-    async def _send(self, event: Any) -> None:
-        payload = self._connection.send(event)
-        if payload:
-            try:
-                await self._stream.send_all(payload)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ClientGone from exc
-
-    async def raw(
-        self, status: int, body: bytes, content_type: str, headers: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        head = [("content-type", content_type), ("content-length", str(len(body))), *headers]
-        await self._send(h11.Response(status_code=status, headers=head))
-        await self._send(h11.Data(data=body))
-        await self._send(h11.EndOfMessage())
-
-    async def json(self, status: int, payload: Any, headers: Sequence[tuple[str, str]] = ()) -> None:
-        await self.raw(status, json.dumps(payload).encode(), "application/json", headers)
-
-    async def start_stream(self) -> None:
-        head = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
-        await self._send(h11.Response(status_code=200, headers=head))
-
-    async def data(self, payload: bytes) -> None:
-        await self._send(h11.Data(data=payload))
-
-    async def end(self) -> None:
-        await self._send(h11.EndOfMessage())
-
-    async def abort(self) -> None:
-        """Close the connection without finishing the answer."""
-        self.aborted = True
-        await self._stream.aclose()
 
 
 def _number(value: float) -> str:

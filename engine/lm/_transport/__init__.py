@@ -9,7 +9,6 @@ from ._choice import TransportName as TransportName
 from ._choice import choose as choose
 from ._choice import proxy_for as proxy_for
 from ._client import LeanClient as LeanClient
-from ._client import LineSplitter as LineSplitter
 from ._client import Response as Response
 from ._connection import Timeouts as Timeouts
 from ._errors import ConnectError as ConnectError
@@ -35,7 +34,6 @@ __all__ = [
     "HTTPClient",
     "JSONResponse",
     "LeanClient",
-    "LineSplitter",
     "Pool",
     "PoolStatistics",
     "PoolTimeout",

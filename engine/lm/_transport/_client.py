@@ -11,17 +11,21 @@ The response is read with h11 from the same Trio stream: a JSON body is collecte
 cut into lines and events and handed to the caller's ``on_event`` one at a time, the socket being read
 again only after ``on_event`` returns (backpressure reaches TCP).
 
+Every body passes through a :class:`~._body.BodyDecoder` (the whole answer's cap, bounded inflation, a
+yield to the scheduler between inflated pieces) and a stream's also through an
+:class:`~engine.lm._sse.EventReader` (one event's cap, strict UTF-8): the same two the httpx path uses.
+
 Error mapping happens here and only here: the transport's own failures become the engine's
-``UpstreamTimeoutError`` / ``UpstreamConnectionError``, error statuses go through the backends' shared
-:func:`~engine.lm._http_errors.status_error`. ``trio.Cancelled`` passes through untouched, and any exit
-that is not a complete exchange closes the connection instead of returning it to the pool.
+``UpstreamTimeoutError`` / ``UpstreamConnectionError``, an answer that cannot be taken (:class:`BadResponse`)
+``UpstreamResponseError``, error statuses go through the backends' shared
+:func:`~engine.lm._http_errors.status_error`; clients read fixed phrases, the details go to the log,
+redacted. ``trio.Cancelled`` passes through untouched, and any exit that is not a complete exchange
+closes the connection instead of returning it to the pool.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
-import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,9 +35,18 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from ..._errors import UpstreamConnectionError, UpstreamTimeoutError
-from .._http_errors import status_error
-from .._sse import SSEParser
+from ..._errors import UpstreamConnectionError, UpstreamResponseError, UpstreamTimeoutError
+from .._body import (
+    MAX_EVENT_BYTES,
+    MAX_RESPONSE_BYTES,
+    BadResponse,
+    BodyDecoder,
+    check_content_type,
+    content_coding,
+)
+from .._http_errors import failure, status_error
+from .._redact import Redactor
+from .._sse import EventReader
 from ._connection import Connection, ExchangeTimer, Origin, Timeouts
 from ._errors import RemoteProtocolError, TransportError, TransportTimeout
 from ._pool import Pool
@@ -41,9 +54,6 @@ from ._protocol import encode_body
 from ._tls import default_ssl_context
 
 USER_AGENT = "dspy-trio"
-_EOL = re.compile("\r\n|\r|\n")
-# A JSON answer larger than this is refused rather than held in memory.
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
 class Response:
@@ -72,14 +82,31 @@ def _headers(response: h11.Response) -> dict[str, str]:
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
 
 
+def _body_of(response: h11.Response, limit: int) -> tuple[str | None, BodyDecoder]:
+    """``response``'s content type, and the decoder for its body (see ``_body``): one pass over the
+    headers."""
+    content_type = None
+    codings: list[str] = []
+    for name, value in response.headers:
+        if name == b"content-type":
+            content_type = value.decode("latin-1")
+        elif name == b"content-encoding":
+            codings.append(value.decode("latin-1"))
+    return content_type, BodyDecoder(content_coding(codings) if codings else None, limit)
+
+
 @contextmanager
-def _mapped(model: str) -> Iterator[None]:
+def _mapped(model: str, redact: Redactor) -> Iterator[None]:
+    """Translate the transport's failures: a fixed phrase for clients, the details to the log."""
     try:
         yield
+    except BadResponse as exc:
+        raise failure(UpstreamResponseError, model, exc.public, str(exc), redact) from exc
     except TransportTimeout as exc:
-        raise UpstreamTimeoutError(f"{model}: no answer in time ({type(exc).__name__})", model=model) from exc
+        raise failure(UpstreamTimeoutError, model, exc.public, str(exc), redact) from exc
     except TransportError as exc:
-        raise UpstreamConnectionError(f"{model}: {type(exc).__name__}: {exc}", model=model) from exc
+        detail = f"{type(exc).__name__}: {exc}"
+        raise failure(UpstreamConnectionError, model, exc.public, detail, redact) from exc
 
 
 class LeanClient:
@@ -92,8 +119,12 @@ class LeanClient:
         max_connections: Connections to the origin at most.
         idle_timeout: Seconds an idle connection is kept.
         ssl_context: For ``https``; one shared context with certifi's CAs when omitted.
-        accept_gzip: Ask for gzip-compressed answers (``Accept-Encoding: gzip``). Off by default: LM
-            answers are small and decompressing costs CPU. An encoded answer is decoded either way.
+        accept_gzip: Ask for gzip-compressed answers (``Accept-Encoding: gzip``). Off by default
+            (``identity`` is asked for): LM answers are small and decompressing costs CPU. A gzip or
+            deflate answer is decoded either way, within ``max_response_bytes``; others are refused.
+        max_response_bytes: The most bytes an answer may have once decoded: a JSON body, or a whole
+            event stream. A larger one fails with ``UpstreamResponseError``.
+        max_event_bytes: The most one event of a stream (or one line) may hold.
     """
 
     def __init__(
@@ -106,6 +137,8 @@ class LeanClient:
         idle_timeout: float = 5.0,
         ssl_context: ssl.SSLContext | None = None,
         accept_gzip: bool = False,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_event_bytes: int = MAX_EVENT_BYTES,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -121,9 +154,11 @@ class LeanClient:
         host = self.origin.host if ":" not in self.origin.host else f"[{self.origin.host}]"
         self._host = host if default_port else f"{host}:{port}"
         static = [("host", self._host), ("user-agent", USER_AGENT)]
-        if accept_gzip:
-            static.append(("accept-encoding", "gzip"))
+        static.append(("accept-encoding", "gzip" if accept_gzip else "identity"))
         static += [(name.lower(), value) for name, value in (headers or {}).items()]
+        self.max_response_bytes = max_response_bytes
+        self.max_event_bytes = max_event_bytes
+        self.redact = Redactor.for_headers(headers or {})
         # Validated once here (h11 raises on an illegal name or value), reused for every request.
         h11.Request(method="POST", target="/", headers=static)
         self._static = static
@@ -173,7 +208,6 @@ class LeanClient:
             while True:
                 event = await connection.next_event(timer, head_by)
                 if isinstance(event, h11.Response):
-                    connection.decoder(event)
                     return connection, event
                 if not isinstance(event, h11.InformationalResponse):  # pragma: no cover - h11 guarantees
                     raise RemoteProtocolError(f"unexpected {type(event).__name__} before the response")
@@ -181,24 +215,31 @@ class LeanClient:
             self.pool.release(connection)  # not reusable mid-exchange: closed
             raise
 
-    async def _read_body(self, connection: Connection, timer: ExchangeTimer) -> bytes:
+    async def _read_body(self, connection: Connection, timer: ExchangeTimer, decoder: BodyDecoder) -> bytes:
+        """The whole body, through ``decoder`` (at most ``max_response_bytes``). Yields to the scheduler
+        between inflated pieces of one chunk.
+
+        Raises:
+            BadResponse: larger than the cap, or an encoding that cannot be decoded (or is corrupt).
+        """
         chunks: list[bytes] = []
-        size = 0
         while True:
             event = await connection.next_event(timer)
             if isinstance(event, h11.Data):
-                chunk = connection.decode(bytes(event.data))
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise RemoteProtocolError(f"response body larger than {MAX_BODY_BYTES} bytes")
-                chunks.append(chunk)
+                for piece in decoder.feed(bytes(event.data)):
+                    chunks.append(piece)
+                    if decoder.more:
+                        await trio.lowlevel.checkpoint()
             elif isinstance(event, h11.EndOfMessage):
-                chunks.append(connection.decode(b"", final=True))
+                decoder.end()
                 return b"".join(chunks)
 
-    async def request_json(self, path: str, payload: bytes) -> Response:
+    async def request_json(self, path: str, payload: bytes, *, json_only: bool = False) -> Response:
         """POST ``payload`` (JSON bytes, see :func:`encode_body`) to ``path`` and read the whole response
         (any status). Blocks for the exchange.
+
+        Args:
+            json_only: Refuse a successful answer whose content type is not JSON before reading it.
 
         Raises:
             TransportError: a transport failure (see ``_errors``); the connection is then closed.
@@ -207,7 +248,10 @@ class LeanClient:
         with timer.scope:
             connection, head = await self._start(path, payload, "application/json", timer)
             try:
-                content = await self._read_body(connection, timer)
+                content_type, decoder = _body_of(head, self.max_response_bytes)
+                if json_only and head.status_code < 300:
+                    check_content_type(content_type, stream=False)
+                content = await self._read_body(connection, timer, decoder)
             finally:
                 self.pool.release(connection)
             return Response(head.status_code, _headers(head), content)
@@ -217,13 +261,14 @@ class LeanClient:
         """POST ``body`` as JSON and return the response. Blocks for the whole response.
 
         Raises:
-            UpstreamError: a transport failure, or an error status (mapped by :func:`status_error`).
+            UpstreamError: a transport failure, an answer that cannot be taken, or an error status
+                (mapped by :func:`status_error`).
         """
         payload = encode_body(model, body)  # before a connection is taken: a bad body sends nothing
-        with _mapped(model):
-            response = await self.request_json(path, payload)
+        with _mapped(model, self.redact):
+            response = await self.request_json(path, payload, json_only=True)
         if response.status_code >= 400:
-            raise status_error(model, response.status_code, response.headers, response.text)
+            raise status_error(model, response.status_code, response.headers, response.text, self.redact)
         return response
 
     async def post_sse(
@@ -238,17 +283,20 @@ class LeanClient:
         """
         payload = encode_body(model, body)
         timer = ExchangeTimer(self.timeouts)
-        with _mapped(model), timer.scope:
+        with _mapped(model, self.redact), timer.scope:
             connection, head = await self._start(path, payload, "text/event-stream", timer)
             try:
+                content_type, decoder = _body_of(head, self.max_response_bytes)
                 if head.status_code >= 400:
-                    text = (await self._read_body(connection, timer)).decode("utf-8", errors="replace")
-                    raise status_error(model, head.status_code, _headers(head), text)
-                await self._events(connection, timer, on_event)
+                    content = await self._read_body(connection, timer, decoder)
+                    text = content.decode("utf-8", errors="replace")
+                    raise status_error(model, head.status_code, _headers(head), text, self.redact)
+                check_content_type(content_type, stream=True)
+                await self._events(connection, timer, on_event, decoder)
             finally:
                 self.pool.release(connection)
             return
-        with _mapped(model):
+        with _mapped(model, self.redact):
             raise timer.error()
 
     async def _events(
@@ -256,24 +304,22 @@ class LeanClient:
         connection: Connection,
         timer: ExchangeTimer,
         on_event: Callable[[str, str], Awaitable[None]],
+        decoder: BodyDecoder,
     ) -> None:
-        parser = SSEParser()
-        lines = LineSplitter()
+        reader = EventReader(self.max_event_bytes)
         while True:
             event = await connection.next_event(timer)
             if isinstance(event, h11.Data):
-                text = lines.feed(connection.decode(bytes(event.data)))
+                for piece in decoder.feed(bytes(event.data)):
+                    for sse in reader.feed(piece):
+                        # The read scope must not time out the consumer: only socket reads are bounded.
+                        timer.pause()
+                        await on_event(*sse)
+                    if decoder.more:
+                        await trio.lowlevel.checkpoint()
             elif isinstance(event, h11.EndOfMessage):
-                text = lines.feed(connection.decode(b"", final=True), final=True)
-            else:  # pragma: no cover - h11 yields only Data then EndOfMessage here
-                continue
-            for line in text:
-                if (sse := parser.feed(line)) is not None:
-                    # The read scope must not time out the consumer: only socket reads are bounded.
-                    timer.pause()
-                    await on_event(*sse)
-            if isinstance(event, h11.EndOfMessage):
-                if (sse := parser.feed("")) is not None:
+                decoder.end()
+                for sse in reader.end():
                     timer.pause()
                     await on_event(*sse)
                 return
@@ -302,41 +348,3 @@ class LeanClient:
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
-
-
-class LineSplitter:
-    """UTF-8 bytes in, complete lines out, split at ``\\n``, ``\\r\\n`` or ``\\r`` as SSE defines lines
-    (the ends are not kept); a ``\\r`` at the end of a chunk waits for the next one in case ``\\n``
-    follows it."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buffer = ""
-
-    def feed(self, data: bytes, *, final: bool = False) -> list[str]:
-        """The lines completed by ``data``; with ``final``, also the last unterminated one.
-
-        Raises:
-            RemoteProtocolError: a line grew past ``MAX_BODY_BYTES`` characters without ending.
-        """
-        new = self._decoder.decode(data, final)
-        if not final and "\n" not in new and "\r" not in new and not self._buffer.endswith("\r"):
-            self._buffer += new  # no line ends here: no need to split everything again
-            if len(self._buffer) > MAX_BODY_BYTES:
-                raise RemoteProtocolError(f"an event-stream line longer than {MAX_BODY_BYTES} characters")
-            return []
-        text = self._buffer + new
-        held = ""
-        if not final and text.endswith("\r"):
-            text, held = text[:-1], "\r"
-        lines = _EOL.split(text)
-        rest = lines.pop()
-        if final:
-            self._buffer = ""
-            if rest:
-                lines.append(rest)
-        else:
-            self._buffer = rest + held
-            if len(self._buffer) > MAX_BODY_BYTES:
-                raise RemoteProtocolError(f"an event-stream line longer than {MAX_BODY_BYTES} characters")
-        return lines

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import select
 import ssl
-import zlib
 from typing import Any
 
 import attrs
@@ -156,7 +155,6 @@ class Connection:
         self.idle_since = 0.0
         self.closed = False
         self.eof = False  # the peer ended its side: nothing more can come on this connection
-        self._decoder: Any = None
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.h11.our_state}/{self.h11.their_state}"
@@ -225,36 +223,6 @@ class Connection:
                 raise ReadError(f"connection broke while reading: {exc.__cause__ or exc}") from exc
             self.eof = not data
             self.h11.receive_data(bytes(data))
-
-    def decoder(self, response: h11.Response) -> None:
-        """Prepare to decode the body of ``response`` by its ``Content-Encoding`` (gzip, deflate).
-
-        Raises:
-            RemoteProtocolError: an encoding this transport cannot decode.
-        """
-        self._decoder = None
-        for name, value in response.headers:
-            if name == b"content-encoding":
-                encoding = value.strip().lower()
-                if encoding in (b"gzip", b"x-gzip"):
-                    self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                elif encoding == b"deflate":
-                    self._decoder = zlib.decompressobj()
-                elif encoding not in (b"identity", b""):
-                    label = encoding.decode(errors="replace")
-                    raise RemoteProtocolError(f"unsupported Content-Encoding {label}")
-
-    def decode(self, data: bytes, *, final: bool = False) -> bytes:
-        """Body bytes as sent (``data`` decompressed if the response was encoded)."""
-        if self._decoder is None:
-            return data
-        try:
-            out: bytes = self._decoder.decompress(data)
-            if final:
-                out += self._decoder.flush()
-        except zlib.error as exc:
-            raise RemoteProtocolError(f"corrupt compressed body: {exc}") from exc
-        return out
 
 
 def read_timeout_error(timeout: float) -> ReadTimeout:

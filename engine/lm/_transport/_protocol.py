@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import trio
 
 from ..._errors import InvalidInputError
+from .._redact import Redactor
 
 
 def encode_body(model: str, body: dict[str, Any]) -> bytes:
@@ -25,20 +26,22 @@ def encode_body(model: str, body: dict[str, Any]) -> bytes:
 
 
 class JSONResponse(Protocol):
-    """What ``post_json`` returns: a complete response with a JSON body."""
+    """What ``post_json`` returns: a complete, successful response (its body decoded, within the cap);
+    the backends parse ``content`` with ``_answers.parse_json``."""
 
     @property
     def status_code(self) -> int: ...
 
     @property
-    def text(self) -> str: ...
-
-    def json(self) -> Any: ...
+    def content(self) -> bytes: ...
 
 
 class HTTPClient(Protocol):
     """POSTs to one API root; implemented by :class:`~engine.lm._transport.LeanClient` and by
-    :class:`~engine.lm._http_pool.ClientShards` (httpx)."""
+    :class:`~engine.lm._http_pool.ClientShards` (httpx). ``redact`` removes the credentials they send
+    from text bound for the log."""
+
+    redact: Redactor
 
     async def post_json(self, model: str, path: str, body: dict[str, Any]) -> JSONResponse: ...
 
