@@ -25,7 +25,7 @@ from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
 from .._config import ClusterConfig
-from .._limits import CoolDown, LimitKind, Quota
+from .._limits import CoolDown
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
 from ._heartbeat import beat, leave, run_heartbeat
@@ -62,14 +62,14 @@ class Cluster:
     """Shared state of the processes that use one Redis. Get one from :func:`open_cluster`.
 
     Implements the :class:`engine._limits.Limits` port, so an ``UpstreamGuard`` built with it shares
-    its buckets and cool-down with every other process.
+    its quota and cool-down with every other process.
     """
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
         self.subscribed = trio.Event()  # set while cancels and cool-downs of others are heard
         self.relay = CancelRelay(link, OwnerDigest(_secret(link.config)), lambda: self.subscribed.is_set())
-        self._quotas: dict[tuple[str, str], SharedQuota] = {}
+        self._quotas: dict[str, SharedQuota] = {}
         self._cooldowns: dict[str, SharedCoolDown] = {}
 
     def __repr__(self) -> str:
@@ -86,11 +86,10 @@ class Cluster:
             writes_dropped=link.writes_dropped,
         )
 
-    def quota(self, upstream: str, kind: LimitKind, per_minute: float) -> Quota:
-        key = (upstream, kind)
-        if key not in self._quotas:
-            self._quotas[key] = SharedQuota(self.link, upstream, kind, per_minute)
-        return self._quotas[key]
+    def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> SharedQuota:
+        if upstream not in self._quotas:
+            self._quotas[upstream] = SharedQuota(self.link, upstream, rpm, tpm)
+        return self._quotas[upstream]
 
     def cooldown(self, upstream: str) -> CoolDown:
         if upstream not in self._cooldowns:
