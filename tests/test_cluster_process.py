@@ -209,9 +209,16 @@ async def test_metrics_of_a_replica_cover_every_worker(fresh: Deployment) -> Non
 
 
 async def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(fresh: Deployment) -> None:
+    """One worker is killed mid-load; the survivor answers its requests, a new worker replaces the dead
+    one, and the instance's counters never go backwards (Prometheus ``rate()`` would see a reset)."""
     process, url = fresh.replicas[1]
     workers = children(process.popen.pid)
     assert len(workers) == WORKERS
+    for _ in range(6):  # new connections: the kernel spreads them over both workers
+        async with httpx.AsyncClient(timeout=30) as fresh_connection:
+            assert await predict(fresh_connection, url) == 200
+    await trio.sleep(SNAPSHOT_INTERVAL + 0.2)  # real time: both workers' snapshots hold their counts
+    counted = await instance_requests(url)
     await behave(fresh, latency=0.5)
     results: list[int | str] = []
 
@@ -247,6 +254,18 @@ async def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(fresh: D
                 assert await predict(fresh_connection, url) == 200
         metrics = (await client.get(f"{url}/metrics", headers={"Accept": "application/json"})).json()
     assert metrics["workers"] == WORKERS
+    assert await instance_requests(url) >= counted + 10
+
+
+async def instance_requests(url: str) -> float:
+    """The instance's ``dspy_trio_requests_total``, all outcomes (Prometheus text)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(f"{url}/metrics")).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("dspy_trio_requests_total{")
+    )
 
 
 async def test_redis_stopped_mid_load_no_hang_local_fallback_then_recovery(fresh: Deployment) -> None:
