@@ -14,10 +14,10 @@ charge may be corrected after the call (TPM is charged with an estimate and corr
 usage), and given back entirely when the call was never sent.
 
 The same log, in Lua, is what ``engine.cluster`` keeps in Redis (``engine/cluster/_quota.py``).
-Grants that land within ``MERGE_GAP`` of the log's last entry are merged into it, at the later time
-(never earlier: merging only ever delays a later grant), which bounds the log to about 2,048 entries a
-minute; below 2,048 requests a minute a client pacing itself at the quota is never merged, so never
-delayed.
+Grants that land within :func:`merge_gap` of the log's last entry (just under ``60 / rpm``, at least
+``MERGE_GAP``) are merged into it, at the later time (never earlier: merging only ever delays a later
+grant), which bounds the log to about ``rpm`` (at most about 2,048) entries; a client pacing itself at
+the quota sends exactly ``60 / rpm`` apart, so it is never merged, never delayed (up to 2,048 a minute).
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ import trio
 from ._errors import RateLimitWaitError
 
 WINDOW = 60.0  # seconds: the window every limit is counted over
-MERGE_GAP = WINDOW / 2048  # grants closer than this to the log's last entry are merged into it
+MERGE_GAP = WINDOW / 2048  # the least gap below which a grant is merged into the log's last entry
+
+
+def merge_gap(rpm: float) -> float:
+    """How close to the log's last entry a grant is merged into it: just under a request limit's pace
+    (a client within the limit sends no closer, whatever the rounding of its times), at least
+    :data:`MERGE_GAP`."""
+    return max(MERGE_GAP, 0.999 * WINDOW / rpm) if rpm > 0 else MERGE_GAP
 
 
 class Entry:
@@ -53,8 +60,9 @@ class Entry:
 class WindowLog:
     """The entries of the last :data:`WINDOW` seconds, in time order, and their totals."""
 
-    def __init__(self) -> None:
+    def __init__(self, gap: float = MERGE_GAP) -> None:
         self._entries: deque[Entry] = deque()
+        self.gap = gap  # see merge_gap()
         self.requests = 0.0
         self.tokens = 0.0
 
@@ -100,12 +108,12 @@ class WindowLog:
         return math.inf
 
     def add(self, at: float, requests: float, tokens: float, tag: str = "") -> Entry:
-        """Record a grant at ``at``; merged into the latest entry when within :data:`MERGE_GAP` after it
-        and of the same ``tag``. Returns the entry that holds it."""
+        """Record a grant at ``at``; merged into the latest entry when within :attr:`gap` after it and
+        of the same ``tag``. Returns the entry that holds it."""
         entries = self._entries
         if entries and at < entries[-1].at:
             return self.insert(at, requests, tokens, tag)
-        if entries and (latest := entries[-1]).tag == tag and at - latest.at < MERGE_GAP:
+        if entries and (latest := entries[-1]).tag == tag and at - latest.at < self.gap:
             latest.at = at
             latest.requests += requests
             latest.tokens += tokens
@@ -190,7 +198,7 @@ class LocalQuota:
         self.name = name
         self.rpm = rpm or 0.0
         self.tpm = tpm or 0.0
-        self.log = WindowLog()
+        self.log = WindowLog(merge_gap(self.rpm))
         self.waited = 0.0  # seconds callers spent waiting, in total
 
     def __repr__(self) -> str:

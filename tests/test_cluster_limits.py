@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from engine import RateLimitWaitError
 from engine._config import ClusterConfig
-from engine._rate_window import Entry, WindowLog
+from engine._rate_window import Entry, WindowLog, merge_gap
 from engine._upstream import UpstreamGuard, UpstreamPolicy
 from engine.cluster import Cluster, SharedQuota, open_cluster
 from engine.cluster._heartbeat import beat
@@ -148,7 +148,7 @@ class Model:
 
     rpm: float
     tpm: float
-    log: WindowLog = attrs.Factory(WindowLog)
+    log: WindowLog = attrs.Factory(lambda self: WindowLog(merge_gap(self.rpm)), takes_self=True)
     queued: dict[int, list[tuple[Entry, float, float]]] = attrs.Factory(lambda: {0: [], 1: []})
 
     def call(self, process: int, now: float) -> None:

@@ -162,7 +162,7 @@ def test_no_grant_leaks_and_none_is_charged_twice(
 ) -> None:
     """Every grant settled once: refunded when never sent, else charged what the upstream saw."""
     rpm, tpm, clients_ = schedule
-    with mock.patch.object(_rate_window, "MERGE_GAP", 0.0):
+    with mock.patch.object(_rate_window, "merge_gap", return_value=0.0):
         seen, guard, end = run(rpm, tpm, clients_)
     quota = guard._quota
     assert isinstance(quota, LocalQuota)

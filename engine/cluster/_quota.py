@@ -32,7 +32,7 @@ What nobody knows is assumed to have happened at the worst moment:
 from __future__ import annotations
 
 import math
-import uuid
+import os
 from typing import Any
 
 import attrs
@@ -41,96 +41,132 @@ import trio
 from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, refuse
 from ._redis import RedisLink, RedisUnavailableError
 
-# KEYS[1] = the log. ARGV = now, rpm (0: none), tpm (0: none), the epoch the caller knows ('' : none),
-# the epoch of a log this call creates, processes (to wait for after a loss), the caller's process id,
-# requests and tokens to take (0 and 0: only corrections and merges), the bound of a wait, whether this is
-# the caller's first call in the epoch ('1' / '0'), the number of corrections and then each as
-# (seq, requests, tokens), the number of merged grants and then each as (time, requests, tokens).
+# KEYS[1] = the log. ARGV[1] = numbers separated by spaces (one argument: the client's cost is per
+# argument): now, rpm (0: none), tpm (0: none), processes (to wait for after a loss), requests and tokens
+# to take (0 and 0: only corrections and merges), the bound of a wait, 1 if this is the caller's first
+# call in the epoch (else 0), the number of corrections and of merged grants, then each correction as
+# (seq, requests, tokens) and each merged grant as (time, requests, tokens). ARGV[2] = the epoch the
+# caller knows ('' : none), ARGV[3] = the epoch of a log this call creates, ARGV[4] = the caller's id.
 # Replies {'epoch', epoch} (nothing done: the caller must resend under that epoch), or
 # {'ok' | 'wait', epoch, wait, seq, requests, tokens}: 'ok' took it (at now + wait), 'wait' took nothing
-# (a wait that does not end before its bound); requests and tokens are the window's totals. Numbers travel as
-# strings with 17 digits (Lua numbers would be truncated to integers, tostring keeps 14).
-# The log: {ep = epoch, sq = last seq, e = flat {time, requests, tokens, first seq, last seq}..., sn/sw =
-# requests/tokens of unknown use at time su, wt = processes yet to send their grants, mg = those who did}.
+# (a wait that does not end before its bound); requests and tokens are the window's totals. Numbers travel
+# as strings with 17 digits (Lua numbers would be truncated to integers, tostring keeps 14).
+#
+# The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests
+# and tokens, sn/sw = requests/tokens of unknown use at time su, wt = processes yet to send their grants,
+# mg = those who did}, then the entries, oldest first, 40 bytes each: time, requests, tokens, first seq,
+# last seq (doubles; seqs -1 for grants sent after a loss or an outage). An acquire decodes the header,
+# the oldest entries (expiry, and the walk to the first instant that fits) and the newest (merge, recent
+# corrections) only, and copies the rest as it is. Grants closer than (just under) 60 / rpm seconds, at
+# least 60 / 2048, to the newest entry are merged into it (engine/_rate_window.py's merge_gap): a log
+# holds at most about rpm (or 2,048) entries, and a client at exactly the quota's pace is never merged.
 QUOTA_SCRIPT = """
 local WINDOW = 60
-local GAP = 60 / 2048
 local TTL_MS = 86400000
-local now = tonumber(ARGV[1])
-local rpm = tonumber(ARGV[2])
-local tpm = tonumber(ARGV[3])
-local known = ARGV[4]
-local pid = ARGV[7]
-local want_n = tonumber(ARGV[8])
-local want_w = tonumber(ARGV[9])
-local max_wait = tonumber(ARGV[10])
-local first = ARGV[11] == '1'
+local REC = 40
+local x = {}
+for number in string.gmatch(ARGV[1], '%S+') do x[#x + 1] = tonumber(number) end
+local now, rpm, tpm, processes = x[1], x[2], x[3], x[4]
+local want_n, want_w, max_wait, first = x[5], x[6], x[7], x[8] == 1
+local corrections, merges = x[9], x[10]
+local known, pid = ARGV[2], ARGV[4]
+local gap = 60 / 2048
+if rpm > 0 and 0.999 * 60 / rpm > gap then gap = 0.999 * 60 / rpm end
 local function fmt(x) return string.format('%.17g', x) end
 
 local raw = redis.call('GET', KEYS[1])
 local st
+local base = 1
+local count = 0
 if raw then
-  st = cmsgpack.unpack(raw)
+  local size = struct.unpack('<I4', raw, 1)
+  st = cmsgpack.unpack(string.sub(raw, 5, 4 + size))
+  base = 5 + size
+  count = (#raw - base + 1) / REC
 else
-  st = {ep = ARGV[5], sq = 0, e = {}, sn = 0, sw = 0, su = now, wt = 0, mg = {}}
+  raw = ''
+  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, wt = 0, mg = {}}
   if known ~= '' then
     st.sn = rpm
     st.sw = tpm
-    st.wt = tonumber(ARGV[6])
+    st.wt = processes
+  end
+end
+
+-- Entries head .. split - 1 are read from raw as they are; split .. count - 1 are in tail (changed).
+local head = 0
+local split = count
+local tail = {}
+local function entry(i)
+  if i < split then return struct.unpack('<ddddd', raw, base + i * REC) end
+  local e = tail[i - split + 1]
+  return e[1], e[2], e[3], e[4], e[5]
+end
+local function open(j)
+  while split > j do
+    split = split - 1
+    local t, n, w, f, l = struct.unpack('<ddddd', raw, base + split * REC)
+    table.insert(tail, 1, {t, n, w, f, l})
   end
 end
 local function save()
-  redis.call('SET', KEYS[1], cmsgpack.pack(st), 'PX', TTL_MS)
+  local parts = {'', cmsgpack.pack(st), string.sub(raw, base + head * REC, base + split * REC - 1)}
+  parts[1] = struct.pack('<I4', #parts[2])
+  for _, e in ipairs(tail) do
+    parts[#parts + 1] = struct.pack('<ddddd', e[1], e[2], e[3], e[4], e[5])
+  end
+  redis.call('SET', KEYS[1], table.concat(parts), 'PX', TTL_MS)
 end
 if st.ep ~= known then
-  if not raw then save() end
+  if raw == '' then save() end
   return {'epoch', st.ep}
 end
-
-local e = st.e
-local n = #e
-local head = 1
-while head <= n and e[head] + WINDOW <= now do head = head + 5 end
-if head > 1 then
-  local kept = {}
-  for i = head, n do kept[#kept + 1] = e[i] end
-  e = kept
-  n = #e
+local function insert(t, n, w)
+  local i = count
+  while i > head and entry(i - 1) > t do i = i - 1 end
+  open(i)
+  table.insert(tail, i - split + 1, {t, n, w, -1, -1})
+  count = count + 1
+  st.rn = st.rn + n
+  st.rw = st.rw + w
 end
+
+while head < count do
+  local t, n, w = entry(head)
+  if t + WINDOW > now then break end
+  st.rn = st.rn - n
+  st.rw = st.rw - w
+  head = head + 1
+end
+if head == count then st.rn, st.rw = 0, 0 end
 if st.su + WINDOW <= now then
   st.sn, st.sw, st.wt, st.mg = 0, 0, 0, {}
 end
 
-local function insert(t, rn, rw)
-  local at = n + 1
-  while at > 1 and e[at - 5] > t do at = at - 5 end
-  for k = n, at, -1 do e[k + 5] = e[k] end
-  e[at], e[at + 1], e[at + 2], e[at + 3], e[at + 4] = t, rn, rw, -1, -1
-  n = n + 5
-end
-
-local a = 13
-for _ = 1, tonumber(ARGV[12]) do
-  local seq, dn, dw = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+local a = 11
+for _ = 1, corrections do
+  local seq, dn, dw = x[a], x[a + 1], x[a + 2]
   a = a + 3
   local found = false
-  local j = n - 4
-  while j >= 1 do
-    local last = e[j + 4]
-    if e[j + 3] <= seq and seq <= last then
-      e[j + 1] = math.max(0, e[j + 1] + dn)
-      e[j + 2] = math.max(0, e[j + 2] + dw)
+  local j = count - 1
+  while j >= head do
+    local _, _, _, f, l = entry(j)
+    if f <= seq and seq <= l then
+      open(j)
+      local e = tail[j - split + 1]
+      local n, w = math.max(0, e[2] + dn), math.max(0, e[3] + dw)
+      st.rn = st.rn + n - e[2]
+      st.rw = st.rw + w - e[3]
+      e[2], e[3] = n, w
       found = true
       break
     end
-    if last >= 0 and last < seq then break end
-    j = j - 5
+    if l >= 0 and l < seq then break end
+    j = j - 1
   end
   if not found and dw > 0 then insert(now, 0, dw) end
 end
 
-local merges = tonumber(ARGV[a])
-a = a + 1
 local counted = false
 if first and st.wt > 0 then
   for _, p in ipairs(st.mg) do
@@ -138,7 +174,7 @@ if first and st.wt > 0 then
   end
 end
 for _ = 1, merges do
-  local t, mn, mw = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local t, mn, mw = x[a], x[a + 1], x[a + 2]
   a = a + 3
   if t + WINDOW > now then
     insert(t, mn, mw)
@@ -154,66 +190,67 @@ if first and st.wt > 0 and not counted then
   if st.wt <= 0 then st.sn, st.sw, st.wt, st.mg = 0, 0, 0, {} end
 end
 
-local rn, rw = st.sn, st.sw
-for i = 1, n, 5 do
-  rn = rn + e[i + 1]
-  rw = rw + e[i + 2]
-end
 local status, wait, seq = 'ok', 0, 0
 if want_n > 0 or want_w > 0 then
   local start = now
-  if n > 0 and e[n - 4] > start then start = e[n - 4] end
-  local over_n = -1
-  local over_w = -1
-  if rpm > 0 then over_n = rn + want_n - rpm end
-  if tpm > 0 then over_w = rw + want_w - tpm end
-  local at = start
+  if count > head then
+    local latest = entry(count - 1)
+    if latest > start then start = latest end
+  end
+  local over_n, over_w = -1, -1
+  if rpm > 0 then over_n = st.rn + st.sn + want_n - rpm end
+  if tpm > 0 then over_w = st.rw + st.sw + want_w - tpm end
+  local grant = start
   if over_n > 0 or over_w > 0 then
-    at = math.huge
+    grant = math.huge
     local freed_n, freed_w = 0, 0
     local unknown = st.sn > 0 or st.sw > 0
-    local i = 1
+    local i = head
     while true do
       local t, fn, fw
-      if unknown and (i > n or st.su <= e[i]) then
+      if unknown and (i >= count or st.su <= entry(i)) then
         t, fn, fw = st.su, st.sn, st.sw
         unknown = false
-      elseif i <= n then
-        t, fn, fw = e[i], e[i + 1], e[i + 2]
-        i = i + 5
+      elseif i < count then
+        t, fn, fw = entry(i)
+        i = i + 1
       else
         break
       end
       freed_n = freed_n + fn
       freed_w = freed_w + fw
       if freed_n >= over_n and freed_w >= over_w then
-        at = math.max(start, t + WINDOW)
+        grant = math.max(start, t + WINDOW)
         break
       end
     end
   end
-  wait = at - now
+  wait = grant - now
   if wait > 0 and wait >= max_wait then
     status = 'wait'
   else
     st.sq = st.sq + 1
     seq = st.sq
-    if n > 0 and at - e[n - 4] < GAP and e[n - 1] >= 0 then
-      e[n - 4] = math.max(e[n - 4], at)
-      e[n - 3] = e[n - 3] + want_n
-      e[n - 2] = e[n - 2] + want_w
-      e[n] = seq
-    else
-      e[n + 1], e[n + 2], e[n + 3], e[n + 4], e[n + 5] = at, want_n, want_w, seq, seq
-      n = n + 5
+    local merged = false
+    if count > head then
+      local t, _, _, f = entry(count - 1)
+      if grant - t < gap and f >= 0 then
+        open(count - 1)
+        local e = tail[#tail]
+        e[1], e[2], e[3], e[5] = math.max(t, grant), e[2] + want_n, e[3] + want_w, seq
+        merged = true
+      end
     end
-    rn = rn + want_n
-    rw = rw + want_w
+    if not merged then
+      tail[#tail + 1] = {grant, want_n, want_w, seq, seq}
+      count = count + 1
+    end
+    st.rn = st.rn + want_n
+    st.rw = st.rw + want_w
   end
 end
-st.e = e
 save()
-return {status, st.ep, fmt(wait), tostring(seq), fmt(rn), fmt(rw)}
+return {status, st.ep, fmt(wait), tostring(seq), fmt(st.rn + st.sn), fmt(st.rw + st.sw)}
 """
 
 KEY_TTL = 86400.0  # seconds a log outlives its last write (TTL_MS in the script)
@@ -319,10 +356,12 @@ class SharedQuota:
         # shared log that holds it ("": none yet): what it sends when the log was lost, or after an outage.
         self.mirror = WindowLog()
         self.epoch = ""  # the shared log's epoch this process knows
+        self._candidate = os.urandom(8).hex()  # the epoch of a log this process would create
         self._first_in_epoch = False
         self._last_contact = -math.inf  # the shared clock at the last answer
         self._usage: tuple[float, float] | None = None  # the window's totals at the last answer
         self._corrections: list[tuple[int, float, float]] = []  # (seq, requests, tokens) of this epoch
+        self._unmerged: list[Entry] = []  # may hold mirror entries the shared log lacks (see _take_unmerged)
         self._share: LocalQuota | None = None  # the local share, while Redis is (or just was) unreachable
         self._share_until = -math.inf  # when Redis answers again: the share's last minute ends then
         self._waited = 0.0
@@ -377,17 +416,14 @@ class SharedQuota:
         grant = SharedGrant(
             self, reply.seq, reply.epoch, self.mirror.add(at, 1.0, tokens, reply.epoch), tokens
         )
-        try:
-            if at > trio.current_time():
-                try:
-                    await trio.sleep_until(at)
-                finally:
-                    self._waited += trio.current_time() - started
-            else:
-                await trio.lowlevel.checkpoint()
-        except BaseException:
-            grant.refund()
-            raise
+        if at > trio.current_time():  # else the round trip was the checkpoint
+            try:
+                await trio.sleep_until(at)
+            except BaseException:
+                grant.refund()
+                raise
+            finally:
+                self._waited += trio.current_time() - started
         return grant
 
     def _share_in_force(self) -> bool:
@@ -410,7 +446,9 @@ class SharedQuota:
         local = await share.acquire(tokens, then=then)
         now = trio.current_time()
         self.mirror.expire(now)
-        return ShareGrant(local, self.mirror, self.mirror.add(now, 1.0, tokens, ""), tokens)
+        entry = self.mirror.add(now, 1.0, tokens, "")
+        self._unmerged.append(entry)
+        return ShareGrant(local, self.mirror, entry, tokens)
 
     def _open_share(self) -> LocalQuota:
         """The local share: quota / processes, holding this process's own grants of the last minute and,
@@ -435,10 +473,21 @@ class SharedQuota:
 
     # --- talking to the script ---------------------------------------------------------------------
 
+    def _take_unmerged(self) -> list[Entry]:
+        """The mirror's grants the shared log lacks (made locally, or before the log was lost), marked
+        as being sent: a call running meanwhile does not send them too."""
+        candidates, self._unmerged = self._unmerged, []
+        taken = [
+            e
+            for e in dict.fromkeys(candidates)
+            if e.alive and e.tag not in (self.epoch, _SENDING) and (e.requests or e.tokens)
+        ]
+        return taken
+
     def _correct(self, seq: int, epoch: str, entry: Entry, requests: float, tokens: float) -> None:
         """Change a shared grant's charge: in the mirror now, in the shared log with the next call."""
         self.mirror.correct(entry, requests, tokens)
-        if epoch == self.epoch:
+        if epoch == self.epoch and (requests or (tokens and self.tpm)):  # tokens count only with a limit
             self._corrections.append((seq, requests, tokens))
 
     async def _run(self, requests: float, tokens: float, max_wait: float) -> Reply:
@@ -453,32 +502,28 @@ class SharedQuota:
         known = self.epoch if now - self._last_contact < KEY_TTL else ""
         corrections = self._corrections
         self.mirror.expire(now_local)
-        unmerged = [
-            e for e in self.mirror if e.tag not in (self.epoch, _SENDING) and (e.requests or e.tokens)
-        ]
+        unmerged = self._take_unmerged()
         tags = [e.tag for e in unmerged]
         for entry in unmerged:  # a call running meanwhile must not send them too
             entry.tag = _SENDING
         first, self._first_in_epoch = self._first_in_epoch, False  # this call brings the grants
-        args: list[Any] = [
-            repr(now),
-            repr(self.rpm),
-            repr(self.tpm),
-            known,
-            uuid.uuid4().hex,
-            str(max(1, link.processes)),
-            link.process_id,
-            repr(requests),
-            repr(tokens),
-            repr(min(max_wait, _LONGEST_WAIT)),
-            "1" if first else "0",
-            str(len(corrections)),
+        numbers = [
+            now,
+            self.rpm,
+            self.tpm,
+            max(1, link.processes),
+            requests,
+            tokens,
+            min(max_wait, _LONGEST_WAIT),
+            1 if first else 0,
+            len(corrections),
+            len(unmerged),
         ]
-        for seq, change_requests, change_tokens in corrections:
-            args += [str(seq), repr(change_requests), repr(change_tokens)]
-        args.append(str(len(unmerged)))
+        for correction in corrections:
+            numbers += correction
         for entry in unmerged:
-            args += [repr(now + (entry.at - now_local)), repr(entry.requests), repr(entry.tokens)]
+            numbers += (now + (entry.at - now_local), entry.requests, entry.tokens)
+        args = (" ".join(map(repr, numbers)), known, self._candidate, link.process_id)
         self._corrections = []
         try:
             reply = Reply.parse(await link.call(lambda: self._script(keys=[self.key], args=args)))
@@ -486,6 +531,7 @@ class SharedQuota:
             self._corrections = corrections + self._corrections  # not applied: keep them for the next call
             for entry, tag in zip(unmerged, tags, strict=True):
                 entry.tag = tag
+            self._unmerged += unmerged
             self._first_in_epoch = self._first_in_epoch or first
             raise
         self._last_contact = now
@@ -494,6 +540,8 @@ class SharedQuota:
             for entry, tag in zip(unmerged, tags, strict=True):
                 entry.tag = tag
             self.epoch, self._first_in_epoch = reply.epoch, True
+            self._candidate = os.urandom(8).hex()
+            self._unmerged = list(self.mirror)  # none of them is in the log of this epoch
             return reply
         for entry in unmerged:
             entry.tag = reply.epoch
@@ -507,7 +555,9 @@ class SharedQuota:
         if self._link.degraded:
             return
         self.mirror.expire(trio.current_time())
-        queued = self._corrections or any(e.tag != self.epoch for e in self.mirror)
+        queued = self._corrections or any(
+            e.alive and e.tag not in (self.epoch, _SENDING) for e in self._unmerged
+        )
         if not queued and self._link.clock() - self._last_contact < idle_after:
             return
         try:
