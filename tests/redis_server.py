@@ -35,10 +35,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` process without persistence; can be stopped, frozen and started again."""
+    """One ``redis-server`` process without persistence; can be stopped, frozen and started again.
 
-    def __init__(self) -> None:
+    Args:
+        extra: More ``redis-server`` options (e.g. TLS ones); the plain port answers PING for the start.
+    """
+
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,6 +53,7 @@ class RedisServer:
     def start(self) -> None:
         assert REDIS is not None
         command = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command += self.extra
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         limit = time.monotonic() + 10
         while time.monotonic() < limit:  # real time: waiting for another process to listen

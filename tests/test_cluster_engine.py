@@ -9,19 +9,21 @@ import hashlib
 import hmac
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
 import pytest
 import trio
+import trustme
 
 from engine import ConfigError, Engine, EngineConfig, LMConfig, RateLimit, RequestCancelledError, open_engine
 from engine._config import ClusterConfig
 from engine._owners import OwnerCheck
 from engine.cluster import open_cluster
 from engine.cluster._cancel import LocalCancel
-from tests.redis_server import RedisServer, eventually, prefix, redis_server
+from tests.redis_server import REDIS, RedisServer, eventually, free_port, prefix, redis_server
 from web.server import open_server, serve
 from web.settings import ServiceSettings
 
@@ -263,3 +265,88 @@ def test_the_cluster_secret_from_toml_and_env_is_checked_and_never_shown(tmp_pat
         with pytest.raises(ConfigError, match=r"cluster\.secret") as info:
             EngineConfig.from_toml(path)
         assert bad.strip() not in str(info.value)
+
+
+async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: RedisServer) -> None:
+    """README: an ACL user limited to the deployment's keys and channels and to these commands runs a
+    cluster (quota, cool-down, cancel, heartbeats) without a failure; a wrong password is refused."""
+    shared = prefix()
+    user, password = f"user-{shared}", "a-long-password-for-this-test"
+    rules = [
+        "on",
+        f">{password}",
+        f"~{shared}:*",
+        f"&{shared}:*",
+        "+hello",
+        "+ping",
+        "+client|setname",
+        "+select",
+        "+get",
+        "+set",
+        "+evalsha",
+        "+script|load",
+        "+multi",
+        "+exec",
+        "+zadd",
+        "+zremrangebyscore",
+        "+zcard",
+        "+zrem",
+        "+pexpire",
+        "+publish",
+        "+subscribe",
+    ]
+    command = ["redis-cli", "-p", str(redis_server.port), "ACL", "SETUSER", user, *rules]
+    assert (await trio.run_process(command, capture_stdout=True)).stdout.strip() == b"OK"
+    url = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+    config = EngineConfig(
+        lms={"default": attrs.evolve(SLOW, rate_limit=RateLimit(rpm=30, tpm=100000))},
+        cluster=ClusterConfig(redis_url=url, key_prefix=shared, secret="0123456789abcdef-acl"),
+    )
+    async with open_engine(config) as a, open_engine(config) as b:
+        await eventually(lambda: _subscribed(a) and _subscribed(b))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run, a, "r", "alice")
+                await eventually(lambda: a.statistics().in_flight == 1)
+                assert await b.cancel_anywhere("r", owner="alice") is True
+        assert b.cluster is not None
+        b.cluster.cooldown("default").extend_to(trio.current_time() + 0.1)
+        await trio.sleep(0.3)  # real time: a heartbeat and the cool-down's broadcast
+        for cluster in (a.cluster, b.cluster):
+            assert cluster is not None
+            statistics = cluster.statistics()
+            assert (statistics.degraded, statistics.failures, statistics.writes_dropped) == (False, 0, 0)
+    wrong = ClusterConfig(redis_url=url.replace(password, "wrong-password-0000"), key_prefix=shared)
+    async with open_cluster(wrong) as refused:
+        assert refused.statistics().degraded
+
+
+async def test_a_rediss_url_talks_tls_to_redis(tmp_path: Path) -> None:
+    """README: TLS to Redis with a ``rediss://`` URL (here with a test CA named in the URL)."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    issued = ca.issue_cert("127.0.0.1")
+    issued.private_key_pem.write_to_path(tmp_path / "key.pem")
+    issued.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    tls_port = free_port()
+    options = ("--tls-port", str(tls_port), "--tls-cert-file", str(tmp_path / "cert.pem"))
+    options += ("--tls-key-file", str(tmp_path / "key.pem"), "--tls-ca-cert-file", str(tmp_path / "ca.pem"))
+    server = RedisServer((*options, "--tls-auth-clients", "no"))
+    server.start()
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={tmp_path / 'ca.pem'}"
+        config = ClusterConfig(redis_url=url, key_prefix=prefix(), secret="0123456789abcdef-tls")
+        async with open_cluster(config) as cluster:
+            assert not cluster.statistics().degraded
+            quota = cluster.quota("up", 30, None)
+            await quota.acquire(0)
+            assert (await quota.usage())[0] == 1
+        plain = ClusterConfig(
+            redis_url=f"redis://127.0.0.1:{tls_port}/0", key_prefix=prefix(), call_timeout=0.3
+        )
+        async with open_cluster(plain) as refused:
+            assert refused.statistics().degraded  # the TLS port does not speak plain Redis
+    finally:
+        server.stop()
