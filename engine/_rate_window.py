@@ -218,6 +218,7 @@ class LocalQuota:
             RateLimitWaitError: at once, when the wait and ``then`` would pass the caller's deadline
                 (nothing was taken).
         """
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled scope's -inf deadline is no refusal
         now = trio.current_time()
         log = self.log
         log.expire(now)

@@ -133,3 +133,15 @@ async def test_aimd_grows_additively_and_halves_once_per_round(autojump_clock: A
         call = await limit.acquire(owner)
         limit.release(owner, call, latency=0.1, overloaded=False)
     assert limit.limit == 6, "never above the maximum"
+
+
+async def test_a_wait_asked_for_in_a_cancelled_scope_is_a_cancel_not_a_refusal(autojump_clock: Any) -> None:
+    """A cancelled scope's deadline is -inf: any wait "would pass it", but the caller was cancelled, not
+    refused (a refusal is booked ``rejected`` and escapes the cancelled scope)."""
+    quota = LocalQuota("up", rpm=1, tpm=None)
+    await quota.acquire(0)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await quota.acquire(0)
+    assert scope.cancelled_caught
+    assert quota.log.requests == 1

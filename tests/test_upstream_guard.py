@@ -244,3 +244,14 @@ async def test_a_quota_wait_that_leaves_the_call_no_time_is_refused_at_once(auto
     with trio.fail_after(60.5):  # time for the call after the wait: it goes
         await g.call(Script(delay=2.0), None, estimate=1)
     assert trio.current_time() == 62.0
+
+
+async def test_a_call_in_a_cancelled_scope_during_a_cool_down_is_cancelled_not_refused(
+    autojump_clock: Any,
+) -> None:
+    g = guard(rpm=1, retry=RetryPolicy(max_attempts=1))
+    await _expect_error(g, Script(UpstreamRateLimitedError("429", retry_after=5.0)))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await g.call(Script(), None, estimate=1)
+    assert scope.cancelled_caught

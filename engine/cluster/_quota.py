@@ -397,6 +397,7 @@ class SharedQuota:
             return await self._acquire_share(tokens, then)
 
     async def _acquire_shared(self, tokens: float, then: float) -> SharedGrant:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled scope's -inf deadline is no refusal
         for _ in range(_RESENDS):
             started = trio.current_time()
             left = trio.current_effective_deadline() - started
@@ -407,10 +408,12 @@ class SharedQuota:
         else:
             raise RedisUnavailableError(f"{self.key}: the shared log changed epoch {_RESENDS} times")
         if reply.status == "wait":
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled meanwhile: that, not a refusal
             raise refuse(self.name, reply.wait)
         at = started + reply.wait
         if reply.wait > 0 and at + then >= trio.current_effective_deadline():  # the round trip ate it
             self._corrections.append((reply.seq, -1.0, -tokens))
+            await trio.lowlevel.checkpoint_if_cancelled()  # cancelled meanwhile: that, not a refusal
             raise refuse(self.name, at - trio.current_time())
         self.mirror.expire(trio.current_time())
         grant = SharedGrant(
