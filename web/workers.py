@@ -45,6 +45,7 @@ logger = logging.getLogger("web")
 
 WORKERS_DIR = "DSPY_TRIO_WORKERS_DIR"  # set by the parent for its workers
 SNAPSHOT_INTERVAL = 1.0
+_OPENING_POLL = 0.05  # seconds between looks for the engine while a worker starts
 # Shared by every worker (the same Redis view), so the instance shows one value, not a sum.
 _NOT_SUMMED = {"dspy_trio_cluster_processes"}
 _RESTART_DELAY = 0.5  # seconds between a worker's death and its replacement (no tight crash loop)
@@ -204,11 +205,14 @@ def write_snapshot(directory: Path, engine: Engine) -> None:
 
 
 async def run_snapshots(directory: Path, engine: Callable[[], Engine | None]) -> None:
-    """Write a snapshot every ``SNAPSHOT_INTERVAL`` seconds (once the engine is open) until cancelled."""
+    """Write a snapshot every ``SNAPSHOT_INTERVAL`` seconds until cancelled, the first as soon as the
+    engine is open (a new worker counts in the instance from its start)."""
     while True:
-        if (current := engine()) is not None:
-            with contextlib.suppress(OSError):
-                write_snapshot(directory, current)
+        if (current := engine()) is None:
+            await trio.sleep(_OPENING_POLL)
+            continue
+        with contextlib.suppress(OSError):
+            write_snapshot(directory, current)
         await trio.sleep(SNAPSHOT_INTERVAL)
 
 

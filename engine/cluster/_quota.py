@@ -18,9 +18,12 @@ What nobody knows is assumed to have happened at the worst moment:
 - **Redis loses the log** (FLUSHALL, a restart without persistence): the log is recreated with the whole
   quota marked used at that instant (a missing log never starts full), in a new *epoch*. Every process
   that knew the old epoch sends its own grants of the last minute (each process keeps them, see
-  ``mirror``); each one's grants replace as much of the unknown, and once every live process has sent
-  its own, the unknown is gone and the log is exact again (within a heartbeat, idle processes
-  included). A process that never reached Redis starts a missing log empty (a new deployment).
+  ``mirror``; at its next call, or its heartbeat when idle), which replace as much of the unknown at
+  their real times, so that they leave the window when they really do; what no process sends (quota
+  that was not used, or used by a process gone since) stays unknown until it leaves the window, a
+  minute after the loss. The count of processes is never trusted for it: a count rebuilding itself
+  after the loss could end the unknown too early. A process that never reached Redis starts a missing
+  log empty (a new deployment).
 - **Redis is unreachable**: each process falls back to a local window with its share of the quota (the
   quota divided by the processes counted at the last heartbeat), holding its own grants of the last
   minute and, for the others', what the shared log last told it was still free, split evenly: across all
@@ -42,8 +45,8 @@ from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, ref
 from ._redis import RedisLink, RedisUnavailableError
 
 # KEYS[1] = the log. ARGV[1] = numbers separated by spaces (one argument: the client's cost is per
-# argument): now, rpm (0: none), tpm (0: none), processes (to wait for after a loss), requests and tokens
-# to take (0 and 0: only corrections and merges), the bound of a wait, 1 if this is the caller's first
+# argument): now, rpm (0: none), tpm (0: none), requests and tokens to take (0 and 0: only corrections
+# and merges), the bound of a wait, 1 if this is the caller's first
 # call in the epoch (else 0), the number of corrections and of merged grants, then each correction as
 # (seq, requests, tokens) and each merged grant as (time, requests, tokens). ARGV[2] = the epoch the
 # caller knows ('' : none), ARGV[3] = the epoch of a log this call creates, ARGV[4] = the caller's id.
@@ -52,23 +55,23 @@ from ._redis import RedisLink, RedisUnavailableError
 # (a wait that does not end before its bound); requests and tokens are the window's totals. Numbers travel
 # as strings with 17 digits (Lua numbers would be truncated to integers, tostring keeps 14).
 #
-# The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests
-# and tokens, sn/sw = requests/tokens of unknown use at time su, wt = processes yet to send their grants,
-# mg = those who did}, then the entries, oldest first, 40 bytes each: time, requests, tokens, first seq,
-# last seq (doubles; seqs -1 for grants sent after a loss or an outage). An acquire decodes the header,
+# The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests and
+# tokens, sn/sw = requests/tokens of unknown use at time su (after a loss), mg = the processes that have
+# sent their own grants since}, then the entries, oldest first, 40 bytes each: time, requests, tokens, first
+# seq, last seq (doubles; seqs -1 for grants sent after a loss or an outage). An acquire decodes the header,
 # the oldest entries (expiry, and the walk to the first instant that fits) and the newest (merge, recent
 # corrections) only, and copies the rest as it is. Grants closer than (just under) 60 / rpm seconds, at
-# least 60 / 2048, to the newest entry are merged into it (engine/_rate_window.py's merge_gap): a log
-# holds at most about rpm (or 2,048) entries, and a client at exactly the quota's pace is never merged.
+# least 60 / 2048, to the newest entry are merged into it (engine/_rate_window.py's merge_gap): a log holds
+# at most about rpm (or 2,048) entries, and a client at exactly the quota's pace is never merged.
 QUOTA_SCRIPT = """
 local WINDOW = 60
 local TTL_MS = 86400000
 local REC = 40
 local x = {}
 for number in string.gmatch(ARGV[1], '%S+') do x[#x + 1] = tonumber(number) end
-local now, rpm, tpm, processes = x[1], x[2], x[3], x[4]
-local want_n, want_w, max_wait, first = x[5], x[6], x[7], x[8] == 1
-local corrections, merges = x[9], x[10]
+local now, rpm, tpm = x[1], x[2], x[3]
+local want_n, want_w, max_wait, first = x[4], x[5], x[6], x[7] == 1
+local corrections, merges = x[8], x[9]
 local known, pid = ARGV[2], ARGV[4]
 local gap = 60 / 2048
 if rpm > 0 and 0.999 * 60 / rpm > gap then gap = 0.999 * 60 / rpm end
@@ -85,11 +88,10 @@ if raw then
   count = (#raw - base + 1) / REC
 else
   raw = ''
-  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, wt = 0, mg = {}}
+  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, mg = {}}
   if known ~= '' then
     st.sn = rpm
     st.sw = tpm
-    st.wt = processes
   end
 end
 
@@ -140,10 +142,10 @@ while head < count do
 end
 if head == count then st.rn, st.rw = 0, 0 end
 if st.su + WINDOW <= now then
-  st.sn, st.sw, st.wt, st.mg = 0, 0, 0, {}
+  st.sn, st.sw, st.mg = 0, 0, {}
 end
 
-local a = 11
+local a = 10
 for _ = 1, corrections do
   local seq, dn, dw = x[a], x[a + 1], x[a + 2]
   a = a + 3
@@ -167,8 +169,9 @@ for _ = 1, corrections do
   if not found and dw > 0 then insert(now, 0, dw) end
 end
 
+local unknown = st.sn > 0 or st.sw > 0
 local counted = false
-if first and st.wt > 0 then
+if first and unknown then
   for _, p in ipairs(st.mg) do
     if p == pid then counted = true end
   end
@@ -184,11 +187,7 @@ for _ = 1, merges do
     end
   end
 end
-if first and st.wt > 0 and not counted then
-  st.wt = st.wt - 1
-  st.mg[#st.mg + 1] = pid
-  if st.wt <= 0 then st.sn, st.sw, st.wt, st.mg = 0, 0, 0, {} end
-end
+if first and unknown and not counted then st.mg[#st.mg + 1] = pid end
 
 local status, wait, seq = 'ok', 0, 0
 if want_n > 0 or want_w > 0 then
@@ -514,7 +513,6 @@ class SharedQuota:
             now,
             self.rpm,
             self.tpm,
-            max(1, link.processes),
             requests,
             tokens,
             min(max_wait, _LONGEST_WAIT),
