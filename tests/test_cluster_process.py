@@ -282,6 +282,10 @@ async def test_redis_stopped_mid_load_no_hang_local_fallback_then_recovery(fresh
     url = fresh.urls[0]
     statuses: list[int] = []
     async with httpx.AsyncClient(timeout=30) as client:
+        limit = time.monotonic() + 10
+        while await predict(client, url, program="spare") != 200:  # real time: after an earlier FLUSHALL,
+            assert time.monotonic() < limit  # every process has sent its grants within a heartbeat
+            await trio.sleep(0.2)
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 for i in range(16):

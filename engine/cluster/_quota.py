@@ -19,11 +19,11 @@ What nobody knows is assumed to have happened at the worst moment:
   quota marked used at that instant (a missing log never starts full), in a new *epoch*. Every process
   that knew the old epoch sends its own grants of the last minute (each process keeps them, see
   ``mirror``; at its next call, or its heartbeat when idle), which replace as much of the unknown at
-  their real times, so that they leave the window when they really do; what no process sends (quota
-  that was not used, or used by a process gone since) stays unknown until it leaves the window, a
-  minute after the loss. The count of processes is never trusted for it: a count rebuilding itself
-  after the loss could end the unknown too early. A process that never reached Redis starts a missing
-  log empty (a new deployment).
+  their real times, so that they leave the window when they really do. Once as many processes have
+  sent theirs as the most that any of them counted at its last heartbeats (counts that never drop at
+  once, so a count rebuilding itself after the loss does not shrink it), nothing is unknown any more;
+  until then, what no process sent leaves the window a minute after the loss (a process gone since the
+  loss, for one). A process that never reached Redis starts a missing log empty (a new deployment).
 - **Redis is unreachable**: each process falls back to a local window with its share of the quota (the
   quota divided by the processes counted at the last heartbeat), holding its own grants of the last
   minute and, for the others', what the shared log last told it was still free, split evenly: across all
@@ -45,8 +45,8 @@ from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, ref
 from ._redis import RedisLink, RedisUnavailableError
 
 # KEYS[1] = the log. ARGV[1] = numbers separated by spaces (one argument: the client's cost is per
-# argument): now, rpm (0: none), tpm (0: none), requests and tokens to take (0 and 0: only corrections
-# and merges), the bound of a wait, 1 if this is the caller's first
+# argument): now, rpm (0: none), tpm (0: none), the processes the caller counts, requests and tokens to
+# take (0 and 0: only corrections and merges), the bound of a wait, 1 if this is the caller's first
 # call in the epoch (else 0), the number of corrections and of merged grants, then each correction as
 # (seq, requests, tokens) and each merged grant as (time, requests, tokens). ARGV[2] = the epoch the
 # caller knows ('' : none), ARGV[3] = the epoch of a log this call creates, ARGV[4] = the caller's id.
@@ -57,21 +57,22 @@ from ._redis import RedisLink, RedisUnavailableError
 #
 # The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests and
 # tokens, sn/sw = requests/tokens of unknown use at time su (after a loss), mg = the processes that have
-# sent their own grants since}, then the entries, oldest first, 40 bytes each: time, requests, tokens, first
-# seq, last seq (doubles; seqs -1 for grants sent after a loss or an outage). An acquire decodes the header,
-# the oldest entries (expiry, and the walk to the first instant that fits) and the newest (merge, recent
-# corrections) only, and copies the rest as it is. Grants closer than (just under) 60 / rpm seconds, at
-# least 60 / 2048, to the newest entry are merged into it (engine/_rate_window.py's merge_gap): a log holds
-# at most about rpm (or 2,048) entries, and a client at exactly the quota's pace is never merged.
+# sent their own grants since, nd = as many as must have}, then the entries, oldest first, 40 bytes each:
+# time, requests, tokens, first seq, last seq (doubles; seqs -1 for grants sent after a loss or an outage).
+# An acquire decodes the header, the oldest entries (expiry, and the walk to the first instant that fits)
+# and the newest (merge, recent corrections) only, and copies the rest as it is. Grants closer than (just
+# under) 60 / rpm seconds, at least 60 / 2048, to the newest entry are merged into it
+# (engine/_rate_window.py's merge_gap): a log holds at most about rpm (or 2,048) entries, and a client at
+# exactly the quota's pace is never merged.
 QUOTA_SCRIPT = """
 local WINDOW = 60
 local TTL_MS = 86400000
 local REC = 40
 local x = {}
 for number in string.gmatch(ARGV[1], '%S+') do x[#x + 1] = tonumber(number) end
-local now, rpm, tpm = x[1], x[2], x[3]
-local want_n, want_w, max_wait, first = x[4], x[5], x[6], x[7] == 1
-local corrections, merges = x[8], x[9]
+local now, rpm, tpm, processes = x[1], x[2], x[3], x[4]
+local want_n, want_w, max_wait, first = x[5], x[6], x[7], x[8] == 1
+local corrections, merges = x[9], x[10]
 local known, pid = ARGV[2], ARGV[4]
 local gap = 60 / 2048
 if rpm > 0 and 0.999 * 60 / rpm > gap then gap = 0.999 * 60 / rpm end
@@ -88,10 +89,11 @@ if raw then
   count = (#raw - base + 1) / REC
 else
   raw = ''
-  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, mg = {}}
+  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, nd = 0, mg = {}}
   if known ~= '' then
     st.sn = rpm
     st.sw = tpm
+    st.nd = processes
   end
 end
 
@@ -142,10 +144,10 @@ while head < count do
 end
 if head == count then st.rn, st.rw = 0, 0 end
 if st.su + WINDOW <= now then
-  st.sn, st.sw, st.mg = 0, 0, {}
+  st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {}
 end
 
-local a = 10
+local a = 11
 for _ = 1, corrections do
   local seq, dn, dw = x[a], x[a + 1], x[a + 2]
   a = a + 3
@@ -187,7 +189,11 @@ for _ = 1, merges do
     end
   end
 end
-if first and unknown and not counted then st.mg[#st.mg + 1] = pid end
+if first and unknown and not counted then
+  st.mg[#st.mg + 1] = pid
+  if processes > st.nd then st.nd = processes end
+  if #st.mg >= st.nd then st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {} end
+end
 
 local status, wait, seq = 'ok', 0, 0
 if want_n > 0 or want_w > 0 then
@@ -513,6 +519,7 @@ class SharedQuota:
             now,
             self.rpm,
             self.tpm,
+            max(1, link.processes),
             requests,
             tokens,
             min(max_wait, _LONGEST_WAIT),
