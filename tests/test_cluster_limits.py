@@ -26,7 +26,7 @@ from engine._rate_window import Entry, WindowLog, merge_gap
 from engine._upstream import UpstreamGuard, UpstreamPolicy
 from engine.cluster import Cluster, SharedQuota, open_cluster
 from engine.cluster._heartbeat import beat
-from engine.cluster._quota import Reply
+from engine.cluster._quota_script import Reply
 from engine.lm._base import Completion
 from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix, redis_server
 
