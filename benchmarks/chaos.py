@@ -125,9 +125,7 @@ async def main(args: argparse.Namespace) -> None:
                 metrics = (await client.get("/metrics")).text
             stats = server.state.engine.statistics() if server.state.engine else None
             nursery.cancel_scope.cancel()
-        report(
-            args, outcomes, wall, metrics, stats, early_retries(list(upstream.records)), server.state.owners
-        )
+        report(args, outcomes, wall, metrics, stats, early_retries(list(upstream.records)))
 
 
 def report(
@@ -137,7 +135,6 @@ def report(
     metrics: str,
     stats: Any,
     early: dict[str, list[float]],
-    owners: dict[str, str],
 ) -> None:
     print(
         f"chaos: {len(outcomes)} requests, concurrency {args.concurrency}, "
@@ -178,10 +175,7 @@ def report(
             f"earlier than allowed (by > 10 ms): {len(too_early)} (most early {worst_early * 1000:.0f} ms)"
         )
     if stats is not None:
-        print(
-            f"after the run: in_flight {stats.in_flight}, queued {stats.queued}, "
-            f"owners registry {len(owners)}"
-        )
+        print(f"after the run: in_flight {stats.in_flight}, queued {stats.queued}")
 
 
 async def load(args: argparse.Namespace) -> None:

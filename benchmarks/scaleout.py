@@ -1,6 +1,8 @@
 """Scale-out: dspy-trio replicas behind a real HAProxy (deploy/haproxy.cfg), sharing one Redis.
 
     python -m benchmarks.scaleout [--seconds 8] [--quota-seconds 20] [--rpm 60] [--contrast]
+    python -m benchmarks.scaleout --cost-only --workers 2 [--cost-seconds 8] [--rounds 2]
+    python -m benchmarks.scaleout --script-cost
 
 One run starts redis-server, the fake upstream (its own process), two replicas (``dspy-trio serve``,
 each its own process and port, both with ``DSPY_TRIO_REDIS_URL``) and two HAProxy instances built from
@@ -9,21 +11,31 @@ deploy/haproxy.cfg (one with the first replica only, one with both), then measur
 1. Throughput: predictions per second through HAProxy, 1 replica vs 2 (no rate limit, same client load),
    and one replica without the proxy (what HAProxy costs here).
 2. Quota adherence: a program whose LM has an RPM quota, hammered through HAProxy from both replicas; the
-   requests the upstream saw vs what the quota allows (a minute's burst plus the rate for the elapsed
-   time). With ``--contrast``, the same against two replicas without Redis (each applies the full quota).
+   requests the upstream saw vs what the quota allows (``rpm`` in any 60 seconds: ``rpm`` for a run
+   shorter than a minute). With ``--contrast``, the same against two replicas without Redis (each worker
+   applies the full quota).
 3. Redis round-trips per prediction (heartbeats included), from the replicas' ``dspy_trio_cluster_*``.
 4. SSE and WebSocket through HAProxy: one stream each, checked for a final event.
+5. What Redis costs: one replica (``--workers`` workers, no proxy) with Redis and one without, loaded in
+   turn (``--rounds``, medians) on ``default`` (no rate limit) and ``metered`` (an RPM quota it never
+   reaches, so every prediction takes it): predictions per second each way, and the Redis commands per
+   prediction, counted by the server (``INFO commandstats``, every command a Lua script runs included,
+   heartbeats included) and the round trips per prediction the replica counted.
+6. ``--script-cost``: Redis CPU per call of the quota's Lua script as its window holds more entries (the
+   server's ``usec_per_call`` for EVALSHA, 1,000 calls at each size, one process, no contention).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +81,8 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def write_config(upstream: str, rpm: float) -> Path:
-    """Two programs on the same fake upstream: ``default`` unlimited, ``limited`` with an RPM quota."""
+    """Three programs on the same fake upstream: ``default`` unlimited, ``limited`` with an RPM quota,
+    ``metered`` with a quota it never reaches."""
     text = f"""
 [lms.default]
 provider = "openai"
@@ -85,9 +98,20 @@ api_key = "bench"
 rate_limit = {{ rpm = {rpm} }}
 retry = {{ max_attempts = 1 }}
 
+[lms.metered]
+provider = "openai"
+model = "fake-model"
+api_base = "{upstream}"
+api_key = "bench"
+rate_limit = {{ rpm = 100000000 }}
+
 [programs.limited]
 source = "question -> answer"
 lm = "limited"
+
+[programs.metered]
+source = "question -> answer"
+lm = "metered"
 """
     path = Path(tempfile.mkstemp(prefix="scaleout-", suffix=".toml")[1])
     path.write_text(text)
@@ -172,6 +196,110 @@ def upstream_records(upstream_root: str) -> int:
     return len(httpx.get(f"{base}/_fake/records", timeout=10).json()["records"])
 
 
+def redis_commands(redis_url: str) -> int:
+    """Commands the Redis server has run (``INFO commandstats``: scripts' own commands included),
+    not counting the INFO commands that read it."""
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    out = subprocess.run(
+        ["redis-cli", "-p", port, "INFO", "commandstats"], capture_output=True, text=True, check=True
+    ).stdout
+    total = 0
+    for line in out.splitlines():
+        if line.startswith("cmdstat_") and not line.startswith("cmdstat_info:"):
+            total += int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return total
+
+
+def measure_script_cost(redis_url: str) -> dict[int, float]:
+    """Part 6: the server's microseconds per EVALSHA of the quota script, by entries in its window."""
+    from engine._config import ClusterConfig
+    from engine.cluster import open_cluster
+
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    results: dict[int, float] = {}
+
+    async def one(entries: int) -> float:
+        clock = [0.0]
+        config = ClusterConfig(
+            redis_url=redis_url, key_prefix=f"script-cost-{entries}", secret="0123456789abcdef-bench"
+        )
+        async with open_cluster(config, clock=lambda: clock[0]) as cluster:
+            quota = cluster.quota("up", 1e9, None)  # never reached: every grant is kept as an entry
+            step = 60.0 / entries  # one grant per entry's worth of the window
+            for _ in range(entries):
+                clock[0] += step
+                await quota.acquire(0)
+            await trio.run_process(["redis-cli", "-p", port, "CONFIG", "RESETSTAT"], capture_stdout=True)
+            for _ in range(1000):
+                clock[0] += step
+                await quota.acquire(0)
+        done = await trio.run_process(["redis-cli", "-p", port, "INFO", "commandstats"], capture_stdout=True)
+        out = done.stdout.decode()
+        line = next(line for line in out.splitlines() if line.startswith("cmdstat_evalsha:"))
+        return float(line.split("usec_per_call=", 1)[1].split(",", 1)[0])
+
+    print("# the quota script's Redis CPU per call, by entries in the window (server's usec_per_call)")
+    for entries in (10, 100, 500, 1000, 2000):
+        results[entries] = trio.run(one, entries)
+        print(f"{entries:>5} entries: {results[entries]:7.1f} us per call")
+    return results
+
+
+def measure_cost(config: Path, redis_url: str, args: argparse.Namespace) -> dict[str, object]:
+    """Part 5: predictions/s with and without Redis, and Redis commands and round trips per prediction."""
+    with_redis, with_port = start_replica(config, redis_url, args.workers)
+    without, without_port = start_replica(config, None, args.workers)
+    try:
+        for port in (with_port, without_port):
+            wait_ready(port)
+        time.sleep(1.5)  # every worker of both has joined (heartbeats) and warmed up its pools
+        rows: dict[str, dict[str, list[float]]] = {}
+        for program in ("default", "metered"):
+            for port in (with_port, without_port):  # warm-up
+                trio.run(load, f"http://127.0.0.1:{port}", program, 1.0, args.concurrency)
+            for _ in range(args.rounds):
+                for mode, port in (("redis", with_port), ("no redis", without_port)):
+                    row = rows.setdefault(f"{program}, {mode}", {"rate": [], "commands": [], "trips": []})
+                    commands = redis_commands(redis_url)
+                    trips = cluster_counter(port, "dspy_trio_cluster_redis_calls_total")
+                    ok, failed, elapsed = trio.run(
+                        load, f"http://127.0.0.1:{port}", program, args.cost_seconds, args.concurrency
+                    )
+                    done = max(1, ok + failed)
+                    row["rate"].append(ok / elapsed)
+                    if mode == "redis":
+                        row["commands"].append((redis_commands(redis_url) - commands) / done)
+                        trips_after = cluster_counter(port, "dspy_trio_cluster_redis_calls_total")
+                        row["trips"].append((trips_after - trips) / done)
+    finally:
+        stop(with_redis)
+        stop(without)
+    print(
+        f"# what Redis costs: 1 replica x {args.workers} worker(s), no proxy, {args.concurrency} clients, "
+        f"{args.rounds} x {args.cost_seconds:g}s each, medians"
+    )
+    print(f"{'program, Redis':<22} {'predictions/s':>14} {'commands/pred':>14} {'round trips/pred':>17}")
+    results: dict[str, object] = {}
+    for name, row in rows.items():
+        rate = statistics.median(row["rate"])
+        per_command = statistics.median(row["commands"]) if row["commands"] else None
+        per_trip = statistics.median(row["trips"]) if row["trips"] else None
+        shown = [f"{rate:14.1f}", f"{per_command:14.2f}" if per_command is not None else f"{'-':>14}"]
+        shown.append(f"{per_trip:17.2f}" if per_trip is not None else f"{'-':>17}")
+        print(f"{name:<22} {' '.join(shown)}")
+        results[name] = {
+            "predictions_per_second": rate,
+            "commands_per_prediction": per_command,
+            "round_trips_per_prediction": per_trip,
+        }
+    for program in ("default", "metered"):
+        ratio = statistics.median(rows[f"{program}, redis"]["rate"]) / statistics.median(
+            rows[f"{program}, no redis"]["rate"]
+        )
+        print(f"{program}: with Redis / without = {ratio:.2f}x")
+    return results
+
+
 def cluster_counter(port: int, name: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
@@ -215,6 +343,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="workers per replica")
     parser.add_argument("--contrast", action="store_true", help="also measure two replicas without Redis")
+    parser.add_argument("--cost-seconds", type=float, default=8.0, help="each load of part 5")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of part 5 (medians)")
+    parser.add_argument("--cost-only", action="store_true", help="only part 5 (what Redis costs)")
+    parser.add_argument("--script-cost", action="store_true", help="only part 6 (the Lua script's cost)")
     args = parser.parse_args()
 
     processes: list[subprocess.Popen[bytes]] = []
@@ -222,10 +354,21 @@ def main() -> int:
     try:
         redis, redis_url = start_redis()
         processes.append(redis)
+        if args.script_cost:
+            measure_script_cost(redis_url)
+            return 0
         upstream, upstream_root = start_upstream(latency=0.05)
         processes.append(upstream)  # type: ignore[arg-type]
         config = write_config(upstream_root, args.rpm)
         files.append(config)
+        if args.cost_only:
+            cost = measure_cost(config, redis_url, args)
+            out = ROOT / "benchmarks" / "results" / "scaleout_cost.json"
+            out.write_text(
+                json.dumps({"workers": args.workers, "concurrency": args.concurrency, **cost}, indent=2)
+            )
+            print(f"raw results: {out.relative_to(ROOT)}")
+            return 0
         replicas = [start_replica(config, redis_url, args.workers) for _ in range(2)]
         processes += [p for p, _ in replicas]
         ports = [port for _, port in replicas]
@@ -261,10 +404,10 @@ def main() -> int:
             load, f"http://127.0.0.1:{two_port}", "limited", args.quota_seconds, args.concurrency
         )
         seen = upstream_records(upstream_root) - seen_before
-        allowed = args.rpm + args.rpm / 60 * elapsed
+        allowed = args.rpm * math.ceil(elapsed / 60)
         print(
             f"quota {args.rpm:g}/min, 2 replicas with Redis, {elapsed:.1f}s: the upstream saw {seen}; "
-            f"the quota allows {allowed:.0f} (a minute's burst + {args.rpm / 60:g}/s); "
+            f"the quota allows {allowed:.0f} (at most {args.rpm:g} in any 60 s); "
             f"{ok} answered, {failed} refused at once"
         )
         results["quota_redis"] = {
@@ -288,6 +431,8 @@ def main() -> int:
         )
         results["sse_ok"], results["websocket_ok"] = sse_ok, ws_ok
 
+        results["cost"] = measure_cost(config, redis_url, args)
+
         if args.contrast:
             plain = [start_replica(config, None, args.workers) for _ in range(2)]
             processes += [p for p, _ in plain]
@@ -302,7 +447,7 @@ def main() -> int:
                 load, f"http://127.0.0.1:{proxy_port}", "limited", args.quota_seconds, args.concurrency
             )
             seen = upstream_records(upstream_root) - seen_before
-            allowed = args.rpm + args.rpm / 60 * elapsed
+            allowed = args.rpm * math.ceil(elapsed / 60)
             print(
                 f"quota {args.rpm:g}/min, 2 replicas WITHOUT Redis, {elapsed:.1f}s: the upstream saw {seen}; "
                 f"the quota allows {allowed:.0f}"

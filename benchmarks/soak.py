@@ -4,8 +4,8 @@
 upstream (``--latency``) run in this process on 127.0.0.1; ``--clients`` loops send predictions, SSE
 streams and ``/v1/ws`` requests, and ``--leave-share`` of them leave early (close the connection or the
 socket at a random moment). Every ``--sample`` seconds it prints RSS and the engine's gauges; when the
-load stops it prints RSS growth (after a warm-up), whether the gauges (in flight, queued, the web owners
-registry) are back to 0, the upstream requests not ended, and the upstream connections still open
+load stops it prints RSS growth (after a warm-up), whether the gauges (in flight, queued) are back
+to 0, the upstream requests not ended, and the upstream connections still open
 (idle keep-alive connections of the LM's pool are normal; connections the upstream saw as busy are not).
 The fake upstream's own request records (kept for tests) are dropped as they end, so that RSS measures
 the service.
@@ -128,7 +128,6 @@ async def main(args: argparse.Namespace) -> None:
                 metrics = (await client.get("/metrics")).text
             upstream_busy = upstream.active_requests
             upstream_open = upstream.open_connections
-            owners = len(server.state.owners)
     warm = [rss for t, rss in samples if t >= args.warmup]
     growth = (warm[-1] - warm[0]) if len(warm) > 1 else float("nan")
     outcomes: collections.Counter[str] = collections.Counter()
@@ -147,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
         f"{warm[-1] if warm else float('nan'):.1f} MB (growth {growth:+.1f} MB)"
     )
     print(
-        f"after the load: in_flight {stats.in_flight}, queued {stats.queued}, owners registry {owners}; "
+        f"after the load: in_flight {stats.in_flight}, queued {stats.queued}; "
         f"upstream requests not ended {upstream_busy}, upstream connections open {upstream_open} "
         f"(before the service closed its pool)"
     )

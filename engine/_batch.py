@@ -10,7 +10,9 @@ One item's failure never loses the others. With ``fail_fast`` the first failure 
 their request ids: items in flight end as :class:`RequestCancelledError` (outcome ``cancelled``), and no
 further items are started.
 
-The batch knows the engine only as the two functions it is given (``predict`` and ``cancel``).
+The batch knows the engine only as the two functions it is given (``predict`` and ``cancel``) and the
+table of running batches it enters itself in, with its owner, so that a cancel by the batch's id (under
+the ownership rule of :mod:`engine._owners`) stops all of it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import trio
 from . import _groups
 from ._errors import EngineError, InvalidInputError, RequestCancelledError
 from ._result import PredictionResult
+
+# A running batch as the engine's table holds it: who started it, and how to stop it.
+RunningBatch = tuple[str | None, Callable[[EngineError], None]]
 
 
 class Predict(Protocol):
@@ -68,13 +73,14 @@ async def open_batch(
     concurrency: int = 16,
     fail_fast: bool = False,
     request_id: str | None = None,
-    running: dict[str, Callable[[EngineError], None]] | None = None,
+    owner: str | None = None,
+    running: dict[str, list[RunningBatch]] | None = None,
 ) -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
     """Run a batch; iterate the channel for outcomes as they complete. See :meth:`Engine.batch_stream`.
 
     ``predict`` runs one item; ``cancel(request_id, reason)`` ends an item in flight (fail-fast). While
-    the batch runs, ``running[batch id]`` stops it: no item starts any more, the ones in flight end with
-    the reason given.
+    the batch runs, ``running[batch id]`` holds ``(owner, stop)``: ``stop(reason)`` stops it (no item
+    starts any more, the ones in flight end with the reason given).
     """
     _check_concurrency(concurrency)
     prefix = request_id or f"batch-{uuid.uuid4().hex}"
@@ -109,8 +115,9 @@ async def open_batch(
                     stop(RequestCancelledError(f"cancelled: item {index} of the batch failed"))
                 await outcomes.send(outcome)
 
+    entry: RunningBatch = (owner, stop)
     if running is not None:
-        running[prefix] = stop
+        running.setdefault(prefix, []).append(entry)
     try:
         async with _groups.open_service_nursery() as nursery:
             async with send:
@@ -119,4 +126,8 @@ async def open_batch(
             yield receive
     finally:
         if running is not None:
-            running.pop(prefix, None)
+            entries = running.get(prefix, [])
+            if entry in entries:
+                entries.remove(entry)
+            if not entries:
+                running.pop(prefix, None)

@@ -30,6 +30,7 @@ or the environment variable and the value, never a failure at run time.
     LM_ATTEMPT_TIMEOUT    timeouts.attempt: seconds one attempt may take in total (none)
     DSPY_TRIO_MAX_IN_FLIGHT, DSPY_TRIO_MAX_QUEUED, DSPY_TRIO_DRAIN_TIMEOUT, DSPY_TRIO_ADAPTER
     DSPY_TRIO_REDIS_URL   redis://host:port/db shared by every worker and replica (quota, cool-down, cancel)
+    DSPY_TRIO_CLUSTER_SECRET  cluster.secret: the key of the owners' digests sent through Redis
 """
 
 from __future__ import annotations
@@ -215,6 +216,18 @@ def _header_value(instance: object, attribute: attrs.Attribute[Any], value: Any)
         raise ConfigError(f"{attribute.name} has characters that cannot be sent in an HTTP header")
 
 
+def _optional_secret(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # The secret itself is never shown: only what is wrong with it.
+    if value is None:
+        return
+    if not isinstance(value, str) or len(value) < 16:
+        raise ConfigError(f"{attribute.name} must be a string of at least 16 characters")
+    if value != value.strip():
+        raise ConfigError(
+            f"{attribute.name} has leading or trailing whitespace (a newline from a secret file?)"
+        )
+
+
 def _table(kind: type[Any]) -> Any:
     def check(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, kind):
@@ -397,12 +410,17 @@ class ClusterConfig:
         call_timeout: Seconds one Redis call may take (always also within the request's deadline);
             past it the process falls back to local limits until Redis answers again.
         heartbeat_interval: Seconds between heartbeats (how the processes sharing a quota are counted).
+        secret: The key of the HMAC under which an owner (an API key) travels through Redis with a
+            cancel; the same in every process of the deployment, at least 16 characters (e.g.
+            ``openssl rand -hex 32``). Unset, the key is derived from
+            ``key_prefix``, which anyone reading Redis knows: a warning says so at start.
     """
 
     redis_url: str | None = attrs.field(default=None, repr=False, validator=optional(_redis_url))
     key_prefix: str = "dspy-trio"
     call_timeout: float = attrs.field(default=0.5, validator=positive)
     heartbeat_interval: float = attrs.field(default=1.0, validator=positive)
+    secret: str | None = attrs.field(default=None, repr=False, validator=_optional_secret)
 
 
 def _default_lms() -> dict[str, LMConfig]:
@@ -514,12 +532,16 @@ class EngineConfig:
             if env.get(key):
                 engine_changes["adapter"] = env[key]
                 names["adapter"] = f"{key}={env[key]!r}"
-        if env.get("DSPY_TRIO_REDIS_URL"):
-            try:
-                redis_url = env["DSPY_TRIO_REDIS_URL"]
-                engine_changes["cluster"] = attrs.evolve(config.cluster, redis_url=redis_url)
-            except ConfigError as exc:
-                raise ConfigError(f"DSPY_TRIO_REDIS_URL={_shown_url(redis_url)!r}: {exc.message}") from exc
+        cluster = config.cluster
+        for key, field in (("DSPY_TRIO_REDIS_URL", "redis_url"), ("DSPY_TRIO_CLUSTER_SECRET", "secret")):
+            if value := env.get(key):
+                try:
+                    cluster = attrs.evolve(cluster, **{field: value})
+                except ConfigError as exc:  # the secret is never shown, a URL without its password
+                    shown = f"={_shown_url(value)!r}" if field == "redis_url" else ""
+                    raise ConfigError(f"{key}{shown}: {exc.message}") from exc
+        if cluster is not config.cluster:
+            engine_changes["cluster"] = cluster
         return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*", names=names)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
@@ -27,12 +27,11 @@ import trio
 
 from . import _dspy, _groups
 from ._admission import Admission
-from ._batch import BatchItem, open_batch
+from ._batch import BatchItem, RunningBatch, open_batch
 from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
 from ._errors import (
     EngineClosedError,
-    EngineError,
     InvalidInputError,
     OverloadedError,
     RequestCancelledError,
@@ -41,6 +40,7 @@ from ._ledger import Ledger
 from ._limits import Limits
 from ._lm_factory import build_lm
 from ._metrics import EngineMetrics
+from ._owners import OwnerCheck, owner_check
 from ._programs import ProgramInfo, ProgramRegistry
 from ._request import Request
 from ._result import PredictionResult
@@ -74,7 +74,7 @@ class Engine(metaclass=NoPublicConstructor):
         cluster: Cluster | None = None,
     ) -> None:
         self.config = config
-        self.cluster = cluster  # shared limits, registry and cancel across processes (engine.cluster)
+        self.cluster = cluster  # shared limits, cool-downs and cancel across processes (engine.cluster)
         limits: Limits | None = cluster
         self._guards = {
             name: UpstreamGuard(
@@ -87,7 +87,7 @@ class Engine(metaclass=NoPublicConstructor):
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
         self._closing = False
-        self._batches: dict[str, Callable[[EngineError], None]] = {}  # batch id -> stop it (cancel by id)
+        self._batches: dict[str, list[RunningBatch]] = {}  # batch id -> (owner, stop it): cancel by id
         self._runner = ProgramRunner(self._lms, config.adapter)
         self._program_lms = {info.name: info.lm for info in programs.infos()}
         self.metrics = EngineMetrics(self.statistics)
@@ -96,7 +96,6 @@ class Engine(metaclass=NoPublicConstructor):
             self._model_of,
             set(self._program_lms),
             log_text=config.log_text,
-            registry=cluster.registry if cluster is not None else None,
         )
         if cluster is not None:
             self.metrics.registry.register(ClusterCollector(cluster.statistics))
@@ -133,29 +132,42 @@ class Engine(metaclass=NoPublicConstructor):
             upstreams={name: guard.statistics() for name, guard in self._guards.items()},
         )
 
-    def cancel(self, request_id: str) -> bool:
-        """Cancel the request with this id wherever it is (queued, waiting, running, streaming).
+    def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
+        """Cancel the request, stream or batch with this id in this process, wherever it is (queued,
+        waiting, running, streaming).
 
-        It ends with :class:`RequestCancelledError` (outcome ``cancelled``; on a stream, one
-        :class:`ErrorEvent`, also when it was still queued), and its upstream connection is closed.
-        Returns whether such a request was active. Does not block.
+        With an ``owner``, only what that owner started is cancelled (an ownerless request is not that
+        owner's); without one, the application cancels whatever has the id (see :mod:`engine._owners`).
+        A request ends with :class:`RequestCancelledError` (outcome ``cancelled``; on a stream, one
+        :class:`ErrorEvent`, also when it was still queued), and its upstream connection is closed; a
+        batch starts no more items and its items in flight end the same way. Returns whether anything
+        was cancelled. Does not block.
         """
+        return self._cancel_if(request_id, owner_check(owner))
+
+    def _cancel_if(self, request_id: str, allowed: OwnerCheck) -> bool:
+        """Cancel what has this id here and whose owner ``allowed`` accepts (a cluster's cancels from
+        other processes come in here, with their own check of the owner's digest)."""
         reason = RequestCancelledError(f"request {request_id} was cancelled")
-        found = self._ledger.cancel(request_id, lambda: reason)
-        if (stop_batch := self._batches.get(request_id)) is not None:  # a whole batch, by its id
-            stop_batch(reason)
-            found = True
+        found = self._ledger.cancel(request_id, lambda: reason, allowed=allowed)
+        for started_by, stop in list(self._batches.get(request_id, ())):  # a whole batch, by its id
+            if allowed(started_by):
+                stop(reason)
+                found = True
         return found
 
     async def cancel_anywhere(self, request_id: str, *, owner: str | None = None) -> bool:
-        """Like :meth:`cancel`, for the request's ``owner`` only (when given), and with a cluster also in
-        the worker or replica that runs the request (its owner checked there too).
+        """Like :meth:`cancel`, and with a cluster also in every other worker and replica (under the same
+        ownership rule, checked where the request runs).
 
-        Returns whether a request was told to stop. Blocks for at most two bounded Redis round-trips
-        when the request is not in this process.
+        Returns whether anything was cancelled. Blocks, when nothing here has the id, for one bounded
+        Redis round-trip and the other processes' answers (see :meth:`Cluster.cancel`).
+
+        Raises:
+            ClusterUnavailableError: Redis or another process did not answer, so whether the request
+                runs elsewhere is unknown.
         """
-        reason = RequestCancelledError(f"request {request_id} was cancelled")
-        if self._ledger.cancel(request_id, lambda: reason, owner=owner):
+        if self.cancel(request_id, owner=owner):
             return True
         return self.cluster is not None and await self.cluster.cancel(request_id, owner=owner)
 
@@ -260,8 +272,8 @@ class Engine(metaclass=NoPublicConstructor):
             program: A registered program name, e.g. ``"default"``.
             inputs: The program's input fields by name.
             request_id: An id to report the request under; one is generated if omitted.
-            owner: Who started the request (e.g. an API key): with a cluster, only the same owner may
-                cancel it from another process (:meth:`cancel_anywhere`).
+            owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
+                only for this one, here and from other processes (:meth:`cancel`).
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
@@ -316,8 +328,8 @@ class Engine(metaclass=NoPublicConstructor):
             program: A registered program name.
             inputs: The program's input fields by name.
             request_id: An id to report the request under; one is generated if omitted.
-            owner: Who started the request (e.g. an API key): with a cluster, only the same owner may
-                cancel it from another process (:meth:`cancel_anywhere`).
+            owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
+                only for this one, here and from other processes (:meth:`cancel`).
             options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
 
         Raises:
@@ -362,7 +374,9 @@ class Engine(metaclass=NoPublicConstructor):
         At most ``concurrency`` items run at once and at most ``concurrency`` finished outcomes wait for
         the consumer; ``items`` may be a lazy iterable, read one item at a time. Each item is a request
         of its own (admission, statistics, the same outcomes as :meth:`predict`). Leaving the block
-        cancels what is still running (those items are ``abandoned``).
+        cancels what is still running (those items are ``abandoned``). Item ``i`` runs under the id
+        ``{request_id}-{i}``; :meth:`cancel` with ``request_id`` itself stops the whole batch (for its
+        ``owner`` only, when the cancel names one).
 
         Raises:
             InvalidInputError: on entry, if ``concurrency`` is not a positive integer.
@@ -375,6 +389,7 @@ class Engine(metaclass=NoPublicConstructor):
             concurrency=concurrency,
             fail_fast=fail_fast,
             request_id=request_id,
+            owner=owner,
             running=self._batches,
         )
 
@@ -505,7 +520,7 @@ async def open_engine(
         async with shared as cluster, _groups.open_service_nursery() as upkeep:
             engine = Engine._create(config, backends, programs, cluster=cluster)
             if cluster is not None:
-                cluster.attach(engine.cancel)
+                cluster.attach(engine._cancel_if)
             for backend in backends.values():  # each LM's maintain(), e.g. reaping closed connections
                 await upkeep.start(backend.maintain)
             try:

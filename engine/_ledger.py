@@ -11,27 +11,18 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 import trio
 
 from ._errors import EngineError
 from ._metrics import EngineMetrics
+from ._owners import OwnerCheck, anyone
 from ._request import Request
 from ._statistics import Outcome
 from ._telemetry import log_request, request_log, span
-
-
-class RequestRegistry(Protocol):
-    """Where active requests are also announced, e.g. to other processes (``engine.cluster``)."""
-
-    def started(self, request_id: str, *, owner: str | None = None, deadline: float = math.inf) -> None: ...
-
-    def ended(self, request_id: str) -> None: ...
 
 
 class Ledger:
@@ -42,7 +33,6 @@ class Ledger:
         model_of: The upstream model name of a program (a metrics label).
         known_programs: Program names that may be metric labels; anything else is ``"unknown"``.
         log_text: Whether request log lines carry inputs and outputs.
-        registry: Also told of every request that starts and ends (never blocks), or None.
     """
 
     def __init__(
@@ -52,9 +42,7 @@ class Ledger:
         known_programs: set[str],
         *,
         log_text: bool = False,
-        registry: RequestRegistry | None = None,
     ) -> None:
-        self._registry = registry
         self._metrics = metrics
         self._model_of = model_of
         self._known = known_programs
@@ -102,8 +90,6 @@ class Ledger:
         self._active[key] = request
         if len(self._active) == 1:
             self._idle = trio.Event()
-        if self._registry is not None:
-            self._registry.started(request.request_id, owner=request.owner, deadline=request.caller_deadline)
         try:
             with span(
                 f"dspy_trio.{request.kind}", request_id=request.request_id, program=request.program.name
@@ -123,8 +109,6 @@ class Ledger:
         """Book ``request``'s outcome and stop tracking it, once; later calls do nothing."""
         if self._active.pop(request.ledger_key, None) is None:
             return
-        if self._registry is not None:
-            self._registry.ended(request.request_id)
         request.settle_interrupted()
         if not self._active:
             self._idle.set()
@@ -145,12 +129,14 @@ class Ledger:
         if request_log.isEnabledFor(logging.INFO):  # build the line only for a logger that writes it
             log_request(request.log_record(model, include_text=self._log_text))
 
-    def cancel(self, request_id: str, reason: Callable[[], EngineError], *, owner: str | None = None) -> bool:
-        """Cancel every active request with this id (and, when ``owner`` is given, that owner); return
-        whether there was one."""
+    def cancel(
+        self, request_id: str, reason: Callable[[], EngineError], *, allowed: OwnerCheck = anyone
+    ) -> bool:
+        """Cancel every active request with this id that ``allowed`` lets this cancel reach (see
+        :mod:`engine._owners`); return whether there was one."""
         found = False
         for request in list(self._active.values()):
-            if request.request_id == request_id and (owner is None or request.owner == owner):
+            if request.request_id == request_id and allowed(request.owner):
                 request.cancel(reason())
                 found = True
         return found

@@ -1,30 +1,41 @@
-"""Ports for the limits one upstream's calls share: RPM/TPM buckets and the 429/503 cool-down.
+"""Ports for the limits one upstream's calls share: the RPM/TPM quota and the 429/503 cool-down.
 
 :class:`UpstreamGuard` talks to these small protocols only. The local implementations (a
-:class:`TokenBucket` per limit, a cool-down held in memory) serve one process, as the engine always did;
-``engine.cluster`` implements the same ports on Redis so that every worker and replica sharing an
-upstream account also shares its quota and its cool-down.
+:class:`LocalQuota` window, a cool-down held in memory) serve one process; ``engine.cluster`` implements
+the same ports on Redis so that every worker and replica sharing an upstream account also shares its
+quota and its cool-down.
 
-Both ports are synchronous where the guard's code path must not block (``adjust``, ``extend_to``): a
-shared implementation queues the write and sends it in the background, or with the next acquire.
+A call takes a :class:`Grant` before it is sent and settles it once: ``commit`` when it was sent (with
+the tokens it really used), ``refund`` when it never was. The synchronous parts (``commit``, ``refund``,
+``extend_to``) never block: a shared implementation sends them with its next round-trip.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Protocol
+from typing import Protocol
 
-from ._token_bucket import TokenBucket
+from ._rate_window import LocalQuota
 
-LimitKind = Literal["rpm", "tpm"]
+
+class Grant(Protocol):
+    """One call's request and tokens, taken from a :class:`Quota`. Only the first settlement counts."""
+
+    def commit(self, tokens: float | None = None) -> None:
+        """The call was sent and used ``tokens`` (None: the estimate it was granted with stands)."""
+        ...
+
+    def refund(self) -> None:
+        """The call was never sent: its request and tokens go back."""
+        ...
 
 
 class Quota(Protocol):
-    """Requests or tokens per minute. :class:`TokenBucket` is the local implementation."""
+    """At most ``rpm`` requests and ``tpm`` tokens in any 60-second window."""
 
     @property
-    def capacity(self) -> float:
-        """The most that may be taken at once."""
+    def max_tokens(self) -> float:
+        """The largest token charge one call can be granted (callers clamp their estimate to it)."""
         ...
 
     @property
@@ -32,16 +43,13 @@ class Quota(Protocol):
         """Seconds callers spent waiting for capacity, in total."""
         ...
 
-    async def acquire(self, amount: float = 1.0) -> None:
-        """Take ``amount``, waiting for it within the caller's deadline.
+    async def acquire(self, tokens: float, *, then: float = 0.0) -> Grant:
+        """Take one request and ``tokens``, waiting for them within the caller's deadline; ``then``
+        seconds (the call itself) must still fit before the deadline after the wait.
 
         Raises:
-            RateLimitWaitError: at once, when the capacity could not arrive before the deadline.
+            RateLimitWaitError: at once, when the wait and ``then`` could not end before the deadline.
         """
-        ...
-
-    def adjust(self, delta: float) -> None:
-        """Charge ``delta`` more (or refund, if negative) after the fact. Never blocks."""
         ...
 
 
@@ -61,7 +69,7 @@ class CoolDown(Protocol):
 class Limits(Protocol):
     """Makes the quota and cool-down objects of each upstream."""
 
-    def quota(self, upstream: str, kind: LimitKind, per_minute: float) -> Quota: ...
+    def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota: ...
 
     def cooldown(self, upstream: str) -> CoolDown: ...
 
@@ -83,8 +91,8 @@ class LocalCoolDown:
 class LocalLimits:
     """Per-process limits: what one engine does without a cluster."""
 
-    def quota(self, upstream: str, kind: LimitKind, per_minute: float) -> Quota:
-        return TokenBucket(per_minute, name=f"{upstream} {kind}")
+    def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota:
+        return LocalQuota(upstream, rpm, tpm)
 
     def cooldown(self, upstream: str) -> CoolDown:
         return LocalCoolDown()

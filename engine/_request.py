@@ -7,6 +7,8 @@ How a request ended decides its outcome, and only this module decides it (see :f
   ``shut_down`` (drain, engine closed);
 - the caller's scope ended it: ``timed_out`` when the request's deadline (the caller's effective deadline
   when it was accepted) has passed, else ``abandoned`` (a client left, a consumer left a stream early);
+  when both ended it and the caller's cause cannot be known (a request accepted in a scope that was
+  already cancelled), the engine's own;
 - an error ended it: ``rejected`` (overload), ``timed_out`` (an engine time limit), ``failed`` (any other).
 
 A request runs in one or two tasks (a stream's admission in the consumer's task, its program in the
@@ -107,15 +109,32 @@ class Request:
             return trio.current_time() >= self.caller_deadline
         return getattr(cancelled, "source", "deadline") == "deadline"
 
+    def _engine_cancel_hides_the_callers(self, cancelled: trio.Cancelled | None) -> bool:
+        """Whether the engine's own cancel is the only known cause of an interruption: the request was
+        accepted in a scope already cancelled (no deadline to compare with), and the engine cancelled it
+        too (drain, cancel by id), so the ``Cancelled`` that Trio reports is the engine's (the innermost
+        cancelled scope), not the caller's."""
+        return (
+            self.cancel_reason is not None
+            and self.caller_deadline == -math.inf
+            and getattr(cancelled, "source", None) != "deadline"
+        )
+
     def caller_interruption(self, cancelled: trio.Cancelled | None = None) -> EngineError:
         """The error a stream's consumer reads when the stream's own scope was cancelled by its caller."""
+        if self.cancel_reason is not None and self._engine_cancel_hides_the_callers(cancelled):
+            return self.cancel_reason
         if self.timed_out(cancelled):
             return DeadlineExceededError("the stream's deadline passed before it finished")
         return RequestAbandonedError("the stream's consumer left before it finished")
 
     def settle_interrupted(self, cancelled: trio.Cancelled | None = None) -> None:
-        """Settle a request that ended without an outcome of its own: its caller's scope ended it."""
-        self.settle("timed_out" if self.timed_out(cancelled) else "abandoned")
+        """Settle a request that ended without an outcome of its own: its caller's scope ended it (or the
+        engine's cancel, when that is all that is known)."""
+        if self.cancel_reason is not None and self._engine_cancel_hides_the_callers(cancelled):
+            self.settle_error(self.cancel_reason)
+        else:
+            self.settle("timed_out" if self.timed_out(cancelled) else "abandoned")
 
     def timings(self) -> Timings | None:
         """Where the time went: the result's, or so far for a request that got a slot, else None."""

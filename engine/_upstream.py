@@ -1,12 +1,16 @@
 """The policies around every LM call to one upstream: cool-down, rate limits, adaptive concurrency,
 cascading timeouts and retries. All waits live inside the caller's deadline.
 
-One call goes: wait out a shared cool-down (set by the ``Retry-After`` of a 429, 503, 529..., so one rate
-limit does not become a storm) -> take an RPM token and an estimate of TPM tokens -> take an
-adaptive-concurrency slot -> run the attempt under the per-attempt timeout, and for streams the
-first-token and inter-token stall timeouts -> on a retryable failure, back off (full jitter, never before
-``Retry-After``, never past the deadline, within the retry budget) and go again. The TPM charge is
-corrected with the real usage.
+One attempt goes: wait out a shared cool-down (set by the ``Retry-After`` of a 429, 503, 529..., so one
+rate limit does not become a storm) -> take an adaptive-concurrency slot -> take a request and an
+estimate of its tokens from the RPM/TPM quota (at most ``rpm`` requests and ``tpm`` tokens in any
+60 seconds) -> if a cool-down began during those waits, give the quota back and wait it out first ->
+run the attempt under the per-attempt timeout, and for streams the first-token and inter-token stall
+timeouts. The quota is taken inside the slot, so that a call is sent the moment it is granted (grants
+spread over time are never bunched up by a wait after them). A wait for quota that would leave the call
+no time before the deadline (the call's typical duration, as measured) is refused at once. On a
+retryable failure: back off (full jitter, never before ``Retry-After``, never past the deadline, within
+the retry budget) and go again. The TPM charge is corrected with the real usage.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import trio
 
 from ._adaptive import AdaptiveLimit, AdaptiveSettings
 from ._errors import RateLimitWaitError, UpstreamError, UpstreamTimeoutError
-from ._limits import Limits, LocalLimits
+from ._limits import Grant, Limits, LocalLimits
 from ._retry import RetryBudget, RetryPolicy, seeded
 from ._telemetry import span
 from ._trace import record_attempt
@@ -102,7 +106,7 @@ class UpstreamGuard:
         name: The upstream's name (for messages and statistics).
         policy: The policy.
         jitter: ``uniform(a, b)`` used for backoff jitter; pass ``seeded(n)`` for reproducible tests.
-        limits: Where the RPM/TPM buckets and the cool-down live: this process (default), or shared by
+        limits: Where the RPM/TPM quota and the cool-down live: this process (default), or shared by
             every process of a cluster (``engine.cluster``).
     """
 
@@ -117,8 +121,8 @@ class UpstreamGuard:
         self.name = name
         self.policy = policy
         limits = limits or LocalLimits()
-        self._rpm = limits.quota(name, "rpm", policy.rpm) if policy.rpm else None
-        self._tpm = limits.quota(name, "tpm", policy.tpm) if policy.tpm else None
+        self._quota = limits.quota(name, policy.rpm, policy.tpm) if policy.rpm or policy.tpm else None
+        self._typical_call = 0.0  # seconds a successful attempt takes (a moving average)
         self._adaptive = AdaptiveLimit(policy.adaptive) if policy.adaptive else None
         self._budget = RetryBudget(policy.retry)
         self._uniform = jitter or seeded()
@@ -139,7 +143,7 @@ class UpstreamGuard:
         return f"<UpstreamGuard {self.name} {self.statistics()}>"
 
     def statistics(self) -> UpstreamStatistics:
-        waited = self._cooldown_waited + sum(b.waited for b in (self._rpm, self._tpm) if b is not None)
+        waited = self._cooldown_waited + (self._quota.waited if self._quota is not None else 0.0)
         return UpstreamStatistics(
             concurrency_limit=self._adaptive.limit if self._adaptive else None,
             in_use=self._adaptive.in_use if self._adaptive else 0,
@@ -152,6 +156,7 @@ class UpstreamGuard:
         """Wait until no cool-down remains. A longer ``Retry-After`` that arrives meanwhile extends the
         wait; one that would end past the deadline fails at once, when it becomes known."""
         started = trio.current_time()
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled scope's -inf deadline is no refusal
         try:
             while (until := self._cooldown_until) > trio.current_time():
                 if until > trio.current_effective_deadline():
@@ -183,23 +188,17 @@ class UpstreamGuard:
         Raises:
             UpstreamError: the last attempt's error, when no retry is allowed (or the wait for one
                 would pass the deadline).
-            RateLimitWaitError: a wait for a cool-down or a rate limit would pass the deadline.
+            RateLimitWaitError: a wait for a cool-down or for quota would pass the deadline (for quota:
+                with the call's typical duration after it).
         """
         self._budget.record_request()
         retry = 0
         while True:
-            await self._wait_cooldown()
-            if self._rpm is not None:
-                await self._rpm.acquire(1)
-            if self._tpm is not None:
-                await self._tpm.acquire(min(estimate, self._tpm.capacity))
             watchdog = trio.CancelScope()
             watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if sink is not None else None
             try:
-                completion = await self._attempt(attempt, watched, watchdog)
+                return await self._attempt(attempt, watched, watchdog, estimate)
             except UpstreamError as error:
-                if self._tpm is not None:
-                    self._tpm.adjust(-min(estimate, self._tpm.capacity))  # a failed attempt used nothing
                 if (asked := self.policy.retry.retry_after(error)) is not None:  # capped by the policy
                     self._extend_cooldown(asked)
                 retry += 1
@@ -213,22 +212,46 @@ class UpstreamGuard:
                     raise
                 self.retries[error.retry_cause or "other"] += 1
                 await trio.sleep(wait)
-                continue
-            if self._tpm is not None:
-                used = float(completion.usage.get("total_tokens") or 0) or estimate
-                self._tpm.adjust(used - min(estimate, self._tpm.capacity))
-            return completion
+
+    async def _admitted(self, owner: object, estimate: float) -> tuple[int, Grant | None]:
+        """Wait until the upstream may be called: no cool-down, an adaptive slot held for ``owner``, the
+        quota granted, and still no cool-down after those waits (one that began meanwhile gives the
+        quota and the slot back and is waited out first). Returns the slot's call number and the grant.
+
+        Raises:
+            RateLimitWaitError: a wait would pass the deadline.
+        """
+        while True:
+            await self._wait_cooldown()
+            call = await self._adaptive.acquire(owner) if self._adaptive else 0
+            grant: Grant | None = None
+            try:
+                if self._quota is not None:
+                    tokens = min(estimate, self._quota.max_tokens)
+                    grant = await self._quota.acquire(tokens, then=self._typical_call)
+                if self._cooldown_until <= trio.current_time():
+                    return call, grant
+            except BaseException:
+                if self._adaptive is not None:
+                    self._adaptive.release(owner, call, latency=None, overloaded=False)
+                raise
+            if grant is not None:
+                grant.refund()
+            if self._adaptive is not None:
+                self._adaptive.release(owner, call, latency=None, overloaded=False)
 
     async def _attempt(
-        self, attempt: Attempt, watched: _WatchedSink | None, watchdog: trio.CancelScope
+        self, attempt: Attempt, watched: _WatchedSink | None, watchdog: trio.CancelScope, estimate: float
     ) -> Completion:
-        """One attempt under the per-attempt timeout and the stream watchdog, in an adaptive slot."""
+        """One attempt once admitted, under the per-attempt timeout and the stream watchdog. Settles the
+        quota: the real usage on success, no tokens on an upstream error, the estimate otherwise."""
         policy = self.policy
         owner = object()
-        call = await self._adaptive.acquire(owner) if self._adaptive else 0
+        call, grant = await self._admitted(owner, estimate)
         started = trio.current_time()
         latency: float | None = None
         overloaded = False
+        used: float | None = None  # tokens to commit; None: the estimate stands (the call was sent)
         record_attempt()
         if watched is not None and policy.first_token_timeout is not None:
             watchdog.deadline = started + policy.first_token_timeout
@@ -244,12 +267,20 @@ class UpstreamGuard:
                     completion = await attempt(watched)
                 except UpstreamError as error:
                     overloaded = error.pushback
+                    used = 0.0  # a failed attempt used nothing
                     raise
                 latency = trio.current_time() - started
+                used = float(completion.usage.get("total_tokens") or 0) or estimate
+                self._typical_call = (
+                    latency if not self._typical_call else 0.8 * self._typical_call + 0.2 * latency
+                )
                 return completion
             overloaded = True
+            used = 0.0
             raise UpstreamTimeoutError(self._timeout_message(whole, watched), model=self.name)
         finally:
+            if grant is not None:
+                grant.commit(used)
             if self._adaptive is not None:
                 self._adaptive.release(owner, call, latency=latency, overloaded=overloaded)
 

@@ -7,13 +7,16 @@ Without ``redis-server`` on the machine these tests skip loudly (``make test`` i
 
 from __future__ import annotations
 
+import contextlib
+import math
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -32,10 +35,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` process without persistence; can be stopped, frozen and started again."""
+    """One ``redis-server`` process without persistence; can be stopped, frozen and started again.
 
-    def __init__(self) -> None:
+    Args:
+        extra: More ``redis-server`` options (e.g. TLS ones); the plain port answers PING for the start.
+    """
+
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,6 +53,7 @@ class RedisServer:
     def start(self) -> None:
         assert REDIS is not None
         command = [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command += self.extra
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         limit = time.monotonic() + 10
         while time.monotonic() < limit:  # real time: waiting for another process to listen
@@ -116,3 +125,41 @@ async def eventually(condition: Callable[[], bool | Awaitable[bool]]) -> None:
             return
         await trio.lowlevel.checkpoint()
     raise AssertionError("the condition never held")
+
+
+@asynccontextmanager
+async def delaying_proxy(port: int, delay: float) -> AsyncIterator[int]:
+    """A TCP proxy to 127.0.0.1:``port`` whose answers arrive ``delay`` seconds late (a slow Redis, or
+    a far one); yields its own port. Runs on Trio's clock: use it with the real clock."""
+
+    async def relay(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
+            send, receive = trio.open_memory_channel[tuple[float, bytes]](math.inf)
+
+            async def to_server() -> None:
+                async for data in client:
+                    await server.send_all(data)
+
+            async def from_server() -> None:
+                async with send:
+                    async for data in server:
+                        await send.send((trio.current_time() + delay, data))
+
+            async def late_to_client() -> None:
+                async for due, data in receive:
+                    await trio.sleep_until(due)
+                    await client.send_all(data)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(to_server)
+                nursery.start_soon(from_server)
+                nursery.start_soon(late_to_client)
+
+    async def guarded(client: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await relay(client)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, guarded, 0)
+        yield int(listeners[0].socket.getsockname()[1])
+        nursery.cancel_scope.cancel()

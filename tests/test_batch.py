@@ -118,3 +118,27 @@ async def test_bad_concurrency_is_refused() -> None:
     async with open_engine(config()) as engine:
         with pytest.raises(InvalidInputError, match="concurrency"):
             await engine.batch("default", [{"question": "q"}], concurrency=0)
+
+
+async def test_a_batch_is_cancelled_by_its_id_for_its_owner_only(autojump_clock: Any) -> None:
+    """``cancel_anywhere(batch id, owner=...)`` stops the whole batch for its owner (the id the caller
+    knows is the batch's, not its items'), and finds nothing for anyone else."""
+    lm = CountingLM(first_token_delay=10.0)
+    async with open_engine(config(), lms={"default": lm}) as engine, trio.open_nursery() as nursery:
+        outcomes: list[Any] = []
+
+        async def run() -> None:
+            outcomes.extend(
+                await engine.batch(
+                    "default", [{"question": "a"}, {"question": "b"}], request_id="job", owner="alice"
+                )
+            )
+
+        nursery.start_soon(run)
+        await trio.sleep(1)
+        assert await engine.cancel_anywhere("job", owner="mallory") is False
+        assert engine.cancel("job", owner="mallory") is False
+        assert await engine.cancel_anywhere("job", owner="alice") is True
+    assert trio.current_time() == 1
+    assert [type(o.error) for o in outcomes] == [RequestCancelledError, RequestCancelledError]
+    assert lm.finished == 0

@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from engine import RateLimitWaitError
 from engine._config import ClusterConfig
-from engine.cluster import Cluster, open_cluster
+from engine.cluster import Cluster, SharedQuota, open_cluster
 from engine.cluster._heartbeat import beat
-from tests.redis_server import RedisServer, own_redis_server, prefix
+from tests.redis_server import RedisServer, eventually, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
 
@@ -30,10 +32,9 @@ def mock_clock() -> trio.testing.MockClock:
 
 
 @asynccontextmanager
-async def clusters(server: RedisServer, count: int) -> AsyncIterator[list[Cluster]]:
-    config = ClusterConfig(
-        redis_url=server.url, key_prefix=prefix(), call_timeout=0.25, heartbeat_interval=1.0
-    )
+async def clusters(server: RedisServer, count: int, **changes: Any) -> AsyncIterator[list[Cluster]]:
+    changes = {"key_prefix": prefix(), "call_timeout": 0.25, "heartbeat_interval": 1.0, **changes}
+    config = ClusterConfig(redis_url=server.url, **changes)
     async with AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(open_cluster(config, clock=trio.current_time))
@@ -51,70 +52,129 @@ async def test_redis_down_at_start_serves_with_local_limits(
     own_redis_server.stop()
     async with clusters(own_redis_server, 1) as (a,):
         assert a.statistics().degraded
-        quota = a.quota("up", "rpm", 30)
+        quota = a.quota("up", 30, None)
         for _ in range(30):  # never reached Redis: a full share (one process known: all of it)
-            await quota.acquire(1)
+            await quota.acquire(0)
         with pytest.raises(RateLimitWaitError), trio.fail_after(1):
-            await quota.acquire(1)
+            await quota.acquire(0)
         assert trio.current_time() == 0.0
 
 
 async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
     own_redis_server: RedisServer, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Two processes share 30/min; Redis dies: each keeps 30/2 = 15/min alone; Redis returns: shared."""
+    """Two processes share 30 a minute; a took 20 of them. Redis dies: a's share is 15 a minute, and
+    its own 20 of the last minute count against it (what b took meanwhile is unknown), so a waits for
+    them to leave the window; Redis comes back (empty): a's grants are sent to the new log."""
     caplog.set_level(logging.WARNING, "engine.cluster")
-    async with clusters(own_redis_server, 2) as (a, _b):
+    async with clusters(own_redis_server, 2, heartbeat_interval=20.0) as (a, b):
         await beat(a.link)
         assert a.statistics().processes == 2
-        quota = a.quota("up", "rpm", 30)
+        quota = a.quota("up", 30, None)
+        b.quota("up", 30, None)  # an engine makes its guards' quotas at start: b uses none of it
         for _ in range(20):
-            await quota.acquire(1)  # shared: 10 left
+            await quota.acquire(0)  # shared: 10 left
         own_redis_server.stop()
 
-        # The first call finds Redis gone; the local share serves from then on: 15/min, starting empty
-        # (what the other process took meanwhile is unknown).
         with pytest.raises(RateLimitWaitError), trio.fail_after(1):
-            await quota.acquire(1)
+            await quota.acquire(0)
         assert a.statistics().degraded
-        assert trio.current_time() == 0.0
         assert trio.current_time() == 0.0
         calls = a.statistics().round_trips
         with pytest.raises(RateLimitWaitError), trio.fail_after(1):
-            await quota.acquire(1)
+            await quota.acquire(0)
         assert a.statistics().round_trips == calls  # degraded: Redis is not asked per request
-        await quota.acquire(1)
-        assert trio.current_time() == 4.0  # 60 s / 15
-        await a.quota("up", "tpm", 6000).acquire(3000)  # degraded, never shared: a full share at once
-        assert trio.current_time() == 4.0
+        await quota.acquire(0)
+        assert trio.current_time() == 60.0  # a's own 20 left the window: 15 a minute from now on
         assert len(unreachable_logs(caplog)) <= 2  # once per process (b notices at its own heartbeat)
 
         own_redis_server.start()
-        for _ in range(40):  # the next heartbeat probes Redis and ends the degraded state
-            mock_clock.jump(1.0)
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # real time: Redis answers
-            if not a.statistics().degraded:
-                break
-        assert not a.statistics().degraded
-        await quota.acquire(1)
-        assert await quota.level() == 29.0  # a fresh shared bucket in the restarted Redis, used again
+        await _until_up(mock_clock, a, b)
+        # The log was lost with the restart: a's grant made locally is in the new one, and b (which
+        # had none) has checked in, so nothing is unknown any more.
+        await eventually(lambda: _usage_is(quota, 1.0))
         assert [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+
+
+async def _until_up(clock: trio.testing.MockClock, *processes: Cluster) -> None:
+    """Let heartbeats probe Redis until every process has left the degraded state (a first call on a
+    connection to the stopped server may fail: the next heartbeat tries again)."""
+    for _ in range(10):
+        clock.jump(processes[0].link.config.heartbeat_interval)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # real time: Redis answers
+        if not any(p.statistics().degraded for p in processes):
+            return
+    raise AssertionError("Redis answers, but a process stayed degraded")
+
+
+async def _usage_is(quota: SharedQuota, requests: float) -> bool:
+    return (await quota.usage())[0] == requests
+
+
+async def test_what_was_spent_while_redis_was_unreachable_is_charged_back(
+    own_redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """One process, 30 a minute: 10 shared; Redis hangs; the process knows it is alone and that 20 were
+    free, so its share grants those 20. Redis answers again: the 20 reach the shared log, and a process
+    that joins then gets nothing before the minute has passed. (The call that found Redis hung ran
+    once Redis woke up: its reservation counts too, though the process gave up on it; a call whose
+    answer comes too late is charged, never free.)"""
+    async with clusters(own_redis_server, 1) as (a,):
+        quota = a.quota("up", 30, None)
+        for _ in range(10):
+            await quota.acquire(0)
+        own_redis_server.freeze()
+        with trio.fail_after(1):
+            for _ in range(20):
+                await quota.acquire(0)  # the first finds Redis hung (the cap), then the local share
+        assert trio.current_time() == 0.25
+        assert a.statistics().degraded
+        with pytest.raises(RateLimitWaitError), trio.fail_after(30):
+            await quota.acquire(0)
+        own_redis_server.thaw()
+        await _until_up(mock_clock, a)
+        await eventually(lambda: _usage_is(quota, 31.0))
+        async with clusters(own_redis_server, 1, key_prefix=a.link.config.key_prefix) as (c,):
+            with pytest.raises(RateLimitWaitError), trio.fail_after(30):
+                await c.quota("up", 30, None).acquire(0)
+
+
+async def test_a_grant_reserved_before_redis_stopped_is_kept(
+    own_redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """A call waiting for a reservation made in Redis goes at its time, Redis or not."""
+    async with clusters(own_redis_server, 1, heartbeat_interval=100.0) as (a,):
+        quota = a.quota("up", 1, None)
+        await quota.acquire(0)
+        granted: list[float] = []
+
+        async def wait_for_it() -> None:
+            await quota.acquire(0)
+            granted.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_it)
+            await eventually(lambda: _usage_is(quota, 2.0))
+            own_redis_server.stop()
+        assert granted == [60.0]
 
 
 async def test_a_hung_redis_costs_a_request_at_most_the_call_cap(
     own_redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    async with clusters(own_redis_server, 1) as (a,):
-        quota = a.quota("up", "rpm", 30)
-        await quota.acquire(1)  # shared
+    async with clusters(own_redis_server, 2) as (a, _b):
+        await beat(a.link)
+        quota = a.quota("up", 30, None)
+        for _ in range(20):
+            await quota.acquire(0)  # shared: a's 20 already over its share of 15
         own_redis_server.freeze()
         with pytest.raises(RateLimitWaitError), trio.fail_after(1):
-            await quota.acquire(1)  # the cap, then the local share (starting empty) refused it
+            await quota.acquire(0)  # the cap, then the local share refused it
         assert trio.current_time() == 0.25
         assert a.statistics().degraded
         calls = a.statistics().round_trips
         with pytest.raises(RateLimitWaitError), trio.fail_after(1):
-            await quota.acquire(1)
+            await quota.acquire(0)
         assert trio.current_time() == 0.25  # degraded: Redis is not asked again
         assert a.statistics().round_trips == calls
         own_redis_server.thaw()
@@ -124,10 +184,10 @@ async def test_a_request_deadline_shorter_than_the_cap_bounds_the_redis_call(
     own_redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
     async with clusters(own_redis_server, 1) as (a,):
-        quota = a.quota("up", "rpm", 30)
+        quota = a.quota("up", 30, None)
         own_redis_server.freeze()
         with trio.move_on_after(0.1):
-            await quota.acquire(1)
+            await quota.acquire(0)
         assert trio.current_time() == 0.1
         assert not a.statistics().degraded  # the caller's deadline, not Redis's fault
         own_redis_server.thaw()

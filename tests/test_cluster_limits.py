@@ -8,19 +8,27 @@ jumps it, and every wait is asserted in exact virtual seconds.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine import RateLimitWaitError
 from engine._config import ClusterConfig
+from engine._rate_window import Entry, WindowLog, merge_gap
 from engine._upstream import UpstreamGuard, UpstreamPolicy
 from engine.cluster import Cluster, SharedQuota, open_cluster
+from engine.cluster._heartbeat import beat
+from engine.cluster._quota_script import Reply
 from engine.lm._base import Completion
-from tests.redis_server import RedisServer, eventually, own_redis_server, prefix, redis_server
+from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix, redis_server
 
 __all__ = ["own_redis_server", "redis_server"]  # fixtures
 
@@ -46,54 +54,53 @@ async def clusters(server: RedisServer, count: int, **changes: float) -> AsyncIt
         ]
 
 
-async def _below(quota: SharedQuota, level: float) -> bool:
-    return await quota.level() < level
+async def _reserved(quota: SharedQuota, requests: float) -> bool:
+    return (await quota.usage())[0] >= requests
 
 
 async def test_rpm_is_shared_two_processes_get_one_quota_between_them(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    """30 requests/minute between two processes: 30 at once in total, the 31st waits 2 s (rate 0.5/s)."""
+    """30 requests a minute between two processes: 30 at once in total; the next ones wait for the
+    window to slide (60 s), first come, first served across processes."""
     async with clusters(redis_server, 2) as (a, b):
-        quota_a, quota_b = a.quota("up", "rpm", 30), b.quota("up", "rpm", 30)
+        quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
         for i in range(30):
-            await (quota_a if i % 2 else quota_b).acquire(1)
+            await (quota_a if i % 2 else quota_b).acquire(0)
         assert trio.current_time() == 0.0
 
-        with pytest.raises(RateLimitWaitError, match="would pass the deadline"), trio.fail_after(1.5):
-            await quota_a.acquire(1)  # needs 2 s: refused at once, takes nothing
+        with pytest.raises(RateLimitWaitError, match="would pass the deadline"), trio.fail_after(59):
+            await quota_a.acquire(0)  # needs 60 s: refused at once, takes nothing
         assert trio.current_time() == 0.0
+        assert (await quota_a.usage())[0] == 30
 
-        done: list[float] = []
+        done: list[tuple[str, float]] = []
 
-        async def take(quota: SharedQuota) -> None:
-            await quota.acquire(1)
-            done.append(trio.current_time())
+        async def take(name: str, quota: SharedQuota) -> None:
+            await quota.acquire(0)
+            done.append((name, trio.current_time()))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(take, quota_b)
-            await eventually(lambda: _below(quota_b, -0.5))  # reserved in Redis: the task now sleeps
-            nursery.start_soon(take, quota_a)
-            await eventually(lambda: _below(quota_a, -1.5))
-            mock_clock.jump(2.0)
-            await trio.testing.wait_all_tasks_blocked()
-            assert done == [2.0]
-            mock_clock.jump(2.0)
-        assert done == [2.0, 4.0]  # first come, first served across processes
+            nursery.start_soon(take, "b", quota_b)
+            await eventually(lambda: _reserved(quota_a, 31))  # reserved in Redis: the task now sleeps
+            nursery.start_soon(take, "a", quota_a)
+            await eventually(lambda: _reserved(quota_a, 32))
+            mock_clock.jump(60.0)
+        assert sorted(done) == [("a", 60.0), ("b", 60.0)]
         assert a.statistics().degraded is False
 
 
 async def test_tpm_estimate_is_corrected_by_real_usage(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    """TPM is charged with the estimate, and the correction (real usage) reaches the shared bucket."""
+    """TPM is charged with the estimate, and the correction (real usage) reaches the shared log."""
     async with clusters(redis_server, 2) as (a, b):
-        tpm_a, tpm_b = a.quota("up", "tpm", 600), b.quota("up", "tpm", 600)
-        await tpm_a.acquire(500)
-        assert await tpm_b.level() == 100
-        tpm_a.adjust(40 - 500)  # the call used 40 tokens
-        await tpm_a.flush()
-        assert await tpm_b.level() == 560
+        tpm_a, tpm_b = a.quota("up", None, 600), b.quota("up", None, 600)
+        grant = await tpm_a.acquire(500)
+        assert (await tpm_b.usage())[1] == 500
+        grant.commit(40)  # the call used 40 tokens
+        await tpm_a.flush(idle_after=0.0)
+        assert (await tpm_b.usage())[1] == 40
         await tpm_b.acquire(560)
         assert trio.current_time() == 0.0
 
@@ -129,3 +136,267 @@ async def test_guard_waits_out_a_cool_down_heard_from_another_process(
             assert called == []
             mock_clock.jump(3.0)
         assert called == [3.0]
+
+
+# --- the Lua script against the local window, on random operations ------------------------------------
+
+
+@attrs.define
+class Model:
+    """The local window (engine/_rate_window.py) driven as the script is: corrections of a process
+    reach the log with that process's next call."""
+
+    rpm: float
+    tpm: float
+    log: WindowLog = attrs.Factory(lambda self: WindowLog(merge_gap(self.rpm)), takes_self=True)
+    queued: dict[int, list[tuple[Entry, float, float]]] = attrs.Factory(lambda: {0: [], 1: []})
+
+    def call(self, process: int, now: float) -> None:
+        self.log.expire(now)
+        for entry, requests, tokens in self.queued[process]:
+            self.log.correct(entry, requests, tokens)
+        self.queued[process] = []
+
+    def take(self, process: int, now: float, tokens: float, max_wait: float) -> tuple[float, Entry | None]:
+        self.call(process, now)
+        at = self.log.earliest(now, 1.0, tokens, self.rpm, self.tpm)
+        if at - now > 0 and at - now >= max_wait:
+            return at - now, None
+        return at - now, self.log.add(at, 1.0, tokens)
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.sampled_from([0.0, 0.01, 0.5, 7.0, 30.0, 59.99, 60.0])),
+        st.tuples(
+            st.just("take"),
+            st.integers(0, 1),
+            st.integers(0, 400),
+            st.sampled_from([0.0, 1.0, 30.0, 1e9]),
+        ),
+        st.tuples(st.just("settle"), st.integers(0, 40), st.sampled_from(["refund", "all", "some", "none"])),
+    ),
+    max_size=40,
+)
+
+
+@attrs.define
+class Pair:
+    """Two processes' views of one cluster, open in a Trio run of their own (a thread), so that every
+    hypothesis example runs against them without opening a cluster each time."""
+
+    token: trio.lowlevel.TrioToken
+    clusters: tuple[Cluster, Cluster]
+    clock: list[float]
+    stop: trio.Event
+    examples: int = 0
+
+    def run(self, function: Any, *args: Any) -> Any:
+        return trio.from_thread.run(function, *args, trio_token=self.token)
+
+
+@pytest.fixture(scope="module")
+def pair(redis_server: RedisServer) -> Iterator[Pair]:
+    ready: list[Pair] = []
+    opened = threading.Event()
+    clock = [1000.0]
+
+    async def host() -> None:
+        config = ClusterConfig(
+            redis_url=redis_server.url, key_prefix=prefix(), call_timeout=60.0, heartbeat_interval=600.0
+        )
+        async with (
+            open_cluster(config, clock=lambda: clock[0]) as a,
+            open_cluster(config, clock=lambda: clock[0]) as b,
+        ):
+            ready.append(Pair(trio.lowlevel.current_trio_token(), (a, b), clock, trio.Event()))
+            opened.set()
+            await ready[0].stop.wait()
+
+    thread = threading.Thread(target=trio.run, args=(host,), daemon=True)
+    thread.start()
+    assert opened.wait(10)
+    try:
+        yield ready[0]
+    finally:
+        trio.from_thread.run_sync(ready[0].stop.set, trio_token=ready[0].token)
+        thread.join(10)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rpm=st.none() | st.integers(1, 6),
+    tpm=st.none() | st.integers(200, 1000),
+    ops=operations,
+)
+def test_the_shared_log_grants_exactly_what_the_local_window_grants(
+    pair: Pair, rpm: int | None, tpm: int | None, ops: list[tuple[Any, ...]]
+) -> None:
+    """Two processes' calls of the script, interleaved, against the local window: the same grants at
+    the same instants, the same refusals, the same totals; and every 60 seconds of the grants keep the
+    quota (with what each call was finally charged)."""
+    if rpm is None and tpm is None:
+        rpm = 3
+    clock = pair.clock
+    pair.examples += 1
+    name = f"up-{pair.examples}"
+
+    async def main() -> None:
+        quotas = [cluster.quota(name, rpm, tpm) for cluster in pair.clusters]
+        model = Model(float(rpm or 0), float(tpm or 0))
+        grants: list[tuple[int, int, float, Entry]] = []  # process, seq, estimate, model entry
+        settled: set[int] = set()
+        for op in ops:
+            if op[0] == "advance":
+                clock[0] += op[1]
+            elif op[0] == "take":
+                _, process, tokens, max_wait = op
+                tokens = min(tokens, tpm or tokens)
+                expected_wait, entry = model.take(process, clock[0], tokens, max_wait)
+                reply = await _take(quotas[process], tokens, max_wait)
+                assert reply.wait == expected_wait
+                assert (reply.status == "ok") == (entry is not None)
+                if entry is not None:
+                    grants.append((process, reply.seq, float(tokens), entry))
+            elif grants and op[1] % len(grants) not in settled:
+                index = op[1] % len(grants)
+                settled.add(index)
+                process, seq, estimate, entry = grants[index]
+                requests, used = {
+                    "refund": (-1.0, 0.0),
+                    "all": (0.0, estimate),
+                    "some": (0.0, estimate // 2),
+                    "none": (0.0, 0.0),
+                }[op[2]]
+                quotas[process]._corrections.append((seq, requests, used - estimate))
+                model.queued[process].append((entry, requests, used - estimate))
+        for process in (0, 1):
+            model.call(process, clock[0])
+            usage = await quotas[process].usage()
+        assert usage == (model.log.requests, model.log.tokens)
+        _assert_within([(e.at, e.requests, e.tokens) for e in model.log], rpm, tpm)
+
+    pair.run(main)
+
+
+async def _take(quota: SharedQuota, tokens: float, max_wait: float) -> Reply:
+    for _ in range(3):
+        reply = await quota._run(1.0, tokens, max_wait)
+        if reply.status != "epoch":
+            return reply
+    raise AssertionError("the epoch kept changing")
+
+
+def _assert_within(entries: list[tuple[float, float, float]], rpm: int | None, tpm: int | None) -> None:
+    """Every 60 seconds of ``(time, requests, tokens)`` entries keep the limits."""
+    entries = sorted(entries)
+    for i, (start, _, _) in enumerate(entries):
+        window = [(requests, tokens) for at, requests, tokens in entries[i:] if at < start + 60.0]
+        assert rpm is None or sum(r for r, _ in window) <= rpm
+        assert tpm is None or sum(t for _, t in window) <= tpm
+
+
+async def test_a_lost_log_never_starts_full_and_is_exact_once_every_process_sent_its_grants(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """30 a minute, all taken at 0 s (20 by a, 10 by b); then Redis loses its data (FLUSHALL). A
+    missing log that started full would grant 30 more at once; it starts with the minute's use unknown,
+    and each process's own grants replace the unknown as it sends them."""
+    async with clusters(redis_server, 2) as (a, b):
+        quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
+        for _ in range(20):
+            await quota_a.acquire(0)
+        for _ in range(10):
+            await quota_b.acquire(0)
+        await beat(a.link)  # a knows two processes share the quota
+        await a.link.call(lambda: a.link.client.flushall())
+
+        with pytest.raises(RateLimitWaitError), trio.fail_after(59):
+            await quota_a.acquire(0)
+        assert trio.current_time() == 0.0
+        assert await quota_a.usage() == (30.0, 0.0)  # a's 20 sent, 10 still unknown
+        await quota_b.flush(idle_after=0.0)  # b checks in (its heartbeat): its 10 replace the unknown
+        assert await quota_a.usage() == (30.0, 0.0)
+        assert [e.requests for e in quota_b.mirror] == [10.0]
+
+        granted: list[float] = []
+
+        async def take(quota: SharedQuota) -> None:
+            await quota.acquire(0)
+            granted.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for quota in (quota_a, quota_b):
+                nursery.start_soon(take, quota)
+            await eventually(lambda: _reserved(quota_a, 32))
+            mock_clock.jump(60.0)
+        assert granted == [60.0, 60.0]
+
+
+async def test_an_idle_process_sends_its_grants_at_its_heartbeat(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """Two processes; b took 20 of 30 at 0 s and stays idle; the log is lost at 30 s. Until b has sent
+    its grants, the whole minute is unknown (a, which took none, is refused: the unknown leaves the
+    window at 90 s); b's heartbeat sends its 20 (taken at 0 s): nothing is unknown any more, and a gets
+    one at once."""
+    async with clusters(redis_server, 2, heartbeat_interval=40.0) as (a, b):
+        await beat(a.link)  # a counts both processes, as its heartbeats do
+        quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
+        await quota_a.usage()  # a knows the log (it takes nothing)
+        for _ in range(20):
+            await quota_b.acquire(0)
+        mock_clock.jump(30.0)
+        await a.link.call(lambda: a.link.client.flushall())
+        with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(1):
+            await quota_a.acquire(0)
+        assert refused.value.retry_after == 60.0
+        assert await quota_a.usage() == (30.0, 0.0)
+        mock_clock.jump(10.0)  # b's heartbeat (40 s): b checks in with its 20
+        await eventually(lambda: _usage_is(quota_a, 20.0))
+        await quota_a.acquire(0)
+        assert trio.current_time() == 40.0
+
+
+async def _usage_is(quota: SharedQuota, requests: float) -> bool:
+    return (await quota.usage())[0] == requests
+
+
+async def test_a_cancel_while_waiting_for_the_shared_quota_gives_it_back(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    async with clusters(redis_server, 2) as (a, b):
+        quota_a, quota_b = a.quota("up", 2, 100), b.quota("up", 2, 100)
+        await quota_a.acquire(10)
+        await quota_a.acquire(10)
+        with trio.CancelScope() as waiting:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(quota_b.acquire, 50)
+                await eventually(lambda: _usage_is(quota_a, 3.0))
+                waiting.cancel()
+        await quota_b.flush(idle_after=0.0)
+        assert await quota_a.usage() == (2.0, 20.0)
+        assert (quota_b.mirror.requests, quota_b.mirror.tokens) == (0.0, 0.0)
+
+
+async def test_a_wait_the_redis_round_trip_would_push_past_the_deadline_is_refused_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """Redis answers 0.2 s late. 2 a minute, taken 59 s ago (on the shared clock): the next fits 1 s
+    after them, and the caller's deadline is 0.1 s after that. Without the round trip counted, the wait
+    is granted and the caller sleeps past its deadline (a 504 and a wasted reservation); counted, it is
+    refused at once with a Retry-After, and nothing stays reserved. Real clock; nothing timed."""
+    offset = [-59.0]
+    async with delaying_proxy(redis_server.port, 0.2) as port:
+        config = ClusterConfig(redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=prefix(), call_timeout=5.0)
+        async with open_cluster(config, clock=lambda: trio.current_time() + offset[0]) as a:
+            quota = a.quota("up", 2, None)
+            await quota.acquire(0)
+            await quota.acquire(0)
+            fits_at = next(iter(quota.mirror)).at + 1.0  # on Trio's clock, once the offset is gone
+            offset[0] = 0.0
+            with pytest.raises(RateLimitWaitError) as info, trio.fail_at(fits_at + 0.1):
+                await quota.acquire(0)
+            assert info.value.retry_after is not None
+            assert 0 < info.value.retry_after <= 1.0
+            assert (await quota.usage())[0] == 2

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from web.workers import merge_json, merge_prometheus
+from web.workers import merge_json, merge_prometheus, read_snapshots, retire
 
 
 def worker_text(requests: int, seconds: list[float], processes: int) -> str:
@@ -61,3 +68,64 @@ def test_json_counts_are_summed_and_averages_weighted_by_ended_requests() -> Non
     assert merged["error_rate"] == round(1 / 40, 6)
     assert merged["errors_by_code"] == {"x": 3, "y": 1}
     assert merged["workers"] == 2
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def write_worker(directory: Path, pid: int, requests: int, in_flight: int) -> None:
+    registry = CollectorRegistry()
+    Counter("dspy_trio_requests", "Requests.", ["outcome"], registry=registry).labels("succeeded").inc(
+        requests
+    )
+    Gauge("dspy_trio_in_flight", "In flight.", registry=registry).set(in_flight)
+    json_fields = {
+        "total_requests": requests + in_flight,
+        "active_requests": in_flight,
+        "succeeded": requests,
+        "in_flight": in_flight,
+        "average_duration_ms": 10.0,
+        "error_rate": 0.0,
+        "errors_by_code": {"x": 1},
+    }
+    payload = {"pid": pid, "prometheus": generate_latest(registry).decode(), "json": json_fields}
+    (directory / f"{pid}.json").write_text(json.dumps(payload))
+
+
+def instance(directory: Path) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], dict[str, Any]]:
+    texts, json_fields, retired = read_snapshots(directory)
+    return samples(merge_prometheus(texts, retired=retired.prometheus)), merge_json(
+        json_fields, retired=retired.json
+    )
+
+
+SUCCEEDED = ("dspy_trio_requests_total", (("outcome", "succeeded"),))
+
+
+def test_a_dead_workers_counts_stay_in_the_instance_sum(tmp_path: Path) -> None:
+    """Counters of the instance never go backwards when a worker dies and another replaces it (a
+    scrape saw 195, then 65: Prometheus ``rate()`` reads that as a reset). Its gauges leave with it."""
+    dead = dead_pid()
+    write_worker(tmp_path, os.getpid(), 65, in_flight=2)
+    write_worker(tmp_path, dead, 130, in_flight=3)  # died; its supervisor has not noticed yet
+    text, fields = instance(tmp_path)
+    assert text[SUCCEEDED] == 195
+    assert text[("dspy_trio_in_flight", ())] == 2
+    assert (fields["succeeded"], fields["in_flight"], fields["workers"]) == (195, 2, 1)
+
+    retire(tmp_path, dead)  # the supervisor noticed: folded into the instance's retired counts
+    assert not (tmp_path / f"{dead}.json").exists()
+    retire(tmp_path, dead)  # twice is once
+    text, fields = instance(tmp_path)
+    assert text[SUCCEEDED] == 195
+    assert (fields["succeeded"], fields["total_requests"], fields["errors_by_code"]) == (195, 200, {"x": 2})
+
+    write_worker(tmp_path, os.getppid(), 5, in_flight=0)  # the replacement, counting from 0
+    text, fields = instance(tmp_path)
+    assert text[SUCCEEDED] == 200
+    assert (fields["succeeded"], fields["workers"]) == (200, 2)
+    assert fields["average_duration_ms"] == 10.0

@@ -14,6 +14,7 @@ import trio.lowlevel
 from engine import (
     EngineClosedError,
     EngineConfig,
+    EngineError,
     InvalidInputError,
     LMConfig,
     OverloadedError,
@@ -309,3 +310,59 @@ async def test_an_overloaded_engine_refuses_before_validating_the_inputs(autojum
             await engine.predict("default", {"not_a_field": 1})
         stats = engine.statistics()
         assert (stats.succeeded, stats.rejected, stats.invalid, stats.requests_total) == (1, 1, 1, 3)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_a_stream_entered_past_its_deadline_while_draining_is_timed_out_or_shut_down(
+    autojump_clock: Any, seed: int
+) -> None:
+    """A stream entered in a scope whose deadline is already due, as ``drain()`` cancels everything: the
+    engine's cancel and the caller's deadline both end it, and neither is "the consumer left"."""
+    import contextlib
+
+    import trio._core._run as trio_run
+
+    trio_run._r.seed(seed)
+    lm = CountingLM(first_token_delay=10.0)
+    async with open_engine(config(drain_timeout=0), lms={"default": lm}) as engine:
+        async with trio.open_nursery() as nursery:
+
+            async def consumer() -> None:
+                with trio.CancelScope(deadline=trio.current_time()), contextlib.suppress(EngineError):
+                    async with engine.stream("default", {"question": "q"}) as events:
+                        _ = [event async for event in events]
+
+            nursery.start_soon(consumer)
+            await trio.lowlevel.checkpoint()
+            nursery.start_soon(engine.drain)
+        stats = engine.statistics()
+    assert stats.abandoned == 0
+    assert stats.timed_out + stats.shut_down + stats.rejected == 1
+    assert lm.started == 0
+
+
+async def test_one_ownership_rule_for_cancel_by_id(autojump_clock: Any) -> None:
+    """An owner given to cancel must be the request's own; an ownerless request is nobody's to cancel
+    but the application's (no owner given)."""
+    lm = CountingLM(first_token_delay=10.0)
+    async with open_engine(config(), lms={"default": lm}) as engine, trio.open_nursery() as nursery:
+        for request_id, owner in (("mine", "alice"), ("nobody's", None)):
+            nursery.start_soon(
+                lambda r=request_id, o=owner: _ignore(
+                    engine.predict("default", {"question": "q"}, request_id=r, owner=o)
+                )
+            )
+        await trio.sleep(1)
+        assert engine.cancel("mine", owner="mallory") is False
+        assert await engine.cancel_anywhere("mine", owner="mallory") is False
+        assert engine.cancel("nobody's", owner="alice") is False
+        assert await engine.cancel_anywhere("nobody's", owner="alice") is False
+        assert engine.statistics().in_flight == 2
+        assert await engine.cancel_anywhere("mine", owner="alice") is True
+        assert engine.cancel("nobody's") is True
+    assert engine.statistics().cancelled == 2
+
+
+async def _ignore(call: Any) -> None:
+    with pytest.raises(EngineError):
+        await call

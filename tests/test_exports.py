@@ -133,8 +133,7 @@ async def test_an_engine_comes_only_from_open_engine() -> None:
 
 
 def test_dead_code_is_gone() -> None:
-    from engine import _token_bucket, _trace
+    from engine import _trace
 
-    assert not hasattr(_token_bucket, "unlimited")
     assert "lm_calls" not in {field.name for field in __import__("attrs").fields(_trace.RequestTrace)}
     assert not hasattr(engine.EngineConfig, "uses_simulated_lm")

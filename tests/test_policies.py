@@ -1,4 +1,4 @@
-"""Token buckets, backoff, retry budget and AIMD on the virtual clock, with exact times."""
+"""The RPM/TPM window, backoff, retry budget and AIMD on the virtual clock, with exact times."""
 
 from __future__ import annotations
 
@@ -9,47 +9,70 @@ import trio
 
 from engine import RateLimitWaitError, UpstreamRateLimitedError, UpstreamServerError
 from engine._adaptive import AdaptiveLimit, AdaptiveSettings
+from engine._rate_window import LocalQuota
 from engine._retry import RetryBudget, RetryPolicy, seeded
-from engine._token_bucket import TokenBucket
 
 
-async def test_bucket_refills_at_its_rate_and_waits_exactly(autojump_clock: Any) -> None:
-    bucket = TokenBucket(60, burst=2)  # one a second
-    start = trio.current_time()
+async def test_the_quota_is_granted_at_once_then_as_the_window_slides(autojump_clock: Any) -> None:
+    """2 a minute: two at once, then each as the one granted 60 s before it leaves the window."""
+    quota = LocalQuota("up", rpm=2, tpm=None)
     times = []
     for _ in range(5):
-        await bucket.acquire()
-        times.append(trio.current_time() - start)
-    assert times == pytest.approx([0, 0, 1, 2, 3])
-    assert bucket.waited == pytest.approx(3)
+        (await quota.acquire(0)).commit()
+        times.append(trio.current_time())
+    assert times == [0, 0, 60, 60, 120]
+    assert quota.waited == 120
 
 
-async def test_bucket_fails_at_once_when_the_wait_would_pass_the_deadline(autojump_clock: Any) -> None:
-    bucket = TokenBucket(60, burst=1)
-    await bucket.acquire()
-    start = trio.current_time()
-    with trio.fail_after(0.5), pytest.raises(RateLimitWaitError, match="would pass the deadline") as info:
-        await bucket.acquire()
-    assert info.value.retry_after == pytest.approx(1.0)
-    assert trio.current_time() == start
+async def test_a_wait_that_would_pass_the_deadline_is_refused_at_once(autojump_clock: Any) -> None:
+    quota = LocalQuota("up", rpm=1, tpm=None)
+    await quota.acquire(0)
+    await trio.sleep(20)
+    with trio.fail_after(39.5), pytest.raises(RateLimitWaitError, match="would pass the deadline") as info:
+        await quota.acquire(0)
+    assert info.value.retry_after == 40
+    assert trio.current_time() == 20
+    with trio.fail_after(40.5):  # the wait ends before the deadline
+        await quota.acquire(0)
+    assert trio.current_time() == 60
 
 
-async def test_a_request_larger_than_the_bucket_is_a_programming_error_not_a_deadline() -> None:
-    bucket = TokenBucket(60, burst=1)
-    with pytest.raises(ValueError, match="exceeds the bucket's capacity"):
-        await bucket.acquire(5)
+async def test_a_wait_that_leaves_the_call_no_time_is_refused_at_once(autojump_clock: Any) -> None:
+    """``then``: the call after the wait must fit before the deadline too; without a wait it is not
+    the quota's business."""
+    quota = LocalQuota("up", rpm=1, tpm=None)
+    with trio.fail_after(1):
+        await quota.acquire(0, then=5)  # no wait: granted
+    with trio.fail_after(62), pytest.raises(RateLimitWaitError) as info:
+        await quota.acquire(0, then=5)
+    assert info.value.retry_after == 60
+    with trio.fail_after(65.5):
+        await quota.acquire(0, then=5)
+    assert trio.current_time() == 60
 
 
-async def test_bucket_corrections_move_the_next_wait(autojump_clock: Any) -> None:
-    bucket = TokenBucket(600, burst=100)  # 10 a second
-    await bucket.acquire(100)  # an estimate
-    bucket.adjust(-40)  # the real usage was 60
-    assert bucket.level() == pytest.approx(40)
-    bucket.adjust(+90)  # overdrawn
-    assert bucket.level() == pytest.approx(-50)
-    start = trio.current_time()
-    await bucket.acquire(10)
-    assert trio.current_time() - start == pytest.approx(6.0)
+async def test_token_corrections_move_the_next_wait(autojump_clock: Any) -> None:
+    quota = LocalQuota("up", rpm=None, tpm=100)
+    grant = await quota.acquire(100)  # an estimate
+    grant.commit(60)  # the real usage
+    assert quota.log.tokens == 60
+    await quota.acquire(40)
+    assert trio.current_time() == 0
+    await trio.sleep(10)
+    await quota.acquire(10)
+    assert trio.current_time() == 60  # the first call's 60 leave the window
+
+
+async def test_a_refund_gives_back_the_request_and_its_tokens_once(autojump_clock: Any) -> None:
+    quota = LocalQuota("up", rpm=2, tpm=100)
+    grant = await quota.acquire(50)
+    grant.refund()
+    grant.refund()
+    grant.commit(10)
+    assert (quota.log.requests, quota.log.tokens) == (0, 0)
+    await quota.acquire(100)
+    await quota.acquire(0)
+    assert trio.current_time() == 0
 
 
 def test_backoff_is_full_jitter_capped_and_never_before_retry_after() -> None:
@@ -110,3 +133,15 @@ async def test_aimd_grows_additively_and_halves_once_per_round(autojump_clock: A
         call = await limit.acquire(owner)
         limit.release(owner, call, latency=0.1, overloaded=False)
     assert limit.limit == 6, "never above the maximum"
+
+
+async def test_a_wait_asked_for_in_a_cancelled_scope_is_a_cancel_not_a_refusal(autojump_clock: Any) -> None:
+    """A cancelled scope's deadline is -inf: any wait "would pass it", but the caller was cancelled, not
+    refused (a refusal is booked ``rejected`` and escapes the cancelled scope)."""
+    quota = LocalQuota("up", rpm=1, tpm=None)
+    await quota.acquire(0)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await quota.acquire(0)
+    assert scope.cancelled_caught
+    assert quota.log.requests == 1

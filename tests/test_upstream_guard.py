@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from engine import (
     RateLimitWaitError,
@@ -153,13 +154,15 @@ async def test_the_retry_budget_stops_hammering_a_failing_upstream(autojump_cloc
     assert attempts == 20 + 2 + 2  # every request once, plus the floor, plus 10% of 20
 
 
-async def test_rpm_spaces_calls_and_tpm_is_corrected_with_real_usage(autojump_clock: Any) -> None:
+async def test_rpm_counts_a_minute_and_tpm_is_corrected_with_real_usage(autojump_clock: Any) -> None:
+    """60 a minute: 60 at once, the next as the first ones leave the 60-second window (a bucket's
+    refill would have sent them at 1 s and 2 s: 62 within a minute)."""
     g = guard(rpm=60)
     scripts = [Script() for _ in range(62)]
     for script in scripts:
         await g.call(script, None, estimate=1)
     assert scripts[59].started == [0]
-    assert [s.started[0] for s in scripts[60:]] == [1.0, 2.0]
+    assert [s.started[0] for s in scripts[60:]] == [60.0, 60.0]
 
     g = guard(tpm=600)
     await g.call(Script(), None, estimate=600)  # estimated the whole minute; used 30
@@ -203,3 +206,52 @@ async def test_adaptive_limit_shrinks_on_429_and_is_visible(autojump_clock: Any)
     for _ in range(10):
         await g.call(Script(delay=0.1), None, estimate=1)
     assert 4 < (g.statistics().concurrency_limit or 0) < 8
+
+
+async def test_a_cool_down_that_begins_while_calls_wait_for_quota_holds_them_too(
+    autojump_clock: Any,
+) -> None:
+    """2 a minute, both taken at 0; a third call waits for quota. At 20 s one of the first answers 429
+    with ``Retry-After: 50``: the waiting call must not go before 70 s, though its quota came sooner."""
+    g = guard(rpm=2, retry=RetryPolicy(max_attempts=1))
+    limited = Script(UpstreamRateLimitedError("429", retry_after=50.0), delay=20.0)
+    waiting = Script()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_expect_error, g, limited)
+        nursery.start_soon(functools.partial(g.call, Script(), None, estimate=1))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(functools.partial(g.call, waiting, None, estimate=1))
+    assert limited.started == [0.0]
+    assert waiting.started == [70.0]
+    assert g.statistics().cooldown_remaining == 0
+
+
+async def _expect_error(g: UpstreamGuard, script: Script) -> None:
+    with pytest.raises(UpstreamRateLimitedError):
+        await g.call(script, None, estimate=1)
+
+
+async def test_a_quota_wait_that_leaves_the_call_no_time_is_refused_at_once(autojump_clock: Any) -> None:
+    """1 a minute; calls take 2 s. A call at 2 s with its deadline at 60.5 s would get its quota at 60 s
+    and then be cut by the deadline mid-call (a 504 after a wasted request): it is refused at once."""
+    g = guard(rpm=1)
+    await g.call(Script(delay=2.0), None, estimate=1)
+    assert trio.current_time() == 2.0
+    with trio.fail_after(58.5), pytest.raises(RateLimitWaitError) as info:
+        await g.call(Script(delay=2.0), None, estimate=1)
+    assert trio.current_time() == 2.0
+    assert info.value.retry_after == 58.0
+    with trio.fail_after(60.5):  # time for the call after the wait: it goes
+        await g.call(Script(delay=2.0), None, estimate=1)
+    assert trio.current_time() == 62.0
+
+
+async def test_a_call_in_a_cancelled_scope_during_a_cool_down_is_cancelled_not_refused(
+    autojump_clock: Any,
+) -> None:
+    g = guard(rpm=1, retry=RetryPolicy(max_attempts=1))
+    await _expect_error(g, Script(UpstreamRateLimitedError("429", retry_after=5.0)))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await g.call(Script(), None, estimate=1)
+    assert scope.cancelled_caught

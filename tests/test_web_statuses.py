@@ -9,9 +9,10 @@ import attrs
 import pytest
 from quart.typing import TestClientProtocol as QuartClient
 
+from engine import EngineConfig, RateLimit
 from web.app import create_app
 
-from .web_helpers import settings
+from .web_helpers import FAST, settings
 
 
 @pytest.fixture
@@ -57,3 +58,17 @@ async def test_a_prediction_and_health_answer(client: QuartClient) -> None:
     response = await client.post("/predict", json={"question": "What is Trio?"}, headers=KEY)
     assert response.status_code == 200
     assert (await response.get_json())["answer"]
+
+
+async def test_a_quota_wait_that_cannot_fit_is_a_429_with_retry_after_not_a_504() -> None:
+    """1 request a minute: the second request's wait for quota cannot end before its 5 s deadline, so it
+    is refused at once with 429 ``rate_limit_wait`` and a Retry-After (the wait), not cut at 5 s."""
+    lm = attrs.evolve(FAST, rate_limit=RateLimit(rpm=1))
+    app = create_app(settings(engine=EngineConfig(lms={"default": lm})))
+    async with app.test_app() as test_app:
+        client = test_app.test_client()
+        assert (await client.post("/predict", json={"question": "q"})).status_code == 200
+        refused = await client.post("/predict", json={"question": "q"}, headers={"X-Request-Timeout": "5"})
+        assert refused.status_code == 429
+        assert (await refused.get_json())["error"]["code"] == "rate_limit_wait"
+        assert 55 <= float(refused.headers["Retry-After"]) <= 60

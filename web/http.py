@@ -93,7 +93,7 @@ async def predict(program: str, inputs: Mapping[str, Any], until: RequestDeadlin
         EngineError: as the engine raises it; DeadlineExceededError past ``until``.
     """
     engine = checked_engine(inputs)
-    with state().owning(g.request_id, g.owner), until.scope():
+    with until.scope():
         result = await engine.predict(program, inputs, request_id=g.request_id, owner=g.owner)
         g.timings = result.timings
         return result

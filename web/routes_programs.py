@@ -70,20 +70,19 @@ async def program_batch(name: str, data: BatchRequest) -> Response:
     if name not in known:  # the batch's own error; bad items get an outcome each instead
         raise UnknownProgramError(name, known)
     concurrency = min(data.concurrency, limits.max_batch_concurrency)
-    request_id, owner, service = g.request_id, g.owner, state()
+    request_id, owner = g.request_id, g.owner
 
     @asynccontextmanager
     async def open_batch() -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
-        with service.owning(request_id, owner):
-            async with engine.batch_stream(
-                name,
-                data.items,
-                concurrency=concurrency,
-                fail_fast=data.fail_fast,
-                request_id=request_id,
-                owner=owner,
-            ) as outcomes:
-                yield outcomes
+        async with engine.batch_stream(
+            name,
+            data.items,
+            concurrency=concurrency,
+            fail_fast=data.fail_fast,
+            request_id=request_id,
+            owner=owner,
+        ) as outcomes:
+            yield outcomes
 
     accept = request.accept_mimetypes.best_match(
         ["application/json", "text/event-stream", "application/x-ndjson"]

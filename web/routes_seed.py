@@ -53,9 +53,8 @@ def stream_response(program: str, inputs: dict[str, object], asked: float | None
 
     @asynccontextmanager
     async def open_stream() -> AsyncIterator[EventStream]:
-        with service.owning(request_id, owner):
-            async with engine.stream(program, inputs, request_id=request_id, owner=owner) as events:
-                yield events
+        async with engine.stream(program, inputs, request_id=request_id, owner=owner) as events:
+            yield events
 
     encode = seed_encoder() if seed else general_encoder
     return sse_response(

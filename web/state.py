@@ -1,4 +1,4 @@
-"""What the handlers of one service share: settings, the engine while serving, and who owns which request."""
+"""What the handlers of one service share: settings, and the engine while serving."""
 
 from __future__ import annotations
 
@@ -31,21 +31,6 @@ def not_ready() -> HTTPError:
     )
 
 
-class _Owning:
-    """The context manager of :meth:`ServiceState.owning` (a class: no generator kept per request)."""
-
-    __slots__ = ("_owner", "_owners", "_request_id")
-
-    def __init__(self, owners: dict[str, str], request_id: str, owner: str) -> None:
-        self._owners, self._request_id, self._owner = owners, request_id, owner
-
-    def __enter__(self) -> None:
-        self._owners[self._request_id] = self._owner
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._owners.pop(self._request_id, None)
-
-
 @attrs.define
 class ServiceState:
     """The service's shared state (one per app).
@@ -54,13 +39,11 @@ class ServiceState:
         settings: The service settings.
         engine: The engine while serving, else None.
         draining: Set when shutdown begins: new requests get 503.
-        owners: Server-generated request id -> the owner's key (the API key that started it, or "").
     """
 
     settings: ServiceSettings
     engine: Engine | None = None
     draining: bool = False
-    owners: dict[str, str] = attrs.field(factory=dict)
     # Why the engine ended on its own (it failed to open, or crashed while serving), and who to tell.
     failure: BaseException | None = None
     on_failure: Callable[[], None] = lambda: None
@@ -88,11 +71,3 @@ class ServiceState:
         if self.engine is None:
             raise not_ready()
         return self.engine
-
-    def owning(self, request_id: str, owner: str) -> _Owning:
-        """Record that ``owner`` started ``request_id`` for the block (so only it may cancel it)."""
-        return _Owning(self.owners, request_id, owner)
-
-    def may_cancel(self, request_id: str, owner: str) -> bool:
-        """Whether ``owner`` started the in-flight request ``request_id`` (unknown ids: no)."""
-        return self.owners.get(request_id) == owner

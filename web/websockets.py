@@ -127,7 +127,7 @@ async def _seed_answer(
     """Stream one answer of the seed's ``/ws``: token frames (or the whole answer if no token came)."""
     request_id = uuid.uuid4().hex
     sent_delta = False
-    with until.scope() as timer, service.owning(request_id, owner):
+    with until.scope() as timer:
         try:
             async with engine.stream(
                 "default", {"question": question}, request_id=request_id, owner=owner
@@ -237,7 +237,7 @@ class _Socket:
         """Run one request to exactly one last frame."""
         request_id = self.active[frame.id][0]
         try:
-            with scope, self.service.owning(request_id, self.owner):
+            with scope:
                 with until.scope() as timer:
                     try:
                         await self.serve(frame, request_id)

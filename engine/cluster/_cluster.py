@@ -1,11 +1,11 @@
-"""A process's membership in a cluster: shared limits, the request registry, heartbeats, and the
-background tasks that keep them (a write queue, a heartbeat, a pub/sub listener).
+"""A process's membership in a cluster: shared limits, cancel by id across processes, heartbeats, and
+the background tasks that keep them (a write queue, a heartbeat, a pub/sub listener).
 
 ::
 
     async with open_cluster(config.cluster) as cluster:
         guard = UpstreamGuard("default", policy, limits=cluster)      # shared RPM/TPM and cool-down
-        cluster.attach(engine.cancel)                                 # cancels from other processes
+        cluster.attach(engine._cancel_if)                             # cancels from other processes
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
 from .._config import ClusterConfig
-from .._limits import CoolDown, LimitKind, Quota
+from .._limits import CoolDown
+from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
 from ._heartbeat import beat, leave, run_heartbeat
 from ._quota import SharedQuota
 from ._redis import RedisLink, RedisUnavailableError
-from ._registry import Registry
 
 logger = logging.getLogger("engine.cluster")
 
@@ -62,16 +62,15 @@ class Cluster:
     """Shared state of the processes that use one Redis. Get one from :func:`open_cluster`.
 
     Implements the :class:`engine._limits.Limits` port, so an ``UpstreamGuard`` built with it shares
-    its buckets and cool-down with every other process.
+    its quota and cool-down with every other process.
     """
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
-        self.registry = Registry(link)
-        self._quotas: dict[tuple[str, str], SharedQuota] = {}
-        self._cooldowns: dict[str, SharedCoolDown] = {}
-        self._cancel: Callable[[str], bool] | None = None
         self.subscribed = trio.Event()  # set while cancels and cool-downs of others are heard
+        self.relay = CancelRelay(link, OwnerDigest(_secret(link.config)), lambda: self.subscribed.is_set())
+        self._quotas: dict[str, SharedQuota] = {}
+        self._cooldowns: dict[str, SharedCoolDown] = {}
 
     def __repr__(self) -> str:
         return f"<Cluster {self.link!r}>"
@@ -87,30 +86,32 @@ class Cluster:
             writes_dropped=link.writes_dropped,
         )
 
-    def quota(self, upstream: str, kind: LimitKind, per_minute: float) -> Quota:
-        key = (upstream, kind)
-        if key not in self._quotas:
-            self._quotas[key] = SharedQuota(self.link, upstream, kind, per_minute)
-        return self._quotas[key]
+    def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> SharedQuota:
+        if upstream not in self._quotas:
+            self._quotas[upstream] = SharedQuota(self.link, upstream, rpm, tpm)
+        return self._quotas[upstream]
 
     def cooldown(self, upstream: str) -> CoolDown:
         if upstream not in self._cooldowns:
             self._cooldowns[upstream] = SharedCoolDown(self.link, upstream)
         return self._cooldowns[upstream]
 
-    def attach(self, cancel: Callable[[str], bool]) -> None:
-        """Deliver cancels addressed to this process to ``cancel(request_id)`` (``Engine.cancel``)."""
-        self._cancel = cancel
+    def attach(self, cancel: LocalCancel) -> None:
+        """Deliver cancels from other processes to ``cancel(request_id, owner_check)``: the engine's
+        ``_cancel_if``, which cancels what this process runs under that id for the owners the check
+        accepts."""
+        self.relay.attach(cancel)
 
     async def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
-        """Cancel a request running in another process (see :meth:`Registry.cancel`)."""
-        return await self.registry.cancel(request_id, owner=owner)
+        """Cancel ``request_id`` in every process that runs it (see :meth:`CancelRelay.cancel`)."""
+        return await self.relay.cancel(request_id, owner=owner)
 
     def _dispatch(self, message: Any) -> None:
         channel, data = message.get("channel"), message.get("data")
-        if channel == self.registry.cancel_channel(self.link.process_id):
-            if self._cancel is not None:
-                self._cancel(str(data))
+        if channel == self.relay.broadcast_channel:
+            self.relay.heard_cancel(str(data))
+        elif channel == self.relay.answer_channel:
+            self.relay.heard_answer(str(data))
         elif channel == self.link.key("cooldown"):
             try:
                 heard = json.loads(data)
@@ -125,7 +126,7 @@ class Cluster:
         Subscribes only while Redis answers (the heartbeat notices when it does again); a subscription
         that breaks marks the link degraded and is made again after the next good heartbeat.
         """
-        channels = [self.registry.cancel_channel(self.link.process_id), self.link.key("cooldown")]
+        channels = [self.relay.broadcast_channel, self.relay.answer_channel, self.link.key("cooldown")]
         retry = ExponentialBackoffRetryPolicy(
             (RedisConnectionError,), retries=3, base_delay=0.05, max_delay=0.5, jitter=True
         )
@@ -149,6 +150,14 @@ class Cluster:
             await trio.sleep(self.link.config.heartbeat_interval)
 
 
+def _secret(config: ClusterConfig) -> bytes:
+    """The key of the owners' digests: the configured secret, else one derived from the key prefix
+    (the same in every process, so cancels still work, but known to anyone who reads Redis)."""
+    if config.secret:
+        return config.secret.encode()
+    return f"dspy-trio unset secret:{config.key_prefix}".encode()
+
+
 @asynccontextmanager
 async def open_cluster(
     config: ClusterConfig, *, clock: Callable[[], float] = time.time
@@ -169,6 +178,12 @@ async def open_cluster(
     # coredis logs every failed connection attempt with a traceback at ERROR; Redis's health is reported
     # here instead, once per change (RedisLink.mark_down / mark_up) and as the degraded gauge.
     logging.getLogger("coredis").setLevel(logging.CRITICAL)
+    if not config.secret:
+        logger.warning(
+            "[cluster] secret (DSPY_TRIO_CLUSTER_SECRET) is not set: the owners' digests that cancels "
+            "carry through Redis are keyed by the key prefix, so anyone who can read Redis can test a "
+            "guessed API key against them; set the same random secret in every replica"
+        )
     client: coredis.Redis[str] = coredis.Redis.from_url(
         config.redis_url,
         decode_responses=True,

@@ -2,8 +2,9 @@
 
 Each process writes its id with the shared time into one sorted set every ``heartbeat_interval``
 seconds; members silent for three intervals are removed; the set's size is the number of live
-processes (every worker of every replica). A degraded process falls back to the quota divided by the
-last count it saw, and the heartbeat is also what notices that Redis answers again.
+processes (every worker of every replica), the largest of the last three counts. A degraded process
+falls back to the quota divided by the last count it saw, and the heartbeat is also what notices that
+Redis answers again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ async def beat(link: RedisLink) -> None:
             pipe.pexpire(key, int(_MISSED_BEATS * link.config.heartbeat_interval * 1000) + 1000)
         return int(await count)
 
-    link.processes = max(1, await link.call(command, probe=True))
+    # The most counted in the last few beats: a count never drops at once (a process is only removed
+    # after missing as many beats anyway), so a count that Redis lost (FLUSHALL, a restart) and that
+    # rebuilds itself over one interval does not shrink the waits for the processes' grants.
+    link.counts.append(max(1, await link.call(command, probe=True)))
+    link.processes = max(link.counts)
 
 
 async def leave(link: RedisLink) -> None:
@@ -47,7 +52,8 @@ async def leave(link: RedisLink) -> None:
 
 
 async def run_heartbeat(link: RedisLink, quotas: Callable[[], Iterable[SharedQuota]]) -> None:
-    """Beat every ``heartbeat_interval`` seconds until cancelled, flushing queued quota corrections."""
+    """Beat every ``heartbeat_interval`` seconds until cancelled; then let each quota send what it has
+    queued (corrections, grants made while Redis was unreachable) or check in if it was idle."""
     while True:
         await trio.sleep(link.config.heartbeat_interval)
         try:
@@ -55,4 +61,4 @@ async def run_heartbeat(link: RedisLink, quotas: Callable[[], Iterable[SharedQuo
         except RedisUnavailableError:
             continue
         for quota in quotas():
-            await quota.flush()
+            await quota.flush(idle_after=link.config.heartbeat_interval)

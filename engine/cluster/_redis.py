@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -60,7 +61,9 @@ class RedisLink:
         self.degraded = False
         self.degraded_episodes = 0
         self.processes = 1  # last known number of live processes (heartbeats)
+        self.counts: deque[int] = deque(maxlen=3)  # the processes counted at the last heartbeats
         self.round_trips = 0
+        self.rtt = 0.0  # seconds a call takes, a moving average (waits for quota count it)
         self.failures = 0
         self.writes_dropped = 0
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[Write](_OUTBOX_SIZE)
@@ -91,6 +94,7 @@ class RedisLink:
         if self.degraded and not probe:
             raise RedisUnavailableError("redis is unreachable (degraded)")
         self.round_trips += 1
+        started = trio.current_time()
         with trio.move_on_after(self.config.call_timeout):
             try:
                 reply = await command()
@@ -103,6 +107,8 @@ class RedisLink:
                 self._failed(f"{type(exc).__name__}: {exc}", degrade)
                 raise RedisUnavailableError(str(exc)) from exc
             self.mark_up()
+            took = trio.current_time() - started
+            self.rtt = took if not self.rtt else 0.8 * self.rtt + 0.2 * took
             return reply
         self._failed(f"no answer within {self.config.call_timeout:g}s", degrade)
         raise RedisUnavailableError("redis did not answer in time")
