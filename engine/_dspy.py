@@ -312,10 +312,6 @@ _REFUSED_CONFIG = (
 )
 
 
-class _TextSink(Protocol):
-    async def send(self, text: str, /) -> None: ...
-
-
 class EngineBackend(Protocol):
     """What :class:`TrioEngine` needs of a backend; every ``engine.lm.TrioLM`` has it.
 
@@ -454,7 +450,8 @@ class TrioEngine(_BackendCapabilities):
         return _response(self.backend.model, await self.backend.complete(messages, params, None))
 
     def stream(self, request: Any) -> _EventStream:
-        """One completion as lm15 stream events; nothing runs until the first event is awaited."""
+        """One completion as lm15 stream events; nothing runs until the first event is awaited. Close
+        the iterator (``aclose``) when done with it, as DSPy does: that ends the backend's call."""
         return _EventStream(self, request)
 
     async def aclose(self) -> None:
@@ -533,9 +530,7 @@ class _EventStream:
                         await send.send(_lm15.StreamDeltaEvent(delta=_lm15.ThinkingDelta(text=reasoning)))
                     end = _lm15.StreamEndEvent(finish_reason="stop", usage=_usage(completion.usage))
                     await send.send(end)
-                except trio.BrokenResourceError:
-                    pass  # the consumer closed the stream
-                except Exception as exc:  # raised again in the consumer's task
+                except Exception as exc:  # raised again in the consumer's task, if it is still there
                     with contextlib.suppress(trio.BrokenResourceError):
                         await send.send(_Failed(exc))
         finally:

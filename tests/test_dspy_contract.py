@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 import engine
-from engine import _dspy
+from engine import EngineConfig, FieldDelta, FinalEvent, LMConfig, ProgramSpec, _dspy, open_engine
 from engine._errors import UpstreamServerError
 from engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, TrioLM
 from engine.lm._base import Completion, Message
@@ -320,6 +320,31 @@ async def stream_field(
                 prediction = await program.acall(**inputs)
             await send.aclose()
     return prediction, pieces
+
+
+@pytest.mark.usefixtures("dspy_deprecations_are_errors")
+@pytest.mark.parametrize("adapter_name", ["chat", "json"])
+@pytest.mark.parametrize("provider", ["simulated", "openai", "anthropic", "dspy"])
+async def test_the_engine_predicts_and_streams_fields_with_no_deprecated_dspy_api(
+    fake_upstream: FakeUpstream, provider: str, adapter_name: str
+) -> None:
+    """Today's path, every provider (the Trio-native backends' ``TrioLM.acall``, and a stock
+    ``dspy.LM`` in worker threads): ``engine.predict`` and a per-field ``engine.stream`` raise no
+    DeprecationWarning, so the day they use an API DSPy deprecates, this fails."""
+    lm = LMConfig(first_token_delay=0, token_delay=0)
+    if provider != "simulated":
+        model = "openai/fake-model" if provider == "dspy" else "fake-model"
+        lm = LMConfig(provider=provider, model=model, api_base=fake_upstream.url, api_key="sk-test")
+    programs = {"qa": ProgramSpec("question -> answer", adapter=adapter_name)}
+    async with open_engine(EngineConfig(lms={"default": lm}, programs=programs)) as engine:
+        predicted = await engine.predict("qa", {"question": "Sky?"})
+        async with engine.stream("qa", {"question": "Sky?"}) as events:
+            streamed = [event async for event in events]
+    final = streamed[-1]
+    assert isinstance(final, FinalEvent)
+    deltas = [event.text for event in streamed if isinstance(event, FieldDelta) and event.field == "answer"]
+    assert len(deltas) > 1
+    assert "".join(deltas) == final.result.outputs["answer"] == predicted.outputs["answer"]
 
 
 @pytest.mark.usefixtures("dspy_deprecations_are_errors")
