@@ -577,6 +577,54 @@ async def test_a_consumer_that_leaves_mid_stream_stops_the_backend(autojump_cloc
     assert (len(backend.calls), backend.finished) == (1, 0)
 
 
+async def test_concurrent_streams_through_one_engine_lm_each_get_their_own_answer(
+    autojump_clock: Any,
+) -> None:
+    """Twenty streamed predictions at once through one ``EngineLM``: each caller's channel carries its
+    own answer and nothing else, all on the backend's pace, and no producer is left."""
+    backend = BackendSpy()
+    program = dspy.Predict("question -> answer")
+    results: dict[int, tuple[Any, list[tuple[float, str]]]] = {}
+    async with _dspy.open_engine_lm(backend) as lm:
+
+        async def one(i: int) -> None:
+            results[i] = await stream_field(lm, program, "answer", question=f"question {i}")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+        assert engine_children(lm) == 0
+    assert len({prediction.answer for prediction, _ in results.values()}) > 1
+    for prediction, pieces in results.values():
+        assert "".join(piece for _, piece in pieces).strip() == prediction.answer
+    assert backend.finished == 20
+
+
+async def test_leaving_the_engine_lm_block_ends_a_running_stream_with_an_error(autojump_clock: Any) -> None:
+    """A stream still running when its ``open_engine_lm`` block ends fails at once with DSPy's stream
+    error (no end event came); it neither hangs nor completes."""
+    backend = BackendSpy()
+    failures: list[BaseException] = []
+    async with trio.open_nursery() as outer:
+        async with _dspy.open_engine_lm(backend) as lm:
+
+            async def caller() -> None:
+                send, _receive = trio.open_memory_channel[Any](100)
+                with (
+                    dspy.context(lm=lm, send_stream=send),
+                    pytest.raises(dspy.utils.exceptions.LMError) as raised,
+                ):
+                    await dspy.Predict("question -> answer").acall(question="q")
+                failures.append(raised.value)
+
+            outer.start_soon(caller)
+            await trio.sleep(2.0)
+        left_at = trio.current_time()
+    assert trio.current_time() == left_at == 2.0
+    assert "without a completion event" in str(failures[0])
+    assert backend.finished == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_a_cancel_on_the_engine_path_closes_the_upstream_connection_within_50ms(
     fake_upstream: FakeUpstream, stream: bool
