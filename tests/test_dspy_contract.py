@@ -8,6 +8,7 @@ Trio, and that it uses no deprecated DSPy API: docs/dspy-engines.md.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import dspy
 import dspy.clients.execution
 import pytest
@@ -31,7 +33,7 @@ from trio.testing import MockClock
 import engine
 from engine import EngineConfig, FieldDelta, FinalEvent, LMConfig, ProgramSpec, _dspy, open_engine
 from engine._errors import UpstreamServerError
-from engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, TrioLM
+from engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
 from engine.lm._base import Completion, Message
 from engine.testing import Behavior, FakeUpstream
 
@@ -345,6 +347,34 @@ async def test_the_engine_predicts_and_streams_fields_with_no_deprecated_dspy_ap
     deltas = [event.text for event in streamed if isinstance(event, FieldDelta) and event.field == "answer"]
     assert len(deltas) > 1
     assert "".join(deltas) == final.result.outputs["answer"] == predicted.outputs["answer"]
+
+
+@pytest.mark.usefixtures("dspy_deprecations_are_errors")
+async def test_a_stock_lm_in_a_worker_thread_answers_an_lm15_request_plain_and_streamed(
+    fake_upstream: FakeUpstream,
+) -> None:
+    """The route off ``lm(messages=...)`` (removed in 3.5) for the worker-thread backend already works
+    in 3.4: a stock ``dspy.LM`` called with a ``Request`` from an anyio worker thread under Trio answers
+    with a ``Response``, and streams its chunks to ``send_stream`` from the thread."""
+    lm = LMConfig(provider="dspy", model="openai/fake-model", api_base=fake_upstream.url, api_key="k")
+    inner = ThreadedLM.from_config(lm).inner
+    request = dspy.lm15.Request(
+        model=inner.model,
+        system="Your output fields are:\n1. `answer` (str):",
+        messages=(dspy.lm15.Message.user("Sky?"),),
+    )
+    plain = await anyio.to_thread.run_sync(functools.partial(inner, request))
+    send, receive = trio.open_memory_channel[Any](1000)
+    with dspy.context(send_stream=send):
+        streamed = await anyio.to_thread.run_sync(functools.partial(inner, request))
+    send.close()
+    inner.close()
+    chunks = [chunk.choices[0].delta.content async for chunk in receive]
+    assert isinstance(plain, dspy.lm15.Response)
+    assert plain.text.startswith("[[ ## answer ## ]]")
+    assert plain.usage.output_tokens
+    assert "".join(chunk for chunk in chunks if chunk) == streamed.text == plain.text
+    assert [record.stream for record in fake_upstream.records] == [False, True]
 
 
 @pytest.mark.usefixtures("dspy_deprecations_are_errors")
