@@ -532,13 +532,13 @@ class EngineConfig:
             if env.get(key):
                 engine_changes["adapter"] = env[key]
                 names["adapter"] = f"{key}={env[key]!r}"
-        cluster = config.cluster
-        for key, field in (("DSPY_TRIO_REDIS_URL", "redis_url"), ("DSPY_TRIO_CLUSTER_SECRET", "secret")):
+        cluster: ClusterConfig = config.cluster
+        for key, setting in (("DSPY_TRIO_REDIS_URL", "redis_url"), ("DSPY_TRIO_CLUSTER_SECRET", "secret")):
             if value := env.get(key):
                 try:
-                    cluster = attrs.evolve(cluster, **{field: value})
+                    cluster = attrs.evolve(cluster, **{setting: value})  # type: ignore[arg-type]
                 except ConfigError as exc:  # the secret is never shown, a URL without its password
-                    shown = f"={_shown_url(value)!r}" if field == "redis_url" else ""
+                    shown = f"={_shown_url(value)!r}" if setting == "redis_url" else ""
                     raise ConfigError(f"{key}{shown}: {exc.message}") from exc
         if cluster is not config.cluster:
             engine_changes["cluster"] = cluster

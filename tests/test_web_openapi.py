@@ -239,7 +239,8 @@ async def test_every_refusal_of_the_engine_is_documented() -> None:
             body = {"inputs": {"question": "q"}}
             overloaded = await client.post("/v1/programs/default/predict", json=body)
             seen[overloaded.status_code] = "/v1/programs/{name}/predict"
-            [request_id] = server.state.owners
+            [request] = server.state.engine._ledger._active.values()  # type: ignore[union-attr]
+            request_id = request.request_id
             assert (await client.delete(f"/v1/requests/{request_id}")).status_code == 200
         seen[answers[0].status_code] = "/predict"
         async with trio.open_nursery() as nursery:
