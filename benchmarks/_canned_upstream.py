@@ -1,7 +1,7 @@
 """A deliberately minimal OpenAI-compatible upstream for measuring the client side at high concurrency.
 
-The project's fake upstream (``engine.testing.FakeUpstream``) records every request, watches for client
-closes, renders an answer from the prompt and can inject faults: ~1.4 ms of CPU per answer, so at 1,000
+The project's fake upstream (``dspy_trio.engine.testing.FakeUpstream``) records every request, watches for
+client closes, renders an answer from the prompt and can inject faults: ~1.4 ms of CPU per answer, so at 1,000
 concurrent requests its own core, not the client under test, decides the wall time. This one answers
 every ``POST`` with the same pre-built chat completion (``[[ ## answer ## ]]`` for a ``question ->
 answer`` program) after ``--latency`` seconds: per request one read of the head and body, one sleep and

@@ -26,11 +26,11 @@ import attrs
 import httpx
 import trio
 
-from engine import CallTimeouts, EngineConfig, LMConfig, RetryPolicy
-from engine.testing import Behavior, Fault
-from engine.testing.fake_upstream import open_fake_upstream
-from web.server import open_server
-from web.settings import ServiceSettings
+from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, RetryPolicy
+from dspy_trio.engine.testing import Behavior, Fault
+from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
+from dspy_trio.web.server import open_server
+from dspy_trio.web.settings import ServiceSettings
 
 RETRY_AFTER = 1.0
 FAULTS = [

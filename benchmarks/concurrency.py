@@ -33,7 +33,7 @@ MODES = ("trio-native", "dspy-threads")
 def _worker(mode: str, url: str, n: int, threads: int) -> dict[str, Any]:
     import trio
 
-    from engine import EngineConfig, LMConfig, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, open_engine
 
     if mode == "trio-native":
         lm = LMConfig(provider="openai", model="bench-model", api_base=url, api_key="sk-bench")

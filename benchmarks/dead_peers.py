@@ -3,9 +3,9 @@
 N clients open ``/v1/ws`` on ``dspy-trio serve``, each sends one prediction frame and leaves its answer
 unread, then all close with a reset (``SO_LINGER`` 0, as a client that crashed or lost its network does).
 The server's open descriptors (``/proc/PID/fd``, above its idle count) are read at fixed times after the
-resets. The same app runs twice in one run: on our listener (``web.listener``: a reset socket is closed
-at once and its ping task stops) and, as the peer, on Hypercorn's own ``hypercorn.trio.serve`` (the ping
-task of a dead connection sleeps out its interval, 20 s by default, and holds the socket)::
+resets. The same app runs twice in one run: on our listener (``dspy_trio.web.listener``: a reset socket is
+closed at once and its ping task stops) and, as the peer, on Hypercorn's own ``hypercorn.trio.serve`` (the
+ping task of a dead connection sleeps out its interval, 20 s by default, and holds the socket)::
 
     python -m benchmarks.dead_peers                  # 1,000 clients, WebSocket pings every 20 s
     python -m benchmarks.dead_peers --clients 200 --ping 5
@@ -84,13 +84,14 @@ async def storm(pid: int, port: int, clients: int) -> dict[str, float]:
 
 
 def _serve(argv: list[str], *, stock: bool) -> None:
-    """Run ``web.cli`` (ours), or the same with ``web.server``'s listener swapped for Hypercorn's serve."""
-    from web.cli import main as cli_main
+    """Run ``dspy_trio.web.cli`` (ours), or the same with ``dspy_trio.web.server``'s listener swapped for
+    Hypercorn's serve."""
+    from dspy_trio.web.cli import main as cli_main
 
     if stock:
         import hypercorn.trio
 
-        import web.server
+        from dspy_trio import web
 
         async def hypercorn_serve(app: object, config: object, **kwargs: object) -> None:
             kwargs.pop("dead_peer_timeout", None)

@@ -7,7 +7,7 @@ Two parts, each CPU per call in this process (``time.process_time``), the fake u
             stream (one ``send_all``), the JSON answer parsed — no pool, no timeouts, no error mapping.
 
 The floor is their sum. ``python -m benchmarks.floor`` prints them; ``benchmarks.hotpath`` measures
-them in the same run as ``engine.predict``.
+them in the same run as ``dspy_trio.engine.predict``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def adapter_ms(n: int = 2000) -> float:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import dspy
 
-    from engine.lm import SimulatedLM
+    from dspy_trio.engine.lm import SimulatedLM
 
     adapter = dspy.ChatAdapter()
     signature = dspy.Signature("question -> answer")
@@ -67,7 +67,8 @@ async def raw_post(stream: Any, connection: Any, host: str, target: bytes, paylo
 def h11_post_ms(url: str, n: int = 2000, concurrency: int = 1) -> float:
     """CPU ms of one POST with raw h11 on a kept-alive Trio stream, JSON answer parsed; ``concurrency``
     connections each carry requests one after another (1: the floor as issue 13 defined it; 64: the
-    same load shape as ``engine.predict`` at 64 concurrent, where the event loop's cost is shared)."""
+    same load shape as ``dspy_trio.engine.predict`` at 64 concurrent, where the event loop's cost is
+    shared)."""
     import dspy
     import h11
     import trio
@@ -123,7 +124,7 @@ def concurrent_floor(url: str, n: int = 1000, *, warm: bool = False, tuned: bool
     DSPy's ChatAdapter, POSTs it with raw h11 on its own connection, parses the JSON and the answer.
     ``warm``: the ``n`` connections are opened (and used once) first, as a server's kept-alive pool
     would be; otherwise each task also connects. ``tuned``: the collector set as ``dspy-trio serve`` sets it
-    (``engine.tune_gc_for_serving``) before the measured round.
+    (``dspy_trio.engine.tune_gc_for_serving``) before the measured round.
     Returns the wall seconds and CPU ms per prediction:
     what any engine's ``n``-concurrent wall time is measured against."""
     import dspy
@@ -157,7 +158,7 @@ def concurrent_floor(url: str, n: int = 1000, *, warm: bool = False, tuned: bool
                 for _ in range(n):
                     nursery.start_soon(open_one)
         if tuned:
-            from engine import tune_gc_for_serving
+            from dspy_trio.engine import tune_gc_for_serving
 
             tune_gc_for_serving()
         ok = 0

@@ -61,8 +61,8 @@ def _rss_mb() -> float:
 def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, Any]:
     import trio
 
-    from engine import EngineConfig, EngineError, ErrorEvent, LMConfig, open_engine
-    from engine.lm import HTTPSettings, OpenAICompatibleLM
+    from dspy_trio.engine import EngineConfig, EngineError, ErrorEvent, LMConfig, open_engine
+    from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 
     messages = [{"role": "user", "content": "[[ ## question ## ]]\nWhat is Trio?"}]
     result: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""The hot path (issue 13), in one run: the floor, ``engine.predict`` CPU per prediction with the httpx
+"""The hot path (issue 13), in one run: the floor, ``dspy_trio.engine.predict`` CPU per prediction with the
+httpx
 transport and the lean one, 1,000 concurrent predictions against a 1 s upstream, a profile, and loop
 stalls with and without tuning the garbage collector.
 
@@ -41,7 +42,7 @@ from typing import Any
 
 from benchmarks._canned_upstream import start_canned_upstream
 from benchmarks._upstream import start_upstream
-from engine import tune_gc_for_serving
+from dspy_trio.engine import tune_gc_for_serving
 
 TRANSPORTS = ("httpx", "lean")
 # plain: the interpreter's defaults; freeze: gc.freeze() after start-up; tuned: tune_gc_for_serving().
@@ -61,8 +62,8 @@ C1000_MODES = (
 
 
 def _engine(url: str, transport: str, concurrency: int) -> Any:
-    from engine import EngineConfig, LMConfig, RetryPolicy, open_engine
-    from engine.lm import HTTPSettings, OpenAICompatibleLM
+    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 
     config = EngineConfig(
         lms={

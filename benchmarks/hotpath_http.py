@@ -13,9 +13,9 @@ before and after a fixed number of requests, after a warm-up on the same connect
 
 Parts:
   cpu       (a) ``dspy-trio serve``'s CPU per ``POST /v1/programs/default/predict`` at --clients keep-alive
-            clients (20 ms upstream); (b) ``engine.predict`` CPU per prediction in process at 64 concurrent
-            against the same upstream (lean transport); (c) the bare peer's CPU per ``POST /echo`` with the
-            same body, clients and load generator. Prints (a - b) / c; goal <= 1.5.
+            clients (20 ms upstream); (b) ``dspy_trio.engine.predict`` CPU per prediction in process at 64
+            concurrent against the same upstream (lean transport); (c) the bare peer's CPU per ``POST /echo``
+            with the same body, clients and load generator. Prints (a - b) / c; goal <= 1.5.
   rss       RSS per in-flight request at each of --rss-connections (upstream latency --rss-latency, long
             enough for every request to be in flight at once): RSS at the plateau (every request in flight,
             confirmed by ``/metrics``' ``active_requests``) minus RSS idle after a warm-up, divided by the
@@ -24,7 +24,8 @@ Parts:
   overload  open-loop 20 req/s (unloaded) then 160 req/s for 5 s against a capacity of 80 req/s (16 in
             flight + 16 queued, 200 ms upstream), as ``benchmarks.overload``; also the refusals' own time in
             the server (``Server-Timing: total``). Goals: admitted p99 <= 2x unloaded, refusal p99 <= 10 ms.
-  profile   the server process under cProfile (a benchmark-only launcher around ``web.cli``) during the
+  profile   the server process under cProfile (a benchmark-only launcher around ``dspy_trio.web.cli``) during
+  the
             cpu load: own time per request by package and the top functions.
 """
 
@@ -104,7 +105,16 @@ def start_ours(
         command = [sys.executable, "-m", "benchmarks.hotpath_http", "--traced-serve", trace_to]
         command += ["--", "--log-level", log_level, "serve", "--port", str(port)]
     elif profile_to is None:
-        command = [sys.executable, "-m", "web.cli", "--log-level", log_level, "serve", "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "dspy_trio.web.cli",
+            "--log-level",
+            log_level,
+            "serve",
+            "--port",
+            str(port),
+        ]
     else:
         command = [sys.executable, "-m", "benchmarks.hotpath_http", "--profiled-serve", profile_to]
         command += ["--", "--log-level", log_level, "serve", "--port", str(port)]
@@ -134,10 +144,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def _profiled_serve(out: str, argv: list[str]) -> None:
-    """Run ``web.cli`` under cProfile; dump the stats to ``out`` when it returns (after SIGTERM's drain)."""
+    """Run ``dspy_trio.web.cli`` under cProfile; dump the stats to ``out`` when it returns (after SIGTERM's
+    drain)."""
     import cProfile
 
-    from web.cli import main as cli_main
+    from dspy_trio.web.cli import main as cli_main
 
     profiler = cProfile.Profile()
     try:
@@ -147,12 +158,13 @@ def _profiled_serve(out: str, argv: list[str]) -> None:
 
 
 def _traced_serve(directory: str, argv: list[str]) -> None:
-    """Run ``web.cli`` with tracemalloc on; a thread writes a snapshot to ``DIR/NAME.snap`` whenever the
+    """Run ``dspy_trio.web.cli`` with tracemalloc on; a thread writes a snapshot to ``DIR/NAME.snap``
+    whenever the
     load generator creates ``DIR/NAME.want`` (benchmark-only: the product has no such hook)."""
     import pathlib
     import tracemalloc
 
-    from web.cli import main as cli_main
+    from dspy_trio.web.cli import main as cli_main
 
     tracemalloc.start(12)
     folder = pathlib.Path(directory)

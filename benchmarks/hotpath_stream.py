@@ -12,10 +12,12 @@ run on the same machine::
 
 Parts:
   throughput  tokens/s of one --tokens-token answer received by an in-process consumer of
-              ``engine.stream``: from the simulated LM (no pacing), and from an ``OpenAICompatibleLM``
-              (lean HTTP transport, ``stream_upstream`` on) reading the fake upstream's SSE stream (no
-              pacing). Baseline and this tree alternate over --rounds; medians. Goal: >= 20,000 tokens/s.
-  cancel      --trials cancels each of ``engine.predict`` (upstream latency 5 s) and ``engine.stream``
+              ``dspy_trio.engine.stream``: from the simulated LM (no pacing), and from an
+              ``OpenAICompatibleLM`` (lean HTTP transport, ``stream_upstream`` on) reading the fake
+              upstream's SSE stream (no pacing). Baseline and this tree alternate over --rounds; medians.
+              Goal: >= 20,000 tokens/s.
+  cancel      --trials cancels each of ``dspy_trio.engine.predict`` (upstream latency 5 s) and
+  ``dspy_trio.engine.stream``
               (a long answer, a token every 2 ms) in process: the caller's scope is cancelled after a
               random 50-300 ms. Then over HTTP: ``dspy-trio serve`` and a client that disconnects from
               ``/predict`` and ``/stream`` after the same random delays (--http-trials each). Measured:
@@ -53,8 +55,8 @@ DELAYS = (0.05, 0.3)  # the random cancel delay, seconds
 def _throughput_worker(kind: str, url: str, tokens: int) -> dict[str, Any]:
     import trio
 
-    import engine
-    from engine import EngineConfig, FinalEvent, LMConfig, RetryPolicy, open_engine
+    from dspy_trio import engine
+    from dspy_trio.engine import EngineConfig, FinalEvent, LMConfig, RetryPolicy, open_engine
 
     if kind == "simulated":
         lm = LMConfig(first_token_delay=0, token_delay=0, words_per_field=tokens)
@@ -98,7 +100,7 @@ def _cancel_worker(kind: str, url: str, trials: int, lanes: int, seed: int) -> d
     import httpx
     import trio
 
-    from engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
 
     lm = LMConfig(provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1))
     config = EngineConfig(lms={"default": lm}, max_in_flight=64)

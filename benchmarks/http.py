@@ -46,7 +46,7 @@ def _start_server(upstream_url: str, max_in_flight: int) -> tuple[subprocess.Pop
         "DSPY_TRIO_MAX_IN_FLIGHT": str(max_in_flight),
         "DSPY_TRIO_MAX_QUEUED": str(max_in_flight * 4),
     }
-    command = [sys.executable, "-m", "web.cli", "--log-level", "INFO", "serve", "--port", "0"]
+    command = [sys.executable, "-m", "dspy_trio.web.cli", "--log-level", "INFO", "serve", "--port", "0"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stderr is not None
     for line in process.stderr:

@@ -2,7 +2,8 @@
 
 ``POST /echo`` parses the JSON body and returns a small JSON object; nothing else (no auth, no limits, no
 ids, no engine). It runs on the same Hypercorn configuration as ``dspy-trio serve``
-(:func:`web.server.hypercorn_config`), so the difference between the two is our web layer and the engine::
+(:func:`dspy_trio.web.server.hypercorn_config`), so the difference between the two is our web layer and the
+engine::
 
     python -m benchmarks.peer_quart --port 8002
 """
@@ -33,8 +34,8 @@ async def health() -> str:
 
 
 def main() -> None:
-    from web.server import hypercorn_config
-    from web.settings import ServiceSettings
+    from dspy_trio.web.server import hypercorn_config
+    from dspy_trio.web.settings import ServiceSettings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)

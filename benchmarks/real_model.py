@@ -26,10 +26,10 @@ import dspy
 import httpx
 import trio
 
-from engine import EngineConfig, EngineError, LMConfig, ProgramSpec, RetryPolicy, open_engine
-from engine.lm import HTTPSettings, OpenAICompatibleLM
-from web.server import open_server
-from web.settings import ServiceSettings
+from dspy_trio.engine import EngineConfig, EngineError, LMConfig, ProgramSpec, RetryPolicy, open_engine
+from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
+from dspy_trio.web.server import open_server
+from dspy_trio.web.settings import ServiceSettings
 
 QUESTIONS = [
     "What is the capital of France?",

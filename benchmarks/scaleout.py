@@ -124,7 +124,16 @@ def start_replica(config: Path, redis_url: str | None, workers: int) -> tuple[su
     env.pop("DSPY_TRIO_REDIS_URL", None)
     if redis_url:
         env["DSPY_TRIO_REDIS_URL"] = redis_url
-    command = [sys.executable, "-m", "web.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "dspy_trio.web.cli",
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--port",
+        str(port),
+    ]
     command += ["--workers", str(workers)]
     process = subprocess.Popen(command, env=env)
     return process, port
@@ -212,8 +221,8 @@ def redis_commands(redis_url: str) -> int:
 
 def measure_script_cost(redis_url: str) -> dict[int, float]:
     """Part 6: the server's microseconds per EVALSHA of the quota script, by entries in its window."""
-    from engine._config import ClusterConfig
-    from engine.cluster import open_cluster
+    from dspy_trio.engine._config import ClusterConfig
+    from dspy_trio.engine.cluster import open_cluster
 
     port = redis_url.rsplit(":", 1)[1].split("/")[0]
     results: dict[int, float] = {}

@@ -64,7 +64,16 @@ def start_server(
             DSPY_TRIO_MAX_IN_FLIGHT=str(in_flight or max(clients, 64)),
             DSPY_TRIO_MAX_QUEUED=str(4 * max(clients, 64) if queued is None else queued),
         )
-        command = [sys.executable, "-m", "web.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "dspy_trio.web.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--port",
+            str(port),
+        ]
     else:
         workers = 8 if kind == "fastapi-8" else (in_flight or clients)
         env.update(PEER_API_BASE=upstream_url, PEER_WORKERS=str(workers))

@@ -24,11 +24,11 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
-from engine import EngineConfig, LMConfig
-from engine.testing import Behavior
-from engine.testing.fake_upstream import open_fake_upstream
-from web.server import open_server
-from web.settings import ServiceSettings
+from dspy_trio.engine import EngineConfig, LMConfig
+from dspy_trio.engine.testing import Behavior
+from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
+from dspy_trio.web.server import open_server
+from dspy_trio.web.settings import ServiceSettings
 
 
 class _Outcomes(logging.Handler):
@@ -82,7 +82,7 @@ async def one(
 async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     watcher = _Outcomes()
-    request_log = logging.getLogger("engine.requests")
+    request_log = logging.getLogger("dspy_trio.engine.requests")
     request_log.addHandler(watcher)
     request_log.setLevel(logging.INFO)
     request_log.propagate = False

@@ -1,4 +1,5 @@
-"""What ``stream_upstream`` costs: ``engine.predict`` CPU per prediction with the answer sent upstream as
+"""What ``stream_upstream`` costs: ``dspy_trio.engine.predict`` CPU per prediction with the answer sent
+upstream as
 one JSON body (the plain path) and as an SSE stream assembled by the backend, in one run.
 
 Each measurement runs in a fresh worker process (modes alternate over ``--rounds``): ``--n`` predictions
@@ -32,7 +33,7 @@ CONCURRENCY = 64
 def _predict_worker(url: str, stream_upstream: bool, n: int) -> dict[str, Any]:
     import trio
 
-    from engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
 
     lm = LMConfig(
         provider="openai",

@@ -28,8 +28,8 @@ from typing import Any
 import trio
 
 from benchmarks._upstream import start_upstream
-from engine import EngineConfig, FieldDelta, LMConfig, StreamOptions, open_engine
-from engine.lm import Completion, DeltaSink, SimulatedLM
+from dspy_trio.engine import EngineConfig, FieldDelta, LMConfig, StreamOptions, open_engine
+from dspy_trio.engine.lm import Completion, DeltaSink, SimulatedLM
 
 
 def _rss_mb() -> float:

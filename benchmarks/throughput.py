@@ -57,7 +57,7 @@ def _worker(mode: str, url: str, concurrency: int) -> dict[str, Any]:
     if mode == "dspy-trio":
         import trio
 
-        from engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+        from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
 
         config = EngineConfig(
             lms={

@@ -2,7 +2,7 @@
 
 ::
 
-    from engine import EngineConfig, open_engine
+    from dspy_trio.engine import EngineConfig, open_engine
 
     async with open_engine(EngineConfig.from_env()) as engine:
         result = await engine.predict("default", {"question": "What is Trio?"})

@@ -12,7 +12,7 @@ further items are started.
 
 The batch knows the engine only as the two functions it is given (``predict`` and ``cancel``) and the
 table of running batches it enters itself in, with its owner, so that a cancel by the batch's id (under
-the ownership rule of :mod:`engine._owners`) stops all of it.
+the ownership rule of :mod:`dspy_trio.engine._owners`) stops all of it.
 """
 
 from __future__ import annotations

@@ -313,7 +313,7 @@ _REFUSED_CONFIG = (
 
 
 class EngineBackend(Protocol):
-    """What :class:`TrioEngine` needs of a backend; every ``engine.lm.TrioLM`` has it.
+    """What :class:`TrioEngine` needs of a backend; every ``dspy_trio.engine.lm.TrioLM`` has it.
 
     ``complete`` gets OpenAI-style chat ``messages`` and request ``params``, pushes each text delta to
     ``sink`` when one is given, and returns a completion with ``texts``, ``usage`` (OpenAI-style
@@ -433,7 +433,7 @@ class TrioEngine(_BackendCapabilities):
     task in ``nursery`` (see :class:`_EventStream`). Use it through :func:`open_engine_lm`.
 
     Args:
-        backend: The backend (an ``engine.lm.TrioLM``); borrowed, never closed here.
+        backend: The backend (an ``dspy_trio.engine.lm.TrioLM``); borrowed, never closed here.
         nursery: Where stream producers run; it must outlive every stream.
     """
 

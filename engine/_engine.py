@@ -9,9 +9,9 @@ The engine still owns each request through its cancel scopes, registered in the 
 is active. Closing the engine refuses new requests, lets the active ones finish for ``drain_timeout``
 seconds, then cancels the rest through those scopes; each of them ends with :class:`EngineClosedError`.
 
-The engine itself only composes: bookkeeping is :mod:`engine._ledger`, a request's scopes and outcome
-:mod:`engine._request`, running a program :mod:`engine._runner`, streams :mod:`engine._stream_request`,
-batches :mod:`engine._batch`.
+The engine itself only composes: bookkeeping is :mod:`._ledger`, a request's scopes and outcome
+:mod:`._request`, running a program :mod:`._runner`, streams :mod:`._stream_request`, batches
+:mod:`._batch`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from .cluster import Cluster, open_cluster
 from .cluster._metrics import ClusterCollector
 from .lm import GuardedLM, TrioLM
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger("dspy_trio.engine")
 
 # Awaiting cleanup (cancelled requests ending, closing HTTP clients) is shielded but never unbounded.
 _CLEANUP_TIMEOUT = 5.0
@@ -137,8 +137,8 @@ class Engine(metaclass=NoPublicConstructor):
         waiting, running, streaming).
 
         With an ``owner``, only what that owner started is cancelled (an ownerless request is not that
-        owner's); without one, the application cancels whatever has the id (see :mod:`engine._owners`).
-        A request ends with :class:`RequestCancelledError` (outcome ``cancelled``; on a stream, one
+        owner's); without one, the application cancels whatever has the id (see :mod:`._owners`). A
+        request ends with :class:`RequestCancelledError` (outcome ``cancelled``; on a stream, one
         :class:`ErrorEvent`, also when it was still queued), and its upstream connection is closed; a
         batch starts no more items and its items in flight end the same way. Returns whether anything
         was cancelled. Does not block.

@@ -169,7 +169,8 @@ class EngineClosedError(EngineError):
 
 
 class RequestCancelledError(EngineError):
-    """The outcome of a request the engine cancelled on purpose: ``engine.cancel(request_id)``, or the rest
+    """The outcome of a request the engine cancelled on purpose: ``dspy_trio.engine.cancel(request_id)``, or
+    the rest
     of a ``fail_fast`` batch after one item failed. (A cancel by the caller's own scope is reported by
     that scope instead.)"""
 

@@ -4,7 +4,7 @@ Every request the engine is given is counted here exactly once: :meth:`Ledger.re
 before it was accepted, :meth:`Ledger.track` for an accepted one (its outcome is booked when the block
 ends, whatever ends it). The ledger also reaches every active request (cancel by id, cancel all on
 shutdown) and tells when none is left (:meth:`Ledger.wait_idle`). What an ending *means* (which outcome)
-is decided by :mod:`engine._request`.
+is decided by :mod:`dspy_trio.engine._request`.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Ledger:
         self, request_id: str, reason: Callable[[], EngineError], *, allowed: OwnerCheck = anyone
     ) -> bool:
         """Cancel every active request with this id that ``allowed`` lets this cancel reach (see
-        :mod:`engine._owners`); return whether there was one."""
+        :mod:`dspy_trio.engine._owners`); return whether there was one."""
         found = False
         for request in list(self._active.values()):
             if request.request_id == request_id and allowed(request.owner):

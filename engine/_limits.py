@@ -1,9 +1,9 @@
 """Ports for the limits one upstream's calls share: the RPM/TPM quota and the 429/503 cool-down.
 
 :class:`UpstreamGuard` talks to these small protocols only. The local implementations (a
-:class:`LocalQuota` window, a cool-down held in memory) serve one process; ``engine.cluster`` implements
-the same ports on Redis so that every worker and replica sharing an upstream account also shares its
-quota and its cool-down.
+:class:`LocalQuota` window, a cool-down held in memory) serve one process; ``dspy_trio.engine.cluster``
+implements the same ports on Redis so that every worker and replica sharing an upstream account also shares
+its quota and its cool-down.
 
 A call takes a :class:`Grant` before it is sent and settles it once: ``commit`` when it was sent (with
 the tokens it really used), ``refund`` when it never was. The synchronous parts (``commit``, ``refund``,

@@ -7,7 +7,8 @@ so it is not reached by a cancel that names an owner. A cancel that names no own
 own (an embedding program, the engine's shutdown) and reaches everything.
 
 A cancel that comes from another process carries a keyed digest of the owner instead of the owner itself
-(``engine.cluster``): the check is the same, made on the digests, in the process that runs the request.
+(``dspy_trio.engine.cluster``): the check is the same, made on the digests, in the process that runs the
+request.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ not starved by small ones) and sleeps until then; leaving early gives the reserv
 charge may be corrected after the call (TPM is charged with an estimate and corrected with the real
 usage), and given back entirely when the call was never sent.
 
-The same log, in Lua, is what ``engine.cluster`` keeps in Redis (``engine/cluster/_quota.py``).
+The same log, in Lua, is what ``dspy_trio.engine.cluster`` keeps in Redis (``engine/cluster/_quota.py``).
 Grants that land within :func:`merge_gap` of the log's last entry (just under ``60 / rpm``, at least
 ``MERGE_GAP``) are merged into it, at the later time (never earlier: merging only ever delays a later
 grant), which bounds the log to about ``rpm`` (at most about 2,048) entries; a client pacing itself at

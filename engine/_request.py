@@ -3,7 +3,8 @@
 How a request ended decides its outcome, and only this module decides it (see :func:`outcome_of` and
 :meth:`Request.settle_interrupted`):
 
-- the engine's own cancel ended it: ``cancelled`` (``engine.cancel(request_id)``, a fail-fast batch) or
+- the engine's own cancel ended it: ``cancelled`` (``dspy_trio.engine.cancel(request_id)``, a fail-fast
+batch) or
   ``shut_down`` (drain, engine closed);
 - the caller's scope ended it: ``timed_out`` when the request's deadline (the caller's effective deadline
   when it was accepted) has passed, else ``abandoned`` (a client left, a consumer left a stream early);

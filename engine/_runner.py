@@ -26,7 +26,7 @@ from ._streaming import DeltaRouter
 from ._trace import RequestTrace, tracing
 from .lm import TrioLM
 
-logger = logging.getLogger("engine")
+logger = logging.getLogger("dspy_trio.engine")
 
 
 class ProgramRunner:

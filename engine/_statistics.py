@@ -37,7 +37,8 @@ class EngineStatistics:
       engine time limit).
     - ``abandoned``: its caller's scope was cancelled before its deadline (a client disconnected, a
       consumer left a stream early).
-    - ``cancelled``: the engine cancelled it on purpose (``engine.cancel(request_id)``, fail-fast batch).
+    - ``cancelled``: the engine cancelled it on purpose (``dspy_trio.engine.cancel(request_id)``, fail-fast
+    batch).
     - ``shut_down``: the engine's drain or close ended it.
     - ``rejected``: refused at admission (queue full, engine closing); nothing ran.
     - ``invalid``: refused for bad input (unknown program, bad fields); nothing ran.

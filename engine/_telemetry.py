@@ -1,7 +1,7 @@
 """Request logs and optional OpenTelemetry spans.
 
-One JSON line per request on the ``engine.requests`` logger at INFO: request id, program, model, kind,
-outcome, error code, timings, attempts and tokens; the inputs and outputs only when the engine's
+One JSON line per request on the ``dspy_trio.engine.requests`` logger at INFO: request id, program, model,
+kind, outcome, error code, timings, attempts and tokens; the inputs and outputs only when the engine's
 ``log_text`` is on (privacy by default). Spans are made only when ``opentelemetry-api`` is installed and
 an SDK's tracer provider is configured (otherwise :func:`span` costs one check): one around each
 request and one around each LM attempt, carrying the request id, which links them to the log line.
@@ -15,7 +15,7 @@ import os
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-request_log = logging.getLogger("engine.requests")
+request_log = logging.getLogger("dspy_trio.engine.requests")
 
 _otel_trace: Any
 _NO_PROVIDERS: tuple[type, ...] = ()

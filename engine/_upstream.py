@@ -107,7 +107,7 @@ class UpstreamGuard:
         policy: The policy.
         jitter: ``uniform(a, b)`` used for backoff jitter; pass ``seeded(n)`` for reproducible tests.
         limits: Where the RPM/TPM quota and the cool-down live: this process (default), or shared by
-            every process of a cluster (``engine.cluster``).
+            every process of a cluster (``dspy_trio.engine.cluster``).
     """
 
     def __init__(

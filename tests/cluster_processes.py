@@ -81,7 +81,8 @@ def replica(workers: int, env: dict[str, str]) -> tuple[Process, str]:
     """``dspy-trio serve --workers N`` on a port of its own; returns once every worker serves."""
     port = free_port()
     process = Process(
-        [sys.executable, "-m", "web.cli", "serve", "--port", str(port), "--workers", str(workers)], env
+        [sys.executable, "-m", "dspy_trio.web.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        env,
     )
     return process, f"http://127.0.0.1:{port}"
 

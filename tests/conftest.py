@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["engine.testing.pytest_plugin"]
+pytest_plugins = ["dspy_trio.engine.testing.pytest_plugin"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

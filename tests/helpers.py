@@ -8,8 +8,8 @@ from typing import Any
 
 import trio
 
-from engine.lm import ChunkSink, Completion, SimulatedLM
-from engine.lm._base import Message
+from dspy_trio.engine.lm import ChunkSink, Completion, SimulatedLM
+from dspy_trio.engine.lm._base import Message
 
 
 class CountingLM(SimulatedLM):
@@ -118,7 +118,7 @@ class _Recording(dict[str, str]):
 def variables_the_service_reads() -> set[str]:
     """Every environment variable ``ServiceSettings.from_env`` (and so ``EngineConfig.from_env``) reads,
     with no LM configured and with each provider that has a key variable."""
-    from web.settings import ServiceSettings
+    from dspy_trio.web.settings import ServiceSettings
 
     read: set[str] = set()
     for values in (

@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import trio
 
-from engine._adaptive import AdaptiveSettings
-from engine._retry import RetryPolicy, seeded
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import GuardedLM, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine._adaptive import AdaptiveSettings
+from dspy_trio.engine._retry import RetryPolicy, seeded
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.lm import GuardedLM, OpenAICompatibleLM, TrioLM
 
 Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
 

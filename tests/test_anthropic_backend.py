@@ -8,7 +8,7 @@ import dspy
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     FieldDelta,
@@ -21,9 +21,9 @@ from engine import (
     UpstreamServerError,
     open_engine,
 )
-from engine.lm import AnthropicLM
-from engine.lm.anthropic import to_messages_api
-from engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine.lm import AnthropicLM
+from dspy_trio.engine.lm.anthropic import to_messages_api
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
 

@@ -17,11 +17,19 @@ import pytest
 import trio
 import trio.testing
 
-import web.server
-from engine import EngineConfig, FieldDelta, FinalEvent, LMConfig, ProgramSpec, StreamOptions, open_engine
-from engine.lm import SimulatedLM
-from engine.lm._base import Completion
-from web.server import Server
+from dspy_trio import web
+from dspy_trio.engine import (
+    EngineConfig,
+    FieldDelta,
+    FinalEvent,
+    LMConfig,
+    ProgramSpec,
+    StreamOptions,
+    open_engine,
+)
+from dspy_trio.engine.lm import SimulatedLM
+from dspy_trio.engine.lm._base import Completion
+from dspy_trio.web.server import Server
 
 from .helpers import CountingLM
 from .test_web_gate import _hold_the_slot, _overloaded

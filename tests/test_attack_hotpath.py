@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     FieldDelta,
     FinalEvent,
@@ -27,9 +27,9 @@ from engine import (
     open_engine,
     tune_gc_for_serving,
 )
-from engine.lm._transport import LeanClient, Timeouts
+from dspy_trio.engine.lm._transport import LeanClient, Timeouts
+from dspy_trio.web.server import Server, serve
 from tests.web_helpers import settings as web_settings
-from web.server import Server, serve
 
 from .transport_helpers import RawServer, open_raw_server, read_request, wait_closed
 
@@ -87,14 +87,14 @@ async def test_slow_consumer_of_the_last_unterminated_sse_event_is_not_a_read_ti
 def test_a_tracer_provider_named_in_the_environment_after_import_makes_spans(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """``OTEL_PYTHON_TRACER_PROVIDER`` set after ``engine`` was imported (an application setting up
+    """``OTEL_PYTHON_TRACER_PROVIDER`` set after ``dspy_trio.engine`` was imported (an application setting up
     its environment in ``main()``): OpenTelemetry's own ``get_tracer_provider()`` loads the SDK's
     provider from it, so stock code traces. ``span()`` read the variable once at import and returns
     the do-nothing context: the requests are never traced."""
     from opentelemetry import trace
     from opentelemetry.util._once import Once
 
-    from engine import _telemetry
+    from dspy_trio.engine import _telemetry
 
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
     monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())

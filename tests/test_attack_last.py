@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import trio
 
-from engine import EngineConfig, LMConfig, open_engine
-from engine.lm import OpenAICompatibleLM
+from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+from dspy_trio.engine.lm import OpenAICompatibleLM
 
 
 def _scripted_upstream(content: str) -> tuple[list[dict[str, Any]], httpx.MockTransport]:
@@ -95,7 +95,8 @@ async def test_a_cors_preflight_is_not_refused_or_counted_as_an_overloaded_predi
 
 
 async def test_an_unknown_program_is_a_404_even_when_the_engine_is_overloaded() -> None:
-    """``Engine._accept`` looks the program up before the admission check, so ``engine.predict`` on an
+    """``Engine._accept`` looks the program up before the admission check, so ``dspy_trio.engine.predict`` on
+    an
     unknown program raises UnknownProgramError (404) whatever the load. The HTTP hook checks admission
     with the raw URL name first: the same request over HTTP is a 429 with Retry-After (a client retries
     a typo forever) and is counted as a rejected request."""
@@ -128,7 +129,7 @@ async def test_stream_upstream_with_two_choices_does_not_accept_a_stream_cut_mid
     choice 0 finished but while choice 1 was still being written (no [DONE], no finish for choice 1)
     is returned as a successful completion whose second answer is silently truncated, instead of the
     "stream ended before completion" error (which the guard retries)."""
-    from engine import UpstreamConnectionError
+    from dspy_trio.engine import UpstreamConnectionError
 
     body = _sse(
         {"choices": [{"index": 0, "delta": {"content": "full answer"}, "finish_reason": None}]},
@@ -163,7 +164,7 @@ async def test_stream_upstream_retries_an_overload_the_server_reports_in_the_str
     non-retryable UpstreamResponseError by ``OpenAICompatibleLM._chunk`` (engine/lm/openai.py), so
     the predict fails where the same overload on the plain path (HTTP 503) is retried. Nothing had
     reached the caller, so the retry is safe."""
-    from engine import RetryPolicy
+    from dspy_trio.engine import RetryPolicy
 
     calls: list[int] = []
     overloaded = _sse(

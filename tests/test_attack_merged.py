@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 
-from engine import EngineConfig, UpstreamError, UpstreamResponseError, open_engine
-from engine._config import ClusterConfig
-from engine.lm._transport import LeanClient, Timeouts
+from dspy_trio.engine import EngineConfig, UpstreamError, UpstreamResponseError, open_engine
+from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine.lm._transport import LeanClient, Timeouts
 
 from .helpers import CountingLM, wait_until
 from .redis_server import RedisServer, eventually, own_redis_server, prefix

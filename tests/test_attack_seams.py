@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     ConfigError,
     EngineConfig,
     LMConfig,
@@ -25,12 +25,12 @@ from engine import (
     UpstreamServerError,
     open_engine,
 )
-from engine._adaptive import AdaptiveSettings
-from engine._config import ProgramSpec
-from engine._retry import RetryPolicy
-from engine._upstream import UpstreamGuard
-from engine.lm import AnthropicLM, GuardedLM, SimulatedLM
-from engine.lm._http_errors import parse_retry_after
+from dspy_trio.engine._adaptive import AdaptiveSettings
+from dspy_trio.engine._config import ProgramSpec
+from dspy_trio.engine._retry import RetryPolicy
+from dspy_trio.engine._upstream import UpstreamGuard
+from dspy_trio.engine.lm import AnthropicLM, GuardedLM, SimulatedLM
+from dspy_trio.engine.lm._http_errors import parse_retry_after
 from tests.mock_transport import COMPLETION, Scripted, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
@@ -148,7 +148,7 @@ def test_bad_lm_environment_values_are_config_errors(env: dict[str, str]) -> Non
 async def test_a_nan_parameter_is_an_engine_error_not_a_raw_value_error(autojump_clock: Any) -> None:
     """When such a value does reach a call, httpx's JSON encoder raises ValueError ("Out of range float
     values are not JSON compliant"), which no edge translates (lm/_http_pool.py post_json)."""
-    from engine import EngineError
+    from dspy_trio.engine import EngineError
 
     lm = openai_lm(Scripted(), temperature=math.nan)
     with pytest.raises(EngineError):
@@ -220,7 +220,7 @@ def test_the_dspy_provider_keeps_a_503s_retry_after() -> None:
     (503/529) carrying retry_after=3 becomes an UpstreamServerError with retry_after None."""
     from dspy.utils.exceptions import LMServerError
 
-    from engine.lm.threaded import dspy_lm_errors
+    from dspy_trio.engine.lm.threaded import dspy_lm_errors
 
     with pytest.raises(UpstreamServerError) as info, dspy_lm_errors("m"):
         raise LMServerError("busy", status=503, retry_after=3.0)
@@ -520,7 +520,7 @@ def test_an_upstreams_infinite_retry_after_does_not_crash_the_web_error_response
     """The upstream's ``Retry-After: inf`` reaches the errors the web layer formats (the 429's own
     retry_after, or the RateLimitWaitError of the poisoned cool-down): web/errors.py
     engine_error_response does ``math.ceil(retry_after)`` -> OverflowError instead of a 429."""
-    from web.errors import engine_error_response
+    from dspy_trio.web.errors import engine_error_response
 
     status, _, headers = engine_error_response(error)
     assert status == 429

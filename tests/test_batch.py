@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     InvalidInputError,
     LMConfig,
@@ -17,7 +17,7 @@ from engine import (
     UpstreamServerError,
     open_engine,
 )
-from engine.lm import ChunkSink, Completion
+from dspy_trio.engine.lm import ChunkSink, Completion
 
 from .helpers import CountingLM, tasks_living
 

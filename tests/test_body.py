@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.lm._body import PIECE, BadResponse, BodyDecoder, check_content_type, content_coding
+from dspy_trio.engine.lm._body import PIECE, BadResponse, BodyDecoder, check_content_type, content_coding
 
 
 def decode(chunks: list[bytes], coding: str | None, limit: int) -> tuple[bytes, int]:

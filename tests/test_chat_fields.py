@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from engine._chat_fields import ChatFieldScanner
+from dspy_trio.engine._chat_fields import ChatFieldScanner
 
 from .helpers import random_chunks
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from web.cli import main
+from dspy_trio.web.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -45,7 +45,7 @@ def clean_env(**changes: str) -> dict[str, str]:
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = await trio.run_process(
-        [sys.executable, "-m", "web.cli", *args],
+        [sys.executable, "-m", "dspy_trio.web.cli", *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -229,7 +229,7 @@ async def test_predict_announces_the_simulated_lm_and_stamps_logs_in_utc() -> No
     warnings = [line for line in result.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1, result.stderr
     assert "SIMULATED LM" in warnings[0]
-    assert re.match(rf"^{TIMESTAMP} WARNING web.cli: no LM configured", warnings[0])
+    assert re.match(rf"^{TIMESTAMP} WARNING dspy_trio.web.cli: no LM configured", warnings[0])
     # the request's log line stays one JSON object, now with its time first
     [request_line] = [json.loads(x) for x in result.stderr.splitlines() if x.startswith("{")]
     assert re.fullmatch(TIMESTAMP, request_line["ts"])
@@ -240,7 +240,7 @@ async def test_predict_announces_the_simulated_lm_and_stamps_logs_in_utc() -> No
 async def serve_until_listening(*args: str, env: dict[str, str]) -> tuple[trio.Process, str, str]:
     """Start `dspy-trio serve --port 0 ...`; return it with its URL and what it wrote to stderr so far."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "web.cli", "serve", "--port", "0", *args],
+        [sys.executable, "-m", "dspy_trio.web.cli", "serve", "--port", "0", *args],
         stderr=subprocess.PIPE,
         env=env,
         cwd=ROOT,
@@ -272,9 +272,9 @@ async def test_serve_logs_which_lm_it_serves_and_never_its_key() -> None:
     )
     process, _, stderr = await serve_until_listening(env=env)
     await stop(process)
-    [line] = [line for line in stderr.splitlines() if " web.cli: LM " in line]
+    [line] = [line for line in stderr.splitlines() if " dspy_trio.web.cli: LM " in line]
     assert line.endswith(
-        "INFO web.cli: LM default: openai, model 'smollm2', at http://127.0.0.1:9/v1, API key set, "
+        "INFO dspy_trio.web.cli: LM default: openai, model 'smollm2', at http://127.0.0.1:9/v1, API key set, "
         "stream_upstream on"
     ), line
     for secret in ("sk-never-shown", "hunter2", "t0ps3cret"):
@@ -288,7 +288,7 @@ async def test_serve_warns_of_a_remote_server_without_an_api_key() -> None:
     await stop(process)
     [warning] = [line for line in stderr.splitlines() if " WARNING " in line]
     assert warning.endswith(
-        "WARNING web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 without an API key: "
+        "WARNING dspy_trio.web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 without an API key: "
         "fine for a self-hosted server that needs none, else set LM_API_KEY"
     ), warning
 
@@ -311,7 +311,7 @@ async def test_serve_announces_the_simulated_lm_before_serving(env: dict[str, st
     assert bool(warnings) is warned, stderr
     if warned:
         assert re.match(
-            rf"^{TIMESTAMP} WARNING web.cli: no LM configured: the built-in SIMULATED LM", warnings[0]
+            rf"^{TIMESTAMP} WARNING dspy_trio.web.cli: no LM configured: the built-in SIMULATED LM", warnings[0]
         )
     assert all(LOG_LINE.match(line) for line in stderr.splitlines() if line.strip()), stderr
 
@@ -319,7 +319,7 @@ async def test_serve_announces_the_simulated_lm_before_serving(env: dict[str, st
 @pytest.fixture
 def _restore_logging() -> Iterator[None]:
     """main() installs its log handlers; take them away again, with their captured stderr."""
-    root, requests = logging.getLogger(), logging.getLogger("engine.requests")
+    root, requests = logging.getLogger(), logging.getLogger("dspy_trio.engine.requests")
     saved = (list(root.handlers), root.level, list(requests.handlers), requests.propagate)
     yield
     root.handlers[:], root.level, requests.handlers[:], requests.propagate = saved
@@ -332,7 +332,7 @@ async def test_an_internal_error_exits_1_with_its_traceback(
     def broken(*args: object) -> int:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("web.cli._run", broken)
+    monkeypatch.setattr("dspy_trio.web.cli._run", broken)
     assert main(["predict", "q"]) == 1
     err = capsys.readouterr().err
     assert "internal error" in err

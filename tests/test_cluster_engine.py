@@ -18,14 +18,22 @@ import pytest
 import trio
 import trustme
 
-from engine import ConfigError, Engine, EngineConfig, LMConfig, RateLimit, RequestCancelledError, open_engine
-from engine._config import ClusterConfig
-from engine._owners import OwnerCheck
-from engine.cluster import open_cluster
-from engine.cluster._cancel import LocalCancel
+from dspy_trio.engine import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    LMConfig,
+    RateLimit,
+    RequestCancelledError,
+    open_engine,
+)
+from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._owners import OwnerCheck
+from dspy_trio.engine.cluster import open_cluster
+from dspy_trio.engine.cluster._cancel import LocalCancel
+from dspy_trio.web.server import open_server, serve
+from dspy_trio.web.settings import ServiceSettings
 from tests.redis_server import REDIS, RedisServer, eventually, free_port, prefix, redis_server
-from web.server import open_server, serve
-from web.settings import ServiceSettings
 
 __all__ = ["redis_server"]  # fixture
 
@@ -227,7 +235,7 @@ async def test_the_owner_travels_as_a_keyed_digest_never_a_plain_hash(
     without the deployment's secret (an unsalted SHA-256 could)."""
     secret = "s3cret-of-this-deployment"
     config = ClusterConfig(redis_url=redis_server.url, key_prefix=prefix(), secret=secret)
-    caplog.set_level(logging.WARNING, "engine.cluster")
+    caplog.set_level(logging.WARNING, "dspy_trio.engine.cluster")
     message = await _broadcast_of_a_cancel(redis_server, config, "alice-key")
     assert "alice-key" not in json.dumps(message)
     assert message["owner"] != hashlib.sha256(b"alice-key").hexdigest()
@@ -241,7 +249,7 @@ async def test_the_owner_travels_as_a_keyed_digest_never_a_plain_hash(
 async def test_an_unset_secret_still_cancels_across_processes_and_says_what_it_costs(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, "engine.cluster")
+    caplog.set_level(logging.WARNING, "dspy_trio.engine.cluster")
     config = ClusterConfig(redis_url=redis_server.url, key_prefix=prefix())
     message = await _broadcast_of_a_cancel(redis_server, config, "alice-key")
     assert message["owner"] != hashlib.sha256(b"alice-key").hexdigest()

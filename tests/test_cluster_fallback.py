@@ -17,10 +17,10 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from engine import RateLimitWaitError
-from engine._config import ClusterConfig
-from engine.cluster import Cluster, SharedQuota, open_cluster
-from engine.cluster._heartbeat import beat
+from dspy_trio.engine import RateLimitWaitError
+from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
+from dspy_trio.engine.cluster._heartbeat import beat
 from tests.redis_server import RedisServer, eventually, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
@@ -66,7 +66,7 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
     """Two processes share 30 a minute; a took 20 of them. Redis dies: a's share is 15 a minute, and
     its own 20 of the last minute count against it (what b took meanwhile is unknown), so a waits for
     them to leave the window; Redis comes back (empty): a's grants are sent to the new log."""
-    caplog.set_level(logging.WARNING, "engine.cluster")
+    caplog.set_level(logging.WARNING, "dspy_trio.engine.cluster")
     async with clusters(own_redis_server, 2, heartbeat_interval=20.0) as (a, b):
         await beat(a.link)
         assert a.statistics().processes == 2

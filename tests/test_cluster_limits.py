@@ -20,14 +20,14 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import RateLimitWaitError
-from engine._config import ClusterConfig
-from engine._rate_window import Entry, WindowLog, merge_gap
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.cluster import Cluster, SharedQuota, open_cluster
-from engine.cluster._heartbeat import beat
-from engine.cluster._quota_script import Reply
-from engine.lm._base import Completion
+from dspy_trio.engine import RateLimitWaitError
+from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._rate_window import Entry, WindowLog, merge_gap
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
+from dspy_trio.engine.cluster._heartbeat import beat
+from dspy_trio.engine.cluster._quota_script import Reply
+from dspy_trio.engine.lm._base import Completion
 from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix, redis_server
 
 __all__ = ["own_redis_server", "redis_server"]  # fixtures

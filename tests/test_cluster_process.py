@@ -23,9 +23,9 @@ import httpx
 import pytest
 import trio
 
+from dspy_trio.web.workers import SNAPSHOT_INTERVAL
 from tests.cluster_processes import Process, children, fake_upstream, replica
 from tests.redis_server import REDIS, RedisServer
-from web.workers import SNAPSHOT_INTERVAL
 
 pytestmark = [
     pytest.mark.network,

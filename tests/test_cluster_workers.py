@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from web.workers import merge_json, merge_prometheus, read_snapshots, retire
+from dspy_trio.web.workers import merge_json, merge_prometheus, read_snapshots, retire
 
 
 def worker_text(requests: int, seconds: list[float], processes: int) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import (
+from dspy_trio.engine import (
     AdaptiveSettings,
     CallTimeouts,
     ConfigError,
@@ -15,7 +15,7 @@ from engine import (
     RateLimit,
     RetryPolicy,
 )
-from engine.lm import HTTPSettings
+from dspy_trio.engine.lm import HTTPSettings
 
 
 def test_nothing_configured_means_the_simulated_lm_and_the_default_program() -> None:
@@ -304,8 +304,8 @@ def test_bad_lm_environment_is_a_config_error(env: dict[str, str], message: str)
 
 
 def test_a_new_provider_is_one_registry_entry() -> None:
-    from engine._lm_factory import PROVIDERS, Provider, build_lm
-    from engine.lm import SimulatedLM
+    from dspy_trio.engine._lm_factory import PROVIDERS, Provider, build_lm
+    from dspy_trio.engine.lm import SimulatedLM
 
     PROVIDERS["echo"] = Provider(SimulatedLM.from_config)
     try:

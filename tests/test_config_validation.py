@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from engine import ConfigError, EngineConfig, LMConfig
-from engine._adaptive import AdaptiveSettings
+from dspy_trio.engine import ConfigError, EngineConfig, LMConfig
+from dspy_trio.engine._adaptive import AdaptiveSettings
 
 OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http://upstream.test/v1"}
 

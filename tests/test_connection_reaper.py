@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig, open_engine
-from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
-from engine.testing import Behavior, FakeUpstream, open_fake_upstream
+from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.testing import Behavior, FakeUpstream, open_fake_upstream
 
 from .helpers import HANG_GUARD
 
@@ -88,7 +88,7 @@ async def test_an_open_engine_reaps_its_lms_connections(fake_upstream: FakeUpstr
 
 
 async def test_upkeep_of_a_backend_without_connections_returns_at_once() -> None:
-    from engine.lm import SimulatedLM
+    from dspy_trio.engine.lm import SimulatedLM
 
     lm = SimulatedLM()
     async with trio.open_nursery() as nursery:

@@ -2,7 +2,7 @@
 
 DSPy plans to change the LM interface (3.5 moves to Request/Response engines). When this file fails
 after a DSPy upgrade, the backends in engine/lm/ need the same change. The second half pins the engine
-path (``engine._dspy.TrioEngine`` under ``dspy.LM(engine=...)``), what blocks it in stock DSPy under
+path (``dspy_trio.engine._dspy.TrioEngine`` under ``dspy.LM(engine=...)``), what blocks it in stock DSPy under
 Trio, and that it uses no deprecated DSPy API: docs/dspy-engines.md.
 """
 
@@ -30,12 +30,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-import engine
-from engine import EngineConfig, FieldDelta, FinalEvent, LMConfig, ProgramSpec, _dspy, open_engine
-from engine._errors import UpstreamServerError
-from engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
-from engine.lm._base import Completion, Message
-from engine.testing import Behavior, FakeUpstream
+from dspy_trio import engine
+from dspy_trio.engine import EngineConfig, FieldDelta, FinalEvent, LMConfig, ProgramSpec, _dspy, open_engine
+from dspy_trio.engine._errors import UpstreamServerError
+from dspy_trio.engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
+from dspy_trio.engine.lm._base import Completion, Message
+from dspy_trio.engine.testing import Behavior, FakeUpstream
 
 from .helpers import FailingLM, first_request_closed_by_client
 
@@ -331,8 +331,8 @@ async def test_the_engine_predicts_and_streams_fields_with_no_deprecated_dspy_ap
     fake_upstream: FakeUpstream, provider: str, adapter_name: str
 ) -> None:
     """Today's path, every provider (the Trio-native backends' ``TrioLM.acall``, and a stock
-    ``dspy.LM`` in worker threads): ``engine.predict`` and a per-field ``engine.stream`` raise no
-    DeprecationWarning, so the day they use an API DSPy deprecates, this fails."""
+    ``dspy.LM`` in worker threads): ``dspy_trio.engine.predict`` and a per-field ``dspy_trio.engine.stream``
+    raise no DeprecationWarning, so the day they use an API DSPy deprecates, this fails."""
     lm = LMConfig(first_token_delay=0, token_delay=0)
     if provider != "simulated":
         model = "openai/fake-model" if provider == "dspy" else "fake-model"

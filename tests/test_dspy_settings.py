@@ -8,8 +8,8 @@ import uuid
 import dspy
 from dspy.clients.base_lm import GLOBAL_HISTORY
 
-from engine import EngineConfig, LMConfig, open_engine
-from engine.testing import FakeUpstream
+from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+from dspy_trio.engine.testing import FakeUpstream
 
 FAST = LMConfig(first_token_delay=0, token_delay=0)
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from engine import (
+from dspy_trio.engine import (
     EngineClosedError,
     EngineConfig,
     EngineError,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import engine
-from engine import (
+from dspy_trio import engine
+from dspy_trio.engine import (
     DeadlineExceededError,
     EngineClosedError,
     EngineError,
@@ -21,7 +21,7 @@ from engine import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from engine._request import outcome_of
+from dspy_trio.engine._request import outcome_of
 
 
 @pytest.mark.parametrize(
@@ -77,7 +77,7 @@ def test_no_docstring_mentions_a_timeout_parameter_the_engine_does_not_have() ->
 
 
 def test_usage_says_when_it_was_estimated() -> None:
-    from engine import Usage
+    from dspy_trio.engine import Usage
 
     exact = Usage.from_tracker_totals({"m": {"prompt_tokens": 3, "completion_tokens": 2}})
     guessed = Usage.from_tracker_totals(

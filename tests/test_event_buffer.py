@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import trio
 
-from engine import FieldDelta, SlowConsumerError, StatusEvent
-from engine._event_buffer import EventBuffer
+from dspy_trio.engine import FieldDelta, SlowConsumerError, StatusEvent
+from dspy_trio.engine._event_buffer import EventBuffer
 
 
 def delta(text: str, field: str = "answer") -> FieldDelta:

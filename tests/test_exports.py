@@ -4,9 +4,7 @@ import types
 
 import pytest
 
-import engine
-import engine.lm
-import engine.testing
+from dspy_trio import engine
 
 
 def test_engine_public_names_are_pinned() -> None:
@@ -58,7 +56,7 @@ def test_engine_public_names_are_pinned() -> None:
         "tune_gc_for_serving",
     ]
     for name in set(engine.__all__) - {"StreamEvent"}:  # StreamEvent is a union alias
-        assert getattr(engine, name).__module__.startswith("engine")
+        assert getattr(engine, name).__module__.startswith("dspy_trio.engine")
 
 
 def test_every_error_is_an_engine_error() -> None:
@@ -133,7 +131,7 @@ async def test_an_engine_comes_only_from_open_engine() -> None:
 
 
 def test_dead_code_is_gone() -> None:
-    from engine import _trace
+    from dspy_trio.engine import _trace
 
     assert "lm_calls" not in {field.name for field in __import__("attrs").fields(_trace.RequestTrace)}
     assert not hasattr(engine.EngineConfig, "uses_simulated_lm")

@@ -6,8 +6,8 @@ import httpx
 import pytest
 import trio
 
-from engine.lm import OpenAICompatibleLM
-from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+from dspy_trio.engine.lm import OpenAICompatibleLM
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 
 async def test_sustains_1000_concurrent_slow_requests() -> None:

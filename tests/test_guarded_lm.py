@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine import EngineConfig, LMConfig, open_engine
-from engine._upstream import UpstreamGuard
-from engine.lm import Completion, DeltaSink, GuardedLM, SimulatedLM
+from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+from dspy_trio.engine._upstream import UpstreamGuard
+from dspy_trio.engine.lm import Completion, DeltaSink, GuardedLM, SimulatedLM
 
 
 class CountingGuard:

@@ -13,11 +13,11 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from engine import EngineConfig, LMConfig, RetryPolicy, UpstreamError, UpstreamServerError
-from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
-from engine.lm._http_errors import status_error
-from engine.lm._redact import Redactor
-from engine.testing import FakeUpstream, Fault
+from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, UpstreamError, UpstreamServerError
+from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.lm._http_errors import status_error
+from dspy_trio.engine.lm._redact import Redactor
+from dspy_trio.engine.testing import FakeUpstream, Fault
 
 from .web_helpers import running, settings
 

@@ -12,14 +12,14 @@ import httpx
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     RateLimitWaitError,
     UpstreamConnectionError,
     UpstreamResponseError,
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from engine.lm import AnthropicLM, HTTPSettings
+from dspy_trio.engine.lm import AnthropicLM, HTTPSettings
 from tests.mock_transport import COMPLETION, Handler, Scripted, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]

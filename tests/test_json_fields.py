@@ -11,7 +11,7 @@ from dspy.clients.call_result import attributes
 from dspy.clients.engines.streaming import EngineChunk
 from dspy.streaming import StreamListener
 
-from engine._json_fields import JSONFieldScanner
+from dspy_trio.engine._json_fields import JSONFieldScanner
 
 from .helpers import random_chunks
 

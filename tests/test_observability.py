@@ -11,7 +11,7 @@ import trio
 import trio.lowlevel
 from prometheus_client import generate_latest
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     FinalEvent,
     LMConfig,
@@ -166,12 +166,12 @@ async def test_one_json_log_line_per_request_without_text_unless_asked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fast = LMConfig(first_token_delay=0, token_delay=0)
-    caplog.set_level(logging.INFO, logger="engine.requests")
+    caplog.set_level(logging.INFO, logger="dspy_trio.engine.requests")
     async with open_engine(EngineConfig(lms={"default": fast})) as engine:
         await engine.predict("default", {"question": "secret question"}, request_id="log-1")
     async with open_engine(EngineConfig(lms={"default": fast}, log_text=True)) as engine:
         await engine.predict("default", {"question": "shared question"}, request_id="log-2")
-    lines = [json.loads(r.message) for r in caplog.records if r.name == "engine.requests"]
+    lines = [json.loads(r.message) for r in caplog.records if r.name == "dspy_trio.engine.requests"]
     assert [line["request_id"] for line in lines] == ["log-1", "log-2"]
     first, second = lines
     assert first["outcome"] == "succeeded"
@@ -207,7 +207,7 @@ def test_no_span_objects_are_made_when_no_tracer_provider_is_configured(
 ) -> None:
     from opentelemetry import trace
 
-    from engine import _telemetry
+    from dspy_trio.engine import _telemetry
 
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
     made = _telemetry.span("dspy_trio.predict", request_id="r")
@@ -224,7 +224,7 @@ def test_no_tracer_provider_is_seen_without_asking_opentelemetry_each_time(
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
-    from engine import _telemetry
+    from dspy_trio.engine import _telemetry
 
     def must_not_be_called() -> Any:
         raise AssertionError("get_tracer_provider called on the hot path")
@@ -245,7 +245,7 @@ def test_a_tracer_provider_named_in_the_environment_is_still_asked_for(
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
-    from engine import _telemetry
+    from dspy_trio.engine import _telemetry
 
     provider = TracerProvider()
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)

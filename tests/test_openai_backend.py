@@ -9,7 +9,7 @@ import dspy
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     LMConfig,
     UpstreamConnectionError,
@@ -19,8 +19,8 @@ from engine import (
     UpstreamTimeoutError,
     open_engine,
 )
-from engine.lm import HTTPSettings, OpenAICompatibleLM
-from engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
 
@@ -117,7 +117,7 @@ async def test_connection_refused_is_a_connection_error() -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_cancel_closes_the_upstream_connection(stream: bool) -> None:
-    from engine.testing import open_fake_upstream
+    from dspy_trio.engine.testing import open_fake_upstream
 
     async with open_fake_upstream(Behavior(latency=30, first_token_delay=0.0, token_delay=0.5)) as upstream:
         lm = lm_for(upstream)

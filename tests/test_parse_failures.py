@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine import EngineConfig, LMConfig, ProgramError, open_engine
+from dspy_trio.engine import EngineConfig, LMConfig, ProgramError, open_engine
 
 from .helpers import CountingLM
 from .web_helpers import running, settings

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig, RetryPolicy
-from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
-from web.server import open_server
+from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+from dspy_trio.web.server import open_server
 
 from .web_helpers import settings
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import trio
 
-from engine import RateLimitWaitError, UpstreamRateLimitedError, UpstreamServerError
-from engine._adaptive import AdaptiveLimit, AdaptiveSettings
-from engine._rate_window import LocalQuota
-from engine._retry import RetryBudget, RetryPolicy, seeded
+from dspy_trio.engine import RateLimitWaitError, UpstreamRateLimitedError, UpstreamServerError
+from dspy_trio.engine._adaptive import AdaptiveLimit, AdaptiveSettings
+from dspy_trio.engine._rate_window import LocalQuota
+from dspy_trio.engine._retry import RetryBudget, RetryPolicy, seeded
 
 
 async def test_the_quota_is_granted_at_once_then_as_the_window_slides(autojump_clock: Any) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import dspy
 import pytest
 
-from engine import ConfigError, EngineConfig, InvalidInputError, LMConfig, ProgramSpec, open_engine
-from engine._programs import build_program
+from dspy_trio.engine import ConfigError, EngineConfig, InvalidInputError, LMConfig, ProgramSpec, open_engine
+from dspy_trio.engine._programs import build_program
 
 FAST = LMConfig(first_token_delay=0, token_delay=0)
 

@@ -27,11 +27,11 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import RateLimitWaitError, UpstreamRateLimitedError, UpstreamServerError, _rate_window
-from engine._rate_window import LocalQuota
-from engine._retry import RetryPolicy
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import Completion
+from dspy_trio.engine import RateLimitWaitError, UpstreamRateLimitedError, UpstreamServerError, _rate_window
+from dspy_trio.engine._rate_window import LocalQuota
+from dspy_trio.engine._retry import RetryPolicy
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.lm import Completion
 
 WINDOW = 60.0
 

@@ -239,16 +239,16 @@ async def test_the_plugin_is_opt_in_and_stays_out_of_other_projects(tmp_path: Pa
     result = await pytest_in(tmp_path, "--trace-config")
     assert result.returncode == 0, result.stdout.decode()
     assert b"1 passed" in result.stdout
-    assert b"engine.testing" not in result.stdout
+    assert b"dspy_trio.engine.testing" not in result.stdout
     assert b"anyio.pytest_plugin" in result.stdout  # (the listing does name the plugins loaded)
-    # and `-p` loads it on request, in a project without an `engine` of its own
+    # and `-p` loads it on request
     other = tmp_path / "other"
     other.mkdir()
     (other / "test_fixture.py").write_text(
         "async def test_fixture(fake_upstream):\n    assert fake_upstream.url.startswith('http://127.0.0.1:')\n"
     )
     (other / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
-    loaded = await pytest_in(other, "-p", "engine.testing.pytest_plugin")
+    loaded = await pytest_in(other, "-p", "dspy_trio.engine.testing.pytest_plugin")
     assert loaded.returncode == 0, loaded.stdout.decode()
     without = await pytest_in(other)
     assert b"fixture 'fake_upstream' not found" in without.stdout

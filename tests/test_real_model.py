@@ -23,8 +23,8 @@ import httpx
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig, ProgramSpec, RetryPolicy
-from engine.lm import HTTPSettings
+from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec, RetryPolicy
+from dspy_trio.engine.lm import HTTPSettings
 from tests.web_helpers import running, settings
 
 pytestmark = pytest.mark.real_model

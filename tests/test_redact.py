@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from engine.lm._http_errors import status_error
-from engine.lm._redact import REDACTED, Redactor
+from dspy_trio.engine.lm._http_errors import status_error
+from dspy_trio.engine.lm._redact import REDACTED, Redactor
 
 KEY = "sk-proj-Zq8vR2mK9tLw4XbN7cYp3HdF6gJs1AeU"
 

@@ -16,7 +16,7 @@ import trio
 import trio._core._run as trio_run
 import trio.lowlevel
 
-from engine import (
+from dspy_trio.engine import (
     CallTimeouts,
     DeadlineExceededError,
     EngineClosedError,
@@ -33,11 +33,11 @@ from engine import (
     UpstreamRateLimitedError,
     open_engine,
 )
-from engine._retry import RetryPolicy, seeded
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import ChunkSink, Completion
-from engine.lm._base import Message
-from engine.testing import Behavior, FakeUpstream
+from dspy_trio.engine._retry import RetryPolicy, seeded
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.lm import ChunkSink, Completion
+from dspy_trio.engine.lm._base import Message
+from dspy_trio.engine.testing import Behavior, FakeUpstream
 
 from .helpers import CountingLM, tasks_living
 

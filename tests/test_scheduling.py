@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     CallTimeouts,
     EngineConfig,
     ErrorEvent,
@@ -22,7 +22,7 @@ from engine import (
     UpstreamRateLimitedError,
     open_engine,
 )
-from engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import CountingLM
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from engine import EngineConfig
+from dspy_trio.engine import EngineConfig
 
 from .helpers import variables_the_service_reads
 

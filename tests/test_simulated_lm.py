@@ -8,7 +8,7 @@ import dspy
 import pytest
 import trio
 
-from engine.lm import SimulatedLM
+from dspy_trio.engine.lm import SimulatedLM
 
 
 class Typed(dspy.Signature):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.lm._body import BadResponse
-from engine.lm._sse import EventReader
+from dspy_trio.engine.lm._body import BadResponse
+from dspy_trio.engine.lm._sse import EventReader
 
 
 def read(chunks: list[bytes], cap: int = 1 << 20) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import pytest
 import trio
 from dspy.streaming import StreamListener
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     FieldDelta,
@@ -24,11 +24,11 @@ from engine import (
     StreamOptions,
     open_engine,
 )
-from engine import _dspy as engine_dspy
-from engine._event_buffer import EventBuffer
-from engine.lm import ChunkSink, SimulatedLM
-from engine.lm._base import current_chunk_sink
-from engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine import _dspy as engine_dspy
+from dspy_trio.engine._event_buffer import EventBuffer
+from dspy_trio.engine.lm import ChunkSink, SimulatedLM
+from dspy_trio.engine.lm._base import current_chunk_sink
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import CountingLM, first_request_closed_by_client
 
@@ -110,7 +110,7 @@ async def test_a_foreign_send_stream_gets_a_chunk_sink_and_the_router_its_own(au
             seen.append(sink)
             return await super().complete(messages, params, sink)
 
-    from engine._streaming import DeltaRouter
+    from dspy_trio.engine._streaming import DeltaRouter
 
     router = DeltaRouter(program, EventBuffer(100, "block"))
     with dspy.context(lm=Spy(first_token_delay=0, token_delay=0), send_stream=router):
@@ -121,7 +121,7 @@ async def test_a_foreign_send_stream_gets_a_chunk_sink_and_the_router_its_own(au
 
 async def test_a_call_from_a_predictor_the_router_does_not_know_is_not_streamed(autojump_clock: Any) -> None:
     """Text nobody would see is not streamed at all (the backend makes a plain call)."""
-    from engine._streaming import DeltaRouter
+    from dspy_trio.engine._streaming import DeltaRouter
 
     known, stranger = dspy.Predict("question -> answer"), dspy.Predict("question -> answer")
     seen: list[Any] = []

@@ -13,9 +13,9 @@ import dspy
 import httpx
 import pytest
 
-from engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, open_engine
-from engine.lm import AnthropicLM, OpenAICompatibleLM, TrioLM
-from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+from dspy_trio.engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, open_engine
+from dspy_trio.engine.lm import AnthropicLM, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
 

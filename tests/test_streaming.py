@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     FieldDelta,

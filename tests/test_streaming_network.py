@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     FieldDelta,
@@ -19,8 +19,8 @@ from engine import (
     UpstreamTimeoutError,
     open_engine,
 )
-from engine.lm import HTTPSettings
-from engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine.lm import HTTPSettings
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import first_request_closed_by_client
 

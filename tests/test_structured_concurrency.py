@@ -2,8 +2,8 @@
 
 Each example is a fresh ``trio.run`` on ``MockClock(autojump_threshold=0)``: a few predict, stream, batch
 and batch_stream calls start at random virtual times against the simulated LM at random pacing, and each
-is ended at a random time by its own deadline, by its own scope, by ``engine.cancel``, by leaving the
-stream early, by a drain, or by cancelling the scope of the engine's owner. After every example:
+is ended at a random time by its own deadline, by its own scope, by ``dspy_trio.engine.cancel``, by leaving
+the stream early, by a drain, or by cancelling the scope of the engine's owner. After every example:
 
 - nothing is left: 0 in flight, 0 queued, every admission slot back, no task of the engine alive;
 - every stream read to its end saw exactly one terminal event, last; no stream saw two;
@@ -11,7 +11,7 @@ stream early, by a drain, or by cancelling the scope of the engine's owner. Afte
 - a caller whose own scope ended its call caught that cancellation (``cancelled_caught``);
 - every accepted request was booked exactly once, under the outcome that matches how it ended:
   ``timed_out`` for its deadline, ``abandoned`` for its scope or an early exit, ``cancelled`` for
-  ``engine.cancel``, ``shut_down`` for drain/close, and the result's or error's outcome otherwise.
+  ``dspy_trio.engine.cancel``, ``shut_down`` for drain/close, and the result's or error's outcome otherwise.
 
 Times sit on grids (LM pacing on multiples of 0.25 s; cancels and engine-wide ends either on that grid,
 so that they race with admissions and completions at the same virtual instant, or between its points).
@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio.testing import MockClock
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     EngineError,
     ErrorEvent,
@@ -53,8 +53,8 @@ from engine import (
     UpstreamServerError,
     open_engine,
 )
-from engine.lm import SimulatedLM
-from engine.testing import Behavior, open_fake_upstream
+from dspy_trio.engine.lm import SimulatedLM
+from dspy_trio.engine.testing import Behavior, open_fake_upstream
 
 from .helpers import CLOSE_MARGIN, FailingLM, tasks_living
 
@@ -191,7 +191,7 @@ class Outcomes(logging.Handler):
 
 @contextmanager
 def request_outcomes() -> Iterator[Outcomes]:
-    logger = logging.getLogger("engine.requests")
+    logger = logging.getLogger("dspy_trio.engine.requests")
     handler, level, propagate = Outcomes(), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

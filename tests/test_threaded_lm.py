@@ -8,7 +8,7 @@ import dspy
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     ConfigError,
     EngineConfig,
     LMConfig,
@@ -17,7 +17,7 @@ from engine import (
     UpstreamResponseError,
     open_engine,
 )
-from engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 
 def threaded_config(upstream: FakeUpstream) -> EngineConfig:
@@ -129,8 +129,8 @@ async def test_a_compatible_server_gets_max_tokens_not_max_completion_tokens(
 
 def test_openai_itself_keeps_dspys_settings_and_nothing_is_registered_process_wide() -> None:
     registered_providers = importlib.import_module("dspy.lm15").registered_providers
-    from engine.lm import ThreadedLM
-    from engine.lm.threaded import COMPATIBLE_PROVIDER
+    from dspy_trio.engine.lm import ThreadedLM
+    from dspy_trio.engine.lm.threaded import COMPATIBLE_PROVIDER
 
     openai = LMConfig(provider="dspy", model="openai/gpt-4o-mini", api_base="https://api.openai.com/v1")
     assert ThreadedLM.from_config(openai).inner.model == "openai/gpt-4o-mini"
@@ -149,8 +149,8 @@ def test_a_dspy_lm_error_quoting_the_key_reaches_only_the_log_redacted(
     ``AuthenticationError: Incorrect API key provided: sk-...``); clients read the status's meaning."""
     from dspy.utils.exceptions import LMAuthError
 
-    from engine.lm._redact import Redactor
-    from engine.lm.threaded import dspy_lm_errors
+    from dspy_trio.engine.lm._redact import Redactor
+    from dspy_trio.engine.lm.threaded import dspy_lm_errors
 
     key = "sk-proj-threaded0123456789abcdefXYZ"
     with pytest.raises(UpstreamResponseError) as info, dspy_lm_errors("m", Redactor([key])):

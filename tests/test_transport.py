@@ -14,14 +14,14 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from engine import (
+from dspy_trio.engine import (
     InvalidInputError,
     UpstreamConnectionError,
     UpstreamRateLimitedError,
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from engine.lm._transport import (
+from dspy_trio.engine.lm._transport import (
     ConnectError,
     ConnectTimeout,
     LeanClient,
@@ -31,7 +31,7 @@ from engine.lm._transport import (
     Timeouts,
     WriteTimeout,
 )
-from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 from .helpers import HANG_GUARD, first_request_closed_by_client, wait_until
 from .transport_helpers import (

@@ -11,8 +11,8 @@ import trio
 import trio.testing
 import trustme
 
-from engine import UpstreamConnectionError
-from engine.lm._transport import ConnectError, LeanClient, default_ssl_context
+from dspy_trio.engine import UpstreamConnectionError
+from dspy_trio.engine.lm._transport import ConnectError, LeanClient, default_ssl_context
 
 from .helpers import CLOSE_MARGIN
 from .transport_helpers import RawServer, json_response, keep_alive_handler, open_raw_server, read_request

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from engine import (
+from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     LMConfig,
@@ -27,9 +27,9 @@ from engine import (
     UpstreamResponseError,
     open_engine,
 )
-from engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
-from engine.lm._base import Completion
-from engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.lm._base import Completion
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 from .transport_helpers import RawServer, open_raw_server, read_request, wait_closed
 from .web_helpers import running, settings

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from engine import (
+from dspy_trio.engine import (
     RateLimitWaitError,
     UpstreamConnectionError,
     UpstreamRateLimitedError,
@@ -18,10 +18,10 @@ from engine import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from engine._adaptive import AdaptiveSettings
-from engine._retry import RetryPolicy, seeded
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import Completion
+from dspy_trio.engine._adaptive import AdaptiveSettings
+from dspy_trio.engine._retry import RetryPolicy, seeded
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.lm import Completion
 
 OK = Completion(["done"], {"total_tokens": 30})
 

@@ -13,11 +13,11 @@ import httpx
 import pytest
 import trio
 
-from engine import ConfigError, InvalidInputError, UpstreamRateLimitedError, UpstreamServerError
-from engine._adaptive import AdaptiveLimit, AdaptiveSettings
-from engine._retry import RetryPolicy, seeded
-from engine._upstream import UpstreamGuard, UpstreamPolicy
-from engine.lm import GuardedLM, OpenAICompatibleLM
+from dspy_trio.engine import ConfigError, InvalidInputError, UpstreamRateLimitedError, UpstreamServerError
+from dspy_trio.engine._adaptive import AdaptiveLimit, AdaptiveSettings
+from dspy_trio.engine._retry import RetryPolicy, seeded
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.lm import GuardedLM, OpenAICompatibleLM
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 COMPLETION = {
@@ -124,7 +124,7 @@ def test_the_initial_adaptive_limit_is_kept_within_its_bounds() -> None:
 def test_the_dspy_provider_ignores_a_non_finite_retry_after(seconds: float) -> None:
     from dspy.utils.exceptions import LMRateLimitError, LMServerError
 
-    from engine.lm.threaded import dspy_lm_errors
+    from dspy_trio.engine.lm.threaded import dspy_lm_errors
 
     for error in (LMRateLimitError("slow", retry_after=seconds), LMServerError("busy", retry_after=seconds)):
         with pytest.raises((UpstreamServerError, UpstreamRateLimitedError)) as info, dspy_lm_errors("m"):

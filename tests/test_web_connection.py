@@ -12,7 +12,7 @@ import trio
 import wsproto
 import wsproto.events
 
-from web.settings import ServiceSettings
+from dspy_trio.web.settings import ServiceSettings
 
 from .helpers import wait_until
 from .test_web_keepalive import _port

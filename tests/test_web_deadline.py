@@ -7,9 +7,9 @@ import math
 import pytest
 import trio
 
-from web.deadline import RequestDeadline
-from web.errors import HTTPError
-from web.settings import ServiceSettings
+from dspy_trio.web.deadline import RequestDeadline
+from dspy_trio.web.errors import HTTPError
+from dspy_trio.web.settings import ServiceSettings
 
 SETTINGS = ServiceSettings(default_timeout=60, max_timeout=300)
 

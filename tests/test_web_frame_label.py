@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from web.frame_label import SCAN_BYTES, frame_label
+from dspy_trio.web.frame_label import SCAN_BYTES, frame_label
 
 
 @pytest.mark.parametrize(

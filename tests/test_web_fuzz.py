@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
-from web.server import open_server
+from dspy_trio.web.server import open_server
 
 from .web_helpers import settings as service_settings
 

@@ -12,8 +12,8 @@ import h11
 import pytest
 import trio
 
-from engine import EngineConfig, LMConfig
-from web.server import Server
+from dspy_trio.engine import EngineConfig, LMConfig
+from dspy_trio.web.server import Server
 
 from .helpers import CountingLM, wait_until
 from .test_web_keepalive import _port, _read_response, _split_request

@@ -10,9 +10,9 @@ import httpx
 import pytest
 import trio
 
-from engine import tune_gc_for_serving
+from dspy_trio.engine import tune_gc_for_serving
+from dspy_trio.web.server import Server, serve
 from tests.web_helpers import running, settings
-from web.server import Server, serve
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 import trio
 from openapi_spec_validator import validate
 
-from engine import EngineConfig, LMConfig, UpstreamServerError
-from engine.testing import Behavior, FakeUpstream
+from dspy_trio.engine import EngineConfig, LMConfig, UpstreamServerError
+from dspy_trio.engine.testing import Behavior, FakeUpstream
 
 from .helpers import CountingLM, FailingLM, first_request_closed_by_client, wait_until
 from .web_helpers import running, settings
@@ -356,7 +356,7 @@ async def test_two_requests_with_the_same_label_get_different_server_ids() -> No
 async def test_requests_refused_by_the_web_layer_are_logged_like_the_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="web.requests")
+    caplog.set_level(logging.INFO, logger="dspy_trio.web.requests")
     async with (
         running(settings(api_keys=("k",), max_body_bytes=100)) as server,
         httpx.AsyncClient(base_url=server.url) as client,
@@ -366,7 +366,7 @@ async def test_requests_refused_by_the_web_layer_are_logged_like_the_others(
         await client.post("/predict", json={"question": "q" * 200}, headers=key)
         await client.post("/predict", json={"nope": 1}, headers=key)
         await client.get("/nowhere", headers=key)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "web.requests"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dspy_trio.web.requests"]
     assert [(line["status"], line["error"], line["outcome"]) for line in lines] == [
         (401, "invalid_api_key", "rejected"),
         (413, "body_too_large", "invalid"),

@@ -15,8 +15,8 @@ import trio
 from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
-from web.client import ServiceError, open_client
-from web.limits import json_depth
+from dspy_trio.web.client import ServiceError, open_client
+from dspy_trio.web.limits import json_depth
 
 from .helpers import CountingLM, wait_until
 from .web_helpers import running, settings

@@ -23,10 +23,10 @@ import trio.testing
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
-from engine import EngineConfig, LMConfig
-from web.listener import accept_connections, serve_app, serve_connection
-from web.rate_limited_log import RateLimitedLog
-from web.server import hypercorn_config
+from dspy_trio.engine import EngineConfig, LMConfig
+from dspy_trio.web.listener import accept_connections, serve_app, serve_connection
+from dspy_trio.web.rate_limited_log import RateLimitedLog
+from dspy_trio.web.server import hypercorn_config
 
 from .helpers import CountingLM, wait_until
 from .test_web_keepalive import _port, _read_response
@@ -114,7 +114,7 @@ async def test_a_handler_that_fails_is_logged_and_closed_and_the_listener_serves
             raise KeyError(1)
         await stream.send_all(b"served")
 
-    problems = RateLimitedLog(logging.getLogger("web"), interval=10.0)
+    problems = RateLimitedLog(logging.getLogger("dspy_trio.web"), interval=10.0)
     async with trio.open_nursery() as nursery:
         [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listener.socket.getsockname()[1]
@@ -159,7 +159,7 @@ async def test_emfile_at_accept_is_one_line_per_interval_with_a_count_and_no_tra
 ) -> None:
     """trio.serve_listeners (Hypercorn's accept loop) logs a traceback every 0.1 s: 350 here."""
     listener = _Capacity()
-    problems = RateLimitedLog(logging.getLogger("web"), interval=10.0)
+    problems = RateLimitedLog(logging.getLogger("dspy_trio.web"), interval=10.0)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(problems.run)
         nursery.start_soon(accept_connections, listener, None, nursery, problems)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import pytest
 import trio
 from openapi_spec_validator import validate
 
-from engine import EngineConfig, LMConfig, RetryPolicy, UpstreamServerError
+from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, UpstreamServerError
 
 from .helpers import CountingLM, FailingLM, wait_until
 from .web_helpers import running, settings

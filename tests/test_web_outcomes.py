@@ -13,8 +13,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from web.client import open_client
-from web.server import Server
+from dspy_trio.web.client import open_client
+from dspy_trio.web.server import Server
 
 from .helpers import CountingLM, wait_until
 from .web_helpers import running, settings

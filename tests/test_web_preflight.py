@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import ConfigError, EngineConfig, LMConfig, ProgramSpec
-from web.preflight import api_root, check_api_keys, check_engine_opens, describe_lm
+from dspy_trio.engine import ConfigError, EngineConfig, LMConfig, ProgramSpec
+from dspy_trio.web.preflight import api_root, check_api_keys, check_engine_opens, describe_lm
 
 
 def lm(**changes: object) -> LMConfig:

@@ -23,7 +23,7 @@ async def start(*args: str, env: dict[str, str] | None = None) -> tuple[trio.Pro
     """Start `dspy-trio serve ...`; return the process once every worker logged its URL."""
     workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "web.cli", "serve", *args],
+        [sys.executable, "-m", "dspy_trio.web.cli", "serve", *args],
         stderr=subprocess.PIPE,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )

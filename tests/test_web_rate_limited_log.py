@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from web.rate_limited_log import RateLimitedLog
+from dspy_trio.web.rate_limited_log import RateLimitedLog
 
 _COUNT = re.compile(r"\((\d+) times in the last [0-9.]+ s\)$")
 

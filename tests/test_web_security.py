@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from web.client import open_client
+from dspy_trio.web.client import open_client
 
 from .helpers import CountingLM, wait_until
 from .web_helpers import running, settings

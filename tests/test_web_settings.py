@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from engine import ConfigError
-from web.settings import ServiceSettings
+from dspy_trio.engine import ConfigError
+from dspy_trio.web.settings import ServiceSettings
 
 
 @pytest.mark.parametrize(

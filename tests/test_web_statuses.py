@@ -9,8 +9,8 @@ import attrs
 import pytest
 from quart.typing import TestClientProtocol as QuartClient
 
-from engine import EngineConfig, RateLimit
-from web.app import create_app
+from dspy_trio.engine import EngineConfig, RateLimit
+from dspy_trio.web.app import create_app
 
 from .web_helpers import FAST, settings
 

@@ -10,9 +10,9 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from engine import EngineConfig, LMConfig, UpstreamServerError
-from engine.testing import Behavior, FakeUpstream
-from web.client import ServiceError, open_client
+from dspy_trio.engine import EngineConfig, LMConfig, UpstreamServerError
+from dspy_trio.engine.testing import Behavior, FakeUpstream
+from dspy_trio.web.client import ServiceError, open_client
 
 from .helpers import CountingLM, FailingLM, first_request_closed_by_client, wait_until
 from .web_helpers import running, settings

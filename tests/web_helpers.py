@@ -11,10 +11,10 @@ import trio
 import wsproto
 import wsproto.events
 
-from engine import EngineConfig, LMConfig
-from engine.lm import TrioLM
-from web.server import Server, open_server
-from web.settings import ServiceSettings
+from dspy_trio.engine import EngineConfig, LMConfig
+from dspy_trio.engine.lm import TrioLM
+from dspy_trio.web.server import Server, open_server
+from dspy_trio.web.settings import ServiceSettings
 
 FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
 

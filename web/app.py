@@ -1,17 +1,19 @@
 """The Quart-Trio application: parse, call the engine, format. No scheduling logic lives here.
 
-The routes live in Blueprints by concern (:mod:`web.routes_seed`, :mod:`web.routes_programs`,
-:mod:`web.routes_ops`, :mod:`web.websockets`); this module wires them with what every request shares:
+The routes live in Blueprints by concern (:mod:`dspy_trio.web.routes_seed`,
+:mod:`dspy_trio.web.routes_programs`,
+:mod:`dspy_trio.web.routes_ops`, :mod:`dspy_trio.web.websockets`); this module wires them with what every
+request shares:
 
 - a server-generated request id (``uuid4`` hex), the only id used for routing and cancelling; a client's
   ``X-Request-ID`` is kept as a correlation label (echoed back, logged);
-- the arrival time of the request's head, from which its deadline counts (:mod:`web.deadline`);
-- one :func:`web.auth.authorize` for HTTP and WebSocket, whose key becomes the request's owner;
+- the arrival time of the request's head, from which its deadline counts (:mod:`dspy_trio.web.deadline`);
+- one :func:`dspy_trio.web.auth.authorize` for HTTP and WebSocket, whose key becomes the request's owner;
 - CORS by quart-cors (off unless ``cors_origins`` is set);
-- one log line per answered HTTP request, refusals included; errors as JSON (:mod:`web.errors`).
+- one log line per answered HTTP request, refusals included; errors as JSON (:mod:`dspy_trio.web.errors`).
 
-The engine is opened by the app's lifespan (``while_serving``) and drained by :func:`web.server.serve`
-before Hypercorn closes connections.
+The engine is opened by the app's lifespan (``while_serving``) and drained by
+:func:`dspy_trio.web.server.serve` before Hypercorn closes connections.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from engine import EngineError, open_engine
-from engine.lm import TrioLM
+from dspy_trio.engine import EngineError, open_engine
+from dspy_trio.engine.lm import TrioLM
 
 from .auth import authorize
 from .encoding import dumps
@@ -47,8 +49,8 @@ from .settings import ServiceSettings
 from .state import ServiceState
 from .websockets import websockets
 
-logger = logging.getLogger("web")
-access_log = logging.getLogger("web.requests")
+logger = logging.getLogger("dspy_trio.web")
+access_log = logging.getLogger("dspy_trio.web.requests")
 
 _LABEL = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STATIC = Path(__file__).parent / "static"
@@ -74,7 +76,7 @@ def create_app(
         lms: LM instances to use instead of those in the engine config (tests, embedding).
     """
     settings = settings or ServiceSettings.from_env()
-    app = QuartTrio("dspy_trio", static_folder=str(_STATIC), static_url_path="/static")
+    app = QuartTrio(__name__, static_folder=str(_STATIC), static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams are bounded by each request's own deadline
     app.config["QUART_SCHEMA_SWAGGER_JS_URL"] = SWAGGER_JS_URL  # served from the package: /docs works offline

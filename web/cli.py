@@ -11,9 +11,9 @@
 ``serve`` and ``predict`` read their configuration the same way: the TOML file of ``--config`` (else
 ``$DSPY_TRIO_CONFIG``), then the ``LM_*`` and ``DSPY_TRIO_*`` environment variables override it.
 
-Before anything listens, ``serve`` checks what it can (:mod:`web.preflight`): the settings, the address,
-the API keys of hosted providers, and that the engine opens (program modules imported and built); then it
-logs one line per LM (provider, model, API root, never the key).
+Before anything listens, ``serve`` checks what it can (:mod:`dspy_trio.web.preflight`): the settings, the
+address, the API keys of hosted providers, and that the engine opens (program modules imported and built);
+then it logs one line per LM (provider, model, API root, never the key).
 
 Exit codes: 0 done; 1 internal error (a bug: the traceback is printed); 2 usage or configuration error (bad
 flag, bad config file or variable, a program module that cannot be imported, a hosted API without its key,
@@ -37,14 +37,14 @@ from typing import Any, NoReturn
 import attrs
 import trio
 
-from engine import ConfigError, EngineConfig, EngineError, InvalidInputError, open_engine
-from engine.testing.fake_upstream import Behavior, FakeUpstream
+from dspy_trio.engine import ConfigError, EngineConfig, EngineError, InvalidInputError, open_engine
+from dspy_trio.engine.testing.fake_upstream import Behavior, FakeUpstream
 
 from .preflight import check_api_keys, check_engine_opens, describe_lm
 from .server import CannotListenError, check_can_listen, configure_logging, run_workers, serve
 from .settings import ServiceSettings
 
-logger = logging.getLogger("web.cli")
+logger = logging.getLogger("dspy_trio.web.cli")
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2

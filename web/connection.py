@@ -2,7 +2,7 @@
 
 Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs in three ways:
 
-- the protocol is always :class:`web.protocol.HTTP11Protocol` (no switch to HTTP/2);
+- the protocol is always :class:`dspy_trio.web.protocol.HTTP11Protocol` (no switch to HTTP/2);
 - a peer that reset the connection (or that TCP gave up on, see below) has its socket closed at once,
   and the WebSocket ping task of a connection whose peer is gone stops at once: Hypercorn's ping task
   sleeps out its interval (20 s) after the socket is dead, and held the file descriptor that long (a

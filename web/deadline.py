@@ -17,7 +17,7 @@ import math
 import attrs
 import trio
 
-from engine import DeadlineExceededError
+from dspy_trio.engine import DeadlineExceededError
 
 from .errors import HTTPError
 from .settings import ServiceSettings

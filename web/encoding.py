@@ -7,7 +7,7 @@ from typing import Any, assert_never
 
 import attrs
 
-from engine import (
+from dspy_trio.engine import (
     BatchItem,
     EngineError,
     ErrorEvent,

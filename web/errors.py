@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from engine import (
+from dspy_trio.engine import (
     ClusterUnavailableError,
     DeadlineExceededError,
     EngineClosedError,

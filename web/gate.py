@@ -10,7 +10,7 @@ differ, and hands everything else to the app unchanged:
 - only ``POST`` to a prediction or stream route (``/predict``, ``/predict/stream``, ``/stream`` for the
   default program; ``/v1/programs/NAME/predict`` and ``/v1/programs/NAME/stream``); batches are
   admitted item by item;
-- only while the engine is serving and saturated (:meth:`engine.Engine.refuse_if_overloaded`, which
+- only while the engine is serving and saturated (:meth:`dspy_trio.engine.Engine.refuse_if_overloaded`, which
   also counts the refusal, exactly as the hook does; an unknown program is left to the app's 404);
 - never a request that would get a 401 first (API keys) or that needs CORS headers (an ``Origin`` while
   CORS is configured): the app answers those as before.
@@ -19,7 +19,7 @@ The answer is the app's, byte for byte where it matters: status 429, ``Retry-Aft
 body in OpenAI's shape (code ``overloaded``), a fresh ``X-Server-Request-ID``, ``X-Request-ID`` (the
 client's label when valid, else the server's id) and ``Server-Timing: total``. The request body is read
 (not parsed) before answering, so the keep-alive connection is reused as after any early answer
-(:mod:`web.keepalive`, which wraps this gate).
+(:mod:`dspy_trio.web.keepalive`, which wraps this gate).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
-from engine import OverloadedError
+from dspy_trio.engine import OverloadedError
 
 from .auth import authorize
 from .encoding import dumps
@@ -45,7 +45,8 @@ _LABEL = re.compile(rb"[A-Za-z0-9._:-]{1,128}")  # fullmatch
 
 
 class _ScopeHeaders:
-    """An ASGI scope's request headers, case-insensitive, as :func:`web.auth.authorize` reads them."""
+    """An ASGI scope's request headers, case-insensitive, as :func:`dspy_trio.web.auth.authorize` reads
+    them."""
 
     def __init__(self, raw: Any) -> None:
         self._headers: dict[str, str] = {}

@@ -10,7 +10,7 @@ import pydantic
 from quart import Response, current_app, g, request
 from quart_schema import document_request
 
-from engine import Engine, PredictionResult
+from dspy_trio.engine import Engine, PredictionResult
 
 from .deadline import RequestDeadline
 from .encoding import dumps

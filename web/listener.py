@@ -9,13 +9,13 @@ lets one connection end the server:
   one nursery with ``trio.serve_listeners``: any exception a connection's code raises (Hypercorn's h2
   protocol raised ``KeyError`` on a DATA frame for a stream it had answered) crashes that nursery, and
   with it every connection in flight and the process. Here each connection runs inside a guard that
-  logs the failure (rate-limited: :class:`web.rate_limited_log.RateLimitedLog`) and closes the socket.
-  Only ``Exception`` is caught: ``trio.Cancelled`` (shutdown, a deadline), ``KeyboardInterrupt`` and
+  logs the failure (rate-limited: :class:`dspy_trio.web.rate_limited_log.RateLimitedLog`) and closes the
+  socket. Only ``Exception`` is caught: ``trio.Cancelled`` (shutdown, a deadline), ``KeyboardInterrupt`` and
   ``SystemExit`` pass through untouched, also inside exception groups.
 - **Accept failures are one log line per interval.** At the descriptor limit (``EMFILE``) ``accept``
   fails until a connection closes; ``trio.serve_listeners`` logged a full traceback every 0.1 s
   while it retried. We retry as often, and log a line per interval with the count.
-- **Connections are** :class:`web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
+- **Connections are** :class:`dspy_trio.web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
   and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``.
 
 Each connection costs one ``try``, one closure and five ``setsockopt`` calls more than Hypercorn's; a
@@ -42,7 +42,7 @@ from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wra
 from .connection import Connection, watch_for_dead_peers
 from .rate_limited_log import RateLimitedLog
 
-logger = logging.getLogger("web")
+logger = logging.getLogger("dspy_trio.web")
 
 # accept(2) errors that mean "out of a resource for now, try again" (as trio.serve_listeners).
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from engine import Engine, EngineStatistics
+from dspy_trio.engine import Engine, EngineStatistics
 
 
 def metrics_text(engine: Engine) -> tuple[bytes, str]:

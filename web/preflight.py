@@ -4,9 +4,9 @@ A user's mistake must surface before anything listens, as one line and exit code
 when the engine opens inside the server, nor as a 401 from the provider at the first request:
 
 - :func:`check_api_keys`: an LM that calls a hosted provider's API (``api.openai.com``,
-  ``api.anthropic.com``) without an API key is a :class:`engine.ConfigError`. An LM of any other server
-  may legitimately have none (llama.cpp, vLLM and Ollama need none by default), so a missing key there is
-  only a warning, and none at all for a server on this machine.
+  ``api.anthropic.com``) without an API key is a :class:`dspy_trio.engine.ConfigError`. An LM of any other
+  server may legitimately have none (llama.cpp, vLLM and Ollama need none by default), so a missing key there
+  is only a warning, and none at all for a server on this machine.
 - :func:`check_engine_opens`: the engine opens once and closes again, without joining a cluster: every
   program module is imported and built, every LM built (no network).
 - :func:`describe_lm`: the line ``serve`` logs for each LM: provider, model and API root; never the key
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from engine import ConfigError, EngineConfig, LMConfig, open_engine
+from dspy_trio.engine import ConfigError, EngineConfig, LMConfig, open_engine
 
 # Hosted APIs that always need a key, by provider (the default API root of ``anthropic`` is its own).
 _HOSTED = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}

@@ -87,7 +87,7 @@ def check_request_head(request: h11.Request) -> None:
 class HTTP11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1 protocol (keep-alive, pipelining, WebSocket upgrades) with the rules above.
 
-    Built by :class:`web.connection.Connection` for every connection, in place of Hypercorn's
+    Built by :class:`dspy_trio.web.connection.Connection` for every connection, in place of Hypercorn's
     ``ProtocolWrapper`` (which is what switched a connection to HTTP/2).
     """
 

@@ -1,6 +1,6 @@
 """A log for problems that can repeat many times a second: at most one line per interval, with a count.
 
-    problems = RateLimitedLog(logging.getLogger("web"), interval=10.0)
+    problems = RateLimitedLog(logging.getLogger("dspy_trio.web"), interval=10.0)
     nursery.start_soon(problems.run)   # writes the counts that are due; the rest when cancelled
     problems.record("accept", "accept failed: EMFILE (Too many open files)")
 

@@ -44,7 +44,8 @@ async def cancel_request(request_id: str) -> Response:
     """Cancel an in-flight request by the id the server gave it (``request_id`` in bodies, the
     ``X-Server-Request-ID`` header). Only the API key that started it may; for any other caller the id
     does not exist (404), so ids cannot be probed. With a cluster (Redis), a request running in another
-    worker or replica is cancelled there, under the same rule (the engine's, :mod:`engine._owners`)."""
+    worker or replica is cancelled there, under the same rule (the engine's,
+    :mod:`dspy_trio.engine._owners`)."""
     engine = state().engine_even_draining()  # an owner may still cancel while the server drains
     found = await engine.cancel_anywhere(request_id, owner=g.owner)
     if not found:

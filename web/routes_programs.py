@@ -9,7 +9,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, g, request
 
-from engine import BatchItem, UnknownProgramError
+from dspy_trio.engine import BatchItem, UnknownProgramError
 
 from .encoding import batch_item_json, result_json
 from .errors import HTTPError

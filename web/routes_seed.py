@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from quart import Blueprint, Response, g
 
-from engine import EventStream
+from dspy_trio.engine import EventStream
 
 from .http import checked_engine, deadline, json_body, json_response, predict, sse_response, state
 from .models import SeedRequest

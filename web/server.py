@@ -12,7 +12,7 @@ connection is cut in the middle of an answer; then the process exits.
 ``--workers N`` starts N such processes on one port (``SO_REUSEPORT``; the kernel spreads connections),
 supervised by the parent (``web/workers.py``: a worker that dies is restarted, SIGTERM drains them all,
 ``/metrics`` covers all of them). Each has its own engine and limits, unless ``DSPY_TRIO_REDIS_URL`` makes
-the workers (and replicas) share their upstream quotas, cool-downs and cancels (``engine.cluster``).
+the workers (and replicas) share their upstream quotas, cool-downs and cancels (``dspy_trio.engine.cluster``).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from engine import GCSettings, tune_gc_for_serving
-from engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
-from engine.lm import TrioLM
+from dspy_trio.engine import GCSettings, tune_gc_for_serving
+from dspy_trio.engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
+from dspy_trio.engine.lm import TrioLM
 
 from .app import create_app
 from .gate import OverloadGate
@@ -43,7 +43,7 @@ from .settings import ServiceSettings
 from .state import ServiceState
 from .workers import run_snapshots, supervise, workers_dir
 
-logger = logging.getLogger("web")
+logger = logging.getLogger("dspy_trio.web")
 
 
 class UTCFormatter(logging.Formatter):
@@ -89,7 +89,7 @@ def configure_logging(level: int | str = logging.INFO) -> None:
     json_lines.setFormatter(UTCFormatter(json_lines=True))
     json_lines.dspy_trio = True  # type: ignore[attr-defined]
     # The engine's request lines, and the web layer's for requests it refused before the engine saw them.
-    for name in ("engine.requests", "web.requests"):
+    for name in ("dspy_trio.engine.requests", "dspy_trio.web.requests"):
         requests = logging.getLogger(name)
         for handler in [h for h in requests.handlers if getattr(h, "dspy_trio", False)]:
             requests.removeHandler(handler)
@@ -174,7 +174,7 @@ async def serve(
     With ``freeze_heap`` (the serving process's default), once the app has started the heap built at
     start-up (the app, the engine, DSPy, pydantic) is collected once and moved out of the garbage
     collector's reach with ``gc.freeze()``, and the young generation's threshold is raised to 10,000
-    (``engine.tune_gc_for_serving``), so full collections do not walk that heap and stall the event
+    (``dspy_trio.engine.tune_gc_for_serving``), so full collections do not walk that heap and stall the event
     loop, and young ones stop re-walking the requests in flight (issue #13). ``open_server`` (tests,
     embedding) does not do it: a process-wide GC setting is the serving process's call.
 

@@ -1,4 +1,4 @@
-"""Settings of the HTTP service (the engine's own live in ``engine.EngineConfig``).
+"""Settings of the HTTP service (the engine's own live in ``dspy_trio.engine.EngineConfig``).
 
 Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags override them)::
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from engine import ConfigError, EngineConfig
+from dspy_trio.engine import ConfigError, EngineConfig
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -77,7 +77,7 @@ _port = _number(integer=True, minimum=0, maximum=65535)  # 0 picks a free port
 class ServiceSettings:
     """How the service listens, protects itself and bounds requests.
 
-    Every value is checked when the settings are built: a bad one is a :class:`engine.ConfigError`
+    Every value is checked when the settings are built: a bad one is a :class:`dspy_trio.engine.ConfigError`
     naming the field (or, from :meth:`from_env`, the variable and its value).
 
     Attributes:

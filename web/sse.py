@@ -24,7 +24,14 @@ from typing import Any
 import trio
 from quart.wrappers.response import ResponseBody
 
-from engine import BatchItem, EngineError, ErrorEvent, FinalEvent, RequestCancelledError, StreamEvent
+from dspy_trio.engine import (
+    BatchItem,
+    EngineError,
+    ErrorEvent,
+    FinalEvent,
+    RequestCancelledError,
+    StreamEvent,
+)
 
 from .deadline import RequestDeadline
 from .encoding import SSE_DONE, SSE_KEEPALIVE, batch_item_json, dumps, event_json, sse
@@ -88,7 +95,7 @@ class EventBody(ResponseBody):
     - no async generator holds a nursery or cancel scope across a ``yield``.
 
     Args:
-        open_source: Opens the source (e.g. ``engine.stream(...)``), an async iterable of items.
+        open_source: Opens the source (e.g. ``dspy_trio.engine.stream(...)``), an async iterable of items.
         deadline: The request's deadline.
         keepalive: Seconds of quiet after which a keep-alive comment is sent.
         encode: Turns an item into bytes, or None to send nothing for it.
@@ -172,7 +179,7 @@ def stream_body(
     encode: Encoder,
 ) -> EventBody:
     """The body of an SSE response that streams one program run (``open_stream`` enters
-    ``engine.stream``); it ends with the final event or one error event."""
+    ``dspy_trio.engine.stream``); it ends with the final event or one error event."""
     return EventBody(
         open_stream,
         deadline=deadline,

@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import attrs
 
-from engine import Engine
+from dspy_trio.engine import Engine
 
 from .errors import HTTPError
 from .settings import ServiceSettings
 
-logger = logging.getLogger("web")
+logger = logging.getLogger("dspy_trio.web")
 
 # Seconds a client refused with 503 ``not_ready`` (starting, draining; also ``/ready``) is told to wait
 # (``Retry-After``): a starting service is ready within about a second, and a draining one is going away,

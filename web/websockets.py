@@ -16,12 +16,12 @@ A frame's ``id`` is the client's label *within its socket*; the server gives eve
 unique id (``request_id`` in results) for routing, cancelling and logs, so ids of different sockets
 never collide. Frames are validated by the same models and limits as the HTTP bodies (size, nesting,
 input text, Unicode, ``timeout_secs``); a bad frame gets an ``error`` frame (with its id, when it had
-one: for a frame refused before parsing, found by the bounded scan of :mod:`web.frame_label`) and
+one: for a frame refused before parsing, found by the bounded scan of :mod:`dspy_trio.web.frame_label`) and
 disturbs nothing else. Every request ends with exactly one ``result``, ``final``, ``error`` or
 ``cancelled`` frame. At most ``ws_max_requests`` requests run per socket. Frames go out through one
 sender task and a bounded channel. Closing the socket cancels its requests (and their upstream calls).
 
-The handshake goes through :func:`web.auth.authorize` (API key, Origin policy): a refusal is an HTTP
+The handshake goes through :func:`dspy_trio.web.auth.authorize` (API key, Origin policy): a refusal is an HTTP
 401/403 with a JSON body, before the socket is accepted.
 """
 
@@ -35,7 +35,7 @@ import trio
 from quart import Blueprint, websocket
 from quart_cors import cors_exempt
 
-from engine import (
+from dspy_trio.engine import (
     Engine,
     EngineError,
     ErrorEvent,

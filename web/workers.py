@@ -37,11 +37,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import Engine
+from dspy_trio.engine import Engine
 
 from .metrics import metrics_json, metrics_text
 
-logger = logging.getLogger("web")
+logger = logging.getLogger("dspy_trio.web")
 
 WORKERS_DIR = "DSPY_TRIO_WORKERS_DIR"  # set by the parent for its workers
 SNAPSHOT_INTERVAL = 1.0
@@ -65,7 +65,7 @@ def supervise(argv: Sequence[str], workers: int) -> int:
     Blocks until every worker has drained and exited. Returns the highest exit code of the last workers.
     """
     directory = tempfile.mkdtemp(prefix="dspy-trio-workers-")
-    command = [sys.executable, "-m", "web.cli", *argv, "--worker-of", str(workers)]
+    command = [sys.executable, "-m", "dspy_trio.web.cli", *argv, "--worker-of", str(workers)]
     env = {**os.environ, WORKERS_DIR: directory}
     stopping = False
 

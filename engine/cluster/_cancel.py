@@ -3,8 +3,8 @@
 Nothing is written to Redis for a request that is never cancelled. A cancel that finds nothing in its own
 process publishes the id (with a keyed digest of the owner, never the owner) on one channel that every
 process listens to; each process cancels what it runs under that id (requests, streams, batches), checks
-the owner there with the same rule as a local cancel (:mod:`engine._owners`, on digests), and answers on
-the canceller's own channel whether it found anything. The canceller returns as soon as one process
+the owner there with the same rule as a local cancel (:mod:`dspy_trio.engine._owners`, on digests), and
+answers on the canceller's own channel whether it found anything. The canceller returns as soon as one process
 found it, or once every process that received the broadcast (``PUBLISH`` counts them) said no.
 
 Because the request is looked up in the ledger of the process that runs it, there is no registration
@@ -28,7 +28,7 @@ from .._errors import ClusterUnavailableError
 from .._owners import OwnerCheck, anyone
 from ._redis import RedisLink, RedisUnavailableError
 
-logger = logging.getLogger("engine.cluster")
+logger = logging.getLogger("dspy_trio.engine.cluster")
 
 # Cancels what this process runs under an id, for the owners the check accepts; whether it found any.
 LocalCancel = Callable[[str, OwnerCheck], bool]
@@ -57,7 +57,7 @@ class OwnerDigest:
         return digest
 
     def check(self, digest: str | None) -> OwnerCheck:
-        """The ownership rule of :mod:`engine._owners` for a cancel that carries ``digest``."""
+        """The ownership rule of :mod:`dspy_trio.engine._owners` for a cancel that carries ``digest``."""
         if digest is None:
             return anyone
 

@@ -32,7 +32,7 @@ from ._heartbeat import beat, leave, run_heartbeat
 from ._quota import SharedQuota
 from ._redis import RedisLink, RedisUnavailableError
 
-logger = logging.getLogger("engine.cluster")
+logger = logging.getLogger("dspy_trio.engine.cluster")
 
 _CLEANUP_TIMEOUT = 1.0
 
@@ -61,7 +61,7 @@ class ClusterStatistics:
 class Cluster:
     """Shared state of the processes that use one Redis. Get one from :func:`open_cluster`.
 
-    Implements the :class:`engine._limits.Limits` port, so an ``UpstreamGuard`` built with it shares
+    Implements the :class:`dspy_trio.engine._limits.Limits` port, so an ``UpstreamGuard`` built with it shares
     its quota and cool-down with every other process.
     """
 

@@ -17,7 +17,7 @@ from ._redis import RedisLink
 
 
 class SharedCoolDown:
-    """Satisfies the :class:`engine._limits.CoolDown` port; :meth:`heard` applies a broadcast."""
+    """Satisfies the :class:`dspy_trio.engine._limits.CoolDown` port; :meth:`heard` applies a broadcast."""
 
     def __init__(self, link: RedisLink, upstream: str) -> None:
         self._link = link

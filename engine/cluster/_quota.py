@@ -1,8 +1,8 @@
 """The RPM/TPM quota of an upstream, shared by every process through Redis: at most ``rpm`` requests and
 ``tpm`` tokens in any 60-second window, across all of them.
 
-The window log of :mod:`engine._rate_window` lives in one Redis key, and one Lua script does all of an
-acquire on the server in a single step (expire, correct, merge, reserve), so two processes can never
+The window log of :mod:`dspy_trio.engine._rate_window` lives in one Redis key, and one Lua script does all of
+an acquire on the server in a single step (expire, correct, merge, reserve), so two processes can never
 both take the last request. Taking reserves the first instant that fits, after every reservation made
 before (first come, first served across the cluster); a wait that would not end, with the call's
 typical duration after it and the Redis round-trip counted, before the caller's deadline reserves
@@ -105,7 +105,7 @@ class ShareGrant:
 
 class SharedQuota:
     """``rpm`` requests and ``tpm`` tokens in any 60 seconds, shared through Redis (see the module
-    docstring). Satisfies the :class:`engine._limits.Quota` port.
+    docstring). Satisfies the :class:`dspy_trio.engine._limits.Quota` port.
 
     Args:
         link: The process's Redis link.

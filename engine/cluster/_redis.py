@@ -28,7 +28,7 @@ from coredis.exceptions import RedisError
 
 from .._config import ClusterConfig
 
-logger = logging.getLogger("engine.cluster")
+logger = logging.getLogger("dspy_trio.engine.cluster")
 
 T = TypeVar("T")
 

@@ -3,8 +3,8 @@
 An answer — one JSON body (predict) or the events of a stream — is taken only if it is UTF-8 JSON of
 the provider's shape, within the size caps (``HTTPSettings.max_response_bytes`` for the whole answer,
 ``max_event_bytes`` for one event; ``_transport._body`` and ``_sse`` enforce them while reading). Anything
-else fails the call with :class:`~engine.UpstreamResponseError` (``upstream_bad_response``, not retried:
-the same request would bring the same answer): invalid UTF-8 (never replaced by U+FFFD), JSON that is
+else fails the call with :class:`~dspy_trio.engine.UpstreamResponseError` (``upstream_bad_response``, not
+retried: the same request would bring the same answer): invalid UTF-8 (never replaced by U+FFFD), JSON that is
 malformed or nested past the parser's depth, text with a lone surrogate (``"\ud800"`` is valid JSON but
 no client can be sent it), HTML or any other content type where JSON or an event stream belongs, a text
 field that is not a string, a choice index out of range. Token counts that are not whole numbers are

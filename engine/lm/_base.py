@@ -46,7 +46,8 @@ class DeltaSink(Protocol):
 
 
 class CallGuard(Protocol):
-    """Policies wrapped around each LM call (rate limits, retries, timeouts); see ``engine._upstream``."""
+    """Policies wrapped around each LM call (rate limits, retries, timeouts); see
+    ``dspy_trio.engine._upstream``."""
 
     async def call(
         self,

@@ -6,8 +6,8 @@ written here in our own words — the status and what it means, a fixed phrase p
 and never quotes the upstream: an upstream's error text can quote the credentials it received (a 401
 ``Incorrect API key provided: sk-...``, a proxy's page dumping the request headers), and a foreign
 exception's text can quote the upstream's bytes (h11 quotes a malformed header line). The upstream's
-words and the exception's text go to the ``engine.lm`` log at WARNING, redacted (``_redact``) and cut to
-500 characters.
+words and the exception's text go to the ``dspy_trio.engine.lm`` log at WARNING, redacted (``_redact``) and
+cut to 500 characters.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .._errors import (
 from ._body import BadResponse
 from ._redact import Redactor
 
-log = logging.getLogger("engine.lm")
+log = logging.getLogger("dspy_trio.engine.lm")
 
 # What a status says, in a client's words (a 5xx not listed here "failed").
 _STATUS_WORDS = {

@@ -53,8 +53,8 @@ REQUEST_HEADERS = {"accept-encoding": "identity"}
 class ClientShards:
     """``httpx.AsyncClient`` shards with ``max_connections`` connections in total.
 
-    Bodies are read raw and decoded by the same :class:`~engine.lm._transport._body.BodyDecoder` and
-    :class:`~engine.lm._sse.EventReader` as the lean transport's, so the caps and the rules are one.
+    Bodies are read raw and decoded by the same :class:`~dspy_trio.engine.lm._transport._body.BodyDecoder` and
+    :class:`~dspy_trio.engine.lm._sse.EventReader` as the lean transport's, so the caps and the rules are one.
 
     Args:
         max_connections: The connection budget, split evenly across shards.

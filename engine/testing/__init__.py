@@ -1,7 +1,8 @@
 """Test support shipped with the engine: a fake OpenAI-compatible upstream and pytest fixtures.
 
-The pytest plugin (``engine.testing.pytest_plugin``) is registered through an entry point, so projects
-that embed the engine get the ``fake_upstream`` and ``simulated_engine`` fixtures by installing dspy-trio.
+The pytest plugin (``dspy_trio.engine.testing.pytest_plugin``) is opt-in: a project that embeds the
+engine names it in its ``conftest.py`` or passes ``-p dspy_trio.engine.testing.pytest_plugin``, and gets
+the ``fake_upstream``, ``simulated_engine`` and ``fake_upstream_engine`` fixtures.
 """
 
 from .fake_upstream import Behavior as Behavior

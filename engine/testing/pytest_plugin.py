@@ -1,6 +1,6 @@
 """pytest fixtures for code that embeds the engine (requires pytest-trio).
 
-- ``fake_upstream``: a running :class:`~engine.testing.FakeUpstream` on 127.0.0.1 (ephemeral port).
+- ``fake_upstream``: a running :class:`~dspy_trio.engine.testing.FakeUpstream` on 127.0.0.1 (ephemeral port).
 - ``simulated_engine``: an open engine whose default program runs on the built-in simulated LM,
   paced at 50 ms to the first token and 10 ms per token on Trio's clock.
 - ``fake_upstream_engine``: an open engine whose default LM is Trio-native HTTP to ``fake_upstream``.

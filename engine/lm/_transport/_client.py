@@ -13,12 +13,13 @@ again only after ``on_event`` returns (backpressure reaches TCP).
 
 Every body passes through a :class:`~._body.BodyDecoder` (the whole answer's cap, bounded inflation, a
 yield to the scheduler between inflated pieces) and a stream's also through an
-:class:`~engine.lm._sse.EventReader` (one event's cap, strict UTF-8): the same two the httpx path uses.
+:class:`~dspy_trio.engine.lm._sse.EventReader` (one event's cap, strict UTF-8): the same two the httpx path
+uses.
 
 Error mapping happens here and only here: the transport's own failures become the engine's
 ``UpstreamTimeoutError`` / ``UpstreamConnectionError``, an answer that cannot be taken (:class:`BadResponse`)
 ``UpstreamResponseError``, error statuses go through the backends' shared
-:func:`~engine.lm._http_errors.status_error`; clients read fixed phrases, the details go to the log,
+:func:`~dspy_trio.engine.lm._http_errors.status_error`; clients read fixed phrases, the details go to the log,
 redacted. ``trio.Cancelled`` passes through untouched, and any exit that is not a complete exchange
 closes the connection instead of returning it to the pool.
 """

@@ -2,7 +2,7 @@
 
 Each docstring says when you get it. Timeouts are a separate branch so that the edge can tell "no answer
 in time" from "the connection broke". (An answer that arrived whole but cannot be taken is not a
-transport failure: it is ``engine.lm._body.BadResponse``, shared with the httpx path.)
+transport failure: it is ``dspy_trio.engine.lm._body.BadResponse``, shared with the httpx path.)
 
 ``public`` is what a client of the service may read about the failure: a fixed phrase. The exception's
 own text can quote what the upstream sent (h11 quotes a malformed header line, and an upstream can echo

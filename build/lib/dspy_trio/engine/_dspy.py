@@ -1,0 +1,648 @@
+"""The engine's one seam to DSPy: every DSPy name the engine uses outside its LM backends lives here.
+
+``tests/test_dspy_contract.py`` pins the behaviour this module relies on; when a DSPy upgrade breaks
+that test, this module (and the backends in ``engine/lm/``) is what changes.
+
+What is here: the program types the engine loads and inspects (``Module``, ``Predict``,
+``ChainOfThought``, ``Signature``, ``load_program``, ``ensure_signature``), the adapters by name, the
+per-request settings context with DSPy's usage tracker, the parse error and what a parse failure says
+to a caller, the stream chunk type, and the settings, usage tracker and cache an LM call reads.
+
+The engine interface DSPy 3.5 keeps (``dspy.LM(model, engine=..., async_engine=...)``) is here too, as
+a prototype beside the production path: :class:`TrioEngine` runs a backend as a DSPy async engine, and
+:func:`open_engine_lm` gives the ``dspy.LM`` that drives it under Trio (``docs/dspy-engines.md``).
+
+What stays elsewhere, and why: ``engine/lm/_base.py`` (``TrioLM``) subclasses ``dspy.BaseLM``, since
+DSPy's adapters call ``lm.acall`` on whatever is in ``dspy.settings.lm``; ``engine/lm/threaded.py`` wraps
+a stock ``dspy.LM`` (its reason to exist) and maps its error types. Both get their other DSPy names from
+here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Protocol
+
+import anyio
+import dspy
+import dspy.adapters.utils as _adapter_utils
+import dspy.clients._deprecation as _deprecation
+import dspy.clients.execution as _execution
+import pydantic
+import sniffio
+import trio
+from dspy.clients.call_result import attributes
+from dspy.clients.engines.streaming import EngineChunk
+from dspy.signatures.signature import SignatureMeta, ensure_signature
+from dspy.utils.callback import with_callbacks
+from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.usage_tracker import UsageTracker
+
+from ._groups import open_service_nursery
+
+# Imported untyped: a static import of ``dspy.lm15`` (whose vendored package ships ``py.typed``) makes
+# mypy type-check all of DSPy, which is not typed.
+_lm15: Any = importlib.import_module("dspy.lm15")
+
+__all__ = [
+    "AdapterParseError",
+    "ChainOfThought",
+    "EngineBackend",
+    "EngineLM",
+    "Module",
+    "Predict",
+    "Signature",
+    "TrioEngine",
+    "UsageTracker",
+    "adapter",
+    "cache_get",
+    "cache_put",
+    "cache_signature_fields",
+    "cache_type_adapters",
+    "current_stream",
+    "ensure_signature",
+    "load_program",
+    "open_engine_lm",
+    "parse_failure_message",
+    "program_context",
+    "report_usage",
+    "request_to_call",
+    "stream_chunk",
+    "trio_safe_execution",
+]
+
+Module = dspy.Module
+Predict = dspy.Predict
+ChainOfThought = dspy.ChainOfThought
+Signature = dspy.Signature
+
+_ADAPTER_TYPES: Mapping[str, type[Any]] = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
+_adapters: dict[str, Any] = {}
+
+QUOTE_CHARS = 200  # how much of an unparsable reply a parse-failure message quotes
+
+
+def adapter(name: str) -> Any:
+    """The adapter called ``name`` (``chat`` or ``json``): one shared instance per name.
+
+    DSPy's adapters keep no per-call state (``dspy.configure(adapter=...)`` shares one the same way), so
+    building one per request is work for nothing.
+    """
+    instance = _adapters.get(name)
+    if instance is None:
+        instance = _adapters[name] = _ADAPTER_TYPES[name]()
+    return instance
+
+
+_TYPE_ADAPTERS: dict[tuple[Any, str], pydantic.TypeAdapter[Any]] = {}
+_MAX_TYPE_ADAPTERS = 512  # types seen in signatures and input values; past it, build as DSPy does
+
+
+def _cached_type_adapter(annotation: Any, *args: Any, **kwargs: Any) -> pydantic.TypeAdapter[Any]:
+    """``pydantic.TypeAdapter(annotation)``, built once per annotation. The key holds the repr too:
+    ``int | str == str | int``, but pydantic may treat the two orders differently."""
+    if args or kwargs:
+        return pydantic.TypeAdapter(annotation, *args, **kwargs)
+    try:
+        key = (annotation, repr(annotation))
+        found = _TYPE_ADAPTERS.get(key)
+    except TypeError:  # an unhashable annotation (e.g. Annotated with unhashable metadata)
+        return pydantic.TypeAdapter(annotation)
+    if found is None:
+        found = pydantic.TypeAdapter(annotation)
+        if len(_TYPE_ADAPTERS) < _MAX_TYPE_ADAPTERS:
+            _TYPE_ADAPTERS[key] = found
+    return found
+
+
+def cache_type_adapters(enabled: bool = True) -> None:
+    """Make DSPy's adapter helpers (``dspy.adapters.utils``: ``serialize_for_json``, ``parse_value``)
+    reuse one pydantic ``TypeAdapter`` per type instead of building one per value (three per
+    prediction of ``question -> answer``, ~30% of DSPy's CPU per prediction). A ``TypeAdapter`` is
+    immutable once built, so the prompts and parsed values are the same (the contract test compares
+    them byte for byte). ``open_engine`` turns it on; ``enabled=False`` restores DSPy's own."""
+    _adapter_utils.TypeAdapter = _cached_type_adapter if enabled else pydantic.TypeAdapter
+
+
+_STOCK_FIELDS_WITH_TYPE = SignatureMeta._get_fields_with_type
+# Per signature class: the pydantic fields dict the split was made from, its input and output fields.
+_SIGNATURE_FIELDS: weakref.WeakKeyDictionary[type, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cached_fields_with_type(cls: type, field_type: str) -> dict[str, Any]:
+    """``SignatureMeta._get_fields_with_type``, split once per signature class. DSPy recomputes it on
+    every ``input_fields``/``output_fields`` access (~24 times per prediction of ``question -> answer``).
+    A signature's fields never change in place — DSPy's ``with_instructions``, ``append``, ``delete``,
+    ``with_updated_fields`` build new classes, and pydantic's rebuild assigns a new fields dict, which
+    invalidates the entry — and edits of a field's ``prefix``/``desc`` mutate the shared ``FieldInfo``
+    objects, which the cached dicts hold too. Each call returns a new dict, as DSPy's does."""
+    fields = getattr(cls, "__pydantic_fields__", None)  # what ``cls.model_fields`` returns, minus its wrapper
+    if fields is None:
+        return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
+    cached = _SIGNATURE_FIELDS.get(cls)
+    if cached is None or cached[0] is not fields or len(cached[1]) + len(cached[2]) != len(fields):
+        split: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
+        for name, info in fields.items():
+            kind = info.json_schema_extra["__dspy_field_type"]
+            if kind not in split:  # not DSPy's own two kinds: leave it to DSPy
+                return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
+            split[kind][name] = info
+        cached = (fields, split["input"], split["output"])
+        _SIGNATURE_FIELDS[cls] = cached
+    if field_type == "input":
+        return dict(cached[1])
+    if field_type == "output":
+        return dict(cached[2])
+    return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
+
+
+def cache_signature_fields(enabled: bool = True) -> None:
+    """Make DSPy's ``Signature.input_fields``/``output_fields`` split a signature's fields once per
+    class instead of on every access (~10% of a prediction's CPU). The same fields, in the same order,
+    so the prompts and parses are the same (the contract test compares them byte for byte).
+    ``open_engine`` turns it on; ``enabled=False`` restores DSPy's own."""
+    SignatureMeta._get_fields_with_type = _cached_fields_with_type if enabled else _STOCK_FIELDS_WITH_TYPE
+
+
+def load_program(path: str) -> Any:
+    """A program saved with ``dspy.save`` (a directory). Blocks on file reads."""
+    return dspy.load(path, allow_pickle=True)
+
+
+@contextmanager
+def program_context(lm: Any, adapter_name: str, send_stream: Any) -> Iterator[UsageTracker]:
+    """DSPy's settings for one request, in one context: its LM, its adapter, the stream router, no
+    history or trace growth, and a fresh usage tracker (rolled up into an enclosing one on exit, as
+    ``dspy.track_usage`` does). Yields the tracker."""
+    tracker = UsageTracker()
+    parent = dspy.settings.usage_tracker
+    with dspy.context(
+        lm=lm,
+        adapter=adapter(adapter_name),
+        send_stream=send_stream,
+        usage_tracker=tracker,
+        disable_history=True,
+        max_trace_size=0,
+        max_history_size=0,
+    ):
+        try:
+            yield tracker
+        finally:
+            if parent is not None:
+                for model, entries in tracker.usage_data.items():
+                    parent.usage_data[model].extend(entries)
+
+
+def current_stream() -> tuple[Any, int | None]:
+    """Where the current DSPy call's stream chunks go (None when nobody streams it), and the id of the
+    predictor making the call (how ``dspy.streaming`` routes chunks)."""
+    settings = dspy.settings
+    stream = settings.send_stream
+    if stream is None:
+        return None, None
+    caller = settings.caller_predict
+    return stream, id(caller) if caller is not None else None
+
+
+def stream_chunk(model: str, predict_id: int | None, text: str) -> Any:
+    """One streamed text delta in the chunk shape ``dspy.streaming.StreamListener`` understands."""
+    return EngineChunk(
+        id=None,
+        model=model,
+        predict_id=predict_id,
+        choices=[attributes({"index": 0, "delta": {"content": text}, "finish_reason": None})],
+    )
+
+
+def report_usage(model: str, usage: Mapping[str, Any]) -> None:
+    """Add one LM call's usage to DSPy's usage tracker, when one is open."""
+    tracker = dspy.settings.usage_tracker
+    if tracker is not None:
+        tracker.add_usage(model, dict(usage))
+
+
+def cache_get(key: Mapping[str, Any]) -> Any:
+    """DSPy's cached answer for ``key``, or None."""
+    return dspy.cache.get(dict(key))
+
+
+def cache_put(key: Mapping[str, Any], value: Any) -> None:
+    """Store an answer in DSPy's cache."""
+    dspy.cache.put(dict(key), value)
+
+
+def _quote(text: str) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > QUOTE_CHARS:
+        return repr(text[:QUOTE_CHARS]) + f" (first {QUOTE_CHARS} of {len(text)} characters)"
+    return repr(text)
+
+
+def parse_failure_message(program: str, error: AdapterParseError, configured: str) -> str:
+    """What a caller is told when the LM's reply did not fit the signature: the adapters tried (the
+    configured one, and JSONAdapter when ChatAdapter fell back to it), the reply each got (quoted,
+    truncated), the fields expected, and what to change."""
+    failures: list[AdapterParseError] = []
+    seen: BaseException | None = error
+    while isinstance(seen, AdapterParseError) and len(failures) < 4:
+        failures.append(seen)
+        seen = seen.__context__
+    failures.reverse()  # the first adapter tried first
+    names = [failure.adapter_name for failure in failures]
+    tried = " then ".join(names)
+    replies = "; ".join(f"{f.adapter_name} got {_quote(f.lm_response)}" for f in failures)
+    expected = ", ".join(error.signature.output_fields) if error.signature is not None else "?"
+    if configured == "chat":
+        advice = (
+            'small models often miss ChatAdapter\'s "[[ ## field ## ]]" markers: try adapter = "json" '
+            "(LM_ADAPTER=json) for the engine or this program, or a stronger model"
+        )
+    else:
+        advice = (
+            'try adapter = "chat" (LM_ADAPTER=chat), a model that follows JSON instructions, or an LM '
+            "that supports structured outputs"
+        )
+    return (
+        f"program {program!r}: the LM's answer did not fit the signature (expected output fields: "
+        f"{expected}). Adapters tried: {tried} (configured: {configured!r}). {replies}. To fix: {advice}."
+    )
+
+
+# --- DSPy engines ---------------------------------------------------------------------------------
+# DSPy 3.4 deprecates custom LMs through ``BaseLM.forward``/``aforward`` (removal planned for 3.5) in
+# favour of engines: ``dspy.LM(model, engine=sync_engine, async_engine=async_engine)``, where an async
+# engine has ``async complete(Request) -> Response``, ``stream(Request) -> AsyncIterator[StreamEvent]``
+# and ``async aclose()`` (lm15 types). DSPy awaits an async engine's methods directly, in the caller's
+# task, so an engine can be Trio-native. The ``dspy.LM`` around it is not: ``BaseLM.acall`` and
+# ``dspy.clients.execution.aexecute`` call ``asyncio.to_thread`` (input preparation, advisory pricing
+# after every engine call, the response cache) and ``asyncio.sleep`` (retries), which fail under
+# ``trio.run``. :class:`EngineLM` and :func:`trio_safe_execution` are the smallest local change that
+# makes that path run under Trio; docs/dspy-engines.md has the code paths and the experiments.
+
+STREAM_CLOSE_WAIT = 5.0  # seconds a closed stream waits for its cancelled producer (the socket close)
+
+# lm15 ``Config`` fields the backends take as OpenAI-style request parameters of the same name.
+_CONFIG_PARAMS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "response_format",
+)
+# ``Config`` fields no backend of the engine sends: refused by name rather than dropped.
+_REFUSED_CONFIG = (
+    "tool_choice",
+    "reasoning",
+    "cache",
+    "service_tier",
+    "user_id",
+    "store",
+    "probabilities",
+)
+
+
+class EngineBackend(Protocol):
+    """What :class:`TrioEngine` needs of a backend; every ``engine.lm.TrioLM`` has it.
+
+    ``complete`` gets OpenAI-style chat ``messages`` and request ``params``, pushes each text delta to
+    ``sink`` when one is given, and returns a completion with ``texts``, ``usage`` (OpenAI-style
+    counters) and ``reasoning``. The backend's ``supports_*`` and ``supported_params`` answers, when it
+    has them, are the engine's (DSPy's adapters read them from the engine).
+    """
+
+    model: str
+    kwargs: dict[str, Any]
+
+    async def complete(
+        self, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any], sink: Any
+    ) -> Any: ...
+
+
+def request_to_call(request: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """An lm15 ``Request`` as the backends' chat ``messages`` and request ``params``.
+
+    Raises:
+        dspy.lm15.UnsupportedFeatureError: The request has something no backend of the engine sends
+            (tools, non-text content, reasoning or prompt-cache settings), named in ``feature``.
+    """
+    if request.tools:
+        raise _lm15.UnsupportedFeatureError("the engine's backends send no tools", feature="tools")
+    messages: list[dict[str, Any]] = []
+    system = request.system
+    if system is not None:
+        if not isinstance(system, str):
+            if not all(isinstance(part, _lm15.TextPart) for part in system):
+                raise _lm15.UnsupportedFeatureError("non-text system content", feature="system")
+            system = "".join(part.text for part in system)
+        messages.append({"role": "system", "content": system})
+    for index, message in enumerate(request.messages):
+        text = message.text
+        if text is None:
+            raise _lm15.UnsupportedFeatureError("non-text message content", feature=f"messages[{index}]")
+        messages.append({"role": message.role, "content": text})
+    config = request.config
+    for name in _REFUSED_CONFIG:
+        if getattr(config, name) is not None:
+            raise _lm15.UnsupportedFeatureError(f"config.{name} is not sent", feature=f"config.{name}")
+    params = {name: value for name in _CONFIG_PARAMS if (value := getattr(config, name)) is not None}
+    response_format = params.get("response_format")
+    if response_format is not None and response_format.get("type") == "json_schema":
+        # lm15 keeps a schema's name, schema and strictness beside the type; the wire nests them.
+        schema = {key: value for key, value in response_format.items() if key != "type"}
+        params["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if config.stop:
+        params["stop"] = list(config.stop)
+    if config.logprobs is not None:
+        params["logprobs"] = True
+        if config.logprobs:
+            params["top_logprobs"] = config.logprobs
+    params.update(config.extensions or {})
+    return messages, params
+
+
+def _usage(usage: Mapping[str, Any]) -> Any:
+    """OpenAI-style usage counters as an lm15 ``Usage`` (what a provider did not report stays None)."""
+
+    def count(key: str) -> int | None:
+        value = usage.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return _lm15.Usage(
+        input_tokens=count("prompt_tokens"),
+        output_tokens=count("completion_tokens"),
+        total_tokens=count("total_tokens"),
+    )
+
+
+def _response(model: str, completion: Any) -> Any:
+    """A backend's completion (its first choice: an engine answers one candidate) as an lm15 ``Response``."""
+    text = completion.texts[0] if completion.texts else ""
+    reasoning = completion.reasoning[0] if completion.reasoning else None
+    parts: list[Any] = [_lm15.TextPart(text)]
+    if reasoning:
+        parts.insert(0, _lm15.ThinkingPart(reasoning))
+    return _lm15.Response(
+        id=None,
+        model=model,
+        message=_lm15.Message.assistant(parts),
+        finish_reason="stop",
+        usage=_usage(completion.usage),
+    )
+
+
+class _BackendCapabilities:
+    """What DSPy's adapters ask an LM with a custom engine, answered by the backend. DSPy reads them
+    from the *sync* engine (``LM.engine``), so both engines of the pair carry them."""
+
+    backend: EngineBackend
+
+    @property
+    def supports_function_calling(self) -> bool:
+        return bool(getattr(self.backend, "supports_function_calling", False))
+
+    @property
+    def supports_reasoning(self) -> bool:
+        return bool(getattr(self.backend, "supports_reasoning", False))
+
+    @property
+    def supports_response_schema(self) -> bool:
+        return bool(getattr(self.backend, "supports_response_schema", False))
+
+    @property
+    def supported_params(self) -> set[str]:
+        return set(getattr(self.backend, "supported_params", ()) or ())
+
+
+class TrioEngine(_BackendCapabilities):
+    """A DSPy async engine over one of the engine's backends, Trio-native.
+
+    ``complete`` runs the backend in the caller's task, so the caller's cancel scope reaches the
+    provider's socket. ``stream`` returns lm15 events (start, one text delta per backend delta, end);
+    the backend pushes its deltas while DSPy pulls events, so each stream runs the backend in a producer
+    task in ``nursery`` (see :class:`_EventStream`). Use it through :func:`open_engine_lm`.
+
+    Args:
+        backend: The backend (an ``engine.lm.TrioLM``); borrowed, never closed here.
+        nursery: Where stream producers run; it must outlive every stream.
+    """
+
+    def __init__(self, backend: EngineBackend, nursery: trio.Nursery) -> None:
+        self.backend = backend
+        self.nursery = nursery
+
+    def __repr__(self) -> str:
+        return f"TrioEngine({self.backend!r})"
+
+    async def complete(self, request: Any) -> Any:
+        """One completion as an lm15 ``Response``. Blocks for the whole call, in the caller's task."""
+        messages, params = request_to_call(request)
+        return _response(self.backend.model, await self.backend.complete(messages, params, None))
+
+    def stream(self, request: Any) -> _EventStream:
+        """One completion as lm15 stream events; nothing runs until the first event is awaited. Close
+        the iterator (``aclose``) when done with it, as DSPy does: that ends the backend's call."""
+        return _EventStream(self, request)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the backend is borrowed (close it where it was opened)."""
+
+
+class _Failed:
+    """A producer's exception, handed to the consumer's task to raise there."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _EventSink:
+    """The backend's sink in a stream producer: each text delta becomes one lm15 delta event."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: trio.MemorySendChannel[Any]) -> None:
+        self._send = send
+
+    async def send(self, text: str) -> None:
+        """Hand over one delta; blocks until the consumer takes it."""
+        await self._send.send(_lm15.StreamDeltaEvent(delta=_lm15.TextDelta(text=text)))
+
+
+class _EventStream:
+    """``TrioEngine.stream``'s async iterator.
+
+    The backend pushes (it reads the provider's stream inside its own ``complete``) and DSPy pulls
+    (``async for event in engine.stream(request)``), so the backend runs in a producer task in the
+    engine's nursery, started by the first ``__anext__`` (in the caller's task, so it inherits the
+    caller's context: DSPy's settings, the request's trace). A zero-capacity channel hands over
+    each event, so a consumer that does not read pauses the provider's socket read. Failures of the
+    producer are raised in the consumer's task. ``aclose`` cancels the producer and waits (at most
+    ``STREAM_CLOSE_WAIT`` seconds) until it has ended, i.e. until the provider's connection is closed;
+    DSPy closes every stream it opens, shielded, also when its caller was cancelled.
+    """
+
+    def __init__(self, engine: TrioEngine, request: Any) -> None:
+        self._engine = engine
+        self._request = request
+        self._receive: trio.MemoryReceiveChannel[Any] | None = None
+        self._scope = trio.CancelScope()
+        self._ended = trio.Event()
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._receive is None:
+            messages, params = request_to_call(self._request)  # refused here, before any task starts
+            send, self._receive = trio.open_memory_channel[Any](0)
+            self._engine.nursery.start_soon(self._produce, send, messages, params)
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        if isinstance(item, _Failed):
+            raise item.error
+        return item
+
+    async def _produce(
+        self, send: trio.MemorySendChannel[Any], messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> None:
+        backend = self._engine.backend
+        try:
+            with self._scope, send:
+                try:
+                    await send.send(_lm15.StreamStartEvent(model=backend.model))
+                    completion = await backend.complete(messages, params, _EventSink(send))
+                    reasoning = completion.reasoning[0] if completion.reasoning else None
+                    if reasoning:
+                        await send.send(_lm15.StreamDeltaEvent(delta=_lm15.ThinkingDelta(text=reasoning)))
+                    end = _lm15.StreamEndEvent(finish_reason="stop", usage=_usage(completion.usage))
+                    await send.send(end)
+                except Exception as exc:  # raised again in the consumer's task, if it is still there
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await send.send(_Failed(exc))
+        finally:
+            self._ended.set()
+
+    async def aclose(self) -> None:
+        """Stop the producer (closing the provider's connection) and wait until it has ended."""
+        self._scope.cancel()
+        if self._receive is None:
+            return
+        self._receive.close()
+        with trio.move_on_after(STREAM_CLOSE_WAIT):
+            await self._ended.wait()
+
+
+class _AsyncOnlyEngine(_BackendCapabilities):
+    """The sync engine ``dspy.LM(engine=...)`` requires: it refuses to run, as ``TrioLM``'s sync path
+    does, and answers DSPy's capability questions for the pair."""
+
+    def __init__(self, backend: EngineBackend) -> None:
+        self.backend = backend
+
+    def _refuse(self) -> RuntimeError:
+        return RuntimeError(
+            f"{self.backend.model} is async-only: run programs with `await program.acall(...)` under Trio"
+        )
+
+    def complete(self, request: Any) -> Any:
+        raise self._refuse()
+
+    def stream(self, request: Any) -> Any:
+        raise self._refuse()
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class _TrioSafeAsyncio:
+    """Stands in for the ``asyncio`` module inside ``dspy.clients.execution``: under asyncio every name
+    is asyncio's own; under any other event loop (Trio) ``to_thread`` and ``sleep`` are anyio's."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def to_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if sniffio.current_async_library() == "asyncio":
+            return await asyncio.to_thread(func, *args, **kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(func, *args, **kwargs))
+
+    @staticmethod
+    async def sleep(seconds: float) -> None:
+        if sniffio.current_async_library() == "asyncio":
+            await asyncio.sleep(seconds)
+        else:
+            await anyio.sleep(seconds)
+
+
+_TRIO_SAFE_ASYNCIO = _TrioSafeAsyncio()
+
+
+def trio_safe_execution(enabled: bool = True) -> None:
+    """Make DSPy's LM execution (``dspy.clients.execution``: ``aexecute``'s response cache, advisory
+    pricing and retry sleeps) run under Trio, by giving that module an ``asyncio`` whose ``to_thread``
+    and ``sleep`` are anyio's when the running loop is not asyncio's. Under asyncio nothing changes.
+    :func:`open_engine_lm` turns it on; ``enabled=False`` restores DSPy's own."""
+    _execution.asyncio = _TRIO_SAFE_ASYNCIO if enabled else asyncio
+
+
+class EngineLM(dspy.LM):  # type: ignore[misc]
+    """A ``dspy.LM`` over a :class:`TrioEngine` whose ``acall`` runs under Trio.
+
+    ``BaseLM.acall`` prepares each call in a worker thread with ``asyncio.to_thread``; this one prepares
+    it inline (an adapter's text messages need no I/O; a ``Request`` with local media files is still
+    read in a worker thread), then runs DSPy's own ``aexecute`` and ``finalize``: DSPy's cache, retries,
+    usage tracking, history and callbacks, as for any engine. Needs :func:`trio_safe_execution`.
+    """
+
+    @with_callbacks  # type: ignore[untyped-decorator]
+    async def acall(self, prompt: Any = None, *, messages: Any = None, **kwargs: Any) -> Any:
+        if isinstance(prompt, _lm15.Request) or "request" in kwargs:
+            call = await _TRIO_SAFE_ASYNCIO.to_thread(
+                _execution.prepare, self, prompt, messages, kwargs, asynchronous=True
+            )
+        else:
+            call = _execution.prepare(self, prompt, messages, kwargs, asynchronous=True)
+        if not call.managed:
+            _deprecation.warn_legacy_lm()
+        _deprecation.warn_openai_messages(self, messages)
+        return _execution.finalize(self, call, await _execution.aexecute(self, call))
+
+    async def aclose(self) -> None:
+        """Close DSPy's own pools (none: a custom engine is borrowed). ``LM.aclose`` reads asyncio's
+        running loop, which Trio has not."""
+        self.close()
+
+
+@asynccontextmanager
+async def open_engine_lm(backend: EngineBackend, *, cache: bool = False) -> AsyncIterator[EngineLM]:
+    """A ``dspy.LM`` whose async engine is ``backend`` (a :class:`TrioEngine`), for the block.
+
+    The block owns the nursery the engine's stream producers run in; leaving it cancels streams still
+    running. DSPy's retries are off (``num_retries=0``: the engine's upstream guard retries), its
+    response cache is off unless ``cache``, and the LM's default parameters are the backend's.
+    """
+    trio_safe_execution()
+    async with open_service_nursery() as nursery:
+        yield EngineLM(
+            backend.model,
+            engine=_AsyncOnlyEngine(backend),
+            async_engine=TrioEngine(backend, nursery),
+            cache=cache,
+            num_retries=0,
+            **backend.kwargs,
+        )

@@ -1,0 +1,59 @@
+"""Per-request accounting that LM backends report into without knowing about the engine.
+
+The engine opens a :class:`RequestTrace` around each request; Trio copies context variables into
+child tasks, so every LM call the program makes, however deeply nested, adds to the same trace.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import attrs
+
+
+@attrs.define
+class RequestTrace:
+    """Mutable totals of one request's LM calls."""
+
+    lm_seconds: float = 0.0
+    attempts: int = 0
+
+
+_current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
+    "dspy_trio_request_trace", default=None
+)
+
+
+class tracing:  # lower case: used as ``with tracing() as trace``, like the function it replaced
+    """Open a fresh trace for the code inside the block (and the tasks it starts).
+
+    A plain class, not a generator context manager: it is entered once per request.
+    """
+
+    __slots__ = ("_token", "trace")
+
+    def __init__(self) -> None:
+        self.trace = RequestTrace()
+        self._token: contextvars.Token[RequestTrace | None] | None = None
+
+    def __enter__(self) -> RequestTrace:
+        self._token = _current.set(self.trace)
+        return self.trace
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._token is not None
+        _current.reset(self._token)
+
+
+def record_lm_call(seconds: float) -> None:
+    """Add one LM call of ``seconds`` to the current request's trace, if there is one."""
+    trace = _current.get()
+    if trace is not None:
+        trace.lm_seconds += seconds
+
+
+def record_attempt() -> None:
+    """Count one attempt of an LM call (retries make several) in the current request's trace."""
+    trace = _current.get()
+    if trace is not None:
+        trace.attempts += 1

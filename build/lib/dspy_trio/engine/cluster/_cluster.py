@@ -1,0 +1,213 @@
+"""A process's membership in a cluster: shared limits, cancel by id across processes, heartbeats, and
+the background tasks that keep them (a write queue, a heartbeat, a pub/sub listener).
+
+::
+
+    async with open_cluster(config.cluster) as cluster:
+        guard = UpstreamGuard("default", policy, limits=cluster)      # shared RPM/TPM and cool-down
+        cluster.attach(engine._cancel_if)                             # cancels from other processes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import attrs
+import coredis
+import trio
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
+
+from .. import _groups
+from .._config import ClusterConfig
+from .._limits import CoolDown
+from ._cancel import CancelRelay, LocalCancel, OwnerDigest
+from ._cooldown import SharedCoolDown
+from ._heartbeat import beat, leave, run_heartbeat
+from ._quota import SharedQuota
+from ._redis import RedisLink, RedisUnavailableError
+
+logger = logging.getLogger("dspy_trio.engine.cluster")
+
+_CLEANUP_TIMEOUT = 1.0
+
+
+@attrs.frozen
+class ClusterStatistics:
+    """A snapshot of this process's view of the cluster.
+
+    Attributes:
+        process_id: This process (``host:pid:random``).
+        degraded: Redis is unreachable; limits are local (quota / ``processes``).
+        processes: Live processes sharing the quota, at the last heartbeat.
+        round_trips: Redis calls made by this process (queued writes count one per batch).
+        failures: Redis calls that failed or timed out.
+        writes_dropped: Queued writes (registrations, broadcasts) dropped: queue full or Redis down.
+    """
+
+    process_id: str
+    degraded: bool
+    processes: int
+    round_trips: int
+    failures: int
+    writes_dropped: int
+
+
+class Cluster:
+    """Shared state of the processes that use one Redis. Get one from :func:`open_cluster`.
+
+    Implements the :class:`engine._limits.Limits` port, so an ``UpstreamGuard`` built with it shares
+    its quota and cool-down with every other process.
+    """
+
+    def __init__(self, link: RedisLink) -> None:
+        self.link = link
+        self.subscribed = trio.Event()  # set while cancels and cool-downs of others are heard
+        self.relay = CancelRelay(link, OwnerDigest(_secret(link.config)), lambda: self.subscribed.is_set())
+        self._quotas: dict[str, SharedQuota] = {}
+        self._cooldowns: dict[str, SharedCoolDown] = {}
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.link!r}>"
+
+    def statistics(self) -> ClusterStatistics:
+        link = self.link
+        return ClusterStatistics(
+            process_id=link.process_id,
+            degraded=link.degraded,
+            processes=link.processes,
+            round_trips=link.round_trips,
+            failures=link.failures,
+            writes_dropped=link.writes_dropped,
+        )
+
+    def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> SharedQuota:
+        if upstream not in self._quotas:
+            self._quotas[upstream] = SharedQuota(self.link, upstream, rpm, tpm)
+        return self._quotas[upstream]
+
+    def cooldown(self, upstream: str) -> CoolDown:
+        if upstream not in self._cooldowns:
+            self._cooldowns[upstream] = SharedCoolDown(self.link, upstream)
+        return self._cooldowns[upstream]
+
+    def attach(self, cancel: LocalCancel) -> None:
+        """Deliver cancels from other processes to ``cancel(request_id, owner_check)``: the engine's
+        ``_cancel_if``, which cancels what this process runs under that id for the owners the check
+        accepts."""
+        self.relay.attach(cancel)
+
+    async def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
+        """Cancel ``request_id`` in every process that runs it (see :meth:`CancelRelay.cancel`)."""
+        return await self.relay.cancel(request_id, owner=owner)
+
+    def _dispatch(self, message: Any) -> None:
+        channel, data = message.get("channel"), message.get("data")
+        if channel == self.relay.broadcast_channel:
+            self.relay.heard_cancel(str(data))
+        elif channel == self.relay.answer_channel:
+            self.relay.heard_answer(str(data))
+        elif channel == self.link.key("cooldown"):
+            try:
+                heard = json.loads(data)
+                if heard.get("from") != self.link.process_id and heard.get("upstream") in self._cooldowns:
+                    self._cooldowns[heard["upstream"]].heard(float(heard["until"]))
+            except (ValueError, TypeError, KeyError):
+                logger.warning("ignored a malformed cool-down message: %r", data)
+
+    async def _listen(self) -> None:
+        """Receive cancels for this process and cool-downs from all, until cancelled.
+
+        Subscribes only while Redis answers (the heartbeat notices when it does again); a subscription
+        that breaks marks the link degraded and is made again after the next good heartbeat.
+        """
+        channels = [self.relay.broadcast_channel, self.relay.answer_channel, self.link.key("cooldown")]
+        retry = ExponentialBackoffRetryPolicy(
+            (RedisConnectionError,), retries=3, base_delay=0.05, max_delay=0.5, jitter=True
+        )
+        while True:
+            if self.link.degraded:
+                await trio.sleep(self.link.config.heartbeat_interval)
+                continue
+            try:
+                pubsub = self.link.client.pubsub(
+                    channels=channels, ignore_subscribe_messages=True, retry_policy=retry
+                )
+                async with pubsub:
+                    self.subscribed.set()
+                    async for message in pubsub:
+                        self._dispatch(message)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                self.link.mark_down(f"subscriber: {type(exc).__name__}: {exc}")
+            self.subscribed = trio.Event()
+            await trio.sleep(self.link.config.heartbeat_interval)
+
+
+def _secret(config: ClusterConfig) -> bytes:
+    """The key of the owners' digests: the configured secret, else one derived from the key prefix
+    (the same in every process, so cancels still work, but known to anyone who reads Redis)."""
+    if config.secret:
+        return config.secret.encode()
+    return f"dspy-trio unset secret:{config.key_prefix}".encode()
+
+
+@asynccontextmanager
+async def open_cluster(
+    config: ClusterConfig, *, clock: Callable[[], float] = time.time
+) -> AsyncIterator[Cluster]:
+    """Join the cluster of processes sharing ``config.redis_url`` for the block.
+
+    Blocks on entry for at most a few ``call_timeout``: a first heartbeat and the pub/sub subscription.
+    An unreachable Redis does not fail the entry: the process starts degraded (local limits) and joins
+    when Redis answers. Leaving the block stops the background tasks and removes this process from
+    the count.
+
+    Args:
+        config: The cluster settings (``redis_url`` must be set).
+        clock: Time every process agrees on; tests pass ``trio.current_time``.
+    """
+    if not config.redis_url:
+        raise ValueError("open_cluster needs a redis_url")
+    # coredis logs every failed connection attempt with a traceback at ERROR; Redis's health is reported
+    # here instead, once per change (RedisLink.mark_down / mark_up) and as the degraded gauge.
+    logging.getLogger("coredis").setLevel(logging.CRITICAL)
+    if not config.secret:
+        logger.warning(
+            "[cluster] secret (DSPY_TRIO_CLUSTER_SECRET) is not set: the owners' digests that cancels "
+            "carry through Redis are keyed by the key prefix, so anyone who can read Redis can test a "
+            "guessed API key against them; set the same random secret in every replica"
+        )
+    client: coredis.Redis[str] = coredis.Redis.from_url(
+        config.redis_url,
+        decode_responses=True,
+        connect_timeout=config.call_timeout,
+        retry_policy=NoRetryPolicy(),
+    )
+    try:
+        async with client:
+            link = RedisLink(client, config, clock)
+            cluster = Cluster(link)
+            with suppress(RedisUnavailableError):
+                await beat(link)
+            async with _groups.open_service_nursery() as nursery:
+                nursery.start_soon(link.run_writer)
+                nursery.start_soon(run_heartbeat, link, lambda: list(cluster._quotas.values()))
+                nursery.start_soon(cluster._listen)
+                if not link.degraded:
+                    with trio.move_on_after(4 * config.call_timeout):
+                        await cluster.subscribed.wait()
+                try:
+                    yield cluster
+                finally:
+                    with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
+                        cleanup.shield = True
+                        await leave(link)
+    except BaseExceptionGroup as group:
+        raise _groups.collapse(group) from None

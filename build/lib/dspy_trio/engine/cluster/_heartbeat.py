@@ -1,0 +1,64 @@
+"""Heartbeats: how many processes share the quota, and the probe that ends a degraded state.
+
+Each process writes its id with the shared time into one sorted set every ``heartbeat_interval``
+seconds; members silent for three intervals are removed; the set's size is the number of live
+processes (every worker of every replica), the largest of the last three counts. A degraded process
+falls back to the quota divided by the last count it saw, and the heartbeat is also what notices that
+Redis answers again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import trio
+
+from ._quota import SharedQuota
+from ._redis import RedisLink, RedisUnavailableError
+
+_MISSED_BEATS = 3
+
+
+async def beat(link: RedisLink) -> None:
+    """One heartbeat: register this process and count the live ones. Blocks for one bounded round-trip.
+
+    Raises:
+        RedisUnavailableError: Redis did not answer (the link is degraded).
+    """
+    key = link.key("processes")
+    now = link.clock()
+    stale = now - _MISSED_BEATS * link.config.heartbeat_interval
+
+    async def command() -> int:
+        async with link.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {link.process_id: now})
+            pipe.zremrangebyscore(key, "-inf", stale)  # type: ignore[arg-type]
+            count = pipe.zcard(key)
+            pipe.pexpire(key, int(_MISSED_BEATS * link.config.heartbeat_interval * 1000) + 1000)
+        return int(await count)
+
+    # The most counted in the last few beats: a count never drops at once (a process is only removed
+    # after missing as many beats anyway), so a count that Redis lost (FLUSHALL, a restart) and that
+    # rebuilds itself over one interval does not shrink the waits for the processes' grants.
+    link.counts.append(max(1, await link.call(command, probe=True)))
+    link.processes = max(link.counts)
+
+
+async def leave(link: RedisLink) -> None:
+    """Remove this process from the count (on a clean exit). Blocks for one bounded round-trip."""
+    with contextlib.suppress(RedisUnavailableError):
+        await link.call(lambda: link.client.zrem(link.key("processes"), [link.process_id]))
+
+
+async def run_heartbeat(link: RedisLink, quotas: Callable[[], Iterable[SharedQuota]]) -> None:
+    """Beat every ``heartbeat_interval`` seconds until cancelled; then let each quota send what it has
+    queued (corrections, grants made while Redis was unreachable) or check in if it was idle."""
+    while True:
+        await trio.sleep(link.config.heartbeat_interval)
+        try:
+            await beat(link)
+        except RedisUnavailableError:
+            continue
+        for quota in quotas():
+            await quota.flush(idle_after=link.config.heartbeat_interval)

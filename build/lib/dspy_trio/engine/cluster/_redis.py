@@ -1,0 +1,174 @@
+"""One process's link to the shared Redis: bounded calls, health, and a queue of background writes.
+
+Every call a request makes to Redis runs under two limits: the configured ``call_timeout`` (a short cap)
+and the request's own deadline (the caller's cancel scope). A call that fails or hits the cap marks the
+link *degraded*: from then on the shared limits are not asked at all (no request pays for a dead Redis
+twice) and each process falls back to local limits, the quota divided by the last known number of
+processes. The heartbeat keeps probing, and the first answer ends the degraded state. Both transitions
+are logged once each.
+
+Writes nobody waits for (a request's registration, a cool-down's broadcast) go through a bounded queue
+that :meth:`RedisLink.run_writer` sends in pipelined batches; when the queue is full they are dropped and
+counted, never waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import coredis
+import trio
+from coredis.exceptions import RedisError
+
+from .._config import ClusterConfig
+
+logger = logging.getLogger("dspy_trio.engine.cluster")
+
+T = TypeVar("T")
+
+# A write: ("set", key, value, ttl_ms), ("del", key) or ("publish", channel, message).
+Write = tuple[Any, ...]
+
+_OUTBOX_SIZE = 4096
+_BATCH = 256
+
+
+class RedisUnavailableError(Exception):
+    """Redis did not answer in time or failed; the caller uses its local fallback."""
+
+
+class RedisLink:
+    """The shared Redis of one process: the client, the key names, health and the write queue.
+
+    Args:
+        client: An entered coredis client (its ``async with`` is the caller's).
+        config: The cluster settings.
+        clock: Seconds on a clock every process agrees on (wall time, ``time.time``). Tests pass
+            ``trio.current_time`` to drive shared state with a ``MockClock``.
+    """
+
+    def __init__(self, client: coredis.Redis[str], config: ClusterConfig, clock: Callable[[], float]) -> None:
+        self.client = client
+        self.config = config
+        self.clock = clock
+        self.process_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.degraded = False
+        self.degraded_episodes = 0
+        self.processes = 1  # last known number of live processes (heartbeats)
+        self.counts: deque[int] = deque(maxlen=3)  # the processes counted at the last heartbeats
+        self.round_trips = 0
+        self.rtt = 0.0  # seconds a call takes, a moving average (waits for quota count it)
+        self.failures = 0
+        self.writes_dropped = 0
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[Write](_OUTBOX_SIZE)
+
+    def __repr__(self) -> str:
+        state = "degraded" if self.degraded else "up"
+        return (
+            f"<RedisLink {self.process_id} [{state}, {self.processes} processes, {self.round_trips} calls]>"
+        )
+
+    def key(self, *parts: str) -> str:
+        """A key or channel name of this deployment: ``prefix:part:part``."""
+        return ":".join((self.config.key_prefix, *parts))
+
+    async def call(
+        self, command: Callable[[], Awaitable[T]], *, probe: bool = False, degrade: bool = True
+    ) -> T:
+        """Run one Redis command within ``call_timeout`` and the caller's deadline.
+
+        Blocks for at most ``call_timeout`` seconds. While degraded, fails at once unless ``probe``.
+        With ``degrade=False`` (background writes) a failure is counted but leaves the state alone: the
+        heartbeat and the requests' own calls decide whether Redis is reachable.
+
+        Raises:
+            RedisUnavailableError: Redis failed or was too slow (the link is now degraded).
+            trio.Cancelled: the caller's own deadline or cancel came first (the link stays as it was).
+        """
+        if self.degraded and not probe:
+            raise RedisUnavailableError("redis is unreachable (degraded)")
+        self.round_trips += 1
+        started = trio.current_time()
+        with trio.move_on_after(self.config.call_timeout):
+            try:
+                reply = await command()
+            except trio.Cancelled:
+                raise
+            except (RedisError, OSError) as exc:
+                # coredis may report a cancelled command as a lost connection: a cancel came first
+                # (our cap, handled below, or the caller's, which propagates and proves nothing).
+                await trio.lowlevel.checkpoint_if_cancelled()
+                self._failed(f"{type(exc).__name__}: {exc}", degrade)
+                raise RedisUnavailableError(str(exc)) from exc
+            self.mark_up()
+            took = trio.current_time() - started
+            self.rtt = took if not self.rtt else 0.8 * self.rtt + 0.2 * took
+            return reply
+        self._failed(f"no answer within {self.config.call_timeout:g}s", degrade)
+        raise RedisUnavailableError("redis did not answer in time")
+
+    def _failed(self, why: str, degrade: bool) -> None:
+        if degrade:
+            self.mark_down(why)
+        else:
+            self.failures += 1
+
+    def mark_down(self, why: str) -> None:
+        self.failures += 1
+        if not self.degraded:
+            self.degraded = True
+            self.degraded_episodes += 1
+            logger.warning(
+                "redis unreachable (%s): using local limits (quota / %d processes) until it answers",
+                why,
+                self.processes,
+            )
+
+    def mark_up(self) -> None:
+        if self.degraded:
+            self.degraded = False
+            logger.warning("redis answers again: limits are shared again")
+
+    def write_soon(self, write: Write) -> None:
+        """Queue a write for the background writer. Never blocks; dropped (and counted) when full or
+        while degraded."""
+        if self.degraded:
+            self.writes_dropped += 1
+            return
+        try:
+            self._outbox_send.send_nowait(write)
+        except trio.WouldBlock:
+            self.writes_dropped += 1
+
+    async def run_writer(self) -> None:
+        """Send queued writes in pipelined batches, until cancelled. Blocks forever."""
+        async for first in self._outbox_receive:
+            batch = [first]
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._outbox_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                await self.call(lambda batch=batch: self._send(batch), degrade=False)  # type: ignore[misc]
+            except RedisUnavailableError:
+                self.writes_dropped += len(batch)
+
+    async def _send(self, batch: list[Write]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for write in batch:
+                match write:
+                    case ("set", key, value, ttl_ms):
+                        pipe.set(key, value, px=int(ttl_ms))
+                    case ("del", key):
+                        pipe.delete([key])
+                    case ("publish", channel, message):
+                        pipe.publish(channel, message)
+                    case _:  # pragma: no cover - a programming error
+                        raise AssertionError(f"unknown write {write!r}")

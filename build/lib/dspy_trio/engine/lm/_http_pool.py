@@ -1,0 +1,208 @@
+"""A set of ``httpx.AsyncClient`` shards that share one connection budget.
+
+httpcore 1.0's connection pool re-examines every connection for every queued request on each request
+start and end, and counts idle connections with a list built per connection: its bookkeeping costs
+O(connections²) per event. At 500 concurrent requests on one client that bookkeeping alone took ~10 s
+of CPU (measured: 500 predictions against a 200 ms upstream took 10 s instead of 0.3 s). Splitting the
+budget over shards of at most ``SHARD_SIZE`` connections keeps every pool small, so the cost stays
+linear in the number of requests. Each call leases the least busy shard for its whole duration.
+
+httpcore notices that the server closed a kept-alive connection only when the pool is next used; until
+then the socket sits in CLOSE-WAIT (after one load test, 102 of them did). :meth:`ClientShards.reap`
+closes such connections, and the backends' ``maintain`` task calls it every few seconds. It uses only
+httpcore's public connection interface (``connections``, ``is_idle``, ``has_expired``, ``aclose``); the
+one private step is reaching the pool inside ``httpx.AsyncHTTPTransport`` (``_pool``), which a test over
+real sockets checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpcore
+import httpx
+import trio
+
+from ._body import (
+    MAX_EVENT_BYTES,
+    MAX_RESPONSE_BYTES,
+    BodyDecoder,
+    check_content_type,
+    content_coding,
+)
+from ._http_errors import status_error, transport_errors
+from ._redact import Redactor
+from ._sse import EventReader
+from ._transport._client import Response
+from ._transport._protocol import encode_body
+
+# Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
+# still took a fifth of the CPU), large enough that keep-alive reuse stays high.
+SHARD_SIZE = 16
+
+_JSON = {"content-type": "application/json"}
+# The request headers every shard sends: httpx would ask for gzip and deflate (and br, zstd when their
+# packages are installed) and inflate them without a bound; both transports ask for identity, and bound
+# whatever comes (``_transport._body``).
+REQUEST_HEADERS = {"accept-encoding": "identity"}
+
+
+class ClientShards:
+    """``httpx.AsyncClient`` shards with ``max_connections`` connections in total.
+
+    Bodies are read raw and decoded by the same :class:`~engine.lm._transport._body.BodyDecoder` and
+    :class:`~engine.lm._sse.EventReader` as the lean transport's, so the caps and the rules are one.
+
+    Args:
+        max_connections: The connection budget, split evenly across shards.
+        make_client: Builds one shard given its connection limit.
+        redact: Removes the credentials the shards send from text bound for the log.
+        max_response_bytes: The most bytes an answer may have once decoded (a JSON body, a stream).
+        max_event_bytes: The most one event of a stream may hold.
+    """
+
+    def __init__(
+        self,
+        max_connections: int,
+        make_client: Callable[[int], tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]],
+        *,
+        redact: Redactor | None = None,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
+        self.redact = redact or Redactor()
+        self.max_response_bytes = max_response_bytes
+        self.max_event_bytes = max_event_bytes
+        count = max(1, math.ceil(max_connections / SHARD_SIZE))
+        per_shard = max(1, math.ceil(max_connections / count))
+        made = [make_client(per_shard) for _ in range(count)]
+        self._clients = [client for client, _ in made]
+        self._pools = [pool for _, transport in made if (pool := _pool_of(transport)) is not None]
+        self._busy = [0] * count
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    @contextmanager
+    def lease(self) -> Iterator[httpx.AsyncClient]:
+        """The least busy shard, counted as busy until the block ends."""
+        index = min(range(len(self._busy)), key=self._busy.__getitem__)
+        self._busy[index] += 1
+        try:
+            yield self._clients[index]
+        finally:
+            self._busy[index] -= 1
+
+    async def post_json(self, model: str, path: str, body: dict[str, Any]) -> Response:
+        """POST ``body`` as JSON and return the response. Blocks for the whole response.
+
+        Raises:
+            UpstreamError: a transport failure, an answer that cannot be taken, or an error status
+                (mapped by :func:`status_error`).
+        """
+        content = encode_body(model, body)
+        with transport_errors(model, self.redact), self.lease() as client:
+            async with client.stream("POST", path, content=content, headers=_JSON) as response:
+                if response.status_code < 300:
+                    check_content_type(response.headers.get("content-type"), stream=False)
+                answer = Response(response.status_code, dict(response.headers), await self._read(response))
+        if answer.status_code >= 400:
+            raise status_error(model, answer.status_code, answer.headers, answer.text, self.redact)
+        return answer
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        """The whole body, decoded within the cap."""
+        chunks: list[bytes] = []
+
+        async def take(piece: bytes) -> None:
+            chunks.append(piece)
+
+        await self._each_piece(response, take)
+        return b"".join(chunks)
+
+    async def _each_piece(self, response: httpx.Response, take: Callable[[bytes], Awaitable[None]]) -> None:
+        """Hand each decoded piece of the body to ``take``, reading the next raw chunk only after it
+        returned, and letting the scheduler run between inflated pieces of one chunk.
+
+        A response built with its content (``httpx.MockTransport`` in tests) was read, and decoded, by
+        httpx already: only the cap applies to it.
+        """
+        if response.is_stream_consumed:
+            decoder = BodyDecoder(None, self.max_response_bytes)
+            await _feed(decoder, response.content, take)
+        else:
+            codings = response.headers.get_list("content-encoding")
+            decoder = BodyDecoder(content_coding(codings) if codings else None, self.max_response_bytes)
+            async for chunk in response.aiter_raw():
+                await _feed(decoder, chunk, take)
+        decoder.end()
+
+    async def post_sse(
+        self, model: str, path: str, body: dict[str, Any], on_event: Callable[[str, str], Awaitable[None]]
+    ) -> None:
+        """POST ``body`` and hand each Server-Sent Event of the response, ``(event, data)``, to ``on_event``
+        as it arrives, reading the next chunk only after ``on_event`` returns (so a slow consumer pauses
+        the socket). Blocks until the body ends.
+
+        Raises:
+            UpstreamError: a transport failure, an answer that cannot be taken, or an error status.
+        """
+        content = encode_body(model, body)
+        reader = EventReader(self.max_event_bytes)
+
+        async def take(piece: bytes) -> None:
+            for event in reader.feed(piece):
+                await on_event(*event)
+
+        with transport_errors(model, self.redact), self.lease() as client:
+            async with client.stream("POST", path, content=content, headers=_JSON) as response:
+                if response.status_code >= 400:
+                    text = (await self._read(response)).decode("utf-8", errors="replace")
+                    raise status_error(model, response.status_code, response.headers, text, self.redact)
+                check_content_type(response.headers.get("content-type"), stream=True)
+                await self._each_piece(response, take)
+                for event in reader.end():
+                    await on_event(*event)
+
+    async def reap(self) -> int:
+        """Close the idle connections whose server closed them (or whose keep-alive expired); returns
+        how many. Blocks only for the closes."""
+        reaped = 0
+        for pool in self._pools:
+            for connection in list(pool.connections):
+                if connection.is_idle() and connection.has_expired():
+                    await connection.aclose()  # marks it closed at once; the pool drops it on next use
+                    reaped += 1
+        return reaped
+
+    async def reap_forever(
+        self, interval: float | None, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call :meth:`reap` every ``interval`` seconds until cancelled (returns at once when there is
+        nothing to reap: no interval, or no pool of real connections)."""
+        task_status.started()
+        if interval is None or not self._pools:
+            return
+        while True:
+            await trio.sleep(interval)
+            await self.reap()
+
+    async def aclose(self) -> None:
+        """Close every shard's connections."""
+        for client in self._clients:
+            await client.aclose()
+
+
+def _pool_of(transport: httpx.AsyncBaseTransport) -> httpcore.AsyncConnectionPool | None:
+    pool = getattr(transport, "_pool", None)
+    return pool if isinstance(pool, httpcore.AsyncConnectionPool) else None
+
+
+async def _feed(decoder: BodyDecoder, chunk: bytes, take: Callable[[bytes], Awaitable[None]]) -> None:
+    for piece in decoder.feed(chunk):
+        await take(piece)
+        if decoder.more:
+            await trio.lowlevel.checkpoint()

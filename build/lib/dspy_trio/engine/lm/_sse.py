@@ -1,0 +1,113 @@
+"""Server-Sent Events from an answer's body bytes, bounded: one reader for both transports.
+
+Lines are cut on the bytes (``\\n``, ``\\r\\n`` or ``\\r``, as SSE defines them; a ``\\r`` at the end of a
+chunk and a ``\\n`` at the start of the next are one line end), which UTF-8 allows: neither byte occurs
+inside a multi-byte character. An event's data is decoded once, when a blank line completes it, strictly:
+an answer that is not UTF-8 is a bad answer, on a stream as in a JSON body (never U+FFFD).
+
+One event (its ``data:`` lines together, or any single line) may hold at most ``max_event_bytes``: an
+upstream whose lines never end an event is refused there, instead of being held in memory. The whole
+answer's cap is the body decoder's (``_transport._body``), which sees every byte first.
+
+Sync, so no async generator is left half-consumed: the transports feed bytes and hand each event on.
+"""
+
+from __future__ import annotations
+
+from ._body import BadResponse
+
+Event = tuple[str, str]
+
+
+class EventReader:
+    """Turns an SSE body into ``(event, data)`` pairs; ``event`` is ``"message"`` unless the stream named it.
+
+    Comments (``:`` lines) and ``id:``/``retry:`` fields are ignored; multi-line data is joined with
+    ``\\n``; a stream that ends without a blank line still completes its last event (:meth:`end`).
+
+    Args:
+        max_event_bytes: The most one event's data (or one line) may hold.
+    """
+
+    __slots__ = ("_after_cr", "_data", "_event", "_line", "_size", "max_event_bytes")
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._line = bytearray()  # the unterminated end of what was fed
+        self._after_cr = False  # the last chunk ended with "\r": a "\n" starting the next is its pair
+        self._event = "message"
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def too_large(self) -> BadResponse:
+        return BadResponse(f"an event of the upstream's stream is larger than {self.max_event_bytes} bytes")
+
+    def feed(self, data: bytes) -> list[Event]:
+        """The events that ``data`` completes.
+
+        Raises:
+            BadResponse: an event (or a line) passed ``max_event_bytes``, or its data is not UTF-8.
+        """
+        if self._after_cr:
+            self._after_cr = False
+            if data[:1] == b"\n":
+                data = data[1:]
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:  # no line ends here: keep the bytes (bytearray: no quadratic copying)
+            self._line += data
+            if len(self._line) > self.max_event_bytes:
+                raise self.too_large()
+            return []
+        if self._line:
+            complete = bytes(self._line) + data[: cut + 1]
+            self._line.clear()
+        else:
+            complete = data[: cut + 1]
+        self._line += data[cut + 1 :]
+        if len(self._line) > self.max_event_bytes:
+            raise self.too_large()
+        self._after_cr = complete.endswith(b"\r")
+        return self._lines(complete.splitlines())
+
+    def end(self) -> list[Event]:
+        """The events completed by the end of the body (a last line, then its event, without a blank
+        line).
+
+        Raises:
+            BadResponse: as :meth:`feed`.
+        """
+        lines = [bytes(self._line), b""] if self._line else [b""]
+        self._line.clear()
+        return self._lines(lines)
+
+    def _lines(self, lines: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        limit = self.max_event_bytes
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append((self._event, _text(b"\n".join(self._data))))
+                self._event, self._data, self._size = "message", [], 0
+                continue
+            if len(line) > limit:
+                raise self.too_large()
+            if line[0] == 58:  # b":": a comment
+                continue
+            field, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if field == b"data":
+                self._size += len(value) + 1
+                if self._size > limit:
+                    raise self.too_large()
+                self._data.append(value)
+            elif field == b"event":
+                self._event = _text(value)
+        return events
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise BadResponse(f"the upstream's stream is not UTF-8 (at byte {exc.start} of an event)") from exc

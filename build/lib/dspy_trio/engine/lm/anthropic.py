@@ -1,0 +1,223 @@
+"""Anthropic's Messages API over ``httpx.AsyncClient``, Trio-native, plain and streaming.
+
+DSPy's chat messages are mapped to the Messages API: system messages become the ``system`` field,
+consecutive messages of one role are merged (the API wants user and assistant to alternate), and
+``max_tokens`` is always sent (the API requires it). Streams arrive as typed SSE events
+(``message_start``, ``content_block_delta``, ``message_delta``, ``message_stop``, ``error``); text deltas
+are pushed to the sink as they come, thinking deltas become the completion's reasoning. Errors map like
+the OpenAI-compatible backend's (429 with ``retry-after``, 529 overloaded and other 5xx, connection
+failures, malformed payloads, an ``error`` event mid-stream), so the engine's retry, cool-down and
+rate-limit policies apply unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from .._errors import UpstreamConnectionError, UpstreamServerError
+from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
+from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
+from ._http_errors import failure
+from .openai import HTTPSettings
+
+if TYPE_CHECKING:
+    from .._config import LMConfig
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 1024
+# OpenAI-style parameter names DSPy passes, and their Messages API names (None: not sent).
+_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop": "stop_sequences",
+    "n": None,
+}
+
+
+def to_messages_api(messages: Sequence[Message]) -> tuple[str | None, list[dict[str, Any]]]:
+    """DSPy's chat messages as the Messages API's ``system`` and alternating ``messages``."""
+    system = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "system":
+            continue
+        role = "assistant" if role == "assistant" else "user"
+        content = message.get("content", "")
+        text = content if isinstance(content, str) else json.dumps(content)
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n\n" + text
+        else:
+            turns.append({"role": role, "content": text})
+    return ("\n\n".join(system) or None), turns
+
+
+def _usage(reported: Mapping[str, Any]) -> dict[str, int]:
+    usage = clean_usage(reported)
+    prompt = int(usage.get("input_tokens") or 0)
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class AnthropicLM(TrioLM):
+    """A ``dspy.BaseLM`` for Anthropic's Messages API.
+
+    Args:
+        model: The model, e.g. ``claude-sonnet-4-5``; a leading ``anthropic/`` (DSPy's prefix) is not sent.
+        api_key: Sent as ``x-api-key``.
+        api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
+        http: Timeouts and connection limits.
+        transport: An ``httpx`` transport to send requests through instead of the network (tests).
+        stream_upstream: Send non-streamed calls as streams too and assemble the answer, so that a
+            cancelled call closes a stream (see ``OpenAICompatibleLM``).
+        **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: str | None = None,
+        api_base: str = "https://api.anthropic.com",
+        http: HTTPSettings | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        stream_upstream: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # Set like any param (not only in the body), so the TPM estimate charges the cap actually sent.
+        kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+        super().__init__(model, **kwargs)
+        self.api_base = api_base
+        self.stream_upstream = stream_upstream
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if api_key:
+            headers["x-api-key"] = api_key
+        root = api_base.rstrip("/").removesuffix("/v1")
+        self.http = http or HTTPSettings()
+        self._clients = self.http.clients(root + "/", headers, transport=transport)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, *, cache: bool = False) -> AnthropicLM:
+        """The backend an ``LMConfig`` describes."""
+        return cls(
+            config.model,
+            api_key=config.api_key,
+            api_base=config.api_base or "https://api.anthropic.com",
+            http=config.http,
+            stream_upstream=config.stream_upstream,
+            cache=cache,
+            **config.params,
+        )
+
+    def __repr__(self) -> str:
+        return f"AnthropicLM(model={self.model!r}, api_base={self.api_base!r})"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AnthropicLM:
+        return self  # a connection pool is shared, not copied
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close kept-alive connections the provider closed, every ``http.idle_check_interval`` seconds,
+        until cancelled."""
+        await self._clients.reap_forever(self.http.idle_check_interval, task_status=task_status)
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
+
+    def _body(self, messages: Sequence[Message], params: Mapping[str, Any], stream: bool) -> dict[str, Any]:
+        system, turns = to_messages_api(messages)
+        body: dict[str, Any] = {
+            "model": self.model.removeprefix("anthropic/"),
+            "messages": turns,
+            "max_tokens": int(params.get("max_tokens") or DEFAULT_MAX_TOKENS),
+        }
+        if system:
+            body["system"] = system
+        for name, value in params.items():
+            if name in _PARAMS and _PARAMS[name] is not None:
+                body[str(_PARAMS[name])] = [value] if name == "stop" and isinstance(value, str) else value
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
+    ) -> Completion:
+        stream = sink is not None or self.stream_upstream
+        body = self._body(messages, params, stream=stream)
+        if not stream:
+            return await self._complete(body)
+        return await self._stream(body, sink)
+
+    async def _complete(self, body: dict[str, Any]) -> Completion:
+        response = await self._clients.post_json(self.model, "v1/messages", body)
+        redact = self._clients.redact
+        payload = parse_json(self.model, response.content, redact)
+        try:
+            blocks = payload["content"]
+            text = "".join(b["text"] for b in blocks if b.get("type") == "text")
+            thinking = "".join(b.get("thinking", "") for b in blocks if b.get("type") == "thinking")
+            usage = _usage(payload.get("usage") or {})
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            detail = response.content[:2000].decode(errors="replace")
+            raise bad(self.model, "the upstream's answer is not a message", detail, redact) from exc
+        text = text_or_none(self.model, text, redact) or ""
+        thinking = text_or_none(self.model, thinking, redact) or ""
+        return Completion([text], usage, [thinking or None])
+
+    async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
+        """Read an SSE answer, pushing text deltas to ``sink`` (None: assemble it only)."""
+        text: list[str] = []
+        thinking: list[str] = []
+        usage: dict[str, Any] = {}
+        stopped = False
+
+        redact = self._clients.redact
+
+        async def on_event(name: str, data: str) -> None:
+            nonlocal stopped
+            payload = json_object(self.model, data, redact)
+            kind = payload.get("type", name)
+            try:
+                if kind == "message_start":
+                    usage.update(payload.get("message", {}).get("usage") or {})
+                elif kind == "content_block_delta":
+                    delta = payload.get("delta") or {}
+                    if delta.get("type") == "text_delta":
+                        if delta_text := text_or_none(self.model, delta.get("text"), redact):
+                            text.append(delta_text)
+                            if sink is not None:
+                                await sink.send(delta_text)
+                    elif delta.get("type") == "thinking_delta":
+                        thinking.append(text_or_none(self.model, delta.get("thinking"), redact) or "")
+                elif kind == "message_delta":
+                    usage.update(payload.get("usage") or {})
+                elif kind == "message_stop":
+                    stopped = True
+                elif kind == "error":
+                    self._raise_stream_error(payload, data)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise bad(self.model, "the upstream's stream has a malformed event", data, redact) from exc
+
+        await self._clients.post_sse(self.model, "v1/messages", body, on_event)
+        if not stopped:
+            raise UpstreamConnectionError(f"{self.model}: stream ended before message_stop", model=self.model)
+        texts = ["".join(text)]
+        if not usage.get("input_tokens") and not usage.get("output_tokens"):  # the stream reported none
+            turns = [{"content": body.get("system") or ""}, *body["messages"]]
+            return Completion(texts, estimated_usage(turns, texts), ["".join(thinking) or None])
+        return Completion(texts, _usage(usage), ["".join(thinking) or None])
+
+    def _raise_stream_error(self, payload: Mapping[str, Any], data: str) -> None:
+        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        assert isinstance(error, dict)
+        redact = self._clients.redact
+        if error.get("type") in ("overloaded_error", "api_error"):
+            public = "the upstream reported it is overloaded mid-stream"
+            raise failure(UpstreamServerError, self.model, public, data, redact, status=529)
+        raise bad(self.model, "the upstream reported an error mid-stream", data, redact)

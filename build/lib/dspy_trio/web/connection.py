@@ -1,0 +1,152 @@
+"""One accepted TCP connection: Hypercorn's Trio connection code with our protocol and a prompt goodbye.
+
+Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs in three ways:
+
+- the protocol is always :class:`web.protocol.HTTP11Protocol` (no switch to HTTP/2);
+- a peer that reset the connection (or that TCP gave up on, see below) has its socket closed at once,
+  and the WebSocket ping task of a connection whose peer is gone stops at once: Hypercorn's ping task
+  sleeps out its interval (20 s) after the socket is dead, and held the file descriptor that long (a
+  storm of 1,000 reset WebSockets left 509 descriptors open 8 s later);
+- accepted sockets get TCP keep-alive and ``TCP_USER_TIMEOUT`` (``dead_peer_timeout``), so a peer that
+  vanished without a reset (a dead host, a dropped route) is found by the kernel: an idle connection
+  through keep-alive probes, a busy one (a WebSocket's pings, an SSE stream) when its data stays
+  unacknowledged. Without them such a socket lives until TCP's retransmissions give up (~15 minutes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from math import inf
+
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.utils import parse_socket_addr
+
+from .protocol import HTTP11Protocol
+
+
+def watch_for_dead_peers(sock: trio.socket.SocketType, timeout: float | None) -> None:
+    """Have the kernel drop ``sock`` once its peer has been unreachable for about ``timeout`` seconds.
+
+    Keep-alive probes start after half of it idle and three go unanswered within the other half;
+    data left unacknowledged for ``timeout`` aborts the connection (``TCP_USER_TIMEOUT``). Either way
+    the next read fails and the connection closes. ``None`` leaves the kernel's defaults. Options this
+    platform lacks are skipped.
+    """
+    if timeout is None:
+        return
+    idle = max(1, int(timeout / 2))
+    interval = max(1, int(timeout / 6))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout * 1000)),
+    ]
+    with contextlib.suppress(OSError):  # the peer may be gone already: the first read will say so
+        for level, option, value in options:
+            if option is not None:
+                sock.setsockopt(level, option, value)
+
+
+class _ConnectionContext:
+    """The worker's context as one connection sees it: the same worker-wide state, but its sleeps (the
+    WebSocket ping task's) end as soon as the connection's peer is gone."""
+
+    def __init__(self, worker: WorkerContext, gone: trio.Event) -> None:
+        self._worker = worker
+        self._gone = gone
+        self.event_class = worker.event_class
+        self.single_task_class = worker.single_task_class
+        self.terminate = worker.terminate
+        self.terminated = worker.terminated
+
+    async def mark_request(self) -> None:
+        await self._worker.mark_request()
+
+    async def sleep(self, wait: float) -> None:
+        with trio.move_on_after(wait):
+            await self._gone.wait()
+
+    @staticmethod
+    def time() -> float:
+        return trio.current_time()
+
+
+class Connection(TCPServer):
+    """Serve one accepted plain-TCP connection until it closes; ``await`` it (Hypercorn's interface).
+
+    Args:
+        app: The wrapped ASGI app (``hypercorn.utils.wrap_app``).
+        config: Hypercorn's configuration.
+        context: The worker's context (shared by every connection).
+        state: The lifespan state handed to each request.
+        stream: The accepted connection.
+    """
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: LifespanState,
+        stream: trio.SocketStream,
+    ) -> None:
+        self._gone = trio.Event()
+        super().__init__(app, config, _ConnectionContext(context, self._gone), state, stream)  # type: ignore[arg-type]
+        self._socket_stream = stream
+
+    async def run(self) -> None:
+        socket = self._socket_stream.socket
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = HTTP11Protocol(  # type: ignore[assignment]
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    False,
+                    client,
+                    server,
+                    self.protocol_send,
+                )
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def _read_data(self) -> None:
+        reset = False
+        while True:
+            try:
+                with trio.fail_after(self.config.read_timeout or inf):
+                    data = await self.stream.receive_some(MAX_RECV)
+            except trio.BrokenResourceError:  # reset, or given up on by TCP (keep-alive, user timeout)
+                reset = True
+                break
+            except (trio.ClosedResourceError, trio.TooSlowError):
+                break
+            else:
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+        self._gone.set()  # the ping task, if any, stops sleeping
+        if reset:  # nothing can be sent or received any more: give the descriptor back now
+            await self._socket_stream.aclose()
+        await self.protocol.handle(Closed())
+
+
+__all__ = ["Connection", "watch_for_dead_peers"]

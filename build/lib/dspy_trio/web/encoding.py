@@ -1,0 +1,101 @@
+"""JSON and Server-Sent Events encodings of the engine's values."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, assert_never
+
+import attrs
+
+from dspy_trio.engine import (
+    BatchItem,
+    EngineError,
+    ErrorEvent,
+    FieldDelta,
+    FinalEvent,
+    PredictionResult,
+    StatusEvent,
+    StreamEvent,
+)
+
+from .errors import engine_error_response
+
+
+def _default(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if attrs.has(type(value)):
+        return attrs.asdict(value)
+    return str(value)
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON; values JSON cannot hold (pydantic models, DSPy types) as their JSON form or text."""
+    return json.dumps(value, default=_default, separators=(",", ":"), ensure_ascii=False)
+
+
+def result_json(result: PredictionResult) -> dict[str, Any]:
+    return {
+        "request_id": result.request_id,
+        "program": result.program,
+        "outputs": dict(result.outputs),
+        "usage": {
+            "prompt_tokens": result.usage.prompt_tokens,
+            "completion_tokens": result.usage.completion_tokens,
+            "total_tokens": result.usage.total_tokens,
+        },
+        "timings": {
+            "queued_ms": round(result.timings.queued * 1000, 3),
+            "lm_ms": round(result.timings.lm * 1000, 3),
+            "total_ms": round(result.timings.total * 1000, 3),
+        },
+    }
+
+
+def batch_item_json(item: BatchItem) -> dict[str, Any]:
+    """One batch outcome: ``{"index", "ok": true, ...result}`` or ``{"index", "ok": false, "error"}``."""
+    if item.result is not None:
+        return {"index": item.index, "ok": True, **result_json(item.result)}
+    assert item.error is not None
+    return {"index": item.index, "ok": False, **error_json(item.error)}
+
+
+def error_json(error: EngineError) -> dict[str, Any]:
+    return engine_error_response(error)[1]
+
+
+def event_json(event: StreamEvent) -> tuple[str, dict[str, Any]]:
+    """The SSE event name and JSON payload of a stream event."""
+    match event:
+        case FieldDelta():
+            delta: dict[str, str | int] = {
+                "predictor": event.predictor,
+                "field": event.field,
+                "text": event.text,
+            }
+            if event.call:  # a predictor's second (third, ...) LM call within the request
+                delta["call"] = event.call
+            return "delta", delta
+        case StatusEvent():
+            return "status", {"stage": event.stage, "queued_ms": round(event.queued * 1000, 3)}
+        case FinalEvent():
+            return "final", {
+                **result_json(event.result),
+                "dropped": event.dropped,
+                "coalesced": event.coalesced,
+            }
+        case ErrorEvent():
+            return "error", error_json(event.error)
+        case _:
+            assert_never(event)
+
+
+def sse(data: str, event: str | None = None) -> bytes:
+    """One Server-Sent Event; multi-line data becomes several ``data:`` lines, as the format requires."""
+    lines = [f"event: {event}"] if event else []
+    lines += [f"data: {line}" for line in data.split("\n")]
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE_DONE = b"data: [DONE]\n\n"

@@ -1,0 +1,37 @@
+"""``/metrics``: the engine's statistics as Prometheus text (prometheus-client), and the seed's JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dspy_trio.engine import Engine, EngineStatistics
+
+
+def metrics_text(engine: Engine) -> tuple[bytes, str]:
+    """The engine's Prometheus registry in text exposition format, and its content type."""
+    return generate_latest(engine.metrics.registry), CONTENT_TYPE_LATEST
+
+
+def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
+    """The seed's fields, plus the engine's own counters."""
+    errors = stats.failed + stats.timed_out
+    ended = stats.ended
+    return {
+        "total_requests": stats.requests_total,
+        "active_requests": stats.in_flight + stats.queued,
+        "total_errors": errors,
+        "total_timeouts": stats.timed_out,
+        "average_duration_ms": round(stats.seconds_total / ended * 1000, 3) if ended else 0.0,
+        "error_rate": round(errors / ended, 6) if ended else 0.0,
+        "succeeded": stats.succeeded,
+        "cancelled": stats.cancelled,
+        "abandoned": stats.abandoned,
+        "shut_down": stats.shut_down,
+        "rejected": stats.rejected,
+        "invalid": stats.invalid,
+        "queued": stats.queued,
+        "in_flight": stats.in_flight,
+        "errors_by_code": dict(stats.errors_by_code),
+    }

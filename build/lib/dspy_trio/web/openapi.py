@@ -1,0 +1,192 @@
+"""The OpenAPI document (``/openapi.json``) and its Swagger UI (``/docs``), served without a network.
+
+quart-schema builds the paths and the request bodies from the routes and their pydantic models; this
+module completes the document with what the code does and the models cannot say:
+
+- every request body is ``required`` (a POST without one gets 415);
+- every operation lists the statuses it can answer, each refusal with the error shape (``Error``) and
+  its codes, ``Retry-After`` where it is sent, and the batch's ``maxItems`` as configured
+  (``max_batch_items``; more get 413);
+- with API keys configured, the bearer scheme (Swagger UI's "Authorize");
+- summaries are the first sentence of each handler's docstring.
+
+Swagger UI's script and stylesheet ship in a PyPI package (``flask-swagger-ui``, MIT, which vendors
+``swagger-ui-dist``) and are served from ``/static/swagger-ui/``, so ``/docs`` works offline. quart-schema's
+ReDoc and Scalar pages, which load their scripts from CDNs, are not served.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from quart import Blueprint, Response, current_app, send_from_directory
+from quart_schema import hide
+from quart_schema.openapi import OpenAPIProvider
+from werkzeug.exceptions import NotFound
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "An error in OpenAI's shape; never a stack trace.",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code", "param"],
+            "properties": {
+                "message": {"type": "string", "description": "What was wrong, naming the field or limit."},
+                "type": {"type": "string", "examples": ["invalid_request_error"]},
+                "code": {"type": "string", "examples": ["invalid_body"]},
+                "param": {"type": ["string", "null"], "description": "The field at fault, if one is."},
+            },
+        }
+    },
+}
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Whole seconds to wait before retrying.", "schema": {"type": "integer"}}
+}
+
+# What each status means, with the error codes it carries.
+_REFUSALS: dict[int, str] = {
+    400: "The body is not UTF-8 JSON (`bad_request`; the message says where), or is nested deeper than "
+    "the limit (`too_deeply_nested`).",
+    401: "API keys are configured and this request has none, or a wrong one (`invalid_api_key`).",
+    404: "No such program (`unknown_program`).",
+    413: "The body, the inputs' text or the batch is larger than its limit (`body_too_large`, "
+    "`input_too_large`, `batch_too_large`).",
+    415: "No body, or not sent as `Content-Type: application/json` (`unsupported_media_type`).",
+    422: "A field is invalid; `param` names it (`invalid_body`, `invalid_input`, `invalid_timeout`, "
+    "`invalid_unicode`).",
+    429: "Overloaded (`overloaded`), or the upstream's rate limit: retry after `Retry-After`.",
+    499: "Cancelled by `DELETE /v1/requests/{id}` (`cancelled`).",
+    502: "The LM provider or the program failed (`upstream_error`, ...).",
+    503: "Starting or draining (`not_ready`, `engine_closed`): retry after `Retry-After`, "
+    "another replica should answer.",
+    504: "Past the request's timeout (`deadline_exceeded`).",
+}
+_WITH_RETRY_AFTER = {429, 503}
+
+_BODY = {400, 401, 413, 415, 422, 503}  # anything that reads a JSON body
+_PREDICTION = _BODY | {404, 429, 499, 502, 504}
+_STREAM = _BODY | {404, 429}  # once the stream has begun, errors are events
+_BATCH = _BODY | {404}  # items fail one by one, in the results
+
+# (path, method) -> the success answer and the refusals.
+_OPERATIONS: dict[tuple[str, str], tuple[str, set[int]]] = {
+    ("/", "get"): ("The playground (HTML).", set()),
+    ("/health", "get"): ("`OK` (text).", set()),
+    ("/ready", "get"): ('`{"status": "ready"}`, with `cluster` when Redis is configured.', {503}),
+    ("/metrics", "get"): ("Prometheus text, or JSON with `Accept: application/json`.", {401, 503}),
+    ("/predict", "post"): ('`{"answer", "duration_ms", "request_id"}`.', _PREDICTION),
+    ("/predict/stream", "post"): ("SSE: `data: <token>` ..., then `data: [DONE]`.", _STREAM),
+    ("/stream", "post"): ("SSE: `data: <token>` ..., then `data: [DONE]`.", _STREAM),
+    ("/v1/programs", "get"): ('`{"programs": [...]}`: names, input and output fields.', {401, 503}),
+    ("/v1/programs/{name}/predict", "post"): (
+        '`{"request_id", "program", "outputs", "usage", "timings"}`.',
+        _PREDICTION,
+    ),
+    ("/v1/programs/{name}/stream", "post"): (
+        "SSE: `status`, `delta` ..., then one `final` or `error` event.",
+        _STREAM,
+    ),
+    ("/v1/programs/{name}/batch", "post"): (
+        '`{"results": [...]}` in input order, or SSE / NDJSON as items complete (`Accept`).',
+        _BATCH,
+    ),
+    ("/v1/requests/{request_id}", "delete"): (
+        '`{"cancelled": id}`; 404 `unknown_request` for an id not in flight for this key.',
+        {401, 404, 503},
+    ),
+}
+
+
+def documented_statuses(path: str, method: str) -> set[int]:
+    """The statuses the document lists for an operation (200 and its refusals)."""
+    return {200} | _OPERATIONS[(path, method.lower())][1]
+
+
+def _responses(success: str, refusals: set[int]) -> dict[str, Any]:
+    responses: dict[str, Any] = {"200": {"description": success}}
+    for status in sorted(refusals):
+        response: dict[str, Any] = {
+            "description": _REFUSALS[status],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        if status in _WITH_RETRY_AFTER:
+            response["headers"] = _RETRY_AFTER
+        responses[str(status)] = response
+    return responses
+
+
+def _first_sentence(text: str) -> str:
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+class ServiceOpenAPI(OpenAPIProvider):
+    """quart-schema's document, completed with the service's statuses, limits and security."""
+
+    def schema(self) -> dict[str, Any]:
+        document = super().schema()
+        settings = current_app.extensions["dspy_trio"].settings
+        components = document.setdefault("components", {})
+        components.setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        if settings.api_keys:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in document.get("paths", {}).items():
+            for method, operation in operations.items():
+                parts = (operation.get("summary"), operation.get("description"))
+                text = " ".join(" ".join(p for p in parts if p).split()).replace("``", "`")  # as Markdown
+                operation["summary"] = _first_sentence(text)
+                operation["description"] = text
+                if "requestBody" in operation:
+                    operation["requestBody"]["required"] = True
+                if (path, method) in _OPERATIONS:
+                    success, refusals = _OPERATIONS[(path, method)]
+                    operation["responses"] = _responses(success, refusals)
+                    if settings.api_keys and 401 in refusals:
+                        operation["security"] = [{"bearer": []}]
+                elif not operation.get("responses"):
+                    operation["responses"] = {"default": {"description": "See the README."}}
+        batch = document["paths"].get("/v1/programs/{name}/batch", {}).get("post")
+        if batch is not None:
+            body = batch["requestBody"]["content"]["application/json"]["schema"]
+            body["properties"]["items"]["maxItems"] = settings.max_batch_items
+        return document
+
+
+# --- Swagger UI's assets, from the package that ships them -----------------------------------------
+
+_SWAGGER_FILES = frozenset({"swagger-ui-bundle.js", "swagger-ui.css", "LICENSE", "VERSION"})
+
+
+def swagger_ui_dir() -> Path | None:
+    """Where ``flask-swagger-ui`` keeps ``swagger-ui-dist``'s files (found without importing it)."""
+    spec = importlib.util.find_spec("flask_swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = Path(next(iter(spec.submodule_search_locations))) / "dist"
+    return directory if (directory / "swagger-ui-bundle.js").is_file() else None
+
+
+swagger_ui = Blueprint("swagger_ui", __name__)
+
+
+@swagger_ui.get("/static/swagger-ui/<name>")
+@hide
+async def swagger_ui_asset(name: str) -> Response:
+    """A file of Swagger UI (``/docs`` loads them from here, not from a CDN)."""
+    directory = swagger_ui_dir()
+    if directory is None or name not in _SWAGGER_FILES:
+        raise NotFound()
+    response = await send_from_directory(directory, name)
+    response.cache_control.max_age = 86_400
+    return response
+
+
+SWAGGER_JS_URL = "/static/swagger-ui/swagger-ui-bundle.js"
+SWAGGER_CSS_URL = "/static/swagger-ui/swagger-ui.css"
+
+__all__ = ["SWAGGER_CSS_URL", "SWAGGER_JS_URL", "ServiceOpenAPI", "documented_statuses", "swagger_ui"]

@@ -1,0 +1,135 @@
+"""The service's HTTP/1.1 protocol: Hypercorn's h11 protocol with HTTP/2 refused and RFC 9112's framing
+rules enforced before a request reaches the app.
+
+Why: Hypercorn 0.18 speaks HTTP/2 cleartext on a plain port (the ``PRI * HTTP/2.0`` preface, and
+``Upgrade: h2c``), and its h2 protocol raised an uncaught ``KeyError`` on a DATA frame for a stream it
+had already answered, which ended the whole server. The service speaks HTTP/1.1 and WebSocket; HTTP/2
+belongs in a TLS-terminating proxy in front. h11 (which parses our requests) frames a request carrying
+both ``Content-Length`` and ``Transfer-Encoding: chunked`` by the chunks and keeps the connection open,
+so the bytes ``Content-Length`` counted run as a second request: the classic request-smuggling
+primitive between a proxy and a server that disagree on framing.
+
+The rules, checked on the request head once h11 has parsed it (one pass over the headers, as Hypercorn
+already made to look for an upgrade):
+
+- HTTP/2's prior-knowledge preface, or any version but 1.0 and 1.1: ``505`` (``http2_not_supported`` /
+  ``http_version_not_supported``) and the connection closes.
+- ``Upgrade: h2c`` switches nothing: the request is answered as the plain HTTP/1.1 request it also is.
+- ``Content-Length`` with ``Transfer-Encoding``, or ``Transfer-Encoding`` in an HTTP/1.0 request: ``400``
+  (``ambiguous_message_framing``) and the connection closes (RFC 9112 section 6.1: the server MUST close).
+- What h11 refuses itself (conflicting lengths, two ``Host`` headers, an unknown transfer coding, a
+  malformed line) keeps h11's status (400, or 501 for a coding it does not implement) and closes, as
+  Hypercorn did, but with a JSON body naming the problem (``malformed_request``) instead of none.
+
+Every refusal is one JSON error in the API's shape (``{"error": {"message", "type", "code", "param"}}``),
+sent in one write, with ``Connection: close``; nothing after it on the connection is read.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import h11
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h11 import H11Protocol
+
+from .encoding import dumps
+from .errors import error_body
+
+_HTTP_1 = frozenset({b"1.0", b"1.1"})
+
+
+class RequestRefused(Exception):
+    """A request head breaks one of the rules above: answer ``status`` with this error and close."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def check_request_head(request: h11.Request) -> None:
+    """Raise :class:`RequestRefused` if the head must not be served (see the module's rules)."""
+    if request.http_version not in _HTTP_1:
+        if request.method == b"PRI" and request.target == b"*":
+            raise RequestRefused(
+                505,
+                "http2_not_supported",
+                "HTTP/2 is not served on this port: speak HTTP/1.1 (or WebSocket), or put a "
+                "TLS-terminating proxy in front for HTTP/2",
+            )
+        raise RequestRefused(
+            505,
+            "http_version_not_supported",
+            f"HTTP/{request.http_version.decode('ascii', 'replace')} is not supported: speak HTTP/1.1",
+        )
+    length = coded = False
+    for name, _ in request.headers:  # h11 lower-cases the names
+        if name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            coded = True
+    if coded and length:
+        raise RequestRefused(
+            400,
+            "ambiguous_message_framing",
+            "a request must not carry both Content-Length and Transfer-Encoding (RFC 9112 section 6.1)",
+        )
+    if coded and request.http_version == b"1.0":
+        raise RequestRefused(
+            400,
+            "ambiguous_message_framing",
+            "Transfer-Encoding is not allowed in an HTTP/1.0 request (RFC 9112 section 6.1)",
+        )
+
+
+class HTTP11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol (keep-alive, pipelining, WebSocket upgrades) with the rules above.
+
+    Built by :class:`web.connection.Connection` for every connection, in place of Hypercorn's
+    ``ProtocolWrapper`` (which is what switched a connection to HTTP/2).
+    """
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await super().handle(event)
+        except RequestRefused as refused:
+            await self._refuse(refused.status, refused.code, refused.message)
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        # Hypercorn's raises to switch to HTTP/2 (after a 101 for Upgrade: h2c); ours never switches.
+        check_request_head(event)
+
+    async def _send_error_response(self, status_code: int) -> None:
+        # Called only from Hypercorn's ``except h11.RemoteProtocolError`` block: that error is the one
+        # being handled, so its message names the problem.
+        error = sys.exception()
+        detail = str(error)[:200] if isinstance(error, h11.RemoteProtocolError) else "malformed request"
+        await self._respond(status_code, "malformed_request", f"malformed HTTP/1.1 request: {detail}")
+
+    async def _refuse(self, status: int, code: str, message: str) -> None:
+        await self._respond(status, code, message)
+        await self.send(Closed())
+
+    async def _respond(self, status: int, code: str, message: str) -> None:
+        payload = dumps(error_body(message, type="invalid_request_error", code=code)).encode()
+        headers: list[tuple[bytes, bytes]] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        events = (
+            h11.Response(status_code=status, headers=headers),
+            h11.Data(data=payload),
+            h11.EndOfMessage(),
+        )
+        try:
+            data = b"".join(self.connection.send(event) or b"" for event in events)
+        except h11.LocalProtocolError:  # a response was already under way: closing is all that is left
+            return
+        await self.send(RawData(data=data))  # one write
+
+
+__all__ = ["HTTP11Protocol", "RequestRefused", "check_request_head"]

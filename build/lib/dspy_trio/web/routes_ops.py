@@ -1,0 +1,70 @@
+"""Operations: the playground, liveness, readiness, metrics, and cancelling a request by its id."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, current_app, g, request
+
+from .errors import HTTPError
+from .http import json_response, state
+from .metrics import metrics_json, metrics_text
+from .state import not_ready
+from .workers import instance_metrics_json, instance_metrics_text, workers_dir
+
+ops = Blueprint("ops", __name__)
+
+
+@ops.get("/")
+async def playground() -> Response:
+    """The browser playground (static files shipped in the package)."""
+    return await current_app.send_static_file("index.html")
+
+
+@ops.get("/health")
+async def health() -> Response:
+    """Liveness: the process answers."""
+    return Response("OK", mimetype="text/plain")
+
+
+@ops.get("/ready")
+async def ready() -> Response:
+    """Readiness: 503 while starting or draining. With a cluster (Redis), also how many processes share
+    the upstream quota and whether this one has fallen back to its local share (``degraded``)."""
+    service = state()
+    if service.ready:
+        body: dict[str, object] = {"status": "ready"}
+        if service.engine is not None and service.engine.cluster is not None:
+            cluster = service.engine.cluster.statistics()
+            body["cluster"] = {"processes": cluster.processes, "degraded": cluster.degraded}
+        return json_response(body)
+    raise not_ready()
+
+
+@ops.delete("/v1/requests/<request_id>")
+async def cancel_request(request_id: str) -> Response:
+    """Cancel an in-flight request by the id the server gave it (``request_id`` in bodies, the
+    ``X-Server-Request-ID`` header). Only the API key that started it may; for any other caller the id
+    does not exist (404), so ids cannot be probed. With a cluster (Redis), a request running in another
+    worker or replica is cancelled there, under the same rule (the engine's, :mod:`engine._owners`)."""
+    engine = state().engine_even_draining()  # an owner may still cancel while the server drains
+    found = await engine.cancel_anywhere(request_id, owner=g.owner)
+    if not found:
+        raise HTTPError(
+            404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
+        )
+    return json_response({"cancelled": request_id})
+
+
+@ops.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
+    engine = state().engine_even_draining()  # the last counts of a stopping process stay readable
+    directory = workers_dir()  # several workers: the whole instance
+    if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
+        if directory is not None:
+            return json_response(instance_metrics_json(directory, engine))
+        return json_response(metrics_json(engine.statistics()))
+    if directory is not None:
+        body, content_type = instance_metrics_text(directory, engine)
+    else:
+        body, content_type = metrics_text(engine)
+    return Response(body, content_type=content_type)

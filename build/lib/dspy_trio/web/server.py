@@ -1,0 +1,290 @@
+"""Running the service on Hypercorn's connection code through our own listener, with a drain before
+shutdown.
+
+The listener (``web/listener.py``) accepts connections, contains the failure of any one of them, speaks
+HTTP/1.1 and WebSocket only (``web/protocol.py``) and lets dead peers go at once (``web/connection.py``).
+
+On SIGTERM or SIGINT (or :meth:`Server.shutdown`): ``/ready`` turns 503 and the engine refuses new
+requests; in-flight ones get ``drain_timeout`` seconds to finish, and the rest are cancelled with a typed
+``engine_closed`` error (an error event on streams). Only then is Hypercorn told to stop, so no
+connection is cut in the middle of an answer; then the process exits.
+
+``--workers N`` starts N such processes on one port (``SO_REUSEPORT``; the kernel spreads connections),
+supervised by the parent (``web/workers.py``: a worker that dies is restarted, SIGTERM drains them all,
+``/metrics`` covers all of them). Each has its own engine and limits, unless ``DSPY_TRIO_REDIS_URL`` makes
+the workers (and replicas) share their upstream quotas, cool-downs and cancels (``engine.cluster``).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from dspy_trio.engine import GCSettings, tune_gc_for_serving
+from dspy_trio.engine._groups import collapse  # the engine's one rule for keeping groups out of APIs
+from dspy_trio.engine.lm import TrioLM
+
+from .app import create_app
+from .gate import OverloadGate
+from .keepalive import KeepAliveGuard
+from .listener import serve_app
+from .settings import ServiceSettings
+from .state import ServiceState
+from .workers import run_snapshots, supervise, workers_dir
+
+logger = logging.getLogger("dspy_trio.web")
+
+
+class UTCFormatter(logging.Formatter):
+    """Log lines stamped with ISO 8601 UTC times (``2026-11-25T20:15:04.123Z``).
+
+    With ``json_lines`` the message is taken to be a JSON object (the engine's request lines) and the time
+    goes in as its first key, ``"ts"``, so each line stays one JSON object.
+    """
+
+    def __init__(self, fmt: str | None = None, *, json_lines: bool = False) -> None:
+        super().__init__(fmt)
+        self.json_lines = json_lines
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.json_lines:
+            return super().format(record)
+        message = record.getMessage()
+        if not message.startswith("{"):
+            return f"{self.formatTime(record)} {message}"
+        rest = message[1:].lstrip()
+        separator = "" if rest.startswith("}") else ","
+        return f'{{"ts":"{self.formatTime(record)}"{separator}{rest}'
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Log to stderr with ISO 8601 UTC timestamps; request lines stay one JSON object per line.
+
+    Idempotent: calling it again replaces the handlers it installed.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "dspy_trio", False)]:
+        root.removeHandler(handler)
+    plain = logging.StreamHandler()
+    plain.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    plain.dspy_trio = True  # type: ignore[attr-defined]
+    root.addHandler(plain)
+    root.setLevel(level)
+    json_lines = logging.StreamHandler()
+    json_lines.setFormatter(UTCFormatter(json_lines=True))
+    json_lines.dspy_trio = True  # type: ignore[attr-defined]
+    # The engine's request lines, and the web layer's for requests it refused before the engine saw them.
+    for name in ("dspy_trio.engine.requests", "dspy_trio.web.requests"):
+        requests = logging.getLogger(name)
+        for handler in [h for h in requests.handlers if getattr(h, "dspy_trio", False)]:
+            requests.removeHandler(handler)
+        requests.addHandler(json_lines)
+        requests.propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class CannotListenError(Exception):
+    """The address the service should listen on cannot be used (in use, not local, not allowed)."""
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Fail early, with one clear message, if ``host:port`` cannot be bound (port 0: if ``host`` cannot).
+
+    Run it before starting anything, and before worker processes bind with ``SO_REUSEPORT`` (which would
+    make the probe fail on their own sockets). Raises :class:`CannotListenError`.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CannotListenError(f"cannot listen on {host}:{port}: unknown host ({exc.strerror})") from exc
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Hypercorn binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                reason = {
+                    errno.EADDRINUSE: "the address is already in use (another server on that port?)",
+                    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+                    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+                }.get(exc.errno or 0, exc.strerror or str(exc))
+                raise CannotListenError(f"cannot listen on {host}:{port}: {reason}") from exc
+
+
+def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.workers = worker_count  # >1 makes Hypercorn bind with SO_REUSEPORT
+    config.backlog = 4096  # Hypercorn's default (100) resets connections in a burst of 1,000 clients
+    config.websocket_ping_interval = settings.ws_ping_interval or None
+    # The engine has drained before the listener is asked to stop, so this only bounds the flushing of
+    # the last responses and the life of WebSockets still open (they are closed when it ends).
+    config.graceful_timeout = 1.0
+    config.keep_alive_timeout = settings.keep_alive_timeout  # idle keep-alive connections close after it
+    # Frames over the limit get an error frame from the app; only far larger ones close the socket (1009).
+    config.websocket_max_message_size = 4 * settings.max_body_bytes
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+class _EngineFailed(Exception):
+    """Ends serving when the engine failed to open (the failure itself is in the service state)."""
+
+
+@attrs.define
+class Server:
+    """A running service: its URL, and a way to stop it as SIGTERM would."""
+
+    url: str
+    state: ServiceState
+    _stop: trio.Event
+
+    def shutdown(self) -> None:
+        """Begin the graceful shutdown (drain, then stop). Returns at once."""
+        self._stop.set()
+
+
+async def serve(
+    settings: ServiceSettings,
+    *,
+    lms: Mapping[str, TrioLM] | None = None,
+    handle_signals: bool = True,
+    worker_count: int = 1,
+    freeze_heap: bool = True,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM/SIGINT or :meth:`Server.shutdown`; supports ``nursery.start``.
+
+    With ``freeze_heap`` (the serving process's default), once the app has started the heap built at
+    start-up (the app, the engine, DSPy, pydantic) is collected once and moved out of the garbage
+    collector's reach with ``gc.freeze()``, and the young generation's threshold is raised to 10,000
+    (``engine.tune_gc_for_serving``), so full collections do not walk that heap and stall the event
+    loop, and young ones stop re-walking the requests in flight (issue #13). ``open_server`` (tests,
+    embedding) does not do it: a process-wide GC setting is the serving process's call.
+
+    Blocks for the life of the server, including the drain (and for one full collection at start-up).
+    """
+    app = create_app(settings, lms=lms)
+    state: ServiceState = app.extensions["dspy_trio"]
+    stop = trio.Event()
+    stopped = trio.Event()
+
+    async def drain_then_stop() -> None:
+        await stop.wait()
+        logger.info("shutting down: draining in-flight requests")
+        state.draining = True
+        if state.engine is not None:
+            await state.engine.drain()
+        stopped.set()
+
+    signals_scope = trio.CancelScope()
+
+    async def watch_signals() -> None:
+        with signals_scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                stop.set()
+                return
+
+    engine_config = settings.engine
+    limited = any(lm.rate_limit.rpm or lm.rate_limit.tpm for lm in engine_config.lms.values())
+    if worker_count > 1 and limited and not engine_config.cluster.redis_url:
+        logger.warning(
+            "%d workers and no DSPY_TRIO_REDIS_URL: each worker applies the full RPM/TPM limits, so the "
+            "upstream may see up to %d times its quota (set DSPY_TRIO_REDIS_URL to share it)",
+            worker_count,
+            worker_count,
+        )
+
+    snapshots_scope = trio.CancelScope()
+
+    async def snapshots(directory: Path) -> None:
+        with snapshots_scope:
+            await run_snapshots(directory, lambda: state.engine)
+
+    state.on_failure = stop.set
+    tuned_gc: GCSettings | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain_then_stop)
+            if (directory := workers_dir()) is not None:
+                nursery.start_soon(snapshots, directory)
+            if handle_signals:
+                nursery.start_soon(watch_signals)
+            config = hypercorn_config(settings, worker_count=worker_count)
+            guarded = KeepAliveGuard(
+                OverloadGate(app, state),  # an overload refused in ASGI, before Quart runs
+                max_body_bytes=settings.max_body_bytes,
+                drain_timeout=settings.keep_alive_timeout,
+            )
+            binds = await nursery.start(
+                functools.partial(
+                    serve_app,
+                    guarded,
+                    config,
+                    dead_peer_timeout=settings.dead_peer_timeout,
+                    shutdown_trigger=stopped.wait,
+                )
+            )
+            if state.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
+                stop.set()
+                raise _EngineFailed
+            if freeze_heap:  # Hypercorn has run the app's start-up (the engine is open) by now
+                tuned_gc = tune_gc_for_serving()
+            task_status.started(Server(binds[0], state, stop))
+            logger.info("serving on %s", binds[0])
+            await stopped.wait()
+            signals_scope.cancel()  # Hypercorn now closes its connections and ends the lifespan itself
+            snapshots_scope.cancel()
+    except BaseException as exc:
+        # Hypercorn echoes the engine's failure (LifespanFailureError): the caller sees one error, ours.
+        if state.failure is None or isinstance(exc, trio.Cancelled):
+            raise
+        logger.debug("serving ended by the engine's failure", exc_info=exc)
+    finally:
+        if tuned_gc is not None:  # the process may go on (tests, an embedding app): let it all be collected
+            tuned_gc.restore()
+    if state.failure is not None:
+        raise RuntimeError(f"the engine failed: {state.failure}") from state.failure
+    logger.info("stopped")
+
+
+@asynccontextmanager
+async def open_server(
+    settings: ServiceSettings, *, lms: Mapping[str, TrioLM] | None = None
+) -> AsyncIterator[Server]:
+    """Run the service in the background for the block (tests, embedding); drains it on exit.
+
+    An exception raised in the block reaches the caller as itself, not wrapped in an exception group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                functools.partial(serve, settings, lms=lms, handle_signals=False, freeze_heap=False)
+            )
+            try:
+                yield server
+            finally:
+                server.shutdown()
+    except BaseExceptionGroup as group:
+        raise collapse(group) from None
+
+
+def run_workers(argv: Sequence[str], workers: int) -> int:
+    """Start ``workers`` serving processes on one port and supervise them (see ``web/workers.py``)."""
+    return supervise(argv, workers)
