@@ -3,7 +3,7 @@ stalls and the outcome of each attack.
 
 The fake upstream (this tree's, in its own process) answers with one hostile fault per call; each call
 runs in a fresh worker process, on this tree and on a baseline tree (an export of a git ref, default:
-where this branch left main), with the lean transport and with httpx::
+the merge base of HEAD and main), with the lean transport and with httpx::
 
     python -m benchmarks.hostile_upstream                      # every attack, both trees, ~2 minutes
     python -m benchmarks.hostile_upstream --attacks bomb-predict bomb-stream --baseline none

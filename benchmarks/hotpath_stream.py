@@ -1,5 +1,5 @@
-"""Streaming and cancellation on the hot path (issue 13), in one run: tokens/s through the engine before
-(a baseline git ref, default: where this branch left main) and after, and how fast a cancel closes the
+"""Streaming and cancellation on the hot path, in one run: tokens/s through the engine on a baseline
+(a git ref, default: the merge base of HEAD and main) and on this tree, and how fast a cancel closes the
 upstream connection.
 
 Every measurement runs in a fresh worker process against the fake upstream in its own process; the
