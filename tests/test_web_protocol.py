@@ -476,12 +476,18 @@ async def test_an_invalid_websocket_handshake_gets_a_json_refusal_and_the_connec
     "then the app's accept fails in h11 (_SWITCH_UPGRADE without a proposal), a traceback is logged and a "
     "WebSocket close frame (88 02 03 e8) is written after the HTTP answer",
 )
+@pytest.mark.parametrize(
+    "framing",
+    [("Content-Length: 5",), ("Transfer-Encoding: chunked",)],
+    ids=["content_length", "chunked"],
+)
 async def test_a_websocket_handshake_with_a_body_gets_one_json_refusal_and_nothing_after_it(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, framing: tuple[str, ...]
 ) -> None:
     caplog.set_level(logging.WARNING)
+    body = b"hello" if "Content-Length: 5" in framing else b"5\r\nhello\r\n0\r\n\r\n"
     async with running() as server:
-        head = request("GET", "/v1/ws", "Host: x", *WS_HANDSHAKE, "Content-Length: 5", body=b"hello")
+        head = request("GET", "/v1/ws", "Host: x", *WS_HANDSHAKE, *framing, body=body)
         received = await send_raw(_port(server.url), head)
         await trio.sleep(0.1)  # the server's side of the exchange ends
     assert_one_json_refusal(received, (400,))
