@@ -549,3 +549,69 @@ async def test_a_refused_websocket_handshake_on_a_kept_alive_connection_is_answe
         # or the connection serves the next request
         assert [got for got, _, _ in parse_responses(rest)] == [200], (headers, rest)
     assert server_errors(caplog) == []
+
+
+# --- bytes the client should not have sent --------------------------------------------------------------
+
+_CLOSE_POST = request(
+    "POST",
+    "/predict",
+    "Host: x",
+    "Content-Type: application/json",
+    f"Content-Length: {len(PREDICT)}",
+    "Connection: close",
+    body=PREDICT,
+)
+_HTTP_10_POST = request(
+    "POST",
+    "/predict",
+    "Host: x",
+    "Content-Type: application/json",
+    f"Content-Length: {len(PREDICT)}",
+    body=PREDICT,
+    version="1.0",
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after a request that closes the connection (Connection: close, HTTP/1.0) h11 expects EOF; any "
+    "byte more raises RemoteProtocolError('Got data when expecting EOF') in Hypercorn's _handle_events, "
+    "which answers 400 (web/protocol.py's _send_error_response) in place of the app's answer while our "
+    "state is SEND_RESPONSE, and closes: the valid request is lost",
+)
+@pytest.mark.parametrize(
+    "segments",
+    [
+        (_CLOSE_POST + b"\r\n",),
+        (_HTTP_10_POST + b"\r\n",),
+        (_CLOSE_POST + request("GET", "/health", "Host: x"),),
+    ],
+    ids=["close_then_crlf", "http_1_0_then_crlf", "close_then_a_request"],
+)
+async def test_bytes_after_a_request_that_closes_the_connection_never_replace_its_answer(
+    segments: tuple[bytes, ...],
+) -> None:
+    async with running() as server:
+        received = await send_raw(_port(server.url), *segments)
+    [(status, _, body)] = parse_responses(received)  # one answer, then the close; the rest is ignored
+    assert status == 200, body
+    assert json.loads(body)["answer"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="h11 takes an empty line before a request line for an empty request head ('no request line "
+    "received') and the connection is answered 400 and closed; RFC 9112 section 2.2: a server SHOULD "
+    "ignore at least one empty line received before the request-line",
+)
+async def test_an_empty_line_before_a_request_line_is_ignored() -> None:
+    health = request("GET", "/health", "Host: x")
+    async with running() as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            await stream.send_all(b"\r\n" + health)
+            await stream.send_all(_CLOSE_POST[: -len(PREDICT)].replace(b"Connection: close\r\n", b""))
+            await stream.send_all(PREDICT + b"\r\n" + health)  # a stray CRLF after a body (old clients)
+            statuses = [status for status, _, _ in await read_responses(stream, 3)]
+    assert statuses == [200, 200, 200]
