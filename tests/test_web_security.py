@@ -155,12 +155,12 @@ async def test_a_refused_websocket_handshake_carries_the_ids_and_timing_of_every
 async def test_refused_websocket_handshakes_are_logged_like_refused_http_requests(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="web.requests")
+    caplog.set_level(logging.INFO, logger="dspy_trio.web.requests")
     async with running(settings(api_keys=("k",))) as server:
         assert (await _refused(server.url, "/v1/ws", **{"X-Request-ID": "mine"})).status_code == 401
         foreign = {"Authorization": "Bearer k", "Origin": "https://evil.example"}
         assert (await _refused(server.url, "/ws", **foreign)).status_code == 403
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "web.requests"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dspy_trio.web.requests"]
     assert [(line["status"], line["error"], line["outcome"], line["path"]) for line in lines] == [
         (401, "invalid_api_key", "rejected", "/v1/ws"),
         (403, "origin_not_allowed", "rejected", "/ws"),
