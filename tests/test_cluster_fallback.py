@@ -21,7 +21,7 @@ from engine import RateLimitWaitError
 from engine._config import ClusterConfig
 from engine.cluster import Cluster, SharedQuota, open_cluster
 from engine.cluster._heartbeat import beat
-from tests.redis_server import RedisServer, eventually, own_redis_server, prefix
+from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
 
@@ -191,3 +191,30 @@ async def test_a_request_deadline_shorter_than_the_cap_bounds_the_redis_call(
         assert trio.current_time() == 0.1
         assert not a.statistics().degraded  # the caller's deadline, not Redis's fault
         own_redis_server.thaw()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Cluster._listen (engine/cluster/_cluster.py) opens its pub/sub without a subscription "
+    "timeout, so coredis's default of 1 s applies: a Redis more than 1 s away never acknowledges it in "
+    "time, the subscriber marks the link down, the heartbeat marks it up, and so on forever",
+)
+async def test_a_redis_slower_than_a_second_but_within_the_call_cap_is_subscribed_and_stays_up(
+    own_redis_server: RedisServer,
+) -> None:
+    """Redis answers 1.05 s late (a far region, a loaded server): every call still fits ``call_timeout``
+    (2.5 s), so the cluster must work: subscribed (cancels and cool-downs of the other processes
+    heard), not degraded. It never subscribed, flapped between degraded and up every few seconds (the
+    quota falling back to the local share each time), and a cancel by id failed with
+    ``ClusterUnavailableError``. Real clock (the proxy's delay); nothing timed but the proxy's."""
+    async with delaying_proxy(own_redis_server.port, 1.05) as port:
+        config = ClusterConfig(
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            key_prefix=prefix(),
+            call_timeout=2.5,
+            heartbeat_interval=60.0,
+        )
+        async with open_cluster(config, clock=trio.current_time) as a:  # waits for the subscription
+            assert a.subscribed.is_set(), "never subscribed"
+            assert not a.statistics().degraded
+            assert a.link.degraded_episodes == 0
