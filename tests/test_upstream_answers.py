@@ -541,3 +541,63 @@ async def test_an_answer_of_millions_of_nested_arrays_does_not_hold_the_event_lo
             trio.lowlevel.remove_instrument(steps)
         await lm.aclose()
     assert steps.longest < 0.5, f"one task step held the event loop for {steps.longest:.2f} s"
+
+
+_ENDED = {
+    "openai": _delta("Hello ") + _delta("world", "stop") + b"data: [DONE]\n\n",
+    "anthropic": b"".join(
+        f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode()
+        for name, payload in [
+            ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hello "}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "world"}},
+            ),
+            ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    ),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after the stream's own end ([DONE], message_stop) both backends read on to the end of the "
+    "body (engine/lm/openai.py _stream: 'read on to the end of the body, so the connection can be "
+    "reused'; anthropic.py likewise) with no bound of their own: an upstream that keeps the connection "
+    "open turns a complete answer into a read timeout, or holds it until the deadline with keep-alives",
+)
+@pytest.mark.parametrize("after", ["silence", "keep-alives"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_stream_that_ended_is_taken_even_if_the_upstream_keeps_the_connection_open(
+    autojump_clock: trio.testing.MockClock, provider: str, transport: str, after: str
+) -> None:
+    """The answer is complete (every delta, the finish, ``[DONE]`` / ``message_stop``), but the body's
+    chunked framing never ends: silence, or a keep-alive comment a second. The caller already has the
+    whole text; the call must return it, not fail with a read timeout after 5 s (the client of a
+    stream got every delta and then an error event) or wait for the deadline."""
+    body = _ENDED[provider]
+
+    async def never_ends(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        await stream.send_all(head + b"%x\r\n" % len(body) + body + b"\r\n")
+        while True:
+            await trio.sleep(1)
+            if after == "keep-alives":
+                await stream.send_all(b"e\r\n: keep-alive\n\n\r\n")
+
+    async with open_raw_server(never_ends) as server:
+        lm = backend(provider, transport, server.url, read_timeout=5.0)
+        sink = Deltas()
+        completion = None
+        with trio.move_on_after(100):  # the caller's deadline
+            completion = await lm.complete(MESSAGES, {}, sink)
+        await lm.aclose()
+    assert completion is not None, "held until the caller's deadline"
+    assert completion.texts == ["Hello world"]
