@@ -20,6 +20,9 @@ already made to look for an upgrade):
 - What h11 refuses itself (conflicting lengths, two ``Host`` headers, an unknown transfer coding, a
   malformed line) keeps h11's status (400, or 501 for a coding it does not implement) and closes, as
   Hypercorn did, but with a JSON body naming the problem (``malformed_request``) instead of none.
+- Empty lines (CRLF or LF) where a request line is expected are skipped (RFC 9112 section 2.2: a
+  server SHOULD ignore at least one): an old client's stray CRLF after a body no longer costs the next
+  request a 400 and the connection. h11 took them for an empty request head.
 
 Every refusal is one JSON error in the API's shape (``{"error": {"message", "type", "code", "param"}}``),
 sent in one write, with ``Connection: close``; nothing after it on the connection is read.
@@ -27,7 +30,9 @@ sent in one write, with ``Connection: close``; nothing after it on the connectio
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import Any
 
 import h11
 from hypercorn.events import Closed, Event, RawData
@@ -37,6 +42,26 @@ from .encoding import dumps
 from .errors import error_body
 
 _HTTP_1 = frozenset({b"1.0", b"1.1"})
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
+
+
+class _H11Connection(h11.Connection):
+    """h11's server side, skipping empty lines where a request line is expected (RFC 9112 section 2.2).
+
+    Reaches into h11's private receive buffer (``_receive_buffer``: a ``bytearray`` in ``_data``, cut with
+    ``_extract``, as h11's own readers do): h11 has no public way to drop bytes it has buffered.
+    tests/test_web_protocol.py fails if a new h11 changes that.
+    """
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        if self.their_state is h11.IDLE:
+            buffer = self._receive_buffer
+            empty = _EMPTY_LINES.match(buffer._data)
+            if empty is not None:
+                buffer._extract(empty.end())
+            if buffer._data == b"\r" and not self._receive_buffer_closed:
+                return h11.NEED_DATA  # maybe the first half of an empty line: h11 would refuse a lone CR
+        return super().next_event()
 
 
 class RequestRefused(Exception):
@@ -90,6 +115,11 @@ class HTTP11Protocol(H11Protocol):
     Built by :class:`dspy_trio.web.connection.Connection` for every connection, in place of Hypercorn's
     ``ProtocolWrapper`` (which is what switched a connection to HTTP/2).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # H11Protocol's arguments
+        super().__init__(*args, **kwargs)
+        limit = self.config.h11_max_incomplete_size
+        self.connection = _H11Connection(h11.SERVER, max_incomplete_event_size=limit)
 
     async def handle(self, event: Event) -> None:
         try:
