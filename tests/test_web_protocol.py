@@ -573,13 +573,6 @@ _HTTP_10_POST = request(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a request that closes the connection (Connection: close, HTTP/1.0) h11 expects EOF; any "
-    "byte more raises RemoteProtocolError('Got data when expecting EOF') in Hypercorn's _handle_events, "
-    "which answers 400 (web/protocol.py's _send_error_response) in place of the app's answer while our "
-    "state is SEND_RESPONSE, and closes: the valid request is lost",
-)
 @pytest.mark.parametrize(
     "segments",
     [

@@ -23,6 +23,10 @@ already made to look for an upgrade):
 - Empty lines (CRLF or LF) where a request line is expected are skipped (RFC 9112 section 2.2: a
   server SHOULD ignore at least one): an old client's stray CRLF after a body no longer costs the next
   request a 400 and the connection. h11 took them for an empty request head.
+- Bytes after a request that closes the connection (``Connection: close``, HTTP/1.0 without keep-alive)
+  are dropped unread (RFC 9112 section 9.6: the server MUST NOT process further requests on it) and the
+  request gets its answer. h11 raised "Got data when expecting EOF" on them, which Hypercorn answered
+  with a 400 in place of the request's own answer.
 
 Every refusal is one JSON error in the API's shape (``{"error": {"message", "type", "code", "param"}}``),
 sent in one write, with ``Connection: close``; nothing after it on the connection is read.
@@ -46,7 +50,8 @@ _EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
 
 
 class _H11Connection(h11.Connection):
-    """h11's server side, skipping empty lines where a request line is expected (RFC 9112 section 2.2).
+    """h11's server side, skipping empty lines where a request line is expected (RFC 9112 section 2.2)
+    and dropping what the client sends after a request that closes the connection (section 9.6).
 
     Reaches into h11's private receive buffer (``_receive_buffer``: a ``bytearray`` in ``_data``, cut with
     ``_extract``, as h11's own readers do): h11 has no public way to drop bytes it has buffered.
@@ -61,6 +66,8 @@ class _H11Connection(h11.Connection):
                 buffer._extract(empty.end())
             if buffer._data == b"\r" and not self._receive_buffer_closed:
                 return h11.NEED_DATA  # maybe the first half of an empty line: h11 would refuse a lone CR
+        elif self.their_state is h11.MUST_CLOSE:
+            self._receive_buffer._extract(len(self._receive_buffer))  # never read: the connection closes
         return super().next_event()
 
 
