@@ -30,29 +30,37 @@ from hypercorn.utils import parse_socket_addr
 
 from .protocol import HTTP11Protocol
 
+# Linux's ceilings (a larger value is EINVAL): keep-alive idle time and interval in seconds
+# (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL), the probe count (MAX_TCP_KEEPCNT), and TCP_USER_TIMEOUT, an int
+# of milliseconds (about 24.8 days).
+_MAX_KEEPALIVE_SECONDS = 32767
+_MAX_USER_TIMEOUT_MS = 2**31 - 1
+
 
 def watch_for_dead_peers(sock: trio.socket.SocketType, timeout: float | None) -> None:
     """Have the kernel drop ``sock`` once its peer has been unreachable for about ``timeout`` seconds.
 
     Keep-alive probes start after half of it idle and three go unanswered within the other half;
     data left unacknowledged for ``timeout`` aborts the connection (``TCP_USER_TIMEOUT``). Either way
-    the next read fails and the connection closes. ``None`` leaves the kernel's defaults. Options this
-    platform lacks are skipped.
+    the next read fails and the connection closes. ``None`` leaves the kernel's defaults. Each value is
+    capped at the kernel's ceiling (keep-alive times at 32767 s, the user timeout at 2**31 - 1 ms), and
+    each option is set on its own: one the platform lacks or refuses never costs the others.
     """
     if timeout is None:
         return
-    idle = max(1, int(timeout / 2))
-    interval = max(1, int(timeout / 6))
+    idle = min(_MAX_KEEPALIVE_SECONDS, max(1, int(timeout / 2)))
+    interval = min(_MAX_KEEPALIVE_SECONDS, max(1, int(timeout / 6)))
+    user_timeout = min(_MAX_USER_TIMEOUT_MS, int(timeout * 1000))
     options = [
         (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout * 1000)),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), user_timeout),
     ]
-    with contextlib.suppress(OSError):  # the peer may be gone already: the first read will say so
-        for level, option, value in options:
-            if option is not None:
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):  # the peer may be gone already: the first read will say so
                 sock.setsockopt(level, option, value)
 
 
