@@ -17,9 +17,13 @@ lets one connection end the server:
   while it retried. We retry as often, and log a line per interval with the count.
 - **Connections are** :class:`dspy_trio.web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
   and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``.
+- **The graceful timeout ends socket writes too.** Hypercorn shields each write from cancellation with
+  no end, so a client that stopped reading held the shutdown until it left; here the shield ends at
+  the shutdown's deadline (:class:`dspy_trio.web.connection.ShieldedWrites`) and that connection closes.
 
-Each connection costs one ``try``, one closure and five ``setsockopt`` calls more than Hypercorn's; a
-request costs less (the head check is one pass over the header names, without Hypercorn's decoding).
+Each connection costs one ``try``, one closure and five ``setsockopt`` calls more than Hypercorn's, each
+write a set insertion and removal; a request costs less (the head check is one pass over the header
+names, without Hypercorn's decoding).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
-from .connection import Connection, watch_for_dead_peers
+from .connection import Connection, ShieldedWrites, watch_for_dead_peers
 from .rate_limited_log import RateLimitedLog
 
 logger = logging.getLogger("dspy_trio.web")
@@ -131,10 +135,11 @@ async def serve_app(
         max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
     context = WorkerContext(max_requests)
     problems = RateLimitedLog(logger, interval=LOG_INTERVAL)
+    writes = ShieldedWrites()
 
     async def connection(stream: trio.SocketStream) -> None:
         watch_for_dead_peers(stream.socket, dead_peer_timeout)
-        await Connection(wrapped, config, context, ConnectionState(lifespan_state.copy()), stream)
+        await Connection(wrapped, config, context, ConnectionState(lifespan_state.copy()), stream, writes)
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -163,6 +168,7 @@ async def serve_app(
             finally:
                 await context.terminated.set()
                 connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+                writes.end_by(connections.cancel_scope.deadline)  # a client that stops reading too
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
