@@ -381,13 +381,6 @@ async def test_a_websocket_client_that_pings_and_never_reads_cannot_hold_up_the_
     assert took <= 2.0, took  # graceful_timeout (1 s), not the client's leaving
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="failures raised in Hypercorn's app task (hypercorn.error 'Error in ASGI Framework', Quart's "
-    "'Exception on websocket', web 'unhandled error in WebSocket') are logged with a full traceback per "
-    "connection: only failures that reach the connection guard are rate-limited. A client makes the "
-    "server write about 3.5 KB of log per connection (2.7 MB for 800 connections, measured)",
-)
 async def test_hostile_connections_cannot_flood_the_log_with_tracebacks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
