@@ -32,6 +32,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
+from .hosts import AllowedHosts
 from .protocol import HTTP11Protocol
 
 # Linux's ceilings (a larger value is EINVAL): keep-alive idle time and interval in seconds
@@ -130,6 +131,7 @@ class Connection(TCPServer):
         state: The lifespan state handed to each request.
         stream: The accepted connection.
         writes: The server's writes (bounded by its shutdown); a connection of its own when omitted.
+        hosts: The host names the server answers for (:mod:`dspy_trio.web.hosts`); None: any.
     """
 
     def __init__(
@@ -140,11 +142,13 @@ class Connection(TCPServer):
         state: LifespanState,
         stream: trio.SocketStream,
         writes: ShieldedWrites | None = None,
+        hosts: AllowedHosts | None = None,
     ) -> None:
         self._gone = trio.Event()
         super().__init__(app, config, _ConnectionContext(context, self._gone), state, stream)  # type: ignore[arg-type]
         self._socket_stream = stream
         self._writes = writes or ShieldedWrites()
+        self._hosts = hosts
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):
@@ -180,6 +184,7 @@ class Connection(TCPServer):
                     client,
                     server,
                     self.protocol_send,
+                    hosts=self._hosts,
                 )
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 await self._read_data()

@@ -21,7 +21,8 @@ lets one connection end the server:
   fails until a connection closes; ``trio.serve_listeners`` logged a full traceback every 0.1 s
   while it retried. We retry as often, and log a line per interval with the count.
 - **Connections are** :class:`dspy_trio.web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
-  and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``.
+  and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``, and a ``Host`` check (DNS rebinding) when bound
+  to loopback: :mod:`dspy_trio.web.hosts`.
 - **The graceful timeout ends socket writes too.** Hypercorn shields each write from cancellation with
   no end, so a client that stopped reading held the shutdown until it left; here the shield ends at
   the shutdown's deadline (:class:`dspy_trio.web.connection.ShieldedWrites`) and that connection closes.
@@ -49,6 +50,7 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
 from .connection import Connection, ShieldedWrites, watch_for_dead_peers
+from .hosts import AllowedHosts
 from .rate_limited_log import RateLimitedLog, RateLimitedTracebacks
 
 logger = logging.getLogger("dspy_trio.web")
@@ -124,9 +126,13 @@ async def serve_app(
     dead_peer_timeout: float | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     traceback_loggers: Sequence[str] = TRACEBACK_LOGGERS,
+    allowed_hosts: Sequence[str] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` on ``config.bind`` (plain TCP) until ``shutdown_trigger`` returns.
+
+    Requests must name this server in ``Host`` when it is bound to loopback (or ``allowed_hosts`` lists
+    names): :class:`dspy_trio.web.hosts.AllowedHosts`, with ``allowed_hosts`` as the names it adds.
 
     While connections are served, the ERROR records with a traceback logged to ``traceback_loggers``
     are rate-limited as the connections' own failures are (:class:`RateLimitedTracebacks`).
@@ -148,10 +154,12 @@ async def serve_app(
     context = WorkerContext(max_requests)
     problems = RateLimitedLog(logger, interval=LOG_INTERVAL)
     writes = ShieldedWrites()
+    hosts: AllowedHosts | None = None  # known once the sockets are bound
 
     async def connection(stream: trio.SocketStream) -> None:
         watch_for_dead_peers(stream.socket, dead_peer_timeout)
-        await Connection(wrapped, config, context, ConnectionState(lifespan_state.copy()), stream, writes)
+        state = ConnectionState(lifespan_state.copy())
+        await Connection(wrapped, config, context, state, stream, writes, hosts)
 
     async with trio.open_nursery() as lifespan_nursery:
         lifespan_nursery.start_soon(problems.run)  # until the very end: it writes what is left when cancelled
@@ -166,6 +174,8 @@ async def serve_app(
                     listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
                     binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
                     await config.log.info(f"Running on {binds[-1]} (CTRL + C to quit)")
+                addresses = [sock.getsockname()[0] for sock in sockets.insecure_sockets]
+                hosts = AllowedHosts.for_server(addresses, allowed_hosts)
                 task_status.started(binds)
                 try:
                     async with trio.open_nursery() as serving:

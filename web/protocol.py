@@ -20,6 +20,10 @@ already made to look for an upgrade):
 - What h11 refuses itself (conflicting lengths, two ``Host`` headers, an unknown transfer coding, a
   malformed line) keeps h11's status (400, or 501 for a coding it does not implement) and closes, as
   Hypercorn did, but with a JSON body naming the problem (``malformed_request``) instead of none.
+- A ``Host`` that does not name this server, when it is bound to loopback (or the names are
+  configured): ``421`` (``host_not_allowed``) and the connection closes. A page whose name an attacker
+  re-pointed at 127.0.0.1 (DNS rebinding) is otherwise same-origin with the server
+  (:mod:`dspy_trio.web.hosts`).
 - Empty lines (CRLF or LF) where a request line is expected are skipped (RFC 9112 section 2.2: a
   server SHOULD ignore at least one): an old client's stray CRLF after a body no longer costs the next
   request a 400 and the connection. h11 took them for an empty request head.
@@ -44,6 +48,7 @@ from hypercorn.protocol.h11 import H11Protocol
 
 from .encoding import dumps
 from .errors import error_body
+from .hosts import AllowedHosts
 
 _HTTP_1 = frozenset({b"1.0", b"1.1"})
 _EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
@@ -81,8 +86,9 @@ class RequestRefused(Exception):
         self.message = message
 
 
-def check_request_head(request: h11.Request) -> None:
-    """Raise :class:`RequestRefused` if the head must not be served (see the module's rules)."""
+def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) -> None:
+    """Raise :class:`RequestRefused` if the head must not be served (see the module's rules); ``hosts``
+    are the names the server answers for (None: any)."""
     if request.http_version not in _HTTP_1:
         if request.method == b"PRI" and request.target == b"*":
             raise RequestRefused(
@@ -97,11 +103,14 @@ def check_request_head(request: h11.Request) -> None:
             f"HTTP/{request.http_version.decode('ascii', 'replace')} is not supported: speak HTTP/1.1",
         )
     length = coded = False
-    for name, _ in request.headers:  # h11 lower-cases the names
+    host = b""
+    for name, value in request.headers:  # h11 lower-cases the names
         if name == b"content-length":
             length = True
         elif name == b"transfer-encoding":
             coded = True
+        elif name == b"host":  # h11 refuses a second one
+            host = value
     if coded and length:
         raise RequestRefused(
             400,
@@ -114,6 +123,14 @@ def check_request_head(request: h11.Request) -> None:
             "ambiguous_message_framing",
             "Transfer-Encoding is not allowed in an HTTP/1.0 request (RFC 9112 section 6.1)",
         )
+    if hosts is not None and host and not hosts.allows(host):
+        shown = host.decode("latin-1")[:100]
+        raise RequestRefused(
+            421,
+            "host_not_allowed",
+            f"this server does not answer for the host {shown!r} (a defence against DNS rebinding): "
+            "reach it as localhost, or list the name in DSPY_TRIO_ALLOWED_HOSTS",
+        )
 
 
 class HTTP11Protocol(H11Protocol):
@@ -123,8 +140,9 @@ class HTTP11Protocol(H11Protocol):
     ``ProtocolWrapper`` (which is what switched a connection to HTTP/2).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # H11Protocol's arguments
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, hosts: AllowedHosts | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # H11Protocol's arguments
+        self.hosts = hosts  # the names this server answers for (dspy_trio.web.hosts); None: any
         limit = self.config.h11_max_incomplete_size
         self.connection = _H11Connection(h11.SERVER, max_incomplete_event_size=limit)
 
@@ -136,7 +154,7 @@ class HTTP11Protocol(H11Protocol):
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # Hypercorn's raises to switch to HTTP/2 (after a 101 for Upgrade: h2c); ours never switches.
-        check_request_head(event)
+        check_request_head(event, self.hosts)
 
     async def _send_error_response(self, status_code: int) -> None:
         # Called only from Hypercorn's ``except h11.RemoteProtocolError`` block: that error is the one
