@@ -35,6 +35,7 @@ or the environment variable and the value, never a failure at run time.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -194,13 +195,35 @@ def _copy_mapping(value: Any) -> Any:
 
 
 def _http_url(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """An http(s) URL a connection can be opened to: a host (an IPv6 address in brackets must be one)
+    and, if given, a port from 1 to 65535. What ``urlsplit`` raises on (an unclosed ``[``) and what it
+    only raises on later (``.port``) are refused here, so a bad URL is a ConfigError, not a traceback at
+    the first call."""
     if not isinstance(value, str):
         raise ConfigError(f"{attribute.name} must be a URL, got {value!r}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+    problem = None
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError: not a number, or out of 0-65535
+        host = parts.hostname
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+            problem = "not an http:// or https:// URL"
+        elif not host:
+            problem = "no host"
+        elif port == 0:
+            problem = "port 0"
+        elif ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                problem = f"{host!r} in brackets is not an IPv6 address"
+    if problem is not None:
         raise ConfigError(
             f"{attribute.name} must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1;"
-            f" got {value!r}"
+            f" got {value!r} ({problem})"
         )
 
 
