@@ -40,7 +40,6 @@ import json
 import os
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -576,9 +575,22 @@ def _shown_url(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
+# A config file is a few KiB; reading stops past this, so a path to /dev/zero, /dev/urandom or an endless
+# pipe is an error, not memory growing until the OOM killer ends the process. (Pipes stay allowed:
+# ``--config <(...)``.)
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"cannot read config file {str(path)!r}: larger than {MAX_CONFIG_BYTES >> 20} MiB (a config "
+                "file is a few KiB: is it the right path?)"
+            )
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:  # TOML is UTF-8
         raise ConfigError(
             f"cannot read config file {str(path)!r}: not UTF-8 (byte {exc.object[exc.start]:#04x} at "
