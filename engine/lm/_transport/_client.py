@@ -80,7 +80,13 @@ class Response:
 
 
 def _headers(response: h11.Response) -> dict[str, str]:
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
+    """``response``'s header fields by lower-case name; a field repeated is joined by ``", "`` (RFC 9110
+    section 5.3), as httpx presents it, so that both transports read the same bytes the same way."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in response.headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
 
 
 def _body_of(response: h11.Response, limit: int) -> tuple[str | None, BodyDecoder]:
