@@ -126,11 +126,6 @@ def test_a_character_split_across_reads_is_one_character() -> None:
 # --- attacks on the reader (found by the upstream attack round; the fix flips them) -------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EventReader does not strip a leading UTF-8 BOM (engine/lm/_sse.py:_lines): the first line's "
-    "field name becomes b'\\xef\\xbb\\xbfdata', so the first event is silently dropped",
-)
 @pytest.mark.parametrize("split", [None, 1, 2, 3, 4])
 def test_a_byte_order_mark_before_the_first_event_is_stripped_not_the_event(split: int | None) -> None:
     """The SSE standard strips one leading U+FEFF from the stream. Without that, an upstream (or a proxy)

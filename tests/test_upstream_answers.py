@@ -392,11 +392,6 @@ def _delta(text: str, finish: str | None = None) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a leading UTF-8 BOM is not stripped (engine/lm/_sse.py): the first event's field reads "
-    "b'\\xef\\xbb\\xbfdata' and the event is dropped; the call succeeds with the first delta missing",
-)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_stream_that_starts_with_a_bom_loses_no_delta(transport: str) -> None:
     body = b"\xef\xbb\xbf" + _delta("Hello ") + _delta("world", "stop") + b"data: [DONE]\n\n"

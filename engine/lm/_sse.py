@@ -9,6 +9,9 @@ One event (its ``data:`` lines together, or any single line) may hold at most ``
 upstream whose lines never end an event is refused there, instead of being held in memory. The whole
 answer's cap is the body decoder's (``_transport._body``), which sees every byte first.
 
+One UTF-8 byte order mark at the start of the stream is dropped, as the SSE standard says (it would
+otherwise become part of the first field's name and lose the first event).
+
 Sync, so no async generator is left half-consumed: the transports feed bytes and hand each event on.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 from ._body import BadResponse
 
 Event = tuple[str, str]
+BOM = b"\xef\xbb\xbf"
 
 
 class EventReader:
@@ -29,7 +33,7 @@ class EventReader:
         max_event_bytes: The most one event's data (or one line) may hold.
     """
 
-    __slots__ = ("_after_cr", "_data", "_event", "_line", "_size", "max_event_bytes")
+    __slots__ = ("_after_cr", "_data", "_event", "_head", "_line", "_size", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
@@ -38,6 +42,7 @@ class EventReader:
         self._event = "message"
         self._data: list[bytes] = []
         self._size = 0
+        self._head: bytes | None = b""  # the stream's first bytes while they may be a BOM; then None
 
     def too_large(self) -> BadResponse:
         return BadResponse(f"an event of the upstream's stream is larger than {self.max_event_bytes} bytes")
@@ -48,6 +53,13 @@ class EventReader:
         Raises:
             BadResponse: an event (or a line) passed ``max_event_bytes``, or its data is not UTF-8.
         """
+        if self._head is not None:
+            data = self._head + data
+            if len(data) < len(BOM) and BOM.startswith(data):
+                self._head = data
+                return []
+            self._head = None
+            data = data.removeprefix(BOM)
         if self._after_cr:
             self._after_cr = False
             if data[:1] == b"\n":
@@ -76,6 +88,9 @@ class EventReader:
         Raises:
             BadResponse: as :meth:`feed`.
         """
+        if self._head:  # the body ended inside what could have been a BOM: they are the stream's bytes
+            self._line += self._head
+        self._head = None
         lines = [bytes(self._line), b""] if self._line else [b""]
         self._line.clear()
         return self._lines(lines)
