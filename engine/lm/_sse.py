@@ -5,9 +5,10 @@ chunk and a ``\\n`` at the start of the next are one line end), which UTF-8 allo
 inside a multi-byte character. An event's data is decoded once, when a blank line completes it, strictly:
 an answer that is not UTF-8 is a bad answer, on a stream as in a JSON body (never U+FFFD).
 
-One event (its ``data:`` lines together, or any single line) may hold at most ``max_event_bytes``: an
-upstream whose lines never end an event is refused there, instead of being held in memory. The whole
-answer's cap is the body decoder's (``_transport._body``), which sees every byte first.
+One event's data (its ``data:`` values joined by ``\\n``) may hold at most ``max_event_bytes``, and so
+may any single line, not counting a data line's ``data:`` / ``data: `` prefix: an upstream whose lines
+never end an event is refused there, instead of being held in memory. The whole answer's cap is the body
+decoder's (``_transport._body``), which sees every byte first.
 
 One UTF-8 byte order mark at the start of the stream is dropped, as the SSE standard says (it would
 otherwise become part of the first field's name and lose the first event).
@@ -67,7 +68,7 @@ class EventReader:
         cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
         if cut < 0:  # no line ends here: keep the bytes (bytearray: no quadratic copying)
             self._line += data
-            if len(self._line) > self.max_event_bytes:
+            if _size(self._line) > self.max_event_bytes:
                 raise self.too_large()
             return []
         if self._line:
@@ -76,7 +77,7 @@ class EventReader:
         else:
             complete = data[: cut + 1]
         self._line += data[cut + 1 :]
-        if len(self._line) > self.max_event_bytes:
+        if _size(self._line) > self.max_event_bytes:
             raise self.too_large()
         self._after_cr = complete.endswith(b"\r")
         return self._lines(complete.splitlines())
@@ -104,7 +105,7 @@ class EventReader:
                     events.append((self._event, _text(b"\n".join(self._data))))
                 self._event, self._data, self._size = "message", [], 0
                 continue
-            if len(line) > limit:
+            if _size(line) > limit:
                 raise self.too_large()
             if line[0] == 58:  # b":": a comment
                 continue
@@ -112,13 +113,23 @@ class EventReader:
             if value[:1] == b" ":
                 value = value[1:]
             if field == b"data":
-                self._size += len(value) + 1
+                self._size += len(value) + (1 if self._data else 0)  # a newline joins it to the last
                 if self._size > limit:
                     raise self.too_large()
                 self._data.append(value)
             elif field == b"event":
                 self._event = _text(value)
         return events
+
+
+def _size(line: bytes | bytearray) -> int:
+    """The bytes of a line (or the start of one) that count against the cap: a data line's value, any
+    other line whole."""
+    if line.startswith(b"data: "):
+        return len(line) - 6
+    if line.startswith(b"data:"):
+        return len(line) - 5
+    return len(line)
 
 
 def _text(data: bytes) -> str:
