@@ -82,19 +82,30 @@ class UpstreamStatistics:
 
 class _WatchedSink:
     """A chunk sink that moves a watchdog's deadline: the first-token timeout until the first chunk,
-    then the stall timeout after each one. The wait inside ``send`` (a slow consumer) is not counted."""
+    then the stall timeout after each one. The wait inside ``send`` (a slow consumer) is not counted.
 
-    def __init__(self, sink: DeltaSink, watchdog: trio.CancelScope, stall_timeout: float | None) -> None:
+    Without a ``sink`` (a call sent upstream as a stream that nobody reads chunk by chunk) it watches
+    and forwards nothing: ``heard`` says a chunk arrived, ``delivered`` that a consumer got one (which
+    cannot be taken back by a retry)."""
+
+    def __init__(
+        self, sink: DeltaSink | None, watchdog: trio.CancelScope, stall_timeout: float | None
+    ) -> None:
         self._sink = sink
         self._watchdog = watchdog
         self._stall_timeout = stall_timeout
-        self.delivered = False
+        self.heard = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.heard and self._sink is not None
 
     async def send(self, text: str) -> None:
-        self.delivered = True
+        self.heard = True
         if self._watchdog.deadline != math.inf:  # setting a deadline is not free: only when it changes
             self._watchdog.deadline = math.inf
-        await self._sink.send(text)
+        if self._sink is not None:
+            await self._sink.send(text)
         if self._stall_timeout is not None:
             self._watchdog.deadline = trio.current_time() + self._stall_timeout
 
@@ -182,8 +193,14 @@ class UpstreamGuard:
             for waiting in self._cooldown_waiters:
                 waiting.cancel()
 
-    async def call(self, attempt: Attempt, sink: DeltaSink | None, *, estimate: float) -> Completion:
+    async def call(
+        self, attempt: Attempt, sink: DeltaSink | None, *, estimate: float, streamed: bool = False
+    ) -> Completion:
         """Run ``attempt`` under the policy, retrying as allowed. Blocks for waits and attempts.
+
+        An attempt is watched as a stream (first-token and stall timeouts) when it has a ``sink``, or
+        when it is ``streamed`` upstream without one; the latter is given a sink that forwards nothing,
+        so that the backend reports its progress.
 
         Raises:
             UpstreamError: the last attempt's error, when no retry is allowed (or the wait for one
@@ -195,7 +212,8 @@ class UpstreamGuard:
         retry = 0
         while True:
             watchdog = trio.CancelScope()
-            watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if sink is not None else None
+            streams = sink is not None or streamed
+            watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if streams else None
             try:
                 return await self._attempt(attempt, watched, watchdog, estimate)
             except UpstreamError as error:
@@ -287,6 +305,6 @@ class UpstreamGuard:
     def _timeout_message(self, whole: trio.CancelScope, watched: _WatchedSink | None) -> str:
         if whole.cancelled_caught:
             return f"{self.name}: no complete answer within {self.policy.attempt_timeout:g}s"
-        if watched is not None and watched.delivered:
+        if watched is not None and watched.heard:
             return f"{self.name}: the stream stalled for {self.policy.stall_timeout:g}s"
         return f"{self.name}: no first token within {self.policy.first_token_timeout:g}s"
