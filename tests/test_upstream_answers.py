@@ -405,16 +405,8 @@ async def test_a_stream_that_starts_with_a_bom_loses_no_delta(transport: str) ->
     assert sink.texts == ["Hello ", "world"]
 
 
-_HTTPX_HEAD_UNBOUNDED = pytest.mark.xfail(
-    strict=True,
-    reason="the httpx path bounds each read by read_timeout but not the whole response head "
-    "(engine/lm/_http_pool.py post_json/post_sse: client.stream(...) waits for the head with httpx's "
-    "per-read timeout only); the lean transport bounds the head as a whole (_client.py _start, head_by)",
-)
-
-
 @pytest.mark.parametrize("head", ["informational", "trickled"])
-@pytest.mark.parametrize("transport", ["lean", pytest.param("httpx", marks=_HTTPX_HEAD_UNBOUNDED)])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_head_that_never_completes_times_out_on_both_transports(
     autojump_clock: trio.testing.MockClock, transport: str, head: str
 ) -> None:
