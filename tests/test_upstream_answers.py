@@ -551,13 +551,6 @@ _ENDED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after the stream's own end ([DONE], message_stop) both backends read on to the end of the "
-    "body (engine/lm/openai.py _stream: 'read on to the end of the body, so the connection can be "
-    "reused'; anthropic.py likewise) with no bound of their own: an upstream that keeps the connection "
-    "open turns a complete answer into a read timeout, or holds it until the deadline with keep-alives",
-)
 @pytest.mark.parametrize("after", ["silence", "keep-alives"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -588,3 +581,32 @@ async def test_a_stream_that_ended_is_taken_even_if_the_upstream_keeps_the_conne
         await lm.aclose()
     assert completion is not None, "held until the caller's deadline"
     assert completion.texts == ["Hello world"]
+
+
+@pytest.mark.parametrize(("late", "connections"), [(0.1, 1), (1.0, 2)], ids=["within-grace", "after-grace"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_body_after_a_streams_end_is_awaited_briefly_for_the_connection(
+    autojump_clock: trio.testing.MockClock, provider: str, transport: str, late: float, connections: int
+) -> None:
+    """After the stream's own end the rest of the body (here: the chunked terminator, ``late`` seconds
+    later) is read for at most half a second: arriving within it, the connection carries the next call;
+    later, the connection is closed and the next call opens another. Both calls get their answer."""
+    body = _ENDED[provider]
+
+    async def terminator_late(stream: trio.abc.Stream, server: RawServer) -> None:
+        while await read_request(stream, h11.Connection(h11.SERVER), server):
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            await stream.send_all(head + b"%x\r\n" % len(body) + body + b"\r\n")
+            await trio.sleep(late)
+            await stream.send_all(b"0\r\n\r\n")
+
+    async with open_raw_server(terminator_late) as server:
+        lm = backend(provider, transport, server.url, read_timeout=5.0)
+        for _ in range(2):
+            started = trio.current_time()
+            completion = await lm.complete(MESSAGES, {}, Deltas())
+            assert completion.texts == ["Hello world"]
+            assert trio.current_time() - started == min(late, 0.5)
+        await lm.aclose()
+    assert server.connections == connections

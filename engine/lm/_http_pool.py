@@ -34,6 +34,7 @@ import trio
 from ._body import (
     MAX_EVENT_BYTES,
     MAX_RESPONSE_BYTES,
+    BadResponse,
     BodyDecoder,
     check_content_type,
     content_coding,
@@ -42,7 +43,7 @@ from ._http_errors import status_error, transport_errors
 from ._redact import Redactor
 from ._sse import EventReader
 from ._transport._client import Response
-from ._transport._protocol import encode_body
+from ._transport._protocol import STREAM_END_GRACE, EventHandler, encode_body
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
@@ -151,22 +152,31 @@ class ClientShards:
                 await _feed(decoder, chunk, take)
         decoder.end()
 
-    async def post_sse(
-        self, model: str, path: str, body: dict[str, Any], on_event: Callable[[str, str], Awaitable[None]]
-    ) -> None:
+    async def post_sse(self, model: str, path: str, body: dict[str, Any], on_event: EventHandler) -> None:
         """POST ``body`` and hand each Server-Sent Event of the response, ``(event, data)``, to ``on_event``
         as it arrives, reading the next chunk only after ``on_event`` returns (so a slow consumer pauses
-        the socket). Blocks until the body ends.
+        the socket). Blocks until the body ends, or until ``on_event`` returns True (the stream's own
+        end) and the rest of the body was drained (see ``STREAM_END_GRACE``).
 
         Raises:
             UpstreamError: a transport failure, an answer that cannot be taken, or an error status.
         """
         content = encode_body(model, body)
         reader = EventReader(self.max_event_bytes)
+        drain = trio.CancelScope()  # bounds the read of the body after the stream's own end
+        ended = False
 
         async def take(piece: bytes) -> None:
+            nonlocal ended
+            if ended:
+                return
             for event in reader.feed(piece):
-                await on_event(*event)
+                if await on_event(*event):
+                    ended = True
+                    drain.deadline = trio.current_time() + min(
+                        STREAM_END_GRACE, client.timeout.read or math.inf
+                    )
+                    return
 
         with transport_errors(model, self.redact), self.lease() as client:
             head = _HeadDeadline(client.timeout.read)
@@ -178,9 +188,15 @@ class ClientShards:
                         text = (await self._read(response)).decode("utf-8", errors="replace")
                         raise status_error(model, response.status_code, response.headers, text, self.redact)
                     check_content_type(response.headers.get("content-type"), stream=True)
-                    await self._each_piece(response, take)
-                    for event in reader.end():
-                        await on_event(*event)
+                    with drain:
+                        try:
+                            await self._each_piece(response, take)
+                        except (httpx.HTTPError, BadResponse):
+                            if not ended:
+                                raise  # else the answer was complete; the connection is not reused
+                    if not ended:
+                        for event in reader.end():
+                            await on_event(*event)
             head.check()
 
     async def reap(self) -> int:

@@ -182,7 +182,7 @@ class AnthropicLM(TrioLM):
 
         redact = self._clients.redact
 
-        async def on_event(name: str, data: str) -> None:
+        async def on_event(name: str, data: str) -> bool:
             nonlocal stopped
             payload = json_object(self.model, data, redact)
             kind = payload.get("type", name)
@@ -202,10 +202,12 @@ class AnthropicLM(TrioLM):
                     usage.update(payload.get("usage") or {})
                 elif kind == "message_stop":
                     stopped = True
+                    return True  # the stream's own end: the answer is complete
                 elif kind == "error":
                     self._raise_stream_error(payload, data)
             except (AttributeError, TypeError, ValueError) as exc:
                 raise bad(self.model, "the upstream's stream has a malformed event", data, redact) from exc
+            return False
 
         await self._clients.post_sse(self.model, "v1/messages", body, on_event)
         if not stopped:
