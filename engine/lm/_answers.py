@@ -7,8 +7,8 @@ else fails the call with :class:`~dspy_trio.engine.UpstreamResponseError` (``ups
 retried: the same request would bring the same answer): invalid UTF-8 (never replaced by U+FFFD), JSON that is
 malformed or nested past the parser's depth, text with a lone surrogate (``"\ud800"`` is valid JSON but
 no client can be sent it), HTML or any other content type where JSON or an event stream belongs, a text
-field that is not a string, a choice index out of range. Token counts that are not whole numbers are
-dropped from the usage. The client reads our
+field that is not a string, a choice index out of range. Token counts that are not whole numbers (or
+that no float holds exactly, past 2**53) are dropped from the usage. The client reads our
 words; an excerpt of the answer goes to the log, redacted (``_http_errors.failure``).
 """
 
@@ -80,16 +80,22 @@ def _unicode(text: str) -> bool:
     return True
 
 
+# The largest count taken: every whole number up to it is exactly a float, and the rate limiter and the
+# usage tracker compute in floats (JSON's ``1`` followed by 400 zeros is a whole number no float holds).
+MAX_COUNT = 2**53
+
+
 def clean_usage(usage: Any) -> dict[str, Any]:
-    """The token counts of a provider's ``usage``: non-negative whole numbers, and objects of them one
-    level deep (``prompt_tokens_details``); anything else is dropped (the rate limiter and the usage
-    tracker add these up, so a string or a negative count must not reach them)."""
+    """The token counts of a provider's ``usage``: whole numbers from 0 to :data:`MAX_COUNT`, and
+    objects of them one level deep (``prompt_tokens_details``); anything else is dropped (the rate
+    limiter and the usage tracker add these up, so a string, a negative or a huge count must not reach
+    them)."""
     if not isinstance(usage, Mapping):
         return {}
     clean: dict[str, Any] = {}
     for key, value in usage.items():
         if type(value) is int:  # the common case first: an exact int (not a bool)
-            if value >= 0:
+            if 0 <= value <= MAX_COUNT:
                 clean[key] = value
         elif (count := _count(value)) is not None:
             clean[key] = count
@@ -101,7 +107,7 @@ def clean_usage(usage: Any) -> dict[str, Any]:
 def _count(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value) or not 0 <= value <= MAX_COUNT:
         return None
     return int(value)
 
