@@ -32,7 +32,9 @@ from dspy_trio.engine import (
     open_engine,
 )
 from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.lm._answers import parse_json
 from dspy_trio.engine.lm._base import Completion
+from dspy_trio.engine.lm._redact import Redactor
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 from .transport_helpers import RawServer, keep_alive_handler, open_raw_server, read_request, wait_closed
@@ -493,12 +495,6 @@ class _LongestStep(trio.abc.Instrument):
             self._began = None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an answer within the cap is parsed in one synchronous json.loads on the event loop "
-    "(engine/lm/_answers.py parse_json): 4 MiB of arrays nested 100 deep (far under the depth limit) "
-    "holds the loop ~1.8 s and builds ~250 MB of lists (16 MiB: ~5 s and ~900 MB)",
-)
 async def test_an_answer_of_millions_of_nested_arrays_does_not_hold_the_event_loop() -> None:
     """Valid JSON within the size cap and the depth limit, but made of millions of containers: every
     other request of the process (deadlines, streams, heartbeats) waits while one answer is parsed. The
@@ -521,7 +517,19 @@ async def test_an_answer_of_millions_of_nested_arrays_does_not_hold_the_event_lo
         finally:
             trio.lowlevel.remove_instrument(steps)
         await lm.aclose()
+    print(f"LONGEST STEP {steps.longest:.4f} s")
     assert steps.longest < 0.5, f"one task step held the event loop for {steps.longest:.2f} s"
+
+
+def test_an_answer_dense_with_logprobs_is_not_refused_for_its_containers() -> None:
+    """The container bound of an answer (one per 16 bytes past 65,536) leaves room for the densest
+    answer providers send: 4 MiB of logprobs with 20 alternatives a token (~28 bytes a container)."""
+    alternative = {"token": "abd", "logprob": -1.23456, "bytes": [97, 98, 100]}
+    token = {"token": "abc", "logprob": -0.12, "bytes": [97, 98, 99], "top_logprobs": [alternative] * 20}
+    one = json.dumps(token)
+    body = '{"choices": [{"logprobs": {"content": [' + ",".join([one] * ((4 << 20) // len(one))) + "]}}]}"
+    parsed = parse_json("m", body.encode(), Redactor())
+    assert len(parsed["choices"][0]["logprobs"]["content"]) == (4 << 20) // len(one)
 
 
 _ENDED = {
