@@ -110,6 +110,12 @@ class _WatchedSink:
             self._watchdog.deadline = trio.current_time() + self._stall_timeout
 
 
+def _failed_usage(watched: _WatchedSink | None) -> float | None:
+    """The tokens a failed attempt settles its grant with: none, unless its stream had sent tokens
+    (then None: the estimate stands, the engine knowing no better count)."""
+    return None if watched is not None and watched.heard else 0.0
+
+
 class UpstreamGuard:
     """Applies an :class:`UpstreamPolicy` to the calls of one LM backend.
 
@@ -262,7 +268,9 @@ class UpstreamGuard:
         self, attempt: Attempt, watched: _WatchedSink | None, watchdog: trio.CancelScope, estimate: float
     ) -> Completion:
         """One attempt once admitted, under the per-attempt timeout and the stream watchdog. Settles the
-        quota: the real usage on success, no tokens on an upstream error, the estimate otherwise."""
+        quota: the real usage on success; on an upstream error or a timeout, no tokens unless a stream
+        had sent some (the upstream generated and counts them: the estimate stands, as it does for a
+        call cancelled after it was sent)."""
         policy = self.policy
         owner = object()
         call, grant = await self._admitted(owner, estimate)
@@ -285,7 +293,7 @@ class UpstreamGuard:
                     completion = await attempt(watched)
                 except UpstreamError as error:
                     overloaded = error.pushback
-                    used = 0.0  # a failed attempt used nothing
+                    used = _failed_usage(watched)
                     raise
                 latency = trio.current_time() - started
                 used = float(completion.usage.get("total_tokens") or 0) or estimate
@@ -294,7 +302,7 @@ class UpstreamGuard:
                 )
                 return completion
             overloaded = True
-            used = 0.0
+            used = _failed_usage(watched)
             raise UpstreamTimeoutError(self._timeout_message(whole, watched), model=self.name)
         finally:
             if grant is not None:

@@ -267,12 +267,6 @@ async def test_a_call_in_a_cancelled_scope_during_a_cool_down_is_cancelled_not_r
     assert scope.cancelled_caught
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every failed attempt settles its grant with 0 tokens (engine/_upstream.py _attempt: "
-    "`used = 0.0  # a failed attempt used nothing`), also one that streamed tokens before it failed, "
-    "which the provider did generate and count",
-)
 @pytest.mark.parametrize(
     "failure",
     [UpstreamConnectionError("reset mid-stream"), UpstreamResponseError("the answer passed the cap")],
