@@ -194,12 +194,6 @@ async def test_a_request_deadline_shorter_than_the_cap_bounds_the_redis_call(
         own_redis_server.thaw()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cluster._listen (engine/cluster/_cluster.py) opens its pub/sub without a subscription "
-    "timeout, so coredis's default of 1 s applies: a Redis more than 1 s away never acknowledges it in "
-    "time, the subscriber marks the link down, the heartbeat marks it up, and so on forever",
-)
 async def test_a_redis_slower_than_a_second_but_within_the_call_cap_is_subscribed_and_stays_up(
     own_redis_server: RedisServer,
 ) -> None:

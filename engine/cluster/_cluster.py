@@ -135,8 +135,13 @@ class Cluster:
                 await trio.sleep(self.link.config.heartbeat_interval)
                 continue
             try:
+                # Redis acknowledges the subscription within the cap of any other call (coredis's
+                # own default, 1 s, would refuse a Redis that is slower but within call_timeout).
                 pubsub = self.link.client.pubsub(
-                    channels=channels, ignore_subscribe_messages=True, retry_policy=retry
+                    channels=channels,
+                    ignore_subscribe_messages=True,
+                    retry_policy=retry,
+                    subscription_timeout=self.link.config.call_timeout,
                 )
                 async with pubsub:
                     self.subscribed.set()
