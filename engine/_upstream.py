@@ -143,7 +143,7 @@ class UpstreamGuard:
         self._adaptive = AdaptiveLimit(policy.adaptive) if policy.adaptive else None
         self._budget = RetryBudget(policy.retry)
         self._uniform = jitter or seeded()
-        self._cooldown = limits.cooldown(name)
+        self._cooldown = limits.cooldown(name, max_wait=policy.retry.max_retry_after)
         self._cooldown_waited = 0.0
         self._cooldown_waiters: set[trio.CancelScope] = set()
         self.retries: Counter[str] = Counter()
