@@ -93,14 +93,14 @@ class ShareGrant:
         self._settled = True
         self._local.commit(tokens)
         if tokens is not None:
-            self._mirror.correct(self._entry, 0.0, tokens - self._estimate)
+            self._mirror.correct(self._entry, 0.0, tokens - self._estimate, trio.current_time())
 
     def refund(self) -> None:
         if self._settled:
             return
         self._settled = True
         self._local.refund()
-        self._mirror.correct(self._entry, -1.0, -self._estimate)
+        self._mirror.correct(self._entry, -1.0, -self._estimate, trio.current_time())
 
 
 class SharedQuota:
@@ -260,7 +260,7 @@ class SharedQuota:
 
     def _correct(self, seq: int, epoch: str, entry: Entry, requests: float, tokens: float) -> None:
         """Change a shared grant's charge: in the mirror now, in the shared log with the next call."""
-        self.mirror.correct(entry, requests, tokens)
+        self.mirror.correct(entry, requests, tokens, trio.current_time())
         if epoch == self.epoch and (requests or (tokens and self.tpm)):  # tokens count only with a limit
             self._corrections.append((seq, requests, tokens))
 
