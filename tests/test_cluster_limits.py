@@ -415,12 +415,6 @@ async def test_a_wait_the_redis_round_trip_would_push_past_the_deadline_is_refus
 # --- attacks on the shared window (the upstream attack round; each fix flips its test) ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reservation the script made is lost when the caller is cancelled before the reply comes "
-    "back (engine/cluster/_quota.py _run: on BaseException only the queued corrections are kept; the "
-    "new grant's seq is unknown, so nothing can refund it): the shared log keeps a request never sent",
-)
 async def test_a_cancel_while_the_reply_is_in_flight_leaves_nothing_reserved(
     redis_server: RedisServer,
 ) -> None:

@@ -209,6 +209,7 @@ async def open_cluster(
             with suppress(RedisUnavailableError):
                 await beat(link)
             async with _groups.open_service_nursery() as nursery:
+                link.nursery = nursery
                 nursery.start_soon(link.run_writer)
                 nursery.start_soon(run_heartbeat, link, lambda: list(cluster._quotas.values()))
                 nursery.start_soon(cluster._listen)
