@@ -29,9 +29,10 @@ from dspy_trio.engine._adaptive import AdaptiveSettings
 from dspy_trio.engine._config import ProgramSpec
 from dspy_trio.engine._retry import RetryPolicy
 from dspy_trio.engine._upstream import UpstreamGuard
-from dspy_trio.engine.lm import AnthropicLM, GuardedLM, SimulatedLM
+from dspy_trio.engine.lm import GuardedLM, SimulatedLM
 from dspy_trio.engine.lm._http_errors import parse_retry_after
-from tests.mock_transport import COMPLETION, Scripted, guarded, openai_lm
+from dspy_trio.engine.testing import http_response
+from tests.scripted_upstream import Scripted, anthropic_lm, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http://upstream.test/v1"}
@@ -146,8 +147,8 @@ def test_bad_lm_environment_values_are_config_errors(env: dict[str, str]) -> Non
 
 
 async def test_a_nan_parameter_is_an_engine_error_not_a_raw_value_error(autojump_clock: Any) -> None:
-    """When such a value does reach a call, httpx's JSON encoder raises ValueError ("Out of range float
-    values are not JSON compliant"), which no edge translates (lm/_http_pool.py post_json)."""
+    """When such a value does reach a call, the JSON encoder raises ValueError ("Out of range float
+    values are not JSON compliant"), which no edge translated (the transports' post_json)."""
     from dspy_trio.engine import EngineError
 
     lm = openai_lm(Scripted(), temperature=math.nan)
@@ -284,7 +285,7 @@ async def test_an_infinite_retry_after_does_not_hang_a_call_without_deadline(aut
     """A 503 with ``Retry-After: inf`` to a call with no deadline: the backoff is max(jitter, inf) = inf,
     the "past the deadline" check is inf > inf = False, and the call sleeps forever (_upstream.py
     call -> trio.sleep(wait))."""
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "inf"}, json={}))
+    script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
     lm = guarded(openai_lm(script))
     answers: list[Any] = []
 
@@ -302,7 +303,7 @@ async def test_an_infinite_retry_after_does_not_block_the_upstream_forever(autoj
     """The same header sets the shared cool-down to +inf (_upstream.py: ``_cooldown_until = max(...,
     now + inf)``): a day later every call with a deadline is still refused with RateLimitWaitError,
     and nothing is ever sent to the upstream again."""
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "inf"}, json={}))
+    script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
     lm = guarded(openai_lm(script), attempts=1)
     with trio.move_on_after(10), pytest.raises(UpstreamServerError):
         await lm.acall(messages=MESSAGES)
@@ -318,7 +319,7 @@ async def test_an_overloaded_529_pushes_the_adaptive_limit_down(autojump_clock: 
     """Anthropic's 529 is "overloaded_error" and a 503 says the same, but UpstreamServerError has
     pushback = False (engine/_errors.py), so the adaptive limit never hears of it; only 429 and
     timeouts lower it."""
-    script = Scripted(httpx.Response(529, json={"error": {"message": "Overloaded"}}))
+    script = Scripted(http_response(529, json={"error": {"message": "Overloaded"}}))
     lm = guarded(openai_lm(script), attempts=1, adaptive=AdaptiveSettings(initial=16))
     with pytest.raises(UpstreamServerError):
         await lm.acall(messages=MESSAGES)
@@ -378,14 +379,13 @@ async def test_an_anthropic_stream_without_usage_reports_estimated_usage(autojum
     ]
     body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
-
     class Sink:
         async def send(self, text: str) -> None:
             pass
 
-    lm = AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
+    lm = anthropic_lm(
+        lambda request: [http_response(200, body, headers={"content-type": "text/event-stream"})]
+    )
     completion = await lm.complete(MESSAGES, {}, Sink())
     assert completion.texts == ["a fairly long answer"]
     assert completion.usage.get("estimated") is True
@@ -407,16 +407,11 @@ async def test_the_tpm_estimate_counts_the_output_cap_actually_sent(autojump_clo
     """The Anthropic backend always sends max_tokens = 1024, but it is not in the LM's kwargs, so
     estimate_tokens (lm/_base.py) charges the TPM bucket prompt + 512: half the cap that was sent
     (the OpenAI backend, which setdefaults max_tokens, is charged 1024)."""
-    bodies: list[dict[str, Any]] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        return httpx.Response(200, json={"content": [{"type": "text", "text": "ok"}], "usage": {}})
-
-    lm = AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
+    script = Scripted(success={"content": [{"type": "text", "text": "ok"}], "usage": {}})
+    lm = anthropic_lm(script)
     guard = RecordingGuard()
     await GuardedLM(lm, guard).acall(messages=[{"role": "user", "content": "hi"}])
-    assert bodies[0]["max_tokens"] == 1024
+    assert script.bodies[0]["max_tokens"] == 1024
     assert guard.estimates[0] >= 1024
 
 
@@ -478,19 +473,12 @@ async def test_a_longer_retry_after_arriving_during_a_cool_down_is_honoured(auto
     for the cool-down. At t=1, B's 429 says Retry-After 30. C still sends at t=5: _upstream.py
     _wait_cooldown sleeps until the deadline it read once and does not look again (a storm at t=5
     against an upstream that asked for 30 s)."""
-    sent: list[float] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(trio.current_time())
-        if len(sent) == 1:
-            await trio.lowlevel.checkpoint()
-            return httpx.Response(429, headers={"Retry-After": "5"}, json={})
-        if len(sent) == 2:
-            await trio.sleep(1)
-            return httpx.Response(429, headers={"Retry-After": "30"}, json={})
-        return httpx.Response(200, json=COMPLETION)
-
-    lm = guarded(openai_lm(handler), attempts=1)
+    script = Scripted(
+        http_response(429, headers={"Retry-After": "5"}, json={}),
+        [1.0, http_response(429, headers={"Retry-After": "30"}, json={})],  # B's answer comes at t=1
+    )
+    sent = script.times
+    lm = guarded(openai_lm(script), attempts=1)
 
     async def call_failing() -> None:
         with pytest.raises(Exception, match="429"):

@@ -83,10 +83,15 @@ def test_lm_public_names_are_pinned() -> None:
 def test_testing_public_names_are_pinned() -> None:
     assert sorted(engine.testing.__all__) == [
         "Behavior",
+        "EOF",
         "FakeUpstream",
         "Fault",
         "IdleClose",
+        "MockBackend",
+        "MockRequest",
+        "Reply",
         "RequestRecord",
+        "http_response",
         "open_fake_upstream",
     ]
 

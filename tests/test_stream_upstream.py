@@ -10,12 +10,20 @@ import json
 from typing import Any
 
 import dspy
-import httpx
 import pytest
 
 from dspy_trio.engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, open_engine
 from dspy_trio.engine.lm import AnthropicLM, OpenAICompatibleLM, TrioLM
-from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
+from dspy_trio.engine.testing import (
+    Behavior,
+    FakeUpstream,
+    Fault,
+    MockBackend,
+    MockRequest,
+    Reply,
+    http_response,
+    open_fake_upstream,
+)
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
 
@@ -60,16 +68,16 @@ async def test_outputs_and_usage_equal_the_plain_path(fake_upstream: FakeUpstrea
 async def test_openai_without_a_usage_chunk_estimates_usage() -> None:
     """A server that ignores ``stream_options`` sends no usage: it is estimated, and marked so."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: MockRequest) -> Reply:
         chunks = [
             {"choices": [{"index": 0, "delta": {"content": "Hello "}, "finish_reason": None}]},
             {"choices": [{"index": 0, "delta": {"content": "world"}, "finish_reason": "stop"}]},
         ]
         body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        return [http_response(200, body.encode(), headers={"content-type": "text/event-stream"})]
 
     lm = OpenAICompatibleLM(
-        "m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler), stream_upstream=True
+        "m", api_base="http://upstream.test/v1", network=MockBackend(handler), stream_upstream=True
     )
     with dspy.track_usage() as tracker:
         assert await lm.acall(messages=MESSAGES) == ["Hello world"]

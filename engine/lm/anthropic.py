@@ -23,7 +23,7 @@ from .._errors import UpstreamConnectionError, UpstreamServerError
 from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_errors import failure
-from .openai import HTTPSettings
+from ._transport import HTTPSettings, NetworkBackend
 
 if TYPE_CHECKING:
     from .._config import LMConfig
@@ -74,6 +74,8 @@ class AnthropicLM(TrioLM):
         api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
         http: Timeouts and connection limits.
         transport: An ``httpx`` transport to send requests through instead of the network (tests).
+        network: Where the lean transport opens its connections instead of the network (tests pass
+            ``dspy_trio.engine.testing.MockBackend``).
         stream_upstream: Send non-streamed calls as streams too and assemble the answer, so that a
             cancelled call closes a stream (see ``OpenAICompatibleLM``).
         **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
@@ -87,6 +89,7 @@ class AnthropicLM(TrioLM):
         api_base: str = "https://api.anthropic.com",
         http: HTTPSettings | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        network: NetworkBackend | None = None,
         stream_upstream: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -100,7 +103,7 @@ class AnthropicLM(TrioLM):
             headers["x-api-key"] = api_key
         root = api_base.rstrip("/").removesuffix("/v1")
         self.http = http or HTTPSettings()
-        self._clients = self.http.clients(root + "/", headers, transport=transport)
+        self._clients = self.http.clients(root + "/", headers, transport=transport, network=network)
 
     @classmethod
     def from_config(cls, config: LMConfig, *, cache: bool = False) -> AnthropicLM:

@@ -1,4 +1,6 @@
-"""A set of ``httpx.AsyncClient`` shards that share one connection budget.
+"""The httpx transport: ``httpx.AsyncClient`` shards that share one connection budget.
+
+Used where the lean transport does not reach (``_choice``): an HTTP proxy, HTTP/2.
 
 httpcore 1.0's connection pool re-examines every connection for every queued request on each request
 start and end, and counts idle connections with a list built per connection: its bookkeeping costs
@@ -26,18 +28,18 @@ import httpcore
 import httpx
 import trio
 
-from ._body import (
+from .._body import (
     MAX_EVENT_BYTES,
     MAX_RESPONSE_BYTES,
     BodyDecoder,
     check_content_type,
     content_coding,
 )
-from ._http_errors import status_error, transport_errors
-from ._redact import Redactor
-from ._sse import EventReader
-from ._transport._client import Response
-from ._transport._protocol import encode_body
+from .._http_errors import status_error, transport_errors
+from .._redact import Redactor
+from .._sse import EventReader
+from ._client import Response
+from ._protocol import encode_body
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
