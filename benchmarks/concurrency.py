@@ -33,13 +33,14 @@ MODES = ("trio-native", "dspy-threads")
 def _worker(mode: str, url: str, n: int, threads: int) -> dict[str, Any]:
     import trio
 
-    from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+    from dspy_trio.engine import DSPySettings, EngineConfig, LMConfig, OpenAISettings, open_engine
 
     if mode == "trio-native":
-        lm = LMConfig(provider="openai", model="bench-model", api_base=url, api_key="sk-bench")
+        lm = LMConfig(model="bench-model", settings=OpenAISettings(api_base=url, api_key="sk-bench"))
     else:
         lm = LMConfig(
-            provider="dspy", model="openai/bench-model", api_base=url, api_key="sk-bench", threads=threads
+            model="openai/bench-model",
+            settings=DSPySettings(api_base=url, api_key="sk-bench", threads=threads),
         )
     config = EngineConfig(lms={"default": lm}, max_in_flight=n, max_queued=0)
     peak_threads = threading.active_count()

@@ -61,7 +61,7 @@ def _rss_mb() -> float:
 def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, Any]:
     import trio
 
-    from dspy_trio.engine import EngineConfig, EngineError, ErrorEvent, LMConfig, open_engine
+    from dspy_trio.engine import EngineConfig, EngineError, ErrorEvent, LMConfig, OpenAISettings, open_engine
     from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 
     messages = [{"role": "user", "content": "[[ ## question ## ]]\nWhat is Trio?"}]
@@ -83,11 +83,8 @@ def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, An
     async def call() -> str:
         if path == "engine-stream":
             lm = LMConfig(
-                provider="openai",
                 model="fake",
-                api_base=url,
-                api_key=KEY,
-                http=HTTPSettings(client=transport),  # type: ignore[arg-type]
+                settings=OpenAISettings(api_base=url, api_key=KEY, http=http),
             )
             codes = []
             async with open_engine(EngineConfig(lms={"default": lm})) as engine:

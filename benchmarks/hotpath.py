@@ -42,7 +42,7 @@ from typing import Any
 
 from benchmarks._canned_upstream import start_canned_upstream
 from benchmarks._upstream import start_upstream
-from dspy_trio.engine import tune_gc_for_serving
+from dspy_trio.engine import OpenAISettings, tune_gc_for_serving
 
 TRANSPORTS = ("httpx", "lean")
 # plain: the interpreter's defaults; freeze: gc.freeze() after start-up; tuned: tune_gc_for_serving().
@@ -68,7 +68,7 @@ def _engine(url: str, transport: str, concurrency: int) -> Any:
     config = EngineConfig(
         lms={
             "default": LMConfig(
-                provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
+                model="bench", retry=RetryPolicy(max_attempts=1), settings=OpenAISettings(api_base=url)
             )
         },
         max_in_flight=concurrency,

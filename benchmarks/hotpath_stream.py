@@ -56,17 +56,23 @@ def _throughput_worker(kind: str, url: str, tokens: int) -> dict[str, Any]:
     import trio
 
     from dspy_trio import engine
-    from dspy_trio.engine import EngineConfig, FinalEvent, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import (
+        EngineConfig,
+        FinalEvent,
+        LMConfig,
+        OpenAISettings,
+        RetryPolicy,
+        SimulatedSettings,
+        open_engine,
+    )
 
     if kind == "simulated":
-        lm = LMConfig(first_token_delay=0, token_delay=0, words_per_field=tokens)
+        lm = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0, words_per_field=tokens))
     else:
         lm = LMConfig(
-            provider="openai",
             model="bench",
-            api_base=url,
             retry=RetryPolicy(max_attempts=1),
-            stream_upstream=True,
+            settings=OpenAISettings(api_base=url, stream_upstream=True),
         )
 
     async def one(eng: Any, question: str) -> tuple[int, float, float]:
@@ -100,9 +106,9 @@ def _cancel_worker(kind: str, url: str, trials: int, lanes: int, seed: int) -> d
     import httpx
     import trio
 
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, RetryPolicy, open_engine
 
-    lm = LMConfig(provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1))
+    lm = LMConfig(model="bench", retry=RetryPolicy(max_attempts=1), settings=OpenAISettings(api_base=url))
     config = EngineConfig(lms={"default": lm}, max_in_flight=64)
     rng = random.Random(seed)
     cancelled_at: dict[str, float] = {}

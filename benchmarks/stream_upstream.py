@@ -33,14 +33,12 @@ CONCURRENCY = 64
 def _predict_worker(url: str, stream_upstream: bool, n: int) -> dict[str, Any]:
     import trio
 
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, RetryPolicy, open_engine
 
     lm = LMConfig(
-        provider="openai",
         model="bench",
-        api_base=url,
         retry=RetryPolicy(max_attempts=1),
-        stream_upstream=stream_upstream,
+        settings=OpenAISettings(api_base=url, stream_upstream=stream_upstream),
     )
     config = EngineConfig(lms={"default": lm}, max_in_flight=CONCURRENCY, max_queued=100_000)
 

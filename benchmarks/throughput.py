@@ -57,12 +57,12 @@ def _worker(mode: str, url: str, concurrency: int) -> dict[str, Any]:
     if mode == "dspy-trio":
         import trio
 
-        from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+        from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, RetryPolicy, open_engine
 
         config = EngineConfig(
             lms={
                 "default": LMConfig(
-                    provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
+                    model="bench", retry=RetryPolicy(max_attempts=1), settings=OpenAISettings(api_base=url)
                 )
             },
             max_in_flight=concurrency,

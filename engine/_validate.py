@@ -3,8 +3,8 @@
 Every value checks itself when it is built, so a bad number is refused where it is written (a TOML
 key, an environment variable, a constructor argument) instead of failing later at run time: NaN is
 not a sleep, 0 connections is not a pool, ``inf`` attempts never end. Each failure is a
-:class:`ConfigError` naming the field and the bad value; the loaders in ``_config`` prefix the TOML
-table or the environment variable.
+:class:`ConfigError` naming the field and the bad value (never a secret's value); ``_tables.build``
+prefixes the TOML table or the environment variable.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -77,6 +78,31 @@ non_negative = number(minimum=0)
 positive_int = number(above=0, integer=True)
 non_negative_int = number(minimum=0, integer=True)
 optional_positive = optional(positive)
+
+
+def http_url(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """An ``http://`` or ``https://`` URL with a host."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+        raise ConfigError(
+            f"{attribute.name} must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1;"
+            f" got {value!r}"
+        )
+
+
+def header_value(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A string that can be sent in an HTTP header as it is (an API key). The value is never shown:
+    only what is wrong with it."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a string")
+    if value != value.strip():
+        raise ConfigError(
+            f"{attribute.name} has leading or trailing whitespace (a newline from a secret file?)"
+        )
+    if not (value.isascii() and value.isprintable()):
+        raise ConfigError(f"{attribute.name} has characters that cannot be sent in an HTTP header")
 
 
 def json_compliant(value: Any, where: str) -> None:

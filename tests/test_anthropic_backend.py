@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from dspy_trio.engine import (
+    AnthropicSettings,
     EngineConfig,
     ErrorEvent,
     FieldDelta,
@@ -62,7 +63,7 @@ async def test_a_message_request_and_its_usage(fake_upstream: FakeUpstream) -> N
 
 
 async def test_streaming_through_the_engine(fake_upstream: FakeUpstream) -> None:
-    lm = LMConfig(provider="anthropic", model="claude-test", api_base=fake_upstream.url, api_key="k")
+    lm = LMConfig(model="claude-test", settings=AnthropicSettings(api_base=fake_upstream.url, api_key="k"))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         async with engine.stream("default", {"question": "q"}) as events:
             received = [event async for event in events]
@@ -102,11 +103,9 @@ async def test_faults_map_to_the_same_typed_errors(
 async def test_retries_and_stream_errors_go_through_the_engines_policies(fake_upstream: FakeUpstream) -> None:
     fake_upstream.add_faults(Fault("overloaded"))
     lm = LMConfig(
-        provider="anthropic",
         model="claude-test",
-        api_base=fake_upstream.url,
-        api_key="k",
         retry=RetryPolicy(base_delay=0.01),
+        settings=AnthropicSettings(api_base=fake_upstream.url, api_key="k"),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})

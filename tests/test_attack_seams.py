@@ -16,17 +16,20 @@ import trio
 
 from dspy_trio.engine import (
     ConfigError,
+    DSPySettings,
     EngineConfig,
     LMConfig,
+    OpenAISettings,
     OverloadedError,
+    ProgramSpec,
     RateLimitWaitError,
+    SimulatedSettings,
     UnknownProgramError,
     UpstreamRateLimitedError,
     UpstreamServerError,
     open_engine,
 )
 from dspy_trio.engine._adaptive import AdaptiveSettings
-from dspy_trio.engine._config import ProgramSpec
 from dspy_trio.engine._retry import RetryPolicy
 from dspy_trio.engine._upstream import UpstreamGuard
 from dspy_trio.engine.lm import GuardedLM, SimulatedLM
@@ -101,7 +104,9 @@ async def test_an_open_engine_with_reserved_params_fails_with_a_config_error() -
     where the raw TypeError used to escape); either way the caller sees a ConfigError."""
 
     async def open_it() -> None:
-        config = EngineConfig(lms={"default": LMConfig(**OPENAI, params={"model": "other"})})
+        config = EngineConfig(
+            lms={"default": LMConfig.from_mapping({**OPENAI, "params": {"model": "other"}})}
+        )
         async with open_engine(config):
             pass
 
@@ -165,7 +170,7 @@ def test_lm_api_key_overrides_a_files_api_key_env_that_is_unset(tmp_path: Any) -
         'api_key_env = "ATTACK1_SURELY_UNSET_KEY"\n'
     )
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_KEY": "sk-from-env"})
-    assert config.lms["default"].api_key == "sk-from-env"
+    assert config.lms["default"].settings.api_key == "sk-from-env"
 
 
 def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_path: Any) -> None:
@@ -177,7 +182,7 @@ def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_pa
     path.write_text('[lms.default]\nprovider = "anthropic"\nmodel = "claude-x"\napi_key = "sk-ant"\n')
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_BASE": "http://proxy.test"})
     assert config.lms["default"].provider == "anthropic"
-    assert config.lms["default"].api_base == "http://proxy.test"
+    assert config.lms["default"].settings.api_base == "http://proxy.test"
 
 
 def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere(tmp_path: Any) -> None:
@@ -194,8 +199,8 @@ def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere
         {"DSPY_TRIO_CONFIG": str(path), "LM_PROVIDER": "anthropic", "LM_MODEL": "claude"}
     ).lms["default"]
     assert lm.provider == "anthropic"
-    assert lm.api_key != "sk-openai-secret"
-    assert lm.api_base != "https://api.openai.com/v1"
+    assert getattr(lm.settings, "api_key", None) != "sk-openai-secret"
+    assert getattr(lm.settings, "api_base", None) != "https://api.openai.com/v1"
 
 
 @pytest.mark.parametrize("key", ["sk-abc\n", "sk-\u00e9t\u00e9"], ids=["trailing-newline", "non-ascii"])
@@ -212,7 +217,7 @@ def test_threads_must_be_an_integer() -> None:
     """``threads = 1.5`` passes _positive; anyio.CapacityLimiter then raises a raw TypeError in
     build_lm (ThreadedLM.__init__)."""
     with pytest.raises(ConfigError):
-        LMConfig(provider="dspy", model="openai/m", api_base="http://upstream.test/v1", threads=1.5)  # type: ignore[arg-type]
+        LMConfig(model="openai/m", settings=DSPySettings(api_base="http://upstream.test/v1", threads=1.5))  # type: ignore[arg-type]
 
 
 def test_the_dspy_provider_keeps_a_503s_retry_after() -> None:
@@ -234,7 +239,7 @@ def test_an_api_base_that_is_not_an_http_url_is_a_config_error(api_base: str) ->
     with httpx.UnsupportedProtocol, which transport_errors maps to a retryable
     UpstreamConnectionError: 3 attempts per call (probe: retries_by_cause={'connection': 2})."""
     with pytest.raises(ConfigError):
-        LMConfig(provider="openai", model="m", api_base=api_base)
+        LMConfig(model="m", settings=OpenAISettings(api_base=api_base))
 
 
 def test_a_file_with_only_named_lms_and_programs_loads() -> None:
@@ -523,7 +528,9 @@ async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error
     from tests.helpers import FailingLM
     from tests.web_helpers import running, settings
 
-    lm_config = LMConfig(first_token_delay=0.0, token_delay=0.0, retry=RetryPolicy(max_attempts=1))
+    lm_config = LMConfig(
+        retry=RetryPolicy(max_attempts=1), settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0)
+    )
     service = settings(engine=EngineConfig(lms={"default": lm_config}))
     failing = FailingLM(UpstreamRateLimitedError("429", model="m", retry_after=math.inf))
     stream_text: list[str] = []

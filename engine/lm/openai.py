@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
+import attrs
 import httpx
 import trio
 
-from .._errors import UpstreamConnectionError
+from .._errors import ConfigError, UpstreamConnectionError
+from .._tables import nested
+from .._validate import http_url
 from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
 from ._http_errors import status_error
+from ._provider import api_key_field
 from ._redact import Redactor
 from ._transport import HTTPSettings, NetworkBackend
-
-if TYPE_CHECKING:
-    from .._config import LMConfig
 
 
 def _jsonable_response_format(value: Any) -> Any:
@@ -92,20 +93,6 @@ class OpenAICompatibleLM(TrioLM):
         self.http = http or HTTPSettings()
         root = api_base.rstrip("/") + "/"
         self._clients = self.http.clients(root, headers, transport=transport, network=network)
-
-    @classmethod
-    def from_config(cls, config: LMConfig, *, cache: bool = False) -> OpenAICompatibleLM:
-        """The backend an ``LMConfig`` describes."""
-        assert config.api_base is not None  # LMConfig checks this
-        return cls(
-            config.model,
-            api_base=config.api_base,
-            api_key=config.api_key,
-            http=config.http,
-            stream_upstream=config.stream_upstream,
-            cache=cache,
-            **config.params,
-        )
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleLM(model={self.model!r}, api_base={self.api_base!r})"
@@ -211,6 +198,51 @@ class OpenAICompatibleLM(TrioLM):
                 raise status_error(self.model, code, {}, json.dumps(payload), redact)
             raise bad(self.model, "the upstream reported an error mid-stream", json.dumps(payload), redact)
         return payload
+
+
+def _needs_api_base(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not value:
+        raise ConfigError(
+            "an LM of provider 'openai' needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
+        )
+    http_url(instance, attribute, value)
+
+
+@attrs.frozen
+class OpenAISettings:
+    """The ``openai`` provider's keys of an ``[lms.NAME]`` table: any OpenAI-compatible endpoint.
+
+    Attributes:
+        api_base: The API root (required), e.g. ``https://api.openai.com/v1`` or a self-hosted
+            server's ``http://127.0.0.1:8080/v1``.
+        api_key: Sent as ``Authorization: Bearer``; never shown in ``repr``. Without one, the
+            environment's ``OPENAI_API_KEY`` is used (for the default LM, ``LM_API_KEY`` first).
+        http: Connection policy: timeouts, connections, the transport, the caps on answers.
+        stream_upstream: Send non-streamed calls upstream as streams and assemble the answer, so a
+            cancelled call closes a stream: self-hosted servers (llama.cpp) stop generating then, but
+            finish a plain request whose client left. Off by default: it costs the engine ~0.08 ms of
+            CPU a token (``benchmarks/stream_upstream.py``).
+    """
+
+    provider: ClassVar[str] = "openai"
+    key_env: ClassVar[str | None] = "OPENAI_API_KEY"
+
+    api_base: str = attrs.field(default="", validator=_needs_api_base)
+    api_key: str | None = api_key_field()
+    http: HTTPSettings = nested(HTTPSettings)
+    stream_upstream: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    def build(self, model: str, params: Mapping[str, Any], *, cache: bool = False) -> OpenAICompatibleLM:
+        """The backend; no I/O happens until its first call."""
+        return OpenAICompatibleLM(
+            model,
+            api_base=self.api_base,
+            api_key=self.api_key,
+            http=self.http,
+            stream_upstream=self.stream_upstream,
+            cache=cache,
+            **params,
+        )
 
 
 def _usage(payload: Mapping[str, Any]) -> dict[str, Any]:
