@@ -2,7 +2,7 @@
 
 Environment (each variable overrides the ``default`` LM of the file, or the engine's limits)::
 
-    DSPY_TRIO_CONFIG      path of a TOML file read first (see README)
+    DSPY_TRIO_CONFIG      path of a TOML file read first (see docs/configuration.md)
     LM_PROVIDER           simulated | openai | anthropic | dspy (default: the file's provider; else openai
                           if LM_API_BASE is set, else simulated). Switching the provider drops the file's
                           api_key and api_base, and every key the new provider does not have: they

@@ -64,8 +64,8 @@ OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http:
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
 )
 def test_nested_tables_refuse_values_that_cannot_work(table: str, values: dict[str, Any]) -> None:
-    """engine/_config.py _check_numbers only refuses negative numbers: NaN, 0, wrong types and
-    inconsistent bounds pass, and fail later at run time (or never: a busy loop)."""
+    """Each nested table refuses what cannot work, not only negative numbers: NaN, 0, wrong types and
+    inconsistent bounds would fail later at run time (or never: a busy loop)."""
     with pytest.raises(ConfigError):
         LMConfig.from_mapping({**OPENAI, table: values}, where="lms.x")
 
@@ -145,8 +145,8 @@ async def test_a_nan_reaper_interval_does_not_crash_an_open_engine(autojump_cloc
     ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()),
 )
 def test_bad_lm_environment_values_are_config_errors(env: dict[str, str]) -> None:
-    """engine/_config.py _default_lm_from_env: LM_TIMEOUT goes through _check_numbers (negative only),
-    LM_MAX_TOKENS and LM_PARAMS are not checked at all."""
+    """The default LM's variables (engine/_env.py default_lm_from_env) are checked like the file's keys:
+    LM_TIMEOUT beyond its sign, LM_MAX_TOKENS and LM_PARAMS at all."""
     with pytest.raises(ConfigError):
         EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1", "LM_MODEL": "m", **env})
 
@@ -189,7 +189,7 @@ def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere
     """File: an OpenAI LM with its key and api_base. Env: LM_PROVIDER=anthropic, LM_MODEL=claude.
     The new Anthropic LM inherits api_base https://api.openai.com/v1 and the OpenAI key (unless
     ANTHROPIC_API_KEY happens to be set): the OpenAI secret goes to whatever the inherited base is,
-    as x-api-key (_config.py _default_lm_from_env: ``{**_shallow(base), **top}``)."""
+    as x-api-key, unless switching the provider drops the keys of the old one (engine/_env.py)."""
     path = tmp_path / "c.toml"
     path.write_text(
         '[lms.default]\nprovider = "openai"\nmodel = "gpt"\napi_base = "https://api.openai.com/v1"\n'
@@ -245,8 +245,8 @@ def test_an_api_base_that_is_not_an_http_url_is_a_config_error(api_base: str) ->
 def test_a_file_with_only_named_lms_and_programs_loads() -> None:
     """[lms.fast] + [programs.qa] lm = "fast" (no LM called "default"): from_mapping merges in the
     implicit default program, whose LM is "default", and fails with "program 'default' uses LM
-    'default', which is not configured" - about a program the user never wrote (_config.py
-    EngineConfig.from_mapping: ``{**_default_programs(), **programs}``)."""
+    'default', which is not configured" - about a program the user never wrote, unless the implicit
+    default program is added only when its LM exists (engine/_engine_config.py)."""
     config = EngineConfig.from_mapping(
         {
             "lms": {"fast": {"provider": "simulated"}},

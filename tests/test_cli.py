@@ -288,8 +288,8 @@ async def test_serve_warns_of_a_remote_server_without_an_api_key() -> None:
     await stop(process)
     [warning] = [line for line in stderr.splitlines() if " WARNING " in line]
     assert warning.endswith(
-        "WARNING dspy_trio.web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 without an "
-        "API key: fine for a self-hosted server that needs none, else set LM_API_KEY"
+        "WARNING dspy_trio.web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 "
+        "without an API key: fine for a self-hosted server that needs none, else set LM_API_KEY"
     ), warning
 
 

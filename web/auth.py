@@ -1,6 +1,6 @@
 """One gate for HTTP and WebSocket: API keys, CORS preflight, and the WebSocket Origin policy.
 
-Rules (the README's security section states them):
+Rules (docs/security.md states them):
 
 - With ``api_keys`` configured, every request except ``/health``, ``/ready``, the playground, the API's
   description (``/docs``, ``/openapi.json``) and the static files needs ``Authorization: Bearer KEY`` (a

@@ -1,7 +1,7 @@
 """Refusing an overload below the framework: a 429 answered in ASGI, before Quart sees the request.
 
 When the engine is saturated, refusals must stay cheap and fast, or they queue behind the very work
-they refuse (issue #13). ``refuse_when_overloaded`` (web/app.py) already refuses before the body is
+they refuse. ``refuse_when_overloaded`` (web/app.py) already refuses before the body is
 parsed, but a refusal there still pays for Quart's request and app contexts, werkzeug's routing, the
 before/after-request hooks and the error handlers: about as much CPU as a whole bare Quart-Trio JSON
 request. This wrapper answers the same 429 directly in ASGI for the requests where nothing else can
