@@ -16,11 +16,11 @@ from ..lm._transport import MockBackend as MockBackend
 from ..lm._transport import MockRequest as MockRequest
 from ..lm._transport import Reply as Reply
 from ..lm._transport import http_response as http_response
-from .fake_upstream import Behavior as Behavior
+from ._faults import Behavior as Behavior
+from ._faults import Fault as Fault
+from ._records import IdleClose as IdleClose
+from ._records import RequestRecord as RequestRecord
 from .fake_upstream import FakeUpstream as FakeUpstream
-from .fake_upstream import Fault as Fault
-from .fake_upstream import IdleClose as IdleClose
-from .fake_upstream import RequestRecord as RequestRecord
 from .fake_upstream import open_fake_upstream as open_fake_upstream
 
 __all__ = [
