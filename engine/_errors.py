@@ -1,4 +1,4 @@
-"""The engine's error tree.
+"""The engine's error tree, and the outcomes a request can end with.
 
 Every failure a caller of the engine can see is one of these. Foreign errors (httpx, DSPy, LiteLLM)
 are translated at the edge where they happen with ``raise X from exc``; the web layer maps each class to

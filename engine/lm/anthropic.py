@@ -1,4 +1,5 @@
-"""Anthropic's Messages API over ``httpx.AsyncClient``, Trio-native, plain and streaming.
+"""Anthropic's Messages API, Trio-native, plain and streaming: the ``anthropic`` provider's backend and
+settings.
 
 DSPy's chat messages are mapped to the Messages API: system messages become the ``system`` field,
 consecutive messages of one role are merged (the API wants user and assistant to alternate), and

@@ -1,9 +1,10 @@
-"""OpenAI-compatible chat completions over ``httpx.AsyncClient``, Trio-native.
+"""OpenAI-compatible chat completions, Trio-native: the ``openai`` provider's backend and settings.
 
-Speaks ``POST {api_base}/chat/completions`` as served by OpenAI, vLLM, llama.cpp's server, Ollama's
-``/v1``, the LiteLLM proxy and the project's fake upstream. httpx runs on Trio through anyio, so the
-caller's cancel scope reaches the socket: cancelling a call closes its connection instead of leaving a
-request running upstream (and billing tokens nobody reads).
+Speaks ``POST {api_base}/chat/completions`` as served by OpenAI, vLLM, llama.cpp's server, Ollama's ``/v1``,
+the LiteLLM proxy and the project's fake upstream, through the transport ``HTTPSettings`` chooses
+(``_transport``: h11 on Trio streams, or httpx on Trio through anyio), so the caller's cancel scope reaches
+the socket: cancelling a call closes its connection instead of leaving a request running upstream (and
+billing tokens nobody reads).
 
 Streaming reads the Server-Sent Events body line by line and pushes each delta to the sink *before*
 reading the next line: a slow consumer therefore pauses the socket read, and TCP flow control carries

@@ -1,5 +1,5 @@
-"""Test support shipped with the engine: a fake OpenAI-compatible upstream, an in-memory network for the
-HTTP backends' default transport, and pytest fixtures.
+"""Test support shipped with the engine: a fake LM upstream (OpenAI-compatible and Anthropic), an
+in-memory network for the HTTP backends' default transport, and pytest fixtures.
 
 ::
 

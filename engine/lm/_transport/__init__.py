@@ -2,9 +2,10 @@
 
 The backends hold an :class:`HTTPSettings` and call ``post_json`` / ``post_sse`` on the client it builds:
 the lean transport (h11 over Trio streams, a keep-alive pool per origin: :class:`LeanClient`) or, where
-:func:`choose` says so, httpx shards with the same two methods (``_httpx``). See ``_settings`` for the
-choice, ``_client`` for the exchange, ``_pool`` for pooling and reaping, ``_connection`` for timeouts and
-cancellation, ``_network`` for the sockets under it and ``_memory`` for the in-memory network tests use.
+:func:`choose` says so, httpx shards with the same two methods (``_httpx``). See ``_choice`` for the choice,
+``_settings`` for the policy that builds the client, ``_client`` for the exchange, ``_pool`` for pooling and
+reaping, ``_connection`` for timeouts and cancellation, ``_network`` for the sockets under it and
+``_memory`` for the in-memory network tests use.
 """
 
 from ._choice import TransportName as TransportName
