@@ -24,6 +24,7 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
+from benchmarks._measure import rss_mb
 from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings
 from dspy_trio.engine.testing import Behavior
 from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
@@ -46,14 +47,6 @@ class _Outcomes(logging.Handler):
                 f"{line['kind']} {line['outcome']} {line.get('error')} "
                 f"{'>=10s' if total >= 10_000 else '<10s'}"
             ] += 1
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def one(

@@ -27,6 +27,7 @@ from typing import Any
 
 import trio
 
+from benchmarks._measure import rss_mb
 from benchmarks._upstream import start_upstream
 from dspy_trio.engine import (
     EngineConfig,
@@ -38,14 +39,6 @@ from dspy_trio.engine import (
     open_engine,
 )
 from dspy_trio.engine.lm import Completion, DeltaSink, SimulatedLM
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def _throughput(tokens: int, runs: int) -> None:
@@ -155,7 +148,7 @@ async def _memory(url: str, streams: int, duration: float, policy: str, buffer_s
             for i in range(streams):
                 nursery.start_soon(slow_reader, i)
             for _ in range(int(duration)):
-                samples.append(_rss_mb())
+                samples.append(rss_mb())
                 await trio.sleep(1.0)
             nursery.cancel_scope.cancel()
     return samples
