@@ -470,10 +470,8 @@ async def test_a_token_count_too_large_for_a_float_is_not_an_internal_error(path
 
     async with open_raw_server(keep_alive_handler(lambda request, content: answer)) as server:
         lm = LMConfig(
-            provider="openai",
             model="fake",
-            api_base=server.url,
-            stream_upstream=path == "stream",
+            settings=OpenAISettings(api_base=server.url, stream_upstream=path == "stream"),
             retry=RetryPolicy(max_attempts=1),
         )
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:
