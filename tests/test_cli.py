@@ -288,8 +288,8 @@ async def test_serve_warns_of_a_remote_server_without_an_api_key() -> None:
     await stop(process)
     [warning] = [line for line in stderr.splitlines() if " WARNING " in line]
     assert warning.endswith(
-        "WARNING dspy_trio.web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 without an API key: "
-        "fine for a self-hosted server that needs none, else set LM_API_KEY"
+        "WARNING dspy_trio.web.cli: LM 'default' sends requests to https://gpu.example.invalid/v1 "
+        "without an API key: fine for a self-hosted server that needs none, else set LM_API_KEY"
     ), warning
 
 
@@ -311,7 +311,8 @@ async def test_serve_announces_the_simulated_lm_before_serving(env: dict[str, st
     assert bool(warnings) is warned, stderr
     if warned:
         assert re.match(
-            rf"^{TIMESTAMP} WARNING dspy_trio.web.cli: no LM configured: the built-in SIMULATED LM", warnings[0]
+            rf"^{TIMESTAMP} WARNING dspy_trio.web.cli: no LM configured: the built-in SIMULATED LM",
+            warnings[0],
         )
     assert all(LOG_LINE.match(line) for line in stderr.splitlines() if line.strip()), stderr
 
