@@ -2,7 +2,7 @@
 
 Each workload starts its upstream in its own process, runs dspy-trio and its peers (or its floor)
 alternately, prints a table of medians and ratios, and (throughput, serving) writes raw JSON and a PNG plot
-to benchmarks/results/. ``hot`` is the hot path of issue #13 (hotpath, hotpath_http, hotpath_stream);
+to benchmarks/results/. ``hot`` is the hot path against its floor (hotpath, hotpath_http, hotpath_stream);
 ``all`` is every workload.
 """
 

@@ -66,7 +66,7 @@ async def raw_post(stream: Any, connection: Any, host: str, target: bytes, paylo
 
 def h11_post_ms(url: str, n: int = 2000, concurrency: int = 1) -> float:
     """CPU ms of one POST with raw h11 on a kept-alive Trio stream, JSON answer parsed; ``concurrency``
-    connections each carry requests one after another (1: the floor as issue 13 defined it; 64: the
+    connections each carry requests one after another (1: one request at a time; 64: the
     same load shape as ``dspy_trio.engine.predict`` at 64 concurrent, where the event loop's cost is
     shared)."""
     import dspy

@@ -3,7 +3,7 @@ stalls and the outcome of each attack.
 
 The fake upstream (this tree's, in its own process) answers with one hostile fault per call; each call
 runs in a fresh worker process, on this tree and on a baseline tree (an export of a git ref, default:
-where this branch left main), with the lean transport and with httpx::
+the merge base of HEAD and main), with the lean transport and with httpx::
 
     python -m benchmarks.hostile_upstream                      # every attack, both trees, ~2 minutes
     python -m benchmarks.hostile_upstream --attacks bomb-predict bomb-stream --baseline none
@@ -26,12 +26,12 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks._baseline import export_tree
 from benchmarks._upstream import start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,14 +147,8 @@ def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, An
 
 
 def _export(ref: str) -> tuple[Path, str]:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    target = Path(tempfile.mkdtemp(prefix="hostile-upstream-baseline-"))
-    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    shutil.copy(Path(__file__), target / "benchmarks" / "hostile_upstream.py")
-    return target, commit
+    """The tree of ``ref`` in a temporary directory, with this script in it. Returns (dir, commit)."""
+    return export_tree(ref, Path(__file__), prefix="hostile-upstream-baseline-")
 
 
 def _post(url: str, payload: dict[str, Any]) -> Any:

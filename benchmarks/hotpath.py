@@ -1,10 +1,10 @@
-"""The hot path (issue 13), in one run: the floor, ``dspy_trio.engine.predict`` CPU per prediction with the
+"""The hot path, in one run: the floor, ``dspy_trio.engine.predict`` CPU per prediction with the
 httpx
 transport and the lean one, 1,000 concurrent predictions against a 1 s upstream, a profile, and loop
 stalls with and without tuning the garbage collector.
 
 Every measurement runs in a fresh worker process (modes alternate over ``--rounds``) against the fake
-upstream in its own process; the table shows medians and the issue's goals as ratios::
+upstream in its own process; the table shows medians and the targets as ratios::
 
     python -m benchmarks.hotpath                         # everything, 2 rounds
     python -m benchmarks.hotpath --rounds 3 --gc-seconds 60

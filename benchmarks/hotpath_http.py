@@ -1,4 +1,4 @@
-"""The HTTP figures of issue #13 in one run: the web layer's CPU per request against a bare Quart-Trio
+"""The hot path over HTTP in one run: the web layer's CPU per request against a bare Quart-Trio
 endpoint, RSS per in-flight request at 64 and 1,000 connections, and overload at 2x capacity.
 
 Processes: the fake upstream (its own), the server under test (its own: ``dspy-trio serve``, or the bare

@@ -1,5 +1,5 @@
-"""Streaming and cancellation on the hot path (issue 13), in one run: tokens/s through the engine before
-(a baseline git ref, default: where this branch left main) and after, and how fast a cancel closes the
+"""Streaming and cancellation on the hot path, in one run: tokens/s through the engine on a baseline
+(a git ref, default: the merge base of HEAD and main) and on this tree, and how fast a cancel closes the
 upstream connection.
 
 Every measurement runs in a fresh worker process against the fake upstream in its own process; the
@@ -35,11 +35,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._baseline import export_tree
 from benchmarks._upstream import start_upstream
 from benchmarks.hotpath import _process_cpu
 
@@ -267,14 +267,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _export(ref: str) -> tuple[Path, str]:
     """The tree of ``ref`` in a temporary directory, with this script in it. Returns (dir, commit)."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    target = Path(tempfile.mkdtemp(prefix="hotpath-stream-baseline-"))
-    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    shutil.copy(Path(__file__), target / "benchmarks" / "hotpath_stream.py")
-    return target, commit
+    return export_tree(ref, Path(__file__), prefix="hotpath-stream-baseline-")
 
 
 def _run(worker: str, url: str, tree: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Overload at 2x capacity over HTTP, dspy-trio alone (issue #13): refusal p99 and admitted p99 vs unloaded.
+"""Overload at 2x capacity over HTTP, dspy-trio alone: refusal p99 and admitted p99 vs unloaded.
 
 The server runs 16 in flight + 16 queued against a fake upstream answering in 0.2 s (capacity 80
 requests/s); the load is open-loop, 20 requests/s unloaded, then 160 requests/s. Uses the helpers of

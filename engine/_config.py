@@ -7,7 +7,7 @@ frozen values the engine runs them with, nested as they are (``[lms.NAME.retry]`
 
 Environment (read by :meth:`EngineConfig.from_env`; each overrides the ``default`` LM of the file)::
 
-    DSPY_TRIO_CONFIG      path of a TOML file read first (see README)
+    DSPY_TRIO_CONFIG      path of a TOML file read first (see docs/configuration.md)
     LM_PROVIDER           simulated | openai | anthropic | dspy (default: the file's provider; else openai
                           if LM_API_BASE is set, else simulated). Switching the provider drops the file's
                           api_key and api_base: they belonged to the other provider.

@@ -70,7 +70,7 @@ check_port() {
     [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -le 65535 ] || die "port must be a number from 0 to 65535, got '$1'"
 }
 
-# The variables dspy-trio reads (EngineConfig.from_env) to use this server: see README, Real models.
+# The variables dspy-trio reads (EngineConfig.from_env) to use this server: see docs/real-models.md.
 dspy_trio_env() {
     printf '%s' "LM_PROVIDER=openai LM_API_BASE=http://127.0.0.1:$1/v1 LM_MODEL=smollm2"
     printf '%s\n' " LM_ADAPTER=json LM_MAX_TOKENS=256 LM_STREAM_UPSTREAM=true"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import dspy
+import h11
 import pytest
 import trio
 
@@ -21,11 +22,12 @@ from dspy_trio.engine import (
     UpstreamServerError,
     open_engine,
 )
-from dspy_trio.engine.lm import AnthropicLM
+from dspy_trio.engine.lm import AnthropicLM, HTTPSettings
 from dspy_trio.engine.lm.anthropic import to_messages_api
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
+from .transport_helpers import RawServer, open_raw_server, read_request, wait_closed
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -136,3 +138,41 @@ def test_anthropic_from_the_environment() -> None:
     )
     lm = config.lms["default"]
     assert (lm.provider, lm.model, lm.api_key, lm.api_base) == ("anthropic", "claude-x", "a", None)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="AnthropicLM._raise_stream_error (engine/lm/anthropic.py) maps only overloaded_error and "
+    "api_error to a retryable error: a rate_limit_error event mid-stream becomes upstream_bad_response "
+    "(never retried, no cool-down), where the OpenAI backend maps the same report (code 429) to "
+    "UpstreamRateLimitedError",
+)
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_a_rate_limit_reported_mid_stream_is_a_rate_limit_as_on_the_openai_backend(
+    transport: str,
+) -> None:
+    """The backends' errors map alike, so that the engine's retry, cool-down and rate-limit policies
+    apply unchanged: Anthropic's ``rate_limit_error`` event after the 200 is a rate limit."""
+
+    def event(name: str, payload: str) -> bytes:
+        return f"event: {name}\ndata: {payload}\n\n".encode()
+
+    body = event("message_start", '{"type": "message_start", "message": {"usage": {"input_tokens": 3}}}')
+    body += event("error", '{"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}')
+
+    async def handle(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+        await stream.send_all(head % len(body) + body)
+        await wait_closed(stream)
+
+    class Sink:
+        async def send(self, text: str) -> None:
+            pass
+
+    async with open_raw_server(handle) as server:
+        http = HTTPSettings(client=transport)  # type: ignore[arg-type]
+        lm = AnthropicLM("claude-test", api_key="sk-ant", api_base=server.url, http=http)
+        with pytest.raises(UpstreamRateLimitedError):
+            await lm.complete(MESSAGES, {}, Sink())
+        await lm.aclose()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,23 @@ async def test_serving_without_its_peers_says_what_to_install_at_once() -> None:
         "fastapi, uvicorn not installed (the peers this benchmark compares dspy-trio with): "
         ".venv/bin/pip install -e '.[bench]' (or make bench)"
     ]
+
+
+async def test_a_baseline_tree_runs_its_own_engine() -> None:
+    """``--baseline REF`` measures REF's engine: the exported tree's workers import ``dspy_trio.engine`` from
+    that tree, not the installed one. (A tree whose engine lives in ``engine/`` has no ``dspy_trio``
+    folder: its workers silently ran the installed engine, and "before" equalled "after".)"""
+    from benchmarks.hostile_upstream import _export
+
+    tree, commit = await trio.to_thread.run_sync(_export, "HEAD")
+    try:
+        assert commit
+        done = await trio.run_process(
+            [sys.executable, "-c", "import dspy_trio.engine as e; print(e.__file__)"],
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": str(tree)},
+            capture_stdout=True,
+        )
+        assert done.stdout.decode().strip().startswith(str(tree))
+    finally:
+        shutil.rmtree(tree)

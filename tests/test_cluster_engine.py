@@ -19,6 +19,7 @@ import trio
 import trustme
 
 from dspy_trio.engine import (
+    ClusterUnavailableError,
     ConfigError,
     Engine,
     EngineConfig,
@@ -358,3 +359,40 @@ async def test_a_rediss_url_talks_tls_to_redis(tmp_path: Path) -> None:
             assert refused.statistics().degraded  # the TLS port does not speak plain Redis
     finally:
         server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="processes whose [cluster] secret differs (one unset, or two different values) digest the same "
+    "owner differently (engine/cluster/_cancel.py OwnerDigest), and a process that cannot match the "
+    "digest answers found=False: the canceller reads 'not found' while the request runs on, and nothing "
+    "in either process says the secrets differ",
+)
+@pytest.mark.parametrize(
+    "secrets", [(None, "0123456789abcdef-one"), ("0123456789abcdef-one", "another-0123456789")]
+)
+async def test_a_cancel_between_processes_whose_secrets_differ_is_not_a_silent_not_found(
+    redis_server: RedisServer, secrets: tuple[str | None, str | None]
+) -> None:
+    """A rolling deploy that sets the secret, or one replica with a typo in it: a cancel by id for the
+    owner that started the request must either reach it or fail loudly (``ClusterUnavailableError``
+    naming the secret), never answer "no such request" for a request that is running."""
+    shared = prefix()
+    runs, cancels = (
+        ClusterConfig(redis_url=redis_server.url, key_prefix=shared, secret=secret) for secret in secrets
+    )
+    async with open_cluster(runs) as running, open_cluster(cancels) as cancelling:
+        heard: list[str] = []
+        running.attach(_cancel_here({"r": "alice-key"}, heard))
+        cancelling.attach(_cancel_here({}, heard))
+        await eventually(lambda: running.subscribed.is_set() and cancelling.subscribed.is_set())
+        found: bool | str
+        try:
+            found = await cancelling.cancel("r", owner="alice-key")
+        except ClusterUnavailableError as exc:
+            found = str(exc)
+        if isinstance(found, str):
+            assert "secret" in found
+        else:
+            assert found is True
+            assert heard == ["r"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -314,3 +317,44 @@ def test_a_new_provider_is_one_registry_entry() -> None:
         assert lm.model == "echo/1"
     finally:
         del PROVIDERS["echo"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine/_config.py's _read_toml reads the whole file, whatever it is: DSPY_TRIO_CONFIG=/dev/zero "
+    "(or a FIFO, /dev/urandom) grows memory until the OOM killer ends `dspy-trio serve` (exit 137; under a "
+    "memory limit, MemoryError and exit 1 with a traceback)",
+)
+def test_a_config_path_that_never_ends_is_a_configuration_error_not_an_unbounded_read(
+    tmp_path: Path,
+) -> None:
+    """A FIFO stands in for /dev/zero: it yields comment lines (valid TOML) until 16 MiB were taken,
+    then ends (so the test itself stays bounded). A config file is a few KiB: a reader that takes that
+    much is reading without a limit."""
+    endless = tmp_path / "endless.toml"
+    os.mkfifo(endless)
+    writer = os.open(endless, os.O_RDWR | os.O_NONBLOCK)  # a writer is there: reading it never blocks
+    done = threading.Event()
+    written = 0
+
+    def feed() -> None:
+        nonlocal written
+        line = b"# a comment line, as long as the file goes on\n" * 1000
+        try:
+            while written < 16 << 20 and not done.is_set():
+                try:
+                    written += os.write(writer, line)
+                except BlockingIOError:
+                    time.sleep(0.001)  # the reader is slower, or gone: wait for it or for the end
+        finally:
+            os.close(writer)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        with pytest.raises(ConfigError, match=r"endless\.toml"):
+            EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(endless)})
+    finally:
+        done.set()
+        feeder.join()

@@ -119,3 +119,17 @@ def test_lm_api_base_alone_still_means_openai_when_nothing_chose_a_provider() ->
 def test_lm_api_base_without_a_model_names_the_variable_the_user_set() -> None:
     with pytest.raises(ConfigError, match=r"LM_API_BASE without LM_PROVIDER .* needs LM_MODEL"):
         EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1"})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine/_config.py's _http_url checks only the scheme, a non-empty netloc and whitespace: "
+    "urlsplit's own ValueError (an unclosed '[') escapes it, and a bad port or host passes and fails later "
+    "(api_root's parts.port, the transport), so `dspy-trio serve` exits 1 with a traceback, not 2",
+)
+@pytest.mark.parametrize(
+    "base", ["http://[::1", "http://[zz]/v1", "http://h:99999/v1", "http://h:abc/v1", "http://:80/v1"]
+)
+def test_an_api_base_that_is_not_a_usable_url_is_a_configuration_error(base: str) -> None:
+    with pytest.raises(ConfigError, match="LM_API_BASE"):
+        EngineConfig.from_env({"LM_PROVIDER": "openai", "LM_API_BASE": base, "LM_MODEL": "m"})

@@ -19,6 +19,7 @@ from dspy_trio.engine.lm._http_errors import status_error
 from dspy_trio.engine.lm._redact import Redactor
 from dspy_trio.engine.testing import FakeUpstream, Fault
 
+from .transport_helpers import keep_alive_handler, open_raw_server
 from .web_helpers import running, settings
 
 pytestmark = pytest.mark.network
@@ -150,3 +151,41 @@ def test_any_error_body_gives_a_typed_error_with_our_words(
     assert error.message == "m: the upstream answered HTTP 503: it failed"
     assert error.retry_after == 2
     assert len(caplog.records[-1].getMessage()) < 700
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the transports read Retry-After differently: for a repeated header the lean one keeps the "
+    "last value (engine/lm/_transport/_client.py _headers builds a dict) and httpx joins them with ', ', "
+    "which parse_retry_after (engine/lm/_http_errors.py) cannot parse; for non-ASCII bytes the lean one "
+    "decodes latin-1 and httpx UTF-8, and float() takes the Arabic-Indic digit '\u0663' as 3",
+)
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b"retry-after: 5", b"retry-after: 7"],
+        [b"retry-after-ms: 5000", b"retry-after-ms: 7000"],
+        [b"retry-after: \xd9\xa3"],
+    ],
+    ids=["two-retry-after", "two-retry-after-ms", "non-ascii-digit"],
+)
+async def test_the_same_429_bytes_give_the_same_retry_after_on_both_transports(lines: list[bytes]) -> None:
+    """A 429 with two ``Retry-After`` headers (a provider's and a proxy's), or a value that is not an
+    RFC 9110 delay: whichever transport reads the bytes, the engine must wait the same time before it
+    calls again (and only for a value made of ASCII digits)."""
+    body = b'{"error": {"message": "slow down"}}'
+    raw = (
+        b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+        + b"".join(line + b"\r\n" for line in lines)
+        + b"content-length: %d\r\n\r\n" % len(body)
+        + body
+    )
+    seen: dict[str, float | None] = {}
+    async with open_raw_server(keep_alive_handler(lambda request, content: raw)) as server:
+        for transport in ("lean", "httpx"):
+            lm = backend("openai", transport, server.url)
+            with pytest.raises(UpstreamError) as info:
+                await lm.complete(MESSAGES, {}, None)
+            seen[transport] = info.value.retry_after
+            await lm.aclose()
+    assert seen["lean"] == seen["httpx"], seen

@@ -1,11 +1,15 @@
-"""README.md as typed: its code blocks are extracted and run, so they cannot rot.
+"""README.md and docs/ as typed: their code blocks are extracted and run, so they cannot rot.
 
+- README opens with the two set-up commands, ``make serve`` and ``make test``, exactly;
 - every ``python`` block compiles (fragments with top-level ``await`` included); complete programs
-  (``trio.run(main)``) run against a real server on an ephemeral port;
+  (``trio.run(main)``) run, against a real server on an ephemeral port when they call one;
 - every line of every ``sh`` block is either run (``curl``, ``dspy-trio predict``/``--version``), started and
   stopped (``dspy-trio serve``/``fake-upstream``), or named here as not runnable offline;
+- every ``toml`` block loads as an ``EngineConfig``;
 - the pytest-plugin example runs as written in a fresh project, and the plugin stays out of projects that
   did not ask for it.
+
+The documents' structure (length, links, anchors, wording) is checked in tests/test_docs.py.
 """
 
 from __future__ import annotations
@@ -17,24 +21,37 @@ import signal
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import trio
 
+from dspy_trio.engine import EngineConfig
 from tests.helpers import variables_the_service_reads
 from tests.web_helpers import running
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCUMENTS = {
+    path.relative_to(ROOT).as_posix(): path.read_text()
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+}
+# Complete programs that are measurements of a minute's CPU, not examples: compiled, not run.
+NOT_RUN_PROGRAMS = ("docs/dspy-engines.md",)
 BIN = str(Path(sys.executable).parent)
 LM_VARIABLES = ("LM_PROVIDER", "LM_API_BASE", "LM_MODEL", "LM_API_KEY", "DSPY_TRIO_CONFIG", "PYTHONPATH")
 # Lines that need more than this machine offers offline, or that install: shown, not run.
 NOT_RUN = ("make ", "scripts/", "docker ", "vllm ", "ollama ")
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE)
+def blocks(language: str, documents: tuple[str, ...] | None = None) -> list[str]:
+    """The ``language`` code blocks of every document (or of those named), in order."""
+    found = []
+    for name, text in DOCUMENTS.items():
+        if documents is None or name in documents:
+            found += re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    return found
 
 
 def sh_lines() -> list[str]:
@@ -80,6 +97,26 @@ def kind(line: str) -> str:
     if command.startswith(".venv/bin/dspy-trio"):
         return "command"
     return "unknown"
+
+
+def test_readme_opens_with_the_two_setup_commands() -> None:
+    """The first thing a newcomer types: ``make serve`` and ``make test``, in the README's first code
+    block, before any other command."""
+    first = re.search(r"^```(\w*)\n(.*?)^```", README, flags=re.DOTALL | re.MULTILINE)
+    assert first is not None
+    assert first.group(1) == "sh"
+    commands = [line.split("#")[0].strip() for line in first.group(2).splitlines() if line.strip()]
+    assert commands == ["make serve", "make test"]
+
+
+def test_every_toml_block_loads_as_an_engine_config() -> None:
+    """A configuration shown in the documents is one the engine accepts (keys, tables, values)."""
+    found = blocks("toml")
+    assert found
+    for block in found:
+        data = tomllib.loads(block.replace('secret = "..."', 'secret = "an-example-secret-of-32-chars"'))
+        config = EngineConfig.from_mapping(data, env={"OPENAI_API_KEY": "sk-example"})
+        assert config.lms
 
 
 def test_every_shell_line_is_understood() -> None:
@@ -176,9 +213,10 @@ async def test_servers_start_as_typed() -> None:
 
 async def test_try_it_curls_and_python_programs_against_a_real_server() -> None:
     curls = [line for line in sh_lines() if kind(line) == "curl"]
-    programs = [code for code in blocks("python") if "trio.run(main)" in code]
+    runnable = tuple(name for name in DOCUMENTS if name not in NOT_RUN_PROGRAMS)
+    programs = [code for code in blocks("python", runnable) if "trio.run(main)" in code]
     assert len(curls) >= 5
-    assert len(programs) >= 2
+    assert len(programs) >= 3
     async with running() as server:
         port = int(server.url.rsplit(":", 1)[1])
         for line in curls:

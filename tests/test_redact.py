@@ -3,6 +3,7 @@ whole or in pieces, and anything shaped like a credential."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -90,3 +91,26 @@ def test_an_excerpt_is_one_log_line() -> None:
     excerpt = Redactor().excerpt("bad\nINFO engine.requests forged line\r\x1b[31mred")
     assert not any(c in excerpt for c in "\n\r\x1b")
     assert excerpt == "bad\\nINFO engine.requests forged line\\r\\x1b[31mred"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Redactor knows the credentials only as sent (engine/lm/_redact.py Redactor.__init__): their "
+    "base64 forms are not among its secrets or fragments, and no shape matches a bare base64 run",
+)
+@pytest.mark.parametrize("quoted", [KEY, f"Bearer {KEY}", f"user:{KEY}"], ids=["key", "header", "basic"])
+@pytest.mark.parametrize("alphabet", ["standard", "urlsafe"])
+def test_a_key_echoed_base64_encoded_is_removed(redact: Redactor, quoted: str, alphabet: str) -> None:
+    """A gateway that dumps the request's ``Authorization`` base64-encoded (or a token built around the
+    key) writes the key in another alphabet: decoding the log line gives it back. Every alignment of
+    the key inside the encoded text must go, whatever precedes it."""
+    encode = base64.b64encode if alphabet == "standard" else base64.urlsafe_b64encode
+    encoded = encode(quoted.encode()).decode()
+    logged = redact.excerpt(f"upstream said: invalid token {encoded} (check it)")
+    assert encoded not in logged
+    for run in logged.split():
+        try:
+            decoded = base64.b64decode(run + "==", altchars=b"-_" if alphabet == "urlsafe" else None)
+        except ValueError:
+            continue
+        assert KEY[8:24].encode() not in decoded, logged

@@ -121,3 +121,41 @@ def test_invalid_utf8_in_an_event_is_refused_not_replaced() -> None:
 def test_a_character_split_across_reads_is_one_character() -> None:
     data = 'data: "日本"\n\n'.encode()
     assert read([data[:8], data[8:10], data[10:]]) == [("message", '"日本"')]
+
+
+# --- attacks on the reader (found by the upstream attack round; the fix flips them) -------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="EventReader does not strip a leading UTF-8 BOM (engine/lm/_sse.py:_lines): the first line's "
+    "field name becomes b'\\xef\\xbb\\xbfdata', so the first event is silently dropped",
+)
+@pytest.mark.parametrize("split", [None, 1, 2, 3, 4])
+def test_a_byte_order_mark_before_the_first_event_is_stripped_not_the_event(split: int | None) -> None:
+    """The SSE standard strips one leading U+FEFF from the stream. Without that, an upstream (or a proxy)
+    that starts its stream with a BOM loses its first event: for a chat completion, the first delta of
+    the answer disappears and the call still succeeds with a truncated text."""
+    body = b"\xef\xbb\xbfdata: first\n\ndata: second\n\n"
+    chunks = [body] if split is None else [body[:split], body[split:]]
+    assert read(chunks) == [("message", "first"), ("message", "second")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the event cap is off by one (engine/lm/_sse.py:_lines): each data line is counted with a "
+    "joining newline (len(value) + 1) even when it is the only line, and a single line is also capped "
+    "with its 'data: ' prefix, so data of exactly max_event_bytes is refused",
+)
+@pytest.mark.parametrize("split", [None, 1, 6, 7, 100])
+def test_one_data_line_of_exactly_the_cap_passes(split: int | None) -> None:
+    """``max_event_bytes`` is documented as the most one event's data may hold: an event whose one
+    ``data:`` line carries exactly that many bytes is within it (and one byte more is not)."""
+    at_cap = b"data: " + b"a" * 100 + b"\n\n"
+    over = b"data: " + b"a" * 101 + b"\n\n"
+    chunks = (
+        (lambda d: [d]) if split is None else (lambda d: [d[i : i + split] for i in range(0, len(d), split)])
+    )
+    assert read(chunks(at_cap), cap=100) == [("message", "a" * 100)]
+    with pytest.raises(BadResponse, match="larger than 100 bytes"):
+        read(chunks(over), cap=100)

@@ -10,14 +10,26 @@ import json
 from typing import Any
 
 import dspy
+import h11
 import httpx
 import pytest
+import trio
 
-from dspy_trio.engine import ConfigError, EngineConfig, LMConfig, RetryPolicy, open_engine
-from dspy_trio.engine.lm import AnthropicLM, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine import (
+    ConfigError,
+    EngineConfig,
+    LMConfig,
+    RetryPolicy,
+    UpstreamTimeoutError,
+    open_engine,
+)
+from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
+from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.lm._base import GuardedLM
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
+from .transport_helpers import RawServer, open_raw_server, read_request
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Trio?"}]
 
@@ -160,3 +172,45 @@ def test_from_config_passes_stream_upstream() -> None:
     assert OpenAICompatibleLM.from_config(config).stream_upstream is True
     config = LMConfig(provider="anthropic", model="m", api_key="k", stream_upstream=True)
     assert AnthropicLM.from_config(config).stream_upstream is True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="UpstreamGuard watches only calls that have a sink (engine/_upstream.py:198, watched is None "
+    "when sink is None, and the watchdog scope is skipped at :264): a predict sent as a stream gets no "
+    "first-token or stall timeout, so keep-alive comments hold it until the caller's deadline",
+)
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_first_token_and_stall_timeouts_watch_a_predict_sent_as_a_stream(
+    autojump_clock: Any, transport: str
+) -> None:
+    """An upstream that answers ``200 text/event-stream`` and then only ``: keep-alive`` comments, one a
+    second, forever: a read timeout never fires (bytes keep coming). With ``first_token = 5`` the call
+    must fail at exactly 5 s, as the same call with a stream consumer does."""
+
+    async def keep_alives(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n")
+        while True:
+            await stream.send_all(b": keep-alive\n\n")
+            await trio.sleep(1)
+
+    async with open_raw_server(keep_alives) as server:
+        backend = OpenAICompatibleLM(
+            "fake",
+            api_base=server.url,
+            http=HTTPSettings(client=transport, read_timeout=10.0),  # type: ignore[arg-type]
+            stream_upstream=True,
+        )
+        policy = UpstreamPolicy(first_token_timeout=5.0, stall_timeout=5.0, retry=RetryPolicy(max_attempts=1))
+        lm = GuardedLM(backend, UpstreamGuard("fake", policy))
+        started = trio.current_time()
+        error: Exception | None = None
+        with trio.move_on_after(100):  # the caller's deadline
+            try:
+                await lm.complete(MESSAGES, {}, None)
+            except UpstreamTimeoutError as exc:
+                error = exc
+        await backend.aclose()
+    assert error is not None, "the keep-alives held the call until the caller's deadline"
+    assert trio.current_time() - started == 5.0

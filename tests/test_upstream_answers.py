@@ -8,7 +8,10 @@ stream path alike, with memory bounded by the caps and the event loop never held
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,6 +20,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from dspy_trio.engine import (
     EngineConfig,
@@ -31,7 +35,7 @@ from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, T
 from dspy_trio.engine.lm._base import Completion
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
-from .transport_helpers import RawServer, open_raw_server, read_request, wait_closed
+from .transport_helpers import RawServer, keep_alive_handler, open_raw_server, read_request, wait_closed
 from .web_helpers import running, settings
 
 pytestmark = pytest.mark.network
@@ -362,3 +366,238 @@ async def test_a_cancel_while_a_bomb_inflates_closes_the_connection_and_leaves_n
             stats = lm._clients.pool.statistics()  # type: ignore[attr-defined]
             assert (stats.active, stats.idle) == (0, 0)
         await lm.aclose()
+
+
+# --- attacks that broke the rules above (the upstream attack round; each fix flips its test) ---------
+
+
+def _raw_answer(*parts: bytes | float) -> Callable[[trio.abc.Stream, RawServer], Any]:
+    """A raw upstream that reads one request, then writes ``parts`` (bytes) and sleeps (numbers), then
+    keeps the connection open until the client closes it."""
+
+    async def handle(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        for part in parts:
+            if isinstance(part, bytes):
+                await stream.send_all(part)
+            else:
+                await trio.sleep(part)
+        await wait_closed(stream)
+
+    return handle
+
+
+def _delta(text: str, finish: str | None = None) -> bytes:
+    chunk = {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a leading UTF-8 BOM is not stripped (engine/lm/_sse.py): the first event's field reads "
+    "b'\\xef\\xbb\\xbfdata' and the event is dropped; the call succeeds with the first delta missing",
+)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_stream_that_starts_with_a_bom_loses_no_delta(transport: str) -> None:
+    body = b"\xef\xbb\xbf" + _delta("Hello ") + _delta("world", "stop") + b"data: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with open_raw_server(_raw_answer(head + body)) as server:
+        lm = backend("openai", transport, server.url)
+        sink = Deltas()
+        completion = await lm.complete(MESSAGES, {}, sink)
+        await lm.aclose()
+    assert completion.texts == ["Hello world"]
+    assert sink.texts == ["Hello ", "world"]
+
+
+_HTTPX_HEAD_UNBOUNDED = pytest.mark.xfail(
+    strict=True,
+    reason="the httpx path bounds each read by read_timeout but not the whole response head "
+    "(engine/lm/_http_pool.py post_json/post_sse: client.stream(...) waits for the head with httpx's "
+    "per-read timeout only); the lean transport bounds the head as a whole (_client.py _start, head_by)",
+)
+
+
+@pytest.mark.parametrize("head", ["informational", "trickled"])
+@pytest.mark.parametrize("transport", ["lean", pytest.param("httpx", marks=_HTTPX_HEAD_UNBOUNDED)])
+async def test_a_head_that_never_completes_times_out_on_both_transports(
+    autojump_clock: trio.testing.MockClock, transport: str, head: str
+) -> None:
+    """The same bytes, the same outcome: an upstream that answers ``100 Continue`` every second forever,
+    or trickles its status line and headers a byte a second, never sends a response head. The lean
+    transport gives up after ``read_timeout`` (5 s here); httpx waited until the caller's deadline."""
+
+    async def endless_head(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        if head == "trickled":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n")
+        while True:
+            await stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n" if head == "informational" else b"x")
+            await trio.sleep(1)
+
+    async with open_raw_server(endless_head) as server:
+        lm = backend("openai", transport, server.url, read_timeout=5.0)
+        started = trio.current_time()
+        error: UpstreamError | None = None
+        with trio.move_on_after(100):  # the caller's deadline
+            try:
+                await lm.complete(MESSAGES, {}, None)
+            except UpstreamError as exc:
+                error = exc
+        await lm.aclose()
+    assert error is not None, "no timeout: the call ran until the caller's deadline"
+    assert "read timeout" in error.message
+    assert trio.current_time() - started == 5.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a whole number too large for a float passes clean_usage (engine/lm/_answers.py:299) and "
+    "float(total_tokens) in UpstreamGuard._attempt (engine/_upstream.py:273) raises OverflowError: the "
+    "request ends as a ProgramError (internal error) instead of upstream_bad_response or a dropped count",
+)
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_token_count_too_large_for_a_float_is_not_an_internal_error(path: str) -> None:
+    huge = "1" + "0" * 400  # valid JSON, a whole number, not negative
+    completion = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "[[ ## answer ## ]]\nhi"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    if path == "predict":
+        body = (
+            json.dumps(completion).encode().replace(b'"total_tokens": 2', b'"total_tokens": ' + huge.encode())
+        )
+        media = b"application/json"
+    else:
+        usage = b'data: {"choices": [], "usage": {"total_tokens": ' + huge.encode() + b"}}\n\n"
+        body = _delta("[[ ## answer ## ]]\nhi", "stop") + usage + b"data: [DONE]\n\n"
+        media = b"text/event-stream"
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: " + media + b"\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    )
+
+    async with open_raw_server(keep_alive_handler(lambda request, content: answer)) as server:
+        lm = LMConfig(
+            provider="openai",
+            model="fake",
+            api_base=server.url,
+            stream_upstream=path == "stream",
+            retry=RetryPolicy(max_attempts=1),
+        )
+        async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+            # Refusing the answer is as good as dropping the count; a ProgramError is not.
+            with contextlib.suppress(UpstreamResponseError):
+                await engine.predict("default", {"question": "q"})
+
+
+class _LongestStep(trio.abc.Instrument):
+    """The longest time one task step held the event loop (real seconds)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._began: float | None = None
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._began = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._began is not None:
+            self.longest = max(self.longest, time.perf_counter() - self._began)
+            self._began = None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an answer within the cap is parsed in one synchronous json.loads on the event loop "
+    "(engine/lm/_answers.py parse_json): 4 MiB of arrays nested 100 deep (far under the depth limit) "
+    "holds the loop ~1.8 s and builds ~250 MB of lists (16 MiB: ~5 s and ~900 MB)",
+)
+async def test_an_answer_of_millions_of_nested_arrays_does_not_hold_the_event_loop() -> None:
+    """Valid JSON within the size cap and the depth limit, but made of millions of containers: every
+    other request of the process (deadlines, streams, heartbeats) waits while one answer is parsed. The
+    answer may be refused or parsed off the loop; no single task step may hold the loop for long (the
+    unfixed step is ~1.8 s on an idle machine, longer on a busy one; 0.5 s is the margin)."""
+    cap = 4 << 20
+    head = b'{"choices": [{"index": 0, "message": {"content": "hi"}}], "x": ['
+    unit = b"[" * 100 + b"]" * 100 + b","
+    body = head + unit * ((cap - len(head) - 3) // len(unit)) + b"0]}"
+    assert len(body) <= cap
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with open_raw_server(_raw_answer(answer + body)) as server:
+        lm = backend("openai", "lean", server.url, max_response_bytes=cap)
+        steps = _LongestStep()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            with contextlib.suppress(UpstreamResponseError):
+                await lm.complete(MESSAGES, {}, None)
+            await trio.lowlevel.checkpoint()  # the step that parsed ends here: the instrument sees it
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        await lm.aclose()
+    assert steps.longest < 0.5, f"one task step held the event loop for {steps.longest:.2f} s"
+
+
+_ENDED = {
+    "openai": _delta("Hello ") + _delta("world", "stop") + b"data: [DONE]\n\n",
+    "anthropic": b"".join(
+        f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode()
+        for name, payload in [
+            ("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hello "}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "world"}},
+            ),
+            ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    ),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after the stream's own end ([DONE], message_stop) both backends read on to the end of the "
+    "body (engine/lm/openai.py _stream: 'read on to the end of the body, so the connection can be "
+    "reused'; anthropic.py likewise) with no bound of their own: an upstream that keeps the connection "
+    "open turns a complete answer into a read timeout, or holds it until the deadline with keep-alives",
+)
+@pytest.mark.parametrize("after", ["silence", "keep-alives"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_a_stream_that_ended_is_taken_even_if_the_upstream_keeps_the_connection_open(
+    autojump_clock: trio.testing.MockClock, provider: str, transport: str, after: str
+) -> None:
+    """The answer is complete (every delta, the finish, ``[DONE]`` / ``message_stop``), but the body's
+    chunked framing never ends: silence, or a keep-alive comment a second. The caller already has the
+    whole text; the call must return it, not fail with a read timeout after 5 s (the client of a
+    stream got every delta and then an error event) or wait for the deadline."""
+    body = _ENDED[provider]
+
+    async def never_ends(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        await stream.send_all(head + b"%x\r\n" % len(body) + body + b"\r\n")
+        while True:
+            await trio.sleep(1)
+            if after == "keep-alives":
+                await stream.send_all(b"e\r\n: keep-alive\n\n\r\n")
+
+    async with open_raw_server(never_ends) as server:
+        lm = backend(provider, transport, server.url, read_timeout=5.0)
+        sink = Deltas()
+        completion = None
+        with trio.move_on_after(100):  # the caller's deadline
+            completion = await lm.complete(MESSAGES, {}, sink)
+        await lm.aclose()
+    assert completion is not None, "held until the caller's deadline"
+    assert completion.texts == ["Hello world"]

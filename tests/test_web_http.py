@@ -11,12 +11,14 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 from openapi_spec_validator import validate
 
 from dspy_trio.engine import EngineConfig, LMConfig, UpstreamServerError
 from dspy_trio.engine.testing import Behavior, FakeUpstream
 
 from .helpers import CountingLM, FailingLM, first_request_closed_by_client, wait_until
+from .test_web_protocol import parse_responses, request
 from .web_helpers import running, settings
 
 
@@ -408,3 +410,73 @@ async def test_overload_is_refused_before_the_body_is_parsed_and_the_connection_
         response = await client.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
         assert response.status_code == 400  # with room again, the body is parsed as before
         assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="web/app.py's on_werkzeug_error reads `request` (HTTP only): for a WebSocket handshake to a route "
+    "that has none it raises RuntimeError('Not within a request context'), so the client gets a bare 500 "
+    "and the log two tracebacks",
+)
+@pytest.mark.parametrize("path", ["/health", "/predict", "/nowhere"])
+async def test_a_websocket_handshake_to_a_route_without_one_gets_a_json_4xx(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    handshake = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.get(path, headers=handshake)
+    assert response.status_code in (400, 404, 405), response.status_code
+    assert response.json()["error"]["message"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a plain GET of a WebSocket route is werkzeug's generic 400 'bad request: GET /v1/ws', which "
+    "does not say what is wrong (no WebSocket handshake)",
+)
+@pytest.mark.parametrize("path", ["/ws", "/v1/ws"])
+async def test_a_plain_get_of_a_websocket_route_says_it_needs_a_websocket_handshake(path: str) -> None:
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.get(path)
+    assert response.status_code in (400, 426)
+    assert "websocket" in response.json()["error"]["message"].lower()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the wait for the body is Quart's BODY_TIMEOUT (60 s) plus the keep-alive guard's drain, "
+    "whatever the request's own deadline: a body that never ends holds the connection 61 s here",
+)
+async def test_a_body_that_never_ends_is_answered_by_the_requests_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(settings(keep_alive_timeout=1.0)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        head = request(
+            "POST",
+            "/predict",
+            "Host: x",
+            "Content-Type: application/json",
+            "X-Request-Timeout: 2",
+            "Content-Length: 16",
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(head + b'{"ques')  # the rest never comes
+            sent = trio.current_time()
+            with trio.fail_after(600):  # virtual seconds: a hang guard
+                received = await stream.receive_some(65536)
+                answered = trio.current_time() - sent
+                while data := await stream.receive_some(65536):  # the answer closes the connection
+                    received += data
+    [(status, _, body)] = parse_responses(received)
+    assert status in (408, 504)
+    assert json.loads(body)["error"]["code"]
+    assert answered <= 2 + 1  # the deadline, and at most the keep-alive drain after it (was 61)

@@ -1,7 +1,7 @@
 """Who may call: API keys, CORS preflight, and the WebSocket Origin policy, for HTTP and WebSocket alike.
 
 The front door (:mod:`dspy_trio.web.door`) calls :func:`authorize` once per request, with the route the
-path matched. Rules (the README's security section states them):
+path matched. Rules (docs/security.md states them):
 
 - With ``api_keys`` configured, every request needs ``Authorization: Bearer KEY`` (a WebSocket may pass
   ``?api_key=KEY``) except on the routes the route table marks ``open``

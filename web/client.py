@@ -6,7 +6,7 @@
         answer = await client.predict("default", {"question": "What is Trio?"})
         async with client.stream("default", {"question": "..."}) as events:  # (name, payload) pairs
             async for name, payload in events: ...
-        async with client.ws_ask("What is Trio?") as tokens:                # the seed's /ws protocol
+        async with client.ws_ask("What is Trio?") as tokens:                # /ws: a question, tokens, [DONE]
             async for token in tokens: ...
         async with client.open_multiplexed() as ws:                          # /v1/ws, many requests at once
             result = await ws.predict("default", {"question": "a"})
@@ -103,7 +103,7 @@ class Client:
         return list(payload["results"])
 
     async def ask(self, question: str, *, timeout_secs: float | None = None) -> dict[str, Any]:
-        """The seed's ``POST /predict``: ``{"answer", "duration_ms"}``."""
+        """The plain ``POST /predict``: ``{"answer", "duration_ms"}``."""
         body: dict[str, Any] = {"question": question}
         if timeout_secs is not None:
             body["timeout_secs"] = timeout_secs
@@ -135,7 +135,7 @@ class Client:
 
     @trio.as_safe_channel
     async def ws_ask(self, question: str) -> AsyncGenerator[str, None]:
-        """The seed's ``/ws``: ``async with client.ws_ask(q) as tokens: async for token in tokens``.
+        """The plain ``/ws``: ``async with client.ws_ask(q) as tokens: async for token in tokens``.
 
         The socket (and its nursery) lives in a task of its own; the tokens come through a channel.
         """

@@ -120,7 +120,7 @@ class ServiceOpenAPI(OpenAPIProvider):
                     if settings.api_keys and route.keyed:
                         operation["security"] = [{"bearer": []}]
                 elif not operation.get("responses"):
-                    operation["responses"] = {"default": {"description": "See the README."}}
+                    operation["responses"] = {"default": {"description": "See docs/http-api.md."}}
         batch = document["paths"].get("/v1/programs/{name}/batch", {}).get("post")
         if batch is not None:
             body = batch["requestBody"]["content"]["application/json"]["schema"]

@@ -180,7 +180,7 @@ async def serve(
     start-up (the app, the engine, DSPy, pydantic) is collected once and moved out of the garbage
     collector's reach with ``gc.freeze()``, and the young generation's threshold is raised to 10,000
     (``dspy_trio.engine.tune_gc_for_serving``), so full collections do not walk that heap and stall the event
-    loop, and young ones stop re-walking the requests in flight (issue #13). ``open_server`` (tests,
+    loop, and young ones stop re-walking the requests in flight. ``open_server`` (tests,
     embedding) does not do it: a process-wide GC setting is the serving process's call.
 
     Blocks for the life of the server, including the drain (and for one full collection at start-up).
