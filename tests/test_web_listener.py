@@ -349,13 +349,6 @@ async def test_a_client_that_stops_reading_cannot_hold_up_the_shutdown(
     assert took <= 2.0, took
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="failures raised in Hypercorn's app task (hypercorn.error 'Error in ASGI Framework', Quart's "
-    "'Exception on websocket', web 'unhandled error in WebSocket') are logged with a full traceback per "
-    "connection: only failures that reach the connection guard are rate-limited. A client makes the "
-    "server write about 3.5 KB of log per connection (2.7 MB for 800 connections, measured)",
-)
 async def test_hostile_connections_cannot_flood_the_log_with_tracebacks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

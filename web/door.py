@@ -42,6 +42,7 @@ from .call import Call, label_of, new_request_id
 from .encoding import dumps
 from .errors import HTTPError, engine_error_response, http_error_response
 from .keepalive import body_headers
+from .routing import Route
 from .service import Service
 
 CALL = "dspy_trio.call"  # the key of the call in the ASGI scope
@@ -80,6 +81,25 @@ def _query(scope: Any) -> dict[str, str]:
     for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
         query.setdefault(name, value)
     return query
+
+
+def _wrong_transport(route: Route, websocket: bool, sockets: str) -> HTTPError:
+    """The refusal of a WebSocket handshake to an HTTP route (``sockets``: the WebSocket routes), or of a
+    plain request to a WebSocket route."""
+    if websocket:
+        return HTTPError(
+            400,
+            f"{route.template} is not a WebSocket endpoint (the WebSocket endpoints: {sockets})",
+            type="invalid_request_error",
+            code="not_a_websocket_endpoint",
+        )
+    return HTTPError(
+        426,
+        f"{route.template} is a WebSocket endpoint: open it with a WebSocket handshake (Upgrade: websocket)",
+        type="invalid_request_error",
+        code="websocket_required",
+        headers={"Upgrade": "websocket"},
+    )
 
 
 def call_in(scope: Any) -> Call:
@@ -125,6 +145,7 @@ class FrontDoor:
     def __init__(self, app: ASGIFramework, service: Service) -> None:
         self.app = app
         self.service = service
+        self._sockets = ", ".join(route.template for route in service.routes if route.websocket)
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         kind = scope["type"]
@@ -169,7 +190,9 @@ class FrontDoor:
             refusal = error
         else:
             engine = service.engine
-            if (
+            if route is not None and route.websocket != websocket:
+                refusal = _wrong_transport(route, websocket, self._sockets)
+            elif (
                 route is not None
                 and program is not None
                 and route.refused_at_the_door
