@@ -1,5 +1,6 @@
-"""Attacks on the front door's overload refusal (web/door.py) under the keep-alive guard (web/keepalive.py), and on
-the numbered calls of a predictor's stream (engine/_streaming.py ``_PredictorSink.new_call``).
+"""Attacks on the front door's overload refusal (web/door.py) under the keep-alive guard
+(web/keepalive.py), and on the numbered calls of a predictor's stream (engine/_streaming.py
+``_PredictorSink.new_call``).
 
 The gate tests send one overloaded request to the served app with the gate (the front door, web/door.py,
 answering its refusals itself) and to the same app without it (the door handing every refusal to the

@@ -1,5 +1,5 @@
 """Cancel by id, for every kind of call: ``DELETE /v1/requests/{id}`` reaches a JSON prediction, an SSE
-stream (the seed's and the v1 one), a batch (JSON, SSE, NDJSON), a ``/v1/ws`` frame and a ``/ws``
+stream (the plain one and the v1 one), a batch (JSON, SSE, NDJSON), a ``/v1/ws`` frame and a ``/ws``
 question, through the engine alone (``Engine.cancel_anywhere`` with the caller's key as owner): another
 key's cancel is a 404 that leaves the call running, the owner's ends it with its one ``cancelled``
 outcome, and the id is then gone."""

@@ -1,4 +1,4 @@
-"""The wire formats (web/formats.py): the seed's token stream is one format carried two ways (SSE and
+"""The wire formats (web/formats.py): the plain token stream is one format carried two ways (SSE and
 ``/ws``), the same tokens, error and ``[DONE]`` whatever the transport; and an NDJSON batch stays NDJSON
 while it is quiet (its keep-alive is a blank line, never an SSE comment)."""
 

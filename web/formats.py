@@ -1,4 +1,4 @@
-"""The wire formats of a call's outcome: one encoder each, the seed's token stream written once.
+"""The wire formats of a call's outcome: one encoder each, the plain token stream written once.
 
 The route table names each route's formats (:class:`dspy_trio.web.routing.Wire`); the runner
 (:mod:`dspy_trio.web.runner`) hands out a call's outcomes as engine values; these turn them into bytes or
@@ -50,12 +50,12 @@ Outcome = PredictionResult | StreamEvent
 
 
 def seed_answer(outputs: Mapping[str, Any]) -> Any:
-    """The seed's answer among a program's outputs: ``answer``, else the first output."""
+    """The plain endpoints' answer among a program's outputs: ``answer``, else the first output."""
     return outputs["answer"] if "answer" in outputs else next(iter(outputs.values()), None)
 
 
 def seed_json(result: PredictionResult) -> dict[str, Any]:
-    """The seed's ``/predict`` answer: ``{"answer", "duration_ms", "request_id"}``."""
+    """The plain ``/predict`` answer: ``{"answer", "duration_ms", "request_id"}``."""
     return {
         "answer": seed_answer(result.outputs),
         "duration_ms": round(result.timings.total * 1000, 3),
@@ -75,14 +75,14 @@ def v1_sse(event: StreamEvent) -> bytes:
     return sse(dumps(payload), event=name)
 
 
-# --- the seed's token stream: /predict/stream, /stream and /ws ------------------------------------------
+# --- the plain token stream: /predict/stream, /stream and /ws -----------------------------------------
 
 Piece = tuple[Literal["token"], str] | tuple[Literal["error"], dict[str, Any]] | tuple[Literal["done"], None]
 _DONE: Piece = ("done", None)
 
 
 class SeedTokens:
-    """The seed's stream format, whatever carries it: each delta's text as a token; at the end
+    """The plain token stream, whatever carries it: each delta's text as a token; at the end
     ``[DONE]``, after one error payload (``{"error": {...}}``) when the stream failed. When the answer
     came without any delta (a backend that does not stream), the answer goes out as one token before
     ``[DONE]``, so it is never lost. One per stream: it remembers whether a delta went out."""
@@ -91,7 +91,7 @@ class SeedTokens:
         self._sent_delta = False
 
     def pieces(self, event: Outcome) -> list[Piece]:
-        """What the seed's format says for ``event`` (nothing for a status event; a prediction's result
+        """What the plain format says for ``event`` (nothing for a status event; a prediction's result
         is said as a stream's final event that followed no delta)."""
         match event:
             case FieldDelta():
@@ -140,7 +140,7 @@ def _ws_piece(piece: Piece) -> str:
 
 
 def seed_sse() -> Callable[[Outcome], bytes | None]:
-    """An encoder of one stream in the seed's SSE: ``data: <token>`` ..., then ``data: [DONE]``."""
+    """An encoder of one stream in the plain SSE: ``data: <token>`` ..., then ``data: [DONE]``."""
     tokens = SeedTokens()
 
     def encode(event: Outcome) -> bytes | None:
@@ -150,7 +150,7 @@ def seed_sse() -> Callable[[Outcome], bytes | None]:
 
 
 def seed_frames() -> Callable[[Outcome], list[str]]:
-    """An encoder of one question's stream in the seed's ``/ws``: a text frame per token, ``[DONE]``."""
+    """An encoder of one question's stream in the plain ``/ws``: a text frame per token, ``[DONE]``."""
     tokens = SeedTokens()
     return lambda event: [_ws_piece(piece) for piece in tokens.pieces(event)]
 

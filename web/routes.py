@@ -51,7 +51,7 @@ ROUTES: tuple[Route, ...] = (
         answer='`{"cancelled": id}`; 404 `unknown_request` for an id not in flight for this key.',
         refusals={404, 503},
     ),
-    # The seed's endpoints: the default program.
+    # The plain endpoints: the default program, a question, an answer.
     Route(
         "/predict",
         "POST",

@@ -50,7 +50,7 @@ async def cancel_request(service: Service, call: Call, request_id: str) -> Respo
 
 
 async def metrics(service: Service, call: Call) -> Response:
-    """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
+    """Prometheus text, or a few JSON fields with ``Accept: application/json``."""
     engine = service.engine_even_draining()  # the last counts of a stopping process stay readable
     directory = workers_dir()  # several workers: the whole instance
     if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":

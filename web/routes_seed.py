@@ -1,4 +1,4 @@
-"""The seed's HTTP endpoints: ``POST /predict`` and its SSE forms ``/predict/stream`` and ``/stream``.
+"""The plain HTTP endpoints: ``POST /predict`` and its SSE forms ``/predict/stream`` and ``/stream``.
 
 Each runs its route's program (``default``, named in the route table) on ``{"question": ...}``.
 """
@@ -17,18 +17,18 @@ from .service import Service
 
 @json_body(SeedRequest)
 async def seed_predict(service: Service, call: Call, data: SeedRequest) -> Response:
-    """The seed's endpoint: answer a question with the default program."""
+    """Answer a question with the default program."""
     result = await predict_answer(service, call, {"question": data.question}, data.timeout_secs)
     return json_response(seed_json(result))
 
 
 @json_body(SeedRequest)
 async def seed_predict_stream(service: Service, call: Call, data: SeedRequest) -> Response:
-    """The seed's SSE: ``data: <token>`` per token, then ``data: [DONE]``."""
+    """The answer's tokens over SSE: ``data: <token>`` per token, then ``data: [DONE]``."""
     return stream_response(service, call, {"question": data.question}, data.timeout_secs, seed_sse())
 
 
 @json_body(SeedRequest)
 async def seed_stream(service: Service, call: Call, data: SeedRequest) -> Response:
-    """The seed's SSE (as ``/predict/stream``)."""
+    """The answer's tokens over SSE (as ``/predict/stream``)."""
     return stream_response(service, call, {"question": data.question}, data.timeout_secs, seed_sse())

@@ -193,9 +193,5 @@ class RouteTable:
         """The route the OpenAPI document writes as ``template`` (``/v1/programs/{name}/predict``)."""
         return self._by_template.get(template)
 
-    def open_paths(self) -> list[str]:
-        """The templates of the routes open to anyone (for documents and tests; the door reads routes)."""
-        return [route.path for route in self.routes if route.open]
-
 
 __all__ = ["Handler", "Route", "RouteTable", "Wire"]

@@ -1,4 +1,4 @@
-"""WebSocket endpoints: the seed's plain-text ``/ws`` and the multiplexed JSON protocol ``/v1/ws``.
+"""WebSocket endpoints: the plain-text ``/ws`` and the multiplexed JSON protocol ``/v1/ws``.
 
 ``/ws``: each text frame is a question for the route's program (``default``); the answer comes back as
 one text frame per token, then ``[DONE]`` (after a JSON ``{"error": ...}`` frame if it failed). One at a
@@ -89,7 +89,7 @@ def _question(raw: str | bytes | None, limits: ServiceSettings) -> str:
 
 @cors_exempt  # the front door applies the Origin policy (dspy_trio.web.auth)
 async def seed_ws(service: Service, call: Call) -> None:
-    """The seed's protocol: a question per text frame, token frames, then ``[DONE]``."""
+    """A question per text frame, token frames, then ``[DONE]``."""
     engine = await _accept(service)
     limits = service.settings
     while True:
