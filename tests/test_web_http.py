@@ -438,11 +438,6 @@ async def test_a_plain_get_of_a_websocket_route_says_it_needs_a_websocket_handsh
     assert "websocket" in response.json()["error"]["message"].lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the wait for the body is Quart's BODY_TIMEOUT (60 s) plus the keep-alive guard's drain, "
-    "whatever the request's own deadline: a body that never ends holds the connection 61 s here",
-)
 async def test_a_body_that_never_ends_is_answered_by_the_requests_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -13,10 +13,12 @@ validated body as ``data``::
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import pydantic
+import trio
 from quart import Response, request
 from quart_schema import document_request
 
@@ -39,12 +41,13 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
     return Response(dumps(payload), status=status, headers=dict(headers or {}), mimetype="application/json")
 
 
-async def read_json(model: type[M], settings: ServiceSettings) -> M:
+async def read_json(model: type[M], settings: ServiceSettings, until: float = math.inf) -> M:
     """The request body as ``model``: JSON within the size and nesting limits, then validated. Blocks
-    until the body has arrived.
+    until the body has arrived, or ``until`` (Trio clock) has passed.
 
     Raises:
-        HTTPError: 415 when it is not sent as JSON; 400/413 from the limits; 422 invalid fields.
+        HTTPError: 415 when it is not sent as JSON; 400/413 from the limits; 422 invalid fields; 504
+            ``deadline_exceeded`` when the body was not all there by ``until``.
     """
     if request.mimetype != "application/json":
         raise HTTPError(
@@ -53,7 +56,15 @@ async def read_json(model: type[M], settings: ServiceSettings) -> M:
             type="invalid_request_error",
             code="unsupported_media_type",
         )
-    raw = await request.get_data(cache=False)
+    with trio.move_on_at(until) as waited:
+        raw = await request.get_data(cache=False)
+    if waited.cancelled_caught:
+        raise HTTPError(
+            504,
+            "the request body did not arrive within the request's timeout",
+            type="timeout_error",
+            code="deadline_exceeded",
+        )
     value = parse_json(raw, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
     return validate(model, value)
 
@@ -64,7 +75,7 @@ def json_body(model: type[M]) -> Callable[[Callable[..., Awaitable[Any]]], Calla
     def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(handler)
         async def wrapper(service: Service, call: Call, **parameters: Any) -> Any:
-            data = await read_json(model, service.settings)
+            data = await read_json(model, service.settings, call.body_deadline(service.settings))
             return await handler(service, call, data=data, **parameters)
 
         return document_request(model)(wrapper)
