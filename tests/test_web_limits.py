@@ -318,13 +318,6 @@ async def _response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[in
             return status, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web/limits.py's parse_json hands bytes to json.loads, which also decodes UTF-16 and UTF-32; "
-    "json_depth scans bytes as ASCII-compatible text, so in UTF-16 an escaped quote (5c 00 22 00) is "
-    "taken for a real one, the brackets after it count as inside a string, and a body nested past "
-    "max_json_depth is parsed (JSON bodies must be UTF-8: RFC 8259 section 8.1)",
-)
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
 def test_a_body_in_another_unicode_encoding_is_refused_not_parsed_past_the_nesting_limit(
     encoding: str,

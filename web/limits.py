@@ -72,7 +72,10 @@ def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int, what: str = 
             code="too_deeply_nested",
         )
     try:
-        return json.loads(data)
+        # UTF-8 only (RFC 8259 section 8.1): json.loads(bytes) would also decode UTF-16 and UTF-32,
+        # which json_depth cannot scan. A UTF-8 BOM and lone surrogates pass, as json.loads lets them
+        # (the input checks then refuse the surrogates with 422 invalid_unicode).
+        return json.loads(data.decode("utf-8-sig", "surrogatepass"))
     except (ValueError, RecursionError) as exc:
         raise HTTPError(
             400, _why_not_json(data, exc, what), type="invalid_request_error", code="bad_request"
