@@ -330,3 +330,17 @@ def test_a_body_in_another_unicode_encoding_is_refused_not_parsed_past_the_nesti
     with pytest.raises(HTTPError) as refused:
         parse_json(text.encode(encoding), max_bytes=1 << 20, max_depth=32)
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
+def test_a_body_in_another_unicode_encoding_is_told_to_be_utf_8(encoding: str) -> None:
+    with pytest.raises(HTTPError) as refused:
+        parse_json('{"question": "q"}'.encode(encoding), max_bytes=1 << 20, max_depth=32)
+    assert (refused.value.status, refused.value.code) == (400, "bad_request")
+    assert "UTF-8" in refused.value.message
+
+
+def test_a_utf_8_body_may_start_with_a_byte_order_mark() -> None:
+    """RFC 8259 section 8.1: a parser MAY ignore it; json.loads did, and so does parse_json."""
+    body = b"\xef\xbb\xbf" + b'{"question": "q"}'
+    assert parse_json(body, max_bytes=1 << 20, max_depth=32) == {"question": "q"}

@@ -30,7 +30,6 @@ import attrs
 from dspy_trio.engine import Timings
 
 from .deadline import RequestDeadline
-from .errors import HTTPError
 from .routing import Route
 from .settings import ServiceSettings
 
@@ -100,15 +99,6 @@ class Call:
             HTTPError: 422 ``invalid_timeout``.
         """
         return RequestDeadline.start(settings, arrived=self.arrived, asked=asked, header=self.timeout_header)
-
-    def body_deadline(self, settings: ServiceSettings) -> float:
-        """When the request's body must have arrived (Trio clock): the deadline its head allows
-        (``X-Request-Timeout`` when valid, else the default), as the body may not be read to learn its own
-        ``timeout_secs``; an invalid header is :meth:`deadline`'s to refuse, after the body."""
-        try:
-            return self.deadline(settings).at
-        except HTTPError:
-            return self.arrived + settings.timeout_for(None)
 
     def frame(self, label: str | None, arrived: float, program: str | None) -> Call:
         """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner."""

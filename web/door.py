@@ -238,7 +238,7 @@ class FrontDoor:
             "method": scope.get("method", "GET"),
             "path": scope["path"],
             "status": status,
-            "outcome": "rejected" if status in (401, 403) else "timed_out" if status == 504 else "invalid",
+            "outcome": "rejected" if status in (401, 403) else "invalid",
             "error": call.notes.refused,
             "total_ms": round((trio.current_time() - call.arrived) * 1000, 3),
         }

@@ -13,7 +13,6 @@ validated body as ``data``::
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -21,10 +20,12 @@ import pydantic
 import trio
 from quart import Response, request
 from quart_schema import document_request
+from werkzeug.exceptions import RequestTimeout
 
 from dspy_trio.engine import Engine, PredictionResult
 
 from .call import Call
+from .deadline import RequestDeadline
 from .encoding import dumps
 from .errors import HTTPError
 from .limits import check_inputs, parse_json
@@ -41,13 +42,15 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
     return Response(dumps(payload), status=status, headers=dict(headers or {}), mimetype="application/json")
 
 
-async def read_json(model: type[M], settings: ServiceSettings, until: float = math.inf) -> M:
-    """The request body as ``model``: JSON within the size and nesting limits, then validated. Blocks
-    until the body has arrived, or ``until`` (Trio clock) has passed.
+async def read_json(model: type[M], settings: ServiceSettings, head: RequestDeadline | None = None) -> M:
+    """The request body as ``model``: JSON within the size and nesting limits, then validated.
+
+    Blocks until the body has arrived, at most until ``head``, the deadline the request's head names
+    (:meth:`RequestDeadline.of_head`): Quart's own wait (``BODY_TIMEOUT``, 60 s) knows nothing of it.
 
     Raises:
-        HTTPError: 415 when it is not sent as JSON; 400/413 from the limits; 422 invalid fields; 504
-            ``deadline_exceeded`` when the body was not all there by ``until``.
+        HTTPError: 415 when it is not sent as JSON; 408 ``body_timeout`` when the body is not all there
+            by the head's deadline; 400/413 from the limits; 422 invalid fields.
     """
     if request.mimetype != "application/json":
         raise HTTPError(
@@ -56,15 +59,18 @@ async def read_json(model: type[M], settings: ServiceSettings, until: float = ma
             type="invalid_request_error",
             code="unsupported_media_type",
         )
-    with trio.move_on_at(until) as waited:
+    if head is not None:
+        request.body_timeout = max(0.0, head.at - trio.current_time())  # type: ignore[assignment]  # int in Quart
+    try:
         raw = await request.get_data(cache=False)
-    if waited.cancelled_caught:
+    except RequestTimeout:
+        timeout = f" of {head.timeout:g}s" if head is not None else ""
         raise HTTPError(
-            504,
-            "the request body did not arrive within the request's timeout",
+            408,
+            f"the request body did not arrive within the request's timeout{timeout}",
             type="timeout_error",
-            code="deadline_exceeded",
-        )
+            code="body_timeout",
+        ) from None
     value = parse_json(raw, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
     return validate(model, value)
 
@@ -75,7 +81,8 @@ def json_body(model: type[M]) -> Callable[[Callable[..., Awaitable[Any]]], Calla
     def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(handler)
         async def wrapper(service: Service, call: Call, **parameters: Any) -> Any:
-            data = await read_json(model, service.settings, call.body_deadline(service.settings))
+            head = RequestDeadline.of_head(service.settings, arrived=call.arrived, header=call.timeout_header)
+            data = await read_json(model, service.settings, head)
             return await handler(service, call, data=data, **parameters)
 
         return document_request(model)(wrapper)
