@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 
 from dspy_trio import engine
@@ -14,6 +17,7 @@ from dspy_trio.engine import (
     ProgramError,
     RateLimitWaitError,
     RequestCancelledError,
+    UnknownProgramError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamRateLimitedError,
@@ -85,3 +89,21 @@ def test_usage_says_when_it_was_estimated() -> None:
     )
     assert (exact.estimated, guessed.estimated) == (False, True)
     assert guessed.total_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OverloadedError("queue full", retry_after=1.5),
+        RateLimitWaitError("rpm", retry_after=2.0),
+        UnknownProgramError("nope", ["default"]),
+    ],
+    ids=["OverloadedError", "RateLimitWaitError", "UnknownProgramError"],
+)
+def test_engine_errors_survive_pickle_and_copy(error: Exception) -> None:
+    """Exception.__reduce__ rebuilds with ``cls(*self.args)`` = ``cls(message)``; these __init__s need
+    more (keyword-only retry_after, positional known), so pickle.loads and copy.copy raise TypeError.
+    Errors cross thread/process boundaries (trio.to_thread, test runners, multiprocessing)."""
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(clone) is type(error)
+        assert vars(clone) == vars(error)

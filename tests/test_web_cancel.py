@@ -10,9 +10,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio_websocket import open_websocket_url
 
 from dspy_trio.web.server import Server
@@ -166,3 +168,50 @@ async def test_a_v1_ws_cancel_frame_reaches_only_its_own_sockets_request() -> No
                     pass
     assert frame == {"id": "f", "type": "cancelled"}
     assert lm.finished == 0
+
+
+async def test_a_batch_is_cancelled_by_the_id_the_server_gave_it() -> None:
+    """``DELETE /v1/requests/{id}`` with a batch's ``X-Server-Request-ID`` (the only id the client is
+    given for it) must cancel the batch; it answers 404 while the batch runs on, because the ledger knows
+    only the items' ids (``{id}-{index}``)."""
+    lm = CountingLM(first_token_delay=30)
+    async with (
+        running(lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        body = {"items": [{"question": "a"}, {"question": "b"}]}
+        headers = {"Accept": "text/event-stream"}
+        with trio.fail_after(10):
+            async with client.stream(
+                "POST", "/v1/programs/default/batch", json=body, headers=headers
+            ) as stream:
+                assert stream.status_code == 200
+                server_id = stream.headers["x-server-request-id"]
+                await wait_until(lambda: lm.started == 2)
+                cancelled = await client.delete(f"/v1/requests/{server_id}")
+                assert cancelled.status_code == 200, cancelled.text
+                text = (await stream.aread()).decode()
+        assert text.count('"code":"cancelled"') == 2, text
+
+
+async def test_the_owner_can_cancel_its_request_while_the_server_drains() -> None:
+    """During the drain (SIGTERM) an in-flight request runs for up to ``drain_timeout``; its owner asks to
+    cancel it. ``DELETE`` answers 503 ``not_ready`` (``require_engine`` refuses everything while
+    draining), so the request keeps its slot and the shutdown waits for it; it should be cancelled (200,
+    outcome ``cancelled``)."""
+    lm = CountingLM(first_token_delay=30)
+    engine = attrs.evolve(settings().engine, drain_timeout=20.0)
+    async with (
+        running(settings(engine=engine), lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+        client.stream("POST", "/stream", json={"question": "q"}) as stream,
+    ):
+        server_id = stream.headers["x-server-request-id"]
+        await wait_until(lambda: lm.started == 1)
+        server.shutdown()
+        await wait_until(lambda: server.state.draining)
+        with trio.fail_after(5):
+            cancelled = await client.delete(f"/v1/requests/{server_id}")
+            assert cancelled.status_code == 200, cancelled.text
+            text = (await stream.aread()).decode()
+        assert '"code":"cancelled"' in text, text

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import h11
+import httpx
 import pytest
 import trio
+import trio.testing
 
-from dspy_trio.engine import EngineConfig, LMConfig
+from dspy_trio import web
+from dspy_trio.engine import (
+    EngineConfig,
+    LMConfig,
+)
 from dspy_trio.web.server import Server
 
 from .helpers import CountingLM, wait_until
@@ -154,3 +162,224 @@ async def test_with_cors_a_refusal_from_a_browser_carries_the_cors_headers_and_m
     }
     assert plain[1].get("vary") == "Origin"  # with CORS configured the app answers: quart-cors's Vary too
     assert _rejected(server) == 2
+
+
+VARYING = {"date", "server-timing", "x-server-request-id", "x-request-id"}
+
+
+BODY = b'{"question":"q"}'
+
+
+@asynccontextmanager
+async def _overloaded_server(
+    gated: bool, *, holder_headers: dict[str, str] | None = None, **changes: Any
+) -> AsyncIterator[Server]:
+    """A served app whose engine's only slot is held, so every prediction is refused with 429; with
+    ``gated`` False the app runs without the overload gate (only the keep-alive guard), as before it."""
+    lm = CountingLM(first_token_delay=300.0)
+    with pytest.MonkeyPatch.context() as patch:
+        if not gated:
+            patch.setattr(web.door.FrontDoor, "answers_refusals", False)
+        async with (
+            running(_overloaded(**changes), lms={"default": lm}) as server,
+            trio.open_nursery() as nursery,
+        ):
+            holder = await _hold_the_slot(server, nursery, **(holder_headers or {}))
+            try:
+                yield server
+            finally:
+                holder.cancel()
+
+
+def _request_head(path: str, *fields: tuple[str, str]) -> tuple[h11.Connection, bytes]:
+    conn = h11.Connection(h11.CLIENT)
+    headers = [("Host", "x"), ("Content-Type", "application/json"), *fields]
+    return conn, conn.send(h11.Request(method="POST", target=path, headers=headers)) or b""
+
+
+async def _response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[int, dict[str, str], bytes]:
+    """One response, its varying headers left out."""
+    status, headers, body = await _read_response(stream, conn)
+    return status, {k: v for k, v in headers.items() if k not in VARYING}, body
+
+
+async def _exchange(server: Server, path: str, *fields: tuple[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """POST ``BODY`` with the head and the body in separate segments; the response, varying headers out."""
+    conn, head = _request_head(path, ("Content-Length", str(len(BODY))), *fields)
+    stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+    async with stream:
+        await stream.send_all(head)
+        await trio.sleep(0.05)
+        await stream.send_all(
+            (conn.send(h11.Data(data=BODY)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        )
+        with trio.fail_after(10):
+            return await _response(stream, conn)
+
+
+async def test_with_cors_configured_the_gates_429_to_a_request_without_origin_lacks_vary_origin() -> None:
+    """With ``cors_origins`` set, the app (quart-cors) answers every response, a 429 without an
+    ``Origin`` included, with ``Vary: Origin`` (the answer depends on the Origin, so a shared cache must
+    key on it). The gate only hands requests *with* an Origin to the app and answers the others itself
+    without ``Vary: Origin``: not the app's answer."""
+    cors: dict[str, Any] = {"cors_origins": ("https://app.example",)}
+    async with _overloaded_server(True, **cors) as server:
+        gated = await _exchange(server, "/predict")
+    async with _overloaded_server(False, **cors) as server:
+        bare = await _exchange(server, "/predict")
+    assert bare[0] == gated[0] == 429
+    assert bare[1].get("vary") == "Origin"
+    assert gated == bare
+
+
+async def _closed_by_server_after_body(stream: trio.SocketStream, conn: h11.Connection) -> bool:
+    """Read the rest of the response, then whether the server closes the connection."""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+    try:
+        return await stream.receive_some(65536) == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+async def _time_to_answer_without_body(
+    gated: bool, length: int = len(BODY)
+) -> tuple[float, int, dict[str, str]]:
+    """A client sends the head of an overloaded POST (``Content-Length: length``) and never the body:
+    the virtual seconds until the answer starts."""
+    async with _overloaded_server(gated, keep_alive_timeout=2.0, max_body_bytes=1024) as server:
+        conn, head = _request_head("/predict", ("Content-Length", str(length)))
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            sent = trio.current_time()
+            await stream.send_all(head)
+            with trio.fail_after(60):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(65536))
+                        continue
+                    assert isinstance(event, h11.Response)
+                    answered = trio.current_time() - sent
+                    headers = {k.decode(): v.decode() for k, v in event.headers}
+                    assert await _closed_by_server_after_body(stream, conn)
+                    return answered, event.status_code, headers
+
+
+async def test_a_body_that_never_comes_holds_the_gates_429_for_twice_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Slowloris on an overloaded route: without the gate the 429 (``Connection: close``) goes out
+    after ``keep_alive_timeout`` (the keep-alive guard's bounded wait for the body). With the gate it
+    goes out after twice that: the gate waits ``keep_alive_timeout`` for the body itself, then sends its
+    answer through the guard, which sees the body still missing and waits ``drain_timeout`` (also
+    ``keep_alive_timeout``) again. A refused request holds its connection twice as long as the app's."""
+    bare = await _time_to_answer_without_body(gated=False)
+    gated = await _time_to_answer_without_body(gated=True)
+    assert bare[0] == 2.0
+    assert bare[1] == gated[1] == 429
+    assert gated[2]["connection"] == bare[2]["connection"] == "close"
+    assert gated[0] == pytest.approx(bare[0])  # was 4.0: twice the keep-alive timeout
+
+
+async def test_a_declared_too_large_body_that_never_comes_delays_the_gates_429(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An overloaded POST declaring a body over ``max_body_bytes`` (here 1 MiB + 1 > 1,024) that does
+    not come: the keep-alive guard knows from the head that the body is not worth waiting for, so the
+    app's 429 (with ``Connection: close``) goes out at once. The gate ignores the declared length and
+    waits up to ``keep_alive_timeout`` for more than ``max_body_bytes`` to arrive before it answers."""
+    bare = await _time_to_answer_without_body(gated=False, length=1 << 20)
+    gated = await _time_to_answer_without_body(gated=True, length=1 << 20)
+    assert bare[1] == gated[1] == 429
+    assert gated[2]["connection"] == bare[2]["connection"] == "close"
+    assert bare[0] == 0.0
+    assert gated[0] == bare[0]  # 2.0 today
+
+
+@pytest.mark.parametrize("target", ["/v1/programs/default/predict%0A", "/v1/programs/default/stream%0A"])
+async def test_a_path_ending_in_an_encoded_newline_gets_the_apps_404_not_the_gates_429(target: str) -> None:
+    """The gate matches program routes with ``re.match(r"^/v1/programs/([^/]+)/(?:predict|stream)$")``
+    on the decoded path: ``$`` also matches before a trailing newline, so ``.../predict%0A`` (decoded
+    ``.../predict\\n``) is taken for a prediction of ``default`` and refused with 429 (and counted as a
+    rejected request of the program), while the app has no such route and answers 404."""
+    async with _overloaded_server(True) as server:
+        gated = await _exchange(server, target)
+        rejected = server.state.engine.statistics().rejected  # type: ignore[union-attr]
+    async with _overloaded_server(False) as server:
+        bare = await _exchange(server, target)
+    assert bare[0] == 404
+    assert gated == bare
+    assert rejected == 0
+
+
+async def test_with_two_authorization_headers_the_gate_reads_the_last_the_app_the_first() -> None:
+    """API keys configured; a request with two ``Authorization`` headers, an invalid key first and the
+    valid one second. The app reads the first (werkzeug's ``Headers.get``) and answers 401. The gate's
+    ``_ScopeHeaders`` keeps the last value of a repeated header (a dict built in order), finds the
+    request authorized, and answers 429 (counting a refusal) where the app answers 401."""
+    keys: dict[str, Any] = {"api_keys": ("k",)}
+    holder = {"Authorization": "Bearer k"}
+    fields = (("Authorization", "Bearer wrong"), ("Authorization", "Bearer k"))
+    async with _overloaded_server(True, holder_headers=holder, **keys) as server:
+        gated = await _exchange(server, "/predict", *fields)
+        rejected = server.state.engine.statistics().rejected  # type: ignore[union-attr]
+    async with _overloaded_server(False, holder_headers=holder, **keys) as server:
+        bare = await _exchange(server, "/predict", *fields)
+    assert bare[0] == 401
+    assert gated == bare
+    assert rejected == 0
+
+
+async def test_a_cors_preflight_is_not_refused_or_counted_as_an_overloaded_prediction() -> None:
+    """``refuse_when_overloaded`` (web/app.py) keys on ``request.endpoint``, which is the prediction's
+    endpoint for the automatic OPTIONS of that route too. A browser's CORS preflight (no body, no
+    credentials, no prediction) then gets a 429, so the browser reports a CORS failure instead of the
+    real 429 of its POST, and the engine counts a ``rejected`` request that never existed."""
+    from .helpers import CountingLM
+    from .web_helpers import running
+
+    origin = "http://app.test"
+    service = _overloaded(cors_origins=(origin,))
+    async with (
+        running(service, lms={"default": CountingLM(first_token_delay=30.0)}) as server,
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        holder = await _hold_the_slot(server, nursery)
+        preflight = await client.options(
+            "/v1/programs/default/predict",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        rejected = server.state.engine.statistics().rejected  # type: ignore[union-attr]
+        holder.cancel()
+    assert preflight.status_code < 300, preflight.text
+    assert preflight.headers.get("access-control-allow-origin") == origin
+    assert rejected == 0
+
+
+async def test_an_unknown_program_is_a_404_even_when_the_engine_is_overloaded() -> None:
+    """``Engine._accept`` looks the program up before the admission check, so ``dspy_trio.engine.predict`` on
+    an
+    unknown program raises UnknownProgramError (404) whatever the load. The HTTP hook checks admission
+    with the raw URL name first: the same request over HTTP is a 429 with Retry-After (a client retries
+    a typo forever) and is counted as a rejected request."""
+    from .helpers import CountingLM
+    from .web_helpers import running
+
+    async with (
+        running(_overloaded(), lms={"default": CountingLM(first_token_delay=30.0)}) as server,
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        holder = await _hold_the_slot(server, nursery)
+        response = await client.post(
+            "/v1/programs/no-such-program/predict", json={"inputs": {"question": "q"}}
+        )
+        holder.cancel()
+    assert response.status_code == 404, response.text
