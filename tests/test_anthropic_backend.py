@@ -1,4 +1,5 @@
-"""The Anthropic Messages API backend against the fake upstream's Anthropic mode, over real sockets."""
+"""The Anthropic Messages API backend against the fake upstream's Anthropic mode, over real sockets; its
+usage and token estimates on the in-memory network."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GuardedLM: the upstream guard wraps a backend instead of being installed on it (issue #13)."""
+"""GuardedLM: the upstream guard wraps a backend instead of being installed on it, and DSPy
+sees what the backend declares (``supported_params``) through it."""
 
 from __future__ import annotations
 

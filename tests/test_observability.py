@@ -263,8 +263,8 @@ def test_a_tracer_provider_named_in_the_environment_after_import_makes_spans(
 ) -> None:
     """``OTEL_PYTHON_TRACER_PROVIDER`` set after ``dspy_trio.engine`` was imported (an application setting up
     its environment in ``main()``): OpenTelemetry's own ``get_tracer_provider()`` loads the SDK's
-    provider from it, so stock code traces. ``span()`` read the variable once at import and returns
-    the do-nothing context: the requests are never traced."""
+    provider from it, so stock code traces, and so does ``span()`` (reading the variable once at
+    import would leave it the do-nothing context: the requests never traced)."""
     from opentelemetry import trace
     from opentelemetry.util._once import Once
 

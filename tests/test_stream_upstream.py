@@ -1,4 +1,6 @@
-"""``stream_upstream``: non-streamed calls sent upstream as SSE streams, over real sockets (real clock).
+"""``stream_upstream``: non-streamed calls sent upstream as SSE streams, over real sockets (real clock),
+and on the in-memory network for what a stream's events say (a choice cut mid-stream, an overload
+reported after the 200).
 
 Self-hosted servers (llama.cpp) stop generating when a stream's connection closes but finish a plain
 request whose client left; with ``stream_upstream`` a cancelled predict closes a stream.

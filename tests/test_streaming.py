@@ -269,9 +269,9 @@ async def test_two_overlapping_calls_of_one_predictor_each_stream_their_own_numb
 ) -> None:
     """FieldDelta.call: "a predictor called twice streams numbered calls, each scanned afresh". When the
     two calls overlap (a module that runs them in a nursery), ``new_call`` runs for both before any
-    text arrives, so both calls' text goes into the one (second) scanner, interleaved token by token: it
-    never sees a whole ``[[ ## answer ## ]]`` header and the stream carries no delta at all, though both
-    calls streamed their full answers."""
+    text arrives; each call's text must still go to a scanner of its own (one shared scanner would see
+    both interleaved token by token, never a whole ``[[ ## answer ## ]]`` header, and stream no delta
+    at all), so each call's deltas rebuild that call's answer."""
     config = EngineConfig(
         lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.01, token_delay=0.01))},
         programs={"at_once": ProgramSpec(f"{__name__}:ask_twice_at_once")},
@@ -312,10 +312,10 @@ async def test_under_drop_a_consumer_that_has_not_read_the_status_event_blocks_t
 ) -> None:
     """Backpressure ``drop``: "the producer never waits; the oldest text delta in the buffer is dropped
     to make room". With ``buffer_size=1`` the stream's first event, the ``running`` StatusEvent (never
-    dropped), fills the buffer; the first delta then finds no delta to drop and parks on ``_not_full``
-    (``consumer_timeout`` does not apply to ``drop``), so the program, and its upstream read, wait for
-    the consumer: exactly the ``block`` policy. A consumer that reads 100 s later should find the
-    program finished long before, with the deltas it could not hold counted as dropped."""
+    dropped), fills the buffer; the first delta then finds no delta to drop, and must not park the
+    producer (which would make the program, and its upstream read, wait for the consumer: the
+    ``block`` policy). A consumer that reads 100 s later finds the program finished long before, with
+    the deltas it could not hold counted as dropped."""
     _finished_at.clear()
     config = EngineConfig(
         lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.01, token_delay=0.01))},
@@ -332,7 +332,7 @@ async def test_under_drop_a_consumer_that_has_not_read_the_status_event_blocks_t
     final = received[-1]
     assert isinstance(final, FinalEvent)
     assert _finished_at
-    assert _finished_at[0] - started < 10  # 100.x today: the producer waited
+    assert _finished_at[0] - started < 10  # not 100.x: the producer did not wait
     assert final.dropped > 0
 
 
@@ -358,9 +358,9 @@ async def test_a_chat_programs_json_fallback_call_streams_the_answer_it_returns(
 ) -> None:
     """A ``chat`` program whose LM reply lacks the ``[[ ## answer ## ]]`` markers: DSPy's ChatAdapter
     falls back to JSONAdapter and calls the same predictor again (``call=1``). The final answer comes
-    from that call ("the outputs are rebuilt from the deltas of the predictor's last call"), but the
-    router scans every call of the program with the ChatFieldScanner chosen once for the program's
-    adapter, so the JSON reply yields no delta at all: the stream never shows the answer it ends with."""
+    from that call ("the outputs are rebuilt from the deltas of the predictor's last call"), so that
+    call's JSON reply must be scanned as JSON (a ChatFieldScanner chosen once for the program's adapter
+    would find no delta in it): the stream shows the answer it ends with."""
     lm = _ChatThenJSON()
     async with (
         open_engine(EngineConfig(lms={"default": LMConfig()}), lms={"default": lm}) as engine,
@@ -397,10 +397,9 @@ def _sse_answer(words: int) -> bytes:
 async def test_drop_policy_drops_nothing_for_a_consumer_that_is_waiting_for_every_event() -> None:
     """An upstream that sends its whole answer in one burst (one TCP read holds all 300 events; a
     fast local model does this) and a consumer that does nothing but read the stream, parked in
-    ``get`` the whole time. ``drop`` is for consumers that fall behind; this one is always ready. Yet
-    ``EventBuffer.put`` with room is no schedule point, so the producer handles the whole read
-    without letting the consumer run once: 296 of 300 deltas are dropped. Before the merge of
-    ``stream`` (78c714f), when ``put`` was a schedule point, none were."""
+    ``get`` the whole time. ``drop`` is for consumers that fall behind; this one is always ready, so
+    nothing is dropped: the producer lets the waiting consumer run while it handles the read (were
+    ``EventBuffer.put`` with room no schedule point, 296 of 300 deltas would be dropped)."""
 
     async def burst(stream: trio.abc.Stream, server: RawServer) -> None:
         while await read_request(stream, h11.Connection(h11.SERVER), server):
@@ -437,10 +436,9 @@ ask_twice = _AskTwice()
 
 async def test_deltas_of_a_predictor_called_twice_rebuild_its_final_output(autojump_clock: Any) -> None:
     """README: deltas are per predictor and field and rebuild the outputs. A module that calls the same
-    predictor twice streams both calls' ``answer`` text as one run of ``("step", "answer")`` deltas,
-    with nothing telling the consumer where the second call starts: the rebuilt text is the two
-    answers glued together (``...everycleanly...``), not the final answer. (Also so before the
-    merge of ``stream``: the scanner is per predictor, not per LM call.)"""
+    predictor twice streams both calls' ``answer`` text; each call is numbered (``FieldDelta.call``)
+    and scanned afresh, so the last call's deltas rebuild the final answer (one unnumbered run of
+    ``("step", "answer")`` deltas would glue the two answers together)."""
     config = EngineConfig(
         lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))},
         programs={"twice": ProgramSpec(f"{__name__}:ask_twice")},
@@ -454,7 +452,7 @@ async def test_deltas_of_a_predictor_called_twice_rebuild_its_final_output(autoj
     assert isinstance(final, FinalEvent)
     answers = [e for e in received if isinstance(e, FieldDelta) and e.field == "answer"]
     # Both calls stream (the first one's text is what the second refines); each call is numbered, and
-    # the last call's deltas rebuild the output. (The fix: FieldDelta.call, a fresh scan per call.)
+    # the last call's deltas rebuild the output.
     assert {e.call for e in answers} == {0, 1}
     assert [e.call for e in answers] == sorted(e.call for e in answers)
     rebuilt = "".join(e.text for e in answers if e.call == 1)

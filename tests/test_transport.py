@@ -577,9 +577,8 @@ async def test_slow_consumer_of_the_last_unterminated_sse_event_is_not_a_read_ti
     """The body ends (content-length) right after ``data: b`` with no blank line, which arrives in a
     read of its own: the transport dispatches that event at EndOfMessage. The consumer takes 10 s
     on every event under a 5 s read timeout; the read timeout bounds socket silence only, so both
-    events must be consumed and the call must succeed. It fails with ReadTimeout: the final
-    dispatch runs under the deadline of the last read (``timer.pause()`` is not called on that
-    path)."""
+    events must be consumed and the call must succeed (the final dispatch must not run under the
+    deadline of the last read)."""
     body = b"data: a\n\ndata: b\n"
 
     async def answer(stream: trio.abc.Stream, server: RawServer) -> None:
@@ -618,9 +617,9 @@ async def test_slow_consumer_of_the_last_unterminated_sse_event_is_not_a_read_ti
 
 async def test_the_lean_transport_bounds_an_sse_line_as_it_bounds_a_body() -> None:
     """A broken upstream streams one SSE line that never ends. ``post_json`` refuses a body over its
-    cap; ``post_sse`` used to buffer the line without any bound (keeping the whole unterminated line and
-    re-splitting all of it on every read, so memory grew without limit and the CPU cost was quadratic).
-    With the event cap at 1 MB, a 3 MB line must be refused as a bad answer."""
+    cap; ``post_sse`` bounds the line the same way (an unbounded line would grow memory without limit,
+    at a quadratic CPU cost if re-split on every read). With the event cap at 1 MB, a 3 MB line is
+    refused as a bad answer."""
     piece = b"x" * 65536
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
 
@@ -651,10 +650,10 @@ async def test_the_lean_transport_bounds_an_sse_line_as_it_bounds_a_body() -> No
 
 async def test_a_response_head_that_never_ends_times_out(autojump_clock: trio.testing.MockClock) -> None:
     """The upstream sends its status line, then one header byte every 4 s, never the blank line. The
-    read timeout (5 s) bounds only the silence between reads, and h11 refuses a head only past 16 KiB,
-    so the call waits about 16384 x 4 s = 18 hours of a never-finished head (with no request deadline,
-    ``timeouts.attempt`` being off by default, forever). A head that has not ended within the read
-    timeout should fail the call."""
+    read timeout (5 s) bounds the silence between reads, and h11 refuses a head only past 16 KiB: were
+    that all, the call would wait about 16384 x 4 s = 18 hours of a never-finished head (with no
+    request deadline, ``timeouts.attempt`` being off by default, forever). A head that has not ended
+    within the read timeout fails the call."""
 
     async def trickling_head(stream: trio.abc.Stream, server: RawServer) -> None:
         if not await read_request(stream, h11.Connection(h11.SERVER), server):

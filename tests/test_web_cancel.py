@@ -2,7 +2,8 @@
 stream (the plain one and the v1 one), a batch (JSON, SSE, NDJSON), a ``/v1/ws`` frame and a ``/ws``
 question, through the engine alone (``Engine.cancel_anywhere`` with the caller's key as owner): another
 key's cancel is a 404 that leaves the call running, the owner's ends it with its one ``cancelled``
-outcome, and the id is then gone."""
+outcome, and the id is then gone. A batch is cancelled by the id the server gave it, and a call
+by its owner while the server drains."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The front door's overload refusal (web/door.py) over a real Hypercorn socket: a refusal answered below
 Quart is the app's 429 (Retry-After, JSON error, request ids, Server-Timing), is counted once, leaves the
-keep-alive connection usable, and never jumps ahead of a 401 or drops the CORS headers."""
+keep-alive connection usable, and never jumps ahead of a 401 or drops the CORS headers (``Vary: Origin``
+included). It answers a body that never comes no later than the app would, reads a repeated header as
+the app does, and leaves what is not a prediction (a CORS preflight, an unknown program, a path that
+only looks like a program's route) to the app's own answer."""
 
 from __future__ import annotations
 
@@ -175,7 +178,7 @@ async def _overloaded_server(
     gated: bool, *, holder_headers: dict[str, str] | None = None, **changes: Any
 ) -> AsyncIterator[Server]:
     """A served app whose engine's only slot is held, so every prediction is refused with 429; with
-    ``gated`` False the app runs without the overload gate (only the keep-alive guard), as before it."""
+    ``gated`` False the front door hands every refusal to the app (only the keep-alive guard in front)."""
     lm = CountingLM(first_token_delay=300.0)
     with pytest.MonkeyPatch.context() as patch:
         if not gated:
@@ -220,8 +223,8 @@ async def _exchange(server: Server, path: str, *fields: tuple[str, str]) -> tupl
 async def test_with_cors_configured_the_gates_429_to_a_request_without_origin_lacks_vary_origin() -> None:
     """With ``cors_origins`` set, the app (quart-cors) answers every response, a 429 without an
     ``Origin`` included, with ``Vary: Origin`` (the answer depends on the Origin, so a shared cache must
-    key on it). The gate only hands requests *with* an Origin to the app and answers the others itself
-    without ``Vary: Origin``: not the app's answer."""
+    key on it). The door's own 429 to a request without an Origin must carry it too: the app's answer,
+    not one without ``Vary: Origin``."""
     cors: dict[str, Any] = {"cors_origins": ("https://app.example",)}
     async with _overloaded_server(True, **cors) as server:
         gated = await _exchange(server, "/predict")
@@ -271,16 +274,16 @@ async def test_a_body_that_never_comes_holds_the_gates_429_for_twice_the_keep_al
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Slowloris on an overloaded route: without the gate the 429 (``Connection: close``) goes out
-    after ``keep_alive_timeout`` (the keep-alive guard's bounded wait for the body). With the gate it
-    goes out after twice that: the gate waits ``keep_alive_timeout`` for the body itself, then sends its
-    answer through the guard, which sees the body still missing and waits ``drain_timeout`` (also
-    ``keep_alive_timeout``) again. A refused request holds its connection twice as long as the app's."""
+    after ``keep_alive_timeout`` (the keep-alive guard's bounded wait for the body). The gate's 429 goes
+    out at the same instant, not after twice that (the gate waiting ``keep_alive_timeout`` for the body
+    itself, then the guard waiting ``drain_timeout`` again): a refused request holds its connection no
+    longer than the app's."""
     bare = await _time_to_answer_without_body(gated=False)
     gated = await _time_to_answer_without_body(gated=True)
     assert bare[0] == 2.0
     assert bare[1] == gated[1] == 429
     assert gated[2]["connection"] == bare[2]["connection"] == "close"
-    assert gated[0] == pytest.approx(bare[0])  # was 4.0: twice the keep-alive timeout
+    assert gated[0] == pytest.approx(bare[0])  # not 4.0: twice the keep-alive timeout
 
 
 async def test_a_declared_too_large_body_that_never_comes_delays_the_gates_429(
@@ -288,22 +291,22 @@ async def test_a_declared_too_large_body_that_never_comes_delays_the_gates_429(
 ) -> None:
     """An overloaded POST declaring a body over ``max_body_bytes`` (here 1 MiB + 1 > 1,024) that does
     not come: the keep-alive guard knows from the head that the body is not worth waiting for, so the
-    app's 429 (with ``Connection: close``) goes out at once. The gate ignores the declared length and
-    waits up to ``keep_alive_timeout`` for more than ``max_body_bytes`` to arrive before it answers."""
+    app's 429 (with ``Connection: close``) goes out at once. The gate's goes out at once too, reading the
+    declared length rather than waiting ``keep_alive_timeout`` for more than ``max_body_bytes``."""
     bare = await _time_to_answer_without_body(gated=False, length=1 << 20)
     gated = await _time_to_answer_without_body(gated=True, length=1 << 20)
     assert bare[1] == gated[1] == 429
     assert gated[2]["connection"] == bare[2]["connection"] == "close"
     assert bare[0] == 0.0
-    assert gated[0] == bare[0]  # 2.0 today
+    assert gated[0] == bare[0]  # not 2.0 (the keep-alive timeout)
 
 
 @pytest.mark.parametrize("target", ["/v1/programs/default/predict%0A", "/v1/programs/default/stream%0A"])
 async def test_a_path_ending_in_an_encoded_newline_gets_the_apps_404_not_the_gates_429(target: str) -> None:
-    """The gate matches program routes with ``re.match(r"^/v1/programs/([^/]+)/(?:predict|stream)$")``
-    on the decoded path: ``$`` also matches before a trailing newline, so ``.../predict%0A`` (decoded
-    ``.../predict\\n``) is taken for a prediction of ``default`` and refused with 429 (and counted as a
-    rejected request of the program), while the app has no such route and answers 404."""
+    """``.../predict%0A`` decodes to ``.../predict\\n``; a route pattern ending in ``$`` would match it
+    (``$`` also matches before a trailing newline) and the gate would refuse it with 429, counted as a
+    rejected request of the program. The app has no such route and answers 404: so must the gate,
+    counting nothing."""
     async with _overloaded_server(True) as server:
         gated = await _exchange(server, target)
         rejected = server.state.engine.statistics().rejected  # type: ignore[union-attr]
@@ -316,9 +319,9 @@ async def test_a_path_ending_in_an_encoded_newline_gets_the_apps_404_not_the_gat
 
 async def test_with_two_authorization_headers_the_gate_reads_the_last_the_app_the_first() -> None:
     """API keys configured; a request with two ``Authorization`` headers, an invalid key first and the
-    valid one second. The app reads the first (werkzeug's ``Headers.get``) and answers 401. The gate's
-    ``_ScopeHeaders`` keeps the last value of a repeated header (a dict built in order), finds the
-    request authorized, and answers 429 (counting a refusal) where the app answers 401."""
+    valid one second. The app reads the first (werkzeug's ``Headers.get``) and answers 401. The gate
+    must read the same one and answer the same 401, counting no refusal (not keep the last value of a
+    repeated header, find the request authorized, and answer 429)."""
     keys: dict[str, Any] = {"api_keys": ("k",)}
     holder = {"Authorization": "Bearer k"}
     fields = (("Authorization", "Bearer wrong"), ("Authorization", "Bearer k"))
@@ -333,10 +336,10 @@ async def test_with_two_authorization_headers_the_gate_reads_the_last_the_app_th
 
 
 async def test_a_cors_preflight_is_not_refused_or_counted_as_an_overloaded_prediction() -> None:
-    """``refuse_when_overloaded`` (web/app.py) keys on ``request.endpoint``, which is the prediction's
-    endpoint for the automatic OPTIONS of that route too. A browser's CORS preflight (no body, no
-    credentials, no prediction) then gets a 429, so the browser reports a CORS failure instead of the
-    real 429 of its POST, and the engine counts a ``rejected`` request that never existed."""
+    """A browser's CORS preflight (the automatic OPTIONS of a prediction's route: no body, no
+    credentials, no prediction) to an overloaded server is answered as a preflight, not refused with a
+    429 (the browser would report a CORS failure instead of the real 429 of its POST), and the engine
+    counts no ``rejected`` request."""
     from .helpers import CountingLM
     from .web_helpers import running
 
@@ -364,11 +367,9 @@ async def test_a_cors_preflight_is_not_refused_or_counted_as_an_overloaded_predi
 
 
 async def test_an_unknown_program_is_a_404_even_when_the_engine_is_overloaded() -> None:
-    """``Engine._accept`` looks the program up before the admission check, so ``dspy_trio.engine.predict`` on
-    an
-    unknown program raises UnknownProgramError (404) whatever the load. The HTTP hook checks admission
-    with the raw URL name first: the same request over HTTP is a 429 with Retry-After (a client retries
-    a typo forever) and is counted as a rejected request."""
+    """``Engine._accept`` looks the program up before the admission check, so a prediction of an
+    unknown program raises UnknownProgramError (404) whatever the load. Over HTTP it is the same 404,
+    not a 429 with Retry-After (a client would retry a typo forever)."""
     from .helpers import CountingLM
     from .web_helpers import running
 

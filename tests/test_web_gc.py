@@ -1,4 +1,5 @@
-"""The serving process freezes its start-up heap (issue #13: no stop-the-world pauses)."""
+"""The serving process freezes its start-up heap (no stop-the-world pauses), yet a stopped server is
+collectable and an application's choice to turn automatic collection off is kept."""
 
 from __future__ import annotations
 
@@ -67,10 +68,9 @@ def test_tune_gc_for_serving_keeps_automatic_collection_off_when_the_application
 
 async def test_a_stopped_server_is_garbage_collected(unfrozen: None) -> None:
     """``serve`` returns after ``Server.shutdown()``; what it built (app, engine, state) is then garbage
-    and must be collectable, as it is without ``freeze_heap``. With it (the default), the start-up heap
-    was frozen for the life of the process: the stopped server's cycles are never collected, and each
-    ``serve`` in the same process leaks a whole app and engine. (With ``freeze_heap=False`` the same
-    test passes: the state is collected.)"""
+    and must be collectable with ``freeze_heap`` (the default) as it is without it: a start-up heap
+    frozen for the life of the process would keep the stopped server's cycles, and each ``serve`` in
+    the same process would leak a whole app and engine."""
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(functools.partial(serve, settings(), handle_signals=False))
         state = weakref.ref(server.state)
