@@ -182,8 +182,8 @@ async def test_a_rate_limit_reported_mid_stream_is_a_rate_limit_as_on_the_openai
 
 
 async def test_an_anthropic_stream_without_usage_reports_estimated_usage(autojump_clock: Any) -> None:
-    """ "Streams without a usage chunk report estimated usage" holds for the OpenAI backend only: the
-    Anthropic backend (anthropic.py _stream -> _usage({})) reports 0 tokens, not an estimate."""
+    """ "Streams without a usage chunk report estimated usage" holds for the Anthropic backend as for the
+    OpenAI one: an estimate marked ``estimated``, not 0 tokens."""
     events = [
         {"type": "message_start", "message": {}},
         {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "a fairly long answer"}},
@@ -216,9 +216,9 @@ class RecordingGuard:
 
 
 async def test_the_tpm_estimate_counts_the_output_cap_actually_sent(autojump_clock: Any) -> None:
-    """The Anthropic backend always sends max_tokens = 1024, but it is not in the LM's kwargs, so
-    estimate_tokens (lm/_base.py) charges the TPM bucket prompt + 512: half the cap that was sent
-    (the OpenAI backend, which setdefaults max_tokens, is charged 1024)."""
+    """The Anthropic backend always sends max_tokens = 1024, though it is not in the LM's kwargs: the TPM
+    bucket is charged for that cap (as the OpenAI backend, which setdefaults max_tokens, is), not the
+    prompt + 512 of estimate_tokens' default."""
     script = Scripted(success={"content": [{"type": "text", "text": "ok"}], "usage": {}})
     lm = anthropic_lm(script)
     guard = RecordingGuard()

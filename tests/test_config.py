@@ -374,22 +374,23 @@ def test_a_config_path_that_never_ends_is_a_configuration_error_not_an_unbounded
 
 
 def test_lm_api_key_overrides_a_files_api_key_env_that_is_unset(tmp_path: Any) -> None:
-    """The file says api_key_env = "MY_KEY" (unset here), the environment gives LM_API_KEY, which
-    from_env documents as overriding the default LM. from_toml raises before the override is seen."""
+    """The file says ``api_key_env`` names a variable that is unset here; the environment gives LM_API_KEY,
+    which from_env documents as overriding the default LM: the override wins instead of from_toml failing
+    before it is seen."""
     path = tmp_path / "c.toml"
     path.write_text(
         '[lms.default]\nprovider = "openai"\nmodel = "m"\napi_base = "http://upstream.test/v1"\n'
-        'api_key_env = "ATTACK1_SURELY_UNSET_KEY"\n'
+        'api_key_env = "DSPY_TRIO_TEST_SURELY_UNSET_KEY"\n'
     )
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_KEY": "sk-from-env"})
     assert config.lms["default"].settings.api_key == "sk-from-env"
 
 
 def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_path: Any) -> None:
-    """Pointing the file's Anthropic LM at a proxy with LM_API_BASE alone: _default_lm_from_env sets
-    provider = "openai" whenever LM_API_BASE is set and LM_PROVIDER is not (the documented default is
-    for when nothing else chose a provider), then fails with "LM_PROVIDER=openai needs LM_MODEL" -
-    about a variable the user never set."""
+    """Pointing the file's Anthropic LM at a proxy with LM_API_BASE alone keeps it Anthropic: the
+    documented default (LM_API_BASE without LM_PROVIDER means "openai") is for when nothing else chose a
+    provider, and must not fail with "LM_PROVIDER=openai needs LM_MODEL", about a variable the user never
+    set."""
     path = tmp_path / "c.toml"
     path.write_text('[lms.default]\nprovider = "anthropic"\nmodel = "claude-x"\napi_key = "sk-ant"\n')
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_BASE": "http://proxy.test"})
@@ -398,10 +399,10 @@ def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_pa
 
 
 def test_a_file_with_only_named_lms_and_programs_loads() -> None:
-    """[lms.fast] + [programs.qa] lm = "fast" (no LM called "default"): from_mapping merges in the
-    implicit default program, whose LM is "default", and fails with "program 'default' uses LM
-    'default', which is not configured" - about a program the user never wrote, unless the implicit
-    default program is added only when its LM exists (engine/_engine_config.py)."""
+    """[lms.fast] + [programs.qa] lm = "fast" (no LM called "default") loads: the implicit default
+    program, whose LM is "default", is added only when its LM exists (engine/_engine_config.py), so there
+    is no "program 'default' uses LM 'default', which is not configured" about a program the user never
+    wrote."""
     config = EngineConfig.from_mapping(
         {
             "lms": {"fast": {"provider": "simulated"}},

@@ -264,8 +264,8 @@ def test_nested_tables_refuse_values_that_cannot_work(table: str, values: dict[s
 
 @pytest.mark.parametrize("table", ["http", "timeouts", "rate_limit", "retry", "adaptive"])
 def test_a_nested_table_given_as_a_scalar_is_a_config_error(table: str) -> None:
-    """``adaptive = true`` or ``http = 5`` in TOML escapes as attrs' NotAnAttrsClassError (a ValueError
-    from _check_numbers), not ConfigError."""
+    """``adaptive = true`` or ``http = 5`` in TOML is a ConfigError, not attrs' NotAnAttrsClassError
+    (a ValueError from _check_numbers)."""
     with pytest.raises(ConfigError):
         LMConfig.from_mapping({**OPENAI, table: True}, where="lms.x")
 
@@ -285,15 +285,15 @@ def test_a_nested_table_given_as_a_scalar_is_a_config_error(table: str) -> None:
 )
 def test_params_that_cannot_be_passed_to_the_backend_are_a_config_error(params: Any) -> None:
     """``params`` is splatted into the backend's constructor (openai.py from_config ``**config.params``):
-    a list, or a key that is also a constructor argument, is accepted by the config and then raises
+    a list, or a key that is also a constructor argument, is refused by the config, not left to raise
     TypeError inside open_engine's build_lm."""
     with pytest.raises(ConfigError):
         LMConfig.from_mapping({**OPENAI, "params": params}, where="lms.x")
 
 
 async def test_an_open_engine_with_reserved_params_fails_with_a_config_error() -> None:
-    """Reserved params are refused when the LMConfig is built (earlier than open_engine, which is
-    where the raw TypeError used to escape); either way the caller sees a ConfigError."""
+    """Reserved params are refused when the LMConfig is built, before open_engine (where a raw TypeError
+    would escape); either way the caller sees a ConfigError."""
 
     async def open_it() -> None:
         config = EngineConfig(
@@ -307,8 +307,8 @@ async def test_an_open_engine_with_reserved_params_fails_with_a_config_error() -
 
 
 async def test_a_nan_reaper_interval_does_not_crash_an_open_engine(autojump_clock: Any) -> None:
-    """HTTPSettings(idle_check_interval=nan) passes the config; open_engine's upkeep task then dies
-    with ValueError ("deadline must not be NaN") and takes the engine down."""
+    """HTTPSettings(idle_check_interval=nan) is refused by the config, so no open_engine's upkeep task
+    dies later with ValueError ("deadline must not be NaN") and takes the engine down."""
 
     async def open_for_a_second() -> None:
         lm = LMConfig.from_mapping({**OPENAI, "http": {"idle_check_interval": math.nan}})
@@ -342,9 +342,8 @@ def test_bad_lm_environment_values_are_config_errors(env: dict[str, str]) -> Non
 
 def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere(tmp_path: Any) -> None:
     """File: an OpenAI LM with its key and api_base. Env: LM_PROVIDER=anthropic, LM_MODEL=claude.
-    The new Anthropic LM inherits api_base https://api.openai.com/v1 and the OpenAI key (unless
-    ANTHROPIC_API_KEY happens to be set): the OpenAI secret goes to whatever the inherited base is,
-    as x-api-key, unless switching the provider drops the keys of the old one (engine/_env.py)."""
+    Switching the provider drops the old one's key and api_base (engine/_env.py); inheriting them would
+    send the OpenAI secret, as x-api-key, to the inherited base."""
     path = tmp_path / "c.toml"
     path.write_text(
         '[lms.default]\nprovider = "openai"\nmodel = "gpt"\napi_base = "https://api.openai.com/v1"\n'
@@ -360,16 +359,16 @@ def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere
 
 @pytest.mark.parametrize("key", ["sk-abc\n", "sk-\u00e9t\u00e9"], ids=["trailing-newline", "non-ascii"])
 def test_an_api_key_that_cannot_be_sent_is_a_config_error(key: str) -> None:
-    """A key read from a file with its trailing newline is accepted; every call then fails in h11
-    (LocalProtocolError "Illegal header value") which transport_errors maps to a *retryable*
-    UpstreamConnectionError: 3 attempts per call, retry budget spent, reported as a connection
-    failure. A non-ASCII key raises a raw UnicodeEncodeError from build_lm inside open_engine."""
+    """A key read from a file with its trailing newline, or a non-ASCII key, is refused by the config.
+    Accepted, the first would fail every call in h11 (LocalProtocolError "Illegal header value"), mapped
+    to a *retryable* connection error (3 attempts per call, retry budget spent); the second would raise a
+    raw UnicodeEncodeError from build_lm inside open_engine."""
     with pytest.raises(ConfigError):
         EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1", "LM_MODEL": "m", "LM_API_KEY": key})
 
 
 def test_threads_must_be_an_integer() -> None:
-    """``threads = 1.5`` passes _positive; anyio.CapacityLimiter then raises a raw TypeError in
+    """``threads = 1.5`` is refused by the config, not left to anyio.CapacityLimiter's raw TypeError in
     build_lm (ThreadedLM.__init__)."""
     with pytest.raises(ConfigError):
         LMConfig(model="openai/m", settings=DSPySettings(api_base="http://upstream.test/v1", threads=1.5))  # type: ignore[arg-type]
@@ -377,24 +376,23 @@ def test_threads_must_be_an_integer() -> None:
 
 @pytest.mark.parametrize("api_base", ["localhost:8000/v1", "ftp://upstream.test/v1", "not a url"])
 def test_an_api_base_that_is_not_an_http_url_is_a_config_error(api_base: str) -> None:
-    """``api_base = "localhost:8000/v1"`` (the scheme forgotten) is accepted; every call then fails
-    with httpx.UnsupportedProtocol, which transport_errors maps to a retryable
-    UpstreamConnectionError: 3 attempts per call (probe: retries_by_cause={'connection': 2})."""
+    """``api_base = "localhost:8000/v1"`` (the scheme forgotten) is refused by the config; accepted, every
+    call would fail with httpx.UnsupportedProtocol, mapped to a retryable connection error (3 attempts
+    per call)."""
     with pytest.raises(ConfigError):
         LMConfig(model="m", settings=OpenAISettings(api_base=api_base))
 
 
 def test_lm_model_and_key_without_a_provider_do_not_silently_serve_the_simulated_lm() -> None:
-    """LM_MODEL=gpt-4o-mini and LM_API_KEY=sk-... with LM_API_BASE forgotten: the default LM becomes
-    the *simulated* provider under the real model's name, and serves made-up answers (only an info
-    log line says so). Arguable (the provider default is documented), but a key and a model name are
-    an unambiguous request for a real LM."""
+    """LM_MODEL=gpt-4o-mini and LM_API_KEY=sk-... with LM_API_BASE forgotten is a ConfigError: a key and a
+    model name are an unambiguous request for a real LM, and the simulated provider under the real
+    model's name would serve made-up answers (only an info log line saying so)."""
     with pytest.raises(ConfigError):
         EngineConfig.from_env({"LM_MODEL": "gpt-4o-mini", "LM_API_KEY": "sk-real"})
 
 
 def test_frozen_config_values_are_hashable() -> None:
-    """@attrs.frozen values promise a hash, but ``params`` (and the lms/programs mappings) are dicts:
-    hash(LMConfig()) raises TypeError."""
+    """@attrs.frozen values promise a hash: ``params`` (and the lms/programs mappings) must not be plain
+    dicts, or hash(LMConfig()) raises TypeError."""
     assert hash(LMConfig()) == hash(LMConfig())
     assert hash(EngineConfig()) == hash(EngineConfig())

@@ -392,9 +392,8 @@ class ClosingLM(CountingLM):
 async def test_one_lm_that_fails_to_close_does_not_leave_the_others_open(
     first: str, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """``close_lms`` (engine/_engine.py:397) closes the LMs one after another in one shielded 1 s scope:
-    an LM whose ``aclose`` raises stops the loop, and one that hangs uses the whole budget, so the LMs
-    after it keep their connections open. Every LM must be closed (each bounded on its own)."""
+    """``close_lms`` closes every LM, each bounded on its own: an LM whose ``aclose`` raises, or one
+    that hangs, does not keep the LMs after it from closing their connections."""
     broken = ClosingLM(fail=first == "fail", hang=first == "hang")
     healthy = ClosingLM()
     with contextlib.suppress(RuntimeError):
@@ -414,9 +413,9 @@ class RecordingLM(SimulatedLM):
 
 
 async def test_cancelling_an_open_engine_still_closes_its_lms(autojump_clock: Any) -> None:
-    """engine/_engine.py open_engine's finally runs ``await engine.drain()`` unshielded: with the
-    caller's scope cancelled, drain's first checkpoint raises Cancelled and ``_close_lms()`` never runs,
-    so every LM's connections stay open (the same happens when an upkeep task crashes)."""
+    """With the caller's scope cancelled, open_engine still closes every LM: its cleanup must not start
+    with an unshielded ``await engine.drain()``, whose first checkpoint would raise Cancelled and skip
+    closing the LMs' connections."""
     lm = RecordingLM()
     with trio.move_on_after(1):
         async with open_engine(EngineConfig(), lms={"default": lm}):
@@ -439,11 +438,10 @@ async def test_a_crashed_upkeep_task_still_closes_the_lms(autojump_clock: Any) -
 
 
 async def test_an_engine_that_fails_to_open_closes_the_lms_it_was_given() -> None:
-    """open_engine documents that the engine closes the ``lms=`` it is given, but a ConfigError from
-    ProgramRegistry.build (or from build_lm of a later LM) happens before the try/finally: the LMs
-    already built or given are never closed."""
+    """open_engine documents that the engine closes the ``lms=`` it is given, also when a ConfigError
+    from ProgramRegistry.build (or from build_lm of a later LM) stops it from opening."""
     lm = RecordingLM()
-    config = EngineConfig(programs={"bad": ProgramSpec("no_such_module_attack1:thing")})
+    config = EngineConfig(programs={"bad": ProgramSpec("no_such_module_for_this_test:thing")})
     with pytest.raises(ConfigError):
         async with open_engine(config, lms={"default": lm}):
             pass

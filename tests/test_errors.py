@@ -101,9 +101,9 @@ def test_usage_says_when_it_was_estimated() -> None:
     ids=["OverloadedError", "RateLimitWaitError", "UnknownProgramError"],
 )
 def test_engine_errors_survive_pickle_and_copy(error: Exception) -> None:
-    """Exception.__reduce__ rebuilds with ``cls(*self.args)`` = ``cls(message)``; these __init__s need
-    more (keyword-only retry_after, positional known), so pickle.loads and copy.copy raise TypeError.
-    Errors cross thread/process boundaries (trio.to_thread, test runners, multiprocessing)."""
+    """Errors cross thread/process boundaries (trio.to_thread, test runners, multiprocessing): pickle and
+    copy rebuild them whole, though their __init__s take more than ``cls(message)`` (keyword-only
+    retry_after, positional known), which is all Exception.__reduce__ passes."""
     for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
         assert type(clone) is type(error)
         assert vars(clone) == vars(error)

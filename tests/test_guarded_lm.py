@@ -70,9 +70,9 @@ def _scripted_upstream(content: str) -> tuple[list[dict[str, Any]], MockBackend]
 
 async def test_the_engine_json_adapter_still_asks_an_openai_server_for_json(autojump_clock: Any) -> None:
     """The bare OpenAI backend declares ``supported_params`` (with ``response_format``), so DSPy's
-    JSONAdapter asks the server for JSON (tests/test_http_transport.py pins it). Through the engine,
-    DSPy sees the GuardedLM wrapper, which does not forward ``supported_params`` (BaseLM's: empty
-    set): the engine with ``adapter="json"`` silently stops sending ``response_format``."""
+    JSONAdapter asks the server for JSON (tests/test_http_transport.py pins it). Through the engine, DSPy
+    sees the GuardedLM wrapper, which forwards ``supported_params``: the engine with ``adapter="json"``
+    still sends ``response_format``."""
     bodies, network = _scripted_upstream('{"answer": "ok"}')
     lm = OpenAICompatibleLM("openai/m", api_base="http://upstream.test/v1", network=network)
     config = EngineConfig(lms={"default": LMConfig()}, adapter="json")

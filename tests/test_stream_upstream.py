@@ -239,11 +239,10 @@ def _sse(*events: dict[str, Any] | str) -> bytes:
 async def test_stream_upstream_with_two_choices_does_not_accept_a_stream_cut_mid_choice(
     autojump_clock: Any,
 ) -> None:
-    """``OpenAICompatibleLM._stream`` (engine/lm/openai.py, ``finished = finished or finish``) treats
-    the stream as complete as soon as ANY choice has a finish_reason. With ``n=2``, a stream cut after
-    choice 0 finished but while choice 1 was still being written (no [DONE], no finish for choice 1)
-    is returned as a successful completion whose second answer is silently truncated, instead of the
-    "stream ended before completion" error (which the guard retries)."""
+    """With ``n=2``, a stream cut after choice 0 finished but while choice 1 was still being written (no
+    [DONE], no finish for choice 1) is the "stream ended before completion" error (which the guard
+    retries), not a successful completion whose second answer is silently truncated: the stream is
+    complete only when every choice has a finish_reason."""
     from dspy_trio.engine import UpstreamConnectionError
 
     body = _sse(
@@ -270,11 +269,10 @@ async def test_stream_upstream_retries_an_overload_the_server_reports_in_the_str
     autojump_clock: Any,
 ) -> None:
     """README: with ``stream_upstream`` "retries are unchanged" and the completion is the one a plain
-    call returns. A server that reports an overload after the 200 (an SSE error event with
-    ``code: 503``, as llama.cpp's server and OpenRouter do for streams) is turned into a
-    non-retryable UpstreamResponseError by ``OpenAICompatibleLM._chunk`` (engine/lm/openai.py), so
-    the predict fails where the same overload on the plain path (HTTP 503) is retried. Nothing had
-    reached the caller, so the retry is safe."""
+    call returns. A server that reports an overload after the 200 (an SSE error event with ``code: 503``,
+    as llama.cpp's server and OpenRouter do for streams) is retried like the same overload on the plain
+    path (HTTP 503), not turned into a non-retryable UpstreamResponseError. Nothing had reached the
+    caller, so the retry is safe."""
     from dspy_trio.engine import RetryPolicy
 
     calls: list[int] = []

@@ -167,9 +167,9 @@ async def test_a_lone_surrogate_from_a_stock_lm_is_a_bad_response(fake_upstream:
 
 
 def test_the_dspy_provider_keeps_a_503s_retry_after() -> None:
-    """ "Retry-After honoured on every retryable status" - except for the dspy provider:
-    threaded.py dspy_lm_errors copies DSPy's retry_after for LMRateLimitError only; an LMServerError
-    (503/529) carrying retry_after=3 becomes an UpstreamServerError with retry_after None."""
+    """ "Retry-After honoured on every retryable status" holds for the dspy provider too: threaded.py
+    dspy_lm_errors copies DSPy's retry_after for an LMServerError (503/529) as for an LMRateLimitError,
+    so retry_after=3 reaches the UpstreamServerError."""
     from dspy.utils.exceptions import LMServerError
 
     from dspy_trio.engine.lm.threaded import dspy_lm_errors

@@ -351,8 +351,8 @@ MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 
 
 async def test_a_nan_parameter_is_an_engine_error_not_a_raw_value_error(autojump_clock: Any) -> None:
-    """When such a value does reach a call, the JSON encoder raises ValueError ("Out of range float
-    values are not JSON compliant"), which no edge translated (the transports' post_json)."""
+    """When such a value does reach a call, the JSON encoder's ValueError ("Out of range float values are
+    not JSON compliant") is translated at the edge (the transports' post_json) into an EngineError."""
     from dspy_trio.engine import EngineError
 
     lm = openai_lm(Scripted(), temperature=math.nan)
@@ -361,9 +361,9 @@ async def test_a_nan_parameter_is_an_engine_error_not_a_raw_value_error(autojump
 
 
 async def test_response_format_none_in_params_sends_no_response_format(autojump_clock: Any) -> None:
-    """README: "a response_format in the LM's params wins". A user whose server rejects
-    response_format sets it to None; request_params (lm/_base.py) drops None values, so the
-    JSONAdapter's json_object is sent anyway (openai.py _body only honours a non-None choice)."""
+    """README: "a response_format in the LM's params wins". A user whose server rejects response_format
+    sets it to None, and no response_format is sent: the None must survive request_params (lm/_base.py),
+    or the JSONAdapter's json_object is sent anyway."""
     import dspy
 
     answer = {"choices": [{"index": 0, "message": {"content": '{"answer": "ok"}'}, "finish_reason": "stop"}]}

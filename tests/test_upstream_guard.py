@@ -299,9 +299,9 @@ MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 
 
 async def test_an_infinite_retry_after_does_not_hang_a_call_without_deadline(autojump_clock: Any) -> None:
-    """A 503 with ``Retry-After: inf`` to a call with no deadline: the backoff is max(jitter, inf) = inf,
-    the "past the deadline" check is inf > inf = False, and the call sleeps forever (_upstream.py
-    call -> trio.sleep(wait))."""
+    """A 503 with ``Retry-After: inf`` to a call with no deadline: the call is retried (the wait is
+    capped), not put to sleep forever (a backoff of max(jitter, inf) = inf, which no "past the deadline"
+    check catches since inf > inf is False)."""
     script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
     lm = guarded(openai_lm(script))
     answers: list[Any] = []
@@ -317,9 +317,8 @@ async def test_an_infinite_retry_after_does_not_hang_a_call_without_deadline(aut
 
 
 async def test_an_infinite_retry_after_does_not_block_the_upstream_forever(autojump_clock: Any) -> None:
-    """The same header sets the shared cool-down to +inf (_upstream.py: ``_cooldown_until = max(...,
-    now + inf)``): a day later every call with a deadline is still refused with RateLimitWaitError,
-    and nothing is ever sent to the upstream again."""
+    """The same header must not set the shared cool-down to +inf: a day later a call with a deadline is
+    sent and answered, not refused with RateLimitWaitError with nothing ever sent to the upstream again."""
     script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
     lm = guarded(openai_lm(script), attempts=1)
     with trio.move_on_after(10), pytest.raises(UpstreamServerError):
@@ -330,9 +329,8 @@ async def test_an_infinite_retry_after_does_not_block_the_upstream_forever(autoj
 
 
 async def test_an_overloaded_529_pushes_the_adaptive_limit_down(autojump_clock: Any) -> None:
-    """Anthropic's 529 is "overloaded_error" and a 503 says the same, but UpstreamServerError has
-    pushback = False (engine/_errors.py), so the adaptive limit never hears of it; only 429 and
-    timeouts lower it."""
+    """Anthropic's 529 is "overloaded_error", as a 503 is: it pushes the adaptive limit down (16 -> 8)
+    like a 429 or a timeout, instead of being an UpstreamServerError the limit never hears of."""
     script = Scripted(http_response(529, json={"error": {"message": "Overloaded"}}))
     lm = guarded(openai_lm(script), attempts=1, adaptive=AdaptiveSettings(initial=16))
     with pytest.raises(UpstreamServerError):
@@ -344,9 +342,9 @@ async def test_an_overloaded_529_pushes_the_adaptive_limit_down(autojump_clock: 
 
 async def test_a_longer_retry_after_arriving_during_a_cool_down_is_honoured(autojump_clock: Any) -> None:
     """Calls A and B are sent at t=0. A's 429 says Retry-After 5; caller C arrives at t=0.5 and waits
-    for the cool-down. At t=1, B's 429 says Retry-After 30. C still sends at t=5: _upstream.py
-    _wait_cooldown sleeps until the deadline it read once and does not look again (a storm at t=5
-    against an upstream that asked for 30 s)."""
+    for the cool-down. At t=1, B's 429 says Retry-After 30. C is sent no earlier than t=31, not at
+    t=5: a waiter looks again at a cool-down that grew while it slept (no storm at t=5 against an
+    upstream that asked for 30 s)."""
     script = Scripted(
         http_response(429, headers={"Retry-After": "5"}, json={}),
         [1.0, http_response(429, headers={"Retry-After": "30"}, json={})],  # B's answer comes at t=1

@@ -173,8 +173,8 @@ async def test_a_v1_ws_cancel_frame_reaches_only_its_own_sockets_request() -> No
 
 async def test_a_batch_is_cancelled_by_the_id_the_server_gave_it() -> None:
     """``DELETE /v1/requests/{id}`` with a batch's ``X-Server-Request-ID`` (the only id the client is
-    given for it) must cancel the batch; it answers 404 while the batch runs on, because the ledger knows
-    only the items' ids (``{id}-{index}``)."""
+    given for it) cancels the batch, every item ending ``cancelled``; a ledger knowing only the items'
+    ids (``{id}-{index}``) would answer 404 while the batch runs on."""
     lm = CountingLM(first_token_delay=30)
     async with (
         running(lms={"default": lm}) as server,
@@ -197,9 +197,8 @@ async def test_a_batch_is_cancelled_by_the_id_the_server_gave_it() -> None:
 
 async def test_the_owner_can_cancel_its_request_while_the_server_drains() -> None:
     """During the drain (SIGTERM) an in-flight request runs for up to ``drain_timeout``; its owner asks to
-    cancel it. ``DELETE`` answers 503 ``not_ready`` (``require_engine`` refuses everything while
-    draining), so the request keeps its slot and the shutdown waits for it; it should be cancelled (200,
-    outcome ``cancelled``)."""
+    cancel it and it is cancelled (200, outcome ``cancelled``), not refused with 503 ``not_ready`` while
+    the request keeps its slot and the shutdown waits for it."""
     lm = CountingLM(first_token_delay=30)
     engine = attrs.evolve(settings().engine, drain_timeout=20.0)
     async with (

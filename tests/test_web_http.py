@@ -564,10 +564,10 @@ class FailingUpkeepLM(CountingLM):
 
 async def test_an_engine_that_cannot_open_fails_open_server_on_entry_with_its_own_error() -> None:
     """``open_engine`` fails in ``before_serving``. Hypercorn's ``wait_for_startup`` returns anyway
-    (``handle_lifespan`` sets ``startup`` in its ``finally``), binds and reports started, so
-    ``open_server`` enters its block with ``state.engine is None`` (a server that answers 503 to
-    everything), and the error arrives only at exit, as Hypercorn's ``LifespanFailureError`` holding the
-    message as a string. Expected: entering fails, with the engine's own error."""
+    (``handle_lifespan`` sets ``startup`` in its ``finally``), binds and reports started; ``open_server``
+    still fails on entry, with the engine's own error, instead of entering its block with
+    ``state.engine is None`` (a server answering 503 to everything) and raising Hypercorn's
+    ``LifespanFailureError`` only at exit."""
     entered: list[object] = []
     raised: BaseException | None = None
     try:
@@ -580,10 +580,9 @@ async def test_an_engine_that_cannot_open_fails_open_server_on_entry_with_its_ow
 
 
 async def test_metrics_stay_readable_while_the_server_drains() -> None:
-    """During the drain (up to ``drain_timeout``, 10 s by default) ``/metrics`` answers 503 ``not_ready``
-    (``routes_ops.metrics`` calls ``require_engine``), so the last scrapes of a stopping process — the
-    ones that would show its ``shut_down`` and ``cancelled`` outcomes — are lost. Readiness is ``/ready``'s
-    job; ``/metrics`` should answer while the engine exists."""
+    """During the drain (up to ``drain_timeout``) ``/metrics`` answers 200: the last scrapes of a
+    stopping process are the ones that show its ``shut_down`` and ``cancelled`` outcomes. Readiness is
+    ``/ready``'s job; ``/metrics`` answers while the engine exists."""
     lm = CountingLM(first_token_delay=30)
     engine = attrs.evolve(settings().engine, drain_timeout=20.0)
     async with (
@@ -608,8 +607,8 @@ async def test_metrics_stay_readable_while_the_server_drains() -> None:
 )
 def test_an_upstreams_infinite_retry_after_does_not_crash_the_web_error_response(error: Any) -> None:
     """The upstream's ``Retry-After: inf`` reaches the errors the web layer formats (the 429's own
-    retry_after, or the RateLimitWaitError of the poisoned cool-down): web/errors.py
-    engine_error_response does ``math.ceil(retry_after)`` -> OverflowError instead of a 429."""
+    retry_after, or the RateLimitWaitError of a cool-down): engine_error_response (web/errors.py) answers
+    429 with a numeric Retry-After, where ``math.ceil(inf)`` would raise OverflowError."""
     from dspy_trio.web.errors import engine_error_response
 
     status, _, headers = engine_error_response(error)
@@ -619,9 +618,9 @@ def test_an_upstreams_infinite_retry_after_does_not_crash_the_web_error_response
 
 async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error_event() -> None:
     """The same over a real Hypercorn socket: the LM's 429 carries retry_after = inf (as parsed from
-    ``Retry-After: inf``). /predict should answer 429 with a numeric Retry-After, and a stream should
-    end with an ``error`` event. web/errors.py:74 raises OverflowError in both: /predict answers 500,
-    and the stream never ends (no final or error event; the client waits until its own timeout)."""
+    ``Retry-After: inf``). /predict answers 429 with a numeric Retry-After, and a stream ends with an
+    ``error`` event (an OverflowError while formatting would make /predict a 500 and leave the stream
+    with no final or error event)."""
     from tests.helpers import FailingLM
     from tests.web_helpers import running, settings
 
@@ -650,10 +649,9 @@ async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error
 
 
 async def test_an_error_in_the_block_of_open_server_escapes_as_itself() -> None:
-    """web/server.py open_server: an exception raised inside ``async with open_server(...)`` cancels
-    the nursery running Hypercorn instead of shutting it down; Hypercorn's lifespan task then trips
-    trio's "Nursery misnesting detected!" / "Nursery stack corrupted", the generator reports
-    "didn't stop after athrow()", and an ExceptionGroup (not the ValueError) reaches the caller."""
+    """web/server.py open_server: an exception raised inside ``async with open_server(...)`` reaches the
+    caller as itself, not as an ExceptionGroup (cancelling the nursery running Hypercorn instead of
+    shutting it down trips trio's "Nursery misnesting detected!" in Hypercorn's lifespan task)."""
     from tests.web_helpers import running
 
     class Boom(Exception):
