@@ -60,7 +60,7 @@ def test_tune_gc_for_serving_keeps_automatic_collection_off_when_the_application
 ) -> None:
     """``gc.set_threshold(0)`` is Python's documented way to turn automatic collection off; the
     function promises to never lower the young threshold, but it must not silently turn collection
-    back on either: ``max(0, 10_000)`` makes the process collect every 10,000 allocations again."""
+    back on either (``max(0, 10_000)`` would make the process collect every 10,000 allocations again)."""
     gc.set_threshold(0, 10, 10)
     settings_now = tune_gc_for_serving()
     assert gc.get_threshold()[0] == 0, f"automatic collection turned back on: {settings_now.thresholds}"
