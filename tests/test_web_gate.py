@@ -340,8 +340,6 @@ async def test_a_cors_preflight_is_not_refused_or_counted_as_an_overloaded_predi
     credentials, no prediction) to an overloaded server is answered as a preflight, not refused with a
     429 (the browser would report a CORS failure instead of the real 429 of its POST), and the engine
     counts no ``rejected`` request."""
-    from .helpers import CountingLM
-    from .web_helpers import running
 
     origin = "http://app.test"
     service = _overloaded(cors_origins=(origin,))
@@ -370,8 +368,6 @@ async def test_an_unknown_program_is_a_404_even_when_the_engine_is_overloaded() 
     """``Engine._accept`` looks the program up before the admission check, so a prediction of an
     unknown program raises UnknownProgramError (404) whatever the load. Over HTTP it is the same 404,
     not a 429 with Retry-After (a client would retry a typo forever)."""
-    from .helpers import CountingLM
-    from .web_helpers import running
 
     async with (
         running(_overloaded(), lms={"default": CountingLM(first_token_delay=30.0)}) as server,

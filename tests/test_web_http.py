@@ -621,8 +621,6 @@ async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error
     ``Retry-After: inf``). /predict answers 429 with a numeric Retry-After, and a stream ends with an
     ``error`` event (an OverflowError while formatting would make /predict a 500 and leave the stream
     with no final or error event)."""
-    from tests.helpers import FailingLM
-    from tests.web_helpers import running, settings
 
     lm_config = LMConfig(
         retry=RetryPolicy(max_attempts=1), settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0)
@@ -652,7 +650,6 @@ async def test_an_error_in_the_block_of_open_server_escapes_as_itself() -> None:
     """web/server.py open_server: an exception raised inside ``async with open_server(...)`` reaches the
     caller as itself, not as an ExceptionGroup (cancelling the nursery running Hypercorn instead of
     shutting it down trips trio's "Nursery misnesting detected!" in Hypercorn's lifespan task)."""
-    from tests.web_helpers import running
 
     class Boom(Exception):
         pass
