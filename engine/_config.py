@@ -31,6 +31,7 @@ or the environment variable and the value, never a failure at run time.
     DSPY_TRIO_MAX_IN_FLIGHT, DSPY_TRIO_MAX_QUEUED, DSPY_TRIO_DRAIN_TIMEOUT, DSPY_TRIO_ADAPTER
     DSPY_TRIO_REDIS_URL   redis://host:port/db shared by every worker and replica (quota, cool-down, cancel)
     DSPY_TRIO_CLUSTER_SECRET  cluster.secret: the key of the owners' digests sent through Redis
+    DSPY_TRIO_CACHE       cache.backend: off | memory | redis (the response cache; see _cache_config)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ._adaptive import AdaptiveSettings
+from ._cache_config import CacheConfig
 from ._errors import ConfigError
 from ._lm_factory import PROVIDERS
 from ._retry import RetryPolicy
@@ -457,6 +459,7 @@ class EngineConfig:
             should reach the model).
         stream: Default stream options (backpressure, buffer, coalescing).
         log_text: Put inputs and outputs in the request log lines (off: privacy by default).
+        cache: Single-flight of identical LM calls (on) and the response cache (off).
     """
 
     lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms, converter=_copy_mapping, hash=False)
@@ -471,17 +474,23 @@ class EngineConfig:
     stream: StreamOptions = attrs.field(factory=StreamOptions)
     log_text: bool = False
     cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
 
     def __attrs_post_init__(self) -> None:
         for name, spec in self.programs.items():
             if spec.lm not in self.lms:
                 raise ConfigError(f"program {name!r} uses LM {spec.lm!r}, which is not configured")
+        if self.cache.backend == "redis" and not self.cluster.redis_url:
+            raise ConfigError(
+                'cache.backend = "redis" uses the [cluster] Redis: set cluster.redis_url'
+                " (DSPY_TRIO_REDIS_URL)"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]`` (with its
         nested tables), ``[programs.NAME]``. ``env`` is where ``api_key_env`` names are looked up."""
-        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster"}
+        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster", "cache"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = dict(data.get("engine", {}))
@@ -489,6 +498,8 @@ class EngineConfig:
             values["stream"] = StreamOptions.from_mapping(data["stream"])
         if "cluster" in data:
             values["cluster"] = _build(ClusterConfig, dict(data["cluster"]), "cluster")
+        if "cache" in data:
+            values["cache"] = CacheConfig.from_mapping(data["cache"])
         if "lms" in data:
             values["lms"] = {
                 name: LMConfig.from_mapping(table, where=f"lms.{name}", env=env)
@@ -542,6 +553,11 @@ class EngineConfig:
                     raise ConfigError(f"{key}{shown}: {exc.message}") from exc
         if cluster is not config.cluster:
             engine_changes["cluster"] = cluster
+        if backend := env.get("DSPY_TRIO_CACHE"):
+            try:
+                engine_changes["cache"] = attrs.evolve(config.cache, backend=backend)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                raise ConfigError(f"DSPY_TRIO_CACHE={backend!r}: {exc.message}") from exc
         return _build(EngineConfig, {**_shallow(config), **engine_changes}, "DSPY_TRIO_*", names=names)
 
 
