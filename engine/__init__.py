@@ -19,6 +19,7 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
+from ._cache_config import CacheConfig as CacheConfig
 from ._config import CallTimeouts as CallTimeouts
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
@@ -54,6 +55,7 @@ from ._result import PredictionResult as PredictionResult
 from ._result import Timings as Timings
 from ._result import Usage as Usage
 from ._retry import RetryPolicy as RetryPolicy
+from ._sharing_statistics import SharingStatistics as SharingStatistics
 from ._statistics import EngineStatistics as EngineStatistics
 from ._stream_events import ErrorEvent as ErrorEvent
 from ._stream_events import FieldDelta as FieldDelta
@@ -66,6 +68,7 @@ from ._upstream import UpstreamStatistics as UpstreamStatistics
 __all__ = [
     "AdaptiveSettings",
     "BatchItem",
+    "CacheConfig",
     "CallTimeouts",
     "ClusterUnavailableError",
     "ConfigError",
@@ -93,6 +96,7 @@ __all__ = [
     "RequestAbandonedError",
     "RequestCancelledError",
     "RetryPolicy",
+    "SharingStatistics",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",

@@ -8,6 +8,7 @@ from typing import Literal
 import attrs
 
 from ._admission import AdmissionStatistics
+from ._sharing_statistics import SharingStatistics
 from ._upstream import UpstreamStatistics
 
 Outcome = Literal[
@@ -54,6 +55,7 @@ class EngineStatistics:
         upstreams: Per upstream (LM name): adaptive limit, retries by cause, rate-limit waits.
         seconds_total: Summed duration of the requests that ended after being accepted (every
             outcome but ``rejected`` and ``invalid``).
+        sharing: What single-flight and the response cache did (None when both are off).
     """
 
     succeeded: int
@@ -74,6 +76,7 @@ class EngineStatistics:
     stream_deltas_coalesced: int = 0
     seconds_total: float = 0.0
     upstreams: Mapping[str, UpstreamStatistics] = attrs.field(factory=dict)
+    sharing: SharingStatistics | None = None
 
     @property
     def requests_total(self) -> int:
@@ -109,6 +112,7 @@ class EngineStatistics:
         stream_deltas_coalesced: int = 0,
         seconds_total: float = 0.0,
         upstreams: Mapping[str, UpstreamStatistics] | None = None,
+        sharing: SharingStatistics | None = None,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -129,4 +133,5 @@ class EngineStatistics:
             stream_deltas_coalesced=stream_deltas_coalesced,
             seconds_total=seconds_total,
             upstreams=dict(upstreams or {}),
+            sharing=sharing,
         )

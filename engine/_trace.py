@@ -16,7 +16,11 @@ class RequestTrace:
     """Mutable totals of one request's LM calls."""
 
     lm_seconds: float = 0.0
+    lm_calls: int = 0
     attempts: int = 0
+    cached_calls: int = 0  # LM calls answered from the response cache
+    shared_calls: int = 0  # LM calls answered by an identical call in flight (this process or another)
+    saved_tokens: int = 0  # tokens of those answers: no upstream call was made for them
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -50,10 +54,24 @@ def record_lm_call(seconds: float) -> None:
     trace = _current.get()
     if trace is not None:
         trace.lm_seconds += seconds
+        trace.lm_calls += 1
 
 
-def record_attempt() -> None:
-    """Count one attempt of an LM call (retries make several) in the current request's trace."""
+def record_saved(*, cached: bool, tokens: int) -> None:
+    """Count one LM call answered without an upstream call of its own (from the cache when ``cached``,
+    else by an identical call in flight), worth ``tokens``, in the current request's trace."""
     trace = _current.get()
     if trace is not None:
-        trace.attempts += 1
+        if cached:
+            trace.cached_calls += 1
+        else:
+            trace.shared_calls += 1
+        trace.saved_tokens += tokens
+
+
+def record_attempt(count: int = 1) -> None:
+    """Count one attempt of an LM call (retries make several; a shared call's count them all) in the
+    current request's trace."""
+    trace = _current.get()
+    if trace is not None:
+        trace.attempts += count
