@@ -36,6 +36,7 @@ from dspy_trio.engine import EngineError, open_engine
 from dspy_trio.engine.lm import TrioLM
 
 from .auth import authorize
+from .cache_control import cache_status
 from .encoding import dumps
 from .errors import HTTPError, engine_error_response, error_body, http_error_response
 from .http import json_response
@@ -54,8 +55,8 @@ access_log = logging.getLogger("dspy_trio.web.requests")
 
 _LABEL = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STATIC = Path(__file__).parent / "static"
-_CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"]
-_CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After"]
+_CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout", "Cache-Control"]
+_CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After", "Cache-Status"]
 _CORS_METHODS = ["GET", "POST", "DELETE", "OPTIONS"]
 _WERKZEUG_CODES = {
     400: "bad_request",
@@ -182,6 +183,10 @@ async def decorate(response: Response) -> Response:
     timing = [f"total;dur={total:.3f}"]
     if (timings := g.get("timings")) is not None:
         timing += [f"queue;dur={timings.queued * 1000:.3f}", f"lm;dur={timings.lm * 1000:.3f}"]
+        if (engine := _state().engine) is not None and engine.sharing is not None:
+            cache_on = engine.config.cache.backend != "off"
+            no_cache = g.get("no_cache", False)
+            response.headers["Cache-Status"] = cache_status(timings, no_cache=no_cache, cache_on=cache_on)
     response.headers["Server-Timing"] = ", ".join(timing)
     if (refused := g.get("refused")) is not None and access_log.isEnabledFor(logging.INFO):
         log_refusal(refused, response.status_code, total)

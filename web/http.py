@@ -12,6 +12,7 @@ from quart_schema import document_request
 
 from dspy_trio.engine import Engine, PredictionResult
 
+from .cache_control import cache_switches
 from .deadline import RequestDeadline
 from .encoding import dumps
 from .errors import HTTPError
@@ -93,8 +94,12 @@ async def predict(program: str, inputs: Mapping[str, Any], until: RequestDeadlin
         EngineError: as the engine raises it; DeadlineExceededError past ``until``.
     """
     engine = checked_engine(inputs)
+    no_cache, no_store = cache_switches(request.headers)
+    g.no_cache = no_cache  # for the response's Cache-Status
     with until.scope():
-        result = await engine.predict(program, inputs, request_id=g.request_id, owner=g.owner)
+        result = await engine.predict(
+            program, inputs, request_id=g.request_id, owner=g.owner, no_cache=no_cache, no_store=no_store
+        )
         g.timings = result.timings
         return result
     raise until.error()

@@ -102,6 +102,35 @@ _OPERATIONS: dict[tuple[str, str], tuple[str, set[int]]] = {
 }
 
 
+# Operations that run LM calls, and so take the cache switches; those that answer in one JSON body also
+# say in ``Cache-Status`` what the cache and single-flight did (see web/cache_control.py).
+_CACHE_CONTROL = {
+    "name": "Cache-Control",
+    "in": "header",
+    "required": False,
+    "description": "`no-cache`: join no identical call in flight and read no cached answer (a fresh "
+    "upstream call); `no-store`: store none of this request's answers. Other directives are ignored.",
+    "schema": {"type": "string", "examples": ["no-cache", "no-store", "no-cache, no-store"]},
+}
+_CACHE_STATUS = {
+    "Cache-Status": {
+        "description": "RFC 9211: `dspy-trio; hit` (every LM call answered from the cache), "
+        "`dspy-trio; fwd=miss` (`fwd=partial`: some were; `fwd=bypass`: the cache is off; "
+        "`fwd=request`: the request said `no-cache`), with `; collapsed` when an LM call shared an "
+        "identical call in flight.",
+        "schema": {"type": "string", "examples": ["dspy-trio; hit", "dspy-trio; fwd=miss; collapsed"]},
+    }
+}
+_CACHED_OPERATIONS = {
+    ("/predict", "post"): True,
+    ("/predict/stream", "post"): False,
+    ("/stream", "post"): False,
+    ("/v1/programs/{name}/predict", "post"): True,
+    ("/v1/programs/{name}/stream", "post"): False,
+    ("/v1/programs/{name}/batch", "post"): False,
+}
+
+
 def documented_statuses(path: str, method: str) -> set[int]:
     """The statuses the document lists for an operation (200 and its refusals)."""
     return {200} | _OPERATIONS[(path, method.lower())][1]
@@ -148,6 +177,10 @@ class ServiceOpenAPI(OpenAPIProvider):
                     operation["responses"] = _responses(success, refusals)
                     if settings.api_keys and 401 in refusals:
                         operation["security"] = [{"bearer": []}]
+                if (path, method) in _CACHED_OPERATIONS:
+                    operation.setdefault("parameters", []).append(_CACHE_CONTROL)
+                    if _CACHED_OPERATIONS[(path, method)]:
+                        operation["responses"]["200"]["headers"] = _CACHE_STATUS
                 elif not operation.get("responses"):
                     operation["responses"] = {"default": {"description": "See docs/http-api.md."}}
         batch = document["paths"].get("/v1/programs/{name}/batch", {}).get("post")

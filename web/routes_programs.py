@@ -11,6 +11,7 @@ from quart import Blueprint, Response, g, request
 
 from dspy_trio.engine import BatchItem, UnknownProgramError
 
+from .cache_control import cache_switches
 from .encoding import batch_item_json, result_json
 from .errors import HTTPError
 from .http import checked_engine, deadline, json_body, json_response, predict, sse_response, state
@@ -71,6 +72,7 @@ async def program_batch(name: str, data: BatchRequest) -> Response:
         raise UnknownProgramError(name, known)
     concurrency = min(data.concurrency, limits.max_batch_concurrency)
     request_id, owner = g.request_id, g.owner
+    no_cache, no_store = cache_switches(request.headers)
 
     @asynccontextmanager
     async def open_batch() -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
@@ -81,6 +83,8 @@ async def program_batch(name: str, data: BatchRequest) -> Response:
             fail_fast=data.fail_fast,
             request_id=request_id,
             owner=owner,
+            no_cache=no_cache,
+            no_store=no_store,
         ) as outcomes:
             yield outcomes
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from quart import Blueprint, Response, g
+from quart import Blueprint, Response, g, request
 
 from dspy_trio.engine import EventStream
 
+from .cache_control import cache_switches
 from .http import checked_engine, deadline, json_body, json_response, predict, sse_response, state
 from .models import SeedRequest
 from .sse import general_encoder, seed_answer, seed_encoder, stream_body
@@ -50,10 +51,13 @@ def stream_response(program: str, inputs: dict[str, object], asked: float | None
     engine = checked_engine(inputs)
     engine.precheck(program, inputs)  # so that bad input and overload get a status, not an event
     request_id, owner, service = g.request_id, g.owner, state()
+    no_cache, no_store = cache_switches(request.headers)
 
     @asynccontextmanager
     async def open_stream() -> AsyncIterator[EventStream]:
-        async with engine.stream(program, inputs, request_id=request_id, owner=owner) as events:
+        async with engine.stream(
+            program, inputs, request_id=request_id, owner=owner, no_cache=no_cache, no_store=no_store
+        ) as events:
             yield events
 
     encode = seed_encoder() if seed else general_encoder
