@@ -10,8 +10,10 @@
     max_entries = 10000        # memory: LRU bounds
     max_bytes = 67108864
     max_entry_bytes = 1048576  # an answer larger than this is never stored
+    across_processes = true    # with [cluster]: single-flight through Redis too (default: when
+                               # backend = "redis", whose lookup is the round trip it needs)
     lease_ttl = 5.0            # with [cluster]: seconds a process's claim on an identical call lasts
-                               # unless renewed (how soon another process takes over when it dies)
+                               # unless renewed
 
 ``DSPY_TRIO_CACHE`` (``off``, ``memory``, ``redis``) overrides ``backend``.
 """
@@ -65,8 +67,12 @@ class CacheConfig:
         max_entries: The memory cache's bound on answers (least recently used go first).
         max_bytes: The memory cache's bound on the answers' size.
         max_entry_bytes: Answers larger than this are not stored (nor handed to another process).
-        lease_ttl: Seconds a process's claim on a call lasts in Redis unless renewed; waiters of a
-            process that died take over after at most this long.
+        across_processes: With a ``[cluster]``, identical calls in flight in other processes are
+            shared too (through Redis: one round trip per LM call that finds no answer in the process).
+            None (the default): when ``backend = "redis"``, whose lookup is that round trip.
+        lease_ttl: Seconds a process's claim on a call lasts in Redis unless renewed (it renews its
+            claims every third of it); a process that died is taken over once its heartbeats have
+            stopped for three intervals, or its claims have expired, whichever comes first.
     """
 
     single_flight: bool = attrs.field(default=True, validator=_flag)
@@ -76,6 +82,7 @@ class CacheConfig:
     max_entries: int = attrs.field(default=10_000, validator=positive_int)
     max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=positive_int)
     max_entry_bytes: int = attrs.field(default=1024 * 1024, validator=positive_int)
+    across_processes: bool | None = attrs.field(default=None, validator=attrs.validators.optional(_flag))
     lease_ttl: float = attrs.field(default=5.0, validator=number(minimum=0.05, maximum=3600))
 
     def __attrs_post_init__(self) -> None:
@@ -88,6 +95,13 @@ class CacheConfig:
     def enabled(self) -> bool:
         """Whether LM calls go through the sharing layer at all."""
         return self.single_flight or self.backend != "off"
+
+    @property
+    def flights_across_processes(self) -> bool:
+        """Whether single-flight reaches other processes when there is a ``[cluster]``."""
+        if not self.single_flight:
+            return False
+        return self.backend == "redis" if self.across_processes is None else self.across_processes
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> CacheConfig:

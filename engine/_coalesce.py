@@ -87,6 +87,7 @@ class Sharing:
         self._flights: dict[tuple[str, bool], Flight] = {}
         self._cache_on = config.backend != "off"
         self._remote_cache = remote is not None and remote.cache
+        self._across = remote is not None and config.flights_across_processes
         self.counts: Counter[str] = Counter()
         self.closed = False
 
@@ -251,12 +252,16 @@ class Sharing:
         async def produce(flight: Flight) -> Completion:
             with tracing() as trace:  # the shared call's attempts, in no request's trace
                 try:
-                    if self.remote is None:
-                        return await call()
-                    completion, flight.source = await self.remote.produce(
-                        flight.key, call, leased, read_cache=self.remote.cache
-                    )
-                    return completion
+                    remote = self.remote
+                    if remote is not None and self._across:
+                        completion, flight.source = await remote.produce(
+                            flight.key, call, leased, read_cache=remote.cache
+                        )
+                        return completion
+                    if remote is not None and remote.cache and (found := await remote.read(flight.key)):
+                        flight.source = "cache"
+                        return found
+                    return await call()
                 finally:
                     flight.attempts = trace.attempts
 
@@ -273,19 +278,19 @@ class Sharing:
     async def _announce(self, flight: Flight, lease: Lease) -> None:
         """Tell the other processes how the call this process led ended: its answer once the adapter
         accepted it (stored, or handed off), or that they must claim again. Blocks for at most half a
-        lease TTL for the verdict, then one bounded Redis round-trip."""
-        assert self.remote is not None
-        verdict = flight.verdict
-        if flight.completion is not None and verdict is not None:
-            with trio.move_on_after(self.remote.lease_ttl / 2):
-                await verdict.wait(flight.all_left)
-        good = verdict is not None and verdict.good
-        await self.remote.announce(
-            flight.key,
-            lease,
-            flight.completion if good else None,
-            store=verdict is not None and verdict.storable,
-        )
+        lease TTL, for the verdict."""
+        remote = self.remote
+        assert remote is not None
+        try:
+            verdict = flight.verdict
+            if flight.completion is not None and verdict is not None:
+                with trio.move_on_after(remote.lease_ttl / 2):
+                    await verdict.wait(flight.all_left)
+            good = verdict is not None and verdict.good
+            answer = flight.completion if good else None
+            remote.announce(flight.key, lease, answer, store=verdict is not None and verdict.storable)
+        finally:
+            remote.forget(lease)
 
 
 async def _deliver_whole(sink: DeltaSink | None, completion: Completion) -> None:
@@ -348,13 +353,14 @@ def open_sharing(config: EngineConfig, nursery: trio.Nursery, cluster: Cluster |
     if not cache.enabled:
         return None
     remote = None
-    if cluster is not None:
+    if cluster is not None and (cache.backend == "redis" or cache.flights_across_processes):
         remote = cluster.share_flights(
             lease_ttl=cache.lease_ttl,
             cache_ttl=cache.ttl,
             cache=cache.backend == "redis",
             max_entry_bytes=cache.max_entry_bytes,
         )
+        nursery.start_soon(remote.keep_leases)
     # The key of the calls' digests: the deployment's secret, as for the owners' digests of cancels.
     secret = config.cluster.secret or f"dspy-trio unset secret:{config.cluster.key_prefix}"
     return Sharing(cache, nursery, secret=digest_secret(secret), remote=remote)

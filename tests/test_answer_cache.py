@@ -198,6 +198,7 @@ def test_the_cache_section_of_a_config_file(tmp_path: Any) -> None:
         ("max_entries = 1.5", "cache.max_entries must be an integer"),
         ("max_entry_bytes = 2048\nmax_bytes = 1024", "max_entry_bytes must be at most max_bytes"),
         ('single_flight = "yes"', "cache.single_flight must be true or false"),
+        ("across_processes = 1", "cache.across_processes must be true or false"),
         ("lease_ttl = 0", "cache.lease_ttl must be at least 0.05"),
         ("size = 3", "cache: unknown key(s) size"),
         ('backend = "redis"', 'cache.backend = "redis" uses the [cluster] Redis'),
@@ -210,6 +211,21 @@ def test_a_bad_cache_setting_is_a_config_error_naming_it(tmp_path: Any, text: st
         ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
     ):
         EngineConfig.from_toml(path)
+
+
+@pytest.mark.parametrize(
+    ("cache", "across"),
+    [
+        (CacheConfig(), False),  # the default: single-flight in each process, no Redis round trip
+        (CacheConfig(backend="memory"), False),
+        (CacheConfig(backend="redis"), True),  # the cache lookup is the claim's round trip
+        (CacheConfig(backend="redis", across_processes=False), False),
+        (CacheConfig(across_processes=True), True),
+        (CacheConfig(single_flight=False, backend="redis", across_processes=True), False),
+    ],
+)
+def test_when_single_flight_reaches_other_processes(cache: CacheConfig, across: bool) -> None:
+    assert cache.flights_across_processes is across
 
 
 def test_a_bad_cache_backend_from_the_environment_names_the_variable() -> None:

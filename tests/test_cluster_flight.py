@@ -171,6 +171,32 @@ async def test_redis_stopped_mid_run_leaves_each_process_on_its_own_without_a_ha
                 assert 1 <= len(down) <= 2  # once per process
 
 
+async def test_without_the_cache_in_redis_single_flight_stays_in_the_process_and_costs_redis_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """By default only a cache in Redis shares calls across processes (its lookup is the round trip a
+    claim needs); otherwise a prediction makes no Redis call, and each process shares only its own."""
+    shared = prefix()
+    async with open_fake_upstream(Behavior(latency=0.5)) as upstream:
+        url = redis_server.url
+        async with (
+            open_engine(config(url, upstream, shared, backend="memory")) as a,
+            open_engine(config(url, upstream, shared)) as b,
+        ):
+            assert a.cluster is not None
+            assert b.cluster is not None
+            with trio.fail_after(HANG_GUARD):
+                await eventually(lambda: subscribed(a, b))
+                calls = a.cluster.link.round_trips + b.cluster.link.round_trips
+                async with trio.open_nursery() as nursery:
+                    for _ in range(10):
+                        nursery.start_soon(a.predict, "default", QUESTION)
+                        nursery.start_soon(b.predict, "default", QUESTION)
+            assert len(upstream.records) == 2  # one per process
+            heartbeats = 2 * 2  # at most a couple of heartbeats each meanwhile
+            assert a.cluster.link.round_trips + b.cluster.link.round_trips - calls <= heartbeats
+
+
 LEADER = """
 import sys, trio
 from dspy_trio.engine import EngineConfig, LMConfig, open_engine
@@ -182,7 +208,7 @@ async def main():
     config = EngineConfig(
         lms={"default": LMConfig(provider="openai", model="m", api_base=api_base, api_key="k")},
         cluster=ClusterConfig(redis_url=redis_url, key_prefix=key_prefix, secret="s" * 32),
-        cache=CacheConfig(lease_ttl=1.0),
+        cache=CacheConfig(lease_ttl=1.0, across_processes=True),
     )
     async with open_engine(config) as engine:
         print("leader ready", flush=True)
@@ -206,7 +232,8 @@ async def test_a_leader_process_killed_with_its_lease_held_is_taken_over(redis_s
             with trio.fail_after(HANG_GUARD):
                 await wait_until(lambda: "leader ready" in leader.output(), seconds=HANG_GUARD, poll=0.05)
                 await upstream.wait_for(lambda u: len(u.records) == 1)  # the leader's call, lease held
-                async with open_engine(config(redis_server.url, upstream, shared, lease_ttl=1.0)) as follower:
+                following = config(redis_server.url, upstream, shared, lease_ttl=1.0, across_processes=True)
+                async with open_engine(following) as follower:
                     assert follower.cluster is not None
                     result: list[Any] = []
 

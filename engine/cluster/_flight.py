@@ -5,7 +5,9 @@ Within a process, identical calls already share one flight (``engine/_flight.py`
 to Redis, so a process makes one claim per key whatever the number of its waiters. A flight first
 *claims* its key with one script call (one round-trip): the cached answer if there is one (a Redis-backed
 hit is that one ``GET``), else the key's lease (``SET NX PX``): the process that gets it *leads* and makes
-the upstream call, renewing the lease every third of its TTL while the call runs. The others *follow*:
+the upstream call (one queued script call renews all of a process's leases every third of their TTL),
+then stores the answer, gives the lease up and announces it, in one queued script call (the writes
+nobody waits for ride in the link's pipelined batches: a miss costs one round trip). The others *follow*:
 they wait for the leader's announcement on the deployment's one ``flight`` channel, bounded by their
 flight's deadline, and read the answer the leader stored (the cache entry, or with the cache off a
 hand-off entry that lives one lease TTL). An announcement that the leader gave up (its call failed, was
@@ -22,7 +24,6 @@ itself, as without a cluster. A stored value that does not decode is a miss: log
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,6 @@ from typing import Any
 
 import trio
 
-from .. import _groups
 from .._answer_cache import CorruptAnswerError, decode, encode
 from .._flight import Source
 from ..lm._base import Completion
@@ -71,9 +71,12 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
 
-# KEYS: the lease. ARGV: the leader's token, the TTL in ms. Extends the lease if it is still the caller's.
+# KEYS: leases. ARGV: the TTL in ms, then the leader's token of each lease. Extends each lease that is
+# still the caller's.
 RENEW_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then redis.call('PEXPIRE', key, ARGV[1]) end
+end
 return 0
 """
 
@@ -125,6 +128,7 @@ class RemoteFlights:
         self._announce = link.client.register_script(ANNOUNCE_SCRIPT)
         self._renew = link.client.register_script(RENEW_SCRIPT)
         self._interests: dict[str, list[_Interest]] = {}
+        self._held: dict[int, Lease] = {}  # the leases of this process's calls in flight
         self.corrupt = 0  # stored values that did not decode
         self.takeovers = 0  # leases taken after another process's expired
         self.fallbacks = 0  # flights that called upstream themselves because Redis failed
@@ -240,8 +244,9 @@ class RemoteFlights:
                 if len(reply) > 1 or silent:
                     self.takeovers += 1
                 lease = Lease(lease_key, token)
+                self._held[id(lease)] = lease
                 leased(lease)
-                return await self._lead(lease, call), "upstream"
+                return await call(), "upstream"
             # Another process leads: wait for its announcement, or claim again after a while (an
             # announcement missed, or a leader that died).
             with trio.move_on_after(self.poll):
@@ -258,24 +263,22 @@ class RemoteFlights:
                     return found, "remote"
             read_cache, read_handoff = self.cache, True
 
-    async def _lead(self, lease: Lease, call: Callable[[], Awaitable[Completion]]) -> Completion:
-        """Make the call, renewing the lease every third of its TTL meanwhile."""
-        async with _groups.open_service_nursery() as nursery:
-            nursery.start_soon(self._keep, lease)
-            return await call()
-
-    async def _keep(self, lease: Lease) -> None:
-        args = [lease.token, str(int(self.lease_ttl * 1000))]
+    async def keep_leases(self) -> None:
+        """Renew every lease this process holds, every third of a lease TTL, with one queued script
+        call for all of them (never waited for: one that is lost lets a lease expire, and another
+        process may then make the same call). Runs until cancelled."""
         while True:
             await trio.sleep(self.lease_ttl / 3)
-            # Redis failing does not stop the call: followers take over, or call themselves.
-            with contextlib.suppress(RedisUnavailableError):
-                await self.link.call(lambda: self._renew(keys=[lease.key], args=args))
+            if self._held:
+                leases = list(self._held.values())
+                args = [str(int(self.lease_ttl * 1000)), *(lease.token for lease in leases)]
+                self.link.write_soon(("script", self._renew, [lease.key for lease in leases], args))
 
-    async def announce(self, key: str, lease: Lease, answer: Completion | None, *, store: bool) -> None:
+    def announce(self, key: str, lease: Lease, answer: Completion | None, *, store: bool) -> None:
         """Give the lease up and tell the followers: with ``answer``, stored in the cache (``store`` and
-        the cache is in Redis) or as a hand-off entry; without, that they must claim again. Blocks for
-        one bounded round-trip; a Redis failure is left to the followers' own claims."""
+        the cache is in Redis) or as a hand-off entry; without, that they must claim again. A queued
+        write: never blocks (one that is lost leaves the followers to their own claims)."""
+        self._held.pop(id(lease), None)
         entry, handoff, lease_key = self._keys(key)
         where, payload, ttl = "released", "", self.lease_ttl
         if answer is not None:
@@ -287,8 +290,11 @@ class RemoteFlights:
                 )
         target = entry if where == "answer" else handoff
         args = [lease.token, payload, str(int(ttl * 1000)), self.channel, f"{key} {where}"]
-        with contextlib.suppress(RedisUnavailableError):  # the followers' own claims find out
-            await self.link.call(lambda: self._announce(keys=[target, lease_key], args=args))
+        self.link.write_soon(("script", self._announce, [target, lease_key], args))
+
+    def forget(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` (its flight ended without an announcement: it expires)."""
+        self._held.pop(id(lease), None)
 
     def heard(self, message: str) -> None:
         """An announcement from the ``flight`` channel (``"KEY answer|handoff|released"``). Never blocks."""
