@@ -65,5 +65,12 @@ def call_key(
         rollout_id: DSPy's rollout id of the call, if any.
     """
     shown = sorted((name, value) for name, value in params.items() if name not in NOT_IN_KEY)
-    text = _encoder.encode([lm, model, messages, shown, rollout_id, scope])
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=secret, digest_size=20).hexdigest()
+    parts = [_encoder.encode([lm, model, shown, rollout_id, scope, len(messages)])]
+    for message in messages:  # each field length-prefixed: no two different calls read alike
+        parts.append(f"|{len(message)}")
+        for name in sorted(message):
+            value = message[name]
+            text = value if type(value) is str else _encoder.encode(value)
+            parts.append(f"|{len(name)}:{name}{len(text)}:{text}")
+    data = "".join(parts).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, key=secret, digest_size=20).hexdigest()

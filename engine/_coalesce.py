@@ -18,9 +18,10 @@ tokens are counted as saved, in the request's result and in the metrics.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,7 +34,7 @@ from ._errors import EngineClosedError
 from ._flight import Flight, FlightLost, Source
 from ._request_sharing import RequestSharing, Verdict
 from ._sharing_statistics import SharingStatistics
-from ._trace import record_attempt, record_saved, tracing
+from ._trace import detached, record_attempt, record_saved
 from .cluster._flight import Lease, RemoteFlights
 from .lm._base import Completion, DeltaSink, Message, TrioLM
 from .lm._wrapped import WrappedLM
@@ -217,7 +218,7 @@ class Sharing:
             except BaseException:
                 self._looked_up("miss")
                 raise
-            if waiter.cursor == 0:
+            if sink is not None and waiter.cursor == 0:
                 await _deliver_whole(sink, completion)
             return self._answered(flight, completion, request)
 
@@ -231,7 +232,8 @@ class Sharing:
         if source == "remote" or flight.answered > 1:
             return self._saved(completion, cached=False)
         record_attempt(flight.attempts)  # the first to get it: it paid for the call
-        self._ticket(flight.verdict, completion, request)
+        if flight.verdict is not None:
+            self._ticket(flight.verdict, completion, request)
         return completion
 
     async def _run(
@@ -240,40 +242,46 @@ class Sharing:
         """A flight's task: the call (through Redis with a cluster), then, as a leader, the
         announcement."""
         _request_sharing.detach()  # the flight serves many requests: it carries none's switches
-        lease: Lease | None = None
-
-        def leased(taken: Lease) -> None:
-            nonlocal lease
-            lease = taken
-
-        async def call() -> Completion:
-            return await inner.complete(messages, params, flight if flight.streamed else None)
-
-        async def produce(flight: Flight) -> Completion:
-            with tracing() as trace:  # the shared call's attempts, in no request's trace
-                try:
-                    remote = self.remote
-                    if remote is not None and self._across:
-                        completion, flight.source = await remote.produce(
-                            flight.key, call, leased, read_cache=remote.cache
-                        )
-                        return completion
-                    if remote is not None and remote.cache and (found := await remote.read(flight.key)):
-                        flight.source = "cache"
-                        return found
-                    return await call()
-                finally:
-                    flight.attempts = trace.attempts
-
+        trace = detached()  # and the attempts of its call are its own
+        leases: list[Lease] = []
+        call = inner.complete(messages, params, flight if flight.streamed else None)
         try:
-            await flight.run(produce)
+            await flight.run(call if self.remote is None else self._through_redis(flight, call, leases))
         finally:
+            # All of this before any waiter runs again: they find the flight gone and its counts set.
+            flight.attempts = trace.attempts
             if self._flights.get((flight.key, flight.streamed)) is flight:
                 del self._flights[(flight.key, flight.streamed)]
             if flight.completion is not None and flight.source == "upstream":
-                flight.verdict = self._verdict(flight.key, flight.completion, leased=lease is not None)
-        if lease is not None:
-            await self._announce(flight, lease)
+                flight.verdict = self._verdict(flight.key, flight.completion, leased=bool(leases))
+        if leases:
+            await self._announce(flight, leases[0])
+
+    async def _through_redis(
+        self, flight: Flight, call: Coroutine[Any, Any, Completion], leases: list[Lease]
+    ) -> Completion:
+        """``call``, or the answer of the cache or of another process, through Redis (see
+        ``cluster._flight``); a lease taken is appended to ``leases``. ``call`` is closed unstarted when
+        the answer came from elsewhere."""
+        remote = self.remote
+        assert remote is not None
+        try:
+            if self._across:
+
+                async def make() -> Completion:
+                    return await call
+
+                completion, flight.source = await remote.produce(
+                    flight.key, make, leases.append, read_cache=remote.cache
+                )
+                return completion
+            if remote.cache and (found := await remote.read(flight.key)) is not None:
+                flight.source = "cache"
+                return found
+            return await call
+        finally:
+            if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
+                call.close()
 
     async def _announce(self, flight: Flight, lease: Lease) -> None:
         """Tell the other processes how the call this process led ended: its answer once the adapter
@@ -285,7 +293,7 @@ class Sharing:
             verdict = flight.verdict
             if flight.completion is not None and verdict is not None:
                 with trio.move_on_after(remote.lease_ttl / 2):
-                    await verdict.wait(flight.all_left)
+                    await verdict.wait(flight.wait_all_left)
             good = verdict is not None and verdict.good
             answer = flight.completion if good else None
             remote.announce(flight.key, lease, answer, store=verdict is not None and verdict.storable)

@@ -25,8 +25,7 @@ its own would). The prefix a late waiter catches up on does not count as trailin
 from __future__ import annotations
 
 import copy
-import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Literal
 
 import trio
@@ -70,12 +69,33 @@ class Flight:
         deadline: The first waiter's deadline (the scope's, until others join).
     """
 
+    __slots__ = (
+        "_all_left",
+        "_ended",
+        "_ids",
+        "_progress",
+        "_room",
+        "_slowest",
+        "_waiters",
+        "answered",
+        "attempts",
+        "completion",
+        "deltas",
+        "done",
+        "error",
+        "joined",
+        "key",
+        "scope",
+        "source",
+        "streamed",
+        "verdict",
+    )
+
     def __init__(self, key: str, *, streamed: bool, deadline: float) -> None:
         self.key = key
         self.streamed = streamed
         self.scope = trio.CancelScope(deadline=deadline)
-        self.done = trio.Event()
-        self.all_left = trio.Event()  # set once it is done and every waiter has its outcome
+        self.done = False  # the call has ended (answered, failed or cancelled)
         self.attempts = 0  # attempts the upstream call made (retries included)
         self.verdict: Verdict | None = None  # how the adapter's verdict on its answer stores it
         self.completion: Completion | None = None
@@ -85,13 +105,16 @@ class Flight:
         self.joined = 0  # waiters that ever joined
         self.answered = 0  # waiters that received the answer
         self._waiters: dict[int, Waiter] = {}
-        self._ids = itertools.count()
+        self._ids = 0
         self._progress = trio.lowlevel.ParkingLot()  # waiters waiting for deltas or the end
-        self._room = trio.lowlevel.ParkingLot()  # the upstream read, waiting for a trailing waiter
+        # The upstream read, waiting for a trailing waiter (streamed flights only).
+        self._room = trio.lowlevel.ParkingLot() if streamed else None
         self._slowest = 0  # a lower bound of the slowest streaming waiter's position
+        self._ended: trio.Event | None = None  # made on demand: most flights are never waited for
+        self._all_left: trio.Event | None = None
 
     def __repr__(self) -> str:
-        state = "done" if self.done.is_set() else f"{len(self._waiters)} waiting"
+        state = "done" if self.done else f"{len(self._waiters)} waiting"
         return f"<Flight {self.key[:12]} [{state}, {len(self.deltas)} deltas, {self.joined} joined]>"
 
     @property
@@ -101,7 +124,8 @@ class Flight:
 
     def join(self, deadline: float, *, streams: bool) -> Waiter:
         """Add a waiter whose deadline is ``deadline``; the flight's moves out to it if later."""
-        waiter = Waiter(next(self._ids), deadline, streams, len(self.deltas))
+        self._ids += 1
+        waiter = Waiter(self._ids, deadline, streams, len(self.deltas))
         self._waiters[waiter.id] = waiter
         self.joined += 1
         if deadline > self.scope.deadline:
@@ -116,9 +140,9 @@ class Flight:
             return False
         if self._room:
             self._room.unpark_all()
-        if self.done.is_set():
-            if not self._waiters:
-                self.all_left.set()
+        if self.done:
+            if not self._waiters and self._all_left is not None:
+                self._all_left.set()
             return False
         if not self._waiters:
             self.scope.cancel()
@@ -126,6 +150,20 @@ class Flight:
         if waiter.deadline >= self.scope.deadline:
             self.scope.deadline = max(w.deadline for w in self._waiters.values())
         return False
+
+    async def wait_ended(self) -> None:
+        """Block until the call has ended."""
+        if not self.done:
+            if self._ended is None:
+                self._ended = trio.Event()
+            await self._ended.wait()
+
+    async def wait_all_left(self) -> None:
+        """Block until the call has ended and every waiter has its outcome (they leave as they get it)."""
+        if not (self.done and not self._waiters):
+            if self._all_left is None:
+                self._all_left = trio.Event()
+            await self._all_left.wait()
 
     # --- the producer's side ------------------------------------------------------------------------
 
@@ -136,6 +174,7 @@ class Flight:
         if self._progress:
             self._progress.unpark_all()
         while self._trailing():
+            assert self._room is not None
             await self._room.park()
 
     def _trailing(self) -> bool:
@@ -147,21 +186,25 @@ class Flight:
         )
         return limit > self._slowest
 
-    async def run(self, produce: Callable[[Flight], Awaitable[Completion]]) -> None:
-        """Run ``produce(self)`` in the flight's scope and hand its outcome to the waiters. Blocks until
-        it ends: answered, failed, or cancelled because every waiter left (or its deadline passed)."""
+    async def run(self, call: Awaitable[Completion]) -> None:
+        """Await ``call`` (the upstream call, not yet started) in the flight's scope and hand its outcome
+        to the waiters. Blocks until it ends: answered, failed, or cancelled because every waiter left
+        (or its deadline passed)."""
         try:
             with self.scope:
                 try:
-                    self.completion = await produce(self)
+                    self.completion = await call
                 except Exception as exc:  # every waiter still there gets its own copy
                     self.error = exc
         finally:
-            self.done.set()
-            if not self._waiters:
-                self.all_left.set()
+            self.done = True
             self._progress.unpark_all()
-            self._room.unpark_all()
+            if self._room is not None:
+                self._room.unpark_all()
+            if self._ended is not None:
+                self._ended.set()
+            if not self._waiters and self._all_left is not None:
+                self._all_left.set()
 
     # --- a waiter's side ----------------------------------------------------------------------------
 
@@ -188,14 +231,14 @@ class Flight:
                         self._room.unpark_all()
                     await sink.send(deltas[start] if end - start == 1 else "".join(deltas[start:end]))
                     continue
-                if self.done.is_set():
+                if self.done:
                     break
                 await self._progress.park()
         finally:
             if self.leave(waiter):
                 with trio.move_on_after(CLOSE_WAIT) as cleanup:
                     cleanup.shield = True
-                    await self.done.wait()
+                    await self.wait_ended()
         if self.completion is not None:
             self.answered += 1
             return self.completion

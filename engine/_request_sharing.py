@@ -14,7 +14,7 @@ settles every ticket still open as not good (the parse failed, the program faile
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import attrs
@@ -147,9 +147,9 @@ class Verdict:
                     self._on_store()
         self._changed.unpark_all()
 
-    async def wait(self, received: trio.Event) -> None:
-        """Wait until the answer is known to be good, or every request that received it (``received``
-        is set once all have it) has said it is not. Blocks."""
-        await received.wait()
+    async def wait(self, received: Callable[[], Awaitable[None]]) -> None:
+        """Wait until the answer is known to be good, or every request that received it (``received()``
+        returns once all have it) has said it is not. Blocks."""
+        await received()
         while not self.good and self.pending:
             await self._changed.park()

@@ -49,6 +49,14 @@ class tracing:  # lower case: used as ``with tracing() as trace``, like the func
         _current.reset(self._token)
 
 
+def detached() -> RequestTrace:
+    """A fresh trace for the rest of this task (its context is its own copy): for a task that serves
+    many requests, such as a shared LM call, whose counts belong to none of them."""
+    trace = RequestTrace()
+    _current.set(trace)
+    return trace
+
+
 def record_lm_call(seconds: float) -> None:
     """Add one LM call of ``seconds`` to the current request's trace, if there is one."""
     trace = _current.get()
