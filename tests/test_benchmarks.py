@@ -81,3 +81,9 @@ async def test_a_baseline_tree_runs_its_own_engine() -> None:
         assert done.stdout.decode().strip().startswith(str(tree))
     finally:
         shutil.rmtree(tree)
+
+
+async def test_the_coalescing_benchmark_runs_a_part_to_its_end() -> None:
+    done = await run("-m", "benchmarks.coalescing", "--parts", "close", "--rounds", "1")
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert "last waiter leaves -> upstream connection closed: p50" in done.stdout.decode()

@@ -384,7 +384,7 @@ def test_a_blocking_waiter_holds_the_upstream_read_only_once_it_trails_by_the_la
 
     async def test() -> None:
         upstream = Upstream(tokens=tokens, step=0.01)
-        slow, fast = Collect(delay=1.0), Collect()
+        slow, fast = Collect(delay=FANOUT_LAG * 0.01 * 1.5), Collect()  # each send: 1.5x the lag's tokens
         async with trio.open_nursery() as nursery:
             sharing = Sharing(CacheConfig(), nursery, secret=b"k" * 32)
             lm = SharedLM("default", upstream, sharing)
