@@ -23,6 +23,7 @@ class CountingGuard:
         sink: DeltaSink | None,
         *,
         estimate: float,
+        streamed: bool = False,
     ) -> Completion:
         self.estimates.append(estimate)
         return await attempt(sink)
