@@ -17,8 +17,10 @@ Parts:
           distinct questions: the default path), ``coalesced`` (questions in groups of 64 identical:
           a waiter's own cost is what is left once the group's one full prediction is counted), ``hit``
           (memory cache, every answer cached), off and miss again with the collector as ``dspy-trio
-          serve`` sets it (``-tuned``), and the floor (``benchmarks.floor``). Goals: miss <= 1.05x off;
-          a coalesced waiter <= 0.3x a full prediction; miss <= 2.0x the floor.
+          serve`` sets it (``-tuned``), the same prediction on a baseline tree (``--baseline``, default
+          the merge base of HEAD and main: the engine before single-flight), and the floor
+          (``benchmarks.floor``). Goals: miss <= 1.05x off and the baseline; a coalesced waiter <= 0.3x
+          a full prediction; miss <= 2.0x the floor.
   http    ``dspy-trio serve``'s CPU per request (16 keep-alive clients, 20 ms upstream, memory cache):
           misses (distinct questions) against hits (one question). Goal: hit <= 0.5x miss.
   redis   Redis round trips (counted by the engine's link) per Redis-backed hit, and per miss. Goal: a
@@ -38,13 +40,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from benchmarks._baseline import ROOT, export_tree
 from benchmarks._canned_upstream import start_canned_upstream
 from benchmarks._upstream import start_upstream
 from benchmarks.hotpath import _process_cpu
@@ -54,6 +59,9 @@ GROUP = 64  # concurrency of the cpu part, and the size of a group of identical 
 
 
 def _cache(mode: str) -> Any:
+    if mode == "today":  # a baseline tree: no [cache] at all
+        return None
+
     from dspy_trio.engine import CacheConfig
 
     if mode == "off":
@@ -68,16 +76,13 @@ def _engine(url: str, cache: Any, concurrency: int, **cluster: Any) -> Any:
     from dspy_trio.engine._config import ClusterConfig
     from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 
+    lm_config = LMConfig(provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1))
     config = EngineConfig(
-        lms={
-            "default": LMConfig(
-                provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
-            )
-        },
+        lms={"default": lm_config},
         max_in_flight=concurrency,
         max_queued=100_000,
-        cache=cache,
         cluster=ClusterConfig(**cluster) if cluster else ClusterConfig(),
+        **({"cache": cache} if cache is not None else {}),
     )
     lm = OpenAICompatibleLM("bench", api_base=url, http=HTTPSettings(client="lean"))
     return open_engine(config, lms={"default": lm})
@@ -115,13 +120,13 @@ def _cpu_worker(url: str, mode: str, n: int) -> dict[str, Any]:
                 async with limit:
                     await engine.predict("default", {"question": question(i)})
 
-            before = engine.statistics().sharing
+            before = getattr(engine.statistics(), "sharing", None)
             cpu0, wall0 = time.process_time(), time.perf_counter()
             async with trio.open_nursery() as nursery:
                 for i in range(n):
                     nursery.start_soon(one, i)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            after = engine.statistics().sharing
+            after = getattr(engine.statistics(), "sharing", None)
             saved = (after.upstream_calls_saved - before.upstream_calls_saved) if after and before else 0
             return {"cpu_ms": cpu / n * 1000, "wall": wall, "saved": saved, "n": n}
 
@@ -408,12 +413,12 @@ def _http_cpu(upstream_url: str, clients: int, n: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def _run(worker: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+def _run(worker: str, args: argparse.Namespace, tree: Path = ROOT, **extra: Any) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.coalescing", "--worker", worker, "--n", str(args.n)]
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=tree)
     if done.returncode != 0:
         raise SystemExit(f"{worker} worker failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -438,6 +443,24 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     raise SystemExit(f"unknown worker {args.worker}")
 
 
+def _baseline(ref: str | None) -> tuple[Path | None, str]:
+    """The tree part cpu measures as 'today' (None: none), and its commit."""
+    if ref == "none":
+        return None, ""
+    if ref is None:
+        ref = subprocess.run(
+            ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if ref == head:
+            return None, ""
+    tree, commit = export_tree(ref, Path(__file__), prefix="coalescing-baseline-")
+    print(f"baseline: {commit} ({tree})", file=sys.stderr)
+    return tree, commit
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(run[key] for run in runs))
 
@@ -452,6 +475,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=2000, help="predictions (requests) per CPU measurement")
     parser.add_argument("--clients", type=int, default=16, help="keep-alive clients of part http")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="git ref of part cpu's 'today' (default: the merge base of HEAD and main; 'none' to skip)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--redis", help=argparse.SUPPRESS)
@@ -480,15 +508,20 @@ def main() -> None:
             f"{_verdict(local['questions_10x100'] == 10)})"
         )
     if "cpu" in args.parts:
+        baseline, commit = _baseline(args.baseline)
         upstream, url = start_canned_upstream(0.02)
         try:
-            runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in (*CPU_MODES, "floor")}
+            modes = (*CPU_MODES, *(("today", "today-tuned") if baseline else ()))
+            runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in (*modes, "floor")}
             for _ in range(args.rounds):
-                for mode in CPU_MODES:
-                    runs[mode].append(_run(f"cpu:{mode}", args, url=url))
+                for mode in modes:
+                    tree = baseline if baseline is not None and mode.startswith("today") else ROOT
+                    runs[mode].append(_run(f"cpu:{mode}", args, tree, url=url))
                 runs["floor"].append(_run("floor", args, url=url))
         finally:
             upstream.kill()
+            if baseline is not None:
+                shutil.rmtree(baseline, ignore_errors=True)
         off, miss, hit = (_median(runs[m], "cpu_ms") for m in ("off", "miss", "hit"))
         off_tuned, miss_tuned = (_median(runs[m], "cpu_ms") for m in ("off-tuned", "miss-tuned"))
         floor = _median(runs["floor"], "floor64_ms")
@@ -505,6 +538,14 @@ def main() -> None:
             f"with the collector tuned as served: off {off_tuned:.3f} ms, miss {miss_tuned:.3f} ms = "
             f"{miss_tuned / off_tuned:.3f}x (goal <= 1.05x: {_verdict(miss_tuned / off_tuned <= 1.05)})"
         )
+        if baseline is not None:
+            today, today_tuned = (_median(runs[m], "cpu_ms") for m in ("today", "today-tuned"))
+            lines.append(
+                f"against the engine before single-flight ({commit}): today {today:.3f} ms, miss "
+                f"{miss / today:.3f}x (goal <= 1.05x: {_verdict(miss / today <= 1.05)}); tuned: today "
+                f"{today_tuned:.3f} ms, miss {miss_tuned / today_tuned:.3f}x "
+                f"(goal <= 1.05x: {_verdict(miss_tuned / today_tuned <= 1.05)})"
+            )
         lines.append(
             f"a coalesced waiter {waiter:.3f} ms = {waiter / miss:.2f}x a full prediction (goal <= 0.3x: "
             f"{_verdict(waiter / miss <= 0.3)}); a memory-cache hit {hit:.3f} ms = {hit / miss:.2f}x"

@@ -13,6 +13,7 @@ import signal
 import sys
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -195,6 +196,35 @@ async def test_without_the_cache_in_redis_single_flight_stays_in_the_process_and
             assert len(upstream.records) == 2  # one per process
             heartbeats = 2 * 2  # at most a couple of heartbeats each meanwhile
             assert a.cluster.link.round_trips + b.cluster.link.round_trips - calls <= heartbeats
+
+
+async def test_a_redis_that_stops_answering_costs_a_claim_the_call_cap_never_the_answer(
+    own_redis_server: RedisServer,
+) -> None:
+    """Redis hangs (SIGSTOP) while the engine is up: the flight's claim gives up at the 0.2 s call cap
+    and the flight calls the upstream itself; every prediction is answered (one upstream call: they
+    still share within the process)."""
+    shared = prefix()
+    async with open_fake_upstream(Behavior(latency=0.2)) as upstream:
+        hung = config(own_redis_server.url, upstream, shared, backend="redis")
+        hung = attrs.evolve(hung, cluster=attrs.evolve(hung.cluster, call_timeout=0.2))
+        async with open_engine(hung) as engine:
+            assert engine.cluster is not None
+            with trio.fail_after(HANG_GUARD):
+                await eventually(lambda: subscribed(engine))
+                own_redis_server.freeze()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(10):
+                            nursery.start_soon(engine.predict, "default", QUESTION)
+                finally:
+                    own_redis_server.thaw()
+            assert engine.statistics().succeeded == 10
+            assert len(upstream.records) == 1
+            sharing = engine.statistics().sharing
+            assert sharing is not None
+            assert sharing.redis_fallbacks == 1
+            assert engine.cluster.statistics().failures >= 1
 
 
 LEADER = """
