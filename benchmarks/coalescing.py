@@ -49,10 +49,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._baseline import ROOT, export_tree
+from benchmarks._baseline import export_tree
 from benchmarks._canned_upstream import start_canned_upstream
+from benchmarks._measure import ROOT, median, process_cpu, run_worker, verdict
 from benchmarks._upstream import start_upstream
-from benchmarks.hotpath import _process_cpu
 
 CPU_MODES = ("off", "miss", "coalesced", "hit", "off-tuned", "miss-tuned")
 GROUP = 64  # concurrency of the cpu part, and the size of a group of identical questions
@@ -72,11 +72,13 @@ def _cache(mode: str) -> Any:
 
 
 def _engine(url: str, cache: Any, concurrency: int, **cluster: Any) -> Any:
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
-    from dspy_trio.engine._config import ClusterConfig
+    from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+    from dspy_trio.engine._cluster_config import ClusterConfig
     from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 
-    lm_config = LMConfig(provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1))
+    # The flat table every tree takes (a --baseline worker runs on the other tree's engine).
+    table = {"provider": "openai", "model": "bench", "api_base": url, "retry": {"max_attempts": 1}}
+    lm_config = LMConfig.from_mapping(table)
     config = EngineConfig(
         lms={"default": lm_config},
         max_in_flight=concurrency,
@@ -243,7 +245,9 @@ def _close_worker(trials: int) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         delays: list[float] = []
         async with open_fake_upstream(Behavior(latency=60)) as upstream:
-            lm = LMConfig(provider="openai", model="m", api_base=upstream.url, api_key="k")
+            lm = LMConfig.from_mapping(
+                {"provider": "openai", "model": "m", "api_base": upstream.url, "api_key": "k"}
+            )
             async with open_engine(EngineConfig(lms={"default": lm})) as engine:
                 for trial in range(trials):
                     scopes = [trio.CancelScope() for _ in range(3)]
@@ -392,10 +396,10 @@ def _http_cpu(upstream_url: str, clients: int, n: int) -> dict[str, float]:
             ("miss2", lambda i: f"another question {i:08d}"),
             ("hit2", lambda i: "the cached question"),
         ):
-            cpu0 = _process_cpu(server.pid)
+            cpu0 = process_cpu(server.pid)
             statuses = await load(conns, questions, n)
             assert statuses == {200: n}, statuses
-            result[kind] = (_process_cpu(server.pid) - cpu0) / n * 1000
+            result[kind] = (process_cpu(server.pid) - cpu0) / n * 1000
         for conn in conns:
             await conn.stream.aclose()
         return {
@@ -414,14 +418,10 @@ def _http_cpu(upstream_url: str, clients: int, n: int) -> dict[str, float]:
 
 
 def _run(worker: str, args: argparse.Namespace, tree: Path = ROOT, **extra: Any) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.coalescing", "--worker", worker, "--n", str(args.n)]
+    arguments = ["--worker", worker, "--n", str(args.n)]
     for key, value in extra.items():
-        command += [f"--{key}", str(value)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(tree)}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=tree)
-    if done.returncode != 0:
-        raise SystemExit(f"{worker} worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        arguments += [f"--{key}", str(value)]
+    result = run_worker("benchmarks.coalescing", arguments, tree=tree)
     print(f"  {worker:18s} {json.dumps(result)}", file=sys.stderr)
     return result
 
@@ -456,17 +456,9 @@ def _baseline(ref: str | None) -> tuple[Path | None, str]:
         ).stdout.strip()
         if ref == head:
             return None, ""
-    tree, commit = export_tree(ref, Path(__file__), prefix="coalescing-baseline-")
+    tree, commit = export_tree(ref, prefix="coalescing-baseline-")
     print(f"baseline: {commit} ({tree})", file=sys.stderr)
     return tree, commit
-
-
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(run[key] for run in runs))
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def main() -> None:
@@ -502,10 +494,10 @@ def main() -> None:
         print(f"  calls              {json.dumps({**local, **remote})}", file=sys.stderr)
         lines.append(
             f"upstream calls: 1,000 identical concurrent predictions in process {local['identical_1000']} "
-            f"(goal 1: {_verdict(local['identical_1000'] == 1)}), over HTTP {remote['identical_1000_http']} "
-            f"(goal 1: {_verdict(remote['identical_1000_http'] == 1)}, statuses {remote['statuses']}); "
+            f"(goal 1: {verdict(local['identical_1000'] == 1)}), over HTTP {remote['identical_1000_http']} "
+            f"(goal 1: {verdict(remote['identical_1000_http'] == 1)}, statuses {remote['statuses']}); "
             f"10 questions x 100: {local['questions_10x100']} (goal 10: "
-            f"{_verdict(local['questions_10x100'] == 10)})"
+            f"{verdict(local['questions_10x100'] == 10)})"
         )
     if "cpu" in args.parts:
         baseline, commit = _baseline(args.baseline)
@@ -522,9 +514,9 @@ def main() -> None:
             upstream.kill()
             if baseline is not None:
                 shutil.rmtree(baseline, ignore_errors=True)
-        off, miss, hit = (_median(runs[m], "cpu_ms") for m in ("off", "miss", "hit"))
-        off_tuned, miss_tuned = (_median(runs[m], "cpu_ms") for m in ("off-tuned", "miss-tuned"))
-        floor = _median(runs["floor"], "floor64_ms")
+        off, miss, hit = (median(runs[m], "cpu_ms") for m in ("off", "miss", "hit"))
+        off_tuned, miss_tuned = (median(runs[m], "cpu_ms") for m in ("off-tuned", "miss-tuned"))
+        floor = median(runs["floor"], "floor64_ms")
         waiter_costs = []
         for group, full in zip(runs["coalesced"], runs["miss"], strict=True):
             n, saved = group["n"], group["saved"]
@@ -532,23 +524,23 @@ def main() -> None:
         waiter = statistics.median(waiter_costs)
         lines.append(
             f"engine CPU per prediction (64 concurrent, medians of {args.rounds}): off {off:.3f} ms, miss "
-            f"{miss:.3f} ms = {miss / off:.3f}x off (goal <= 1.05x: {_verdict(miss / off <= 1.05)}), "
+            f"{miss:.3f} ms = {miss / off:.3f}x off (goal <= 1.05x: {verdict(miss / off <= 1.05)}), "
             f"{miss / floor:.2f}x the floor's {floor:.3f} ms "
-            f"(goal <= 2.0x: {_verdict(miss / floor <= 2.0)}); "
+            f"(goal <= 2.0x: {verdict(miss / floor <= 2.0)}); "
             f"with the collector tuned as served: off {off_tuned:.3f} ms, miss {miss_tuned:.3f} ms = "
-            f"{miss_tuned / off_tuned:.3f}x (goal <= 1.05x: {_verdict(miss_tuned / off_tuned <= 1.05)})"
+            f"{miss_tuned / off_tuned:.3f}x (goal <= 1.05x: {verdict(miss_tuned / off_tuned <= 1.05)})"
         )
         if baseline is not None:
-            today, today_tuned = (_median(runs[m], "cpu_ms") for m in ("today", "today-tuned"))
+            today, today_tuned = (median(runs[m], "cpu_ms") for m in ("today", "today-tuned"))
             lines.append(
                 f"against the engine before single-flight ({commit}): today {today:.3f} ms, miss "
-                f"{miss / today:.3f}x (goal <= 1.05x: {_verdict(miss / today <= 1.05)}); tuned: today "
+                f"{miss / today:.3f}x (goal <= 1.05x: {verdict(miss / today <= 1.05)}); tuned: today "
                 f"{today_tuned:.3f} ms, miss {miss_tuned / today_tuned:.3f}x "
-                f"(goal <= 1.05x: {_verdict(miss_tuned / today_tuned <= 1.05)})"
+                f"(goal <= 1.05x: {verdict(miss_tuned / today_tuned <= 1.05)})"
             )
         lines.append(
             f"a coalesced waiter {waiter:.3f} ms = {waiter / miss:.2f}x a full prediction (goal <= 0.3x: "
-            f"{_verdict(waiter / miss <= 0.3)}); a memory-cache hit {hit:.3f} ms = {hit / miss:.2f}x"
+            f"{verdict(waiter / miss <= 0.3)}); a memory-cache hit {hit:.3f} ms = {hit / miss:.2f}x"
         )
     if "http" in args.parts:
         upstream, url = start_upstream(0.02)
@@ -558,10 +550,10 @@ def main() -> None:
             upstream.kill()
         for run in http:
             print(f"  http               {json.dumps(run)}", file=sys.stderr)
-        miss_ms, hit_ms = _median(http, "miss_ms"), _median(http, "hit_ms")
+        miss_ms, hit_ms = median(http, "miss_ms"), median(http, "hit_ms")
         lines.append(
             f"server CPU per request over HTTP: miss {miss_ms:.3f} ms, hit {hit_ms:.3f} ms = "
-            f"{hit_ms / miss_ms:.2f}x (goal <= 0.5x: {_verdict(hit_ms / miss_ms <= 0.5)})"
+            f"{hit_ms / miss_ms:.2f}x (goal <= 0.5x: {verdict(hit_ms / miss_ms <= 0.5)})"
         )
     if "redis" in args.parts:
         from benchmarks.scaleout import start_redis
@@ -576,27 +568,27 @@ def main() -> None:
         trips, bare = result["hit_round_trips"], result["hit_round_trips_less_heartbeats"]
         lines.append(
             f"Redis round trips per Redis-backed hit {trips:.2f} ({bare:.2f} without heartbeats; goal <= 2: "
-            f"{_verdict(trips <= 2)}), per miss {result['miss_round_trips']:.2f}"
+            f"{verdict(trips <= 2)}), per miss {result['miss_round_trips']:.2f}"
         )
     if "fanout" in args.parts:
         plain = [_run("fanout:plain", args) for _ in range(args.rounds)]
         stalled = [_run("fanout:stalled", args) for _ in range(args.rounds)]
-        pace, pace_stalled = _median(plain, "pace_ratio"), _median(stalled, "pace_ratio")
+        pace, pace_stalled = median(plain, "pace_ratio"), median(stalled, "pace_ratio")
         complete = min(r["complete_texts"] for r in plain + stalled)
         lines.append(
             f"fan-out, 100 streams of one 20,000 tokens/s upstream stream: the read at {pace:.2f}x its pace "
-            f"(goal >= 0.95x: {_verdict(pace >= 0.95)}), {complete}/100 streams with the whole text; with a "
+            f"(goal >= 0.95x: {verdict(pace >= 0.95)}), {complete}/100 streams with the whole text; with a "
             f"consumer that reads nothing under drop {pace_stalled:.2f}x, its cost "
-            f"{max(0.0, 1 - pace_stalled / pace):.1%} (goal <= 5%: {_verdict(pace_stalled / pace >= 0.95)}); "
-            f"CPU {_median(plain, 'cpu_s'):.2f} s for the 1 s stream"
+            f"{max(0.0, 1 - pace_stalled / pace):.1%} (goal <= 5%: {verdict(pace_stalled / pace >= 0.95)}); "
+            f"CPU {median(plain, 'cpu_s'):.2f} s for the 1 s stream"
         )
     if "close" in args.parts:
         close = [_run("close", args) for _ in range(args.rounds)]
         worst = max(r["max_ms"] for r in close)
         lines.append(
-            f"last waiter leaves -> upstream connection closed: p50 {_median(close, 'p50_ms'):.1f} ms, p99 "
-            f"{_median(close, 'p99_ms'):.1f} ms, max of all {worst:.1f} ms over {30 * args.rounds} trials "
-            f"(goal <= 50 ms: {_verdict(worst <= 50)})"
+            f"last waiter leaves -> upstream connection closed: p50 {median(close, 'p50_ms'):.1f} ms, p99 "
+            f"{median(close, 'p99_ms'):.1f} ms, max of all {worst:.1f} ms over {30 * args.rounds} trials "
+            f"(goal <= 50 ms: {verdict(worst <= 50)})"
         )
     print("\nsingle-flight and the response cache")
     for line in lines:

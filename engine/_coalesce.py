@@ -40,7 +40,7 @@ from .lm._base import Completion, DeltaSink, Message, TrioLM
 from .lm._wrapped import WrappedLM
 
 if TYPE_CHECKING:
-    from ._config import EngineConfig
+    from ._engine_config import EngineConfig
     from .cluster import Cluster
 
 logger = logging.getLogger("dspy_trio.engine")

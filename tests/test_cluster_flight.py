@@ -17,9 +17,9 @@ import attrs
 import pytest
 import trio
 
-from dspy_trio.engine import Engine, EngineConfig, LMConfig, open_engine
+from dspy_trio.engine import Engine, EngineConfig, LMConfig, OpenAISettings, open_engine
 from dspy_trio.engine._cache_config import CacheConfig
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.testing.fake_upstream import Behavior, FakeUpstream, open_fake_upstream
 from tests.cluster_processes import Process
 from tests.redis_server import RedisServer, eventually, own_redis_server, prefix, redis_server
@@ -32,7 +32,7 @@ QUESTION = {"question": "What is Trio?"}
 
 
 def config(server_url: str, upstream: FakeUpstream, key_prefix: str, **cache: Any) -> EngineConfig:
-    lm = LMConfig(provider="openai", model="m", api_base=upstream.url, api_key="k")
+    lm = LMConfig(model="m", settings=OpenAISettings(api_base=upstream.url, api_key="k"))
     return EngineConfig(
         lms={"default": lm},
         cluster=ClusterConfig(redis_url=server_url, key_prefix=key_prefix, secret="s" * 32, call_timeout=0.5),
@@ -229,14 +229,13 @@ async def test_a_redis_that_stops_answering_costs_a_claim_the_call_cap_never_the
 
 LEADER = """
 import sys, trio
-from dspy_trio.engine import EngineConfig, LMConfig, open_engine
-from dspy_trio.engine._cache_config import CacheConfig
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine import CacheConfig, EngineConfig, LMConfig, OpenAISettings, open_engine
+from dspy_trio.engine._cluster_config import ClusterConfig
 
 async def main():
     redis_url, key_prefix, api_base = sys.argv[1:4]
     config = EngineConfig(
-        lms={"default": LMConfig(provider="openai", model="m", api_base=api_base, api_key="k")},
+        lms={"default": LMConfig(model="m", settings=OpenAISettings(api_base=api_base, api_key="k"))},
         cluster=ClusterConfig(redis_url=redis_url, key_prefix=key_prefix, secret="s" * 32),
         cache=CacheConfig(lease_ttl=1.0, across_processes=True),
     )

@@ -19,6 +19,7 @@ from dspy_trio.engine import (
     FieldDelta,
     FinalEvent,
     LMConfig,
+    OpenAISettings,
     ProgramError,
     RateLimit,
     RetryPolicy,
@@ -114,10 +115,8 @@ async def test_the_retries_happen_once_for_the_shared_call(fake_upstream: FakeUp
     fake_upstream.behavior.latency = 0.2
     fake_upstream.add_faults(Fault("unavailable"))
     lm = LMConfig(
-        provider="openai",
         model="m",
-        api_base=fake_upstream.url,
-        api_key="k",
+        settings=OpenAISettings(api_base=fake_upstream.url, api_key="k"),
         retry=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.01),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
@@ -430,7 +429,7 @@ async def test_the_upstream_connection_closes_when_the_last_waiter_leaves() -> N
     """Three identical predictions share one upstream request; the first two leaving change nothing,
     the third closes the upstream connection (within the margin), and nothing is left running."""
     async with open_fake_upstream(Behavior(latency=60)) as upstream:
-        lm = LMConfig(provider="openai", model="m", api_base=upstream.url, api_key="k")
+        lm = LMConfig(model="m", settings=OpenAISettings(api_base=upstream.url, api_key="k"))
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:
             scopes = [trio.CancelScope() for _ in range(3)]
 

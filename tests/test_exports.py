@@ -10,11 +10,13 @@ from dspy_trio import engine
 def test_engine_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
         "AdaptiveSettings",
+        "AnthropicSettings",
         "BatchItem",
         "CacheConfig",
         "CallTimeouts",
         "ClusterUnavailableError",
         "ConfigError",
+        "DSPySettings",
         "DeadlineExceededError",
         "Engine",
         "EngineClosedError",
@@ -26,9 +28,11 @@ def test_engine_public_names_are_pinned() -> None:
         "FieldDelta",
         "FinalEvent",
         "GCSettings",
+        "HTTPSettings",
         "InputField",
         "InvalidInputError",
         "LMConfig",
+        "OpenAISettings",
         "OverloadedError",
         "PredictionResult",
         "ProgramError",
@@ -40,6 +44,7 @@ def test_engine_public_names_are_pinned() -> None:
         "RequestCancelledError",
         "RetryPolicy",
         "SharingStatistics",
+        "SimulatedSettings",
         "SlowConsumerError",
         "StatusEvent",
         "StreamEvent",
@@ -70,13 +75,18 @@ def test_every_error_is_an_engine_error() -> None:
 def test_lm_public_names_are_pinned() -> None:
     assert sorted(engine.lm.__all__) == [
         "AnthropicLM",
+        "AnthropicSettings",
         "ChunkSink",
         "Completion",
+        "DSPySettings",
         "DeltaSink",
         "GuardedLM",
         "HTTPSettings",
         "OpenAICompatibleLM",
+        "OpenAISettings",
+        "ProviderSettings",
         "SimulatedLM",
+        "SimulatedSettings",
         "ThreadedLM",
         "TrioLM",
     ]
@@ -85,10 +95,15 @@ def test_lm_public_names_are_pinned() -> None:
 def test_testing_public_names_are_pinned() -> None:
     assert sorted(engine.testing.__all__) == [
         "Behavior",
+        "EOF",
         "FakeUpstream",
         "Fault",
         "IdleClose",
+        "MockBackend",
+        "MockRequest",
+        "Reply",
         "RequestRecord",
+        "http_response",
         "open_fake_upstream",
     ]
 

@@ -25,7 +25,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
