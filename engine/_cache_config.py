@@ -26,6 +26,7 @@ from typing import Any, Literal
 import attrs
 
 from ._errors import ConfigError
+from ._tables import one_of
 from ._validate import number, positive, positive_int
 
 CacheBackend = Literal["off", "memory", "redis"]
@@ -33,14 +34,6 @@ CacheScope = Literal["key", "global"]
 
 BACKENDS: tuple[CacheBackend, ...] = ("off", "memory", "redis")
 SCOPES: tuple[CacheScope, ...] = ("key", "global")
-
-
-def _one_of(options: tuple[str, ...]) -> Any:
-    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value not in options:
-            raise ConfigError(f"{attribute.name} must be one of {', '.join(options)}; got {value!r}")
-
-    return check
 
 
 def _flag(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -76,9 +69,9 @@ class CacheConfig:
     """
 
     single_flight: bool = attrs.field(default=True, validator=_flag)
-    backend: CacheBackend = attrs.field(default="off", validator=_one_of(BACKENDS))
+    backend: CacheBackend = attrs.field(default="off", validator=one_of(BACKENDS))
     ttl: float = attrs.field(default=3600.0, validator=positive)
-    scope: CacheScope = attrs.field(default="key", validator=_one_of(SCOPES))
+    scope: CacheScope = attrs.field(default="key", validator=one_of(SCOPES))
     max_entries: int = attrs.field(default=10_000, validator=positive_int)
     max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=positive_int)
     max_entry_bytes: int = attrs.field(default=1024 * 1024, validator=positive_int)
