@@ -16,10 +16,11 @@ cancel; the flight only follows them:
 
 A streamed flight keeps every delta it received, so a waiter that joins late first gets what was
 already streamed (in one piece), then the rest as it arrives. Each streaming waiter pushes the deltas
-into its own sink from its own task, so a slow one never holds up the others: its own sink's policy
-decides what happens to it (``drop`` never waits; ``timeout`` gives up on it; ``block`` waits, and
-the upstream read waits for it once it trails by more than :data:`FANOUT_LAG` deltas, as a stream of
-its own would). The prefix a late waiter catches up on does not count as trailing.
+into its own sink from its own task, taking whatever piled up since its last turn in one piece, so a
+slow one never holds up the others: its own sink's policy decides what happens to it (``drop`` never
+waits; ``timeout`` gives up on it; ``block`` waits, and while a waiter waits in its sink the upstream
+read waits too, as it would for a stream of its own). A waiter that merely has not had its turn yet
+holds nothing back: 100 waiters of a 20,000 tokens/s stream trail it by a few milliseconds at times.
 """
 
 from __future__ import annotations
@@ -33,11 +34,6 @@ import trio
 from ._request_sharing import Verdict
 from .lm._base import Completion, DeltaSink
 
-# Deltas a streaming waiter under ``block`` may trail the upstream read by before the read waits. The
-# deltas are kept for late waiters anyway, so the lag costs no memory; it is slack for the waiters'
-# turns: each takes what piled up in one piece, and 100 waiters of a 20,000 tokens/s stream need more
-# than a few milliseconds' worth (64 held that read to 0.69x its pace; benchmarks/coalescing.py).
-FANOUT_LAG = 1024
 # Seconds the last waiter to leave waits (shielded) for the call it cancelled to end: its connection
 # closed, its task gone, as for a call of its own.
 CLOSE_WAIT = 5.0
@@ -53,14 +49,13 @@ class FlightLost(Exception):
 class Waiter:
     """One call waiting for a flight: its deadline, and how far it has read the flight's deltas."""
 
-    __slots__ = ("cursor", "deadline", "id", "position", "streams")
+    __slots__ = ("cursor", "deadline", "id", "streams")
 
-    def __init__(self, waiter_id: int, deadline: float, streams: bool, joined_at: int) -> None:
+    def __init__(self, waiter_id: int, deadline: float, streams: bool) -> None:
         self.id = waiter_id
         self.deadline = deadline
         self.streams = streams
         self.cursor = 0  # deltas handed to the waiter's sink
-        self.position = joined_at  # deltas that no longer count as trailing (the prefix never does)
 
 
 class Flight:
@@ -74,11 +69,11 @@ class Flight:
 
     __slots__ = (
         "_all_left",
+        "_blocked",
         "_ended",
         "_ids",
         "_progress",
         "_room",
-        "_slowest",
         "_waiters",
         "answered",
         "attempts",
@@ -112,7 +107,7 @@ class Flight:
         self._progress = trio.lowlevel.ParkingLot()  # waiters waiting for deltas or the end
         # The upstream read, waiting for a trailing waiter (streamed flights only).
         self._room = trio.lowlevel.ParkingLot() if streamed else None
-        self._slowest = 0  # a lower bound of the slowest streaming waiter's position
+        self._blocked = 0  # waiters waiting in their sink's send (a full buffer under ``block``)
         self._ended: trio.Event | None = None  # made on demand: most flights are never waited for
         self._all_left: trio.Event | None = None
 
@@ -128,7 +123,7 @@ class Flight:
     def join(self, deadline: float, *, streams: bool) -> Waiter:
         """Add a waiter whose deadline is ``deadline``; the flight's moves out to it if later."""
         self._ids += 1
-        waiter = Waiter(self._ids, deadline, streams, len(self.deltas))
+        waiter = Waiter(self._ids, deadline, streams)
         self._waiters[waiter.id] = waiter
         self.joined += 1
         if deadline > self.scope.deadline:
@@ -171,23 +166,14 @@ class Flight:
     # --- the producer's side ------------------------------------------------------------------------
 
     async def send(self, text: str) -> None:
-        """The upstream call's sink: keep ``text`` and wake the waiters. Blocks only while a streaming
-        waiter trails by more than :data:`FANOUT_LAG` deltas (one whose sink blocks)."""
+        """The upstream call's sink: keep ``text`` and wake the waiters. Blocks while a waiter waits in
+        its own sink (its buffer is full under ``block``)."""
         self.deltas.append(text)
         if self._progress:
             self._progress.unpark_all()
-        while self._trailing():
+        while self._blocked:
             assert self._room is not None
             await self._room.park()
-
-    def _trailing(self) -> bool:
-        limit = len(self.deltas) - FANOUT_LAG
-        if limit <= self._slowest:
-            return False
-        self._slowest = min(
-            (w.position for w in self._waiters.values() if w.streams), default=len(self.deltas)
-        )
-        return limit > self._slowest
 
     async def run(self, call: Awaitable[Completion]) -> None:
         """Await ``call`` (the upstream call, not yet started) in the flight's scope and hand its outcome
@@ -229,10 +215,14 @@ class Flight:
             while True:
                 if sink is not None and waiter.cursor < len(deltas):
                     start, end = waiter.cursor, len(deltas)
-                    waiter.cursor = waiter.position = end
-                    if self._room:
-                        self._room.unpark_all()
-                    await sink.send(deltas[start] if end - start == 1 else "".join(deltas[start:end]))
+                    waiter.cursor = end
+                    self._blocked += 1  # counts only while suspended in send: one that blocks
+                    try:
+                        await sink.send(deltas[start] if end - start == 1 else "".join(deltas[start:end]))
+                    finally:
+                        self._blocked -= 1
+                        if self._room:
+                            self._room.unpark_all()
                     continue
                 if self.done:
                     break

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from dspy_trio.engine import UpstreamServerError
 from dspy_trio.engine._cache_config import CacheConfig
 from dspy_trio.engine._coalesce import SharedLM, Sharing
-from dspy_trio.engine._flight import FANOUT_LAG
 from dspy_trio.engine.lm import Completion, DeltaSink, TrioLM
 from dspy_trio.engine.lm._base import Message
 
@@ -348,7 +347,8 @@ def test_a_late_streaming_waiter_gets_the_prefix_then_the_rest_live(
 ) -> None:
     """Streaming waiters join at random times, their sinks at random speeds: each receives the whole
     text in order (what was streamed before it joined in one piece, then the rest live). The stream
-    lasts 2 s: everyone who joined before then shares its one upstream call; later ones share a second."""
+    lasts 2 s unless a slow sink holds it: everyone who joined before then shares its one upstream call;
+    later ones share a second."""
     joins = [0, *joins[1:]]
     tokens = [f"t{i} " for i in range(20)]
 
@@ -370,21 +370,22 @@ def test_a_late_streaming_waiter_gets_the_prefix_then_the_rest_live(
             nursery.cancel_scope.cancel()
         for sink in sinks:
             assert "".join(sink.deltas) == "".join(tokens)
-        late = [j for j in joins if j > 20]
-        assert [c.started for c in upstream.calls] == [0.0] + ([min(late) / 10] if late else [])
         assert all(c.how == "completed" for c in upstream.calls)
+        if not any(delays[: len(joins)]):  # nobody held the stream back: it lasted 2 s
+            late = [j for j in joins if j > 20]
+            assert [c.started for c in upstream.calls] == [0.0] + ([min(late) / 10] if late else [])
 
     run(test)
 
 
-def test_a_blocking_waiter_holds_the_upstream_read_only_once_it_trails_by_the_lag() -> None:
-    """A waiter whose sink blocks (the ``block`` policy) holds the shared read back as a stream of its
-    own would, but only by what it trails beyond ``FANOUT_LAG`` deltas: within the lag the read goes on."""
-    tokens = [f"t{i} " for i in range(FANOUT_LAG * 3)]
+def test_a_blocking_waiter_holds_the_upstream_read_while_it_waits_in_its_sink() -> None:
+    """A waiter whose sink blocks (the ``block`` policy, its buffer full) holds the shared read back
+    while it waits there, as a stream of its own would, and so (as there) the others wait too."""
+    tokens = [f"t{i} " for i in range(100)]
 
     async def test() -> None:
         upstream = Upstream(tokens=tokens, step=0.01)
-        slow, fast = Collect(delay=FANOUT_LAG * 0.01 * 1.5), Collect()  # each send: 1.5x the lag's tokens
+        slow, fast = Collect(delay=1.0), Collect()
         async with trio.open_nursery() as nursery:
             sharing = Sharing(CacheConfig(), nursery, secret=b"k" * 32)
             lm = SharedLM("default", upstream, sharing)
@@ -395,15 +396,14 @@ def test_a_blocking_waiter_holds_the_upstream_read_only_once_it_trails_by_the_la
         (call,) = upstream.calls
         assert call.how == "completed"
         assert call.ended is not None
-        assert call.ended > len(tokens) * 0.01 + 0.5
+        assert call.ended >= len(tokens) - 1  # held back a second a delta, while the slow sink waits
         assert "".join(slow.deltas) == "".join(fast.deltas) == "".join(tokens)
-        assert len(slow.deltas) < len(tokens) / 10  # it took what had piled up in few pieces
 
     run(test)
 
 
 def test_a_streaming_waiter_that_never_blocks_costs_the_upstream_read_nothing() -> None:
-    tokens = [f"t{i} " for i in range(FANOUT_LAG * 3)]
+    tokens = [f"t{i} " for i in range(300)]
 
     async def test() -> None:
         upstream = Upstream(tokens=tokens, step=0.01)
