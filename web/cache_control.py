@@ -15,21 +15,14 @@ with ``; collapsed`` when some LM call shared an identical call in flight (singl
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from dspy_trio.engine import Timings
+from dspy_trio.engine import Engine, Timings
 
 CACHE_NAME = "dspy-trio"
 
 
-class _Headers(Protocol):
-    def get(self, key: str, /) -> str | None: ...
-
-
-def cache_switches(headers: _Headers) -> tuple[bool, bool]:
-    """``(no_cache, no_store)`` from the request's ``Cache-Control`` (any case, any other directives,
-    values and repeated headers ignored)."""
-    value = headers.get("Cache-Control")
+def cache_switches(value: str | None) -> tuple[bool, bool]:
+    """``(no_cache, no_store)`` from a request's ``Cache-Control`` value (any case; other directives and
+    their values ignored)."""
     if not value:
         return False, False
     directives = {part.split("=", 1)[0].strip().lower() for part in value.split(",")}
@@ -48,3 +41,11 @@ def cache_status(timings: Timings, *, no_cache: bool, cache_on: bool) -> str:
         forward = "miss" if cache_on else "bypass"
     collapsed = "; collapsed" if timings.shared_calls else ""
     return f"{CACHE_NAME}; fwd={forward}{collapsed}"
+
+
+def cache_status_of(engine: Engine, timings: Timings, *, no_cache: bool) -> str | None:
+    """The ``Cache-Status`` of a prediction ``engine`` answered, or None when single-flight and the
+    cache are both off."""
+    if engine.sharing is None:
+        return None
+    return cache_status(timings, no_cache=no_cache, cache_on=engine.config.cache.backend != "off")
