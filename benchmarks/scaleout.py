@@ -28,6 +28,7 @@ deploy/haproxy.cfg (one with the first replica only, one with both), then measur
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -178,14 +179,16 @@ async def load(url: str, program: str, seconds: float, concurrency: int) -> tupl
     started = time.monotonic()
     stop_at = started + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    questions = itertools.count()
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
 
         async def worker() -> None:
             nonlocal ok, failed
             while time.monotonic() < stop_at:
+                # Distinct questions: identical ones in flight at once would share one upstream call.
                 response = await client.post(
                     f"/v1/programs/{program}/predict",
-                    json={"inputs": {"question": "scale"}},
+                    json={"inputs": {"question": f"scale {next(questions)}"}},
                     headers={"X-Request-Timeout": "2"},
                 )
                 if response.status_code == 200:

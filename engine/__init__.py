@@ -19,6 +19,7 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
+from ._cache_config import CacheConfig as CacheConfig
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
 from ._engine_config import EngineConfig as EngineConfig
@@ -53,6 +54,7 @@ from ._result import PredictionResult as PredictionResult
 from ._result import Timings as Timings
 from ._result import Usage as Usage
 from ._retry import RetryPolicy as RetryPolicy
+from ._sharing_statistics import SharingStatistics as SharingStatistics
 from ._statistics import EngineStatistics as EngineStatistics
 from ._stream_events import ErrorEvent as ErrorEvent
 from ._stream_events import FieldDelta as FieldDelta
@@ -72,6 +74,7 @@ __all__ = [
     "AdaptiveSettings",
     "AnthropicSettings",
     "BatchItem",
+    "CacheConfig",
     "CallTimeouts",
     "ClusterUnavailableError",
     "ConfigError",
@@ -102,6 +105,7 @@ __all__ = [
     "RequestAbandonedError",
     "RequestCancelledError",
     "RetryPolicy",
+    "SharingStatistics",
     "SimulatedSettings",
     "SlowConsumerError",
     "StatusEvent",

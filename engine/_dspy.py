@@ -45,6 +45,7 @@ from dspy.utils.exceptions import AdapterParseError
 from dspy.utils.usage_tracker import UsageTracker
 
 from ._groups import open_service_nursery
+from ._request_sharing import heard_parse
 
 # Imported untyped: a static import of ``dspy.lm15`` (whose vendored package ships ``py.typed``) makes
 # mypy type-check all of DSPy, which is not typed.
@@ -82,14 +83,36 @@ Predict = dspy.Predict
 ChainOfThought = dspy.ChainOfThought
 Signature = dspy.Signature
 
-_ADAPTER_TYPES: Mapping[str, type[Any]] = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
+
+# Named as DSPy's own: DSPy tells adapters apart by class name (StreamListener, parse errors).
+class ChatAdapter(dspy.ChatAdapter):  # type: ignore[misc]
+    """DSPy's ChatAdapter, telling the engine which LM answers it parsed (only those may be stored)."""
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        values: dict[str, Any] = super().parse(signature, completion)
+        heard_parse(completion)
+        return values
+
+
+class JSONAdapter(dspy.JSONAdapter):  # type: ignore[misc]
+    """DSPy's JSONAdapter, telling the engine which LM answers it parsed (only those may be stored)."""
+
+    def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+        values: dict[str, Any] = super().parse(signature, completion)
+        heard_parse(completion)
+        return values
+
+
+_ADAPTER_TYPES: Mapping[str, type[Any]] = {"chat": ChatAdapter, "json": JSONAdapter}
 _adapters: dict[str, Any] = {}
 
 QUOTE_CHARS = 200  # how much of an unparsable reply a parse-failure message quotes
 
 
 def adapter(name: str) -> Any:
-    """The adapter called ``name`` (``chat`` or ``json``): one shared instance per name.
+    """The adapter called ``name`` (``chat`` or ``json``): one shared instance per name, DSPy's own
+    but for one thing: each answer it parses is reported (``_request_sharing.heard_parse``), so that
+    the engine stores only answers the program's adapter accepted.
 
     DSPy's adapters keep no per-call state (``dspy.configure(adapter=...)`` shares one the same way), so
     building one per request is work for nothing.

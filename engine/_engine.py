@@ -28,6 +28,7 @@ import trio
 from . import _dspy, _groups
 from ._admission import Admission
 from ._batch import BatchItem, RunningBatch, open_batch
+from ._coalesce import Sharing, open_sharing
 from ._construction import NoPublicConstructor
 from ._engine_config import EngineConfig
 from ._errors import (
@@ -44,6 +45,7 @@ from ._programs import ProgramInfo, ProgramRegistry
 from ._request import Request
 from ._result import PredictionResult
 from ._runner import ProgramRunner
+from ._sharing_statistics import SharingCollector
 from ._statistics import EngineStatistics
 from ._stream_options import StreamOptions
 from ._stream_request import open_stream
@@ -72,6 +74,7 @@ class Engine(metaclass=NoPublicConstructor):
         programs: ProgramRegistry,
         *,
         cluster: Cluster | None = None,
+        sharing: Sharing | None = None,
     ) -> None:
         self.config = config
         self.cluster = cluster  # shared limits, cool-downs and cancel across processes (engine.cluster)
@@ -84,6 +87,10 @@ class Engine(metaclass=NoPublicConstructor):
         }
         # Every call to an upstream goes through its guard: the backends are wrapped, not changed.
         self._lms: dict[str, TrioLM] = {name: GuardedLM(lm, self._guards[name]) for name, lm in lms.items()}
+        # Above the guards: identical calls share one call (and its retries, quota, cool-downs) or an answer.
+        self.sharing = sharing
+        if sharing is not None:
+            self._lms = sharing.wrap(self._lms)
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
         self._closing = False
@@ -99,6 +106,8 @@ class Engine(metaclass=NoPublicConstructor):
         )
         if cluster is not None:
             self.metrics.registry.register(ClusterCollector(cluster.statistics))
+        if sharing is not None:
+            self.metrics.registry.register(SharingCollector(sharing.statistics))
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -111,7 +120,8 @@ class Engine(metaclass=NoPublicConstructor):
 
     @property
     def lms(self) -> Mapping[str, TrioLM]:
-        """The engine's LM backends by name, each wrapped in its upstream guard (:class:`GuardedLM`)."""
+        """The engine's LM backends by name, each wrapped in its upstream guard (:class:`GuardedLM`) and,
+        unless single-flight and the cache are both off, the sharing layer (``SharedLM``)."""
         return dict(self._lms)
 
     def programs(self) -> list[ProgramInfo]:
@@ -130,6 +140,7 @@ class Engine(metaclass=NoPublicConstructor):
             stream_deltas_coalesced=ledger.stream_drops["coalesced"],
             seconds_total=ledger.seconds_total,
             upstreams={name: guard.statistics() for name, guard in self._guards.items()},
+            sharing=self.sharing.statistics() if self.sharing is not None else None,
         )
 
     def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
@@ -222,6 +233,8 @@ class Engine(metaclass=NoPublicConstructor):
         *,
         owner: str | None = None,
         kind: str = "predict",
+        no_cache: bool = False,
+        no_store: bool = False,
     ) -> Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken.
 
@@ -252,6 +265,8 @@ class Engine(metaclass=NoPublicConstructor):
             trio.current_effective_deadline(),
             kind=kind,
             owner=owner,
+            no_cache=no_cache,
+            no_store=no_store,
         )
 
     async def predict(
@@ -261,6 +276,8 @@ class Engine(metaclass=NoPublicConstructor):
         *,
         request_id: str | None = None,
         owner: str | None = None,
+        no_cache: bool = False,
+        no_store: bool = False,
     ) -> PredictionResult:
         """Run ``program`` on ``inputs`` and return its outputs, usage and timings.
 
@@ -273,7 +290,11 @@ class Engine(metaclass=NoPublicConstructor):
             inputs: The program's input fields by name.
             request_id: An id to report the request under; one is generated if omitted.
             owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
-                only for this one, here and from other processes (:meth:`cancel`).
+                only for this one, here and from other processes (:meth:`cancel`). Under the cache's
+                ``scope = "key"``, also who it shares answers and in-flight calls with.
+            no_cache: Join no identical call in flight and read no cached answer: every LM call is a
+                fresh upstream call (HTTP ``Cache-Control: no-cache``).
+            no_store: Store none of its answers in the response cache (``Cache-Control: no-store``).
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
@@ -283,7 +304,7 @@ class Engine(metaclass=NoPublicConstructor):
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
-        request = self._accept(program, inputs, request_id, owner=owner)
+        request = self._accept(program, inputs, request_id, owner=owner, no_cache=no_cache, no_store=no_store)
         with self._ledger.track(request):
             with request.scoped():
                 await self._admission.acquire(request)
@@ -308,6 +329,8 @@ class Engine(metaclass=NoPublicConstructor):
         request_id: str | None = None,
         owner: str | None = None,
         options: StreamOptions | None = None,
+        no_cache: bool = False,
+        no_store: bool = False,
     ) -> AsyncIterator[EventStream]:
         """Run ``program`` on ``inputs``, streaming its output fields as they are generated.
 
@@ -331,12 +354,15 @@ class Engine(metaclass=NoPublicConstructor):
             owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
                 only for this one, here and from other processes (:meth:`cancel`).
             options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
+            no_cache, no_store: The cache switches, as for :meth:`predict`.
 
         Raises:
             UnknownProgramError, InvalidInputError, OverloadedError, EngineClosedError: on entry, as for
                 :meth:`predict`; nothing was started.
         """
-        request = self._accept(program, inputs, request_id, owner=owner, kind="stream")
+        request = self._accept(
+            program, inputs, request_id, owner=owner, kind="stream", no_cache=no_cache, no_store=no_store
+        )
         name, model = request.program.name, self._model_of(request.program.name)
 
         def first_delta(field: str) -> None:
@@ -362,6 +388,8 @@ class Engine(metaclass=NoPublicConstructor):
         fail_fast: bool = False,
         request_id: str | None = None,
         owner: str | None = None,
+        no_cache: bool = False,
+        no_store: bool = False,
     ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[BatchItem]]:
         """Run ``program`` on every item, handing out each item's outcome as soon as it is ready.
 
@@ -376,13 +404,14 @@ class Engine(metaclass=NoPublicConstructor):
         of its own (admission, statistics, the same outcomes as :meth:`predict`). Leaving the block
         cancels what is still running (those items are ``abandoned``). Item ``i`` runs under the id
         ``{request_id}-{i}``; :meth:`cancel` with ``request_id`` itself stops the whole batch (for its
-        ``owner`` only, when the cancel names one).
+        ``owner`` only, when the cancel names one). ``no_cache`` and ``no_store`` apply to every item
+        (see :meth:`predict`).
 
         Raises:
             InvalidInputError: on entry, if ``concurrency`` is not a positive integer.
         """
         return open_batch(
-            functools.partial(self.predict, owner=owner),
+            functools.partial(self.predict, owner=owner, no_cache=no_cache, no_store=no_store),
             lambda item_id, reason: self._ledger.cancel(item_id, lambda: reason),
             program,
             items,
@@ -402,6 +431,8 @@ class Engine(metaclass=NoPublicConstructor):
         fail_fast: bool = False,
         request_id: str | None = None,
         owner: str | None = None,
+        no_cache: bool = False,
+        no_store: bool = False,
     ) -> list[BatchItem]:
         """Run ``program`` on every item; return one outcome per item, in input order.
 
@@ -411,7 +442,14 @@ class Engine(metaclass=NoPublicConstructor):
         items = list(items)
         outcomes: list[BatchItem | None] = [None] * len(items)
         async with self.batch_stream(
-            program, items, concurrency=concurrency, fail_fast=fail_fast, request_id=request_id, owner=owner
+            program,
+            items,
+            concurrency=concurrency,
+            fail_fast=fail_fast,
+            request_id=request_id,
+            owner=owner,
+            no_cache=no_cache,
+            no_store=no_store,
         ) as stream:
             async for item in stream:
                 outcomes[item.index] = item
@@ -518,7 +556,8 @@ async def open_engine(
     )
     try:
         async with shared as cluster, _groups.open_service_nursery() as upkeep:
-            engine = Engine._create(config, backends, programs, cluster=cluster)
+            sharing = open_sharing(config, upkeep, cluster)
+            engine = Engine._create(config, backends, programs, cluster=cluster, sharing=sharing)
             if cluster is not None:
                 cluster.attach(engine._cancel_if)
             for backend in backends.values():  # each LM's maintain(), e.g. reaping closed connections
@@ -527,5 +566,7 @@ async def open_engine(
                 yield engine
             finally:
                 await engine.drain()
+                if sharing is not None:
+                    sharing.closed = True
     finally:
         await close_lms(backends.values())

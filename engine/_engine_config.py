@@ -5,7 +5,8 @@ Every policy number of the engine (limits, queue bound, drain timeout) lives her
 time limits of single requests belong to the callers' cancel scopes instead. The parts have their own
 modules: an LM's configuration (``_lm_config``, and each provider's settings in ``engine/lm/``), a
 program's (``_program_spec``), the stream options (``_stream_options``), the cluster's
-(``_cluster_config``); reading the file and the environment is ``_env``.
+(``_cluster_config``), single-flight and the response cache (``_cache_config``); reading the file and
+the environment is ``_env``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from typing import Any
 
 import attrs
 
+from ._cache_config import CacheConfig
 from ._cluster_config import ClusterConfig
-from ._env import cluster_from_env, default_lm_from_env, engine_limits_from_env, key_from_env, read_toml
+from ._env import (
+    cache_from_env,
+    cluster_from_env,
+    default_lm_from_env,
+    engine_limits_from_env,
+    key_from_env,
+    read_toml,
+)
 from ._errors import ConfigError
 from ._lm_config import LMConfig
 from ._program_spec import ADAPTERS, AdapterName, ProgramSpec
@@ -61,6 +70,7 @@ class EngineConfig:
         stream: Default stream options (backpressure, buffer, coalescing).
         log_text: Put inputs and outputs in the request log lines (off: privacy by default).
         cluster: State shared with other workers and replicas through Redis.
+        cache: Single-flight of identical LM calls (on) and the response cache (off).
     """
 
     lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms, converter=copy_mapping, hash=False)
@@ -75,18 +85,24 @@ class EngineConfig:
     stream: StreamOptions = attrs.field(factory=StreamOptions)
     log_text: bool = False
     cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
+    cache: CacheConfig = attrs.field(factory=CacheConfig)
 
     def __attrs_post_init__(self) -> None:
         for name, spec in self.programs.items():
             if spec.lm not in self.lms:
                 raise ConfigError(f"program {name!r} uses LM {spec.lm!r}, which is not configured")
+        if self.cache.backend == "redis" and not self.cluster.redis_url:
+            raise ConfigError(
+                'cache.backend = "redis" uses the [cluster] Redis: set cluster.redis_url'
+                " (DSPY_TRIO_REDIS_URL)"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]`` (with its
-        nested tables), ``[programs.NAME]``, ``[cluster]``. ``env`` is where ``api_key_env`` names are
-        looked up."""
-        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster"}
+        nested tables), ``[programs.NAME]``, ``[cluster]``, ``[cache]``. ``env`` is where ``api_key_env``
+        names are looked up."""
+        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster", "cache"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = dict(data.get("engine", {}))
@@ -94,6 +110,8 @@ class EngineConfig:
             values["stream"] = StreamOptions.from_mapping(data["stream"])
         if "cluster" in data:
             values["cluster"] = build(ClusterConfig, data["cluster"], "cluster")
+        if "cache" in data:
+            values["cache"] = CacheConfig.from_mapping(data["cache"])
         if "lms" in data:
             values["lms"] = {
                 name: LMConfig.from_mapping(table, where=f"lms.{name}", env=env)
@@ -128,4 +146,7 @@ class EngineConfig:
         cluster = cluster_from_env(config.cluster, env)
         if cluster is not config.cluster:
             changes["cluster"] = cluster
+        cache = cache_from_env(config.cache, env)
+        if cache is not config.cache:
+            changes["cache"] = cache
         return build(EngineConfig, {**shallow(config), **changes}, "DSPY_TRIO_*", names=names)

@@ -23,6 +23,7 @@ Environment (each variable overrides the ``default`` LM of the file, or the engi
     DSPY_TRIO_MAX_IN_FLIGHT, DSPY_TRIO_MAX_QUEUED, DSPY_TRIO_DRAIN_TIMEOUT, DSPY_TRIO_ADAPTER
     DSPY_TRIO_REDIS_URL   redis://host:port/db shared by every worker and replica (quota, cool-down, cancel)
     DSPY_TRIO_CLUSTER_SECRET  cluster.secret: the key of the owners' digests sent through Redis
+    DSPY_TRIO_CACHE       cache.backend: off | memory | redis (the response cache; see _cache_config)
 
 Every value is checked when it is loaded (finite numbers, ranges, integers, http(s) URLs, keys that can
 be sent in a header, params that are request parameters, keys the provider has): a bad one is a
@@ -40,6 +41,7 @@ from typing import Any
 
 import attrs
 
+from ._cache_config import CacheConfig
 from ._cluster_config import ClusterConfig, shown_url
 from ._errors import ConfigError
 from ._lm_config import SHARED_KEYS, LMConfig, check_params, lm_from_table, not_a_key_of
@@ -225,6 +227,20 @@ def cluster_from_env(cluster: ClusterConfig, env: Mapping[str, str]) -> ClusterC
                 shown = f"={shown_url(value)!r}" if setting == "redis_url" else ""
                 raise ConfigError(f"{variable}{shown}: {exc.message}") from exc
     return cluster
+
+
+def cache_from_env(cache: CacheConfig, env: Mapping[str, str]) -> CacheConfig:
+    """``cache`` with ``DSPY_TRIO_CACHE`` (its backend) applied.
+
+    Raises:
+        ConfigError: naming the variable and its value.
+    """
+    if backend := env.get("DSPY_TRIO_CACHE"):
+        try:
+            return attrs.evolve(cache, backend=backend)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ConfigError(f"DSPY_TRIO_CACHE={backend!r}: {exc.message}") from exc
+    return cache
 
 
 def flag(env: Mapping[str, str], key: str) -> bool:

@@ -57,6 +57,9 @@ class Request:
     error_code: str | None = None
     kind: str = "predict"
     owner: str | None = None
+    # The caller's cache switches: never share or read the cache (a fresh call); store no answer.
+    no_cache: bool = False
+    no_store: bool = False
     trace: RequestTrace | None = None
     result: PredictionResult | None = None
     # Set once a stream is handed to its consumer: exceptions through its block are then the consumer's.

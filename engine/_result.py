@@ -18,26 +18,29 @@ class Usage:
         by_model: The raw usage entries DSPy's usage tracker collected, per model name.
         estimated: Whether some of the counts are the engine's estimate (~4 characters a token)
             because a provider reported none, e.g. a stream from a server that sends no usage chunk.
+        saved_tokens: Tokens of the answers the request got without an upstream call of its own (from
+            the response cache, or shared with an identical call in flight); not in the counts above.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     by_model: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     estimated: bool = False
+    saved_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     @classmethod
-    def from_tracker_totals(cls, totals: Mapping[str, Mapping[str, Any]]) -> Usage:
+    def from_tracker_totals(cls, totals: Mapping[str, Mapping[str, Any]], *, saved_tokens: int = 0) -> Usage:
         """Build from ``dspy.utils.usage_tracker.UsageTracker.get_total_tokens()``."""
 
         def count(key: str) -> int:
             return sum(int(entry.get(key) or 0) for entry in totals.values())
 
         estimated = any(entry.get("estimated") for entry in totals.values())
-        return cls(count("prompt_tokens"), count("completion_tokens"), dict(totals), estimated)
+        return cls(count("prompt_tokens"), count("completion_tokens"), dict(totals), estimated, saved_tokens)
 
 
 @attrs.frozen
@@ -48,11 +51,23 @@ class Timings:
         queued: Waiting for admission (a free in-flight slot).
         lm: Inside LM calls (all attempts, all predictors of the program).
         total: From the engine receiving the request to its outcome.
+        lm_calls: LM calls the program made.
+        cached_calls: Of those, the ones answered from the response cache.
+        shared_calls: Of those, the ones answered by an identical call in flight (single-flight), in
+            this process or another.
     """
 
     queued: float
     lm: float
     total: float
+    lm_calls: int = 0
+    cached_calls: int = 0
+    shared_calls: int = 0
+
+    @property
+    def cached(self) -> bool:
+        """Whether every LM call of the request was answered from the cache (and it made one)."""
+        return 0 < self.lm_calls == self.cached_calls
 
     @property
     def overhead(self) -> float:

@@ -21,6 +21,7 @@ from ._errors import EngineError, ProgramError
 from ._program_spec import AdapterName
 from ._programs import Program
 from ._request import Request
+from ._request_sharing import sharing_scope
 from ._result import PredictionResult, Timings, Usage
 from ._streaming import DeltaRouter
 from ._trace import RequestTrace, tracing
@@ -59,7 +60,11 @@ class ProgramRunner:
         """
         program, values = request.program, request.values
         adapter = self.adapter_of(program)
-        with program_context(self._lms[program.lm], adapter, send_stream) as tracker, tracing() as trace:
+        with (
+            program_context(self._lms[program.lm], adapter, send_stream) as tracker,
+            tracing() as trace,
+            sharing_scope(request.owner, no_cache=request.no_cache, no_store=request.no_store),
+        ):
             request.trace = trace
             try:
                 prediction = await program.module.acall(**values)
@@ -67,7 +72,7 @@ class ProgramRunner:
                 _raise_program_failure(program, adapter, _groups.collapse(group))
             except Exception as exc:
                 _raise_program_failure(program, adapter, exc)
-        usage = Usage.from_tracker_totals(tracker.get_total_tokens())
+        usage = Usage.from_tracker_totals(tracker.get_total_tokens(), saved_tokens=trace.saved_tokens)
         return dict(prediction.items()), usage
 
     @staticmethod
@@ -83,6 +88,9 @@ class ProgramRunner:
                 queued=request.admitted - request.started,
                 lm=trace.lm_seconds,
                 total=trio.current_time() - request.started,
+                lm_calls=trace.lm_calls,
+                cached_calls=trace.cached_calls,
+                shared_calls=trace.shared_calls,
             ),
             attempts=trace.attempts,
         )

@@ -8,6 +8,7 @@ import attrs
 
 from ._admission import AdmissionStatistics
 from ._errors import Outcome
+from ._sharing_statistics import SharingStatistics
 from ._upstream import UpstreamStatistics
 
 
@@ -40,6 +41,7 @@ class EngineStatistics:
         upstreams: Per upstream (LM name): adaptive limit, retries by cause, rate-limit waits.
         seconds_total: Summed duration of the requests that ended after being accepted (every
             outcome but ``rejected`` and ``invalid``).
+        sharing: What single-flight and the response cache did (None when both are off).
     """
 
     succeeded: int
@@ -60,6 +62,7 @@ class EngineStatistics:
     stream_deltas_coalesced: int = 0
     seconds_total: float = 0.0
     upstreams: Mapping[str, UpstreamStatistics] = attrs.field(factory=dict)
+    sharing: SharingStatistics | None = None
 
     @property
     def requests_total(self) -> int:
@@ -95,6 +98,7 @@ class EngineStatistics:
         stream_deltas_coalesced: int = 0,
         seconds_total: float = 0.0,
         upstreams: Mapping[str, UpstreamStatistics] | None = None,
+        sharing: SharingStatistics | None = None,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -115,4 +119,5 @@ class EngineStatistics:
             stream_deltas_coalesced=stream_deltas_coalesced,
             seconds_total=seconds_total,
             upstreams=dict(upstreams or {}),
+            sharing=sharing,
         )

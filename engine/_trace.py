@@ -16,7 +16,11 @@ class RequestTrace:
     """Mutable totals of one request's LM calls."""
 
     lm_seconds: float = 0.0
+    lm_calls: int = 0
     attempts: int = 0
+    cached_calls: int = 0  # LM calls answered from the response cache
+    shared_calls: int = 0  # LM calls answered by an identical call in flight (this process or another)
+    saved_tokens: int = 0  # tokens of those answers: no upstream call was made for them
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -45,15 +49,37 @@ class tracing:  # lower case: used as ``with tracing() as trace``, like the func
         _current.reset(self._token)
 
 
+def detached() -> RequestTrace:
+    """A fresh trace for the rest of this task (its context is its own copy): for a task that serves
+    many requests, such as a shared LM call, whose counts belong to none of them."""
+    trace = RequestTrace()
+    _current.set(trace)
+    return trace
+
+
 def record_lm_call(seconds: float) -> None:
     """Add one LM call of ``seconds`` to the current request's trace, if there is one."""
     trace = _current.get()
     if trace is not None:
         trace.lm_seconds += seconds
+        trace.lm_calls += 1
 
 
-def record_attempt() -> None:
-    """Count one attempt of an LM call (retries make several) in the current request's trace."""
+def record_saved(*, cached: bool, tokens: int) -> None:
+    """Count one LM call answered without an upstream call of its own (from the cache when ``cached``,
+    else by an identical call in flight), worth ``tokens``, in the current request's trace."""
     trace = _current.get()
     if trace is not None:
-        trace.attempts += 1
+        if cached:
+            trace.cached_calls += 1
+        else:
+            trace.shared_calls += 1
+        trace.saved_tokens += tokens
+
+
+def record_attempt(count: int = 1) -> None:
+    """Count one attempt of an LM call (retries make several; a shared call's count them all) in the
+    current request's trace."""
+    trace = _current.get()
+    if trace is not None:
+        trace.attempts += count

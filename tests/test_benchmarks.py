@@ -126,3 +126,9 @@ async def test_a_baseline_from_before_the_provider_settings_runs_this_trees_work
         assert result["engine"].startswith(str(tree))
     finally:
         shutil.rmtree(tree)
+
+
+async def test_the_coalescing_benchmark_runs_a_part_to_its_end() -> None:
+    done = await run("-m", "benchmarks.coalescing", "--parts", "close", "--rounds", "1")
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert "last waiter leaves -> upstream connection closed: p50" in done.stdout.decode()

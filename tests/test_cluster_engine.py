@@ -307,6 +307,8 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
         "+select",
         "+get",
         "+set",
+        "+del",
+        "+exists",
         "+evalsha",
         "+script|load",
         "+multi",

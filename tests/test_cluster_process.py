@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,11 +110,13 @@ async def upstream_count(deployment: Deployment) -> int:
     return len(response.json()["records"])
 
 
-async def predict(client: httpx.AsyncClient, url: str, seconds: float = 2.0, program: str = "default") -> int:
+async def predict(
+    client: httpx.AsyncClient, url: str, seconds: float = 2.0, program: str = "default", question: str = "q"
+) -> int:
     """A prediction with a deadline of ``seconds`` (X-Request-Timeout); the HTTP status."""
     response = await client.post(
         f"{url}/v1/programs/{program}/predict",
-        json={"inputs": {"question": "q"}},
+        json={"inputs": {"question": question}},
         headers={"X-Request-Timeout": str(seconds)},
     )
     return response.status_code
@@ -124,9 +127,9 @@ async def hammer(deployment: Deployment, count: int) -> list[int]:
     statuses: list[int] = []
     async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
         for i in range(count):
-
-            async def one(url: str = deployment.urls[i % 2]) -> None:
-                statuses.append(await predict(client, url, program="limited"))
+            # Distinct questions: identical ones would share one upstream call (single-flight).
+            async def one(url: str = deployment.urls[i % 2], question: str = f"q {uuid.uuid4()}") -> None:
+                statuses.append(await predict(client, url, program="limited", question=question))
 
             nursery.start_soon(one)
     return statuses

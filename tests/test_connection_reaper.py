@@ -80,8 +80,8 @@ async def test_an_open_engine_reaps_its_lms_connections(fake_upstream: FakeUpstr
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         async with trio.open_nursery() as nursery:
-            for _ in range(CALLS):
-                nursery.start_soon(engine.predict, "default", {"question": "q"})
+            for i in range(CALLS):  # distinct: identical ones would share one call (single-flight)
+                nursery.start_soon(engine.predict, "default", {"question": f"q {i}"})
         with trio.fail_after(HANG_GUARD):
             await fake_upstream.wait_for(all_reaped)
     assert len(fake_upstream.records) == CALLS

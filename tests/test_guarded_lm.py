@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dspy_trio.engine import EngineConfig, LMConfig, SimulatedSettings, open_engine
+from dspy_trio.engine._coalesce import SharedLM
 from dspy_trio.engine._upstream import UpstreamGuard
 from dspy_trio.engine.lm import Completion, DeltaSink, GuardedLM, OpenAICompatibleLM, SimulatedLM
 from dspy_trio.engine.testing import MockBackend, MockRequest, Reply, http_response
@@ -47,7 +48,9 @@ async def test_open_engine_wraps_each_backend_and_leaves_it_unchanged() -> None:
         lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0))}
     )
     async with open_engine(config, lms={"default": given}) as engine:
-        wrapped = engine.lms["default"]
+        shared = engine.lms["default"]  # program -> single-flight and cache -> guard -> backend
+        assert isinstance(shared, SharedLM)
+        wrapped = shared.inner
         assert isinstance(wrapped, GuardedLM)
         assert wrapped.inner is given
         assert isinstance(wrapped.guard, UpstreamGuard)

@@ -56,8 +56,8 @@ from .settings import ServiceSettings
 logger = logging.getLogger("dspy_trio.web")
 
 _STATIC = Path(__file__).parent / "static"
-_CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"]
-_CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After"]
+_CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout", "Cache-Control"]
+_CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After", "Cache-Status"]
 _CORS_METHODS = ["GET", "POST", "DELETE", "OPTIONS"]
 _WERKZEUG_CODES = {
     400: "bad_request",

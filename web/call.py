@@ -57,10 +57,12 @@ class CallNotes:
         timings: The engine's timings of a prediction (``Server-Timing``'s ``queue`` and ``lm``).
         refused: The error code of a refusal by the web layer (401, 404, 405, 413, 415, 422, ...), which
             the door logs as one request line; refusals by the engine are logged by the engine.
+        cache_status: A prediction's ``Cache-Status`` (:mod:`dspy_trio.web.cache_control`).
     """
 
     timings: Timings | None = None
     refused: str | None = None
+    cache_status: str | None = None
 
 
 @attrs.frozen(eq=False)
@@ -79,6 +81,7 @@ class Call:
         refusal: The door's refusal (401, 429) for the app to answer when the app must shape it (CORS);
             None otherwise.
         notes: What the answer learns on its way (:class:`CallNotes`).
+        no_cache, no_store: ``Cache-Control``'s switches for the engine (a /v1/ws frame has none).
     """
 
     request_id: str
@@ -90,6 +93,8 @@ class Call:
     timeout_header: str | None = None
     refusal: Exception | None = None
     notes: CallNotes = attrs.field(factory=CallNotes)
+    no_cache: bool = False
+    no_store: bool = False
 
     def deadline(self, settings: ServiceSettings, asked: float | None = None) -> RequestDeadline:
         """The call's deadline: ``asked`` (a body's or frame's ``timeout_secs``), else ``X-Request-Timeout``,

@@ -38,6 +38,7 @@ from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallabl
 from dspy_trio.engine import EngineError, OverloadedError
 
 from .auth import authorize
+from .cache_control import cache_switches
 from .call import Call, label_of, new_request_id
 from .encoding import dumps
 from .errors import HTTPError, engine_error_response, http_error_response
@@ -58,6 +59,7 @@ _READ = frozenset(
         b"origin",
         b"host",
         b"access-control-request-method",
+        b"cache-control",
     }
 )
 _STARTS = frozenset({"http.response.start", "websocket.accept", "websocket.http.response.start"})
@@ -110,16 +112,20 @@ def call_in(scope: Any) -> Call:
 
 def call_headers(call: Call, now: float) -> list[tuple[bytes, bytes]]:
     """The headers every answer of ``call`` carries: its ids and ``Server-Timing`` (the time from the
-    head's arrival to ``now``, and the engine's queue and LM times when a prediction ran)."""
+    head's arrival to ``now``, and the engine's queue and LM times when a prediction ran), and a
+    prediction's ``Cache-Status``."""
     server_id = call.request_id.encode()
     timing = f"total;dur={(now - call.arrived) * 1000:.3f}"
     if (timings := call.notes.timings) is not None:
         timing += f", queue;dur={timings.queued * 1000:.3f}, lm;dur={timings.lm * 1000:.3f}"
-    return [
+    headers = [
         (b"x-server-request-id", server_id),
         (b"x-request-id", call.label.encode() if call.label is not None else server_id),
         (b"server-timing", timing.encode()),
     ]
+    if call.notes.cache_status is not None:
+        headers.append((b"cache-status", call.notes.cache_status.encode()))
+    return headers
 
 
 def refusal_answer(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -207,6 +213,7 @@ class FrontDoor:
                     engine.refuse_if_overloaded(program)  # counts the refusal
                 except OverloadedError as error:
                     refusal = error.with_traceback(None)  # as above
+        no_cache, no_store = cache_switches(head.get("cache-control"))
         return Call(
             new_request_id(),
             label_of(head.get("x-request-id")),
@@ -216,6 +223,8 @@ class FrontDoor:
             program,
             head.get("x-request-timeout"),
             refusal,
+            no_cache=no_cache,
+            no_store=no_store,
         )
 
     def _app_shapes(self, scope: Any) -> bool:

@@ -35,21 +35,32 @@ def dumps(value: Any) -> str:
 
 
 def result_json(result: PredictionResult) -> dict[str, Any]:
-    return {
+    """A result's JSON. What the response cache and single-flight did is there only when they did
+    something: ``usage.saved_tokens``, ``timings.cached`` (every LM call answered from the cache),
+    ``timings.cached_calls`` and ``timings.shared_calls``."""
+    usage, timings = result.usage, result.timings
+    encoded: dict[str, Any] = {
         "request_id": result.request_id,
         "program": result.program,
         "outputs": dict(result.outputs),
         "usage": {
-            "prompt_tokens": result.usage.prompt_tokens,
-            "completion_tokens": result.usage.completion_tokens,
-            "total_tokens": result.usage.total_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
         },
         "timings": {
-            "queued_ms": round(result.timings.queued * 1000, 3),
-            "lm_ms": round(result.timings.lm * 1000, 3),
-            "total_ms": round(result.timings.total * 1000, 3),
+            "queued_ms": round(timings.queued * 1000, 3),
+            "lm_ms": round(timings.lm * 1000, 3),
+            "total_ms": round(timings.total * 1000, 3),
         },
     }
+    if usage.saved_tokens:
+        encoded["usage"]["saved_tokens"] = usage.saved_tokens
+    if timings.cached_calls or timings.shared_calls:
+        encoded["timings"].update(
+            cached=timings.cached, cached_calls=timings.cached_calls, shared_calls=timings.shared_calls
+        )
+    return encoded
 
 
 def batch_item_json(item: BatchItem) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dspy_trio.engine import Engine, EngineStatistics
+from dspy_trio.engine import Engine, EngineStatistics, SharingStatistics
 
 
 def metrics_text(engine: Engine) -> tuple[bytes, str]:
@@ -34,4 +34,25 @@ def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
         "queued": stats.queued,
         "in_flight": stats.in_flight,
         "errors_by_code": dict(stats.errors_by_code),
+        **({"cache": _cache_json(stats.sharing)} if stats.sharing is not None else {}),
+    }
+
+
+def _cache_json(sharing: SharingStatistics) -> dict[str, int]:
+    """Single-flight and the response cache: the counters of ``dspy_trio_cache_*`` and
+    ``dspy_trio_coalesced_*``."""
+    return {
+        "hits": sharing.cache_hits,
+        "misses": sharing.cache_misses,
+        "bypasses": sharing.cache_bypasses,
+        "coalesced_waiters": sharing.coalesced,
+        "upstream_calls_saved": sharing.upstream_calls_saved,
+        "tokens_saved": sharing.tokens_saved,
+        "shared_calls_in_flight": sharing.in_flight,
+        "entries": sharing.cache_entries,
+        "bytes": sharing.cache_bytes,
+        "evictions": sharing.cache_evictions,
+        "corrupt_entries": sharing.corrupt_entries,
+        "takeovers": sharing.takeovers,
+        "redis_fallbacks": sharing.redis_fallbacks,
     }

@@ -28,7 +28,7 @@ from quart_schema import hide
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.exceptions import NotFound
 
-from .routing import Route
+from .routing import Route, Wire
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -46,6 +46,26 @@ _ERROR_SCHEMA: dict[str, Any] = {
             },
         }
     },
+}
+
+# A route that runs a program takes the cache switches; one that answers a prediction in one JSON body
+# says in ``Cache-Status`` what the cache and single-flight did (see web/cache_control.py).
+_CACHE_CONTROL = {
+    "name": "Cache-Control",
+    "in": "header",
+    "required": False,
+    "description": "`no-cache`: join no identical call in flight and read no cached answer (a fresh "
+    "upstream call); `no-store`: store none of this request's answers. Other directives are ignored.",
+    "schema": {"type": "string", "examples": ["no-cache", "no-store", "no-cache, no-store"]},
+}
+_CACHE_STATUS = {
+    "Cache-Status": {
+        "description": "RFC 9211: `dspy-trio; hit` (every LM call answered from the cache), "
+        "`dspy-trio; fwd=miss` (`fwd=partial`: some were; `fwd=bypass`: the cache is off; "
+        "`fwd=request`: the request said `no-cache`), with `; collapsed` when an LM call shared an "
+        "identical call in flight.",
+        "schema": {"type": "string", "examples": ["dspy-trio; hit", "dspy-trio; fwd=miss; collapsed"]},
+    }
 }
 
 _RETRY_AFTER = {
@@ -119,6 +139,10 @@ class ServiceOpenAPI(OpenAPIProvider):
                     operation["responses"] = _responses(route)
                     if settings.api_keys and route.keyed:
                         operation["security"] = [{"bearer": []}]
+                    if route.program is not None and not route.websocket:  # it runs LM calls
+                        operation.setdefault("parameters", []).append(_CACHE_CONTROL)
+                        if Wire.JSON in route.formats and not route.per_item:
+                            operation["responses"]["200"]["headers"] = _CACHE_STATUS
                 elif not operation.get("responses"):
                     operation["responses"] = {"default": {"description": "See docs/http-api.md."}}
         batch = document["paths"].get("/v1/programs/{name}/batch", {}).get("post")

@@ -34,6 +34,7 @@ from dspy_trio.engine import (
     RequestCancelledError,
 )
 
+from .cache_control import cache_status_of
 from .call import Call
 from .deadline import RequestDeadline
 from .formats import Outcome
@@ -56,12 +57,28 @@ async def run(
     ``call.request_id`` for ``call.owner``; a prediction's timings go to ``call.notes``."""
     with until.scope() as timer:
         try:
+            no_cache, no_store = call.no_cache, call.no_store
             if not stream:
-                result = await engine.predict(program, inputs, request_id=call.request_id, owner=call.owner)
+                result = await engine.predict(
+                    program,
+                    inputs,
+                    request_id=call.request_id,
+                    owner=call.owner,
+                    no_cache=no_cache,
+                    no_store=no_store,
+                )
                 call.notes.timings = result.timings
+                call.notes.cache_status = cache_status_of(engine, result.timings, no_cache=call.no_cache)
                 await emit(result)
                 return
-            async with engine.stream(program, inputs, request_id=call.request_id, owner=call.owner) as events:
+            async with engine.stream(
+                program,
+                inputs,
+                request_id=call.request_id,
+                owner=call.owner,
+                no_cache=no_cache,
+                no_store=no_store,
+            ) as events:
                 async for event in events:
                     await emit(event)
                     if isinstance(event, FinalEvent | ErrorEvent):
@@ -126,6 +143,8 @@ async def run_batch(
                 fail_fast=fail_fast,
                 request_id=call.request_id,
                 owner=call.owner,
+                no_cache=call.no_cache,
+                no_store=call.no_store,
             ) as outcomes:
                 async for item in outcomes:
                     seen.add(item.index)

@@ -29,6 +29,7 @@ from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
+from ._flight import RemoteFlights
 from ._heartbeat import beat, leave, run_heartbeat
 from ._quota import SharedQuota
 from ._redis import RedisLink, RedisUnavailableError
@@ -72,6 +73,7 @@ class Cluster:
         self.relay = CancelRelay(link, OwnerDigest(_secret(link.config)), lambda: self.subscribed.is_set())
         self._quotas: dict[str, SharedQuota] = {}
         self._cooldowns: dict[str, SharedCoolDown] = {}
+        self.flights: RemoteFlights | None = None  # single-flight and the cache across processes
 
     def __repr__(self) -> str:
         return f"<Cluster {self.link!r}>"
@@ -99,6 +101,16 @@ class Cluster:
         cooldown.max_wait = min(cooldown.max_wait, max_wait)  # the tightest cap asked for
         return cooldown
 
+    def share_flights(
+        self, *, lease_ttl: float, cache_ttl: float, cache: bool, max_entry_bytes: int
+    ) -> RemoteFlights:
+        """Single-flight (and, with ``cache``, the response cache) through this cluster's Redis; the
+        announcements of other processes' flights are delivered to it (see ``_flight``)."""
+        self.flights = RemoteFlights(
+            self.link, lease_ttl=lease_ttl, cache_ttl=cache_ttl, cache=cache, max_entry_bytes=max_entry_bytes
+        )
+        return self.flights
+
     def attach(self, cancel: LocalCancel) -> None:
         """Deliver cancels from other processes to ``cancel(request_id, owner_check)``: the engine's
         ``_cancel_if``, which cancels what this process runs under that id for the owners the check
@@ -115,6 +127,9 @@ class Cluster:
             self.relay.heard_cancel(str(data))
         elif channel == self.relay.answer_channel:
             self.relay.heard_answer(str(data))
+        elif channel == self.link.key("flight"):
+            if self.flights is not None:
+                self.flights.heard(str(data))
         elif channel == self.link.key("cooldown"):
             try:
                 heard = json.loads(data)
@@ -133,7 +148,12 @@ class Cluster:
         Subscribes only while Redis answers (the heartbeat notices when it does again); a subscription
         that breaks marks the link degraded and is made again after the next good heartbeat.
         """
-        channels = [self.relay.broadcast_channel, self.relay.answer_channel, self.link.key("cooldown")]
+        channels = [
+            self.relay.broadcast_channel,
+            self.relay.answer_channel,
+            self.link.key("cooldown"),
+            self.link.key("flight"),
+        ]
         retry = ExponentialBackoffRetryPolicy(
             (RedisConnectionError,), retries=3, base_delay=0.05, max_delay=0.5, jitter=True
         )

@@ -2,7 +2,9 @@
 
 Each process writes its id with the shared time into one sorted set every ``heartbeat_interval``
 seconds; members silent for three intervals are removed; the set's size is the number of live
-processes (every worker of every replica), the largest of the last three counts. A degraded process
+processes (every worker of every replica), the largest of the last three counts. The same beat keeps
+the process's *alive* key, which expires three intervals after its last beat: how other processes
+know that a process that holds a lease on a shared call has died (``_flight``). A degraded process
 falls back to the quota divided by the last count it saw, and the heartbeat is also what notices that
 Redis answers again.
 """
@@ -30,12 +32,15 @@ async def beat(link: RedisLink) -> None:
     now = link.clock()
     stale = now - _MISSED_BEATS * link.config.heartbeat_interval
 
+    silence_ms = int(_MISSED_BEATS * link.config.heartbeat_interval * 1000)
+
     async def command() -> int:
         async with link.client.pipeline(transaction=True) as pipe:
             pipe.zadd(key, {link.process_id: now})
             pipe.zremrangebyscore(key, "-inf", stale)  # type: ignore[arg-type]
             count = pipe.zcard(key)
-            pipe.pexpire(key, int(_MISSED_BEATS * link.config.heartbeat_interval * 1000) + 1000)
+            pipe.pexpire(key, silence_ms + 1000)
+            pipe.set(alive_key(link, link.process_id), "1", px=silence_ms)
         return int(await count)
 
     # The most counted in the last few beats: a count never drops at once (a process is only removed
@@ -45,10 +50,22 @@ async def beat(link: RedisLink) -> None:
     link.processes = max(link.counts)
 
 
+def alive_key(link: RedisLink, process_id: str) -> str:
+    """The key that exists while ``process_id`` beats."""
+    return link.key("alive", process_id)
+
+
 async def leave(link: RedisLink) -> None:
-    """Remove this process from the count (on a clean exit). Blocks for one bounded round-trip."""
+    """Remove this process from the count, and its alive key (on a clean exit). Blocks for one bounded
+    round-trip."""
+
+    async def command() -> None:
+        async with link.client.pipeline(transaction=False) as pipe:
+            pipe.zrem(link.key("processes"), [link.process_id])
+            pipe.delete([alive_key(link, link.process_id)])
+
     with contextlib.suppress(RedisUnavailableError):
-        await link.call(lambda: link.client.zrem(link.key("processes"), [link.process_id]))
+        await link.call(command)
 
 
 async def run_heartbeat(link: RedisLink, quotas: Callable[[], Iterable[SharedQuota]]) -> None:

@@ -37,7 +37,8 @@ logger = logging.getLogger("dspy_trio.engine.cluster")
 
 T = TypeVar("T")
 
-# A write: ("set", key, value, ttl_ms), ("del", key) or ("publish", channel, message).
+# A write: ("set", key, value, ttl_ms), ("del", key), ("publish", channel, message) or
+# ("script", script, keys, args) (a script registered with the client, run with EVALSHA).
 Write = tuple[Any, ...]
 
 _OUTBOX_SIZE = 4096
@@ -238,5 +239,7 @@ class RedisLink:
                         pipe.delete([key])
                     case ("publish", channel, message):
                         pipe.publish(channel, message)
+                    case ("script", script, keys, args):
+                        script(keys=keys, args=args, client=pipe)
                     case _:  # pragma: no cover - a programming error
                         raise AssertionError(f"unknown write {write!r}")

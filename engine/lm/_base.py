@@ -180,7 +180,7 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
         started = trio.current_time()
         try:
-            completion = await self.complete(messages, params, sink)
+            completion = await self.complete_call(messages, params, sink, kwargs)
         finally:
             record_lm_call(trio.current_time() - started)
 
@@ -190,6 +190,17 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         if cache_key is not None:
             _dspy.cache_put(cache_key, outputs)
         return outputs
+
+    async def complete_call(
+        self,
+        messages: Sequence[Message],
+        params: Mapping[str, Any],
+        sink: DeltaSink | None,
+        call_kwargs: Mapping[str, Any],
+    ) -> Completion:
+        """One call as :meth:`acall` makes it: :meth:`complete`. A wrapper that must see the call's own
+        DSPy arguments too (``rollout_id``, ``cache``, which :func:`request_params` drops) overrides it."""
+        return await self.complete(messages, params, sink)
 
     def forward(self, prompt: str | None = None, messages: Any = None, **kwargs: Any) -> Any:
         raise RuntimeError(
