@@ -19,6 +19,7 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
+from ._breaker import BreakerSettings as BreakerSettings
 from ._config import CallTimeouts as CallTimeouts
 from ._config import EngineConfig as EngineConfig
 from ._config import LMConfig as LMConfig
@@ -27,6 +28,7 @@ from ._config import RateLimit as RateLimit
 from ._config import StreamOptions as StreamOptions
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
+from ._errors import CircuitOpenError as CircuitOpenError
 from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlineExceededError as DeadlineExceededError
@@ -41,6 +43,7 @@ from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
 from ._errors import UpstreamConnectionError as UpstreamConnectionError
+from ._errors import UpstreamContextWindowError as UpstreamContextWindowError
 from ._errors import UpstreamError as UpstreamError
 from ._errors import UpstreamRateLimitedError as UpstreamRateLimitedError
 from ._errors import UpstreamResponseError as UpstreamResponseError
@@ -50,7 +53,9 @@ from ._gc import GCSettings as GCSettings
 from ._gc import tune_gc_for_serving as tune_gc_for_serving
 from ._programs import InputField as InputField
 from ._programs import ProgramInfo as ProgramInfo
+from ._result import LMCall as LMCall
 from ._result import PredictionResult as PredictionResult
+from ._result import SkippedLM as SkippedLM
 from ._result import Timings as Timings
 from ._result import Usage as Usage
 from ._retry import RetryPolicy as RetryPolicy
@@ -66,7 +71,9 @@ from ._upstream import UpstreamStatistics as UpstreamStatistics
 __all__ = [
     "AdaptiveSettings",
     "BatchItem",
+    "BreakerSettings",
     "CallTimeouts",
+    "CircuitOpenError",
     "ClusterUnavailableError",
     "ConfigError",
     "DeadlineExceededError",
@@ -82,6 +89,7 @@ __all__ = [
     "GCSettings",
     "InputField",
     "InvalidInputError",
+    "LMCall",
     "LMConfig",
     "OverloadedError",
     "PredictionResult",
@@ -93,6 +101,7 @@ __all__ = [
     "RequestAbandonedError",
     "RequestCancelledError",
     "RetryPolicy",
+    "SkippedLM",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",
@@ -100,6 +109,7 @@ __all__ = [
     "Timings",
     "UnknownProgramError",
     "UpstreamConnectionError",
+    "UpstreamContextWindowError",
     "UpstreamError",
     "UpstreamRateLimitedError",
     "UpstreamResponseError",

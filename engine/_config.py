@@ -45,12 +45,15 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from . import _fallback_config
 from ._adaptive import AdaptiveSettings
+from ._breaker import BreakerSettings
 from ._errors import ConfigError
 from ._lm_factory import PROVIDERS
 from ._retry import RetryPolicy
 from ._upstream import UpstreamPolicy
 from ._validate import (
+    flag,
     json_compliant,
     non_negative,
     non_negative_int,
@@ -117,6 +120,7 @@ _NESTED: dict[str, type[Any]] = {
     "rate_limit": RateLimit,
     "retry": RetryPolicy,
     "adaptive": AdaptiveSettings,
+    "breaker": BreakerSettings,
 }
 
 # Flat keys of earlier versions and where they live now (for a helpful error).
@@ -262,6 +266,14 @@ class LMConfig:
             (llama.cpp) stop generating then, but finish a plain request whose client left. Off by
             default: it costs the engine ~0.08 ms of CPU a token (``benchmarks/stream_upstream.py``).
         first_token_delay, token_delay, words_per_field: Pacing of the ``simulated`` LM.
+        fallbacks: Names of other LMs tried in order when a call to this one fails with a retryable
+            upstream error after its own retries (5xx, 529, 429, connection failures, timeouts), or at
+            once when its breaker is open; each with its own limits, retries and breaker, inside the
+            call's deadline. A stream falls back only before its first delta.
+        fallback_on_context_window: Also fall back when the prompt does not fit this LM's context
+            window (to a fallback with a larger one).
+        breaker: The circuit breaker; None: the defaults when the LM has fallbacks or is one, else
+            none (``BreakerSettings(enabled=False)`` turns it off).
     """
 
     provider: str = attrs.field(default="simulated", validator=_registered)
@@ -283,6 +295,11 @@ class LMConfig:
     first_token_delay: float = attrs.field(default=0.05, validator=non_negative)
     token_delay: float = attrs.field(default=0.01, validator=non_negative)
     words_per_field: int = attrs.field(default=16, validator=positive_int)
+    fallbacks: tuple[str, ...] = attrs.field(
+        default=(), converter=_fallback_config.to_names, validator=_fallback_config.names
+    )
+    fallback_on_context_window: bool = attrs.field(default=False, validator=flag)
+    breaker: BreakerSettings | None = attrs.field(default=None, validator=_fallback_config.breaker_table)
 
     def __attrs_post_init__(self) -> None:
         if PROVIDERS[self.provider].needs_api_base and not self.api_base:
@@ -476,6 +493,7 @@ class EngineConfig:
         for name, spec in self.programs.items():
             if spec.lm not in self.lms:
                 raise ConfigError(f"program {name!r} uses LM {spec.lm!r}, which is not configured")
+        _fallback_config.check_fallbacks(self.lms)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:

@@ -85,6 +85,7 @@ class ProgramRunner:
                 total=trio.current_time() - request.started,
             ),
             attempts=trace.attempts,
+            lm_calls=tuple(trace.answers),
         )
         return request.result
 

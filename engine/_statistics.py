@@ -8,6 +8,7 @@ from typing import Literal
 import attrs
 
 from ._admission import AdmissionStatistics
+from ._breaker import BreakerStatistics
 from ._upstream import UpstreamStatistics
 
 Outcome = Literal[
@@ -54,6 +55,8 @@ class EngineStatistics:
         upstreams: Per upstream (LM name): adaptive limit, retries by cause, rate-limit waits.
         seconds_total: Summed duration of the requests that ended after being accepted (every
             outcome but ``rejected`` and ``invalid``).
+        breakers: Per LM that has a circuit breaker: its state and counters.
+        fallbacks: LM calls that fell back, by (from LM, to LM, reason).
     """
 
     succeeded: int
@@ -74,6 +77,8 @@ class EngineStatistics:
     stream_deltas_coalesced: int = 0
     seconds_total: float = 0.0
     upstreams: Mapping[str, UpstreamStatistics] = attrs.field(factory=dict)
+    breakers: Mapping[str, BreakerStatistics] = attrs.field(factory=dict)
+    fallbacks: Mapping[tuple[str, str, str], int] = attrs.field(factory=dict)
 
     @property
     def requests_total(self) -> int:
@@ -109,6 +114,8 @@ class EngineStatistics:
         stream_deltas_coalesced: int = 0,
         seconds_total: float = 0.0,
         upstreams: Mapping[str, UpstreamStatistics] | None = None,
+        breakers: Mapping[str, BreakerStatistics] | None = None,
+        fallbacks: Mapping[tuple[str, str, str], int] | None = None,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -129,4 +136,6 @@ class EngineStatistics:
             stream_deltas_coalesced=stream_deltas_coalesced,
             seconds_total=seconds_total,
             upstreams=dict(upstreams or {}),
+            breakers=dict(breakers or {}),
+            fallbacks=dict(fallbacks or {}),
         )

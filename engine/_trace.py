@@ -10,6 +10,8 @@ import contextvars
 
 import attrs
 
+from ._result import LMCall
+
 
 @attrs.define
 class RequestTrace:
@@ -17,6 +19,7 @@ class RequestTrace:
 
     lm_seconds: float = 0.0
     attempts: int = 0
+    answers: list[LMCall] = attrs.field(factory=list)  # each LM call, named by the LM that answered
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -57,3 +60,10 @@ def record_attempt() -> None:
     trace = _current.get()
     if trace is not None:
         trace.attempts += 1
+
+
+def record_lm_answer(call: LMCall) -> None:
+    """Add one answered LM call (the LM that answered it) to the current request's trace, if any."""
+    trace = _current.get()
+    if trace is not None:
+        trace.answers.append(call)

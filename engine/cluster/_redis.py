@@ -32,7 +32,7 @@ logger = logging.getLogger("dspy_trio.engine.cluster")
 
 T = TypeVar("T")
 
-# A write: ("set", key, value, ttl_ms), ("del", key) or ("publish", channel, message).
+# A write: ("set", key, value, ttl_ms), ("del", key), ("decr", key) or ("publish", channel, message).
 Write = tuple[Any, ...]
 
 _OUTBOX_SIZE = 4096
@@ -168,6 +168,8 @@ class RedisLink:
                         pipe.set(key, value, px=int(ttl_ms))
                     case ("del", key):
                         pipe.delete([key])
+                    case ("decr", key):
+                        pipe.decr(key)
                     case ("publish", channel, message):
                         pipe.publish(channel, message)
                     case _:  # pragma: no cover - a programming error
