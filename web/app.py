@@ -181,7 +181,10 @@ async def decorate(response: Response) -> Response:
     total = (trio.current_time() - arrived) * 1000
     timing = [f"total;dur={total:.3f}"]
     if (timings := g.get("timings")) is not None:
-        timing += [f"queue;dur={timings.queued * 1000:.3f}", f"lm;dur={timings.lm * 1000:.3f}"]
+        lm = f"lm;dur={timings.lm * 1000:.3f}"
+        if lms := g.get("lms"):  # the LMs that answered (a fallback's name when the first one failed)
+            lm += f';desc="{" ".join(lms)}"'
+        timing += [f"queue;dur={timings.queued * 1000:.3f}", lm]
     response.headers["Server-Timing"] = ", ".join(timing)
     if (refused := g.get("refused")) is not None and access_log.isEnabledFor(logging.INFO):
         log_refusal(refused, response.status_code, total)

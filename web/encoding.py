@@ -35,6 +35,14 @@ def dumps(value: Any) -> str:
 
 
 def result_json(result: PredictionResult) -> dict[str, Any]:
+    """A result; ``usage.by_lm`` and ``timings.lm_calls`` name the LM that answered each LM call (a
+    fallback's, when the first LM failed: ``skipped`` says which and why)."""
+    by_lm: dict[str, dict[str, int]] = {}
+    for call in result.lm_calls:
+        tokens = by_lm.setdefault(call.lm, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        tokens["calls"] += 1
+        tokens["prompt_tokens"] += call.prompt_tokens
+        tokens["completion_tokens"] += call.completion_tokens
     return {
         "request_id": result.request_id,
         "program": result.program,
@@ -43,11 +51,21 @@ def result_json(result: PredictionResult) -> dict[str, Any]:
             "prompt_tokens": result.usage.prompt_tokens,
             "completion_tokens": result.usage.completion_tokens,
             "total_tokens": result.usage.total_tokens,
+            "by_lm": by_lm,
         },
         "timings": {
             "queued_ms": round(result.timings.queued * 1000, 3),
             "lm_ms": round(result.timings.lm * 1000, 3),
             "total_ms": round(result.timings.total * 1000, 3),
+            "lm_calls": [
+                {
+                    "lm": call.lm,
+                    "model": call.model,
+                    "ms": round(call.seconds * 1000, 3),
+                    "skipped": [{"lm": s.lm, "reason": s.reason} for s in call.skipped],
+                }
+                for call in result.lm_calls
+            ],
         },
     }
 

@@ -96,6 +96,7 @@ async def predict(program: str, inputs: Mapping[str, Any], until: RequestDeadlin
     with until.scope():
         result = await engine.predict(program, inputs, request_id=g.request_id, owner=g.owner)
         g.timings = result.timings
+        g.lms = result.lms
         return result
     raise until.error()
 

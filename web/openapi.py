@@ -77,7 +77,11 @@ _BATCH = _BODY | {404}  # items fail one by one, in the results
 _OPERATIONS: dict[tuple[str, str], tuple[str, set[int]]] = {
     ("/", "get"): ("The playground (HTML).", set()),
     ("/health", "get"): ("`OK` (text).", set()),
-    ("/ready", "get"): ('`{"status": "ready"}`, with `cluster` when Redis is configured.', {503}),
+    ("/ready", "get"): (
+        '`{"status": "ready"}`, with `breakers` (each circuit breaker\'s state) when LMs have one and '
+        "`cluster` when Redis is configured.",
+        {503},
+    ),
     ("/metrics", "get"): ("Prometheus text, or JSON with `Accept: application/json`.", {401, 503}),
     ("/predict", "post"): ('`{"answer", "duration_ms", "request_id"}`.', _PREDICTION),
     ("/predict/stream", "post"): ("SSE: `data: <token>` ..., then `data: [DONE]`.", _STREAM),
