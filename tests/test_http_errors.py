@@ -13,7 +13,14 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, UpstreamError, UpstreamServerError
+from dspy_trio.engine import (
+    EngineConfig,
+    LMConfig,
+    RetryPolicy,
+    UpstreamContextWindowError,
+    UpstreamError,
+    UpstreamServerError,
+)
 from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
 from dspy_trio.engine.lm._http_errors import status_error
 from dspy_trio.engine.lm._redact import Redactor
@@ -189,3 +196,39 @@ async def test_the_same_429_bytes_give_the_same_retry_after_on_both_transports(l
             seen[transport] = info.value.retry_after
             await lm.aclose()
     assert seen["lean"] == seen["httpx"], seen
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "context_window"),
+    [
+        (400, '{"error": {"code": "context_length_exceeded", "message": "too many"}}', True),
+        (400, '{"error": {"message": "This model\'s maximum context length is 4096 tokens."}}', True),
+        (400, '{"error": {"message": "the request exceeds the available context size"}}', True),
+        (400, '{"type": "error", "error": {"message": "prompt is too long: 210000 tokens"}}', True),
+        (413, "Request Entity Too Large: context window", True),
+        (400, '{"error": {"message": "temperature must be between 0 and 2"}}', False),
+        (500, '{"error": {"message": "maximum context length exceeded"}}', False),  # not the prompt's fault
+        (401, '{"error": {"message": "context length"}}', False),
+    ],
+)
+def test_a_prompt_too_long_for_the_model_is_told_apart(status: int, body: str, context_window: bool) -> None:
+    error = status_error("m", status, {}, body, Redactor())
+    assert isinstance(error, UpstreamContextWindowError) is context_window
+    assert error.status == status
+    if context_window:
+        assert error.code == "upstream_context_window"
+        assert "context window" in error.message
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_the_fake_upstreams_context_window_fault_reads_as_one(
+    fake_upstream: FakeUpstream, provider: str, transport: str
+) -> None:
+    fake_upstream.add_faults(Fault("context_window"))
+    lm = backend(provider, transport, fake_upstream.url)
+    try:
+        with pytest.raises(UpstreamContextWindowError):
+            await lm.complete(MESSAGES, {}, None)
+    finally:
+        await lm.aclose()

@@ -43,7 +43,14 @@ from ..lm.simulated import SimulatedLM
 from . import _hostile
 from ._wire import AnthropicWire, ClientGone, OpenAIWire, Sender, wire_for
 
-_ERROR_STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
+_ERROR_STATUS = {
+    "rate_limit": 429,
+    "server_error": 500,
+    "unavailable": 503,
+    "overloaded": 529,
+    "context_window": 400,
+    "unauthorized": 401,
+}
 _HOSTILE = frozenset(
     {"endless_event", "endless_stream", "bomb", "nested", "html", "bad_utf8", "surrogate", "echo_key"}
 )
@@ -53,6 +60,8 @@ FaultKind = Literal[
     "server_error",
     "unavailable",
     "overloaded",
+    "context_window",
+    "unauthorized",
     "hang",
     "disconnect",
     "malformed",
@@ -70,6 +79,8 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
     "server_error",
     "unavailable",
     "overloaded",
+    "context_window",
+    "unauthorized",
     "hang",
     "disconnect",
     "malformed",
@@ -90,7 +101,8 @@ class Fault:
 
     Attributes:
         kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``overloaded``
-            (529, Anthropic's), ``hang`` (never answer), ``disconnect`` (close the connection after
+            (529, Anthropic's), ``context_window`` (400: the prompt is too long for the model),
+            ``unauthorized`` (401: the API key is refused), ``hang`` (never answer), ``disconnect`` (close the connection after
             ``after_tokens`` stream tokens, or at once when not streaming), ``malformed`` (a broken JSON
             body or stream chunk). Hostile answers: ``endless_event`` (a stream's ``data:`` lines never
             end an event; a JSON body never ends), ``endless_stream`` (valid deltas forever, one every
