@@ -180,7 +180,7 @@ class CircuitBreaker:
         self._until = -math.inf  # the end of the open period
         self._epoch = ""  # the current opening's name (the same in every process that heard it)
         self._epochs = itertools.count(1)
-        self._probes_out = 0  # probes let through and not answered
+        self._probes: dict[Ticket, float] = {}  # probes let through and not answered -> when
         self._probes_ok = 0  # probes of this opening that succeeded (here, or heard of)
         self._claims_refused_until = -math.inf  # the cluster's probes were all taken: none until then
         self.opened = 0
@@ -195,6 +195,16 @@ class CircuitBreaker:
         if self._state == "open" and trio.current_time() >= self._until:
             self._half_open()
         return self._state
+
+    @property
+    def _probes_out(self) -> int:
+        return len(self._probes)
+
+    def _places_taken(self, now: float) -> int:
+        """Probes that answered well, and those out for less than ``open_for``: one that never answers
+        (a hung call without a deadline) gives its place to a new probe then."""
+        horizon = now - self.settings.open_for
+        return self._probes_ok + sum(1 for admitted in self._probes.values() if admitted > horizon)
 
     @property
     def epoch(self) -> str:
@@ -230,9 +240,9 @@ class CircuitBreaker:
         if (
             self.state == "half_open"
             and now >= self._claims_refused_until
-            and self._probes_out + self._probes_ok < self.settings.half_open_calls
+            and self._places_taken(now) < self.settings.half_open_calls
         ):
-            return await self._probe()
+            return await self._probe(now)
         self.rejected += 1
         if self._state == "open":
             wait = self._until - now
@@ -248,9 +258,9 @@ class CircuitBreaker:
             retry_after=min(1.0, self.settings.open_for),
         )
 
-    async def _probe(self) -> Ticket:
+    async def _probe(self, now: float) -> Ticket:
         ticket = Ticket(self._generation, probe=True)
-        self._probes_out += 1
+        self._probes[ticket] = now
         if self.peers is None:
             return ticket
         epoch = self._epoch
@@ -278,7 +288,7 @@ class CircuitBreaker:
         if ticket.generation != self._generation:
             return  # from before the last transition
         if ticket.probe:
-            self._probes_out -= 1
+            del self._probes[ticket]
             self._probes_ok += 1
             if self.peers is not None:
                 self.peers.probe_succeeded(self._epoch)
@@ -296,7 +306,7 @@ class CircuitBreaker:
         now = trio.current_time()
         current = ticket.generation == self._generation
         if ticket.probe and current:
-            self._probes_out -= 1
+            del self._probes[ticket]
         if retry_after is not None and retry_after > 0:
             asked = f"the upstream asked for Retry-After {retry_after:g}s ({error.code})"
             self._open_until(now + min(retry_after, self.longest_open), asked)
@@ -325,10 +335,9 @@ class CircuitBreaker:
         return not ticket.probe and ticket.generation == self._generation and self._state == "closed"
 
     def _give_back(self, ticket: Ticket, *, release_claim: bool) -> None:
-        if ticket.probe and ticket.generation == self._generation:
-            self._probes_out -= 1
-            if release_claim and self.peers is not None:
-                self.peers.release_probe(self._epoch)
+        given_back = ticket.probe and self._probes.pop(ticket, None) is not None
+        if given_back and release_claim and self.peers is not None:
+            self.peers.release_probe(self._epoch)
 
     def _record(self, now: float, *, failed: bool) -> None:
         calls = self._calls
@@ -350,7 +359,7 @@ class CircuitBreaker:
         self._state = state
         self._generation += 1
         self._ticket = Ticket(self._generation, probe=False)
-        self._probes_out = 0
+        self._probes.clear()
         self._claims_refused_until = -math.inf
 
     def _open_until(self, until: float, why: str) -> None:

@@ -143,6 +143,31 @@ async def test_every_probe_must_succeed_to_close_it(autojump_clock: Any) -> None
     assert breaker.state == "open"
 
 
+async def test_a_probe_that_never_answers_gives_its_place_to_another_after_open_for(
+    autojump_clock: Any,
+) -> None:
+    """A probe whose call hangs (no attempt timeout, a caller without a deadline) must not hold the
+    breaker half-open for ever: after ``open_for`` its place goes to a new probe."""
+    breaker = CircuitBreaker("up", SETTINGS)
+    for _ in range(4):
+        await call(breaker, failure())
+    await at(5.0)
+    hung = await breaker.admit()
+    await at(9.999)
+    with pytest.raises(CircuitOpenError):
+        await breaker.admit()
+    await at(10.0)
+    probe = await breaker.admit()
+    assert probe.probe
+    with pytest.raises(CircuitOpenError):
+        await breaker.admit()
+    breaker.succeeded(probe)
+    assert breaker.state == "closed"
+    breaker.release(hung)  # it ends at last (cancelled): nothing changes
+    assert breaker.state == "closed"
+    assert breaker._probes_out == 0
+
+
 async def test_a_retry_after_opens_it_for_at_least_that_long(autojump_clock: Any) -> None:
     breaker = CircuitBreaker("up", SETTINGS)  # open_for 5
     ticket = await breaker.admit()
