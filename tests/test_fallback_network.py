@@ -184,3 +184,16 @@ async def test_over_http_an_open_breaker_without_a_fallback_is_a_503_with_retry_
         assert second.json()["error"]["code"] == "circuit_open"
         assert 25 <= int(second.headers["retry-after"]) <= 30
         assert len(fake_upstream.records) == 1
+
+
+async def test_server_timing_names_any_lm_safely() -> None:
+    """An LM's name is a TOML key, and a quoted key may hold a quote, a backslash or a newline: the
+    Server-Timing header stays one valid header (a raw newline would fail the response)."""
+    name = 'odd "lm"\\\nname'
+    lm = LMConfig(first_token_delay=0.0, token_delay=0.0)
+    engine = EngineConfig(lms={name: lm}, programs={"default": ProgramSpec("question -> answer", lm=name)})
+    async with running(settings(engine=engine)) as server, httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post("/v1/programs/default/predict", json={"inputs": QUESTION})
+    assert response.status_code == 200
+    assert response.json()["timings"]["lm_calls"][0]["lm"] == name
+    assert 'desc="odd \\"lm\\"\\\\name"' in response.headers["server-timing"]

@@ -183,12 +183,19 @@ async def decorate(response: Response) -> Response:
     if (timings := g.get("timings")) is not None:
         lm = f"lm;dur={timings.lm * 1000:.3f}"
         if lms := g.get("lms"):  # the LMs that answered (a fallback's name when the first one failed)
-            lm += f';desc="{" ".join(lms)}"'
+            lm += f";desc={_quoted(' '.join(lms))}"
         timing += [f"queue;dur={timings.queued * 1000:.3f}", lm]
     response.headers["Server-Timing"] = ", ".join(timing)
     if (refused := g.get("refused")) is not None and access_log.isEnabledFor(logging.INFO):
         log_refusal(refused, response.status_code, total)
     return response
+
+
+def _quoted(text: str) -> str:
+    """``text`` as an HTTP quoted-string (RFC 9110): printable ASCII only, ``"`` and ``\\`` escaped.
+    (An LM's name is a TOML key, which may hold anything, a newline included.)"""
+    kept = "".join(c for c in text if " " <= c <= "~")
+    return '"' + kept.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def log_refusal(code: str, status: int, total_ms: float) -> None:
