@@ -16,6 +16,8 @@ When a call falls back (the reason is the label of ``dspy_trio_fallbacks_total``
 - ``rate_limited``: a 429 after its retries, or a ``Retry-After`` / quota wait that does not fit the
   deadline; ``server_error``: 5xx and 529; ``connection``; ``timeout``: an attempt or first-token
   timeout;
+- ``bad_response``: the upstream answered with something that is not a completion (a malformed body or
+  stream, an HTML page, a compression bomb): not retried on the same LM, but another may answer;
 - ``context_window``: the prompt does not fit the LM's context window, only when that LM has
   ``fallback_on_context_window``.
 
@@ -73,6 +75,8 @@ def fallback_reason(error: EngineError, *, on_context_window: bool) -> str | Non
         return "rate_limited"
     if isinstance(error, UpstreamError) and error.retryable:
         return error.retry_cause
+    if isinstance(error, UpstreamResponseError) and error.status is None:
+        return "bad_response"
     return None
 
 

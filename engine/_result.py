@@ -46,8 +46,8 @@ class SkippedLM:
 
     Attributes:
         lm: The LM's name (a key of ``EngineConfig.lms``).
-        reason: Why: ``breaker_open``, ``rate_limited``, ``server_error``, ``connection``, ``timeout`` or
-            ``context_window``.
+        reason: Why: ``breaker_open``, ``rate_limited``, ``server_error``, ``connection``, ``timeout``,
+            ``bad_response`` or ``context_window``.
     """
 
     lm: str

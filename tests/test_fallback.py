@@ -183,6 +183,17 @@ async def test_every_retryable_upstream_error_falls_back(
     assert result.lm_calls[0].skipped == (SkippedLM("primary", reason),)
 
 
+async def test_an_answer_that_is_not_a_completion_falls_back_without_a_retry(autojump_clock: Any) -> None:
+    """A malformed body, an HTML page, a compression bomb: the same LM would answer the same (not
+    retried), but another may answer well."""
+    primary = Scripted("primary-model")
+    primary.steps = [UpstreamResponseError("primary: the answer is not JSON")]
+    async with engine_with(config(), primary=primary) as (engine, _):
+        result = await engine.predict("default", QUESTION)
+    assert primary.calls == [0.0]
+    assert result.lm_calls[0].skipped == (SkippedLM("primary", "bad_response"),)
+
+
 async def test_a_stalled_primary_falls_back_at_its_attempt_timeout(autojump_clock: Any) -> None:
     cfg = config(attempts=1)
     primary_config = cfg.lms["primary"]
