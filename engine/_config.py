@@ -35,11 +35,11 @@ or the environment variable and the value, never a failure at run time.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -198,13 +198,35 @@ def _copy_mapping(value: Any) -> Any:
 
 
 def _http_url(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """An http(s) URL a connection can be opened to: a host (an IPv6 address in brackets must be one)
+    and, if given, a port from 1 to 65535. What ``urlsplit`` raises on (an unclosed ``[``) and what it
+    only raises on later (``.port``) are refused here, so a bad URL is a ConfigError, not a traceback at
+    the first call."""
     if not isinstance(value, str):
         raise ConfigError(f"{attribute.name} must be a URL, got {value!r}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+    problem = None
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError: not a number, or out of 0-65535
+        host = parts.hostname
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+            problem = "not an http:// or https:// URL"
+        elif not host:
+            problem = "no host"
+        elif port == 0:
+            problem = "port 0"
+        elif ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                problem = f"{host!r} in brackets is not an IPv6 address"
+    if problem is not None:
         raise ConfigError(
             f"{attribute.name} must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1;"
-            f" got {value!r}"
+            f" got {value!r} ({problem})"
         )
 
 
@@ -571,9 +593,22 @@ def _shown_url(url: str) -> str:
     return parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
+# A config file is a few KiB; reading stops past this, so a path to /dev/zero, /dev/urandom or an endless
+# pipe is an error, not memory growing until the OOM killer ends the process. (Pipes stay allowed:
+# ``--config <(...)``.)
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"cannot read config file {str(path)!r}: larger than {MAX_CONFIG_BYTES >> 20} MiB (a config "
+                "file is a few KiB: is it the right path?)"
+            )
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:  # TOML is UTF-8
         raise ConfigError(
             f"cannot read config file {str(path)!r}: not UTF-8 (byte {exc.object[exc.start]:#04x} at "

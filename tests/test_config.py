@@ -320,12 +320,6 @@ def test_a_new_provider_is_one_registry_entry() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/_config.py's _read_toml reads the whole file, whatever it is: DSPY_TRIO_CONFIG=/dev/zero "
-    "(or a FIFO, /dev/urandom) grows memory until the OOM killer ends `dspy-trio serve` (exit 137; under a "
-    "memory limit, MemoryError and exit 1 with a traceback)",
-)
 def test_a_config_path_that_never_ends_is_a_configuration_error_not_an_unbounded_read(
     tmp_path: Path,
 ) -> None:

@@ -121,12 +121,6 @@ def test_lm_api_base_without_a_model_names_the_variable_the_user_set() -> None:
         EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/_config.py's _http_url checks only the scheme, a non-empty netloc and whitespace: "
-    "urlsplit's own ValueError (an unclosed '[') escapes it, and a bad port or host passes and fails later "
-    "(api_root's parts.port, the transport), so `dspy-trio serve` exits 1 with a traceback, not 2",
-)
 @pytest.mark.parametrize(
     "base", ["http://[::1", "http://[zz]/v1", "http://h:99999/v1", "http://h:abc/v1", "http://:80/v1"]
 )

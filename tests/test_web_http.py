@@ -451,11 +451,6 @@ async def test_a_plain_get_of_a_websocket_route_says_it_needs_a_websocket_handsh
     assert "websocket" in response.json()["error"]["message"].lower()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the wait for the body is Quart's BODY_TIMEOUT (60 s) plus the keep-alive guard's drain, "
-    "whatever the request's own deadline: a body that never ends holds the connection 61 s here",
-)
 async def test_a_body_that_never_ends_is_answered_by_the_requests_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -482,3 +477,30 @@ async def test_a_body_that_never_ends_is_answered_by_the_requests_deadline(
     assert status in (408, 504)
     assert json.loads(body)["error"]["code"]
     assert answered <= 2 + 1  # the deadline, and at most the keep-alive drain after it (was 61)
+
+
+@pytest.mark.parametrize("header", [None, "soon"], ids=["no_header", "invalid_header"])
+async def test_a_body_that_never_ends_waits_the_default_timeout_when_the_head_names_none(
+    header: str | None, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The head's deadline bounds the wait for the body: ``X-Request-Timeout``, else ``default_timeout``
+    (an invalid header cannot stretch it); the 408 closes the connection at once, with no drain."""
+    async with running(settings(default_timeout=7.0, keep_alive_timeout=1.0)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        extra = () if header is None else (f"X-Request-Timeout: {header}",)
+        head = request(
+            "POST", "/predict", "Host: x", "Content-Type: application/json", "Content-Length: 16", *extra
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(head + b'{"ques')
+            sent = trio.current_time()
+            with trio.fail_after(600):  # virtual seconds: a hang guard
+                received = await stream.receive_some(65536)
+                answered = trio.current_time() - sent
+                while data := await stream.receive_some(65536):
+                    received += data
+    [(status, headers, body)] = parse_responses(received)
+    assert (status, json.loads(body)["error"]["code"]) == (408, "body_timeout")
+    assert headers["connection"] == "close"
+    assert answered == pytest.approx(7.0)

@@ -318,13 +318,6 @@ async def _response(stream: trio.SocketStream, conn: h11.Connection) -> tuple[in
             return status, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web/limits.py's parse_json hands bytes to json.loads, which also decodes UTF-16 and UTF-32; "
-    "json_depth scans bytes as ASCII-compatible text, so in UTF-16 an escaped quote (5c 00 22 00) is "
-    "taken for a real one, the brackets after it count as inside a string, and a body nested past "
-    "max_json_depth is parsed (JSON bodies must be UTF-8: RFC 8259 section 8.1)",
-)
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
 def test_a_body_in_another_unicode_encoding_is_refused_not_parsed_past_the_nesting_limit(
     encoding: str,
@@ -337,3 +330,17 @@ def test_a_body_in_another_unicode_encoding_is_refused_not_parsed_past_the_nesti
     with pytest.raises(HTTPError) as refused:
         parse_json(text.encode(encoding), max_bytes=1 << 20, max_depth=32)
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
+def test_a_body_in_another_unicode_encoding_is_told_to_be_utf_8(encoding: str) -> None:
+    with pytest.raises(HTTPError) as refused:
+        parse_json('{"question": "q"}'.encode(encoding), max_bytes=1 << 20, max_depth=32)
+    assert (refused.value.status, refused.value.code) == (400, "bad_request")
+    assert "UTF-8" in refused.value.message
+
+
+def test_a_utf_8_body_may_start_with_a_byte_order_mark() -> None:
+    """RFC 8259 section 8.1: a parser MAY ignore it; json.loads did, and so does parse_json."""
+    body = b"\xef\xbb\xbf" + b'{"question": "q"}'
+    assert parse_json(body, max_bytes=1 << 20, max_depth=32) == {"question": "q"}

@@ -22,6 +22,8 @@ import hypothesis.strategies as st
 import pytest
 import trio
 import trio.testing
+import wsproto
+import wsproto.events
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
@@ -31,6 +33,7 @@ from dspy_trio.web.rate_limited_log import RateLimitedLog
 from dspy_trio.web.server import hypercorn_config
 
 from .helpers import CountingLM, wait_until
+from .test_web_connection import _server_side_of
 from .test_web_keepalive import _port, _read_response
 from .test_web_process import start
 from .test_web_protocol import (
@@ -317,12 +320,6 @@ async def test_tls_is_refused_before_anything_starts() -> None:
         await serve_app(object(), config)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Hypercorn's TCPServer.protocol_send writes in a shield with no deadline: a client that stops "
-    "reading blocks the write, and with it the graceful shutdown, until the client leaves (forever with "
-    "dead_peer_timeout 0; a slow reader defeats TCP_USER_TIMEOUT too)",
-)
 async def test_a_client_that_stops_reading_cannot_hold_up_the_shutdown(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -337,9 +334,11 @@ async def test_a_client_that_stops_reading_cannot_hold_up_the_shutdown(
             began = trio.current_time()
 
             async def leave_later() -> None:
-                await trio.sleep(client_leaves)
-                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                stream.socket.close()
+                try:
+                    await trio.sleep(client_leaves)
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                finally:  # also when the test ends first: the client's socket is never left to the GC
+                    stream.socket.close()
 
             nursery.start_soon(leave_later)
         took = trio.current_time() - began
@@ -349,13 +348,39 @@ async def test_a_client_that_stops_reading_cannot_hold_up_the_shutdown(
     assert took <= 2.0, took
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="failures raised in Hypercorn's app task (hypercorn.error 'Error in ASGI Framework', Quart's "
-    "'Exception on websocket', web 'unhandled error in WebSocket') are logged with a full traceback per "
-    "connection: only failures that reach the connection guard are rate-limited. A client makes the "
-    "server write about 3.5 KB of log per connection (2.7 MB for 800 connections, measured)",
-)
+async def test_a_websocket_client_that_pings_and_never_reads_cannot_hold_up_the_shutdown(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The pongs are written by the connection's reader task itself: once they fill the socket, no task
+    of the connection is left unshielded, so only a deadline on the write itself ends it."""
+    client_leaves = 1000.0  # virtual seconds after the shutdown began
+    async with trio.open_nursery() as nursery:
+        async with running(settings(dead_peer_timeout=None)) as server:
+            stream, client = await open_raw_websocket(_port(server.url))
+            with _server_side_of(stream) as accepted:  # small buffers: a few hundred pongs fill them
+                accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            pings = client.send(wsproto.events.Ping(b"p" * 125)) * 1000
+
+            async def ping_and_leave_later() -> None:
+                try:
+                    with trio.move_on_after(client_leaves):
+                        while True:  # blocks once the server stops reading, until the server closes
+                            await stream.send_all(pings)
+                    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except trio.BrokenResourceError:
+                    pass  # closed by the server's shutdown
+                finally:
+                    stream.socket.close()
+
+            nursery.start_soon(ping_and_leave_later)
+            await trio.sleep(1)  # the server answers pongs until the socket buffers are full
+            began = trio.current_time()
+        took = trio.current_time() - began
+        nursery.cancel_scope.cancel()
+    assert took <= 2.0, took  # graceful_timeout (1 s), not the client's leaving
+
+
 async def test_hostile_connections_cannot_flood_the_log_with_tracebacks(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

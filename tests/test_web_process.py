@@ -25,7 +25,8 @@ async def start(*args: str, env: dict[str, str] | None = None) -> tuple[trio.Pro
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "dspy_trio.web.cli", "serve", *args],
         stderr=subprocess.PIPE,
-        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        # the raw-socket tests name the server "x" in Host (tests/web_helpers.py's RAW_HOST)
+        env={"DSPY_TRIO_ALLOWED_HOSTS": "x", **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
     )
     assert process.stderr is not None
     urls: list[str] = []

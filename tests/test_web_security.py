@@ -168,12 +168,6 @@ async def test_refused_websocket_handshakes_are_logged_like_refused_http_request
     assert lines[0]["label"] == "mine"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DNS rebinding: web/auth.py's _same_origin trusts the Host header, which the attacker's page "
-    "controls once its name resolves to 127.0.0.1; nothing checks that Host names this server, so a web "
-    "page elsewhere drives a local instance without keys (the README says it cannot)",
-)
 @pytest.mark.parametrize("transport", ["websocket", "http"])
 async def test_a_page_that_rebinds_its_name_to_the_local_server_cannot_drive_it(transport: str) -> None:
     async with running() as server:

@@ -1,6 +1,6 @@
 """One accepted TCP connection: Hypercorn's Trio connection code with our protocol and a prompt goodbye.
 
-Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs in three ways:
+Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs in four ways:
 
 - the protocol is always :class:`dspy_trio.web.protocol.HTTP11Protocol` (no switch to HTTP/2);
 - a peer that reset the connection (or that TCP gave up on, see below) has its socket closed at once,
@@ -10,7 +10,11 @@ Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs 
 - accepted sockets get TCP keep-alive and ``TCP_USER_TIMEOUT`` (``dead_peer_timeout``), so a peer that
   vanished without a reset (a dead host, a dropped route) is found by the kernel: an idle connection
   through keep-alive probes, a busy one (a WebSocket's pings, an SSE stream) when its data stays
-  unacknowledged. Without them such a socket lives until TCP's retransmissions give up (~15 minutes).
+  unacknowledged. Without them such a socket lives until TCP's retransmissions give up (~15 minutes);
+- a socket write is shielded from cancellation as Hypercorn's is (a cancelled request never leaves half an
+  answer on a kept-alive connection), but only until the server's shutdown deadline
+  (:class:`ShieldedWrites`): Hypercorn's shield had no end, so a client that stopped reading held its
+  write, and with it the graceful shutdown, until the client left.
 """
 
 from __future__ import annotations
@@ -21,14 +25,21 @@ from math import inf
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
+from .hosts import AllowedHosts
 from .protocol import HTTP11Protocol
+
+# Linux's ceilings (a larger value is EINVAL): keep-alive idle time and interval in seconds
+# (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL), the probe count (MAX_TCP_KEEPCNT), and TCP_USER_TIMEOUT, an int
+# of milliseconds (about 24.8 days).
+_MAX_KEEPALIVE_SECONDS = 32767
+_MAX_USER_TIMEOUT_MS = 2**31 - 1
 
 
 def watch_for_dead_peers(sock: trio.socket.SocketType, timeout: float | None) -> None:
@@ -36,24 +47,54 @@ def watch_for_dead_peers(sock: trio.socket.SocketType, timeout: float | None) ->
 
     Keep-alive probes start after half of it idle and three go unanswered within the other half;
     data left unacknowledged for ``timeout`` aborts the connection (``TCP_USER_TIMEOUT``). Either way
-    the next read fails and the connection closes. ``None`` leaves the kernel's defaults. Options this
-    platform lacks are skipped.
+    the next read fails and the connection closes. ``None`` leaves the kernel's defaults. Each value is
+    capped at the kernel's ceiling (keep-alive times at 32767 s, the user timeout at 2**31 - 1 ms), and
+    each option is set on its own: one the platform lacks or refuses never costs the others.
     """
     if timeout is None:
         return
-    idle = max(1, int(timeout / 2))
-    interval = max(1, int(timeout / 6))
+    idle = min(_MAX_KEEPALIVE_SECONDS, max(1, int(timeout / 2)))
+    interval = min(_MAX_KEEPALIVE_SECONDS, max(1, int(timeout / 6)))
+    user_timeout = min(_MAX_USER_TIMEOUT_MS, int(timeout * 1000))
     options = [
         (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(timeout * 1000)),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), user_timeout),
     ]
-    with contextlib.suppress(OSError):  # the peer may be gone already: the first read will say so
-        for level, option, value in options:
-            if option is not None:
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):  # the peer may be gone already: the first read will say so
                 sock.setsockopt(level, option, value)
+
+
+class ShieldedWrites:
+    """The server's socket writes in progress, shielded from cancellation until :meth:`end_by`'s deadline.
+
+    One per server, shared by its connections. A write that outlives the deadline is abandoned and its
+    connection closed (half a message cannot be finished); until then, cancelling a request never cuts
+    its bytes short. Costs a set insertion and removal per write.
+    """
+
+    def __init__(self) -> None:
+        self._deadline = inf
+        self._active: set[trio.CancelScope] = set()
+
+    def scope(self) -> trio.CancelScope:
+        """A shielded scope for one write, ended by the deadline; :meth:`done` it after the write."""
+        scope = trio.CancelScope(shield=True, deadline=self._deadline)
+        self._active.add(scope)
+        return scope
+
+    def done(self, scope: trio.CancelScope) -> None:
+        self._active.discard(scope)
+
+    def end_by(self, deadline: float) -> None:
+        """No write may outlast ``deadline`` (Trio clock): those in progress and those to come."""
+        self._deadline = min(self._deadline, deadline)
+        for scope in self._active:
+            scope.deadline = min(scope.deadline, deadline)
 
 
 class _ConnectionContext:
@@ -89,6 +130,8 @@ class Connection(TCPServer):
         context: The worker's context (shared by every connection).
         state: The lifespan state handed to each request.
         stream: The accepted connection.
+        writes: The server's writes (bounded by its shutdown); a connection of its own when omitted.
+        hosts: The host names the server answers for (:mod:`dspy_trio.web.hosts`); None: any.
     """
 
     def __init__(
@@ -98,10 +141,31 @@ class Connection(TCPServer):
         context: WorkerContext,
         state: LifespanState,
         stream: trio.SocketStream,
+        writes: ShieldedWrites | None = None,
+        hosts: AllowedHosts | None = None,
     ) -> None:
         self._gone = trio.Event()
         super().__init__(app, config, _ConnectionContext(context, self._gone), state, stream)  # type: ignore[arg-type]
         self._socket_stream = stream
+        self._writes = writes or ShieldedWrites()
+        self._hosts = hosts
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:  # Hypercorn's, with a shield that ends at the server's deadline
+            scope = self._writes.scope()
+            try:
+                with scope:
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
+            finally:
+                self._writes.done(scope)
+            if scope.cancelled_caught:  # abandoned part-way: nothing more can be framed on this socket
+                self._socket_stream.socket.close()
+                await self.protocol.handle(Closed())
 
     async def run(self) -> None:
         socket = self._socket_stream.socket
@@ -120,6 +184,7 @@ class Connection(TCPServer):
                     client,
                     server,
                     self.protocol_send,
+                    hosts=self._hosts,
                 )
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 await self._read_data()
@@ -149,4 +214,4 @@ class Connection(TCPServer):
         await self.protocol.handle(Closed())
 
 
-__all__ = ["Connection", "watch_for_dead_peers"]
+__all__ = ["Connection", "ShieldedWrites", "watch_for_dead_peers"]

@@ -76,6 +76,18 @@ class RequestDeadline:
                 raise _invalid("X-Request-Timeout")
         return cls(arrived, settings.timeout_for(asked))
 
+    @classmethod
+    def of_head(cls, settings: ServiceSettings, *, arrived: float, header: str | None) -> RequestDeadline:
+        """The deadline the request's head names: ``X-Request-Timeout`` (capped), or
+        ``settings.default_timeout`` when it names none or an invalid one (the handler refuses that with
+        its 422 once the body, whose ``timeout_secs`` wins over the header, is read). The body must have
+        arrived by then: waiting longer for it is a 408.
+        """
+        try:
+            return cls.start(settings, arrived=arrived, header=header)
+        except HTTPError:
+            return cls(arrived, settings.timeout_for(None))
+
     @property
     def at(self) -> float:
         """The absolute deadline (Trio clock)."""

@@ -7,8 +7,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import pydantic
+import trio
 from quart import Response, current_app, g, request
 from quart_schema import document_request
+from werkzeug.exceptions import RequestTimeout
 
 from dspy_trio.engine import Engine, PredictionResult
 
@@ -41,8 +43,12 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
 async def read_json(model: type[M]) -> M:
     """The request body as ``model``: JSON within the size and nesting limits, then validated.
 
+    Blocks until the body has arrived, at most until the deadline the request's head names
+    (:meth:`RequestDeadline.of_head`): Quart's own wait (``BODY_TIMEOUT``, 60 s) knows nothing of it.
+
     Raises:
-        HTTPError: 415 when it is not sent as JSON; 400/413 from the limits; 422 invalid fields.
+        HTTPError: 415 when it is not sent as JSON; 408 ``body_timeout`` when the body is not all there
+            by the head's deadline; 400/413 from the limits; 422 invalid fields.
     """
     if request.mimetype != "application/json":
         raise HTTPError(
@@ -51,8 +57,18 @@ async def read_json(model: type[M]) -> M:
             type="invalid_request_error",
             code="unsupported_media_type",
         )
-    raw = await request.get_data(cache=False)
     limits = settings()
+    head = RequestDeadline.of_head(limits, arrived=g.arrived, header=request.headers.get("X-Request-Timeout"))
+    request.body_timeout = max(0.0, head.at - trio.current_time())  # type: ignore[assignment]  # int in Quart
+    try:
+        raw = await request.get_data(cache=False)
+    except RequestTimeout:
+        raise HTTPError(
+            408,
+            f"the request body did not arrive within the request's timeout of {head.timeout:g}s",
+            type="timeout_error",
+            code="body_timeout",
+        ) from None
     value = parse_json(raw, max_bytes=limits.max_body_bytes, max_depth=limits.max_json_depth)
     return validate(model, value)
 

@@ -18,6 +18,7 @@ The fix, in one place for every route:
 2. An answer sent before the request body arrived waits for the body first (bounded by the body size
    limit and a time limit), so the connection can be reused; when the body is larger than the limit or
    does not come in time, the answer carries ``Connection: close`` and the server closes the socket.
+   A 408 (the wait for the body already ended: RFC 9110 section 15.5.9) closes at once, unheld.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class KeepAliveGuard:
                     name.lower() == b"connection" and value.lower() == b"close"
                     for name, value in message.get("headers", ())
                 )
-                if closing:
+                if closing or message["status"] == 408:  # a 408 gave up on the body already
                     settled = True
                 if not settled:
                     waiter = trio.Event()

@@ -5,6 +5,11 @@ the limits cannot drift between transports. Nesting is measured on the raw text 
 linear scan, no recursion), so ``"[" * 100_000`` costs a scan and one 400, never a RecursionError; input
 sizes are measured with an explicit stack for the same reason. The scan is mostly C: text inside strings
 costs about 2 ms a MiB, brackets about 70 ms a MiB, and a deep body stops it at the limit.
+
+JSON bodies and frames are UTF-8 (RFC 8259 section 8.1), and only UTF-8 is parsed: the scan reads the
+bytes as ASCII-compatible text, which UTF-16 and UTF-32 are not (their escaped quote ``5c 00 22 00`` is
+seen as a real one, so brackets after it would escape the count). ``json.loads`` on bytes would have
+decoded those too, past the nesting limit.
 """
 
 from __future__ import annotations
@@ -72,7 +77,9 @@ def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int, what: str = 
             code="too_deeply_nested",
         )
     try:
-        return json.loads(data)
+        # UTF-8 only (see the module's docstring); a UTF-8 BOM is ignored, as json.loads ignores it. Lone
+        # surrogates pass here, as json.loads lets them, for check_inputs to refuse with a 422.
+        return json.loads(data.decode("utf-8", "surrogatepass").removeprefix("\ufeff"))
     except (ValueError, RecursionError) as exc:
         raise HTTPError(
             400, _why_not_json(data, exc, what), type="invalid_request_error", code="bad_request"
@@ -84,6 +91,8 @@ def _why_not_json(data: bytes, error: Exception, what: str) -> str:
         return f"the {what} is empty: send a JSON object"
     if isinstance(error, UnicodeDecodeError):
         return f"the {what} is not UTF-8: byte {data[error.start]:#04x} at position {error.start}"
+    if b"\0" in data:  # never in UTF-8 JSON (not even inside a string), always in UTF-16 and UTF-32
+        return f"the {what} is not UTF-8 JSON: it holds NUL bytes (UTF-16 or UTF-32?)"
     if isinstance(error, json.JSONDecodeError):
         return f"the {what} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"
     return f"the {what} cannot be read as JSON: {error}"  # e.g. an integer of more than 4,300 digits

@@ -12,14 +12,24 @@ lets one connection end the server:
   logs the failure (rate-limited: :class:`dspy_trio.web.rate_limited_log.RateLimitedLog`) and closes the
   socket. Only ``Exception`` is caught: ``trio.Cancelled`` (shutdown, a deadline), ``KeyboardInterrupt`` and
   ``SystemExit`` pass through untouched, also inside exception groups.
+- **Tracebacks are one per kind of failure, then a line per interval.** Only failures that reached the
+  guard were rate-limited: a failure in the app's task was logged with its full traceback by Hypercorn
+  (``Error in ASGI Framework``), Quart and the app, per connection (about 3.5 KB of log a connection a
+  hostile client could repeat). While serving, those loggers' tracebacks go to the same rate-limited
+  log, one kind per exception type and the line that raised it.
 - **Accept failures are one log line per interval.** At the descriptor limit (``EMFILE``) ``accept``
   fails until a connection closes; ``trio.serve_listeners`` logged a full traceback every 0.1 s
   while it retried. We retry as often, and log a line per interval with the count.
 - **Connections are** :class:`dspy_trio.web.connection.Connection` **(HTTP/1.1 only)**, with TCP keep-alive
-  and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``.
+  and ``TCP_USER_TIMEOUT`` set from ``dead_peer_timeout``, and a ``Host`` check (DNS rebinding) when bound
+  to loopback: :mod:`dspy_trio.web.hosts`.
+- **The graceful timeout ends socket writes too.** Hypercorn shields each write from cancellation with
+  no end, so a client that stopped reading held the shutdown until it left; here the shield ends at
+  the shutdown's deadline (:class:`dspy_trio.web.connection.ShieldedWrites`) and that connection closes.
 
-Each connection costs one ``try``, one closure and five ``setsockopt`` calls more than Hypercorn's; a
-request costs less (the head check is one pass over the header names, without Hypercorn's decoding).
+Each connection costs one ``try``, one closure and five ``setsockopt`` calls more than Hypercorn's, each
+write a set insertion and removal; a request costs less (the head check is one pass over the header
+names, without Hypercorn's decoding).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import errno
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn
 
 import trio
@@ -39,8 +49,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 
-from .connection import Connection, watch_for_dead_peers
-from .rate_limited_log import RateLimitedLog
+from .connection import Connection, ShieldedWrites, watch_for_dead_peers
+from .hosts import AllowedHosts
+from .rate_limited_log import RateLimitedLog, RateLimitedTracebacks
 
 logger = logging.getLogger("dspy_trio.web")
 
@@ -48,6 +59,9 @@ logger = logging.getLogger("dspy_trio.web")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_DELAY = 0.1  # seconds between two accepts that failed for capacity (trio's)
 LOG_INTERVAL = 10.0  # seconds between two lines about the same kind of failure
+# Where a connection's work logs tracebacks: Hypercorn, for a failure of the app's task; the service
+# (web/app.py's 500s); Quart (its app.logger is named after web/app.py).
+TRACEBACK_LOGGERS = ("hypercorn.error", "dspy_trio.web", "dspy_trio.web.app")
 
 ConnectionHandler = Callable[[trio.SocketStream], Awaitable[object]]
 
@@ -111,9 +125,17 @@ async def serve_app(
     *,
     dead_peer_timeout: float | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    traceback_loggers: Sequence[str] = TRACEBACK_LOGGERS,
+    allowed_hosts: Sequence[str] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI ``app`` on ``config.bind`` (plain TCP) until ``shutdown_trigger`` returns.
+
+    Requests must name this server in ``Host`` when it is bound to loopback (or ``allowed_hosts`` lists
+    names): :class:`dspy_trio.web.hosts.AllowedHosts`, with ``allowed_hosts`` as the names it adds.
+
+    While connections are served, the ERROR records with a traceback logged to ``traceback_loggers``
+    are rate-limited as the connections' own failures are (:class:`RateLimitedTracebacks`).
 
     Supports ``nursery.start`` (started with the bound URLs, after the app's lifespan start-up). Blocks
     for the life of the server: the start-up, serving, the graceful close of open connections
@@ -131,38 +153,47 @@ async def serve_app(
         max_requests = config.max_requests + random.randint(0, config.max_requests_jitter)
     context = WorkerContext(max_requests)
     problems = RateLimitedLog(logger, interval=LOG_INTERVAL)
+    writes = ShieldedWrites()
+    hosts: AllowedHosts | None = None  # known once the sockets are bound
 
     async def connection(stream: trio.SocketStream) -> None:
         watch_for_dead_peers(stream.socket, dead_peer_timeout)
-        await Connection(wrapped, config, context, ConnectionState(lifespan_state.copy()), stream)
+        state = ConnectionState(lifespan_state.copy())
+        await Connection(wrapped, config, context, state, stream, writes, hosts)
 
     async with trio.open_nursery() as lifespan_nursery:
+        lifespan_nursery.start_soon(problems.run)  # until the very end: it writes what is left when cancelled
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        async with trio.open_nursery() as connections:
-            sockets = config.create_sockets()
-            listeners, binds = [], []
-            for sock in sockets.insecure_sockets:
-                sock.listen(config.backlog)
-                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-                await config.log.info(f"Running on {binds[-1]} (CTRL + C to quit)")
-            task_status.started(binds)
-            try:
-                async with trio.open_nursery() as serving:
-                    if shutdown_trigger is not None:
-                        serving.start_soon(raise_shutdown, shutdown_trigger)
-                    serving.start_soon(raise_shutdown, context.terminate.wait)
-                    serving.start_soon(problems.run)
-                    for listener in listeners:
-                        serving.start_soon(accept_connections, listener, connection, connections, problems)
-            except BaseExceptionGroup as error:
-                _, others = error.split((ShutdownError, KeyboardInterrupt))
-                if others is not None:
-                    raise others from None  # the failures, without the shutdown that ended serving
-            finally:
-                await context.terminated.set()
-                connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        with RateLimitedTracebacks(problems).installed(traceback_loggers):
+            async with trio.open_nursery() as connections:
+                sockets = config.create_sockets()
+                listeners, binds = [], []
+                for sock in sockets.insecure_sockets:
+                    sock.listen(config.backlog)
+                    listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                    binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                    await config.log.info(f"Running on {binds[-1]} (CTRL + C to quit)")
+                addresses = [sock.getsockname()[0] for sock in sockets.insecure_sockets]
+                hosts = AllowedHosts.for_server(addresses, allowed_hosts)
+                task_status.started(binds)
+                try:
+                    async with trio.open_nursery() as serving:
+                        if shutdown_trigger is not None:
+                            serving.start_soon(raise_shutdown, shutdown_trigger)
+                        serving.start_soon(raise_shutdown, context.terminate.wait)
+                        for listener in listeners:
+                            serving.start_soon(
+                                accept_connections, listener, connection, connections, problems
+                            )
+                except BaseExceptionGroup as error:
+                    _, others = error.split((ShutdownError, KeyboardInterrupt))
+                    if others is not None:
+                        raise others from None  # the failures, without the shutdown that ended serving
+                finally:
+                    await context.terminated.set()
+                    connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+                    writes.end_by(connections.cancel_scope.deadline)  # a client that stops reading too
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
 
@@ -190,4 +221,10 @@ def _short(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-__all__ = ["ACCEPT_CAPACITY_ERRNOS", "accept_connections", "serve_app", "serve_connection"]
+__all__ = [
+    "ACCEPT_CAPACITY_ERRNOS",
+    "TRACEBACK_LOGGERS",
+    "accept_connections",
+    "serve_app",
+    "serve_connection",
+]

@@ -20,6 +20,17 @@ already made to look for an upgrade):
 - What h11 refuses itself (conflicting lengths, two ``Host`` headers, an unknown transfer coding, a
   malformed line) keeps h11's status (400, or 501 for a coding it does not implement) and closes, as
   Hypercorn did, but with a JSON body naming the problem (``malformed_request``) instead of none.
+- A ``Host`` that does not name this server, when it is bound to loopback (or the names are
+  configured): ``421`` (``host_not_allowed``) and the connection closes. A page whose name an attacker
+  re-pointed at 127.0.0.1 (DNS rebinding) is otherwise same-origin with the server
+  (:mod:`dspy_trio.web.hosts`).
+- Empty lines (CRLF or LF) where a request line is expected are skipped (RFC 9112 section 2.2: a
+  server SHOULD ignore at least one): an old client's stray CRLF after a body no longer costs the next
+  request a 400 and the connection. h11 took them for an empty request head.
+- Bytes after a request that closes the connection (``Connection: close``, HTTP/1.0 without keep-alive)
+  are dropped unread (RFC 9112 section 9.6: the server MUST NOT process further requests on it) and the
+  request gets its answer. h11 raised "Got data when expecting EOF" on them, which Hypercorn answered
+  with a 400 in place of the request's own answer.
 
 Every refusal is one JSON error in the API's shape (``{"error": {"message", "type", "code", "param"}}``),
 sent in one write, with ``Connection: close``; nothing after it on the connection is read.
@@ -27,7 +38,9 @@ sent in one write, with ``Connection: close``; nothing after it on the connectio
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import Any
 
 import h11
 from hypercorn.events import Closed, Event, RawData
@@ -35,8 +48,32 @@ from hypercorn.protocol.h11 import H11Protocol
 
 from .encoding import dumps
 from .errors import error_body
+from .hosts import AllowedHosts
 
 _HTTP_1 = frozenset({b"1.0", b"1.1"})
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
+
+
+class _H11Connection(h11.Connection):
+    """h11's server side, skipping empty lines where a request line is expected (RFC 9112 section 2.2)
+    and dropping what the client sends after a request that closes the connection (section 9.6).
+
+    Reaches into h11's private receive buffer (``_receive_buffer``: a ``bytearray`` in ``_data``, cut with
+    ``_extract``, as h11's own readers do): h11 has no public way to drop bytes it has buffered.
+    tests/test_web_protocol.py fails if a new h11 changes that.
+    """
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        if self.their_state is h11.IDLE:
+            buffer = self._receive_buffer
+            empty = _EMPTY_LINES.match(buffer._data)
+            if empty is not None:
+                buffer._extract(empty.end())
+            if buffer._data == b"\r" and not self._receive_buffer_closed:
+                return h11.NEED_DATA  # maybe the first half of an empty line: h11 would refuse a lone CR
+        elif self.their_state is h11.MUST_CLOSE:
+            self._receive_buffer._extract(len(self._receive_buffer))  # never read: the connection closes
+        return super().next_event()
 
 
 class RequestRefused(Exception):
@@ -49,8 +86,9 @@ class RequestRefused(Exception):
         self.message = message
 
 
-def check_request_head(request: h11.Request) -> None:
-    """Raise :class:`RequestRefused` if the head must not be served (see the module's rules)."""
+def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) -> None:
+    """Raise :class:`RequestRefused` if the head must not be served (see the module's rules); ``hosts``
+    are the names the server answers for (None: any)."""
     if request.http_version not in _HTTP_1:
         if request.method == b"PRI" and request.target == b"*":
             raise RequestRefused(
@@ -65,11 +103,14 @@ def check_request_head(request: h11.Request) -> None:
             f"HTTP/{request.http_version.decode('ascii', 'replace')} is not supported: speak HTTP/1.1",
         )
     length = coded = False
-    for name, _ in request.headers:  # h11 lower-cases the names
+    host = b""
+    for name, value in request.headers:  # h11 lower-cases the names
         if name == b"content-length":
             length = True
         elif name == b"transfer-encoding":
             coded = True
+        elif name == b"host":  # h11 refuses a second one
+            host = value
     if coded and length:
         raise RequestRefused(
             400,
@@ -82,6 +123,14 @@ def check_request_head(request: h11.Request) -> None:
             "ambiguous_message_framing",
             "Transfer-Encoding is not allowed in an HTTP/1.0 request (RFC 9112 section 6.1)",
         )
+    if hosts is not None and host and not hosts.allows(host):
+        shown = host.decode("latin-1")[:100]
+        raise RequestRefused(
+            421,
+            "host_not_allowed",
+            f"this server does not answer for the host {shown!r} (a defence against DNS rebinding): "
+            "reach it as localhost, or list the name in DSPY_TRIO_ALLOWED_HOSTS",
+        )
 
 
 class HTTP11Protocol(H11Protocol):
@@ -91,6 +140,12 @@ class HTTP11Protocol(H11Protocol):
     ``ProtocolWrapper`` (which is what switched a connection to HTTP/2).
     """
 
+    def __init__(self, *args: Any, hosts: AllowedHosts | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # H11Protocol's arguments
+        self.hosts = hosts  # the names this server answers for (dspy_trio.web.hosts); None: any
+        limit = self.config.h11_max_incomplete_size
+        self.connection = _H11Connection(h11.SERVER, max_incomplete_event_size=limit)
+
     async def handle(self, event: Event) -> None:
         try:
             await super().handle(event)
@@ -99,7 +154,7 @@ class HTTP11Protocol(H11Protocol):
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # Hypercorn's raises to switch to HTTP/2 (after a 101 for Upgrade: h2c); ours never switches.
-        check_request_head(event)
+        check_request_head(event, self.hosts)
 
     async def _send_error_response(self, status_code: int) -> None:
         # Called only from Hypercorn's ``except h11.RemoteProtocolError`` block: that error is the one

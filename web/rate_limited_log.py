@@ -9,14 +9,23 @@ within the interval are counted, and one line says how many there were (``... (3
 10 s)``) when the interval ends. Every occurrence is in exactly one line's count. A hostile client can
 make a problem repeat (a connection that crashes its handler, file descriptors exhausted): the log then
 grows by a line per interval, not by a traceback per event.
+
+:class:`RateLimitedTracebacks` brings other code's tracebacks under the same rule: installed on loggers
+(Hypercorn's ``hypercorn.error``, which logs a failure of the app's task, and the app's own), it turns
+each ERROR record with a traceback, logged in the serving Trio run, into an occurrence of its kind of
+failure: the exception's type, as the connection guard's kinds are.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import trio
+
+_OURS = "rate_limited"  # set on the records this log writes: the filter lets them through
 
 
 class RateLimitedLog:
@@ -73,10 +82,75 @@ class RateLimitedLog:
         self, kind: str, count: int, message: str, now: float, *, error: BaseException | None = None
     ) -> None:
         self._last_line[kind] = now
+        ours = {_OURS: True}
         if count == 1:
-            self.logger.error("%s", message, exc_info=error)
+            self.logger.error("%s", message, exc_info=error, extra=ours)
         else:
-            self.logger.error("%s (%d times in the last %g s)", message, count, self.interval, exc_info=error)
+            self.logger.error(
+                "%s (%d times in the last %g s)", message, count, self.interval, exc_info=error, extra=ours
+            )
 
 
-__all__ = ["RateLimitedLog"]
+class RateLimitedTracebacks(logging.Filter):
+    """A logging filter that sends ERROR records with a traceback to a :class:`RateLimitedLog` instead.
+
+    Only records logged in the Trio run that built the filter are taken (the log runs on its clock);
+    others, and records without a traceback, pass unchanged. The line keeps the record's message and
+    names the failure (type and text); its kind is the failure's type (of an exception group, its first
+    leaf that is not ``trio.Cancelled``), so a client cannot make new kinds by varying what it sends (a
+    path, a header). The traceback goes with the first line of a type in the life of the process; a
+    second bug raising the same type shows in its lines' text.
+
+    Args:
+        problems: Where the lines go (its ``run`` task must be running).
+    """
+
+    def __init__(self, problems: RateLimitedLog) -> None:
+        super().__init__()
+        self.problems = problems
+        self._run = trio.lowlevel.current_trio_token()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None or record.exc_info[1] is None or record.levelno < logging.ERROR:
+            return True
+        if getattr(record, _OURS, False):
+            return True
+        try:
+            if trio.lowlevel.current_trio_token() is not self._run:
+                return True
+        except RuntimeError:  # a thread outside Trio
+            return True
+        error = record.exc_info[1]
+        failure = _first_failure(error)
+        kind = type(failure)
+        text = str(failure).replace("\n", " ")[:200]
+        message = f"{record.getMessage()}: {kind.__name__}: {text}"
+        self.problems.record(f"traceback:{kind.__module__}.{kind.__qualname__}", message, error=error)
+        return False
+
+    @contextmanager
+    def installed(self, names: Sequence[str]) -> Iterator[None]:
+        """Filter the loggers ``names`` for the block."""
+        loggers = [logging.getLogger(name) for name in names]
+        for logger in loggers:
+            logger.addFilter(self)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(self)
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """``error``, or of a group the first leaf that is not ``trio.Cancelled`` (the group if none)."""
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            pending[:0] = current.exceptions
+        elif not isinstance(current, trio.Cancelled):
+            return current
+    return error
+
+
+__all__ = ["RateLimitedLog", "RateLimitedTracebacks"]

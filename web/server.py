@@ -238,6 +238,7 @@ async def serve(
                     guarded,
                     config,
                     dead_peer_timeout=settings.dead_peer_timeout,
+                    allowed_hosts=settings.allowed_hosts,
                     shutdown_trigger=stopped.wait,
                 )
             )

@@ -7,6 +7,8 @@ Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags
     DSPY_TRIO_API_KEYS                      comma-separated keys; when set, requests need
                                             "Authorization: Bearer KEY" (/health and /ready stay open)
     DSPY_TRIO_CORS_ORIGINS                  comma-separated origins allowed by CORS (none)
+    DSPY_TRIO_ALLOWED_HOSTS                 comma-separated host names requests may name in Host besides
+                                            localhost and the bound address ("*": any; see web/hosts.py)
     DSPY_TRIO_DEFAULT_TIMEOUT               seconds a request may take when it names none (60)
     DSPY_TRIO_MAX_TIMEOUT                   the most a request may ask for (300)
     DSPY_TRIO_MAX_BODY_BYTES                request body limit (1 MiB)
@@ -86,6 +88,10 @@ class ServiceSettings:
         workers: Worker processes; each has its own engine, limits and metrics.
         api_keys: Accepted bearer keys; empty means no authentication.
         cors_origins: Origins allowed by CORS; empty means CORS headers are never sent.
+        allowed_hosts: Host names a request's ``Host`` may carry besides ``localhost``, ``127.0.0.1``,
+            ``[::1]`` and the bound address, which are all a server bound to loopback answers for
+            otherwise (DNS rebinding: :mod:`dspy_trio.web.hosts`); ``*`` for any. Bound elsewhere, a
+            server answers any ``Host`` unless names are listed.
         default_timeout: Seconds a request may run when it names no timeout.
         max_timeout: The most a request may ask for (``timeout_secs`` or ``X-Request-Timeout``).
         max_body_bytes: Request bodies and WebSocket frames larger than this get 413 (an error frame).
@@ -109,6 +115,7 @@ class ServiceSettings:
     workers: int = attrs.field(default=1, validator=_count)
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), validator=attrs.validators.deep_iterable(_host))
     default_timeout: float = attrs.field(default=60.0, validator=_seconds)
     max_timeout: float = attrs.field(default=300.0, validator=_seconds)
     max_body_bytes: int = attrs.field(default=1 << 20, validator=_count)
@@ -155,6 +162,7 @@ class ServiceSettings:
             engine=EngineConfig.from_env(env),
             api_keys=_split(env.get("DSPY_TRIO_API_KEYS")),
             cors_origins=_split(env.get("DSPY_TRIO_CORS_ORIGINS")),
+            allowed_hosts=_split(env.get("DSPY_TRIO_ALLOWED_HOSTS")),
             **values,
         )
 
