@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from dspy_trio.engine import (
@@ -36,6 +39,7 @@ from dspy_trio.engine import (
     UpstreamServerError,
     open_engine,
 )
+from dspy_trio.engine import EngineError as EngineErrorType
 from dspy_trio.engine.lm import Completion, DeltaSink, SimulatedLM
 from dspy_trio.engine.lm._base import Message
 
@@ -212,8 +216,6 @@ async def test_a_stalled_primary_falls_back_at_its_attempt_timeout(autojump_cloc
 
 
 def _fields(value: Any) -> dict[str, Any]:
-    import attrs
-
     return {f.name: getattr(value, f.name) for f in attrs.fields(type(value))}
 
 
@@ -497,3 +499,137 @@ async def test_the_engine_statistics_of_a_chain(autojump_clock: Any) -> None:
     assert set(stats.breakers) == {"primary", "backup"}
     assert stats.breakers["primary"].state == "closed"
     assert math.isclose(stats.breakers["primary"].open_remaining, 0.0)
+
+
+# --- a property: over random failures, cancels and streams -------------------------------------------
+
+
+class Named(Scripted):
+    """A scripted LM whose answers start with its name, so a spliced answer shows."""
+
+    def render(self, messages: Sequence[Message]) -> str:
+        return super().render(messages).replace("[[ ## answer ## ]]\n", f"[[ ## answer ## ]]\n{self.model} ")
+
+
+STEPS = {
+    "ok": None,
+    "503": UpstreamServerError("503", status=503),
+    "429": UpstreamRateLimitedError("429", retry_after=0.75),
+    "400": UpstreamResponseError("400", status=400),
+    "hang": "hang",
+    "mid": (9, UpstreamConnectionError("broke mid-answer")),  # the answer field has begun
+}
+
+
+@attrs.frozen
+class Call:
+    stream: bool
+    start: float
+    cancel_after: float | None
+
+
+@attrs.frozen
+class Plan:
+    scripts: tuple[tuple[str, ...], ...]  # per LM: its answers, in call order
+    calls: tuple[Call, ...]
+    min_calls: int
+
+
+fallback_plans = st.builds(
+    Plan,
+    scripts=st.tuples(*[st.lists(st.sampled_from(sorted(STEPS)), max_size=6).map(tuple) for _ in range(3)]),
+    calls=st.lists(
+        st.builds(
+            Call,
+            stream=st.booleans(),
+            start=st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0]),
+            cancel_after=st.sampled_from([None, None, 0.0, 0.3, 0.6, 1.2, 2.5]),
+        ),
+        min_size=1,
+        max_size=5,
+    ).map(tuple),
+    min_calls=st.integers(1, 4),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=fallback_plans)
+def test_over_random_failures_and_cancels_every_call_ends_once_and_no_answer_is_spliced(plan: Plan) -> None:
+    """A chain a -> b -> c of LMs failing at random (503, 429, 400, a hang, a break mid-answer), calls
+    and streams cancelled at random moments: every request ends with one outcome; a result's LM is in the
+    chain after every LM it skipped; a stream's text is the answer of the one LM that answered (never two
+    spliced); afterwards no task, connection or probe place is left behind."""
+
+    async def main() -> None:
+        names = ("a", "b", "c")
+        breaker = BreakerSettings(min_calls=plan.min_calls, failure_ratio=0.5, open_for=1.0)
+        timeouts = type(LMConfig().timeouts)(attempt=1.0)
+        retry = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0)
+        lms = {
+            name: LMConfig(
+                model=name,
+                fallbacks=(names[i + 1],) if i < 2 else (),
+                breaker=breaker,
+                timeouts=timeouts,
+                retry=retry,
+            )
+            for i, name in enumerate(names)
+        }
+        cfg = EngineConfig(lms=lms, programs={"default": ProgramSpec("question -> answer", lm="a")})
+        backends = {name: Named(name, latency=0.25) for name in names}
+        for name, script in zip(names, plan.scripts, strict=True):
+            backends[name].steps = [STEPS[step] for step in script]
+        seen: list[tuple[Call, Any]] = []
+        async with open_engine(cfg, lms=backends) as engine:
+            before = tasks_living()
+
+            async def one(call: Call) -> None:
+                await trio.sleep(call.start)
+                outcome: Any = "cancelled"
+                with trio.move_on_after(call.cancel_after if call.cancel_after is not None else math.inf):
+                    if call.stream:
+                        async with engine.stream("default", QUESTION) as events:
+                            outcome = [event async for event in events]
+                    else:
+                        try:
+                            outcome = await engine.predict("default", QUESTION)
+                        except EngineErrorType as error:
+                            outcome = error
+                seen.append((call, outcome))
+
+            async with trio.open_nursery() as nursery:
+                for call in plan.calls:
+                    nursery.start_soon(one, call)
+            assert tasks_living() == before
+            stats = engine.statistics()
+            assert stats.in_flight == stats.queued == 0
+            assert stats.ended == len(plan.calls)
+            for breaker_ in engine._breakers.values():
+                assert breaker_._probes_out == 0
+        for backend in backends.values():
+            assert len(backend.ended) == len(backend.calls)  # every upstream call ended
+        for _call, outcome in seen:
+            results = (
+                [outcome]
+                if not isinstance(outcome, list)
+                else [e.result for e in outcome if isinstance(e, FinalEvent)]
+            )
+            for result in results:
+                if not hasattr(result, "lm_calls"):
+                    continue
+                answered = result.lm_calls[0]
+                order = [s.lm for s in answered.skipped] + [answered.lm]
+                assert order == sorted(order)  # chain order
+                assert len(set(order)) == len(order)  # each once
+                assert result.outputs["answer"].startswith(answered.lm + " ")
+            if isinstance(outcome, list):
+                text = "".join(e.text for e in outcome if isinstance(e, FieldDelta))
+                final = [e for e in outcome if isinstance(e, FinalEvent)]
+                terminal = [e for e in outcome if isinstance(e, FinalEvent | ErrorEvent)]
+                assert len(terminal) <= 1
+                if final:
+                    assert final[0].result.outputs["answer"].startswith(text.split(" ")[0]) or not text
+                words = {word for word in text.split() if word in names}
+                assert len(words) <= 1, f"two LMs' answers spliced: {text!r}"
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
