@@ -226,11 +226,8 @@ async def failover(args: argparse.Namespace) -> dict[str, Any]:
             if opened:
                 after_open = [c for c in outage if c.started >= opened[0] and c.ended <= heal]
                 records = await _records(control, primary)
-                while_open = [
-                    r
-                    for r in records
-                    if opened[1] < (r["completed_wall"] or r["client_closed_wall"] or 0) <= heal_wall
-                ]
+                # Received after the breaker opened: attempts sent before it are not the breaker's.
+                while_open = [r for r in records if opened[1] < (r["received_wall"] or 0) <= heal_wall]
                 windows = math.ceil((heal - opened[0]) / OPEN_FOR)
                 report["outage"] |= {
                     "p50_after_open": _p50(after_open),
