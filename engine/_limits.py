@@ -74,7 +74,10 @@ class Limits(Protocol):
 
     def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota: ...
 
-    def cooldown(self, upstream: str) -> CoolDown: ...
+    def cooldown(self, upstream: str, *, max_wait: float = math.inf) -> CoolDown:
+        """The cool-down of ``upstream``. ``max_wait``: the longest pause that one heard from elsewhere
+        (another process of a cluster) may impose, as one's own ``Retry-After`` is capped."""
+        ...
 
     def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker: ...
 
@@ -99,7 +102,7 @@ class LocalLimits:
     def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota:
         return LocalQuota(upstream, rpm, tpm)
 
-    def cooldown(self, upstream: str) -> CoolDown:
+    def cooldown(self, upstream: str, *, max_wait: float = math.inf) -> CoolDown:
         return LocalCoolDown()
 
     def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker:

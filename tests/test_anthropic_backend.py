@@ -140,13 +140,6 @@ def test_anthropic_from_the_environment() -> None:
     assert (lm.provider, lm.model, lm.api_key, lm.api_base) == ("anthropic", "claude-x", "a", None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AnthropicLM._raise_stream_error (engine/lm/anthropic.py) maps only overloaded_error and "
-    "api_error to a retryable error: a rate_limit_error event mid-stream becomes upstream_bad_response "
-    "(never retried, no cool-down), where the OpenAI backend maps the same report (code 429) to "
-    "UpstreamRateLimitedError",
-)
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
 async def test_a_rate_limit_reported_mid_stream_is_a_rate_limit_as_on_the_openai_backend(
     transport: str,

@@ -398,7 +398,7 @@ class RecordingGuard:
     def __init__(self) -> None:
         self.estimates: list[float] = []
 
-    async def call(self, attempt: Any, sink: Any, *, estimate: float) -> Any:
+    async def call(self, attempt: Any, sink: Any, *, estimate: float, streamed: bool = False) -> Any:
         self.estimates.append(estimate)
         return await attempt(sink)
 

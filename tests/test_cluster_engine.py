@@ -361,13 +361,6 @@ async def test_a_rediss_url_talks_tls_to_redis(tmp_path: Path) -> None:
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processes whose [cluster] secret differs (one unset, or two different values) digest the same "
-    "owner differently (engine/cluster/_cancel.py OwnerDigest), and a process that cannot match the "
-    "digest answers found=False: the canceller reads 'not found' while the request runs on, and nothing "
-    "in either process says the secrets differ",
-)
 @pytest.mark.parametrize(
     "secrets", [(None, "0123456789abcdef-one"), ("0123456789abcdef-one", "another-0123456789")]
 )

@@ -22,6 +22,7 @@ class CountingGuard:
         sink: DeltaSink | None,
         *,
         estimate: float,
+        streamed: bool = False,
     ) -> Completion:
         self.estimates.append(estimate)
         return await attempt(sink)

@@ -160,13 +160,6 @@ def test_any_error_body_gives_a_typed_error_with_our_words(
     assert len(caplog.records[-1].getMessage()) < 700
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the transports read Retry-After differently: for a repeated header the lean one keeps the "
-    "last value (engine/lm/_transport/_client.py _headers builds a dict) and httpx joins them with ', ', "
-    "which parse_retry_after (engine/lm/_http_errors.py) cannot parse; for non-ASCII bytes the lean one "
-    "decodes latin-1 and httpx UTF-8, and float() takes the Arabic-Indic digit '\u0663' as 3",
-)
 @pytest.mark.parametrize(
     "lines",
     [

@@ -174,12 +174,6 @@ def test_from_config_passes_stream_upstream() -> None:
     assert AnthropicLM.from_config(config).stream_upstream is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UpstreamGuard watches only calls that have a sink (engine/_upstream.py:198, watched is None "
-    "when sink is None, and the watchdog scope is skipped at :264): a predict sent as a stream gets no "
-    "first-token or stall timeout, so keep-alive comments hold it until the caller's deadline",
-)
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
 async def test_first_token_and_stall_timeouts_watch_a_predict_sent_as_a_stream(
     autojump_clock: Any, transport: str

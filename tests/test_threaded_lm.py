@@ -163,12 +163,6 @@ def test_a_dspy_lm_error_quoting_the_key_reaches_only_the_log_redacted(
     assert "Incorrect API key provided: [redacted]" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ThreadedLM.complete (engine/lm/threaded.py, the texts/reasoning built from the stock LM's "
-    "outputs) does not apply the answers rule (engine/lm/_answers.py text_or_none): a lone surrogate "
-    "from a JSON escape reaches the result, and the web layer answers 500 internal_error on it",
-)
 async def test_a_lone_surrogate_from_a_stock_lm_is_a_bad_response(fake_upstream: FakeUpstream) -> None:
     """The same rule on every path: ``"\\ud800"`` is valid JSON but no client can be sent it. The
     Trio-native backends refuse it (``upstream_bad_response``); the stock-LM path let it through."""

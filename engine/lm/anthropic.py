@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from .._errors import UpstreamConnectionError, UpstreamServerError
+from .._errors import UpstreamConnectionError
 from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
-from ._http_errors import failure
+from ._http_errors import status_error
 from .openai import HTTPSettings
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ _PARAMS = {
     "stop": "stop_sequences",
     "n": None,
 }
+# The retryable ``error`` event types and the HTTP status each stands for: reported after the 200, the
+# same error (and retry, cool-down and rate-limit policy) as that status before the stream began.
+_RETRYABLE_STREAM_ERRORS = {"rate_limit_error": 429, "api_error": 500, "overloaded_error": 529}
 
 
 def to_messages_api(messages: Sequence[Message]) -> tuple[str | None, list[dict[str, Any]]]:
@@ -179,7 +182,7 @@ class AnthropicLM(TrioLM):
 
         redact = self._clients.redact
 
-        async def on_event(name: str, data: str) -> None:
+        async def on_event(name: str, data: str) -> bool:
             nonlocal stopped
             payload = json_object(self.model, data, redact)
             kind = payload.get("type", name)
@@ -199,10 +202,12 @@ class AnthropicLM(TrioLM):
                     usage.update(payload.get("usage") or {})
                 elif kind == "message_stop":
                     stopped = True
+                    return True  # the stream's own end: the answer is complete
                 elif kind == "error":
                     self._raise_stream_error(payload, data)
             except (AttributeError, TypeError, ValueError) as exc:
                 raise bad(self.model, "the upstream's stream has a malformed event", data, redact) from exc
+            return False
 
         await self._clients.post_sse(self.model, "v1/messages", body, on_event)
         if not stopped:
@@ -214,10 +219,9 @@ class AnthropicLM(TrioLM):
         return Completion(texts, _usage(usage), ["".join(thinking) or None])
 
     def _raise_stream_error(self, payload: Mapping[str, Any], data: str) -> None:
-        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
-        assert isinstance(error, dict)
+        error = payload.get("error")
+        kind = error.get("type") if isinstance(error, dict) else None
         redact = self._clients.redact
-        if error.get("type") in ("overloaded_error", "api_error"):
-            public = "the upstream reported it is overloaded mid-stream"
-            raise failure(UpstreamServerError, self.model, public, data, redact, status=529)
+        if isinstance(kind, str) and (status := _RETRYABLE_STREAM_ERRORS.get(kind)) is not None:
+            raise status_error(self.model, status, {}, data, redact)
         raise bad(self.model, "the upstream reported an error mid-stream", data, redact)

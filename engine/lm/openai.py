@@ -297,11 +297,11 @@ class OpenAICompatibleLM(TrioLM):
         choices = wanted if isinstance(wanted, int) and wanted > 1 else 1
         redact = self._clients.redact
 
-        async def on_event(name: str, data: str) -> None:
+        async def on_event(name: str, data: str) -> bool:
             nonlocal usage, done
             if data.strip() == "[DONE]":
-                done = True  # read on to the end of the body, so the connection can be reused
-                return
+                done = True
+                return True  # the stream's own end: the answer is complete
             payload = self._chunk(data.strip())
             usage = _usage(payload) or usage
             for index, content, thinking, finish in _deltas(payload, self.model, choices, redact):
@@ -313,6 +313,7 @@ class OpenAICompatibleLM(TrioLM):
                     reasoning.setdefault(index, []).append(thinking)
                 if finish:
                     finished.add(index)
+            return False
 
         await self._clients.post_sse(self.model, "chat/completions", body, on_event)
         if not done and len(finished) < choices:  # a stream cut before every choice ended

@@ -44,6 +44,7 @@ from .._errors import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
+from ._answers import text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_errors import failure, status_words
 from ._redact import Redactor
@@ -258,7 +259,9 @@ class ThreadedLM(TrioLM):
         streaming = dspy.context(send_stream=_ChunksToSink(sink)) if sink is not None else nullcontext()
         with dspy_lm_errors(self.model, self._redact), streaming:
             outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
-        texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]
-        reasoning = [o.get("reasoning_content") if isinstance(o, dict) else None for o in outputs]
+        # The answers rule of every path (``_answers``): text of valid Unicode only.
+        taken = functools.partial(text_or_none, self.model, redact=self._redact)
+        texts = [taken(o.get("text") if isinstance(o, dict) else str(o)) or "" for o in outputs]
+        reasoning = [taken(o.get("reasoning_content")) if isinstance(o, dict) else None for o in outputs]
         # The stock LM reported usage to DSPy's tracker itself.
         return Completion(texts, {}, reasoning)
