@@ -413,7 +413,7 @@ class CircuitBreaker:
         opening ``epoch``. An end further away than ``longest_open`` counts as that far."""
         now = trio.current_time()
         until = min(until, now + self.longest_open)
-        if until <= now:
+        if not until > now:  # NaN too
             return
         state = self.state
         if state == "open" and (until, epoch) <= (self._until, self._epoch):

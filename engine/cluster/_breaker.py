@@ -1,9 +1,11 @@
 """The circuit breakers of one LM in every process, sharing what they learn through Redis.
 
-- **Openings** are broadcast on one pub/sub channel, with their end on the shared clock and a name (the
-  *epoch*): every process that hears one opens its own breaker until then, so one replica's discovery
-  protects them all within a round-trip. The latest end wins everywhere (ties by name), so all processes
-  agree on one opening. An end further away than the LM's longest opening counts as that far.
+- **Openings** are broadcast on one pub/sub channel, with how long they last and a name (the *epoch*):
+  every process that hears one opens its own breaker for as long, so one replica's discovery protects
+  them all within a round-trip. A length, not an end on a clock, so a sender whose clock is off does not
+  shift it (as the cool-down's). The latest end wins everywhere (ties by name), so all processes agree on
+  one opening; a length over the LM's longest opening (``Infinity`` included) counts as that long, and
+  one that is not a positive number is ignored.
 - **Probes** of a half-open breaker are counted across the cluster: each takes one of the opening's
   ``half_open_calls`` places with an atomic ``INCR`` of ``prefix:breaker:LM:probes:EPOCH`` (expiring
   after ``open_for``, so places held by a process that died come back). A process that finds them taken
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from typing import Any
 
 import trio
@@ -70,8 +71,7 @@ class SharedBreakerPeers:
         self._link.write_soon(("publish", self.channel, json.dumps(message)))
 
     def opened(self, until: float, epoch: str) -> None:
-        shared_until = self._link.clock() + (until - trio.current_time())
-        self._publish({"event": "open", "until": shared_until, "epoch": epoch})
+        self._publish({"event": "open", "seconds": until - trio.current_time(), "epoch": epoch})
 
     def probe_succeeded(self, epoch: str) -> None:
         self._publish({"event": "probe_ok", "epoch": epoch})
@@ -100,10 +100,9 @@ class SharedBreakerPeers:
             return
         epoch = str(message["epoch"])
         if message["event"] == "open":
-            shared_until = float(message["until"])
-            if not math.isfinite(shared_until):
-                raise ValueError(f"an opening until {shared_until!r}")
-            breaker.heard_open(trio.current_time() + (shared_until - self._link.clock()), epoch)
+            seconds = float(message["seconds"])
+            if seconds > 0:  # False for NaN
+                breaker.heard_open(trio.current_time() + min(seconds, breaker.longest_open), epoch)
         elif message["event"] == "probe_ok":
             breaker.heard_probe_succeeded(epoch)
         else:
