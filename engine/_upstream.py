@@ -222,11 +222,14 @@ class UpstreamGuard:
                 with the call's typical duration after it).
             CircuitOpenError: the breaker is open (nothing was sent, nothing waited for).
         """
+        breaker = self.breaker
+        # Asked first: a call the open breaker refuses is no request of the retry budget (never sent).
+        ticket = await breaker.admit() if breaker is not None else None
         self._budget.record_request()
         retry = 0
-        breaker = self.breaker
         while True:
-            ticket = await breaker.admit() if breaker is not None else None
+            if retry and breaker is not None:
+                ticket = await breaker.admit()
             watchdog = trio.CancelScope()
             streams = sink is not None or streamed
             watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if streams else None

@@ -489,3 +489,24 @@ def test_cancels_at_any_stage_leave_no_probe_taken(plan: Plan) -> None:
         breaker.succeeded(ticket)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_calls_an_open_breaker_refused_are_not_requests_of_the_retry_budget(
+    autojump_clock: Any,
+) -> None:
+    """Retries may be a share of the requests sent upstream; calls the open breaker failed at once were
+    never sent, so they must not buy retries for later."""
+    retry = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0, budget_floor=0, budget_ratio=0.3)
+    breaker = CircuitBreaker("up", SETTINGS)
+    guard = UpstreamGuard("up", UpstreamPolicy(retry=retry), breaker=breaker)
+    with pytest.raises(UpstreamRateLimitedError):
+        await guard.call(Upstream(UpstreamRateLimitedError("429", retry_after=1.0)), None, estimate=1)
+    for _ in range(10):
+        with pytest.raises(CircuitOpenError):
+            await guard.call(Upstream(), None, estimate=1)
+    await at(1.0)
+    assert await guard.call(Upstream(), None, estimate=1) is OK  # the probe closes it
+    upstream = Upstream(failure(), None)
+    with pytest.raises(UpstreamServerError):
+        await guard.call(upstream, None, estimate=1)  # 3 requests sent: 0.3 x 3 leaves no retry
+    assert len(upstream.started) == 1
