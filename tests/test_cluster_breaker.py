@@ -253,3 +253,30 @@ async def test_a_breaker_opened_in_one_process_is_open_in_the_other_within_100_m
         watcher.kill()
         await watcher.wait()
         await output.aclose()
+
+
+async def test_a_probe_given_back_after_its_place_expired_leaves_no_key_for_ever(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """A probe's place expires after ``open_for``; one cancelled after that gives its place back to a key
+    that is gone: the counter it leaves must expire too (a DECR alone made a -1 that stayed for ever)."""
+    quick = BreakerSettings(min_calls=2, failure_ratio=1.0, open_for=0.2)
+    async with clusters(redis_server, 2) as (a, b):
+        breaker_a, breaker_b = (x.breaker("up", quick, longest_open=60.0) for x in (a, b))
+        await fail(breaker_a, 2)
+        await eventually(lambda: breaker_b.state == "open")
+        mock_clock.jump(0.2)
+        probe = await breaker_b.admit()
+        key = b.link.key("breaker", "up", "probes", breaker_b.epoch)
+        await eventually(lambda: _gone(b, key))  # Redis expires the place (PX 200, real time)
+        breaker_b.release(probe)  # cancelled, late
+        await eventually(lambda: _written(b, key))
+        assert 0 < await b.link.client.pttl(key) <= 200
+
+
+async def _written(cluster: Cluster, key: str) -> bool:
+    return bool(await cluster.link.client.exists([key]))
+
+
+async def _gone(cluster: Cluster, key: str) -> bool:
+    return not await _written(cluster, key)

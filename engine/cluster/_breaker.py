@@ -81,13 +81,15 @@ class SharedBreakerPeers:
         ``call_timeout``, within the caller's deadline); True when Redis cannot be asked."""
         key, ttl_ms = self._probes_key(epoch), max(1, round(ttl * 1000))
         try:
+            # A cancel while the reply is on its way may leave the place taken: it expires with the key.
             taken: Any = await self._link.call(lambda: self._script(keys=[key], args=[ttl_ms]))
         except RedisUnavailableError:
             return True  # each process keeps its own breaker while Redis is unreachable
         return int(taken) <= limit
 
     def release_probe(self, epoch: str) -> None:
-        self._link.write_soon(("decr", self._probes_key(epoch)))
+        ttl_ms = max(1, round(self.breaker.settings.open_for * 1000)) if self.breaker is not None else 1
+        self._link.write_soon(("decr", self._probes_key(epoch), ttl_ms))
 
     def heard(self, message: dict[str, Any]) -> None:
         """Apply a broadcast of another process (an opening, a probe that succeeded).

@@ -37,7 +37,8 @@ logger = logging.getLogger("dspy_trio.engine.cluster")
 
 T = TypeVar("T")
 
-# A write: ("set", key, value, ttl_ms), ("del", key), ("decr", key) or ("publish", channel, message).
+# A write: ("set", key, value, ttl_ms), ("del", key), ("decr", key, ttl_ms) or ("publish", channel,
+# message). A counter decremented expires after ttl_ms, also one that had expired (DECR recreates it).
 Write = tuple[Any, ...]
 
 _OUTBOX_SIZE = 4096
@@ -236,8 +237,9 @@ class RedisLink:
                         pipe.set(key, value, px=int(ttl_ms))
                     case ("del", key):
                         pipe.delete([key])
-                    case ("decr", key):
+                    case ("decr", key, ttl_ms):
                         pipe.decr(key)
+                        pipe.pexpire(key, int(ttl_ms))
                     case ("publish", channel, message):
                         pipe.publish(channel, message)
                     case _:  # pragma: no cover - a programming error
