@@ -31,7 +31,7 @@ import attrs
 import httpx
 import trio
 
-from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, ProgramSpec, RetryPolicy
+from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, OpenAISettings, ProgramSpec, RetryPolicy
 from dspy_trio.engine.testing import Behavior, Fault
 from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
 from dspy_trio.web.server import open_server
@@ -114,19 +114,17 @@ def early_retries(records: list[Any]) -> dict[str, list[float]]:
 def engine_config(args: argparse.Namespace, url: str, backup_url: str) -> EngineConfig:
     """One LM on the faulty upstream; with ``--fallback``, a primary on it and a backup on a healthy one."""
     lm = LMConfig(
-        provider="openai",
         model="fake",
-        api_base=url,
         timeouts=CallTimeouts(attempt=args.attempt_timeout),
         retry=RetryPolicy(max_attempts=3),
+        settings=OpenAISettings(api_base=url),
     )
     if not args.fallback:
         return EngineConfig(lms={"default": lm}, max_in_flight=256, max_queued=1024)
     backup = LMConfig(
-        provider="openai",
         model="fake-backup",
-        api_base=backup_url,
         timeouts=CallTimeouts(attempt=args.attempt_timeout),
+        settings=OpenAISettings(api_base=backup_url),
     )
     lms = {"primary": attrs.evolve(lm, fallbacks=("backup",)), "backup": backup}
     programs = {"default": ProgramSpec("question -> answer", lm="primary")}

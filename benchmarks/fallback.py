@@ -31,9 +31,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,8 @@ import attrs
 import httpx
 import trio
 
-from benchmarks._baseline import ROOT, export_tree
+from benchmarks._baseline import HELP, ROOT, baseline_tree
+from benchmarks._measure import run_worker, verdict
 from benchmarks._upstream import start_upstream
 
 LATENCY = 0.05  # seconds per answer of both fake upstreams
@@ -90,6 +89,7 @@ def engine_config(primary: str, backup: str) -> Any:
         CallTimeouts,
         EngineConfig,
         LMConfig,
+        OpenAISettings,
         ProgramSpec,
         RetryPolicy,
     )
@@ -99,15 +99,14 @@ def engine_config(primary: str, backup: str) -> Any:
     )
     lms = {
         "primary": LMConfig(
-            provider="openai",
             model="primary",
-            api_base=primary,
+            settings=OpenAISettings(api_base=primary),
             fallbacks=("backup",),
             breaker=breaker,
             timeouts=CallTimeouts(attempt=ATTEMPT_TIMEOUT),
             retry=RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=1.0),
         ),
-        "backup": LMConfig(provider="openai", model="backup", api_base=backup),
+        "backup": LMConfig(model="backup", settings=OpenAISettings(api_base=backup)),
     }
     programs = {
         "default": ProgramSpec("question -> answer", lm="primary"),
@@ -289,23 +288,20 @@ def _count_lms(calls: list[Call]) -> dict[str, int]:
 def _cpu_worker(url: str, mode: str, n: int, concurrency: int) -> dict[str, Any]:
     """CPU ms per ``engine.predict``: ``single`` (one LM, works on any tree) or ``chain`` (the primary's
     fallback chain and breaker, this tree only); both call the same healthy upstream."""
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, open_engine
 
-    def lm(**more: Any) -> Any:
-        return LMConfig(
-            provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1), **more
-        )
-
-    if mode == "single":
-        config = EngineConfig(lms={"default": lm()}, max_in_flight=concurrency, max_queued=100_000)
-    else:
-        from dspy_trio.engine import BreakerSettings
-
-        config = EngineConfig(
-            lms={"default": lm(fallbacks=("backup",), breaker=BreakerSettings()), "backup": lm()},
-            max_in_flight=concurrency,
-            max_queued=100_000,
-        )
+    # LMConfig.from_mapping's flat tables: the form every tree takes (the worker runs on the baseline's).
+    lm: dict[str, Any] = {
+        "provider": "openai",
+        "model": "bench",
+        "api_base": url,
+        "retry": {"max_attempts": 1},
+    }
+    tables = {"default": lm}
+    if mode == "chain":
+        tables = {"default": {**lm, "fallbacks": ["backup"], "breaker": {}}, "backup": lm}
+    engine = {"max_in_flight": concurrency, "max_queued": 100_000}
+    config = EngineConfig.from_mapping({"engine": engine, "lms": tables})
 
     async def run() -> dict[str, Any]:
         async with open_engine(config) as engine:
@@ -327,49 +323,32 @@ def _cpu_worker(url: str, mode: str, n: int, concurrency: int) -> dict[str, Any]
 
 
 def _run_worker(kind: str, url: str, tree: Path, args: argparse.Namespace) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.fallback",
-        "--worker",
-        kind,
-        "--url",
-        url,
-        "--n",
-        str(args.n),
-    ]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(tree)}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=tree)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_worker(
+        "benchmarks.fallback", ["--worker", kind, "--url", url, "--n", str(args.n)], tree=tree
+    )
     print(f"  {kind:8s} {tree.name[:28]:28s} {json.dumps(result)}", file=sys.stderr)
     return result
 
 
 def healthy(args: argparse.Namespace) -> dict[str, Any]:
-    ref = (
-        args.baseline
-        or subprocess.run(
-            ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    baseline, commit = export_tree(ref, Path(__file__), prefix="fallback-baseline-")
     runs: dict[str, list[float]] = {"floor": [], "baseline": [], "single": [], "chain": []}
-    process, url = start_upstream(0.02)
-    try:
-        modes = [("floor", ROOT), ("baseline", baseline), ("single", ROOT), ("chain", ROOT)]
-        for r in range(args.rounds):
-            for name, tree in modes if r % 2 == 0 else modes[::-1]:
-                kind = "floor" if name == "floor" else ("chain" if name == "chain" else "single")
-                result = _run_worker(kind, url, tree, args)
-                runs[name].append(result["floor64_ms"] if name == "floor" else result["cpu_ms"])
-    finally:
-        process.kill()
-        process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-        shutil.rmtree(baseline, ignore_errors=True)
+    with baseline_tree(args.baseline, prefix="fallback-baseline-") as exported:
+        if exported is None:
+            raise SystemExit("the healthy part needs a baseline: pass --baseline REF")
+        baseline, commit = exported
+        process, url = start_upstream(0.02)
+        try:
+            modes = [("floor", ROOT), ("baseline", baseline), ("single", ROOT), ("chain", ROOT)]
+            for r in range(args.rounds):
+                for name, tree in modes if r % 2 == 0 else modes[::-1]:
+                    kind = "floor" if name == "floor" else ("chain" if name == "chain" else "single")
+                    result = _run_worker(kind, url, tree, args)
+                    runs[name].append(result["floor64_ms"] if name == "floor" else result["cpu_ms"])
+        finally:
+            process.kill()
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
     # The machine's load drifts between rounds: the ratios are taken within each round, then the median.
     ratios = {
         f"{name}_ratio": statistics.median(a / b for a, b in zip(runs[name], runs["baseline"], strict=True))
@@ -424,10 +403,6 @@ def layers(n: int = 20_000) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- summary
 
 
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
 def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
     upstream_ms = LATENCY * 1000
     print(
@@ -442,7 +417,7 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
         failed, errors = outage["failed"], outage["errors"]
         print(
             f"  outage ({outage['seconds']:.0f} s of 503s): {outage['requests']} requests, {failed} failed "
-            f"(goal 0: {_verdict(failed == 0)}){' ' + str(errors) if errors else ''}; "
+            f"(goal 0: {verdict(failed == 0)}){' ' + str(errors) if errors else ''}; "
             f"breaker open after {_ms(outage['time_to_open'])}"
         )
         if "p50_after_open" in outage:
@@ -451,12 +426,12 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
             p50, goal = outage["p50_after_open"], 1.2 * backup_p50 + 0.005
             print(
                 f"    calls reaching the primary while its breaker was open: {calls} in {windows} open_for "
-                f"windows of {OPEN_FOR:g} s (goal <= {allowed}: {_verdict(calls <= allowed)})"
+                f"windows of {OPEN_FOR:g} s (goal <= {allowed}: {verdict(calls <= allowed)})"
             )
             print(
                 f"    p50 once open: {p50 * 1000:.1f} ms over {outage['requests_after_open']} requests = "
                 f"{p50 / backup_p50:.2f}x the backup's own (goal <= 1.2x + 5 ms = {goal * 1000:.1f} ms: "
-                f"{_verdict(p50 <= goal)}); answered by {outage['by_lm_after_open']}"
+                f"{verdict(p50 <= goal)}); answered by {outage['by_lm_after_open']}"
             )
     if "recovery" in report:
         recovery = report["recovery"]
@@ -464,8 +439,8 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
         bound = OPEN_FOR + max(0.1, report["healthy_p50"])
         print(
             f"  recovery: breaker closed {_ms(closed)} after the primary healed (goal <= open_for + one "
-            f"probe = {bound:.2f} s: {_verdict(closed is not None and closed <= bound)}); then the primary "
-            f"answered {share:.1%} of {recovery['requests']} calls (goal >= 90%: {_verdict(share >= 0.9)})"
+            f"probe = {bound:.2f} s: {verdict(closed is not None and closed <= bound)}); then the primary "
+            f"answered {share:.1%} of {recovery['requests']} calls (goal >= 90%: {verdict(share >= 0.9)})"
         )
     if "stalled" in report:
         stalled = report["stalled"]
@@ -474,7 +449,7 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"  stalled primary ({stalled['seconds']:.0f} s, attempt timeout {ATTEMPT_TIMEOUT:g} s, deadline "
             f"{DEADLINE:g} s): {stalled['requests']} requests, {stalled['failed']} failed, "
             f"{stalled['past_deadline']} past the deadline, slowest {stalled['slowest']:.2f} s "
-            f"(goal: all succeed within the deadline: {_verdict(ok)}); breaker open after "
+            f"(goal: all succeed within the deadline: {verdict(ok)}); breaker open after "
             f"{_ms(stalled['time_to_open'])}; answered by {stalled['by_lm']}"
         )
     if "layers" in report:
@@ -486,7 +461,7 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
             share = added / (report["healthy"]["baseline"] * 1000)
             print(
                 f"    a fallback chain with breakers adds {added:.2f} us per LM call = {share:.2%} of the "
-                f"baseline's CPU per prediction (goal <= 2%: {_verdict(share <= 0.02)})"
+                f"baseline's CPU per prediction (goal <= 2%: {verdict(share <= 0.02)})"
             )
         else:
             print(f"    a fallback chain with breakers adds {added:.2f} us per LM call")
@@ -499,8 +474,8 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"ratios within each round, then their median): baseline {cpu['baseline_commit']} {base:.3f} "
             f"ms; this tree, one LM {single:.3f} ms ({cpu['single_ratio']:.3f}x); with a fallback chain "
             f"and breaker {chain:.3f} ms ({ratio:.3f}x the baseline; goal <= 1.02x: "
-            f"{_verdict(ratio <= 1.02)}); floor {floor:.3f} ms: the chain {chain / floor:.2f}x it, the "
-            f"baseline {base / floor:.2f}x (the hot path's bar: <= 2.0x: {_verdict(chain / floor <= 2.0)})"
+            f"{verdict(ratio <= 1.02)}); floor {floor:.3f} ms: the chain {chain / floor:.2f}x it, the "
+            f"baseline {base / floor:.2f}x (the hot path's bar: <= 2.0x: {verdict(chain / floor <= 2.0)})"
         )
 
 
@@ -517,9 +492,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the healthy-path CPU measurement")
     parser.add_argument("--n", type=int, default=2000, help="predictions per CPU measurement")
-    parser.add_argument(
-        "--baseline", default=None, help="git ref of 'today' (default: merge base of HEAD and main)"
-    )
+    parser.add_argument("--baseline", default=None, help=HELP)
     parser.add_argument("--json", default=None, help="also write the raw report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

@@ -45,8 +45,12 @@ import threading
 import time
 from typing import Any
 
+from benchmarks._measure import median as _median
+from benchmarks._measure import process_cpu as _process_cpu
+from benchmarks._measure import rss_mb, run_worker
+from benchmarks._measure import verdict as _verdict
 from benchmarks._upstream import start_upstream
-from benchmarks.hotpath import _process_cpu, profile_table
+from benchmarks.hotpath import profile_table
 
 PREDICT_PATH = "/v1/programs/default/predict"
 ECHO_PATH = "/echo"
@@ -241,14 +245,6 @@ class _Conn:
         self.buffer += data
 
 
-def _rss_kb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1])
-    return float("nan")
-
-
 async def _connect(url: str, count: int) -> list[_Conn]:
     import trio
 
@@ -354,16 +350,16 @@ def _load_rss(
         for r in range(rounds):
             await trio.sleep(0.5)
             await _snapshot(snapshots, f"idle-{r}")
-            idle = _rss_kb(pid)
+            idle = rss_mb(pid) * 1024
             conns = await _connect(url, connections)
-            connected = _rss_kb(pid)
+            connected = rss_mb(pid) * 1024
             samples: list[tuple[int, float]] = []  # (active requests, RSS KB) every 50 ms
 
             async def watch(samples: list[tuple[int, float]] = samples, r: int = r) -> None:
                 snapped = False
                 while True:
                     active = await _active_requests(url)
-                    samples.append((active, _rss_kb(pid)))
+                    samples.append((active, rss_mb(pid) * 1024))
                     if active >= connections * 0.95 and not snapped:
                         await _snapshot(snapshots, f"plateau-{r}")
                         snapped = True
@@ -395,26 +391,17 @@ def _load_rss(
 
 
 def _run_load(kind: str, url: str, args: argparse.Namespace, pid: int, **extra: Any) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hotpath_http", "--load", kind, "--url", url]
-    command += ["--pid", str(pid), "--clients", str(args.clients), "--n", str(args.n)]
+    arguments = ["--load", kind, "--url", url, "--pid", str(pid), "--clients", str(args.clients)]
+    arguments += ["--n", str(args.n)]
     for key, value in extra.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"load generator {kind} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+        arguments += [f"--{key.replace('_', '-')}", str(value)]
+    return run_worker("benchmarks.hotpath_http", arguments, timeout=600)
 
 
 def _engine_worker(upstream_url: str, n: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hotpath", "--worker", "predict:lean"]
-    command += ["--url", upstream_url, "--n", str(n)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"engine worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_worker(
+        "benchmarks.hotpath", ["--worker", "predict:lean", "--url", upstream_url, "--n", str(n)]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ parts
@@ -639,14 +626,6 @@ def _package(filename: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- summary
-
-
-def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(row[key] for row in rows))
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def summary(results: dict[str, Any], args: argparse.Namespace) -> None:

@@ -41,11 +41,6 @@ def names(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None
         raise ConfigError(f"{attribute.name} names an LM twice: {list(value)!r}")
 
 
-def breaker_table(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not isinstance(value, BreakerSettings):
-        raise ConfigError(f"{attribute.name} must be a table (BreakerSettings), got {value!r}")
-
-
 def check_fallbacks(lms: Mapping[str, _ChainedLM]) -> None:
     """Refuse fallbacks that name an unknown LM, the LM itself, or form a cycle.
 

@@ -25,7 +25,7 @@ import trio.testing
 
 from dspy_trio.engine import BreakerSettings, CircuitOpenError, UpstreamServerError
 from dspy_trio.engine._breaker import CircuitBreaker
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.cluster import Cluster, open_cluster
 from tests.redis_server import RedisServer, eventually, own_redis_server, prefix, redis_server
 
@@ -193,7 +193,7 @@ _WATCHER = textwrap.dedent(
     """
     import sys, time, trio
     from dspy_trio.engine import BreakerSettings
-    from dspy_trio.engine._config import ClusterConfig
+    from dspy_trio.engine._cluster_config import ClusterConfig
     from dspy_trio.engine.cluster import open_cluster
 
     async def main() -> None:

@@ -19,7 +19,7 @@ import trio.lowlevel
 import trio.testing
 
 from dspy_trio.engine import RateLimitWaitError
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
 from dspy_trio.engine.cluster._heartbeat import beat
 from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix

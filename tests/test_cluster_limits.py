@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspy_trio.engine import RateLimitWaitError
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine._rate_window import Entry, LocalQuota, WindowLog, merge_gap
 from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
 from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster

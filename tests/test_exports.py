@@ -10,12 +10,14 @@ from dspy_trio import engine
 def test_engine_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
         "AdaptiveSettings",
+        "AnthropicSettings",
         "BatchItem",
         "BreakerSettings",
         "CallTimeouts",
         "CircuitOpenError",
         "ClusterUnavailableError",
         "ConfigError",
+        "DSPySettings",
         "DeadlineExceededError",
         "Engine",
         "EngineClosedError",
@@ -27,10 +29,12 @@ def test_engine_public_names_are_pinned() -> None:
         "FieldDelta",
         "FinalEvent",
         "GCSettings",
+        "HTTPSettings",
         "InputField",
         "InvalidInputError",
         "LMCall",
         "LMConfig",
+        "OpenAISettings",
         "OverloadedError",
         "PredictionResult",
         "ProgramError",
@@ -41,6 +45,7 @@ def test_engine_public_names_are_pinned() -> None:
         "RequestAbandonedError",
         "RequestCancelledError",
         "RetryPolicy",
+        "SimulatedSettings",
         "SkippedLM",
         "SlowConsumerError",
         "StatusEvent",
@@ -73,13 +78,18 @@ def test_every_error_is_an_engine_error() -> None:
 def test_lm_public_names_are_pinned() -> None:
     assert sorted(engine.lm.__all__) == [
         "AnthropicLM",
+        "AnthropicSettings",
         "ChunkSink",
         "Completion",
+        "DSPySettings",
         "DeltaSink",
         "GuardedLM",
         "HTTPSettings",
         "OpenAICompatibleLM",
+        "OpenAISettings",
+        "ProviderSettings",
         "SimulatedLM",
+        "SimulatedSettings",
         "ThreadedLM",
         "TrioLM",
     ]
@@ -88,10 +98,15 @@ def test_lm_public_names_are_pinned() -> None:
 def test_testing_public_names_are_pinned() -> None:
     assert sorted(engine.testing.__all__) == [
         "Behavior",
+        "EOF",
         "FakeUpstream",
         "Fault",
         "IdleClose",
+        "MockBackend",
+        "MockRequest",
+        "Reply",
         "RequestRecord",
+        "http_response",
         "open_fake_upstream",
     ]
 

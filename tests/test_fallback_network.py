@@ -21,8 +21,10 @@ from dspy_trio.engine import (
     FieldDelta,
     FinalEvent,
     LMConfig,
+    OpenAISettings,
     ProgramSpec,
     RetryPolicy,
+    SimulatedSettings,
     SkippedLM,
     open_engine,
 )
@@ -40,9 +42,12 @@ def chain_config(primary_url: str, backup_url: str, **primary: Any) -> EngineCon
     primary.setdefault("breaker", BreakerSettings(min_calls=2, failure_ratio=1.0, open_for=60.0))
     lms = {
         "primary": LMConfig(
-            provider="openai", model="primary-model", api_base=primary_url, fallbacks=("backup",), **primary
+            model="primary-model",
+            settings=OpenAISettings(api_base=primary_url),
+            fallbacks=("backup",),
+            **primary,
         ),
-        "backup": LMConfig(provider="openai", model="backup-model", api_base=backup_url),
+        "backup": LMConfig(model="backup-model", settings=OpenAISettings(api_base=backup_url)),
     }
     return EngineConfig(lms=lms, programs={"default": ProgramSpec("question -> answer", lm="primary")})
 
@@ -166,9 +171,8 @@ async def test_over_http_an_open_breaker_without_a_fallback_is_a_503_with_retry_
     fake_upstream: FakeUpstream,
 ) -> None:
     lm = LMConfig(
-        provider="openai",
         model="m",
-        api_base=fake_upstream.url,
+        settings=OpenAISettings(api_base=fake_upstream.url),
         retry=RetryPolicy(max_attempts=1),
         breaker=BreakerSettings(min_calls=1, failure_ratio=1.0, open_for=30.0),
     )
@@ -190,7 +194,7 @@ async def test_server_timing_names_any_lm_safely() -> None:
     """An LM's name is a TOML key, and a quoted key may hold a quote, a backslash or a newline: the
     Server-Timing header stays one valid header (a raw newline would fail the response)."""
     name = 'odd "lm"\\\nname'
-    lm = LMConfig(first_token_delay=0.0, token_delay=0.0)
+    lm = LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0))
     engine = EngineConfig(lms={name: lm}, programs={"default": ProgramSpec("question -> answer", lm=name)})
     async with running(settings(engine=engine)) as server, httpx.AsyncClient(base_url=server.url) as client:
         response = await client.post("/v1/programs/default/predict", json={"inputs": QUESTION})

@@ -16,6 +16,7 @@ from trio_websocket import open_websocket_url
 from dspy_trio.engine import (
     EngineConfig,
     LMConfig,
+    OpenAISettings,
     RetryPolicy,
     UpstreamContextWindowError,
     UpstreamError,
@@ -94,11 +95,9 @@ async def test_over_http_sse_and_websocket_the_key_never_reaches_a_client(
     upstream 401 that quotes the key, an HTML 502 page that dumps the request headers, and an error
     event mid-stream."""
     lm = LMConfig(
-        provider="openai",
         model="fake",
-        api_base=fake_upstream.url,
-        api_key=KEY,
         retry=RetryPolicy(max_attempts=1),
+        settings=OpenAISettings(api_base=fake_upstream.url, api_key=KEY),
     )
     faults = [Fault("echo_key"), Fault("html", status=502), Fault("echo_key", status=401, after_tokens=2)]
     bodies: list[str] = []

@@ -26,6 +26,7 @@ from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     LMConfig,
+    OpenAISettings,
     RetryPolicy,
     UpstreamError,
     UpstreamResponseError,
@@ -280,7 +281,7 @@ async def test_the_service_answers_text_that_is_not_unicode_with_an_error_not_a_
     SSE stream cut without an error event. Both now end with ``upstream_bad_response``."""
     async with open_fake_upstream() as upstream:
         lm = LMConfig(
-            provider="openai", model="fake", api_base=upstream.url, retry=RetryPolicy(max_attempts=1)
+            model="fake", retry=RetryPolicy(max_attempts=1), settings=OpenAISettings(api_base=upstream.url)
         )
         async with (
             running(settings(engine=EngineConfig(lms={"default": lm}))) as server,
@@ -303,13 +304,15 @@ async def test_a_bad_answer_to_a_stream_is_not_retried(provider: str, transport:
     """``200 text/html`` to a stream used to look like a dropped connection and was retried (8 upstream
     requests for 2 calls): a bad answer is not retryable, each call sends one request."""
     async with open_fake_upstream() as upstream:
-        lm = LMConfig(
-            provider=provider,  # type: ignore[arg-type]
-            model="fake",
-            api_base=upstream.url,
-            api_key="k",
-            http=HTTPSettings(client=transport),  # type: ignore[arg-type]
-            retry=RetryPolicy(max_attempts=4),
+        lm = LMConfig.from_mapping(
+            {
+                "provider": provider,
+                "model": "fake",
+                "api_base": upstream.url,
+                "api_key": "k",
+                "http": {"client": transport},
+                "retry": {"max_attempts": 4},
+            }
         )
         upstream.add_faults(Fault("html"), Fault("html"))
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:
@@ -467,10 +470,8 @@ async def test_a_token_count_too_large_for_a_float_is_not_an_internal_error(path
 
     async with open_raw_server(keep_alive_handler(lambda request, content: answer)) as server:
         lm = LMConfig(
-            provider="openai",
             model="fake",
-            api_base=server.url,
-            stream_upstream=path == "stream",
+            settings=OpenAISettings(api_base=server.url, stream_upstream=path == "stream"),
             retry=RetryPolicy(max_attempts=1),
         )
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:

@@ -8,7 +8,7 @@ When Redis is unreachable every process falls back to local limits (its share of
 when Redis answers; no request waits on a dead Redis.
 """
 
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 from ._breaker import SharedBreakerPeers
 from ._cancel import CancelRelay, OwnerDigest
 from ._cluster import Cluster, ClusterStatistics, open_cluster

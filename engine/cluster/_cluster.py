@@ -26,7 +26,7 @@ from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
 from .._breaker import BreakerSettings, CircuitBreaker
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
 from ._breaker import SharedBreakerPeers, shared_breaker
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest

@@ -31,7 +31,7 @@ import coredis
 import trio
 from coredis.exceptions import RedisError
 
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 
 logger = logging.getLogger("dspy_trio.engine.cluster")
 

@@ -49,8 +49,9 @@ from .._body import (
 from .._http_errors import failure, status_error
 from .._redact import Redactor
 from .._sse import EventReader
-from ._connection import Connection, ExchangeTimer, Origin, Timeouts
+from ._connection import Connection, ExchangeTimer, Timeouts
 from ._errors import RemoteProtocolError, TransportError, TransportTimeout
+from ._network import NetworkBackend, Origin
 from ._pool import Pool
 from ._protocol import STREAM_END_GRACE, EventHandler, encode_body
 from ._tls import default_ssl_context
@@ -133,6 +134,8 @@ class LeanClient:
         max_response_bytes: The most bytes an answer may have once decoded: a JSON body, or a whole
             event stream. A larger one fails with ``UpstreamResponseError``.
         max_event_bytes: The most one event of a stream (or one line) may hold.
+        network: Where connections are opened: the real network unless given (tests give a
+            ``MockBackend``, which answers from scripted bytes).
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class LeanClient:
         accept_gzip: bool = False,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        network: NetworkBackend | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -157,7 +161,7 @@ class LeanClient:
         self.timeouts = timeouts or Timeouts()
         if parts.scheme == "https" and ssl_context is None:
             ssl_context = default_ssl_context()
-        self.pool = Pool(self.origin, max_connections, self.timeouts, ssl_context, idle_timeout)
+        self.pool = Pool(self.origin, max_connections, self.timeouts, ssl_context, idle_timeout, network)
         default_port = port == (443 if parts.scheme == "https" else 80)
         host = self.origin.host if ":" not in self.origin.host else f"[{self.origin.host}]"
         self._host = host if default_port else f"{host}:{port}"

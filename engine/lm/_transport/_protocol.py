@@ -46,9 +46,9 @@ class JSONResponse(Protocol):
 
 
 class HTTPClient(Protocol):
-    """POSTs to one API root; implemented by :class:`~dspy_trio.engine.lm._transport.LeanClient` and by
-    :class:`~dspy_trio.engine.lm._http_pool.ClientShards` (httpx). ``redact`` removes the credentials they
-    send from text bound for the log."""
+    """POSTs to one API root; implemented by :class:`~._client.LeanClient` and by
+    :class:`~._httpx.ClientShards` (httpx). ``redact`` removes the credentials they send from text bound
+    for the log."""
 
     redact: Redactor
 

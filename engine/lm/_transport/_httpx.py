@@ -1,4 +1,6 @@
-"""A set of ``httpx.AsyncClient`` shards that share one connection budget.
+"""The httpx transport: ``httpx.AsyncClient`` shards that share one connection budget.
+
+Used where the lean transport does not reach (``_choice``): an HTTP proxy, HTTP/2.
 
 httpcore 1.0's connection pool re-examines every connection for every queued request on each request
 start and end, and counts idle connections with a list built per connection: its bookkeeping costs
@@ -31,7 +33,7 @@ import httpcore
 import httpx
 import trio
 
-from ._body import (
+from .._body import (
     MAX_EVENT_BYTES,
     MAX_RESPONSE_BYTES,
     BadResponse,
@@ -39,11 +41,11 @@ from ._body import (
     check_content_type,
     content_coding,
 )
-from ._http_errors import status_error, transport_errors
-from ._redact import Redactor
-from ._sse import EventReader
-from ._transport._client import Response
-from ._transport._protocol import STREAM_END_GRACE, EventHandler, encode_body
+from .._http_errors import status_error, transport_errors
+from .._redact import Redactor
+from .._sse import EventReader
+from ._client import Response
+from ._protocol import STREAM_END_GRACE, EventHandler, encode_body
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
