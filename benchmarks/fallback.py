@@ -27,6 +27,7 @@ closed-loop callers with a 10 s deadline each. Parts, each with its goal:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -359,7 +360,9 @@ def healthy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def layers(n: int = 20_000) -> dict[str, float]:
-    """CPU microseconds per LM call through each stack of layers (medians of 5 runs of ``n`` calls)."""
+    """CPU microseconds per LM call through each stack of layers (medians of 5 runs of ``n`` calls), and
+    per call an open breaker refuses (``open``: it raises ``CircuitOpenError`` without any wait)."""
+    from dspy_trio.engine import CircuitOpenError, UpstreamServerError
     from dspy_trio.engine._breaker import BreakerSettings, CircuitBreaker
     from dspy_trio.engine._fallback import FallbackLM
     from dspy_trio.engine._trace import tracing
@@ -384,9 +387,13 @@ def layers(n: int = 20_000) -> dict[str, float]:
         "chain(2)+breakers": FallbackLM([("d", guarded("d", True)), ("e", guarded("e", True))]),
     }
     messages = [{"role": "user", "content": "question"}]
+    opened = CircuitBreaker("f", BreakerSettings(min_calls=1, failure_ratio=1.0, open_for=1e6))
+    refusing = GuardedLM(AtOnce("m"), UpstreamGuard("f", UpstreamPolicy(), breaker=opened))
 
     async def run() -> dict[str, float]:
-        runs: dict[str, list[float]] = {name: [] for name in stacks}
+        ticket = await opened.admit()
+        opened.failed(ticket, UpstreamServerError("503", status=503))  # open for the whole run
+        runs: dict[str, list[float]] = {name: [] for name in [*stacks, "open"]}
         with tracing() as trace:
             for _ in range(5):
                 for name, lm in stacks.items():
@@ -395,6 +402,11 @@ def layers(n: int = 20_000) -> dict[str, float]:
                         await lm.complete(messages, {}, None)
                     runs[name].append((time.process_time() - cpu) / n * 1e6)
                     trace.answers.clear()
+                cpu = time.process_time()
+                for _ in range(n):
+                    with contextlib.suppress(CircuitOpenError):
+                        await refusing.complete(messages, {}, None)
+                runs["open"].append((time.process_time() - cpu) / n * 1e6)
         return {name: statistics.median(values) for name, values in runs.items()}
 
     return dict(trio.run(run))
@@ -455,8 +467,12 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
     if "layers" in report:
         us = report["layers"]
         added = us["chain(2)+breakers"] - us["guard"]
-        line = ", ".join(f"{name} {value:.2f}" for name, value in us.items())
+        line = ", ".join(f"{name} {value:.2f}" for name, value in us.items() if name != "open")
         print(f"  layers, CPU us per LM call with an instant backend: {line}")
+        print(
+            f"    a call an open breaker refuses: {us['open']:.2f} us (goal: well under a millisecond: "
+            f"{verdict(us['open'] < 100)}), nothing sent"
+        )
         if "healthy" in report:
             share = added / (report["healthy"]["baseline"] * 1000)
             print(
