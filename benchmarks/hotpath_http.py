@@ -10,12 +10,15 @@ before and after a fixed number of requests, after a warm-up on the same connect
     python -m benchmarks.hotpath_http                      # cpu, rss and overload, 2 rounds
     python -m benchmarks.hotpath_http --parts cpu --rounds 3 --n 4000
     python -m benchmarks.hotpath_http --parts profile      # cProfile of the server process under load
+    python -m benchmarks.hotpath_http --parts cpu --baseline main   # also main's web layer, same run
 
 Parts:
   cpu       (a) ``dspy-trio serve``'s CPU per ``POST /v1/programs/default/predict`` at --clients keep-alive
             clients (20 ms upstream); (b) ``dspy_trio.engine.predict`` CPU per prediction in process at 64
             concurrent against the same upstream (lean transport); (c) the bare peer's CPU per ``POST /echo``
-            with the same body, clients and load generator. Prints (a - b) / c; goal <= 1.5.
+            with the same body, clients and load generator. Prints (a - b) / c; goal <= 1.5. With
+            ``--baseline REF`` the tree of REF (``git archive``) is measured in the same rounds: its
+            ``dspy-trio serve`` (a'), its engine (b') and its refusal (d'), and (a' - b') / c beside ours.
   rss       RSS per in-flight request at each of --rss-connections (upstream latency --rss-latency, long
             enough for every request to be in flight at once): RSS at the plateau (every request in flight,
             confirmed by ``/metrics``' ``active_requests``) minus RSS idle after a warm-up, divided by the
@@ -43,11 +46,13 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from benchmarks._baseline import baseline_tree
+from benchmarks._measure import ROOT, rss_mb, run_worker
 from benchmarks._measure import median as _median
 from benchmarks._measure import process_cpu as _process_cpu
-from benchmarks._measure import rss_mb, run_worker
 from benchmarks._measure import verdict as _verdict
 from benchmarks._upstream import start_upstream
 from benchmarks.hotpath import profile_table
@@ -92,11 +97,14 @@ def start_ours(
     profile_to: str | None = None,
     trace_to: str | None = None,
     log_level: str = "WARNING",
+    tree: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """``dspy-trio serve`` on the OpenAI-compatible backend (lean transport) against ``upstream_url``."""
+    """``dspy-trio serve`` on the OpenAI-compatible backend (lean transport) against ``upstream_url``
+    (``tree``: the serve of another tree, a ``--baseline``)."""
     port = _free_port()
     env = {
         **os.environ,
+        **({"PYTHONPATH": str(tree)} if tree is not None else {}),
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "LM_PROVIDER": "openai",
         "LM_MODEL": "bench",
@@ -122,7 +130,7 @@ def start_ours(
     else:
         command = [sys.executable, "-m", "benchmarks.hotpath_http", "--profiled-serve", profile_to]
         command += ["--", "--log-level", log_level, "serve", "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     threading.Thread(target=lambda: process.stderr and process.stderr.read(), daemon=True).start()
     _wait_health(process, port, "dspy-trio serve")
     return process, f"http://127.0.0.1:{port}"
@@ -398,35 +406,46 @@ def _run_load(kind: str, url: str, args: argparse.Namespace, pid: int, **extra: 
     return run_worker("benchmarks.hotpath_http", arguments, timeout=600)
 
 
-def _engine_worker(upstream_url: str, n: int) -> dict[str, Any]:
-    return run_worker(
-        "benchmarks.hotpath", ["--worker", "predict:lean", "--url", upstream_url, "--n", str(n)]
-    )
+def _engine_worker(upstream_url: str, n: int, tree: Path | None = None) -> dict[str, Any]:
+    """The engine alone (``benchmarks.hotpath``'s worker), of this tree or of ``tree`` (a baseline)."""
+    arguments = ["--worker", "predict:lean", "--url", upstream_url, "--n", str(n)]
+    return run_worker("benchmarks.hotpath", arguments, tree=tree or ROOT)
 
 
 # ------------------------------------------------------------------------------------------------ parts
 
 
 def part_cpu(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    with baseline_tree(args.baseline or "none", prefix="hotpath-http-baseline-") as baseline:
+        if baseline is not None:
+            results["baseline"] = {"ref": args.baseline, "commit": baseline[1]}
+        _cpu_rounds(args, results, baseline[0] if baseline is not None else None)
+
+
+def _cpu_rounds(args: argparse.Namespace, results: dict[str, Any], tree: Path | None) -> None:
     upstream, upstream_url = start_upstream(0.02)
     slow_upstream, slow_url = start_upstream(600.0)
-    rows: dict[str, list[dict[str, Any]]] = {"ours": [], "engine": [], "bare": [], "refused": []}
+    order = ["ours", "engine", "bare", "refused"]
+    if tree is not None:
+        order += ["baseline", "baseline engine", "baseline refused"]
+    rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in order}
+    clients = max(args.clients, 64)
     try:
-        order = ["ours", "engine", "bare", "refused"]
         for r in range(args.rounds):
             for kind in order if r % 2 == 0 else order[::-1]:
-                if kind == "engine":
-                    row = _engine_worker(upstream_url, args.n)
-                elif kind == "refused":
-                    server, url = start_ours(slow_url, in_flight=1, queued=0)
+                where = tree if kind.startswith("baseline") else None
+                if kind.endswith("engine"):
+                    row = _engine_worker(upstream_url, args.n, where)
+                elif kind.endswith("refused"):
+                    server, url = start_ours(slow_url, in_flight=1, queued=0, tree=where)
                     try:
                         row = _run_load("refuse", url, args, server.pid, path=PREDICT_PATH)
                     finally:
                         stop(server)
                 else:
-                    if kind == "ours":
+                    if kind in ("ours", "baseline"):
                         server, url = start_ours(
-                            upstream_url, in_flight=max(args.clients, 64), queued=4 * max(args.clients, 64)
+                            upstream_url, in_flight=clients, queued=4 * clients, tree=where
                         )
                         path = PREDICT_PATH
                     else:
@@ -437,7 +456,7 @@ def part_cpu(args: argparse.Namespace, results: dict[str, Any]) -> None:
                     finally:
                         stop(server)
                 rows[kind].append(row)
-                print(f"  cpu {kind:7s} {json.dumps(row)}", file=sys.stderr)
+                print(f"  cpu {kind:16s} {json.dumps(row)}", file=sys.stderr)
     finally:
         upstream.kill()
         slow_upstream.kill()
@@ -655,6 +674,21 @@ def summary(results: dict[str, Any], args: argparse.Namespace) -> None:
             f"{refused / bare:.2f}x the bare endpoint, {refused / ours:.2f}x an answered request "
             f"(statuses {rows['refused'][-1]['statuses']})"
         )
+        if rows.get("baseline"):
+            base = _median(rows["baseline"], "server_cpu_ms")
+            base_engine = _median(rows["baseline engine"], "cpu_ms")
+            base_refused = _median(rows["baseline refused"], "server_cpu_ms")
+            commit = results.get("baseline", {}).get("commit", "?")
+            print(
+                f"  (a') the baseline's ({commit}) serve: {base:.3f} ms "
+                f"({_median(rows['baseline'], 'rps'):.0f} req/s); (b') its engine {base_engine:.3f} ms; "
+                f"(d') its refusal {base_refused:.3f} ms"
+            )
+            print(
+                f"  baseline web layer (a' - b') = {base - base_engine:.3f} ms = "
+                f"{(base - base_engine) / bare:.2f}x the bare endpoint; this tree's is "
+                f"{(ours - engine) / (base - base_engine):.2f}x the baseline's"
+            )
         print(
             f"  load generator's own CPU per request: {_median(rows['ours'], 'client_cpu_ms'):.3f} ms "
             f"(ours), {_median(rows['bare'], 'client_cpu_ms'):.3f} ms (bare)"
@@ -745,6 +779,9 @@ def main() -> None:
     parser.add_argument("--profile-out", default=None, help="keep part profile's pstats file here")
     parser.add_argument("--top", type=int, default=30, help="rows of part profile")
     parser.add_argument("--json", default=None, help="also write raw results to this file")
+    parser.add_argument(
+        "--baseline", default=None, help="part cpu also measures this commit's tree (e.g. main), same rounds"
+    )
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--pid", type=int, help=argparse.SUPPRESS)

@@ -1,9 +1,11 @@
-"""Attacks on the overload gate (web/gate.py) under the keep-alive guard (web/keepalive.py), and on
-the numbered calls of a predictor's stream (engine/_streaming.py ``_PredictorSink.new_call``).
+"""Attacks on the front door's overload refusal (web/door.py) under the keep-alive guard
+(web/keepalive.py), and on the numbered calls of a predictor's stream (engine/_streaming.py
+``_PredictorSink.new_call``).
 
-The gate tests send one overloaded request to the served app with the gate and to the same app
-without it (``OverloadGate`` replaced by the bare app), over real Hypercorn sockets, and compare what
-comes back: the gate claims to answer exactly what the app would."""
+The gate tests send one overloaded request to the served app with the gate (the front door, web/door.py,
+answering its refusals itself) and to the same app without it (the door handing every refusal to the
+app), over real Hypercorn sockets, and compare what comes back: the gate claims to answer exactly what
+the app would."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ async def _overloaded_server(
     lm = CountingLM(first_token_delay=300.0)
     with pytest.MonkeyPatch.context() as patch:
         if not gated:
-            patch.setattr(web.server, "OverloadGate", lambda app, state: app)
+            patch.setattr(web.door.FrontDoor, "answers_refusals", False)
         async with (
             running(_overloaded(**changes), lms={"default": lm}) as server,
             trio.open_nursery() as nursery,

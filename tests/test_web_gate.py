@@ -1,6 +1,6 @@
-"""The overload gate (web/gate.py) over a real Hypercorn socket: a refusal answered below Quart is the
-app's 429 (Retry-After, JSON error, request ids, Server-Timing), is counted once, leaves the keep-alive
-connection usable, and never jumps ahead of a 401 or drops the CORS headers."""
+"""The front door's overload refusal (web/door.py) over a real Hypercorn socket: a refusal answered below
+Quart is the app's 429 (Retry-After, JSON error, request ids, Server-Timing), is counted once, leaves the
+keep-alive connection usable, and never jumps ahead of a 401 or drops the CORS headers."""
 
 from __future__ import annotations
 

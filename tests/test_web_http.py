@@ -416,12 +416,6 @@ async def test_overload_is_refused_before_the_body_is_parsed_and_the_connection_
         assert (await client.get("/health")).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web/app.py's on_werkzeug_error reads `request` (HTTP only): for a WebSocket handshake to a route "
-    "that has none it raises RuntimeError('Not within a request context'), so the client gets a bare 500 "
-    "and the log two tracebacks",
-)
 @pytest.mark.parametrize("path", ["/health", "/predict", "/nowhere"])
 async def test_a_websocket_handshake_to_a_route_without_one_gets_a_json_4xx(
     path: str, caplog: pytest.LogCaptureFixture
@@ -440,11 +434,6 @@ async def test_a_websocket_handshake_to_a_route_without_one_gets_a_json_4xx(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a plain GET of a WebSocket route is werkzeug's generic 400 'bad request: GET /v1/ws', which "
-    "does not say what is wrong (no WebSocket handshake)",
-)
 @pytest.mark.parametrize("path", ["/ws", "/v1/ws"])
 async def test_a_plain_get_of_a_websocket_route_says_it_needs_a_websocket_handshake(path: str) -> None:
     async with running() as server, httpx.AsyncClient(base_url=server.url) as client:

@@ -445,12 +445,6 @@ def server_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Hypercorn's WSStream answers an invalid handshake with a bare 400 'Connection: close' and sets "
-    "closed=True without StreamClosed: the h11 protocol never recycles or closes, and the idle timer was "
-    "stopped at the request, so the socket is held until the client leaves (no JSON body either)",
-)
 @pytest.mark.parametrize(
     ("headers", "version"),
     [
@@ -470,12 +464,6 @@ async def test_an_invalid_websocket_handshake_gets_a_json_refusal_and_the_connec
     assert_one_json_refusal(received, (400, 426))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a handshake with a body: Hypercorn answers the body bytes (Data before accept) with a bare 400, "
-    "then the app's accept fails in h11 (_SWITCH_UPGRADE without a proposal), a traceback is logged and a "
-    "WebSocket close frame (88 02 03 e8) is written after the HTTP answer",
-)
 @pytest.mark.parametrize(
     "framing",
     [("Content-Length: 5",), ("Transfer-Encoding: chunked",)],
@@ -521,13 +509,6 @@ async def _refused_handshake_then_health(port: int, how: str) -> tuple[bytes, by
         return received, await read_until_closed(stream)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refused handshake ends the connection (Hypercorn's H11WSConnection never recycles) without "
-    "'Connection: close'; bytes that follow the handshake reach WSStream before its answer, which sends a "
-    "bare 400 and breaks the app's own refusal (h11: can't handle Response in state SEND_BODY/DONE), each "
-    "time with tracebacks in the log",
-)
 @pytest.mark.parametrize("how", ["after_the_answer", "pipelined", "after_a_request"])
 async def test_a_refused_websocket_handshake_on_a_kept_alive_connection_is_answered_and_closes_cleanly(
     caplog: pytest.LogCaptureFixture, how: str
@@ -549,6 +530,31 @@ async def test_a_refused_websocket_handshake_on_a_kept_alive_connection_is_answe
         # or the connection serves the next request
         assert [got for got, _, _ in parse_responses(rest)] == [200], (headers, rest)
     assert server_errors(caplog) == []
+
+
+def _client_text_frame(text: str) -> bytes:
+    """One masked WebSocket text frame, as a client sends it (payloads under 126 bytes)."""
+    payload = text.encode()
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + masked
+
+
+async def test_a_frame_sent_with_the_handshake_is_the_websockets_first_frame() -> None:
+    """The handshake's connection stays h11's until the app accepts it; what the client wrote after its
+    handshake waits in h11's buffer and, after the 101, is the socket's first frame, not lost."""
+    async with running() as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            await stream.send_all(request("GET", "/ws", "Host: x", *WS_HANDSHAKE) + _client_text_frame("q"))
+            received = b""
+            with trio.fail_after(GUARD):
+                while b"[DONE]" not in received:
+                    data = await stream.receive_some(65536)
+                    assert data, received
+                    received += data
+    assert received.startswith(b"HTTP/1.1 101 "), received
+    assert b"x-server-request-id: " in received.partition(b"\r\n\r\n")[0]
 
 
 # --- bytes the client should not have sent --------------------------------------------------------------

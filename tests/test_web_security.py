@@ -120,11 +120,6 @@ async def test_a_websocket_without_a_key_gets_401_with_a_json_body(path: str) ->
     assert refused.json()["error"]["code"] == "invalid_api_key"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web/app.py decorates HTTP answers only (app.after_request): a refused WebSocket handshake goes "
-    "through the same error handler but gets no X-Request-ID, X-Server-Request-ID or Server-Timing",
-)
 @pytest.mark.parametrize("refusal", [401, 403, 503])
 async def test_a_refused_websocket_handshake_carries_the_ids_and_timing_of_every_other_answer(
     refusal: int,
@@ -147,11 +142,6 @@ async def test_a_refused_websocket_handshake_carries_the_ids_and_timing_of_every
     assert refused.headers.get("server-timing", "").startswith("total;dur=")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the access log line is written by web/app.py's after_request hook, which WebSocket handshakes "
-    "never reach: refused handshakes (401, 403) leave no trace in web.requests",
-)
 async def test_refused_websocket_handshakes_are_logged_like_refused_http_requests(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +13,7 @@ import wsproto.events
 
 from dspy_trio.engine import EngineConfig, LMConfig, SimulatedSettings
 from dspy_trio.engine.lm import TrioLM
+from dspy_trio.web.routing import Route
 from dspy_trio.web.server import Server, open_server
 from dspy_trio.web.settings import ServiceSettings
 
@@ -30,9 +31,13 @@ def settings(**changes: Any) -> ServiceSettings:
 
 @asynccontextmanager
 async def running(
-    service: ServiceSettings | None = None, *, lms: Mapping[str, TrioLM] | None = None
+    service: ServiceSettings | None = None,
+    *,
+    lms: Mapping[str, TrioLM] | None = None,
+    routes: Sequence[Route] | None = None,
 ) -> AsyncIterator[Server]:
-    async with open_server(service or settings(), lms=lms) as server:
+    """The service on an ephemeral port for the block (``routes``: a route table other than the service's)."""
+    async with open_server(service or settings(), lms=lms, routes=routes) as server:
         yield server
 
 

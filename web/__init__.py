@@ -1,1 +1,2 @@
-"""dspy-trio's adapters around the engine: the command line (and, later, the HTTP service)."""
+"""dspy-trio's service around the engine: HTTP, SSE and WebSocket on Quart-Trio and Hypercorn
+(``dspy-trio serve``), its command line, and a Trio client for it."""

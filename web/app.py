@@ -1,58 +1,60 @@
-"""The Quart-Trio application: parse, call the engine, format. No scheduling logic lives here.
+"""The Quart-Trio application: the route table's handlers, each called with its call; errors as JSON.
 
-The routes live in Blueprints by concern (:mod:`dspy_trio.web.routes_seed`,
-:mod:`dspy_trio.web.routes_programs`,
-:mod:`dspy_trio.web.routes_ops`, :mod:`dspy_trio.web.websockets`); this module wires them with what every
-request shares:
+::
 
-- a server-generated request id (``uuid4`` hex), the only id used for routing and cancelling; a client's
-  ``X-Request-ID`` is kept as a correlation label (echoed back, logged);
-- the arrival time of the request's head, from which its deadline counts (:mod:`dspy_trio.web.deadline`);
-- one :func:`dspy_trio.web.auth.authorize` for HTTP and WebSocket, whose key becomes the request's owner;
-- CORS by quart-cors (off unless ``cors_origins`` is set);
-- one log line per answered HTTP request, refusals included; errors as JSON (:mod:`dspy_trio.web.errors`).
+    app = create_app(settings)      # a ServiceApp: app.service is its Service, its ASGI entry the front door
 
-The engine is opened by the app's lifespan (``while_serving``) and drained by
-:func:`dspy_trio.web.server.serve` before Hypercorn closes connections.
+- Every request enters through the front door (:mod:`dspy_trio.web.door`), which builds its
+  :class:`dspy_trio.web.call.Call` before Quart runs; :class:`ServiceApp` passes that call to the handler
+  as an argument (``handler(service, call, **path_parameters)``). There are no before- or after-request
+  hooks, and nothing about a request lives in ``quart.g``.
+- The routes are the route table's (:data:`dspy_trio.web.routes.ROUTES`), registered here, one rule per
+  row; Quart serves the static files and quart-schema ``/openapi.json`` and ``/docs``, rows of the table
+  too.
+- A refusal the door handed over (a 401 or 429 while CORS is configured) is raised before routing, so it
+  comes before a 404 or 405, as the door's own refusals do.
+- Every error becomes one JSON answer in OpenAI's shape (:func:`answer_error`; the engine's errors through
+  :mod:`dspy_trio.web.errors`), never a stack trace; a refusal by the web layer is noted on the call for
+  the door's log line.
+- CORS by quart-cors (off unless ``cors_origins`` is set); the OpenAPI document by quart-schema
+  (:mod:`dspy_trio.web.openapi`).
+- The app's start-up opens the engine and its shutdown closes it (:class:`dspy_trio.web.service.Service`);
+  :func:`dspy_trio.web.server.serve` drains it before Hypercorn closes connections.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import trio
-from quart import Response, g, has_request_context, request, websocket
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
+from quart import Response, has_request_context, request, websocket
+from quart.ctx import RequestContext, WebsocketContext
+from quart.globals import request_ctx, websocket_ctx
+from quart.typing import ResponseReturnValue
 from quart_cors import cors
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RoutingException
 
-from dspy_trio.engine import EngineError, open_engine
+from dspy_trio.engine import EngineError
 from dspy_trio.engine.lm import TrioLM
 
-from .auth import authorize
-from .encoding import dumps
+from .call import Call
+from .door import FrontDoor, call_in
 from .errors import HTTPError, engine_error_response, error_body, http_error_response
 from .http import json_response
-from .http import settings as _settings
-from .http import state as _state
-from .openapi import SWAGGER_CSS_URL, SWAGGER_JS_URL, ServiceOpenAPI, swagger_ui
-from .routes_ops import ops
-from .routes_programs import programs
-from .routes_seed import seed
+from .openapi import SWAGGER_CSS_URL, SWAGGER_JS_URL, ServiceOpenAPI
+from .routes import ROUTES
+from .routing import Route, RouteTable
+from .service import Service
 from .settings import ServiceSettings
-from .state import ServiceState
-from .websockets import websockets
 
 logger = logging.getLogger("dspy_trio.web")
-access_log = logging.getLogger("dspy_trio.web.requests")
 
-_LABEL = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STATIC = Path(__file__).parent / "static"
 _CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout"]
 _CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After"]
@@ -66,17 +68,127 @@ _WERKZEUG_CODES = {
 }
 
 
+def answer_error(call: Call, error: Exception, settings: ServiceSettings, method: str, path: str) -> Response:
+    """The JSON answer to an error raised while answering ``call``, in OpenAI's shape.
+
+    Raises:
+        Exception: ``error`` itself when it is not one the service answers (a redirect of the router,
+            a bug): Quart handles it (a bug becomes a logged 500 with a JSON body).
+    """
+    if isinstance(error, EngineError):
+        status, body, headers = engine_error_response(error)
+        return json_response(body, status, headers)
+    if isinstance(error, HTTPError):
+        call.notes.refused = error.code
+        status, body, headers = http_error_response(error)
+        return json_response(body, status, headers)
+    if isinstance(error, HTTPException) and not isinstance(error, RoutingException):
+        status = error.code or 500
+        message = error.description or error.name
+        if status == 413:
+            message = f"the request body is larger than {settings.max_body_bytes} bytes"
+        elif message == type(error).description:  # werkzeug's generic text: say what is known
+            message = f"{error.name.lower()}: {method} {path}"
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        extra: dict[str, Any] = {}
+        if status == 405 and (valid := getattr(error, "valid_methods", None)):
+            extra["Allow"] = ", ".join(sorted(valid))
+        body = error_body(message, type=kind, code=_WERKZEUG_CODES.get(status, "http_error"))
+        call.notes.refused = body["error"]["code"]
+        return json_response(body, status, extra)
+    if isinstance(error, UnicodeDecodeError):
+        call.notes.refused = "bad_request"
+        body = error_body(
+            "the request body must be UTF-8 JSON", type="invalid_request_error", code="bad_request"
+        )
+        return json_response(body, 400)
+    raise error
+
+
+class ServiceApp(QuartTrio):
+    """Quart-Trio that enters through the front door and hands each handler its call.
+
+    Args:
+        service: The service the app serves (its route table, settings, engine).
+    """
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(__name__, static_folder=str(_STATIC), static_url_path="/static")
+        self.service = service
+        self.door = FrontDoor(super().asgi_app, service)
+        self._handlers: dict[str, Route] = {}
+        for route in service.routes:
+            if route.handler is None:
+                continue  # served by Quart (static files) or quart-schema (/docs, /openapi.json)
+            self._handlers[route.endpoint] = route
+            if route.websocket:
+                self.add_websocket(route.quart_rule, route.endpoint, route.handler)
+            else:
+                self.add_url_rule(
+                    route.quart_rule, route.endpoint, route.handler, methods=sorted(route.methods)
+                )
+
+    async def asgi_app(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        """Every request enters through the front door (which then calls Quart's own ``asgi_app``)."""
+        await self.door(scope, receive, send)
+
+    async def dispatch_request(self, request_context: RequestContext | None = None) -> ResponseReturnValue:
+        request_ = (request_context or request_ctx).request
+        call = call_in(request_.scope)
+        try:
+            if call.refusal is not None:
+                raise call.refusal
+            if request_.routing_exception is not None:
+                raise request_.routing_exception
+            rule = request_.url_rule
+            assert rule is not None
+            if request_.method == "OPTIONS" and rule.provide_automatic_options:
+                return await self.make_default_options_response()
+            view: Any = self.view_functions[rule.endpoint]
+            parameters = request_.view_args or {}
+            if rule.endpoint in self._handlers:
+                answer: ResponseReturnValue = await view(self.service, call, **parameters)
+                return answer
+            answer = await self.ensure_async(view)(**parameters)
+            return answer
+        except Exception as error:
+            return answer_error(call, error, self.service.settings, request_.method, request_.path)
+
+    async def dispatch_websocket(
+        self, websocket_context: WebsocketContext | None = None
+    ) -> ResponseReturnValue | None:
+        websocket_ = (websocket_context or websocket_ctx).websocket
+        call = call_in(websocket_.scope)
+        try:
+            if call.refusal is not None:
+                raise call.refusal
+            if websocket_.routing_exception is not None:
+                raise websocket_.routing_exception
+            rule = websocket_.url_rule
+            assert rule is not None
+            view: Any = self.view_functions[rule.endpoint]
+            await view(self.service, call, **(websocket_.view_args or {}))
+            return None
+        except Exception as error:
+            return answer_error(call, error, self.service.settings, "GET", websocket_.path)
+
+
 def create_app(
-    settings: ServiceSettings | None = None, *, lms: Mapping[str, TrioLM] | None = None
-) -> QuartTrio:
+    settings: ServiceSettings | None = None,
+    *,
+    lms: Mapping[str, TrioLM] | None = None,
+    routes: Sequence[Route] | None = None,
+) -> ServiceApp:
     """Build the application. The engine opens when serving starts and closes when it ends.
 
     Args:
         settings: Service and engine settings; ``ServiceSettings.from_env()`` when omitted.
         lms: LM instances to use instead of those in the engine config (tests, embedding).
+        routes: The route table; the service's (:data:`dspy_trio.web.routes.ROUTES`) when omitted.
     """
     settings = settings or ServiceSettings.from_env()
-    app = QuartTrio(__name__, static_folder=str(_STATIC), static_url_path="/static")
+    service = Service(settings, RouteTable(ROUTES if routes is None else routes), lms)
+    app = ServiceApp(service)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams are bounded by each request's own deadline
     app.config["QUART_SCHEMA_SWAGGER_JS_URL"] = SWAGGER_JS_URL  # served from the package: /docs works offline
@@ -88,46 +200,16 @@ def create_app(
         redoc_ui_path=None,  # both load their scripts from CDNs: blank pages offline
         scalar_ui_path=None,
     )
-    state = ServiceState(settings)
-    app.extensions["dspy_trio"] = state
-
-    # The engine lives in a task of the lifespan's nursery (``app.nursery``), not in an async generator
-    # (``while_serving``): its nursery must never be suspended across a ``yield``, or a cancelled
-    # lifespan corrupts Trio's nursery stack.
-    engine_stop, engine_closed = trio.Event(), trio.Event()
-
-    async def own_engine(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        try:
-            async with open_engine(settings.engine, lms=lms) as engine:
-                state.engine = engine
-                task_status.started()
-                started = True
-                await engine_stop.wait()
-                state.draining = True
-        except Exception as exc:
-            # Hypercorn would log a failed lifespan and serve on without an engine: instead the service
-            # stops and ``serve`` ends with this error (a supervisor then restarts the process).
-            state.fail(exc)
-            if not started:
-                raise
-        finally:
-            engine_closed.set()
+    app.extensions["dspy_trio"] = service
 
     @app.before_serving
     async def start_engine() -> None:
-        await app.nursery.start(own_engine)
+        await service.start(app.nursery)
 
     @app.after_serving
     async def stop_engine() -> None:
-        engine_stop.set()
-        await engine_closed.wait()
+        await service.stop()
 
-    app.before_request(identify_and_authorize)
-    app.before_request(refuse_when_overloaded)
-    app.after_request(decorate)
-    for blueprint in (ops, seed, programs, websockets, swagger_ui):
-        app.register_blueprint(blueprint)
     if settings.cors_origins:
         cors(
             app,
@@ -137,120 +219,13 @@ def create_app(
             expose_headers=_CORS_EXPOSE,
             max_age=600,
         )
-    register_error_handlers(app)
-    return app
-
-
-async def identify_and_authorize() -> None:
-    """Before every HTTP request: its arrival time, its ids, and its owner (or 401)."""
-    g.arrived = trio.current_time()
-    g.request_id = uuid.uuid4().hex
-    label = request.headers.get("X-Request-ID", "")
-    g.label = label if _LABEL.match(label) else None
-    g.owner = ""
-    g.owner = authorize(_settings(), method=request.method, path=request.path, headers=request.headers)
-
-
-# Endpoints that refuse an overload before their body is read (a batch is admitted item by item).
-_OVERLOAD_CHECKED = {
-    "programs.program_predict": None,
-    "programs.program_stream": None,
-    "seed.seed_predict": "default",
-    "seed.seed_predict_stream": "default",
-    "seed.seed_stream": "default",
-}
-
-
-async def refuse_when_overloaded() -> None:
-    """Before a prediction or stream: a 429 at once when the engine is overloaded, before the body is
-    parsed and validated, so refusals stay cheap when the server is saturated."""
-    if request.method != "POST" or request.endpoint not in _OVERLOAD_CHECKED:
-        return  # e.g. a CORS preflight (OPTIONS) of the same route: never refused, never counted
-    if (engine := _state().engine) is None:
-        return
-    program = _OVERLOAD_CHECKED[request.endpoint] or (request.view_args or {}).get("name", "")
-    engine.refuse_if_overloaded(str(program))
-
-
-async def decorate(response: Response) -> Response:
-    """After every HTTP request: ids, ``Server-Timing``, ``Allow`` on 405, and one access log line."""
-    request_id = g.get("request_id", "")
-    response.headers["X-Server-Request-ID"] = request_id
-    response.headers["X-Request-ID"] = g.get("label") or request_id
-    arrived = g.get("arrived", trio.current_time())
-    total = (trio.current_time() - arrived) * 1000
-    timing = [f"total;dur={total:.3f}"]
-    if (timings := g.get("timings")) is not None:
-        lm = f"lm;dur={timings.lm * 1000:.3f}"
-        if lms := g.get("lms"):  # the LMs that answered (a fallback's name when the first one failed)
-            lm += f";desc={_quoted(' '.join(lms))}"
-        timing += [f"queue;dur={timings.queued * 1000:.3f}", lm]
-    response.headers["Server-Timing"] = ", ".join(timing)
-    if (refused := g.get("refused")) is not None and access_log.isEnabledFor(logging.INFO):
-        log_refusal(refused, response.status_code, total)
-    return response
-
-
-def _quoted(text: str) -> str:
-    """``text`` as an HTTP quoted-string (RFC 9110): printable ASCII only, ``"`` and ``\\`` escaped.
-    (An LM's name is a TOML key, which may hold anything, a newline included.)"""
-    kept = "".join(c for c in text if " " <= c <= "~")
-    return '"' + kept.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def log_refusal(code: str, status: int, total_ms: float) -> None:
-    """One JSON line, shaped like the engine's request lines, for a request the web layer refused before
-    the engine saw it (401, 404, 405, 413, 415, 422, ...)."""
-    line = {
-        "event": "request",
-        "request_id": g.get("request_id"),
-        "label": g.get("label"),
-        "kind": "http",
-        "method": request.method,
-        "path": request.path,
-        "status": status,
-        "outcome": "rejected" if status in (401, 403) else "invalid",
-        "error": code,
-        "total_ms": round(total_ms, 3),
-    }
-    access_log.info(dumps(line))
-
-
-def register_error_handlers(app: QuartTrio) -> None:
-    """Every error as JSON in OpenAI's shape; never a stack trace."""
-
-    @app.errorhandler(EngineError)
-    async def on_engine_error(error: EngineError) -> Response:
-        status, body, headers = engine_error_response(error)
-        return json_response(body, status, headers)
-
-    @app.errorhandler(HTTPError)
-    async def on_http_error(error: HTTPError) -> Response:
-        status, body, headers = http_error_response(error)
-        g.refused = error.code
-        return json_response(body, status, headers)
 
     @app.errorhandler(HTTPException)
-    async def on_werkzeug_error(error: HTTPException) -> Response:
-        status = error.code or 500
-        message = error.description or error.name
-        if status == 413:
-            message = f"the request body is larger than {_settings().max_body_bytes} bytes"
-        elif message == type(error).description:  # werkzeug's generic text: say what is known
-            message = f"{error.name.lower()}: {request.method} {request.path}"
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        headers: dict[str, Any] = {}
-        if status == 405 and (valid := getattr(error, "valid_methods", None)):
-            headers["Allow"] = ", ".join(sorted(valid))
-        body = error_body(message, type=kind, code=_WERKZEUG_CODES.get(status, "http_error"))
-        g.refused = body["error"]["code"]
-        return json_response(body, status, headers)
-
-    @app.errorhandler(UnicodeDecodeError)
-    async def on_undecodable_body(error: UnicodeDecodeError) -> Response:
-        message = "the request body must be UTF-8 JSON"
-        g.refused = "bad_request"
-        return json_response(error_body(message, type="invalid_request_error", code="bad_request"), 400)
+    async def on_http_exception(error: HTTPException) -> Response:
+        """An HTTP error raised outside a handler (by an extension's hook), answered as the handlers' are."""
+        connection = request if has_request_context() else websocket
+        method = request.method if has_request_context() else "GET"
+        return answer_error(call_in(connection.scope), error, settings, method, connection.path)
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
@@ -260,5 +235,7 @@ def register_error_handlers(app: QuartTrio) -> None:
             logger.exception("unhandled error in WebSocket %s", websocket.path)
         return json_response(error_body("internal error", type="server_error", code="internal_error"), 500)
 
+    return app
 
-__all__ = ["ServiceState", "create_app"]
+
+__all__ = ["ServiceApp", "answer_error", "create_app"]

@@ -1,12 +1,15 @@
-"""One gate for HTTP and WebSocket: API keys, CORS preflight, and the WebSocket Origin policy.
+"""Who may call: API keys, CORS preflight, and the WebSocket Origin policy, for HTTP and WebSocket alike.
 
-Rules (docs/security.md states them):
+The front door (:mod:`dspy_trio.web.door`) calls :func:`authorize` once per request, with the route the
+path matched. Rules (docs/security.md states them):
 
-- With ``api_keys`` configured, every request except ``/health``, ``/ready``, the playground, the API's
-  description (``/docs``, ``/openapi.json``) and the static files needs ``Authorization: Bearer KEY`` (a
-  WebSocket may pass ``?api_key=KEY``). The key, compared in constant time, is the request's *owner*:
-  only the same key may cancel it. Without keys the owner is ``""`` for everyone, so anyone may cancel
-  (as anyone may call).
+- With ``api_keys`` configured, every request needs ``Authorization: Bearer KEY`` (a WebSocket may pass
+  ``?api_key=KEY``) except on the routes the route table marks ``open``
+  (:data:`dspy_trio.web.routes.ROUTES`: ``/health``, ``/ready``, the playground, the API's description
+  ``/docs`` and ``/openapi.json``, the static files); a path no route matches needs a key too (so a 401
+  comes before a 404). The key, compared in constant time, is the request's *owner*: only the same key
+  may cancel it (the engine checks, :mod:`dspy_trio.engine._owners`). Without keys the owner is ``""``
+  for everyone, so anyone may cancel (as anyone may call).
 - A CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) is never authenticated: browsers
   send it without credentials.
 - A WebSocket handshake from a browser (it has an ``Origin``) is refused unless that origin is the
@@ -21,23 +24,16 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from .errors import HTTPError
+from .routing import Route
 from .settings import ServiceSettings
 
 
 class Headers(Protocol):
-    """Case-insensitive request headers (werkzeug's)."""
+    """A request's headers by lower-case name (the first value of a repeated header, as werkzeug reads)."""
 
     def get(self, key: str) -> str | None: ...
 
     def __contains__(self, key: str, /) -> bool: ...
-
-
-# The probes, the playground, and the API's description (/docs, whose Swagger UI asks for the key).
-OPEN_PATHS = frozenset({"/health", "/ready", "/", "/docs", "/openapi.json"})
-
-
-def _public(path: str) -> bool:
-    return path in OPEN_PATHS or path.startswith("/static/")
 
 
 def _matching_key(given: str, keys: tuple[str, ...]) -> str | None:
@@ -53,18 +49,19 @@ def _same_origin(origin: str, host: str | None) -> bool:
 
 def authorize(
     settings: ServiceSettings,
+    route: Route | None,
     *,
     method: str,
-    path: str,
     headers: Headers,
     query: Mapping[str, str] | None = None,
     websocket: bool = False,
 ) -> str:
-    """Admit a request or raise; return its owner key ("" when no keys are configured).
+    """Admit a request or raise; return its owner key ("" when no keys are configured). Never blocks.
 
     Args:
         settings: Keys and CORS origins.
-        method, path, headers: The request's.
+        route: The route the request's path matched (None: no route, a key is needed).
+        method, headers: The request's (header names in lower case).
         query: Its query arguments (``api_key`` is read from them for WebSockets only).
         websocket: Whether this is a WebSocket handshake (the Origin policy applies).
 
@@ -73,19 +70,19 @@ def authorize(
             ``invalid_api_key`` when a key is required and missing or wrong.
     """
     if websocket:
-        origin = headers.get("Origin")
-        if origin and origin not in settings.cors_origins and not _same_origin(origin, headers.get("Host")):
+        origin = headers.get("origin")
+        if origin and origin not in settings.cors_origins and not _same_origin(origin, headers.get("host")):
             raise HTTPError(
                 403,
                 f"WebSocket connections from origin {origin!r} are not allowed",
                 type="permission_error",
                 code="origin_not_allowed",
             )
-    if not settings.api_keys or _public(path):
+    if not settings.api_keys or (route is not None and route.open):
         return ""
-    if method == "OPTIONS" and "Access-Control-Request-Method" in headers:
+    if method == "OPTIONS" and "access-control-request-method" in headers:
         return ""  # a CORS preflight carries no credentials
-    scheme, _, given = (headers.get("Authorization") or "").partition(" ")
+    scheme, _, given = (headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" and websocket and query is not None:
         given = query.get("api_key", "")
     elif scheme.lower() != "bearer":

@@ -2,8 +2,8 @@
 
 ::
 
-    deadline = RequestDeadline.start(settings, arrived=g.arrived, asked=body.timeout_secs,
-                                     header=request.headers.get("X-Request-Timeout"))
+    deadline = RequestDeadline.start(settings, arrived=call.arrived, asked=body.timeout_secs,
+                                     header=call.timeout_header)      # Call.deadline() does this
     with deadline.scope():                 # the engine sees it as trio.current_effective_deadline()
         result = await engine.predict(...)
     ...

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from dspy_trio.engine import (
@@ -29,7 +30,8 @@ from dspy_trio.engine import (
 
 class HTTPError(Exception):
     """An error of the HTTP layer itself (bad JSON, auth, size limits), with its status (and, for a
-    refusal the client should retry, the seconds to wait: ``Retry-After``)."""
+    refusal the client should retry, the seconds to wait: ``Retry-After``; any other header the
+    answer must carry in ``headers``, e.g. a 426's ``Upgrade``)."""
 
     def __init__(
         self,
@@ -40,6 +42,7 @@ class HTTPError(Exception):
         code: str,
         param: str | None = None,
         retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -48,6 +51,7 @@ class HTTPError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.headers = dict(headers or {})
 
 
 # Most specific first.
@@ -104,7 +108,10 @@ def _retry_after_header(seconds: float | None) -> str:
 
 
 def http_error_response(error: HTTPError) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, JSON body and extra headers (``Retry-After``) for an error of the HTTP layer."""
-    headers = {} if error.retry_after is None else {"Retry-After": _retry_after_header(error.retry_after)}
+    """Status, JSON body and extra headers (``Retry-After``, the error's own) for an error of the HTTP
+    layer."""
+    headers = dict(error.headers)
+    if error.retry_after is not None:
+        headers["Retry-After"] = _retry_after_header(error.retry_after)
     body = error_body(error.message, type=error.type, code=error.code, param=error.param)
     return error.status, body, headers

@@ -96,7 +96,7 @@ class KeepAliveGuard:
             if message["type"] == "http.response.start" and not body_done:
                 # An answer before the body arrived: wait for the body (bounded) so the connection
                 # stays usable, or tell the client the connection closes. An answer that says so itself
-                # (the overload gate's, after its own bounded read) is not held again.
+                # (the front door's refusal, after its own bounded read) is not held again.
                 closing = any(
                     name.lower() == b"connection" and value.lower() == b"close"
                     for name, value in message.get("headers", ())

@@ -1,4 +1,4 @@
-"""``/metrics``: the engine's statistics as Prometheus text (prometheus-client), and the seed's JSON."""
+"""``/metrics``: the engine's statistics as Prometheus text (prometheus-client), and as a few JSON fields."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def metrics_text(engine: Engine) -> tuple[bytes, str]:
 
 
 def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
-    """The seed's fields, plus the engine's own counters."""
+    """The plain fields (requests, errors, latency), plus the engine's own counters."""
     errors = stats.failed + stats.timed_out
     ended = stats.ended
     return {

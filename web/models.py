@@ -20,7 +20,7 @@ class _Strict(pydantic.BaseModel):
 
 
 class SeedRequest(_Strict):
-    """The seed's body: a question for the default program."""
+    """The plain endpoints' body: a question for the default program."""
 
     question: str
     timeout_secs: Timeout = None

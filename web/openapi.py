@@ -1,13 +1,15 @@
 """The OpenAPI document (``/openapi.json``) and its Swagger UI (``/docs``), served without a network.
 
-quart-schema builds the paths and the request bodies from the routes and their pydantic models; this
-module completes the document with what the code does and the models cannot say:
+quart-schema builds the paths and the request bodies from the registered routes and their pydantic
+models; this module completes the document from the route table (:data:`dspy_trio.web.routes.ROUTES`),
+which says what the code does where the models cannot:
 
 - every request body is ``required`` (a POST without one gets 415);
-- every operation lists the statuses it can answer, each refusal with the error shape (``Error``) and
-  its codes, ``Retry-After`` where it is sent, and the batch's ``maxItems`` as configured
+- every operation lists the statuses it can answer (the route's ``refusals``, and 401 unless it is
+  ``open``), each refusal with the error shape (``Error``) and its codes, ``Retry-After`` where it is sent,
+  the media types of its success (its wire formats), and the batch's ``maxItems`` as configured
   (``max_batch_items``; more get 413);
-- with API keys configured, the bearer scheme (Swagger UI's "Authorize");
+- with API keys configured, the bearer scheme (Swagger UI's "Authorize") on every route that needs one;
 - summaries are the first sentence of each handler's docstring.
 
 Swagger UI's script and stylesheet ship in a PyPI package (``flask-swagger-ui``, MIT, which vendors
@@ -21,10 +23,12 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from quart import Blueprint, Response, current_app, send_from_directory
+from quart import Response, current_app, send_from_directory
 from quart_schema import hide
 from quart_schema.openapi import OpenAPIProvider
 from werkzeug.exceptions import NotFound
+
+from .routing import Route
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -68,52 +72,14 @@ _REFUSALS: dict[int, str] = {
 }
 _WITH_RETRY_AFTER = {429, 503}
 
-_BODY = {400, 401, 413, 415, 422, 503}  # anything that reads a JSON body
-_PREDICTION = _BODY | {404, 429, 499, 502, 504}
-_STREAM = _BODY | {404, 429}  # once the stream has begun, errors are events
-_BATCH = _BODY | {404}  # items fail one by one, in the results
 
-# (path, method) -> the success answer and the refusals.
-_OPERATIONS: dict[tuple[str, str], tuple[str, set[int]]] = {
-    ("/", "get"): ("The playground (HTML).", set()),
-    ("/health", "get"): ("`OK` (text).", set()),
-    ("/ready", "get"): (
-        '`{"status": "ready"}`, with `breakers` (each circuit breaker\'s state) when LMs have one and '
-        "`cluster` when Redis is configured.",
-        {503},
-    ),
-    ("/metrics", "get"): ("Prometheus text, or JSON with `Accept: application/json`.", {401, 503}),
-    ("/predict", "post"): ('`{"answer", "duration_ms", "request_id"}`.', _PREDICTION),
-    ("/predict/stream", "post"): ("SSE: `data: <token>` ..., then `data: [DONE]`.", _STREAM),
-    ("/stream", "post"): ("SSE: `data: <token>` ..., then `data: [DONE]`.", _STREAM),
-    ("/v1/programs", "get"): ('`{"programs": [...]}`: names, input and output fields.', {401, 503}),
-    ("/v1/programs/{name}/predict", "post"): (
-        '`{"request_id", "program", "outputs", "usage", "timings"}`.',
-        _PREDICTION,
-    ),
-    ("/v1/programs/{name}/stream", "post"): (
-        "SSE: `status`, `delta` ..., then one `final` or `error` event.",
-        _STREAM,
-    ),
-    ("/v1/programs/{name}/batch", "post"): (
-        '`{"results": [...]}` in input order, or SSE / NDJSON as items complete (`Accept`).',
-        _BATCH,
-    ),
-    ("/v1/requests/{request_id}", "delete"): (
-        '`{"cancelled": id}`; 404 `unknown_request` for an id not in flight for this key.',
-        {401, 404, 503},
-    ),
-}
-
-
-def documented_statuses(path: str, method: str) -> set[int]:
-    """The statuses the document lists for an operation (200 and its refusals)."""
-    return {200} | _OPERATIONS[(path, method.lower())][1]
-
-
-def _responses(success: str, refusals: set[int]) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": {"description": success}}
-    for status in sorted(refusals):
+def _responses(route: Route) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": route.answer}
+    media_types = [wire.media_type for wire in route.formats if "/" in wire.media_type]
+    if media_types:
+        success["content"] = {media_type: {} for media_type in dict.fromkeys(media_types)}
+    responses: dict[str, Any] = {"200": success}
+    for status in sorted(route.statuses() - {200}):
         response: dict[str, Any] = {
             "description": _REFUSALS[status],
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -134,7 +100,8 @@ class ServiceOpenAPI(OpenAPIProvider):
 
     def schema(self) -> dict[str, Any]:
         document = super().schema()
-        settings = current_app.extensions["dspy_trio"].settings
+        service = current_app.extensions["dspy_trio"]
+        settings, routes = service.settings, service.routes
         components = document.setdefault("components", {})
         components.setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
         if settings.api_keys:
@@ -147,10 +114,10 @@ class ServiceOpenAPI(OpenAPIProvider):
                 operation["description"] = text
                 if "requestBody" in operation:
                     operation["requestBody"]["required"] = True
-                if (path, method) in _OPERATIONS:
-                    success, refusals = _OPERATIONS[(path, method)]
-                    operation["responses"] = _responses(success, refusals)
-                    if settings.api_keys and 401 in refusals:
+                route = routes.by_template(path)
+                if route is not None and method.upper() in route.methods:
+                    operation["responses"] = _responses(route)
+                    if settings.api_keys and route.keyed:
                         operation["security"] = [{"bearer": []}]
                 elif not operation.get("responses"):
                     operation["responses"] = {"default": {"description": "See docs/http-api.md."}}
@@ -175,12 +142,8 @@ def swagger_ui_dir() -> Path | None:
     return directory if (directory / "swagger-ui-bundle.js").is_file() else None
 
 
-swagger_ui = Blueprint("swagger_ui", __name__)
-
-
-@swagger_ui.get("/static/swagger-ui/<name>")
 @hide
-async def swagger_ui_asset(name: str) -> Response:
+async def swagger_ui_asset(service: object, call: object, name: str) -> Response:
     """A file of Swagger UI (``/docs`` loads them from here, not from a CDN)."""
     directory = swagger_ui_dir()
     if directory is None or name not in _SWAGGER_FILES:
@@ -193,4 +156,4 @@ async def swagger_ui_asset(name: str) -> Response:
 SWAGGER_JS_URL = "/static/swagger-ui/swagger-ui-bundle.js"
 SWAGGER_CSS_URL = "/static/swagger-ui/swagger-ui.css"
 
-__all__ = ["SWAGGER_CSS_URL", "SWAGGER_JS_URL", "ServiceOpenAPI", "documented_statuses", "swagger_ui"]
+__all__ = ["SWAGGER_CSS_URL", "SWAGGER_JS_URL", "ServiceOpenAPI", "swagger_ui_asset"]

@@ -31,6 +31,10 @@ already made to look for an upgrade):
   are dropped unread (RFC 9112 section 9.6: the server MUST NOT process further requests on it) and the
   request gets its answer. h11 raised "Got data when expecting EOF" on them, which Hypercorn answered
   with a 400 in place of the request's own answer.
+- A WebSocket handshake that can never be accepted (a body, HTTP/1.0, no key, a version but 13) gets a
+  400 ``invalid_websocket_handshake`` or a 426 ``unsupported_websocket_version`` and closes; a valid one
+  is answered by the app while h11 still frames the connection (:mod:`dspy_trio.web.handshake`), so a
+  refusal is one HTTP answer with ``Connection: close``, and only a 101 switches the connection.
 
 Every refusal is one JSON error in the API's shape (``{"error": {"message", "type", "code", "param"}}``),
 sent in one write, with ``Connection: close``; nothing after it on the connection is read.
@@ -44,10 +48,15 @@ from typing import Any
 
 import h11
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Request, Response
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.ws_stream import WSStream
 
 from .encoding import dumps
 from .errors import error_body
+from .handshake import PendingHandshake, closing, handshake_refusal, is_websocket_handshake
 from .hosts import AllowedHosts
 
 _HTTP_1 = frozenset({b"1.0", b"1.1"})
@@ -79,11 +88,14 @@ class _H11Connection(h11.Connection):
 class RequestRefused(Exception):
     """A request head breaks one of the rules above: answer ``status`` with this error and close."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or []
 
 
 def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) -> None:
@@ -131,6 +143,8 @@ def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) 
             f"this server does not answer for the host {shown!r} (a defence against DNS rebinding): "
             "reach it as localhost, or list the name in DSPY_TRIO_ALLOWED_HOSTS",
         )
+    if is_websocket_handshake(request) and (refusal := handshake_refusal(request)) is not None:
+        raise RequestRefused(*refusal)
 
 
 class HTTP11Protocol(H11Protocol):
@@ -150,11 +164,49 @@ class HTTP11Protocol(H11Protocol):
         try:
             await super().handle(event)
         except RequestRefused as refused:
-            await self._refuse(refused.status, refused.code, refused.message)
+            await self._refuse(refused.status, refused.code, refused.message, refused.headers)
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # Hypercorn's raises to switch to HTTP/2 (after a 101 for Upgrade: h2c); ours never switches.
         check_request_head(event, self.hosts)
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        # Hypercorn's, but a WebSocket handshake's connection stays h11's until the app answers it.
+        stream: HTTPStream | WSStream
+        arguments = (self.app, self.config, self.context, self.task_group, self.ssl, self.client, self.server)
+        if is_websocket_handshake(request):
+            assert isinstance(self.connection, h11.Connection)
+            end = self.connection.next_event()  # a handshake has no body (check_request_head): it ends here
+            assert isinstance(end, h11.EndOfMessage), end
+            self.connection = PendingHandshake(self.connection)  # type: ignore[assignment]  # as H11WSConnection
+            stream = WSStream(*arguments, self._handshake_send, STREAM_ID)
+        else:
+            stream = HTTPStream(*arguments, self.stream_send, STREAM_ID)
+        self.stream = stream
+        headers = request.headers.raw_items() if self.config.h11_pass_raw_headers else list(request.headers)
+        await stream.handle(
+            Request(
+                stream_id=STREAM_ID,
+                headers=headers,
+                http_version=request.http_version.decode(),
+                method=request.method.decode("ascii").upper(),
+                raw_path=request.target,
+                state=self.connection_state,
+            )
+        )
+        self.keep_alive_requests += 1
+        await self.context.mark_request()
+
+    async def _handshake_send(self, event: StreamEvent) -> None:
+        # What a WebSocket stream sends (an HTTP stream sends through stream_send directly): its refusal
+        # closes the connection; its acceptance (101) resumes the reading h11 had paused.
+        handshake = self.connection
+        pending = isinstance(handshake, PendingHandshake) and not handshake.switched
+        if pending and isinstance(event, Response) and event.status_code >= 200:
+            event = closing(event)
+        await self.stream_send(event)
+        if pending and isinstance(handshake, PendingHandshake) and handshake.switched:
+            await self.can_read.set()
 
     async def _send_error_response(self, status_code: int) -> None:
         # Called only from Hypercorn's ``except h11.RemoteProtocolError`` block: that error is the one
@@ -163,16 +215,21 @@ class HTTP11Protocol(H11Protocol):
         detail = str(error)[:200] if isinstance(error, h11.RemoteProtocolError) else "malformed request"
         await self._respond(status_code, "malformed_request", f"malformed HTTP/1.1 request: {detail}")
 
-    async def _refuse(self, status: int, code: str, message: str) -> None:
-        await self._respond(status, code, message)
+    async def _refuse(
+        self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        await self._respond(status, code, message, headers)
         await self.send(Closed())
 
-    async def _respond(self, status: int, code: str, message: str) -> None:
+    async def _respond(
+        self, status: int, code: str, message: str, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         payload = dumps(error_body(message, type="invalid_request_error", code=code)).encode()
         headers: list[tuple[bytes, bytes]] = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
             (b"connection", b"close"),
+            *(extra or ()),
             *self.config.response_headers("h11"),
         ]
         events = (

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, current_app, g, request
+from quart import Response, current_app, request
 
+from .call import Call
 from .errors import HTTPError
-from .http import json_response, state
+from .http import json_response
 from .metrics import metrics_json, metrics_text
-from .state import not_ready
+from .service import Service, not_ready
 from .workers import instance_metrics_json, instance_metrics_text, workers_dir
 
-ops = Blueprint("ops", __name__)
 
-
-@ops.get("/")
-async def playground() -> Response:
+async def playground(service: Service, call: Call) -> Response:
     """The browser playground (static files shipped in the package)."""
     return await current_app.send_static_file("index.html")
 
 
-@ops.get("/health")
-async def health() -> Response:
+async def health(service: Service, call: Call) -> Response:
     """Liveness: the process answers."""
     return Response("OK", mimetype="text/plain")
 
 
-@ops.get("/ready")
-async def ready() -> Response:
+async def ready(service: Service, call: Call) -> Response:
     """Readiness: 503 while starting or draining. The state of each LM's circuit breaker (``breakers``:
     ``closed``, ``open``, ``half_open``; an open one does not make the process unready: its calls fall
     back or fail fast). With a cluster (Redis), also how many processes share the upstream quota and
     whether this one has fallen back to its local share (``degraded``)."""
-    service = state()
     if service.ready:
         body: dict[str, object] = {"status": "ready"}
         if service.engine is not None:
@@ -44,15 +39,14 @@ async def ready() -> Response:
     raise not_ready()
 
 
-@ops.delete("/v1/requests/<request_id>")
-async def cancel_request(request_id: str) -> Response:
+async def cancel_request(service: Service, call: Call, request_id: str) -> Response:
     """Cancel an in-flight request by the id the server gave it (``request_id`` in bodies, the
     ``X-Server-Request-ID`` header). Only the API key that started it may; for any other caller the id
     does not exist (404), so ids cannot be probed. With a cluster (Redis), a request running in another
     worker or replica is cancelled there, under the same rule (the engine's,
     :mod:`dspy_trio.engine._owners`)."""
-    engine = state().engine_even_draining()  # an owner may still cancel while the server drains
-    found = await engine.cancel_anywhere(request_id, owner=g.owner)
+    engine = service.engine_even_draining()  # an owner may still cancel while the server drains
+    found = await engine.cancel_anywhere(request_id, owner=call.owner)
     if not found:
         raise HTTPError(
             404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
@@ -60,10 +54,9 @@ async def cancel_request(request_id: str) -> Response:
     return json_response({"cancelled": request_id})
 
 
-@ops.get("/metrics")
-async def metrics() -> Response:
-    """Prometheus text, or the seed's JSON fields with ``Accept: application/json``."""
-    engine = state().engine_even_draining()  # the last counts of a stopping process stay readable
+async def metrics(service: Service, call: Call) -> Response:
+    """Prometheus text, or a few JSON fields with ``Accept: application/json``."""
+    engine = service.engine_even_draining()  # the last counts of a stopping process stay readable
     directory = workers_dir()  # several workers: the whole instance
     if request.accept_mimetypes.best_match(["text/plain", "application/json"]) == "application/json":
         if directory is not None:

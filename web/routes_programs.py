@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import trio
-from quart import Blueprint, Response, g, request
+from quart import Response, request
 
-from dspy_trio.engine import BatchItem, UnknownProgramError
+from dspy_trio.engine import BatchItem, StreamEvent, UnknownProgramError
 
-from .encoding import batch_item_json, result_json
+from .call import Call
+from .encoding import batch_item_json
 from .errors import HTTPError
-from .http import checked_engine, deadline, json_body, json_response, predict, sse_response, state
+from .formats import BatchDone, batch_ndjson, batch_sse, v1_json, v1_sse
+from .http import checked_engine, json_body, json_response, predict_answer, streamed_response
 from .models import BatchRequest, ProgramRequest
-from .routes_seed import stream_response
-from .sse import batch_body, missing_outcomes
+from .routing import Wire
+from .runner import Emit, run, run_batch
+from .service import Service
+from .sse import EventBody
 
-programs = Blueprint("programs", __name__)
 
-
-@programs.get("/v1/programs")
-async def list_programs() -> Response:
+async def list_programs(service: Service, call: Call) -> Response:
     """Every served program with its input and output fields."""
     listing = [
         {
@@ -32,32 +31,49 @@ async def list_programs() -> Response:
             "inputs": [{"name": f.name, "type": f.type, "required": f.required} for f in info.inputs],
             "outputs": list(info.outputs),
         }
-        for info in state().require_engine().programs()
+        for info in service.require_engine().programs()
     ]
     return json_response({"programs": listing})
 
 
-@programs.post("/v1/programs/<name>/predict")
 @json_body(ProgramRequest)
-async def program_predict(name: str, data: ProgramRequest) -> Response:
+async def program_predict(service: Service, call: Call, name: str, data: ProgramRequest) -> Response:
     """One prediction: outputs, usage and timings."""
-    return json_response(result_json(await predict(name, data.inputs, deadline(data.timeout_secs))))
+    return json_response(v1_json(await predict_answer(service, call, data.inputs, data.timeout_secs)))
 
 
-@programs.post("/v1/programs/<name>/stream")
 @json_body(ProgramRequest)
-async def program_stream(name: str, data: ProgramRequest) -> Response:
+async def program_stream(service: Service, call: Call, name: str, data: ProgramRequest) -> Response:
     """SSE: status, deltas, then one final or error event."""
-    return stream_response(name, data.inputs, data.timeout_secs, seed=False)
+    return stream_response(service, call, data.inputs, data.timeout_secs, v1_sse)
 
 
-@programs.post("/v1/programs/<name>/batch")
+def stream_response(
+    service: Service,
+    call: Call,
+    inputs: Mapping[str, Any],
+    asked: float | None,
+    encode: Callable[[StreamEvent], bytes | None],
+) -> Response:
+    """An SSE response streaming the call's run of its route's program; bad input and overload are
+    answered with a status first (:meth:`dspy_trio.engine.Engine.precheck`), the rest as events."""
+    until = call.deadline(service.settings, asked)
+    engine = checked_engine(service, inputs)
+    program = call.runs()
+    engine.precheck(program, inputs)  # so that bad input and overload get a status, not an event
+
+    async def produce(emit: Emit) -> None:
+        await run(engine, call, until, program, inputs, stream=True, emit=emit)
+
+    return streamed_response(EventBody(produce, keepalive=service.settings.sse_keepalive, encode=encode))
+
+
 @json_body(BatchRequest)
-async def program_batch(name: str, data: BatchRequest) -> Response:
+async def program_batch(service: Service, call: Call, name: str, data: BatchRequest) -> Response:
     """Every item's outcome: JSON in input order, or as they complete over SSE or NDJSON
     (``Accept: text/event-stream`` or ``application/x-ndjson``)."""
-    limits = state().settings
-    until = deadline(data.timeout_secs)
+    limits = service.settings
+    until = call.deadline(limits, data.timeout_secs)
     if len(data.items) > limits.max_batch_items:
         raise HTTPError(
             413,
@@ -65,43 +81,45 @@ async def program_batch(name: str, data: BatchRequest) -> Response:
             type="invalid_request_error",
             code="batch_too_large",
         )
-    engine = checked_engine(data.items)
+    engine = checked_engine(service, data.items)
+    program = call.runs()
     known = [info.name for info in engine.programs()]
-    if name not in known:  # the batch's own error; bad items get an outcome each instead
-        raise UnknownProgramError(name, known)
+    if program not in known:  # the batch's own error; bad items get an outcome each instead
+        raise UnknownProgramError(program, known)
     concurrency = min(data.concurrency, limits.max_batch_concurrency)
-    request_id, owner = g.request_id, g.owner
+    formats = call.route.formats if call.route is not None else (Wire.JSON,)
+    wire = _negotiate(formats)
 
-    @asynccontextmanager
-    async def open_batch() -> AsyncIterator[trio.MemoryReceiveChannel[BatchItem]]:
-        async with engine.batch_stream(
-            name,
+    async def produce(emit: Callable[[BatchItem | BatchDone], Any]) -> None:
+        await run_batch(
+            engine,
+            call,
+            until,
+            program,
             data.items,
             concurrency=concurrency,
             fail_fast=data.fail_fast,
-            request_id=request_id,
-            owner=owner,
-        ) as outcomes:
-            yield outcomes
-
-    accept = request.accept_mimetypes.best_match(
-        ["application/json", "text/event-stream", "application/x-ndjson"]
-    )
-    if accept in ("text/event-stream", "application/x-ndjson"):
-        body = batch_body(
-            open_batch,
-            count=len(data.items),
-            deadline=until,
-            keepalive=limits.sse_keepalive,
-            ndjson=accept != "text/event-stream",
+            emit=emit,
         )
-        return sse_response(body, accept)
+        await emit(BatchDone(len(data.items)))
+
+    if wire is Wire.BATCH_SSE:
+        return streamed_response(EventBody(produce, keepalive=limits.sse_keepalive, encode=batch_sse))
+    if wire is Wire.NDJSON:
+        body = EventBody(produce, keepalive=limits.sse_keepalive, encode=batch_ndjson, idle=b"\n")
+        return streamed_response(body, wire.media_type)
     outcomes: dict[int, dict[str, Any]] = {}
-    with until.scope() as scope:
-        async with open_batch() as stream:
-            async for item in stream:
-                outcomes[item.index] = batch_item_json(item)
-    reason = until.error() if scope.cancelled_caught else None
-    for item in missing_outcomes(len(data.items), set(outcomes), reason):
+
+    async def keep(item: BatchItem) -> None:
         outcomes[item.index] = batch_item_json(item)
+
+    await run_batch(
+        engine, call, until, program, data.items, concurrency=concurrency, fail_fast=data.fail_fast, emit=keep
+    )
     return json_response({"results": [outcomes[i] for i in range(len(data.items))]})
+
+
+def _negotiate(formats: tuple[Wire, ...]) -> Wire:
+    """The route's format the client's ``Accept`` prefers (the route's first when it names none)."""
+    best = request.accept_mimetypes.best_match([wire.media_type for wire in formats])
+    return next((wire for wire in formats if wire.media_type == best), formats[0])

@@ -1,13 +1,16 @@
-"""Running the service on Hypercorn's connection code through our own listener, with a drain before
-shutdown.
+"""The serving process: the app on Hypercorn's connection code through our own listener, signals, a drain
+before shutdown, logging, and the checks and settings around them.
 
 The listener (``web/listener.py``) accepts connections, contains the failure of any one of them, speaks
-HTTP/1.1 and WebSocket only (``web/protocol.py``) and lets dead peers go at once (``web/connection.py``).
+HTTP/1.1 and WebSocket only (``web/protocol.py``) and lets dead peers go at once (``web/connection.py``);
+the keep-alive guard (``web/keepalive.py``) wraps the app, whose ASGI entry is the front door
+(``web/door.py``).
 
-On SIGTERM or SIGINT (or :meth:`Server.shutdown`): ``/ready`` turns 503 and the engine refuses new
-requests; in-flight ones get ``drain_timeout`` seconds to finish, and the rest are cancelled with a typed
-``engine_closed`` error (an error event on streams). Only then is Hypercorn told to stop, so no
-connection is cut in the middle of an answer; then the process exits.
+On SIGTERM or SIGINT (or :meth:`Server.shutdown`) the service drains (``web/service.py``, which owns its
+life: ``/ready`` turns 503 and the engine refuses new requests; in-flight ones get ``drain_timeout``
+seconds to finish, and the rest are cancelled with a typed ``engine_closed`` error, an error event on
+streams). Only then is Hypercorn told to stop, so no connection is cut in the middle of an answer; then
+the process exits.
 
 ``--workers N`` starts N such processes on one port (``SO_REUSEPORT``; the kernel spreads connections),
 supervised by the parent (``web/workers.py``: a worker that dies is restarted, SIGTERM drains them all,
@@ -36,11 +39,11 @@ from dspy_trio.engine._groups import collapse  # the engine's one rule for keepi
 from dspy_trio.engine.lm import TrioLM
 
 from .app import create_app
-from .gate import OverloadGate
 from .keepalive import KeepAliveGuard
 from .listener import serve_app
+from .routing import Route
+from .service import Service
 from .settings import ServiceSettings
-from .state import ServiceState
 from .workers import run_snapshots, supervise, workers_dir
 
 logger = logging.getLogger("dspy_trio.web")
@@ -127,6 +130,7 @@ def check_can_listen(host: str, port: int) -> None:
 
 
 def hypercorn_config(settings: ServiceSettings, *, worker_count: int = 1) -> HypercornConfig:
+    """Hypercorn's configuration for the service: bind, backlog, timeouts, WebSocket limits, no logs."""
     config = HypercornConfig()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.workers = worker_count  # >1 makes Hypercorn bind with SO_REUSEPORT
@@ -149,15 +153,15 @@ class _EngineFailed(Exception):
 
 @attrs.define
 class Server:
-    """A running service: its URL, and a way to stop it as SIGTERM would."""
+    """A running service: its URL, its state (the :class:`dspy_trio.web.service.Service`), and a way to
+    stop it as SIGTERM would."""
 
     url: str
-    state: ServiceState
-    _stop: trio.Event
+    state: Service
 
     def shutdown(self) -> None:
         """Begin the graceful shutdown (drain, then stop). Returns at once."""
-        self._stop.set()
+        self.state.request_stop()
 
 
 async def serve(
@@ -167,6 +171,7 @@ async def serve(
     handle_signals: bool = True,
     worker_count: int = 1,
     freeze_heap: bool = True,
+    routes: Sequence[Route] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until SIGTERM/SIGINT or :meth:`Server.shutdown`; supports ``nursery.start``.
@@ -180,25 +185,14 @@ async def serve(
 
     Blocks for the life of the server, including the drain (and for one full collection at start-up).
     """
-    app = create_app(settings, lms=lms)
-    state: ServiceState = app.extensions["dspy_trio"]
-    stop = trio.Event()
-    stopped = trio.Event()
-
-    async def drain_then_stop() -> None:
-        await stop.wait()
-        logger.info("shutting down: draining in-flight requests")
-        state.draining = True
-        if state.engine is not None:
-            await state.engine.drain()
-        stopped.set()
-
+    app = create_app(settings, lms=lms, routes=routes)
+    service = app.service
     signals_scope = trio.CancelScope()
 
     async def watch_signals() -> None:
         with signals_scope, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
-                stop.set()
+                service.request_stop()
                 return
 
     engine_config = settings.engine
@@ -215,22 +209,19 @@ async def serve(
 
     async def snapshots(directory: Path) -> None:
         with snapshots_scope:
-            await run_snapshots(directory, lambda: state.engine)
+            await run_snapshots(directory, lambda: service.engine)
 
-    state.on_failure = stop.set
     tuned_gc: GCSettings | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain_then_stop)
+            nursery.start_soon(service.drain_when_asked)
             if (directory := workers_dir()) is not None:
                 nursery.start_soon(snapshots, directory)
             if handle_signals:
                 nursery.start_soon(watch_signals)
             config = hypercorn_config(settings, worker_count=worker_count)
-            guarded = KeepAliveGuard(
-                OverloadGate(app, state),  # an overload refused in ASGI, before Quart runs
-                max_body_bytes=settings.max_body_bytes,
-                drain_timeout=settings.keep_alive_timeout,
+            guarded = KeepAliveGuard(  # around the front door itself: Quart's __call__ adds nothing
+                app.door, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
             )
             binds = await nursery.start(
                 functools.partial(
@@ -239,35 +230,38 @@ async def serve(
                     config,
                     dead_peer_timeout=settings.dead_peer_timeout,
                     allowed_hosts=settings.allowed_hosts,
-                    shutdown_trigger=stopped.wait,
+                    shutdown_trigger=service.drained,
                 )
             )
-            if state.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
-                stop.set()
+            if service.failure is not None:  # the engine did not open: Hypercorn would serve 503s forever
+                service.request_stop()
                 raise _EngineFailed
             if freeze_heap:  # Hypercorn has run the app's start-up (the engine is open) by now
                 tuned_gc = tune_gc_for_serving()
-            task_status.started(Server(binds[0], state, stop))
+            task_status.started(Server(binds[0], service))
             logger.info("serving on %s", binds[0])
-            await stopped.wait()
+            await service.drained()
             signals_scope.cancel()  # Hypercorn now closes its connections and ends the lifespan itself
             snapshots_scope.cancel()
     except BaseException as exc:
         # Hypercorn echoes the engine's failure (LifespanFailureError): the caller sees one error, ours.
-        if state.failure is None or isinstance(exc, trio.Cancelled):
+        if service.failure is None or isinstance(exc, trio.Cancelled):
             raise
         logger.debug("serving ended by the engine's failure", exc_info=exc)
     finally:
         if tuned_gc is not None:  # the process may go on (tests, an embedding app): let it all be collected
             tuned_gc.restore()
-    if state.failure is not None:
-        raise RuntimeError(f"the engine failed: {state.failure}") from state.failure
+    if service.failure is not None:
+        raise RuntimeError(f"the engine failed: {service.failure}") from service.failure
     logger.info("stopped")
 
 
 @asynccontextmanager
 async def open_server(
-    settings: ServiceSettings, *, lms: Mapping[str, TrioLM] | None = None
+    settings: ServiceSettings,
+    *,
+    lms: Mapping[str, TrioLM] | None = None,
+    routes: Sequence[Route] | None = None,
 ) -> AsyncIterator[Server]:
     """Run the service in the background for the block (tests, embedding); drains it on exit.
 
@@ -276,7 +270,9 @@ async def open_server(
     try:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(
-                functools.partial(serve, settings, lms=lms, handle_signals=False, freeze_heap=False)
+                functools.partial(
+                    serve, settings, lms=lms, handle_signals=False, freeze_heap=False, routes=routes
+                )
             )
             try:
                 yield server

@@ -1,7 +1,8 @@
-"""WebSocket endpoints: the seed's plain-text ``/ws`` and the multiplexed JSON protocol ``/v1/ws``.
+"""WebSocket endpoints: the plain-text ``/ws`` and the multiplexed JSON protocol ``/v1/ws``.
 
-``/ws``: each text frame is a question for the default program; the answer comes back as one text
-frame per token, then ``[DONE]`` (after a JSON ``{"error": ...}`` frame if it failed). One at a time.
+``/ws``: each text frame is a question for the route's program (``default``); the answer comes back as
+one text frame per token, then ``[DONE]`` (after a JSON ``{"error": ...}`` frame if it failed). One at a
+time.
 
 ``/v1/ws``: JSON frames, many requests at once on one socket, labelled by client-chosen ids::
 
@@ -12,166 +13,129 @@ frame per token, then ``[DONE]`` (after a JSON ``{"error": ...}`` frame if it fa
     <- {"id": "b", "type": "status" | "delta" | "final" | "error", ...}
     <- {"id": "b", "type": "cancelled"}
 
-A frame's ``id`` is the client's label *within its socket*; the server gives every request its own
-unique id (``request_id`` in results) for routing, cancelling and logs, so ids of different sockets
-never collide. Frames are validated by the same models and limits as the HTTP bodies (size, nesting,
-input text, Unicode, ``timeout_secs``); a bad frame gets an ``error`` frame (with its id, when it had
-one: for a frame refused before parsing, found by the bounded scan of :mod:`dspy_trio.web.frame_label`) and
-disturbs nothing else. Every request ends with exactly one ``result``, ``final``, ``error`` or
-``cancelled`` frame. At most ``ws_max_requests`` requests run per socket. Frames go out through one
-sender task and a bounded channel. Closing the socket cancels its requests (and their upstream calls).
+The socket is one call (its owner is the handshake's key); each question and each frame is a call of its
+own (:meth:`dspy_trio.web.call.Call.frame`: the server's id, the socket's owner), run by the one runner
+(:mod:`dspy_trio.web.runner`) and encoded in the socket's format (:mod:`dspy_trio.web.formats`). A frame's
+``id`` is the client's label *within its socket*; the server's id (``request_id`` in results) routes,
+cancels and logs, so ids of different sockets never collide. A cancel frame is turned into that id and
+handed to the engine (``Engine.cancel`` for the socket's owner), like ``DELETE /v1/requests/{id}``.
 
-The handshake goes through :func:`dspy_trio.web.auth.authorize` (API key, Origin policy): a refusal is an HTTP
-401/403 with a JSON body, before the socket is accepted.
+Frames are validated by the same models and limits as the HTTP bodies (size, nesting, input text,
+Unicode, ``timeout_secs``); a bad frame gets an ``error`` frame (with its id, when it had one: for a frame
+refused before parsing, found by the bounded scan of :mod:`dspy_trio.web.frame_label`) and disturbs
+nothing else. Every request ends with exactly one ``result``, ``final``, ``error`` or ``cancelled`` frame.
+At most ``ws_max_requests`` requests run per socket. Frames go out through one sender task and a bounded
+channel. Closing the socket cancels its requests (and their upstream calls).
+
+The handshake was authorized by the front door (API key, Origin policy: a refusal is an HTTP 401/403
+with a JSON body, before the socket is accepted); a service that is not ready refuses it with 503.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pydantic
 import trio
-from quart import Blueprint, websocket
+from quart import websocket
 from quart_cors import cors_exempt
 
-from dspy_trio.engine import (
-    Engine,
-    EngineError,
-    ErrorEvent,
-    FinalEvent,
-    RequestCancelledError,
-)
+from dspy_trio.engine import Engine
 
-from .auth import authorize
+from .call import Call
 from .deadline import RequestDeadline
-from .encoding import dumps, error_json, event_json, result_json
-from .errors import HTTPError, error_body
+from .errors import HTTPError
+from .formats import Outcome, seed_frames, seed_frames_refused, ws_cancelled, ws_frame, ws_refused
 from .frame_label import frame_label
-from .http import state
 from .limits import check_inputs, parse_json
 from .models import FRAME, CancelFrame, RunFrame, validation_error
-from .sse import seed_answer
-from .state import ServiceState
-
-websockets = Blueprint("websockets", __name__)
+from .runner import run
+from .service import Service
+from .settings import ServiceSettings
 
 _OUTBOX = 256
 
 
-async def _admit() -> tuple[ServiceState, Engine, str]:
-    """Authorize the handshake (HTTP 401/403/503 before accepting), then accept; returns the owner key."""
-    service = state()
-    owner = authorize(
-        service.settings,
-        method="GET",
-        path=websocket.path,
-        headers=websocket.headers,
-        query=websocket.args,
-        websocket=True,
-    )
+async def _accept(service: Service) -> Engine:
+    """The engine (or a 503 before accepting, while starting or draining); then accept the handshake."""
     engine = service.require_engine()
     await websocket.accept()
-    return service, engine, owner
+    return engine
 
 
-def _error_frame(label: Any, error: HTTPError | EngineError) -> str:
-    if isinstance(error, HTTPError):
-        body = error_body(error.message, type=error.type, code=error.code, param=error.param)
-    else:
-        body = error_json(error)
-    return dumps({"id": label, "type": "error", **body})
+def _question(raw: str | bytes | None, limits: ServiceSettings) -> str:
+    """A ``/ws`` frame as a question, within the limits.
+
+    Raises:
+        HTTPError: 422 not a non-empty text frame; 413 too large; 413 / 422 from the input checks.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise HTTPError(
+            422,
+            "send the question as a non-empty text frame",
+            type="invalid_request_error",
+            code="invalid_frame",
+        )
+    if len(raw.encode("utf-8", "surrogatepass")) > limits.max_body_bytes:
+        raise HTTPError(
+            413,
+            f"the frame is larger than {limits.max_body_bytes} bytes",
+            type="invalid_request_error",
+            code="frame_too_large",
+        )
+    check_inputs({"question": raw}, max_chars=limits.max_input_chars)
+    return raw
 
 
-@websockets.websocket("/ws")
-@cors_exempt
-async def seed_ws() -> None:
-    """The seed's protocol: a question per text frame, token frames, then ``[DONE]``."""
-    service, engine, owner = await _admit()
+@cors_exempt  # the front door applies the Origin policy (dspy_trio.web.auth)
+async def seed_ws(service: Service, call: Call) -> None:
+    """A question per text frame, token frames, then ``[DONE]``."""
+    engine = await _accept(service)
     limits = service.settings
     while True:
-        question = await websocket.receive()
-        arrived = trio.current_time()
+        raw = await websocket.receive()
+        question = call.frame(None, trio.current_time(), call.program)
         try:
-            if not isinstance(question, str) or not question.strip():
-                raise HTTPError(
-                    422,
-                    "send the question as a non-empty text frame",
-                    type="invalid_request_error",
-                    code="invalid_frame",
-                )
-            if len(question.encode("utf-8", "surrogatepass")) > limits.max_body_bytes:
-                raise HTTPError(
-                    413,
-                    f"the frame is larger than {limits.max_body_bytes} bytes",
-                    type="invalid_request_error",
-                    code="frame_too_large",
-                )
-            check_inputs({"question": question}, max_chars=limits.max_input_chars)
+            text = _question(raw, limits)
         except HTTPError as exc:
-            await websocket.send(dumps(http_body(exc)))
-            await websocket.send("[DONE]")
+            for frame in seed_frames_refused(exc):
+                await websocket.send(frame)
             continue
-        until = RequestDeadline.start(limits, arrived=arrived)
-        await _seed_answer(service, engine, owner, question, until)
-        await websocket.send("[DONE]")
+        await _answer(engine, question, question.deadline(limits), text)
 
 
-def http_body(error: HTTPError) -> dict[str, Any]:
-    return error_body(error.message, type=error.type, code=error.code, param=error.param)
+async def _answer(engine: Engine, question: Call, until: RequestDeadline, text: str) -> None:
+    """Stream one ``/ws`` answer: token frames (or the whole answer if no token came), then ``[DONE]``."""
+    encode = seed_frames()
+
+    async def send(outcome: Outcome) -> None:
+        for frame in encode(outcome):
+            await websocket.send(frame)
+
+    await run(engine, question, until, question.runs(), {"question": text}, stream=True, emit=send)
 
 
-async def _seed_answer(
-    service: ServiceState, engine: Engine, owner: str, question: str, until: RequestDeadline
-) -> None:
-    """Stream one answer of the seed's ``/ws``: token frames (or the whole answer if no token came)."""
-    request_id = uuid.uuid4().hex
-    sent_delta = False
-    with until.scope() as timer:
-        try:
-            async with engine.stream(
-                "default", {"question": question}, request_id=request_id, owner=owner
-            ) as events:
-                async for event in events:
-                    name, payload = event_json(event)
-                    if name == "delta":
-                        sent_delta = True
-                        await websocket.send(payload["text"])
-                    elif isinstance(event, FinalEvent) and not sent_delta:
-                        answer = seed_answer(payload["outputs"])
-                        if answer is not None:
-                            await websocket.send(str(answer))
-                    elif name == "error":
-                        await websocket.send(dumps(payload))
-        except EngineError as exc:
-            await websocket.send(dumps(error_json(exc)))
-    if timer.cancelled_caught:
-        await websocket.send(dumps(error_json(until.error())))
-
-
-@websockets.websocket("/v1/ws")
 @cors_exempt
-async def multiplexed_ws() -> None:
+async def multiplexed_ws(service: Service, call: Call) -> None:
     """The JSON protocol: concurrent predict / stream requests with ids, and cancel by id."""
-    service, engine, owner = await _admit()
+    engine = await _accept(service)
     async with trio.open_nursery() as nursery:
-        socket = _Socket(service, engine, owner, nursery)
+        socket = _Socket(service.settings, engine, call, nursery)
         nursery.start_soon(socket.send_frames)
         while True:
             await socket.handle(await websocket.receive(), trio.current_time())
 
 
 class _Socket:
-    """The state of one ``/v1/ws`` connection: its requests by label, its outbox, its owner."""
+    """One ``/v1/ws`` connection: its call, its requests by the client's label, its outbox."""
 
-    def __init__(self, service: ServiceState, engine: Engine, owner: str, nursery: trio.Nursery) -> None:
-        self.service = service
-        self.settings = service.settings
+    def __init__(self, settings: ServiceSettings, engine: Engine, call: Call, nursery: trio.Nursery) -> None:
+        self.settings = settings
         self.engine = engine
-        self.owner = owner
+        self.call = call
         self.nursery = nursery
         self.outbox, self._outbox = trio.open_memory_channel[str](_OUTBOX)
-        # label -> (server request id, the scope of the task running it)
+        # label -> (the server's id of the request, the scope of the task running it)
         self.active: dict[str, tuple[str, trio.CancelScope]] = {}
 
     async def send_frames(self) -> None:
@@ -210,14 +174,16 @@ class _Socket:
             else:
                 self.start(frame, arrived)
         except _BadFrame as bad:
-            await self.outbox.send(_error_frame(bad.label, bad.error))
+            await self.outbox.send(ws_refused(bad.label, bad.error))
 
     def cancel(self, label: str) -> None:
+        """Cancel the request labelled ``label`` on this socket, through the engine, for this socket's
+        owner; one that is not in the engine (not yet, or not any more) is ended here."""
         if label not in self.active:
             raise _BadFrame(label, _frame_error(404, "no such request in flight", "unknown_id"))
         request_id, scope = self.active[label]
-        if not self.engine.cancel(request_id):
-            scope.cancel()  # not in the engine yet (or any more): end it here
+        if not self.engine.cancel(request_id, owner=self.call.owner):
+            scope.cancel()
 
     def start(self, frame: RunFrame, arrived: float) -> None:
         if frame.id in self.active:
@@ -225,49 +191,36 @@ class _Socket:
         if len(self.active) >= self.settings.ws_max_requests:
             message = f"at most {self.settings.ws_max_requests} requests per socket"
             raise _BadFrame(frame.id, _frame_error(429, message, "too_many_requests"))
+        call = self.call.frame(frame.id, arrived, frame.program)
         try:
-            until = RequestDeadline.start(self.settings, arrived=arrived, asked=frame.timeout_secs)
+            until = call.deadline(self.settings, frame.timeout_secs)
         except HTTPError as exc:
             raise _BadFrame(frame.id, exc) from None
         scope = trio.CancelScope()
-        self.active[frame.id] = (uuid.uuid4().hex, scope)
-        self.nursery.start_soon(self.run, frame, until, scope)
+        self.active[frame.id] = (call.request_id, scope)
+        self.nursery.start_soon(self.run, frame, call, until, scope)
 
-    async def run(self, frame: RunFrame, until: RequestDeadline, scope: trio.CancelScope) -> None:
+    async def run(self, frame: RunFrame, call: Call, until: RequestDeadline, scope: trio.CancelScope) -> None:
         """Run one request to exactly one last frame."""
-        request_id = self.active[frame.id][0]
+
+        async def send(outcome: Outcome) -> None:
+            await self.outbox.send(ws_frame(frame.id, outcome))
+
         try:
             with scope:
-                with until.scope() as timer:
-                    try:
-                        await self.serve(frame, request_id)
-                    except RequestCancelledError:
-                        await self.outbox.send(dumps({"id": frame.id, "type": "cancelled"}))
-                    except EngineError as exc:
-                        await self.outbox.send(_error_frame(frame.id, exc))
-                if timer.cancelled_caught:
-                    await self.outbox.send(_error_frame(frame.id, until.error()))
+                await run(
+                    self.engine,
+                    call,
+                    until,
+                    frame.program,
+                    frame.inputs,
+                    stream=frame.type == "stream",
+                    emit=send,
+                )
             if scope.cancelled_caught:
-                await self.outbox.send(dumps({"id": frame.id, "type": "cancelled"}))
+                await self.outbox.send(ws_cancelled(frame.id))
         finally:
             del self.active[frame.id]
-
-    async def serve(self, frame: RunFrame, request_id: str) -> None:
-        if frame.type == "predict":
-            result = await self.engine.predict(
-                frame.program, frame.inputs, request_id=request_id, owner=self.owner
-            )
-            await self.outbox.send(dumps({"id": frame.id, "type": "result", **result_json(result)}))
-            return
-        async with self.engine.stream(
-            frame.program, frame.inputs, request_id=request_id, owner=self.owner
-        ) as events:
-            async for event in events:
-                if isinstance(event, ErrorEvent) and isinstance(event.error, RequestCancelledError):
-                    await self.outbox.send(dumps({"id": frame.id, "type": "cancelled"}))
-                    return
-                name, payload = event_json(event)
-                await self.outbox.send(dumps({"id": frame.id, "type": name, **payload}))
 
 
 class _BadFrame(Exception):
