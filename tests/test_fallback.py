@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 
 from dspy_trio.engine import (
     BreakerSettings,
+    CallTimeouts,
     CircuitOpenError,
     Engine,
     EngineConfig,
@@ -29,6 +30,7 @@ from dspy_trio.engine import (
     LMCall,
     LMConfig,
     ProgramSpec,
+    RateLimit,
     RateLimitWaitError,
     RetryPolicy,
     SkippedLM,
@@ -119,9 +121,7 @@ def config(
             retry=backup_retry,
             breaker=backup_breaker,
             fallbacks=("third",) if third else (),
-            rate_limit=LMConfig().rate_limit
-            if backup_rpm is None
-            else type(LMConfig().rate_limit)(rpm=backup_rpm),
+            rate_limit=RateLimit(rpm=backup_rpm),
         ),
     }
     if third:
@@ -200,12 +200,8 @@ async def test_an_answer_that_is_not_a_completion_falls_back_without_a_retry(aut
 
 async def test_a_stalled_primary_falls_back_at_its_attempt_timeout(autojump_clock: Any) -> None:
     cfg = config(attempts=1)
-    primary_config = cfg.lms["primary"]
-    timeouts = type(primary_config.timeouts)(attempt=2.0)
-    cfg = EngineConfig(
-        lms={**cfg.lms, "primary": LMConfig(**{**_fields(primary_config), "timeouts": timeouts})},
-        programs=cfg.programs,
-    )
+    primary_config = attrs.evolve(cfg.lms["primary"], timeouts=CallTimeouts(attempt=2.0))
+    cfg = EngineConfig(lms={**cfg.lms, "primary": primary_config}, programs=cfg.programs)
     primary = Scripted("primary-model")
     primary.steps = ["hang"]
     async with engine_with(cfg, primary=primary) as (engine, _):
@@ -213,10 +209,6 @@ async def test_a_stalled_primary_falls_back_at_its_attempt_timeout(autojump_cloc
     assert primary.ended == [2.0]  # the stalled call was closed at its timeout
     assert result.timings.total == 3.0
     assert result.lm_calls[0].skipped == (SkippedLM("primary", "timeout"),)
-
-
-def _fields(value: Any) -> dict[str, Any]:
-    return {f.name: getattr(value, f.name) for f in attrs.fields(type(value))}
 
 
 async def test_an_open_breaker_falls_back_at_once_and_never_touches_the_primary(autojump_clock: Any) -> None:
@@ -563,7 +555,7 @@ def test_over_random_failures_and_cancels_every_call_ends_once_and_no_answer_is_
     async def main() -> None:
         names = ("a", "b", "c")
         breaker = BreakerSettings(min_calls=plan.min_calls, failure_ratio=0.5, open_for=1.0)
-        timeouts = type(LMConfig().timeouts)(attempt=1.0)
+        timeouts = CallTimeouts(attempt=1.0)
         retry = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0)
         lms = {
             name: LMConfig(
