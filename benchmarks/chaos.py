@@ -1,14 +1,19 @@
 """Chaos run: many requests through the real service against a fault-injecting upstream.
 
-``python -m benchmarks.chaos [--requests 2000] [--concurrency 64]``: the service (Hypercorn, Quart-Trio,
-the engine with its OpenAI-compatible backend) and the fake upstream run in this process on 127.0.0.1,
-the load in a child process;
+``python -m benchmarks.chaos [--requests 2000] [--concurrency 64] [--fallback]``: the service (Hypercorn,
+Quart-Trio, the engine with its OpenAI-compatible backend) and the fake upstream run in this process on
+127.0.0.1, the load in a child process;
 a fault feeder queues one upstream fault every ``--fault-every`` seconds (429 and 503 with
 ``Retry-After: 1``, 500, a stall, a disconnect, a malformed body) and a share of clients leave early.
 
 It prints the outcome of every request (client side and the server's /metrics), the requests that
 finished later than their deadline + 100 ms (goal 0), and the retries the engine sent earlier than the
 upstream's ``Retry-After`` (goal 0), for 429 and 503 apart. Bounded: it stops after ``--requests``.
+
+With ``--fallback`` the faulty upstream is a primary LM with ``fallbacks = ["backup"]`` (and the default
+circuit breaker), and a second fake upstream, healthy, is the backup: it prints which LM answered
+(``Server-Timing``'s ``lm`` description), the fallbacks by reason and the breaker's state (/metrics), and
+the same per-request outcomes and deadline check.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import attrs
 import httpx
 import trio
 
-from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, OpenAISettings, RetryPolicy
+from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, OpenAISettings, ProgramSpec, RetryPolicy
 from dspy_trio.engine.testing import Behavior, Fault
 from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
 from dspy_trio.web.server import open_server
@@ -53,6 +58,7 @@ class Outcome:
     code: str = ""
     left: bool = False
     server_total: float = 0.0  # the service's own measure (Server-Timing total: head arrival -> answer)
+    lm: str = ""  # the LMs that answered (Server-Timing's lm description)
 
 
 async def one_request(
@@ -64,10 +70,17 @@ async def one_request(
     leave_after = rng.uniform(0.05, timeout) if rng.random() < leave_share else None
     started = trio.current_time()
     with trio.move_on_after(leave_after if leave_after is not None else timeout + 30) as scope:
-        response = await client.post("/v1/programs/default/predict", json=body)
+        try:
+            response = await client.post("/v1/programs/default/predict", json=body)
+        except httpx.TransportError as exc:  # counted as an outcome: the connection broke without an answer
+            outcome.code = f"transport:{type(exc).__name__}"
+            outcome.elapsed = trio.current_time() - started
+            return outcome
         outcome.status = response.status_code
         timing = re.search(r"total;dur=([0-9.]+)", response.headers.get("server-timing", ""))
         outcome.server_total = float(timing.group(1)) / 1000 if timing else 0.0
+        answered = re.search(r'lm;dur=[0-9.]+;desc="([^"]*)"', response.headers.get("server-timing", ""))
+        outcome.lm = answered.group(1) if answered else ""
         payload = response.json()
         outcome.code = "ok" if response.status_code == 200 else payload["error"]["code"]
     outcome.left = scope.cancelled_caught
@@ -98,16 +111,33 @@ def early_retries(records: list[Any]) -> dict[str, list[float]]:
     return early
 
 
+def engine_config(args: argparse.Namespace, url: str, backup_url: str) -> EngineConfig:
+    """One LM on the faulty upstream; with ``--fallback``, a primary on it and a backup on a healthy one."""
+    lm = LMConfig(
+        model="fake",
+        timeouts=CallTimeouts(attempt=args.attempt_timeout),
+        retry=RetryPolicy(max_attempts=3),
+        settings=OpenAISettings(api_base=url),
+    )
+    if not args.fallback:
+        return EngineConfig(lms={"default": lm}, max_in_flight=256, max_queued=1024)
+    backup = LMConfig(
+        model="fake-backup",
+        timeouts=CallTimeouts(attempt=args.attempt_timeout),
+        settings=OpenAISettings(api_base=backup_url),
+    )
+    lms = {"primary": attrs.evolve(lm, fallbacks=("backup",)), "backup": backup}
+    programs = {"default": ProgramSpec("question -> answer", lm="primary")}
+    return EngineConfig(lms=lms, programs=programs, max_in_flight=256, max_queued=1024)
+
+
 async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
-    async with open_fake_upstream(Behavior(latency=args.latency)) as upstream:
-        lm = LMConfig(
-            model="fake",
-            timeouts=CallTimeouts(attempt=args.attempt_timeout),
-            retry=RetryPolicy(max_attempts=3),
-            settings=OpenAISettings(api_base=upstream.url),
-        )
-        engine = EngineConfig(lms={"default": lm}, max_in_flight=256, max_queued=1024)
+    async with (
+        open_fake_upstream(Behavior(latency=args.latency)) as upstream,
+        open_fake_upstream(Behavior(latency=args.latency)) as backup,
+    ):
+        engine = engine_config(args, upstream.url, backup.url)
         service = ServiceSettings(engine=engine, port=0, ws_ping_interval=None)
         async with open_server(service) as server, trio.open_nursery() as nursery:
             nursery.start_soon(feed_faults, upstream, args.fault_every, rng)
@@ -142,6 +172,13 @@ def report(
     )
     codes = collections.Counter("client_left" if o.left else o.code for o in outcomes)
     print("client-side outcomes: " + ", ".join(f"{k} {v}" for k, v in codes.most_common()))
+    if args.fallback:
+        answered = collections.Counter(o.lm or "-" for o in outcomes if o.code == "ok" and not o.left)
+        print("answered by (Server-Timing): " + ", ".join(f"{k} {v}" for k, v in answered.most_common()))
+        fallbacks = [line for line in metrics.splitlines() if line.startswith("dspy_trio_fallbacks_total{")]
+        states = [line for line in metrics.splitlines() if line.startswith("dspy_trio_breaker_state{")]
+        print("fallbacks (/metrics): " + ("; ".join(fallbacks) or "none"))
+        print("breakers at the end (0 closed, 1 half-open, 2 open): " + "; ".join(states))
     server: collections.Counter[str] = collections.Counter()
     for line in metrics.splitlines():
         if line.startswith("dspy_trio_requests_total{"):
@@ -153,6 +190,12 @@ def report(
         + ", ".join(f"{k} {v}" for k, v in server.most_common())
         + f"; total {sum(server.values())}"
     )
+    broken = [o for o in outcomes if o.code.startswith("transport:")]
+    if broken:
+        shown = ", ".join(
+            f"#{o.index} {o.code[10:]} after {o.elapsed:.2f}s (timeout {o.timeout:g}s)" for o in broken
+        )
+        print(f"requests whose connection broke without an answer: {len(broken)}: {shown}")
     finished = [o for o in outcomes if not o.left]
     late = [o for o in finished if o.elapsed > o.timeout + 0.1]
     worst = max((o.elapsed - o.timeout for o in finished), default=0.0)
@@ -204,6 +247,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--attempt-timeout", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument(
+        "--fallback", action="store_true", help="the faulty upstream is a primary with a healthy backup"
+    )
     parser.add_argument("--client", help="run only the load against this service URL (internal)")
     return parser.parse_args(argv)
 

@@ -19,10 +19,12 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
+from ._breaker import BreakerSettings as BreakerSettings
 from ._cache_config import CacheConfig as CacheConfig
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
 from ._engine_config import EngineConfig as EngineConfig
+from ._errors import CircuitOpenError as CircuitOpenError
 from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlineExceededError as DeadlineExceededError
@@ -37,6 +39,7 @@ from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
 from ._errors import UnknownProgramError as UnknownProgramError
 from ._errors import UpstreamConnectionError as UpstreamConnectionError
+from ._errors import UpstreamContextWindowError as UpstreamContextWindowError
 from ._errors import UpstreamError as UpstreamError
 from ._errors import UpstreamRateLimitedError as UpstreamRateLimitedError
 from ._errors import UpstreamResponseError as UpstreamResponseError
@@ -50,7 +53,9 @@ from ._lm_config import RateLimit as RateLimit
 from ._program_spec import ProgramSpec as ProgramSpec
 from ._programs import InputField as InputField
 from ._programs import ProgramInfo as ProgramInfo
+from ._result import LMCall as LMCall
 from ._result import PredictionResult as PredictionResult
+from ._result import SkippedLM as SkippedLM
 from ._result import Timings as Timings
 from ._result import Usage as Usage
 from ._retry import RetryPolicy as RetryPolicy
@@ -74,8 +79,10 @@ __all__ = [
     "AdaptiveSettings",
     "AnthropicSettings",
     "BatchItem",
+    "BreakerSettings",
     "CacheConfig",
     "CallTimeouts",
+    "CircuitOpenError",
     "ClusterUnavailableError",
     "ConfigError",
     "DSPySettings",
@@ -93,6 +100,7 @@ __all__ = [
     "HTTPSettings",
     "InputField",
     "InvalidInputError",
+    "LMCall",
     "LMConfig",
     "OpenAISettings",
     "OverloadedError",
@@ -107,6 +115,7 @@ __all__ = [
     "RetryPolicy",
     "SharingStatistics",
     "SimulatedSettings",
+    "SkippedLM",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",
@@ -114,6 +123,7 @@ __all__ = [
     "Timings",
     "UnknownProgramError",
     "UpstreamConnectionError",
+    "UpstreamContextWindowError",
     "UpstreamError",
     "UpstreamRateLimitedError",
     "UpstreamResponseError",

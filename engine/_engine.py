@@ -16,6 +16,7 @@ The engine itself only composes: bookkeeping is :mod:`._ledger`, a request's sco
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import uuid
@@ -28,6 +29,7 @@ import trio
 from . import _dspy, _groups
 from ._admission import Admission
 from ._batch import BatchItem, RunningBatch, open_batch
+from ._breaker import CircuitBreaker
 from ._coalesce import Sharing, open_sharing
 from ._construction import NoPublicConstructor
 from ._engine_config import EngineConfig
@@ -37,8 +39,10 @@ from ._errors import (
     OverloadedError,
     RequestCancelledError,
 )
+from ._fallback import FallbackCounts, FallbackLM
+from ._fallback_config import breaker_settings, chain
 from ._ledger import Ledger
-from ._limits import Limits
+from ._limits import Limits, LocalLimits
 from ._metrics import EngineMetrics
 from ._owners import OwnerCheck, owner_check
 from ._programs import ProgramInfo, ProgramRegistry
@@ -78,10 +82,18 @@ class Engine(metaclass=NoPublicConstructor):
     ) -> None:
         self.config = config
         self.cluster = cluster  # shared limits, cool-downs and cancel across processes (engine.cluster)
-        limits: Limits | None = cluster
+        limits: Limits = cluster if cluster is not None else LocalLimits()
+        self._breakers: dict[str, CircuitBreaker] = {}
+        for name in lms:
+            if (settings := breaker_settings(name, config.lms)) is not None:
+                longest = config.lms[name].retry.max_retry_after if name in config.lms else settings.open_for
+                self._breakers[name] = limits.breaker(name, settings, longest_open=longest)
         self._guards = {
             name: UpstreamGuard(
-                name, config.lms[name].policy() if name in config.lms else UpstreamPolicy(), limits=limits
+                name,
+                config.lms[name].policy() if name in config.lms else UpstreamPolicy(),
+                limits=limits,
+                breaker=self._breakers.get(name),
             )
             for name in lms
         }
@@ -91,11 +103,22 @@ class Engine(metaclass=NoPublicConstructor):
         self.sharing = sharing
         if sharing is not None:
             self._lms = sharing.wrap(self._lms)
+        # Programs call each LM through its fallback chain (just the LM when it has no fallbacks).
+        self._fallbacks: FallbackCounts = collections.Counter()
+        on_context_window = {name for name, lm in config.lms.items() if lm.fallback_on_context_window}
+        chains: dict[str, TrioLM] = {
+            name: FallbackLM(
+                [(member, self._lms[member]) for member in chain(name, config.lms)],
+                on_context_window=on_context_window,
+                counts=self._fallbacks,
+            )
+            for name in lms
+        }
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
         self._closing = False
         self._batches: dict[str, list[RunningBatch]] = {}  # batch id -> (owner, stop it): cancel by id
-        self._runner = ProgramRunner(self._lms, config.adapter)
+        self._runner = ProgramRunner(chains, config.adapter)
         self._program_lms = {info.name: info.lm for info in programs.infos()}
         self.metrics = EngineMetrics(self.statistics)
         self._ledger = Ledger(
@@ -141,6 +164,8 @@ class Engine(metaclass=NoPublicConstructor):
             seconds_total=ledger.seconds_total,
             upstreams={name: guard.statistics() for name, guard in self._guards.items()},
             sharing=self.sharing.statistics() if self.sharing is not None else None,
+            breakers={name: breaker.statistics() for name, breaker in self._breakers.items()},
+            fallbacks=self._fallbacks,
         )
 
     def cancel(self, request_id: str, *, owner: str | None = None) -> bool:

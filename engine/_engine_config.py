@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from . import _fallback_config
 from ._cache_config import CacheConfig
 from ._cluster_config import ClusterConfig
 from ._env import (
@@ -96,6 +97,7 @@ class EngineConfig:
                 'cache.backend = "redis" uses the [cluster] Redis: set cluster.redis_url'
                 " (DSPY_TRIO_REDIS_URL)"
             )
+        _fallback_config.check_fallbacks(self.lms)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:

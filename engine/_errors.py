@@ -24,7 +24,9 @@ deadline) is reported the Trio way, by the caller's scope.
         ├── UpstreamServerError        5xx (503, 529 ...)
         ├── UpstreamConnectionError    connect / read / write failures
         ├── UpstreamTimeoutError       the provider did not answer within the per-attempt timeout
+        ├── CircuitOpenError           the LM's circuit breaker is open: failed fast, nothing was sent
         └── UpstreamResponseError      the provider answered with something we cannot read
+            └── UpstreamContextWindowError  the prompt does not fit the model's context window
 
 What the engine decides from an error is a property of its class, not an ``isinstance`` ladder:
 ``outcome`` (how a request ended by it is counted), and for upstream errors ``retryable``,
@@ -45,6 +47,7 @@ Outcome = Literal[
 ]
 
 __all__ = [
+    "CircuitOpenError",
     "ClusterUnavailableError",
     "ConfigError",
     "DeadlineExceededError",
@@ -60,6 +63,7 @@ __all__ = [
     "SlowConsumerError",
     "UnknownProgramError",
     "UpstreamConnectionError",
+    "UpstreamContextWindowError",
     "UpstreamError",
     "UpstreamRateLimitedError",
     "UpstreamResponseError",
@@ -312,3 +316,21 @@ class UpstreamResponseError(UpstreamError):
     malformed stream chunk, a non-retryable 4xx)."""
 
     code = "upstream_bad_response"
+
+
+class UpstreamContextWindowError(UpstreamResponseError):
+    """Raised when the provider refuses the request because the prompt (with the completion's token cap)
+    does not fit the model's context window (OpenAI's ``context_length_exceeded``, Anthropic's "prompt
+    is too long"). Not retried; an LM with ``fallback_on_context_window`` falls back on it (to a model
+    with a larger window)."""
+
+    code = "upstream_context_window"
+
+
+class CircuitOpenError(UpstreamError):
+    """Raised at once, without touching the network, when the LM's circuit breaker is open: recent calls
+    to it failed (or the upstream asked for a pause with ``Retry-After``), so calls fail fast (or fall
+    back to the next LM of the chain) until a probe shows it answers again. ``retry_after`` is the time
+    until the breaker lets a probe through."""
+
+    code = "circuit_open"

@@ -5,6 +5,8 @@
 implements the same ports on Redis so that every worker and replica sharing an upstream account also shares
 its quota and its cool-down.
 
+Each LM's circuit breaker is made here too: a cluster's breakers share their openings and probes.
+
 A call takes a :class:`Grant` before it is sent and settles it once: ``commit`` when it was sent (with
 the tokens it really used), ``refund`` when it never was. The synchronous parts (``commit``, ``refund``,
 ``extend_to``) never block: a shared implementation sends them with its next round-trip.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+from ._breaker import BreakerSettings, CircuitBreaker
 from ._rate_window import LocalQuota
 
 
@@ -67,7 +70,7 @@ class CoolDown(Protocol):
 
 
 class Limits(Protocol):
-    """Makes the quota and cool-down objects of each upstream."""
+    """Makes the quota, cool-down and circuit-breaker objects of each upstream."""
 
     def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota: ...
 
@@ -75,6 +78,8 @@ class Limits(Protocol):
         """The cool-down of ``upstream``. ``max_wait``: the longest pause that one heard from elsewhere
         (another process of a cluster) may impose, as one's own ``Retry-After`` is capped."""
         ...
+
+    def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker: ...
 
 
 class LocalCoolDown:
@@ -99,3 +104,6 @@ class LocalLimits:
 
     def cooldown(self, upstream: str, *, max_wait: float = math.inf) -> CoolDown:
         return LocalCoolDown()
+
+    def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker:
+        return CircuitBreaker(upstream, settings, longest_open=longest_open)

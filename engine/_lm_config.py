@@ -22,13 +22,15 @@ from typing import Any
 
 import attrs
 
+from . import _fallback_config
 from ._adaptive import AdaptiveSettings
+from ._breaker import BreakerSettings
 from ._errors import ConfigError
 from ._providers import PROVIDERS, keys_of, owners_of, settings_type
 from ._retry import RetryPolicy
 from ._tables import build, copy_mapping, fields_of, named, nested
 from ._upstream import UpstreamPolicy
-from ._validate import json_compliant, optional_positive
+from ._validate import flag, json_compliant, optional_positive
 from .lm import ProviderSettings, SimulatedSettings, TrioLM
 
 
@@ -157,6 +159,15 @@ class LMConfig:
             (the built-in simulated LM, no network), ``OpenAISettings`` (any OpenAI-compatible
             endpoint, Trio-native), ``AnthropicSettings`` (Anthropic's Messages API, Trio-native) or
             ``DSPySettings`` (any stock ``dspy.LM`` model string, run in worker threads).
+        fallbacks: Names of other LMs tried in order when a call to this one fails with a retryable
+            upstream error after its own retries (5xx, 529, 429, connection failures, timeouts, an
+            answer that is not a completion), or at once when its breaker is open; each with its own
+            limits, retries and breaker, inside the call's deadline. A stream falls back only before its
+            first delta (``_fallback``).
+        fallback_on_context_window: Also fall back when the prompt does not fit this LM's context
+            window (to a fallback with a larger one).
+        breaker: The circuit breaker (``_breaker``); None: the defaults when the LM has fallbacks or is
+            one, else none (``BreakerSettings(enabled=False)`` turns it off).
     """
 
     model: str = attrs.field(default="simulated/lm", validator=attrs.validators.instance_of(str))
@@ -168,6 +179,11 @@ class LMConfig:
     retry: RetryPolicy = nested(RetryPolicy)
     adaptive: AdaptiveSettings | None = nested(AdaptiveSettings, optional=True)
     settings: ProviderSettings = attrs.field(factory=SimulatedSettings, validator=_registered)
+    fallbacks: tuple[str, ...] = attrs.field(
+        default=(), converter=_fallback_config.to_names, validator=_fallback_config.names
+    )
+    fallback_on_context_window: bool = attrs.field(default=False, validator=flag)
+    breaker: BreakerSettings | None = nested(BreakerSettings, optional=True)
 
     def __attrs_post_init__(self) -> None:
         # A provider's own key as a request parameter would collide with its backend's argument.

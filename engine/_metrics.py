@@ -6,7 +6,8 @@ got a slot) histograms of the queue wait, the time inside LM calls, the total, t
 minus queue and LM time), and for streams the time to the first token of each output field; tokens in and
 out. Read at scrape time
 from the engine itself: in flight, queued, limits, stream deltas dropped or coalesced, and per upstream the
-retries by cause, rate-limit waits, cool-down and adaptive concurrency limit.
+retries by cause, rate-limit waits, cool-down and adaptive concurrency limit; per LM with a circuit
+breaker its state (0 closed, 1 half-open, 2 open), and the LM calls that fell back, by (from, to, reason).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ._breaker import STATE_VALUES
 from ._result import Timings, Usage
 
 if TYPE_CHECKING:
@@ -190,3 +192,16 @@ class _EngineCollector(Collector):
             if upstream.concurrency_limit is not None:
                 limits.add_metric([name], upstream.concurrency_limit)
         yield from (retries, waits, limits, cooldown)
+        breakers = GaugeMetricFamily(
+            "dspy_trio_breaker_state",
+            "Circuit breaker state per LM: 0 closed, 1 half-open, 2 open.",
+            labels=["lm"],
+        )
+        for name, breaker in sorted(s.breakers.items()):
+            breakers.add_metric([name], STATE_VALUES[breaker.state])
+        fallbacks = CounterMetricFamily(
+            "dspy_trio_fallbacks", "LM calls that fell back to the next LM.", labels=["from", "to", "reason"]
+        )
+        for (source, target, reason), count in sorted(s.fallbacks.items()):
+            fallbacks.add_metric([source, target, reason], count)
+        yield from (breakers, fallbacks)

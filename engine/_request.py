@@ -168,6 +168,8 @@ class Request:
             )
         if self.trace is not None:
             record["attempts"] = self.trace.attempts
+            if self.trace.answers:  # the LMs that answered, in call order (fallbacks show here)
+                record["lms"] = [call.lm for call in self.trace.answers]
         if self.result is not None:
             usage = self.result.usage
             record.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)

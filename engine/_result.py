@@ -44,6 +44,40 @@ class Usage:
 
 
 @attrs.frozen
+class SkippedLM:
+    """An LM a call skipped, or gave up on, before another LM of its fallback chain answered.
+
+    Attributes:
+        lm: The LM's name (a key of ``EngineConfig.lms``).
+        reason: Why: ``breaker_open``, ``rate_limited``, ``server_error``, ``connection``, ``timeout``,
+            ``bad_response`` or ``context_window``.
+    """
+
+    lm: str
+    reason: str
+
+
+@attrs.frozen
+class LMCall:
+    """One LM call of a request, named by the LM that answered it.
+
+    Attributes:
+        lm: The LM that answered (a key of ``EngineConfig.lms``).
+        model: Its model.
+        seconds: The call's duration, fallbacks and retries included.
+        prompt_tokens, completion_tokens: What the answering LM reported.
+        skipped: The LMs of its fallback chain tried before it, in order (empty when the first answered).
+    """
+
+    lm: str
+    model: str
+    seconds: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    skipped: tuple[SkippedLM, ...] = ()
+
+
+@attrs.frozen
 class Timings:
     """Where a request's time went, in seconds of Trio's clock.
 
@@ -86,6 +120,7 @@ class PredictionResult:
         usage: Token usage of every LM call of the request.
         timings: Where the time went.
         attempts: LM call attempts the request made, retries included (0 if it made no LM call).
+        lm_calls: Each LM call of the request, in order, with the LM that answered it.
     """
 
     request_id: str
@@ -94,3 +129,9 @@ class PredictionResult:
     usage: Usage
     timings: Timings
     attempts: int = 1
+    lm_calls: tuple[LMCall, ...] = ()
+
+    @property
+    def lms(self) -> tuple[str, ...]:
+        """The LMs that answered the request's calls, each once, in the order they first did."""
+        return tuple(dict.fromkeys(call.lm for call in self.lm_calls))

@@ -93,6 +93,7 @@ class ProgramRunner:
                 shared_calls=trace.shared_calls,
             ),
             attempts=trace.attempts,
+            lm_calls=tuple(trace.answers),
         )
         return request.result
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import attrs
 
 from ._admission import AdmissionStatistics
+from ._breaker import BreakerStatistics
 from ._errors import Outcome
 from ._sharing_statistics import SharingStatistics
 from ._upstream import UpstreamStatistics
@@ -42,6 +43,8 @@ class EngineStatistics:
         seconds_total: Summed duration of the requests that ended after being accepted (every
             outcome but ``rejected`` and ``invalid``).
         sharing: What single-flight and the response cache did (None when both are off).
+        breakers: Per LM that has a circuit breaker: its state and counters.
+        fallbacks: LM calls that fell back, by (from LM, to LM, reason).
     """
 
     succeeded: int
@@ -63,6 +66,8 @@ class EngineStatistics:
     seconds_total: float = 0.0
     upstreams: Mapping[str, UpstreamStatistics] = attrs.field(factory=dict)
     sharing: SharingStatistics | None = None
+    breakers: Mapping[str, BreakerStatistics] = attrs.field(factory=dict)
+    fallbacks: Mapping[tuple[str, str, str], int] = attrs.field(factory=dict)
 
     @property
     def requests_total(self) -> int:
@@ -99,6 +104,8 @@ class EngineStatistics:
         seconds_total: float = 0.0,
         upstreams: Mapping[str, UpstreamStatistics] | None = None,
         sharing: SharingStatistics | None = None,
+        breakers: Mapping[str, BreakerStatistics] | None = None,
+        fallbacks: Mapping[tuple[str, str, str], int] | None = None,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -120,4 +127,6 @@ class EngineStatistics:
             seconds_total=seconds_total,
             upstreams=dict(upstreams or {}),
             sharing=sharing,
+            breakers=dict(breakers or {}),
+            fallbacks=dict(fallbacks or {}),
         )

@@ -10,6 +10,8 @@ import contextvars
 
 import attrs
 
+from ._result import LMCall
+
 
 @attrs.define
 class RequestTrace:
@@ -21,6 +23,7 @@ class RequestTrace:
     cached_calls: int = 0  # LM calls answered from the response cache
     shared_calls: int = 0  # LM calls answered by an identical call in flight (this process or another)
     saved_tokens: int = 0  # tokens of those answers: no upstream call was made for them
+    answers: list[LMCall] = attrs.field(factory=list)  # each LM call, named by the LM that answered
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -83,3 +86,10 @@ def record_attempt(count: int = 1) -> None:
     trace = _current.get()
     if trace is not None:
         trace.attempts += count
+
+
+def record_lm_answer(call: LMCall) -> None:
+    """Add one answered LM call (the LM that answered it) to the current request's trace, if any."""
+    trace = _current.get()
+    if trace is not None:
+        trace.answers.append(call)

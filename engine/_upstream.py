@@ -1,7 +1,8 @@
 """The policies around every LM call to one upstream: cool-down, rate limits, adaptive concurrency,
 cascading timeouts and retries. All waits live inside the caller's deadline.
 
-One attempt goes: wait out a shared cool-down (set by the ``Retry-After`` of a 429, 503, 529..., so one
+One attempt goes: ask the LM's circuit breaker, if it has one (an open breaker fails the call at once,
+see :mod:`._breaker`) -> wait out a shared cool-down (set by the ``Retry-After`` of a 429, 503, 529..., so one
 rate limit does not become a storm) -> take an adaptive-concurrency slot -> take a request and an
 estimate of its tokens from the RPM/TPM quota (at most ``rpm`` requests and ``tpm`` tokens in any
 60 seconds) -> if a cool-down began during those waits, give the quota back and wait it out first ->
@@ -10,7 +11,8 @@ timeouts. The quota is taken inside the slot, so that a call is sent the moment 
 spread over time are never bunched up by a wait after them). A wait for quota that would leave the call
 no time before the deadline (the call's typical duration, as measured) is refused at once. On a
 retryable failure: back off (full jitter, never before ``Retry-After``, never past the deadline, within
-the retry budget) and go again. The TPM charge is corrected with the real usage.
+the retry budget, and only while the breaker stayed closed) and go again. The TPM charge is corrected
+with the real usage.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import attrs
 import trio
 
 from ._adaptive import AdaptiveLimit, AdaptiveSettings
+from ._breaker import CircuitBreaker
 from ._errors import RateLimitWaitError, UpstreamError, UpstreamTimeoutError
 from ._limits import Grant, Limits, LocalLimits
 from ._retry import RetryBudget, RetryPolicy, seeded
@@ -125,6 +128,8 @@ class UpstreamGuard:
         jitter: ``uniform(a, b)`` used for backoff jitter; pass ``seeded(n)`` for reproducible tests.
         limits: Where the RPM/TPM quota and the cool-down live: this process (default), or shared by
             every process of a cluster (``dspy_trio.engine.cluster``).
+        breaker: The upstream's circuit breaker, asked before every attempt and told its result; None
+            for none.
     """
 
     def __init__(
@@ -134,8 +139,10 @@ class UpstreamGuard:
         *,
         jitter: Callable[[float, float], float] | None = None,
         limits: Limits | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.name = name
+        self.breaker = breaker
         self.policy = policy
         limits = limits or LocalLimits()
         self._quota = limits.quota(name, policy.rpm, policy.tpm) if policy.rpm or policy.tpm else None
@@ -213,22 +220,32 @@ class UpstreamGuard:
                 would pass the deadline).
             RateLimitWaitError: a wait for a cool-down or for quota would pass the deadline (for quota:
                 with the call's typical duration after it).
+            CircuitOpenError: the breaker is open (nothing was sent, nothing waited for).
         """
+        breaker = self.breaker
+        # Asked first: a call the open breaker refuses is no request of the retry budget (never sent).
+        ticket = await breaker.admit() if breaker is not None else None
         self._budget.record_request()
         retry = 0
         while True:
+            if retry and breaker is not None:
+                ticket = await breaker.admit()
             watchdog = trio.CancelScope()
             streams = sink is not None or streamed
             watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if streams else None
             try:
-                return await self._attempt(attempt, watched, watchdog, estimate)
+                completion = await self._attempt(attempt, watched, watchdog, estimate)
             except UpstreamError as error:
                 if (asked := self.policy.retry.retry_after(error)) is not None:  # capped by the policy
                     self._extend_cooldown(asked)
+                if breaker is not None and ticket is not None:
+                    breaker.failed(ticket, error, asked)
                 retry += 1
                 delivered = watched is not None and watched.delivered  # a stream cannot be taken back
                 if not error.retryable or delivered or retry >= self.policy.retry.max_attempts:
                     raise
+                if breaker is not None and ticket is not None and not breaker.allows_retry(ticket):
+                    raise  # the breaker opened: no waiting on an upstream known to be failing
                 wait = self.policy.retry.backoff(retry, error, self._uniform)
                 if trio.current_time() + wait > trio.current_effective_deadline():
                     raise
@@ -236,6 +253,14 @@ class UpstreamGuard:
                     raise
                 self.retries[error.retry_cause or "other"] += 1
                 await trio.sleep(wait)
+                continue
+            except BaseException:
+                if breaker is not None and ticket is not None:
+                    breaker.release(ticket)
+                raise
+            if breaker is not None and ticket is not None:
+                breaker.succeeded(ticket)
+            return completion
 
     async def _admitted(self, owner: object, estimate: float) -> tuple[int, Grant | None]:
         """Wait until the upstream may be called: no cool-down, an adaptive slot held for ``owner``, the

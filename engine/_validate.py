@@ -74,6 +74,12 @@ def optional(validator: Validator) -> Validator:
     return check
 
 
+def flag(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """``True`` or ``False`` (not 1, not "yes")."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be true or false, got {value!r}")
+
+
 positive = number(above=0)
 non_negative = number(minimum=0)
 positive_int = number(above=0, integer=True)

@@ -129,3 +129,14 @@ def test_a_dead_workers_counts_stay_in_the_instance_sum(tmp_path: Path) -> None:
     assert text[SUCCEEDED] == 200
     assert (fields["succeeded"], fields["workers"]) == (200, 2)
     assert fields["average_duration_ms"] == 10.0
+
+
+def test_a_breaker_state_is_the_worst_of_the_workers_not_their_sum() -> None:
+    """Two workers with the breaker open (2) and one half-open (1): the instance shows open (2), not 5."""
+    texts = []
+    for state in (2, 2, 1):
+        registry = CollectorRegistry()
+        Gauge("dspy_trio_breaker_state", "State.", ["lm"], registry=registry).labels("primary").set(state)
+        texts.append(generate_latest(registry).decode())
+    merged = samples(merge_prometheus(texts))
+    assert merged[("dspy_trio_breaker_state", (("lm", "primary"),))] == 2

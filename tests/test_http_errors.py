@@ -18,6 +18,7 @@ from dspy_trio.engine import (
     LMConfig,
     OpenAISettings,
     RetryPolicy,
+    UpstreamContextWindowError,
     UpstreamError,
     UpstreamServerError,
 )
@@ -206,3 +207,39 @@ def test_non_finite_retry_after_values_are_ignored(headers: dict[str, str], expe
     accepts, or overflows to inf), as it ignores any other garbage; a garbage ``retry-after-ms`` falls
     through to ``Retry-After``."""
     assert parse_retry_after(httpx.Headers(headers), now=0.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "context_window"),
+    [
+        (400, '{"error": {"code": "context_length_exceeded", "message": "too many"}}', True),
+        (400, '{"error": {"message": "This model\'s maximum context length is 4096 tokens."}}', True),
+        (400, '{"error": {"message": "the request exceeds the available context size"}}', True),
+        (400, '{"type": "error", "error": {"message": "prompt is too long: 210000 tokens"}}', True),
+        (413, "Request Entity Too Large: context window", True),
+        (400, '{"error": {"message": "temperature must be between 0 and 2"}}', False),
+        (500, '{"error": {"message": "maximum context length exceeded"}}', False),  # not the prompt's fault
+        (401, '{"error": {"message": "context length"}}', False),
+    ],
+)
+def test_a_prompt_too_long_for_the_model_is_told_apart(status: int, body: str, context_window: bool) -> None:
+    error = status_error("m", status, {}, body, Redactor())
+    assert isinstance(error, UpstreamContextWindowError) is context_window
+    assert error.status == status
+    if context_window:
+        assert error.code == "upstream_context_window"
+        assert "context window" in error.message
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_the_fake_upstreams_context_window_fault_reads_as_one(
+    fake_upstream: FakeUpstream, provider: str, transport: str
+) -> None:
+    fake_upstream.add_faults(Fault("context_window"))
+    lm = backend(provider, transport, fake_upstream.url)
+    try:
+        with pytest.raises(UpstreamContextWindowError):
+            await lm.complete(MESSAGES, {}, None)
+    finally:
+        await lm.aclose()

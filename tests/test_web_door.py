@@ -38,7 +38,8 @@ def assert_call_headers(headers: httpx.Headers, label: str | None = LABEL) -> No
     server_id = headers["x-server-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", server_id), headers
     assert headers["x-request-id"] == (label or server_id)
-    assert re.fullmatch(r"total;dur=[0-9.]+(, queue;dur=[0-9.]+, lm;dur=[0-9.]+)?", headers["server-timing"])
+    timing = headers["server-timing"]
+    assert re.fullmatch(r'total;dur=[0-9.]+(, queue;dur=[0-9.]+, lm;dur=[0-9.]+;desc="[^"]+")?', timing)
 
 
 # (what, method, path, extra headers, body, expected status)

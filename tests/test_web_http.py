@@ -84,7 +84,9 @@ async def test_programs_listing_and_program_predict() -> None:
         body = response.json()
         assert body["outputs"]["answer"]
         assert body["usage"]["completion_tokens"] > 0
-        assert set(body["timings"]) == {"queued_ms", "lm_ms", "total_ms"}
+        assert set(body["timings"]) == {"queued_ms", "lm_ms", "total_ms", "lm_calls"}
+        assert [call["lm"] for call in body["timings"]["lm_calls"]] == ["default"]
+        assert body["usage"]["by_lm"]["default"]["calls"] == 1
 
 
 async def test_every_bad_request_gets_its_status_and_a_json_error() -> None:

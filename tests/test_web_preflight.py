@@ -76,6 +76,8 @@ def test_the_lm_line_says_what_it_serves() -> None:
     line = describe_lm(lm(api_base="http://127.0.0.1:8080/v1", stream_upstream=True))
     assert line == "openai, model 'm', at http://127.0.0.1:8080/v1, no API key, stream_upstream on"
     assert describe_lm(LMConfig(model="openai/x", settings=DSPySettings())) == "dspy, model 'openai/x'"
+    chained = describe_lm(LMConfig(fallbacks=("large", "backup")))
+    assert chained == "simulated, model 'simulated/lm', falls back to large, backup"
 
 
 async def test_the_engine_check_finds_what_opening_would() -> None:

@@ -55,12 +55,15 @@ class CallNotes:
 
     Attributes:
         timings: The engine's timings of a prediction (``Server-Timing``'s ``queue`` and ``lm``).
+        lms: The LMs that answered the prediction's calls (``Server-Timing``'s ``lm`` description: a
+            fallback's name when the first LM failed).
         refused: The error code of a refusal by the web layer (401, 404, 405, 413, 415, 422, ...), which
             the door logs as one request line; refusals by the engine are logged by the engine.
         cache_status: A prediction's ``Cache-Status`` (:mod:`dspy_trio.web.cache_control`).
     """
 
     timings: Timings | None = None
+    lms: tuple[str, ...] = ()
     refused: str | None = None
     cache_status: str | None = None
 

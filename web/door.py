@@ -118,6 +118,8 @@ def call_headers(call: Call, now: float) -> list[tuple[bytes, bytes]]:
     timing = f"total;dur={(now - call.arrived) * 1000:.3f}"
     if (timings := call.notes.timings) is not None:
         timing += f", queue;dur={timings.queued * 1000:.3f}, lm;dur={timings.lm * 1000:.3f}"
+        if call.notes.lms:  # the LMs that answered (a fallback's name when the first one failed)
+            timing += f";desc={_quoted(' '.join(call.notes.lms))}"
     headers = [
         (b"x-server-request-id", server_id),
         (b"x-request-id", call.label.encode() if call.label is not None else server_id),
@@ -126,6 +128,13 @@ def call_headers(call: Call, now: float) -> list[tuple[bytes, bytes]]:
     if call.notes.cache_status is not None:
         headers.append((b"cache-status", call.notes.cache_status.encode()))
     return headers
+
+
+def _quoted(text: str) -> str:
+    """``text`` as an HTTP quoted-string (RFC 9110): printable ASCII only, ``"`` and ``\\`` escaped.
+    (An LM's name is a TOML key, which may hold anything, a newline included.)"""
+    kept = "".join(c for c in text if " " <= c <= "~")
+    return '"' + kept.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def refusal_answer(error: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:

@@ -35,10 +35,17 @@ def dumps(value: Any) -> str:
 
 
 def result_json(result: PredictionResult) -> dict[str, Any]:
-    """A result's JSON. What the response cache and single-flight did is there only when they did
-    something: ``usage.saved_tokens``, ``timings.cached`` (every LM call answered from the cache),
-    ``timings.cached_calls`` and ``timings.shared_calls``."""
+    """A result's JSON; ``usage.by_lm`` and ``timings.lm_calls`` name the LM that answered each LM call
+    (a fallback's, when the first LM failed: ``skipped`` says which and why). What the response cache and
+    single-flight did is there only when they did something: ``usage.saved_tokens``, ``timings.cached``
+    (every LM call answered from the cache), ``timings.cached_calls`` and ``timings.shared_calls``."""
     usage, timings = result.usage, result.timings
+    by_lm: dict[str, dict[str, int]] = {}
+    for call in result.lm_calls:
+        tokens = by_lm.setdefault(call.lm, {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        tokens["calls"] += 1
+        tokens["prompt_tokens"] += call.prompt_tokens
+        tokens["completion_tokens"] += call.completion_tokens
     encoded: dict[str, Any] = {
         "request_id": result.request_id,
         "program": result.program,
@@ -47,11 +54,21 @@ def result_json(result: PredictionResult) -> dict[str, Any]:
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
+            "by_lm": by_lm,
         },
         "timings": {
             "queued_ms": round(timings.queued * 1000, 3),
             "lm_ms": round(timings.lm * 1000, 3),
             "total_ms": round(timings.total * 1000, 3),
+            "lm_calls": [
+                {
+                    "lm": call.lm,
+                    "model": call.model,
+                    "ms": round(call.seconds * 1000, 3),
+                    "skipped": [{"lm": s.lm, "reason": s.reason} for s in call.skipped],
+                }
+                for call in result.lm_calls
+            ],
         },
     }
     if usage.saved_tokens:

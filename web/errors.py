@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dspy_trio.engine import (
+    CircuitOpenError,
     ClusterUnavailableError,
     DeadlineExceededError,
     EngineClosedError,
@@ -66,6 +67,7 @@ _STATUS: list[tuple[type[EngineError], int, str]] = [
     (SlowConsumerError, 408, "timeout_error"),
     (UpstreamRateLimitedError, 429, "rate_limit_error"),
     (UpstreamTimeoutError, 504, "upstream_error"),
+    (CircuitOpenError, 503, "upstream_error"),
     (UpstreamError, 502, "upstream_error"),
     (ProgramError, 502, "upstream_error"),
 ]

@@ -80,13 +80,16 @@ def check_api_keys(config: EngineConfig) -> list[str]:
 
 
 def describe_lm(lm: LMConfig) -> str:
-    """What an LM is, for the start-up log: provider, model, API root and whether a key is set."""
+    """What an LM is, for the start-up log: provider, model, API root, whether a key is set, and the
+    LMs it falls back to."""
     parts = [f"{lm.provider}, model {lm.model!r}"]
     if (root := api_root(lm)) is not None:
         parts.append(f"at {root}")
     if lm.provider in _HOSTED:
         parts.append("API key set" if getattr(lm.settings, "api_key", None) else "no API key")
         parts.append(f"stream_upstream {'on' if getattr(lm.settings, 'stream_upstream', False) else 'off'}")
+    if lm.fallbacks:
+        parts.append(f"falls back to {', '.join(lm.fallbacks)}")
     return ", ".join(parts)
 
 

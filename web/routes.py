@@ -33,7 +33,10 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         ready,
         open=True,
-        answer='`{"status": "ready"}`, with `cluster` when Redis is configured.',
+        answer=(
+            '`{"status": "ready"}`, with `breakers` (each circuit breaker\'s state) when LMs have one and '
+            "`cluster` when Redis is configured."
+        ),
         refusals={503},
     ),
     Route(

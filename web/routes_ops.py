@@ -23,13 +23,18 @@ async def health(service: Service, call: Call) -> Response:
 
 
 async def ready(service: Service, call: Call) -> Response:
-    """Readiness: 503 while starting or draining. With a cluster (Redis), also how many processes share
-    the upstream quota and whether this one has fallen back to its local share (``degraded``)."""
+    """Readiness: 503 while starting or draining. The state of each LM's circuit breaker (``breakers``:
+    ``closed``, ``open``, ``half_open``; an open one does not make the process unready: its calls fall
+    back or fail fast). With a cluster (Redis), also how many processes share the upstream quota and
+    whether this one has fallen back to its local share (``degraded``)."""
     if service.ready:
         body: dict[str, object] = {"status": "ready"}
-        if service.engine is not None and service.engine.cluster is not None:
-            cluster = service.engine.cluster.statistics()
-            body["cluster"] = {"processes": cluster.processes, "degraded": cluster.degraded}
+        if service.engine is not None:
+            if breakers := service.engine.statistics().breakers:
+                body["breakers"] = {name: breaker.state for name, breaker in sorted(breakers.items())}
+            if service.engine.cluster is not None:
+                cluster = service.engine.cluster.statistics()
+                body["cluster"] = {"processes": cluster.processes, "degraded": cluster.degraded}
         return json_response(body)
     raise not_ready()
 

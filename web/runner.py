@@ -69,6 +69,7 @@ async def run(
                 )
                 call.notes.timings = result.timings
                 call.notes.cache_status = cache_status_of(engine, result.timings, no_cache=call.no_cache)
+                call.notes.lms = result.lms
                 await emit(result)
                 return
             async with engine.stream(

@@ -46,8 +46,9 @@ logger = logging.getLogger("dspy_trio.web")
 WORKERS_DIR = "DSPY_TRIO_WORKERS_DIR"  # set by the parent for its workers
 SNAPSHOT_INTERVAL = 1.0
 _OPENING_POLL = 0.05  # seconds between looks for the engine while a worker starts
-# Shared by every worker (the same Redis view), so the instance shows one value, not a sum.
-_NOT_SUMMED = {"dspy_trio_cluster_processes"}
+# Shared by every worker (the same Redis view), or a state (a breaker's): the instance shows the
+# largest value (the worst state), not a sum.
+_NOT_SUMMED = {"dspy_trio_cluster_processes", "dspy_trio_breaker_state"}
 _RESTART_DELAY = 0.5  # seconds between a worker's death and its replacement (no tight crash loop)
 RETIRED = "retired.json"  # what the dead workers of the instance counted
 _CUMULATIVE = {"counter", "histogram", "summary"}  # Prometheus families a dead worker's count stays in

@@ -25,8 +25,10 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
+from .._breaker import BreakerSettings, CircuitBreaker
 from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
+from ._breaker import SharedBreakerPeers, shared_breaker
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
 from ._flight import RemoteFlights
@@ -74,6 +76,7 @@ class Cluster:
         self._quotas: dict[str, SharedQuota] = {}
         self._cooldowns: dict[str, SharedCoolDown] = {}
         self.flights: RemoteFlights | None = None  # single-flight and the cache across processes
+        self._breakers: dict[str, SharedBreakerPeers] = {}
 
     def __repr__(self) -> str:
         return f"<Cluster {self.link!r}>"
@@ -111,6 +114,13 @@ class Cluster:
         )
         return self.flights
 
+    def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker:
+        """The circuit breaker of ``upstream`` in this process, sharing its openings and probes with the
+        same LM's breakers in every other process (see ``_breaker``). One per upstream."""
+        breaker, peers = shared_breaker(self.link, upstream, settings, longest_open=longest_open)
+        self._breakers[upstream] = peers
+        return breaker
+
     def attach(self, cancel: LocalCancel) -> None:
         """Deliver cancels from other processes to ``cancel(request_id, owner_check)``: the engine's
         ``_cancel_if``, which cancels what this process runs under that id for the owners the check
@@ -141,9 +151,16 @@ class Cluster:
                     self._cooldowns[heard["upstream"]].heard(seconds)
             except (ValueError, TypeError, KeyError):
                 logger.warning("ignored a malformed cool-down message: %r", data)
+        elif channel == self.link.key("breaker"):
+            try:
+                heard = json.loads(data)
+                if heard.get("from") != self.link.process_id and heard.get("lm") in self._breakers:
+                    self._breakers[heard["lm"]].heard(heard)
+            except (ValueError, TypeError, KeyError, AttributeError):
+                logger.warning("ignored a malformed circuit-breaker message: %r", data)
 
     async def _listen(self) -> None:
-        """Receive cancels for this process and cool-downs from all, until cancelled.
+        """Receive cancels for this process, cool-downs and circuit-breaker news from all, until cancelled.
 
         Subscribes only while Redis answers (the heartbeat notices when it does again); a subscription
         that breaks marks the link degraded and is made again after the next good heartbeat.
@@ -153,6 +170,7 @@ class Cluster:
             self.relay.answer_channel,
             self.link.key("cooldown"),
             self.link.key("flight"),
+            self.link.key("breaker"),
         ]
         retry = ExponentialBackoffRetryPolicy(
             (RedisConnectionError,), retries=3, base_delay=0.05, max_delay=0.5, jitter=True

@@ -37,8 +37,9 @@ logger = logging.getLogger("dspy_trio.engine.cluster")
 
 T = TypeVar("T")
 
-# A write: ("set", key, value, ttl_ms), ("del", key), ("publish", channel, message) or
-# ("script", script, keys, args) (a script registered with the client, run with EVALSHA).
+# A write: ("set", key, value, ttl_ms), ("del", key), ("decr", key, ttl_ms), ("publish", channel,
+# message) or ("script", script, keys, args) (a script registered with the client, run with EVALSHA). A
+# counter decremented expires after ttl_ms, also one that had expired (DECR recreates it).
 Write = tuple[Any, ...]
 
 _OUTBOX_SIZE = 4096
@@ -237,6 +238,9 @@ class RedisLink:
                         pipe.set(key, value, px=int(ttl_ms))
                     case ("del", key):
                         pipe.delete([key])
+                    case ("decr", key, ttl_ms):
+                        pipe.decr(key)
+                        pipe.pexpire(key, int(ttl_ms))
                     case ("publish", channel, message):
                         pipe.publish(channel, message)
                     case ("script", script, keys, args):

@@ -67,11 +67,13 @@ class Completion:
         texts: One completion text per choice.
         usage: Provider usage, e.g. ``{"prompt_tokens": 12, "completion_tokens": 30}``.
         reasoning: Per-choice reasoning text for providers that return it separately.
+        model: The model that answered, when it is not the called LM's own (a fallback answered).
     """
 
     texts: Sequence[str]
     usage: Mapping[str, Any] = attrs.field(factory=dict)
     reasoning: Sequence[str | None] = ()
+    model: str | None = None
 
     def outputs(self) -> list[str | dict[str, Any]]:
         """The completion in the shape DSPy adapters expect from ``lm.acall``."""
@@ -185,7 +187,7 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
             record_lm_call(trio.current_time() - started)
 
         if completion.usage:
-            _dspy.report_usage(self.model, completion.usage)
+            _dspy.report_usage(completion.model or self.model, completion.usage)
         outputs = completion.outputs()
         if cache_key is not None:
             _dspy.cache_put(cache_key, outputs)

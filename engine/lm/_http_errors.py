@@ -27,6 +27,7 @@ import httpx
 from .._errors import (
     ConfigError,
     UpstreamConnectionError,
+    UpstreamContextWindowError,
     UpstreamError,
     UpstreamRateLimitedError,
     UpstreamResponseError,
@@ -163,6 +164,27 @@ def _provider_words(body: str) -> str:
     return body
 
 
+# What providers say when a prompt does not fit the model's context window (OpenAI's and compatible
+# servers' ``context_length_exceeded``, vLLM's and llama.cpp's wording, Anthropic's "prompt is too long").
+_CONTEXT_WINDOW_WORDS = (
+    "context_length_exceeded",
+    "context length",
+    "context window",
+    "maximum context",
+    "prompt is too long",
+    "exceeds the available context",
+)
+
+
+def is_context_window(status: int, words: str) -> bool:
+    """Whether an error ``status`` with the provider's ``words`` says the prompt is too long for the
+    model's context window."""
+    if status not in (400, 413, 422):
+        return False
+    lowered = words.lower()
+    return any(marker in lowered for marker in _CONTEXT_WINDOW_WORDS)
+
+
 def status_words(status: int) -> str:
     """What a client reads of an error status: ``the upstream answered HTTP 401: it refused ...``."""
     words = _STATUS_WORDS.get(status, "it failed" if status >= 500 else "it refused the request")
@@ -185,4 +207,7 @@ def status_error(
         return failure(
             UpstreamServerError, model, public, detail, redact, status=status, retry_after=retry_after
         )
+    if is_context_window(status, detail):
+        public += " (the prompt does not fit the model's context window)"
+        return failure(UpstreamContextWindowError, model, public, detail, redact, status=status)
     return failure(UpstreamResponseError, model, public, detail, redact, status=status)

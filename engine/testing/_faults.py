@@ -11,6 +11,8 @@ FaultKind = Literal[
     "server_error",
     "unavailable",
     "overloaded",
+    "context_window",
+    "unauthorized",
     "hang",
     "disconnect",
     "malformed",
@@ -31,19 +33,19 @@ class Fault:
     """One misbehaviour, applied to the next request that arrives.
 
     Attributes:
-        kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``overloaded``
-            (529, Anthropic's), ``hang`` (never answer), ``disconnect`` (close the connection after
-            ``after_tokens`` stream tokens, or at once when not streaming), ``malformed`` (a broken JSON
-            body or stream chunk). Hostile answers: ``endless_event`` (a stream's ``data:`` lines never
-            end an event; a JSON body never ends), ``endless_stream`` (valid deltas forever, one every
-            ``token_delay``), ``bomb`` (the answer compressed with ``encoding``, inflating to ``size``
-            bytes, sent in one write), ``nested`` (JSON ``size`` arrays deep, default 10,000, as the
-            body or as one stream event), ``html`` (a ``status`` HTML page quoting the request's
-            headers), ``bad_utf8`` (invalid UTF-8 in the completion text; on a stream, in the token
-            after ``after_tokens``), ``surrogate`` (the same place holds ``\\ud800``: valid UTF-8 and
-            valid JSON, but a lone surrogate once parsed), ``echo_key`` (a ``status`` error quoting the
-            credentials received; on a stream with ``after_tokens``, an error event after that many
-            tokens).
+        kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``overloaded`` (529,
+            Anthropic's), ``context_window`` (400: the prompt is too long for the model), ``unauthorized``
+            (401: the API key is refused), ``hang`` (never answer), ``disconnect`` (close the connection after
+            ``after_tokens`` stream tokens, or at once when not streaming), ``malformed`` (a broken JSON body
+            or stream chunk). Hostile answers: ``endless_event`` (a stream's ``data:`` lines never end an
+            event; a JSON body never ends), ``endless_stream`` (valid deltas forever, one every
+            ``token_delay``), ``bomb`` (the answer compressed with ``encoding``, inflating to ``size`` bytes,
+            sent in one write), ``nested`` (JSON ``size`` arrays deep, default 10,000, as the body or as one
+            stream event), ``html`` (a ``status`` HTML page quoting the request's headers), ``bad_utf8``
+            (invalid UTF-8 in the completion text; on a stream, in the token after ``after_tokens``),
+            ``surrogate`` (the same place holds ``\\ud800``: valid UTF-8 and valid JSON, but a lone surrogate
+            once parsed), ``echo_key`` (a ``status`` error quoting the credentials received; on a stream with
+            ``after_tokens``, an error event after that many tokens).
         retry_after: Seconds sent as ``Retry-After`` with 429/503.
         retry_after_ms: Milliseconds sent as ``retry-after-ms`` with 429/503.
         after_tokens: For ``disconnect``, ``malformed``, ``bad_utf8``, ``surrogate`` and ``echo_key`` on

@@ -39,8 +39,8 @@ class RequestRecord:
         completed_at: When the answer was sent in full.
         client_closed_at: When the client closed the connection before the answer was complete.
         aborted: Whether the fake upstream itself cut the connection (the ``disconnect`` fault).
-        client_closed_wall, completed_wall: The same moments on the wall clock (``time.time()``), for
-            comparing with another process's observations.
+        received_wall, client_closed_wall, completed_wall: The same moments on the wall clock
+            (``time.time()``), for comparing with another process's observations.
         tokens_sent: Stream tokens written to the socket.
         bytes_sent: Bytes of the answer written to the socket (head, body and framing, as sent).
         body_bytes: Bytes of the answer's body (as encoded, without the framing).
@@ -61,6 +61,7 @@ class RequestRecord:
     bytes_sent: int = 0
     body_bytes: int = 0
     client_closed_wall: float | None = None
+    received_wall: float | None = None
     completed_wall: float | None = None
 
     @property

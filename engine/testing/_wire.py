@@ -28,6 +28,10 @@ class OpenAIWire:
         return list(body.get("messages") or [])
 
     def error(self, kind: str, message: str) -> dict[str, Any]:
+        if kind == "context_window":  # OpenAI's own shape of it
+            message = "This model's maximum context length is 128 tokens. Please reduce the length."
+            error = {"message": message, "type": "invalid_request_error", "code": "context_length_exceeded"}
+            return {"error": error}
         return {"error": {"message": message, "type": kind}}
 
     def completion(self, index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
@@ -78,7 +82,14 @@ class AnthropicWire:
         return system + list(body.get("messages") or [])
 
     def error(self, kind: str, message: str) -> dict[str, Any]:
-        kinds = {"rate_limit": "rate_limit_error", "overloaded": "overloaded_error"}
+        kinds = {
+            "rate_limit": "rate_limit_error",
+            "overloaded": "overloaded_error",
+            "context_window": "invalid_request_error",
+            "unauthorized": "authentication_error",
+        }
+        if kind == "context_window":  # Anthropic's own words for it
+            message = "prompt is too long: 210000 tokens > 200000 maximum"
         return {"type": "error", "error": {"type": kinds.get(kind, "api_error"), "message": message}}
 
     def _usage(self, usage: dict[str, int]) -> dict[str, int]:

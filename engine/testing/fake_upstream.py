@@ -47,7 +47,14 @@ from ._records import IdleClose as IdleClose
 from ._records import RequestRecord as RequestRecord
 from ._wire import AnthropicWire, ClientGone, OpenAIWire, Sender, wire_for
 
-_ERROR_STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
+_ERROR_STATUS = {
+    "rate_limit": 429,
+    "server_error": 500,
+    "unavailable": 503,
+    "overloaded": 529,
+    "context_window": 400,
+    "unauthorized": 401,
+}
 
 
 class FakeUpstream:
@@ -181,6 +188,7 @@ class FakeUpstream:
             stream=bool(isinstance(body, dict) and body.get("stream")),
             fault=fault.kind if fault else None,
             received_at=trio.current_time(),
+            received_wall=time.time(),
             headers={name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers},
         )
         self.records.append(record)
