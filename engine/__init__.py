@@ -20,14 +20,18 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
 from ._breaker import BreakerSettings as BreakerSettings
+from ._budget import BudgetLimit as BudgetLimit
+from ._budget import Price as Price
 from ._cache_config import CacheConfig as CacheConfig
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
 from ._engine_config import EngineConfig as EngineConfig
+from ._errors import BudgetExceededError as BudgetExceededError
 from ._errors import CircuitOpenError as CircuitOpenError
 from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlineExceededError as DeadlineExceededError
+from ._errors import DeadlineUnmeetableError as DeadlineUnmeetableError
 from ._errors import EngineClosedError as EngineClosedError
 from ._errors import EngineError as EngineError
 from ._errors import InvalidInputError as InvalidInputError
@@ -37,6 +41,8 @@ from ._errors import RateLimitWaitError as RateLimitWaitError
 from ._errors import RequestAbandonedError as RequestAbandonedError
 from ._errors import RequestCancelledError as RequestCancelledError
 from ._errors import SlowConsumerError as SlowConsumerError
+from ._errors import TenantOverloadedError as TenantOverloadedError
+from ._errors import TenantRateLimitedError as TenantRateLimitedError
 from ._errors import UnknownProgramError as UnknownProgramError
 from ._errors import UpstreamConnectionError as UpstreamConnectionError
 from ._errors import UpstreamContextWindowError as UpstreamContextWindowError
@@ -68,6 +74,8 @@ from ._stream_events import StatusEvent as StatusEvent
 from ._stream_events import StreamEvent as StreamEvent
 from ._stream_options import StreamOptions as StreamOptions
 from ._streaming import EventStream as EventStream
+from ._tenant_config import TenantConfig as TenantConfig
+from ._tenants import TenantStatistics as TenantStatistics
 from ._upstream import UpstreamStatistics as UpstreamStatistics
 from .lm import AnthropicSettings as AnthropicSettings
 from .lm import DSPySettings as DSPySettings
@@ -80,6 +88,8 @@ __all__ = [
     "AnthropicSettings",
     "BatchItem",
     "BreakerSettings",
+    "BudgetExceededError",
+    "BudgetLimit",
     "CacheConfig",
     "CallTimeouts",
     "CircuitOpenError",
@@ -87,6 +97,7 @@ __all__ = [
     "ConfigError",
     "DSPySettings",
     "DeadlineExceededError",
+    "DeadlineUnmeetableError",
     "Engine",
     "EngineClosedError",
     "EngineConfig",
@@ -105,6 +116,7 @@ __all__ = [
     "OpenAISettings",
     "OverloadedError",
     "PredictionResult",
+    "Price",
     "ProgramError",
     "ProgramInfo",
     "ProgramSpec",
@@ -120,6 +132,10 @@ __all__ = [
     "StatusEvent",
     "StreamEvent",
     "StreamOptions",
+    "TenantConfig",
+    "TenantOverloadedError",
+    "TenantRateLimitedError",
+    "TenantStatistics",
     "Timings",
     "UnknownProgramError",
     "UpstreamConnectionError",

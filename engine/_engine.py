@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._fallback import FallbackCounts, FallbackLM
 from ._fallback_config import breaker_settings, chain
+from ._gate import Gate
 from ._ledger import Ledger
 from ._limits import Limits, LocalLimits
 from ._metrics import EngineMetrics
@@ -54,6 +55,7 @@ from ._statistics import EngineStatistics
 from ._stream_options import StreamOptions
 from ._stream_request import open_stream
 from ._streaming import EventStream
+from ._tenants import Tenant, Tenants, TenantStatistics
 from ._upstream import UpstreamGuard, UpstreamPolicy
 from .cluster import Cluster, open_cluster
 from .cluster._metrics import ClusterCollector
@@ -116,6 +118,13 @@ class Engine(metaclass=NoPublicConstructor):
         }
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
+        prices = {
+            info.name: price
+            for info in programs.infos()
+            if info.lm in config.lms and (price := config.lms[info.lm].price) is not None
+        }
+        self._tenants = Tenants(config.tenants, limits=limits or LocalLimits())
+        self._gate = Gate(self._tenants, self._admission, prices)
         self._closing = False
         self._batches: dict[str, list[RunningBatch]] = {}  # batch id -> (owner, stop it): cancel by id
         self._runner = ProgramRunner(chains, config.adapter)
@@ -126,6 +135,7 @@ class Engine(metaclass=NoPublicConstructor):
             self._model_of,
             set(self._program_lms),
             log_text=config.log_text,
+            settle=self._gate.settle,
         )
         if cluster is not None:
             self.metrics.registry.register(ClusterCollector(cluster.statistics))
@@ -166,7 +176,13 @@ class Engine(metaclass=NoPublicConstructor):
             sharing=self.sharing.statistics() if self.sharing is not None else None,
             breakers={name: breaker.statistics() for name, breaker in self._breakers.items()},
             fallbacks=self._fallbacks,
+            tenants=self._tenants.statistics(),
         )
+
+    def tenant_statistics(self, tenant: str | None) -> TenantStatistics | None:
+        """A snapshot of one tenant (None: ``default``), or None if it has had no request yet. Does not
+        block."""
+        return self._tenants.statistics_of(tenant)
 
     def cancel(self, request_id: str, *, owner: str | None = None) -> bool:
         """Cancel the request, stream or batch with this id in this process, wherever it is (queued,
@@ -207,7 +223,7 @@ class Engine(metaclass=NoPublicConstructor):
             return True
         return self.cluster is not None and await self.cluster.cancel(request_id, owner=owner)
 
-    def precheck(self, program: str, inputs: Mapping[str, Any]) -> None:
+    def precheck(self, program: str, inputs: Mapping[str, Any], *, tenant: str | None = None) -> None:
         """Raise now what :meth:`predict` or :meth:`stream` would raise before starting: for adapters
         that must choose a status before a streamed body begins (an HTTP status precedes the body).
 
@@ -217,14 +233,14 @@ class Engine(metaclass=NoPublicConstructor):
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong.
             EngineClosedError: the engine is closing.
-            OverloadedError: the queue is full right now.
+            OverloadedError: the queue (the engine's or the tenant's) is full right now.
         """
         self._programs.get(program).validate(inputs)
         if self._closing:
             raise EngineClosedError("the engine is shutting down")
-        self._admission.check()
+        self._gate.check(self._tenants.get(tenant))
 
-    def refuse_if_overloaded(self, program: str) -> None:
+    def refuse_if_overloaded(self, program: str, *, tenant: str | None = None) -> None:
         """Refuse a request for ``program`` now if the engine is overloaded, before anything else about
         it is looked at (a server calls it before parsing the body). Does not block.
 
@@ -232,14 +248,17 @@ class Engine(metaclass=NoPublicConstructor):
         refused it; a request that passes is not counted here, and may still be refused later.
 
         Raises:
-            OverloadedError: the queue is full right now.
+            OverloadedError: the queue (the engine's, or ``tenant``'s own) is full right now.
         """
         if self._closing or program not in self._program_lms:
             return  # the usual path reports these, with their own errors (closing, unknown program)
         try:
-            self._admission.check()
+            who = self._tenants.get(tenant)
+            self._gate.check(who)
+        except InvalidInputError:
+            return  # the usual path reports it
         except OverloadedError as exc:
-            self._ledger.refused(program, "rejected", exc, count_error=True)
+            self._ledger.refused(program, "rejected", exc, count_error=True, tenant=who)
             raise
 
     @property
@@ -257,6 +276,7 @@ class Engine(metaclass=NoPublicConstructor):
         request_id: str | None,
         *,
         owner: str | None = None,
+        tenant: str | None = None,
         kind: str = "predict",
         no_cache: bool = False,
         no_store: bool = False,
@@ -267,20 +287,22 @@ class Engine(metaclass=NoPublicConstructor):
         refusal stays far cheaper than an acceptance when the engine is saturated.
         """
         started = trio.current_time()
+        who: Tenant | None = None
         try:
             resolved = self._programs.get(program)
+            who = self._tenants.get(tenant)
             if not self._closing:
-                self._admission.check()
+                self._gate.check(who)
             values = resolved.validate(inputs)
         except InvalidInputError as exc:
-            self._ledger.refused(program, "invalid", exc)
+            self._ledger.refused(program, "invalid", exc, tenant=who)
             raise
         except OverloadedError as exc:
-            self._ledger.refused(program, "rejected", exc, count_error=True)
+            self._ledger.refused(program, "rejected", exc, count_error=True, tenant=who)
             raise
         if self._closing:
             error = EngineClosedError("the engine is shutting down")
-            self._ledger.refused(program, "rejected", error)
+            self._ledger.refused(program, "rejected", error, tenant=who)
             raise error
         return Request(
             request_id or uuid.uuid4().hex,
@@ -292,6 +314,7 @@ class Engine(metaclass=NoPublicConstructor):
             owner=owner,
             no_cache=no_cache,
             no_store=no_store,
+            tenant=who,
         )
 
     async def predict(
@@ -303,6 +326,7 @@ class Engine(metaclass=NoPublicConstructor):
         owner: str | None = None,
         no_cache: bool = False,
         no_store: bool = False,
+        tenant: str | None = None,
     ) -> PredictionResult:
         """Run ``program`` on ``inputs`` and return its outputs, usage and timings.
 
@@ -320,26 +344,33 @@ class Engine(metaclass=NoPublicConstructor):
             no_cache: Join no identical call in flight and read no cached answer: every LM call is a
                 fresh upstream call (HTTP ``Cache-Control: no-cache``).
             no_store: Store none of its answers in the response cache (``Cache-Control: no-store``).
+            tenant: Whose share of the engine it runs in, and whose limits, budget and usage it
+                counts against (``[tenants.NAME]``; any other name is a tenant of weight 1 without
+                limits; None: the tenant ``default``).
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
-            OverloadedError: the queue is full; nothing was queued.
+            OverloadedError: the queue is full; nothing was queued. Its kinds: the tenant's own
+                queue is full (TenantOverloadedError), its rate limit (TenantRateLimitedError) or
+                budget (BudgetExceededError) is spent, or the expected wait passes the deadline
+                (DeadlineUnmeetableError).
             EngineClosedError: the engine is closing.
             RequestCancelledError: :meth:`cancel` ended it.
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
-        request = self._accept(program, inputs, request_id, owner=owner, no_cache=no_cache, no_store=no_store)
+        request = self._accept(
+            program, inputs, request_id, owner=owner, tenant=tenant, no_cache=no_cache, no_store=no_store
+        )
         with self._ledger.track(request):
             with request.scoped():
-                await self._admission.acquire(request)
-                request.admitted = trio.current_time()
+                await self._gate.enter(request)
                 try:
                     # A request whose deadline passed while it queued is never started.
                     await trio.lowlevel.checkpoint_if_cancelled()
                     outputs, usage = await self._runner.run(request)
                 finally:
-                    self._admission.release(request, service_time=trio.current_time() - request.admitted)
+                    self._gate.leave(request)
                 request.settle("succeeded")
                 return self._runner.result(request, outputs, usage)
             # Only reached when our own scope absorbed its cancellation: closed, or cancelled by id.
@@ -353,6 +384,7 @@ class Engine(metaclass=NoPublicConstructor):
         *,
         request_id: str | None = None,
         owner: str | None = None,
+        tenant: str | None = None,
         options: StreamOptions | None = None,
         no_cache: bool = False,
         no_store: bool = False,
@@ -378,6 +410,7 @@ class Engine(metaclass=NoPublicConstructor):
             request_id: An id to report the request under; one is generated if omitted.
             owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
                 only for this one, here and from other processes (:meth:`cancel`).
+            tenant: Whose share, limits and budget it counts against (as for :meth:`predict`).
             options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
             no_cache, no_store: The cache switches, as for :meth:`predict`.
 
@@ -386,7 +419,14 @@ class Engine(metaclass=NoPublicConstructor):
                 :meth:`predict`; nothing was started.
         """
         request = self._accept(
-            program, inputs, request_id, owner=owner, kind="stream", no_cache=no_cache, no_store=no_store
+            program,
+            inputs,
+            request_id,
+            owner=owner,
+            tenant=tenant,
+            kind="stream",
+            no_cache=no_cache,
+            no_store=no_store,
         )
         name, model = request.program.name, self._model_of(request.program.name)
 
@@ -398,7 +438,7 @@ class Engine(metaclass=NoPublicConstructor):
             request,
             options or self.config.stream,
             ledger=self._ledger,
-            admission=self._admission,
+            gate=self._gate,
             runner=self._runner,
             on_first_delta=first_delta,
         ) as events:
@@ -415,6 +455,7 @@ class Engine(metaclass=NoPublicConstructor):
         owner: str | None = None,
         no_cache: bool = False,
         no_store: bool = False,
+        tenant: str | None = None,
     ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[BatchItem]]:
         """Run ``program`` on every item, handing out each item's outcome as soon as it is ready.
 
@@ -430,13 +471,13 @@ class Engine(metaclass=NoPublicConstructor):
         cancels what is still running (those items are ``abandoned``). Item ``i`` runs under the id
         ``{request_id}-{i}``; :meth:`cancel` with ``request_id`` itself stops the whole batch (for its
         ``owner`` only, when the cancel names one). ``no_cache`` and ``no_store`` apply to every item
-        (see :meth:`predict`).
+        (see :meth:`predict`). Every item counts against ``tenant``.
 
         Raises:
             InvalidInputError: on entry, if ``concurrency`` is not a positive integer.
         """
         return open_batch(
-            functools.partial(self.predict, owner=owner, no_cache=no_cache, no_store=no_store),
+            functools.partial(self.predict, owner=owner, tenant=tenant, no_cache=no_cache, no_store=no_store),
             lambda item_id, reason: self._ledger.cancel(item_id, lambda: reason),
             program,
             items,
@@ -458,6 +499,7 @@ class Engine(metaclass=NoPublicConstructor):
         owner: str | None = None,
         no_cache: bool = False,
         no_store: bool = False,
+        tenant: str | None = None,
     ) -> list[BatchItem]:
         """Run ``program`` on every item; return one outcome per item, in input order.
 
@@ -475,6 +517,7 @@ class Engine(metaclass=NoPublicConstructor):
             owner=owner,
             no_cache=no_cache,
             no_store=no_store,
+            tenant=tenant,
         ) as stream:
             async for item in stream:
                 outcomes[item.index] = item

@@ -33,6 +33,7 @@ from ._lm_config import LMConfig
 from ._program_spec import ADAPTERS, AdapterName, ProgramSpec
 from ._stream_options import StreamOptions
 from ._tables import build, copy_mapping, one_of, shallow
+from ._tenant_config import TenantConfig, check_tenants
 from ._validate import non_negative, non_negative_int, positive_int
 
 
@@ -72,6 +73,8 @@ class EngineConfig:
         log_text: Put inputs and outputs in the request log lines (off: privacy by default).
         cluster: State shared with other workers and replicas through Redis.
         cache: Single-flight of identical LM calls (on) and the response cache (off).
+        tenants: The tenants by name (``[tenants.NAME]``): their API keys, weights, own limits and
+            budgets.
     """
 
     lms: Mapping[str, LMConfig] = attrs.field(factory=_default_lms, converter=copy_mapping, hash=False)
@@ -87,8 +90,10 @@ class EngineConfig:
     log_text: bool = False
     cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
     cache: CacheConfig = attrs.field(factory=CacheConfig)
+    tenants: Mapping[str, TenantConfig] = attrs.field(factory=dict, converter=copy_mapping, hash=False)
 
     def __attrs_post_init__(self) -> None:
+        check_tenants(self.tenants)
         for name, spec in self.programs.items():
             if spec.lm not in self.lms:
                 raise ConfigError(f"program {name!r} uses LM {spec.lm!r}, which is not configured")
@@ -102,9 +107,9 @@ class EngineConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> EngineConfig:
         """Build from the structure of a TOML file: ``[engine]``, ``[stream]``, ``[lms.NAME]`` (with its
-        nested tables), ``[programs.NAME]``, ``[cluster]``, ``[cache]``. ``env`` is where ``api_key_env``
-        names are looked up."""
-        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster", "cache"}
+        nested tables), ``[programs.NAME]``, ``[cluster]``, ``[cache]``, ``[tenants.NAME]``. ``env`` is
+        where ``api_key_env`` and ``keys_env`` names are looked up."""
+        unknown = set(data) - {"engine", "stream", "lms", "programs", "cluster", "cache", "tenants"}
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = dict(data.get("engine", {}))
@@ -118,6 +123,13 @@ class EngineConfig:
             values["lms"] = {
                 name: LMConfig.from_mapping(table, where=f"lms.{name}", env=env)
                 for name, table in data["lms"].items()
+            }
+        if "tenants" in data:
+            if not isinstance(data["tenants"], Mapping):
+                raise ConfigError("tenants must be a table of tenants ([tenants.NAME])")
+            values["tenants"] = {
+                name: TenantConfig.from_mapping(table, where=f"tenants.{name}", env=env)
+                for name, table in data["tenants"].items()
             }
         if "programs" in data:
             programs = {

@@ -11,7 +11,11 @@ deadline) is reported the Trio way, by the caller's scope.
     ├── InvalidInputError          the request itself is wrong (a field, a value, an option)
     │   └── UnknownProgramError    no program is registered under that name
     ├── OverloadedError            admission refused: the queue is full (carries retry_after)
-    │   └── RateLimitWaitError     a wait for an upstream's capacity would pass the deadline
+    │   ├── RateLimitWaitError     a wait for an upstream's capacity would pass the deadline
+    │   ├── DeadlineUnmeetableError  the expected wait for a slot passes the request's deadline
+    │   ├── TenantOverloadedError  the tenant's own in-flight and queue caps are full
+    │   ├── TenantRateLimitedError the tenant is over its own requests or tokens per minute
+    │   └── BudgetExceededError    the tenant spent its budget for the current window
     ├── DeadlineExceededError      a service-imposed time limit ran out
     ├── SlowConsumerError          a stream's consumer stopped reading (``timeout`` backpressure)
     ├── EngineClosedError          the engine is shutting down or closed
@@ -47,10 +51,12 @@ Outcome = Literal[
 ]
 
 __all__ = [
+    "BudgetExceededError",
     "CircuitOpenError",
     "ClusterUnavailableError",
     "ConfigError",
     "DeadlineExceededError",
+    "DeadlineUnmeetableError",
     "EngineClosedError",
     "EngineError",
     "InvalidInputError",
@@ -61,6 +67,8 @@ __all__ = [
     "RequestAbandonedError",
     "RequestCancelledError",
     "SlowConsumerError",
+    "TenantOverloadedError",
+    "TenantRateLimitedError",
     "UnknownProgramError",
     "UpstreamConnectionError",
     "UpstreamContextWindowError",
@@ -148,6 +156,44 @@ class RateLimitWaitError(OverloadedError):
     """
 
     code = "rate_limit_wait"
+
+
+class DeadlineUnmeetableError(OverloadedError):
+    """Raised at once, instead of queueing, when the wait a request can expect for a slot (the starts
+    ahead of it at the measured service rate) already passes its deadline: it would time out in the
+    queue. The estimate is a low one, so a request that may still be served is queued. ``retry_after``
+    is how much longer the queue needs than the request had."""
+
+    code = "deadline_unmeetable"
+
+
+class _TenantRefusal(OverloadedError):
+    """A refusal by one tenant's own limits. ``tenant`` names the tenant (never its key)."""
+
+    def __init__(self, message: str, *, retry_after: float, tenant: str) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.tenant = tenant
+
+
+class TenantOverloadedError(_TenantRefusal):
+    """Raised at once when a request's tenant already has its ``max_in_flight`` requests running and
+    its ``max_queued`` waiting. Nothing was queued."""
+
+    code = "tenant_overloaded"
+
+
+class TenantRateLimitedError(_TenantRefusal):
+    """Raised at once when a request's tenant is over its own requests or tokens per minute. Nothing
+    was queued; ``retry_after`` is when the window has room again."""
+
+    code = "tenant_rate_limited"
+
+
+class BudgetExceededError(_TenantRefusal):
+    """Raised at once, before any upstream call, when a request's tenant has spent its budget for the
+    current window. ``retry_after`` is the end of the window."""
+
+    code = "budget_exceeded"
 
 
 class DeadlineExceededError(EngineError):

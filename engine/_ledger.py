@@ -22,6 +22,7 @@ from ._metrics import EngineMetrics
 from ._owners import OwnerCheck, anyone
 from ._request import Request
 from ._telemetry import log_request, request_log, span
+from ._tenants import Tenant
 
 
 class Ledger:
@@ -32,6 +33,7 @@ class Ledger:
         model_of: The upstream model name of a program (a metrics label).
         known_programs: Program names that may be metric labels; anything else is ``"unknown"``.
         log_text: Whether request log lines carry inputs and outputs.
+        settle: Books an ended request for its tenant (usage, cost, rate window); returns its cost.
     """
 
     def __init__(
@@ -41,11 +43,13 @@ class Ledger:
         known_programs: set[str],
         *,
         log_text: bool = False,
+        settle: Callable[[Request], float] | None = None,
     ) -> None:
         self._metrics = metrics
         self._model_of = model_of
         self._known = known_programs
         self._log_text = log_text
+        self._settle = settle
         self._active: dict[int, Request] = {}
         self._keys = itertools.count()
         self._idle = trio.Event()
@@ -64,7 +68,13 @@ class Ledger:
         return len(self._active)
 
     def refused(
-        self, program: str, outcome: Outcome, error: EngineError, *, count_error: bool = False
+        self,
+        program: str,
+        outcome: Outcome,
+        error: EngineError,
+        *,
+        count_error: bool = False,
+        tenant: Tenant | None = None,
     ) -> None:
         """Count a request refused before it was accepted (bad input, closing, overload); with
         ``count_error``, also count its error code (as an overload refused later would be)."""
@@ -73,6 +83,8 @@ class Ledger:
             self.errors[error.code] += 1
         known = program if isinstance(program, str) and program in self._known else "unknown"
         self._metrics.record(known, self._model_of(known), outcome, error.code, None, None)
+        if tenant is not None:
+            tenant.outcomes[outcome] = tenant.outcomes.get(outcome, 0) + 1
 
     @contextmanager
     def track(self, request: Request) -> Iterator[None]:
@@ -125,6 +137,8 @@ class Ledger:
         self._metrics.record(
             request.program.name, model, request.outcome, request.error_code, request.timings(), usage
         )
+        if self._settle is not None and request.tenant is not None:
+            self._settle(request)
         if request_log.isEnabledFor(logging.INFO):  # build the line only for a logger that writes it
             log_request(request.log_record(model, include_text=self._log_text))
 

@@ -1,4 +1,5 @@
-"""Ports for the limits one upstream's calls share: the RPM/TPM quota and the 429/503 cool-down.
+"""Ports for the limits one upstream's calls share (the RPM/TPM quota and the 429/503 cool-down) and a
+tenant's (its own RPM/TPM window, the same quota, and its budget).
 
 :class:`UpstreamGuard` talks to these small protocols only. The local implementations (a
 :class:`LocalQuota` window, a cool-down held in memory) serve one process; ``dspy_trio.engine.cluster``
@@ -18,6 +19,7 @@ import math
 from typing import Protocol
 
 from ._breaker import BreakerSettings, CircuitBreaker
+from ._budget import Budget, BudgetLimit, LocalBudget
 from ._rate_window import LocalQuota
 
 
@@ -46,13 +48,20 @@ class Quota(Protocol):
         """Seconds callers spent waiting for capacity, in total."""
         ...
 
-    async def acquire(self, tokens: float, *, then: float = 0.0) -> Grant:
+    async def acquire(self, tokens: float, *, then: float = 0.0, max_wait: float = math.inf) -> Grant:
         """Take one request and ``tokens``, waiting for them within the caller's deadline; ``then``
-        seconds (the call itself) must still fit before the deadline after the wait.
+        seconds (the call itself) must still fit before the deadline after the wait, and the wait may
+        be at most ``max_wait`` seconds (0: take them now or not at all).
 
         Raises:
-            RateLimitWaitError: at once, when the wait and ``then`` could not end before the deadline.
+            RateLimitWaitError: at once, when the wait and ``then`` could not end before the deadline,
+                or the wait would be longer than ``max_wait`` (``retry_after``: the wait).
         """
+        ...
+
+    def peek(self, tokens: float) -> float:
+        """Seconds until one request and ``tokens`` would fit, as far as this process knows now (0: now,
+        or not known here); takes nothing. Never blocks."""
         ...
 
 
@@ -70,7 +79,8 @@ class CoolDown(Protocol):
 
 
 class Limits(Protocol):
-    """Makes the quota, cool-down and circuit-breaker objects of each upstream."""
+    """Makes the quota, cool-down and circuit-breaker objects of each upstream, and the budget of each
+    tenant."""
 
     def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota: ...
 
@@ -80,6 +90,9 @@ class Limits(Protocol):
         ...
 
     def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker: ...
+    def budget(self, tenant: str, limit: BudgetLimit) -> Budget:
+        """The spend of ``tenant`` against ``limit``."""
+        ...
 
 
 class LocalCoolDown:
@@ -107,3 +120,6 @@ class LocalLimits:
 
     def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker:
         return CircuitBreaker(upstream, settings, longest_open=longest_open)
+
+    def budget(self, tenant: str, limit: BudgetLimit) -> Budget:
+        return LocalBudget(limit)

@@ -25,6 +25,7 @@ import attrs
 from . import _fallback_config
 from ._adaptive import AdaptiveSettings
 from ._breaker import BreakerSettings
+from ._budget import Price
 from ._errors import ConfigError
 from ._providers import PROVIDERS, keys_of, owners_of, settings_type
 from ._retry import RetryPolicy
@@ -155,6 +156,8 @@ class LMConfig:
         rate_limit: Requests and tokens per minute.
         retry: Retries of retryable failures (attempts, backoff, budget and its window).
         adaptive: An AIMD limit on concurrent calls to this upstream; None for none.
+        price: USD per million input and output tokens (``[lms.NAME.price]``): what the requests of a
+            tenant cost, counted per tenant and spent from its budget; None: free.
         settings: The provider's own settings, whose type selects the provider: ``SimulatedSettings``
             (the built-in simulated LM, no network), ``OpenAISettings`` (any OpenAI-compatible
             endpoint, Trio-native), ``AnthropicSettings`` (Anthropic's Messages API, Trio-native) or
@@ -178,6 +181,7 @@ class LMConfig:
     rate_limit: RateLimit = nested(RateLimit)
     retry: RetryPolicy = nested(RetryPolicy)
     adaptive: AdaptiveSettings | None = nested(AdaptiveSettings, optional=True)
+    price: Price | None = nested(Price, optional=True)
     settings: ProviderSettings = attrs.field(factory=SimulatedSettings, validator=_registered)
     fallbacks: tuple[str, ...] = attrs.field(
         default=(), converter=_fallback_config.to_names, validator=_fallback_config.names

@@ -1,6 +1,9 @@
 """Prometheus metrics of one engine, in a registry of its own (several engines per process, and tests,
 never collide).
 
+Per tenant, read at scrape time from the engine's tenants (nothing per request): requests by outcome,
+tokens, cost in USD (``dspy_trio_cost_usd_total{tenant}``), requests in flight and queued.
+
 Per request, labelled by ``program`` and upstream ``model``: requests by outcome, and (for requests that
 got a slot) histograms of the queue wait, the time inside LM calls, the total, the engine's overhead (total
 minus queue and LM time), and for streams the time to the first token of each output field; tokens in and
@@ -205,3 +208,32 @@ class _EngineCollector(Collector):
         for (source, target, reason), count in sorted(s.fallbacks.items()):
             fallbacks.add_metric([source, target, reason], count)
         yield from (breakers, fallbacks)
+        yield CounterMetricFamily(
+            "dspy_trio_deadline_refusals",
+            "Requests refused because the expected wait for a slot passed their deadline.",
+            value=s.deadline_refusals,
+        )
+        requests = CounterMetricFamily(
+            "dspy_trio_tenant_requests", "Requests by tenant and outcome.", labels=["tenant", "outcome"]
+        )
+        tokens = CounterMetricFamily(
+            "dspy_trio_tenant_tokens", "LM tokens used, by tenant.", labels=["tenant", "direction"]
+        )
+        cost = CounterMetricFamily(
+            "dspy_trio_cost_usd", "What requests cost (usage x the LM's price), by tenant.", labels=["tenant"]
+        )
+        in_flight = GaugeMetricFamily(
+            "dspy_trio_tenant_in_flight", "Requests holding a slot, by tenant.", labels=["tenant"]
+        )
+        queued = GaugeMetricFamily(
+            "dspy_trio_tenant_queued", "Requests waiting for a slot, by tenant.", labels=["tenant"]
+        )
+        for name, tenant in sorted(s.tenants.items()):
+            for outcome, count in sorted(tenant.requests.items()):
+                requests.add_metric([name, outcome], count)
+            tokens.add_metric([name, "in"], tenant.prompt_tokens)
+            tokens.add_metric([name, "out"], tenant.completion_tokens)
+            cost.add_metric([name], tenant.cost_usd)
+            in_flight.add_metric([name], tenant.in_flight)
+            queued.add_metric([name], tenant.queued)
+        yield from (requests, tokens, cost, in_flight, queued)

@@ -216,14 +216,20 @@ class LocalQuota:
         """The largest charge one call can ever be granted (``inf`` without a token limit)."""
         return self.tpm or math.inf
 
-    async def acquire(self, tokens: float, *, then: float = 0.0) -> LocalGrant:
+    def peek(self, tokens: float) -> float:
+        """Seconds until one request and ``tokens`` would fit (0: now); takes nothing."""
+        now = trio.current_time()
+        self.log.expire(now)
+        return max(0.0, self.log.earliest(now, 1.0, tokens, self.rpm, self.tpm) - now)
+
+    async def acquire(self, tokens: float, *, then: float = 0.0, max_wait: float = math.inf) -> LocalGrant:
         """Take one request and ``tokens`` (at most :attr:`max_tokens`), waiting for them in FIFO order.
         ``then`` is how long the call takes once granted: a wait that would not end ``then`` seconds
-        before the deadline is refused at once.
+        before the deadline, or that is longer than ``max_wait``, is refused at once.
 
         Raises:
-            RateLimitWaitError: at once, when the wait and ``then`` would pass the caller's deadline
-                (nothing was taken).
+            RateLimitWaitError: at once, when the wait and ``then`` would pass the caller's deadline, or
+                the wait is longer than ``max_wait`` (nothing was taken).
         """
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled scope's -inf deadline is no refusal
         now = trio.current_time()
@@ -231,7 +237,7 @@ class LocalQuota:
         log.expire(now)
         at = log.earliest(now, 1.0, tokens, self.rpm, self.tpm)
         wait = at - now
-        if wait > 0 and at + then >= trio.current_effective_deadline():
+        if wait > 0 and (wait > max_wait or at + then >= trio.current_effective_deadline()):
             raise refuse(self.name, wait)
         grant = LocalGrant(log, log.add(at, 1.0, tokens), tokens)
         try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -32,6 +32,10 @@ from ._errors import DeadlineExceededError, EngineClosedError, EngineError, Outc
 from ._programs import Program
 from ._result import PredictionResult, Timings
 from ._trace import RequestTrace
+
+if TYPE_CHECKING:
+    from ._fair_queue import Ticket
+    from ._tenants import Tenant, TenantPass
 
 
 def outcome_of(error: EngineError) -> Outcome:
@@ -66,6 +70,10 @@ class Request:
     consumer_owned: bool = False
     # The request's entry in the ledger while it is active.
     ledger_key: int = -1
+    # Its tenant, its place in the admission queue, and what its tenant's limits granted it.
+    tenant: Tenant | None = None
+    ticket: Ticket | None = None
+    tenant_pass: TenantPass | None = None
 
     def settle(self, outcome: Outcome, error_code: str | None = None) -> None:
         """Record the request's outcome; the first one recorded is the one that counts."""
@@ -155,6 +163,7 @@ class Request:
             "event": "request",
             "request_id": self.request_id,
             "kind": self.kind,
+            "tenant": self.tenant.name if self.tenant is not None else None,
             "program": self.program.name,
             "model": model,
             "outcome": self.outcome,

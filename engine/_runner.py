@@ -63,7 +63,7 @@ class ProgramRunner:
         with (
             program_context(self._lms[program.lm], adapter, send_stream) as tracker,
             tracing() as trace,
-            sharing_scope(request.owner, no_cache=request.no_cache, no_store=request.no_store),
+            sharing_scope(_sharer(request), no_cache=request.no_cache, no_store=request.no_store),
         ):
             request.trace = trace
             try:
@@ -111,3 +111,12 @@ def _raise_program_failure(program: Program, adapter: AdapterName, exc: BaseExce
         logger.error("program %r failed", program.name, exc_info=exc)
         message = f"program {program.name!r} failed with an internal error (the server log has the details)"
     raise ProgramError(message) from exc
+
+
+def _sharer(request: Request) -> str | None:
+    """Who ``request`` shares answers and calls with under the cache's ``scope = "key"``: its API key
+    and its tenant (two tenants never ride on each other's calls: each pays for, and is limited by,
+    its own)."""
+    if request.tenant is None:
+        return request.owner
+    return f"{request.tenant.name}\x00{request.owner or ''}"

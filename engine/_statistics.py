@@ -10,6 +10,7 @@ from ._admission import AdmissionStatistics
 from ._breaker import BreakerStatistics
 from ._errors import Outcome
 from ._sharing_statistics import SharingStatistics
+from ._tenants import TenantStatistics
 from ._upstream import UpstreamStatistics
 
 
@@ -45,6 +46,8 @@ class EngineStatistics:
         sharing: What single-flight and the response cache did (None when both are off).
         breakers: Per LM that has a circuit breaker: its state and counters.
         fallbacks: LM calls that fell back, by (from LM, to LM, reason).
+        tenants: Per tenant that has had a request: weight, in flight, queued, outcomes, tokens, cost.
+        deadline_refusals: Requests refused at once because the expected wait passed their deadline.
     """
 
     succeeded: int
@@ -68,6 +71,8 @@ class EngineStatistics:
     sharing: SharingStatistics | None = None
     breakers: Mapping[str, BreakerStatistics] = attrs.field(factory=dict)
     fallbacks: Mapping[tuple[str, str, str], int] = attrs.field(factory=dict)
+    tenants: Mapping[str, TenantStatistics] = attrs.field(factory=dict)
+    deadline_refusals: int = 0
 
     @property
     def requests_total(self) -> int:
@@ -106,6 +111,7 @@ class EngineStatistics:
         sharing: SharingStatistics | None = None,
         breakers: Mapping[str, BreakerStatistics] | None = None,
         fallbacks: Mapping[tuple[str, str, str], int] | None = None,
+        tenants: Mapping[str, TenantStatistics] | None = None,
     ) -> EngineStatistics:
         return cls(
             succeeded=outcomes.get("succeeded", 0),
@@ -129,4 +135,6 @@ class EngineStatistics:
             sharing=sharing,
             breakers=dict(breakers or {}),
             fallbacks=dict(fallbacks or {}),
+            tenants=dict(tenants or {}),
+            deadline_refusals=admission.deadline_refusals,
         )

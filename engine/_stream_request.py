@@ -22,9 +22,9 @@ from contextlib import asynccontextmanager
 import trio
 
 from . import _groups
-from ._admission import Admission
 from ._errors import EngineError
 from ._event_buffer import EventBuffer
+from ._gate import Gate
 from ._ledger import Ledger
 from ._request import Request
 from ._runner import ProgramRunner
@@ -39,7 +39,7 @@ async def open_stream(
     options: StreamOptions,
     *,
     ledger: Ledger,
-    admission: Admission,
+    gate: Gate,
     runner: ProgramRunner,
     on_first_delta: Callable[[str], None] | None = None,
 ) -> AsyncIterator[EventStream]:
@@ -55,8 +55,7 @@ async def open_stream(
     try:
         with ledger.track(request):
             with request.scoped() as queued:
-                await admission.acquire(request)
-                request.admitted = trio.current_time()
+                await gate.enter(request)
             request.consumer_owned = True
             if queued.cancelled_caught:  # the engine ended it while it queued: nothing ran
                 error = request.interruption()
@@ -66,7 +65,7 @@ async def open_stream(
                 yield events
                 return
             async with _groups.open_service_nursery() as nursery:
-                nursery.start_soon(_produce, request, events, ledger, admission, runner, on_first_delta)
+                nursery.start_soon(_produce, request, events, ledger, gate, runner, on_first_delta)
                 yield events
     finally:
         ledger.stream_drops["dropped"] += buffer.dropped
@@ -77,7 +76,7 @@ async def _produce(
     request: Request,
     events: EventStream,
     ledger: Ledger,
-    admission: Admission,
+    gate: Gate,
     runner: ProgramRunner,
     on_first_delta: Callable[[str], None] | None,
 ) -> None:
@@ -109,6 +108,6 @@ async def _produce(
         request.settle_interrupted(exc)
         raise
     finally:
-        admission.release(request, service_time=trio.current_time() - request.admitted)
+        gate.leave(request)
         buffer.close()
         ledger.end(request)

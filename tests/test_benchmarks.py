@@ -132,3 +132,14 @@ async def test_the_coalescing_benchmark_runs_a_part_to_its_end() -> None:
     done = await run("-m", "benchmarks.coalescing", "--parts", "close", "--rounds", "1")
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert "last waiter leaves -> upstream connection closed: p50" in done.stdout.decode()
+
+
+async def test_the_tenants_benchmark_runs_to_its_end_and_prints_each_figure() -> None:
+    """A short run of the parts whose summaries are the most involved (no baseline: no git tree to export
+    here): each figure is printed with its goal."""
+    arguments = ["--baseline", "none", "--parts", "deadline", "startup", "--seconds", "1", "--count", "200"]
+    done = await run("-m", "benchmarks.tenants", *arguments)
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    for figure in ("overload now", "refusal p99 < 10 ms", "200 tenants: start-up", "goal < 20 MB"):
+        assert figure in out, out

@@ -360,3 +360,15 @@ async def test_predict_and_serve_let_lm_variables_override_the_config_file(confi
             assert response.status_code == 200, response.text
     finally:
         await stop(process)
+
+
+async def test_a_key_in_a_tenant_and_in_dspy_trio_api_keys_is_a_configuration_error(tmp_path: Path) -> None:
+    """`serve` refuses before it listens, naming both places and never the key."""
+    config = tmp_path / "tenants.toml"
+    config.write_text('[tenants.acme]\nkeys = ["sk-shared-secret-1"]\n')
+    env = clean_env(DSPY_TRIO_CONFIG=str(config), DSPY_TRIO_API_KEYS="other,sk-shared-secret-1")
+    result = await cli("serve", env=env)
+    assert result.returncode == 2
+    [line] = problem_lines(result.stderr)
+    assert "tenants.acme.keys[0] is the same key as DSPY_TRIO_API_KEYS[1]" in line
+    assert "sk-shared-secret-1" not in result.stderr

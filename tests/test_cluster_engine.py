@@ -20,6 +20,7 @@ import trio.testing
 import trustme
 
 from dspy_trio.engine import (
+    BudgetLimit,
     ClusterUnavailableError,
     ConfigError,
     Engine,
@@ -293,7 +294,8 @@ def test_the_cluster_secret_from_toml_and_env_is_checked_and_never_shown(tmp_pat
 
 async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: RedisServer) -> None:
     """README: an ACL user limited to the deployment's keys and channels and to these commands runs a
-    cluster (quota, cool-down, cancel, heartbeats) without a failure; a wrong password is refused."""
+    cluster (quota, cool-down, cancel, heartbeats, tenants' budgets) without a failure; a wrong password
+    is refused."""
     shared = prefix()
     user, password = f"user-{shared}", "a-long-password-for-this-test"
     rules = [
@@ -320,6 +322,8 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
         "+pexpire",
         "+publish",
         "+subscribe",
+        "+hset",
+        "+hgetall",
     ]
     command = ["redis-cli", "-p", str(redis_server.port), "ACL", "SETUSER", user, *rules]
     assert (await trio.run_process(command, capture_stdout=True)).stdout.strip() == b"OK"
@@ -337,7 +341,10 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
                 assert await b.cancel_anywhere("r", owner="alice") is True
         assert b.cluster is not None
         b.cluster.cooldown("default").extend_to(trio.current_time() + 0.1)
-        await trio.sleep(0.3)  # real time: a heartbeat and the cool-down's broadcast
+        budget = b.cluster.budget("acme", BudgetLimit(usd=5))  # a tenant's budget: HSET, HGETALL
+        budget.spend(1.0)
+        await trio.sleep(0.3)  # real time: a heartbeat, the cool-down's broadcast, the spend's write
+        assert (await budget.spent()).usd == 1.0
         for cluster in (a.cluster, b.cluster):
             assert cluster is not None
             statistics = cluster.statistics()

@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dspy_trio.web.workers import merge_json, merge_prometheus, read_snapshots, retire
+from dspy_trio.web.workers import _json_counts, merge_json, merge_prometheus, read_snapshots, retire
 
 
 def worker_text(requests: int, seconds: list[float], processes: int) -> str:
@@ -68,6 +68,36 @@ def test_json_counts_are_summed_and_averages_weighted_by_ended_requests() -> Non
     assert merged["error_rate"] == round(1 / 40, 6)
     assert merged["errors_by_code"] == {"x": 3, "y": 1}
     assert merged["workers"] == 2
+
+
+def test_json_tenants_of_every_worker_are_merged_by_name() -> None:
+    """Per tenant, the workers' counts are summed (requests by outcome, tokens, cost, in flight and
+    queued), its weight is its weight (a setting, not a count); a dead worker's gauges leave with it."""
+
+    def worker(succeeded: int, in_flight: int, cost: float) -> dict[str, Any]:
+        tenant = {
+            "weight": 3,
+            "in_flight": in_flight,
+            "queued": 1,
+            "requests": {"succeeded": succeeded},
+            "prompt_tokens": 10 * succeeded,
+            "completion_tokens": 5 * succeeded,
+            "cost_usd": cost,
+        }
+        return {"total_requests": succeeded, "active_requests": 0, "tenants": {"acme": tenant}}
+
+    merged = merge_json(
+        [worker(2, 1, 0.5), worker(3, 0, 0.25)], retired=_json_counts({"json": worker(4, 7, 1.0)})
+    )
+    assert merged["tenants"]["acme"] == {
+        "weight": 3,
+        "in_flight": 1,
+        "queued": 2,
+        "requests": {"succeeded": 9},
+        "prompt_tokens": 90,
+        "completion_tokens": 45,
+        "cost_usd": 1.75,
+    }
 
 
 def dead_pid() -> int:

@@ -7,6 +7,7 @@ last waiter leaves."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import attrs
@@ -188,6 +189,23 @@ async def test_two_api_keys_never_share_a_call_or_an_answer(autojump_clock: Any)
         other = await engine.predict("default", QUESTION, owner="carol-key")
         assert not other.timings.cached
         assert lm.started == 3
+
+
+async def test_two_tenants_never_share_a_call_or_an_answer(autojump_clock: Any) -> None:
+    """Each tenant pays for, and is limited by, its own calls: one never rides on another's."""
+    lm = CountingLM(first_token_delay=1.0)
+    async with open_engine(config(MEMORY), lms={"default": lm}) as engine:
+        async with trio.open_nursery() as nursery:
+            for tenant in ("acme", "globex"):
+                for _ in range(5):
+                    nursery.start_soon(partial(engine.predict, "default", QUESTION, tenant=tenant))
+        assert lm.started == 2  # one call per tenant
+        assert (await engine.predict("default", QUESTION, tenant="acme")).timings.cached
+        assert not (await engine.predict("default", QUESTION, tenant="initech")).timings.cached
+        assert lm.started == 3
+        usage = engine.statistics().tenants
+        assert usage["acme"].prompt_tokens > 0
+        assert usage["globex"].prompt_tokens > 0
 
 
 async def test_a_global_scope_shares_across_keys(autojump_clock: Any) -> None:

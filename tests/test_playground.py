@@ -174,3 +174,44 @@ def test_the_api_docs_render_with_no_network(browser: Any, service: Service) -> 
     assert page.locator(".opblock").count() >= 12
     assert elsewhere == []
     page.close()
+
+
+def test_the_page_shows_the_tenant_of_the_key(browser: Any) -> None:
+    """Without a key the page says the tenant is ``default``; with a key, the key's tenant (its name,
+    weight and limits, never the key), and after a change of key, the new one's."""
+    import hashlib
+
+    from dspy_trio.engine import RateLimit, TenantConfig
+
+    digest = hashlib.sha256(b"acme-key-0123456789").hexdigest()
+    tenants = {"acme": TenantConfig(key_digests=(digest,), weight=3, rate_limit=RateLimit(rpm=600))}
+    started: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
+
+    async def main() -> None:
+        stop = trio.Event()
+        engine = EngineConfig(tenants=tenants)
+        async with open_server(settings(engine=engine, api_keys=("plain-key-0123456789",))) as server:
+            started.put((server.url, trio.lowlevel.current_trio_token(), stop))
+            await stop.wait()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    url, token, stop = started.get(timeout=30)
+    page = browser.new_page()
+    try:
+        page.goto(url + "/")
+        page.wait_for_selector("#error:not([hidden])")  # no key: 401 from the programs list
+        assert page.inner_text("#tenant") == ""
+        page.fill("#api-key", "acme-key-0123456789")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#tenant:has-text('tenant acme')")
+        assert page.inner_text("#tenant") == "tenant acme · weight 3 · 600 rpm"
+        page.fill("#api-key", "plain-key-0123456789")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#tenant:has-text('tenant key-')")
+        assert "0123456789" not in page.inner_text("#tenant")
+    finally:
+        page.evaluate("localStorage.clear()")
+        page.close()
+        trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(timeout=30)

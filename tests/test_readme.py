@@ -115,7 +115,7 @@ def test_every_toml_block_loads_as_an_engine_config() -> None:
     assert found
     for block in found:
         data = tomllib.loads(block.replace('secret = "..."', 'secret = "an-example-secret-of-32-chars"'))
-        config = EngineConfig.from_mapping(data, env={"OPENAI_API_KEY": "sk-example"})
+        config = EngineConfig.from_mapping(data, env={"OPENAI_API_KEY": "sk-example", "ACME_KEYS": "k1,k2"})
         assert config.lms
 
 

@@ -72,6 +72,7 @@ OUTCOME_OF_CODE = {
     "cancelled": "cancelled",
     "engine_closed": "shut_down",
     "overloaded": "rejected",
+    "deadline_unmeetable": "rejected",
     "upstream_server_error": "failed",
     "deadline_exceeded": "timed_out",
     "abandoned": "abandoned",
@@ -335,7 +336,8 @@ async def run_plan(plan: Plan, outcomes: Outcomes) -> None:
 def check(plan: Plan, engine: Any, records: list[Record], outcomes: Outcomes) -> None:
     stats = engine.statistics()
     assert (stats.in_flight, stats.queued) == (0, 0)
-    assert engine._admission._slots.borrowed_tokens == 0, "every admission slot is back"
+    assert engine._admission.in_flight == 0, "every admission slot is back"
+    assert all(t.in_flight == t.queued == 0 for t in stats.tenants.values()), "every tenant slot is back"
     assert engine._ledger.active == 0
     ended = plan.end != "none"
     for record in records:

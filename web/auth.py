@@ -3,13 +3,15 @@
 The front door (:mod:`dspy_trio.web.door`) calls :func:`authorize` once per request, with the route the
 path matched. Rules (docs/security.md states them):
 
-- With ``api_keys`` configured, every request needs ``Authorization: Bearer KEY`` (a WebSocket may pass
-  ``?api_key=KEY``) except on the routes the route table marks ``open``
-  (:data:`dspy_trio.web.routes.ROUTES`: ``/health``, ``/ready``, the playground, the API's description
-  ``/docs`` and ``/openapi.json``, the static files); a path no route matches needs a key too (so a 401
-  comes before a 404). The key, compared in constant time, is the request's *owner*: only the same key
-  may cancel it (the engine checks, :mod:`dspy_trio.engine._owners`). Without keys the owner is ``""``
-  for everyone, so anyone may cancel (as anyone may call).
+- With keys configured (``api_keys``, or a tenant's ``keys``), every request needs
+  ``Authorization: Bearer KEY`` (a WebSocket may pass ``?api_key=KEY``) except on the routes the route
+  table marks ``open`` (:data:`dspy_trio.web.routes.ROUTES`: ``/health``, ``/ready``, the playground,
+  the API's description ``/docs`` and ``/openapi.json``, the static files); a path no route matches
+  needs a key too (so a 401 comes before a 404). The key, looked up by its SHA-256 digest
+  (:mod:`dspy_trio.web.keys`), is the request's *owner*: only the same key may cancel it (the engine
+  checks, :mod:`dspy_trio.engine._owners`); its tenant is whose share, limits and budget the request
+  counts against. Without keys the owner is ``""`` for everyone, so anyone may cancel (as anyone may
+  call), and the tenant None (the engine's ``default``).
 - A CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) is never authenticated: browsers
   send it without credentials.
 - A WebSocket handshake from a browser (it has an ``Origin``) is refused unless that origin is the
@@ -18,7 +20,6 @@ path matched. Rules (docs/security.md states them):
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -36,12 +37,6 @@ class Headers(Protocol):
     def __contains__(self, key: str, /) -> bool: ...
 
 
-def _matching_key(given: str, keys: tuple[str, ...]) -> str | None:
-    # Compare against every key (no early exit) so the time does not tell which prefix matched.
-    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
-    return next((key for key, ok in zip(keys, matches, strict=True) if ok), None)
-
-
 def _same_origin(origin: str, host: str | None) -> bool:
     parts = urlsplit(origin)
     return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == (host or "").lower()
@@ -55,8 +50,9 @@ def authorize(
     headers: Headers,
     query: Mapping[str, str] | None = None,
     websocket: bool = False,
-) -> str:
-    """Admit a request or raise; return its owner key ("" when no keys are configured). Never blocks.
+) -> tuple[str, str | None]:
+    """Admit a request or raise; return its owner key and its tenant (``""`` and None when no keys are
+    configured, or on an open route). Never blocks.
 
     Args:
         settings: Keys and CORS origins.
@@ -78,21 +74,22 @@ def authorize(
                 type="permission_error",
                 code="origin_not_allowed",
             )
-    if not settings.api_keys or (route is not None and route.open):
-        return ""
+    if not len(settings.keys) or (route is not None and route.open):
+        return "", None
     if method == "OPTIONS" and "access-control-request-method" in headers:
-        return ""  # a CORS preflight carries no credentials
+        return "", None  # a CORS preflight carries no credentials
     scheme, _, given = (headers.get("authorization") or "").partition(" ")
     if scheme.lower() != "bearer" and websocket and query is not None:
         given = query.get("api_key", "")
     elif scheme.lower() != "bearer":
         given = ""
-    key = _matching_key(given.strip(), settings.api_keys) if given else None
-    if key is None:
+    key = given.strip()
+    tenant = settings.keys.tenant_of(key) if key else None
+    if tenant is None:
         raise HTTPError(
             401,
             "a valid API key is required (Authorization: Bearer KEY)",
             type="authentication_error",
             code="invalid_api_key",
         )
-    return key
+    return key, tenant

@@ -85,6 +85,8 @@ class Call:
             None otherwise.
         notes: What the answer learns on its way (:class:`CallNotes`).
         no_cache, no_store: ``Cache-Control``'s switches for the engine (a /v1/ws frame has none).
+        tenant: The tenant of its key (never the key), whose share, limits and budget it counts
+            against; None without keys (the engine's ``default`` tenant).
     """
 
     request_id: str
@@ -98,6 +100,7 @@ class Call:
     notes: CallNotes = attrs.field(factory=CallNotes)
     no_cache: bool = False
     no_store: bool = False
+    tenant: str | None = None
 
     def deadline(self, settings: ServiceSettings, asked: float | None = None) -> RequestDeadline:
         """The call's deadline: ``asked`` (a body's or frame's ``timeout_secs``), else ``X-Request-Timeout``,
@@ -109,8 +112,9 @@ class Call:
         return RequestDeadline.start(settings, arrived=self.arrived, asked=asked, header=self.timeout_header)
 
     def frame(self, label: str | None, arrived: float, program: str | None) -> Call:
-        """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner."""
-        return Call(new_request_id(), label, self.owner, arrived, self.route, program)
+        """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner and
+        tenant."""
+        return Call(new_request_id(), label, self.owner, arrived, self.route, program, tenant=self.tenant)
 
     def runs(self) -> str:
         """The program the call runs (for the handlers of routes that run one)."""

@@ -7,7 +7,8 @@
 For each request the door, in ASGI, before Quart runs:
 
 1. finds the route (:meth:`dspy_trio.web.routing.RouteTable.match`) and the program it runs;
-2. authorizes it (:func:`dspy_trio.web.auth.authorize`: its key becomes the call's owner);
+2. authorizes it (:func:`dspy_trio.web.auth.authorize`: its key becomes the call's owner, and the key's
+   tenant the call's tenant);
 3. refuses an overload on a route that runs a program (:meth:`dspy_trio.engine.Engine.refuse_if_overloaded`,
    which counts the refusal), when the engine is serving; a batch is admitted item by item instead;
 4. builds the :class:`dspy_trio.web.call.Call` (a fresh server id, the client's label, the owner, the
@@ -190,10 +191,10 @@ class FrontDoor:
         found = service.routes.match(scope["path"])
         route, parameters = found if found is not None else (None, _NO_PARAMETERS)
         program = route.program_of(parameters) if route is not None else None
-        owner = ""
+        owner, tenant = "", None
         refusal: Exception | None = None
         try:
-            owner = authorize(
+            owner, tenant = authorize(
                 service.settings,
                 route,
                 method=method,
@@ -219,7 +220,7 @@ class FrontDoor:
                 and not service.draining
             ):
                 try:
-                    engine.refuse_if_overloaded(program)  # counts the refusal
+                    engine.refuse_if_overloaded(program, tenant=tenant)  # counts the refusal
                 except OverloadedError as error:
                     refusal = error.with_traceback(None)  # as above
         no_cache, no_store = cache_switches(head.get("cache-control"))
@@ -234,6 +235,7 @@ class FrontDoor:
             refusal,
             no_cache=no_cache,
             no_store=no_store,
+            tenant=tenant,
         )
 
     def _app_shapes(self, scope: Any) -> bool:
@@ -256,6 +258,7 @@ class FrontDoor:
             "request_id": call.request_id,
             "label": call.label,
             "kind": scope["type"],
+            "tenant": call.tenant,
             "method": scope.get("method", "GET"),
             "path": scope["path"],
             "status": status,

@@ -13,6 +13,7 @@ from dspy_trio.engine import (
     CircuitOpenError,
     ClusterUnavailableError,
     DeadlineExceededError,
+    DeadlineUnmeetableError,
     EngineClosedError,
     EngineError,
     InvalidInputError,
@@ -58,6 +59,7 @@ class HTTPError(Exception):
 _STATUS: list[tuple[type[EngineError], int, str]] = [
     (UnknownProgramError, 404, "not_found_error"),
     (InvalidInputError, 422, "invalid_request_error"),
+    (DeadlineUnmeetableError, 503, "service_unavailable_error"),
     (OverloadedError, 429, "rate_limit_error"),
     (EngineClosedError, 503, "service_unavailable_error"),
     (ClusterUnavailableError, 503, "service_unavailable_error"),

@@ -15,7 +15,8 @@ def metrics_text(engine: Engine) -> tuple[bytes, str]:
 
 
 def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
-    """The plain fields (requests, errors, latency), plus the engine's own counters."""
+    """The plain fields (requests, errors, latency), plus the engine's own counters, and per tenant (by
+    name, never key) its weight, requests in flight and queued, outcomes, tokens and cost in USD."""
     errors = stats.failed + stats.timed_out
     ended = stats.ended
     return {
@@ -34,6 +35,19 @@ def metrics_json(stats: EngineStatistics) -> dict[str, Any]:
         "queued": stats.queued,
         "in_flight": stats.in_flight,
         "errors_by_code": dict(stats.errors_by_code),
+        "deadline_refusals": stats.deadline_refusals,
+        "tenants": {
+            name: {
+                "weight": tenant.weight,
+                "in_flight": tenant.in_flight,
+                "queued": tenant.queued,
+                "requests": dict(tenant.requests),
+                "prompt_tokens": tenant.prompt_tokens,
+                "completion_tokens": tenant.completion_tokens,
+                "cost_usd": round(tenant.cost_usd, 9),
+            }
+            for name, tenant in sorted(stats.tenants.items())
+        },
         **({"cache": _cache_json(stats.sharing)} if stats.sharing is not None else {}),
     }
 

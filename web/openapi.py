@@ -124,7 +124,7 @@ class ServiceOpenAPI(OpenAPIProvider):
         settings, routes = service.settings, service.routes
         components = document.setdefault("components", {})
         components.setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
-        if settings.api_keys:
+        if len(settings.keys):
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in document.get("paths", {}).items():
             for method, operation in operations.items():
@@ -137,7 +137,7 @@ class ServiceOpenAPI(OpenAPIProvider):
                 route = routes.by_template(path)
                 if route is not None and method.upper() in route.methods:
                     operation["responses"] = _responses(route)
-                    if settings.api_keys and route.keyed:
+                    if len(settings.keys) and route.keyed:
                         operation["security"] = [{"bearer": []}]
                     if route.program is not None and not route.websocket:  # it runs LM calls
                         operation.setdefault("parameters", []).append(_CACHE_CONTROL)

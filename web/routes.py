@@ -12,7 +12,7 @@ OpenAPI document shows; 401 is added to every route that is not ``open``.
 from __future__ import annotations
 
 from .openapi import swagger_ui_asset
-from .routes_ops import cancel_request, health, metrics, playground, ready
+from .routes_ops import cancel_request, health, metrics, playground, ready, tenant
 from .routes_programs import list_programs, program_batch, program_predict, program_stream
 from .routes_seed import seed_predict, seed_predict_stream, seed_stream
 from .routing import Route, Wire
@@ -45,6 +45,14 @@ ROUTES: tuple[Route, ...] = (
         metrics,
         formats=(Wire.PROMETHEUS, Wire.JSON),
         answer="Prometheus text, or JSON with `Accept: application/json`.",
+        refusals={503},
+    ),
+    Route(
+        "/v1/tenant",
+        "GET",
+        tenant,
+        answer='`{"tenant", "weight", "max_in_flight", "max_queued", "rate_limit", "budget", "usage"}`: '
+        "the tenant of the caller's key (its name, never the key).",
         refusals={503},
     ),
     Route(

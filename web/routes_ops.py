@@ -1,8 +1,12 @@
-"""Operations: the playground, liveness, readiness, metrics, and cancelling a request by its id."""
+"""Operations: the playground, liveness, readiness, metrics, the caller's tenant, and cancelling a request
+by its id."""
 
 from __future__ import annotations
 
 from quart import Response, current_app, request
+
+from dspy_trio.engine import TenantConfig
+from dspy_trio.engine._tenants import DEFAULT_TENANT
 
 from .call import Call
 from .errors import HTTPError
@@ -52,6 +56,36 @@ async def cancel_request(service: Service, call: Call, request_id: str) -> Respo
             404, f"no request {request_id!r} is in flight", type="not_found_error", code="unknown_request"
         )
     return json_response({"cancelled": request_id})
+
+
+async def tenant(service: Service, call: Call) -> Response:
+    """The caller's tenant (the one of its API key; ``default`` without keys): its name (never a key),
+    weight, own limits and budget, and what it has used in this process."""
+    engine = service.require_engine()
+    name = call.tenant or DEFAULT_TENANT
+    config = service.settings.engine.tenants.get(name, TenantConfig())
+    usage = engine.tenant_statistics(name)
+    budget = config.budget
+    return json_response(
+        {
+            "tenant": name,
+            "weight": config.weight,
+            "max_in_flight": config.max_in_flight,
+            "max_queued": config.max_queued,
+            "rate_limit": {"rpm": config.rate_limit.rpm, "tpm": config.rate_limit.tpm},
+            "budget": None if budget is None else {"usd": budget.usd, "window": budget.window},
+            "usage": None
+            if usage is None
+            else {
+                "in_flight": usage.in_flight,
+                "queued": usage.queued,
+                "requests": dict(usage.requests),
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_usd": round(usage.cost_usd, 9),
+            },
+        }
+    )
 
 
 async def metrics(service: Service, call: Call) -> Response:

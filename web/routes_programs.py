@@ -60,7 +60,7 @@ def stream_response(
     until = call.deadline(service.settings, asked)
     engine = checked_engine(service, inputs)
     program = call.runs()
-    engine.precheck(program, inputs)  # so that bad input and overload get a status, not an event
+    engine.precheck(program, inputs, tenant=call.tenant)  # bad input and overload get a status, not an event
 
     async def produce(emit: Emit) -> None:
         await run(engine, call, until, program, inputs, stream=True, emit=emit)

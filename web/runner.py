@@ -54,7 +54,8 @@ async def run(
 ) -> None:
     """Run the call (a prediction, or a stream when ``stream``) and emit its outcomes, the last one
     exactly once. Blocks for the whole call, ``emit`` included. The engine runs it under
-    ``call.request_id`` for ``call.owner``; a prediction's timings go to ``call.notes``."""
+    ``call.request_id`` for ``call.owner``, in ``call.tenant``; a prediction's timings go to
+    ``call.notes``."""
     with until.scope() as timer:
         try:
             no_cache, no_store = call.no_cache, call.no_store
@@ -64,6 +65,7 @@ async def run(
                     inputs,
                     request_id=call.request_id,
                     owner=call.owner,
+                    tenant=call.tenant,
                     no_cache=no_cache,
                     no_store=no_store,
                 )
@@ -77,6 +79,7 @@ async def run(
                 inputs,
                 request_id=call.request_id,
                 owner=call.owner,
+                tenant=call.tenant,
                 no_cache=no_cache,
                 no_store=no_store,
             ) as events:
@@ -146,6 +149,7 @@ async def run_batch(
                 owner=call.owner,
                 no_cache=call.no_cache,
                 no_store=call.no_store,
+                tenant=call.tenant,
             ) as outcomes:
                 async for item in outcomes:
                     seen.add(item.index)

@@ -4,7 +4,8 @@ Environment (read by :meth:`ServiceSettings.from_env`; ``dspy-trio serve`` flags
 
     DSPY_TRIO_HOST, DSPY_TRIO_PORT          where to listen (127.0.0.1:8000)
     DSPY_TRIO_WORKERS                       worker processes (1)
-    DSPY_TRIO_API_KEYS                      comma-separated keys; when set, requests need
+    DSPY_TRIO_API_KEYS                      comma-separated keys, each a tenant of its own; when set (or a
+                                            [tenants.NAME] has keys), requests need
                                             "Authorization: Bearer KEY" (/health and /ready stay open)
     DSPY_TRIO_CORS_ORIGINS                  comma-separated origins allowed by CORS (none)
     DSPY_TRIO_ALLOWED_HOSTS                 comma-separated host names requests may name in Host besides
@@ -30,6 +31,8 @@ from typing import Any
 import attrs
 
 from dspy_trio.engine import ConfigError, EngineConfig
+
+from .keys import KeyRing
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -86,7 +89,8 @@ class ServiceSettings:
         engine: The engine's configuration.
         host, port: Where to listen; port 0 picks a free one.
         workers: Worker processes; each has its own engine, limits and metrics.
-        api_keys: Accepted bearer keys; empty means no authentication.
+        api_keys: Accepted bearer keys (``DSPY_TRIO_API_KEYS``), each a tenant of its own; with these
+            empty and no tenant with keys (``[tenants.NAME]`` of the engine), no authentication.
         cors_origins: Origins allowed by CORS; empty means CORS headers are never sent.
         allowed_hosts: Host names a request's ``Host`` may carry besides ``localhost``, ``127.0.0.1``,
             ``[::1]`` and the bound address, which are all a server bound to loopback answers for
@@ -128,6 +132,15 @@ class ServiceSettings:
     ws_max_requests: int = attrs.field(default=16, validator=_count)
     ws_ping_interval: float | None = attrs.field(default=20.0, validator=_optional(_seconds))
     dead_peer_timeout: float | None = attrs.field(default=30.0, validator=_optional(_seconds))
+    # Every accepted key and its tenant, built (and checked: a key in two places is a ConfigError) once.
+    keys: KeyRing = attrs.field(
+        init=False,
+        repr=False,
+        eq=False,
+        default=attrs.Factory(
+            lambda self: KeyRing.build(self.api_keys, self.engine.tenants), takes_self=True
+        ),
+    )
 
     def timeout_for(self, asked: float | None) -> float:
         """Seconds a request may run: what it asked for (already checked positive), capped at

@@ -54,6 +54,7 @@ RETIRED = "retired.json"  # what the dead workers of the instance counted
 _CUMULATIVE = {"counter", "histogram", "summary"}  # Prometheus families a dead worker's count stays in
 # JSON fields that are a worker's state now, not a count: they leave with it.
 _JSON_GAUGES = {"active_requests", "queued", "in_flight"}
+_JSON_SETTINGS = {"weight"}  # a tenant's: the same in every worker, not a count
 _RETIRED_PIDS = 256  # folded pids remembered (a scrape may still hold the file of one just folded)
 
 
@@ -166,19 +167,25 @@ def _json_counts(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     counts = {
         k: v for k, v in fields.items() if k not in _JSON_GAUGES | {"average_duration_ms", "error_rate"}
     }
+    if "tenants" in counts:  # a tenant's requests in flight and queued leave with the worker too
+        counts["tenants"] = {
+            name: {k: v for k, v in tenant.items() if k not in _JSON_GAUGES}
+            for name, tenant in counts["tenants"].items()
+        }
     counts["ended"] = ended
     counts["duration_ms_total"] = float(fields.get("average_duration_ms", 0.0)) * ended
     return counts
 
 
 def _sum_counts(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """``a`` and ``b`` summed field by field, nested tables too (a tenant's counts); a setting that every
+    worker has alike (a tenant's ``weight``) is kept, not summed."""
     merged = dict(a)
     for key, value in b.items():
         if isinstance(value, Mapping):
-            inner = dict(merged.get(key, {}))
-            for k, v in value.items():
-                inner[k] = inner.get(k, 0) + v
-            merged[key] = inner
+            merged[key] = _sum_counts(merged.get(key, {}), value)
+        elif key in _JSON_SETTINGS:
+            merged.setdefault(key, value)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             merged[key] = merged.get(key, 0) + value
         else:

@@ -26,13 +26,15 @@ from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
 from .._breaker import BreakerSettings, CircuitBreaker
+from .._budget import BudgetLimit
 from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
 from ._breaker import SharedBreakerPeers, shared_breaker
+from ._budget import SharedBudget
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
 from ._flight import RemoteFlights
-from ._heartbeat import beat, leave, run_heartbeat
+from ._heartbeat import Flushes, beat, leave, run_heartbeat
 from ._quota import SharedQuota
 from ._redis import RedisLink, RedisUnavailableError
 
@@ -66,7 +68,7 @@ class Cluster:
     """Shared state of the processes that use one Redis. Get one from :func:`open_cluster`.
 
     Implements the :class:`dspy_trio.engine._limits.Limits` port, so an ``UpstreamGuard`` built with it shares
-    its quota and cool-down with every other process.
+    its quota and cool-down with every other process, and a tenant its rate window and budget.
     """
 
     def __init__(self, link: RedisLink) -> None:
@@ -77,6 +79,7 @@ class Cluster:
         self._cooldowns: dict[str, SharedCoolDown] = {}
         self.flights: RemoteFlights | None = None  # single-flight and the cache across processes
         self._breakers: dict[str, SharedBreakerPeers] = {}
+        self._budgets: dict[str, SharedBudget] = {}
 
     def __repr__(self) -> str:
         return f"<Cluster {self.link!r}>"
@@ -120,6 +123,15 @@ class Cluster:
         breaker, peers = shared_breaker(self.link, upstream, settings, longest_open=longest_open)
         self._breakers[upstream] = peers
         return breaker
+
+    def _flushing(self) -> list[Flushes]:
+        """What the heartbeat lets send its queued writes: every quota and budget."""
+        return [*self._quotas.values(), *self._budgets.values()]
+
+    def budget(self, tenant: str, limit: BudgetLimit) -> SharedBudget:
+        if tenant not in self._budgets:
+            self._budgets[tenant] = SharedBudget(self.link, tenant, limit)
+        return self._budgets[tenant]
 
     def attach(self, cancel: LocalCancel) -> None:
         """Deliver cancels from other processes to ``cancel(request_id, owner_check)``: the engine's
@@ -249,7 +261,7 @@ async def open_cluster(
             async with _groups.open_service_nursery() as nursery:
                 link.nursery = nursery
                 nursery.start_soon(link.run_writer)
-                nursery.start_soon(run_heartbeat, link, lambda: list(cluster._quotas.values()))
+                nursery.start_soon(run_heartbeat, link, cluster._flushing)
                 nursery.start_soon(cluster._listen)
                 if not link.degraded:
                     with trio.move_on_after(4 * config.call_timeout):
@@ -259,6 +271,8 @@ async def open_cluster(
                 finally:
                     with trio.move_on_after(_CLEANUP_TIMEOUT) as cleanup:
                         cleanup.shield = True
+                        for budget in cluster._budgets.values():  # spend not yet written
+                            await budget.flush(idle_after=0.0)
                         await leave(link)
     except BaseExceptionGroup as group:
         raise _groups.collapse(group) from None

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import trio
 
-from ._quota import SharedQuota
 from ._redis import RedisLink, RedisUnavailableError
+
+
+class Flushes(Protocol):
+    """Shared state that queues writes (a quota's corrections, a budget's spend)."""
+
+    async def flush(self, idle_after: float) -> None: ...
+
 
 _MISSED_BEATS = 3
 
@@ -68,9 +75,10 @@ async def leave(link: RedisLink) -> None:
         await link.call(command)
 
 
-async def run_heartbeat(link: RedisLink, quotas: Callable[[], Iterable[SharedQuota]]) -> None:
-    """Beat every ``heartbeat_interval`` seconds until cancelled; then let each quota send what it has
-    queued (corrections, grants made while Redis was unreachable) or check in if it was idle."""
+async def run_heartbeat(link: RedisLink, quotas: Callable[[], Iterable[Flushes]]) -> None:
+    """Beat every ``heartbeat_interval`` seconds until cancelled; then let each quota and budget send
+    what it has queued (corrections, grants and spend made while Redis was unreachable) or check in if it
+    was idle."""
     while True:
         await trio.sleep(link.config.heartbeat_interval)
         try:

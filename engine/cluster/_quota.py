@@ -153,30 +153,41 @@ class SharedQuota:
 
     # --- acquiring ---------------------------------------------------------------------------------
 
-    async def acquire(self, tokens: float, *, then: float = 0.0) -> SharedGrant | ShareGrant:
+    async def acquire(
+        self, tokens: float, *, then: float = 0.0, max_wait: float = math.inf
+    ) -> SharedGrant | ShareGrant:
         """Take one request and ``tokens`` from the shared log, waiting for them within the caller's
-        deadline (``then`` seconds must still fit after the wait).
+        deadline (``then`` seconds must still fit after the wait) for at most ``max_wait`` seconds (0:
+        take them now or not at all).
 
         Blocks for one Redis round-trip (at most ``call_timeout``; two when the log was just lost) and
         then for the wait, if any. While Redis is unreachable, the local share decides, without Redis.
 
         Raises:
-            RateLimitWaitError: at once, when the wait and ``then`` could not end before the deadline.
+            RateLimitWaitError: at once, when the wait and ``then`` could not end before the deadline,
+                or the wait is longer than ``max_wait``.
         """
         if self._share_in_force():
-            return await self._acquire_share(tokens, then)
+            return await self._acquire_share(tokens, then, max_wait)
         try:
-            return await self._acquire_shared(tokens, then)
+            return await self._acquire_shared(tokens, then, max_wait)
         except RedisUnavailableError:
-            return await self._acquire_share(tokens, then)
+            return await self._acquire_share(tokens, then, max_wait)
 
-    async def _acquire_shared(self, tokens: float, then: float) -> SharedGrant:
+    def peek(self, tokens: float) -> float:
+        """The local share's wait while it is in force; otherwise 0: only the shared log knows, and an
+        acquire asks it."""
+        if self._share is not None and self._share_in_force():
+            return self._share.peek(tokens)
+        return 0.0
+
+    async def _acquire_shared(self, tokens: float, then: float, longest: float) -> SharedGrant:
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled scope's -inf deadline is no refusal
         for _ in range(_RESENDS):
             started = trio.current_time()
             left = trio.current_effective_deadline() - started
             max_wait = left - then - self._link.rtt if math.isfinite(left) else _LONGEST_WAIT
-            reply = await self._run(1.0, tokens, max_wait)
+            reply = await self._run(1.0, tokens, min(max_wait, longest))
             if reply.status != "epoch":
                 break
         else:
@@ -218,9 +229,9 @@ class SharedQuota:
         self._share, self._share_until = None, -math.inf
         return False
 
-    async def _acquire_share(self, tokens: float, then: float) -> ShareGrant:
+    async def _acquire_share(self, tokens: float, then: float, max_wait: float) -> ShareGrant:
         share = self._share if self._share is not None else self._open_share()
-        local = await share.acquire(tokens, then=then)
+        local = await share.acquire(tokens, then=then, max_wait=max_wait)
         now = trio.current_time()
         self.mirror.expire(now)
         entry = self.mirror.add(now, 1.0, tokens, "")

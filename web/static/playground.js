@@ -105,6 +105,20 @@ async function loadPrograms() {
   $("program").innerHTML = programs.map((p) => `<option value="${p.name}">${p.name} (${p.kind})</option>`).join("");
   renderForm();
   setStatus("Ready");
+  loadTenant();
+}
+
+// Which tenant the key belongs to (its name, never the key), its weight and what it used here.
+async function loadTenant() {
+  $("tenant").textContent = "";
+  try {
+    const response = await fetch("/v1/tenant", { headers: headers() });
+    if (!response.ok) return;
+    const t = await response.json();
+    const limits = [t.max_in_flight && `${t.max_in_flight} in flight`, t.rate_limit.rpm && `${t.rate_limit.rpm} rpm`,
+      t.budget && `$${t.budget.usd} / ${t.budget.window}s`].filter(Boolean).join(", ");
+    $("tenant").textContent = `tenant ${t.tenant} · weight ${t.weight}${limits ? ` · ${limits}` : ""}`;
+  } catch { /* the tenant is a detail: the page works without it */ }
 }
 
 async function predict() {
