@@ -49,6 +49,7 @@ from ._errors import UpstreamTimeoutError as UpstreamTimeoutError
 from ._gc import GCSettings as GCSettings
 from ._gc import tune_gc_for_serving as tune_gc_for_serving
 from ._programs import InputField as InputField
+from ._programs import OutputField as OutputField
 from ._programs import ProgramInfo as ProgramInfo
 from ._result import PredictionResult as PredictionResult
 from ._result import Timings as Timings
@@ -83,6 +84,7 @@ __all__ = [
     "InputField",
     "InvalidInputError",
     "LMConfig",
+    "OutputField",
     "OverloadedError",
     "PredictionResult",
     "ProgramError",

@@ -55,6 +55,7 @@ __all__ = [
     "ChainOfThought",
     "EngineBackend",
     "EngineLM",
+    "History",
     "Module",
     "Predict",
     "Signature",
@@ -81,6 +82,7 @@ Module = dspy.Module
 Predict = dspy.Predict
 ChainOfThought = dspy.ChainOfThought
 Signature = dspy.Signature
+History = dspy.History
 
 _ADAPTER_TYPES: Mapping[str, type[Any]] = {"chat": dspy.ChatAdapter, "json": dspy.JSONAdapter}
 _adapters: dict[str, Any] = {}

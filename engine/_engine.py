@@ -222,6 +222,7 @@ class Engine(metaclass=NoPublicConstructor):
         *,
         owner: str | None = None,
         kind: str = "predict",
+        lm_params: Mapping[str, Any] | None = None,
     ) -> Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken.
 
@@ -252,6 +253,7 @@ class Engine(metaclass=NoPublicConstructor):
             trio.current_effective_deadline(),
             kind=kind,
             owner=owner,
+            lm_params=dict(lm_params) if lm_params else None,
         )
 
     async def predict(
@@ -261,6 +263,7 @@ class Engine(metaclass=NoPublicConstructor):
         *,
         request_id: str | None = None,
         owner: str | None = None,
+        lm_params: Mapping[str, Any] | None = None,
     ) -> PredictionResult:
         """Run ``program`` on ``inputs`` and return its outputs, usage and timings.
 
@@ -274,6 +277,9 @@ class Engine(metaclass=NoPublicConstructor):
             request_id: An id to report the request under; one is generated if omitted.
             owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
                 only for this one, here and from other processes (:meth:`cancel`).
+            lm_params: Request parameters of every LM call the program makes (``temperature``,
+                ``max_tokens``, ``stop``, ``seed``, ...): they win over the LM's defaults and the
+                program's own.
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
@@ -283,7 +289,7 @@ class Engine(metaclass=NoPublicConstructor):
             UpstreamError: the LM provider failed.
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
-        request = self._accept(program, inputs, request_id, owner=owner)
+        request = self._accept(program, inputs, request_id, owner=owner, lm_params=lm_params)
         with self._ledger.track(request):
             with request.scoped():
                 await self._admission.acquire(request)
@@ -308,6 +314,7 @@ class Engine(metaclass=NoPublicConstructor):
         request_id: str | None = None,
         owner: str | None = None,
         options: StreamOptions | None = None,
+        lm_params: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[EventStream]:
         """Run ``program`` on ``inputs``, streaming its output fields as they are generated.
 
@@ -331,12 +338,13 @@ class Engine(metaclass=NoPublicConstructor):
             owner: Who started the request (e.g. an API key): a cancel that names an owner reaches it
                 only for this one, here and from other processes (:meth:`cancel`).
             options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
+            lm_params: Request parameters of every LM call, as for :meth:`predict`.
 
         Raises:
             UnknownProgramError, InvalidInputError, OverloadedError, EngineClosedError: on entry, as for
                 :meth:`predict`; nothing was started.
         """
-        request = self._accept(program, inputs, request_id, owner=owner, kind="stream")
+        request = self._accept(program, inputs, request_id, owner=owner, kind="stream", lm_params=lm_params)
         name, model = request.program.name, self._model_of(request.program.name)
 
         def first_delta(field: str) -> None:

@@ -71,6 +71,8 @@ class PredictionResult:
         usage: Token usage of every LM call of the request.
         timings: Where the time went.
         attempts: LM call attempts the request made, retries included (0 if it made no LM call).
+        truncated: Whether an LM call's answer stopped at its token limit (``max_tokens``): the
+            outputs may be cut short.
     """
 
     request_id: str
@@ -79,3 +81,4 @@ class PredictionResult:
     usage: Usage
     timings: Timings
     attempts: int = 1
+    truncated: bool = False

@@ -59,7 +59,10 @@ class ProgramRunner:
         """
         program, values = request.program, request.values
         adapter = self.adapter_of(program)
-        with program_context(self._lms[program.lm], adapter, send_stream) as tracker, tracing() as trace:
+        with (
+            program_context(self._lms[program.lm], adapter, send_stream) as tracker,
+            tracing(request.lm_params) as trace,
+        ):
             request.trace = trace
             try:
                 prediction = await program.module.acall(**values)
@@ -85,6 +88,7 @@ class ProgramRunner:
                 total=trio.current_time() - request.started,
             ),
             attempts=trace.attempts,
+            truncated=trace.truncated,
         )
         return request.result
 

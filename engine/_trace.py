@@ -7,16 +7,30 @@ child tasks, so every LM call the program makes, however deeply nested, adds to 
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
+
+_NO_PARAMS: Mapping[str, Any] = {}
 
 
 @attrs.define
 class RequestTrace:
-    """Mutable totals of one request's LM calls."""
+    """Mutable totals of one request's LM calls, and the parameters the request gives every one of them.
+
+    Attributes:
+        lm_seconds: Time inside LM calls.
+        attempts: LM call attempts, retries included.
+        truncated: Whether a call's answer stopped at its token limit (``max_tokens``).
+        lm_params: Request parameters of every LM call the request makes (``temperature``,
+            ``max_tokens``, ...): over the LM's own defaults and DSPy's per-call ones.
+    """
 
     lm_seconds: float = 0.0
     attempts: int = 0
+    truncated: bool = False
+    lm_params: Mapping[str, Any] = _NO_PARAMS
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -32,8 +46,8 @@ class tracing:  # lower case: used as ``with tracing() as trace``, like the func
 
     __slots__ = ("_token", "trace")
 
-    def __init__(self) -> None:
-        self.trace = RequestTrace()
+    def __init__(self, lm_params: Mapping[str, Any] | None = None) -> None:
+        self.trace = RequestTrace(lm_params=lm_params or _NO_PARAMS)
         self._token: contextvars.Token[RequestTrace | None] | None = None
 
     def __enter__(self) -> RequestTrace:
@@ -57,3 +71,16 @@ def record_attempt() -> None:
     trace = _current.get()
     if trace is not None:
         trace.attempts += 1
+
+
+def record_finish(reasons: Sequence[str | None]) -> None:
+    """Note how a call's choices ended: one that stopped at its token limit (``length``) marks the
+    current request's trace ``truncated``."""
+    if "length" in reasons and (trace := _current.get()) is not None:
+        trace.truncated = True
+
+
+def call_params() -> Mapping[str, Any]:
+    """The parameters the current request gives every LM call (empty outside a request)."""
+    trace = _current.get()
+    return trace.lm_params if trace is not None else _NO_PARAMS

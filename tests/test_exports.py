@@ -28,6 +28,7 @@ def test_engine_public_names_are_pinned() -> None:
         "InputField",
         "InvalidInputError",
         "LMConfig",
+        "OutputField",
         "OverloadedError",
         "PredictionResult",
         "ProgramError",

@@ -25,7 +25,7 @@ import dspy
 import trio
 
 from .. import _dspy
-from .._trace import record_lm_call
+from .._trace import call_params, record_finish, record_lm_call
 
 Message = Mapping[str, Any]
 
@@ -66,11 +66,14 @@ class Completion:
         texts: One completion text per choice.
         usage: Provider usage, e.g. ``{"prompt_tokens": 12, "completion_tokens": 30}``.
         reasoning: Per-choice reasoning text for providers that return it separately.
+        finish_reasons: How each choice ended, in OpenAI's words (``stop``, ``length``, ...; None when
+            the provider did not say).
     """
 
     texts: Sequence[str]
     usage: Mapping[str, Any] = attrs.field(factory=dict)
     reasoning: Sequence[str | None] = ()
+    finish_reasons: Sequence[str | None] = ()
 
     def outputs(self) -> list[str | dict[str, Any]]:
         """The completion in the shape DSPy adapters expect from ``lm.acall``."""
@@ -121,9 +124,12 @@ def current_chunk_sink(model: str) -> DeltaSink | None:
     return ChunkSink(stream, model, predict_id)
 
 
-def request_params(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge an LM's default parameters with a call's, dropping unset values and DSPy-only keys."""
-    merged = {**defaults, **overrides}
+def request_params(
+    defaults: Mapping[str, Any], overrides: Mapping[str, Any], request: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merge an LM's default parameters with a call's, and those with the request's (which win),
+    dropping unset values and DSPy-only keys."""
+    merged = {**defaults, **overrides, **request} if request else {**defaults, **overrides}
     return {k: v for k, v in merged.items() if v is not None and k not in _DSPY_ONLY_KWARGS}
 
 
@@ -163,7 +169,7 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         """DSPy's async LM entry point, Trio-native. Blocks for the whole completion."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
-        params = request_params(self.kwargs, kwargs)
+        params = request_params(self.kwargs, kwargs, call_params())
         sink = current_chunk_sink(self.model)
         cache_key = {"model": self.model, "messages": list(messages), **params} if self.cache else None
         if cache_key is not None and (cached := _dspy.cache_get(cache_key)) is not None:
@@ -179,6 +185,8 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
         if completion.usage:
             _dspy.report_usage(self.model, completion.usage)
+        if completion.finish_reasons:
+            record_finish(completion.finish_reasons)
         outputs = completion.outputs()
         if cache_key is not None:
             _dspy.cache_put(cache_key, outputs)
