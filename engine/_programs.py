@@ -81,6 +81,8 @@ class ProgramInfo:
         outputs: The names of the fields it produces, in order.
         description: What it does: the docstring of its (last predictor's) signature, or of its module.
         output_fields: The fields it produces, with their types (the same order as ``outputs``).
+        predictor: The name of the predictor whose output fields are the program's outputs (its last;
+            what :attr:`FieldDelta.predictor` says of its deltas), "" when it has none.
     """
 
     name: str
@@ -90,6 +92,7 @@ class ProgramInfo:
     outputs: tuple[str, ...]
     description: str = ""
     output_fields: tuple[OutputField, ...] = ()
+    predictor: str = ""
 
     @property
     def history(self) -> InputField | None:
@@ -264,6 +267,7 @@ def _describe(name: str, module: Module, lm: str) -> tuple[ProgramInfo, bool]:
             tuple(field.name for field in outputs),
             _docstring(signature.instructions),
             outputs,
+            module.named_predictors()[-1][0],
         )
         return info, False
 
@@ -299,6 +303,7 @@ def _describe(name: str, module: Module, lm: str) -> tuple[ProgramInfo, bool]:
         tuple(field.name for field in outputs),
         description,
         outputs,
+        predictors[-1][0] if predictors else "",
     )
     return info, open_inputs
 

@@ -71,6 +71,16 @@ _REFUSALS: dict[int, str] = {
     504: "Past the request's timeout (`deadline_exceeded`).",
 }
 _WITH_RETRY_AFTER = {429, 503}
+# The routes that speak OpenAI's API say some statuses in OpenAI's words.
+_OPENAI_REFUSALS: dict[int, str] = {
+    400: "Bad input; `param` names the field (`invalid_body`, `invalid_value`, `invalid_input`, "
+    "`unsupported_parameter`, `history_not_supported`, `invalid_timeout`, `invalid_unicode`), or a body "
+    "that is not UTF-8 JSON (`bad_request`) or nested deeper than the limit (`too_deeply_nested`).",
+    404: "No program of that name (`model_not_found`).",
+    408: "The request body did not arrive within the request's timeout (`body_timeout`).",
+    502: "The LM provider or the program failed (`upstream_error`, ...), or the outputs do not satisfy "
+    "`response_format`'s schema (`output_schema_mismatch`).",
+}
 
 
 def _responses(route: Route) -> dict[str, Any]:
@@ -80,8 +90,9 @@ def _responses(route: Route) -> dict[str, Any]:
         success["content"] = {media_type: {} for media_type in dict.fromkeys(media_types)}
     responses: dict[str, Any] = {"200": success}
     for status in sorted(route.statuses() - {200}):
+        notes = _OPENAI_REFUSALS if route.openai and status in _OPENAI_REFUSALS else _REFUSALS
         response: dict[str, Any] = {
-            "description": _REFUSALS[status],
+            "description": notes[status],
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
         if status in _WITH_RETRY_AFTER:

@@ -50,18 +50,25 @@ async def run(
     *,
     stream: bool,
     emit: Emit,
+    lm_params: Mapping[str, Any] | None = None,
 ) -> None:
     """Run the call (a prediction, or a stream when ``stream``) and emit its outcomes, the last one
     exactly once. Blocks for the whole call, ``emit`` included. The engine runs it under
-    ``call.request_id`` for ``call.owner``; a prediction's timings go to ``call.notes``."""
+    ``call.request_id`` for ``call.owner`` (with ``lm_params`` on every LM call); a prediction's timings
+    go to ``call.notes``."""
     with until.scope() as timer:
         try:
+            request_id, owner = call.request_id, call.owner
             if not stream:
-                result = await engine.predict(program, inputs, request_id=call.request_id, owner=call.owner)
+                result = await engine.predict(
+                    program, inputs, request_id=request_id, owner=owner, lm_params=lm_params
+                )
                 call.notes.timings = result.timings
                 await emit(result)
                 return
-            async with engine.stream(program, inputs, request_id=call.request_id, owner=call.owner) as events:
+            async with engine.stream(
+                program, inputs, request_id=request_id, owner=owner, lm_params=lm_params
+            ) as events:
                 async for event in events:
                     await emit(event)
                     if isinstance(event, FinalEvent | ErrorEvent):
@@ -74,7 +81,13 @@ async def run(
 
 
 async def predict(
-    engine: Engine, call: Call, until: RequestDeadline, program: str, inputs: Mapping[str, Any]
+    engine: Engine,
+    call: Call,
+    until: RequestDeadline,
+    program: str,
+    inputs: Mapping[str, Any],
+    *,
+    lm_params: Mapping[str, Any] | None = None,
 ) -> PredictionResult:
     """The call's one outcome as a value, for the JSON answers. Blocks for the prediction.
 
@@ -86,7 +99,7 @@ async def predict(
     async def keep(outcome: Outcome) -> None:
         last.append(outcome)
 
-    await run(engine, call, until, program, inputs, stream=False, emit=keep)
+    await run(engine, call, until, program, inputs, stream=False, emit=keep, lm_params=lm_params)
     [outcome] = last
     if isinstance(outcome, ErrorEvent):
         raise outcome.error
