@@ -40,7 +40,7 @@ async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
         document = (await client.get("/openapi.json")).json()
     validate(document)
     posts = [op for ops in document["paths"].values() for method, op in ops.items() if method == "post"]
-    assert len(posts) == 7
+    assert len(posts) == 8
     assert all(op["requestBody"]["required"] is True for op in posts)  # a bodiless POST gets 415
     batch = document["paths"]["/v1/programs/{name}/batch"]["post"]
     items = batch["requestBody"]["content"]["application/json"]["schema"]["properties"]["items"]
@@ -61,6 +61,14 @@ async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
     body = chat["requestBody"]["content"]["application/json"]["schema"]
     assert {"model", "messages"} <= set(body["required"])
     assert "404" in document["paths"]["/v1/models/{model}"]["get"]["responses"]
+    mcp = document["paths"]["/mcp"]
+    assert set(mcp) == {"post", "delete"}
+    assert mcp["post"]["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "jsonrpc",
+        "method",
+    ]
+    assert mcp["post"]["security"] == [{"bearer": []}]
+    assert {"401", "403", "406", "413"} <= set(mcp["post"]["responses"])
     assert "/redocs" not in document["paths"]
     assert "/static/swagger-ui/{name}" not in document["paths"]
     for ops in document["paths"].values():
@@ -185,6 +193,12 @@ WEB_REFUSALS = [
     Refusal("POST /v1/programs/nope/batch", b'{"items": [{}]}', 404, "unknown_program", "nope"),
     Refusal("DELETE /v1/requests/abc", None, 404, "unknown_request", "no request 'abc' is in flight", KEY),
     Refusal("GET /v1/models/nope", None, 404, "model_not_found", "'nope' does not exist", KEY),
+    Refusal("POST /mcp", b"{}", 401, "invalid_api_key", "a valid API key is required", NO_KEY),
+    Refusal("POST /mcp", DEEP.encode(), 400, "too_deeply_nested", "deeper than 32"),
+    Refusal("POST /mcp", b'{"x": "' + b"y" * 7000 + b'"}', 413, "body_too_large", "larger than 6000 bytes"),
+    Refusal(
+        "POST /mcp", b"{}", 403, "origin_not_allowed", "origin", {**JSON, "Origin": "https://evil.example"}
+    ),
     Refusal("GET /v1/models", None, 401, "invalid_api_key", "a valid API key is required", {}),
     Refusal("POST /v1/chat/completions", None, 415, "unsupported_media_type", "Content-Type", KEY),
     Refusal("POST /v1/chat/completions", b"{bad", 400, "bad_request", "not valid JSON"),

@@ -13,7 +13,9 @@ For each request the door, in ASGI, before Quart runs:
 4. builds the :class:`dspy_trio.web.call.Call` (a fresh server id, the client's label, the owner, the
    head's arrival) and hands it to the app in the ASGI scope (``scope["dspy_trio.call"]``), where the app
    passes it to the handler as an argument;
-5. writes the call's response headers, ``X-Server-Request-ID``, ``X-Request-ID`` (the client's label when
+5. hands a route whose handler speaks ASGI itself (``/mcp``) its call and the request, without Quart;
+   any other to the app;
+6. writes the call's response headers, ``X-Server-Request-ID``, ``X-Request-ID`` (the client's label when
    valid, else the server's id) and ``Server-Timing``, on whatever answer starts: the app's, its own, a
    WebSocket handshake's (accepted or refused); and one log line for a refusal by the web layer.
 
@@ -163,6 +165,10 @@ class FrontDoor:
                 self._started(call, scope, message)
             await send(message)
 
+        route = call.route
+        if route is not None and route.asgi and route.handler is not None and kind == "http":
+            await route.handler(self.service, call, scope, receive, send_answer)
+            return
         await self.app(scope, receive, send_answer)
 
     def call_of(self, scope: Any) -> Call:

@@ -83,6 +83,55 @@ _OPENAI_REFUSALS: dict[int, str] = {
 }
 
 
+# The MCP endpoint's statuses (its JSON-RPC errors have the SDK's shape; the web layer's refusals ours).
+_MCP_REFUSALS: dict[int, str] = {
+    400: "Not a JSON-RPC message (a JSON-RPC error), or JSON nested deeper than the limit "
+    "(`too_deeply_nested`).",
+    403: "A browser's `Origin` that is neither the server's own nor a configured CORS origin "
+    "(`origin_not_allowed`).",
+    404: "A session that does not exist, or was opened with another key (a JSON-RPC error).",
+    406: "`Accept` names neither `application/json` nor `text/event-stream`.",
+    408: "The request body did not arrive within the request's timeout (`body_timeout`).",
+}
+_MCP_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "description": "One JSON-RPC 2.0 request or notification of the Model Context Protocol "
+                "(`tools/list`, `tools/call`, `server/discover`, `initialize`, `notifications/cancelled`, "
+                "...).",
+                "required": ["jsonrpc", "method"],
+                "properties": {
+                    "jsonrpc": {"const": "2.0"},
+                    "id": {"type": ["string", "integer"]},
+                    "method": {"type": "string"},
+                    "params": {"type": "object"},
+                },
+            }
+        }
+    },
+}
+
+
+def _asgi_operations(route: Route) -> dict[str, Any]:
+    """The operations of a route Quart does not serve (``/mcp``), from its row."""
+    operations: dict[str, Any] = {}
+    doc = " ".join((route.handler.__doc__ or "").split()) if route.handler else ""
+    for method in sorted(route.methods):
+        operation: dict[str, Any] = {
+            "summary": _first_sentence(doc),
+            "description": doc,
+            "operationId": f"{route.endpoint}_{method.lower()}",
+            "responses": _responses(route),
+        }
+        if method == "POST":
+            operation["requestBody"] = _MCP_BODY
+        operations[method.lower()] = operation
+    return operations
+
+
 def _responses(route: Route) -> dict[str, Any]:
     success: dict[str, Any] = {"description": route.answer}
     media_types = [wire.media_type for wire in route.formats if "/" in wire.media_type]
@@ -90,7 +139,11 @@ def _responses(route: Route) -> dict[str, Any]:
         success["content"] = {media_type: {} for media_type in dict.fromkeys(media_types)}
     responses: dict[str, Any] = {"200": success}
     for status in sorted(route.statuses() - {200}):
-        notes = _OPENAI_REFUSALS if route.openai and status in _OPENAI_REFUSALS else _REFUSALS
+        notes = _REFUSALS
+        if route.openai and status in _OPENAI_REFUSALS:
+            notes = _OPENAI_REFUSALS
+        elif route.asgi and status in _MCP_REFUSALS:
+            notes = _MCP_REFUSALS
         response: dict[str, Any] = {
             "description": notes[status],
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -113,6 +166,9 @@ class ServiceOpenAPI(OpenAPIProvider):
         document = super().schema()
         service = current_app.extensions["dspy_trio"]
         settings, routes = service.settings, service.routes
+        for route in routes:
+            if route.asgi and route.handler is not None:
+                document.setdefault("paths", {})[route.template] = _asgi_operations(route)
         components = document.setdefault("components", {})
         components.setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
         if settings.api_keys:

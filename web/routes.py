@@ -12,6 +12,7 @@ OpenAPI document shows; 401 is added to every route that is not ``open``.
 from __future__ import annotations
 
 from .openapi import swagger_ui_asset
+from .routes_mcp import mcp_endpoint
 from .routes_openai import chat_completions, get_model, list_models
 from .routes_ops import cancel_request, health, metrics, playground, ready
 from .routes_programs import list_programs, program_batch, program_predict, program_stream
@@ -146,6 +147,17 @@ ROUTES: tuple[Route, ...] = (
         answer="OpenAI's `chat.completion`; with `stream: true`, SSE: `chat.completion.chunk` events, "
         "then `data: [DONE]`.",
         refusals=_CHAT,
+    ),
+    # MCP: each program a tool (the SDK's Streamable HTTP transport, served below Quart).
+    Route(
+        "/mcp",
+        ("POST", "DELETE"),
+        mcp_endpoint,
+        asgi=True,
+        formats=(Wire.MCP,),
+        answer="A JSON-RPC answer, or SSE of its progress notifications and its result (MCP Streamable "
+        "HTTP).",
+        refusals={400, 403, 404, 406, 408, 413, 503},
     ),
     # The API's description (quart-schema serves it) and the static files (Quart serves them).
     Route("/docs", "GET", None, open=True, formats=(Wire.HTML,), answer="Swagger UI."),

@@ -45,6 +45,7 @@ class Wire(enum.Enum):
     NDJSON = ("ndjson", "application/x-ndjson")  # one batch item per line, then {"done": true}
     CHAT = ("chat", "application/json")  # OpenAI's chat.completion
     CHAT_SSE = ("chat-sse", "text/event-stream")  # chat.completion.chunk ..., data: [DONE]
+    MCP = ("mcp", "application/json")  # JSON-RPC, or SSE of its notifications and the result
     SEED_WS = ("seed-ws", "text")  # a token per text frame, then [DONE]
     WS_FRAMES = ("ws-frames", "text")  # /v1/ws JSON frames, labelled by the client's ids
     TEXT = ("text", "text/plain")
@@ -83,6 +84,8 @@ class Route:
         refusals: The statuses it can refuse with, besides 401 (listed for every route that needs a key).
         openai: It speaks OpenAI's API: bad input is a 400 (never a 422), an unknown program an unknown
             model (404 ``model_not_found``).
+        asgi: Its handler speaks ASGI itself, below the framework: the front door calls it as
+            ``handler(service, call, scope, receive, send)`` (``/mcp``, whose transport is the MCP SDK's).
     """
 
     path: str
@@ -96,6 +99,7 @@ class Route:
     answer: str = attrs.field(default="", kw_only=True)
     refusals: frozenset[int] = attrs.field(default=frozenset(), converter=_statuses, kw_only=True)
     openai: bool = attrs.field(default=False, kw_only=True)
+    asgi: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         program = self.program
