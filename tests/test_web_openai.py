@@ -419,3 +419,17 @@ async def test_a_body_that_never_arrives_is_a_408() -> None:
         await stream.aclose()
     assert answer.startswith(b"HTTP/1.1 408")
     assert math.isfinite(len(answer))
+
+
+async def test_metrics_count_the_answers_by_route() -> None:
+    async with service() as (server, client):
+        await client.chat.completions.create(model="qa", messages=USER)  # type: ignore[arg-type]
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="nope", messages=USER)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=server.url) as raw:
+            await raw.post("/v1/chat/completions", json={})  # no key: the door's 401
+            text = (await raw.get("/metrics", headers={"Authorization": "Bearer k"})).text
+    assert 'dspy_trio_http_responses_total{route="chat_completions",status="200"} 1.0' in text
+    assert 'dspy_trio_http_responses_total{route="chat_completions",status="404"} 1.0' in text
+    assert 'dspy_trio_http_responses_total{route="chat_completions",status="401"} 1.0' in text
+    assert 'dspy_trio_requests_total{model="simulated/lm",outcome="succeeded",program="qa"} 1.0' in text

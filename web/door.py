@@ -227,11 +227,16 @@ class FrontDoor:
         return scope["type"] == "http" and bool(self.service.settings.cors_origins)
 
     def _started(self, call: Call, scope: Any, message: Any) -> None:
-        """An answer starts: add the call's headers; log it if the web layer refused it."""
+        """An answer starts: add the call's headers; count it; log it if the web layer refused it."""
         message["headers"] = [*message.get("headers", ()), *call_headers(call, trio.current_time())]
+        status = 101 if message["type"] == "websocket.accept" else message["status"]
+        self._count(call, status)
         if call.notes.refused is not None and access_log.isEnabledFor(logging.INFO):
-            status = 101 if message["type"] == "websocket.accept" else message["status"]
             self._log_refusal(call, scope, status)
+
+    def _count(self, call: Call, status: int) -> None:
+        route = call.route
+        self.service.http_metrics.count(route.endpoint if route is not None else "unmatched", status)
 
     def _log_refusal(self, call: Call, scope: Any, status: int) -> None:
         """One JSON line, shaped like the engine's request lines, for a call the web layer refused
@@ -265,6 +270,7 @@ class FrontDoor:
             *((name.lower().encode(), value.encode()) for name, value in extra.items()),
             *call_headers(call, now),
         ]
+        self._count(call, status)
         if call.notes.refused is not None and access_log.isEnabledFor(logging.INFO):
             self._log_refusal(call, scope, status)
         if scope["type"] == "websocket":  # refused before the handshake is accepted: an HTTP answer

@@ -36,6 +36,7 @@ from dspy_trio.engine import Engine, open_engine
 from dspy_trio.engine.lm import TrioLM
 
 from .errors import HTTPError
+from .metrics import HTTPMetrics
 from .routing import RouteTable
 from .settings import ServiceSettings
 
@@ -73,6 +74,7 @@ class Service:
     Attributes:
         engine: The engine while serving, else None.
         mcp: The MCP endpoint (its sessions) while serving, else None.
+        http_metrics: Answers by route and status (the front door counts them).
         draining: Set when shutdown begins (or the engine failed): new work gets 503.
         failure: Why the engine ended on its own (it failed to open, or crashed while serving).
     """
@@ -82,6 +84,7 @@ class Service:
     lms: Mapping[str, TrioLM] | None = None
     engine: Engine | None = attrs.field(default=None, init=False)
     mcp: MCPEndpoint | None = attrs.field(default=None, init=False)
+    http_metrics: HTTPMetrics = attrs.field(factory=HTTPMetrics, init=False)
     draining: bool = attrs.field(default=False, init=False)
     failure: BaseException | None = attrs.field(default=None, init=False)
     _stop_asked: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -108,6 +111,7 @@ class Service:
         started = False
         try:
             async with open_engine(self.settings.engine, lms=self.lms) as engine:
+                self.http_metrics.register(engine.metrics.registry)
                 self.engine = engine
                 task_status.started()
                 started = True
