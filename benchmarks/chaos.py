@@ -26,7 +26,7 @@ import attrs
 import httpx
 import trio
 
-from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, RetryPolicy
+from dspy_trio.engine import CallTimeouts, EngineConfig, LMConfig, OpenAISettings, RetryPolicy
 from dspy_trio.engine.testing import Behavior, Fault
 from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
 from dspy_trio.web.server import open_server
@@ -102,11 +102,10 @@ async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     async with open_fake_upstream(Behavior(latency=args.latency)) as upstream:
         lm = LMConfig(
-            provider="openai",
             model="fake",
-            api_base=upstream.url,
             timeouts=CallTimeouts(attempt=args.attempt_timeout),
             retry=RetryPolicy(max_attempts=3),
+            settings=OpenAISettings(api_base=upstream.url),
         )
         engine = EngineConfig(lms={"default": lm}, max_in_flight=256, max_queued=1024)
         service = ServiceSettings(engine=engine, port=0, ws_ping_interval=None)

@@ -21,20 +21,17 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import resource
-import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks._baseline import export_tree
+from benchmarks._baseline import HELP as BASELINE_HELP
+from benchmarks._baseline import ROOT, baseline_tree
+from benchmarks._measure import WorkerFailed, rss_mb, run_worker
 from benchmarks._upstream import start_upstream
 
-ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("lean", "httpx")
 # attack -> (fault sent to the fake upstream, path)
 ATTACKS: dict[str, tuple[dict[str, Any], str]] = {
@@ -51,11 +48,6 @@ KEY = "sk-hostile-benchmark-0123456789abcdef"
 
 
 # ---------------------------------------------------------------------------------------------- worker
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, Any]:
@@ -82,13 +74,9 @@ def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, An
 
     async def call() -> str:
         if path == "engine-stream":
-            lm = LMConfig(
-                provider="openai",
-                model="fake",
-                api_base=url,
-                api_key=KEY,
-                http=HTTPSettings(client=transport),  # type: ignore[arg-type]
-            )
+            # The flat table every tree takes: this worker also runs on the baseline's engine.
+            table = {"provider": "openai", "model": "fake", "api_base": url, "api_key": KEY}
+            lm = LMConfig.from_mapping({**table, "http": {"client": transport}})
             codes = []
             async with open_engine(EngineConfig(lms={"default": lm})) as engine:
                 for _ in range(2):
@@ -132,23 +120,18 @@ def _worker(transport: str, path: str, url: str, seconds: float) -> dict[str, An
         result["worst_stall_ms"] = worst * 1000
 
     gc.collect()
-    base = _rss_mb()
+    base = rss_mb()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trio.run(main)
     result["peak_rss_mb"] = max(
         0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - max(base, peak_before)
     )
     gc.collect()
-    result["rss_after_mb"] = _rss_mb() - base
+    result["rss_after_mb"] = rss_mb() - base
     return result
 
 
 # ----------------------------------------------------------------------------------------- orchestrator
-
-
-def _export(ref: str) -> tuple[Path, str]:
-    """The tree of ``ref`` in a temporary directory, with this script in it. Returns (dir, commit)."""
-    return export_tree(ref, Path(__file__), prefix="hostile-upstream-baseline-")
 
 
 def _post(url: str, payload: dict[str, Any]) -> Any:
@@ -170,13 +153,11 @@ def _run(tree: Path, attack: str, transport: str, url: str, seconds: float) -> d
     count = 8 if path == "engine-stream" else 1
     _post(f"{root}/_fake/faults", {"faults": [fault] * count, "clear": True})
     before = _records(root)
-    command = [sys.executable, "-m", "benchmarks.hostile_upstream", "--worker", transport, path, url]
-    command += ["--seconds", str(seconds)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(tree)}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=tree)
-    if done.returncode != 0:
-        return {"outcome": f"worker crashed: {done.stderr.strip().splitlines()[-1][:80]}"}
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--worker", transport, path, url, "--seconds", str(seconds)]
+    try:
+        result = run_worker("benchmarks.hostile_upstream", arguments, tree=tree)
+    except WorkerFailed as failed:
+        return {"outcome": f"worker crashed: {(failed.stderr.strip().splitlines() or [''])[-1][:80]}"}
     result["upstream_requests"] = _records(root) - before - 1  # the worker's warm-up is not counted
     return result
 
@@ -185,11 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--attacks", nargs="+", choices=tuple(ATTACKS), default=list(ATTACKS))
     parser.add_argument("--transports", nargs="+", choices=TRANSPORTS, default=list(TRANSPORTS))
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        help="git ref measured as 'before' (default: the merge base of HEAD and main; 'none' to skip)",
-    )
+    parser.add_argument("--baseline", default=None, help=BASELINE_HELP)
     parser.add_argument("--seconds", type=float, default=10.0, help="give up on one call after this long")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,18 +175,13 @@ def main() -> None:
         print(json.dumps(_worker(transport, path, url, args.seconds)))
         return
 
-    trees: dict[str, Path] = {}
-    baseline_dir = None
-    if args.baseline != "none":
-        ref = (
-            args.baseline
-            or subprocess.run(
-                ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        )
-        baseline_dir, commit = _export(ref)
-        trees[f"before ({commit})"] = baseline_dir
-    trees["after (this tree)"] = ROOT
+    with baseline_tree(args.baseline, prefix="hostile-upstream-baseline-") as baseline:
+        trees = {f"before ({baseline[1]})": baseline[0]} if baseline else {}
+        trees["after (this tree)"] = ROOT
+        _attack(args, trees)
+
+
+def _attack(args: argparse.Namespace, trees: dict[str, Path]) -> None:
     process, url = start_upstream(token_delay=0.0)
     print(
         f"{'attack':18s} {'transport':9s} {'tree':20s} {'outcome':34s} {'wall s':>6s} "
@@ -232,8 +204,6 @@ def main() -> None:
                     )
     finally:
         process.kill()
-        if baseline_dir is not None:
-            shutil.rmtree(baseline_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""The hot path, in one run: the floor, ``dspy_trio.engine.predict`` CPU per prediction with the
-httpx
-transport and the lean one, 1,000 concurrent predictions against a 1 s upstream, a profile, and loop
-stalls with and without tuning the garbage collector.
+"""The hot path, in one run: the floor, ``dspy_trio.engine.predict`` CPU per prediction with the httpx
+transport and the lean one (beside a baseline tree's), 1,000 concurrent predictions against a 1 s upstream,
+a profile, and loop stalls with and without tuning the garbage collector.
 
 Every measurement runs in a fresh worker process (modes alternate over ``--rounds``) against the fake
 upstream in its own process; the table shows medians and the targets as ratios::
 
     python -m benchmarks.hotpath                         # everything, 2 rounds
     python -m benchmarks.hotpath --rounds 3 --gc-seconds 60
-    python -m benchmarks.hotpath --parts cpu profile
+    python -m benchmarks.hotpath --parts cpu --baseline main --rounds 5
 
 Parts:
   cpu       floor (benchmarks.floor) and engine.predict CPU ms per prediction, --n predictions at 64
             concurrent, 20 ms upstream; goal: engine.predict <= 2.0x the floor, measured at the same
             concurrency (64 connections); with the interpreter's GC defaults and as `dspy-trio serve`
-            sets the collector (tune_gc_for_serving).
+            sets the collector (tune_gc_for_serving). Each engine.predict worker also runs on a baseline
+            tree (--baseline REF; default the merge base of HEAD and main, none when HEAD is on main):
+            the same worker code on the other tree's engine, beside this tree's in every round.
   c1000     --c1000 concurrent predictions against a 1 s upstream (benchmarks._canned_upstream, so that
             the upstream's own CPU does not decide the wall time); goal: wall <= 1.3x the ideal (1 s).
             Each mode cold (every prediction connects) and warm (the pool already holds the
@@ -34,13 +35,17 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from benchmarks._at_once import predict_at_once
+from benchmarks._baseline import HELP as BASELINE_HELP
+from benchmarks._baseline import ROOT, baseline_tree
 from benchmarks._canned_upstream import start_canned_upstream
+from benchmarks._measure import median, process_cpu, run_worker, verdict
 from benchmarks._upstream import start_upstream
 from dspy_trio.engine import tune_gc_for_serving
 
@@ -50,6 +55,7 @@ GC_MODES = ("plain", "freeze", "tuned")
 # cold: every prediction opens its connection; warm: the pool holds c1000 kept-alive connections;
 # tuned: engine.tune_gc_for_serving() after the warm-up (gc.freeze(), young threshold 10,000), as
 # `dspy-trio serve` does once started.
+CPU_WORKERS = ("floor", "predict:httpx", "predict:lean", "floor:tuned", "predict:lean-tuned")
 C1000_MODES = (
     "floor-cold",
     "lean-cold",
@@ -62,17 +68,13 @@ C1000_MODES = (
 
 
 def _engine(url: str, transport: str, concurrency: int) -> Any:
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, open_engine
     from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 
+    # The flat table every tree takes (a --baseline worker runs on the other tree's engine).
+    table = {"provider": "openai", "model": "bench", "api_base": url, "retry": {"max_attempts": 1}}
     config = EngineConfig(
-        lms={
-            "default": LMConfig(
-                provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
-            )
-        },
-        max_in_flight=concurrency,
-        max_queued=100_000,
+        lms={"default": LMConfig.from_mapping(table)}, max_in_flight=concurrency, max_queued=100_000
     )
     lm = OpenAICompatibleLM("bench", api_base=url, http=HTTPSettings(client=transport))  # type: ignore[arg-type]
     return open_engine(config, lms={"default": lm})
@@ -156,41 +158,6 @@ def _package(filename: str) -> str:
     if filename.startswith("~") or "/lib/python3" in filename:
         return "stdlib"
     return "other"
-
-
-def _c1000_worker(url: str, transport: str, n: int, warm: bool, tuned: bool) -> dict[str, Any]:
-    import threading
-
-    import trio
-
-    async def run() -> dict[str, Any]:
-        async with _engine(url, transport, n) as engine:
-            await engine.predict("default", {"question": "warm-up"})
-            if warm:  # a server that has been serving at this concurrency: n kept-alive connections
-                async with trio.open_nursery() as nursery:
-                    for i in range(n):
-                        nursery.start_soon(engine.predict, "default", {"question": f"warm-up {i}"})
-            if tuned:  # what `dspy-trio serve` does once started
-                tune_gc_for_serving()
-            ok = 0
-
-            async def one(i: int) -> None:
-                nonlocal ok
-                await engine.predict("default", {"question": f"question number {i}"})
-                ok += 1
-
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for i in range(n):
-                    nursery.start_soon(one, i)
-            return {
-                "wall": time.perf_counter() - wall0,
-                "cpu_ms": (time.process_time() - cpu0) / n * 1000,
-                "ok": ok,
-                "threads": threading.active_count(),
-            }
-
-    return dict(trio.run(run))
 
 
 def _gc_worker(url: str, mode: str, seconds: float, concurrency: int) -> dict[str, Any]:
@@ -280,72 +247,65 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
             from benchmarks.floor import concurrent_floor
 
             floor = concurrent_floor(args.url, args.c1000, warm=pool == "warm", tuned=gc_mode == "tuned")
-            return {**floor, "threads": 1}
-        return _c1000_worker(args.url, transport, args.c1000, warm=pool == "warm", tuned=gc_mode == "tuned")
+            return {**floor, "peak_threads": 1}
+        return predict_at_once(
+            lambda: _engine(args.url, transport, args.c1000),
+            args.c1000,
+            warm=pool == "warm",
+            tuned=gc_mode == "tuned",
+        )
     if kind == "gc":
         return _gc_worker(args.url, option, args.gc_seconds, args.gc_clients)
     raise SystemExit(f"unknown worker {args.worker}")
 
 
-def _run(worker: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hotpath", "--worker", worker, "--url", url]
-    command += ["--n", str(args.n), "--c1000", str(args.c1000), "--gc-seconds", str(args.gc_seconds)]
-    command += ["--gc-clients", str(args.gc_clients)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{worker} worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(
-        f"  {worker:16s} {json.dumps({k: v for k, v in result.items() if k != 'profile'})}", file=sys.stderr
-    )
+def _run(worker: str, url: str, args: argparse.Namespace, tree: Path = ROOT) -> dict[str, Any]:
+    options = ["--url", url, "--n", str(args.n), "--c1000", str(args.c1000)]
+    options += ["--gc-seconds", str(args.gc_seconds), "--gc-clients", str(args.gc_clients)]
+    result = run_worker("benchmarks.hotpath", ["--worker", worker, *options], tree=tree)
+    shown = json.dumps({k: v for k, v in result.items() if k != "profile"})
+    print(f"  {worker:16s} {'baseline' if tree != ROOT else 'this':8s} {shown}", file=sys.stderr)
     return result
-
-
-def _process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` (Linux ``/proc``; NaN elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as file:
-            fields = file.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(run[key] for run in runs))
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
     print(f"\nhot path, medians of {args.rounds} rounds (each in its own process)")
     if "floor" in results:
-        floor, floor64 = _median(results["floor"], "floor_ms"), _median(results["floor"], "floor64_ms")
-        adapter, post = _median(results["floor"], "adapter_ms"), _median(results["floor"], "h11_post_ms")
-        post64 = _median(results["floor"], "h11_post64_ms")
+        floor, floor64 = median(results["floor"], "floor_ms"), median(results["floor"], "floor64_ms")
+        adapter, post = median(results["floor"], "adapter_ms"), median(results["floor"], "h11_post_ms")
+        post64 = median(results["floor"], "h11_post64_ms")
         print(
             f"  floor: ChatAdapter format+parse {adapter:.3f} ms + raw h11 POST on 64 connections at once "
             f"{post64:.3f} ms = {floor64:.3f} ms (one connection: POST {post:.3f} ms, floor {floor:.3f} ms)"
         )
         for transport in TRANSPORTS:
-            cpu = _median(results[f"predict:{transport}"], "cpu_ms")
+            cpu = median(results[f"predict:{transport}"], "cpu_ms")
             print(
                 f"  engine.predict, {transport:5s}, 64 concurrent: {cpu:.3f} ms = {cpu / floor64:.2f}x "
-                f"the floor at the same concurrency (goal <= 2.0x: {_verdict(cpu / floor64 <= 2.0)}); "
+                f"the floor at the same concurrency (goal <= 2.0x: {verdict(cpu / floor64 <= 2.0)}); "
                 f"{cpu / floor:.2f}x the one-connection floor"
             )
-        ratio = _median(results["predict:httpx"], "cpu_ms") / _median(results["predict:lean"], "cpu_ms")
+        ratio = median(results["predict:httpx"], "cpu_ms") / median(results["predict:lean"], "cpu_ms")
         print(f"  httpx / lean CPU per prediction: {ratio:.2f}x")
+        for worker in CPU_WORKERS:
+            if f"{worker}@baseline" in results:
+                mine, theirs = results[worker], results[f"{worker}@baseline"]
+                this, before = median(mine, "cpu_ms"), median(theirs, "cpu_ms")
+                # Each round ran the two side by side: their ratio is the least disturbed by load.
+                paired = statistics.median(
+                    a["cpu_ms"] / b["cpu_ms"] for a, b in zip(mine, theirs, strict=False)
+                )
+                print(
+                    f"  {worker:18s} baseline {before:.3f} ms, this tree {this:.3f} ms: this / baseline "
+                    f"{this / before:.3f}x CPU per prediction (median of the rounds' ratios {paired:.3f}x)"
+                )
         if "floor:tuned" in results and "predict:lean-tuned" in results:
-            tuned_floor = _median(results["floor:tuned"], "floor64_ms")
-            cpu = _median(results["predict:lean-tuned"], "cpu_ms")
+            tuned_floor = median(results["floor:tuned"], "floor64_ms")
+            cpu = median(results["predict:lean-tuned"], "cpu_ms")
             print(
                 f"  with the collector as `dspy-trio serve` sets it (tune_gc_for_serving): floor "
                 f"{tuned_floor:.3f} ms, engine.predict lean {cpu:.3f} ms = {cpu / tuned_floor:.2f}x "
-                f"(goal <= 2.0x: {_verdict(cpu / tuned_floor <= 2.0)})"
+                f"(goal <= 2.0x: {verdict(cpu / tuned_floor <= 2.0)})"
             )
     if any(key.startswith("c1000:") for key in results):
         print(
@@ -353,7 +313,7 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
             "'floor' is the floor's work (ChatAdapter + raw h11) at the same concurrency:"
         )
         floors = {
-            pool: _median(results[f"c1000:floor-{pool}"], "wall")
+            pool: median(results[f"c1000:floor-{pool}"], "wall")
             for pool in ("cold", "warm", "warm-tuned")
             if f"c1000:floor-{pool}" in results
         }
@@ -361,7 +321,7 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
             key = f"c1000:{mode}"
             if key not in results:
                 continue
-            wall, cpu = _median(results[key], "wall"), _median(results[key], "cpu_ms")
+            wall, cpu = median(results[key], "wall"), median(results[key], "cpu_ms")
             pool = mode.partition("-")[2]
             versus = (
                 f", {wall / floors[pool]:.2f}x the floor's wall"
@@ -370,24 +330,24 @@ def _summary(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
             )
             print(
                 f"    {mode:17s} wall {wall:.2f} s = {wall:.2f}x ideal "
-                f"(goal <= 1.3x: {_verdict(wall <= 1.3)})"
+                f"(goal <= 1.3x: {verdict(wall <= 1.3)})"
                 f"{versus}; {cpu:.2f} ms CPU/prediction, {min(r['ok'] for r in results[key]):.0f} ok, "
-                f"{results[key][0]['threads']} thread(s); "
-                f"upstream {_median(results[key], 'upstream_cpu_ms'):.2f} ms CPU/answer"
+                f"{max(r['peak_threads'] for r in results[key])} thread(s); "
+                f"upstream {median(results[key], 'upstream_cpu_ms'):.2f} ms CPU/answer"
             )
     for mode in GC_MODES:
         key = f"gc:{mode}"
         if key in results:
             runs = results[key]
-            stall, stall_max = _median(runs, "worst_stall_ms"), max(r["worst_stall_ms"] for r in runs)
-            worst_gc = _median(runs, "worst_full_collection_ms")
+            stall, stall_max = median(runs, "worst_stall_ms"), max(r["worst_stall_ms"] for r in runs)
+            worst_gc = median(runs, "worst_full_collection_ms")
             print(
-                f"  gc {mode:6s}: p50 {_median(runs, 'p50_ms'):.1f} ms, "
-                f"p99 {_median(runs, 'p99_ms'):.1f} ms, "
-                f"max {_median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms (of all runs "
-                f"{stall_max:.1f}), full collections {_median(runs, 'full_collections'):.0f} (longest "
-                f"{worst_gc:.1f} ms), collector {_median(runs, 'gc_ms_per_request'):.3f} ms/request, "
-                f"{_median(runs, 'requests'):.0f} requests"
+                f"  gc {mode:6s}: p50 {median(runs, 'p50_ms'):.1f} ms, "
+                f"p99 {median(runs, 'p99_ms'):.1f} ms, "
+                f"max {median(runs, 'max_ms'):.1f} ms, worst loop stall {stall:.1f} ms (of all runs "
+                f"{stall_max:.1f}), full collections {median(runs, 'full_collections'):.0f} (longest "
+                f"{worst_gc:.1f} ms), collector {median(runs, 'gc_ms_per_request'):.3f} ms/request, "
+                f"{median(runs, 'requests'):.0f} requests"
             )
     if "profile:lean" in results:
         summary = results["profile:lean"][0]["profile"]
@@ -409,6 +369,7 @@ def main() -> None:
     parser.add_argument("--gc-clients", type=int, default=16, help="closed-loop clients of part gc")
     parser.add_argument("--json", default=None, help="also write raw results to this file")
     parser.add_argument("--show", default=None, help="print the summary of a run saved with --json")
+    parser.add_argument("--baseline", default=None, help=f"{BASELINE_HELP} (part cpu)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -421,11 +382,24 @@ def main() -> None:
         _summary(saved["results"], argparse.Namespace(**saved["args"]))
         return
 
+    with baseline_tree(
+        args.baseline if "cpu" in args.parts else "none", prefix="hotpath-baseline-"
+    ) as baseline:
+        results = _measure_parts(args, baseline[0] if baseline else None)
+    _summary(results, args)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"args": vars(args), "results": results}, file, indent=2)
+
+
+def _measure_parts(args: argparse.Namespace, baseline: Path | None) -> dict[str, list[dict[str, Any]]]:
+    """Every worker of the parts asked for, each part's modes alternating over the rounds; the cpu
+    part's engine workers also on ``baseline`` (under ``WORKER@baseline``)."""
     results: dict[str, list[dict[str, Any]]] = {}
 
-    def run(worker: str, url: str) -> dict[str, Any]:
-        result = _run(worker, url, args)
-        results.setdefault(worker, []).append(result)
+    def run(worker: str, url: str, tree: Path = ROOT) -> dict[str, Any]:
+        result = _run(worker, url, args, tree)
+        results.setdefault(worker if tree == ROOT else f"{worker}@baseline", []).append(result)
         return result
 
     if "cpu" in args.parts or "profile" in args.parts:
@@ -433,9 +407,13 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 if "cpu" in args.parts:
-                    order = ["floor", "predict:httpx", "predict:lean", "floor:tuned", "predict:lean-tuned"]
-                    for worker in order if r % 2 == 0 else order[::-1]:
-                        run(worker, url)
+                    order = [(worker, ROOT) for worker in CPU_WORKERS]
+                    if baseline is not None:  # each engine worker beside its baseline
+                        for worker in CPU_WORKERS[::-1]:
+                            if worker.startswith("predict:"):
+                                order.insert(order.index((worker, ROOT)) + 1, (worker, baseline))
+                    for worker, tree in order if r % 2 == 0 else order[::-1]:
+                        run(worker, url, tree)
             if "profile" in args.parts:
                 run("profile:lean", url)
         finally:
@@ -447,10 +425,10 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 for mode in C1000_MODES if r % 2 == 0 else C1000_MODES[::-1]:
-                    before = _process_cpu(upstream.pid)
+                    before = process_cpu(upstream.pid)
                     result = run(f"c1000:{mode}", url)
                     answers = args.c1000 * (2 if mode.endswith("warm") else 1) + 1
-                    result["upstream_cpu_ms"] = (_process_cpu(upstream.pid) - before) / answers * 1000
+                    result["upstream_cpu_ms"] = (process_cpu(upstream.pid) - before) / answers * 1000
         finally:
             upstream.kill()
     if "gc" in args.parts:
@@ -461,11 +439,7 @@ def main() -> None:
                     run(f"gc:{mode}", url)
         finally:
             upstream.kill()
-
-    _summary(results, args)
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"args": vars(args), "results": results}, file, indent=2)
+    return results
 
 
 if __name__ == "__main__":

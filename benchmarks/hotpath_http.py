@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -50,9 +49,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._baseline import export_tree
+from benchmarks._baseline import baseline_tree
+from benchmarks._measure import ROOT, rss_mb, run_worker
+from benchmarks._measure import median as _median
+from benchmarks._measure import process_cpu as _process_cpu
+from benchmarks._measure import verdict as _verdict
 from benchmarks._upstream import start_upstream
-from benchmarks.hotpath import _process_cpu, profile_table
+from benchmarks.hotpath import profile_table
 
 PREDICT_PATH = "/v1/programs/default/predict"
 ECHO_PATH = "/echo"
@@ -250,14 +253,6 @@ class _Conn:
         self.buffer += data
 
 
-def _rss_kb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1])
-    return float("nan")
-
-
 async def _connect(url: str, count: int) -> list[_Conn]:
     import trio
 
@@ -363,16 +358,16 @@ def _load_rss(
         for r in range(rounds):
             await trio.sleep(0.5)
             await _snapshot(snapshots, f"idle-{r}")
-            idle = _rss_kb(pid)
+            idle = rss_mb(pid) * 1024
             conns = await _connect(url, connections)
-            connected = _rss_kb(pid)
+            connected = rss_mb(pid) * 1024
             samples: list[tuple[int, float]] = []  # (active requests, RSS KB) every 50 ms
 
             async def watch(samples: list[tuple[int, float]] = samples, r: int = r) -> None:
                 snapped = False
                 while True:
                     active = await _active_requests(url)
-                    samples.append((active, _rss_kb(pid)))
+                    samples.append((active, rss_mb(pid) * 1024))
                     if active >= connections * 0.95 and not snapped:
                         await _snapshot(snapshots, f"plateau-{r}")
                         snapped = True
@@ -404,42 +399,34 @@ def _load_rss(
 
 
 def _run_load(kind: str, url: str, args: argparse.Namespace, pid: int, **extra: Any) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hotpath_http", "--load", kind, "--url", url]
-    command += ["--pid", str(pid), "--clients", str(args.clients), "--n", str(args.n)]
+    arguments = ["--load", kind, "--url", url, "--pid", str(pid), "--clients", str(args.clients)]
+    arguments += ["--n", str(args.n)]
     for key, value in extra.items():
-        command += [f"--{key.replace('_', '-')}", str(value)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"load generator {kind} failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+        arguments += [f"--{key.replace('_', '-')}", str(value)]
+    return run_worker("benchmarks.hotpath_http", arguments, timeout=600)
 
 
 def _engine_worker(upstream_url: str, n: int, tree: Path | None = None) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hotpath", "--worker", "predict:lean"]
-    command += ["--url", upstream_url, "--n", str(n)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=tree)
-    if done.returncode != 0:
-        raise SystemExit(f"engine worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    """The engine alone (``benchmarks.hotpath``'s worker), of this tree or of ``tree`` (a baseline)."""
+    arguments = ["--worker", "predict:lean", "--url", upstream_url, "--n", str(n)]
+    return run_worker("benchmarks.hotpath", arguments, tree=tree or ROOT)
 
 
 # ------------------------------------------------------------------------------------------------ parts
 
 
 def part_cpu(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    with baseline_tree(args.baseline or "none", prefix="hotpath-http-baseline-") as baseline:
+        if baseline is not None:
+            results["baseline"] = {"ref": args.baseline, "commit": baseline[1]}
+        _cpu_rounds(args, results, baseline[0] if baseline is not None else None)
+
+
+def _cpu_rounds(args: argparse.Namespace, results: dict[str, Any], tree: Path | None) -> None:
     upstream, upstream_url = start_upstream(0.02)
     slow_upstream, slow_url = start_upstream(600.0)
     order = ["ours", "engine", "bare", "refused"]
-    tree: Path | None = None
-    if args.baseline:
-        tree, commit = export_tree(args.baseline, Path(__file__), prefix="hotpath-http-baseline-")
-        results["baseline"] = {"ref": args.baseline, "commit": commit}
-        print(f"baseline: {args.baseline} = {commit} ({tree})", file=sys.stderr)
+    if tree is not None:
         order += ["baseline", "baseline engine", "baseline refused"]
     rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in order}
     clients = max(args.clients, 64)
@@ -473,8 +460,6 @@ def part_cpu(args: argparse.Namespace, results: dict[str, Any]) -> None:
     finally:
         upstream.kill()
         slow_upstream.kill()
-        if tree is not None:
-            shutil.rmtree(tree, ignore_errors=True)
     results["cpu"] = rows
 
 
@@ -660,14 +645,6 @@ def _package(filename: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- summary
-
-
-def _median(rows: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(row[key] for row in rows))
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def summary(results: dict[str, Any], args: argparse.Namespace) -> None:

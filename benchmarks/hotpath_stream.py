@@ -29,21 +29,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._baseline import export_tree
+from benchmarks._baseline import HELP as BASELINE_HELP
+from benchmarks._baseline import ROOT, baseline_tree
+from benchmarks._measure import median, percentile, process_cpu, run_worker, verdict
 from benchmarks._upstream import start_upstream
-from benchmarks.hotpath import _process_cpu
 
-ROOT = Path(__file__).resolve().parent.parent
 GOAL_TOKENS = 20_000.0
 GOAL_CLOSE_MS = 20.0
 DELAYS = (0.05, 0.3)  # the random cancel delay, seconds
@@ -56,18 +53,14 @@ def _throughput_worker(kind: str, url: str, tokens: int) -> dict[str, Any]:
     import trio
 
     from dspy_trio import engine
-    from dspy_trio.engine import EngineConfig, FinalEvent, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, FinalEvent, LMConfig, open_engine
 
-    if kind == "simulated":
-        lm = LMConfig(first_token_delay=0, token_delay=0, words_per_field=tokens)
-    else:
-        lm = LMConfig(
-            provider="openai",
-            model="bench",
-            api_base=url,
-            retry=RetryPolicy(max_attempts=1),
-            stream_upstream=True,
-        )
+    # Flat tables, which every tree takes: this worker also runs on the baseline's engine.
+    table: dict[str, Any] = {"first_token_delay": 0, "token_delay": 0, "words_per_field": tokens}
+    if kind == "http":
+        table = {"provider": "openai", "model": "bench", "api_base": url, "stream_upstream": True}
+        table["retry"] = {"max_attempts": 1}
+    lm = LMConfig.from_mapping(table)
 
     async def one(eng: Any, question: str) -> tuple[int, float, float]:
         started, cpu, final = time.perf_counter(), time.process_time(), None
@@ -100,9 +93,10 @@ def _cancel_worker(kind: str, url: str, trials: int, lanes: int, seed: int) -> d
     import httpx
     import trio
 
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, open_engine
 
-    lm = LMConfig(provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1))
+    table = {"provider": "openai", "model": "bench", "api_base": url, "retry": {"max_attempts": 1}}
+    lm = LMConfig.from_mapping(table)
     config = EngineConfig(lms={"default": lm}, max_in_flight=64)
     rng = random.Random(seed)
     cancelled_at: dict[str, float] = {}
@@ -265,36 +259,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ orchestrator
 
 
-def _export(ref: str) -> tuple[Path, str]:
-    """The tree of ``ref`` in a temporary directory, with this script in it. Returns (dir, commit)."""
-    return export_tree(ref, Path(__file__), prefix="hotpath-stream-baseline-")
-
-
 def _run(worker: str, url: str, tree: Path, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hotpath_stream", "--worker", worker, "--url", url]
-    command += ["--tokens", str(args.tokens), "--trials", str(args.trials), "--lanes", str(args.lanes)]
-    command += ["--seed", str(args.seed)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(tree)}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=tree)
-    if done.returncode != 0:
-        raise SystemExit(f"{worker} worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    options = ["--url", url, "--tokens", str(args.tokens), "--trials", str(args.trials)]
+    options += ["--lanes", str(args.lanes), "--seed", str(args.seed)]
+    result = run_worker("benchmarks.hotpath_stream", ["--worker", worker, *options], tree=tree)
     shown = {k: v for k, v in result.items() if k != "closes_ms"}
     print(f"  {worker:22s} {tree.name[:24]:24s} {json.dumps(shown)}", file=sys.stderr)
     return result
-
-
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(run[key] for run in runs))
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 def _throughput(args: argparse.Namespace, trees: dict[str, Path]) -> None:
@@ -305,11 +276,11 @@ def _throughput(args: argparse.Namespace, trees: dict[str, Path]) -> None:
             for kind in ("simulated", "http"):
                 order = list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]
                 for name, tree in order:
-                    upstream_cpu = _process_cpu(upstream.pid)
+                    upstream_cpu = process_cpu(upstream.pid)
                     result = _run(f"throughput:{kind}", url, tree, args)
                     # The fake upstream's CPU per token over the worker (its warm-up stream included).
                     result["upstream_us_per_token"] = (
-                        (_process_cpu(upstream.pid) - upstream_cpu) / (2 * result["tokens"]) * 1e6
+                        (process_cpu(upstream.pid) - upstream_cpu) / (2 * result["tokens"]) * 1e6
                     )
                     runs.setdefault((kind, name), []).append(result)
     finally:
@@ -320,19 +291,19 @@ def _throughput(args: argparse.Namespace, trees: dict[str, Path]) -> None:
     for kind, label in labels.items():
         print(f"  {label}")
         for name in trees:
-            rate = _median(runs[(kind, name)], "tokens_per_s")
-            cpu = _median(runs[(kind, name)], "cpu_us_per_token")
+            rate = median(runs[(kind, name)], "tokens_per_s")
+            cpu = median(runs[(kind, name)], "cpu_us_per_token")
             line = f"    {name:8s} {rate:9,.0f} tokens/s, engine CPU {cpu:5.1f} us/token"
             if kind == "http":
-                line += f" (the fake upstream: {_median(runs[(kind, name)], 'upstream_us_per_token'):.1f})"
+                line += f" (the fake upstream: {median(runs[(kind, name)], 'upstream_us_per_token'):.1f})"
             if name == "this":
-                line += f"   goal >= 20,000 tokens/s: {_verdict(rate >= GOAL_TOKENS)}"
+                line += f"   goal >= 20,000 tokens/s: {verdict(rate >= GOAL_TOKENS)}"
             print(line)
         if "baseline" in trees:
-            ratio = _median(runs[(kind, "this")], "tokens_per_s") / _median(
+            ratio = median(runs[(kind, "this")], "tokens_per_s") / median(
                 runs[(kind, "baseline")], "tokens_per_s"
             )
-            cpu_ratio = _median(runs[(kind, "baseline")], "cpu_us_per_token") / _median(
+            cpu_ratio = median(runs[(kind, "baseline")], "cpu_us_per_token") / median(
                 runs[(kind, "this")], "cpu_us_per_token"
             )
             print(f"    this / baseline: {ratio:.2f}x tokens/s, {cpu_ratio:.2f}x less engine CPU per token")
@@ -343,12 +314,12 @@ def _report_closes(label: str, result: dict[str, Any]) -> None:
     if not closes:
         print(f"  {label:34s} no closes seen ({result})")
         return
-    p50, p99 = statistics.median(closes), _percentile(closes, 0.99)
+    p50, p99 = statistics.median(closes), percentile(closes, 0.99)
     ok = p99 <= GOAL_CLOSE_MS and not result["ran_on"]
     print(
         f"  {label:30s} p50 {p50:5.2f} ms  p99 {p99:5.2f} ms  max {max(closes):6.2f} ms  (n={len(closes)} of "
         f"{result['trials']}, ran on upstream {result['ran_on']}, cancelled before reaching it "
-        f"{len(result['unmatched'])}; goal p99 <= 20 ms: {_verdict(ok)})"
+        f"{len(result['unmatched'])}; goal p99 <= 20 ms: {verdict(ok)})"
     )
     if "worst_loop_stall_ms" in result:
         print(
@@ -397,11 +368,7 @@ def main() -> None:
     parser.add_argument(
         "--parts", nargs="+", choices=("throughput", "cancel"), default=["throughput", "cancel"]
     )
-    parser.add_argument(
-        "--baseline",
-        default=None,
-        help="git ref measured as 'before' (default: the merge base of HEAD and main; 'none' to skip)",
-    )
+    parser.add_argument("--baseline", default=None, help=BASELINE_HELP)
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (each tree each kind)")
     parser.add_argument("--tokens", type=int, default=10_000, help="words of the streamed answer")
     parser.add_argument("--trials", type=int, default=200, help="in-process cancels of each kind")
@@ -415,32 +382,14 @@ def main() -> None:
         print(json.dumps(_worker(args)))
         return
 
-    trees: dict[str, Path] = {"this": ROOT}
-    baseline_dir = None
-    if "throughput" in args.parts and args.baseline != "none":
-        ref = args.baseline
-        if ref is None:
-            ref = subprocess.run(
-                ["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        if args.baseline is None and ref == head:
-            print("baseline: none (HEAD is on main; pass --baseline REF to measure one)")
-        else:
-            baseline_dir, commit = _export(ref)
-            trees["baseline"] = baseline_dir
-            print(f"baseline: {args.baseline or 'merge-base of HEAD and main'} = {commit} ({baseline_dir})")
     started = time.perf_counter()
-    try:
+    given = args.baseline if "throughput" in args.parts else "none"
+    with baseline_tree(given, prefix="hotpath-stream-baseline-") as baseline:
         if "throughput" in args.parts:
+            trees = {"this": ROOT, **({"baseline": baseline[0]} if baseline else {})}
             _throughput(args, trees)
         if "cancel" in args.parts:
             _cancel(args, ROOT)
-    finally:
-        if baseline_dir is not None:
-            shutil.rmtree(baseline_dir, ignore_errors=True)
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 

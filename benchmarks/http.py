@@ -26,15 +26,8 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
+from benchmarks._measure import percentile, rss_mb
 from benchmarks._upstream import start_upstream
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _start_server(upstream_url: str, max_in_flight: int) -> tuple[subprocess.Popen[str], str]:
@@ -55,11 +48,6 @@ def _start_server(upstream_url: str, max_in_flight: int) -> tuple[subprocess.Pop
             threading.Thread(target=process.stderr.read, daemon=True).start()
             return process, line.split("serving on ")[1].strip()
     raise SystemExit("the server did not start")
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 async def _predict_load(url: str, connections: int, requests: int, server_pid: int) -> dict[str, Any]:
@@ -89,10 +77,10 @@ async def _predict_load(url: str, connections: int, requests: int, server_pid: i
     async def sample_rss() -> None:
         nonlocal peak_rss
         while True:
-            peak_rss = max(peak_rss, _rss_mb(server_pid))
+            peak_rss = max(peak_rss, rss_mb(server_pid))
             await trio.sleep(0.05)
 
-    idle_rss = _rss_mb(server_pid)
+    idle_rss = rss_mb(server_pid)
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sample_rss)
@@ -104,8 +92,8 @@ async def _predict_load(url: str, connections: int, requests: int, server_pid: i
     return {
         "connections": connections,
         "rps": len(latencies) / wall,
-        "p50_ms": _percentile(latencies, 0.5) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
         "failures": failures,
         "rss_per_inflight_kb": max(0.0, peak_rss - idle_rss) * 1024 / connections,
     }

@@ -26,7 +26,15 @@ import dspy
 import httpx
 import trio
 
-from dspy_trio.engine import EngineConfig, EngineError, LMConfig, ProgramSpec, RetryPolicy, open_engine
+from dspy_trio.engine import (
+    EngineConfig,
+    EngineError,
+    LMConfig,
+    OpenAISettings,
+    ProgramSpec,
+    RetryPolicy,
+    open_engine,
+)
 from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
 from dspy_trio.web.server import open_server
 from dspy_trio.web.settings import ServiceSettings
@@ -62,13 +70,10 @@ JSON_FORMAT = {"response_format": {"type": "json_object"}}
 
 def lm_config(url: str, model: str, **params: Any) -> LMConfig:
     return LMConfig(
-        provider="openai",
         model=model,
-        api_base=url,
-        api_key="none",
-        http=HTTPSettings(read_timeout=300),
         retry=RetryPolicy(max_attempts=1),
         params={**PARAMS, **params},
+        settings=OpenAISettings(api_base=url, api_key="none", http=HTTPSettings(read_timeout=300)),
     )
 
 

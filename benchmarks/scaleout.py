@@ -221,7 +221,7 @@ def redis_commands(redis_url: str) -> int:
 
 def measure_script_cost(redis_url: str) -> dict[int, float]:
     """Part 6: the server's microseconds per EVALSHA of the quota script, by entries in its window."""
-    from dspy_trio.engine._config import ClusterConfig
+    from dspy_trio.engine._cluster_config import ClusterConfig
     from dspy_trio.engine.cluster import open_cluster
 
     port = redis_url.rsplit(":", 1)[1].split("/")[0]

@@ -24,7 +24,8 @@ import httpx
 import trio
 from trio_websocket import open_websocket_url
 
-from dspy_trio.engine import EngineConfig, LMConfig
+from benchmarks._measure import rss_mb
+from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings
 from dspy_trio.engine.testing import Behavior
 from dspy_trio.engine.testing.fake_upstream import open_fake_upstream
 from dspy_trio.web.server import open_server
@@ -46,14 +47,6 @@ class _Outcomes(logging.Handler):
                 f"{line['kind']} {line['outcome']} {line.get('error')} "
                 f"{'>=10s' if total >= 10_000 else '<10s'}"
             ] += 1
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def one(
@@ -90,7 +83,7 @@ async def main(args: argparse.Namespace) -> None:
     async with open_fake_upstream(
         Behavior(latency=args.latency, first_token_delay=args.latency, token_delay=0.005)
     ) as upstream:
-        lm = LMConfig(provider="openai", model="fake", api_base=upstream.url)
+        lm = LMConfig(model="fake", settings=OpenAISettings(api_base=upstream.url))
         engine = EngineConfig(lms={"default": lm}, max_in_flight=256, max_queued=1024)
         service = ServiceSettings(engine=engine, port=0, ws_ping_interval=None)
         async with open_server(service) as server:

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
+from benchmarks._measure import median, process_cpu, run_worker
 from benchmarks._upstream import start_upstream
-from benchmarks.hotpath import _process_cpu
 
 MODES = ("plain", "stream")
 CONCURRENCY = 64
@@ -33,14 +30,12 @@ CONCURRENCY = 64
 def _predict_worker(url: str, stream_upstream: bool, n: int) -> dict[str, Any]:
     import trio
 
-    from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+    from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, RetryPolicy, open_engine
 
     lm = LMConfig(
-        provider="openai",
         model="bench",
-        api_base=url,
         retry=RetryPolicy(max_attempts=1),
-        stream_upstream=stream_upstream,
+        settings=OpenAISettings(api_base=url, stream_upstream=stream_upstream),
     )
     config = EngineConfig(lms={"default": lm}, max_in_flight=CONCURRENCY, max_queued=100_000)
 
@@ -68,16 +63,10 @@ def _predict_worker(url: str, stream_upstream: bool, n: int) -> dict[str, Any]:
 
 
 def _run(mode: str, url: str, upstream_pid: int, n: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.stream_upstream", "--worker", mode, "--url", url]
-    command += ["--n", str(n)]
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    upstream0 = _process_cpu(upstream_pid)
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    upstream0 = process_cpu(upstream_pid)
+    result = run_worker("benchmarks.stream_upstream", ["--worker", mode, "--url", url, "--n", str(n)])
     # The upstream's CPU over the whole worker (warm-up included: 20 of n + 20 predictions).
-    result["upstream_cpu_ms"] = (_process_cpu(upstream_pid) - upstream0) / (n + 20) * 1000
+    result["upstream_cpu_ms"] = (process_cpu(upstream_pid) - upstream0) / (n + 20) * 1000
     print(f"  {mode:7s} {json.dumps(result)}", file=sys.stderr)
     return result
 
@@ -92,10 +81,7 @@ def _measure(words: int, n: int, rounds: int) -> dict[str, dict[str, float]]:
     finally:
         process.kill()
         process.wait()
-    return {
-        mode: {key: statistics.median(run[key] for run in runs[mode]) for key in runs[mode][0]}
-        for mode in MODES
-    }
+    return {mode: {key: median(runs[mode], key) for key in runs[mode][0]} for mode in MODES}
 
 
 def main() -> None:

@@ -27,21 +27,22 @@ from typing import Any
 
 import trio
 
+from benchmarks._measure import rss_mb
 from benchmarks._upstream import start_upstream
-from dspy_trio.engine import EngineConfig, FieldDelta, LMConfig, StreamOptions, open_engine
+from dspy_trio.engine import (
+    EngineConfig,
+    FieldDelta,
+    LMConfig,
+    OpenAISettings,
+    SimulatedSettings,
+    StreamOptions,
+    open_engine,
+)
 from dspy_trio.engine.lm import Completion, DeltaSink, SimulatedLM
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 async def _throughput(tokens: int, runs: int) -> None:
-    lm = LMConfig(first_token_delay=0, token_delay=0, words_per_field=tokens)
+    lm = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0, words_per_field=tokens))
     engine_rates, bare_rates = [], []
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         for _ in range(runs):
@@ -112,7 +113,7 @@ async def _ttft_in_process(runs: int) -> list[float]:
 
 
 async def _ttft_http(url: str, runs: int, first_token_delay: float) -> list[float]:
-    lm = LMConfig(provider="openai", model="bench", api_base=url)
+    lm = LMConfig(model="bench", settings=OpenAISettings(api_base=url))
     out = []
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         for i in range(runs):
@@ -133,7 +134,7 @@ def _report(name: str, samples: list[float]) -> None:
 
 
 async def _memory(url: str, streams: int, duration: float, policy: str, buffer_size: int) -> list[float]:
-    lm = LMConfig(provider="openai", model="bench", api_base=url)
+    lm = LMConfig(model="bench", settings=OpenAISettings(api_base=url))
     options = StreamOptions(backpressure=policy, buffer_size=buffer_size)  # type: ignore[arg-type]
     samples: list[float] = []
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
@@ -147,7 +148,7 @@ async def _memory(url: str, streams: int, duration: float, policy: str, buffer_s
             for i in range(streams):
                 nursery.start_soon(slow_reader, i)
             for _ in range(int(duration)):
-                samples.append(_rss_mb())
+                samples.append(rss_mb())
                 await trio.sleep(1.0)
             nursery.cancel_scope.cancel()
     return samples

@@ -20,13 +20,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._measure import run_worker
 from benchmarks._optional import plot_if_possible
 from benchmarks._upstream import start_upstream
 
@@ -57,12 +56,12 @@ def _worker(mode: str, url: str, concurrency: int) -> dict[str, Any]:
     if mode == "dspy-trio":
         import trio
 
-        from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, open_engine
+        from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, RetryPolicy, open_engine
 
         config = EngineConfig(
             lms={
                 "default": LMConfig(
-                    provider="openai", model="bench", api_base=url, retry=RetryPolicy(max_attempts=1)
+                    model="bench", retry=RetryPolicy(max_attempts=1), settings=OpenAISettings(api_base=url)
                 )
             },
             max_in_flight=concurrency,
@@ -122,16 +121,6 @@ def _worker(mode: str, url: str, concurrency: int) -> dict[str, Any]:
     }
 
 
-def _run_worker(mode: str, url: str, concurrency: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.throughput", "--worker", mode, "--url", url]
-    command += ["--concurrency", str(concurrency)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} worker failed:\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
-
-
 def plot(rows: list[dict[str, Any]], path: Path, latency: float) -> None:
     import matplotlib
 
@@ -181,7 +170,8 @@ def main() -> None:
             for m in (MODES if r % 2 == 0 else MODES[::-1])
         ]
         for concurrency, mode in tqdm(plan, desc="throughput", unit="run"):
-            runs.append(_run_worker(mode, url, concurrency))
+            arguments = ["--worker", mode, "--url", url, "--concurrency", str(concurrency)]
+            runs.append(run_worker("benchmarks.throughput", arguments))
     finally:
         upstream.kill()
 

@@ -19,14 +19,9 @@ _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from ._adaptive import AdaptiveSettings as AdaptiveSettings
 from ._batch import BatchItem as BatchItem
-from ._config import CallTimeouts as CallTimeouts
-from ._config import EngineConfig as EngineConfig
-from ._config import LMConfig as LMConfig
-from ._config import ProgramSpec as ProgramSpec
-from ._config import RateLimit as RateLimit
-from ._config import StreamOptions as StreamOptions
 from ._engine import Engine as Engine
 from ._engine import open_engine as open_engine
+from ._engine_config import EngineConfig as EngineConfig
 from ._errors import ClusterUnavailableError as ClusterUnavailableError
 from ._errors import ConfigError as ConfigError
 from ._errors import DeadlineExceededError as DeadlineExceededError
@@ -48,6 +43,10 @@ from ._errors import UpstreamServerError as UpstreamServerError
 from ._errors import UpstreamTimeoutError as UpstreamTimeoutError
 from ._gc import GCSettings as GCSettings
 from ._gc import tune_gc_for_serving as tune_gc_for_serving
+from ._lm_config import CallTimeouts as CallTimeouts
+from ._lm_config import LMConfig as LMConfig
+from ._lm_config import RateLimit as RateLimit
+from ._program_spec import ProgramSpec as ProgramSpec
 from ._programs import InputField as InputField
 from ._programs import OutputField as OutputField
 from ._programs import ProgramInfo as ProgramInfo
@@ -61,15 +60,23 @@ from ._stream_events import FieldDelta as FieldDelta
 from ._stream_events import FinalEvent as FinalEvent
 from ._stream_events import StatusEvent as StatusEvent
 from ._stream_events import StreamEvent as StreamEvent
+from ._stream_options import StreamOptions as StreamOptions
 from ._streaming import EventStream as EventStream
 from ._upstream import UpstreamStatistics as UpstreamStatistics
+from .lm import AnthropicSettings as AnthropicSettings
+from .lm import DSPySettings as DSPySettings
+from .lm import HTTPSettings as HTTPSettings
+from .lm import OpenAISettings as OpenAISettings
+from .lm import SimulatedSettings as SimulatedSettings
 
 __all__ = [
     "AdaptiveSettings",
+    "AnthropicSettings",
     "BatchItem",
     "CallTimeouts",
     "ClusterUnavailableError",
     "ConfigError",
+    "DSPySettings",
     "DeadlineExceededError",
     "Engine",
     "EngineClosedError",
@@ -81,9 +88,11 @@ __all__ = [
     "FieldDelta",
     "FinalEvent",
     "GCSettings",
+    "HTTPSettings",
     "InputField",
     "InvalidInputError",
     "LMConfig",
+    "OpenAISettings",
     "OutputField",
     "OverloadedError",
     "PredictionResult",
@@ -95,6 +104,7 @@ __all__ = [
     "RequestAbandonedError",
     "RequestCancelledError",
     "RetryPolicy",
+    "SimulatedSettings",
     "SlowConsumerError",
     "StatusEvent",
     "StreamEvent",

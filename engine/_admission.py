@@ -1,4 +1,4 @@
-"""Admission control: a global in-flight limit in front of a bounded FIFO queue.
+"""Admission control: a bounded FIFO queue in front of a global in-flight limit.
 
 A request either gets a slot at once, waits its turn in a queue of at most ``max_queued`` requests, or is
 refused at once with :class:`OverloadedError` — nothing ever waits in an unbounded line. Waiting happens

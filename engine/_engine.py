@@ -28,8 +28,8 @@ import trio
 from . import _dspy, _groups
 from ._admission import Admission
 from ._batch import BatchItem, RunningBatch, open_batch
-from ._config import EngineConfig, StreamOptions
 from ._construction import NoPublicConstructor
+from ._engine_config import EngineConfig
 from ._errors import (
     EngineClosedError,
     InvalidInputError,
@@ -38,7 +38,6 @@ from ._errors import (
 )
 from ._ledger import Ledger
 from ._limits import Limits
-from ._lm_factory import build_lm
 from ._metrics import EngineMetrics
 from ._owners import OwnerCheck, owner_check
 from ._programs import ProgramInfo, ProgramRegistry
@@ -46,6 +45,7 @@ from ._request import Request
 from ._result import PredictionResult
 from ._runner import ProgramRunner
 from ._statistics import EngineStatistics
+from ._stream_options import StreamOptions
 from ._stream_request import open_stream
 from ._streaming import EventStream
 from ._upstream import UpstreamGuard, UpstreamPolicy
@@ -513,7 +513,7 @@ async def open_engine(
     try:
         for name, lm_config in config.lms.items():
             if name not in given:
-                backends[name] = build_lm(lm_config, cache=config.dspy_cache)
+                backends[name] = lm_config.build_lm(cache=config.dspy_cache)
         programs = ProgramRegistry.build(config.programs)
     except BaseException:
         await close_lms(backends.values())  # an engine that failed to open still closes what it holds

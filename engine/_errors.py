@@ -1,4 +1,4 @@
-"""The engine's error tree.
+"""The engine's error tree, and the outcomes a request can end with.
 
 Every failure a caller of the engine can see is one of these. Foreign errors (httpx, DSPy, LiteLLM)
 are translated at the edge where they happen with ``raise X from exc``; the web layer maps each class to
@@ -30,14 +30,19 @@ What the engine decides from an error is a property of its class, not an ``isins
 ``outcome`` (how a request ended by it is counted), and for upstream errors ``retryable``,
 ``retry_cause`` (the label retries are counted under) and ``pushback`` (whether it tells the adaptive
 concurrency limit that the upstream is overloaded). Every upstream error may carry ``retry_after``.
+
+This is the lowest module of the engine: it imports none of the others, and the vocabulary they share
+(:data:`Outcome`, the ways a request can end) lives here with the errors that decide it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-if TYPE_CHECKING:
-    from ._statistics import Outcome
+# How a request ended: each accepted request is counted under exactly one (see EngineStatistics).
+Outcome = Literal[
+    "succeeded", "failed", "timed_out", "abandoned", "cancelled", "shut_down", "rejected", "invalid"
+]
 
 __all__ = [
     "ClusterUnavailableError",
@@ -46,6 +51,7 @@ __all__ = [
     "EngineClosedError",
     "EngineError",
     "InvalidInputError",
+    "Outcome",
     "OverloadedError",
     "ProgramError",
     "RateLimitWaitError",

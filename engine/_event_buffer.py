@@ -24,9 +24,9 @@ from collections import deque
 import attrs
 import trio
 
-from ._config import Backpressure
 from ._errors import SlowConsumerError
 from ._stream_events import FieldDelta, StreamEvent
+from ._stream_options import Backpressure
 
 
 class EventBuffer:

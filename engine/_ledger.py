@@ -17,11 +17,10 @@ from contextlib import contextmanager
 
 import trio
 
-from ._errors import EngineError
+from ._errors import EngineError, Outcome
 from ._metrics import EngineMetrics
 from ._owners import OwnerCheck, anyone
 from ._request import Request
-from ._statistics import Outcome
 from ._telemetry import log_request, request_log, span
 
 

@@ -71,7 +71,10 @@ class Limits(Protocol):
 
     def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota: ...
 
-    def cooldown(self, upstream: str) -> CoolDown: ...
+    def cooldown(self, upstream: str, *, max_wait: float = math.inf) -> CoolDown:
+        """The cool-down of ``upstream``. ``max_wait``: the longest pause that one heard from elsewhere
+        (another process of a cluster) may impose, as one's own ``Retry-After`` is capped."""
+        ...
 
 
 class LocalCoolDown:
@@ -94,5 +97,5 @@ class LocalLimits:
     def quota(self, upstream: str, rpm: float | None, tpm: float | None) -> Quota:
         return LocalQuota(upstream, rpm, tpm)
 
-    def cooldown(self, upstream: str) -> CoolDown:
+    def cooldown(self, upstream: str, *, max_wait: float = math.inf) -> CoolDown:
         return LocalCoolDown()

@@ -18,9 +18,9 @@ from typing import Any
 import attrs
 import pydantic
 
-from ._config import AdapterName, ProgramSpec
 from ._dspy import ChainOfThought, History, Module, Predict, Signature, ensure_signature, load_program
 from ._errors import ConfigError, InvalidInputError, UnknownProgramError
+from ._program_spec import AdapterName, ProgramSpec
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 

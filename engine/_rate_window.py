@@ -44,14 +44,17 @@ def merge_gap(rpm: float) -> float:
 class Entry:
     """Grants at one instant: ``requests`` and ``tokens`` counted in every window containing ``at``."""
 
-    __slots__ = ("alive", "at", "requests", "tag", "tokens")
+    __slots__ = ("alive", "at", "mergeable", "requests", "tag", "tokens")
 
-    def __init__(self, at: float, requests: float, tokens: float, tag: str) -> None:
+    def __init__(
+        self, at: float, requests: float, tokens: float, tag: str, *, mergeable: bool = True
+    ) -> None:
         self.at = at
         self.requests = requests
         self.tokens = tokens
         self.tag = tag  # who knows of it (engine.cluster: the shared log it was recorded in)
         self.alive = True  # still in the log (not expired)
+        self.mergeable = mergeable  # later grants may be merged into it (not into an inserted entry)
 
     def __repr__(self) -> str:
         return f"<Entry at {self.at:.3f}: {self.requests:g} requests, {self.tokens:g} tokens>"
@@ -113,7 +116,7 @@ class WindowLog:
         entries = self._entries
         if entries and at < entries[-1].at:
             return self.insert(at, requests, tokens, tag)
-        if entries and (latest := entries[-1]).tag == tag and at - latest.at < self.gap:
+        if entries and (latest := entries[-1]).mergeable and latest.tag == tag and at - latest.at < self.gap:
             latest.at = at
             latest.requests += requests
             latest.tokens += tokens
@@ -126,8 +129,8 @@ class WindowLog:
         return entry
 
     def insert(self, at: float, requests: float, tokens: float, tag: str) -> Entry:
-        """Record an entry at ``at``, wherever it falls in time (never merged)."""
-        entry = Entry(at, requests, tokens, tag)
+        """Record an entry at ``at``, wherever it falls in time (never merged, nor merged into)."""
+        entry = Entry(at, requests, tokens, tag, mergeable=False)
         entries = self._entries
         position = len(entries)
         while position > 0 and entries[position - 1].at > at:
@@ -137,16 +140,20 @@ class WindowLog:
         self.tokens += tokens
         return entry
 
-    def correct(self, entry: Entry, requests: float, tokens: float) -> None:
-        """Change an entry's charge by ``requests`` / ``tokens`` (never below zero); nothing once it
-        has left the window."""
+    def correct(self, entry: Entry, requests: float, tokens: float, now: float) -> None:
+        """Change an entry's charge by ``requests`` / ``tokens`` (never below zero). Once the entry has
+        left the window, nothing can be taken back, and tokens added are charged at ``now``: a call
+        that outlived its grant's minute used them within the last one (the shared log does the same)."""
+        if not entry.alive or entry.at + WINDOW <= now:
+            if tokens > 0:
+                self.insert(now, 0.0, tokens, entry.tag)
+            return
         requests = max(requests, -entry.requests)
         tokens = max(tokens, -entry.tokens)
         entry.requests += requests
         entry.tokens += tokens
-        if entry.alive:
-            self.requests += requests
-            self.tokens += tokens
+        self.requests += requests
+        self.tokens += tokens
 
 
 def refuse(name: str, wait: float) -> RateLimitWaitError:
@@ -175,14 +182,14 @@ class LocalGrant:
             return
         self._settled = True
         if tokens is not None:
-            self._log.correct(self._entry, 0.0, tokens - self._estimate)
+            self._log.correct(self._entry, 0.0, tokens - self._estimate, trio.current_time())
 
     def refund(self) -> None:
         """The call was never sent: its request and tokens go back."""
         if self._settled:
             return
         self._settled = True
-        self._log.correct(self._entry, -1.0, -self._estimate)
+        self._log.correct(self._entry, -1.0, -self._estimate, trio.current_time())
 
 
 class LocalQuota:

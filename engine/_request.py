@@ -28,10 +28,9 @@ from typing import Any
 import attrs
 import trio
 
-from ._errors import DeadlineExceededError, EngineClosedError, EngineError, RequestAbandonedError
+from ._errors import DeadlineExceededError, EngineClosedError, EngineError, Outcome, RequestAbandonedError
 from ._programs import Program
 from ._result import PredictionResult, Timings
-from ._statistics import Outcome
 from ._trace import RequestTrace
 
 

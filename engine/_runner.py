@@ -16,9 +16,9 @@ from typing import Any, NoReturn
 import trio
 
 from . import _groups
-from ._config import AdapterName
 from ._dspy import AdapterParseError, parse_failure_message, program_context
 from ._errors import EngineError, ProgramError
+from ._program_spec import AdapterName
 from ._programs import Program
 from ._request import Request
 from ._result import PredictionResult, Timings, Usage

@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import attrs
 
 from ._admission import AdmissionStatistics
+from ._errors import Outcome
 from ._upstream import UpstreamStatistics
-
-Outcome = Literal[
-    "succeeded", "failed", "timed_out", "abandoned", "cancelled", "shut_down", "rejected", "invalid"
-]
-OUTCOMES: tuple[Outcome, ...] = (
-    "succeeded",
-    "failed",
-    "timed_out",
-    "abandoned",
-    "cancelled",
-    "shut_down",
-    "rejected",
-    "invalid",
-)
 
 
 @attrs.frozen

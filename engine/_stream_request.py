@@ -23,13 +23,13 @@ import trio
 
 from . import _groups
 from ._admission import Admission
-from ._config import StreamOptions
 from ._errors import EngineError
 from ._event_buffer import EventBuffer
 from ._ledger import Ledger
 from ._request import Request
 from ._runner import ProgramRunner
 from ._stream_events import ErrorEvent, FinalEvent, StatusEvent
+from ._stream_options import StreamOptions
 from ._streaming import DeltaRouter, EventStream
 
 

@@ -82,21 +82,38 @@ class UpstreamStatistics:
 
 class _WatchedSink:
     """A chunk sink that moves a watchdog's deadline: the first-token timeout until the first chunk,
-    then the stall timeout after each one. The wait inside ``send`` (a slow consumer) is not counted."""
+    then the stall timeout after each one. The wait inside ``send`` (a slow consumer) is not counted.
 
-    def __init__(self, sink: DeltaSink, watchdog: trio.CancelScope, stall_timeout: float | None) -> None:
+    Without a ``sink`` (a call sent upstream as a stream that nobody reads chunk by chunk) it watches
+    and forwards nothing: ``heard`` says a chunk arrived, ``delivered`` that a consumer got one (which
+    cannot be taken back by a retry)."""
+
+    def __init__(
+        self, sink: DeltaSink | None, watchdog: trio.CancelScope, stall_timeout: float | None
+    ) -> None:
         self._sink = sink
         self._watchdog = watchdog
         self._stall_timeout = stall_timeout
-        self.delivered = False
+        self.heard = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.heard and self._sink is not None
 
     async def send(self, text: str) -> None:
-        self.delivered = True
+        self.heard = True
         if self._watchdog.deadline != math.inf:  # setting a deadline is not free: only when it changes
             self._watchdog.deadline = math.inf
-        await self._sink.send(text)
+        if self._sink is not None:
+            await self._sink.send(text)
         if self._stall_timeout is not None:
             self._watchdog.deadline = trio.current_time() + self._stall_timeout
+
+
+def _failed_usage(watched: _WatchedSink | None) -> float | None:
+    """The tokens a failed attempt settles its grant with: none, unless its stream had sent tokens
+    (then None: the estimate stands, the engine knowing no better count)."""
+    return None if watched is not None and watched.heard else 0.0
 
 
 class UpstreamGuard:
@@ -126,7 +143,7 @@ class UpstreamGuard:
         self._adaptive = AdaptiveLimit(policy.adaptive) if policy.adaptive else None
         self._budget = RetryBudget(policy.retry)
         self._uniform = jitter or seeded()
-        self._cooldown = limits.cooldown(name)
+        self._cooldown = limits.cooldown(name, max_wait=policy.retry.max_retry_after)
         self._cooldown_waited = 0.0
         self._cooldown_waiters: set[trio.CancelScope] = set()
         self.retries: Counter[str] = Counter()
@@ -182,8 +199,14 @@ class UpstreamGuard:
             for waiting in self._cooldown_waiters:
                 waiting.cancel()
 
-    async def call(self, attempt: Attempt, sink: DeltaSink | None, *, estimate: float) -> Completion:
+    async def call(
+        self, attempt: Attempt, sink: DeltaSink | None, *, estimate: float, streamed: bool = False
+    ) -> Completion:
         """Run ``attempt`` under the policy, retrying as allowed. Blocks for waits and attempts.
+
+        An attempt is watched as a stream (first-token and stall timeouts) when it has a ``sink``, or
+        when it is ``streamed`` upstream without one; the latter is given a sink that forwards nothing,
+        so that the backend reports its progress.
 
         Raises:
             UpstreamError: the last attempt's error, when no retry is allowed (or the wait for one
@@ -195,7 +218,8 @@ class UpstreamGuard:
         retry = 0
         while True:
             watchdog = trio.CancelScope()
-            watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if sink is not None else None
+            streams = sink is not None or streamed
+            watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if streams else None
             try:
                 return await self._attempt(attempt, watched, watchdog, estimate)
             except UpstreamError as error:
@@ -244,7 +268,9 @@ class UpstreamGuard:
         self, attempt: Attempt, watched: _WatchedSink | None, watchdog: trio.CancelScope, estimate: float
     ) -> Completion:
         """One attempt once admitted, under the per-attempt timeout and the stream watchdog. Settles the
-        quota: the real usage on success, no tokens on an upstream error, the estimate otherwise."""
+        quota: the real usage on success; on an upstream error or a timeout, no tokens unless a stream
+        had sent some (the upstream generated and counts them: the estimate stands, as it does for a
+        call cancelled after it was sent)."""
         policy = self.policy
         owner = object()
         call, grant = await self._admitted(owner, estimate)
@@ -267,7 +293,7 @@ class UpstreamGuard:
                     completion = await attempt(watched)
                 except UpstreamError as error:
                     overloaded = error.pushback
-                    used = 0.0  # a failed attempt used nothing
+                    used = _failed_usage(watched)
                     raise
                 latency = trio.current_time() - started
                 used = float(completion.usage.get("total_tokens") or 0) or estimate
@@ -276,7 +302,7 @@ class UpstreamGuard:
                 )
                 return completion
             overloaded = True
-            used = 0.0
+            used = _failed_usage(watched)
             raise UpstreamTimeoutError(self._timeout_message(whole, watched), model=self.name)
         finally:
             if grant is not None:
@@ -287,6 +313,6 @@ class UpstreamGuard:
     def _timeout_message(self, whole: trio.CancelScope, watched: _WatchedSink | None) -> str:
         if whole.cancelled_caught:
             return f"{self.name}: no complete answer within {self.policy.attempt_timeout:g}s"
-        if watched is not None and watched.delivered:
+        if watched is not None and watched.heard:
             return f"{self.name}: the stream stalled for {self.policy.stall_timeout:g}s"
         return f"{self.name}: no first token within {self.policy.first_token_timeout:g}s"

@@ -3,15 +3,17 @@
 Every value checks itself when it is built, so a bad number is refused where it is written (a TOML
 key, an environment variable, a constructor argument) instead of failing later at run time: NaN is
 not a sleep, 0 connections is not a pool, ``inf`` attempts never end. Each failure is a
-:class:`ConfigError` naming the field and the bad value; the loaders in ``_config`` prefix the TOML
-table or the environment variable.
+:class:`ConfigError` naming the field and the bad value (never a secret's value); ``_tables.build``
+prefixes the TOML table or the environment variable.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -77,6 +79,52 @@ non_negative = number(minimum=0)
 positive_int = number(above=0, integer=True)
 non_negative_int = number(minimum=0, integer=True)
 optional_positive = optional(positive)
+
+
+def http_url(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """An http(s) URL a connection can be opened to: a host (an IPv6 address in brackets must be one)
+    and, if given, a port from 1 to 65535. What ``urlsplit`` raises on (an unclosed ``[``) and what it
+    only raises on later (``.port``) are refused here, so a bad URL is a ConfigError, not a traceback at
+    the first call."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a URL, got {value!r}")
+    problem = None
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError: not a number, or out of 0-65535
+        host = parts.hostname
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in value):
+            problem = "not an http:// or https:// URL"
+        elif not host:
+            problem = "no host"
+        elif port == 0:
+            problem = "port 0"
+        elif ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                problem = f"{host!r} in brackets is not an IPv6 address"
+    if problem is not None:
+        raise ConfigError(
+            f"{attribute.name} must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1;"
+            f" got {value!r} ({problem})"
+        )
+
+
+def header_value(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A string that can be sent in an HTTP header as it is (an API key). The value is never shown:
+    only what is wrong with it."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a string")
+    if value != value.strip():
+        raise ConfigError(
+            f"{attribute.name} has leading or trailing whitespace (a newline from a secret file?)"
+        )
+    if not (value.isascii() and value.isprintable()):
+        raise ConfigError(f"{attribute.name} has characters that cannot be sent in an HTTP header")
 
 
 def json_compliant(value: Any, where: str) -> None:

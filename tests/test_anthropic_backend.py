@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from dspy_trio.engine import (
+    AnthropicSettings,
     EngineConfig,
     ErrorEvent,
     FieldDelta,
@@ -64,7 +65,7 @@ async def test_a_message_request_and_its_usage(fake_upstream: FakeUpstream) -> N
 
 
 async def test_streaming_through_the_engine(fake_upstream: FakeUpstream) -> None:
-    lm = LMConfig(provider="anthropic", model="claude-test", api_base=fake_upstream.url, api_key="k")
+    lm = LMConfig(model="claude-test", settings=AnthropicSettings(api_base=fake_upstream.url, api_key="k"))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         async with engine.stream("default", {"question": "q"}) as events:
             received = [event async for event in events]
@@ -104,11 +105,9 @@ async def test_faults_map_to_the_same_typed_errors(
 async def test_retries_and_stream_errors_go_through_the_engines_policies(fake_upstream: FakeUpstream) -> None:
     fake_upstream.add_faults(Fault("overloaded"))
     lm = LMConfig(
-        provider="anthropic",
         model="claude-test",
-        api_base=fake_upstream.url,
-        api_key="k",
         retry=RetryPolicy(base_delay=0.01),
+        settings=AnthropicSettings(api_base=fake_upstream.url, api_key="k"),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})
@@ -137,16 +136,16 @@ def test_anthropic_from_the_environment() -> None:
         {"LM_PROVIDER": "anthropic", "LM_MODEL": "claude-x", "ANTHROPIC_API_KEY": "a"}
     )
     lm = config.lms["default"]
-    assert (lm.provider, lm.model, lm.api_key, lm.api_base) == ("anthropic", "claude-x", "a", None)
+    settings = lm.settings
+    assert isinstance(settings, AnthropicSettings)
+    assert (lm.provider, lm.model, settings.api_key, settings.api_base) == (
+        "anthropic",
+        "claude-x",
+        "a",
+        "https://api.anthropic.com",
+    )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AnthropicLM._raise_stream_error (engine/lm/anthropic.py) maps only overloaded_error and "
-    "api_error to a retryable error: a rate_limit_error event mid-stream becomes upstream_bad_response "
-    "(never retried, no cool-down), where the OpenAI backend maps the same report (code 429) to "
-    "UpstreamRateLimitedError",
-)
 @pytest.mark.parametrize("transport", ["lean", "httpx"])
 async def test_a_rate_limit_reported_mid_stream_is_a_rate_limit_as_on_the_openai_backend(
     transport: str,

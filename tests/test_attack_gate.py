@@ -26,6 +26,7 @@ from dspy_trio.engine import (
     FinalEvent,
     LMConfig,
     ProgramSpec,
+    SimulatedSettings,
     StreamOptions,
     open_engine,
 )
@@ -202,7 +203,7 @@ async def test_two_overlapping_calls_of_one_predictor_each_stream_their_own_numb
     never sees a whole ``[[ ## answer ## ]]`` header and the stream carries no delta at all, though both
     calls streamed their full answers."""
     config = EngineConfig(
-        lms={"default": LMConfig(first_token_delay=0.01, token_delay=0.01)},
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.01, token_delay=0.01))},
         programs={"at_once": ProgramSpec(f"{__name__}:ask_twice_at_once")},
     )
     async with open_engine(config) as engine, engine.stream("at_once", {"question": "q"}) as events:
@@ -247,7 +248,7 @@ async def test_under_drop_a_consumer_that_has_not_read_the_status_event_blocks_t
     program finished long before, with the deltas it could not hold counted as dropped."""
     _finished_at.clear()
     config = EngineConfig(
-        lms={"default": LMConfig(first_token_delay=0.01, token_delay=0.01)},
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.01, token_delay=0.01))},
         programs={"noted": ProgramSpec(f"{__name__}:ask_and_note")},
     )
     options = StreamOptions(backpressure="drop", buffer_size=1)

@@ -21,7 +21,9 @@ from dspy_trio.engine import (
     FieldDelta,
     FinalEvent,
     LMConfig,
+    OpenAISettings,
     ProgramSpec,
+    SimulatedSettings,
     StreamOptions,
     UpstreamTimeoutError,
     open_engine,
@@ -178,7 +180,7 @@ async def test_drop_policy_drops_nothing_for_a_consumer_that_is_waiting_for_ever
 
     options = StreamOptions(backpressure="drop", buffer_size=4)
     async with open_raw_server(burst) as upstream:
-        lm = LMConfig(provider="openai", model="fake-model", api_base=upstream.url, api_key="k")
+        lm = LMConfig(model="fake-model", settings=OpenAISettings(api_base=upstream.url, api_key="k"))
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:
             with trio.fail_after(30):
                 async with engine.stream("default", {"question": "q"}, options=options) as events:
@@ -212,7 +214,7 @@ async def test_deltas_of_a_predictor_called_twice_rebuild_its_final_output(autoj
     answers glued together (``...everycleanly...``), not the final answer. (Also so before the
     merge of ``stream``: the scanner is per predictor, not per LM call.)"""
     config = EngineConfig(
-        lms={"default": LMConfig(first_token_delay=0, token_delay=0)},
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))},
         programs={"twice": ProgramSpec(f"{__name__}:ask_twice")},
     )
     async with (

@@ -12,18 +12,18 @@ import trio
 
 from dspy_trio.engine import EngineConfig, LMConfig, open_engine
 from dspy_trio.engine.lm import OpenAICompatibleLM
+from dspy_trio.engine.testing import MockBackend, MockRequest, Reply, http_response
 
 
-def _scripted_upstream(content: str) -> tuple[list[dict[str, Any]], httpx.MockTransport]:
+def _scripted_upstream(content: str) -> tuple[list[dict[str, Any]], MockBackend]:
     bodies: list[dict[str, Any]] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        await trio.lowlevel.checkpoint()
+    def handler(request: MockRequest) -> Reply:
+        bodies.append(request.json())
         answer = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-        return httpx.Response(200, json={"choices": [answer]})
+        return [http_response(200, json={"choices": [answer]})]
 
-    return bodies, httpx.MockTransport(handler)
+    return bodies, MockBackend(handler)
 
 
 async def test_the_engine_json_adapter_still_asks_an_openai_server_for_json(autojump_clock: Any) -> None:
@@ -31,8 +31,8 @@ async def test_the_engine_json_adapter_still_asks_an_openai_server_for_json(auto
     JSONAdapter asks the server for JSON (tests/test_http_transport.py pins it). Through the engine,
     DSPy sees the GuardedLM wrapper, which does not forward ``supported_params`` (BaseLM's: empty
     set): the engine with ``adapter="json"`` silently stops sending ``response_format``."""
-    bodies, transport = _scripted_upstream('{"answer": "ok"}')
-    lm = OpenAICompatibleLM("openai/m", api_base="http://upstream.test/v1", transport=transport)
+    bodies, network = _scripted_upstream('{"answer": "ok"}')
+    lm = OpenAICompatibleLM("openai/m", api_base="http://upstream.test/v1", network=network)
     config = EngineConfig(lms={"default": LMConfig()}, adapter="json")
     async with open_engine(config, lms={"default": lm}) as engine:
         assert engine.lms["default"].supported_params == lm.supported_params
@@ -137,15 +137,11 @@ async def test_stream_upstream_with_two_choices_does_not_accept_a_stream_cut_mid
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
     )  # the connection ends here: choice 1 never finished, no usage chunk, no [DONE]
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        await trio.lowlevel.checkpoint()
-        return httpx.Response(200, content=body, headers={"Content-Type": "text/event-stream"})
+    def handler(request: MockRequest) -> Reply:
+        return [http_response(200, body, headers={"Content-Type": "text/event-stream"})]
 
     lm = OpenAICompatibleLM(
-        "openai/m",
-        api_base="http://upstream.test/v1",
-        transport=httpx.MockTransport(handler),
-        stream_upstream=True,
+        "openai/m", api_base="http://upstream.test/v1", network=MockBackend(handler), stream_upstream=True
     )
     outcome: Any
     try:
@@ -175,17 +171,13 @@ async def test_stream_upstream_retries_an_overload_the_server_reports_in_the_str
         "[DONE]",
     )
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: MockRequest) -> Reply:
         calls.append(1)
-        await trio.lowlevel.checkpoint()
         content = overloaded if len(calls) == 1 else answer
-        return httpx.Response(200, content=content, headers={"Content-Type": "text/event-stream"})
+        return [http_response(200, content, headers={"Content-Type": "text/event-stream"})]
 
     lm = OpenAICompatibleLM(
-        "openai/m",
-        api_base="http://upstream.test/v1",
-        transport=httpx.MockTransport(handler),
-        stream_upstream=True,
+        "openai/m", api_base="http://upstream.test/v1", network=MockBackend(handler), stream_upstream=True
     )
     config = EngineConfig(lms={"default": LMConfig(retry=RetryPolicy(base_delay=0.0))})
     async with open_engine(config, lms={"default": lm}) as engine:

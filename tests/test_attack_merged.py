@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from dspy_trio.engine import EngineConfig, UpstreamError, UpstreamResponseError, open_engine
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.lm._transport import LeanClient, Timeouts
 
 from .helpers import CountingLM, wait_until

@@ -16,22 +16,26 @@ import trio
 
 from dspy_trio.engine import (
     ConfigError,
+    DSPySettings,
     EngineConfig,
     LMConfig,
+    OpenAISettings,
     OverloadedError,
+    ProgramSpec,
     RateLimitWaitError,
+    SimulatedSettings,
     UnknownProgramError,
     UpstreamRateLimitedError,
     UpstreamServerError,
     open_engine,
 )
 from dspy_trio.engine._adaptive import AdaptiveSettings
-from dspy_trio.engine._config import ProgramSpec
 from dspy_trio.engine._retry import RetryPolicy
 from dspy_trio.engine._upstream import UpstreamGuard
-from dspy_trio.engine.lm import AnthropicLM, GuardedLM, SimulatedLM
+from dspy_trio.engine.lm import GuardedLM, SimulatedLM
 from dspy_trio.engine.lm._http_errors import parse_retry_after
-from tests.mock_transport import COMPLETION, Scripted, guarded, openai_lm
+from dspy_trio.engine.testing import http_response
+from tests.scripted_upstream import Scripted, anthropic_lm, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
 OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http://upstream.test/v1"}
@@ -60,8 +64,8 @@ OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http:
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
 )
 def test_nested_tables_refuse_values_that_cannot_work(table: str, values: dict[str, Any]) -> None:
-    """engine/_config.py _check_numbers only refuses negative numbers: NaN, 0, wrong types and
-    inconsistent bounds pass, and fail later at run time (or never: a busy loop)."""
+    """Each nested table refuses what cannot work, not only negative numbers: NaN, 0, wrong types and
+    inconsistent bounds would fail later at run time (or never: a busy loop)."""
     with pytest.raises(ConfigError):
         LMConfig.from_mapping({**OPENAI, table: values}, where="lms.x")
 
@@ -100,7 +104,9 @@ async def test_an_open_engine_with_reserved_params_fails_with_a_config_error() -
     where the raw TypeError used to escape); either way the caller sees a ConfigError."""
 
     async def open_it() -> None:
-        config = EngineConfig(lms={"default": LMConfig(**OPENAI, params={"model": "other"})})
+        config = EngineConfig(
+            lms={"default": LMConfig.from_mapping({**OPENAI, "params": {"model": "other"}})}
+        )
         async with open_engine(config):
             pass
 
@@ -139,15 +145,15 @@ async def test_a_nan_reaper_interval_does_not_crash_an_open_engine(autojump_cloc
     ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()),
 )
 def test_bad_lm_environment_values_are_config_errors(env: dict[str, str]) -> None:
-    """engine/_config.py _default_lm_from_env: LM_TIMEOUT goes through _check_numbers (negative only),
-    LM_MAX_TOKENS and LM_PARAMS are not checked at all."""
+    """The default LM's variables (engine/_env.py default_lm_from_env) are checked like the file's keys:
+    LM_TIMEOUT beyond its sign, LM_MAX_TOKENS and LM_PARAMS at all."""
     with pytest.raises(ConfigError):
         EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1", "LM_MODEL": "m", **env})
 
 
 async def test_a_nan_parameter_is_an_engine_error_not_a_raw_value_error(autojump_clock: Any) -> None:
-    """When such a value does reach a call, httpx's JSON encoder raises ValueError ("Out of range float
-    values are not JSON compliant"), which no edge translates (lm/_http_pool.py post_json)."""
+    """When such a value does reach a call, the JSON encoder raises ValueError ("Out of range float
+    values are not JSON compliant"), which no edge translated (the transports' post_json)."""
     from dspy_trio.engine import EngineError
 
     lm = openai_lm(Scripted(), temperature=math.nan)
@@ -164,7 +170,7 @@ def test_lm_api_key_overrides_a_files_api_key_env_that_is_unset(tmp_path: Any) -
         'api_key_env = "ATTACK1_SURELY_UNSET_KEY"\n'
     )
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_KEY": "sk-from-env"})
-    assert config.lms["default"].api_key == "sk-from-env"
+    assert config.lms["default"].settings.api_key == "sk-from-env"
 
 
 def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_path: Any) -> None:
@@ -176,14 +182,14 @@ def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_pa
     path.write_text('[lms.default]\nprovider = "anthropic"\nmodel = "claude-x"\napi_key = "sk-ant"\n')
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_BASE": "http://proxy.test"})
     assert config.lms["default"].provider == "anthropic"
-    assert config.lms["default"].api_base == "http://proxy.test"
+    assert config.lms["default"].settings.api_base == "http://proxy.test"
 
 
 def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere(tmp_path: Any) -> None:
     """File: an OpenAI LM with its key and api_base. Env: LM_PROVIDER=anthropic, LM_MODEL=claude.
     The new Anthropic LM inherits api_base https://api.openai.com/v1 and the OpenAI key (unless
     ANTHROPIC_API_KEY happens to be set): the OpenAI secret goes to whatever the inherited base is,
-    as x-api-key (_config.py _default_lm_from_env: ``{**_shallow(base), **top}``)."""
+    as x-api-key, unless switching the provider drops the keys of the old one (engine/_env.py)."""
     path = tmp_path / "c.toml"
     path.write_text(
         '[lms.default]\nprovider = "openai"\nmodel = "gpt"\napi_base = "https://api.openai.com/v1"\n'
@@ -193,8 +199,8 @@ def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere
         {"DSPY_TRIO_CONFIG": str(path), "LM_PROVIDER": "anthropic", "LM_MODEL": "claude"}
     ).lms["default"]
     assert lm.provider == "anthropic"
-    assert lm.api_key != "sk-openai-secret"
-    assert lm.api_base != "https://api.openai.com/v1"
+    assert getattr(lm.settings, "api_key", None) != "sk-openai-secret"
+    assert getattr(lm.settings, "api_base", None) != "https://api.openai.com/v1"
 
 
 @pytest.mark.parametrize("key", ["sk-abc\n", "sk-\u00e9t\u00e9"], ids=["trailing-newline", "non-ascii"])
@@ -211,7 +217,7 @@ def test_threads_must_be_an_integer() -> None:
     """``threads = 1.5`` passes _positive; anyio.CapacityLimiter then raises a raw TypeError in
     build_lm (ThreadedLM.__init__)."""
     with pytest.raises(ConfigError):
-        LMConfig(provider="dspy", model="openai/m", api_base="http://upstream.test/v1", threads=1.5)  # type: ignore[arg-type]
+        LMConfig(model="openai/m", settings=DSPySettings(api_base="http://upstream.test/v1", threads=1.5))  # type: ignore[arg-type]
 
 
 def test_the_dspy_provider_keeps_a_503s_retry_after() -> None:
@@ -233,14 +239,14 @@ def test_an_api_base_that_is_not_an_http_url_is_a_config_error(api_base: str) ->
     with httpx.UnsupportedProtocol, which transport_errors maps to a retryable
     UpstreamConnectionError: 3 attempts per call (probe: retries_by_cause={'connection': 2})."""
     with pytest.raises(ConfigError):
-        LMConfig(provider="openai", model="m", api_base=api_base)
+        LMConfig(model="m", settings=OpenAISettings(api_base=api_base))
 
 
 def test_a_file_with_only_named_lms_and_programs_loads() -> None:
     """[lms.fast] + [programs.qa] lm = "fast" (no LM called "default"): from_mapping merges in the
     implicit default program, whose LM is "default", and fails with "program 'default' uses LM
-    'default', which is not configured" - about a program the user never wrote (_config.py
-    EngineConfig.from_mapping: ``{**_default_programs(), **programs}``)."""
+    'default', which is not configured" - about a program the user never wrote, unless the implicit
+    default program is added only when its LM exists (engine/_engine_config.py)."""
     config = EngineConfig.from_mapping(
         {
             "lms": {"fast": {"provider": "simulated"}},
@@ -284,7 +290,7 @@ async def test_an_infinite_retry_after_does_not_hang_a_call_without_deadline(aut
     """A 503 with ``Retry-After: inf`` to a call with no deadline: the backoff is max(jitter, inf) = inf,
     the "past the deadline" check is inf > inf = False, and the call sleeps forever (_upstream.py
     call -> trio.sleep(wait))."""
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "inf"}, json={}))
+    script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
     lm = guarded(openai_lm(script))
     answers: list[Any] = []
 
@@ -302,7 +308,7 @@ async def test_an_infinite_retry_after_does_not_block_the_upstream_forever(autoj
     """The same header sets the shared cool-down to +inf (_upstream.py: ``_cooldown_until = max(...,
     now + inf)``): a day later every call with a deadline is still refused with RateLimitWaitError,
     and nothing is ever sent to the upstream again."""
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "inf"}, json={}))
+    script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
     lm = guarded(openai_lm(script), attempts=1)
     with trio.move_on_after(10), pytest.raises(UpstreamServerError):
         await lm.acall(messages=MESSAGES)
@@ -318,7 +324,7 @@ async def test_an_overloaded_529_pushes_the_adaptive_limit_down(autojump_clock: 
     """Anthropic's 529 is "overloaded_error" and a 503 says the same, but UpstreamServerError has
     pushback = False (engine/_errors.py), so the adaptive limit never hears of it; only 429 and
     timeouts lower it."""
-    script = Scripted(httpx.Response(529, json={"error": {"message": "Overloaded"}}))
+    script = Scripted(http_response(529, json={"error": {"message": "Overloaded"}}))
     lm = guarded(openai_lm(script), attempts=1, adaptive=AdaptiveSettings(initial=16))
     with pytest.raises(UpstreamServerError):
         await lm.acall(messages=MESSAGES)
@@ -378,14 +384,13 @@ async def test_an_anthropic_stream_without_usage_reports_estimated_usage(autojum
     ]
     body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
-
     class Sink:
         async def send(self, text: str) -> None:
             pass
 
-    lm = AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
+    lm = anthropic_lm(
+        lambda request: [http_response(200, body, headers={"content-type": "text/event-stream"})]
+    )
     completion = await lm.complete(MESSAGES, {}, Sink())
     assert completion.texts == ["a fairly long answer"]
     assert completion.usage.get("estimated") is True
@@ -398,7 +403,7 @@ class RecordingGuard:
     def __init__(self) -> None:
         self.estimates: list[float] = []
 
-    async def call(self, attempt: Any, sink: Any, *, estimate: float) -> Any:
+    async def call(self, attempt: Any, sink: Any, *, estimate: float, streamed: bool = False) -> Any:
         self.estimates.append(estimate)
         return await attempt(sink)
 
@@ -407,16 +412,11 @@ async def test_the_tpm_estimate_counts_the_output_cap_actually_sent(autojump_clo
     """The Anthropic backend always sends max_tokens = 1024, but it is not in the LM's kwargs, so
     estimate_tokens (lm/_base.py) charges the TPM bucket prompt + 512: half the cap that was sent
     (the OpenAI backend, which setdefaults max_tokens, is charged 1024)."""
-    bodies: list[dict[str, Any]] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        return httpx.Response(200, json={"content": [{"type": "text", "text": "ok"}], "usage": {}})
-
-    lm = AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
+    script = Scripted(success={"content": [{"type": "text", "text": "ok"}], "usage": {}})
+    lm = anthropic_lm(script)
     guard = RecordingGuard()
     await GuardedLM(lm, guard).acall(messages=[{"role": "user", "content": "hi"}])
-    assert bodies[0]["max_tokens"] == 1024
+    assert script.bodies[0]["max_tokens"] == 1024
     assert guard.estimates[0] >= 1024
 
 
@@ -478,19 +478,12 @@ async def test_a_longer_retry_after_arriving_during_a_cool_down_is_honoured(auto
     for the cool-down. At t=1, B's 429 says Retry-After 30. C still sends at t=5: _upstream.py
     _wait_cooldown sleeps until the deadline it read once and does not look again (a storm at t=5
     against an upstream that asked for 30 s)."""
-    sent: list[float] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(trio.current_time())
-        if len(sent) == 1:
-            await trio.lowlevel.checkpoint()
-            return httpx.Response(429, headers={"Retry-After": "5"}, json={})
-        if len(sent) == 2:
-            await trio.sleep(1)
-            return httpx.Response(429, headers={"Retry-After": "30"}, json={})
-        return httpx.Response(200, json=COMPLETION)
-
-    lm = guarded(openai_lm(handler), attempts=1)
+    script = Scripted(
+        http_response(429, headers={"Retry-After": "5"}, json={}),
+        [1.0, http_response(429, headers={"Retry-After": "30"}, json={})],  # B's answer comes at t=1
+    )
+    sent = script.times
+    lm = guarded(openai_lm(script), attempts=1)
 
     async def call_failing() -> None:
         with pytest.raises(Exception, match="429"):
@@ -535,7 +528,9 @@ async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error
     from tests.helpers import FailingLM
     from tests.web_helpers import running, settings
 
-    lm_config = LMConfig(first_token_delay=0.0, token_delay=0.0, retry=RetryPolicy(max_attempts=1))
+    lm_config = LMConfig(
+        retry=RetryPolicy(max_attempts=1), settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0)
+    )
     service = settings(engine=EngineConfig(lms={"default": lm_config}))
     failing = FailingLM(UpstreamRateLimitedError("429", model="m", retry_after=math.inf))
     stream_text: list[str] = []

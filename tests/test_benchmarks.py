@@ -67,9 +67,9 @@ async def test_a_baseline_tree_runs_its_own_engine() -> None:
     """``--baseline REF`` measures REF's engine: the exported tree's workers import ``dspy_trio.engine`` from
     that tree, not the installed one. (A tree whose engine lives in ``engine/`` has no ``dspy_trio``
     folder: its workers silently ran the installed engine, and "before" equalled "after".)"""
-    from benchmarks.hostile_upstream import _export
+    from benchmarks._baseline import export_tree
 
-    tree, commit = await trio.to_thread.run_sync(_export, "HEAD")
+    tree, commit = await trio.to_thread.run_sync(export_tree, "HEAD")
     try:
         assert commit
         done = await trio.run_process(
@@ -79,5 +79,50 @@ async def test_a_baseline_tree_runs_its_own_engine() -> None:
             capture_stdout=True,
         )
         assert done.stdout.decode().strip().startswith(str(tree))
+    finally:
+        shutil.rmtree(tree)
+
+
+def _before_the_provider_settings() -> str | None:
+    """A commit whose ``LMConfig`` still took the provider's keys (``provider=``, ``api_base=``): the
+    parent of the one that added ``engine/_lm_config.py`` (None in a shallow clone without it)."""
+    added = subprocess.run(
+        ["git", "rev-list", "-1", "HEAD", "--", "engine/_lm_config.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if not added:
+        return None
+    parent = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{added}^"], cwd=ROOT, capture_output=True, text=True
+    )
+    return parent.stdout.strip() or None
+
+
+async def test_a_baseline_from_before_the_provider_settings_runs_this_trees_workers() -> None:
+    """A baseline's workers are this tree's code on the other tree's engine, so they configure the engine
+    in the form both take (``LMConfig.from_mapping``'s flat table). A worker that built
+    ``LMConfig(settings=SimulatedSettings(...))`` crashed on every baseline from before the settings types
+    (ImportError), and ``hotpath``'s workers reach ``benchmarks._measure``, which such a tree lacks unless
+    the export brings this tree's benchmarks."""
+    from benchmarks._baseline import export_tree
+    from benchmarks._measure import run_worker
+
+    ref = _before_the_provider_settings()
+    if ref is None:
+        pytest.skip("no commit from before the provider settings in this clone")
+    tree, _ = await trio.to_thread.run_sync(export_tree, ref)
+    try:
+        result = await trio.to_thread.run_sync(
+            lambda: run_worker(
+                "benchmarks.hotpath_stream",
+                ["--worker", "throughput:simulated", "--url", "unused", "--tokens", "50"],
+                tree=tree,
+            )
+        )
+        assert result["tokens"] > 0
+        assert result["engine"].startswith(str(tree))
     finally:
         shutil.rmtree(tree)

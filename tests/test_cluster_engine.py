@@ -26,9 +26,10 @@ from dspy_trio.engine import (
     LMConfig,
     RateLimit,
     RequestCancelledError,
+    SimulatedSettings,
     open_engine,
 )
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine._owners import OwnerCheck
 from dspy_trio.engine.cluster import open_cluster
 from dspy_trio.engine.cluster._cancel import LocalCancel
@@ -38,7 +39,9 @@ from tests.redis_server import REDIS, RedisServer, eventually, free_port, prefix
 
 __all__ = ["redis_server"]  # fixture
 
-SLOW = LMConfig(first_token_delay=0.05, token_delay=0.2, words_per_field=50)  # ~10 s: cancelled long before
+SLOW = LMConfig(
+    settings=SimulatedSettings(first_token_delay=0.05, token_delay=0.2, words_per_field=50)
+)  # ~10 s: cancelled long before
 
 
 def config(server: RedisServer, key_prefix: str) -> EngineConfig:
@@ -361,13 +364,6 @@ async def test_a_rediss_url_talks_tls_to_redis(tmp_path: Path) -> None:
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processes whose [cluster] secret differs (one unset, or two different values) digest the same "
-    "owner differently (engine/cluster/_cancel.py OwnerDigest), and a process that cannot match the "
-    "digest answers found=False: the canceller reads 'not found' while the request runs on, and nothing "
-    "in either process says the secrets differ",
-)
 @pytest.mark.parametrize(
     "secrets", [(None, "0123456789abcdef-one"), ("0123456789abcdef-one", "another-0123456789")]
 )

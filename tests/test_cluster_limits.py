@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dspy_trio.engine import RateLimitWaitError
-from dspy_trio.engine._config import ClusterConfig
+from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine._rate_window import Entry, LocalQuota, WindowLog, merge_gap
 from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
 from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
@@ -157,7 +157,7 @@ class Model:
     def call(self, process: int, now: float) -> None:
         self.log.expire(now)
         for entry, requests, tokens in self.queued[process]:
-            self.log.correct(entry, requests, tokens)
+            self.log.correct(entry, requests, tokens, now)
         self.queued[process] = []
 
     def take(self, process: int, now: float, tokens: float, max_wait: float) -> tuple[float, Entry | None]:
@@ -177,7 +177,9 @@ operations = st.lists(
             st.integers(0, 400),
             st.sampled_from([0.0, 1.0, 30.0, 1e9]),
         ),
-        st.tuples(st.just("settle"), st.integers(0, 40), st.sampled_from(["refund", "all", "some", "none"])),
+        st.tuples(
+            st.just("settle"), st.integers(0, 40), st.sampled_from(["refund", "all", "some", "none", "more"])
+        ),
     ),
     max_size=40,
 )
@@ -236,8 +238,9 @@ def test_the_shared_log_grants_exactly_what_the_local_window_grants(
     pair: Pair, rpm: int | None, tpm: int | None, ops: list[tuple[Any, ...]]
 ) -> None:
     """Two processes' calls of the script, interleaved, against the local window: the same grants at
-    the same instants, the same refusals, the same totals; and every 60 seconds of the grants keep the
-    quota (with what each call was finally charged)."""
+    the same instants, the same refusals, the same totals; and, unless a call used more tokens than it
+    was granted (which no limiter can foresee), every 60 seconds of the grants keep the quota (with
+    what each call was finally charged)."""
     if rpm is None and tpm is None:
         rpm = 3
     clock = pair.clock
@@ -249,6 +252,7 @@ def test_the_shared_log_grants_exactly_what_the_local_window_grants(
         model = Model(float(rpm or 0), float(tpm or 0))
         grants: list[tuple[int, int, float, Entry]] = []  # process, seq, estimate, model entry
         settled: set[int] = set()
+        overspent = False
         for op in ops:
             if op[0] == "advance":
                 clock[0] += op[1]
@@ -270,14 +274,17 @@ def test_the_shared_log_grants_exactly_what_the_local_window_grants(
                     "all": (0.0, estimate),
                     "some": (0.0, estimate // 2),
                     "none": (0.0, 0.0),
+                    "more": (0.0, 2 * estimate),  # used more than estimated: charged now if its grant left
                 }[op[2]]
+                overspent = overspent or used > estimate
                 quotas[process]._corrections.append((seq, requests, used - estimate))
                 model.queued[process].append((entry, requests, used - estimate))
         for process in (0, 1):
             model.call(process, clock[0])
             usage = await quotas[process].usage()
         assert usage == (model.log.requests, model.log.tokens)
-        _assert_within([(e.at, e.requests, e.tokens) for e in model.log], rpm, tpm)
+        if not overspent:
+            _assert_within([(e.at, e.requests, e.tokens) for e in model.log], rpm, tpm)
 
     pair.run(main)
 
@@ -408,12 +415,6 @@ async def test_a_wait_the_redis_round_trip_would_push_past_the_deadline_is_refus
 # --- attacks on the shared window (the upstream attack round; each fix flips its test) ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reservation the script made is lost when the caller is cancelled before the reply comes "
-    "back (engine/cluster/_quota.py _run: on BaseException only the queued corrections are kept; the "
-    "new grant's seq is unknown, so nothing can refund it): the shared log keeps a request never sent",
-)
 async def test_a_cancel_while_the_reply_is_in_flight_leaves_nothing_reserved(
     redis_server: RedisServer,
 ) -> None:
@@ -443,12 +444,6 @@ async def test_a_cancel_while_the_reply_is_in_flight_leaves_nothing_reserved(
             assert await quota_b.usage() == (0.0, 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a correction for a grant that has left the window is dropped by the local window "
-    "(engine/_rate_window.py WindowLog.correct: nothing once not alive) but charged at 'now' by the "
-    "script (engine/cluster/_quota_script.py: `if not found and dw > 0 then insert(now, 0, dw)`)",
-)
 async def test_a_correction_after_the_grant_left_the_window_counts_the_same_locally_and_shared(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -476,8 +471,12 @@ async def test_a_correction_after_the_grant_left_the_window_counts_the_same_loca
 @pytest.mark.xfail(
     strict=True,
     reason="'now' of the shared log is each caller's own clock (engine/cluster/_quota.py _run sends "
-    "link.clock(), wall time): a process whose clock is behind records its grants in the past, they "
-    "leave the window early, and the others grant more than rpm within 60 s of real time",
+    "link.clock(), wall time; heartbeats score by it too, engine/cluster/_heartbeat.py beat): a process "
+    "whose clock is behind records its grants in the past, they leave the window early, and the others "
+    "grant more than rpm within 60 s of real time. The fix is a design change, not made here: Redis's "
+    "TIME as the one clock (read in the script and by the heartbeat, clients sending only ages and "
+    "durations); then a test injects the shared clock once and models skew as a process's own wall "
+    "clock, which this test, injecting two shared clocks, cannot express",
 )
 async def test_processes_whose_clocks_disagree_still_keep_the_quota(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
@@ -507,12 +506,6 @@ async def test_processes_whose_clocks_disagree_still_keep_the_quota(
     _assert_within([(at, 1.0, 0.0) for at in sent], 2, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cool-down heard from another process is applied as it comes (engine/cluster/_cooldown.py "
-    "SharedCoolDown.heard, engine/cluster/_cluster.py _dispatch): not capped by this process's "
-    "max_retry_after, not checked to be finite, and shifted by the sender's clock error",
-)
 @pytest.mark.parametrize("sender", ["clock-an-hour-ahead", "infinity"])
 async def test_a_cool_down_heard_from_another_process_is_bounded_like_ones_own(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock, sender: str
@@ -537,3 +530,5 @@ async def test_a_cool_down_heard_from_another_process_is_bounded_like_ones_own(
             b.cooldown("up").extend_to(trio.current_time() + 5.0)
         await eventually(lambda: guard_a.statistics().cooldown_remaining > 0)
         assert guard_a.statistics().cooldown_remaining <= guard_a.policy.retry.max_retry_after
+        if sender == "clock-an-hour-ahead":  # a pause is sent as its length: the sender's clock is moot
+            assert guard_a.statistics().cooldown_remaining == 5.0

@@ -6,7 +6,9 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
+import attrs
 import pytest
 
 from dspy_trio.engine import (
@@ -15,8 +17,10 @@ from dspy_trio.engine import (
     ConfigError,
     EngineConfig,
     LMConfig,
+    OpenAISettings,
     RateLimit,
     RetryPolicy,
+    SimulatedSettings,
 )
 from dspy_trio.engine.lm import HTTPSettings
 
@@ -37,7 +41,13 @@ def test_env_selects_an_openai_compatible_lm() -> None:
         }
     )
     lm = config.lms["default"]
-    assert (lm.provider, lm.model, lm.api_base, lm.api_key, lm.http.read_timeout) == (
+    assert (
+        lm.provider,
+        lm.model,
+        lm.settings.api_base,
+        lm.settings.api_key,
+        lm.settings.http.read_timeout,
+    ) == (
         "openai",
         "llama",
         "http://127.0.0.1:9/v1",
@@ -56,7 +66,7 @@ def test_env_limits_and_dspy_provider() -> None:
             "DSPY_TRIO_MAX_IN_FLIGHT": "7",
         }
     )
-    assert (config.lms["default"].provider, config.lms["default"].api_key, config.max_in_flight) == (
+    assert (config.lms["default"].provider, config.lms["default"].settings.api_key, config.max_in_flight) == (
         "dspy",
         "k",
         7,
@@ -156,11 +166,9 @@ lm = "big"
     config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path)})
     assert (config.max_in_flight, config.max_queued, config.adapter) == (64, 128, "json")
     assert config.lms["big"] == LMConfig(
-        provider="openai",
         model="gpt-4o-mini",
-        api_base="https://api.openai.com/v1",
-        api_key="secret",
         params={"temperature": 0.2},
+        settings=OpenAISettings(api_base="https://api.openai.com/v1", api_key="secret"),
     )
     assert set(config.programs) == {"default", "summarize"}
 
@@ -220,7 +228,7 @@ maximum = 64
 """
     )
     lm = EngineConfig.from_toml(path).lms["default"]
-    assert lm.http == HTTPSettings(
+    assert lm.settings.http == HTTPSettings(
         connect_timeout=2,
         read_timeout=30,
         write_timeout=4,
@@ -241,6 +249,8 @@ maximum = 64
 
 def test_the_old_environment_variables_still_set_the_nested_values() -> None:
     env = {
+        "LM_API_BASE": "http://127.0.0.1:9/v1",
+        "LM_MODEL": "m",
         "LM_TIMEOUT": "7",
         "LM_RPM": "60",
         "LM_TPM": "1000",
@@ -248,7 +258,7 @@ def test_the_old_environment_variables_still_set_the_nested_values() -> None:
         "LM_ATTEMPT_TIMEOUT": "9",
     }
     lm = EngineConfig.from_env(env).lms["default"]
-    assert lm.http.read_timeout == 7
+    assert lm.settings.http.read_timeout == 7
     assert lm.rate_limit == RateLimit(rpm=60, tpm=1000)
     assert lm.retry.max_attempts == 2
     assert lm.timeouts.attempt == 9
@@ -307,14 +317,24 @@ def test_bad_lm_environment_is_a_config_error(env: dict[str, str], message: str)
 
 
 def test_a_new_provider_is_one_registry_entry() -> None:
-    from dspy_trio.engine._lm_factory import PROVIDERS, Provider, build_lm
+    """A provider is a settings type in its own module (here, a subclass of the simulated one's) plus
+    one registry line: then the file, the environment and the engine all know it."""
+    from dspy_trio.engine._providers import PROVIDERS
     from dspy_trio.engine.lm import SimulatedLM
 
-    PROVIDERS["echo"] = Provider(SimulatedLM.from_config)
+    @attrs.frozen
+    class EchoSettings(SimulatedSettings):
+        provider: ClassVar[str] = "echo"
+
+    PROVIDERS[EchoSettings.provider] = EchoSettings
     try:
-        lm = build_lm(LMConfig(provider="echo", model="echo/1"))
+        config = LMConfig.from_mapping({"provider": "echo", "model": "echo/1", "token_delay": 0})
+        assert (config.provider, config.settings) == ("echo", EchoSettings(token_delay=0))
+        lm = config.build_lm()
         assert isinstance(lm, SimulatedLM)
         assert lm.model == "echo/1"
+        from_env = EngineConfig.from_env({"LM_PROVIDER": "echo", "LM_MODEL": "e"}).lms["default"]
+        assert isinstance(from_env.settings, EchoSettings)
     finally:
         del PROVIDERS["echo"]
 

@@ -31,9 +31,19 @@ from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from dspy_trio import engine
-from dspy_trio.engine import EngineConfig, FieldDelta, FinalEvent, LMConfig, ProgramSpec, _dspy, open_engine
+from dspy_trio.engine import (
+    DSPySettings,
+    EngineConfig,
+    FieldDelta,
+    FinalEvent,
+    LMConfig,
+    ProgramSpec,
+    SimulatedSettings,
+    _dspy,
+    open_engine,
+)
 from dspy_trio.engine._errors import UpstreamServerError
-from dspy_trio.engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, ThreadedLM, TrioLM
+from dspy_trio.engine.lm import ChunkSink, OpenAICompatibleLM, SimulatedLM, TrioLM
 from dspy_trio.engine.lm._base import Completion, Message
 from dspy_trio.engine.testing import Behavior, FakeUpstream
 
@@ -333,10 +343,11 @@ async def test_the_engine_predicts_and_streams_fields_with_no_deprecated_dspy_ap
     """Today's path, every provider (the Trio-native backends' ``TrioLM.acall``, and a stock
     ``dspy.LM`` in worker threads): ``dspy_trio.engine.predict`` and a per-field ``dspy_trio.engine.stream``
     raise no DeprecationWarning, so the day they use an API DSPy deprecates, this fails."""
-    lm = LMConfig(first_token_delay=0, token_delay=0)
+    lm = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
     if provider != "simulated":
         model = "openai/fake-model" if provider == "dspy" else "fake-model"
-        lm = LMConfig(provider=provider, model=model, api_base=fake_upstream.url, api_key="sk-test")
+        table = {"provider": provider, "model": model, "api_base": fake_upstream.url, "api_key": "sk-test"}
+        lm = LMConfig.from_mapping(table)
     programs = {"qa": ProgramSpec("question -> answer", adapter=adapter_name)}
     async with open_engine(EngineConfig(lms={"default": lm}, programs=programs)) as engine:
         predicted = await engine.predict("qa", {"question": "Sky?"})
@@ -356,8 +367,8 @@ async def test_a_stock_lm_in_a_worker_thread_answers_an_lm15_request_plain_and_s
     """The route off ``lm(messages=...)`` (removed in 3.5) for the worker-thread backend already works
     in 3.4: a stock ``dspy.LM`` called with a ``Request`` from an anyio worker thread under Trio answers
     with a ``Response``, and streams its chunks to ``send_stream`` from the thread."""
-    lm = LMConfig(provider="dspy", model="openai/fake-model", api_base=fake_upstream.url, api_key="k")
-    inner = ThreadedLM.from_config(lm).inner
+    lm = LMConfig(model="openai/fake-model", settings=DSPySettings(api_base=fake_upstream.url, api_key="k"))
+    inner = lm.build_lm().inner
     request = dspy.lm15.Request(
         model=inner.model,
         system="Your output fields are:\n1. `answer` (str):",

@@ -8,10 +8,10 @@ import uuid
 import dspy
 from dspy.clients.base_lm import GLOBAL_HISTORY
 
-from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, SimulatedSettings, open_engine
 from dspy_trio.engine.testing import FakeUpstream
 
-FAST = LMConfig(first_token_delay=0, token_delay=0)
+FAST = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
 
 
 async def test_requests_leave_no_history_or_trace_behind() -> None:
@@ -32,7 +32,7 @@ def test_litellm_never_fetches_its_cost_map_from_the_network() -> None:
 async def test_identical_requests_reach_the_model_unless_the_cache_is_enabled(
     fake_upstream: FakeUpstream,
 ) -> None:
-    lm = LMConfig(provider="openai", model="cache-probe", api_base=fake_upstream.url)
+    lm = LMConfig(model="cache-probe", settings=OpenAISettings(api_base=fake_upstream.url))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         first = await engine.predict("default", {"question": "same question"})
         second = await engine.predict("default", {"question": "same question"})

@@ -10,10 +10,12 @@ from dspy_trio import engine
 def test_engine_public_names_are_pinned() -> None:
     assert sorted(engine.__all__) == [
         "AdaptiveSettings",
+        "AnthropicSettings",
         "BatchItem",
         "CallTimeouts",
         "ClusterUnavailableError",
         "ConfigError",
+        "DSPySettings",
         "DeadlineExceededError",
         "Engine",
         "EngineClosedError",
@@ -25,9 +27,11 @@ def test_engine_public_names_are_pinned() -> None:
         "FieldDelta",
         "FinalEvent",
         "GCSettings",
+        "HTTPSettings",
         "InputField",
         "InvalidInputError",
         "LMConfig",
+        "OpenAISettings",
         "OutputField",
         "OverloadedError",
         "PredictionResult",
@@ -39,6 +43,7 @@ def test_engine_public_names_are_pinned() -> None:
         "RequestAbandonedError",
         "RequestCancelledError",
         "RetryPolicy",
+        "SimulatedSettings",
         "SlowConsumerError",
         "StatusEvent",
         "StreamEvent",
@@ -69,13 +74,18 @@ def test_every_error_is_an_engine_error() -> None:
 def test_lm_public_names_are_pinned() -> None:
     assert sorted(engine.lm.__all__) == [
         "AnthropicLM",
+        "AnthropicSettings",
         "ChunkSink",
         "Completion",
+        "DSPySettings",
         "DeltaSink",
         "GuardedLM",
         "HTTPSettings",
         "OpenAICompatibleLM",
+        "OpenAISettings",
+        "ProviderSettings",
         "SimulatedLM",
+        "SimulatedSettings",
         "ThreadedLM",
         "TrioLM",
     ]
@@ -84,10 +94,15 @@ def test_lm_public_names_are_pinned() -> None:
 def test_testing_public_names_are_pinned() -> None:
     assert sorted(engine.testing.__all__) == [
         "Behavior",
+        "EOF",
         "FakeUpstream",
         "Fault",
         "IdleClose",
+        "MockBackend",
+        "MockRequest",
+        "Reply",
         "RequestRecord",
+        "http_response",
         "open_fake_upstream",
     ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dspy_trio.engine import EngineConfig, LMConfig, open_engine
+from dspy_trio.engine import EngineConfig, LMConfig, SimulatedSettings, open_engine
 from dspy_trio.engine._upstream import UpstreamGuard
 from dspy_trio.engine.lm import Completion, DeltaSink, GuardedLM, SimulatedLM
 
@@ -22,6 +22,7 @@ class CountingGuard:
         sink: DeltaSink | None,
         *,
         estimate: float,
+        streamed: bool = False,
     ) -> Completion:
         self.estimates.append(estimate)
         return await attempt(sink)
@@ -40,7 +41,9 @@ async def test_a_guarded_lm_sends_every_call_through_its_guard_alone() -> None:
 
 async def test_open_engine_wraps_each_backend_and_leaves_it_unchanged() -> None:
     given = SimulatedLM(first_token_delay=0.0, token_delay=0.0)
-    config = EngineConfig(lms={"default": LMConfig(first_token_delay=0.0, token_delay=0.0)})
+    config = EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0))}
+    )
     async with open_engine(config, lms={"default": given}) as engine:
         wrapped = engine.lms["default"]
         assert isinstance(wrapped, GuardedLM)

@@ -13,7 +13,14 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy, UpstreamError, UpstreamServerError
+from dspy_trio.engine import (
+    EngineConfig,
+    LMConfig,
+    OpenAISettings,
+    RetryPolicy,
+    UpstreamError,
+    UpstreamServerError,
+)
 from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
 from dspy_trio.engine.lm._http_errors import status_error
 from dspy_trio.engine.lm._redact import Redactor
@@ -87,11 +94,9 @@ async def test_over_http_sse_and_websocket_the_key_never_reaches_a_client(
     upstream 401 that quotes the key, an HTML 502 page that dumps the request headers, and an error
     event mid-stream."""
     lm = LMConfig(
-        provider="openai",
         model="fake",
-        api_base=fake_upstream.url,
-        api_key=KEY,
         retry=RetryPolicy(max_attempts=1),
+        settings=OpenAISettings(api_base=fake_upstream.url, api_key=KEY),
     )
     faults = [Fault("echo_key"), Fault("html", status=502), Fault("echo_key", status=401, after_tokens=2)]
     bodies: list[str] = []
@@ -153,13 +158,6 @@ def test_any_error_body_gives_a_typed_error_with_our_words(
     assert len(caplog.records[-1].getMessage()) < 700
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the transports read Retry-After differently: for a repeated header the lean one keeps the "
-    "last value (engine/lm/_transport/_client.py _headers builds a dict) and httpx joins them with ', ', "
-    "which parse_retry_after (engine/lm/_http_errors.py) cannot parse; for non-ASCII bytes the lean one "
-    "decodes latin-1 and httpx UTF-8, and float() takes the Arabic-Indic digit '\u0663' as 3",
-)
 @pytest.mark.parametrize(
     "lines",
     [

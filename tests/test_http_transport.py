@@ -1,5 +1,6 @@
-"""The HTTP backends' error mapping and retry timing with no socket: an ``httpx.MockTransport`` injected
-into the backend, the engine's upstream guard around it, and exact times on the virtual clock."""
+"""The HTTP backends' error mapping and retry timing with no socket: the default (lean) transport on the
+in-memory network (``tests/scripted_upstream.py``), the engine's upstream guard around it, and exact
+times on the virtual clock; and the httpx transport's own errors through an ``httpx.MockTransport``."""
 
 from __future__ import annotations
 
@@ -19,18 +20,11 @@ from dspy_trio.engine import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
-from dspy_trio.engine.lm import AnthropicLM, HTTPSettings
-from tests.mock_transport import COMPLETION, Handler, Scripted, guarded, openai_lm
+from dspy_trio.engine.lm import HTTPSettings, OpenAICompatibleLM
+from dspy_trio.engine.testing import EOF, MockBackend, MockRequest, Reply, http_response
+from tests.scripted_upstream import COMPLETION, MESSAGE, Scripted, anthropic_lm, guarded, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
-MESSAGE = {
-    "content": [{"type": "text", "text": "ok"}],
-    "usage": {"input_tokens": 3, "output_tokens": 1},
-}
-
-
-def anthropic_lm(handler: Handler) -> AnthropicLM:
-    return AnthropicLM("anthropic/m", api_base="http://upstream.test", transport=httpx.MockTransport(handler))
 
 
 @pytest.mark.parametrize(
@@ -46,14 +40,14 @@ def anthropic_lm(handler: Handler) -> AnthropicLM:
 async def test_every_retryable_status_is_retried_exactly_after_its_retry_after(
     autojump_clock: Any, status: int, headers: dict[str, str], wait: float
 ) -> None:
-    script = Scripted(httpx.Response(status, headers=headers, json={"error": {"message": "busy"}}))
+    script = Scripted(http_response(status, headers=headers, json={"error": {"message": "busy"}}))
     lm = guarded(openai_lm(script))
     assert await lm.acall(messages=MESSAGES) == ["ok"]
     assert script.times == [0.0, wait]
 
 
 async def test_retry_after_never_waits_past_the_deadline(autojump_clock: Any) -> None:
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "30"}, json={}))
+    script = Scripted(http_response(503, headers={"Retry-After": "30"}, json={}))
     lm = guarded(openai_lm(script))
     with trio.move_on_after(10), pytest.raises(UpstreamServerError) as info:
         await lm.acall(messages=MESSAGES)
@@ -63,7 +57,7 @@ async def test_retry_after_never_waits_past_the_deadline(autojump_clock: Any) ->
 
 
 async def test_a_503_retry_after_holds_off_the_next_call_too(autojump_clock: Any) -> None:
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "5"}, json={}))
+    script = Scripted(http_response(503, headers={"Retry-After": "5"}, json={}))
     lm = guarded(openai_lm(script), attempts=1)
     with pytest.raises(UpstreamServerError):
         await lm.acall(messages=MESSAGES)
@@ -77,18 +71,50 @@ async def test_a_503_retry_after_holds_off_the_next_call_too(autojump_clock: Any
 
 async def test_anthropic_529_overloaded_is_retried_after_its_retry_after(autojump_clock: Any) -> None:
     overloaded = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-    script = Scripted(httpx.Response(529, headers={"retry-after": "4"}, json=overloaded), success=MESSAGE)
+    script = Scripted(http_response(529, headers={"retry-after": "4"}, json=overloaded), success=MESSAGE)
     lm = guarded(anthropic_lm(script))
     assert await lm.acall(messages=MESSAGES) == ["ok"]
     assert script.times == [0.0, 4.0]
 
 
-def _garbled_gzip(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=b"not gzip at all")
+JSON = {"content-type": "application/json"}
 
 
-def _redirect_loop(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(307, headers={"Location": str(request.url)})
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (
+            [http_response(200, b"not gzip at all", headers={**JSON, "content-encoding": "gzip"})],
+            UpstreamResponseError,
+        ),
+        (
+            [http_response(307, headers={"location": "http://upstream.test/v1/chat/completions"})],
+            UpstreamResponseError,
+        ),
+        ([http_response(200, b"{not json", headers=JSON)], UpstreamResponseError),
+        ([http_response(200, json={"choices": "nope"})], UpstreamResponseError),
+        ([http_response(400, json={"error": {"message": "bad"}})], UpstreamResponseError),
+        ([http_response(502, b"<html>", headers={"content-type": "text/html"})], UpstreamServerError),
+        ([http_response(200, json=COMPLETION)[:-3], EOF], UpstreamConnectionError),
+        ([], UpstreamTimeoutError),  # the upstream never answers: the read timeout
+    ],
+    ids=["decoding", "redirect", "bad-json", "bad-shape", "400", "502", "cut", "read-timeout"],
+)
+async def test_transport_and_payload_failures_are_upstream_errors(
+    autojump_clock: Any, reply: Reply, error: type[Exception]
+) -> None:
+    lm = openai_lm(lambda request: reply)
+    with pytest.raises(error):
+        await lm.acall(messages=MESSAGES)
+    await lm.aclose()
+
+
+async def test_a_refused_connection_is_a_connection_error() -> None:
+    lm = OpenAICompatibleLM(
+        "m", api_base="http://upstream.test/v1", network=MockBackend(lambda r: [], connections=0)
+    )
+    with pytest.raises(UpstreamConnectionError):
+        await lm.acall(messages=MESSAGES)
 
 
 def _refused(request: httpx.Request) -> httpx.Response:
@@ -103,49 +129,38 @@ def _plain_request_error(request: httpx.Request) -> httpx.Response:
     raise httpx.RequestError("something else", request=request)
 
 
+def _redirect_loop(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(307, headers={"Location": str(request.url)})
+
+
 @pytest.mark.parametrize(
     ("respond", "error"),
     [
-        (_garbled_gzip, UpstreamResponseError),
-        (_redirect_loop, UpstreamResponseError),
         (_refused, UpstreamConnectionError),
         (_read_timeout, UpstreamTimeoutError),
         (_plain_request_error, UpstreamConnectionError),
-        (lambda r: httpx.Response(200, content=b"{not json"), UpstreamResponseError),
-        (lambda r: httpx.Response(200, json={"choices": "nope"}), UpstreamResponseError),
-        (lambda r: httpx.Response(400, json={"error": {"message": "bad"}}), UpstreamResponseError),
-        (lambda r: httpx.Response(502, text="<html>"), UpstreamServerError),
+        (_redirect_loop, UpstreamResponseError),
     ],
-    ids=[
-        "decoding",
-        "redirects",
-        "connect",
-        "read-timeout",
-        "request-error",
-        "bad-json",
-        "bad-shape",
-        "400",
-        "502",
-    ],
+    ids=["connect", "read-timeout", "request-error", "redirects"],
 )
-async def test_transport_and_payload_failures_are_upstream_errors(
+async def test_the_httpx_transports_own_errors_are_upstream_errors(
     autojump_clock: Any, respond: Callable[[httpx.Request], httpx.Response], error: type[Exception]
 ) -> None:
+    """The httpx path (proxies, HTTP/2) raises httpx's exceptions; they map to the same errors."""
+
     async def handler(request: httpx.Request) -> httpx.Response:
         return respond(request)
 
-    lm = openai_lm(handler)
+    lm = OpenAICompatibleLM("m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler))
     with pytest.raises(error):
         await lm.acall(messages=MESSAGES)
     await lm.aclose()
 
 
 async def test_gzip_bodies_decode(autojump_clock: Any) -> None:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        body = gzip.compress(json.dumps(COMPLETION).encode())
-        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=body)
-
-    assert await openai_lm(handler).acall(messages=MESSAGES) == ["ok"]
+    body = gzip.compress(json.dumps(COMPLETION).encode())
+    answer = http_response(200, body, headers={**JSON, "content-encoding": "gzip"})
+    assert await openai_lm(lambda request: [answer]).acall(messages=MESSAGES) == ["ok"]
 
 
 def test_http_settings_carry_every_timeout() -> None:
@@ -194,8 +209,8 @@ async def test_a_stream_without_a_usage_chunk_reports_estimated_usage(autojump_c
     chunks = [{"choices": [{"index": 0, "delta": {"content": word}}]} for word in ("one ", "two ", "three")]
     chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(*chunks))
+    def handler(request: MockRequest) -> Reply:
+        return [http_response(200, _sse(*chunks), headers={"content-type": "text/event-stream"})]
 
     class Sink:
         async def send(self, text: str) -> None:
@@ -215,8 +230,8 @@ async def test_a_stream_without_a_usage_chunk_reports_estimated_usage(autojump_c
         {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}},
     ]
 
-    async def reporting(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(*with_usage))
+    def reporting(request: MockRequest) -> Reply:
+        return [http_response(200, _sse(*with_usage), headers={"content-type": "text/event-stream"})]
 
     reported = await openai_lm(reporting).complete(MESSAGES, {}, Sink())
     assert reported.usage == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}

@@ -19,6 +19,7 @@ from dspy_trio.engine import (
     ProgramSpec,
     RequestCancelledError,
     RetryPolicy,
+    SimulatedSettings,
     UpstreamServerError,
     open_engine,
 )
@@ -122,7 +123,9 @@ async def test_counters_and_histograms_match_a_scripted_mix_of_outcomes(autojump
 
 
 async def test_each_engine_has_its_own_registry() -> None:
-    fast = EngineConfig(lms={"default": LMConfig(first_token_delay=0, token_delay=0)})
+    fast = EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))}
+    )
     async with open_engine(fast) as one, open_engine(fast) as two:
         await one.predict("default", {"question": "q"})
         assert (
@@ -165,7 +168,7 @@ async def test_time_to_first_token_is_observed_per_field(autojump_clock: Any) ->
 async def test_one_json_log_line_per_request_without_text_unless_asked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fast = LMConfig(first_token_delay=0, token_delay=0)
+    fast = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
     caplog.set_level(logging.INFO, logger="dspy_trio.engine.requests")
     async with open_engine(EngineConfig(lms={"default": fast})) as engine:
         await engine.predict("default", {"question": "secret question"}, request_id="log-1")
@@ -192,7 +195,7 @@ async def test_spans_wrap_requests_and_lm_attempts_with_the_request_id() -> None
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    fast = LMConfig(first_token_delay=0, token_delay=0)
+    fast = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
     async with open_engine(EngineConfig(lms={"default": fast})) as engine:
         await engine.predict("default", {"question": "q"}, request_id="span-1")
     spans = {span.name: span for span in exporter.get_finished_spans()}

@@ -13,6 +13,7 @@ import trio
 from dspy_trio.engine import (
     EngineConfig,
     LMConfig,
+    OpenAISettings,
     UpstreamConnectionError,
     UpstreamRateLimitedError,
     UpstreamResponseError,
@@ -137,7 +138,7 @@ async def test_cancel_closes_the_upstream_connection(stream: bool) -> None:
 
 async def test_engine_deadline_closes_the_upstream_connection(fake_upstream: FakeUpstream) -> None:
     fake_upstream.behavior = Behavior(latency=30)
-    lm = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
+    lm = LMConfig(model="fake-model", settings=OpenAISettings(api_base=fake_upstream.url))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
 
         async def call() -> None:
@@ -152,7 +153,7 @@ async def test_engine_deadline_closes_the_upstream_connection(fake_upstream: Fak
 async def test_500_concurrent_predictions_complete_on_one_os_thread(fake_upstream: FakeUpstream) -> None:
     fake_upstream.behavior = Behavior(latency=0.5)
     threads_before = threading.active_count()
-    lm = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
+    lm = LMConfig(model="fake-model", settings=OpenAISettings(api_base=fake_upstream.url))
     results = []
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
 

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from dspy_trio.engine import EngineConfig, LMConfig, ProgramError, open_engine
+from dspy_trio.engine import EngineConfig, LMConfig, ProgramError, SimulatedSettings, open_engine
 
 from .helpers import CountingLM
 from .web_helpers import running, settings
@@ -22,7 +22,10 @@ class Junk(CountingLM):
 
 
 def config(adapter: str) -> EngineConfig:
-    return EngineConfig(lms={"default": LMConfig(first_token_delay=0.0, token_delay=0.0)}, adapter=adapter)  # type: ignore[arg-type]
+    return EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0))},
+        adapter=adapter,
+    )  # type: ignore[arg-type]
 
 
 async def test_chat_failure_names_both_adapters_quotes_the_reply_and_suggests_json() -> None:

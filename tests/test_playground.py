@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from dspy_trio.engine import EngineConfig, LMConfig, RetryPolicy
+from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, RetryPolicy
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 from dspy_trio.web.server import open_server
 
@@ -62,7 +62,9 @@ def service() -> Iterator[Service]:
         stop = trio.Event()
         async with open_fake_upstream(Behavior(first_token_delay=0.05, token_delay=0.05)) as upstream:
             lm = LMConfig(
-                provider="openai", model="fake", api_base=upstream.url, retry=RetryPolicy(max_attempts=1)
+                model="fake",
+                retry=RetryPolicy(max_attempts=1),
+                settings=OpenAISettings(api_base=upstream.url),
             )
             async with open_server(settings(engine=EngineConfig(lms={"default": lm}))) as server:
                 started.put((Service(server.url, upstream, trio.lowlevel.current_trio_token()), stop))

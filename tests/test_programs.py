@@ -9,10 +9,18 @@ from typing import Any
 import dspy
 import pytest
 
-from dspy_trio.engine import ConfigError, EngineConfig, InvalidInputError, LMConfig, ProgramSpec, open_engine
+from dspy_trio.engine import (
+    ConfigError,
+    EngineConfig,
+    InvalidInputError,
+    LMConfig,
+    ProgramSpec,
+    SimulatedSettings,
+    open_engine,
+)
 from dspy_trio.engine._programs import build_program
 
-FAST = LMConfig(first_token_delay=0, token_delay=0)
+FAST = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
 
 
 def engine_config(**programs: ProgramSpec) -> EngineConfig:

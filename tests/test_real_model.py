@@ -23,7 +23,7 @@ import httpx
 import pytest
 import trio
 
-from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec, RetryPolicy
+from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, ProgramSpec, RetryPolicy
 from dspy_trio.engine.lm import HTTPSettings
 from tests.web_helpers import running, settings
 
@@ -47,14 +47,12 @@ def _needs_a_model() -> None:
 def service() -> Any:
     def lm(**params: Any) -> LMConfig:
         return LMConfig(
-            provider="openai",
             model=MODEL,
-            api_base=URL,
-            api_key="none",
-            http=HTTPSettings(read_timeout=120),
             retry=RetryPolicy(max_attempts=1),
-            stream_upstream=True,  # what README recommends for a self-hosted model: a cancel stops it
             params={**SMALL_MODEL_PARAMS, **params},
+            settings=OpenAISettings(
+                api_base=URL, api_key="none", http=HTTPSettings(read_timeout=120), stream_upstream=True
+            ),
         )
 
     engine = EngineConfig(

@@ -93,11 +93,6 @@ def test_an_excerpt_is_one_log_line() -> None:
     assert excerpt == "bad\\nINFO engine.requests forged line\\r\\x1b[31mred"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Redactor knows the credentials only as sent (engine/lm/_redact.py Redactor.__init__): their "
-    "base64 forms are not among its secrets or fragments, and no shape matches a bare base64 run",
-)
 @pytest.mark.parametrize("quoted", [KEY, f"Bearer {KEY}", f"user:{KEY}"], ids=["key", "header", "basic"])
 @pytest.mark.parametrize("alphabet", ["standard", "urlsafe"])
 def test_a_key_echoed_base64_encoded_is_removed(redact: Redactor, quoted: str, alphabet: str) -> None:

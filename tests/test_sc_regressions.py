@@ -19,6 +19,7 @@ import trio.lowlevel
 from dspy_trio.engine import (
     CallTimeouts,
     DeadlineExceededError,
+    DSPySettings,
     EngineClosedError,
     EngineConfig,
     EngineError,
@@ -295,12 +296,10 @@ async def test_the_thread_path_streams_through_the_guard(fake_upstream: FakeUpst
     token at once and then a token every 20 ms for ~1.5 s is not a first-token timeout of 0.5 s."""
     fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=0.02, words_per_field=35)
     lm = LMConfig(
-        provider="dspy",
         model="openai/fake-model",
-        api_base=fake_upstream.url,
-        api_key="k",
         timeouts=CallTimeouts(first_token=0.5),
         retry=RetryPolicy(max_attempts=1),
+        settings=DSPySettings(api_base=fake_upstream.url, api_key="k"),
     )
     async with (
         open_engine(EngineConfig(lms={"default": lm})) as engine,

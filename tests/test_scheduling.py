@@ -14,6 +14,7 @@ from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     LMConfig,
+    OpenAISettings,
     RateLimitWaitError,
     RequestCancelledError,
     RetryPolicy,
@@ -69,7 +70,7 @@ async def test_cancel_by_id_ends_the_request_wherever_it_is(autojump_clock: Any,
 async def test_results_report_attempts_and_statistics_count_retries(fake_upstream: FakeUpstream) -> None:
     fake_upstream.add_faults(Fault("unavailable"), Fault("server_error"))
     lm = LMConfig(
-        provider="openai", model="fake", api_base=fake_upstream.url, retry=RetryPolicy(base_delay=0.01)
+        model="fake", retry=RetryPolicy(base_delay=0.01), settings=OpenAISettings(api_base=fake_upstream.url)
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})
@@ -84,7 +85,7 @@ async def test_429_bursts_every_request_one_outcome_and_retries_never_early(
     """A burst of 429s with Retry-After: the shared cool-down holds every request off until then."""
     fake_upstream.add_faults(*[Fault("rate_limit", retry_after_ms=300)] * 5)
     lm = LMConfig(
-        provider="openai", model="fake", api_base=fake_upstream.url, retry=RetryPolicy(max_attempts=5)
+        model="fake", retry=RetryPolicy(max_attempts=5), settings=OpenAISettings(api_base=fake_upstream.url)
     )
     outcomes: list[Any] = []
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
@@ -115,11 +116,10 @@ async def test_hangs_and_mid_stream_disconnects_each_end_in_one_outcome(fake_ups
     fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=0.01)
     fake_upstream.add_faults(Fault("hang"))
     lm = LMConfig(
-        provider="openai",
         model="fake",
-        api_base=fake_upstream.url,
         timeouts=CallTimeouts(attempt=0.5),
         retry=RetryPolicy(base_delay=0.01),
+        settings=OpenAISettings(api_base=fake_upstream.url),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         recovered = await engine.predict("default", {"question": "first hangs"})
@@ -134,7 +134,7 @@ async def test_hangs_and_mid_stream_disconnects_each_end_in_one_outcome(fake_ups
 
 async def test_a_rate_limit_that_outlasts_the_deadline_fails_fast(fake_upstream: FakeUpstream) -> None:
     fake_upstream.add_faults(Fault("rate_limit", retry_after=60))
-    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    lm = LMConfig(model="fake", settings=OpenAISettings(api_base=fake_upstream.url))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         started = trio.current_time()
         with trio.fail_after(5), pytest.raises(UpstreamRateLimitedError):

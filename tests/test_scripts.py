@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from dspy_trio.engine import EngineConfig
+from dspy_trio.engine import EngineConfig, OpenAISettings
 
 from .helpers import variables_the_service_reads
 
@@ -29,8 +29,10 @@ def test_what_env_prints_points_dspy_trio_at_the_model() -> None:
     assert set(env) <= variables_the_service_reads()
     config = EngineConfig.from_env(env)
     lm = config.lms["default"]
-    assert (lm.provider, lm.api_base, lm.model) == ("openai", "http://127.0.0.1:8081/v1", "smollm2")
-    assert lm.stream_upstream  # a cancelled predict stops llama.cpp's generation
+    settings = lm.settings
+    assert isinstance(settings, OpenAISettings)
+    assert (lm.provider, settings.api_base, lm.model) == ("openai", "http://127.0.0.1:8081/v1", "smollm2")
+    assert settings.stream_upstream  # a cancelled predict stops llama.cpp's generation
     assert lm.params["max_tokens"] == 256
     assert config.adapter == "json"
 

@@ -20,6 +20,8 @@ from dspy_trio.engine import (
     FieldDelta,
     FinalEvent,
     LMConfig,
+    OpenAISettings,
+    SimulatedSettings,
     StatusEvent,
     StreamOptions,
     open_engine,
@@ -32,7 +34,7 @@ from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import CountingLM, first_request_closed_by_client
 
-FAST = LMConfig(first_token_delay=0, token_delay=0, words_per_field=30)
+FAST = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0, words_per_field=30))
 
 
 def _no_dspy_chunks(*args: Any, **kwargs: Any) -> Any:
@@ -59,7 +61,7 @@ async def test_the_engines_router_takes_text_from_the_http_backend_too(
     monkeypatch: pytest.MonkeyPatch, fake_upstream: FakeUpstream
 ) -> None:
     monkeypatch.setattr(engine_dspy, "stream_chunk", _no_dspy_chunks)
-    config = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
+    config = LMConfig(model="fake-model", settings=OpenAISettings(api_base=fake_upstream.url))
     async with (
         open_engine(EngineConfig(lms={"default": config})) as engine,
         engine.stream("default", {"question": "q"}) as events,
@@ -162,7 +164,7 @@ async def test_a_consumer_that_stops_mid_stream_closes_the_upstream(
     fake_upstream: FakeUpstream, stop_after: int
 ) -> None:
     fake_upstream.behavior = Behavior(words_per_field=5_000, token_delay=0.001)
-    config = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
+    config = LMConfig(model="fake-model", settings=OpenAISettings(api_base=fake_upstream.url))
     async with open_engine(EngineConfig(lms={"default": config})) as engine:
         with trio.CancelScope() as scope:
             async with engine.stream("default", {"question": "q"}) as events:
@@ -188,7 +190,7 @@ async def test_every_stream_ends_with_exactly_one_terminal_event(
     fake_upstream.behavior = Behavior(words_per_field=200)
     if fault is not None:
         fake_upstream.add_faults(fault)
-    config = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url)
+    config = LMConfig(model="fake-model", settings=OpenAISettings(api_base=fake_upstream.url))
     options = StreamOptions(backpressure=policy, buffer_size=2)  # type: ignore[arg-type]
     async with (
         open_engine(EngineConfig(lms={"default": config})) as engine,

@@ -17,6 +17,7 @@ from dspy_trio.engine import (
     LMConfig,
     OverloadedError,
     ProgramSpec,
+    SimulatedSettings,
     SlowConsumerError,
     StatusEvent,
     StreamOptions,
@@ -26,7 +27,7 @@ from dspy_trio.engine import (
 
 from .helpers import CountingLM, FailingLM, tasks_living
 
-FAST = LMConfig(first_token_delay=0, token_delay=0)
+FAST = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
 
 
 def config(**changes: Any) -> EngineConfig:

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from dspy_trio.engine import (
+    DSPySettings,
     EngineConfig,
     ErrorEvent,
     FieldDelta,
@@ -19,14 +20,14 @@ from dspy_trio.engine import (
     UpstreamTimeoutError,
     open_engine,
 )
-from dspy_trio.engine.lm import HTTPSettings
+from dspy_trio.engine.lm import HTTPSettings, OpenAISettings
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 from .helpers import first_request_closed_by_client
 
 
-def openai_config(upstream: FakeUpstream, **lm: Any) -> EngineConfig:
-    config = LMConfig(provider="openai", model="fake-model", api_base=upstream.url, **lm)
+def openai_config(upstream: FakeUpstream, **settings: Any) -> EngineConfig:
+    config = LMConfig(model="fake-model", settings=OpenAISettings(api_base=upstream.url, **settings))
     return EngineConfig(lms={"default": config})
 
 
@@ -110,7 +111,7 @@ async def test_block_policy_backpressure_reaches_the_upstream_socket(fake_upstre
 
 
 async def test_the_thread_path_streams_too(fake_upstream: FakeUpstream) -> None:
-    lm = LMConfig(provider="dspy", model="openai/fake-model", api_base=fake_upstream.url, api_key="k")
+    lm = LMConfig(model="openai/fake-model", settings=DSPySettings(api_base=fake_upstream.url, api_key="k"))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         events = await collect(engine)
     deltas = [e for e in events if isinstance(e, FieldDelta)]

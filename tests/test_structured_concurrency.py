@@ -48,6 +48,7 @@ from dspy_trio.engine import (
     ErrorEvent,
     FinalEvent,
     LMConfig,
+    OpenAISettings,
     ProgramSpec,
     RetryPolicy,
     UpstreamServerError,
@@ -472,11 +473,9 @@ async def run_network_plan(plan: NetworkPlan) -> None:
     behavior = Behavior(latency=30.0, first_token_delay=0.0, token_delay=0.01, words_per_field=3000)
     async with open_fake_upstream(behavior) as upstream:
         lm = LMConfig(
-            provider="openai",
             model="fake",
-            api_base=upstream.url,
-            api_key="k",
             retry=RetryPolicy(max_attempts=1),
+            settings=OpenAISettings(api_base=upstream.url, api_key="k"),
         )
         config = EngineConfig(lms={"default": lm}, drain_timeout=0)
         fired = [math.inf]

@@ -10,6 +10,7 @@ import trio
 
 from dspy_trio.engine import (
     ConfigError,
+    DSPySettings,
     EngineConfig,
     LMConfig,
     RetryPolicy,
@@ -22,12 +23,9 @@ from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
 
 def threaded_config(upstream: FakeUpstream) -> EngineConfig:
     lm = LMConfig(
-        provider="dspy",
         model="openai/fake-model",
-        api_base=upstream.url,
-        api_key="sk-test",
-        threads=4,
         retry=RetryPolicy(max_attempts=1),
+        settings=DSPySettings(api_base=upstream.url, api_key="sk-test", threads=4),
     )
     return EngineConfig(lms={"default": lm})
 
@@ -80,7 +78,7 @@ async def test_params_that_take_dspys_asyncio_litellm_route_are_refused_at_start
     """DSPy streams its LiteLLM route by running asyncio code on the calling (Trio) thread; under Trio
     that failed every stream and froze the server. The configuration is refused before anything runs
     (for a compatible server DSPy itself refuses params its native route cannot carry)."""
-    lm = LMConfig(provider="dspy", model="openai/m", api_base=api_base, api_key="k", params=params)
+    lm = LMConfig(model="openai/m", params=params, settings=DSPySettings(api_base=api_base, api_key="k"))
     with pytest.raises(ConfigError, match=match) as info:
         async with open_engine(EngineConfig(lms={"default": lm})):
             pytest.fail("the engine opened")
@@ -90,11 +88,9 @@ async def test_params_that_take_dspys_asyncio_litellm_route_are_refused_at_start
 
 async def test_params_dspy_sends_natively_are_accepted(fake_upstream: FakeUpstream) -> None:
     lm = LMConfig(
-        provider="dspy",
         model="openai/fake-model",
-        api_base=fake_upstream.url,
-        api_key="k",
         params={"temperature": 0.3, "max_tokens": 40},
+        settings=DSPySettings(api_base=fake_upstream.url, api_key="k"),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})
@@ -108,11 +104,9 @@ async def test_a_compatible_server_gets_max_tokens_not_max_completion_tokens(
     """DSPy spells the cap ``max_completion_tokens`` (OpenAI's current name), which llama.cpp ignores:
     an ``openai/`` model on any other server is sent ``max_tokens``, with or without a key."""
     lm = LMConfig(
-        provider="dspy",
         model="openai/fake-model",
-        api_base=fake_upstream.url,
-        api_key=api_key,
         params={"max_tokens": 40},
+        settings=DSPySettings(api_base=fake_upstream.url, api_key=api_key),
     )
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         result = await engine.predict("default", {"question": "q"})
@@ -129,13 +123,12 @@ async def test_a_compatible_server_gets_max_tokens_not_max_completion_tokens(
 
 def test_openai_itself_keeps_dspys_settings_and_nothing_is_registered_process_wide() -> None:
     registered_providers = importlib.import_module("dspy.lm15").registered_providers
-    from dspy_trio.engine.lm import ThreadedLM
     from dspy_trio.engine.lm.threaded import COMPATIBLE_PROVIDER
 
-    openai = LMConfig(provider="dspy", model="openai/gpt-4o-mini", api_base="https://api.openai.com/v1")
-    assert ThreadedLM.from_config(openai).inner.model == "openai/gpt-4o-mini"
-    local = LMConfig(provider="dspy", model="openai/m", api_base="http://127.0.0.1:9/v1")
-    threaded = ThreadedLM.from_config(local)
+    openai = LMConfig(model="openai/gpt-4o-mini", settings=DSPySettings(api_base="https://api.openai.com/v1"))
+    assert openai.build_lm().inner.model == "openai/gpt-4o-mini"
+    local = LMConfig(model="openai/m", settings=DSPySettings(api_base="http://127.0.0.1:9/v1"))
+    threaded = local.build_lm()
     assert threaded.model == "openai/m"
     assert threaded.inner.model == f"{COMPATIBLE_PROVIDER}/m"
     assert all(binding.id != COMPATIBLE_PROVIDER for binding in registered_providers())
@@ -163,12 +156,6 @@ def test_a_dspy_lm_error_quoting_the_key_reaches_only_the_log_redacted(
     assert "Incorrect API key provided: [redacted]" in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ThreadedLM.complete (engine/lm/threaded.py, the texts/reasoning built from the stock LM's "
-    "outputs) does not apply the answers rule (engine/lm/_answers.py text_or_none): a lone surrogate "
-    "from a JSON escape reaches the result, and the web layer answers 500 internal_error on it",
-)
 async def test_a_lone_surrogate_from_a_stock_lm_is_a_bad_response(fake_upstream: FakeUpstream) -> None:
     """The same rule on every path: ``"\\ud800"`` is valid JSON but no client can be sent it. The
     Trio-native backends refuse it (``upstream_bad_response``); the stock-LM path let it through."""

@@ -10,8 +10,7 @@ import pytest
 import trio
 
 from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM
-from dspy_trio.engine.lm._http_pool import ClientShards
-from dspy_trio.engine.lm._transport import LeanClient, choose, proxy_for
+from dspy_trio.engine.lm._transport import ClientShards, LeanClient, choose, proxy_for
 
 from .transport_helpers import RawServer, open_raw_server, read_request
 

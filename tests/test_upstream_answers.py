@@ -26,13 +26,16 @@ from dspy_trio.engine import (
     EngineConfig,
     ErrorEvent,
     LMConfig,
+    OpenAISettings,
     RetryPolicy,
     UpstreamError,
     UpstreamResponseError,
     open_engine,
 )
 from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.lm._answers import parse_json
 from dspy_trio.engine.lm._base import Completion
+from dspy_trio.engine.lm._redact import Redactor
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, open_fake_upstream
 
 from .transport_helpers import RawServer, keep_alive_handler, open_raw_server, read_request, wait_closed
@@ -278,7 +281,7 @@ async def test_the_service_answers_text_that_is_not_unicode_with_an_error_not_a_
     SSE stream cut without an error event. Both now end with ``upstream_bad_response``."""
     async with open_fake_upstream() as upstream:
         lm = LMConfig(
-            provider="openai", model="fake", api_base=upstream.url, retry=RetryPolicy(max_attempts=1)
+            model="fake", retry=RetryPolicy(max_attempts=1), settings=OpenAISettings(api_base=upstream.url)
         )
         async with (
             running(settings(engine=EngineConfig(lms={"default": lm}))) as server,
@@ -301,13 +304,15 @@ async def test_a_bad_answer_to_a_stream_is_not_retried(provider: str, transport:
     """``200 text/html`` to a stream used to look like a dropped connection and was retried (8 upstream
     requests for 2 calls): a bad answer is not retryable, each call sends one request."""
     async with open_fake_upstream() as upstream:
-        lm = LMConfig(
-            provider=provider,  # type: ignore[arg-type]
-            model="fake",
-            api_base=upstream.url,
-            api_key="k",
-            http=HTTPSettings(client=transport),  # type: ignore[arg-type]
-            retry=RetryPolicy(max_attempts=4),
+        lm = LMConfig.from_mapping(
+            {
+                "provider": provider,
+                "model": "fake",
+                "api_base": upstream.url,
+                "api_key": "k",
+                "http": {"client": transport},
+                "retry": {"max_attempts": 4},
+            }
         )
         upstream.add_faults(Fault("html"), Fault("html"))
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:
@@ -392,11 +397,6 @@ def _delta(text: str, finish: str | None = None) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a leading UTF-8 BOM is not stripped (engine/lm/_sse.py): the first event's field reads "
-    "b'\\xef\\xbb\\xbfdata' and the event is dropped; the call succeeds with the first delta missing",
-)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_stream_that_starts_with_a_bom_loses_no_delta(transport: str) -> None:
     body = b"\xef\xbb\xbf" + _delta("Hello ") + _delta("world", "stop") + b"data: [DONE]\n\n"
@@ -410,16 +410,8 @@ async def test_a_stream_that_starts_with_a_bom_loses_no_delta(transport: str) ->
     assert sink.texts == ["Hello ", "world"]
 
 
-_HTTPX_HEAD_UNBOUNDED = pytest.mark.xfail(
-    strict=True,
-    reason="the httpx path bounds each read by read_timeout but not the whole response head "
-    "(engine/lm/_http_pool.py post_json/post_sse: client.stream(...) waits for the head with httpx's "
-    "per-read timeout only); the lean transport bounds the head as a whole (_client.py _start, head_by)",
-)
-
-
 @pytest.mark.parametrize("head", ["informational", "trickled"])
-@pytest.mark.parametrize("transport", ["lean", pytest.param("httpx", marks=_HTTPX_HEAD_UNBOUNDED)])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_head_that_never_completes_times_out_on_both_transports(
     autojump_clock: trio.testing.MockClock, transport: str, head: str
 ) -> None:
@@ -450,12 +442,6 @@ async def test_a_head_that_never_completes_times_out_on_both_transports(
     assert trio.current_time() - started == 5.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a whole number too large for a float passes clean_usage (engine/lm/_answers.py:299) and "
-    "float(total_tokens) in UpstreamGuard._attempt (engine/_upstream.py:273) raises OverflowError: the "
-    "request ends as a ProgramError (internal error) instead of upstream_bad_response or a dropped count",
-)
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_token_count_too_large_for_a_float_is_not_an_internal_error(path: str) -> None:
     huge = "1" + "0" * 400  # valid JSON, a whole number, not negative
@@ -484,10 +470,8 @@ async def test_a_token_count_too_large_for_a_float_is_not_an_internal_error(path
 
     async with open_raw_server(keep_alive_handler(lambda request, content: answer)) as server:
         lm = LMConfig(
-            provider="openai",
             model="fake",
-            api_base=server.url,
-            stream_upstream=path == "stream",
+            settings=OpenAISettings(api_base=server.url, stream_upstream=path == "stream"),
             retry=RetryPolicy(max_attempts=1),
         )
         async with open_engine(EngineConfig(lms={"default": lm})) as engine:
@@ -512,12 +496,6 @@ class _LongestStep(trio.abc.Instrument):
             self._began = None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an answer within the cap is parsed in one synchronous json.loads on the event loop "
-    "(engine/lm/_answers.py parse_json): 4 MiB of arrays nested 100 deep (far under the depth limit) "
-    "holds the loop ~1.8 s and builds ~250 MB of lists (16 MiB: ~5 s and ~900 MB)",
-)
 async def test_an_answer_of_millions_of_nested_arrays_does_not_hold_the_event_loop() -> None:
     """Valid JSON within the size cap and the depth limit, but made of millions of containers: every
     other request of the process (deadlines, streams, heartbeats) waits while one answer is parsed. The
@@ -540,7 +518,19 @@ async def test_an_answer_of_millions_of_nested_arrays_does_not_hold_the_event_lo
         finally:
             trio.lowlevel.remove_instrument(steps)
         await lm.aclose()
+    print(f"LONGEST STEP {steps.longest:.4f} s")
     assert steps.longest < 0.5, f"one task step held the event loop for {steps.longest:.2f} s"
+
+
+def test_an_answer_dense_with_logprobs_is_not_refused_for_its_containers() -> None:
+    """The container bound of an answer (one per 16 bytes past 65,536) leaves room for the densest
+    answer providers send: 4 MiB of logprobs with 20 alternatives a token (~28 bytes a container)."""
+    alternative = {"token": "abd", "logprob": -1.23456, "bytes": [97, 98, 100]}
+    token = {"token": "abc", "logprob": -0.12, "bytes": [97, 98, 99], "top_logprobs": [alternative] * 20}
+    one = json.dumps(token)
+    body = '{"choices": [{"logprobs": {"content": [' + ",".join([one] * ((4 << 20) // len(one))) + "]}}]}"
+    parsed = parse_json("m", body.encode(), Redactor())
+    assert len(parsed["choices"][0]["logprobs"]["content"]) == (4 << 20) // len(one)
 
 
 _ENDED = {
@@ -564,13 +554,6 @@ _ENDED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after the stream's own end ([DONE], message_stop) both backends read on to the end of the "
-    "body (engine/lm/openai.py _stream: 'read on to the end of the body, so the connection can be "
-    "reused'; anthropic.py likewise) with no bound of their own: an upstream that keeps the connection "
-    "open turns a complete answer into a read timeout, or holds it until the deadline with keep-alives",
-)
 @pytest.mark.parametrize("after", ["silence", "keep-alives"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -601,3 +584,32 @@ async def test_a_stream_that_ended_is_taken_even_if_the_upstream_keeps_the_conne
         await lm.aclose()
     assert completion is not None, "held until the caller's deadline"
     assert completion.texts == ["Hello world"]
+
+
+@pytest.mark.parametrize(("late", "connections"), [(0.1, 1), (1.0, 2)], ids=["within-grace", "after-grace"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_the_body_after_a_streams_end_is_awaited_briefly_for_the_connection(
+    autojump_clock: trio.testing.MockClock, provider: str, transport: str, late: float, connections: int
+) -> None:
+    """After the stream's own end the rest of the body (here: the chunked terminator, ``late`` seconds
+    later) is read for at most half a second: arriving within it, the connection carries the next call;
+    later, the connection is closed and the next call opens another. Both calls get their answer."""
+    body = _ENDED[provider]
+
+    async def terminator_late(stream: trio.abc.Stream, server: RawServer) -> None:
+        while await read_request(stream, h11.Connection(h11.SERVER), server):
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            await stream.send_all(head + b"%x\r\n" % len(body) + body + b"\r\n")
+            await trio.sleep(late)
+            await stream.send_all(b"0\r\n\r\n")
+
+    async with open_raw_server(terminator_late) as server:
+        lm = backend(provider, transport, server.url, read_timeout=5.0)
+        for _ in range(2):
+            started = trio.current_time()
+            completion = await lm.complete(MESSAGES, {}, Deltas())
+            assert completion.texts == ["Hello world"]
+            assert trio.current_time() - started == min(late, 0.5)
+        await lm.aclose()
+    assert server.connections == connections

@@ -111,6 +111,16 @@ async def test_never_retry_after_tokens_reached_the_caller(autojump_clock: Any) 
     assert len(script.started) == 1
 
 
+async def test_a_call_streamed_upstream_that_nobody_reads_is_retried_after_tokens(
+    autojump_clock: Any,
+) -> None:
+    """A call sent upstream as a stream without a consumer (``streamed``) is watched like a stream, but
+    the tokens it heard reached nobody: a failure after them is retried."""
+    script = Script(UpstreamConnectionError("reset mid-stream"), tokens=3)
+    assert await guard().call(script, None, estimate=10, streamed=True) is OK
+    assert len(script.started) == 2
+
+
 async def test_attempt_timeout_cuts_an_attempt_and_retries(autojump_clock: Any) -> None:
     script = Script(delay=100.0)
     g = guard(attempt_timeout=5.0, retry=RetryPolicy(max_attempts=2, base_delay=0.0))
@@ -257,12 +267,6 @@ async def test_a_call_in_a_cancelled_scope_during_a_cool_down_is_cancelled_not_r
     assert scope.cancelled_caught
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every failed attempt settles its grant with 0 tokens (engine/_upstream.py _attempt: "
-    "`used = 0.0  # a failed attempt used nothing`), also one that streamed tokens before it failed, "
-    "which the provider did generate and count",
-)
 @pytest.mark.parametrize(
     "failure",
     [UpstreamConnectionError("reset mid-stream"), UpstreamResponseError("the answer passed the cap")],

@@ -1,7 +1,8 @@
 """What an upstream's answers may make the engine do, and what they may not: a huge ``Retry-After``
 is capped by ``retry.max_retry_after`` (for the backoff and for the shared cool-down), a request that
 cannot be sent is not retried as a connection failure, and only the "overloaded" 5xx statuses push the
-adaptive limit down. MockTransport on the virtual clock, exact times."""
+adaptive limit down. The default (lean) transport on the in-memory network, and httpx's MockTransport for
+what only httpx raises, on the virtual clock, exact times."""
 
 from __future__ import annotations
 
@@ -17,34 +18,14 @@ from dspy_trio.engine import ConfigError, InvalidInputError, UpstreamRateLimited
 from dspy_trio.engine._adaptive import AdaptiveLimit, AdaptiveSettings
 from dspy_trio.engine._retry import RetryPolicy, seeded
 from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
-from dspy_trio.engine.lm import GuardedLM, OpenAICompatibleLM
+from dspy_trio.engine.lm import GuardedLM, OpenAICompatibleLM, TrioLM
+from dspy_trio.engine.testing import MockRequest, Reply, http_response
+from tests.scripted_upstream import COMPLETION, Scripted, openai_lm
 
 MESSAGES = [{"role": "user", "content": "What is Trio?"}]
-COMPLETION = {
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 
 
-class Scripted:
-    """Answers with the scripted responses in order, then success; records the virtual times."""
-
-    def __init__(self, *responses: httpx.Response) -> None:
-        self.responses = list(responses)
-        self.times: list[float] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.times.append(trio.current_time())
-        await trio.lowlevel.checkpoint()
-        if self.responses:
-            return self.responses.pop(0)
-        return httpx.Response(200, json=COMPLETION)
-
-
-def guarded(handler: Any, *, attempts: int = 3, **retry: Any) -> tuple[GuardedLM, UpstreamGuard]:
-    lm = OpenAICompatibleLM(
-        "openai/m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler)
-    )
+def guarded(lm: TrioLM, *, attempts: int = 3, **retry: Any) -> tuple[GuardedLM, UpstreamGuard]:
     policy = RetryPolicy(max_attempts=attempts, base_delay=0.25, max_delay=8.0, **retry)
     guard = UpstreamGuard("up", UpstreamPolicy(retry=policy), jitter=seeded(3))
     return GuardedLM(lm, guard), guard
@@ -52,15 +33,15 @@ def guarded(handler: Any, *, attempts: int = 3, **retry: Any) -> tuple[GuardedLM
 
 async def test_a_huge_retry_after_is_waited_only_up_to_max_retry_after(autojump_clock: Any) -> None:
     """``Retry-After: 1e9`` (31 years) to a call with no deadline: the retry goes at the policy's cap."""
-    script = Scripted(httpx.Response(503, headers={"Retry-After": "1e9"}, json={}))
-    lm, _ = guarded(script, max_retry_after=60.0)
+    script = Scripted(http_response(503, headers={"Retry-After": "1e9"}, json={}))
+    lm, _ = guarded(openai_lm(script), max_retry_after=60.0)
     assert await lm.acall(messages=MESSAGES) == ["ok"]
     assert script.times == [0.0, 60.0]
 
 
 async def test_a_huge_retry_after_cools_the_upstream_down_only_up_to_the_cap(autojump_clock: Any) -> None:
-    script = Scripted(httpx.Response(429, headers={"Retry-After": "1e308"}, json={}))
-    lm, guard = guarded(script, attempts=1, max_retry_after=30.0)
+    script = Scripted(http_response(429, headers={"Retry-After": "1e308"}, json={}))
+    lm, guard = guarded(openai_lm(script), attempts=1, max_retry_after=30.0)
     with pytest.raises(Exception, match="429"):
         await lm.acall(messages=MESSAGES)
     assert guard.statistics().cooldown_remaining == 30.0
@@ -87,7 +68,10 @@ async def test_a_request_that_cannot_be_sent_is_not_retried(autojump_clock: Any,
         times.append(trio.current_time())
         raise error
 
-    lm, guard = guarded(handler)
+    httpx_lm = OpenAICompatibleLM(
+        "openai/m", api_base="http://upstream.test/v1", transport=httpx.MockTransport(handler)
+    )
+    lm, guard = guarded(httpx_lm)
     with pytest.raises(ConfigError, match="cannot be sent"):
         await lm.acall(messages=MESSAGES)
     assert times == [0.0]
@@ -97,11 +81,11 @@ async def test_a_request_that_cannot_be_sent_is_not_retried(autojump_clock: Any,
 async def test_a_parameter_json_cannot_carry_is_invalid_input_and_nothing_is_sent() -> None:
     sent: list[bytes] = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
-        sent.append(request.content)
-        return httpx.Response(200, json=COMPLETION)
+    def handler(request: MockRequest) -> Reply:
+        sent.append(request.body)
+        return [http_response(200, json=COMPLETION)]
 
-    lm, _ = guarded(handler)
+    lm, _ = guarded(openai_lm(handler))
     with pytest.raises(InvalidInputError, match="JSON"):
         await lm.acall(messages=MESSAGES, temperature=math.inf)
     assert sent == []

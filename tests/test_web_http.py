@@ -14,7 +14,7 @@ import trio
 import trio.testing
 from openapi_spec_validator import validate
 
-from dspy_trio.engine import EngineConfig, LMConfig, UpstreamServerError
+from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, SimulatedSettings, UpstreamServerError
 from dspy_trio.engine.testing import Behavior, FakeUpstream
 
 from .helpers import CountingLM, FailingLM, first_request_closed_by_client, wait_until
@@ -55,7 +55,9 @@ async def test_health_ready_and_the_seed_predict() -> None:
 
 
 async def test_programs_listing_and_program_predict() -> None:
-    engine = EngineConfig(lms={"default": LMConfig(first_token_delay=0, token_delay=0)})
+    engine = EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))}
+    )
     async with running(settings(engine=engine)) as server, httpx.AsyncClient(base_url=server.url) as client:
         listing = (await client.get("/v1/programs")).json()
         assert listing == {
@@ -179,7 +181,7 @@ async def test_upstream_errors_map_to_gateway_statuses() -> None:
 
 async def test_client_disconnect_cancels_the_upstream_call(fake_upstream: FakeUpstream) -> None:
     fake_upstream.behavior = Behavior(latency=30)
-    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    lm = LMConfig(model="fake", settings=OpenAISettings(api_base=fake_upstream.url))
     async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(post, server.url, "/predict", {"question": "q"})

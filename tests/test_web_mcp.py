@@ -17,13 +17,13 @@ import trio
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec
+from dspy_trio.engine import EngineConfig, ProgramSpec
 from dspy_trio.engine.lm import OpenAICompatibleLM
 from dspy_trio.engine.testing import Behavior, open_fake_upstream
 from dspy_trio.web.server import Server
 
 from .helpers import HANG_GUARD, first_request_closed_by_client, wait_until
-from .web_helpers import running, settings
+from .web_helpers import FAST, running, settings
 
 MODES = ["auto", "legacy"]  # the current revision (discovered), and the handshake era
 
@@ -36,7 +36,6 @@ class Summary(dspy.Signature):
     words: int = dspy.OutputField(desc="how many words the text has")
 
 
-FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
 ENGINE = EngineConfig(
     lms={"default": FAST},
     programs={"qa": ProgramSpec("question -> answer"), "summary": ProgramSpec(Summary)},

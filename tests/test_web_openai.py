@@ -10,20 +10,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import attrs
 import dspy
 import httpx
 import openai
 import pytest
 import trio
 
-from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec
+from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec, SimulatedSettings
 from dspy_trio.engine.lm import OpenAICompatibleLM
 from dspy_trio.engine.testing import Behavior, FakeUpstream, open_fake_upstream
 from dspy_trio.web.server import Server
 
 from .helpers import HANG_GUARD, first_request_closed_by_client, wait_until
-from .web_helpers import running, settings
+from .web_helpers import FAST, running, settings
 
 
 class Conversation(dspy.Signature):
@@ -34,7 +33,6 @@ class Conversation(dspy.Signature):
     answer: str = dspy.OutputField()
 
 
-FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
 PROGRAMS = {
     "qa": ProgramSpec("question -> answer"),
     "talk": ProgramSpec(Conversation),
@@ -150,7 +148,10 @@ async def test_a_conversation_goes_to_the_history_input() -> None:
 
 async def test_every_error_is_the_sdks_own_type() -> None:
     engine = EngineConfig(
-        lms={"default": FAST, "slow": attrs.evolve(FAST, first_token_delay=600.0)},
+        lms={
+            "default": FAST,
+            "slow": LMConfig(settings=SimulatedSettings(first_token_delay=600.0, token_delay=0.0)),
+        },
         programs={**PROGRAMS, "slow": ProgramSpec("question -> answer", lm="slow")},
         max_in_flight=1,
         max_queued=0,
@@ -206,7 +207,7 @@ async def _call(client: openai.AsyncOpenAI, model: str) -> None:
 
 
 async def test_an_error_mid_stream_is_raised_by_the_sdk() -> None:
-    slow = attrs.evolve(FAST, token_delay=0.05)
+    slow = LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.05))
     async with service(engine=EngineConfig(lms={"default": slow}, programs=PROGRAMS)) as (_, client):
         stream = await client.chat.completions.create(
             model="qa",

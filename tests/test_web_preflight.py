@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from dspy_trio.engine import ConfigError, EngineConfig, LMConfig, ProgramSpec
+from dspy_trio.engine import AnthropicSettings, ConfigError, DSPySettings, EngineConfig, LMConfig, ProgramSpec
 from dspy_trio.web.preflight import api_root, check_api_keys, check_engine_opens, describe_lm
 
 
 def lm(**changes: object) -> LMConfig:
-    return LMConfig(**{"provider": "openai", "model": "m", **changes})  # type: ignore[arg-type]
+    return LMConfig.from_mapping({"provider": "openai", "model": "m", **changes})
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def test_the_api_root_is_shown_without_credentials_or_query(base: str, shown: st
 
 
 def test_anthropic_defaults_to_its_public_api() -> None:
-    assert api_root(LMConfig(provider="anthropic", model="c")) == "https://api.anthropic.com"
+    assert api_root(LMConfig(model="c", settings=AnthropicSettings())) == "https://api.anthropic.com"
     assert api_root(LMConfig()) is None  # the simulated LM has none
 
 
@@ -36,7 +36,10 @@ def test_anthropic_defaults_to_its_public_api() -> None:
     ("lms", "refused"),
     [
         ({"default": lm(api_base="https://api.openai.com/v1")}, "set LM_API_KEY (or OPENAI_API_KEY)"),
-        ({"default": LMConfig(provider="anthropic", model="c")}, "set LM_API_KEY (or ANTHROPIC_API_KEY)"),
+        (
+            {"default": LMConfig(model="c", settings=AnthropicSettings())},
+            "set LM_API_KEY (or ANTHROPIC_API_KEY)",
+        ),
         ({"default": LMConfig(), "big": lm(api_base="https://api.openai.com/v1")}, "[lms.big]"),
     ],
 )
@@ -54,8 +57,11 @@ def test_a_hosted_api_without_a_key_is_refused(lms: dict[str, LMConfig], refused
         (lm(api_base="http://localhost:8080/v1"), False),
         (lm(api_base="http://[::1]:8080/v1"), False),
         (lm(api_base="http://127.1.2.3/v1"), False),
-        (LMConfig(provider="anthropic", model="c", api_base="http://127.0.0.1:9/"), False),
-        (LMConfig(provider="dspy", model="openai/gpt-4o-mini"), False),  # LiteLLM reads its own variables
+        (LMConfig(model="c", settings=AnthropicSettings(api_base="http://127.0.0.1:9/")), False),
+        (
+            LMConfig(model="openai/gpt-4o-mini", settings=DSPySettings()),
+            False,
+        ),  # LiteLLM reads its own variables
         (LMConfig(), False),
         (lm(api_base="http://10.0.0.7:8000/v1"), True),
         (lm(api_base="https://vllm.internal/v1"), True),
@@ -69,7 +75,7 @@ def test_other_servers_may_need_no_key(config: LMConfig, warned: bool) -> None:
 def test_the_lm_line_says_what_it_serves() -> None:
     line = describe_lm(lm(api_base="http://127.0.0.1:8080/v1", stream_upstream=True))
     assert line == "openai, model 'm', at http://127.0.0.1:8080/v1, no API key, stream_upstream on"
-    assert describe_lm(LMConfig(provider="dspy", model="openai/x")) == "dspy, model 'openai/x'"
+    assert describe_lm(LMConfig(model="openai/x", settings=DSPySettings())) == "dspy, model 'openai/x'"
 
 
 async def test_the_engine_check_finds_what_opening_would() -> None:

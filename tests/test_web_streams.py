@@ -10,7 +10,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from dspy_trio.engine import EngineConfig, LMConfig, UpstreamServerError
+from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, UpstreamServerError
 from dspy_trio.engine.testing import Behavior, FakeUpstream
 from dspy_trio.web.client import ServiceError, open_client
 
@@ -93,7 +93,7 @@ async def test_bad_stream_requests_get_a_status_not_an_event() -> None:
 
 async def test_leaving_an_sse_stream_closes_the_upstream_connection(fake_upstream: FakeUpstream) -> None:
     fake_upstream.behavior = Behavior(first_token_delay=0.0, token_delay=0.5)
-    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    lm = LMConfig(model="fake", settings=OpenAISettings(api_base=fake_upstream.url))
     async with running(settings(engine=EngineConfig(lms={"default": lm}))) as server:
         async with open_client(server.url) as client, client.stream("default", {"question": "q"}) as stream:
             async for name, _payload in stream:
@@ -123,7 +123,7 @@ async def test_multiplexed_websocket_runs_requests_concurrently_and_cancels_by_i
     fake_upstream: FakeUpstream,
 ) -> None:
     fake_upstream.behavior = Behavior(latency=0.2, first_token_delay=0.0, token_delay=0.05)
-    lm = LMConfig(provider="openai", model="fake", api_base=fake_upstream.url)
+    lm = LMConfig(model="fake", settings=OpenAISettings(api_base=fake_upstream.url))
     async with (
         running(settings(engine=EngineConfig(lms={"default": lm}))) as server,
         open_client(server.url) as client,

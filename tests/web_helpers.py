@@ -11,13 +11,13 @@ import trio
 import wsproto
 import wsproto.events
 
-from dspy_trio.engine import EngineConfig, LMConfig
+from dspy_trio.engine import EngineConfig, LMConfig, SimulatedSettings
 from dspy_trio.engine.lm import TrioLM
 from dspy_trio.web.routing import Route
 from dspy_trio.web.server import Server, open_server
 from dspy_trio.web.settings import ServiceSettings
 
-FAST = LMConfig(first_token_delay=0.0, token_delay=0.0)
+FAST = LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0))
 # The raw-socket tests name the server "x" in Host: a server on loopback answers only the names it is
 # told of besides localhost and its address (web/hosts.py, the DNS rebinding defence).
 RAW_HOST = "x"

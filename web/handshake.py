@@ -40,16 +40,16 @@ _WEBSOCKET_VERSION = b"13"
 def is_websocket_handshake(request: h11.Request) -> bool:
     """Whether Hypercorn serves ``request`` as a WebSocket: a ``GET`` with ``Upgrade: websocket`` and an
     ``upgrade`` token in ``Connection`` (the last of each header, as Hypercorn reads them)."""
+    if request.method.upper() != b"GET":
+        return False
     upgrade = connection = b""
     for name, value in request.headers:  # h11 lower-cases the names
         if name == b"upgrade":
             upgrade = value
         elif name == b"connection":
             connection = value
-    return (
-        request.method.upper() == b"GET"
-        and upgrade.strip().lower() == b"websocket"
-        and any(token.strip() == b"upgrade" for token in connection.lower().split(b","))
+    return upgrade.strip().lower() == b"websocket" and any(
+        token.strip() == b"upgrade" for token in connection.lower().split(b",")
     )
 
 

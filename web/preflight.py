@@ -33,7 +33,7 @@ _KEY_VARIABLE = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 def api_root(lm: LMConfig) -> str | None:
     """The LM's API root as it may be shown: without user, password, query or fragment."""
-    base = lm.api_base or _DEFAULT_BASE.get(lm.provider)
+    base = getattr(lm.settings, "api_base", None) or _DEFAULT_BASE.get(lm.provider)
     if base is None:
         return None
     parts = urlsplit(base)
@@ -62,7 +62,7 @@ def check_api_keys(config: EngineConfig) -> list[str]:
     """
     warnings = []
     for name, lm in config.lms.items():
-        if lm.provider not in _HOSTED or lm.api_key:
+        if lm.provider not in _HOSTED or getattr(lm.settings, "api_key", None):
             continue  # simulated needs none; dspy's LiteLLM reads its providers' own variables
         root = api_root(lm) or ""
         host = urlsplit(root).hostname or ""
@@ -85,8 +85,8 @@ def describe_lm(lm: LMConfig) -> str:
     if (root := api_root(lm)) is not None:
         parts.append(f"at {root}")
     if lm.provider in _HOSTED:
-        parts.append("API key set" if lm.api_key else "no API key")
-        parts.append(f"stream_upstream {'on' if lm.stream_upstream else 'off'}")
+        parts.append("API key set" if getattr(lm.settings, "api_key", None) else "no API key")
+        parts.append(f"stream_upstream {'on' if getattr(lm.settings, 'stream_upstream', False) else 'off'}")
     return ", ".join(parts)
 
 

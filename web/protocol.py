@@ -179,7 +179,7 @@ class HTTP11Protocol(H11Protocol):
             end = self.connection.next_event()  # a handshake has no body (check_request_head): it ends here
             assert isinstance(end, h11.EndOfMessage), end
             self.connection = PendingHandshake(self.connection)  # type: ignore[assignment]  # as H11WSConnection
-            stream = WSStream(*arguments, self.stream_send, STREAM_ID)
+            stream = WSStream(*arguments, self._handshake_send, STREAM_ID)
         else:
             stream = HTTPStream(*arguments, self.stream_send, STREAM_ID)
         self.stream = stream
@@ -197,14 +197,16 @@ class HTTP11Protocol(H11Protocol):
         self.keep_alive_requests += 1
         await self.context.mark_request()
 
-    async def stream_send(self, event: StreamEvent) -> None:
-        handshake = self.connection if isinstance(self.connection, PendingHandshake) else None
-        answer = event if isinstance(event, Response) and event.status_code >= 200 else None
-        if handshake is not None and not handshake.switched and answer is not None:
-            event = closing(answer)  # a refusal: the connection closes after it
-        await super().stream_send(event)
-        if handshake is not None and handshake.switched and isinstance(event, Response):
-            await self.can_read.set()  # accepted: read on (h11 had paused the reading)
+    async def _handshake_send(self, event: StreamEvent) -> None:
+        # What a WebSocket stream sends (an HTTP stream sends through stream_send directly): its refusal
+        # closes the connection; its acceptance (101) resumes the reading h11 had paused.
+        handshake = self.connection
+        pending = isinstance(handshake, PendingHandshake) and not handshake.switched
+        if pending and isinstance(event, Response) and event.status_code >= 200:
+            event = closing(event)
+        await self.stream_send(event)
+        if pending and isinstance(handshake, PendingHandshake) and handshake.switched:
+            await self.can_read.set()
 
     async def _send_error_response(self, status_code: int) -> None:
         # Called only from Hypercorn's ``except h11.RemoteProtocolError`` block: that error is the one

@@ -220,8 +220,8 @@ async def serve(
             if handle_signals:
                 nursery.start_soon(watch_signals)
             config = hypercorn_config(settings, worker_count=worker_count)
-            guarded = KeepAliveGuard(
-                app, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
+            guarded = KeepAliveGuard(  # around the front door itself: Quart's __call__ adds nothing
+                app.door, max_body_bytes=settings.max_body_bytes, drain_timeout=settings.keep_alive_timeout
             )
             binds = await nursery.start(
                 functools.partial(

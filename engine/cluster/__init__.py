@@ -7,7 +7,7 @@ connection pools — each process keeps its own. When Redis is unreachable every
 local limits (its share of the quota) and rejoins when Redis answers; no request waits on a dead Redis.
 """
 
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 from ._cancel import CancelRelay, OwnerDigest
 from ._cluster import Cluster, ClusterStatistics, open_cluster
 from ._cooldown import SharedCoolDown

@@ -9,6 +9,12 @@ found it, or once every process that received the broadcast (``PUBLISH`` counts 
 
 Because the request is looked up in the ledger of the process that runs it, there is no registration
 to race: a cancel sent the instant a request was accepted finds it.
+
+Owners' digests only match between processes with the same ``[cluster] secret``. So a cancel carries the
+fingerprint of its sender's secret (:attr:`OwnerDigest.fingerprint`); a process whose own differs cannot
+check the owner, says so in its answer (and in its log), and a cancel that nobody found then fails with
+``ClusterUnavailableError`` naming the secret, instead of reading "no such request" for a request that
+may run on (a rolling deploy that sets the secret, a typo in one replica's).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class OwnerDigest:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
         self._known: dict[str, str] = {}  # API keys are few: each is hashed once
+        # Which secret digests are keyed with, for comparing with other processes' (never an owner's).
+        self.fingerprint = hmac.new(secret, b"dspy-trio cluster secret", hashlib.sha256).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return "<OwnerDigest>"
@@ -74,6 +82,7 @@ class _Asked:
     receivers: int | None = None  # how many processes the broadcast reached (None: not known yet)
     answers: int = 0
     found: bool = False
+    other_secret: int = 0  # answers from processes whose secret differs (they could not check the owner)
     done: trio.Event = attrs.field(factory=trio.Event)
 
     def update(self) -> None:
@@ -123,6 +132,7 @@ class CancelRelay:
                 "owner": None if owner is None else self._digest(owner),
                 "reply": self.answer_channel,
                 "token": token,
+                "secret": self._digest.fingerprint,
             }
         )
         asked = self._asked[token] = _Asked()
@@ -141,6 +151,11 @@ class CancelRelay:
                 await asked.done.wait()
             if asked.found:
                 return True
+            if asked.other_secret:
+                raise ClusterUnavailableError(
+                    f"{asked.other_secret} of {asked.receivers} processes have another [cluster] secret "
+                    f"and could not check the owner to cancel {request_id}: set the same secret in all"
+                )
             if asked.receivers is not None and asked.answers >= asked.receivers:
                 return False
             raise ClusterUnavailableError(
@@ -162,18 +177,33 @@ class CancelRelay:
         except (ValueError, TypeError, KeyError):
             logger.warning("ignored a malformed cancel message: %r", data)
             return
-        found = self._local is not None and self._local(request_id, self._digest.check(owner))
-        self._link.write_soon(("publish", reply, json.dumps({"token": token, "found": found})))
+        # A sender that names no secret (an older process) is taken at its word.
+        other_secret = (
+            owner is not None and asked.get("secret", self._digest.fingerprint) != self._digest.fingerprint
+        )
+        if other_secret:
+            logger.warning(
+                "a cancel of %r came from a process with another [cluster] secret: its owner cannot be "
+                "checked here; set the same secret in every process",
+                request_id,
+            )
+            found = False
+        else:
+            found = self._local is not None and self._local(request_id, self._digest.check(owner))
+        answer = {"token": token, "found": found, **({"other_secret": True} if other_secret else {})}
+        self._link.write_soon(("publish", reply, json.dumps(answer)))
 
     def heard_answer(self, data: str) -> None:
         """Count another process's answer to one of this process's cancels."""
         try:
             answer: Any = json.loads(data)
             token, found = answer["token"], bool(answer["found"])
-        except (ValueError, TypeError, KeyError):
+            other_secret = bool(answer.get("other_secret"))
+        except (ValueError, TypeError, KeyError, AttributeError):
             logger.warning("ignored a malformed cancel answer: %r", data)
             return
         if (asked := self._asked.get(token)) is not None:
             asked.answers += 1
             asked.found = asked.found or found
+            asked.other_secret += other_secret
             asked.update()

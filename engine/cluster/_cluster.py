@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -24,7 +25,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ExponentialBackoffRetryPolicy, NoRetryPolicy
 
 from .. import _groups
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
@@ -91,10 +92,12 @@ class Cluster:
             self._quotas[upstream] = SharedQuota(self.link, upstream, rpm, tpm)
         return self._quotas[upstream]
 
-    def cooldown(self, upstream: str) -> CoolDown:
+    def cooldown(self, upstream: str, *, max_wait: float = math.inf) -> CoolDown:
         if upstream not in self._cooldowns:
-            self._cooldowns[upstream] = SharedCoolDown(self.link, upstream)
-        return self._cooldowns[upstream]
+            self._cooldowns[upstream] = SharedCoolDown(self.link, upstream, max_wait=max_wait)
+        cooldown = self._cooldowns[upstream]
+        cooldown.max_wait = min(cooldown.max_wait, max_wait)  # the tightest cap asked for
+        return cooldown
 
     def attach(self, cancel: LocalCancel) -> None:
         """Deliver cancels from other processes to ``cancel(request_id, owner_check)``: the engine's
@@ -116,7 +119,11 @@ class Cluster:
             try:
                 heard = json.loads(data)
                 if heard.get("from") != self.link.process_id and heard.get("upstream") in self._cooldowns:
-                    self._cooldowns[heard["upstream"]].heard(float(heard["until"]))
+                    if "seconds" in heard:
+                        seconds = float(heard["seconds"])
+                    else:  # only its end, on the shared clock
+                        seconds = float(heard["until"]) - self.link.clock()
+                    self._cooldowns[heard["upstream"]].heard(seconds)
             except (ValueError, TypeError, KeyError):
                 logger.warning("ignored a malformed cool-down message: %r", data)
 
@@ -135,8 +142,13 @@ class Cluster:
                 await trio.sleep(self.link.config.heartbeat_interval)
                 continue
             try:
+                # Redis acknowledges the subscription within the cap of any other call (coredis's
+                # own default, 1 s, would refuse a Redis that is slower but within call_timeout).
                 pubsub = self.link.client.pubsub(
-                    channels=channels, ignore_subscribe_messages=True, retry_policy=retry
+                    channels=channels,
+                    ignore_subscribe_messages=True,
+                    retry_policy=retry,
+                    subscription_timeout=self.link.config.call_timeout,
                 )
                 async with pubsub:
                     self.subscribed.set()
@@ -197,6 +209,7 @@ async def open_cluster(
             with suppress(RedisUnavailableError):
                 await beat(link)
             async with _groups.open_service_nursery() as nursery:
+                link.nursery = nursery
                 nursery.start_soon(link.run_writer)
                 nursery.start_soon(run_heartbeat, link, lambda: list(cluster._quotas.values()))
                 nursery.start_soon(cluster._listen)

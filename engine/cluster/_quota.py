@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import trio
 
 from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, refuse
 from ._quota_script import KEY_TTL, QUOTA_SCRIPT, Reply
-from ._redis import RedisLink, RedisUnavailableError
+from ._redis import Late, RedisLink, RedisUnavailableError
 
 _LONGEST_WAIT = 1e9  # "no deadline", as a number Lua can read
 _RESENDS = 3  # epoch changes one acquire follows before it gives up on the shared log
@@ -93,14 +94,14 @@ class ShareGrant:
         self._settled = True
         self._local.commit(tokens)
         if tokens is not None:
-            self._mirror.correct(self._entry, 0.0, tokens - self._estimate)
+            self._mirror.correct(self._entry, 0.0, tokens - self._estimate, trio.current_time())
 
     def refund(self) -> None:
         if self._settled:
             return
         self._settled = True
         self._local.refund()
-        self._mirror.correct(self._entry, -1.0, -self._estimate)
+        self._mirror.correct(self._entry, -1.0, -self._estimate, trio.current_time())
 
 
 class SharedQuota:
@@ -136,6 +137,8 @@ class SharedQuota:
         self._share: LocalQuota | None = None  # the local share, while Redis is (or just was) unreachable
         self._share_until = -math.inf  # when Redis answers again: the share's last minute ends then
         self._waited = 0.0
+        self._left = 0  # calls whose caller left before the reply, their outcome still to come
+        self._all_settled = trio.Event()  # set when _left falls to 0
 
     def __repr__(self) -> str:
         return f"<SharedQuota {self.key} [{self.rpm:g} rpm, {self.tpm:g} tpm]>"
@@ -260,7 +263,7 @@ class SharedQuota:
 
     def _correct(self, seq: int, epoch: str, entry: Entry, requests: float, tokens: float) -> None:
         """Change a shared grant's charge: in the mirror now, in the shared log with the next call."""
-        self.mirror.correct(entry, requests, tokens)
+        self.mirror.correct(entry, requests, tokens, trio.current_time())
         if epoch == self.epoch and (requests or (tokens and self.tpm)):  # tokens count only with a limit
             self._corrections.append((seq, requests, tokens))
 
@@ -299,15 +302,62 @@ class SharedQuota:
             numbers += (now + (entry.at - now_local), entry.requests, entry.tokens)
         args = (" ".join(map(repr, numbers)), known, self._candidate, link.process_id)
         self._corrections = []
-        try:
-            reply = Reply.parse(await link.call(lambda: self._script(keys=[self.key], args=args)))
-        except BaseException:
-            self._corrections = corrections + self._corrections  # not applied: keep them for the next call
+
+        def not_applied() -> None:  # keep what was queued for the next call
+            self._corrections = corrections + self._corrections
             for entry, tag in zip(unmerged, tags, strict=True):
                 entry.tag = tag
             self._unmerged += unmerged
             self._first_in_epoch = self._first_in_epoch or first
+
+        gone = False  # the caller left while the script ran: flush() waits for its outcome
+
+        def left() -> None:
+            nonlocal gone
+            gone = True
+            if not self._left:
+                self._all_settled = trio.Event()
+            self._left += 1
+
+        def late(outcome: Late[Any]) -> None:
+            """The caller left before the reply: what the script did still counts, and a request it
+            reserved for the caller, never sent, is given back with the next call."""
+            if outcome.error is not None:
+                not_applied()
+            else:
+                reply = self._applied(Reply.parse(outcome.reply), now, unmerged, tags)
+                if reply.status == "ok":
+                    self._correct_shared(reply.seq, reply.epoch, -requests, -tokens)
+            if gone:
+                self._left -= 1
+                if not self._left:
+                    self._all_settled.set()
+
+        async def script() -> Any:
+            return await self._script(keys=[self.key], args=args)
+
+        try:
+            # Detached when it reserves: a caller that leaves must not leave its reservation behind.
+            if requests or tokens:
+                raw = await link.call_detached(script, late, left)
+            else:
+                raw = await link.call(script)
+        except trio.Cancelled:
+            if not (requests or tokens) or link.nursery is None:
+                not_applied()
+            raise  # (else a detached call: its outcome goes to late())
+        except BaseException:
+            not_applied()
             raise
+        return self._applied(Reply.parse(raw), now, unmerged, tags)
+
+    def _correct_shared(self, seq: int, epoch: str, requests: float, tokens: float) -> None:
+        """Queue a change of a grant in the shared log only (it has no mirror entry)."""
+        if epoch == self.epoch and (requests or (tokens and self.tpm)):
+            self._corrections.append((seq, requests, tokens))
+
+    def _applied(self, reply: Reply, now: float, unmerged: list[Entry], tags: list[str]) -> Reply:
+        """Take in what a call of the script did: the epoch, where the sent grants now are, the totals."""
         self._last_contact = now
         if reply.status == "epoch":
             self._corrections = []  # they belong to the old epoch (the mirror holds their effect)
@@ -325,7 +375,11 @@ class SharedQuota:
     async def flush(self, idle_after: float) -> None:
         """Send what is queued, and if this process has not talked to the shared log for ``idle_after``
         seconds, check in anyway (so that a lost log learns its grants within a heartbeat). The
-        heartbeat calls this. Blocks for one or two bounded round-trips."""
+        heartbeat calls this. Blocks for one or two bounded round-trips, after the replies to calls
+        whose caller left (at most ``call_timeout``): what they reserved is queued to be given back."""
+        if self._left:
+            with trio.move_on_after(self._link.config.call_timeout):
+                await self._all_settled.wait()
         if self._link.degraded:
             return
         self.mirror.expire(trio.current_time())

@@ -10,6 +10,11 @@ are logged once each.
 Writes nobody waits for (a request's registration, a cool-down's broadcast) go through a bounded queue
 that :meth:`RedisLink.run_writer` sends in pipelined batches; when the queue is full they are dropped and
 counted, never waited for.
+
+A command whose effect must be known even when its caller leaves before the reply (a quota
+reservation, given back if the caller is gone) runs in the link's own task group
+(:meth:`RedisLink.call_detached`): the caller stops waiting at its deadline as for any call, and the
+reply, when it comes, goes to a callback instead of being lost with the caller.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import coredis
 import trio
 from coredis.exceptions import RedisError
 
-from .._config import ClusterConfig
+from .._cluster_config import ClusterConfig
 
 logger = logging.getLogger("dspy_trio.engine.cluster")
 
@@ -41,6 +46,17 @@ _BATCH = 256
 
 class RedisUnavailableError(Exception):
     """Redis did not answer in time or failed; the caller uses its local fallback."""
+
+
+class Late(Generic[T]):
+    """What came of a detached command whose caller left first: its ``reply``, or the ``error`` that
+    ended it (``RedisUnavailableError``, or any other ``Exception``)."""
+
+    __slots__ = ("error", "reply")
+
+    def __init__(self, reply: T | None, error: Exception | None) -> None:
+        self.reply = reply
+        self.error = error
 
 
 class RedisLink:
@@ -67,6 +83,8 @@ class RedisLink:
         self.failures = 0
         self.writes_dropped = 0
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[Write](_OUTBOX_SIZE)
+        # Where detached commands run (the cluster's service nursery, set by open_cluster); None: inline.
+        self.nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
         state = "degraded" if self.degraded else "up"
@@ -112,6 +130,56 @@ class RedisLink:
             return reply
         self._failed(f"no answer within {self.config.call_timeout:g}s", degrade)
         raise RedisUnavailableError("redis did not answer in time")
+
+    async def call_detached(
+        self,
+        command: Callable[[], Awaitable[T]],
+        on_late: Callable[[Late[T]], None],
+        on_left: Callable[[], None] = lambda: None,
+    ) -> T:
+        """Like :meth:`call`, but the command runs in :attr:`nursery`: when the caller leaves first (its
+        cancel or deadline), the command still completes within ``call_timeout`` and what came of it
+        goes to ``on_late`` (never called when the caller got it). ``on_left`` is called when the
+        caller leaves while the command is still running (``on_late`` follows). Blocks like
+        :meth:`call`.
+
+        Raises:
+            RedisUnavailableError: as :meth:`call`.
+            trio.Cancelled: the caller's own deadline or cancel came first.
+        """
+        if self.nursery is None:
+            return await self.call(command)
+        done = trio.Event()
+        outcome: list[Late[T]] = []
+        caller_left = False
+
+        async def run() -> None:
+            try:
+                reply = await self.call(command)
+            except trio.Cancelled:
+                raise  # the cluster is closing: nobody is left to tell
+            except Exception as exc:
+                outcome.append(Late(None, exc))
+            else:
+                outcome.append(Late(reply, None))
+            done.set()
+            if caller_left:
+                on_late(outcome[0])
+
+        self.nursery.start_soon(run)
+        try:
+            await done.wait()
+        except BaseException:
+            if outcome:  # it came as the caller was cancelled: the caller never saw it
+                on_late(outcome[0])
+            else:
+                caller_left = True
+                on_left()
+            raise
+        late = outcome[0]
+        if late.error is not None:
+            raise late.error
+        return late.reply  # type: ignore[return-value]
 
     def _failed(self, why: str, degrade: bool) -> None:
         if degrade:

@@ -55,6 +55,7 @@ class CallGuard(Protocol):
         sink: DeltaSink | None,
         *,
         estimate: float,
+        streamed: bool = False,
     ) -> Completion: ...
 
 
@@ -138,7 +139,13 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
     Instances are async-only: the synchronous ``lm(...)`` path raises, because blocking the event loop
     on a network call is never what a server wants.
+
+    Attributes:
+        stream_upstream: Whether a call without a sink is sent upstream as a stream too (a backend that
+            can do so sets it); such a call is then watched like a stream (first token, stalls).
     """
+
+    stream_upstream: bool = False
 
     def __init__(self, model: str, *, cache: bool = False, **kwargs: Any) -> None:
         # num_retries=0: the engine's own retry policy is the only one.
@@ -251,6 +258,7 @@ class GuardedLM(TrioLM):
             lambda guarded_sink: inner.complete(messages, params, guarded_sink),
             sink,
             estimate=estimate_tokens(messages, params),
+            streamed=inner.stream_upstream,
         )
 
     async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

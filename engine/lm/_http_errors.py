@@ -16,6 +16,7 @@ import email.utils
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -108,20 +109,22 @@ def transport_errors(model: str, redact: Redactor) -> Iterator[None]:
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date).
 
-    Returns None when neither header is present or parseable. Never negative. A value that is not a
-    finite number (``inf``, ``Infinity``, ``nan``, ``1e400``) is ignored like any other garbage: it
-    falls through from ``retry-after-ms`` to ``Retry-After``, and from there to None. How long is too
-    long is the retry policy's decision (``RetryPolicy.max_retry_after``).
+    Returns None when neither header is present or parseable. Never negative. A delay is a finite
+    decimal number in ASCII (RFC 9110's ``delay-seconds``, and the fractions and exponents providers
+    send): not ``inf``, ``nan``, ``1e400`` or a non-ASCII digit such as ``\u0663``, all of which
+    ``float()`` would take. A field repeated in the response (a provider's and a proxy's) arrives
+    joined by ``", "`` (RFC 9110 section 5.3; both transports present it so): the wait is the longest
+    delay listed. A value that is garbage falls through from ``retry-after-ms`` to ``Retry-After``, and
+    from there to None. How long is too long is the retry policy's decision
+    (``RetryPolicy.max_retry_after``).
     """
-    if (ms := _finite(headers.get("retry-after-ms"))) is not None:
-        return max(0.0, ms / 1000.0)
+    if (ms := _delay(headers.get("retry-after-ms"))) is not None:
+        return ms / 1000.0
     value = headers.get("retry-after")
     if value is None:
         return None
-    if (seconds := _finite(value)) is not None:
-        return max(0.0, seconds)
-    if _number_like(value):
-        return None  # "inf", "nan", "1e400": a number, but not one to wait for
+    if (seconds := _delay(value)) is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -129,22 +132,18 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _finite(value: str | None) -> float | None:
+_DELAY = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _delay(value: str | None) -> float | None:
+    """The longest of the comma-separated delays in ``value``; None unless every one is a delay."""
     if value is None:
         return None
-    try:
-        number = float(value)
-    except ValueError:
+    delays = [part.strip() for part in value.split(",")]
+    if not all(_DELAY.fullmatch(delay) for delay in delays):
         return None
-    return number if math.isfinite(number) else None
-
-
-def _number_like(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
+    longest = max(float(delay) for delay in delays)
+    return max(0.0, longest) if math.isfinite(longest) else None
 
 
 def _provider_words(body: str) -> str:

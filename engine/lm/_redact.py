@@ -6,7 +6,10 @@ proxy's error page that dumps the request headers — so anything it wrote is re
 
 - the credentials the backend sends (``Authorization``, ``x-api-key``, ...), wherever they appear, and
   any run of key-like characters sharing :data:`FRAGMENT` consecutive characters with one of them: a key
-  cut in two (by a truncation, or split across two fields of the upstream's JSON) loses both halves;
+  cut in two (by a truncation, or split across two fields of the upstream's JSON) loses both halves.
+  A credential's base64 forms (standard and URL-safe, at each of the three byte alignments it can take
+  inside an encoded text: a gateway dumping ``Authorization``, a ``Basic user:key``) count as the
+  credential;
 - anything shaped like a credential: ``Bearer <token>``, ``Basic <token>``, ``sk-...`` keys, and the value
   of an ``api_key`` / ``x-api-key`` / ``authorization`` / ``token`` / ``secret`` / ``password`` field.
 
@@ -16,6 +19,7 @@ longer matches. An excerpt is one log line: control characters are written as es
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Mapping
 
@@ -42,6 +46,20 @@ _SHAPES = (
 )
 
 
+def _base64_forms(secret: str) -> list[str]:
+    """What every base64 encoding of a text containing ``secret`` contains, whatever surrounds it: for
+    each alignment (0, 1 or 2 bytes before it in its 3-byte group) the characters made of its bits
+    alone, in the standard and the URL-safe alphabet."""
+    raw = secret.encode()
+    forms = []
+    for shift in range(3):
+        encoded = base64.b64encode(bytes(shift) + raw).decode()
+        # Character j holds bits [6j, 6j + 6); the secret's bits are [8 * shift, 8 * (shift + len)).
+        core = encoded[-(-8 * shift // 6) : 8 * (shift + len(raw)) // 6]
+        forms += [core, core.replace("+", "-").replace("/", "_")]
+    return forms
+
+
 class Redactor:
     """Removes ``secrets`` (and credential-shaped text) from text bound for the log.
 
@@ -54,10 +72,9 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         kept = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._whole = [s for s in kept if len(s) >= FRAGMENT]
+        forms = [*self._whole, *(form for s in self._whole for form in _base64_forms(s))]
         # Lower-cased: an upstream that echoes a key upper-cased still echoes the key.
-        self._fragments = {
-            s[i : i + FRAGMENT].lower() for s in self._whole for i in range(len(s) - FRAGMENT + 1)
-        }
+        self._fragments = {s[i : i + FRAGMENT].lower() for s in forms for i in range(len(s) - FRAGMENT + 1)}
         # A credential shorter than a fragment is removed only where it stands alone (a one-letter test
         # key must not blank every letter of the log).
         self._short = [

@@ -1,4 +1,5 @@
-"""Anthropic's Messages API over ``httpx.AsyncClient``, Trio-native, plain and streaming.
+"""Anthropic's Messages API, Trio-native, plain and streaming: the ``anthropic`` provider's backend and
+settings.
 
 DSPy's chat messages are mapped to the Messages API: system messages become the ``system`` field,
 consecutive messages of one role are merged (the API wants user and assistant to alternate), and
@@ -14,20 +15,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
+import attrs
 import httpx
 import trio
 
-from .._errors import UpstreamConnectionError, UpstreamServerError
+from .._errors import UpstreamConnectionError
+from .._tables import nested
 from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
-from ._http_errors import failure
-from .openai import HTTPSettings
+from ._http_errors import status_error
+from ._provider import api_base_field, api_key_field
+from ._transport import HTTPSettings, NetworkBackend
 
-if TYPE_CHECKING:
-    from .._config import LMConfig
-
+ANTHROPIC_API = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
 # OpenAI-style parameter names DSPy passes, and their Messages API names (None: not sent).
@@ -38,6 +40,9 @@ _PARAMS = {
     "stop": "stop_sequences",
     "n": None,
 }
+# The retryable ``error`` event types and the HTTP status each stands for: reported after the 200, the
+# same error (and retry, cool-down and rate-limit policy) as that status before the stream began.
+_RETRYABLE_STREAM_ERRORS = {"rate_limit_error": 429, "api_error": 500, "overloaded_error": 529}
 
 
 def to_messages_api(messages: Sequence[Message]) -> tuple[str | None, list[dict[str, Any]]]:
@@ -65,6 +70,40 @@ def _usage(reported: Mapping[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+@attrs.frozen
+class AnthropicSettings:
+    """The ``anthropic`` provider's keys of an ``[lms.NAME]`` table: Anthropic's Messages API.
+
+    Attributes:
+        api_base: The API root (default Anthropic's own; a proxy's otherwise).
+        api_key: Sent as ``x-api-key``; never shown in ``repr``. Without one, the environment's
+            ``ANTHROPIC_API_KEY`` is used (for the default LM, ``LM_API_KEY`` first).
+        http: Connection policy: timeouts, connections, the transport, the caps on answers.
+        stream_upstream: Send non-streamed calls as streams and assemble the answer (see
+            ``OpenAISettings.stream_upstream``).
+    """
+
+    provider: ClassVar[str] = "anthropic"
+    key_env: ClassVar[str | None] = "ANTHROPIC_API_KEY"
+
+    api_base: str = api_base_field(ANTHROPIC_API)
+    api_key: str | None = api_key_field()
+    http: HTTPSettings = nested(HTTPSettings)
+    stream_upstream: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    def build(self, model: str, params: Mapping[str, Any], *, cache: bool = False) -> AnthropicLM:
+        """The backend; no I/O happens until its first call."""
+        return AnthropicLM(
+            model,
+            api_key=self.api_key,
+            api_base=self.api_base,
+            http=self.http,
+            stream_upstream=self.stream_upstream,
+            cache=cache,
+            **params,
+        )
+
+
 class AnthropicLM(TrioLM):
     """A ``dspy.BaseLM`` for Anthropic's Messages API.
 
@@ -74,6 +113,8 @@ class AnthropicLM(TrioLM):
         api_base: The API root (``https://api.anthropic.com``, or a proxy / the fake upstream).
         http: Timeouts and connection limits.
         transport: An ``httpx`` transport to send requests through instead of the network (tests).
+        network: Where the lean transport opens its connections instead of the network (tests pass
+            ``dspy_trio.engine.testing.MockBackend``).
         stream_upstream: Send non-streamed calls as streams too and assemble the answer, so that a
             cancelled call closes a stream (see ``OpenAICompatibleLM``).
         **kwargs: Default request parameters (``max_tokens``, ``temperature``, ...).
@@ -84,9 +125,10 @@ class AnthropicLM(TrioLM):
         model: str,
         *,
         api_key: str | None = None,
-        api_base: str = "https://api.anthropic.com",
+        api_base: str = ANTHROPIC_API,
         http: HTTPSettings | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        network: NetworkBackend | None = None,
         stream_upstream: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -100,20 +142,7 @@ class AnthropicLM(TrioLM):
             headers["x-api-key"] = api_key
         root = api_base.rstrip("/").removesuffix("/v1")
         self.http = http or HTTPSettings()
-        self._clients = self.http.clients(root + "/", headers, transport=transport)
-
-    @classmethod
-    def from_config(cls, config: LMConfig, *, cache: bool = False) -> AnthropicLM:
-        """The backend an ``LMConfig`` describes."""
-        return cls(
-            config.model,
-            api_key=config.api_key,
-            api_base=config.api_base or "https://api.anthropic.com",
-            http=config.http,
-            stream_upstream=config.stream_upstream,
-            cache=cache,
-            **config.params,
-        )
+        self._clients = self.http.clients(root + "/", headers, transport=transport, network=network)
 
     def __repr__(self) -> str:
         return f"AnthropicLM(model={self.model!r}, api_base={self.api_base!r})"
@@ -180,7 +209,7 @@ class AnthropicLM(TrioLM):
 
         redact = self._clients.redact
 
-        async def on_event(name: str, data: str) -> None:
+        async def on_event(name: str, data: str) -> bool:
             nonlocal stopped
             payload = json_object(self.model, data, redact)
             kind = payload.get("type", name)
@@ -201,10 +230,12 @@ class AnthropicLM(TrioLM):
                     finish[0] = _finish((payload.get("delta") or {}).get("stop_reason")) or finish[0]
                 elif kind == "message_stop":
                     stopped = True
+                    return True  # the stream's own end: the answer is complete
                 elif kind == "error":
                     self._raise_stream_error(payload, data)
             except (AttributeError, TypeError, ValueError) as exc:
                 raise bad(self.model, "the upstream's stream has a malformed event", data, redact) from exc
+            return False
 
         await self._clients.post_sse(self.model, "v1/messages", body, on_event)
         if not stopped:
@@ -216,12 +247,11 @@ class AnthropicLM(TrioLM):
         return Completion(texts, _usage(usage), ["".join(thinking) or None], finish)
 
     def _raise_stream_error(self, payload: Mapping[str, Any], data: str) -> None:
-        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
-        assert isinstance(error, dict)
+        error = payload.get("error")
+        kind = error.get("type") if isinstance(error, dict) else None
         redact = self._clients.redact
-        if error.get("type") in ("overloaded_error", "api_error"):
-            public = "the upstream reported it is overloaded mid-stream"
-            raise failure(UpstreamServerError, self.model, public, data, redact, status=529)
+        if isinstance(kind, str) and (status := _RETRYABLE_STREAM_ERRORS.get(kind)) is not None:
+            raise status_error(self.model, status, {}, data, redact)
         raise bad(self.model, "the upstream reported an error mid-stream", data, redact)
 
 

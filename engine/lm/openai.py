@@ -1,9 +1,10 @@
-"""OpenAI-compatible chat completions over ``httpx.AsyncClient``, Trio-native.
+"""OpenAI-compatible chat completions, Trio-native: the ``openai`` provider's backend and settings.
 
-Speaks ``POST {api_base}/chat/completions`` as served by OpenAI, vLLM, llama.cpp's server, Ollama's
-``/v1``, the LiteLLM proxy and the project's fake upstream. httpx runs on Trio through anyio, so the
-caller's cancel scope reaches the socket: cancelling a call closes its connection instead of leaving a
-request running upstream (and billing tokens nobody reads).
+Speaks ``POST {api_base}/chat/completions`` as served by OpenAI, vLLM, llama.cpp's server, Ollama's ``/v1``,
+the LiteLLM proxy and the project's fake upstream, through the transport ``HTTPSettings`` chooses
+(``_transport``: h11 on Trio streams, or httpx on Trio through anyio), so the caller's cancel scope reaches
+the socket: cancelling a call closes its connection instead of leaving a request running upstream (and
+billing tokens nobody reads).
 
 Streaming reads the Server-Sent Events body line by line and pushes each delta to the sink *before*
 reading the next line: a slow consumer therefore pauses the socket read, and TCP flow control carries
@@ -14,147 +15,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import attrs
 import httpx
 import trio
 
-from .._errors import UpstreamConnectionError
-from .._validate import optional_positive, positive, positive_int
+from .._errors import ConfigError, UpstreamConnectionError
+from .._tables import nested
+from .._validate import http_url
 from ._answers import bad, clean_usage, json_object, parse_json, text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM, estimated_usage
-from ._body import MAX_EVENT_BYTES, MAX_RESPONSE_BYTES
 from ._http_errors import status_error
-from ._http_pool import REQUEST_HEADERS, ClientShards
+from ._provider import api_key_field
 from ._redact import Redactor
-from ._transport import (
-    HTTPClient,
-    LeanClient,
-    Timeouts,
-    TransportName,
-    choose,
-    default_ssl_context,
-    new_ssl_context,
-    proxy_for,
-)
-
-if TYPE_CHECKING:
-    from .._config import LMConfig
-
-
-@attrs.frozen
-class HTTPSettings:
-    """Connection policy of an HTTP backend.
-
-    Attributes:
-        connect_timeout: Seconds to open a connection.
-        read_timeout: Seconds the provider may stay silent between two reads (per attempt).
-        write_timeout: Seconds to send the request.
-        pool_timeout: Seconds to wait for a free pooled connection.
-        max_connections: Concurrent connections to the provider.
-        idle_check_interval: Seconds between checks for kept-alive connections the provider closed,
-            which the backend's ``maintain`` task then closes too (None: never check).
-        idle_timeout: Seconds an idle keep-alive connection is kept.
-        client: ``"lean"`` (h11 on Trio streams), ``"httpx"``, or ``"auto"``: lean unless an HTTP
-            proxy from the environment applies to the URL or ``http2`` is asked for.
-        http2: Speak HTTP/2 (through httpx; needs the ``h2`` package).
-        max_response_bytes: The most bytes one answer may have, decoded: a JSON body, or a whole
-            event stream (16 MiB). A larger answer fails the call with ``UpstreamResponseError``.
-        max_event_bytes: The most one event of a stream (or one line of it) may hold (1 MiB).
-    """
-
-    connect_timeout: float = attrs.field(default=10.0, validator=positive)
-    read_timeout: float = attrs.field(default=120.0, validator=positive)
-    write_timeout: float = attrs.field(default=30.0, validator=positive)
-    pool_timeout: float = attrs.field(default=30.0, validator=positive)
-    max_connections: int = attrs.field(default=1024, validator=positive_int)
-    idle_check_interval: float | None = attrs.field(default=1.0, validator=optional_positive)
-    idle_timeout: float = attrs.field(default=5.0, validator=positive)
-    client: TransportName = attrs.field(
-        default="auto", validator=attrs.validators.in_(("auto", "lean", "httpx"))
-    )
-    http2: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-    max_response_bytes: int = attrs.field(default=MAX_RESPONSE_BYTES, validator=positive_int)
-    max_event_bytes: int = attrs.field(default=MAX_EVENT_BYTES, validator=positive_int)
-
-    def httpx_timeout(self) -> httpx.Timeout:
-        """These timeouts as httpx's."""
-        return httpx.Timeout(
-            connect=self.connect_timeout,
-            read=self.read_timeout,
-            write=self.write_timeout,
-            pool=self.pool_timeout,
-        )
-
-    def clients(
-        self,
-        base_url: str,
-        headers: Mapping[str, str],
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> HTTPClient:
-        """A client with these timeouts and limits (no I/O happens until first use): the lean transport,
-        or httpx shards where :func:`choose` says so.
-
-        Args:
-            transport: Send every request through this httpx transport instead of the network (tests
-                pass an ``httpx.MockTransport``); one httpx client then serves all calls.
-        """
-        timeout = self.httpx_timeout()
-        redact = Redactor.for_headers(headers)
-        sent = {**REQUEST_HEADERS, **headers}
-        if transport is not None:
-            given = transport
-            return ClientShards(
-                1,
-                lambda _: (
-                    httpx.AsyncClient(base_url=base_url, headers=sent, timeout=timeout, transport=given),
-                    given,
-                ),
-                redact=redact,
-                max_response_bytes=self.max_response_bytes,
-                max_event_bytes=self.max_event_bytes,
-            )
-        if choose(base_url, self.client, http2=self.http2) == "lean":
-            timeouts = Timeouts(
-                connect=self.connect_timeout,
-                read=self.read_timeout,
-                write=self.write_timeout,
-                pool=self.pool_timeout,
-            )
-            return LeanClient(
-                base_url,
-                headers,
-                timeouts=timeouts,
-                max_connections=self.max_connections,
-                idle_timeout=self.idle_timeout,
-                max_response_bytes=self.max_response_bytes,
-                max_event_bytes=self.max_event_bytes,
-            )
-
-        # Loading CA certificates takes ~50 ms: one context for all shards and lean clients.
-        verify = new_ssl_context() if self.http2 else default_ssl_context()
-        proxy = proxy_for(base_url)
-
-        def make_client(connections: int) -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
-            limits = httpx.Limits(
-                max_connections=connections,
-                max_keepalive_connections=connections,
-                keepalive_expiry=self.idle_timeout,
-            )
-            # Our own transport (for reaping) means httpx applies no proxy from the environment itself.
-            own = httpx.AsyncHTTPTransport(verify=verify, limits=limits, http2=self.http2, proxy=proxy)
-            client = httpx.AsyncClient(base_url=base_url, headers=sent, timeout=timeout, transport=own)
-            return client, own
-
-        return ClientShards(
-            self.max_connections,
-            make_client,
-            redact=redact,
-            max_response_bytes=self.max_response_bytes,
-            max_event_bytes=self.max_event_bytes,
-        )
+from ._transport import HTTPSettings, NetworkBackend
 
 
 def _jsonable_response_format(value: Any) -> Any:
@@ -191,6 +66,8 @@ class OpenAICompatibleLM(TrioLM):
         api_key: Sent as ``Authorization: Bearer``; None sends no key.
         http: Timeouts and connection limits.
         transport: An ``httpx`` transport to send requests through instead of the network (tests).
+        network: Where the lean transport opens its connections instead of the network (tests pass
+            ``dspy_trio.engine.testing.MockBackend``).
         stream_upstream: Send non-streamed calls upstream as streams too (``stream: true``) and
             assemble the answer: closing a stream is what makes self-hosted servers (llama.cpp) stop
             generating when the call is cancelled, while they finish a plain request nobody reads.
@@ -205,6 +82,7 @@ class OpenAICompatibleLM(TrioLM):
         api_key: str | None = None,
         http: HTTPSettings | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        network: NetworkBackend | None = None,
         stream_upstream: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -214,21 +92,8 @@ class OpenAICompatibleLM(TrioLM):
         self.stream_upstream = stream_upstream
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = http or HTTPSettings()
-        self._clients = self.http.clients(api_base.rstrip("/") + "/", headers, transport=transport)
-
-    @classmethod
-    def from_config(cls, config: LMConfig, *, cache: bool = False) -> OpenAICompatibleLM:
-        """The backend an ``LMConfig`` describes."""
-        assert config.api_base is not None  # LMConfig checks this
-        return cls(
-            config.model,
-            api_base=config.api_base,
-            api_key=config.api_key,
-            http=config.http,
-            stream_upstream=config.stream_upstream,
-            cache=cache,
-            **config.params,
-        )
+        root = api_base.rstrip("/") + "/"
+        self._clients = self.http.clients(root, headers, transport=transport, network=network)
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleLM(model={self.model!r}, api_base={self.api_base!r})"
@@ -298,11 +163,11 @@ class OpenAICompatibleLM(TrioLM):
         choices = wanted if isinstance(wanted, int) and wanted > 1 else 1
         redact = self._clients.redact
 
-        async def on_event(name: str, data: str) -> None:
+        async def on_event(name: str, data: str) -> bool:
             nonlocal usage, done
             if data.strip() == "[DONE]":
-                done = True  # read on to the end of the body, so the connection can be reused
-                return
+                done = True
+                return True  # the stream's own end: the answer is complete
             payload = self._chunk(data.strip())
             usage = _usage(payload) or usage
             for index, content, thinking, finish in _deltas(payload, self.model, choices, redact):
@@ -314,6 +179,7 @@ class OpenAICompatibleLM(TrioLM):
                     reasoning.setdefault(index, []).append(thinking)
                 if finish:
                     finished[index] = _finish(finish)
+            return False
 
         await self._clients.post_sse(self.model, "chat/completions", body, on_event)
         if not done and len(finished) < choices:  # a stream cut before every choice ended
@@ -336,6 +202,51 @@ class OpenAICompatibleLM(TrioLM):
                 raise status_error(self.model, code, {}, json.dumps(payload), redact)
             raise bad(self.model, "the upstream reported an error mid-stream", json.dumps(payload), redact)
         return payload
+
+
+def _needs_api_base(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not value:
+        raise ConfigError(
+            "an LM of provider 'openai' needs api_base (LM_API_BASE), e.g. https://api.openai.com/v1"
+        )
+    http_url(instance, attribute, value)
+
+
+@attrs.frozen
+class OpenAISettings:
+    """The ``openai`` provider's keys of an ``[lms.NAME]`` table: any OpenAI-compatible endpoint.
+
+    Attributes:
+        api_base: The API root (required), e.g. ``https://api.openai.com/v1`` or a self-hosted
+            server's ``http://127.0.0.1:8080/v1``.
+        api_key: Sent as ``Authorization: Bearer``; never shown in ``repr``. Without one, the
+            environment's ``OPENAI_API_KEY`` is used (for the default LM, ``LM_API_KEY`` first).
+        http: Connection policy: timeouts, connections, the transport, the caps on answers.
+        stream_upstream: Send non-streamed calls upstream as streams and assemble the answer, so a
+            cancelled call closes a stream: self-hosted servers (llama.cpp) stop generating then, but
+            finish a plain request whose client left. Off by default: it costs the engine ~0.08 ms of
+            CPU a token (``benchmarks/stream_upstream.py``).
+    """
+
+    provider: ClassVar[str] = "openai"
+    key_env: ClassVar[str | None] = "OPENAI_API_KEY"
+
+    api_base: str = attrs.field(default="", validator=_needs_api_base)
+    api_key: str | None = api_key_field()
+    http: HTTPSettings = nested(HTTPSettings)
+    stream_upstream: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+    def build(self, model: str, params: Mapping[str, Any], *, cache: bool = False) -> OpenAICompatibleLM:
+        """The backend; no I/O happens until its first call."""
+        return OpenAICompatibleLM(
+            model,
+            api_base=self.api_base,
+            api_key=self.api_key,
+            http=self.http,
+            stream_upstream=self.stream_upstream,
+            cache=cache,
+            **params,
+        )
 
 
 def _usage(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,14 +15,13 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
+import attrs
 import trio
 
+from .._validate import non_negative, positive_int
 from ._base import Completion, DeltaSink, Message, TrioLM
-
-if TYPE_CHECKING:
-    from .._config import LMConfig
 
 _OUTPUT_FIELDS = re.compile(r"Your output fields are:\n((?:\d+\. .*\n?)+)")
 _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*)\):", re.MULTILINE)
@@ -67,6 +66,35 @@ def _value_for(type_name: str, words: list[str]) -> Any:
     return " ".join(words)
 
 
+@attrs.frozen
+class SimulatedSettings:
+    """The ``simulated`` provider's keys of an ``[lms.NAME]`` table: the pacing of the built-in LM.
+
+    Attributes:
+        first_token_delay: Seconds before the first token.
+        token_delay: Seconds between tokens.
+        words_per_field: Length of each generated free-text field.
+    """
+
+    provider: ClassVar[str] = "simulated"
+    key_env: ClassVar[str | None] = None
+
+    first_token_delay: float = attrs.field(default=0.05, validator=non_negative)
+    token_delay: float = attrs.field(default=0.01, validator=non_negative)
+    words_per_field: int = attrs.field(default=16, validator=positive_int)
+
+    def build(self, model: str, params: Mapping[str, Any], *, cache: bool = False) -> SimulatedLM:
+        """The simulated LM with this pacing and these default parameters."""
+        return SimulatedLM(
+            model,
+            first_token_delay=self.first_token_delay,
+            token_delay=self.token_delay,
+            words_per_field=self.words_per_field,
+            cache=cache,
+            **params,
+        )
+
+
 class SimulatedLM(TrioLM):
     """A fake model for development, tests and benchmarks; needs no network.
 
@@ -90,18 +118,6 @@ class SimulatedLM(TrioLM):
         self.first_token_delay = first_token_delay
         self.token_delay = token_delay
         self.words_per_field = words_per_field
-
-    @classmethod
-    def from_config(cls, config: LMConfig, *, cache: bool = False) -> SimulatedLM:
-        """The simulated LM an ``LMConfig`` describes (its pacing and default parameters)."""
-        return cls(
-            config.model,
-            first_token_delay=config.first_token_delay,
-            token_delay=config.token_delay,
-            words_per_field=config.words_per_field,
-            cache=cache,
-            **config.params,
-        )
 
     def render(self, messages: Sequence[Message]) -> str:
         """The full completion text this LM answers ``messages`` with."""

@@ -20,10 +20,11 @@ import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
+import attrs
 import dspy
 import httpx
 from dspy.clients._deprecation import adapter_message_call
@@ -44,12 +45,14 @@ from .._errors import (
     UpstreamServerError,
     UpstreamTimeoutError,
 )
+from .._tables import nested
+from .._validate import positive_int
+from ._answers import text_or_none
 from ._base import Completion, DeltaSink, Message, TrioLM
 from ._http_errors import failure, status_words
+from ._provider import api_base_field, api_key_field
 from ._redact import Redactor
-
-if TYPE_CHECKING:
-    from .._config import LMConfig
+from ._transport import HTTPSettings
 
 
 def _first_line(exc: BaseException) -> str:
@@ -190,6 +193,50 @@ class _ChunksToSink:
             await self._sink.send(text)
 
 
+@attrs.frozen
+class DSPySettings:
+    """The ``dspy`` provider's keys of an ``[lms.NAME]`` table: any stock ``dspy.LM`` model string.
+
+    Attributes:
+        api_base: The API root the stock LM calls, when not its provider's own.
+        api_key: The stock LM's key; never shown in ``repr``. Without one, LiteLLM reads its providers'
+            own variables.
+        threads: Worker threads, i.e. concurrent calls.
+        http: Only ``read_timeout`` applies: it is the stock LM's per-call ``timeout``.
+    """
+
+    provider: ClassVar[str] = "dspy"
+    key_env: ClassVar[str | None] = None
+
+    api_base: str | None = api_base_field()
+    api_key: str | None = api_key_field()
+    threads: int = attrs.field(default=32, validator=positive_int)
+    http: HTTPSettings = nested(HTTPSettings)
+
+    def build(self, model: str, params: Mapping[str, Any], *, cache: bool = False) -> ThreadedLM:
+        """The stock LM in worker threads (no I/O).
+
+        Raises:
+            ConfigError: DSPy would send these parameters through its LiteLLM route (see
+                :func:`refuse_litellm_route`).
+        """
+        extra = {"api_base": self.api_base, "api_key": self.api_key}
+        compatible = compatible_server_model(model, self.api_base)
+        lm = ThreadedLM.from_model(
+            compatible[0] if compatible else model,
+            threads=self.threads,
+            timeout=self.http.read_timeout,
+            cache=cache,
+            **{k: v for k, v in extra.items() if v is not None},
+            **params,
+        )
+        if compatible:
+            lm.inner._providers = (*lm.inner._providers, compatible[1])
+            lm.model = model
+        refuse_litellm_route(lm.inner, params)
+        return lm
+
+
 class ThreadedLM(TrioLM):
     """Runs a stock ``dspy.LM`` in anyio worker threads, at most ``threads`` at a time.
 
@@ -217,30 +264,6 @@ class ThreadedLM(TrioLM):
         """Wrap ``dspy.LM(model, ...)`` with no DSPy retries and an explicit per-call timeout."""
         return cls(dspy.LM(model, num_retries=0, timeout=timeout, cache=cache, **kwargs), threads=threads)
 
-    @classmethod
-    def from_config(cls, config: LMConfig, *, cache: bool = False) -> ThreadedLM:
-        """The backend an ``LMConfig`` describes (``http.read_timeout`` is the stock LM's timeout).
-
-        Raises:
-            ConfigError: DSPy would send these parameters through its LiteLLM route (see
-                :func:`refuse_litellm_route`).
-        """
-        extra = {"api_base": config.api_base, "api_key": config.api_key}
-        compatible = compatible_server_model(config.model, config.api_base)
-        lm = cls.from_model(
-            compatible[0] if compatible else config.model,
-            threads=config.threads,
-            timeout=config.http.read_timeout,
-            cache=cache,
-            **{k: v for k, v in extra.items() if v is not None},
-            **config.params,
-        )
-        if compatible:
-            lm.inner._providers = (*lm.inner._providers, compatible[1])
-            lm.model = config.model
-        refuse_litellm_route(lm.inner, config.params)
-        return lm
-
     def __repr__(self) -> str:
         return f"ThreadedLM({self.inner!r}, threads={int(self.limiter.total_tokens)})"
 
@@ -258,7 +281,9 @@ class ThreadedLM(TrioLM):
         streaming = dspy.context(send_stream=_ChunksToSink(sink)) if sink is not None else nullcontext()
         with dspy_lm_errors(self.model, self._redact), streaming:
             outputs = await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.limiter)
-        texts = [o.get("text") or "" if isinstance(o, dict) else str(o) for o in outputs]
-        reasoning = [o.get("reasoning_content") if isinstance(o, dict) else None for o in outputs]
+        # The answers rule of every path (``_answers``): text of valid Unicode only.
+        taken = functools.partial(text_or_none, self.model, redact=self._redact)
+        texts = [taken(o.get("text") if isinstance(o, dict) else str(o)) or "" for o in outputs]
+        reasoning = [taken(o.get("reasoning_content")) if isinstance(o, dict) else None for o in outputs]
         # The stock LM reported usage to DSPy's tracker itself.
         return Completion(texts, {}, reasoning)

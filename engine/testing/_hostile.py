@@ -12,16 +12,20 @@ import functools
 import json
 import zlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from ._faults import Behavior, Fault, FaultKind
+from ._records import RequestRecord
 from ._wire import AnthropicWire, OpenAIWire, Sender, sse
 
-if TYPE_CHECKING:
-    from .fake_upstream import Behavior, Fault, RequestRecord
-
 Wire = OpenAIWire | AnthropicWire
+
+# The fault kinds answered here (the others are the fake upstream's plain errors, hangs and cuts).
+KINDS: frozenset[FaultKind] = frozenset(
+    {"endless_event", "endless_stream", "bomb", "nested", "html", "bad_utf8", "surrogate", "echo_key"}
+)
 
 # A placeholder token replaced by raw bytes after encoding (JSON cannot carry invalid UTF-8 itself).
 _BAD_TOKEN = "@@INVALID_UTF8@@"

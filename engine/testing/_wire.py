@@ -10,6 +10,8 @@ import attrs
 import h11
 import trio
 
+from ._records import RequestRecord
+
 
 def sse(payload: dict[str, Any], event: str | None = None) -> bytes:
     head = f"event: {event}\n".encode() if event else b""
@@ -153,13 +155,13 @@ class ClientGone(Exception):
 
 class Sender:
     """Writes h11 events to the socket; a failed write means the client is gone. Bytes written are
-    counted on ``record`` (a ``RequestRecord``'s ``bytes_sent``) once it is set."""
+    counted on ``record`` (its ``bytes_sent`` and ``body_bytes``) once it is set."""
 
     def __init__(self, connection: h11.Connection, stream: trio.SocketStream) -> None:
         self._connection = connection
         self._stream = stream
         self.aborted = False
-        self.record: Any = None
+        self.record: RequestRecord | None = None
 
     async def _send(self, event: Any) -> None:
         payload = self._connection.send(event)

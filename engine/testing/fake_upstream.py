@@ -1,16 +1,16 @@
-"""A fake OpenAI-compatible upstream: a real HTTP/1.1 server on Trio, for tests, benchmarks and the CLI.
+"""A fake LM upstream for tests, benchmarks and the CLI: an OpenAI and Anthropic HTTP/1.1 server on Trio.
 
 It answers ``POST /v1/chat/completions`` and Anthropic's ``POST /v1/messages`` (plain and streamed) with
-text the built-in simulated
-LM would write for the same messages, so DSPy parses every answer. Latency and token pacing are
-configurable and run on Trio's clock. Faults are queued on demand and consumed one per request, in order:
-429 with ``Retry-After``, 500, 503, a hang, a disconnect mid-stream, a malformed chunk — and the hostile
-answers of ``_hostile``: an event that never ends, an endless stream, a compression bomb, deeply nested
-JSON, an HTML page, invalid UTF-8, an error that quotes the request's credentials.
+text the built-in simulated LM would write for the same messages, so DSPy parses every answer. Latency and
+token pacing are configurable and run on Trio's clock. Faults (``_faults``) are queued on demand and
+consumed one per request, in order: 429 with ``Retry-After``, 500, 503, a hang, a disconnect mid-stream, a
+malformed chunk — and the hostile answers of ``_hostile``: an event that never ends, an endless stream, a
+compression bomb, deeply nested JSON, an HTML page, invalid UTF-8, an error that quotes the request's
+credentials.
 
-Every request is recorded, including — the point of it all — the time its client closed the connection
-if that happened before the answer was complete. A watcher task reads the socket while the answer is
-being produced, so a client that cancels is seen at once, even in the middle of a sleep.
+Every request is recorded (``_records``), including — the point of it all — the time its client closed the
+connection if that happened before the answer was complete. A watcher task reads the socket while the answer
+is being produced, so a client that cancels is seen at once, even in the middle of a sleep.
 
 It is built on h11 (the sans-I/O HTTP/1.1 library httpx itself uses) rather than on a web framework, so
 that it can misbehave at the byte level and notice a closed connection at the moment it happens.
@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import h11
@@ -41,167 +41,13 @@ import trio
 from .._groups import open_service_nursery
 from ..lm.simulated import SimulatedLM
 from . import _hostile
+from ._faults import Behavior as Behavior
+from ._faults import Fault as Fault
+from ._records import IdleClose as IdleClose
+from ._records import RequestRecord as RequestRecord
 from ._wire import AnthropicWire, ClientGone, OpenAIWire, Sender, wire_for
 
 _ERROR_STATUS = {"rate_limit": 429, "server_error": 500, "unavailable": 503, "overloaded": 529}
-_HOSTILE = frozenset(
-    {"endless_event", "endless_stream", "bomb", "nested", "html", "bad_utf8", "surrogate", "echo_key"}
-)
-
-FaultKind = Literal[
-    "rate_limit",
-    "server_error",
-    "unavailable",
-    "overloaded",
-    "hang",
-    "disconnect",
-    "malformed",
-    "endless_event",
-    "endless_stream",
-    "bomb",
-    "nested",
-    "html",
-    "bad_utf8",
-    "surrogate",
-    "echo_key",
-]
-FAULT_KINDS: tuple[FaultKind, ...] = (
-    "rate_limit",
-    "server_error",
-    "unavailable",
-    "overloaded",
-    "hang",
-    "disconnect",
-    "malformed",
-    "endless_event",
-    "endless_stream",
-    "bomb",
-    "nested",
-    "html",
-    "bad_utf8",
-    "surrogate",
-    "echo_key",
-)
-
-
-@attrs.frozen
-class Fault:
-    """One misbehaviour, applied to the next request that arrives.
-
-    Attributes:
-        kind: ``rate_limit`` (429), ``server_error`` (500), ``unavailable`` (503), ``overloaded``
-            (529, Anthropic's), ``hang`` (never answer), ``disconnect`` (close the connection after
-            ``after_tokens`` stream tokens, or at once when not streaming), ``malformed`` (a broken JSON
-            body or stream chunk). Hostile answers: ``endless_event`` (a stream's ``data:`` lines never
-            end an event; a JSON body never ends), ``endless_stream`` (valid deltas forever, one every
-            ``token_delay``), ``bomb`` (the answer compressed with ``encoding``, inflating to ``size``
-            bytes, sent in one write), ``nested`` (JSON ``size`` arrays deep, default 10,000, as the
-            body or as one stream event), ``html`` (a ``status`` HTML page quoting the request's
-            headers), ``bad_utf8`` (invalid UTF-8 in the completion text; on a stream, in the token
-            after ``after_tokens``), ``surrogate`` (the same place holds ``\\ud800``: valid UTF-8 and
-            valid JSON, but a lone surrogate once parsed), ``echo_key`` (a ``status`` error quoting the
-            credentials received; on a stream with ``after_tokens``, an error event after that many
-            tokens).
-        retry_after: Seconds sent as ``Retry-After`` with 429/503.
-        retry_after_ms: Milliseconds sent as ``retry-after-ms`` with 429/503.
-        after_tokens: For ``disconnect``, ``malformed``, ``bad_utf8``, ``surrogate`` and ``echo_key`` on
-            streams: good tokens sent first.
-        status: The status of ``html`` (200) and ``echo_key`` (401).
-        size: Bytes a ``bomb`` inflates to (100 MB); depth of ``nested`` (10,000).
-        encoding: The ``Content-Encoding`` of a ``bomb``: ``gzip`` and ``deflate`` are real; any other
-            label is sent over gzip bytes.
-    """
-
-    kind: FaultKind = attrs.field(validator=attrs.validators.in_(FAULT_KINDS))
-    retry_after: float | None = None
-    retry_after_ms: float | None = None
-    after_tokens: int = 0
-    status: int | None = None
-    size: int | None = None
-    encoding: str = "gzip"
-
-
-@attrs.define
-class Behavior:
-    """How the fake upstream paces answers (seconds on Trio's clock).
-
-    Attributes:
-        latency: Time before a non-streaming answer.
-        first_token_delay: Time before a stream's first token.
-        token_delay: Time between stream tokens.
-        words_per_field: Length of generated text fields.
-        idle_timeout: Close a kept-alive connection that carried no request for this long, as real
-            servers do (None: keep it open). The close is a half-close (``send_eof``), so the moment the
-            *client* closes its end is seen and recorded in :attr:`FakeUpstream.idle_closes`.
-    """
-
-    latency: float = 0.0
-    first_token_delay: float = 0.0
-    token_delay: float = 0.0
-    words_per_field: int = 16
-    idle_timeout: float | None = None
-
-
-@attrs.define
-class IdleClose:
-    """A kept-alive connection the fake upstream closed for idleness.
-
-    Attributes:
-        closed_at: When the upstream closed its end (Trio's clock).
-        client_closed_at: When the client closed its end in turn (None while it keeps it open: the
-            client's socket then sits in CLOSE-WAIT).
-    """
-
-    closed_at: float
-    client_closed_at: float | None = None
-
-
-@attrs.define
-class RequestRecord:
-    """What the fake upstream saw of one request.
-
-    Attributes:
-        index: Arrival order, from 0.
-        path: The request path.
-        body: The parsed JSON body (None if it was not JSON).
-        headers: The request's headers (names lower-case).
-        stream: Whether the client asked for a stream.
-        fault: The fault applied, if any.
-        status: The status answered (None before the answer started).
-        received_at: When the request was read in full.
-        completed_at: When the answer was sent in full.
-        client_closed_at: When the client closed the connection before the answer was complete.
-        aborted: Whether the fake upstream itself cut the connection (the ``disconnect`` fault).
-        client_closed_wall, completed_wall: The same moments on the wall clock (``time.time()``), for
-            comparing with another process's observations.
-        tokens_sent: Stream tokens written to the socket.
-        bytes_sent: Bytes of the answer written to the socket (head, body and framing, as sent).
-        body_bytes: Bytes of the answer's body (as encoded, without the framing).
-    """
-
-    index: int
-    path: str
-    body: Any
-    stream: bool
-    fault: FaultKind | None
-    received_at: float
-    headers: dict[str, str] = attrs.field(factory=dict)
-    status: int | None = None
-    completed_at: float | None = None
-    client_closed_at: float | None = None
-    aborted: bool = False
-    tokens_sent: int = 0
-    bytes_sent: int = 0
-    body_bytes: int = 0
-    client_closed_wall: float | None = None
-    completed_wall: float | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.completed_at is not None or self.client_closed_at is not None or self.aborted
-
-    def as_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 class FakeUpstream:
@@ -416,7 +262,7 @@ class FakeUpstream:
             await trio.sleep_forever()
         if (
             fault is not None
-            and fault.kind in _HOSTILE
+            and fault.kind in _hostile.KINDS
             and await _hostile.answer(send, record, fault, wire, self.behavior)
         ):
             return

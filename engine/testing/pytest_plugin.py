@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from .._config import EngineConfig, LMConfig
 from .._engine import Engine, open_engine
+from .._engine_config import EngineConfig
+from .._lm_config import LMConfig
+from ..lm import OpenAISettings
 from .fake_upstream import FakeUpstream, open_fake_upstream
 
 
@@ -31,6 +33,6 @@ async def simulated_engine() -> AsyncIterator[Engine]:
 
 @pytest.fixture
 async def fake_upstream_engine(fake_upstream: FakeUpstream) -> AsyncIterator[Engine]:
-    lm = LMConfig(provider="openai", model="fake-model", api_base=fake_upstream.url, api_key="test-key")
+    lm = LMConfig(model="fake-model", settings=OpenAISettings(api_base=fake_upstream.url, api_key="test-key"))
     async with open_engine(EngineConfig(lms={"default": lm})) as engine:
         yield engine

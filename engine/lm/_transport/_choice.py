@@ -6,7 +6,7 @@ The lean transport speaks HTTP/1.1 straight to the origin. httpx is chosen inste
   set for its scheme and ``NO_PROXY`` does not exempt its host (decided with the standard library's
   reading of the proxy variables; ``NO_PROXY`` as curl reads it);
 - HTTP/2 is asked for;
-- ``transport="httpx"`` is asked for explicitly.
+- ``client = "httpx"`` is asked for explicitly (``HTTPSettings.client``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ request building together.)
 
 The response is read with h11 from the same Trio stream: a JSON body is collected whole, an SSE body is
 cut into lines and events and handed to the caller's ``on_event`` one at a time, the socket being read
-again only after ``on_event`` returns (backpressure reaches TCP).
+again only after ``on_event`` returns (backpressure reaches TCP), until the body ends or ``on_event``
+says the stream ended (``_protocol.STREAM_END_GRACE``).
 
 Every body passes through a :class:`~._body.BodyDecoder` (the whole answer's cap, bounded inflation, a
 yield to the scheduler between inflated pieces) and a stream's also through an
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,10 +49,11 @@ from .._body import (
 from .._http_errors import failure, status_error
 from .._redact import Redactor
 from .._sse import EventReader
-from ._connection import Connection, ExchangeTimer, Origin, Timeouts
+from ._connection import Connection, ExchangeTimer, Timeouts
 from ._errors import RemoteProtocolError, TransportError, TransportTimeout
+from ._network import NetworkBackend, Origin
 from ._pool import Pool
-from ._protocol import encode_body
+from ._protocol import STREAM_END_GRACE, EventHandler, encode_body
 from ._tls import default_ssl_context
 
 USER_AGENT = "dspy-trio"
@@ -80,7 +82,13 @@ class Response:
 
 
 def _headers(response: h11.Response) -> dict[str, str]:
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in response.headers}
+    """``response``'s header fields by lower-case name; a field repeated is joined by ``", "`` (RFC 9110
+    section 5.3), as httpx presents it, so that both transports read the same bytes the same way."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in response.headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
 
 
 def _body_of(response: h11.Response, limit: int) -> tuple[str | None, BodyDecoder]:
@@ -126,6 +134,8 @@ class LeanClient:
         max_response_bytes: The most bytes an answer may have once decoded: a JSON body, or a whole
             event stream. A larger one fails with ``UpstreamResponseError``.
         max_event_bytes: The most one event of a stream (or one line) may hold.
+        network: Where connections are opened: the real network unless given (tests give a
+            ``MockBackend``, which answers from scripted bytes).
     """
 
     def __init__(
@@ -140,6 +150,7 @@ class LeanClient:
         accept_gzip: bool = False,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        network: NetworkBackend | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -150,7 +161,7 @@ class LeanClient:
         self.timeouts = timeouts or Timeouts()
         if parts.scheme == "https" and ssl_context is None:
             ssl_context = default_ssl_context()
-        self.pool = Pool(self.origin, max_connections, self.timeouts, ssl_context, idle_timeout)
+        self.pool = Pool(self.origin, max_connections, self.timeouts, ssl_context, idle_timeout, network)
         default_port = port == (443 if parts.scheme == "https" else 80)
         host = self.origin.host if ":" not in self.origin.host else f"[{self.origin.host}]"
         self._host = host if default_port else f"{host}:{port}"
@@ -272,12 +283,11 @@ class LeanClient:
             raise status_error(model, response.status_code, response.headers, response.text, self.redact)
         return response
 
-    async def post_sse(
-        self, model: str, path: str, body: dict[str, Any], on_event: Callable[[str, str], Awaitable[None]]
-    ) -> None:
+    async def post_sse(self, model: str, path: str, body: dict[str, Any], on_event: EventHandler) -> None:
         """POST ``body`` and hand each Server-Sent Event of the response, ``(event, data)``, to ``on_event``
         as it arrives, reading the socket again only after ``on_event`` returns (so a slow consumer
-        pauses the socket). Blocks until the body ends.
+        pauses the socket). Blocks until the body ends, or until ``on_event`` returns True (the stream's
+        own end) and the rest of the body was drained (see ``STREAM_END_GRACE``).
 
         Raises:
             UpstreamError: a transport failure, or an error status.
@@ -304,7 +314,7 @@ class LeanClient:
         self,
         connection: Connection,
         timer: ExchangeTimer,
-        on_event: Callable[[str, str], Awaitable[None]],
+        on_event: EventHandler,
         decoder: BodyDecoder,
     ) -> None:
         reader = EventReader(self.max_event_bytes)
@@ -315,7 +325,9 @@ class LeanClient:
                     for sse in reader.feed(piece):
                         # The read scope must not time out the consumer: only socket reads are bounded.
                         timer.pause()
-                        await on_event(*sse)
+                        if await on_event(*sse):
+                            await self._drain(connection, timer)
+                            return
                     if decoder.more:
                         await trio.lowlevel.checkpoint()
             elif isinstance(event, h11.EndOfMessage):
@@ -324,6 +336,16 @@ class LeanClient:
                     timer.pause()
                     await on_event(*sse)
                 return
+
+    async def _drain(self, connection: Connection, timer: ExchangeTimer) -> None:
+        """Read the rest of a body whose stream already ended, unread, for at most ``STREAM_END_GRACE``
+        seconds: if it ends by then the connection is reused, else (or if it breaks) the pool closes it."""
+        with trio.move_on_after(min(STREAM_END_GRACE, self.timeouts.read)):
+            try:
+                while not isinstance(await connection.next_event(timer), h11.EndOfMessage):
+                    pass
+            except TransportError:
+                pass  # the answer was complete; the connection is not reused
 
     async def reap(self) -> int:
         """Close the idle connections that expired or whose server closed them; returns how many."""

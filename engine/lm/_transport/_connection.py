@@ -1,7 +1,8 @@
-"""One HTTP/1.1 connection: a Trio stream (plain TCP or TLS) driven by an ``h11.Connection``.
+"""One HTTP/1.1 connection: a network stream (a TCP or TLS socket, or an in-memory peer) driven by an
+``h11.Connection``.
 
 The connection never spawns a task and never awaits in its cleanup: :meth:`Connection.close` closes the
-socket synchronously (no TLS ``close_notify``; HTTP's own framing already protects against a truncated
+stream synchronously (no TLS ``close_notify``; HTTP's own framing already protects against a truncated
 body). So a cancelled request closes its socket at the moment the ``Cancelled`` exception passes
 through, with no shielded cleanup to bound — the upstream sees the close within a scheduler tick.
 
@@ -15,7 +16,6 @@ the costliest things a request does in Trio.
 from __future__ import annotations
 
 import math
-import select
 import ssl
 from typing import Any
 
@@ -24,7 +24,6 @@ import h11
 import trio
 
 from ._errors import (
-    ConnectError,
     ConnectTimeout,
     ReadError,
     ReadTimeout,
@@ -32,6 +31,7 @@ from ._errors import (
     WriteError,
     WriteTimeout,
 )
+from ._network import NetworkBackend, NetworkStream, Origin
 
 READ_SIZE = 65536
 
@@ -51,15 +51,6 @@ class Timeouts:
     read: float = 120.0
     write: float = 30.0
     pool: float = 30.0
-
-
-@attrs.frozen
-class Origin:
-    """Where connections go: ``scheme`` (``http``/``https``), ``host`` and ``port``."""
-
-    scheme: str
-    host: str
-    port: int
 
 
 class ExchangeTimer:
@@ -98,59 +89,36 @@ class ExchangeTimer:
 
 
 async def open_connection(
-    origin: Origin, timeouts: Timeouts, ssl_context: ssl.SSLContext | None
+    origin: Origin, timeouts: Timeouts, ssl_context: ssl.SSLContext | None, network: NetworkBackend
 ) -> Connection:
-    """Open a connection to ``origin`` (TLS with SNI for ``https``). Blocks for the connect and handshake.
+    """Open a connection to ``origin`` through ``network`` (TLS with SNI for ``https``). Blocks for the
+    connect and handshake.
 
     Raises:
         ConnectTimeout: not open within ``timeouts.connect``.
         ConnectError: refused, unreachable, unresolvable, or the TLS handshake failed.
     """
-    stream: trio.abc.Stream | None = None
+    stream: NetworkStream | None = None
     with trio.move_on_after(timeouts.connect) as scope:
-        try:
-            tcp = await trio.open_tcp_stream(origin.host, origin.port)
-            stream = tcp
-            if origin.scheme == "https":
-                assert ssl_context is not None
-                tls = trio.SSLStream(tcp, ssl_context, server_hostname=origin.host, https_compatible=True)
-                stream = tls
-                await tls.do_handshake()
-        except (OSError, trio.BrokenResourceError) as exc:
-            if stream is not None:
-                _raw_socket(stream).close()
-            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
-            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {cause}") from exc
-        except BaseException:
-            if stream is not None:
-                _raw_socket(stream).close()
-            raise
+        stream = await network.connect(origin, ssl_context)
     if scope.cancelled_caught or stream is None:
         if stream is not None:
-            _raw_socket(stream).close()
+            stream.close()
         raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} within {timeouts.connect}s")
     return Connection(stream, timeouts)
-
-
-def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType:
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    assert isinstance(stream, trio.SocketStream)
-    return stream.socket
 
 
 class Connection:
     """An open HTTP/1.1 connection, used by one exchange at a time (the pool sees to that).
 
     Args:
-        stream: A connected ``trio.SocketStream`` or ``trio.SSLStream`` over one.
+        stream: The connected stream (a socket, or the in-memory backend's).
         timeouts: ``write`` bounds :meth:`send`, ``read`` each read of :meth:`next_event`.
     """
 
-    def __init__(self, stream: trio.abc.Stream, timeouts: Timeouts) -> None:
+    def __init__(self, stream: NetworkStream, timeouts: Timeouts) -> None:
         self.stream = stream
         self.timeouts = timeouts
-        self.socket = _raw_socket(stream)
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
         self.closed = False
@@ -158,22 +126,20 @@ class Connection:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.h11.our_state}/{self.h11.their_state}"
-        return f"<Connection fd={self.socket.fileno()} {state}>"
+        return f"<Connection {self.stream!r} {state}>"
 
     def close(self) -> None:
         """Close the socket now (synchronous; the peer sees EOF or RST at once). Idempotent."""
         if not self.closed:
             self.closed = True
-            self.socket.close()
+            self.stream.close()
 
     def peer_gone(self) -> bool:
         """Whether the idle connection cannot carry a request: closed, the peer closed it (EOF is
-        readable), or the peer sent bytes nobody asked for. Costs one ``poll`` syscall."""
+        readable), or the peer sent bytes nobody asked for. Costs one ``poll`` syscall on a socket."""
         if self.closed or self.h11.our_state is not h11.IDLE or self.h11.trailing_data[0]:
             return True
-        poller = select.poll()
-        poller.register(self.socket.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))
+        return self.stream.readable()
 
     @property
     def reusable(self) -> bool:

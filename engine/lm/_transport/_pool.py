@@ -22,8 +22,9 @@ from collections import deque
 import attrs
 import trio
 
-from ._connection import Connection, Origin, Timeouts, open_connection
+from ._connection import Connection, Timeouts, open_connection
 from ._errors import PoolTimeout
+from ._network import NetworkBackend, Origin, SocketBackend
 
 
 @attrs.frozen
@@ -45,6 +46,7 @@ class Pool:
         timeouts: ``connect`` for opening, ``pool`` for waiting on the cap.
         ssl_context: For ``https`` origins.
         idle_timeout: Seconds an idle connection is kept for reuse.
+        network: Where connections are opened (the real network unless given).
     """
 
     def __init__(
@@ -54,8 +56,10 @@ class Pool:
         timeouts: Timeouts,
         ssl_context: ssl.SSLContext | None,
         idle_timeout: float = 5.0,
+        network: NetworkBackend | None = None,
     ) -> None:
         self.origin = origin
+        self.network: NetworkBackend = network or SocketBackend()
         self.timeouts = timeouts
         self.idle_timeout = idle_timeout
         self._ssl_context = ssl_context
@@ -101,7 +105,7 @@ class Pool:
                 if not connection.peer_gone():
                     return connection
                 connection.close()
-            connection = await open_connection(self.origin, self.timeouts, self._ssl_context)
+            connection = await open_connection(self.origin, self.timeouts, self._ssl_context, self.network)
             self._opened += 1
             return connection
         except BaseException:

@@ -1,6 +1,8 @@
-"""The one TLS context every lean connection shares.
+"""The TLS context of the HTTP transports: one per process, shared by the lean connections and httpx's
+HTTP/1.1 clients.
 
-Loading CA certificates takes ~50 ms, so it is done once per process, on the first ``https`` client.
+Loading CA certificates takes ~50 ms, so it is done once per process, on the first ``https`` client
+(httpx's HTTP/2 clients each get a new one: httpcore sets ALPN on the context it is given).
 CAs come from ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set (as httpx honours them), else from certifi.
 The context verifies certificates and host names (SNI is sent by ``trio.SSLStream``'s
 ``server_hostname``) and offers only ``http/1.1`` by ALPN.

@@ -1,4 +1,6 @@
-"""A set of ``httpx.AsyncClient`` shards that share one connection budget.
+"""The httpx transport: ``httpx.AsyncClient`` shards that share one connection budget.
+
+Used where the lean transport does not reach (``_choice``): an HTTP proxy, HTTP/2.
 
 httpcore 1.0's connection pool re-examines every connection for every queued request on each request
 start and end, and counts idle connections with a list built per connection: its bookkeeping costs
@@ -13,6 +15,11 @@ closes such connections, and the backends' ``maintain`` task calls it every few 
 httpcore's public connection interface (``connections``, ``is_idle``, ``has_expired``, ``aclose``); the
 one private step is reaching the pool inside ``httpx.AsyncHTTPTransport`` (``_pool``), which a test over
 real sockets checks.
+
+httpx's read timeout bounds each read, so a server that trickles its response head a byte at a time, or
+sends ``100 Continue`` forever, would hold a call until its deadline. As on the lean transport, the whole
+head must arrive within the read timeout of the request being sent: :class:`_HeadDeadline` learns
+when the wait for the head begins and ends from httpcore's ``trace`` extension.
 """
 
 from __future__ import annotations
@@ -26,18 +33,19 @@ import httpcore
 import httpx
 import trio
 
-from ._body import (
+from .._body import (
     MAX_EVENT_BYTES,
     MAX_RESPONSE_BYTES,
+    BadResponse,
     BodyDecoder,
     check_content_type,
     content_coding,
 )
-from ._http_errors import status_error, transport_errors
-from ._redact import Redactor
-from ._sse import EventReader
-from ._transport._client import Response
-from ._transport._protocol import encode_body
+from .._http_errors import status_error, transport_errors
+from .._redact import Redactor
+from .._sse import EventReader
+from ._client import Response
+from ._protocol import STREAM_END_GRACE, EventHandler, encode_body
 
 # Connections per shard: small enough that httpcore's quadratic bookkeeping is cheap (at 32 the pool
 # still took a fifth of the CPU), large enough that keep-alive reuse stays high.
@@ -105,10 +113,16 @@ class ClientShards:
         """
         content = encode_body(model, body)
         with transport_errors(model, self.redact), self.lease() as client:
-            async with client.stream("POST", path, content=content, headers=_JSON) as response:
-                if response.status_code < 300:
-                    check_content_type(response.headers.get("content-type"), stream=False)
-                answer = Response(response.status_code, dict(response.headers), await self._read(response))
+            head = _HeadDeadline(client.timeout.read)
+            with head.scope:
+                async with client.stream(
+                    "POST", path, content=content, headers=_JSON, extensions=head.extensions
+                ) as response:
+                    if response.status_code < 300:
+                        check_content_type(response.headers.get("content-type"), stream=False)
+                    data = await self._read(response)
+                    answer = Response(response.status_code, dict(response.headers), data)
+            head.check()
         if answer.status_code >= 400:
             raise status_error(model, answer.status_code, answer.headers, answer.text, self.redact)
         return answer
@@ -140,32 +154,52 @@ class ClientShards:
                 await _feed(decoder, chunk, take)
         decoder.end()
 
-    async def post_sse(
-        self, model: str, path: str, body: dict[str, Any], on_event: Callable[[str, str], Awaitable[None]]
-    ) -> None:
+    async def post_sse(self, model: str, path: str, body: dict[str, Any], on_event: EventHandler) -> None:
         """POST ``body`` and hand each Server-Sent Event of the response, ``(event, data)``, to ``on_event``
         as it arrives, reading the next chunk only after ``on_event`` returns (so a slow consumer pauses
-        the socket). Blocks until the body ends.
+        the socket). Blocks until the body ends, or until ``on_event`` returns True (the stream's own
+        end) and the rest of the body was drained (see ``STREAM_END_GRACE``).
 
         Raises:
             UpstreamError: a transport failure, an answer that cannot be taken, or an error status.
         """
         content = encode_body(model, body)
         reader = EventReader(self.max_event_bytes)
+        drain = trio.CancelScope()  # bounds the read of the body after the stream's own end
+        ended = False
 
         async def take(piece: bytes) -> None:
+            nonlocal ended
+            if ended:
+                return
             for event in reader.feed(piece):
-                await on_event(*event)
+                if await on_event(*event):
+                    ended = True
+                    drain.deadline = trio.current_time() + min(
+                        STREAM_END_GRACE, client.timeout.read or math.inf
+                    )
+                    return
 
         with transport_errors(model, self.redact), self.lease() as client:
-            async with client.stream("POST", path, content=content, headers=_JSON) as response:
-                if response.status_code >= 400:
-                    text = (await self._read(response)).decode("utf-8", errors="replace")
-                    raise status_error(model, response.status_code, response.headers, text, self.redact)
-                check_content_type(response.headers.get("content-type"), stream=True)
-                await self._each_piece(response, take)
-                for event in reader.end():
-                    await on_event(*event)
+            head = _HeadDeadline(client.timeout.read)
+            with head.scope:
+                async with client.stream(
+                    "POST", path, content=content, headers=_JSON, extensions=head.extensions
+                ) as response:
+                    if response.status_code >= 400:
+                        text = (await self._read(response)).decode("utf-8", errors="replace")
+                        raise status_error(model, response.status_code, response.headers, text, self.redact)
+                    check_content_type(response.headers.get("content-type"), stream=True)
+                    with drain:
+                        try:
+                            await self._each_piece(response, take)
+                        except (httpx.HTTPError, BadResponse):
+                            if not ended:
+                                raise  # else the answer was complete; the connection is not reused
+                    if not ended:
+                        for event in reader.end():
+                            await on_event(*event)
+            head.check()
 
     async def reap(self) -> int:
         """Close the idle connections whose server closed them (or whose keep-alive expired); returns
@@ -194,6 +228,30 @@ class ClientShards:
         """Close every shard's connections."""
         for client in self._clients:
             await client.aclose()
+
+
+class _HeadDeadline:
+    """A cancel scope that bounds the wait for a response head, as a whole, by ``timeout`` seconds: armed
+    when httpcore starts receiving the head (its ``trace`` extension says so), disarmed once it came.
+    Enter :attr:`scope` around the exchange and pass :attr:`extensions` with the request."""
+
+    __slots__ = ("extensions", "scope", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = math.inf if timeout is None else timeout
+        self.scope = trio.CancelScope()
+        self.extensions = {"trace": self._trace}
+
+    async def _trace(self, name: str, info: dict[str, Any]) -> None:
+        if name.endswith(".receive_response_headers.started"):
+            self.scope.deadline = trio.current_time() + self.timeout
+        elif name.endswith(".receive_response_headers.complete"):
+            self.scope.deadline = math.inf
+
+    def check(self) -> None:
+        """Raise httpx's own read timeout if the head did not come in time."""
+        if self.scope.cancelled_caught:
+            raise httpx.ReadTimeout(f"no complete response head within {self.timeout}s")
 
 
 def _pool_of(transport: httpx.AsyncBaseTransport) -> httpcore.AsyncConnectionPool | None:
