@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 HOT = ("hotpath", "hotpath_http", "hotpath_stream")
-WORKLOADS = ("throughput", "serving", "concurrency", "streaming", "http", *HOT)
+WORKLOADS = ("throughput", "serving", "concurrency", "streaming", "http", "openai_route", *HOT)
 
 
 def main() -> int:
