@@ -1,7 +1,9 @@
-"""The Anthropic Messages API backend against the fake upstream's Anthropic mode, over real sockets."""
+"""The Anthropic Messages API backend against the fake upstream's Anthropic mode, over real sockets; its
+usage and token estimates on the in-memory network."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import dspy
@@ -23,11 +25,12 @@ from dspy_trio.engine import (
     UpstreamServerError,
     open_engine,
 )
-from dspy_trio.engine.lm import AnthropicLM, HTTPSettings
+from dspy_trio.engine.lm import AnthropicLM, GuardedLM, HTTPSettings
 from dspy_trio.engine.lm.anthropic import to_messages_api
-from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
+from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault, http_response
 
 from .helpers import cancel_once_upstream_has_it, first_request_closed_by_client
+from .scripted_upstream import Scripted, anthropic_lm
 from .transport_helpers import RawServer, open_raw_server, read_request, wait_closed
 
 MESSAGES = [
@@ -35,6 +38,7 @@ MESSAGES = [
     {"role": "user", "content": "first"},
     {"role": "user", "content": "second"},
 ]
+ONE_QUESTION = [{"role": "user", "content": "What is Trio?"}]
 
 
 def anthropic(upstream: FakeUpstream) -> AnthropicLM:
@@ -175,3 +179,49 @@ async def test_a_rate_limit_reported_mid_stream_is_a_rate_limit_as_on_the_openai
         with pytest.raises(UpstreamRateLimitedError):
             await lm.complete(MESSAGES, {}, Sink())
         await lm.aclose()
+
+
+async def test_an_anthropic_stream_without_usage_reports_estimated_usage(autojump_clock: Any) -> None:
+    """ "Streams without a usage chunk report estimated usage" holds for the Anthropic backend as for the
+    OpenAI one: an estimate marked ``estimated``, not 0 tokens."""
+    events = [
+        {"type": "message_start", "message": {}},
+        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "a fairly long answer"}},
+        {"type": "message_stop"},
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+    class Sink:
+        async def send(self, text: str) -> None:
+            pass
+
+    lm = anthropic_lm(
+        lambda request: [http_response(200, body, headers={"content-type": "text/event-stream"})]
+    )
+    completion = await lm.complete(ONE_QUESTION, {}, Sink())
+    assert completion.texts == ["a fairly long answer"]
+    assert completion.usage.get("estimated") is True
+    assert completion.usage["completion_tokens"] > 0
+
+
+class RecordingGuard:
+    """A CallGuard that records the token estimate of each call and runs it once."""
+
+    def __init__(self) -> None:
+        self.estimates: list[float] = []
+
+    async def call(self, attempt: Any, sink: Any, *, estimate: float, streamed: bool = False) -> Any:
+        self.estimates.append(estimate)
+        return await attempt(sink)
+
+
+async def test_the_tpm_estimate_counts_the_output_cap_actually_sent(autojump_clock: Any) -> None:
+    """The Anthropic backend always sends max_tokens = 1024, though it is not in the LM's kwargs: the TPM
+    bucket is charged for that cap (as the OpenAI backend, which setdefaults max_tokens, is), not the
+    prompt + 512 of estimate_tokens' default."""
+    script = Scripted(success={"content": [{"type": "text", "text": "ok"}], "usage": {}})
+    lm = anthropic_lm(script)
+    guard = RecordingGuard()
+    await GuardedLM(lm, guard).acall(messages=[{"role": "user", "content": "hi"}])
+    assert script.bodies[0]["max_tokens"] == 1024
+    assert guard.estimates[0] >= 1024

@@ -16,6 +16,7 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from dspy_trio.engine import (
@@ -35,9 +36,20 @@ from dspy_trio.engine.cluster import open_cluster
 from dspy_trio.engine.cluster._cancel import LocalCancel
 from dspy_trio.web.server import open_server, serve
 from dspy_trio.web.settings import ServiceSettings
-from tests.redis_server import REDIS, RedisServer, eventually, free_port, prefix, redis_server
+from tests.redis_server import (
+    REDIS,
+    RedisServer,
+    eventually,
+    free_port,
+    own_redis_server,
+    prefix,
+    redis_server,
+)
 
-__all__ = ["redis_server"]  # fixture
+from .helpers import CountingLM, wait_until
+from .web_helpers import FAST, running, settings
+
+__all__ = ["own_redis_server", "redis_server"]  # fixtures
 
 SLOW = LMConfig(
     settings=SimulatedSettings(first_token_delay=0.05, token_delay=0.2, words_per_field=50)
@@ -392,3 +404,34 @@ async def test_a_cancel_between_processes_whose_secrets_differ_is_not_a_silent_n
         else:
             assert found is True
             assert heard == ["r"]
+
+
+async def test_a_cancel_that_cannot_reach_redis_is_not_answered_as_unknown(
+    own_redis_server: RedisServer,
+) -> None:
+    """Two replicas share Redis. Key A streams on replica 1; Redis then dies, and key A asks replica 2
+    to cancel. Replica 2 cannot know where the request runs: a 404 ``unknown_request`` would tell the
+    client the request does not exist while it runs on. Expected: a 503 (retryable)."""
+    lm = CountingLM(first_token_delay=30)
+    cluster = ClusterConfig(redis_url=own_redis_server.url, key_prefix=prefix(), call_timeout=0.2)
+    service = settings(
+        api_keys=("key-a", "key-b"), engine=EngineConfig(lms={"default": FAST}, cluster=cluster)
+    )
+    key_a = {"Authorization": "Bearer key-a"}
+    async with (
+        running(service, lms={"default": lm}) as one,
+        running(service, lms={"default": CountingLM()}) as two,
+        httpx.AsyncClient() as client,
+        client.stream("POST", one.url + "/stream", json={"question": "q"}, headers=key_a) as stream,
+    ):
+        server_id = stream.headers["x-server-request-id"]
+        await wait_until(lambda: lm.started == 1)
+        engine = two.state.engine
+        assert engine is not None
+        cluster = engine.cluster
+        assert cluster is not None
+        await eventually(cluster.subscribed.is_set)
+        own_redis_server.stop()
+        answer = await client.delete(f"{two.url}/v1/requests/{server_id}", headers=key_a)
+        assert lm.finished == 0  # it still runs on replica 1
+        assert answer.status_code == 503, answer.text

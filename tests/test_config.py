@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -22,7 +22,7 @@ from dspy_trio.engine import (
     RetryPolicy,
     SimulatedSettings,
 )
-from dspy_trio.engine.lm import HTTPSettings
+from dspy_trio.engine.lm import HTTPSettings, SimulatedLM
 
 
 def test_nothing_configured_means_the_simulated_lm_and_the_default_program() -> None:
@@ -320,7 +320,6 @@ def test_a_new_provider_is_one_registry_entry() -> None:
     """A provider is a settings type in its own module (here, a subclass of the simulated one's) plus
     one registry line: then the file, the environment and the engine all know it."""
     from dspy_trio.engine._providers import PROVIDERS
-    from dspy_trio.engine.lm import SimulatedLM
 
     @attrs.frozen
     class EchoSettings(SimulatedSettings):
@@ -372,3 +371,42 @@ def test_a_config_path_that_never_ends_is_a_configuration_error_not_an_unbounded
     finally:
         done.set()
         feeder.join()
+
+
+def test_lm_api_key_overrides_a_files_api_key_env_that_is_unset(tmp_path: Any) -> None:
+    """The file says ``api_key_env`` names a variable that is unset here; the environment gives LM_API_KEY,
+    which from_env documents as overriding the default LM: the override wins instead of from_toml failing
+    before it is seen."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[lms.default]\nprovider = "openai"\nmodel = "m"\napi_base = "http://upstream.test/v1"\n'
+        'api_key_env = "DSPY_TRIO_TEST_SURELY_UNSET_KEY"\n'
+    )
+    config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_KEY": "sk-from-env"})
+    assert config.lms["default"].settings.api_key == "sk-from-env"
+
+
+def test_lm_api_base_alone_does_not_turn_a_files_anthropic_lm_into_openai(tmp_path: Any) -> None:
+    """Pointing the file's Anthropic LM at a proxy with LM_API_BASE alone keeps it Anthropic: the
+    documented default (LM_API_BASE without LM_PROVIDER means "openai") is for when nothing else chose a
+    provider, and must not fail with "LM_PROVIDER=openai needs LM_MODEL", about a variable the user never
+    set."""
+    path = tmp_path / "c.toml"
+    path.write_text('[lms.default]\nprovider = "anthropic"\nmodel = "claude-x"\napi_key = "sk-ant"\n')
+    config = EngineConfig.from_env({"DSPY_TRIO_CONFIG": str(path), "LM_API_BASE": "http://proxy.test"})
+    assert config.lms["default"].provider == "anthropic"
+    assert config.lms["default"].settings.api_base == "http://proxy.test"
+
+
+def test_a_file_with_only_named_lms_and_programs_loads() -> None:
+    """[lms.fast] + [programs.qa] lm = "fast" (no LM called "default") loads: the implicit default
+    program, whose LM is "default", is added only when its LM exists (engine/_engine_config.py), so there
+    is no "program 'default' uses LM 'default', which is not configured" about a program the user never
+    wrote."""
+    config = EngineConfig.from_mapping(
+        {
+            "lms": {"fast": {"provider": "simulated"}},
+            "programs": {"qa": {"source": "question -> answer", "lm": "fast"}},
+        }
+    )
+    assert config.programs["qa"].lm == "fast"

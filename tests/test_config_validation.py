@@ -3,12 +3,22 @@ environment variable and the bad value (never the API key itself)."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import pytest
+import trio
 
-from dspy_trio.engine import ConfigError, DSPySettings, EngineConfig, HTTPSettings, LMConfig
+from dspy_trio.engine import (
+    ConfigError,
+    DSPySettings,
+    EngineConfig,
+    HTTPSettings,
+    LMConfig,
+    OpenAISettings,
+    open_engine,
+)
 from dspy_trio.engine._adaptive import AdaptiveSettings
 
 OPENAI: dict[str, Any] = {"provider": "openai", "model": "m", "api_base": "http://upstream.test/v1"}
@@ -224,3 +234,165 @@ def test_the_settings_must_be_a_registered_providers_and_params_cannot_take_thei
 def test_an_api_base_that_is_not_a_usable_url_is_a_configuration_error(base: str) -> None:
     with pytest.raises(ConfigError, match="LM_API_BASE"):
         EngineConfig.from_env({"LM_PROVIDER": "openai", "LM_API_BASE": base, "LM_MODEL": "m"})
+
+
+@pytest.mark.parametrize(
+    ("table", "values"),
+    [
+        ("http", {"idle_check_interval": math.nan}),  # the reaper's first trio.sleep(nan) -> ValueError
+        ("http", {"idle_check_interval": 0}),  # the reaper loops on trio.sleep(0): a busy loop
+        ("http", {"read_timeout": math.nan}),
+        ("http", {"read_timeout": 0}),  # every read times out at once
+        ("http", {"read_timeout": "fast"}),  # wrong type, not checked at all
+        ("http", {"max_connections": 0}),
+        ("retry", {"base_delay": math.nan}),  # the first backoff is trio.sleep(nan) -> ValueError
+        ("retry", {"budget_ratio": math.nan}),  # int(nan * n) -> ValueError in RetryBudget.try_spend
+        ("retry", {"max_attempts": math.inf}),  # "attempts per call" that is not an integer
+        ("retry", {"max_attempts": 2.5}),
+        ("adaptive", {"initial": 0, "minimum": 0}),  # 1.0 / limit -> ZeroDivisionError
+        ("adaptive", {"minimum": 10, "maximum": 2}),
+        ("adaptive", {"decrease": 2.0}),  # "decrease" on overload would double the limit
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
+)
+def test_nested_tables_refuse_values_that_cannot_work(table: str, values: dict[str, Any]) -> None:
+    """Each nested table refuses what cannot work, not only negative numbers: NaN, 0, wrong types and
+    inconsistent bounds would fail later at run time (or never: a busy loop)."""
+    with pytest.raises(ConfigError):
+        LMConfig.from_mapping({**OPENAI, table: values}, where="lms.x")
+
+
+@pytest.mark.parametrize("table", ["http", "timeouts", "rate_limit", "retry", "adaptive"])
+def test_a_nested_table_given_as_a_scalar_is_a_config_error(table: str) -> None:
+    """``adaptive = true`` or ``http = 5`` in TOML is a ConfigError, not attrs' NotAnAttrsClassError
+    (a ValueError from _check_numbers)."""
+    with pytest.raises(ConfigError):
+        LMConfig.from_mapping({**OPENAI, table: True}, where="lms.x")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [1, 2],
+        {"model": "other"},
+        {"cache": True},
+        {"api_base": "http://evil.test/v1"},
+        {"transport": 1},
+        {"messages": []},  # openai.py _body: body.update(params) replaces the prompt itself
+        {"stream": True},  # a plain call then asks for SSE and fails to parse it
+    ],
+    ids=["list", "model", "cache", "api_base", "transport", "messages", "stream"],
+)
+def test_params_that_cannot_be_passed_to_the_backend_are_a_config_error(params: Any) -> None:
+    """``params`` is splatted into the backend's constructor (openai.py from_config ``**config.params``):
+    a list, or a key that is also a constructor argument, is refused by the config, not left to raise
+    TypeError inside open_engine's build_lm."""
+    with pytest.raises(ConfigError):
+        LMConfig.from_mapping({**OPENAI, "params": params}, where="lms.x")
+
+
+async def test_an_open_engine_with_reserved_params_fails_with_a_config_error() -> None:
+    """Reserved params are refused when the LMConfig is built, before open_engine (where a raw TypeError
+    would escape); either way the caller sees a ConfigError."""
+
+    async def open_it() -> None:
+        config = EngineConfig(
+            lms={"default": LMConfig.from_mapping({**OPENAI, "params": {"model": "other"}})}
+        )
+        async with open_engine(config):
+            pass
+
+    with pytest.raises(ConfigError):
+        await open_it()
+
+
+async def test_a_nan_reaper_interval_does_not_crash_an_open_engine(autojump_clock: Any) -> None:
+    """HTTPSettings(idle_check_interval=nan) is refused by the config, so no open_engine's upkeep task
+    dies later with ValueError ("deadline must not be NaN") and takes the engine down."""
+
+    async def open_for_a_second() -> None:
+        lm = LMConfig.from_mapping({**OPENAI, "http": {"idle_check_interval": math.nan}})
+        async with open_engine(EngineConfig(lms={"default": lm})):
+            await trio.sleep(1)
+
+    with pytest.raises(ConfigError):
+        await open_for_a_second()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"LM_TIMEOUT": "nan"},
+        {"LM_TIMEOUT": "0"},
+        {"LM_MAX_TOKENS": "-1"},
+        {"LM_MAX_TOKENS": "0"},
+        {"LM_PARAMS": '{"temperature": NaN}'},  # json.loads accepts NaN; httpx refuses to send it
+        {"LM_PARAMS": '{"max_tokens": -5}'},
+        {"LM_PARAMS": '{"model": "x"}'},  # TypeError in build_lm: model given twice
+        {"LM_PARAMS": '{"cache": true}'},
+    ],
+    ids=lambda env: ",".join(f"{k}={v}" for k, v in env.items()),
+)
+def test_bad_lm_environment_values_are_config_errors(env: dict[str, str]) -> None:
+    """The default LM's variables (engine/_env.py default_lm_from_env) are checked like the file's keys:
+    LM_TIMEOUT beyond its sign, LM_MAX_TOKENS and LM_PARAMS at all."""
+    with pytest.raises(ConfigError):
+        EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1", "LM_MODEL": "m", **env})
+
+
+def test_switching_provider_by_env_does_not_send_the_old_providers_key_elsewhere(tmp_path: Any) -> None:
+    """File: an OpenAI LM with its key and api_base. Env: LM_PROVIDER=anthropic, LM_MODEL=claude.
+    Switching the provider drops the old one's key and api_base (engine/_env.py); inheriting them would
+    send the OpenAI secret, as x-api-key, to the inherited base."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[lms.default]\nprovider = "openai"\nmodel = "gpt"\napi_base = "https://api.openai.com/v1"\n'
+        'api_key = "sk-openai-secret"\n'
+    )
+    lm = EngineConfig.from_env(
+        {"DSPY_TRIO_CONFIG": str(path), "LM_PROVIDER": "anthropic", "LM_MODEL": "claude"}
+    ).lms["default"]
+    assert lm.provider == "anthropic"
+    assert getattr(lm.settings, "api_key", None) != "sk-openai-secret"
+    assert getattr(lm.settings, "api_base", None) != "https://api.openai.com/v1"
+
+
+@pytest.mark.parametrize("key", ["sk-abc\n", "sk-\u00e9t\u00e9"], ids=["trailing-newline", "non-ascii"])
+def test_an_api_key_that_cannot_be_sent_is_a_config_error(key: str) -> None:
+    """A key read from a file with its trailing newline, or a non-ASCII key, is refused by the config.
+    Accepted, the first would fail every call in h11 (LocalProtocolError "Illegal header value"), mapped
+    to a *retryable* connection error (3 attempts per call, retry budget spent); the second would raise a
+    raw UnicodeEncodeError from build_lm inside open_engine."""
+    with pytest.raises(ConfigError):
+        EngineConfig.from_env({"LM_API_BASE": "http://upstream.test/v1", "LM_MODEL": "m", "LM_API_KEY": key})
+
+
+def test_threads_must_be_an_integer() -> None:
+    """``threads = 1.5`` is refused by the config, not left to anyio.CapacityLimiter's raw TypeError in
+    build_lm (ThreadedLM.__init__)."""
+    with pytest.raises(ConfigError):
+        LMConfig(model="openai/m", settings=DSPySettings(api_base="http://upstream.test/v1", threads=1.5))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("api_base", ["localhost:8000/v1", "ftp://upstream.test/v1", "not a url"])
+def test_an_api_base_that_is_not_an_http_url_is_a_config_error(api_base: str) -> None:
+    """``api_base = "localhost:8000/v1"`` (the scheme forgotten) is refused by the config; accepted, every
+    call would fail with httpx.UnsupportedProtocol, mapped to a retryable connection error (3 attempts
+    per call)."""
+    with pytest.raises(ConfigError):
+        LMConfig(model="m", settings=OpenAISettings(api_base=api_base))
+
+
+def test_lm_model_and_key_without_a_provider_do_not_silently_serve_the_simulated_lm() -> None:
+    """LM_MODEL=gpt-4o-mini and LM_API_KEY=sk-... with LM_API_BASE forgotten is a ConfigError: a key and a
+    model name are an unambiguous request for a real LM, and the simulated provider under the real
+    model's name would serve made-up answers (only an info log line saying so)."""
+    with pytest.raises(ConfigError):
+        EngineConfig.from_env({"LM_MODEL": "gpt-4o-mini", "LM_API_KEY": "sk-real"})
+
+
+def test_frozen_config_values_are_hashable() -> None:
+    """@attrs.frozen values promise a hash: ``params`` (and the lms/programs mappings) must not be plain
+    dicts, or hash(LMConfig()) raises TypeError."""
+    assert hash(LMConfig()) == hash(LMConfig())
+    assert hash(EngineConfig()) == hash(EngineConfig())

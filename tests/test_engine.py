@@ -5,13 +5,16 @@ Every test that involves time runs on ``MockClock(autojump_threshold=0)`` and as
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from dspy_trio.engine import (
+    ConfigError,
     EngineClosedError,
     EngineConfig,
     EngineError,
@@ -19,10 +22,12 @@ from dspy_trio.engine import (
     LMConfig,
     OverloadedError,
     ProgramError,
+    ProgramSpec,
     UnknownProgramError,
     UpstreamServerError,
     open_engine,
 )
+from dspy_trio.engine.lm import SimulatedLM
 
 from .helpers import CountingLM, FailingLM, tasks_living
 
@@ -366,3 +371,78 @@ async def test_one_ownership_rule_for_cancel_by_id(autojump_clock: Any) -> None:
 async def _ignore(call: Any) -> None:
     with pytest.raises(EngineError):
         await call
+
+
+class ClosingLM(CountingLM):
+    """Records its close; ``fail`` makes ``aclose`` raise, ``hang`` makes it block."""
+
+    def __init__(self, *, fail: bool = False, hang: bool = False) -> None:
+        super().__init__()
+        self.fail, self.hang, self.closed = fail, hang, False
+
+    async def aclose(self) -> None:
+        if self.hang:
+            await trio.sleep_forever()
+        if self.fail:
+            raise RuntimeError("close failed")
+        self.closed = True
+
+
+@pytest.mark.parametrize("first", ["fail", "hang"])
+async def test_one_lm_that_fails_to_close_does_not_leave_the_others_open(
+    first: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``close_lms`` closes every LM, each bounded on its own: an LM whose ``aclose`` raises, or one
+    that hangs, does not keep the LMs after it from closing their connections."""
+    broken = ClosingLM(fail=first == "fail", hang=first == "hang")
+    healthy = ClosingLM()
+    with contextlib.suppress(RuntimeError):
+        async with open_engine(EngineConfig(), lms={"broken": broken, "default": healthy}):
+            pass
+    assert healthy.closed
+
+
+class RecordingLM(SimulatedLM):
+    """A simulated LM that records whether it was closed."""
+
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await super().aclose()
+
+
+async def test_cancelling_an_open_engine_still_closes_its_lms(autojump_clock: Any) -> None:
+    """With the caller's scope cancelled, open_engine still closes every LM: its cleanup must not start
+    with an unshielded ``await engine.drain()``, whose first checkpoint would raise Cancelled and skip
+    closing the LMs' connections."""
+    lm = RecordingLM()
+    with trio.move_on_after(1):
+        async with open_engine(EngineConfig(), lms={"default": lm}):
+            await trio.sleep_forever()
+    assert lm.closed
+
+
+async def test_a_crashed_upkeep_task_still_closes_the_lms(autojump_clock: Any) -> None:
+    class Crashing(RecordingLM):
+        async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            await trio.sleep(1)
+            raise RuntimeError("reaper failed")
+
+    lm = Crashing()
+    with pytest.raises(RuntimeError):
+        async with open_engine(EngineConfig(), lms={"default": lm}):
+            await trio.sleep_forever()
+    assert lm.closed
+
+
+async def test_an_engine_that_fails_to_open_closes_the_lms_it_was_given() -> None:
+    """open_engine documents that the engine closes the ``lms=`` it is given, also when a ConfigError
+    from ProgramRegistry.build (or from build_lm of a later LM) stops it from opening."""
+    lm = RecordingLM()
+    config = EngineConfig(programs={"bad": ProgramSpec("no_such_module_for_this_test:thing")})
+    with pytest.raises(ConfigError):
+        async with open_engine(config, lms={"default": lm}):
+            pass
+    assert lm.closed

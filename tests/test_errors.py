@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 
 from dspy_trio import engine
@@ -14,6 +17,7 @@ from dspy_trio.engine import (
     ProgramError,
     RateLimitWaitError,
     RequestCancelledError,
+    UnknownProgramError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamRateLimitedError,
@@ -85,3 +89,21 @@ def test_usage_says_when_it_was_estimated() -> None:
     )
     assert (exact.estimated, guessed.estimated) == (False, True)
     assert guessed.total_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OverloadedError("queue full", retry_after=1.5),
+        RateLimitWaitError("rpm", retry_after=2.0),
+        UnknownProgramError("nope", ["default"]),
+    ],
+    ids=["OverloadedError", "RateLimitWaitError", "UnknownProgramError"],
+)
+def test_engine_errors_survive_pickle_and_copy(error: Exception) -> None:
+    """Errors cross thread/process boundaries (trio.to_thread, test runners, multiprocessing): pickle and
+    copy rebuild them whole, though their __init__s take more than ``cls(message)`` (keyword-only
+    retry_after, positional known), which is all Exception.__reduce__ passes."""
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(clone) is type(error)
+        assert vars(clone) == vars(error)

@@ -1,4 +1,5 @@
-"""GuardedLM: the upstream guard wraps a backend instead of being installed on it (issue #13)."""
+"""GuardedLM: the upstream guard wraps a backend instead of being installed on it, and DSPy
+sees what the backend declares (``supported_params``) through it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 from dspy_trio.engine import EngineConfig, LMConfig, SimulatedSettings, open_engine
 from dspy_trio.engine._upstream import UpstreamGuard
-from dspy_trio.engine.lm import Completion, DeltaSink, GuardedLM, SimulatedLM
+from dspy_trio.engine.lm import Completion, DeltaSink, GuardedLM, OpenAICompatibleLM, SimulatedLM
+from dspy_trio.engine.testing import MockBackend, MockRequest, Reply, http_response
 
 
 class CountingGuard:
@@ -53,3 +55,29 @@ async def test_open_engine_wraps_each_backend_and_leaves_it_unchanged() -> None:
         result = await engine.predict("default", {"question": "What is Trio?"})
         assert result.outputs
         assert wrapped.guard.statistics().retries_by_cause == {}
+
+
+def _scripted_upstream(content: str) -> tuple[list[dict[str, Any]], MockBackend]:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: MockRequest) -> Reply:
+        bodies.append(request.json())
+        answer = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        return [http_response(200, json={"choices": [answer]})]
+
+    return bodies, MockBackend(handler)
+
+
+async def test_the_engine_json_adapter_still_asks_an_openai_server_for_json(autojump_clock: Any) -> None:
+    """The bare OpenAI backend declares ``supported_params`` (with ``response_format``), so DSPy's
+    JSONAdapter asks the server for JSON (tests/test_http_transport.py pins it). Through the engine, DSPy
+    sees the GuardedLM wrapper, which forwards ``supported_params``: the engine with ``adapter="json"``
+    still sends ``response_format``."""
+    bodies, network = _scripted_upstream('{"answer": "ok"}')
+    lm = OpenAICompatibleLM("openai/m", api_base="http://upstream.test/v1", network=network)
+    config = EngineConfig(lms={"default": LMConfig()}, adapter="json")
+    async with open_engine(config, lms={"default": lm}) as engine:
+        assert engine.lms["default"].supported_params == lm.supported_params
+        result = await engine.predict("default", {"question": "q"})
+    assert result.outputs["answer"] == "ok"
+    assert bodies[0].get("response_format") == {"type": "json_object"}

@@ -22,7 +22,7 @@ from dspy_trio.engine import (
     UpstreamServerError,
 )
 from dspy_trio.engine.lm import AnthropicLM, HTTPSettings, OpenAICompatibleLM, TrioLM
-from dspy_trio.engine.lm._http_errors import status_error
+from dspy_trio.engine.lm._http_errors import parse_retry_after, status_error
 from dspy_trio.engine.lm._redact import Redactor
 from dspy_trio.engine.testing import FakeUpstream, Fault
 
@@ -187,3 +187,22 @@ async def test_the_same_429_bytes_give_the_same_retry_after_on_both_transports(l
             seen[transport] = info.value.retry_after
             await lm.aclose()
     assert seen["lean"] == seen["httpx"], seen
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "inf"}, None),
+        ({"Retry-After": "Infinity"}, None),
+        ({"Retry-After": "1e400"}, None),
+        ({"retry-after-ms": "inf"}, None),
+        ({"retry-after-ms": "nan", "Retry-After": "5"}, 5.0),  # garbage ms should fall through, as "abc" does
+        ({"retry-after-ms": "abc", "Retry-After": "5"}, 5.0),  # (the control)
+    ],
+    ids=["inf", "Infinity", "1e400", "ms-inf", "ms-nan", "ms-garbage"],
+)
+def test_non_finite_retry_after_values_are_ignored(headers: dict[str, str], expected: float | None) -> None:
+    """lm/_http_errors.py parse_retry_after ignores "inf", "Infinity", "nan" and "1e400" (which float()
+    accepts, or overflows to inf), as it ignores any other garbage; a garbage ``retry-after-ms`` falls
+    through to ``Retry-After``."""
+    assert parse_retry_after(httpx.Headers(headers), now=0.0) == expected

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 from prometheus_client import generate_latest
 
 from dspy_trio.engine import (
@@ -255,3 +256,25 @@ def test_a_tracer_provider_named_in_the_environment_is_still_asked_for(
     monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "sdk_tracer_provider")
     monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
     assert _telemetry.span("dspy_trio.predict") is not _telemetry._NO_SPAN
+
+
+def test_a_tracer_provider_named_in_the_environment_after_import_makes_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``OTEL_PYTHON_TRACER_PROVIDER`` set after ``dspy_trio.engine`` was imported (an application setting up
+    its environment in ``main()``): OpenTelemetry's own ``get_tracer_provider()`` loads the SDK's
+    provider from it, so stock code traces, and so does ``span()`` (reading the variable once at
+    import would leave it the do-nothing context: the requests never traced)."""
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    from dspy_trio.engine import _telemetry
+
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", Once())
+    monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "sdk_tracer_provider")
+    with _telemetry.span("dspy_trio.predict", request_id="env-1") as current:
+        made, recording = current, current is not None and current.is_recording()
+    assert not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    assert made is not None, "span() made no span although a tracer provider is configured"
+    assert recording

@@ -1,4 +1,6 @@
-"""``stream_upstream``: non-streamed calls sent upstream as SSE streams, over real sockets (real clock).
+"""``stream_upstream``: non-streamed calls sent upstream as SSE streams, over real sockets (real clock),
+and on the in-memory network for what a stream's events say (a choice cut mid-stream, an overload
+reported after the 200).
 
 Self-hosted servers (llama.cpp) stop generating when a stream's connection closes but finish a plain
 request whose client left; with ``stream_upstream`` a cancelled predict closes a stream.
@@ -227,3 +229,71 @@ async def test_first_token_and_stall_timeouts_watch_a_predict_sent_as_a_stream(
         await backend.aclose()
     assert error is not None, "the keep-alives held the call until the caller's deadline"
     assert trio.current_time() - started == 5.0
+
+
+def _sse(*events: dict[str, Any] | str) -> bytes:
+    lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
+    return "".join(lines).encode()
+
+
+async def test_stream_upstream_with_two_choices_does_not_accept_a_stream_cut_mid_choice(
+    autojump_clock: Any,
+) -> None:
+    """With ``n=2``, a stream cut after choice 0 finished but while choice 1 was still being written (no
+    [DONE], no finish for choice 1) is the "stream ended before completion" error (which the guard
+    retries), not a successful completion whose second answer is silently truncated: the stream is
+    complete only when every choice has a finish_reason."""
+    from dspy_trio.engine import UpstreamConnectionError
+
+    body = _sse(
+        {"choices": [{"index": 0, "delta": {"content": "full answer"}, "finish_reason": None}]},
+        {"choices": [{"index": 1, "delta": {"content": "trunc"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    )  # the connection ends here: choice 1 never finished, no usage chunk, no [DONE]
+
+    def handler(request: MockRequest) -> Reply:
+        return [http_response(200, body, headers={"Content-Type": "text/event-stream"})]
+
+    lm = OpenAICompatibleLM(
+        "openai/m", api_base="http://upstream.test/v1", network=MockBackend(handler), stream_upstream=True
+    )
+    outcome: Any
+    try:
+        outcome = await lm.complete([{"role": "user", "content": "q"}], {"n": 2}, None)
+    except UpstreamConnectionError as exc:
+        outcome = exc
+    assert isinstance(outcome, UpstreamConnectionError), f"accepted truncated choices: {outcome.texts!r}"
+
+
+async def test_stream_upstream_retries_an_overload_the_server_reports_in_the_stream(
+    autojump_clock: Any,
+) -> None:
+    """README: with ``stream_upstream`` "retries are unchanged" and the completion is the one a plain
+    call returns. A server that reports an overload after the 200 (an SSE error event with ``code: 503``,
+    as llama.cpp's server and OpenRouter do for streams) is retried like the same overload on the plain
+    path (HTTP 503), not turned into a non-retryable UpstreamResponseError. Nothing had reached the
+    caller, so the retry is safe."""
+    from dspy_trio.engine import RetryPolicy
+
+    calls: list[int] = []
+    overloaded = _sse(
+        {"error": {"message": "server overloaded, try later", "type": "server_error", "code": 503}}
+    )
+    answer = _sse(
+        {"choices": [{"index": 0, "delta": {"content": "[[ ## answer ## ]]\nok"}, "finish_reason": "stop"}]},
+        "[DONE]",
+    )
+
+    def handler(request: MockRequest) -> Reply:
+        calls.append(1)
+        content = overloaded if len(calls) == 1 else answer
+        return [http_response(200, content, headers={"Content-Type": "text/event-stream"})]
+
+    lm = OpenAICompatibleLM(
+        "openai/m", api_base="http://upstream.test/v1", network=MockBackend(handler), stream_upstream=True
+    )
+    config = EngineConfig(lms={"default": LMConfig(retry=RetryPolicy(base_delay=0.0))})
+    async with open_engine(config, lms={"default": lm}) as engine:
+        result = await engine.predict("default", {"question": "q"})
+    assert result.outputs["answer"] == "ok"
+    assert len(calls) == 2

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
+import dspy
+import h11
 import pytest
 import trio
+import trio.testing
 
 from dspy_trio.engine import (
     EngineConfig,
@@ -15,6 +19,7 @@ from dspy_trio.engine import (
     FinalEvent,
     InvalidInputError,
     LMConfig,
+    OpenAISettings,
     OverloadedError,
     ProgramSpec,
     SimulatedSettings,
@@ -24,8 +29,11 @@ from dspy_trio.engine import (
     UpstreamServerError,
     open_engine,
 )
+from dspy_trio.engine.lm import SimulatedLM
+from dspy_trio.engine.lm._base import Completion
 
 from .helpers import CountingLM, FailingLM, tasks_living
+from .transport_helpers import RawServer, open_raw_server, read_request
 
 FAST = LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))
 
@@ -232,3 +240,223 @@ async def test_engine_close_ends_open_streams_with_an_error_event(autojump_clock
     assert isinstance(received[-1], ErrorEvent)
     assert received[-1].error.code == "engine_closed"
     assert trio.current_time() == 4
+
+
+class _AskTwiceAtOnce(dspy.Module):  # type: ignore[misc]
+    """A module calling its one predictor twice concurrently (e.g. two drafts, keep the better)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = dspy.Predict("question -> answer")
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        answers: dict[str, str] = {}
+
+        async def ask(key: str, text: str) -> None:
+            answers[key] = (await self.step.acall(question=text)).answer
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "first", f"{question} alpha")
+            nursery.start_soon(ask, "second", f"{question} beta gamma")
+        return dspy.Prediction(first=answers["first"], second=answers["second"])
+
+
+ask_twice_at_once = _AskTwiceAtOnce()
+
+
+async def test_two_overlapping_calls_of_one_predictor_each_stream_their_own_numbered_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """FieldDelta.call: "a predictor called twice streams numbered calls, each scanned afresh". When the
+    two calls overlap (a module that runs them in a nursery), ``new_call`` runs for both before any
+    text arrives; each call's text must still go to a scanner of its own (one shared scanner would see
+    both interleaved token by token, never a whole ``[[ ## answer ## ]]`` header, and stream no delta
+    at all), so each call's deltas rebuild that call's answer."""
+    config = EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.01, token_delay=0.01))},
+        programs={"at_once": ProgramSpec(f"{__name__}:ask_twice_at_once")},
+    )
+    async with open_engine(config) as engine, engine.stream("at_once", {"question": "q"}) as events:
+        received = [event async for event in events]
+    final = received[-1]
+    assert isinstance(final, FinalEvent)
+    answers = [e for e in received if isinstance(e, FieldDelta) and e.field == "answer"]
+    by_call: dict[int, str] = {}
+    for delta in answers:
+        by_call[delta.call] = by_call.get(delta.call, "") + delta.text
+    outputs = final.result.outputs
+    assert sorted(text.strip() for text in by_call.values()) == sorted([outputs["first"], outputs["second"]])
+
+
+_finished_at: list[float] = []
+
+
+class _AskAndNote(dspy.Module):  # type: ignore[misc]
+    """One predictor call; notes the (virtual) time the program's LM text has all been produced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = dspy.Predict("question -> answer")
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        prediction = await self.step.acall(question=question)
+        _finished_at.append(trio.current_time())
+        return prediction
+
+
+ask_and_note = _AskAndNote()
+
+
+async def test_under_drop_a_consumer_that_has_not_read_the_status_event_blocks_the_producer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Backpressure ``drop``: "the producer never waits; the oldest text delta in the buffer is dropped
+    to make room". With ``buffer_size=1`` the stream's first event, the ``running`` StatusEvent (never
+    dropped), fills the buffer; the first delta then finds no delta to drop, and must not park the
+    producer (which would make the program, and its upstream read, wait for the consumer: the
+    ``block`` policy). A consumer that reads 100 s later finds the program finished long before, with
+    the deltas it could not hold counted as dropped."""
+    _finished_at.clear()
+    config = EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0.01, token_delay=0.01))},
+        programs={"noted": ProgramSpec(f"{__name__}:ask_and_note")},
+    )
+    options = StreamOptions(backpressure="drop", buffer_size=1)
+    async with (
+        open_engine(config) as engine,
+        engine.stream("noted", {"question": "q"}, options=options) as events,
+    ):
+        started = trio.current_time()
+        await trio.sleep(100)  # a consumer that is genuinely slow
+        received = [event async for event in events]
+    final = received[-1]
+    assert isinstance(final, FinalEvent)
+    assert _finished_at
+    assert _finished_at[0] - started < 10  # not 100.x: the producer did not wait
+    assert final.dropped > 0
+
+
+class _ChatThenJSON(SimulatedLM):
+    """Answers its first call without ChatAdapter's markers (unparsable), its second, the JSONAdapter
+    fallback DSPy's ChatAdapter makes, with a JSON object; streams both, a few characters at a time."""
+
+    def __init__(self) -> None:
+        super().__init__(first_token_delay=0.0, token_delay=0.0)
+        self.calls = 0
+
+    async def complete(self, messages: Any, params: Any, sink: Any) -> Completion:
+        self.calls += 1
+        text = "I forgot the markers." if self.calls == 1 else '{"answer": "from the json call"}'
+        if sink is not None:
+            for start in range(0, len(text), 4):
+                await sink.send(text[start : start + 4])
+        return Completion([text])
+
+
+async def test_a_chat_programs_json_fallback_call_streams_the_answer_it_returns(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A ``chat`` program whose LM reply lacks the ``[[ ## answer ## ]]`` markers: DSPy's ChatAdapter
+    falls back to JSONAdapter and calls the same predictor again (``call=1``). The final answer comes
+    from that call ("the outputs are rebuilt from the deltas of the predictor's last call"), so that
+    call's JSON reply must be scanned as JSON (a ChatFieldScanner chosen once for the program's adapter
+    would find no delta in it): the stream shows the answer it ends with."""
+    lm = _ChatThenJSON()
+    async with (
+        open_engine(EngineConfig(lms={"default": LMConfig()}), lms={"default": lm}) as engine,
+        engine.stream("default", {"question": "q"}) as events,
+    ):
+        received = [event async for event in events]
+    final = received[-1]
+    assert isinstance(final, FinalEvent), final
+    assert lm.calls == 2
+    assert final.result.outputs["answer"] == "from the json call"
+    answers = [e for e in received if isinstance(e, FieldDelta) and e.field == "answer"]
+    last = max((e.call for e in answers), default=None)
+    assert last == 1
+    assert "".join(e.text for e in answers if e.call == last) == "from the json call"
+
+
+def _sse_answer(words: int) -> bytes:
+    """An OpenAI-style event stream of ``question -> answer`` in ChatAdapter's format, one word per
+    event, as a whole HTTP response."""
+    parts = ["[[ ## answer ## ]]\n", *(f"w{i} " for i in range(words)), "\n\n[[ ## completed ## ]]"]
+    events = b"".join(
+        b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": part}}]}).encode() + b"\n\n"
+        for part in parts
+    )
+    body = events + b"data: [DONE]\n\n"
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+async def test_drop_policy_drops_nothing_for_a_consumer_that_is_waiting_for_every_event() -> None:
+    """An upstream that sends its whole answer in one burst (one TCP read holds all 300 events; a
+    fast local model does this) and a consumer that does nothing but read the stream, parked in
+    ``get`` the whole time. ``drop`` is for consumers that fall behind; this one is always ready, so
+    nothing is dropped: the producer lets the waiting consumer run while it handles the read (were
+    ``EventBuffer.put`` with room no schedule point, 296 of 300 deltas would be dropped)."""
+
+    async def burst(stream: trio.abc.Stream, server: RawServer) -> None:
+        while await read_request(stream, h11.Connection(h11.SERVER), server):
+            await stream.send_all(_sse_answer(300))
+
+    options = StreamOptions(backpressure="drop", buffer_size=4)
+    async with open_raw_server(burst) as upstream:
+        lm = LMConfig(model="fake-model", settings=OpenAISettings(api_base=upstream.url, api_key="k"))
+        async with open_engine(EngineConfig(lms={"default": lm})) as engine:
+            with trio.fail_after(30):
+                async with engine.stream("default", {"question": "q"}, options=options) as events:
+                    received = [event async for event in events]
+    final = received[-1]
+    assert isinstance(final, FinalEvent)
+    deltas = [event for event in received if isinstance(event, FieldDelta)]
+    assert final.dropped == 0, f"{final.dropped} deltas dropped for a consumer waiting on each one"
+    assert "".join(delta.text for delta in deltas) == final.result.outputs["answer"]
+
+
+class _AskTwice(dspy.Module):  # type: ignore[misc]
+    """A module calling its one predictor twice: the second answer refines the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = dspy.Predict("question -> answer")
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        first = await self.step.acall(question=question)
+        return await self.step.acall(question=first.answer)
+
+
+ask_twice = _AskTwice()
+
+
+async def test_deltas_of_a_predictor_called_twice_rebuild_its_final_output(autojump_clock: Any) -> None:
+    """README: deltas are per predictor and field and rebuild the outputs. A module that calls the same
+    predictor twice streams both calls' ``answer`` text; each call is numbered (``FieldDelta.call``)
+    and scanned afresh, so the last call's deltas rebuild the final answer (one unnumbered run of
+    ``("step", "answer")`` deltas would glue the two answers together)."""
+    config = EngineConfig(
+        lms={"default": LMConfig(settings=SimulatedSettings(first_token_delay=0, token_delay=0))},
+        programs={"twice": ProgramSpec(f"{__name__}:ask_twice")},
+    )
+    async with (
+        open_engine(config) as engine,
+        engine.stream("twice", {"question": "q"}) as events,
+    ):
+        received = [event async for event in events]
+    final = received[-1]
+    assert isinstance(final, FinalEvent)
+    answers = [e for e in received if isinstance(e, FieldDelta) and e.field == "answer"]
+    # Both calls stream (the first one's text is what the second refines); each call is numbered, and
+    # the last call's deltas rebuild the output.
+    assert {e.call for e in answers} == {0, 1}
+    assert [e.call for e in answers] == sorted(e.call for e in answers)
+    rebuilt = "".join(e.text for e in answers if e.call == 1)
+    assert rebuilt == final.result.outputs["answer"]
+    first = "".join(e.text for e in answers if e.call == 0)
+    assert first
+    assert first != rebuilt

@@ -16,6 +16,7 @@ from dspy_trio.engine import (
     RetryPolicy,
     UpstreamRateLimitedError,
     UpstreamResponseError,
+    UpstreamServerError,
     open_engine,
 )
 from dspy_trio.engine.testing import Behavior, FakeUpstream, Fault
@@ -163,3 +164,16 @@ async def test_a_lone_surrogate_from_a_stock_lm_is_a_bad_response(fake_upstream:
     async with open_engine(threaded_config(fake_upstream)) as engine:
         with pytest.raises(UpstreamResponseError):
             await engine.predict("default", {"question": "q"})
+
+
+def test_the_dspy_provider_keeps_a_503s_retry_after() -> None:
+    """ "Retry-After honoured on every retryable status" holds for the dspy provider too: threaded.py
+    dspy_lm_errors copies DSPy's retry_after for an LMServerError (503/529) as for an LMRateLimitError,
+    so retry_after=3 reaches the UpstreamServerError."""
+    from dspy.utils.exceptions import LMServerError
+
+    from dspy_trio.engine.lm.threaded import dspy_lm_errors
+
+    with pytest.raises(UpstreamServerError) as info, dspy_lm_errors("m"):
+        raise LMServerError("busy", status=503, retry_after=3.0)
+    assert info.value.retry_after == 3.0

@@ -17,7 +17,9 @@ import trio.testing
 from dspy_trio.engine import (
     InvalidInputError,
     UpstreamConnectionError,
+    UpstreamError,
     UpstreamRateLimitedError,
+    UpstreamResponseError,
     UpstreamServerError,
     UpstreamTimeoutError,
 )
@@ -567,3 +569,105 @@ async def test_reaper_closes_idle_connections_the_server_closed(mock_clock: trio
             nursery.cancel_scope.cancel()
         assert await client.reap() == 0
         client.close()
+
+
+async def test_slow_consumer_of_the_last_unterminated_sse_event_is_not_a_read_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The body ends (content-length) right after ``data: b`` with no blank line, which arrives in a
+    read of its own: the transport dispatches that event at EndOfMessage. The consumer takes 10 s
+    on every event under a 5 s read timeout; the read timeout bounds socket silence only, so both
+    events must be consumed and the call must succeed (the final dispatch must not run under the
+    deadline of the last read)."""
+    body = b"data: a\n\ndata: b\n"
+
+    async def answer(stream: trio.abc.Stream, server: RawServer) -> None:
+        await read_request(stream, h11.Connection(h11.SERVER), server)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body[:9]
+        )
+        await trio.sleep(1)
+        await stream.send_all(body[9:])  # a read of its own, completing no event
+        await wait_closed(stream)
+
+    async with open_raw_server(answer) as server:
+        client = LeanClient(server.url, timeouts=Timeouts(read=5.0))
+        seen: list[tuple[str, float]] = []
+        started = trio.current_time()
+
+        async def slow_consumer(name: str, data: str) -> None:
+            seen.append((data, trio.current_time() - started))
+            await trio.sleep(10)
+
+        failure: UpstreamTimeoutError | None = None
+        try:
+            await client.post_sse("m", "x", {}, slow_consumer)
+        except UpstreamTimeoutError as exc:
+            failure = exc
+        finally:
+            client.close()
+        ended = trio.current_time() - started
+    assert failure is None, f"the slow consumer was timed out as the upstream: {failure} (seen: {seen})"
+    assert [data for data, _ in seen] == ["a", "b"]
+    assert ended == 20.0
+
+
+async def test_the_lean_transport_bounds_an_sse_line_as_it_bounds_a_body() -> None:
+    """A broken upstream streams one SSE line that never ends. ``post_json`` refuses a body over its
+    cap; ``post_sse`` bounds the line the same way (an unbounded line would grow memory without limit,
+    at a quadratic CPU cost if re-split on every read). With the event cap at 1 MB, a 3 MB line is
+    refused as a bad answer."""
+    piece = b"x" * 65536
+    chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+    async def endless_line(stream: trio.abc.Stream, server: RawServer) -> None:
+        if not await read_request(stream, h11.Connection(h11.SERVER), server):
+            return
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+        await stream.send_all(head + b"5\r\ndata:\r\n")
+        for _ in range(48):  # 3 MB, no newline
+            await stream.send_all(chunk)
+        await stream.send_all(b"0\r\n\r\n")
+        await wait_closed(stream)
+
+    received: list[int] = []
+
+    async def on_event(event: str, data: str) -> None:
+        received.append(len(data))
+
+    async with open_raw_server(endless_line) as server:
+        client = LeanClient(server.url, max_event_bytes=1 << 20)
+        try:
+            with trio.fail_after(30), pytest.raises(UpstreamResponseError):
+                await client.post_sse("m", "chat/completions", {"stream": True}, on_event)
+        finally:
+            await client.aclose()
+    assert received == []
+
+
+async def test_a_response_head_that_never_ends_times_out(autojump_clock: trio.testing.MockClock) -> None:
+    """The upstream sends its status line, then one header byte every 4 s, never the blank line. The
+    read timeout (5 s) bounds the silence between reads, and h11 refuses a head only past 16 KiB: were
+    that all, the call would wait about 16384 x 4 s = 18 hours of a never-finished head (with no
+    request deadline, ``timeouts.attempt`` being off by default, forever). A head that has not ended
+    within the read timeout fails the call."""
+
+    async def trickling_head(stream: trio.abc.Stream, server: RawServer) -> None:
+        if not await read_request(stream, h11.Connection(h11.SERVER), server):
+            return
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nx-slow: ")
+        while True:
+            await trio.sleep(4)
+            await stream.send_all(b"a")
+
+    async with open_raw_server(trickling_head) as server:
+        client = LeanClient(server.url, timeouts=Timeouts(read=5.0))
+        try:
+            with trio.move_on_after(60) as waited, pytest.raises(UpstreamError):
+                await client.post_json("m", "chat/completions", {})
+            assert not waited.cancelled_caught, "still reading the head after 60 s (read timeout 5 s)"
+        finally:
+            await client.aclose()

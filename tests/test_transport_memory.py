@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 from typing import Any
 
 import pytest
@@ -30,6 +31,8 @@ from dspy_trio.engine.lm._transport import (
     Timeouts,
     http_response,
 )
+
+from .scripted_upstream import Scripted, openai_lm
 
 URL = "http://upstream.test/v1/"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "What is Trio?"}]}
@@ -342,3 +345,29 @@ def test_http_settings_send_the_lean_transport_to_the_given_network() -> None:
     client = HTTPSettings(client="httpx").clients(URL, {}, network=backend)
     assert isinstance(client, LeanClient)
     assert client.pool.network is backend
+
+
+MESSAGES = [{"role": "user", "content": "What is Trio?"}]
+
+
+async def test_a_nan_parameter_is_an_engine_error_not_a_raw_value_error(autojump_clock: Any) -> None:
+    """When such a value does reach a call, the JSON encoder's ValueError ("Out of range float values are
+    not JSON compliant") is translated at the edge (the transports' post_json) into an EngineError."""
+    from dspy_trio.engine import EngineError
+
+    lm = openai_lm(Scripted(), temperature=math.nan)
+    with pytest.raises(EngineError):
+        await lm.acall(messages=MESSAGES)
+
+
+async def test_response_format_none_in_params_sends_no_response_format(autojump_clock: Any) -> None:
+    """README: "a response_format in the LM's params wins". A user whose server rejects response_format
+    sets it to None, and no response_format is sent: the None must survive request_params (lm/_base.py),
+    or the JSONAdapter's json_object is sent anyway."""
+    import dspy
+
+    answer = {"choices": [{"index": 0, "message": {"content": '{"answer": "ok"}'}, "finish_reason": "stop"}]}
+    script = Scripted(success=answer)
+    with dspy.context(lm=openai_lm(script, response_format=None), adapter=dspy.JSONAdapter()):
+        await dspy.Predict("question -> answer").acall(question="q")
+    assert "response_format" not in script.bodies[0]

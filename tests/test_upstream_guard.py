@@ -21,7 +21,10 @@ from dspy_trio.engine import (
 from dspy_trio.engine._adaptive import AdaptiveSettings
 from dspy_trio.engine._retry import RetryPolicy, seeded
 from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
-from dspy_trio.engine.lm import Completion
+from dspy_trio.engine.lm import Completion, GuardedLM
+from dspy_trio.engine.testing import http_response
+
+from .scripted_upstream import Scripted, guarded, openai_lm
 
 OK = Completion(["done"], {"total_tokens": 30})
 
@@ -290,3 +293,76 @@ async def test_tokens_a_stream_delivered_before_it_failed_still_count(
         with pytest.raises(RateLimitWaitError):
             await g.call(Script(), None, estimate=600)
     assert trio.current_time() == 0
+
+
+MESSAGES = [{"role": "user", "content": "What is Trio?"}]
+
+
+async def test_an_infinite_retry_after_does_not_hang_a_call_without_deadline(autojump_clock: Any) -> None:
+    """A 503 with ``Retry-After: inf`` to a call with no deadline: the call is retried (the wait is
+    capped), not put to sleep forever (a backoff of max(jitter, inf) = inf, which no "past the deadline"
+    check catches since inf > inf is False)."""
+    script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
+    lm = guarded(openai_lm(script))
+    answers: list[Any] = []
+
+    async def call() -> None:
+        answers.append(await lm.acall(messages=MESSAGES))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    assert answers == [["ok"]], f"still waiting after an hour; requests at {script.times}"
+
+
+async def test_an_infinite_retry_after_does_not_block_the_upstream_forever(autojump_clock: Any) -> None:
+    """The same header must not set the shared cool-down to +inf: a day later a call with a deadline is
+    sent and answered, not refused with RateLimitWaitError with nothing ever sent to the upstream again."""
+    script = Scripted(http_response(503, headers={"Retry-After": "inf"}, json={}))
+    lm = guarded(openai_lm(script), attempts=1)
+    with trio.move_on_after(10), pytest.raises(UpstreamServerError):
+        await lm.acall(messages=MESSAGES)
+    await trio.sleep(86400)
+    with trio.fail_after(10):
+        assert await lm.acall(messages=MESSAGES) == ["ok"]
+
+
+async def test_an_overloaded_529_pushes_the_adaptive_limit_down(autojump_clock: Any) -> None:
+    """Anthropic's 529 is "overloaded_error", as a 503 is: it pushes the adaptive limit down (16 -> 8)
+    like a 429 or a timeout, instead of being an UpstreamServerError the limit never hears of."""
+    script = Scripted(http_response(529, json={"error": {"message": "Overloaded"}}))
+    lm = guarded(openai_lm(script), attempts=1, adaptive=AdaptiveSettings(initial=16))
+    with pytest.raises(UpstreamServerError):
+        await lm.acall(messages=MESSAGES)
+    assert isinstance(lm, GuardedLM)
+    assert isinstance(lm.guard, UpstreamGuard)
+    assert lm.guard.statistics().concurrency_limit == 8
+
+
+async def test_a_longer_retry_after_arriving_during_a_cool_down_is_honoured(autojump_clock: Any) -> None:
+    """Calls A and B are sent at t=0. A's 429 says Retry-After 5; caller C arrives at t=0.5 and waits
+    for the cool-down. At t=1, B's 429 says Retry-After 30. C is sent no earlier than t=31, not at
+    t=5: a waiter looks again at a cool-down that grew while it slept (no storm at t=5 against an
+    upstream that asked for 30 s)."""
+    script = Scripted(
+        http_response(429, headers={"Retry-After": "5"}, json={}),
+        [1.0, http_response(429, headers={"Retry-After": "30"}, json={})],  # B's answer comes at t=1
+    )
+    sent = script.times
+    lm = guarded(openai_lm(script), attempts=1)
+
+    async def call_failing() -> None:
+        with pytest.raises(Exception, match="429"):
+            await lm.acall(messages=MESSAGES)
+
+    async def late_call() -> None:
+        await trio.sleep(0.5)
+        assert await lm.acall(messages=MESSAGES) == ["ok"]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call_failing)
+        nursery.start_soon(call_failing)
+        nursery.start_soon(late_call)
+    assert sent[:2] == [0.0, 0.0]
+    assert sent[2] >= 31.0, f"C was sent at t={sent[2]}"

@@ -2,7 +2,8 @@
 stream (the plain one and the v1 one), a batch (JSON, SSE, NDJSON), a ``/v1/ws`` frame and a ``/ws``
 question, through the engine alone (``Engine.cancel_anywhere`` with the caller's key as owner): another
 key's cancel is a 404 that leaves the call running, the owner's ends it with its one ``cancelled``
-outcome, and the id is then gone."""
+outcome, and the id is then gone. A batch is cancelled by the id the server gave it, and a call
+by its owner while the server drains."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio_websocket import open_websocket_url
 
 from dspy_trio.web.server import Server
@@ -166,3 +169,49 @@ async def test_a_v1_ws_cancel_frame_reaches_only_its_own_sockets_request() -> No
                     pass
     assert frame == {"id": "f", "type": "cancelled"}
     assert lm.finished == 0
+
+
+async def test_a_batch_is_cancelled_by_the_id_the_server_gave_it() -> None:
+    """``DELETE /v1/requests/{id}`` with a batch's ``X-Server-Request-ID`` (the only id the client is
+    given for it) cancels the batch, every item ending ``cancelled``; a ledger knowing only the items'
+    ids (``{id}-{index}``) would answer 404 while the batch runs on."""
+    lm = CountingLM(first_token_delay=30)
+    async with (
+        running(lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        body = {"items": [{"question": "a"}, {"question": "b"}]}
+        headers = {"Accept": "text/event-stream"}
+        with trio.fail_after(10):
+            async with client.stream(
+                "POST", "/v1/programs/default/batch", json=body, headers=headers
+            ) as stream:
+                assert stream.status_code == 200
+                server_id = stream.headers["x-server-request-id"]
+                await wait_until(lambda: lm.started == 2)
+                cancelled = await client.delete(f"/v1/requests/{server_id}")
+                assert cancelled.status_code == 200, cancelled.text
+                text = (await stream.aread()).decode()
+        assert text.count('"code":"cancelled"') == 2, text
+
+
+async def test_the_owner_can_cancel_its_request_while_the_server_drains() -> None:
+    """During the drain (SIGTERM) an in-flight request runs for up to ``drain_timeout``; its owner asks to
+    cancel it and it is cancelled (200, outcome ``cancelled``), not refused with 503 ``not_ready`` while
+    the request keeps its slot and the shutdown waits for it."""
+    lm = CountingLM(first_token_delay=30)
+    engine = attrs.evolve(settings().engine, drain_timeout=20.0)
+    async with (
+        running(settings(engine=engine), lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+        client.stream("POST", "/stream", json={"question": "q"}) as stream,
+    ):
+        server_id = stream.headers["x-server-request-id"]
+        await wait_until(lambda: lm.started == 1)
+        server.shutdown()
+        await wait_until(lambda: server.state.draining)
+        with trio.fail_after(5):
+            cancelled = await client.delete(f"/v1/requests/{server_id}")
+            assert cancelled.status_code == 200, cancelled.text
+            text = (await stream.aread()).decode()
+        assert '"code":"cancelled"' in text, text

@@ -14,7 +14,16 @@ import trio
 import trio.testing
 from openapi_spec_validator import validate
 
-from dspy_trio.engine import EngineConfig, LMConfig, OpenAISettings, SimulatedSettings, UpstreamServerError
+from dspy_trio.engine import (
+    EngineConfig,
+    LMConfig,
+    OpenAISettings,
+    RateLimitWaitError,
+    SimulatedSettings,
+    UpstreamRateLimitedError,
+    UpstreamServerError,
+)
+from dspy_trio.engine._retry import RetryPolicy
 from dspy_trio.engine.testing import Behavior, FakeUpstream
 
 from .helpers import CountingLM, FailingLM, first_request_closed_by_client, wait_until
@@ -493,3 +502,162 @@ async def test_a_body_that_never_ends_waits_the_default_timeout_when_the_head_na
     assert (status, json.loads(body)["error"]["code"]) == (408, "body_timeout")
     assert headers["connection"] == "close"
     assert answered == pytest.approx(7.0)
+
+
+class CrashingUpkeepLM(CountingLM):
+    """Its ``maintain`` (the engine's upkeep task) crashes when ``crash`` is set."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.crash = trio.Event()
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.crash.wait()
+        raise RuntimeError("upkeep crashed")
+
+
+async def test_an_engine_that_crashes_while_serving_stops_the_server() -> None:
+    """The engine's upkeep task crashes after start-up: open_engine closes the LMs and the engine task
+    ends with the error. The service must not go on as a zombie (``/health`` 200 and every request 503,
+    forever): ``serve`` should end with the error so that a supervisor restarts the process."""
+    lm = CrashingUpkeepLM(first_token_delay=0.0)
+    ended = trio.Event()
+    errors: list[BaseException] = []
+
+    async def serve_it(task_status: trio.TaskStatus[Any]) -> None:
+        try:
+            async with running(lms={"default": lm}) as server:
+                task_status.started(server)
+                await trio.sleep_forever()
+        except Exception as exc:  # the server's own end: recorded, checked below
+            errors.append(exc)
+        finally:
+            ended.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_it)
+            async with httpx.AsyncClient(base_url=server.url) as client:
+                assert (await client.post("/predict", json={"question": "q"})).status_code == 200
+                lm.crash.set()
+                with trio.move_on_after(3):  # real time: the server is expected to stop by itself
+                    await ended.wait()
+                if not ended.is_set():
+                    health = (await client.get("/health")).status_code
+                    answer = await client.post("/predict", json={"question": "q"})
+                    nursery.cancel_scope.cancel()
+                    raise AssertionError(
+                        f"server still up after its engine crashed: /health {health}, "
+                        f"/predict {answer.status_code} {answer.text[:120]}"
+                    )
+    assert [type(error) for error in errors] == [RuntimeError]
+    assert "upkeep crashed" in str(errors[0])
+
+
+class FailingUpkeepLM(CountingLM):
+    """Its ``maintain`` fails before it starts: the engine cannot open."""
+
+    async def maintain(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise RuntimeError("cannot start upkeep")
+
+
+async def test_an_engine_that_cannot_open_fails_open_server_on_entry_with_its_own_error() -> None:
+    """``open_engine`` fails in ``before_serving``. Hypercorn's ``wait_for_startup`` returns anyway
+    (``handle_lifespan`` sets ``startup`` in its ``finally``), binds and reports started; ``open_server``
+    still fails on entry, with the engine's own error, instead of entering its block with
+    ``state.engine is None`` (a server answering 503 to everything) and raising Hypercorn's
+    ``LifespanFailureError`` only at exit."""
+    entered: list[object] = []
+    raised: BaseException | None = None
+    try:
+        with trio.fail_after(10):
+            async with running(lms={"default": FailingUpkeepLM()}) as server:
+                entered.append(server.state.engine)
+    except BaseException as exc:
+        raised = exc
+    assert (entered, type(raised)) == ([], RuntimeError), (entered, repr(raised))
+
+
+async def test_metrics_stay_readable_while_the_server_drains() -> None:
+    """During the drain (up to ``drain_timeout``) ``/metrics`` answers 200: the last scrapes of a
+    stopping process are the ones that show its ``shut_down`` and ``cancelled`` outcomes. Readiness is
+    ``/ready``'s job; ``/metrics`` answers while the engine exists."""
+    lm = CountingLM(first_token_delay=30)
+    engine = attrs.evolve(settings().engine, drain_timeout=20.0)
+    async with (
+        running(settings(engine=engine), lms={"default": lm}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+        client.stream("POST", "/stream", json={"question": "q"}),
+    ):
+        await wait_until(lambda: lm.started == 1)
+        server.shutdown()
+        await wait_until(lambda: server.state.draining)
+        scraped = await client.get("/metrics")
+        assert scraped.status_code == 200, scraped.text
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RateLimitWaitError("cool-down", retry_after=math.inf),
+        UpstreamRateLimitedError("429", model="m", retry_after=math.inf),
+    ],
+    ids=["RateLimitWaitError", "UpstreamRateLimitedError"],
+)
+def test_an_upstreams_infinite_retry_after_does_not_crash_the_web_error_response(error: Any) -> None:
+    """The upstream's ``Retry-After: inf`` reaches the errors the web layer formats (the 429's own
+    retry_after, or the RateLimitWaitError of a cool-down): engine_error_response (web/errors.py) answers
+    429 with a numeric Retry-After, where ``math.ceil(inf)`` would raise OverflowError."""
+    from dspy_trio.web.errors import engine_error_response
+
+    status, _, headers = engine_error_response(error)
+    assert status == 429
+    assert headers["Retry-After"].isdigit()
+
+
+async def test_an_infinite_retry_after_over_real_hypercorn_is_a_429_and_an_error_event() -> None:
+    """The same over a real Hypercorn socket: the LM's 429 carries retry_after = inf (as parsed from
+    ``Retry-After: inf``). /predict answers 429 with a numeric Retry-After, and a stream ends with an
+    ``error`` event (an OverflowError while formatting would make /predict a 500 and leave the stream
+    with no final or error event)."""
+
+    lm_config = LMConfig(
+        retry=RetryPolicy(max_attempts=1), settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.0)
+    )
+    service = settings(engine=EngineConfig(lms={"default": lm_config}))
+    failing = FailingLM(UpstreamRateLimitedError("429", model="m", retry_after=math.inf))
+    stream_text: list[str] = []
+    async with (
+        running(service, lms={"default": failing}) as server,
+        httpx.AsyncClient(base_url=server.url) as client,
+    ):
+        response = await client.post("/predict", json={"question": "q"})
+        with trio.move_on_after(3):
+            # The 429 started a cool-down (capped by retry.max_retry_after): a stream whose deadline
+            # ends before it is refused at once with an error event instead of waiting.
+            body = {"inputs": {"question": "q"}, "timeout_secs": 2}
+            async with client.stream("POST", "/v1/programs/default/stream", json=body) as stream:
+                async for text in stream.aiter_text():
+                    stream_text.append(text)
+    streamed = "".join(stream_text)
+    outcome = (response.status_code, "event: error" in streamed)
+    assert outcome == (429, True), f"/predict: {response.text}; stream body: {streamed!r}"
+    assert response.headers["Retry-After"].isdigit()
+
+
+async def test_an_error_in_the_block_of_open_server_escapes_as_itself() -> None:
+    """web/server.py open_server: an exception raised inside ``async with open_server(...)`` reaches the
+    caller as itself, not as an ExceptionGroup (cancelling the nursery running Hypercorn instead of
+    shutting it down trips trio's "Nursery misnesting detected!" in Hypercorn's lifespan task)."""
+
+    class Boom(Exception):
+        pass
+
+    async def serve_then_fail() -> None:
+        async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+            assert (await client.get("/health")).status_code == 200
+            raise Boom
+
+    with pytest.raises(Boom):
+        await serve_then_fail()
