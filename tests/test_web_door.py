@@ -5,6 +5,7 @@ WebSocket handshakes, refused or accepted, alike."""
 
 from __future__ import annotations
 
+import gc
 import re
 from typing import Any
 
@@ -12,6 +13,12 @@ import httpx
 import pytest
 import trio
 from trio_websocket import open_websocket_url
+
+from dspy_trio.engine import OverloadedError
+from dspy_trio.web.door import FrontDoor
+from dspy_trio.web.routes import ROUTES
+from dspy_trio.web.routing import RouteTable
+from dspy_trio.web.service import Service
 
 from .helpers import CountingLM, wait_until
 from .test_web_gate import _hold_the_slot, _overloaded
@@ -113,3 +120,50 @@ async def test_a_websocket_refused_while_starting_or_draining_carries_the_calls_
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "not_ready"
     assert_call_headers(refused.headers)
+
+
+class _FullEngine:
+    """An engine whose queue is full: every call is refused with 429."""
+
+    closing = False
+
+    def refuse_if_overloaded(self, program: str) -> None:
+        raise OverloadedError("engine overloaded: 1 requests in flight and 0 queued", retry_after=1.0)
+
+
+@pytest.mark.parametrize(("refusal", "changes"), [(429, {}), (401, {"api_keys": ("k",)}), (426, {})])
+async def test_a_refusal_leaves_no_garbage_cycle(refusal: int, changes: dict[str, Any]) -> None:
+    """What the door refuses is freed by reference counting: a refusal kept with its traceback held the
+    door's frame, which held the refusal, a cycle per request (47 objects) only the collector freed,
+    about 0.06 ms of collection per refused request under load."""
+    service = Service(settings(**changes), RouteTable(ROUTES))
+    service.engine = _FullEngine()  # type: ignore[assignment]
+    door = FrontDoor(_never_called, service)
+    body = b'{"question": "q"}'
+    scope = {
+        "type": "http",
+        "method": "GET" if refusal == 426 else "POST",
+        "path": "/ws" if refusal == 426 else "/predict",  # 426: a plain request to a WebSocket route
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"17")],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    gc.collect()
+    gc.disable()
+    try:
+        await door(dict(scope), receive, send)  # type: ignore[arg-type]
+        assert sent[0]["status"] == refusal
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+async def _never_called(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("the door refused this request: the app never sees it")
