@@ -12,7 +12,17 @@ import subprocess
 import sys
 
 HOT = ("hotpath", "hotpath_http", "hotpath_stream")
-WORKLOADS = ("throughput", "serving", "concurrency", "streaming", "http", "coalescing", "tenants", *HOT)
+WORKLOADS = (
+    "throughput",
+    "serving",
+    "concurrency",
+    "streaming",
+    "http",
+    "coalescing",
+    "tenants",
+    "openai_route",
+    *HOT,
+)
 
 
 def main() -> int:

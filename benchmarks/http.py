@@ -1,5 +1,5 @@
-"""The HTTP service under load: /predict at several concurrencies, SSE events/s, WebSocket messages/s,
-and server memory per in-flight request.
+"""The HTTP service under load: /predict and OpenAI's /v1/chat/completions (the same program) at several
+concurrencies, SSE events/s, WebSocket messages/s, and server memory per in-flight request.
 
 Three processes: the fake upstream (200 ms latency), `dspy-trio serve` on the Trio-native HTTP backend,
 and this load generator (httpx / trio-websocket on Trio).
@@ -50,7 +50,20 @@ def _start_server(upstream_url: str, max_in_flight: int) -> tuple[subprocess.Pop
     raise SystemExit("the server did not start")
 
 
-async def _predict_load(url: str, connections: int, requests: int, server_pid: int) -> dict[str, Any]:
+def _predict_body(i: int) -> dict[str, Any]:
+    return {"question": f"question {i}"}
+
+
+def _chat_body(i: int) -> dict[str, Any]:
+    return {"model": "default", "messages": [{"role": "user", "content": f"question {i}"}]}
+
+
+ROUTES = {"/predict": _predict_body, "/v1/chat/completions": _chat_body}
+
+
+async def _predict_load(
+    url: str, connections: int, requests: int, server_pid: int, route: str = "/predict"
+) -> dict[str, Any]:
     latencies: list[float] = []
     failures = 0
     peak_rss = 0.0
@@ -65,7 +78,7 @@ async def _predict_load(url: str, connections: int, requests: int, server_pid: i
             for i in remaining:
                 started = time.perf_counter()
                 try:
-                    response = await client.post("/predict", json={"question": f"question {i}"})
+                    response = await client.post(route, json=ROUTES[route](i))
                 except httpx.HTTPError:
                     failures += 1
                     continue
@@ -139,18 +152,20 @@ async def main_async(args: argparse.Namespace, url: str, server_pid: int) -> Non
     async with httpx.AsyncClient(base_url=url) as client:  # warm-up
         for _ in range(20):
             await client.post("/predict", json={"question": "warm-up"})
-    print(f"\n/predict, upstream latency {args.latency * 1000:.0f} ms, {args.requests} requests per row")
-    print(
-        f"{'connections':>11s} {'req/s':>8s} {'ideal':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} "
-        f"{'KB/in-flight':>13s} {'fail':>5s}"
-    )
-    for connections in args.connections:
-        row = await _predict_load(url, connections, args.requests, server_pid)
-        ideal = connections / args.latency
+    for route in ROUTES:
+        print(f"\n{route}, upstream latency {args.latency * 1000:.0f} ms, {args.requests} requests per row")
         print(
-            f"{connections:11d} {row['rps']:8.0f} {ideal:8.0f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
-            f"{row['p99_ms'] / row['p50_ms']:8.2f} {row['rss_per_inflight_kb']:13.1f} {row['failures']:5d}"
+            f"{'connections':>11s} {'req/s':>8s} {'ideal':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'p99/p50':>8s} "
+            f"{'KB/in-flight':>13s} {'fail':>5s}"
         )
+        for connections in args.connections:
+            row = await _predict_load(url, connections, args.requests, server_pid, route)
+            ideal = connections / args.latency
+            print(
+                f"{connections:11d} {row['rps']:8.0f} {ideal:8.0f} {row['p50_ms']:8.1f} "
+                f"{row['p99_ms']:8.1f} {row['p99_ms'] / row['p50_ms']:8.2f} "
+                f"{row['rss_per_inflight_kb']:13.1f} {row['failures']:5d}"
+            )
     sse_rate = await _sse_rate(url, args.streams)
     print(f"\nSSE: {sse_rate:,.0f} events/s over {args.streams} concurrent streams")
     ws_rate = await _ws_rate(url, args.streams, 5)

@@ -58,6 +58,7 @@ from ._lm_config import LMConfig as LMConfig
 from ._lm_config import RateLimit as RateLimit
 from ._program_spec import ProgramSpec as ProgramSpec
 from ._programs import InputField as InputField
+from ._programs import OutputField as OutputField
 from ._programs import ProgramInfo as ProgramInfo
 from ._result import LMCall as LMCall
 from ._result import PredictionResult as PredictionResult
@@ -114,6 +115,7 @@ __all__ = [
     "LMCall",
     "LMConfig",
     "OpenAISettings",
+    "OutputField",
     "OverloadedError",
     "PredictionResult",
     "Price",

@@ -33,6 +33,7 @@ def encode(completion: Completion) -> str:
             "t": list(completion.texts),
             "u": dict(completion.usage),
             "r": list(completion.reasoning),
+            **({"f": list(completion.finish_reasons)} if completion.finish_reasons else {}),
         },
         separators=(",", ":"),
         ensure_ascii=False,
@@ -62,7 +63,11 @@ def decode(stored: str | bytes) -> Completion:
         raise CorruptAnswerError("an answer without texts or usage")
     if not _is_text_list(reasoning, optional=True):
         raise CorruptAnswerError("malformed reasoning")
-    return Completion(texts, usage, reasoning)
+    if "f" not in value:
+        return Completion(texts, usage, reasoning)
+    if not _is_text_list(finish_reasons := value["f"], optional=True):
+        raise CorruptAnswerError("malformed finish reasons")
+    return Completion(texts, usage, reasoning, finish_reasons=finish_reasons)
 
 
 def size_of(completion: Completion) -> int:

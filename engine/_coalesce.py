@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from . import _request_sharing
@@ -124,13 +125,14 @@ class Sharing:
             self.counts[result] += 1
 
     def _saved(self, completion: Completion, *, cached: bool) -> Completion:
-        """Count an answer given without an upstream call; it is returned without usage (none spent)."""
+        """Count an answer given without an upstream call; it is returned without usage (none spent),
+        with everything else it said (how its choices ended, so a cut answer still reads as cut)."""
         tokens = _tokens(completion)
         if not cached:
             self.counts["coalesced"] += 1
         self.counts["tokens_saved"] += tokens
         record_saved(cached=cached, tokens=tokens)
-        return Completion(completion.texts, {}, completion.reasoning)
+        return attrs.evolve(completion, usage={})
 
     # --- storing -------------------------------------------------------------------------------------
 

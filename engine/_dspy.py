@@ -56,6 +56,7 @@ __all__ = [
     "ChainOfThought",
     "EngineBackend",
     "EngineLM",
+    "History",
     "Module",
     "Predict",
     "Signature",
@@ -82,6 +83,7 @@ Module = dspy.Module
 Predict = dspy.Predict
 ChainOfThought = dspy.ChainOfThought
 Signature = dspy.Signature
+History = dspy.History
 
 
 # Named as DSPy's own: DSPy tells adapters apart by class name (StreamListener, parse errors).

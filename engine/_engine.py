@@ -280,6 +280,7 @@ class Engine(metaclass=NoPublicConstructor):
         kind: str = "predict",
         no_cache: bool = False,
         no_store: bool = False,
+        lm_params: Mapping[str, Any] | None = None,
     ) -> Request:
         """Check a new request; count it as invalid or rejected if it cannot be taken.
 
@@ -315,6 +316,7 @@ class Engine(metaclass=NoPublicConstructor):
             no_cache=no_cache,
             no_store=no_store,
             tenant=who,
+            lm_params=dict(lm_params) if lm_params else None,
         )
 
     async def predict(
@@ -327,6 +329,7 @@ class Engine(metaclass=NoPublicConstructor):
         no_cache: bool = False,
         no_store: bool = False,
         tenant: str | None = None,
+        lm_params: Mapping[str, Any] | None = None,
     ) -> PredictionResult:
         """Run ``program`` on ``inputs`` and return its outputs, usage and timings.
 
@@ -347,6 +350,9 @@ class Engine(metaclass=NoPublicConstructor):
             tenant: Whose share of the engine it runs in, and whose limits, budget and usage it
                 counts against (``[tenants.NAME]``; any other name is a tenant of weight 1 without
                 limits; None: the tenant ``default``).
+            lm_params: Request parameters of every LM call the program makes (``temperature``,
+                ``max_tokens``, ``stop``, ``seed``, ...): they win over the LM's defaults and the
+                program's own (and are part of what makes two LM calls identical).
 
         Raises:
             UnknownProgramError, InvalidInputError: the request is wrong; nothing was queued.
@@ -360,7 +366,14 @@ class Engine(metaclass=NoPublicConstructor):
             ProgramError: the program failed (e.g. the LM's answer did not parse).
         """
         request = self._accept(
-            program, inputs, request_id, owner=owner, tenant=tenant, no_cache=no_cache, no_store=no_store
+            program,
+            inputs,
+            request_id,
+            owner=owner,
+            tenant=tenant,
+            no_cache=no_cache,
+            no_store=no_store,
+            lm_params=lm_params,
         )
         with self._ledger.track(request):
             with request.scoped():
@@ -388,6 +401,7 @@ class Engine(metaclass=NoPublicConstructor):
         options: StreamOptions | None = None,
         no_cache: bool = False,
         no_store: bool = False,
+        lm_params: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[EventStream]:
         """Run ``program`` on ``inputs``, streaming its output fields as they are generated.
 
@@ -413,6 +427,7 @@ class Engine(metaclass=NoPublicConstructor):
             tenant: Whose share, limits and budget it counts against (as for :meth:`predict`).
             options: Backpressure, buffer and coalescing; ``config.stream`` when omitted.
             no_cache, no_store: The cache switches, as for :meth:`predict`.
+            lm_params: Request parameters of every LM call, as for :meth:`predict`.
 
         Raises:
             UnknownProgramError, InvalidInputError, OverloadedError, EngineClosedError: on entry, as for
@@ -427,6 +442,7 @@ class Engine(metaclass=NoPublicConstructor):
             kind="stream",
             no_cache=no_cache,
             no_store=no_store,
+            lm_params=lm_params,
         )
         name, model = request.program.name, self._model_of(request.program.name)
 

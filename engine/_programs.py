@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import pydantic
 
-from ._dspy import ChainOfThought, Module, Predict, Signature, ensure_signature, load_program
+from ._dspy import ChainOfThought, History, Module, Predict, Signature, ensure_signature, load_program
 from ._errors import ConfigError, InvalidInputError, UnknownProgramError
 from ._program_spec import AdapterName, ProgramSpec
 
@@ -33,23 +33,79 @@ class InputField:
         name: The field name.
         type: The annotation's readable name (``str``, ``list[str]``, ...).
         required: Whether a request must give it.
+        description: The field's ``desc`` in its signature ("" when it has none).
+        history: Whether it takes a conversation's earlier turns (a ``dspy.History``).
     """
 
     name: str
     type: str
     required: bool
     adapter: pydantic.TypeAdapter[Any] | None = attrs.field(default=None, repr=False, eq=False)
+    description: str = ""
+    history: bool = False
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the values the field takes (``{}``: any value)."""
+        return _json_schema(self.type, self.adapter, self.description)
+
+
+@attrs.frozen
+class OutputField:
+    """One output a program produces.
+
+    Attributes:
+        name: The field name.
+        type: The annotation's readable name (``str``, ``int``, ``list[str]``, ...).
+        description: The field's ``desc`` in its signature ("" when it has none).
+    """
+
+    name: str
+    type: str
+    description: str = ""
+    adapter: pydantic.TypeAdapter[Any] | None = attrs.field(default=None, repr=False, eq=False)
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of the field's values (``{}``: any value)."""
+        return _json_schema(self.type, self.adapter, self.description)
 
 
 @attrs.frozen
 class ProgramInfo:
-    """A description of a served program, for listings."""
+    """A description of a served program, for listings.
+
+    Attributes:
+        name: Its registered name.
+        kind: Its module's class (``Predict``, ``ChainOfThought``, ...).
+        lm: The name of the LM it calls.
+        inputs: The fields it takes.
+        outputs: The names of the fields it produces, in order.
+        description: What it does: the docstring of its (last predictor's) signature, or of its module.
+        output_fields: The fields it produces, with their types (the same order as ``outputs``).
+        predictor: The name of the predictor whose output fields are the program's outputs (its last;
+            what :attr:`FieldDelta.predictor` says of its deltas), "" when it has none.
+    """
 
     name: str
     kind: str
     lm: str
     inputs: tuple[InputField, ...]
     outputs: tuple[str, ...]
+    description: str = ""
+    output_fields: tuple[OutputField, ...] = ()
+    predictor: str = ""
+
+    @property
+    def history(self) -> InputField | None:
+        """The input that takes a conversation's earlier turns (a ``dspy.History``), if it has one."""
+        return next((field for field in self.inputs if field.history), None)
+
+    def input_schema(self) -> dict[str, Any]:
+        """The JSON Schema of an object of its inputs."""
+        return _object_schema({field.name: field.json_schema() for field in self.inputs}, self.inputs)
+
+    def output_schema(self) -> dict[str, Any]:
+        """The JSON Schema of an object of its outputs (every output is always there)."""
+        return _object_schema({field.name: field.json_schema() for field in self.output_fields}, None)
 
 
 @attrs.frozen
@@ -100,6 +156,41 @@ class Program:
             values[field.name] = _check(field, inputs[field.name])
         values.update({k: v for k, v in inputs.items() if k not in fields})
         return values
+
+
+def _json_schema(
+    type_name: str, adapter: pydantic.TypeAdapter[Any] | None, description: str
+) -> dict[str, Any]:
+    if type_name == "str":
+        schema: dict[str, Any] = {"type": "string"}
+    elif adapter is None:
+        schema = {}
+    else:
+        try:
+            schema = adapter.json_schema()
+        except (pydantic.PydanticUserError, TypeError, ValueError):  # a type JSON Schema cannot describe
+            schema = {}
+        schema.pop("description", None)  # a model's docstring (dspy.History's is a page long)
+        schema.pop("title", None)
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _object_schema(properties: dict[str, Any], inputs: tuple[InputField, ...] | None) -> dict[str, Any]:
+    required = list(properties) if inputs is None else [field.name for field in inputs if field.required]
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+def _described(field: Any) -> str:
+    """A signature field's ``desc``, unless it is DSPy's placeholder (``${name}``)."""
+    extra = getattr(field, "json_schema_extra", None) or {}
+    desc = extra.get("desc") if isinstance(extra, dict) else None
+    return desc if isinstance(desc, str) and not desc.startswith("${") else ""
+
+
+def _is_history(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, History)
 
 
 def _names(fields: Mapping[str, InputField]) -> str:
@@ -162,11 +253,23 @@ def _describe(name: str, module: Module, lm: str) -> tuple[ProgramInfo, bool]:
                 _type_name(field.annotation),
                 field.is_required(),
                 _type_adapter(field.annotation),
+                _described(field),
+                _is_history(field.annotation),
             )
             for field_name, field in signature.input_fields.items()
         )
-        outputs = tuple(signature.output_fields)
-        return ProgramInfo(name, type(module).__name__, lm, inputs, outputs), False
+        outputs = _output_fields(signature)
+        info = ProgramInfo(
+            name,
+            type(module).__name__,
+            lm,
+            inputs,
+            tuple(field.name for field in outputs),
+            _docstring(signature.instructions),
+            outputs,
+            module.named_predictors()[-1][0],
+        )
+        return info, False
 
     parameters = list(inspect.signature(module.aforward).parameters.values())
     inputs = tuple(
@@ -179,10 +282,46 @@ def _describe(name: str, module: Module, lm: str) -> tuple[ProgramInfo, bool]:
         for p in parameters
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     )
+    inputs = tuple(
+        attrs.evolve(field, history=_is_history(p.annotation))
+        for field, p in zip(
+            inputs,
+            (p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
+            strict=True,
+        )
+    )
     open_inputs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     predictors = module.named_predictors()
-    outputs = tuple(predictors[-1][1].signature.output_fields) if predictors else ()
-    return ProgramInfo(name, type(module).__name__, lm, inputs, outputs), open_inputs
+    last = predictors[-1][1].signature if predictors else None
+    outputs = _output_fields(last) if last is not None else ()
+    description = _docstring(type(module).__doc__) or (_docstring(last.instructions) if last else "")
+    info = ProgramInfo(
+        name,
+        type(module).__name__,
+        lm,
+        inputs,
+        tuple(field.name for field in outputs),
+        description,
+        outputs,
+        predictors[-1][0] if predictors else "",
+    )
+    return info, open_inputs
+
+
+def _output_fields(signature: type[Signature]) -> tuple[OutputField, ...]:
+    return tuple(
+        OutputField(
+            field_name,
+            _type_name(field.annotation),
+            _described(field),
+            _type_adapter(field.annotation),
+        )
+        for field_name, field in signature.output_fields.items()
+    )
+
+
+def _docstring(text: str | None) -> str:
+    return inspect.cleandoc(text) if text else ""
 
 
 def _module_from_source(name: str, spec: ProgramSpec) -> Module:

@@ -21,7 +21,7 @@ a cancel is never lost in the hand-over.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,8 @@ class Request:
     # The caller's cache switches: never share or read the cache (a fresh call); store no answer.
     no_cache: bool = False
     no_store: bool = False
+    # Parameters of every LM call the request makes (temperature, max_tokens, ...), over the LM's own.
+    lm_params: Mapping[str, Any] | None = None
     trace: RequestTrace | None = None
     result: PredictionResult | None = None
     # Set once a stream is handed to its consumer: exceptions through its block are then the consumer's.

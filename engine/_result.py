@@ -121,6 +121,8 @@ class PredictionResult:
         timings: Where the time went.
         attempts: LM call attempts the request made, retries included (0 if it made no LM call).
         lm_calls: Each LM call of the request, in order, with the LM that answered it.
+        truncated: Whether an LM call's answer stopped at its token limit (``max_tokens``): the
+            outputs may be cut short.
     """
 
     request_id: str
@@ -135,3 +137,5 @@ class PredictionResult:
     def lms(self) -> tuple[str, ...]:
         """The LMs that answered the request's calls, each once, in the order they first did."""
         return tuple(dict.fromkeys(call.lm for call in self.lm_calls))
+
+    truncated: bool = False

@@ -62,7 +62,7 @@ class ProgramRunner:
         adapter = self.adapter_of(program)
         with (
             program_context(self._lms[program.lm], adapter, send_stream) as tracker,
-            tracing() as trace,
+            tracing(request.lm_params) as trace,
             sharing_scope(_sharer(request), no_cache=request.no_cache, no_store=request.no_store),
         ):
             request.trace = trace
@@ -94,6 +94,7 @@ class ProgramRunner:
             ),
             attempts=trace.attempts,
             lm_calls=tuple(trace.answers),
+            truncated=trace.truncated,
         )
         return request.result
 

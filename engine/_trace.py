@@ -7,15 +7,27 @@ child tasks, so every LM call the program makes, however deeply nested, adds to 
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 
 from ._result import LMCall
 
+_NO_PARAMS: Mapping[str, Any] = {}
+
 
 @attrs.define
 class RequestTrace:
-    """Mutable totals of one request's LM calls."""
+    """Mutable totals of one request's LM calls, and the parameters the request gives every one of them.
+
+    Attributes:
+        lm_seconds: Time inside LM calls.
+        attempts: LM call attempts, retries included.
+        truncated: Whether a call's answer stopped at its token limit (``max_tokens``).
+        lm_params: Request parameters of every LM call the request makes (``temperature``,
+            ``max_tokens``, ...): over the LM's own defaults and DSPy's per-call ones.
+    """
 
     lm_seconds: float = 0.0
     lm_calls: int = 0
@@ -24,6 +36,8 @@ class RequestTrace:
     shared_calls: int = 0  # LM calls answered by an identical call in flight (this process or another)
     saved_tokens: int = 0  # tokens of those answers: no upstream call was made for them
     answers: list[LMCall] = attrs.field(factory=list)  # each LM call, named by the LM that answered
+    truncated: bool = False
+    lm_params: Mapping[str, Any] = _NO_PARAMS
 
 
 _current: contextvars.ContextVar[RequestTrace | None] = contextvars.ContextVar(
@@ -39,8 +53,8 @@ class tracing:  # lower case: used as ``with tracing() as trace``, like the func
 
     __slots__ = ("_token", "trace")
 
-    def __init__(self) -> None:
-        self.trace = RequestTrace()
+    def __init__(self, lm_params: Mapping[str, Any] | None = None) -> None:
+        self.trace = RequestTrace(lm_params=lm_params or _NO_PARAMS)
         self._token: contextvars.Token[RequestTrace | None] | None = None
 
     def __enter__(self) -> RequestTrace:
@@ -93,3 +107,16 @@ def record_lm_answer(call: LMCall) -> None:
     trace = _current.get()
     if trace is not None:
         trace.answers.append(call)
+
+
+def record_finish(reasons: Sequence[str | None]) -> None:
+    """Note how a call's choices ended: one that stopped at its token limit (``length``) marks the
+    current request's trace ``truncated``."""
+    if "length" in reasons and (trace := _current.get()) is not None:
+        trace.truncated = True
+
+
+def call_params() -> Mapping[str, Any]:
+    """The parameters the current request gives every LM call (empty outside a request)."""
+    trace = _current.get()
+    return trace.lm_params if trace is not None else _NO_PARAMS

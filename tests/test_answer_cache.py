@@ -26,11 +26,15 @@ MESSAGES = [{"role": "system", "content": "answer briefly"}, {"role": "user", "c
     texts=st.lists(st.text(), min_size=1, max_size=3),
     tokens=st.integers(0, 10**6),
     reasoning=st.lists(st.none() | st.text(), max_size=3),
+    finish_reasons=st.lists(st.none() | st.sampled_from(["stop", "length"]), min_size=1, max_size=3)
+    | st.just(()),
 )
 def test_an_answer_reads_back_as_it_was_stored(
-    texts: list[str], tokens: int, reasoning: list[str | None]
+    texts: list[str], tokens: int, reasoning: list[str | None], finish_reasons: list[str | None]
 ) -> None:
-    completion = Completion(texts, {"prompt_tokens": tokens, "completion_tokens": 1}, reasoning)
+    """How its choices ended too: a cached answer that was cut at ``max_tokens`` still reads as cut."""
+    usage = {"prompt_tokens": tokens, "completion_tokens": 1}
+    completion = Completion(texts, usage, reasoning, finish_reasons=finish_reasons)
     assert decode(encode(completion)) == completion
 
 
@@ -47,6 +51,8 @@ def test_an_answer_reads_back_as_it_was_stored(
         '{"v": 1, "t": [1], "u": {}}',
         '{"v": 1, "t": ["a"], "u": []}',
         '{"v": 1, "t": ["a"], "u": {}, "r": [3]}',
+        '{"v": 1, "t": ["a"], "u": {}, "f": [3]}',
+        '{"v": 1, "t": ["a"], "u": {}, "f": "length"}',
         '{"v": 1, "t": "a", "u": {}}',
         '{"v": 1, "t": ["a"], "u": {}',  # cut short
     ],

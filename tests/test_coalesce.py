@@ -6,7 +6,7 @@ last waiter leaves."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -21,6 +21,7 @@ from dspy_trio.engine import (
     FinalEvent,
     LMConfig,
     OpenAISettings,
+    PredictionResult,
     ProgramError,
     RateLimit,
     RetryPolicy,
@@ -206,6 +207,47 @@ async def test_two_tenants_never_share_a_call_or_an_answer(autojump_clock: Any) 
         usage = engine.statistics().tenants
         assert usage["acme"].prompt_tokens > 0
         assert usage["globex"].prompt_tokens > 0
+
+
+async def test_calls_with_other_request_parameters_are_not_identical(autojump_clock: Any) -> None:
+    """A request's own LM parameters (OpenAI's ``temperature``, ``max_tokens``, ...) are part of its
+    calls' identity: a request asking for another temperature never gets an answer sampled at this one."""
+    lm = CountingLM(first_token_delay=1.0)
+    async with open_engine(config(MEMORY), lms={"default": lm}) as engine:
+        async with trio.open_nursery() as nursery:
+            for temperature in (0.0, 0.0, 1.0, None):
+                params = {"temperature": temperature} if temperature is not None else None
+                nursery.start_soon(partial(engine.predict, "default", QUESTION, lm_params=params))
+        assert lm.started == 3
+        again = await engine.predict("default", QUESTION, lm_params={"temperature": 1.0})
+        assert again.timings.cached
+        assert lm.started == 3
+
+
+class CutLM(CountingLM):
+    """Every answer stops at its token limit (``finish_reason: length``)."""
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
+    ) -> Completion:
+        return attrs.evolve(await super().complete(messages, params, sink), finish_reasons=["length"])
+
+
+async def test_a_shared_or_cached_answer_that_was_cut_short_still_says_so(autojump_clock: Any) -> None:
+    lm = CutLM(first_token_delay=1.0)
+    async with open_engine(config(MEMORY), lms={"default": lm}) as engine:
+        async with trio.open_nursery() as nursery:
+            results: list[PredictionResult] = []
+            for _ in range(3):
+                nursery.start_soon(lambda: _append(results, engine.predict("default", QUESTION)))
+        cached = await engine.predict("default", QUESTION)
+    assert lm.started == 1
+    assert cached.timings.cached
+    assert [result.truncated for result in [*results, cached]] == [True] * 4
+
+
+async def _append(results: list[Any], call: Awaitable[Any]) -> None:
+    results.append(await call)
 
 
 async def test_a_global_scope_shares_across_keys(autojump_clock: Any) -> None:

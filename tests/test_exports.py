@@ -39,6 +39,7 @@ def test_engine_public_names_are_pinned() -> None:
         "LMCall",
         "LMConfig",
         "OpenAISettings",
+        "OutputField",
         "OverloadedError",
         "PredictionResult",
         "Price",

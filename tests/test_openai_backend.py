@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -169,3 +170,42 @@ async def test_500_concurrent_predictions_complete_on_one_os_thread(fake_upstrea
     assert len({r.outputs["answer"] for r in results}) > 1
     assert len(fake_upstream.records) == 500
     assert threading.active_count() <= threads_before  # no new thread; an older one may end
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_requests_lm_params_reach_every_call_over_the_lms_own(
+    fake_upstream: FakeUpstream, stream: bool
+) -> None:
+    """``lm_params`` of a request win over the LM's defaults (``max_tokens=1024``, a configured
+    temperature); an answer cut at ``max_tokens`` (``finish_reason: length``) marks the result
+    ``truncated``, streamed or not."""
+    lm = OpenAICompatibleLM("openai/m", api_base=fake_upstream.url, temperature=0.9)
+    config = EngineConfig(lms={"default": LMConfig()})
+    params = {"temperature": 0.1, "max_tokens": 10, "stop": ["\n\n\n"], "seed": 7}
+    async with open_engine(config, lms={"default": lm}) as engine:
+        plain = await engine.predict("default", {"question": "q"})
+        if stream:
+            async with engine.stream("default", {"question": "q"}, lm_params=params) as events:
+                cut = [event async for event in events][-1].result  # type: ignore[union-attr]
+        else:
+            cut = await engine.predict("default", {"question": "q"}, lm_params=params)
+    first, second = (record.body for record in fake_upstream.records)
+    assert (first["temperature"], first["max_tokens"]) == (0.9, 1024)
+    assert {key: second[key] for key in params} == params
+    assert not plain.truncated
+    assert cut.truncated
+    assert len(cut.outputs["answer"].split()) == 5  # the 5 words after "[[ ## answer ## ]]\n"
+
+
+async def test_lm_params_belong_to_their_request_only(fake_upstream: FakeUpstream) -> None:
+    """Two requests at once, one with parameters: the other's calls carry none of them."""
+    lm = OpenAICompatibleLM("openai/m", api_base=fake_upstream.url)
+    config = EngineConfig(lms={"default": LMConfig()})
+    async with open_engine(config, lms={"default": lm}) as engine, trio.open_nursery() as nursery:
+        nursery.start_soon(engine.predict, "default", {"question": "a"})
+        nursery.start_soon(
+            functools.partial(engine.predict, "default", {"question": "b"}, lm_params={"seed": 1})
+        )
+    records = fake_upstream.records
+    seeds = {r.body["messages"][-1]["content"].split("\n")[1]: r.body.get("seed") for r in records}
+    assert seeds == {"a": None, "b": 1}

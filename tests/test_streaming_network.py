@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -94,8 +95,11 @@ async def test_block_policy_backpressure_reaches_the_upstream_socket(fake_upstre
     """A consumer that stops reading stops the upstream's writes once the socket buffers are full."""
     fake_upstream.behavior = Behavior(words_per_field=30_000)
     options = StreamOptions(backpressure="block", buffer_size=8)
+    config = openai_config(fake_upstream)
+    # No token cap (the backend's default is 1,024): the fake upstream stops at one, as a model does.
+    uncapped = {"default": attrs.evolve(config.lms["default"], params={"max_tokens": None})}
     async with (
-        open_engine(openai_config(fake_upstream)) as engine,
+        open_engine(attrs.evolve(config, lms=uncapped)) as engine,
         engine.stream("default", {"question": "q"}, options=options) as events,
     ):
         await events.__anext__()

@@ -149,3 +149,64 @@ def test_malformed_websocket_frames_get_an_error_frame_and_the_socket_lives_on(
         assert finished[0]["error"]["code"] != "internal_error"
     with httpx.Client(base_url=server_url, timeout=30) as client:
         assert client.get("/health").text == "OK"
+
+
+# OpenAI's chat completions: bodies shaped like one, with every part of it wrong in turn.
+roles = st.sampled_from(["user", "assistant", "system", "developer", "tool", "wizard", 5, None])
+contents = st.one_of(
+    st.text(max_size=20),
+    json_values,
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["text", "image_url", "file", "x"])}, optional={"text": json_values}
+            ),
+            json_values,
+        ),
+        max_size=3,
+    ),
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {}, optional={"role": roles, "content": contents, "name": json_values, "x": json_values}
+    ),
+    max_size=4,
+)
+chat_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.sampled_from(["default", "nope", 5, ""]),
+        "messages": messages | json_values,
+        "stream": json_values,
+        "n": json_values,
+        "temperature": json_values,
+        "max_tokens": json_values,
+        "stop": json_values,
+        "response_format": json_values | st.just({"type": "json_object"}),
+        "tools": json_values,
+        "ignore_history": json_values,
+        "timeout": json_values,
+        "extra": json_values,
+    },
+).map(lambda v: json.dumps(v).encode())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=chat_bodies | bodies)
+def test_chat_completions_answer_any_body_with_a_completion_or_a_named_4xx(
+    server_url: str, body: bytes
+) -> None:
+    with httpx.Client(base_url=server_url, timeout=30) as client:
+        response = client.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        if response.status_code == 200:
+            answer = response.text
+            assert "chat.completion" in answer, answer[:300]
+        else:
+            assert 400 <= response.status_code < 500, (body, response.status_code, response.text)
+            assert response.status_code != 422  # OpenAI's API: bad input is 400
+            error = response.json()["error"]
+            assert error["code"]
+            assert error["message"]
+        assert client.get("/health").text == "OK"

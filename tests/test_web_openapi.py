@@ -40,7 +40,7 @@ async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
         document = (await client.get("/openapi.json")).json()
     validate(document)
     posts = [op for ops in document["paths"].values() for method, op in ops.items() if method == "post"]
-    assert len(posts) == 6
+    assert len(posts) == 8
     assert all(op["requestBody"]["required"] is True for op in posts)  # a bodiless POST gets 415
     batch = document["paths"]["/v1/programs/{name}/batch"]["post"]
     items = batch["requestBody"]["content"]["application/json"]["schema"]["properties"]["items"]
@@ -54,6 +54,21 @@ async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
     assert "Retry-After" in document["paths"]["/ready"]["get"]["responses"]["503"]["headers"]
     assert document["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     assert document["paths"]["/v1/programs"]["get"]["security"] == [{"bearer": []}]
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    assert set(chat["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert "422" not in chat["responses"]  # OpenAI's API: bad input is 400
+    assert "unsupported_parameter" in chat["responses"]["400"]["description"]
+    body = chat["requestBody"]["content"]["application/json"]["schema"]
+    assert {"model", "messages"} <= set(body["required"])
+    assert "404" in document["paths"]["/v1/models/{model}"]["get"]["responses"]
+    mcp = document["paths"]["/mcp"]
+    assert set(mcp) == {"post", "delete"}
+    assert mcp["post"]["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "jsonrpc",
+        "method",
+    ]
+    assert mcp["post"]["security"] == [{"bearer": []}]
+    assert {"401", "403", "406", "413"} <= set(mcp["post"]["responses"])
     assert "/redocs" not in document["paths"]
     assert "/static/swagger-ui/{name}" not in document["paths"]
     for ops in document["paths"].values():
@@ -82,6 +97,7 @@ def template(document: dict[str, Any], path: str) -> str:
 
 
 NO_KEY = {"Content-Type": "application/json"}
+CHAT = b'{"model": "default", "messages": [{"role": "user", "content": "q"}]}'
 WEB_REFUSALS = [
     Refusal("POST /predict", None, 415, "unsupported_media_type", "Content-Type: application/json", KEY),
     Refusal(
@@ -176,6 +192,49 @@ WEB_REFUSALS = [
     ),
     Refusal("POST /v1/programs/nope/batch", b'{"items": [{}]}', 404, "unknown_program", "nope"),
     Refusal("DELETE /v1/requests/abc", None, 404, "unknown_request", "no request 'abc' is in flight", KEY),
+    Refusal("GET /v1/models/nope", None, 404, "model_not_found", "'nope' does not exist", KEY),
+    Refusal("POST /mcp", b"{}", 401, "invalid_api_key", "a valid API key is required", NO_KEY),
+    Refusal("POST /mcp", DEEP.encode(), 400, "too_deeply_nested", "deeper than 32"),
+    Refusal("POST /mcp", b'{"x": "' + b"y" * 7000 + b'"}', 413, "body_too_large", "larger than 6000 bytes"),
+    Refusal(
+        "POST /mcp", b"{}", 403, "origin_not_allowed", "origin", {**JSON, "Origin": "https://evil.example"}
+    ),
+    Refusal("GET /v1/models", None, 401, "invalid_api_key", "a valid API key is required", {}),
+    Refusal("POST /v1/chat/completions", None, 415, "unsupported_media_type", "Content-Type", KEY),
+    Refusal("POST /v1/chat/completions", b"{bad", 400, "bad_request", "not valid JSON"),
+    Refusal("POST /v1/chat/completions", DEEP.encode(), 400, "too_deeply_nested", "deeper than 32"),
+    Refusal(
+        "POST /v1/chat/completions", b'{"model": "default"}', 400, "invalid_body", "messages: Field required"
+    ),
+    Refusal(
+        "POST /v1/chat/completions", CHAT.replace(b'"default"', b'"nope"'), 404, "model_not_found", "nope"
+    ),
+    Refusal(
+        "POST /v1/chat/completions", CHAT[:-1] + b', "n": 3}', 400, "unsupported_parameter", "n must be 1"
+    ),
+    Refusal("POST /v1/chat/completions", CHAT[:-1] + b', "timeout": 0}', 400, "invalid_body", "timeout"),
+    Refusal(
+        "POST /v1/chat/completions",
+        CHAT,
+        400,
+        "invalid_timeout",
+        "X-Request-Timeout must be a positive number",
+        {**JSON, "X-Request-Timeout": "soon"},
+    ),
+    Refusal(
+        "POST /v1/chat/completions",
+        json.dumps({"model": "default", "messages": [{"role": "user", "content": "x" * 200}]}).encode(),
+        413,
+        "input_too_large",
+        "100 characters",
+    ),
+    Refusal(
+        "POST /v1/chat/completions",
+        json.dumps({"model": "default", "messages": [{"role": "user", "content": "x" * 7000}]}).encode(),
+        413,
+        "body_too_large",
+        "larger than 6000 bytes",
+    ),
     Refusal("GET /v1/programs", None, 401, "invalid_api_key", "a valid API key is required", {}),
     Refusal("GET /metrics", None, 401, "invalid_api_key", "a valid API key is required", {}),
 ]

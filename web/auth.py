@@ -42,6 +42,20 @@ def _same_origin(origin: str, host: str | None) -> bool:
     return parts.scheme in ("http", "https") and bool(host) and parts.netloc.lower() == (host or "").lower()
 
 
+def origin_refusal(settings: ServiceSettings, headers: Headers, what: str = "requests") -> HTTPError | None:
+    """The 403 ``origin_not_allowed`` of a browser's request (it has an ``Origin``) from a page that is
+    neither the server's own origin nor one of ``cors_origins``; None for any other request."""
+    origin = headers.get("origin")
+    if origin and origin not in settings.cors_origins and not _same_origin(origin, headers.get("host")):
+        return HTTPError(
+            403,
+            f"{what} from origin {origin[:200]!r} are not allowed",
+            type="permission_error",
+            code="origin_not_allowed",
+        )
+    return None
+
+
 def authorize(
     settings: ServiceSettings,
     route: Route | None,
@@ -65,15 +79,8 @@ def authorize(
         HTTPError: 403 ``origin_not_allowed`` for a WebSocket from a foreign origin; 401
             ``invalid_api_key`` when a key is required and missing or wrong.
     """
-    if websocket:
-        origin = headers.get("origin")
-        if origin and origin not in settings.cors_origins and not _same_origin(origin, headers.get("host")):
-            raise HTTPError(
-                403,
-                f"WebSocket connections from origin {origin!r} are not allowed",
-                type="permission_error",
-                code="origin_not_allowed",
-            )
+    if websocket and (refusal := origin_refusal(settings, headers, "WebSocket connections")) is not None:
+        raise refusal
     if not len(settings.keys) or (route is not None and route.open):
         return "", None
     if method == "OPTIONS" and "access-control-request-method" in headers:

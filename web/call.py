@@ -102,14 +102,18 @@ class Call:
     no_store: bool = False
     tenant: str | None = None
 
-    def deadline(self, settings: ServiceSettings, asked: float | None = None) -> RequestDeadline:
-        """The call's deadline: ``asked`` (a body's or frame's ``timeout_secs``), else ``X-Request-Timeout``,
-        else the default, capped; counted from :attr:`arrived`.
+    def deadline(
+        self, settings: ServiceSettings, asked: float | None = None, *, param: str = "timeout_secs"
+    ) -> RequestDeadline:
+        """The call's deadline: ``asked`` (a body's or frame's ``timeout_secs``, named ``param``), else
+        ``X-Request-Timeout``, else the default, capped; counted from :attr:`arrived`.
 
         Raises:
             HTTPError: 422 ``invalid_timeout``.
         """
-        return RequestDeadline.start(settings, arrived=self.arrived, asked=asked, header=self.timeout_header)
+        return RequestDeadline.start(
+            settings, arrived=self.arrived, asked=asked, header=self.timeout_header, param=param
+        )
 
     def frame(self, label: str | None, arrived: float, program: str | None) -> Call:
         """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner and

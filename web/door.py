@@ -14,7 +14,9 @@ For each request the door, in ASGI, before Quart runs:
 4. builds the :class:`dspy_trio.web.call.Call` (a fresh server id, the client's label, the owner, the
    head's arrival) and hands it to the app in the ASGI scope (``scope["dspy_trio.call"]``), where the app
    passes it to the handler as an argument;
-5. writes the call's response headers, ``X-Server-Request-ID``, ``X-Request-ID`` (the client's label when
+5. hands a route whose handler speaks ASGI itself (``/mcp``) its call and the request, without Quart;
+   any other to the app;
+6. writes the call's response headers, ``X-Server-Request-ID``, ``X-Request-ID`` (the client's label when
    valid, else the server's id) and ``Server-Timing``, on whatever answer starts: the app's, its own, a
    WebSocket handshake's (accepted or refused); and one log line for a refusal by the web layer.
 
@@ -179,6 +181,10 @@ class FrontDoor:
                 self._started(call, scope, message)
             await send(message)
 
+        route = call.route
+        if route is not None and route.asgi and route.handler is not None and kind == "http":
+            await route.handler(self.service, call, scope, receive, send_answer)
+            return
         await self.app(scope, receive, send_answer)
 
     def call_of(self, scope: Any) -> Call:
@@ -244,11 +250,16 @@ class FrontDoor:
         return scope["type"] == "http" and bool(self.service.settings.cors_origins)
 
     def _started(self, call: Call, scope: Any, message: Any) -> None:
-        """An answer starts: add the call's headers; log it if the web layer refused it."""
+        """An answer starts: add the call's headers; count it; log it if the web layer refused it."""
         message["headers"] = [*message.get("headers", ()), *call_headers(call, trio.current_time())]
+        status = 101 if message["type"] == "websocket.accept" else message["status"]
+        self._count(call, status)
         if call.notes.refused is not None and access_log.isEnabledFor(logging.INFO):
-            status = 101 if message["type"] == "websocket.accept" else message["status"]
             self._log_refusal(call, scope, status)
+
+    def _count(self, call: Call, status: int) -> None:
+        route = call.route
+        self.service.http_metrics.count(route.endpoint if route is not None else "unmatched", status)
 
     def _log_refusal(self, call: Call, scope: Any, status: int) -> None:
         """One JSON line, shaped like the engine's request lines, for a call the web layer refused
@@ -283,6 +294,7 @@ class FrontDoor:
             *((name.lower().encode(), value.encode()) for name, value in extra.items()),
             *call_headers(call, now),
         ]
+        self._count(call, status)
         if call.notes.refused is not None and access_log.isEnabledFor(logging.INFO):
             self._log_refusal(call, scope, status)
         if scope["type"] == "websocket":  # refused before the handshake is accepted: an HTTP answer

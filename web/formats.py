@@ -13,6 +13,9 @@ frames:
                                           cancelled, ...}``
 ``BATCH_SSE`` :func:`batch_sse`           ``event: item`` per outcome, then ``event: done``
 ``NDJSON``    :func:`batch_ndjson`        a JSON line per outcome, then ``{"done": true, "count": n}``
+``CHAT``      :func:`chat_json`           OpenAI's ``chat.completion`` (an error becomes the HTTP status)
+``CHAT_SSE``  :class:`ChatChunks`         ``chat.completion.chunk`` per token, the finish, the usage,
+                                          ``data: [DONE]``
 ============  ==========================  ====================================================================
 
 A stream event's JSON (``event_json``) and a result's (``result_json``) are written once, in
@@ -33,11 +36,13 @@ from dspy_trio.engine import (
     FieldDelta,
     FinalEvent,
     PredictionResult,
+    ProgramInfo,
     RequestCancelledError,
     StatusEvent,
     StreamEvent,
 )
 
+from .chat import chat_content, check_schema
 from .encoding import SSE_DONE, batch_item_json, dumps, error_json, event_json, result_json, sse
 from .errors import HTTPError, error_body
 
@@ -212,12 +217,207 @@ def batch_ndjson(value: BatchItem | BatchDone) -> bytes:
     return (dumps(batch_item_json(value)) + "\n").encode()
 
 
+# --- OpenAI's chat completions: /v1/chat/completions -------------------------------------------------------
+
+
+@attrs.frozen
+class ChatAnswer:
+    """What every piece of one chat completion's answer says alike.
+
+    Attributes:
+        id: ``chatcmpl-`` and the call's server id (``X-Server-Request-ID``; it cancels the call).
+        created: When it was made (Unix seconds).
+        model: The program's name.
+        json_object: ``content`` is the JSON object of the outputs (else the one output's text).
+        schema: A ``json_schema`` response format the outputs must satisfy.
+    """
+
+    id: str
+    created: int
+    model: str
+    json_object: bool = False
+    schema: Mapping[str, Any] | None = None
+
+    def content(self, result: PredictionResult) -> str:
+        """``message.content`` of the result (checked against the schema).
+
+        Raises:
+            ProgramError: the outputs do not satisfy the schema.
+        """
+        check_schema(result.outputs, self.schema, self.model)
+        return chat_content(result.outputs, self.json_object)
+
+
+def chat_usage(result: PredictionResult) -> dict[str, int]:
+    usage = result.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def finish_reason(result: PredictionResult) -> str:
+    """``length`` when an LM call stopped at its token limit, else ``stop``."""
+    return "length" if result.truncated else "stop"
+
+
+def chat_json(answer: ChatAnswer, result: PredictionResult) -> dict[str, Any]:
+    """A ``chat.completion``: one choice with the outputs, the usage summed over every LM call.
+
+    Raises:
+        ProgramError: the outputs do not satisfy the response format's schema.
+    """
+    return {
+        "id": answer.id,
+        "object": "chat.completion",
+        "created": answer.created,
+        "model": answer.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.content(result), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(result),
+            }
+        ],
+        "usage": chat_usage(result),
+    }
+
+
+class ChatChunks:
+    """One chat completion's stream: an encoder of the call's outcomes as ``chat.completion.chunk``
+    events.
+
+    The first chunk carries the role; then the output's text as the program's last predictor writes it,
+    a chunk per delta (one output field: its text; a JSON object: the JSON text as it forms, text fields
+    as they stream, the others when the prediction is complete); then what the deltas did not say of the
+    outputs, a chunk with ``finish_reason``, the usage chunk when asked (``include_usage``), and
+    ``data: [DONE]``. An error ends it as OpenAI's streams do, ``data: {"error": {...}}``, then
+    ``[DONE]``.
+
+    Args:
+        answer: The completion's id, model and format.
+        info: The program (its outputs and their types, its last predictor).
+        include_usage: End with a chunk of the usage (``stream_options.include_usage``).
+    """
+
+    def __init__(self, answer: ChatAnswer, info: ProgramInfo, *, include_usage: bool) -> None:
+        self._answer = answer
+        self._include_usage = include_usage
+        self._predictor = info.predictor
+        self._text_fields = {field.name for field in info.output_fields if field.type == "str"}
+        if not answer.json_object:
+            self._text_fields &= set(info.outputs[:1])
+        head = {"id": answer.id, "object": "chat.completion.chunk", "created": answer.created}
+        head |= {"model": answer.model, "system_fingerprint": None}
+        usage = ',"usage":null' if include_usage else ""
+        # Every content chunk is this prefix, the JSON of its text, this suffix: one dumps per token.
+        self._prefix = ("data: " + dumps(head)[:-1] + ',"choices":[{"index":0,"delta":{"content":').encode()
+        self._suffix = ('},"logprobs":null,"finish_reason":null}]' + usage + "}\n\n").encode()
+        self._head = head
+        self._started = False
+        self._streamed: dict[str, list[str]] = {}  # text per field, in the order the fields began
+        self._open: str | None = None  # the field whose JSON string is open
+
+    def __call__(self, outcome: Outcome) -> bytes | None:
+        match outcome:
+            case FieldDelta():
+                text = self._delta(outcome)
+                return self._content(text) if text else None
+            case StatusEvent():
+                return None
+            case FinalEvent():
+                return self._final(outcome.result)
+            case PredictionResult():
+                return self._final(outcome)
+            case ErrorEvent():
+                return sse(dumps(error_json(outcome.error))) + SSE_DONE
+            case _:
+                assert_never(outcome)
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        chunk = {**self._head, "choices": [choice]}
+        if self._include_usage:
+            chunk["usage"] = None
+        return sse(dumps(chunk))
+
+    def _content(self, text: str) -> bytes:
+        first = b""
+        if not self._started:
+            self._started = True
+            first = self._chunk({"role": "assistant", "content": ""}, None)
+        return first + self._prefix + dumps(text).encode() + self._suffix
+
+    def _delta(self, delta: FieldDelta) -> str:
+        """The content a delta adds (nothing for another predictor's, or a field streamed at the end)."""
+        if delta.predictor != self._predictor or delta.field not in self._text_fields:
+            return ""
+        if delta.field not in self._streamed:
+            if self._streamed and not self._answer.json_object:
+                return ""  # one output's text only
+            self._streamed[delta.field] = []
+            start = self._close_open()
+            self._open = delta.field
+            if self._answer.json_object:
+                start += ("{" if len(self._streamed) == 1 else ",") + dumps(delta.field) + ':"'
+        elif delta.field != self._open:
+            return ""  # a field that began again after another: its first text stands
+        else:
+            start = ""
+        self._streamed[delta.field].append(delta.text)
+        return start + (dumps(delta.text)[1:-1] if self._answer.json_object else delta.text)
+
+    def _close_open(self) -> str:
+        if self._open is None or not self._answer.json_object:
+            return ""
+        self._open = None
+        return '"'
+
+    def _rest(self, outputs: Mapping[str, Any]) -> str:
+        """What the outputs say beyond what was streamed: the open field's remaining text, then (in a JSON
+        object) every field not streamed, and the closing brace."""
+        rest = ""
+        if self._open is not None:
+            final, sent = outputs.get(self._open), "".join(self._streamed[self._open])
+            if isinstance(final, str) and final.startswith(sent):
+                tail = final[len(sent) :]
+                rest = dumps(tail)[1:-1] if self._answer.json_object else tail
+        if not self._answer.json_object:
+            return rest if self._streamed else chat_content(outputs, False)
+        rest += self._close_open()
+        for name, value in outputs.items():
+            if name not in self._streamed:
+                rest += ("{" if not self._streamed else ",") + dumps(name) + ":" + dumps(value)
+                self._streamed[name] = []
+        return rest + ("}" if self._streamed else "{}")
+
+    def _final(self, result: PredictionResult) -> bytes:
+        try:
+            check_schema(result.outputs, self._answer.schema, self._answer.model)
+        except EngineError as error:
+            return sse(dumps(error_json(error))) + SSE_DONE
+        rest = self._rest(result.outputs)
+        out = self._content(rest) if rest or not self._started else b""
+        out += self._chunk({}, finish_reason(result))
+        if self._include_usage:
+            out += sse(dumps({**self._head, "choices": [], "usage": chat_usage(result)}))
+        return out + SSE_DONE
+
+
 __all__ = [
     "BatchDone",
+    "ChatAnswer",
+    "ChatChunks",
     "Outcome",
     "SeedTokens",
     "batch_ndjson",
     "batch_sse",
+    "chat_json",
+    "chat_usage",
+    "finish_reason",
     "seed_answer",
     "seed_frames",
     "seed_frames_refused",

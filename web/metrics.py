@@ -1,10 +1,11 @@
-"""``/metrics``: the engine's statistics as Prometheus text (prometheus-client), and as a few JSON fields."""
+"""``/metrics``: the engine's statistics as Prometheus text (prometheus-client), and as a few JSON fields;
+and the web layer's own count of answers by route and status."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from dspy_trio.engine import Engine, EngineStatistics, SharingStatistics
 
@@ -70,3 +71,29 @@ def _cache_json(sharing: SharingStatistics) -> dict[str, int]:
         "takeovers": sharing.takeovers,
         "redis_fallbacks": sharing.redis_fallbacks,
     }
+
+
+class HTTPMetrics:
+    """Answers by route (its handler's name: ``chat_completions``, ``program_predict``, ...; ``unmatched``
+    for a path no route has) and status: ``dspy_trio_http_responses_total``. The front door counts every
+    answer as it starts, its own refusals included; the service registers the counter in the engine's
+    registry when the engine opens, so ``/metrics`` (and a worker's snapshot) carries it."""
+
+    def __init__(self) -> None:
+        self.responses = Counter(
+            "dspy_trio_http_responses",
+            "HTTP answers (and WebSocket handshakes) by route and status.",
+            ["route", "status"],
+            registry=None,
+        )
+        self._children: dict[tuple[str, int], Any] = {}
+
+    def count(self, route: str, status: int) -> None:
+        """Count one answer. Does not block."""
+        child = self._children.get((route, status))
+        if child is None:
+            child = self._children[(route, status)] = self.responses.labels(route, str(status))
+        child.inc()
+
+    def register(self, registry: CollectorRegistry) -> None:
+        registry.register(self.responses)

@@ -91,6 +91,65 @@ _REFUSALS: dict[int, str] = {
     504: "Past the request's timeout (`deadline_exceeded`).",
 }
 _WITH_RETRY_AFTER = {429, 503}
+# The routes that speak OpenAI's API say some statuses in OpenAI's words.
+_OPENAI_REFUSALS: dict[int, str] = {
+    400: "Bad input; `param` names the field (`invalid_body`, `invalid_value`, `invalid_input`, "
+    "`unsupported_parameter`, `history_not_supported`, `invalid_timeout`, `invalid_unicode`), or a body "
+    "that is not UTF-8 JSON (`bad_request`) or nested deeper than the limit (`too_deeply_nested`).",
+    404: "No program of that name (`model_not_found`).",
+    408: "The request body did not arrive within the request's timeout (`body_timeout`).",
+    502: "The LM provider or the program failed (`upstream_error`, ...), or the outputs do not satisfy "
+    "`response_format`'s schema (`output_schema_mismatch`).",
+}
+
+
+# The MCP endpoint's statuses (its JSON-RPC errors have the SDK's shape; the web layer's refusals ours).
+_MCP_REFUSALS: dict[int, str] = {
+    400: "Not a JSON-RPC message (a JSON-RPC error), or JSON nested deeper than the limit "
+    "(`too_deeply_nested`).",
+    403: "A browser's `Origin` that is neither the server's own nor a configured CORS origin "
+    "(`origin_not_allowed`).",
+    404: "A session that does not exist, or was opened with another key (a JSON-RPC error).",
+    406: "`Accept` names neither `application/json` nor `text/event-stream`.",
+    408: "The request body did not arrive within the request's timeout (`body_timeout`).",
+}
+_MCP_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "description": "One JSON-RPC 2.0 request or notification of the Model Context Protocol "
+                "(`tools/list`, `tools/call`, `server/discover`, `initialize`, `notifications/cancelled`, "
+                "...).",
+                "required": ["jsonrpc", "method"],
+                "properties": {
+                    "jsonrpc": {"const": "2.0"},
+                    "id": {"type": ["string", "integer"]},
+                    "method": {"type": "string"},
+                    "params": {"type": "object"},
+                },
+            }
+        }
+    },
+}
+
+
+def _asgi_operations(route: Route) -> dict[str, Any]:
+    """The operations of a route Quart does not serve (``/mcp``), from its row."""
+    operations: dict[str, Any] = {}
+    doc = " ".join((route.handler.__doc__ or "").split()) if route.handler else ""
+    for method in sorted(route.methods):
+        operation: dict[str, Any] = {
+            "summary": _first_sentence(doc),
+            "description": doc,
+            "operationId": f"{route.endpoint}_{method.lower()}",
+            "responses": _responses(route),
+        }
+        if method == "POST":
+            operation["requestBody"] = _MCP_BODY
+        operations[method.lower()] = operation
+    return operations
 
 
 def _responses(route: Route) -> dict[str, Any]:
@@ -100,8 +159,13 @@ def _responses(route: Route) -> dict[str, Any]:
         success["content"] = {media_type: {} for media_type in dict.fromkeys(media_types)}
     responses: dict[str, Any] = {"200": success}
     for status in sorted(route.statuses() - {200}):
+        notes = _REFUSALS
+        if route.openai and status in _OPENAI_REFUSALS:
+            notes = _OPENAI_REFUSALS
+        elif route.asgi and status in _MCP_REFUSALS:
+            notes = _MCP_REFUSALS
         response: dict[str, Any] = {
-            "description": _REFUSALS[status],
+            "description": notes[status],
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
         if status in _WITH_RETRY_AFTER:
@@ -122,6 +186,9 @@ class ServiceOpenAPI(OpenAPIProvider):
         document = super().schema()
         service = current_app.extensions["dspy_trio"]
         settings, routes = service.settings, service.routes
+        for route in routes:
+            if route.asgi and route.handler is not None:
+                document.setdefault("paths", {})[route.template] = _asgi_operations(route)
         components = document.setdefault("components", {})
         components.setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
         if len(settings.keys):

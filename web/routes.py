@@ -12,6 +12,8 @@ OpenAPI document shows; 401 is added to every route that is not ``open``.
 from __future__ import annotations
 
 from .openapi import swagger_ui_asset
+from .routes_mcp import mcp_endpoint
+from .routes_openai import chat_completions, get_model, list_models
 from .routes_ops import cancel_request, health, metrics, playground, ready, tenant
 from .routes_programs import list_programs, program_batch, program_predict, program_stream
 from .routes_seed import seed_predict, seed_predict_stream, seed_stream
@@ -23,6 +25,8 @@ _PREDICTION = _BODY | {404, 429, 499, 502, 504}
 _STREAM = _BODY | {404, 429}  # once the stream has begun, errors are events
 _BATCH = _BODY | {404}  # items fail one by one, in the results
 _SEED_SSE = "SSE: `data: <token>` ..., then `data: [DONE]`."
+# OpenAI's statuses: bad input is 400 (never 422); 408 when the body does not arrive in time.
+_CHAT = {400, 404, 408, 413, 415, 429, 499, 502, 503, 504}
 
 ROUTES: tuple[Route, ...] = (
     # Operations.
@@ -128,6 +132,44 @@ ROUTES: tuple[Route, ...] = (
         refusals=_BATCH,
     ),
     Route("/v1/ws", "GET", multiplexed_ws, websocket=True, formats=(Wire.WS_FRAMES,), answer="WebSocket."),
+    # OpenAI's API: each program a model.
+    Route(
+        "/v1/models",
+        "GET",
+        list_models,
+        openai=True,
+        answer='`{"object": "list", "data": [{"id", "object": "model", "created", "owned_by"}]}`.',
+        refusals={503},
+    ),
+    Route(
+        "/v1/models/{model}",
+        "GET",
+        get_model,
+        openai=True,
+        answer='`{"id", "object": "model", "created", "owned_by"}`.',
+        refusals={404, 503},
+    ),
+    Route(
+        "/v1/chat/completions",
+        "POST",
+        chat_completions,
+        openai=True,
+        formats=(Wire.CHAT, Wire.CHAT_SSE),
+        answer="OpenAI's `chat.completion`; with `stream: true`, SSE: `chat.completion.chunk` events, "
+        "then `data: [DONE]`.",
+        refusals=_CHAT,
+    ),
+    # MCP: each program a tool (the SDK's Streamable HTTP transport, served below Quart).
+    Route(
+        "/mcp",
+        ("POST", "DELETE"),
+        mcp_endpoint,
+        asgi=True,
+        formats=(Wire.MCP,),
+        answer="A JSON-RPC answer, or SSE of its progress notifications and its result (MCP Streamable "
+        "HTTP).",
+        refusals={400, 403, 404, 406, 408, 413, 503},
+    ),
     # The API's description (quart-schema serves it) and the static files (Quart serves them).
     Route("/docs", "GET", None, open=True, formats=(Wire.HTML,), answer="Swagger UI."),
     Route("/openapi.json", "GET", None, open=True, answer="This document."),

@@ -43,6 +43,9 @@ class Wire(enum.Enum):
     SEED_SSE = ("seed-sse", "text/event-stream")  # data: <token> ..., data: [DONE]
     BATCH_SSE = ("batch-sse", "text/event-stream")  # event: item ..., event: done
     NDJSON = ("ndjson", "application/x-ndjson")  # one batch item per line, then {"done": true}
+    CHAT = ("chat", "application/json")  # OpenAI's chat.completion
+    CHAT_SSE = ("chat-sse", "text/event-stream")  # chat.completion.chunk ..., data: [DONE]
+    MCP = ("mcp", "application/json")  # JSON-RPC, or SSE of its notifications and the result
     SEED_WS = ("seed-ws", "text")  # a token per text frame, then [DONE]
     WS_FRAMES = ("ws-frames", "text")  # /v1/ws JSON frames, labelled by the client's ids
     TEXT = ("text", "text/plain")
@@ -79,6 +82,10 @@ class Route:
         formats: The wire formats of its answers, the preferred first (content negotiation).
         answer: What a success answers (the OpenAPI document's 200).
         refusals: The statuses it can refuse with, besides 401 (listed for every route that needs a key).
+        openai: It speaks OpenAI's API: bad input is a 400 (never a 422), an unknown program an unknown
+            model (404 ``model_not_found``).
+        asgi: Its handler speaks ASGI itself, below the framework: the front door calls it as
+            ``handler(service, call, scope, receive, send)`` (``/mcp``, whose transport is the MCP SDK's).
     """
 
     path: str
@@ -91,6 +98,8 @@ class Route:
     formats: tuple[Wire, ...] = attrs.field(default=(Wire.JSON,), kw_only=True)
     answer: str = attrs.field(default="", kw_only=True)
     refusals: frozenset[int] = attrs.field(default=frozenset(), converter=_statuses, kw_only=True)
+    openai: bool = attrs.field(default=False, kw_only=True)
+    asgi: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         program = self.program

@@ -51,11 +51,12 @@ async def run(
     *,
     stream: bool,
     emit: Emit,
+    lm_params: Mapping[str, Any] | None = None,
 ) -> None:
     """Run the call (a prediction, or a stream when ``stream``) and emit its outcomes, the last one
     exactly once. Blocks for the whole call, ``emit`` included. The engine runs it under
-    ``call.request_id`` for ``call.owner``, in ``call.tenant``; a prediction's timings go to
-    ``call.notes``."""
+    ``call.request_id`` for ``call.owner``, in ``call.tenant`` (with ``lm_params`` on every LM call); a
+    prediction's timings go to ``call.notes``."""
     with until.scope() as timer:
         try:
             no_cache, no_store = call.no_cache, call.no_store
@@ -68,6 +69,7 @@ async def run(
                     tenant=call.tenant,
                     no_cache=no_cache,
                     no_store=no_store,
+                    lm_params=lm_params,
                 )
                 call.notes.timings = result.timings
                 call.notes.cache_status = cache_status_of(engine, result.timings, no_cache=call.no_cache)
@@ -82,6 +84,7 @@ async def run(
                 tenant=call.tenant,
                 no_cache=no_cache,
                 no_store=no_store,
+                lm_params=lm_params,
             ) as events:
                 async for event in events:
                     await emit(event)
@@ -95,7 +98,13 @@ async def run(
 
 
 async def predict(
-    engine: Engine, call: Call, until: RequestDeadline, program: str, inputs: Mapping[str, Any]
+    engine: Engine,
+    call: Call,
+    until: RequestDeadline,
+    program: str,
+    inputs: Mapping[str, Any],
+    *,
+    lm_params: Mapping[str, Any] | None = None,
 ) -> PredictionResult:
     """The call's one outcome as a value, for the JSON answers. Blocks for the prediction.
 
@@ -107,7 +116,7 @@ async def predict(
     async def keep(outcome: Outcome) -> None:
         last.append(outcome)
 
-    await run(engine, call, until, program, inputs, stream=False, emit=keep)
+    await run(engine, call, until, program, inputs, stream=False, emit=keep, lm_params=lm_params)
     [outcome] = last
     if isinstance(outcome, ErrorEvent):
         raise outcome.error

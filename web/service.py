@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -35,8 +36,12 @@ from dspy_trio.engine import Engine, open_engine
 from dspy_trio.engine.lm import TrioLM
 
 from .errors import HTTPError
+from .metrics import HTTPMetrics
 from .routing import RouteTable
 from .settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from .mcp import MCPEndpoint
 
 logger = logging.getLogger("dspy_trio.web")
 
@@ -68,6 +73,8 @@ class Service:
 
     Attributes:
         engine: The engine while serving, else None.
+        mcp: The MCP endpoint (its sessions) while serving, else None.
+        http_metrics: Answers by route and status (the front door counts them).
         draining: Set when shutdown begins (or the engine failed): new work gets 503.
         failure: Why the engine ended on its own (it failed to open, or crashed while serving).
     """
@@ -76,6 +83,8 @@ class Service:
     routes: RouteTable
     lms: Mapping[str, TrioLM] | None = None
     engine: Engine | None = attrs.field(default=None, init=False)
+    mcp: MCPEndpoint | None = attrs.field(default=None, init=False)
+    http_metrics: HTTPMetrics = attrs.field(factory=HTTPMetrics, init=False)
     draining: bool = attrs.field(default=False, init=False)
     failure: BaseException | None = attrs.field(default=None, init=False)
     _stop_asked: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -86,17 +95,23 @@ class Service:
     # -- the app's start-up and shutdown (its lifespan) --------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Open the engine in a task of ``nursery`` (the app's). Blocks until it is open.
+        """Open the engine in a task of ``nursery`` (the app's), then the MCP endpoint's sessions in
+        another. Blocks until both run.
 
         Raises:
             Exception: what opening the engine raised (also recorded by :meth:`fail`).
         """
+        from .mcp import MCPEndpoint  # the MCP SDK and its web stack load with the app, not with this module
+
         await nursery.start(self._run_engine)
+        self.mcp = MCPEndpoint(self)
+        await nursery.start(self.mcp.run)
 
     async def _run_engine(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         try:
             async with open_engine(self.settings.engine, lms=self.lms) as engine:
+                self.http_metrics.register(engine.metrics.registry)
                 self.engine = engine
                 task_status.started()
                 started = True
@@ -112,7 +127,10 @@ class Service:
             self._engine_closed.set()
 
     async def stop(self) -> None:
-        """Close the engine (what still runs is cancelled by its own drain) and wait until it is closed."""
+        """Close the MCP sessions and the engine (what still runs is cancelled by its own drain) and wait
+        until it is closed."""
+        if self.mcp is not None:
+            self.mcp.stop()
         self._close_engine.set()
         await self._engine_closed.wait()
 
@@ -130,6 +148,8 @@ class Service:
         self.draining = True
         if self.engine is not None:
             await self.engine.drain()
+        if self.mcp is not None:
+            self.mcp.stop()  # no call runs in a session now: close them, so no connection waits on one
         self._drained.set()
 
     async def drained(self) -> None:

@@ -25,7 +25,7 @@ import dspy
 import trio
 
 from .. import _dspy
-from .._trace import record_lm_call
+from .._trace import call_params, record_finish, record_lm_call
 
 Message = Mapping[str, Any]
 
@@ -68,12 +68,15 @@ class Completion:
         usage: Provider usage, e.g. ``{"prompt_tokens": 12, "completion_tokens": 30}``.
         reasoning: Per-choice reasoning text for providers that return it separately.
         model: The model that answered, when it is not the called LM's own (a fallback answered).
+        finish_reasons: How each choice ended, in OpenAI's words (``stop``, ``length``, ...; None when
+            the provider did not say).
     """
 
     texts: Sequence[str]
     usage: Mapping[str, Any] = attrs.field(factory=dict)
     reasoning: Sequence[str | None] = ()
     model: str | None = None
+    finish_reasons: Sequence[str | None] = ()
 
     def outputs(self) -> list[str | dict[str, Any]]:
         """The completion in the shape DSPy adapters expect from ``lm.acall``."""
@@ -124,9 +127,12 @@ def current_chunk_sink(model: str) -> DeltaSink | None:
     return ChunkSink(stream, model, predict_id)
 
 
-def request_params(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge an LM's default parameters with a call's, dropping unset values and DSPy-only keys."""
-    merged = {**defaults, **overrides}
+def request_params(
+    defaults: Mapping[str, Any], overrides: Mapping[str, Any], request: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merge an LM's default parameters with a call's, and those with the request's (which win),
+    dropping unset values and DSPy-only keys."""
+    merged = {**defaults, **overrides, **request} if request else {**defaults, **overrides}
     return {k: v for k, v in merged.items() if v is not None and k not in _DSPY_ONLY_KWARGS}
 
 
@@ -172,7 +178,7 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
         """DSPy's async LM entry point, Trio-native. Blocks for the whole completion."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
-        params = request_params(self.kwargs, kwargs)
+        params = request_params(self.kwargs, kwargs, call_params())
         sink = current_chunk_sink(self.model)
         cache_key = {"model": self.model, "messages": list(messages), **params} if self.cache else None
         if cache_key is not None and (cached := _dspy.cache_get(cache_key)) is not None:
@@ -188,6 +194,8 @@ class TrioLM(dspy.BaseLM):  # type: ignore[misc]
 
         if completion.usage:
             _dspy.report_usage(completion.model or self.model, completion.usage)
+        if completion.finish_reasons:
+            record_finish(completion.finish_reasons)
         outputs = completion.outputs()
         if cache_key is not None:
             _dspy.cache_put(cache_key, outputs)

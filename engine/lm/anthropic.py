@@ -197,7 +197,9 @@ class AnthropicLM(TrioLM):
             raise bad(self.model, "the upstream's answer is not a message", detail, redact) from exc
         text = text_or_none(self.model, text, redact) or ""
         thinking = text_or_none(self.model, thinking, redact) or ""
-        return Completion([text], usage, [thinking or None])
+        return Completion(
+            [text], usage, [thinking or None], finish_reasons=[_finish(payload.get("stop_reason"))]
+        )
 
     async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
         """Read an SSE answer, pushing text deltas to ``sink`` (None: assemble it only)."""
@@ -205,6 +207,7 @@ class AnthropicLM(TrioLM):
         thinking: list[str] = []
         usage: dict[str, Any] = {}
         stopped = False
+        finish: list[str | None] = [None]
 
         redact = self._clients.redact
 
@@ -226,6 +229,7 @@ class AnthropicLM(TrioLM):
                         thinking.append(text_or_none(self.model, delta.get("thinking"), redact) or "")
                 elif kind == "message_delta":
                     usage.update(payload.get("usage") or {})
+                    finish[0] = _finish((payload.get("delta") or {}).get("stop_reason")) or finish[0]
                 elif kind == "message_stop":
                     stopped = True
                     return True  # the stream's own end: the answer is complete
@@ -241,8 +245,10 @@ class AnthropicLM(TrioLM):
         texts = ["".join(text)]
         if not usage.get("input_tokens") and not usage.get("output_tokens"):  # the stream reported none
             turns = [{"content": body.get("system") or ""}, *body["messages"]]
-            return Completion(texts, estimated_usage(turns, texts), ["".join(thinking) or None])
-        return Completion(texts, _usage(usage), ["".join(thinking) or None])
+            return Completion(
+                texts, estimated_usage(turns, texts), ["".join(thinking) or None], finish_reasons=finish
+            )
+        return Completion(texts, _usage(usage), ["".join(thinking) or None], finish_reasons=finish)
 
     def _raise_stream_error(self, payload: Mapping[str, Any], data: str) -> None:
         error = payload.get("error")
@@ -251,3 +257,11 @@ class AnthropicLM(TrioLM):
         if isinstance(kind, str) and (status := _RETRYABLE_STREAM_ERRORS.get(kind)) is not None:
             raise status_error(self.model, status, {}, data, redact)
         raise bad(self.model, "the upstream reported an error mid-stream", data, redact)
+
+
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+
+
+def _finish(stop_reason: object) -> str | None:
+    """Anthropic's ``stop_reason`` in OpenAI's words (``max_tokens`` is ``length``)."""
+    return _FINISH.get(stop_reason) if isinstance(stop_reason, str) else None

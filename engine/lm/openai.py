@@ -145,17 +145,18 @@ class OpenAICompatibleLM(TrioLM):
             messages = [choice["message"] for choice in choices]
             texts = [text_or_none(self.model, m.get("content"), redact) or "" for m in messages]
             reasoning = [text_or_none(self.model, m.get("reasoning_content"), redact) for m in messages]
+            finishes = [_finish(choice.get("finish_reason")) for choice in choices]
         except (KeyError, TypeError, AttributeError) as exc:
             detail = response.content[:2000].decode(errors="replace")
             raise bad(self.model, "the upstream's answer is not a chat completion", detail, redact) from exc
-        return Completion(texts, _usage(payload), reasoning)
+        return Completion(texts, _usage(payload), reasoning, finish_reasons=finishes)
 
     async def _stream(self, body: dict[str, Any], sink: DeltaSink | None) -> Completion:
         """Read an SSE answer, pushing choice 0's deltas to ``sink`` (None: assemble it only)."""
         parts: dict[int, list[str]] = {}
         reasoning: dict[int, list[str]] = {}
         usage: dict[str, Any] = {}
-        finished: set[int] = set()  # choices that ended with a finish reason
+        finished: dict[int, str | None] = {}  # choices that ended, with their finish reason
         done = False
 
         wanted = body.get("n")
@@ -177,7 +178,7 @@ class OpenAICompatibleLM(TrioLM):
                 if thinking:
                     reasoning.setdefault(index, []).append(thinking)
                 if finish:
-                    finished.add(index)
+                    finished[index] = _finish(finish)
             return False
 
         await self._clients.post_sse(self.model, "chat/completions", body, on_event)
@@ -186,7 +187,10 @@ class OpenAICompatibleLM(TrioLM):
         count = max([*parts, *reasoning], default=0) + 1
         texts = ["".join(parts.get(i, [])) for i in range(count)]
         thoughts = ["".join(reasoning[i]) if i in reasoning else None for i in range(count)]
-        return Completion(texts, usage or estimated_usage(body["messages"], texts), thoughts)
+        finishes = [finished.get(i) for i in range(count)]
+        return Completion(
+            texts, usage or estimated_usage(body["messages"], texts), thoughts, finish_reasons=finishes
+        )
 
     def _chunk(self, data: str) -> dict[str, Any]:
         redact = self._clients.redact
@@ -251,10 +255,16 @@ def _usage(payload: Mapping[str, Any]) -> dict[str, Any]:
     return clean_usage(payload.get("usage"))
 
 
+def _finish(reason: object) -> str | None:
+    """A choice's ``finish_reason`` when it is text (``stop``, ``length``, ...), else None."""
+    return reason if isinstance(reason, str) and len(reason) <= 64 else None
+
+
 def _deltas(
     payload: Mapping[str, Any], model: str, choices: int, redact: Redactor
-) -> list[tuple[int, str | None, str | None, bool]]:
-    """(choice index, content delta, reasoning delta, finished) for each choice in a stream chunk.
+) -> list[tuple[int, str | None, str | None, object]]:
+    """(choice index, content delta, reasoning delta, finish reason or None) for each choice in a
+    stream chunk.
 
     Raises:
         UpstreamResponseError: a choice that is not an object, an index outside the ``choices`` asked
@@ -275,7 +285,7 @@ def _deltas(
                     index,
                     text_or_none(model, delta.get("content"), redact),
                     text_or_none(model, delta.get("reasoning_content"), redact),
-                    bool(choice.get("finish_reason")),
+                    choice.get("finish_reason"),
                 )
             )
         return deltas

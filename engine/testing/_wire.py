@@ -34,13 +34,16 @@ class OpenAIWire:
             return {"error": error}
         return {"error": {"message": message, "type": kind}}
 
-    def completion(self, index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+    def completion(
+        self, index: int, model: str, text: str, usage: dict[str, int], cut: bool = False
+    ) -> dict[str, Any]:
+        finish = "length" if cut else "stop"
         return {
             "id": f"chatcmpl-fake-{index}",
             "object": "chat.completion",
             "model": model,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             ],
             "usage": usage,
         }
@@ -61,8 +64,10 @@ class OpenAIWire:
     def stream_token(self, index: int, model: str, token: str) -> bytes:
         return self._chunk(index, model, {"content": token}, None)
 
-    def stream_end(self, index: int, model: str, usage: dict[str, int], body: dict[str, Any]) -> bytes:
-        end = self._chunk(index, model, {}, "stop")
+    def stream_end(
+        self, index: int, model: str, usage: dict[str, int], body: dict[str, Any], cut: bool = False
+    ) -> bytes:
+        end = self._chunk(index, model, {}, "length" if cut else "stop")
         if (body.get("stream_options") or {}).get("include_usage"):
             end += sse({"id": f"chatcmpl-fake-{index}", "choices": [], "usage": usage})
         return end + b"data: [DONE]\n\n"
@@ -95,14 +100,16 @@ class AnthropicWire:
     def _usage(self, usage: dict[str, int]) -> dict[str, int]:
         return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
 
-    def completion(self, index: int, model: str, text: str, usage: dict[str, int]) -> dict[str, Any]:
+    def completion(
+        self, index: int, model: str, text: str, usage: dict[str, int], cut: bool = False
+    ) -> dict[str, Any]:
         return {
             "id": f"msg_fake_{index}",
             "type": "message",
             "role": "assistant",
             "model": model,
             "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "stop_reason": "max_tokens" if cut else "end_turn",
             "usage": self._usage(usage),
         }
 
@@ -126,13 +133,15 @@ class AnthropicWire:
         delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": token}}
         return sse(delta, "content_block_delta")
 
-    def stream_end(self, index: int, model: str, usage: dict[str, int], body: dict[str, Any]) -> bytes:
+    def stream_end(
+        self, index: int, model: str, usage: dict[str, int], body: dict[str, Any], cut: bool = False
+    ) -> bytes:
         return (
             sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
             + sse(
                 {
                     "type": "message_delta",
-                    "delta": {"stop_reason": "end_turn"},
+                    "delta": {"stop_reason": "max_tokens" if cut else "end_turn"},
                     "usage": {"output_tokens": usage["completion_tokens"]},
                 },
                 "message_delta",

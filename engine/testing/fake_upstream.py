@@ -278,6 +278,11 @@ class FakeUpstream:
         messages = wire.messages(record.body)
         text = simulated.render(messages)
         tokens = simulated.tokens(text)
+        limit = record.body.get("max_tokens")
+        cut = isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(tokens)
+        if cut:  # as a real model: the answer stops at the token limit (finish_reason "length")
+            tokens = tokens[:limit]
+            text = "".join(tokens)
         model = str(record.body.get("model", "fake"))
         prompt_tokens = math.ceil(len(json.dumps(messages)) / 4)
         usage = {
@@ -286,7 +291,7 @@ class FakeUpstream:
             "total_tokens": prompt_tokens + len(tokens),
         }
         if record.stream:
-            await self._stream(send, record, fault, wire, model, tokens, usage)
+            await self._stream(send, record, fault, wire, model, tokens, usage, cut)
             return
         with trio.move_on_after(self.behavior.latency):
             await self._release.wait()
@@ -298,7 +303,7 @@ class FakeUpstream:
         if fault is not None and fault.kind == "malformed":
             await send.raw(200, wire.malformed_body, "application/json")
             return
-        await send.json(200, wire.completion(record.index, model, text, usage))
+        await send.json(200, wire.completion(record.index, model, text, usage, cut))
 
     async def _stream(
         self,
@@ -309,6 +314,7 @@ class FakeUpstream:
         model: str,
         tokens: Sequence[str],
         usage: dict[str, int],
+        cut: bool = False,
     ) -> None:
         record.status = 200
         await send.start_stream()
@@ -336,7 +342,7 @@ class FakeUpstream:
                     continue
             await send.data(wire.stream_token(record.index, model, token))
             record.tokens_sent += 1
-        await send.data(wire.stream_end(record.index, model, usage, record.body))
+        await send.data(wire.stream_end(record.index, model, usage, record.body, cut))
         await send.end()
 
 
