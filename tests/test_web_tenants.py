@@ -65,6 +65,13 @@ async def every_transport(server: Server, key: str) -> list[Any]:
             r.get("error", {}).get("code", "ok") if "error" in r else "ok" for r in batch.json()["results"]
         ]
         seen.append(("batch", batch.status_code, codes))
+        chat = {"model": "default", "messages": [{"role": "user", "content": "chat"}]}
+        response = await client.post("/v1/chat/completions", json=chat)
+        seen.append(("chat", response.status_code, response.json().get("error", {}).get("code")))
+        async with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as response:
+            text = (await response.aread()).decode()
+        code = json.loads(text).get("error", {}).get("code") if response.status_code != 200 else None
+        seen.append(("chat_stream", response.status_code, code or ("[DONE]" in text and "done")))
     async with open_websocket_url(f"{ws_url}/ws?api_key={key}") as ws:
         await ws.send_message("ws question")
         first = await ws.get_message()
@@ -95,6 +102,8 @@ async def test_each_key_counts_against_its_own_tenant_on_every_transport(
                 ("http", 200, None),
                 ("sse", 200, "final"),
                 ("batch", 200, ["ok", "ok"]),
+                ("chat", 200, None),
+                ("chat_stream", 200, "done"),
                 ("ws", "tokens"),
                 ("v1_ws", "result"),
             ]
@@ -104,14 +113,14 @@ async def test_each_key_counts_against_its_own_tenant_on_every_transport(
             text = (await client.get("/metrics")).text
             whoami = (await client.get("/v1/tenant")).json()
             anonymous = await client.get("/v1/tenant", headers={"Authorization": "Bearer wrong"})
-    # http, sse, 2 batch items, /ws, /v1/ws: 6 requests each, in its own tenant.
-    assert tenants["big"]["requests"] == {"succeeded": 6}
-    assert tenants[PLAIN_TENANT]["requests"] == {"succeeded": 6}
+    # http, sse, 2 batch items, 2 chat completions, /ws, /v1/ws: 8 requests each, in its own tenant.
+    assert tenants["big"]["requests"] == {"succeeded": 8}
+    assert tenants[PLAIN_TENANT]["requests"] == {"succeeded": 8}
     assert tenants["big"]["weight"] == 3
     assert tenants["big"]["prompt_tokens"] > 0
     assert "small" not in tenants
-    assert 'dspy_trio_tenant_requests_total{outcome="succeeded",tenant="big"} 6.0' in text
-    assert (whoami["tenant"], whoami["weight"], whoami["usage"]["requests"]) == ("big", 3, {"succeeded": 6})
+    assert 'dspy_trio_tenant_requests_total{outcome="succeeded",tenant="big"} 8.0' in text
+    assert (whoami["tenant"], whoami["weight"], whoami["usage"]["requests"]) == ("big", 3, {"succeeded": 8})
     assert anonymous.status_code == 401
     lines = [json.loads(r.message) for r in caplog.records if r.name == "dspy_trio.engine.requests"]
     assert {line["tenant"] for line in lines} == {"big", PLAIN_TENANT}
@@ -136,6 +145,8 @@ async def test_a_tenant_over_its_rate_limit_is_refused_on_every_transport_and_ot
             ("http", 429, "tenant_rate_limited"),
             ("sse", 429, "tenant_rate_limited"),  # a status before the stream, not an event in it
             ("batch", 200, ["tenant_rate_limited", "tenant_rate_limited"]),
+            ("chat", 429, "tenant_rate_limited"),
+            ("chat_stream", 429, "tenant_rate_limited"),
             ("ws", "tenant_rate_limited"),
             ("v1_ws", "tenant_rate_limited"),
         ]
