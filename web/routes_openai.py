@@ -103,7 +103,9 @@ async def chat_completions(service: Service, call: Call, data: ChatRequest) -> R
     outputs; streamed as ``chat.completion.chunk`` events with ``stream: true``."""
     info = _program(service, data.model)
     engine = service.require_engine()
-    engine.refuse_if_overloaded(info.name, tenant=call.tenant)  # before the messages are read (counted as a refusal)
+    engine.refuse_if_overloaded(
+        info.name, tenant=call.tenant
+    )  # before the messages are read (counted as a refusal)
     chat = ChatCall.of(data, info, service.settings)
     until = call.deadline(service.settings, data.timeout, param="timeout")
     checked_engine(service, chat.inputs)
@@ -113,7 +115,9 @@ async def chat_completions(service: Service, call: Call, data: ChatRequest) -> R
     if not chat.stream:
         result = await predict(engine, call, until, info.name, chat.inputs, lm_params=chat.lm_params)
         return json_response(chat_json(answer, result))
-    engine.precheck(info.name, chat.inputs, tenant=call.tenant)  # bad input and overload get a status, not an event
+    engine.precheck(
+        info.name, chat.inputs, tenant=call.tenant
+    )  # bad input and overload get a status, not an event
 
     async def produce(emit: Emit) -> None:
         await run(
