@@ -118,13 +118,11 @@ class Engine(metaclass=NoPublicConstructor):
         }
         self._programs = programs
         self._admission = Admission(config.max_in_flight, config.max_queued)
-        prices = {
-            info.name: price
-            for info in programs.infos()
-            if info.lm in config.lms and (price := config.lms[info.lm].price) is not None
-        }
-        self._tenants = Tenants(config.tenants, limits=limits or LocalLimits())
-        self._gate = Gate(self._tenants, self._admission, prices)
+        prices = {name: lm.price for name, lm in config.lms.items() if lm.price is not None}
+        self._tenants = Tenants(config.tenants, limits=limits)
+        self._gate = Gate(
+            self._tenants, self._admission, prices, {info.name: info.lm for info in programs.infos()}
+        )
         self._closing = False
         self._batches: dict[str, list[RunningBatch]] = {}  # batch id -> (owner, stop it): cancel by id
         self._runner = ProgramRunner(chains, config.adapter)

@@ -34,13 +34,21 @@ class Gate:
     Args:
         tenants: The engine's tenants.
         admission: Its slots and fair queue.
-        prices: The price of each program's LM, by program name.
+        prices: The price of each LM that has one, by LM name.
+        program_lms: The LM of each program, by program name.
     """
 
-    def __init__(self, tenants: Tenants, admission: Admission, prices: Mapping[str, Price]) -> None:
+    def __init__(
+        self,
+        tenants: Tenants,
+        admission: Admission,
+        prices: Mapping[str, Price],
+        program_lms: Mapping[str, str],
+    ) -> None:
         self.tenants = tenants
         self.admission = admission
         self._prices = dict(prices)
+        self._program_lms = dict(program_lms)
 
     def __repr__(self) -> str:
         return f"<Gate {self.tenants!r} {self.admission!r}>"
@@ -87,5 +95,22 @@ class Gate:
         if request.outcome is not None:
             self.tenants.count(tenant, request.outcome)
         return self.tenants.settle(
-            tenant, request.tenant_pass, ran=ran, usage=usage, price=self._prices.get(request.program.name)
+            tenant, request.tenant_pass, ran=ran, usage=usage, cost=self._cost(request)
+        )
+
+    def _cost(self, request: Request) -> float:
+        """What ``request``'s LM calls cost, each at the price of the LM that answered it (a fallback's
+        when the first LM failed; nothing for an answer shared or read from the cache, which used no
+        tokens of its own); 0 without a result."""
+        result = request.result
+        if result is None:
+            return 0.0
+        if not result.lm_calls:  # a program that reports no calls: its usage, at its own LM's price
+            price = self._prices.get(self._program_lms.get(request.program.name, ""))
+            usage = result.usage
+            return price.cost(usage.prompt_tokens, usage.completion_tokens) if price is not None else 0.0
+        return sum(
+            price.cost(call.prompt_tokens, call.completion_tokens)
+            for call in result.lm_calls
+            if (price := self._prices.get(call.lm)) is not None
         )

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from ._budget import Budget, Price, Spent
+from ._budget import Budget, Spent
 from ._errors import BudgetExceededError, InvalidInputError, RateLimitWaitError, TenantRateLimitedError
 from ._fair_queue import Lane
 from ._limits import Grant, Limits, LocalLimits, Quota
@@ -251,11 +251,11 @@ class Tenants:
         *,
         ran: bool,
         usage: Usage | None,
-        price: Price | None,
+        cost: float,
     ) -> float:
         """Book a request's end for ``tenant``: the tokens it used into the rate window (or the request
-        given back when it never ``ran``), its usage, and its cost by ``price`` (returned, USD, also
-        spent from the budget). Never blocks."""
+        given back when it never ``ran``), its usage, and its ``cost`` in USD (returned, also spent
+        from the budget). Never blocks."""
         tokens = usage.total_tokens if usage is not None else None
         if ticket is not None and ticket.grant is not None:
             if not ran:
@@ -269,9 +269,6 @@ class Tenants:
         average = tenant.tokens_per_request
         total = float(usage.total_tokens)
         tenant.tokens_per_request = total if not average else average + _TOKENS_ALPHA * (total - average)
-        if price is None:
-            return 0.0
-        cost = price.cost(usage.prompt_tokens, usage.completion_tokens)
         if cost:
             tenant.cost_usd += cost
             if (budget := tenant.budget) is not None:

@@ -29,6 +29,7 @@ from dspy_trio.engine import (
     FinalEvent,
     LMCall,
     LMConfig,
+    Price,
     ProgramSpec,
     RateLimit,
     RateLimitWaitError,
@@ -167,6 +168,33 @@ async def test_a_503_falls_back_after_the_primarys_own_retries(autojump_clock: A
     assert result.lms == ("backup",)
     assert set(result.usage.by_model) == {"backup-model"}  # usage is the answering model's
     assert fallbacks(engine) == {("primary", "backup", "server_error"): 1}
+
+
+async def test_a_tenant_pays_for_each_answer_at_the_price_of_the_lm_that_gave_it(autojump_clock: Any) -> None:
+    """A fallback's answer costs the backup's price, not the program's LM's (a backup ten times dearer
+    costs ten times more); the primary's failed attempts reported no tokens and cost nothing."""
+    base = config()
+    dollar, ten = (
+        Price(input_per_mtok=1e6, output_per_mtok=1e6),
+        Price(input_per_mtok=1e7, output_per_mtok=1e7),
+    )
+    priced = attrs.evolve(
+        base,
+        lms={
+            "primary": attrs.evolve(base.lms["primary"], price=dollar),
+            "backup": attrs.evolve(base.lms["backup"], price=ten),
+        },
+    )
+    primary = Scripted("primary-model")
+    async with engine_with(priced, primary=primary) as (engine, _):
+        answered = await engine.predict("default", QUESTION, tenant="acme")
+        primary.steps = failures(server_error(), 2)
+        fell_back = await engine.predict("default", {"question": "another"}, tenant="globex")
+        stats = engine.statistics().tenants
+    assert answered.lms == ("primary",)
+    assert fell_back.lms == ("backup",)
+    assert stats["acme"].cost_usd == pytest.approx(answered.usage.total_tokens)
+    assert stats["globex"].cost_usd == pytest.approx(10 * fell_back.usage.total_tokens)
 
 
 @pytest.mark.parametrize(
