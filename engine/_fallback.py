@@ -146,14 +146,27 @@ class FallbackLM(TrioLM):
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
     ) -> Completion:
-        """The first answer of the chain. Blocks for every LM it tries.
+        """The first answer of the chain (see :meth:`complete_call`)."""
+        return await self.complete_call(messages, params, sink, {})
+
+    async def complete_call(
+        self,
+        messages: Sequence[Message],
+        params: Mapping[str, Any],
+        sink: DeltaSink | None,
+        call_kwargs: Mapping[str, Any],
+    ) -> Completion:
+        """The first answer of the chain. Blocks for every LM it tries. The call's own DSPy arguments
+        (``rollout_id``, ``cache``: set on the call or on a copy of this LM, as DSPy's BestOfN and
+        Refine do) go to each LM of the chain, whose sharing layer keys on them.
 
         Raises:
             EngineError: the last LM's error, or the first error that must not fall back.
         """
         started = trio.current_time()
+        call_kwargs = _dspy_arguments(self.kwargs, call_kwargs)
         if len(self.chain) == 1:
-            completion = await self.first.complete(messages, params, sink)
+            completion = await self.first.complete_call(messages, params, sink, call_kwargs)
             record_lm_answer(_answered(self.name, self.first, started, completion, ()))
             return completion
         watched = _Delivered(sink) if sink is not None else None
@@ -161,7 +174,9 @@ class FallbackLM(TrioLM):
         last = len(self.chain) - 1
         for index, (name, lm) in enumerate(self.chain):
             try:
-                completion = await lm.complete(messages, self._params(lm, params, index), watched)
+                completion = await lm.complete_call(
+                    messages, self._params(lm, params, index), watched, call_kwargs
+                )
             except EngineError as error:
                 reason = self._reason(name, lm, error, index)
                 if reason is None or index == last or (watched is not None and watched.delivered):
@@ -232,3 +247,14 @@ def _answered(
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+_DSPY_ARGUMENTS = ("rollout_id", "cache")
+
+
+def _dspy_arguments(defaults: Mapping[str, Any], call_kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The DSPy arguments of one call that are not request parameters: the call's own over the
+    chain's defaults (a copy's ``rollout_id`` lives in its ``kwargs``)."""
+    if not any(name in defaults for name in _DSPY_ARGUMENTS):
+        return call_kwargs
+    return {**{name: defaults[name] for name in _DSPY_ARGUMENTS if name in defaults}, **call_kwargs}

@@ -23,6 +23,7 @@ from dspy_trio.engine import (
     OpenAISettings,
     PredictionResult,
     ProgramError,
+    ProgramSpec,
     RateLimit,
     RetryPolicy,
     StreamOptions,
@@ -370,6 +371,18 @@ async def test_dspy_rollout_ids_are_distinct_calls(autojump_clock: Any) -> None:
         for rollout in (1, 2, 1):
             await shared.copy(rollout_id=rollout, temperature=1.0).acall(messages=messages)
         assert lm.started == 3  # not stored outside a request (no adapter verdict), never shared
+
+
+async def test_a_programs_rollouts_are_distinct_calls_through_its_fallback_chain(autojump_clock: Any) -> None:
+    """A program's LM is its fallback chain (even of one LM): the chain passes the copy's
+    ``rollout_id`` down to the shared LM, so distinct rollouts are distinct calls, the same one is one."""
+    lm = CountingLM(first_token_delay=1.0)
+    programs = {"default": ProgramSpec("tests.sample_programs.qa:Rollouts")}
+    async with open_engine(config(MEMORY, programs=programs), lms={"default": lm}) as engine:
+        result = await engine.predict("default", QUESTION)
+    assert lm.started == 2  # rollouts 1 and 2; the second 1 is the first's answer
+    first, second, third = result.outputs["answer"].split(" | ")
+    assert first == third
 
 
 # --- streams -----------------------------------------------------------------------------------------

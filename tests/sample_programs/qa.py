@@ -30,3 +30,19 @@ class SyncOnly(dspy.Module):
 
 
 two_step = TwoStep()
+
+
+class Rollouts(dspy.Module):
+    """Asks for three samples the way DSPy's BestOfN and Refine do: copies of the LM with distinct
+    ``rollout_id``s at temperature 1, the first and the third with the same id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        answers = []
+        for rollout in (1, 2, 1):
+            with dspy.context(lm=dspy.settings.lm.copy(rollout_id=rollout, temperature=1.0)):
+                answers.append((await self.predict.acall(question=question)).answer)
+        return dspy.Prediction(answer=" | ".join(answers))
