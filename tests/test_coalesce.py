@@ -381,7 +381,7 @@ async def test_a_programs_rollouts_are_distinct_calls_through_its_fallback_chain
     async with open_engine(config(MEMORY, programs=programs), lms={"default": lm}) as engine:
         result = await engine.predict("default", QUESTION)
     assert lm.started == 2  # rollouts 1 and 2; the second 1 is the first's answer
-    first, second, third = result.outputs["answer"].split(" | ")
+    first, _, third = result.outputs["answer"].split(" | ")
     assert first == third
 
 
