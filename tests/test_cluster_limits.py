@@ -343,29 +343,88 @@ async def test_a_lost_log_never_starts_full_and_is_exact_once_every_process_sent
         assert granted == [60.0, 60.0]
 
 
+async def test_a_lost_log_starts_fully_used_even_when_a_process_counted_too_few_processes(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """30 a minute, three processes took 10 each at 0 s; a counted only itself at its last heartbeats
+    (it beat before b and c joined: the first second of a deployment, or of a scale-up). Redis loses
+    the log. a recreates it and sends its 10: the 20 of b and c are still unknown, so nothing more
+    fits in the minute (a count of processes that were sure to have sent theirs freed the unknown
+    here, and a took 20 more at once: 50 in the minute)."""
+    async with clusters(redis_server, 3) as (a, b, c):
+        assert a.link.processes == 1  # each counted the processes open when it joined
+        quotas = [cluster.quota("up", 30, None) for cluster in (a, b, c)]
+        for quota in quotas:
+            for _ in range(10):
+                await quota.acquire(0)
+        await a.link.call(lambda: a.link.client.flushall())
+        with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(59):
+            await quotas[0].acquire(0)
+        assert refused.value.retry_after == 60.0
+        assert await quotas[0].usage() == (30.0, 0.0)
+        for quota in quotas[1:]:
+            await quota.flush(idle_after=0.0)  # b and c check in: their 20 replace the unknown
+        assert await quotas[0].usage() == (30.0, 0.0)
+        mock_clock.jump(60.0)
+        assert await quotas[0].usage() == (0.0, 0.0)
+
+
+async def test_a_lost_log_a_new_process_recreated_empty_is_full_once_a_process_that_knew_it_calls(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """30 a minute, a and b took 15 each at 0 s; Redis loses the log, and a process that never reached
+    it (a worker started since) is the first to call: it cannot tell a lost log from a new deployment's,
+    and takes one. The first call of a process that knew the lost log tells: the minute's use is
+    unknown again, a's 15 replace part of it, and nothing more fits until they leave the window (a
+    took 14 more at once: b's 15 were forgotten)."""
+    async with clusters(redis_server, 2) as (a, b):
+        quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
+        for _ in range(15):
+            await quota_a.acquire(0)
+            await quota_b.acquire(0)
+        await a.link.call(lambda: a.link.client.flushall())
+        mock_clock.jump(10.0)
+        async with open_cluster(a.link.config, clock=trio.current_time) as new:
+            await new.quota("up", 30, None).acquire(0)
+            with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(1):
+                await quota_a.acquire(0)
+            assert refused.value.retry_after == 50.0  # when a's 15 leave the window
+            assert await quota_a.usage() == (31.0, 0.0)
+            await quota_b.flush(idle_after=0.0)  # b's 15 replace the rest of the unknown
+            assert await quota_a.usage() == (31.0, 0.0)
+
+
 async def test_an_idle_process_sends_its_grants_at_its_heartbeat(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    """Two processes; b took 20 of 30 at 0 s and stays idle; the log is lost at 30 s. Until b has sent
-    its grants, the whole minute is unknown (a, which took none, is refused: the unknown leaves the
-    window at 90 s); b's heartbeat sends its 20 (taken at 0 s): nothing is unknown any more, and a gets
-    one at once."""
+    """Two processes; b took 20 of 30 at 0 s and stays idle; the log is lost at 30 s. The whole minute
+    is unknown (a, which took none, is refused: the unknown leaves the window at 90 s); b's heartbeat
+    sends its 20 (taken at 0 s), which replace 20 of the unknown at their real time: the 10 nobody
+    accounts for stay until 90 s, and a gets one when b's 20 leave, at 60 s (not at 90 s)."""
     async with clusters(redis_server, 2, heartbeat_interval=40.0) as (a, b):
-        await beat(a.link)  # a counts both processes, as its heartbeats do
         quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
         await quota_a.usage()  # a knows the log (it takes nothing)
         for _ in range(20):
             await quota_b.acquire(0)
         mock_clock.jump(30.0)
+        lost = quota_b.epoch
         await a.link.call(lambda: a.link.client.flushall())
         with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(1):
             await quota_a.acquire(0)
         assert refused.value.retry_after == 60.0
         assert await quota_a.usage() == (30.0, 0.0)
         mock_clock.jump(10.0)  # b's heartbeat (40 s): b checks in with its 20
-        await eventually(lambda: _usage_is(quota_a, 20.0))
+        await eventually(lambda: _sent(quota_b, lost))
+        with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(1):
+            await quota_a.acquire(0)
+        assert refused.value.retry_after == 20.0
         await quota_a.acquire(0)
-        assert trio.current_time() == 40.0
+        assert trio.current_time() == 60.0
+
+
+def _sent(quota: SharedQuota, lost: str) -> bool:
+    """Whether ``quota`` has sent its grants to the log that replaced the epoch ``lost``."""
+    return quota.epoch != lost and all(entry.tag == quota.epoch for entry in quota.mirror)
 
 
 async def _usage_is(quota: SharedQuota, requests: float) -> bool:

@@ -45,7 +45,7 @@ async def beat(link: RedisLink) -> None:
 
     # The most counted in the last few beats: a count never drops at once (a process is only removed
     # after missing as many beats anyway), so a count that Redis lost (FLUSHALL, a restart) and that
-    # rebuilds itself over one interval does not shrink the waits for the processes' grants.
+    # rebuilds itself over one interval does not grow the local shares.
     link.counts.append(max(1, await link.call(command, probe=True)))
     link.processes = max(link.counts)
 

@@ -19,11 +19,13 @@ What nobody knows is assumed to have happened at the worst moment:
   quota marked used at that instant (a missing log never starts full), in a new *epoch*. Every process
   that knew the old epoch sends its own grants of the last minute (each process keeps them, see
   ``mirror``; at its next call, or its heartbeat when idle), which replace as much of the unknown at
-  their real times, so that they leave the window when they really do. Once as many processes have
-  sent theirs as the most that any of them counted at its last heartbeats (counts that never drop at
-  once, so a count rebuilding itself after the loss does not shrink it), nothing is unknown any more;
-  until then, what no process sent leaves the window a minute after the loss (a process gone since the
-  loss, for one). A process that never reached Redis starts a missing log empty (a new deployment).
+  their real times, so that they leave the window when they really do; what no process sent (the
+  quota unused at the loss, or the grants of a process gone since) leaves the window a minute after
+  the loss. Nothing else frees it: a count of the processes that should have sent theirs can be short
+  (a process that joined within its peers' last heartbeats), and one process forgotten is its grants
+  granted twice. A process that never reached Redis cannot tell a lost log from a new deployment's
+  and creates a missing one empty; the first call of a process that knew the lost one marks the
+  minute's use unknown again, on top of what was logged since.
 - **Redis is unreachable**: each process falls back to a local window with its share of the quota (the
   quota divided by the processes counted at the last heartbeat), holding its own grants of the last
   minute and, for the others', what the shared log last told it was still free, split evenly: across all

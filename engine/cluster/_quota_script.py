@@ -26,7 +26,8 @@ import attrs
 #
 # The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests and
 # tokens, sn/sw = requests/tokens of unknown use at time su (after a loss), mg = the processes that have
-# sent their own grants since, nd = as many as must have}, then the entries, oldest first, 40 bytes each:
+# sent their own grants since (each replaces the unknown once), fr = made by a process that knew no log},
+# then the entries, oldest first, 40 bytes each:
 # time, requests, tokens, first seq, last seq (doubles; seqs -1 for grants sent after a loss or an outage).
 # An acquire decodes the header, the oldest entries (expiry, and the walk to the first instant that fits)
 # and the newest (merge, recent corrections) only, and copies the rest as it is. Grants closer than (just
@@ -58,11 +59,12 @@ if raw then
   count = (#raw - base + 1) / REC
 else
   raw = ''
-  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, nd = 0, mg = {}}
+  st = {ep = ARGV[3], sq = 0, rn = 0, rw = 0, sn = 0, sw = 0, su = now, mg = {}}
   if known ~= '' then
     st.sn = rpm
     st.sw = tpm
-    st.nd = processes
+  else
+    st.fr = true
   end
 end
 
@@ -91,7 +93,15 @@ local function save()
   redis.call('SET', KEYS[1], table.concat(parts), 'PX', TTL_MS)
 end
 if st.ep ~= known then
-  if raw == '' then save() end
+  if known ~= '' and st.fr then
+    -- Made by a process that knew no log, which cannot tell a lost log from a new deployment's; this
+    -- caller knew one: it was lost, and the minute before is unknown (on top of what is logged since).
+    st.fr = nil
+    st.sn, st.sw, st.su, st.mg = rpm, tpm, now, {}
+    save()
+  elseif raw == '' then
+    save()
+  end
   return {'epoch', st.ep}
 end
 local function insert(t, n, w)
@@ -113,7 +123,7 @@ while head < count do
 end
 if head == count then st.rn, st.rw = 0, 0 end
 if st.su + WINDOW <= now then
-  st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {}
+  st.sn, st.sw, st.mg = 0, 0, {}
 end
 
 local a = 11
@@ -160,8 +170,6 @@ for _ = 1, merges do
 end
 if first and unknown and not counted then
   st.mg[#st.mg + 1] = pid
-  if processes > st.nd then st.nd = processes end
-  if #st.mg >= st.nd then st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {} end
 end
 
 local status, wait, seq = 'ok', 0, 0
