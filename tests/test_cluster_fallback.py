@@ -68,7 +68,7 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
     its own 20 of the last minute count against it (what b took meanwhile is unknown), so a waits for
     them to leave the window; Redis comes back (empty): a's grants are sent to the new log."""
     caplog.set_level(logging.WARNING, "dspy_trio.engine.cluster")
-    async with clusters(own_redis_server, 2, heartbeat_interval=20.0) as (a, b):
+    async with clusters(own_redis_server, 2, heartbeat_interval=5.0) as (a, b):
         await beat(a.link)
         assert a.statistics().processes == 2
         quota = a.quota("up", 30, None)
@@ -92,8 +92,10 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
         own_redis_server.start()
         await _until_up(mock_clock, a, b)
         # The log was lost with the restart: a's grant made locally is in the new one, and b (which
-        # had none) has checked in, so nothing is unknown any more.
+        # had none) has checked in; three heartbeats after the loss, nothing is unknown any more.
+        mock_clock.jump(3 * a.link.config.heartbeat_interval)
         await eventually(lambda: _usage_is(quota, 1.0))
+        assert trio.current_time() < 120.0  # a's grant (at 60 s) is still in the window
         assert [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
 
 

@@ -346,27 +346,35 @@ async def test_a_lost_log_never_starts_full_and_is_exact_once_every_process_sent
 async def test_a_lost_log_starts_fully_used_even_when_a_process_counted_too_few_processes(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
-    """30 a minute, three processes took 10 each at 0 s; a counted only itself at its last heartbeats
+    """30 a minute, three processes took 5 each at 0 s; a counted only itself at its last heartbeat
     (it beat before b and c joined: the first second of a deployment, or of a scale-up). Redis loses
-    the log. a recreates it and sends its 10: the 20 of b and c are still unknown, so nothing more
-    fits in the minute (a count of processes that were sure to have sent theirs freed the unknown
-    here, and a took 20 more at once: 50 in the minute)."""
-    async with clusters(redis_server, 3) as (a, b, c):
+    the log. a recreates it and sends its 5: the 10 of b and c are still unknown, so nothing more fits
+    (a count of one freed the unknown there and then, and a took 25 more at once: 40 in the minute).
+    Once every live process has beaten since the loss (three heartbeat intervals) and as many have
+    sent their grants as the most counted, the unknown is freed: 15 of 30 used."""
+    async with clusters(redis_server, 3, heartbeat_interval=5.0) as (a, b, c):
         assert a.link.processes == 1  # each counted the processes open when it joined
         quotas = [cluster.quota("up", 30, None) for cluster in (a, b, c)]
         for quota in quotas:
-            for _ in range(10):
+            for _ in range(5):
                 await quota.acquire(0)
+        lost = quotas[0].epoch
         await a.link.call(lambda: a.link.client.flushall())
-        with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(59):
+        with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(1):
             await quotas[0].acquire(0)
         assert refused.value.retry_after == 60.0
         assert await quotas[0].usage() == (30.0, 0.0)
-        for quota in quotas[1:]:
-            await quota.flush(idle_after=0.0)  # b and c check in: their 20 replace the unknown
-        assert await quotas[0].usage() == (30.0, 0.0)
-        mock_clock.jump(60.0)
-        assert await quotas[0].usage() == (0.0, 0.0)
+        for _ in range(2):  # heartbeats at 5 and 10 s: b and c, idle, send their grants
+            mock_clock.jump(5.0)
+            await trio.testing.wait_all_tasks_blocked()
+            await eventually(lambda: all(_sent(quota, lost) for quota in quotas))
+        assert trio.current_time() == 10.0
+        assert await quotas[0].usage() == (30.0, 0.0)  # every process sent: still too soon to tell
+        mock_clock.jump(5.0)
+        await eventually(lambda: _usage_is(quotas[0], 15.0))
+        assert trio.current_time() == 15.0
+        await quotas[0].acquire(0)
+        assert trio.current_time() == 15.0
 
 
 async def test_a_lost_log_a_new_process_recreated_empty_is_full_once_a_process_that_knew_it_calls(
@@ -399,8 +407,9 @@ async def test_an_idle_process_sends_its_grants_at_its_heartbeat(
 ) -> None:
     """Two processes; b took 20 of 30 at 0 s and stays idle; the log is lost at 30 s. The whole minute
     is unknown (a, which took none, is refused: the unknown leaves the window at 90 s); b's heartbeat
-    sends its 20 (taken at 0 s), which replace 20 of the unknown at their real time: the 10 nobody
-    accounts for stay until 90 s, and a gets one when b's 20 leave, at 60 s (not at 90 s)."""
+    sends its 20 (taken at 0 s), which replace 20 of the unknown at their real time. The other 10 stay
+    unknown until every live process has beaten three times since the loss (150 s here, past the
+    minute): a gets one when b's 20 leave, at 60 s (not at 90 s)."""
     async with clusters(redis_server, 2, heartbeat_interval=40.0) as (a, b):
         quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
         await quota_a.usage()  # a knows the log (it takes nothing)
