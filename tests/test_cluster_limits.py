@@ -512,6 +512,39 @@ async def test_a_cancel_while_the_reply_is_in_flight_leaves_nothing_reserved(
             assert await quota_b.usage() == (0.0, 0.0)
 
 
+async def test_a_reply_later_than_call_timeout_leaves_nothing_reserved(redis_server: RedisServer) -> None:
+    """Redis holds a's acquire for 0.6 s (CLIENT PAUSE: a busy or stalled server) and a gives up after
+    its ``call_timeout`` (0.3 s): it takes from its local share instead, and that grant is charged back
+    when Redis answers again. The script still ran once Redis resumed and reserved a request for a
+    caller that was gone: the window must not count it too (it did: 2 for the one call sent). Real
+    clock; nothing timed."""
+    key_prefix = prefix()
+    impatient = ClusterConfig(
+        redis_url=redis_server.url, key_prefix=key_prefix, call_timeout=0.3, heartbeat_interval=0.2
+    )
+    patient = ClusterConfig(redis_url=redis_server.url, key_prefix=key_prefix, call_timeout=30.0)
+    async with (
+        open_cluster(impatient, clock=trio.current_time) as a,
+        open_cluster(patient, clock=trio.current_time) as b,
+    ):
+        quota_a, quota_b = a.quota("up", 10, None), b.quota("up", 10, None)
+        await quota_a.usage()  # a knows the log's epoch
+        await b.link.call(lambda: b.link.client.client_pause(600))
+        await quota_a.acquire(0)  # from the local share: Redis did not answer in time
+        assert a.statistics().degraded
+
+        def settled() -> bool:
+            return (
+                not a.link.degraded
+                and not quota_a._left
+                and not quota_a._corrections
+                and all(e.tag == quota_a.epoch for e in quota_a.mirror)
+            )
+
+        await eventually(settled)  # Redis answers again, a has sent what it queued
+        assert await quota_b.usage() == (1.0, 0.0)
+
+
 async def test_a_correction_after_the_grant_left_the_window_counts_the_same_locally_and_shared(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:

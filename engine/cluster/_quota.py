@@ -45,7 +45,7 @@ import trio
 
 from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, refuse
 from ._quota_script import KEY_TTL, QUOTA_SCRIPT, Reply
-from ._redis import Late, RedisLink, RedisUnavailableError
+from ._redis import Late, RedisLateError, RedisLink, RedisUnavailableError
 
 _LONGEST_WAIT = 1e9  # "no deadline", as a number Lua can read
 _RESENDS = 3  # epoch changes one acquire follows before it gives up on the shared log
@@ -342,15 +342,13 @@ class SharedQuota:
             return await self._script(keys=[self.key], args=args)
 
         try:
-            # Detached when it reserves: a caller that leaves must not leave its reservation behind.
-            if requests or tokens:
-                raw = await link.call_detached(script, late, left)
-            else:
-                raw = await link.call(script)
-        except trio.Cancelled:
-            if not (requests or tokens) or link.nursery is None:
+            # Detached: a caller that leaves (its deadline, or call_timeout) must not leave a reservation
+            # behind, nor send its corrections twice when the script ran after all.
+            raw = await link.call_detached(script, late, left)
+        except (trio.Cancelled, RedisLateError):
+            if link.nursery is None:
                 not_applied()
-            raise  # (else a detached call: its outcome goes to late())
+            raise  # (else its outcome goes to late())
         except BaseException:
             not_applied()
             raise
