@@ -572,12 +572,12 @@ async def test_a_correction_after_the_grant_left_the_window_counts_the_same_loca
 @pytest.mark.xfail(
     strict=True,
     reason="'now' of the shared log is each caller's own clock (engine/cluster/_quota.py _run sends "
-    "link.clock(), wall time; heartbeats score by it too, engine/cluster/_heartbeat.py beat): a process "
-    "whose clock is behind records its grants in the past, they leave the window early, and the others "
-    "grant more than rpm within 60 s of real time. The fix is a design change, not made here: Redis's "
-    "TIME as the one clock (read in the script and by the heartbeat, clients sending only ages and "
-    "durations); then a test injects the shared clock once and models skew as a process's own wall "
-    "clock, which this test, injecting two shared clocks, cannot express",
+    "link.clock(), wall time; the heartbeat already scores by Redis's TIME): a process whose clock is "
+    "behind records its grants in the past, they leave the window early, and the others grant more "
+    "than rpm within 60 s of real time. Not made yet: TIME read in the quota script, processes sending "
+    "only ages of their grants and durations; the MockClock tests then need the script's clock injected "
+    "once for all processes (a test-only stand-in for TIME), and this test rewritten to model skew as a "
+    "process's own clock, which injecting two shared clocks cannot express",
 )
 async def test_processes_whose_clocks_disagree_still_keep_the_quota(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
@@ -605,6 +605,24 @@ async def test_processes_whose_clocks_disagree_still_keep_the_quota(
             await quota_a.acquire(0)
             sent.append(trio.current_time())
     _assert_within([(at, 1.0, 0.0) for at in sent], 2, None)
+
+
+async def test_a_process_whose_clock_is_ahead_still_counts_the_others(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """Two processes beat every second; b's clock is 10 s ahead of a's (more than three intervals). Each
+    must count two: b's beats must not drop a as silent."""
+    config = ClusterConfig(
+        redis_url=redis_server.url, key_prefix=prefix(), call_timeout=60.0, heartbeat_interval=1.0
+    )
+    async with (
+        open_cluster(config, clock=trio.current_time) as a,
+        open_cluster(config, clock=lambda: trio.current_time() + 10.0) as b,
+    ):
+        await beat(a.link)
+        await beat(b.link)
+        await beat(a.link)
+        assert (a.statistics().processes, b.statistics().processes) == (2, 2)
 
 
 @pytest.mark.parametrize("sender", ["clock-an-hour-ahead", "infinity"])
