@@ -68,7 +68,7 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
     its own 20 of the last minute count against it (what b took meanwhile is unknown), so a waits for
     them to leave the window; Redis comes back (empty): a's grants are sent to the new log."""
     caplog.set_level(logging.WARNING, "dspy_trio.engine.cluster")
-    async with clusters(own_redis_server, 2, heartbeat_interval=20.0) as (a, b):
+    async with clusters(own_redis_server, 2, heartbeat_interval=5.0) as (a, b):
         await beat(a.link)
         assert a.statistics().processes == 2
         quota = a.quota("up", 30, None)
@@ -92,8 +92,10 @@ async def test_redis_stopped_mid_load_falls_back_to_the_share_and_recovers(
         own_redis_server.start()
         await _until_up(mock_clock, a, b)
         # The log was lost with the restart: a's grant made locally is in the new one, and b (which
-        # had none) has checked in, so nothing is unknown any more.
+        # had none) has checked in; three heartbeats after the loss, nothing is unknown any more.
+        mock_clock.jump(3 * a.link.config.heartbeat_interval)
         await eventually(lambda: _usage_is(quota, 1.0))
+        assert trio.current_time() < 120.0  # a's grant (at 60 s) is still in the window
         assert [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
 
 
@@ -118,8 +120,8 @@ async def test_what_was_spent_while_redis_was_unreachable_is_charged_back(
     """One process, 30 a minute: 10 shared; Redis hangs; the process knows it is alone and that 20 were
     free, so its share grants those 20. Redis answers again: the 20 reach the shared log, and a process
     that joins then gets nothing before the minute has passed. (The call that found Redis hung ran
-    once Redis woke up: its reservation counts too, though the process gave up on it; a call whose
-    answer comes too late is charged, never free.)"""
+    once Redis woke up, and its answer came: the request it reserved for a caller that went on with
+    the local share is given back, not charged twice.)"""
     async with clusters(own_redis_server, 1) as (a,):
         quota = a.quota("up", 30, None)
         for _ in range(10):
@@ -133,8 +135,9 @@ async def test_what_was_spent_while_redis_was_unreachable_is_charged_back(
         with pytest.raises(RateLimitWaitError), trio.fail_after(30):
             await quota.acquire(0)
         own_redis_server.thaw()
+        await eventually(lambda: not quota._left)  # the late answer came
         await _until_up(mock_clock, a)
-        await eventually(lambda: _usage_is(quota, 31.0))
+        await eventually(lambda: _usage_is(quota, 30.0))
         async with clusters(own_redis_server, 1, key_prefix=a.link.config.key_prefix) as (c,):
             with pytest.raises(RateLimitWaitError), trio.fail_after(30):
                 await c.quota("up", 30, None).acquire(0)

@@ -19,11 +19,14 @@ What nobody knows is assumed to have happened at the worst moment:
   quota marked used at that instant (a missing log never starts full), in a new *epoch*. Every process
   that knew the old epoch sends its own grants of the last minute (each process keeps them, see
   ``mirror``; at its next call, or its heartbeat when idle), which replace as much of the unknown at
-  their real times, so that they leave the window when they really do. Once as many processes have
-  sent theirs as the most that any of them counted at its last heartbeats (counts that never drop at
-  once, so a count rebuilding itself after the loss does not shrink it), nothing is unknown any more;
-  until then, what no process sent leaves the window a minute after the loss (a process gone since the
-  loss, for one). A process that never reached Redis starts a missing log empty (a new deployment).
+  their real times, so that they leave the window when they really do. The rest of the unknown is
+  freed once as many processes have sent theirs as the most that any caller counted since the loss,
+  and not before three heartbeat intervals after it: a count made before every live process has
+  beaten again may lack one that joined just before the loss (its grants would be granted again);
+  until then, what no process sent leaves the window a minute after the loss (a process gone since
+  the loss, for one). A process that never reached Redis cannot tell a lost log from a new
+  deployment's and creates a missing one empty; the first call of a process that knew the lost one
+  marks the minute's use unknown again, on top of what was logged since.
 - **Redis is unreachable**: each process falls back to a local window with its share of the quota (the
   quota divided by the processes counted at the last heartbeat), holding its own grants of the last
   minute and, for the others', what the shared log last told it was still free, split evenly: across all
@@ -42,10 +45,11 @@ import trio
 
 from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, refuse
 from ._quota_script import KEY_TTL, QUOTA_SCRIPT, Reply
-from ._redis import Late, RedisLink, RedisUnavailableError
+from ._redis import Late, RedisLateError, RedisLink, RedisUnavailableError
 
 _LONGEST_WAIT = 1e9  # "no deadline", as a number Lua can read
 _RESENDS = 3  # epoch changes one acquire follows before it gives up on the shared log
+_SETTLE_BEATS = 3  # heartbeat intervals after a loss before a count of processes may free its unknown
 _SENDING = "\x00sending"  # the tag of a mirror entry a call is sending to the shared log
 
 
@@ -306,6 +310,7 @@ class SharedQuota:
             1 if first else 0,
             len(corrections),
             len(unmerged),
+            _SETTLE_BEATS * link.config.heartbeat_interval,
         ]
         for correction in corrections:
             numbers += correction
@@ -348,15 +353,13 @@ class SharedQuota:
             return await self._script(keys=[self.key], args=args)
 
         try:
-            # Detached when it reserves: a caller that leaves must not leave its reservation behind.
-            if requests or tokens:
-                raw = await link.call_detached(script, late, left)
-            else:
-                raw = await link.call(script)
-        except trio.Cancelled:
-            if not (requests or tokens) or link.nursery is None:
+            # Detached: a caller that leaves (its deadline, or call_timeout) must not leave a reservation
+            # behind, nor send its corrections twice when the script ran after all.
+            raw = await link.call_detached(script, late, left)
+        except (trio.Cancelled, RedisLateError):
+            if link.nursery is None:
                 not_applied()
-            raise  # (else a detached call: its outcome goes to late())
+            raise  # (else its outcome goes to late())
         except BaseException:
             not_applied()
             raise

@@ -16,8 +16,10 @@ import attrs
 # KEYS[1] = the log. ARGV[1] = numbers separated by spaces (one argument: the client's cost is per
 # argument): now, rpm (0: none), tpm (0: none), the processes the caller counts, requests and tokens to
 # take (0 and 0: only corrections and merges), the bound of a wait, 1 if this is the caller's first
-# call in the epoch (else 0), the number of corrections and of merged grants, then each correction as
-# (seq, requests, tokens) and each merged grant as (time, requests, tokens). ARGV[2] = the epoch the
+# call in the epoch (else 0), the number of corrections and of merged grants, the seconds after a loss
+# before which its unknown use is never freed by a count (three heartbeat intervals: every live process
+# has beaten since), then each correction as (seq, requests, tokens) and each merged grant as (time,
+# requests, tokens). ARGV[2] = the epoch the
 # caller knows ('' : none), ARGV[3] = the epoch of a log this call creates, ARGV[4] = the caller's id.
 # Replies {'epoch', epoch} (nothing done: the caller must resend under that epoch), or
 # {'ok' | 'wait', epoch, wait, seq, requests, tokens}: 'ok' took it (at now + wait), 'wait' took nothing
@@ -26,7 +28,9 @@ import attrs
 #
 # The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests and
 # tokens, sn/sw = requests/tokens of unknown use at time su (after a loss), mg = the processes that have
-# sent their own grants since, nd = as many as must have}, then the entries, oldest first, 40 bytes each:
+# sent their own grants since (each replaces the unknown once), nd = the most processes a caller counted
+# since, fr = made by a process that knew no log},
+# then the entries, oldest first, 40 bytes each:
 # time, requests, tokens, first seq, last seq (doubles; seqs -1 for grants sent after a loss or an outage).
 # An acquire decodes the header, the oldest entries (expiry, and the walk to the first instant that fits)
 # and the newest (merge, recent corrections) only, and copies the rest as it is. Grants closer than (just
@@ -41,7 +45,7 @@ local x = {}
 for number in string.gmatch(ARGV[1], '%S+') do x[#x + 1] = tonumber(number) end
 local now, rpm, tpm, processes = x[1], x[2], x[3], x[4]
 local want_n, want_w, max_wait, first = x[5], x[6], x[7], x[8] == 1
-local corrections, merges = x[9], x[10]
+local corrections, merges, settle = x[9], x[10], x[11]
 local known, pid = ARGV[2], ARGV[4]
 local gap = 60 / 2048
 if rpm > 0 and 0.999 * 60 / rpm > gap then gap = 0.999 * 60 / rpm end
@@ -62,7 +66,8 @@ else
   if known ~= '' then
     st.sn = rpm
     st.sw = tpm
-    st.nd = processes
+  else
+    st.fr = true
   end
 end
 
@@ -91,7 +96,15 @@ local function save()
   redis.call('SET', KEYS[1], table.concat(parts), 'PX', TTL_MS)
 end
 if st.ep ~= known then
-  if raw == '' then save() end
+  if known ~= '' and st.fr then
+    -- Made by a process that knew no log, which cannot tell a lost log from a new deployment's; this
+    -- caller knew one: it was lost, and the minute before is unknown (on top of what is logged since).
+    st.fr = nil
+    st.sn, st.sw, st.su, st.nd, st.mg = rpm, tpm, now, 0, {}
+    save()
+  elseif raw == '' then
+    save()
+  end
   return {'epoch', st.ep}
 end
 local function insert(t, n, w)
@@ -116,7 +129,7 @@ if st.su + WINDOW <= now then
   st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {}
 end
 
-local a = 11
+local a = 12
 for _ = 1, corrections do
   local seq, dn, dw = x[a], x[a + 1], x[a + 2]
   a = a + 3
@@ -160,8 +173,13 @@ for _ = 1, merges do
 end
 if first and unknown and not counted then
   st.mg[#st.mg + 1] = pid
+end
+-- Every process has sent its grants once as many have as the most any caller counted since the loss,
+-- provided the counts are of heartbeats made since: every live process has beaten again (a count of
+-- heartbeats before that may lack a process that joined just before the loss).
+if unknown then
   if processes > st.nd then st.nd = processes end
-  if #st.mg >= st.nd then st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {} end
+  if #st.mg >= st.nd and now >= st.su + settle then st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {} end
 end
 
 local status, wait, seq = 'ok', 0, 0

@@ -13,8 +13,9 @@ counted, never waited for.
 
 A command whose effect must be known even when its caller leaves before the reply (a quota
 reservation, given back if the caller is gone) runs in the link's own task group
-(:meth:`RedisLink.call_detached`): the caller stops waiting at its deadline as for any call, and the
-reply, when it comes, goes to a callback instead of being lost with the caller.
+(:meth:`RedisLink.call_detached`): the caller stops waiting at its deadline or ``call_timeout`` as for
+any call, and the reply, when it comes (a stalled Redis runs the command once it resumes), goes to a
+callback instead of being lost with the caller.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ _BATCH = 256
 
 class RedisUnavailableError(Exception):
     """Redis did not answer in time or failed; the caller uses its local fallback."""
+
+
+class RedisLateError(RedisUnavailableError):
+    """Redis did not answer within ``call_timeout``, but may still run the command (see
+    :meth:`RedisLink.call_detached`)."""
+
+
+LATE_REPLY_LIMIT = 60.0  # seconds a detached command waits for its reply (a quota's window: then moot)
 
 
 class Late(Generic[T]):
@@ -140,26 +149,36 @@ class RedisLink:
         on_left: Callable[[], None] = lambda: None,
     ) -> T:
         """Like :meth:`call`, but the command runs in :attr:`nursery`: when the caller leaves first (its
-        cancel or deadline), the command still completes within ``call_timeout`` and what came of it
-        goes to ``on_late`` (never called when the caller got it). ``on_left`` is called when the
-        caller leaves while the command is still running (``on_late`` follows). Blocks like
-        :meth:`call`.
+        cancel or deadline, or ``call_timeout``), the command still completes, waiting for its reply up
+        to :data:`LATE_REPLY_LIMIT`, and what came of it goes to ``on_late`` (never called when the
+        caller got it). ``on_left`` is called when the caller leaves while the command is still running
+        (``on_late`` follows). Blocks like :meth:`call`.
 
         Raises:
-            RedisUnavailableError: as :meth:`call`.
+            RedisUnavailableError: as :meth:`call`; :class:`RedisLateError` when the caller stopped
+                waiting at ``call_timeout`` (what came of the command goes to ``on_late``).
             trio.Cancelled: the caller's own deadline or cancel came first.
         """
         if self.nursery is None:
             return await self.call(command)
+        if self.degraded:
+            raise RedisUnavailableError("redis is unreachable (degraded)")
+        self.round_trips += 1
+        started = trio.current_time()
         done = trio.Event()
         outcome: list[Late[T]] = []
         caller_left = False
 
         async def run() -> None:
             try:
-                reply = await self.call(command)
+                with trio.fail_after(LATE_REPLY_LIMIT):
+                    reply = await command()
             except trio.Cancelled:
                 raise  # the cluster is closing: nobody is left to tell
+            except trio.TooSlowError:
+                outcome.append(Late(None, RedisUnavailableError("redis never answered")))
+            except (RedisError, OSError) as exc:
+                outcome.append(Late(None, RedisUnavailableError(f"{type(exc).__name__}: {exc}")))
             except Exception as exc:
                 outcome.append(Late(None, exc))
             else:
@@ -170,7 +189,8 @@ class RedisLink:
 
         self.nursery.start_soon(run)
         try:
-            await done.wait()
+            with trio.move_on_after(self.config.call_timeout):
+                await done.wait()
         except BaseException:
             if outcome:  # it came as the caller was cancelled: the caller never saw it
                 on_late(outcome[0])
@@ -178,9 +198,19 @@ class RedisLink:
                 caller_left = True
                 on_left()
             raise
+        if not outcome:  # Redis holds the command past the cap: the caller goes on without it
+            caller_left = True
+            on_left()
+            self._failed(f"no answer within {self.config.call_timeout:g}s", True)
+            raise RedisLateError("redis did not answer in time")
         late = outcome[0]
         if late.error is not None:
+            if isinstance(late.error, RedisUnavailableError):
+                self._failed(str(late.error), True)
             raise late.error
+        self.mark_up()
+        took = trio.current_time() - started
+        self.rtt = took if not self.rtt else 0.8 * self.rtt + 0.2 * took
         return late.reply  # type: ignore[return-value]
 
     def _failed(self, why: str, degrade: bool) -> None:
