@@ -68,7 +68,7 @@ async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
         "method",
     ]
     assert mcp["post"]["security"] == [{"bearer": []}]
-    assert {"401", "403", "406", "413"} <= set(mcp["post"]["responses"])
+    assert {"401", "403", "406", "413", "415"} <= set(mcp["post"]["responses"])
     assert "/redocs" not in document["paths"]
     assert "/static/swagger-ui/{name}" not in document["paths"]
     for ops in document["paths"].values():

@@ -25,8 +25,10 @@ own, a client cancels by closing the response stream) and the handshake era's se
 - **Keys and limits**: the door checks the Bearer key (the route needs one); a session belongs to the key
   that opened it (the SDK refuses it to another, as a 404). The body is read here within the body size
   limit, the JSON nesting limit and the request's deadline, as every other route's (400, 408, 413), and
-  a browser's ``Origin`` must be the server's own or a configured CORS origin (403). ``GET`` (a stream for
-  server-initiated messages, which this server never sends) answers 405, as the transport allows.
+  a browser's ``Origin`` must be the server's own or a configured CORS origin (403), and a POST must
+  be sent as ``Content-Type: application/json`` (415; the SDK would answer a plain-text 400). ``GET``
+  (a stream for server-initiated messages, which this server never sends) answers 405, as the transport
+  allows.
 - **Life**: the sessions live in the service's nursery; a drain closes them after the engine's in-flight
   calls ended. With several workers (``--workers``) a handshake-era session would live in one process
   only, so the handshake era is served without sessions there (no ``notifications/cancelled``).
@@ -151,6 +153,14 @@ class MCPEndpoint:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
             if (refusal := origin_refusal(service.settings, headers)) is not None:
                 raise refusal
+            media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            if method == "POST" and media_type != "application/json":  # the SDK's answer: text/plain 400
+                raise HTTPError(
+                    415,
+                    "send the JSON-RPC message as JSON with Content-Type: application/json",
+                    type="invalid_request_error",
+                    code="unsupported_media_type",
+                )
         except HTTPError as error:  # refused before its body was read: read it, so the connection serves on
             call.notes.refused = error.code
             read = await self._drain(scope, receive)

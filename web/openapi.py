@@ -105,6 +105,7 @@ _OPENAI_REFUSALS: dict[int, str] = {
 
 # The MCP endpoint's statuses (its JSON-RPC errors have the SDK's shape; the web layer's refusals ours).
 _MCP_REFUSALS: dict[int, str] = {
+    415: "A POST not sent as `Content-Type: application/json` (`unsupported_media_type`).",
     400: "Not a JSON-RPC message (a JSON-RPC error), or JSON nested deeper than the limit "
     "(`too_deeply_nested`).",
     403: "A browser's `Origin` that is neither the server's own nor a configured CORS origin "
