@@ -197,6 +197,8 @@ async def test_a_session_belongs_to_the_key_that_opened_it() -> None:
     assert same.status_code == 200
 
 
+MODERN = "2026-07-28"  # a protocol version of the current revision
+LIST = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
 HOSTILE = [
     ("GET", b"", {}, 405, "method_not_allowed"),
     ("PUT", b"{}", {}, 405, "method_not_allowed"),
@@ -205,6 +207,15 @@ HOSTILE = [
     ("POST", b"{}", {"Origin": "https://evil.example"}, 403, "origin_not_allowed"),
     ("POST", b"{}", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
     ("POST", b"{}", {"Content-Type": "application/jsonx"}, 415, "unsupported_media_type"),
+    # The answer is JSON or SSE: an Accept without both is refused, in either era, with a JSON body.
+    ("POST", LIST, {"Accept": "text/html"}, 406, "not_acceptable"),
+    (
+        "POST",
+        LIST,
+        {"Accept": "application/json", "MCP-Protocol-Version": "2026-07-28"},
+        406,
+        "not_acceptable",
+    ),
 ]
 
 

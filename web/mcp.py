@@ -26,7 +26,8 @@ own, a client cancels by closing the response stream) and the handshake era's se
   that opened it (the SDK refuses it to another, as a 404). The body is read here within the body size
   limit, the JSON nesting limit and the request's deadline, as every other route's (400, 408, 413), and
   a browser's ``Origin`` must be the server's own or a configured CORS origin (403), and a POST must
-  be sent as ``Content-Type: application/json`` (415; the SDK would answer a plain-text 400). ``GET``
+  be sent as ``Content-Type: application/json`` (415) and accept JSON and SSE (406), refused in the
+  service's JSON shape (the SDK answers them in plain text or with no body). ``GET``
   (a stream for server-initiated messages, which this server never sends) answers 405, as the transport
   allows.
 - **Life**: the sessions live in the service's nursery; a drain closes them after the engine's in-flight
@@ -153,14 +154,8 @@ class MCPEndpoint:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
             if (refusal := origin_refusal(service.settings, headers)) is not None:
                 raise refusal
-            media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-            if method == "POST" and media_type != "application/json":  # the SDK's answer: text/plain 400
-                raise HTTPError(
-                    415,
-                    "send the JSON-RPC message as JSON with Content-Type: application/json",
-                    type="invalid_request_error",
-                    code="unsupported_media_type",
-                )
+            if method == "POST":
+                _check_post_headers(headers)
         except HTTPError as error:  # refused before its body was read: read it, so the connection serves on
             call.notes.refused = error.code
             read = await self._drain(scope, receive)
@@ -312,6 +307,33 @@ class MCPEndpoint:
             content=[types.TextContent(type="text", text=chat_content(outputs, len(outputs) != 1))],
             structured_content=_jsonable(outputs),
             is_error=False,
+        )
+
+
+def _check_post_headers(headers: dict[str, str]) -> None:
+    """Refuse, in the service's JSON shape, the POSTs the SDK would answer with a body that is not JSON:
+    one not sent as JSON (the SDK: a plain-text 400), one that does not accept both JSON and SSE, the two
+    forms its answer may take (the SDK's current revision: a 406 with no body).
+
+    Raises:
+        HTTPError: 415 ``unsupported_media_type``; 406 ``not_acceptable``.
+    """
+    if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPError(
+            415,
+            "send the JSON-RPC message as JSON with Content-Type: application/json",
+            type="invalid_request_error",
+            code="unsupported_media_type",
+        )
+    accepted = {part.split(";")[0].strip().lower() for part in headers.get("accept", "").split(",")}
+    json = bool(accepted & {"*/*", "application/*", "application/json"})
+    sse = bool(accepted & {"*/*", "text/*", "text/event-stream"})
+    if not (json and sse):
+        raise HTTPError(
+            406,
+            "accept both application/json and text/event-stream (Accept): the answer is one or the other",
+            type="invalid_request_error",
+            code="not_acceptable",
         )
 
 

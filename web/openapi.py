@@ -111,7 +111,8 @@ _MCP_REFUSALS: dict[int, str] = {
     403: "A browser's `Origin` that is neither the server's own nor a configured CORS origin "
     "(`origin_not_allowed`).",
     404: "A session that does not exist, or was opened with another key (a JSON-RPC error).",
-    406: "`Accept` names neither `application/json` nor `text/event-stream`.",
+    406: "A POST whose `Accept` does not take both `application/json` and `text/event-stream` "
+    "(`not_acceptable`).",
     408: "The request body did not arrive within the request's timeout (`body_timeout`).",
 }
 _MCP_BODY = {
