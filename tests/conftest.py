@@ -15,3 +15,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="run the structured-concurrency properties with ten times the examples, randomized",
     )
+    parser.addoption(
+        "--schema-examples",
+        type=int,
+        default=None,
+        help="run Schemathesis over /openapi.json with this many examples per operation, randomized",
+    )

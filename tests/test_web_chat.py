@@ -185,6 +185,18 @@ def test_the_body_is_checked_field_by_field(body: dict[str, Any], param: str) ->
     assert str(caught.value.errors()[0]["loc"][0]) == param
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "seed", "n"])
+def test_an_integer_field_takes_an_integer_written_with_a_fraction_of_zero(field: str) -> None:
+    # JSON Schema's "integer" (the document's) counts 1.0 as an integer; 1.5 is not one.
+    request = ChatRequest.model_validate({"model": "one", "messages": [user("hi")], field: 1.0})
+    assert getattr(request, field) == 1
+    assert type(getattr(request, field)) is int
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError):
+        ChatRequest.model_validate({"model": "one", "messages": [user("hi")], field: 1.5})
+
+
 def test_response_format_json_schema_names_outputs_only() -> None:
     schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
     ok = call(TWO, messages=[user('{"topic": "t", "style": "s"}')], response_format=_schema(schema))

@@ -197,12 +197,25 @@ async def test_a_session_belongs_to_the_key_that_opened_it() -> None:
     assert same.status_code == 200
 
 
+MODERN = "2026-07-28"  # a protocol version of the current revision
+LIST = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
 HOSTILE = [
     ("GET", b"", {}, 405, "method_not_allowed"),
     ("PUT", b"{}", {}, 405, "method_not_allowed"),
     ("POST", b"[" * 100 + b"]" * 100, {}, 400, "too_deeply_nested"),
     ("POST", b'{"x": "' + b"y" * 7000 + b'"}', {}, 413, "body_too_large"),
     ("POST", b"{}", {"Origin": "https://evil.example"}, 403, "origin_not_allowed"),
+    ("POST", b"{}", {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    ("POST", b"{}", {"Content-Type": "application/jsonx"}, 415, "unsupported_media_type"),
+    # The answer is JSON or SSE: an Accept without both is refused, in either era, with a JSON body.
+    ("POST", LIST, {"Accept": "text/html"}, 406, "not_acceptable"),
+    (
+        "POST",
+        LIST,
+        {"Accept": "application/json", "MCP-Protocol-Version": "2026-07-28"},
+        406,
+        "not_acceptable",
+    ),
 ]
 
 
@@ -219,6 +232,10 @@ async def test_hostile_requests_get_a_named_refusal_and_the_connection_serves_on
             if response.headers.get("connection") != "close":
                 port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
                 assert after.extensions["network_stream"].get_extra_info("client_addr")[1] == port, case
+        # A POST without a body or a Content-Type: the service's 415, as on every other route.
+        response = await raw.post("/mcp", headers={"Authorization": "Bearer k"})
+        assert response.status_code == 415, response.text
+        assert response.json()["error"]["code"] == "unsupported_media_type"
         # Not JSON, or not JSON-RPC: the SDK's own JSON-RPC errors, and the connection serves on.
         for body in (b"{nope", b"[]", b'{"jsonrpc": "2.0", "id": 1, "method": 5}', b"\xff\xfe"):
             response = await raw.post(

@@ -68,13 +68,56 @@ async def test_the_document_is_valid_and_says_what_the_code_does() -> None:
         "method",
     ]
     assert mcp["post"]["security"] == [{"bearer": []}]
-    assert {"401", "403", "406", "413"} <= set(mcp["post"]["responses"])
+    assert {"401", "403", "406", "413", "415"} <= set(mcp["post"]["responses"])
     assert "/redocs" not in document["paths"]
     assert "/static/swagger-ui/{name}" not in document["paths"]
     for ops in document["paths"].values():
         for op in ops.values():
             assert "``" not in op["summary"]  # Markdown, not reStructuredText
             assert op["summary"].endswith((".", ")")), op["summary"]  # a whole first sentence
+
+
+def conforms(document: dict[str, Any], template: str, method: str, response: httpx.Response) -> None:
+    """``response`` has a status the operation documents, and its JSON body the schema documented for it."""
+    import jsonschema
+
+    documented = document["paths"][template][method.lower()]["responses"][str(response.status_code)]
+    schema = documented["content"]["application/json"]["schema"]
+    jsonschema.validate(response.json(), {**schema, "components": document["components"]})
+
+
+async def test_the_mcp_operations_say_what_the_sdk_answers() -> None:
+    async with running(settings(api_keys=("k",))) as server, httpx.AsyncClient(base_url=server.url) as client:
+        document = (await client.get("/openapi.json", headers=KEY)).json()
+        mcp = document["paths"]["/mcp"]
+        session = {p["name"]: p for p in mcp["delete"]["parameters"] if p["in"] == "header"}["Mcp-Session-Id"]
+        assert session["required"] is True
+        post_headers = {p["name"]: p["required"] for p in mcp["post"]["parameters"] if p["in"] == "header"}
+        assert post_headers == {"Mcp-Session-Id": False, "MCP-Protocol-Version": False}
+        assert "202" in mcp["post"]["responses"]  # a notification, accepted
+        accepts = {**JSON, "Accept": "application/json, text/event-stream"}
+        # The SDK's own refusals are JSON-RPC errors: no session, an unknown session, a message that is not
+        # JSON-RPC, an unknown method of the current revision.
+        answers = [
+            ("DELETE", await client.delete("/mcp", headers=KEY)),
+            ("DELETE", await client.delete("/mcp", headers={**KEY, "Mcp-Session-Id": "nope"})),
+            ("POST", await client.post("/mcp", content=b"[1]", headers=accepts)),
+            (
+                "POST",
+                await client.post(
+                    "/mcp",
+                    content=b'{"jsonrpc": "2.0", "id": 1, "method": "no/such"}',
+                    headers={**accepts, "MCP-Protocol-Version": "2026-07-28"},
+                ),
+            ),
+        ]
+        for method, response in answers:
+            assert response.status_code in (400, 404), response.text
+            conforms(document, "/mcp", method, response)
+        # The service's own refusals there are in its error shape.
+        refused = await client.post("/mcp", content=b"{}", headers={**KEY, "Content-Type": "text/plain"})
+        assert refused.status_code == 415
+        conforms(document, "/mcp", "POST", refused)
 
 
 class Refusal(NamedTuple):

@@ -46,7 +46,7 @@ from dspy_trio.engine import ProgramError, ProgramInfo
 from .encoding import dumps
 from .errors import HTTPError
 from .limits import parse_json
-from .models import Timeout
+from .models import INTEGRAL, Integer, Timeout
 from .settings import ServiceSettings
 
 # --- the body -------------------------------------------------------------------------------------------
@@ -64,6 +64,7 @@ class StreamOptions(pydantic.BaseModel):
 
 
 Number = Annotated[float, pydantic.Field(allow_inf_nan=False)]
+Count = Annotated[int, pydantic.Field(ge=1), *INTEGRAL]
 
 
 class ChatRequest(_Model):
@@ -79,11 +80,11 @@ class ChatRequest(_Model):
     stream_options: StreamOptions | None = None
     temperature: Number | None = pydantic.Field(default=None, ge=0, le=2)
     top_p: Number | None = pydantic.Field(default=None, ge=0, le=1)
-    max_tokens: int | None = pydantic.Field(default=None, ge=1, strict=True)
-    max_completion_tokens: int | None = pydantic.Field(default=None, ge=1, strict=True)
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     stop: str | list[str] | None = pydantic.Field(default=None, max_length=4)
-    seed: int | None = pydantic.Field(default=None, strict=True)
-    n: int | None = pydantic.Field(default=None, ge=1, strict=True)
+    seed: Integer | None = None
+    n: Count | None = None
     response_format: dict[str, Any] | None = None
     # Refused when they ask for something (see _UNSUPPORTED); their "off" values are accepted.
     tools: list[Any] | None = None

@@ -25,8 +25,11 @@ own, a client cancels by closing the response stream) and the handshake era's se
 - **Keys and limits**: the door checks the Bearer key (the route needs one); a session belongs to the key
   that opened it (the SDK refuses it to another, as a 404). The body is read here within the body size
   limit, the JSON nesting limit and the request's deadline, as every other route's (400, 408, 413), and
-  a browser's ``Origin`` must be the server's own or a configured CORS origin (403). ``GET`` (a stream for
-  server-initiated messages, which this server never sends) answers 405, as the transport allows.
+  a browser's ``Origin`` must be the server's own or a configured CORS origin (403), and a POST must
+  be sent as ``Content-Type: application/json`` (415) and accept JSON and SSE (406), refused in the
+  service's JSON shape (the SDK answers them in plain text or with no body). ``GET``
+  (a stream for server-initiated messages, which this server never sends) answers 405, as the transport
+  allows.
 - **Life**: the sessions live in the service's nursery; a drain closes them after the engine's in-flight
   calls ended. With several workers (``--workers``) a handshake-era session would live in one process
   only, so the handshake era is served without sessions there (no ``notifications/cancelled``).
@@ -151,6 +154,8 @@ class MCPEndpoint:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
             if (refusal := origin_refusal(service.settings, headers)) is not None:
                 raise refusal
+            if method == "POST":
+                _check_post_headers(headers)
         except HTTPError as error:  # refused before its body was read: read it, so the connection serves on
             call.notes.refused = error.code
             read = await self._drain(scope, receive)
@@ -302,6 +307,33 @@ class MCPEndpoint:
             content=[types.TextContent(type="text", text=chat_content(outputs, len(outputs) != 1))],
             structured_content=_jsonable(outputs),
             is_error=False,
+        )
+
+
+def _check_post_headers(headers: dict[str, str]) -> None:
+    """Refuse, in the service's JSON shape, the POSTs the SDK would answer with a body that is not JSON:
+    one not sent as JSON (the SDK: a plain-text 400), one that does not accept both JSON and SSE, the two
+    forms its answer may take (the SDK's current revision: a 406 with no body).
+
+    Raises:
+        HTTPError: 415 ``unsupported_media_type``; 406 ``not_acceptable``.
+    """
+    if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HTTPError(
+            415,
+            "send the JSON-RPC message as JSON with Content-Type: application/json",
+            type="invalid_request_error",
+            code="unsupported_media_type",
+        )
+    accepted = {part.split(";")[0].strip().lower() for part in headers.get("accept", "").split(",")}
+    json = bool(accepted & {"*/*", "application/*", "application/json"})
+    sse = bool(accepted & {"*/*", "text/*", "text/event-stream"})
+    if not (json and sse):
+        raise HTTPError(
+            406,
+            "accept both application/json and text/event-stream (Accept): the answer is one or the other",
+            type="invalid_request_error",
+            code="not_acceptable",
         )
 
 

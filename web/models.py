@@ -1,6 +1,8 @@
 """The request models of every transport: HTTP bodies and ``/v1/ws`` frames share fields and limits.
 
-``timeout_secs`` is a number only (``true`` and ``"5"`` are refused), positive and finite.
+``timeout_secs`` is a number only (``true`` and ``"5"`` are refused), positive and finite. An integer
+field (:data:`Integer`) takes a number with no fraction, ``8`` or ``8.0`` (JSON has one number type, and
+JSON Schema's ``integer``, which /openapi.json says, counts both), and refuses ``8.5``, ``true`` and ``"8"``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ import pydantic
 
 from .errors import HTTPError
 
+
+def _integral(value: Any) -> Any:
+    """A float with no fraction as the integer it is (``140.0`` is ``140``); anything else unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Constraints go before it (``Annotated[int, pydantic.Field(ge=1), *INTEGRAL]``), so the JSON Schema of a
+# constrained integer keeps them (``minimum``), also inside a union with null.
+INTEGRAL = (pydantic.Strict(), pydantic.BeforeValidator(_integral))
+Integer = Annotated[int, *INTEGRAL]
 Timeout = Annotated[float | None, pydantic.Field(default=None, gt=0, strict=True, allow_inf_nan=False)]
 FrameId = Annotated[str, pydantic.Field(min_length=1, max_length=128)]
 
@@ -38,7 +52,7 @@ class BatchRequest(_Strict):
 
     # At most ``max_batch_items`` (a setting: the route answers 413 past it; /openapi.json says maxItems).
     items: list[dict[str, Any]] = pydantic.Field(min_length=1)
-    concurrency: int = pydantic.Field(default=8, ge=1, le=256, strict=True)
+    concurrency: Integer = pydantic.Field(default=8, ge=1, le=256)
     fail_fast: bool = pydantic.Field(default=False, strict=True)
     timeout_secs: Timeout = None
 

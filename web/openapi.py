@@ -9,6 +9,9 @@ which says what the code does where the models cannot:
   ``open``), each refusal with the error shape (``Error``) and its codes, ``Retry-After`` where it is sent,
   the media types of its success (its wire formats), and the batch's ``maxItems`` as configured
   (``max_batch_items``; more get 413);
+- ``/mcp``, which Quart does not serve, from its row: its headers (``Mcp-Session-Id``, which ``DELETE``
+  needs, and ``MCP-Protocol-Version``), a notification's 202, and the MCP SDK's own refusals (400, 404) in
+  JSON-RPC's error shape (``JsonRpcError``) besides the service's;
 - with API keys configured, the bearer scheme (Swagger UI's "Authorize") on every route that needs one;
 - summaries are the first sentence of each handler's docstring.
 
@@ -105,13 +108,49 @@ _OPENAI_REFUSALS: dict[int, str] = {
 
 # The MCP endpoint's statuses (its JSON-RPC errors have the SDK's shape; the web layer's refusals ours).
 _MCP_REFUSALS: dict[int, str] = {
+    415: "A POST not sent as `Content-Type: application/json` (`unsupported_media_type`).",
     400: "Not a JSON-RPC message (a JSON-RPC error), or JSON nested deeper than the limit "
     "(`too_deeply_nested`).",
     403: "A browser's `Origin` that is neither the server's own nor a configured CORS origin "
     "(`origin_not_allowed`).",
     404: "A session that does not exist, or was opened with another key (a JSON-RPC error).",
-    406: "`Accept` names neither `application/json` nor `text/event-stream`.",
+    406: "A POST whose `Accept` does not take both `application/json` and `text/event-stream` "
+    "(`not_acceptable`).",
     408: "The request body did not arrive within the request's timeout (`body_timeout`).",
+}
+# The SDK answers some refusals itself, in JSON-RPC's error shape (the HTTP status from the error's code).
+_JSON_RPC_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "A JSON-RPC 2.0 error, as the MCP SDK answers a message it cannot take.",
+    "required": ["jsonrpc", "error"],
+    "properties": {
+        "jsonrpc": {"const": "2.0"},
+        "id": {"type": ["string", "integer", "null"]},
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "integer", "examples": [-32600]},
+                "message": {"type": "string", "description": "What was wrong."},
+                "data": {},
+            },
+        },
+    },
+}
+_MCP_SDK_STATUSES = {400, 404}  # not JSON-RPC, no session or an unknown one, an unknown method
+_MCP_SESSION = {
+    "name": "Mcp-Session-Id",
+    "in": "header",
+    "description": "The session `initialize` opened (the handshake era; its answer's `Mcp-Session-Id`).",
+    "schema": {"type": "string"},
+}
+_MCP_VERSION = {
+    "name": "MCP-Protocol-Version",
+    "in": "header",
+    "required": False,
+    "description": "The protocol revision; one of the current revision's makes the request a single "
+    "exchange without a session.",
+    "schema": {"type": "string", "examples": ["2026-07-28", "2025-11-25"]},
 }
 _MCP_BODY = {
     "required": True,
@@ -148,8 +187,20 @@ def _asgi_operations(route: Route) -> dict[str, Any]:
         }
         if method == "POST":
             operation["requestBody"] = _MCP_BODY
+            operation["parameters"] = [{**_MCP_SESSION, "required": False}, _MCP_VERSION]
+        else:  # DELETE: ends the session it names
+            operation["parameters"] = [{**_MCP_SESSION, "required": True}]
         operations[method.lower()] = operation
     return operations
+
+
+def _mcp_responses(method: str, responses: dict[str, Any]) -> None:
+    """What the MCP SDK adds to a route's statuses: a notification's 202, its JSON-RPC errors."""
+    if method == "POST":
+        responses["202"] = {"description": "A notification or a response, accepted (no body)."}
+    for status in _MCP_SDK_STATUSES & set(map(int, responses)):
+        content = responses[str(status)]["content"]["application/json"]
+        content["schema"] = {"anyOf": [content["schema"], {"$ref": "#/components/schemas/JsonRpcError"}]}
 
 
 def _responses(route: Route) -> dict[str, Any]:
@@ -191,6 +242,8 @@ class ServiceOpenAPI(OpenAPIProvider):
                 document.setdefault("paths", {})[route.template] = _asgi_operations(route)
         components = document.setdefault("components", {})
         components.setdefault("schemas", {})["Error"] = _ERROR_SCHEMA
+        if any(route.asgi for route in routes):
+            components["schemas"]["JsonRpcError"] = _JSON_RPC_ERROR_SCHEMA
         if len(settings.keys):
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in document.get("paths", {}).items():
@@ -204,6 +257,8 @@ class ServiceOpenAPI(OpenAPIProvider):
                 route = routes.by_template(path)
                 if route is not None and method.upper() in route.methods:
                     operation["responses"] = _responses(route)
+                    if route.asgi:
+                        _mcp_responses(method.upper(), operation["responses"])
                     if len(settings.keys) and route.keyed:
                         operation["security"] = [{"bearer": []}]
                     if route.program is not None and not route.websocket:  # it runs LM calls

@@ -168,7 +168,7 @@ ROUTES: tuple[Route, ...] = (
         formats=(Wire.MCP,),
         answer="A JSON-RPC answer, or SSE of its progress notifications and its result (MCP Streamable "
         "HTTP).",
-        refusals={400, 403, 404, 406, 408, 413, 503},
+        refusals={400, 403, 404, 406, 408, 413, 415, 503},
     ),
     # The API's description (quart-schema serves it) and the static files (Quart serves them).
     Route("/docs", "GET", None, open=True, formats=(Wire.HTML,), answer="Swagger UI."),
