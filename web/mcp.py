@@ -26,8 +26,9 @@ own, a client cancels by closing the response stream) and the handshake era's se
   that opened it (the SDK refuses it to another, as a 404), and one key holds at most
   ``MAX_SESSIONS_PER_KEY`` of them (then its ``initialize`` is a 429 ``too_many_sessions``). The body is
   read here within the body size limit, the JSON nesting limit and the request's deadline, as every
-  other route's (400, 408, 413), and a browser's ``Origin`` must be the server's own or a configured CORS origin (403). ``GET`` (a stream for
-  server-initiated messages, which this server never sends) answers 405, as the transport allows.
+  other route's (400, 408, 413), and a browser's ``Origin`` must be the server's own or a configured
+  CORS origin (403). ``GET`` (a stream for server-initiated messages, which this server never sends)
+  answers 405, as the transport allows.
 - **Life**: the sessions live in the service's nursery; a drain closes them after the engine's in-flight
   calls ended. With several workers (``--workers``) a handshake-era session would live in one process
   only, so the handshake era is served without sessions there (no ``notifications/cancelled``).
