@@ -128,7 +128,7 @@ class _FullEngine:
 
     closing = False
 
-    def refuse_if_overloaded(self, program: str) -> None:
+    def refuse_if_overloaded(self, program: str, *, tenant: str | None = None) -> None:
         raise OverloadedError("engine overloaded: 1 requests in flight and 0 queued", retry_after=1.0)
 
 
