@@ -521,6 +521,89 @@ async def test_the_engine_statistics_of_a_chain(autojump_clock: Any) -> None:
     assert math.isclose(stats.breakers["primary"].open_remaining, 0.0)
 
 
+# --- with single-flight and the response cache ----------------------------------------------------------
+
+
+async def test_the_waiters_of_one_call_fall_back_together_in_one_call(autojump_clock: Any) -> None:
+    """Four identical calls share the primary's one call; its 503 reaches every waiter at once, and
+    they share one call of the backup too: one outcome each, two upstream calls in all."""
+    primary = Scripted("primary-model")
+    primary.steps = failures(server_error(), 1)
+    async with engine_with(config(attempts=1), primary=primary) as (engine, lms):
+        results: list[Any] = []
+
+        async def ask() -> None:
+            results.append(await engine.predict("default", QUESTION))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(ask)
+        assert trio.current_time() == FAIL_AFTER + 1.0
+        stats = engine.statistics()
+    assert (len(primary.calls), len(lms["backup"].calls)) == (1, 1)
+    assert stats.succeeded == 4
+    assert len({result.outputs["answer"] for result in results}) == 1
+    assert [r.lm_calls[0].lm for r in results] == ["backup"] * 4
+    assert fallbacks(engine)[("primary", "backup", "server_error")] == 4  # counted per request
+
+
+@pytest.mark.parametrize("last_leaves_at", [0.25, 0.75, 1.25])
+async def test_the_last_waiter_to_leave_during_a_fallback_ends_the_backups_call(
+    last_leaves_at: float, autojump_clock: Any
+) -> None:
+    """Two waiters; one leaves at 0.1, the other at ``last_leaves_at`` (during the primary's call, or the
+    backup's): the call in flight then ends at that moment, and nothing is left behind."""
+    primary = Scripted("primary-model")
+    primary.steps = failures(server_error(), 1)
+    async with engine_with(config(attempts=1), primary=primary) as (engine, lms):
+        before = tasks_living()
+
+        async def ask(leave_at: float) -> None:
+            with trio.move_on_after(leave_at):
+                await engine.predict("default", QUESTION)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, 0.1)
+            nursery.start_soon(ask, last_leaves_at)
+        assert trio.current_time() == last_leaves_at
+        every = primary.ended + lms["backup"].ended
+        assert len(every) == len(primary.calls) + len(lms["backup"].calls)  # each call ended
+        assert max(every) == last_leaves_at
+        assert tasks_living() == before
+        stats = engine.statistics()
+        assert (stats.timed_out, stats.succeeded, stats.in_flight) == (2, 0, 0)
+        assert engine._breakers["backup"]._probes_out == 0
+    assert len(lms["backup"].calls) == (1 if last_leaves_at > FAIL_AFTER else 0)
+
+
+async def test_a_cached_answer_is_given_while_the_lms_breaker_is_open(autojump_clock: Any) -> None:
+    """A hit answers before the breaker is asked: it sends nothing upstream, so an open breaker (which
+    protects the upstream) has no reason to refuse it, nor to send it to the fallback, whose answer
+    would differ from the one the cache holds."""
+    from dspy_trio.engine import CacheConfig
+
+    primary = Scripted("primary-model")
+    breaker = BreakerSettings(min_calls=3, failure_ratio=0.5, open_for=30.0)
+    cfg = attrs.evolve(config(breaker=breaker, attempts=1), cache=CacheConfig(backend="memory"))
+    async with engine_with(cfg, primary=primary) as (engine, lms):
+        first = await engine.predict("default", QUESTION)
+        primary.steps = failures(server_error(), 2)
+        for other in ("a", "b"):
+            await engine.predict("default", {"question": other})  # two failures: the breaker opens
+        assert engine.statistics().breakers["primary"].state == "open"
+        calls = (len(primary.calls), len(lms["backup"].calls))
+        again = await engine.predict("default", QUESTION)
+        async with engine.stream("default", QUESTION) as events:
+            streamed = [event async for event in events]
+    assert (len(primary.calls), len(lms["backup"].calls)) == calls
+    assert again.outputs == first.outputs
+    assert again.timings.cached
+    assert again.lm_calls == () or again.lm_calls[0].skipped == ()
+    final = streamed[-1]
+    assert isinstance(final, FinalEvent)
+    assert final.result.outputs == first.outputs
+
+
 # --- a property: over random failures, cancels and streams -------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from typing import Any
 
 import dspy
@@ -17,13 +18,14 @@ from dspy_trio.engine import (
     FieldDelta,
     FinalEvent,
     PredictionResult,
+    ProgramError,
     ProgramSpec,
     StatusEvent,
     Timings,
     Usage,
 )
 from dspy_trio.engine._programs import build_program
-from dspy_trio.web.chat import ChatCall, ChatRequest
+from dspy_trio.web.chat import ChatCall, ChatRequest, check_schema
 from dspy_trio.web.errors import HTTPError
 from dspy_trio.web.formats import ChatAnswer, ChatChunks, chat_json
 from dspy_trio.web.settings import ServiceSettings
@@ -336,3 +338,89 @@ def test_outputs_that_break_the_schema_end_the_stream_with_an_error() -> None:
     final = encode(FinalEvent(result({"title": "t", "count": 42})))
     assert final is not None
     assert json.loads(final.decode().split("\n\n")[0][6:])["error"]["code"] == "output_schema_mismatch"
+
+
+# --- what a careless or hostile client sends ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [["text"], {"type": "text"}, 5, None, "video", "refusal"])
+def test_a_content_part_of_any_other_type_is_refused_naming_it(kind: Any) -> None:
+    """A part's ``type`` that is a list or an object (unhashable) was looked up in a dict: a 500."""
+    error = refusal(messages=[user([{"type": kind, "text": "hi"}])])
+    assert (error.param, error.code) == ("messages[0].content[0]", "invalid_value")
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "#/$defs/nope"},
+        {"properties": {"answer": {"$ref": "#/$defs/missing"}}},
+        {"$ref": "http://127.0.0.1:9/schema.json"},
+        {"properties": {"answer": {"$ref": "file:///etc/passwd"}}},
+        {"$dynamicRef": "https://evil.example/schema#meta"},
+    ],
+)
+def test_a_schema_reference_that_does_not_resolve_in_the_schema_is_refused(schema: dict[str, Any]) -> None:
+    """References were resolved only when the outputs were checked, after the program ran: a local one
+    that named nothing was a 500, and a remote one made the server fetch the URL (jsonschema's default
+    retrieval) - a request forgery. Only references within the schema itself are followed."""
+    error = refusal(response_format=_schema(schema))
+    assert (error.param, error.code) == ("response_format.json_schema", "invalid_value")
+    assert "$ref" in error.message or "reference" in error.message
+
+
+def test_a_local_reference_is_followed() -> None:
+    schema = {
+        "$defs": {"text": {"type": "string", "minLength": 1}},
+        "type": "object",
+        "properties": {"answer": {"$ref": "#/$defs/text"}},
+    }
+    chat = call(response_format=_schema(schema))
+    check_schema({"answer": "Trio"}, chat.schema, "one")
+    with pytest.raises(ProgramError):
+        check_schema({"answer": ""}, chat.schema, "one")
+
+
+def test_a_pattern_that_backtracks_forever_cannot_stall_the_server() -> None:
+    """``pattern`` is matched in the event loop's thread: ``(a|a)*$`` against 40 a's and a b would hold
+    the process (every request of it) for ever. A match that takes longer than its budget fails the
+    outputs' check instead."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "pattern": "^(a|a)*$"}}}
+    chat = call(response_format=_schema(schema))
+    started = time.monotonic()
+    with pytest.raises(ProgramError) as caught:
+        check_schema({"answer": "a" * 40 + "b"}, chat.schema, "one")
+    assert time.monotonic() - started < 5  # the property: bounded (it was unbounded: ~2^40 steps)
+    assert caught.value.code == "output_schema_mismatch"
+    assert "pattern" in caught.value.message
+    check_schema({"answer": "aaa"}, chat.schema, "one")  # a pattern that matches still passes
+
+
+def test_a_stop_string_may_be_longer_than_four_characters() -> None:
+    """``max_length=4`` bounds the stop *list*; on the union it bounded a stop string to 4 characters."""
+    assert call(stop="\n\nQuestion:").lm_params == {"stop": "\n\nQuestion:"}
+    assert call(stop=["END OF ANSWER"]).lm_params == {"stop": ["END OF ANSWER"]}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "0.5"),
+        ("temperature", True),
+        ("top_p", "1"),
+        ("top_p", False),
+        ("max_tokens", 2**63),
+        ("max_completion_tokens", 10**30),
+        ("seed", 2**64),
+        ("stop", [""]),
+        ("stop", ""),
+    ],
+)
+def test_a_parameter_of_the_wrong_type_or_out_of_range_is_refused(field: str, value: Any) -> None:
+    """Strings and booleans were coerced to numbers (``"0.5"``, ``true`` as 1.0), and integers no upstream
+    takes went out as they were (a 2^63 ``max_tokens`` is an error of the upstream's, after the wait)."""
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError) as caught:
+        ChatRequest.model_validate({"model": "one", "messages": [user("hi")], field: value})
+    assert str(caught.value.errors()[0]["loc"][0]) == field

@@ -197,6 +197,52 @@ async def test_a_session_belongs_to_the_key_that_opened_it() -> None:
     assert same.status_code == 200
 
 
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+
+
+async def test_one_key_cannot_take_every_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Handshake-era sessions are bounded (MAX_SESSIONS) and live until their idle timeout: one key that
+    opened sessions and never ended them took them all, and every other key's ``initialize`` was refused
+    (503) for ten minutes. A key holds at most MAX_SESSIONS_PER_KEY; past it its own ``initialize`` is a
+    429 naming the limit, and the other keys open theirs."""
+    import dspy_trio.web.mcp as endpoint
+
+    monkeypatch.setattr(endpoint, "MAX_SESSIONS", 3)
+    monkeypatch.setattr(endpoint, "MAX_SESSIONS_PER_KEY", 2)
+    accept = {"Accept": "application/json, text/event-stream"}
+    service = settings(api_keys=("k", "other"), engine=ENGINE)
+    async with running(service) as server, httpx.AsyncClient(base_url=server.url) as raw:
+        mine = [
+            await raw.post("/mcp", json=INITIALIZE, headers={**accept, "Authorization": "Bearer k"})
+            for _ in range(3)
+        ]
+        other = await raw.post("/mcp", json=INITIALIZE, headers={**accept, "Authorization": "Bearer other"})
+        ended = await raw.delete(
+            "/mcp",
+            headers={
+                "Authorization": "Bearer k",
+                "Mcp-Session-Id": mine[0].headers["mcp-session-id"],
+                "MCP-Protocol-Version": "2025-11-25",
+            },
+        )
+        again = await raw.post("/mcp", json=INITIALIZE, headers={**accept, "Authorization": "Bearer k"})
+    assert [response.status_code for response in mine] == [200, 200, 429]
+    assert mine[2].json()["error"]["code"] == "too_many_sessions"
+    assert "2 open MCP sessions" in mine[2].json()["error"]["message"]
+    assert other.status_code == 200, other.text
+    assert ended.status_code == 200
+    assert again.status_code == 200  # its ended session gave its place back
+
+
 MODERN = "2026-07-28"  # a protocol version of the current revision
 LIST = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
 HOSTILE = [

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -361,6 +363,28 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
         400,
         "history_not_supported",
     ),
+    (
+        "part of a list type",
+        _body(messages=[{"role": "user", "content": [{"type": ["text"]}]}]),
+        400,
+        "invalid_value",
+    ),
+    (
+        "part of an object type",
+        _body(messages=[{"role": "user", "content": [{"type": {}}]}]),
+        400,
+        "invalid_value",
+    ),
+    (
+        "a reference to nothing",
+        _body(
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"$ref": "#/x"}}}
+        ),
+        400,
+        "invalid_value",
+    ),
+    ("temperature as a string", _body(temperature="0.5"), 400, "invalid_body"),
+    ("max_tokens past 32 bits", _body(max_tokens=2**63), 400, "invalid_body"),
     ("not an object", b"[]", 400, "invalid_body"),
     ("no messages", b'{"model": "qa"}', 400, "invalid_body"),
     ("messages not objects", _body(messages=["hi"]), 400, "invalid_body"),
@@ -403,6 +427,48 @@ async def test_hostile_bodies_get_a_named_4xx_and_the_connection_serves_on() -> 
     assert (too_long.status_code, too_long.json()["error"]["code"]) == (413, "input_too_large")
     assert answered.status_code == 200, answered.text[:300]  # 999 earlier turns
     assert dropped.status_code == 200
+
+
+async def test_a_schema_never_makes_the_server_fetch_a_url() -> None:
+    """jsonschema's default retrieval fetched a ``$ref``'s URL when the outputs were checked, with urllib
+    in the event loop's thread (a request forgery from the server's network that froze every request of
+    the process while it waited, then a 500): the reference is refused before the program runs. The
+    listener is a plain socket in a thread, so a fetch is seen even while the loop is blocked."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    fetched: list[Any] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            fetched.append(connection.recv(1000))
+            connection.close()
+
+    watcher = threading.Thread(target=accept, daemon=True)
+    watcher.start()
+    schema = {"type": "object", "properties": {"answer": {"$ref": f"http://127.0.0.1:{port}/s.json"}}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    try:
+        async with service() as (server, _), httpx.AsyncClient(base_url=server.url) as raw:
+            answer = await raw.post(
+                "/v1/chat/completions", content=_body(response_format=response_format), headers=KEY
+            )
+            engine = server.state.engine
+            assert engine is not None
+            stats = engine.statistics()
+    finally:
+        stop.set()
+        await trio.to_thread.run_sync(watcher.join)
+        listener.close()
+    assert fetched == []
+    assert (answer.status_code, answer.json()["error"]["param"]) == (400, "response_format.json_schema")
+    assert "does not resolve within the schema" in answer.json()["error"]["message"]
+    assert stats.succeeded + stats.failed == 0  # refused before the program ran
 
 
 async def test_a_body_that_never_arrives_is_a_408() -> None:

@@ -11,8 +11,11 @@ from functools import partial
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 import trio
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from trio_websocket import open_websocket_url
 
 from dspy_trio.engine import EngineConfig, RateLimit, TenantConfig
@@ -85,6 +88,13 @@ async def every_transport(server: Server, key: str) -> list[Any]:
             seen.append(("v1_ws", answer["type"]))
         except ServiceError as error:
             seen.append(("v1_ws", error.code))
+    async with (
+        httpx2.AsyncClient(headers=auth(key), timeout=60) as http,
+        Client(streamable_http_client(f"{server.url}/mcp", http_client=http), mode="auto") as mcp,
+    ):
+        tool = await mcp.call_tool("default", {"question": "mcp"})
+        text = tool.content[0].text  # type: ignore[union-attr]
+        seen.append(("mcp", text.split(":", 1)[0] if tool.is_error else "ok"))
     return seen
 
 
@@ -106,6 +116,7 @@ async def test_each_key_counts_against_its_own_tenant_on_every_transport(
                 ("chat_stream", 200, "done"),
                 ("ws", "tokens"),
                 ("v1_ws", "result"),
+                ("mcp", "ok"),
             ]
         )
         tenants = (await metrics(server))["tenants"]
@@ -113,14 +124,15 @@ async def test_each_key_counts_against_its_own_tenant_on_every_transport(
             text = (await client.get("/metrics")).text
             whoami = (await client.get("/v1/tenant")).json()
             anonymous = await client.get("/v1/tenant", headers={"Authorization": "Bearer wrong"})
-    # http, sse, 2 batch items, 2 chat completions, /ws, /v1/ws: 8 requests each, in its own tenant.
-    assert tenants["big"]["requests"] == {"succeeded": 8}
-    assert tenants[PLAIN_TENANT]["requests"] == {"succeeded": 8}
+    # http, sse, 2 batch items, 2 chat completions, /ws, /v1/ws, an MCP tool call: 9 requests each, in
+    # its own tenant.
+    assert tenants["big"]["requests"] == {"succeeded": 9}
+    assert tenants[PLAIN_TENANT]["requests"] == {"succeeded": 9}
     assert tenants["big"]["weight"] == 3
     assert tenants["big"]["prompt_tokens"] > 0
     assert "small" not in tenants
-    assert 'dspy_trio_tenant_requests_total{outcome="succeeded",tenant="big"} 8.0' in text
-    assert (whoami["tenant"], whoami["weight"], whoami["usage"]["requests"]) == ("big", 3, {"succeeded": 8})
+    assert 'dspy_trio_tenant_requests_total{outcome="succeeded",tenant="big"} 9.0' in text
+    assert (whoami["tenant"], whoami["weight"], whoami["usage"]["requests"]) == ("big", 3, {"succeeded": 9})
     assert anonymous.status_code == 401
     lines = [json.loads(r.message) for r in caplog.records if r.name == "dspy_trio.engine.requests"]
     assert {line["tenant"] for line in lines} == {"big", PLAIN_TENANT}
@@ -149,6 +161,7 @@ async def test_a_tenant_over_its_rate_limit_is_refused_on_every_transport_and_ot
             ("chat_stream", 429, "tenant_rate_limited"),
             ("ws", "tenant_rate_limited"),
             ("v1_ws", "tenant_rate_limited"),
+            ("mcp", "tenant_rate_limited"),  # a tool error naming the code
         ]
         async with httpx.AsyncClient(base_url=server.url, headers=auth(SMALL)) as client:
             response = await client.post("/predict", json={"question": "q"})

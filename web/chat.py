@@ -38,15 +38,15 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 import attrs
-import jsonschema
 import pydantic
 
 from dspy_trio.engine import ProgramError, ProgramInfo
 
 from .encoding import dumps
 from .errors import HTTPError
+from .json_schema import first_error, schema_problem
 from .limits import parse_json
-from .models import INTEGRAL, Integer, Timeout
+from .models import INTEGRAL, Timeout
 from .settings import ServiceSettings
 
 # --- the body -------------------------------------------------------------------------------------------
@@ -63,8 +63,13 @@ class StreamOptions(pydantic.BaseModel):
     include_obfuscation: bool | None = pydantic.Field(default=None, strict=True)  # nothing to obfuscate
 
 
-Number = Annotated[float, pydantic.Field(allow_inf_nan=False)]
+# A JSON number (never a string or a boolean coerced to one), finite.
+Number = Annotated[float, pydantic.Field(allow_inf_nan=False, strict=True)]
 Count = Annotated[int, pydantic.Field(ge=1), *INTEGRAL]
+# A token count any upstream takes (they read it as a 32-bit integer).
+TokenCount = Annotated[int, pydantic.Field(ge=1, le=2**31 - 1), *INTEGRAL]
+# A stop sequence: never empty (an upstream stops at once, or refuses it).
+StopSequence = Annotated[str, pydantic.Field(min_length=1)]
 
 
 class ChatRequest(_Model):
@@ -80,10 +85,13 @@ class ChatRequest(_Model):
     stream_options: StreamOptions | None = None
     temperature: Number | None = pydantic.Field(default=None, ge=0, le=2)
     top_p: Number | None = pydantic.Field(default=None, ge=0, le=1)
-    max_tokens: Count | None = None
-    max_completion_tokens: Count | None = None
-    stop: str | list[str] | None = pydantic.Field(default=None, max_length=4)
-    seed: Integer | None = None
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
+    # At most four sequences (the bound is the list's: a string may be longer than four characters).
+    stop: StopSequence | Annotated[list[StopSequence], pydantic.Field(min_length=1, max_length=4)] | None = (
+        None
+    )
+    seed: Annotated[int, pydantic.Field(ge=-(2**63), le=2**63 - 1), *INTEGRAL] | None = None
     n: Count | None = None
     response_format: dict[str, Any] | None = None
     # Refused when they ask for something (see _UNSUPPORTED); their "off" values are accepted.
@@ -269,7 +277,7 @@ def _text(content: Any, where: str) -> str:
     for index, part in enumerate(content):
         at = f"{where}[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in _UNSUPPORTED_PARTS:
+        if isinstance(kind, str) and kind in _UNSUPPORTED_PARTS:
             raise refused(f"{at}: {_UNSUPPORTED_PARTS[kind]} are not supported, only text", at)
         if kind != "text" or not isinstance(part.get("text"), str):
             raise refused(f'{at} must be a text part: {{"type": "text", "text": "..."}}', at)
@@ -349,13 +357,9 @@ def _response_format(
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise refused("response_format.json_schema.schema must be an object", "response_format.json_schema")
-    try:
-        jsonschema.Draft202012Validator.check_schema(schema)
-    except jsonschema.SchemaError as error:
-        raise refused(
-            f"response_format.json_schema.schema is not a JSON Schema: {error.message[:200]}",
-            "response_format.json_schema",
-        ) from None
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise refused(f"response_format.json_schema.schema: {problem}", "response_format.json_schema")
     properties = schema.get("properties")
     if isinstance(properties, dict):
         for name in properties:
@@ -388,7 +392,7 @@ def check_schema(outputs: Mapping[str, Any], schema: Mapping[str, Any] | None, p
     if schema is None:
         return
     value = json.loads(dumps(dict(outputs)))
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    error = first_error(schema, value)
     if error is not None:
         place = "/".join(str(part) for part in error.absolute_path) or "the object"
         mismatch = ProgramError(

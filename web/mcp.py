@@ -23,13 +23,14 @@ own, a client cancels by closing the response stream) and the handshake era's se
 - **Cancel**: a ``notifications/cancelled`` (handshake era) or a closed response stream (current era)
   cancels the prediction and closes its upstream connection.
 - **Keys and limits**: the door checks the Bearer key (the route needs one); a session belongs to the key
-  that opened it (the SDK refuses it to another, as a 404). The body is read here within the body size
-  limit, the JSON nesting limit and the request's deadline, as every other route's (400, 408, 413), and
-  a browser's ``Origin`` must be the server's own or a configured CORS origin (403), and a POST must
-  be sent as ``Content-Type: application/json`` (415) and accept JSON and SSE (406), refused in the
-  service's JSON shape (the SDK answers them in plain text or with no body). ``GET``
-  (a stream for server-initiated messages, which this server never sends) answers 405, as the transport
-  allows.
+  that opened it (the SDK refuses it to another, as a 404), and one key holds at most
+  ``MAX_SESSIONS_PER_KEY`` of them (then its ``initialize`` is a 429 ``too_many_sessions``). The body is
+  read here within the body size limit, the JSON nesting limit and the request's deadline, as every
+  other route's (400, 408, 413), and a browser's ``Origin`` must be the server's own or a configured
+  CORS origin (403), and a POST must be sent as ``Content-Type: application/json`` (415) and accept JSON
+  and SSE (406), refused in the service's JSON shape (the SDK answers them in plain text or with no
+  body). ``GET`` (a stream for server-initiated messages, which this server never sends) answers 405,
+  as the transport allows.
 - **Life**: the sessions live in the service's nursery; a drain closes them after the engine's in-flight
   calls ended. With several workers (``--workers``) a handshake-era session would live in one process
   only, so the handshake era is served without sessions there (no ``notifications/cancelled``).
@@ -38,13 +39,14 @@ own, a client cancels by closing the response stream) and the handshake era's se
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 import mcp_types as types
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, authorization_context
 from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
@@ -85,6 +87,9 @@ _VERSION = "0.1.0"
 # Handshake-era sessions: how many at once, and how long one may sit idle before it is closed.
 MAX_SESSIONS = 1024
 SESSION_IDLE_TIMEOUT = 600.0
+# How many of them one API key may hold, so that a key that opens sessions and never ends them cannot
+# take every place from the others (without keys every client is one: only MAX_SESSIONS bounds them).
+MAX_SESSIONS_PER_KEY = 32
 
 
 class MCPEndpoint:
@@ -112,6 +117,7 @@ class MCPEndpoint:
             max_request_body_size=settings.max_body_bytes,
             max_sessions=MAX_SESSIONS,
         )
+        self._max_sessions_per_key = MAX_SESSIONS_PER_KEY
         self._stop = trio.Event()
         self._running = False
 
@@ -170,7 +176,24 @@ class MCPEndpoint:
             return
         if body is None:
             return  # the client left
-        scope["user"] = _principal(call.owner)  # type: ignore[typeddict-unknown-key]  # the SDK reads it
+        principal = _principal(call.owner)
+        if call.owner and "mcp-session-id" not in headers and _opens_session(body):
+            held = self._sessions_of(principal)
+            if held >= self._max_sessions_per_key:
+                call.notes.refused = "too_many_sessions"
+                await answer_refusal(
+                    send,
+                    HTTPError(
+                        429,
+                        f"this API key has {held} open MCP sessions, the most one key may hold: end one "
+                        "(DELETE /mcp with its Mcp-Session-Id) or let one idle out",
+                        type="rate_limit_error",
+                        code="too_many_sessions",
+                        headers={"Retry-After": str(int(SESSION_IDLE_TIMEOUT))},
+                    ),
+                )
+                return
+        scope["user"] = principal  # type: ignore[typeddict-unknown-key]  # the SDK reads it
         replayed = False
 
         async def replay() -> ASGIReceiveEvent:
@@ -181,6 +204,12 @@ class MCPEndpoint:
             return await receive()  # after the body: the client's disconnect
 
         await self.manager.handle_request(scope, replay, send)  # type: ignore[arg-type]
+
+    def _sessions_of(self, principal: AuthenticatedUser) -> int:
+        """How many handshake-era sessions ``principal`` holds (the SDK's own record of their owners)."""
+        owner = authorization_context(principal)
+        owners: dict[str, Any] = getattr(self.manager, "_session_owners", {})
+        return sum(1 for held in owners.values() if held == owner)
 
     async def _drain(self, scope: Scope, receive: ASGIReceiveCallable) -> bool | None:
         """Read (never parse) a refused request's body: whether all of it came within the size limit and
@@ -353,10 +382,20 @@ def _tool_error(code: str, message: str) -> types.CallToolResult:
 
 
 def _jsonable(outputs: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     value: dict[str, Any] = json.loads(dumps(outputs))
     return value
+
+
+def _opens_session(body: bytes) -> bool:
+    """Whether a request without a session id would open one: an ``initialize`` (the SDK refuses any
+    other request without a session id)."""
+    if b'"initialize"' not in body:
+        return False  # most requests: no parse
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False  # the SDK answers it
+    return isinstance(message, dict) and message.get("method") == "initialize"
 
 
 def _principal(owner: str) -> AuthenticatedUser:
@@ -382,4 +421,4 @@ async def answer_refusal(send: ASGISendCallable, error: HTTPError, *, close: boo
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-__all__ = ["MAX_SESSIONS", "SESSION_IDLE_TIMEOUT", "MCPEndpoint", "answer_refusal"]
+__all__ = ["MAX_SESSIONS", "MAX_SESSIONS_PER_KEY", "SESSION_IDLE_TIMEOUT", "MCPEndpoint", "answer_refusal"]
