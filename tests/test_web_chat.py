@@ -424,3 +424,10 @@ def test_a_parameter_of_the_wrong_type_or_out_of_range_is_refused(field: str, va
     with pytest.raises(pydantic.ValidationError) as caught:
         ChatRequest.model_validate({"model": "one", "messages": [user("hi")], field: value})
     assert str(caught.value.errors()[0]["loc"][0]) == field
+
+
+def test_stream_options_without_a_stream_are_refused_as_openai_does() -> None:
+    error = refusal(stream_options={"include_usage": True})
+    assert error.param == "stream_options"
+    assert "only allowed when stream is true" in error.message
+    assert call(stream=True, stream_options={"include_usage": True}).include_usage

@@ -203,6 +203,8 @@ class ChatCall:
                 raise refused(why, name, "unsupported_parameter")
         if data.n is not None and data.n > 1:
             raise refused("n must be 1: a program gives one answer per request", "n", "unsupported_parameter")
+        if data.stream_options is not None and not data.stream:
+            raise refused("stream_options is only allowed when stream is true", "stream_options")
         json_object, schema = _response_format(data.response_format, info)
         messages = [_message(index, message) for index, message in enumerate(data.messages)]
         *earlier, (last_role, last_text) = messages
