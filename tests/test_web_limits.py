@@ -344,3 +344,26 @@ def test_a_utf_8_body_may_start_with_a_byte_order_mark() -> None:
     """RFC 8259 section 8.1: a parser MAY ignore it; json.loads did, and so does parse_json."""
     body = b"\xef\xbb\xbf" + b'{"question": "q"}'
     assert parse_json(body, max_bytes=1 << 20, max_depth=32) == {"question": "q"}
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v1/programs/default/predict", "/v1/chat/completions", "/mcp"])
+async def test_a_compressed_body_is_a_415_naming_the_encoding(path: str) -> None:
+    """The service reads bodies as sent: a gzip body was read as its compressed bytes (a misleading
+    "not UTF-8" 400), and one declared gzip but sent plain was accepted. Both are a 415 that names the
+    encoding, and the connection serves on."""
+    import gzip
+
+    body = json.dumps({"question": "q", "model": "default", "messages": [{"role": "user", "content": "q"}]})
+    headers = {
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        "content-encoding": "gzip",
+    }
+    async with running() as server, httpx.AsyncClient(base_url=server.url) as client:
+        for content in (gzip.compress(body.encode()), body.encode()):
+            response = await client.post(path, content=content, headers=headers)
+            error = assert_error(response, 415, "unsupported_content_encoding")
+            assert "gzip" in error["message"]
+        identity = {**headers, "content-encoding": "identity"}
+        plain = b'{"question": "q"}'
+        assert (await client.post("/predict", content=plain, headers=identity)).status_code == 200

@@ -28,7 +28,7 @@ from .call import Call
 from .deadline import RequestDeadline
 from .encoding import dumps
 from .errors import HTTPError
-from .limits import check_inputs, parse_json
+from .limits import check_content_encoding, check_inputs, parse_json
 from .models import validate
 from .runner import predict
 from .service import Service
@@ -49,7 +49,7 @@ async def read_json(model: type[M], settings: ServiceSettings, head: RequestDead
     (:meth:`RequestDeadline.of_head`): Quart's own wait (``BODY_TIMEOUT``, 60 s) knows nothing of it.
 
     Raises:
-        HTTPError: 415 when it is not sent as JSON; 408 ``body_timeout`` when the body is not all there
+        HTTPError: 415 when it is not sent as JSON, or sent compressed; 408 ``body_timeout`` when the body is not all there
             by the head's deadline; 400/413 from the limits; 422 invalid fields.
     """
     if request.mimetype != "application/json":
@@ -59,6 +59,7 @@ async def read_json(model: type[M], settings: ServiceSettings, head: RequestDead
             type="invalid_request_error",
             code="unsupported_media_type",
         )
+    check_content_encoding(request.headers.get("content-encoding"))
     if head is not None:
         request.body_timeout = max(0.0, head.at - trio.current_time())  # type: ignore[assignment]  # int in Quart
     try:

@@ -140,3 +140,23 @@ def _check_unicode(text: str) -> None:
 
 
 __all__ = ["check_inputs", "json_depth", "parse_json"]
+
+
+def check_content_encoding(value: str | None) -> None:
+    """Refuse a body sent with a ``Content-Encoding`` (gzip, deflate, ...): the service reads bodies as
+    sent, and its size limits count what arrives, so it decodes none (a compressed body would be read as
+    its compressed bytes, and a body declared compressed but sent plain accepted as it is).
+
+    Raises:
+        HTTPError: 415 ``unsupported_content_encoding`` naming the encoding.
+    """
+    if value is None:
+        return
+    encoding = value.strip().lower()
+    if encoding and encoding != "identity":
+        raise HTTPError(
+            415,
+            f"the body's Content-Encoding {value.strip()[:40]!r} is not supported: send it uncompressed",
+            type="invalid_request_error",
+            code="unsupported_content_encoding",
+        )

@@ -73,7 +73,7 @@ from .encoding import dumps
 from .errors import HTTPError, http_error_response
 from .formats import Outcome
 from .keepalive import body_headers
-from .limits import check_inputs, json_depth
+from .limits import check_content_encoding, check_inputs, json_depth
 from .runner import run
 from .service import not_ready
 
@@ -345,7 +345,8 @@ def _check_post_headers(headers: dict[str, str]) -> None:
     forms its answer may take (the SDK's current revision: a 406 with no body).
 
     Raises:
-        HTTPError: 415 ``unsupported_media_type``; 406 ``not_acceptable``.
+        HTTPError: 415 ``unsupported_media_type`` or ``unsupported_content_encoding``; 406
+            ``not_acceptable``.
     """
     if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise HTTPError(
@@ -354,6 +355,7 @@ def _check_post_headers(headers: dict[str, str]) -> None:
             type="invalid_request_error",
             code="unsupported_media_type",
         )
+    check_content_encoding(headers.get("content-encoding"))
     accepted = {part.split(";")[0].strip().lower() for part in headers.get("accept", "").split(",")}
     json = bool(accepted & {"*/*", "application/*", "application/json"})
     sse = bool(accepted & {"*/*", "text/*", "text/event-stream"})

@@ -83,7 +83,10 @@ _REFUSALS: dict[int, str] = {
     404: "No such program (`unknown_program`).",
     413: "The body, the inputs' text or the batch is larger than its limit (`body_too_large`, "
     "`input_too_large`, `batch_too_large`).",
-    415: "No body, or not sent as `Content-Type: application/json` (`unsupported_media_type`).",
+    415: (
+        "No body, or not sent as `Content-Type: application/json` (`unsupported_media_type`), or sent with a"
+        " `Content-Encoding` (`unsupported_content_encoding`)."
+    ),
     422: "A field is invalid; `param` names it (`invalid_body`, `invalid_input`, `invalid_timeout`, "
     "`invalid_unicode`).",
     429: "Overloaded (`overloaded`), or the upstream's rate limit: retry after `Retry-After`.",
