@@ -49,8 +49,8 @@ async def read_json(model: type[M], settings: ServiceSettings, head: RequestDead
     (:meth:`RequestDeadline.of_head`): Quart's own wait (``BODY_TIMEOUT``, 60 s) knows nothing of it.
 
     Raises:
-        HTTPError: 415 when it is not sent as JSON, or sent compressed; 408 ``body_timeout`` when the body is not all there
-            by the head's deadline; 400/413 from the limits; 422 invalid fields.
+        HTTPError: 415 when it is not sent as JSON, or sent compressed; 408 ``body_timeout`` when the
+            body is not all there by the head's deadline; 400/413 from the limits; 422 invalid fields.
     """
     if request.mimetype != "application/json":
         raise HTTPError(
