@@ -128,6 +128,10 @@ class BreakerPeers(Protocol):
         """Give back a probe that was claimed but never answered (cancelled, the caller's error)."""
         ...
 
+    def closed(self, epoch: str) -> None:
+        """Tell the others the probes of the opening ``epoch`` closed this breaker."""
+        ...
+
 
 def counts_against(error: UpstreamError) -> bool:
     """Whether ``error`` says the upstream is failing (a breaker failure), rather than that the request
@@ -211,6 +215,11 @@ class CircuitBreaker:
         """The name of the current opening ("" before the first)."""
         return self._epoch
 
+    @property
+    def open_until(self) -> float:
+        """The end of the current (or last) open period on Trio's clock."""
+        return self._until
+
     def statistics(self) -> BreakerStatistics:
         state = self.state
         now = trio.current_time()
@@ -293,7 +302,10 @@ class CircuitBreaker:
             if self.peers is not None:
                 self.peers.probe_succeeded(self._epoch)
             if self._probes_ok >= self.settings.half_open_calls:
+                epoch = self._epoch
                 self._close(f"{self._probes_ok} probe(s) succeeded")
+                if self.peers is not None:
+                    self.peers.closed(epoch)
             return
         self._record(trio.current_time(), failed=False)
 
@@ -424,6 +436,24 @@ class CircuitBreaker:
             self._until, self._epoch = until, epoch
             return
         self._open(until, epoch, "another process's breaker opened")
+
+    def heard_half_open(self, epoch: str) -> None:
+        """The cluster is half-open on the opening ``epoch`` (what Redis keeps, read by a process that
+        starts or comes back): a closed breaker joins it, so that its calls are counted with the
+        cluster's probes instead of going out as ordinary calls."""
+        if self.state != "closed":
+            return
+        self._transition("half_open")
+        self._calls.clear()
+        self._failures = 0
+        self._probes_ok = 0
+        self._epoch = epoch
+        self.opened += 1
+        logger.warning(
+            "LM %s: circuit breaker half-open: joined another process's opening, its probes are counted "
+            "across the cluster",
+            self.name,
+        )
 
     def heard_probe_succeeded(self, epoch: str) -> None:
         """A probe of the opening ``epoch`` succeeded in another process."""

@@ -29,7 +29,7 @@ from .._breaker import BreakerSettings, CircuitBreaker
 from .._budget import BudgetLimit
 from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
-from ._breaker import SharedBreakerPeers, shared_breaker
+from ._breaker import KeptOpenings, SharedBreakerPeers, shared_breaker
 from ._budget import SharedBudget
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
@@ -78,7 +78,8 @@ class Cluster:
         self._quotas: dict[str, SharedQuota] = {}
         self._cooldowns: dict[str, SharedCoolDown] = {}
         self.flights: RemoteFlights | None = None  # single-flight and the cache across processes
-        self._breakers: dict[str, SharedBreakerPeers] = {}
+        self._kept_openings = KeptOpenings(link)  # the openings Redis keeps, read at every heartbeat
+        self._breakers: dict[str, SharedBreakerPeers] = self._kept_openings.peers
         self._budgets: dict[str, SharedBudget] = {}
 
     def __repr__(self) -> str:
@@ -119,14 +120,20 @@ class Cluster:
 
     def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker:
         """The circuit breaker of ``upstream`` in this process, sharing its openings and probes with the
-        same LM's breakers in every other process (see ``_breaker``). One per upstream."""
+        same LM's breakers in every other process (see ``_breaker``). One per upstream.
+
+        An opening Redis keeps (another process's breaker is open) is read in the background at once:
+        the breaker opens within a round-trip."""
         breaker, peers = shared_breaker(self.link, upstream, settings, longest_open=longest_open)
         self._breakers[upstream] = peers
+        if self.link.nursery is not None:
+            self.link.nursery.start_soon(self._kept_openings.read, [peers])
         return breaker
 
     def _flushing(self) -> list[Flushes]:
-        """What the heartbeat lets send its queued writes: every quota and budget."""
-        return [*self._quotas.values(), *self._budgets.values()]
+        """What the heartbeat lets send its queued writes (every quota and budget) or read (the
+        openings of breakers)."""
+        return [*self._quotas.values(), *self._budgets.values(), self._kept_openings]
 
     def budget(self, tenant: str, limit: BudgetLimit) -> SharedBudget:
         if tenant not in self._budgets:
@@ -202,6 +209,8 @@ class Cluster:
                 )
                 async with pubsub:
                     self.subscribed.set()
+                    if self._breakers:  # what was broadcast while this process was not listening
+                        self.link.nursery.start_soon(self._kept_openings.read)  # type: ignore[union-attr]
                     async for message in pubsub:
                         self._dispatch(message)
             except trio.Cancelled:
