@@ -280,11 +280,17 @@ class CircuitBreaker:
         except BaseException:
             self._give_back(ticket, release_claim=False)
             raise
+        if ticket.generation != self._generation:
+            # It opened again, closed or joined another opening during the claim: the place claimed
+            # is of an opening that is over; the call is decided anew (it must not go out as a probe
+            # of an upstream known to be failing).
+            if allowed:
+                self.peers.release_probe(epoch)
+            return await self.admit()
         if allowed:
             return ticket
         self._give_back(ticket, release_claim=False)
-        if ticket.generation == self._generation:  # the others probe: wait for their word
-            self._claims_refused_until = trio.current_time() + self.settings.open_for
+        self._claims_refused_until = trio.current_time() + self.settings.open_for  # wait for their word
         self.rejected += 1
         raise CircuitOpenError(
             f"{self.name}: the circuit breaker is half-open and other processes are probing",
