@@ -188,6 +188,59 @@ async def test_an_opening_heard_from_another_process_is_bounded_like_ones_own(
             assert breaker_a.state == "closed"
 
 
+async def test_a_huge_or_odd_breaker_message_is_ignored_with_a_short_log_line(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A megabyte of garbage, a megabyte-long epoch, a length given as ``true`` and an event of a newer
+    version: each ignored, and logged in a line of bounded length (not the megabyte)."""
+    async with clusters(redis_server, 2) as (a, b):
+        breaker_a = await made(a)
+        channel = b.link.key("breaker")
+        messages = [
+            "x" * 1_000_000,
+            json.dumps({"lm": "up", "event": "open", "seconds": 5, "epoch": "e" * 1_000_000, "from": "p"}),
+            json.dumps({"lm": "up", "event": "open", "seconds": True, "epoch": "x", "from": "p"}),
+            json.dumps({"lm": "up", "event": "half_open", "epoch": "x", "from": "p"}),
+        ]
+        for message in messages:
+            await b.link.call(lambda message=message: b.link.client.publish(channel, message))  # type: ignore[misc]
+        # the garbage is no JSON for b either; the others are for a (b has no breaker of "up")
+        await eventually(lambda: caplog.text.count("malformed circuit-breaker message") == 5)
+        assert breaker_a.state == "closed"
+        assert max(len(record.getMessage()) for record in caplog.records) < 1000
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        ("string", "garbage"),
+        ("hash", {"epoch": "x", "half_open_ms": "?"}),
+        ("hash", {"epoch": "e" * 10_000, "half_open_ms": "1000"}),
+        ("hash-for-ever", {"epoch": "x", "half_open_ms": "1000"}),
+    ],
+    ids=["not-a-hash", "not-a-number", "huge-epoch", "no-expiry"],
+)
+async def test_a_malformed_kept_opening_is_ignored_and_redis_still_counts_as_up(
+    redis_server: RedisServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    kept: tuple[str, Any],
+) -> None:
+    async with clusters(redis_server, 1) as (a,):
+        key = a.link.key("breaker", "up", "open")
+        kind, value = kept
+        if kind == "string":
+            await a.link.client.set(key, value, px=60_000)
+        else:
+            await a.link.client.hset(key, value)
+            if kind == "hash":
+                await a.link.client.pexpire(key, 60_000)
+        breaker = await made(a)
+        assert breaker.state == "closed"
+        assert not a.link.degraded
+        assert a.statistics().failures == 0
+
+
 async def test_with_redis_down_each_process_keeps_its_own_breaker(
     own_redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -68,7 +68,9 @@ return 0
 # The opening's probes closed it: forget it (KEYS[1], if still that epoch, ARGV[1]) and its probe
 # counter (KEYS[2]: a process that missed the close takes a place at once instead of finding them taken).
 CLOSE_SCRIPT = """
-if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[1]).ok == 'hash' and redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
 redis.call('DEL', KEYS[2])
 return 0
 """
@@ -77,11 +79,15 @@ return 0
 READ_SCRIPT = """
 local found = {}
 for _, key in ipairs(KEYS) do
-  local epoch = redis.call('HGET', key, 'epoch')
-  local half = redis.call('HGET', key, 'half_open_ms')
-  found[#found + 1] = epoch or ''
-  found[#found + 1] = half or ''
-  found[#found + 1] = redis.call('PTTL', key)
+  if redis.call('TYPE', key).ok == 'hash' then
+    found[#found + 1] = redis.call('HGET', key, 'epoch') or ''
+    found[#found + 1] = redis.call('HGET', key, 'half_open_ms') or ''
+    found[#found + 1] = redis.call('PTTL', key)
+  else  -- none, or not ours to read (an error here would count Redis as down)
+    found[#found + 1] = ''
+    found[#found + 1] = ''
+    found[#found + 1] = -2
+  end
 end
 return found
 """
@@ -170,7 +176,9 @@ class SharedBreakerPeers:
             return
         epoch = _epoch(message["epoch"])
         if message["event"] == "open":
-            seconds = float(message["seconds"])
+            seconds = message["seconds"]
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+                raise TypeError(f"an opening's length is a number of seconds; got {seconds!r}")
             if seconds > 0:  # False for NaN
                 breaker.heard_open(trio.current_time() + min(seconds, breaker.longest_open), epoch)
         elif message["event"] == "probe_ok":

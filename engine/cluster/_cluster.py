@@ -169,14 +169,14 @@ class Cluster:
                         seconds = float(heard["until"]) - self.link.clock()
                     self._cooldowns[heard["upstream"]].heard(seconds)
             except (ValueError, TypeError, KeyError):
-                logger.warning("ignored a malformed cool-down message: %r", data)
+                logger.warning("ignored a malformed cool-down message: %s", _excerpt(data))
         elif channel == self.link.key("breaker"):
             try:
                 heard = json.loads(data)
                 if heard.get("from") != self.link.process_id and heard.get("lm") in self._breakers:
                     self._breakers[heard["lm"]].heard(heard)
             except (ValueError, TypeError, KeyError, AttributeError):
-                logger.warning("ignored a malformed circuit-breaker message: %r", data)
+                logger.warning("ignored a malformed circuit-breaker message: %s", _excerpt(data))
 
     async def _listen(self) -> None:
         """Receive cancels for this process, cool-downs and circuit-breaker news from all, until cancelled.
@@ -219,6 +219,14 @@ class Cluster:
                 self.link.mark_down(f"subscriber: {type(exc).__name__}: {exc}")
             self.subscribed = trio.Event()
             await trio.sleep(self.link.config.heartbeat_interval)
+
+
+def _excerpt(data: Any, limit: int = 200) -> str:
+    """``data`` for a log line: its repr, cut to ``limit`` characters (a message may be megabytes)."""
+    text = repr(data[: limit + 1] if isinstance(data, str | bytes) else data)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(data) if isinstance(data, str | bytes) else len(text)} characters)"
 
 
 def _secret(config: ClusterConfig) -> bytes:
