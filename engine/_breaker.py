@@ -179,6 +179,8 @@ class CircuitBreaker:
         self._state: BreakerState = "closed"
         self._generation = 0  # moves at every transition: results of older tickets are stale
         self._ticket = Ticket(0, probe=False)  # the one ticket of every ordinary call of a generation
+        # That ticket while closed, else None: the guard's check without a coroutine per call.
+        self.ticket_if_closed: Ticket | None = self._ticket
         self._calls: deque[tuple[float, bool]] = deque()  # (when, failed) in the window, oldest first
         self._failures = 0
         self._until = -math.inf  # the end of the open period
@@ -377,6 +379,7 @@ class CircuitBreaker:
         self._state = state
         self._generation += 1
         self._ticket = Ticket(self._generation, probe=False)
+        self.ticket_if_closed = self._ticket if state == "closed" else None
         self._probes.clear()
         self._claims_refused_until = -math.inf
 
