@@ -25,8 +25,9 @@ Time is Trio's clock; every transition is logged once (``dspy_trio.engine.breake
 
 With a cluster (``[cluster]`` Redis) the breakers of one LM in every process share their openings and
 probes through :class:`BreakerPeers` (``engine/cluster/_breaker.py``): one process's discovery opens the
-breaker everywhere within a pub/sub round-trip, and the half-open probes are counted across the cluster.
-Each process counts its own calls, and keeps its own breaker while Redis is unreachable.
+breaker everywhere within a pub/sub round-trip (and in a process that starts or reaches Redis again
+meanwhile, from the opening Redis keeps), and the half-open probes are counted across the cluster. Each
+process counts its own calls, and keeps its own breaker while Redis is unreachable.
 """
 
 from __future__ import annotations
