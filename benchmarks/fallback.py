@@ -17,6 +17,11 @@ closed-loop callers with a 10 s deadline each. Parts, each with its goal:
   layers    CPU per LM call of the layers alone, in process with a backend that answers at once (no
             network, little noise): the upstream guard, with a breaker, and inside a fallback chain;
             what they add, against the CPU of a whole prediction measured by ``healthy``.
+  paired    the goal's measure: engine CPU per prediction with the primary's fallback chain and
+            breakers against the same tree's one LM, both engines in one process, alternated blocks of
+            ``--block`` predictions (64 concurrent, 20 ms upstream), ``--pairs`` per process in
+            ``--processes`` processes; the median of the ABBA ratios and their spread, beside an A/A
+            control (one LM against one LM) that shows the method's own noise; goal <= 1.02x.
   healthy   engine CPU per prediction, 64 concurrent, 20 ms upstream, each measurement in a fresh
             process, rounds alternated: the baseline tree (``--baseline``, default the merge base of HEAD
             and main; one LM), this tree with one LM, and this tree with the primary's fallback chain and
