@@ -91,3 +91,23 @@ def rss_mb(pid: int | str = "self") -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def ratio_spread(ratios: Sequence[float]) -> dict[str, float]:
+    """The median of paired ``ratios`` and their spread: quartiles (p25, p75), extremes and count."""
+    ordered = sorted(ratios)
+    return {
+        "median": float(statistics.median(ordered)),
+        "p25": percentile(ordered, 0.25),
+        "p75": percentile(ordered, 0.75),
+        "low": ordered[0],
+        "high": ordered[-1],
+        "pairs": len(ordered),
+    }
+
+
+def abba_ratios(b: Sequence[float], a: Sequence[float]) -> list[float]:
+    """Ratios of ``b`` to ``a`` measured in alternated pairs (a then b, then b then a, ...), one per two
+    pairs (ABBA): summing each side over a pair of pairs cancels what the position in a pair costs (the
+    second block of a pair runs after the first, with its garbage) and a load that drifts linearly."""
+    return [(b[i] + b[i + 1]) / (a[i] + a[i + 1]) for i in range(0, min(len(a), len(b)) - 1, 2)]

@@ -17,6 +17,11 @@ closed-loop callers with a 10 s deadline each. Parts, each with its goal:
   layers    CPU per LM call of the layers alone, in process with a backend that answers at once (no
             network, little noise): the upstream guard, with a breaker, and inside a fallback chain;
             what they add, against the CPU of a whole prediction measured by ``healthy``.
+  paired    the goal's measure: engine CPU per prediction with the primary's fallback chain and
+            breakers against the same tree's one LM, both engines in one process, alternated blocks of
+            ``--block`` predictions (64 concurrent, 20 ms upstream), ``--pairs`` per process in
+            ``--processes`` processes; the median of the ABBA ratios and their spread, beside an A/A
+            control (one LM against one LM) that shows the method's own noise; goal <= 1.02x.
   healthy   engine CPU per prediction, 64 concurrent, 20 ms upstream, each measurement in a fresh
             process, rounds alternated: the baseline tree (``--baseline``, default the merge base of HEAD
             and main; one LM), this tree with one LM, and this tree with the primary's fallback chain and
@@ -43,7 +48,7 @@ import httpx
 import trio
 
 from benchmarks._baseline import HELP, ROOT, baseline_tree
-from benchmarks._measure import run_worker, verdict
+from benchmarks._measure import abba_ratios, ratio_spread, run_worker, verdict
 from benchmarks._upstream import start_upstream
 
 LATENCY = 0.05  # seconds per answer of both fake upstreams
@@ -323,6 +328,58 @@ def _cpu_worker(url: str, mode: str, n: int, concurrency: int) -> dict[str, Any]
     return dict(trio.run(run))
 
 
+def _paired_worker(url: str, n: int, pairs: int, concurrency: int, control: bool = False) -> dict[str, Any]:
+    """Both engines in one process (one LM; the primary's fallback chain and breakers), calling the same
+    upstream; ``pairs`` pairs of blocks of ``n`` predictions, alternated (single first in even pairs),
+    each block's CPU ms per prediction. ``control``: the second engine has one LM too (an A/A run that
+    shows the method's own noise)."""
+    from dspy_trio.engine import EngineConfig, open_engine
+
+    lm: dict[str, Any] = {
+        "provider": "openai",
+        "model": "bench",
+        "api_base": url,
+        "retry": {"max_attempts": 1},
+    }
+    engine = {"max_in_flight": concurrency, "max_queued": 100_000}
+    chained = {"default": {**lm, "fallbacks": ["backup"], "breaker": {}}, "backup": lm}
+    configs = {
+        "single": EngineConfig.from_mapping({"engine": engine, "lms": {"default": lm}}),
+        "chain": EngineConfig.from_mapping(
+            {"engine": engine, "lms": {"default": lm} if control else chained}
+        ),
+    }
+
+    async def run() -> dict[str, Any]:
+        async with open_engine(configs["single"]) as single, open_engine(configs["chain"]) as chain:
+            engines = {"single": single, "chain": chain}
+            limit = trio.Semaphore(concurrency)
+
+            async def block(name: str, start: int, count: int) -> float:
+                engine = engines[name]
+
+                async def one(i: int) -> None:
+                    async with limit:
+                        await engine.predict("default", {"question": QUESTION.format(i)})
+
+                cpu = time.process_time()
+                async with trio.open_nursery() as nursery:
+                    for i in range(start, start + count):
+                        nursery.start_soon(one, i)
+                return (time.process_time() - cpu) / count * 1000
+
+            for _ in range(2):  # warm-up
+                for name in engines:
+                    await block(name, 0, n // 2)
+            blocks: dict[str, list[float]] = {"single": [], "chain": []}
+            for pair in range(pairs):
+                for name in ("single", "chain") if pair % 2 == 0 else ("chain", "single"):
+                    blocks[name].append(await block(name, (pair + 1) * n, n))
+            return blocks
+
+    return dict(trio.run(run))
+
+
 def _run_worker(kind: str, url: str, tree: Path, args: argparse.Namespace) -> dict[str, Any]:
     result = run_worker(
         "benchmarks.fallback", ["--worker", kind, "--url", url, "--n", str(args.n)], tree=tree
@@ -361,6 +418,35 @@ def healthy(args: argparse.Namespace) -> dict[str, Any]:
         }
     medians = {name: statistics.median(values) for name, values in runs.items()}
     return {"baseline_commit": commit, **medians, **ratios}
+
+
+def paired(args: argparse.Namespace) -> dict[str, Any]:
+    """The goal's measure: engine CPU per prediction with the fallback chain and breakers over the same
+    tree's one LM (``paired``), and one LM over one LM (``control``: the method's own noise), each in
+    ``--processes`` fresh worker processes of ``--pairs`` alternated pairs of blocks: the median of the
+    ABBA ratios, and their spread."""
+    process, url = start_upstream(0.02)
+    report: dict[str, Any] = {}
+    try:
+        for kind in ("paired", "control"):
+            ratios: list[float] = []
+            blocks: dict[str, list[float]] = {"single": [], "chain": []}
+            for _ in range(args.processes):
+                arguments = ["--url", url, "--n", str(args.block), "--pairs", str(args.pairs)]
+                result = run_worker("benchmarks.fallback", ["--worker", kind, *arguments])
+                each = abba_ratios(result["chain"], result["single"])
+                ratios += each
+                for name in blocks:
+                    blocks[name] += result[name]
+                print(f"  {kind} worker: ABBA ratios {' '.join(f'{r:.3f}' for r in each)}", file=sys.stderr)
+            medians = {name: statistics.median(values) for name, values in blocks.items()}
+            report[kind] = {**medians, "ratio": ratio_spread(ratios)}
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    return report
 
 
 def layers(n: int = 20_000) -> dict[str, float]:
@@ -485,6 +571,19 @@ def summary(report: dict[str, Any], args: argparse.Namespace) -> None:
             )
         else:
             print(f"    a fallback chain with breakers adds {added:.2f} us per LM call")
+    if "paired" in report:
+        cpu, control = report["paired"]["paired"], report["paired"]["control"]
+        spread, noise = cpu["ratio"], control["ratio"]
+        print(
+            f"  healthy path, engine CPU per prediction with a fallback chain and breakers over one LM (same "
+            f"tree and process, 64 concurrent, {args.processes} processes x {args.pairs} alternated blocks "
+            f"of {args.block} predictions per engine): one LM {cpu['single']:.3f} ms, chain "
+            f"{cpu['chain']:.3f} ms; median of the ABBA ratios {spread['median']:.4f}x (p25-p75 "
+            f"{spread['p25']:.4f}-{spread['p75']:.4f}, range {spread['low']:.3f}-{spread['high']:.3f}, "
+            f"{spread['pairs']} ratios; goal <= 1.02x: {verdict(spread['median'] <= 1.02)})\n"
+            f"    the method's own noise, one LM against one LM: median {noise['median']:.4f}x (p25-p75 "
+            f"{noise['p25']:.4f}-{noise['p75']:.4f}, range {noise['low']:.3f}-{noise['high']:.3f})"
+        )
     if "healthy" in report:
         cpu = report["healthy"]
         base, single, chain, floor = cpu["baseline"], cpu["single"], cpu["chain"], cpu["floor"]
@@ -506,13 +605,16 @@ def _ms(seconds: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parts = ("failover", "layers", "healthy")
+    parts = ("failover", "layers", "paired", "healthy")
     parser.add_argument("--parts", nargs="+", choices=parts, default=list(parts))
     parser.add_argument("--outage", type=float, default=30.0, help="seconds the primary answers 503")
     parser.add_argument("--stall", type=float, default=20.0, help="seconds the primary never answers")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the healthy-path CPU measurement")
     parser.add_argument("--n", type=int, default=2000, help="predictions per CPU measurement")
+    parser.add_argument("--processes", type=int, default=3, help="worker processes of the paired part")
+    parser.add_argument("--pairs", type=int, default=16, help="interleaved pairs per paired worker")
+    parser.add_argument("--block", type=int, default=500, help="predictions per block of a pair")
     parser.add_argument("--baseline", default=None, help=HELP)
     parser.add_argument("--json", default=None, help="also write the raw report to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -524,6 +626,9 @@ def main() -> None:
             from benchmarks.floor import measure
 
             print(json.dumps(measure(args.url, args.n)))
+        elif args.worker in ("paired", "control"):
+            control = args.worker == "control"
+            print(json.dumps(_paired_worker(args.url, args.n, args.pairs, 64, control=control)))
         else:
             print(json.dumps(_cpu_worker(args.url, args.worker, args.n, 64)))
         return
@@ -533,6 +638,8 @@ def main() -> None:
         report |= trio.run(failover, args)
     if "layers" in args.parts:
         report["layers"] = layers()
+    if "paired" in args.parts:
+        report["paired"] = paired(args)
     if "healthy" in args.parts:
         report["healthy"] = healthy(args)
     summary(report, args)

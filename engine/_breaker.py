@@ -25,8 +25,9 @@ Time is Trio's clock; every transition is logged once (``dspy_trio.engine.breake
 
 With a cluster (``[cluster]`` Redis) the breakers of one LM in every process share their openings and
 probes through :class:`BreakerPeers` (``engine/cluster/_breaker.py``): one process's discovery opens the
-breaker everywhere within a pub/sub round-trip, and the half-open probes are counted across the cluster.
-Each process counts its own calls, and keeps its own breaker while Redis is unreachable.
+breaker everywhere within a pub/sub round-trip (and in a process that starts or reaches Redis again
+meanwhile, from the opening Redis keeps), and the half-open probes are counted across the cluster. Each
+process counts its own calls, and keeps its own breaker while Redis is unreachable.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class BreakerPeers(Protocol):
         """Give back a probe that was claimed but never answered (cancelled, the caller's error)."""
         ...
 
+    def closed(self, epoch: str) -> None:
+        """Tell the others the probes of the opening ``epoch`` closed this breaker."""
+        ...
+
 
 def counts_against(error: UpstreamError) -> bool:
     """Whether ``error`` says the upstream is failing (a breaker failure), rather than that the request
@@ -175,6 +180,8 @@ class CircuitBreaker:
         self._state: BreakerState = "closed"
         self._generation = 0  # moves at every transition: results of older tickets are stale
         self._ticket = Ticket(0, probe=False)  # the one ticket of every ordinary call of a generation
+        # That ticket while closed, else None: the guard's check without a coroutine per call.
+        self.ticket_if_closed: Ticket | None = self._ticket
         self._calls: deque[tuple[float, bool]] = deque()  # (when, failed) in the window, oldest first
         self._failures = 0
         self._until = -math.inf  # the end of the open period
@@ -210,6 +217,11 @@ class CircuitBreaker:
     def epoch(self) -> str:
         """The name of the current opening ("" before the first)."""
         return self._epoch
+
+    @property
+    def open_until(self) -> float:
+        """The end of the current (or last) open period on Trio's clock."""
+        return self._until
 
     def statistics(self) -> BreakerStatistics:
         state = self.state
@@ -271,11 +283,17 @@ class CircuitBreaker:
         except BaseException:
             self._give_back(ticket, release_claim=False)
             raise
+        if ticket.generation != self._generation:
+            # It opened again, closed or joined another opening during the claim: the place claimed
+            # is of an opening that is over; the call is decided anew (it must not go out as a probe
+            # of an upstream known to be failing).
+            if allowed:
+                self.peers.release_probe(epoch)
+            return await self.admit()
         if allowed:
             return ticket
         self._give_back(ticket, release_claim=False)
-        if ticket.generation == self._generation:  # the others probe: wait for their word
-            self._claims_refused_until = trio.current_time() + self.settings.open_for
+        self._claims_refused_until = trio.current_time() + self.settings.open_for  # wait for their word
         self.rejected += 1
         raise CircuitOpenError(
             f"{self.name}: the circuit breaker is half-open and other processes are probing",
@@ -293,7 +311,10 @@ class CircuitBreaker:
             if self.peers is not None:
                 self.peers.probe_succeeded(self._epoch)
             if self._probes_ok >= self.settings.half_open_calls:
+                epoch = self._epoch
                 self._close(f"{self._probes_ok} probe(s) succeeded")
+                if self.peers is not None:
+                    self.peers.closed(epoch)
             return
         self._record(trio.current_time(), failed=False)
 
@@ -359,6 +380,7 @@ class CircuitBreaker:
         self._state = state
         self._generation += 1
         self._ticket = Ticket(self._generation, probe=False)
+        self.ticket_if_closed = self._ticket if state == "closed" else None
         self._probes.clear()
         self._claims_refused_until = -math.inf
 
@@ -424,6 +446,24 @@ class CircuitBreaker:
             self._until, self._epoch = until, epoch
             return
         self._open(until, epoch, "another process's breaker opened")
+
+    def heard_half_open(self, epoch: str) -> None:
+        """The cluster is half-open on the opening ``epoch`` (what Redis keeps, read by a process that
+        starts or comes back): a closed breaker joins it, so that its calls are counted with the
+        cluster's probes instead of going out as ordinary calls."""
+        if self.state != "closed":
+            return
+        self._transition("half_open")
+        self._calls.clear()
+        self._failures = 0
+        self._probes_ok = 0
+        self._epoch = epoch
+        self.opened += 1
+        logger.warning(
+            "LM %s: circuit breaker half-open: joined another process's opening, its probes are counted "
+            "across the cluster",
+            self.name,
+        )
 
     def heard_probe_succeeded(self, epoch: str) -> None:
         """A probe of the opening ``epoch`` succeeded in another process."""

@@ -34,6 +34,7 @@ result, the stream's final event and the HTTP ``Server-Timing`` header.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -172,6 +173,7 @@ class FallbackLM(TrioLM):
         watched = _Delivered(sink) if sink is not None else None
         skipped: list[SkippedLM] = []
         last = len(self.chain) - 1
+        opened, soonest = 0, math.inf  # LMs whose open breaker refused the call; their soonest probe
         for index, (name, lm) in enumerate(self.chain):
             try:
                 completion = await lm.complete_call(
@@ -179,6 +181,11 @@ class FallbackLM(TrioLM):
                 )
             except EngineError as error:
                 reason = self._reason(name, lm, error, index)
+                if isinstance(error, CircuitOpenError):
+                    soonest = min(soonest, error.retry_after or 0.0)
+                    if index == last and len(skipped) == opened:
+                        raise self._every_breaker_open(error, soonest) from None
+                    opened += 1
                 if reason is None or index == last or (watched is not None and watched.delivered):
                     raise
                 await trio.lowlevel.checkpoint_if_cancelled()  # a deadline that passed ends it here
@@ -188,6 +195,18 @@ class FallbackLM(TrioLM):
             record_lm_answer(_answered(name, lm, started, completion, tuple(skipped)))
             return completion if index == 0 else attrs.evolve(completion, model=lm.model)
         raise AssertionError("unreachable: the last LM's error is raised")  # pragma: no cover
+
+    def _every_breaker_open(self, last: CircuitOpenError, soonest: float) -> CircuitOpenError:
+        """The error of a call every LM's open breaker refused: its ``retry_after`` is the soonest of
+        their probes (the caller may come back then), not the last LM's."""
+        if soonest >= (last.retry_after or 0.0):
+            return last
+        return CircuitOpenError(
+            f"{' -> '.join(name for name, _ in self.chain)}: the circuit breaker of every LM of the chain "
+            f"is open; the first probe goes in {soonest:.3g}s",
+            model=last.model,
+            retry_after=soonest,
+        )
 
     def _params(self, lm: TrioLM, params: Mapping[str, Any], index: int) -> Mapping[str, Any]:
         """The call's parameters for the chain's LM number ``index``: the call's own settings over

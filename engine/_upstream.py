@@ -224,12 +224,12 @@ class UpstreamGuard:
         """
         breaker = self.breaker
         # Asked first: a call the open breaker refuses is no request of the retry budget (never sent).
-        ticket = await breaker.admit() if breaker is not None else None
+        ticket = None if breaker is None else (breaker.ticket_if_closed or await breaker.admit())
         self._budget.record_request()
         retry = 0
         while True:
             if retry and breaker is not None:
-                ticket = await breaker.admit()
+                ticket = breaker.ticket_if_closed or await breaker.admit()
             watchdog = trio.CancelScope()
             streams = sink is not None or streamed
             watched = _WatchedSink(sink, watchdog, self.policy.stall_timeout) if streams else None

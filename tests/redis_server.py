@@ -8,6 +8,7 @@ Without ``redis-server`` on the machine these tests skip loudly (``make test`` i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import signal
@@ -162,4 +163,58 @@ async def delaying_proxy(port: int, delay: float) -> AsyncIterator[int]:
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(trio.serve_tcp, guarded, 0)
         yield int(listeners[0].socket.getsockname()[1])
+        nursery.cancel_scope.cancel()
+
+
+class Cut:
+    """A TCP proxy to one Redis that can be cut (every connection closed, new ones refused) and mended:
+    one process losing Redis while the others keep it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.open = True
+        self._relays: set[trio.CancelScope] = set()
+
+    def cut(self) -> None:
+        self.open = False
+        for relay in self._relays:
+            relay.cancel()
+
+    def mend(self) -> None:
+        self.open = True
+
+
+@asynccontextmanager
+async def cuttable_proxy(port: int) -> AsyncIterator[Cut]:
+    """A :class:`Cut` proxy to 127.0.0.1:``port``; its ``port`` is the one to connect to."""
+    cut = Cut(0)
+
+    async def relay(client: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            if not cut.open:
+                await client.aclose()
+                return
+            cut._relays.add(scope)
+            try:
+                async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
+
+                    async def pump(source: trio.SocketStream, target: trio.SocketStream) -> None:
+                        async for data in source:
+                            await target.send_all(data)
+                        scope.cancel()
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(pump, client, server)
+                        nursery.start_soon(pump, server, client)
+            finally:
+                cut._relays.discard(scope)
+
+    async def guarded(client: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await relay(client)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, guarded, 0, host="127.0.0.1"))
+        cut.port = int(listeners[0].socket.getsockname()[1])
+        yield cut
         nursery.cancel_scope.cancel()

@@ -510,3 +510,204 @@ async def test_calls_an_open_breaker_refused_are_not_requests_of_the_retry_budge
     with pytest.raises(UpstreamServerError):
         await guard.call(upstream, None, estimate=1)  # 3 requests sent: 0.3 x 3 leaves no retry
     assert len(upstream.started) == 1
+
+
+# --- breakers of several processes sharing their probes (an in-memory cluster) -------------------------
+
+
+class FakeCluster:
+    """What Redis does for the breakers of one LM in several processes: probe counters that expire
+    ``ttl`` after their first place (a claim's reply takes ``round_trip``; a claim cancelled while its
+    reply is on its way keeps its place, as with Redis), and broadcasts heard after ``round_trip``."""
+
+    def __init__(self, nursery: trio.Nursery, round_trip: float = 0.0) -> None:
+        self.nursery = nursery
+        self.round_trip = round_trip
+        self.breakers: list[CircuitBreaker] = []
+        self.counters: dict[str, tuple[int, float]] = {}  # epoch -> (taken, expires)
+        self.epochs = 0
+        self.out = 0  # probes let through and not ended, in every process
+        self.most_out = 0
+
+    def peers(self, index: int) -> FakePeers:
+        return FakePeers(self, index)
+
+    def taken(self, epoch: str) -> int:
+        taken, expires = self.counters.get(epoch, (0, math.inf))
+        return taken if trio.current_time() < expires else 0
+
+    def tell(self, sender: int, hear: Any) -> None:
+        async def deliver() -> None:
+            await trio.sleep(self.round_trip)
+            for index, breaker in enumerate(self.breakers):
+                if index != sender:
+                    hear(breaker)
+
+        self.nursery.start_soon(deliver)
+
+
+class FakePeers:
+    def __init__(self, cluster: FakeCluster, index: int) -> None:
+        self.cluster = cluster
+        self.index = index
+
+    def new_epoch(self) -> str:
+        self.cluster.epochs += 1
+        return f"{self.index}:{self.cluster.epochs}"
+
+    def opened(self, until: float, epoch: str) -> None:
+        self.cluster.tell(self.index, lambda breaker: breaker.heard_open(until, epoch))
+
+    def probe_succeeded(self, epoch: str) -> None:
+        self.cluster.tell(self.index, lambda breaker: breaker.heard_probe_succeeded(epoch))
+
+    def closed(self, epoch: str) -> None:
+        self.cluster.counters.pop(epoch, None)
+
+    async def claim_probe(self, epoch: str, limit: int, ttl: float) -> bool:
+        cluster = self.cluster
+        taken = cluster.taken(epoch) + 1
+        expires = cluster.counters[epoch][1] if taken > 1 else trio.current_time() + ttl
+        cluster.counters[epoch] = (taken, expires)
+        await trio.sleep(cluster.round_trip)
+        return taken <= limit
+
+    def release_probe(self, epoch: str) -> None:
+        taken, expires = self.cluster.counters.get(epoch, (0, math.inf))
+        if taken > 0:
+            self.cluster.counters[epoch] = (taken - 1, expires)
+
+
+async def test_a_transition_during_a_probes_claim_sends_nothing_to_an_open_upstream(
+    autojump_clock: Any,
+) -> None:
+    """A half-open breaker claims a probe's place from the cluster (a round-trip); another process's
+    probe fails meanwhile and the opening is heard: the claimed call must fail fast, not go out as a
+    probe of the opening before."""
+    settings_ = attrs.evolve(SETTINGS, min_calls=1, failure_ratio=1.0)
+    async with trio.open_nursery() as nursery:
+        cluster = FakeCluster(nursery, round_trip=0.1)
+        breaker = CircuitBreaker("up", settings_, peers=cluster.peers(0))
+        cluster.breakers.append(breaker)
+        guard = guarded(breaker, attempts=1)
+        with pytest.raises(UpstreamServerError):
+            await guard.call(Upstream(failure()), None, estimate=1)
+        await at(5.0)
+        assert breaker.state == "half_open"
+
+        async def heard_meanwhile() -> None:
+            await trio.sleep(0.05)
+            breaker.heard_open(trio.current_time() + 5.0, "1:99")
+
+        nursery.start_soon(heard_meanwhile)
+        upstream = Upstream()
+        with pytest.raises(CircuitOpenError):
+            await guard.call(upstream, None, estimate=1)
+        assert upstream.started == []
+        assert breaker.state == "open"
+        assert cluster.taken(breaker.epoch) == 0
+
+
+@attrs.frozen
+class ClusterPlan:
+    processes: int
+    outcomes: tuple[str, ...]  # per call: ok, fail, caller, hang
+    where: tuple[int, ...]  # the process of each call
+    starts: tuple[float, ...]
+    cancels: tuple[float | None, ...]
+    half_open_calls: int
+    round_trip: float
+
+
+cluster_plans = st.integers(1, 12).flatmap(
+    lambda n: st.builds(
+        ClusterPlan,
+        processes=st.integers(2, 3),
+        outcomes=st.lists(st.sampled_from(["ok", "fail", "caller", "hang"]), min_size=n, max_size=n).map(
+            tuple
+        ),
+        where=st.lists(st.integers(0, 2), min_size=n, max_size=n).map(tuple),
+        starts=st.lists(st.sampled_from([0.0, 5.0, 5.0, 5.05, 5.1, 5.5, 6.0]), min_size=n, max_size=n).map(
+            tuple
+        ),
+        cancels=st.lists(st.sampled_from([None, 0.0, 0.05, 0.1, 0.5]), min_size=n, max_size=n).map(tuple),
+        half_open_calls=st.integers(1, 3),
+        round_trip=st.sampled_from([0.0, 0.1]),
+    )
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=cluster_plans)
+def test_concurrent_calls_in_several_processes_never_probe_more_than_half_open_calls(
+    plan: ClusterPlan,
+) -> None:
+    """Several processes' breakers of one LM, opened together at t=0 and half-open at t=5, take calls
+    that succeed, fail, hang or are the caller's fault, each cancelled at any moment (a claim's
+    round-trip included) or not: never more than ``half_open_calls`` probes are out at once across the
+    processes, and afterwards none is stuck (each admits a call once any opening has ended)."""
+
+    async def main() -> None:
+        settings_ = BreakerSettings(
+            min_calls=1, failure_ratio=1.0, open_for=5.0, half_open_calls=plan.half_open_calls
+        )
+        async with trio.open_nursery() as nursery:
+            cluster = FakeCluster(nursery, round_trip=plan.round_trip)
+            breakers = [
+                CircuitBreaker("up", settings_, peers=cluster.peers(i)) for i in range(plan.processes)
+            ]
+            cluster.breakers.extend(breakers)
+            guards = [
+                UpstreamGuard(
+                    "up", UpstreamPolicy(retry=RetryPolicy(max_attempts=2, base_delay=0.5)), breaker=b
+                )
+                for b in breakers
+            ]
+            with pytest.raises(UpstreamServerError):
+                await guards[0].call(Upstream(failure()), None, estimate=1)
+            await trio.sleep(plan.round_trip)  # every process heard the opening
+
+            def attempt_for(outcome: str, breaker: CircuitBreaker) -> Any:
+                async def attempt(sink: Any) -> Completion:
+                    probe = breaker.state != "closed"
+                    if probe:
+                        cluster.out += 1
+                        cluster.most_out = max(cluster.most_out, cluster.out)
+                    try:
+                        await trio.sleep(0.5)
+                        if outcome == "fail":
+                            raise failure()
+                        if outcome == "caller":
+                            raise UpstreamResponseError("400", status=400)
+                        if outcome == "hang":
+                            await trio.sleep_forever()
+                        return OK
+                    finally:
+                        if probe:
+                            cluster.out -= 1
+
+                return attempt
+
+            async def one(index: int) -> None:
+                await trio.sleep(plan.starts[index])
+                process = plan.where[index] % plan.processes
+                attempt = attempt_for(plan.outcomes[index], breakers[process])
+                cancel = plan.cancels[index]
+                with trio.move_on_after(cancel if cancel is not None else 3.0):
+                    with contextlib.suppress(CircuitOpenError, UpstreamServerError, UpstreamResponseError):
+                        await guards[process].call(attempt, None, estimate=1)
+
+            async with trio.open_nursery() as calls:
+                for index in range(len(plan.outcomes)):
+                    calls.start_soon(one, index)
+            assert cluster.most_out <= plan.half_open_calls
+            for breaker in breakers:
+                assert breaker._probes_out == 0
+            await trio.sleep_until(max(trio.current_time(), 30.0))  # any opening, any place has ended
+            for breaker in breakers:
+                ticket = await breaker.admit()  # a place is free: nothing leaked, nothing stuck
+                breaker.succeeded(ticket)
+                await trio.sleep(plan.round_trip + 0.01)  # the others hear of it
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -27,7 +28,15 @@ from dspy_trio.engine import BreakerSettings, CircuitOpenError, UpstreamServerEr
 from dspy_trio.engine._breaker import CircuitBreaker
 from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.cluster import Cluster, open_cluster
-from tests.redis_server import RedisServer, eventually, own_redis_server, prefix, redis_server
+from tests.redis_server import (
+    REDIS,
+    RedisServer,
+    cuttable_proxy,
+    eventually,
+    own_redis_server,
+    prefix,
+    redis_server,
+)
 
 __all__ = ["own_redis_server", "redis_server"]  # fixtures
 
@@ -59,6 +68,16 @@ async def clusters(
         ]
 
 
+async def made(
+    cluster: Cluster, settings: BreakerSettings = SETTINGS, *, longest_open: float = 60.0, lm: str = "up"
+) -> CircuitBreaker:
+    """``cluster``'s breaker of ``lm``, once it has read what Redis keeps of it (in the background:
+    on the MockClock, an opening heard after the clock jumped would count from then)."""
+    breaker = cluster.breaker(lm, settings, longest_open=longest_open)
+    await cluster._breakers[lm].read_once.wait()
+    return breaker
+
+
 async def fail(breaker: CircuitBreaker, times: int = 1) -> None:
     for _ in range(times):
         ticket = await breaker.admit()
@@ -69,7 +88,7 @@ async def test_an_opening_in_one_process_opens_the_others_until_the_same_instant
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
     async with clusters(redis_server, 3) as (a, b, c):
-        breakers = [x.breaker("up", SETTINGS, longest_open=60.0) for x in (a, b, c)]
+        breakers = [await made(x) for x in (a, b, c)]
         await trio.sleep(1.0)
         await fail(breakers[0], 2)  # opens at t=1 until t=6
         await eventually(lambda: breakers[1].state == "open" and breakers[2].state == "open")
@@ -77,7 +96,7 @@ async def test_an_opening_in_one_process_opens_the_others_until_the_same_instant
             assert breaker.statistics().open_remaining == 5.0
         with pytest.raises(CircuitOpenError):
             await breakers[1].admit()  # fails fast there too, without a call of its own
-        other = a.breaker("other", SETTINGS, longest_open=60.0)
+        other = await made(a, lm="other")
         assert other.state == "closed"  # an opening is per LM
 
 
@@ -85,7 +104,7 @@ async def test_half_open_probes_are_counted_across_the_cluster(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
     async with clusters(redis_server, 2) as (a, b):
-        breaker_a, breaker_b = (x.breaker("up", SETTINGS, longest_open=60.0) for x in (a, b))
+        breaker_a, breaker_b = [await made(x) for x in (a, b)]
         await fail(breaker_a, 2)
         await eventually(lambda: breaker_b.state == "open")
         mock_clock.jump(5.0)
@@ -105,7 +124,7 @@ async def test_a_failed_probe_opens_every_process_again_and_a_cancelled_one_free
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
     async with clusters(redis_server, 2) as (a, b):
-        breaker_a, breaker_b = (x.breaker("up", SETTINGS, longest_open=60.0) for x in (a, b))
+        breaker_a, breaker_b = [await made(x) for x in (a, b)]
         await fail(breaker_a, 2)
         await eventually(lambda: breaker_b.state == "open")
         mock_clock.jump(5.0)
@@ -139,8 +158,8 @@ async def test_an_opening_heard_from_another_process_is_bounded_like_ones_own(
     ``Infinity`` for at most its longest opening; garbage is logged and ignored."""
     ahead: Callable[[], float] = lambda: trio.current_time() + 3600.0  # noqa: E731
     async with clusters(redis_server, 2, clocks=[trio.current_time, ahead]) as (a, b):
-        breaker_a = a.breaker("up", SETTINGS, longest_open=30.0)
-        b.breaker("up", SETTINGS, longest_open=30.0)
+        breaker_a = await made(a, longest_open=30.0)
+        await made(b, longest_open=30.0)
         channel = b.link.key("breaker")
         if sender == "clock-an-hour-ahead":
             await fail(b._breakers["up"].breaker, 2)  # type: ignore[arg-type]
@@ -169,11 +188,64 @@ async def test_an_opening_heard_from_another_process_is_bounded_like_ones_own(
             assert breaker_a.state == "closed"
 
 
+async def test_a_huge_or_odd_breaker_message_is_ignored_with_a_short_log_line(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A megabyte of garbage, a megabyte-long epoch, a length given as ``true`` and an event of a newer
+    version: each ignored, and logged in a line of bounded length (not the megabyte)."""
+    async with clusters(redis_server, 2) as (a, b):
+        breaker_a = await made(a)
+        channel = b.link.key("breaker")
+        messages = [
+            "x" * 1_000_000,
+            json.dumps({"lm": "up", "event": "open", "seconds": 5, "epoch": "e" * 1_000_000, "from": "p"}),
+            json.dumps({"lm": "up", "event": "open", "seconds": True, "epoch": "x", "from": "p"}),
+            json.dumps({"lm": "up", "event": "half_open", "epoch": "x", "from": "p"}),
+        ]
+        for message in messages:
+            await b.link.call(lambda message=message: b.link.client.publish(channel, message))  # type: ignore[misc]
+        # the garbage is no JSON for b either; the others are for a (b has no breaker of "up")
+        await eventually(lambda: caplog.text.count("malformed circuit-breaker message") == 5)
+        assert breaker_a.state == "closed"
+        assert max(len(record.getMessage()) for record in caplog.records) < 1000
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        ("string", "garbage"),
+        ("hash", {"epoch": "x", "half_open_ms": "?"}),
+        ("hash", {"epoch": "e" * 10_000, "half_open_ms": "1000"}),
+        ("hash-for-ever", {"epoch": "x", "half_open_ms": "1000"}),
+    ],
+    ids=["not-a-hash", "not-a-number", "huge-epoch", "no-expiry"],
+)
+async def test_a_malformed_kept_opening_is_ignored_and_redis_still_counts_as_up(
+    redis_server: RedisServer,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    kept: tuple[str, Any],
+) -> None:
+    async with clusters(redis_server, 1) as (a,):
+        key = a.link.key("breaker", "up", "open")
+        kind, value = kept
+        if kind == "string":
+            await a.link.client.set(key, value, px=60_000)
+        else:
+            await a.link.client.hset(key, value)
+            if kind == "hash":
+                await a.link.client.pexpire(key, 60_000)
+        breaker = await made(a)
+        assert breaker.state == "closed"
+        assert not a.link.degraded
+        assert a.statistics().failures == 0
+
+
 async def test_with_redis_down_each_process_keeps_its_own_breaker(
     own_redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
     async with clusters(own_redis_server, 2, call_timeout=0.25, heartbeat_interval=1.0) as (a, b):
-        breaker_a, breaker_b = (x.breaker("up", SETTINGS, longest_open=60.0) for x in (a, b))
+        breaker_a, breaker_b = [await made(x) for x in (a, b)]
         own_redis_server.stop()
         await fail(breaker_a, 2)  # the broadcast cannot go out
         assert breaker_a.state == "open"
@@ -185,6 +257,115 @@ async def test_with_redis_down_each_process_keeps_its_own_breaker(
         assert trio.current_time() - started <= 0.25
         breaker_a.succeeded(probe)
         assert breaker_a.state == "closed"
+
+
+# --- a process that joins, or comes back, while the breaker is open elsewhere ---------------------------
+
+
+async def test_a_process_that_starts_while_the_breaker_is_open_elsewhere_starts_open(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """The opening is kept in Redis as its remaining length (Redis's own clock): a process that starts
+    meanwhile refuses its first call instead of sending it to the dead upstream."""
+    shared = config(redis_server)
+    async with open_cluster(shared, clock=trio.current_time) as a:
+        breaker_a = await made(a)
+        await fail(breaker_a, 2)  # open until t=5
+        await eventually(lambda: _written(a, a.link.key("breaker", "up", "open")))
+        await trio.sleep(1.0)  # virtual: Redis's key has lived a few real milliseconds
+        async with open_cluster(shared, clock=trio.current_time) as b:
+            breaker_b = await made(b)
+            assert breaker_b.state == "open"
+            assert breaker_b.epoch == breaker_a.epoch
+            # Redis's clock, not ours: the real second or so this took, not the virtual one
+            assert 3.0 < breaker_b.statistics().open_remaining < 5.0
+            with pytest.raises(CircuitOpenError):
+                await breaker_b.admit()
+
+
+async def test_a_process_that_starts_while_the_cluster_probes_takes_no_probe_of_its_own() -> None:
+    """Real time (Redis keeps the opening on its own clock). A process that starts while the others
+    are half-open joins the same opening: the cluster's one probe is out, so its call fails fast; the
+    probe's success closes it with the others, and the opening is gone from Redis."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed")
+    quick = BreakerSettings(min_calls=1, failure_ratio=1.0, open_for=0.3, half_open_calls=1)
+    server = RedisServer()
+    server.start()
+    try:
+        shared = config(server, call_timeout=5.0)
+        async with open_cluster(shared) as a:
+            breaker_a = await made(a, quick)
+            await fail(breaker_a)
+            await trio.sleep(0.3)
+            assert breaker_a.state == "half_open"
+            probe = await breaker_a.admit()
+            assert probe.probe
+            async with open_cluster(shared) as b:
+                breaker_b = await made(b, quick)
+                assert breaker_b.state == "half_open"
+                assert breaker_b.epoch == breaker_a.epoch
+                with pytest.raises(CircuitOpenError, match="other processes are probing"):
+                    await breaker_b.admit()
+                breaker_a.succeeded(probe)
+                await eventually(lambda: breaker_b.state == "closed")
+                await eventually(lambda: _gone(a, a.link.key("breaker", "up", "open")))
+                async with open_cluster(shared) as c:  # starts after: closed
+                    breaker_c = await made(c, quick)
+                    assert breaker_c.state == "closed"
+    finally:
+        server.stop()
+
+
+async def test_a_process_that_lost_redis_learns_the_opening_it_missed_when_redis_answers_again(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """b loses Redis alone (its connections cut) while a's breaker opens: the broadcast never reaches
+    b; when b reaches Redis again it reads the opening and refuses its calls too."""
+    key_prefix = prefix()
+    async with cuttable_proxy(redis_server.port) as proxy:
+        direct = config(redis_server, key_prefix, call_timeout=0.25, heartbeat_interval=1.0)
+        via_proxy = attrs.evolve(direct, redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        async with (
+            open_cluster(direct, clock=trio.current_time) as a,
+            open_cluster(via_proxy, clock=trio.current_time) as b,
+        ):
+            breaker_a, breaker_b = [await made(x) for x in (a, b)]
+            proxy.cut()
+            await trio.sleep(2.0)  # b's subscriber gives up reconnecting (its retries sleep on Trio's clock)
+            assert b.link.degraded
+            await fail(breaker_a, 2)  # open for 5 s; b hears nothing
+            await trio.sleep(0.5)
+            assert breaker_b.state == "closed"
+            proxy.mend()
+            await trio.sleep(2.0)  # b's heartbeat finds Redis again
+            await eventually(lambda: not b.link.degraded and breaker_b.state == "open")
+            assert breaker_b.epoch == breaker_a.epoch
+
+
+async def test_an_opening_made_while_redis_was_unreachable_is_told_when_it_answers_again(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """b's breaker opens while b cannot reach Redis (its broadcast is dropped); once b reaches Redis
+    again the others learn that opening."""
+    key_prefix = prefix()
+    async with cuttable_proxy(redis_server.port) as proxy:
+        direct = config(redis_server, key_prefix, call_timeout=0.25, heartbeat_interval=1.0)
+        via_proxy = attrs.evolve(direct, redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+        async with (
+            open_cluster(direct, clock=trio.current_time) as a,
+            open_cluster(via_proxy, clock=trio.current_time) as b,
+        ):
+            breaker_a, breaker_b = [await made(x) for x in (a, b)]
+            proxy.cut()
+            await trio.sleep(2.0)  # b's subscriber gives up reconnecting (its retries sleep on Trio's clock)
+            assert b.link.degraded
+            await fail(breaker_b, 2)  # open until t=5, as b alone knows
+            proxy.mend()
+            await trio.sleep(2.0)
+            await eventually(lambda: breaker_a.state == "open")
+            assert breaker_a.epoch == breaker_b.epoch
+            assert breaker_a.statistics().open_remaining <= breaker_b.statistics().open_remaining + 0.01
 
 
 # --- between two real processes, on the wall clock ------------------------------------------------------
@@ -262,7 +443,7 @@ async def test_a_probe_given_back_after_its_place_expired_leaves_no_key_for_ever
     that is gone: the counter it leaves must expire too (a DECR alone made a -1 that stayed for ever)."""
     quick = BreakerSettings(min_calls=2, failure_ratio=1.0, open_for=0.2)
     async with clusters(redis_server, 2) as (a, b):
-        breaker_a, breaker_b = (x.breaker("up", quick, longest_open=60.0) for x in (a, b))
+        breaker_a, breaker_b = [await made(x, quick) for x in (a, b)]
         await fail(breaker_a, 2)
         await eventually(lambda: breaker_b.state == "open")
         mock_clock.jump(0.2)

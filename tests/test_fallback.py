@@ -736,3 +736,94 @@ def test_over_random_failures_and_cancels_every_call_ends_once_and_no_answer_is_
                 assert len(words) <= 1, f"two LMs' answers spliced: {text!r}"
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# --- chains of three, Retry-After beyond the deadline ---------------------------------------------------
+
+
+def three(primary_open: float, backup_open: float, third_open: float) -> EngineConfig:
+    retry = RetryPolicy(max_attempts=1, base_delay=0.0, max_delay=0.0)
+
+    def lm(model: str, open_for: float, fallbacks: tuple[str, ...]) -> LMConfig:
+        breaker = BreakerSettings(min_calls=1, failure_ratio=1.0, open_for=open_for)
+        return LMConfig(model=model, fallbacks=fallbacks, retry=retry, breaker=breaker)
+
+    lms = {
+        "primary": lm("primary-model", primary_open, ("backup",)),
+        "backup": lm("backup-model", backup_open, ("third",)),
+        "third": lm("third-model", third_open, ()),
+    }
+    return EngineConfig(lms=lms, programs={"default": ProgramSpec("question -> answer", lm="primary")})
+
+
+async def test_a_chain_of_three_with_two_breakers_open_goes_to_the_third_at_once(autojump_clock: Any) -> None:
+    primary, backup = Scripted("primary-model"), Scripted("backup-model")
+    primary.steps = [server_error()]
+    backup.steps = [UpstreamServerError("backup: 502", status=502)]
+    async with engine_with(three(10.0, 10.0, 10.0), primary=primary, backup=backup) as (engine, lms):
+        first = await engine.predict("default", QUESTION)  # both fail, the third answers
+        assert first.lms == ("third",)
+        started = trio.current_time()
+        result = await engine.predict("default", QUESTION)
+        assert trio.current_time() - started == 1.0  # the third's own latency: nothing else waited
+    assert result.lm_calls[0].skipped == (
+        SkippedLM("primary", "breaker_open"),
+        SkippedLM("backup", "breaker_open"),
+    )
+    assert len(primary.calls) == len(backup.calls) == 1
+    assert len(lms["third"].calls) == 2
+
+
+async def test_when_every_breaker_of_the_chain_is_open_the_retry_after_is_the_soonest_probe(
+    autojump_clock: Any,
+) -> None:
+    """Every LM refused at once: the caller is told to come back when the first of them lets a probe
+    through (here the backup's), not when the last LM of the chain does."""
+    primary, backup, third = (Scripted(f"{name}-model") for name in ("primary", "backup", "third"))
+    primary.steps = [server_error()]
+    backup.steps = [UpstreamServerError("backup: 502", status=502)]
+    third.steps = [UpstreamServerError("third: 500", status=500)]
+    async with engine_with(three(10.0, 2.0, 6.0), primary=primary, backup=backup, third=third) as (engine, _):
+        with pytest.raises(UpstreamServerError, match="third: 500"):
+            await engine.predict("default", QUESTION)
+        assert trio.current_time() == 3 * FAIL_AFTER  # open until 10.5, 3.0 and 7.5
+        with pytest.raises(CircuitOpenError) as refused:
+            await engine.predict("default", QUESTION)
+        assert refused.value.retry_after == pytest.approx(3.0 - 3 * FAIL_AFTER)
+        await trio.sleep(refused.value.retry_after)
+        result = await engine.predict("default", QUESTION)  # the backup's probe answers
+        assert result.lms == ("backup",)
+
+
+@pytest.mark.parametrize("breaker", [True, False], ids=["breaker", "no-breaker"])
+async def test_a_retry_after_longer_than_the_deadline_falls_back_at_once(
+    breaker: bool, autojump_clock: Any
+) -> None:
+    """The primary asks for 30 s with 5 s left: the call goes to the backup now (not after a wait that
+    cannot fit), and the next call too, without touching the primary."""
+    primary = Scripted("primary-model")
+    primary.steps = [UpstreamRateLimitedError("primary: 429", retry_after=30.0)]
+    settings = BreakerSettings() if breaker else BreakerSettings(enabled=False)
+    cfg = config(attempts=3, breaker=settings)
+    cfg = attrs.evolve(
+        cfg,
+        lms={
+            **cfg.lms,
+            "primary": attrs.evolve(
+                cfg.lms["primary"], retry=RetryPolicy(max_attempts=3, base_delay=0.0, max_retry_after=60.0)
+            ),
+        },
+    )
+    async with engine_with(cfg, primary=primary) as (engine, lms):
+        with trio.fail_after(5.0):
+            result = await engine.predict("default", QUESTION)
+        assert result.lms == ("backup",)
+        assert trio.current_time() == FAIL_AFTER + 1.0
+        with trio.fail_after(5.0):
+            again = await engine.predict("default", QUESTION)
+        assert again.lms == ("backup",)
+        assert again.lm_calls[0].skipped == (
+            SkippedLM("primary", "breaker_open" if breaker else "rate_limited"),
+        )
+    assert primary.calls == [0.0]
+    assert len(lms["backup"].calls) == 2

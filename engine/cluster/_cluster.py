@@ -29,7 +29,7 @@ from .._breaker import BreakerSettings, CircuitBreaker
 from .._budget import BudgetLimit
 from .._cluster_config import ClusterConfig
 from .._limits import CoolDown
-from ._breaker import SharedBreakerPeers, shared_breaker
+from ._breaker import KeptOpenings, SharedBreakerPeers, shared_breaker
 from ._budget import SharedBudget
 from ._cancel import CancelRelay, LocalCancel, OwnerDigest
 from ._cooldown import SharedCoolDown
@@ -78,7 +78,8 @@ class Cluster:
         self._quotas: dict[str, SharedQuota] = {}
         self._cooldowns: dict[str, SharedCoolDown] = {}
         self.flights: RemoteFlights | None = None  # single-flight and the cache across processes
-        self._breakers: dict[str, SharedBreakerPeers] = {}
+        self._kept_openings = KeptOpenings(link)  # the openings Redis keeps, read at every heartbeat
+        self._breakers: dict[str, SharedBreakerPeers] = self._kept_openings.peers
         self._budgets: dict[str, SharedBudget] = {}
 
     def __repr__(self) -> str:
@@ -119,14 +120,20 @@ class Cluster:
 
     def breaker(self, upstream: str, settings: BreakerSettings, *, longest_open: float) -> CircuitBreaker:
         """The circuit breaker of ``upstream`` in this process, sharing its openings and probes with the
-        same LM's breakers in every other process (see ``_breaker``). One per upstream."""
+        same LM's breakers in every other process (see ``_breaker``). One per upstream.
+
+        An opening Redis keeps (another process's breaker is open) is read in the background at once:
+        the breaker opens within a round-trip."""
         breaker, peers = shared_breaker(self.link, upstream, settings, longest_open=longest_open)
         self._breakers[upstream] = peers
+        if self.link.nursery is not None:
+            self.link.nursery.start_soon(self._kept_openings.read, [peers])
         return breaker
 
     def _flushing(self) -> list[Flushes]:
-        """What the heartbeat lets send its queued writes: every quota and budget."""
-        return [*self._quotas.values(), *self._budgets.values()]
+        """What the heartbeat lets send its queued writes (every quota and budget) or read (the
+        openings of breakers)."""
+        return [*self._quotas.values(), *self._budgets.values(), self._kept_openings]
 
     def budget(self, tenant: str, limit: BudgetLimit) -> SharedBudget:
         if tenant not in self._budgets:
@@ -162,14 +169,14 @@ class Cluster:
                         seconds = float(heard["until"]) - self.link.clock()
                     self._cooldowns[heard["upstream"]].heard(seconds)
             except (ValueError, TypeError, KeyError):
-                logger.warning("ignored a malformed cool-down message: %r", data)
+                logger.warning("ignored a malformed cool-down message: %s", _excerpt(data))
         elif channel == self.link.key("breaker"):
             try:
                 heard = json.loads(data)
                 if heard.get("from") != self.link.process_id and heard.get("lm") in self._breakers:
                     self._breakers[heard["lm"]].heard(heard)
             except (ValueError, TypeError, KeyError, AttributeError):
-                logger.warning("ignored a malformed circuit-breaker message: %r", data)
+                logger.warning("ignored a malformed circuit-breaker message: %s", _excerpt(data))
 
     async def _listen(self) -> None:
         """Receive cancels for this process, cool-downs and circuit-breaker news from all, until cancelled.
@@ -202,6 +209,8 @@ class Cluster:
                 )
                 async with pubsub:
                     self.subscribed.set()
+                    if self._breakers:  # what was broadcast while this process was not listening
+                        self.link.nursery.start_soon(self._kept_openings.read)  # type: ignore[union-attr]
                     async for message in pubsub:
                         self._dispatch(message)
             except trio.Cancelled:
@@ -210,6 +219,14 @@ class Cluster:
                 self.link.mark_down(f"subscriber: {type(exc).__name__}: {exc}")
             self.subscribed = trio.Event()
             await trio.sleep(self.link.config.heartbeat_interval)
+
+
+def _excerpt(data: Any, limit: int = 200) -> str:
+    """``data`` for a log line: its repr, cut to ``limit`` characters (a message may be megabytes)."""
+    text = repr(data[: limit + 1] if isinstance(data, str | bytes) else data)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(data) if isinstance(data, str | bytes) else len(text)} characters)"
 
 
 def _secret(config: ClusterConfig) -> bytes:
