@@ -316,6 +316,7 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
         "+eval",
         "+evalsha",
         "+script|load",
+        "+script|exists",
         "+time",
         "+multi",
         "+exec",
@@ -327,7 +328,11 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
         "+publish",
         "+subscribe",
         "+hset",
+        "+hget",
         "+hgetall",
+        "+incr",
+        "+pttl",
+        "+type",
     ]
     command = ["redis-cli", "-p", str(redis_server.port), "ACL", "SETUSER", user, *rules]
     assert (await trio.run_process(command, capture_stdout=True)).stdout.strip() == b"OK"
@@ -347,8 +352,14 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
         b.cluster.cooldown("default").extend_to(trio.current_time() + 0.1)
         budget = b.cluster.budget("acme", BudgetLimit(usd=5))  # a tenant's budget: HSET, HGETALL
         budget.spend(1.0)
-        b.cluster.breaker("acl-lm", BreakerSettings(), longest_open=5.0)  # its probes: EVALSHA, DECR
-        b.cluster._breakers["acl-lm"].release_probe("an-opening")
+        # A breaker's every Redis use: the kept opening read at its start, kept when it opens, a probe's
+        # place claimed and given back, the opening forgotten when it closes (scripts and DECRBY).
+        b.cluster.breaker("acl-lm", BreakerSettings(), longest_open=5.0)
+        peers = b.cluster._breakers["acl-lm"]
+        peers.opened(trio.current_time() + 5.0, "an-opening")
+        assert await peers.claim_probe("an-opening", 1, 5.0)
+        peers.release_probe("an-opening")
+        peers.closed("an-opening")
         await trio.sleep(0.3)  # real time: a heartbeat, the cool-down's broadcast, the writes
         assert (await budget.spent()).usd == 1.0
         for cluster in (a.cluster, b.cluster):
