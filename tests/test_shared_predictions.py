@@ -26,9 +26,9 @@ from dspy_trio.engine import (
     ProgramError,
     ProgramSpec,
     RetryPolicy,
+    _dspy,
     open_engine,
 )
-from dspy_trio.engine import _dspy
 from dspy_trio.engine._cache_config import CacheConfig
 from dspy_trio.engine.lm import Completion, SimulatedLM
 from dspy_trio.engine.lm._base import Message
