@@ -81,7 +81,8 @@ class Call:
         refusal: The door's refusal (401, 429) for the app to answer when the app must shape it (CORS);
             None otherwise.
         notes: What the answer learns on its way (:class:`CallNotes`).
-        no_cache, no_store: ``Cache-Control``'s switches for the engine (a /v1/ws frame has none).
+        no_cache, no_store: ``Cache-Control``'s switches for the engine (a WebSocket's handshake's
+            apply to all its requests; a ``/v1/ws`` frame may add its own ``cache_control``).
     """
 
     request_id: str
@@ -105,9 +106,27 @@ class Call:
         """
         return RequestDeadline.start(settings, arrived=self.arrived, asked=asked, header=self.timeout_header)
 
-    def frame(self, label: str | None, arrived: float, program: str | None) -> Call:
-        """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner."""
-        return Call(new_request_id(), label, self.owner, arrived, self.route, program)
+    def frame(
+        self,
+        label: str | None,
+        arrived: float,
+        program: str | None,
+        *,
+        no_cache: bool = False,
+        no_store: bool = False,
+    ) -> Call:
+        """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner, the
+        handshake's cache switches, and the frame's own (``no_cache``, ``no_store``) on top."""
+        return Call(
+            new_request_id(),
+            label,
+            self.owner,
+            arrived,
+            self.route,
+            program,
+            no_cache=self.no_cache or no_cache,
+            no_store=self.no_store or no_store,
+        )
 
     def runs(self) -> str:
         """The program the call runs (for the handlers of routes that run one)."""
