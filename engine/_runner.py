@@ -101,7 +101,6 @@ class ProgramRunner:
         request: Request,
         adapter: AdapterName,
         send_stream: DeltaRouter | None,
-        *,
         shared: bool = False,
     ) -> SharedPrediction:
         """The request's program, run here (or, ``shared``, for a flight of identical requests, whose
@@ -147,7 +146,7 @@ class ProgramRunner:
         """The request's prediction shared with identical ones (stored, or in flight)."""
         started = trio.current_time()
         try:
-            outputs, usage, request.trace = await predictions.predict(key, self._run_shared, request, adapter)
+            outputs, usage, request.trace = await predictions.predict(key, self._run, request, adapter)
         except BaseException as exc:
             request.trace = RequestTrace(lm_seconds=trio.current_time() - started)  # its time waiting
             if isinstance(exc, BaseExceptionGroup):
@@ -156,12 +155,6 @@ class ProgramRunner:
                 _raise_program_failure(request.program, adapter, exc)
             raise
         return outputs, usage
-
-    async def _run_shared(
-        self, request: Request, adapter: AdapterName, send_stream: None
-    ) -> SharedPrediction:
-        """The request's program run for a flight of identical requests (see :meth:`_run`)."""
-        return await self._run(request, adapter, send_stream, shared=True)
 
     async def _streamed_hit(
         self,

@@ -201,12 +201,12 @@ class SharedPredictions:
     async def predict(
         self,
         key: str,
-        make: Callable[[Request, AdapterName, None], Awaitable[SharedPrediction]],
+        make: Callable[[Request, AdapterName, None, bool], Awaitable[SharedPrediction]],
         request: Request,
         adapter: AdapterName,
     ) -> Answer:
         """The prediction of ``key``: stored, the one in flight joined, or one started whose flight runs
-        ``make(request, adapter, None)`` (the program, for ``request`` and those identical to it) in a
+        ``make(request, adapter, None, True)`` (the program, for ``request`` and those identical to it) in a
         task of the engine. Blocks until it is made, or the caller's own scope is cancelled (the caller
         leaves the flight; the last to leave cancels it).
 
@@ -218,7 +218,7 @@ class SharedPredictions:
             return self.hit(found)
         sharing = self._sharing
         if not sharing.config.single_flight:  # the cache alone: the program in the caller's task
-            prediction = await make(request, adapter, None)
+            prediction = await make(request, adapter, None, True)
             if not request.no_store:
                 self.store(key, prediction)
             return self._paid(prediction)
@@ -291,14 +291,14 @@ class SharedPredictions:
     async def _run(
         self,
         flight: _PredictionFlight,
-        make: Callable[[Request, AdapterName, None], Awaitable[SharedPrediction]],
+        make: Callable[[Request, AdapterName, None, bool], Awaitable[SharedPrediction]],
         request: Request,
         adapter: AdapterName,
     ) -> None:
         """A flight's task: the program, then the prediction stored if it may be."""
         _request_sharing.detach()  # the flight serves many requests: it carries none's switches
         try:
-            await flight.run(make(request, adapter, None))
+            await flight.run(make(request, adapter, None, True))
         finally:
             # Before any waiter runs again: they find the flight gone.
             if self._flights.get(flight.key) is flight:
