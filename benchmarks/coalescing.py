@@ -7,6 +7,10 @@ are shown) against an upstream in its own process; the table shows the goals as 
 
     python -m benchmarks.coalescing                    # everything, 3 rounds
     python -m benchmarks.coalescing --parts cpu --rounds 5 --n 3000
+    python -m benchmarks.coalescing --parts cpu --cpu-modes off miss --rounds 8 --baseline REF
+
+Each ratio is the median of the rounds' ratios (the two measurements of a round run one after the
+other), printed with their range: on a shared machine one round's ratio swings by 20%.
 
 Parts:
   calls   1,000 concurrent identical predictions, in process and over HTTP (``dspy-trio serve``), and 10
@@ -20,7 +24,8 @@ Parts:
           serve`` sets it (``-tuned``), the same prediction on a baseline tree (``--baseline``, default
           the merge base of HEAD and main: the engine before single-flight), and the floor
           (``benchmarks.floor``). Goals: miss <= 1.05x off and the baseline; a coalesced waiter <= 0.3x
-          a full prediction; miss <= 2.0x the floor.
+          a full prediction; miss <= 2.0x the floor. A waiter or a hit of a ``Predict`` program shares
+          the whole prediction (no adapter work); the miss path is the prediction's flight.
   http    ``dspy-trio serve``'s CPU per request (16 keep-alive clients, 20 ms upstream, memory cache):
           misses (distinct questions) against hits (one question). Goal: hit <= 0.5x miss.
   redis   Redis round trips (counted by the engine's link) per Redis-backed hit, and per miss. Goal: a

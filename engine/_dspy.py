@@ -270,7 +270,9 @@ def pure_predictor(module: Any) -> Any:
 
 
 class _Fingerprint:
-    """A predictor's fingerprint and what it was computed from (the objects, compared by identity)."""
+    """A predictor's fingerprint and what it was computed from (the objects, compared by identity). The
+    signature class is held weakly: a class is in a reference cycle of its own, and holding it here
+    would leave it for a later collection once its program is gone."""
 
     __slots__ = ("config", "demos", "instructions", "kind", "signature", "text")
 
@@ -278,7 +280,7 @@ class _Fingerprint:
         self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any], text: str
     ) -> None:
         self.kind = kind
-        self.signature = signature
+        self.signature: weakref.ref[Any] = weakref.ref(signature)
         self.instructions = signature.instructions
         self.demos = list(demos)
         self.config = dict(config)
@@ -286,7 +288,8 @@ class _Fingerprint:
 
     def still(self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any]) -> bool:
         """Whether it was computed from these (no allocation: it runs for every request)."""
-        if self.kind is not kind or self.signature is not signature or len(self.demos) != len(demos):
+        computed_from: Any = self.signature()
+        if self.kind is not kind or computed_from is not signature or len(self.demos) != len(demos):
             return False
         if self.instructions != signature.instructions or self.config != config:
             return False
