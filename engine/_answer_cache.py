@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -19,6 +19,8 @@ import trio
 from .lm._base import Completion
 
 _FORMAT = 1
+
+V = TypeVar("V")
 
 
 class CorruptAnswerError(Exception):
@@ -76,14 +78,17 @@ def size_of(completion: Completion) -> int:
 
 
 @attrs.frozen
-class _Entry:
-    completion: Completion
+class _Entry(Generic[V]):
+    value: V
     size: int
     expires: float
 
 
-class MemoryAnswerCache:
+class MemoryAnswerCache(Generic[V]):
     """Answers of this process, least recently used out first. Times are Trio's clock. Never blocks.
+
+    An answer is an LM call's :class:`Completion`, or a whole prediction's (``_shared_predictions``):
+    both kinds live in one cache, within the same bounds.
 
     Args:
         ttl: Seconds an answer is served.
@@ -95,7 +100,7 @@ class MemoryAnswerCache:
         self._ttl = ttl
         self._max_entries = max_entries
         self._max_bytes = max_bytes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry[V]] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
 
@@ -105,7 +110,7 @@ class MemoryAnswerCache:
     def __repr__(self) -> str:
         return f"<MemoryAnswerCache [{len(self._entries)} answers, {self.bytes} bytes]>"
 
-    def get(self, key: str) -> Completion | None:
+    def get(self, key: str) -> V | None:
         """The answer stored under ``key`` and still fresh, or None (an expired one is removed)."""
         entry = self._entries.get(key)
         if entry is None:
@@ -114,9 +119,9 @@ class MemoryAnswerCache:
             self._remove(key)
             return None
         self._entries.move_to_end(key)
-        return entry.completion
+        return entry.value
 
-    def put(self, key: str, completion: Completion, size: int) -> None:
+    def put(self, key: str, completion: V, size: int) -> None:
         """Store ``completion`` (of ``size`` bytes, :func:`size_of`) under ``key``, making room by
         dropping the least recently used answers."""
         if key in self._entries:

@@ -10,8 +10,8 @@
     max_entries = 10000        # memory: LRU bounds
     max_bytes = 67108864
     max_entry_bytes = 1048576  # an answer larger than this is never stored
-    across_processes = true    # with [cluster]: single-flight through Redis too (default: when
-                               # backend = "redis", whose lookup is the round trip it needs)
+    across_processes = true    # with [cluster]: single-flight through Redis too (the default;
+                               # false keeps it within each process)
     lease_ttl = 5.0            # with [cluster]: seconds a process's claim on an identical call lasts
                                # unless renewed
 
@@ -61,8 +61,8 @@ class CacheConfig:
         max_bytes: The memory cache's bound on the answers' size.
         max_entry_bytes: Answers larger than this are not stored (nor handed to another process).
         across_processes: With a ``[cluster]``, identical calls in flight in other processes are
-            shared too (through Redis: one round trip per LM call that finds no answer in the process).
-            None (the default): when ``backend = "redis"``, whose lookup is that round trip.
+            shared too (through Redis: one round trip per LM call that finds no answer in the process,
+            which the ``redis`` cache's lookup is anyway). None (the default): true.
         lease_ttl: Seconds a process's claim on a call lasts in Redis unless renewed (it renews its
             claims every third of it); a process that died is taken over once its heartbeats have
             stopped for three intervals, or its claims have expired, whichever comes first.
@@ -94,7 +94,7 @@ class CacheConfig:
         """Whether single-flight reaches other processes when there is a ``[cluster]``."""
         if not self.single_flight:
             return False
-        return self.backend == "redis" if self.across_processes is None else self.across_processes
+        return True if self.across_processes is None else self.across_processes
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> CacheConfig:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,7 +33,7 @@ from ._cache_config import CacheConfig
 from ._call_key import call_key, digest_secret
 from ._errors import EngineClosedError
 from ._flight import Flight, FlightLost, Source
-from ._request_sharing import RequestSharing, Verdict
+from ._request_sharing import OUTSIDE, RequestSharing, Verdict
 from ._sharing_statistics import SharingStatistics
 from ._trace import detached, record_attempt, record_saved
 from .cluster._flight import Lease, RemoteFlights
@@ -64,7 +64,8 @@ class Sharing:
 
     Args:
         config: The ``[cache]`` settings.
-        nursery: Where flights run (the engine's; it must outlive every request).
+        nursery: Where flights run (the engine's; it must outlive every request). The layer of whole
+            predictions (``_shared_predictions``) runs its flights there too.
         secret: The key of the calls' digests (:func:`._call_key.digest_secret`).
         remote: Single-flight and the cache across processes, with a cluster.
     """
@@ -80,13 +81,15 @@ class Sharing:
         self.config = config
         self.secret = secret
         self.remote = remote
-        self.memory = (
+        # LM calls' answers (Completion) and whole predictions' (``_shared_predictions``), in one.
+        self.memory: MemoryAnswerCache[object] | None = (
             MemoryAnswerCache(ttl=config.ttl, max_entries=config.max_entries, max_bytes=config.max_bytes)
             if config.backend == "memory"
             else None
         )
-        self._nursery = nursery
-        self._flights: dict[tuple[str, bool], Flight] = {}
+        self.nursery = nursery
+        self._flights: dict[tuple[str, bool], Flight[Completion]] = {}
+        self.other_flights: list[Sized] = []  # the layers above (whole predictions): their flights
         self._cache_on = config.backend != "off"
         self._remote_cache = remote is not None and remote.cache
         self._across = remote is not None and config.flights_across_processes
@@ -109,7 +112,7 @@ class Sharing:
             coalesced=counts["coalesced"],
             upstream_calls_saved=counts["hit"] + counts["coalesced"],
             tokens_saved=counts["tokens_saved"],
-            in_flight=len(self._flights),
+            in_flight=len(self._flights) + sum(map(len, self.other_flights)),
             cache_entries=len(memory) if memory is not None else 0,
             cache_bytes=memory.bytes if memory is not None else 0,
             cache_evictions=memory.evictions if memory is not None else 0,
@@ -209,7 +212,7 @@ class Sharing:
                 flight = Flight(key, streamed=streams, deadline=deadline)
                 self._flights[(key, streams)] = flight
                 waiter = flight.join(deadline, streams=streams)
-                self._nursery.start_soon(self._run, flight, inner, messages, params)
+                self.nursery.start_soon(self._run, flight, inner, messages, params)
             else:
                 waiter = flight.join(deadline, streams=streams)
             try:
@@ -224,7 +227,9 @@ class Sharing:
                 await _deliver_whole(sink, completion)
             return self._answered(flight, completion, request)
 
-    def _answered(self, flight: Flight, completion: Completion, request: RequestSharing) -> Completion:
+    def _answered(
+        self, flight: Flight[Completion], completion: Completion, request: RequestSharing
+    ) -> Completion:
         """What one waiter of ``flight`` counts and gets."""
         source: Source = flight.source
         if source == "cache":
@@ -239,7 +244,11 @@ class Sharing:
         return completion
 
     async def _run(
-        self, flight: Flight, inner: TrioLM, messages: Sequence[Message], params: Mapping[str, Any]
+        self,
+        flight: Flight[Completion],
+        inner: TrioLM,
+        messages: Sequence[Message],
+        params: Mapping[str, Any],
     ) -> None:
         """A flight's task: the call (through Redis with a cluster), then, as a leader, the
         announcement."""
@@ -260,7 +269,7 @@ class Sharing:
             await self._announce(flight, leases[0])
 
     async def _through_redis(
-        self, flight: Flight, call: Coroutine[Any, Any, Completion], leases: list[Lease]
+        self, flight: Flight[Completion], call: Coroutine[Any, Any, Completion], leases: list[Lease]
     ) -> Completion:
         """``call``, or the answer of the cache or of another process, through Redis (see
         ``cluster._flight``); a lease taken is appended to ``leases``. ``call`` is closed unstarted when
@@ -285,7 +294,7 @@ class Sharing:
             if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
                 call.close()
 
-    async def _announce(self, flight: Flight, lease: Lease) -> None:
+    async def _announce(self, flight: Flight[Completion], lease: Lease) -> None:
         """Tell the other processes how the call this process led ended: its answer once the adapter
         accepted it (stored, or handed off), or that they must claim again. Blocks for at most half a
         lease TTL, for the verdict."""
@@ -341,19 +350,34 @@ class SharedLM(WrappedLM):
         sharing = self.sharing
         config = sharing.config
         request = _request_sharing.current()
+        if request.direct and sharing.remote is None and not sharing._flights:
+            # A shared prediction's own call (it is shared and stored whole, one level up), and nothing
+            # in flight it could join: the call itself, in this task.
+            sharing._looked_up("miss")
+            completion = await self.inner.complete(messages, params, sink)
+            request.got(completion.texts)
+            return completion
         scope = (request.owner or "") if config.scope == "key" else ""
         rollout_id = call_kwargs.get("rollout_id", self.kwargs.get("rollout_id"))
         key = call_key(
             sharing.secret, self.name, self.model, messages, params, scope=scope, rollout_id=rollout_id
         )
         bypass = request.no_cache or call_kwargs.get("cache") is False
-        if not bypass and sharing.memory is not None and (found := sharing.memory.get(key)) is not None:
+        if (
+            not bypass
+            and sharing.memory is not None
+            and isinstance(found := sharing.memory.get(key), Completion)
+        ):
             sharing._looked_up("hit")
             await _deliver_whole(sink, found)
-            return sharing._saved(found, cached=True)
-        if bypass or not config.single_flight:
-            return await sharing.fresh(self.inner, key, messages, params, sink, request, bypass=bypass)
-        return await sharing.fly(self.inner, key, messages, params, sink, request)
+            completion = sharing._saved(found, cached=True)
+        elif bypass or not config.single_flight:
+            completion = await sharing.fresh(self.inner, key, messages, params, sink, request, bypass=bypass)
+        else:
+            completion = await sharing.fly(self.inner, key, messages, params, sink, request)
+        if request is not OUTSIDE:
+            request.got(completion.texts)
+        return completion
 
 
 def open_sharing(config: EngineConfig, nursery: trio.Nursery, cluster: Cluster | None) -> Sharing | None:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import json
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -72,9 +73,12 @@ __all__ = [
     "load_program",
     "open_engine_lm",
     "parse_failure_message",
+    "predictor_fingerprint",
     "program_context",
+    "pure_predictor",
     "report_usage",
     "request_to_call",
+    "roll_up_usage",
     "stream_chunk",
     "trio_safe_execution",
 ]
@@ -203,12 +207,14 @@ def load_program(path: str) -> Any:
 
 
 @contextmanager
-def program_context(lm: Any, adapter_name: str, send_stream: Any) -> Iterator[UsageTracker]:
+def program_context(
+    lm: Any, adapter_name: str, send_stream: Any, *, roll_up: bool = True
+) -> Iterator[UsageTracker]:
     """DSPy's settings for one request, in one context: its LM, its adapter, the stream router, no
     history or trace growth, and a fresh usage tracker (rolled up into an enclosing one on exit, as
-    ``dspy.track_usage`` does). Yields the tracker."""
+    ``dspy.track_usage`` does, unless ``roll_up`` is false). Yields the tracker."""
     tracker = UsageTracker()
-    parent = dspy.settings.usage_tracker
+    parent = dspy.settings.usage_tracker if roll_up else None
     with dspy.context(
         lm=lm,
         adapter=adapter(adapter_name),
@@ -224,6 +230,104 @@ def program_context(lm: Any, adapter_name: str, send_stream: Any) -> Iterator[Us
             if parent is not None:
                 for model, entries in tracker.usage_data.items():
                     parent.usage_data[model].extend(entries)
+
+
+def roll_up_usage(usage_data: Mapping[str, Sequence[Any]]) -> None:
+    """Add a request's usage entries (a ``UsageTracker``'s ``usage_data``) to the usage tracker open
+    here, if any (an application's ``dspy.track_usage()``)."""
+    parent = dspy.settings.usage_tracker
+    if parent is not None:
+        for model, entries in usage_data.items():
+            parent.usage_data[model].extend(entries)
+
+
+# --- programs that are pure functions of their inputs and their LM's answers ----------------------
+
+# DSPy's own modules whose prediction is one predictor's: they read nothing but their signature, demos,
+# config and the settings the engine gives them (LM, adapter), and have no side effect but the LM call.
+_PURE_MODULES = (dspy.Predict, dspy.ChainOfThought)
+
+
+def pure_predictor(module: Any) -> Any:
+    """The one predictor of ``module`` when its prediction is a pure function of its inputs and its
+    LM's answers, else None.
+
+    That is DSPy's own ``Predict`` or ``ChainOfThought`` (not a subclass, which may do anything), whose
+    predictor calls the engine's LM (no LM of its own), with no callbacks (their calls are side effects)
+    and DSPy's cache left on (``cache=False`` asks for a fresh answer). Never blocks.
+    """
+    kind = type(module)
+    if kind not in _PURE_MODULES or module.callbacks:
+        return None
+    predictor: Any = module if kind is dspy.Predict else getattr(module, "predict", None)
+    if (
+        type(predictor) is not dspy.Predict
+        or predictor.lm is not None
+        or predictor.callbacks
+        or predictor.config.get("cache") is False
+        or dspy.settings.callbacks
+    ):
+        return None
+    return predictor
+
+
+class _Fingerprint:
+    """A predictor's fingerprint and what it was computed from (the objects, compared by identity). The
+    signature class is held weakly: a class is in a reference cycle of its own, and holding it here
+    would leave it for a later collection once its program is gone."""
+
+    __slots__ = ("config", "demos", "instructions", "kind", "signature", "text")
+
+    def __init__(
+        self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any], text: str
+    ) -> None:
+        self.kind = kind
+        self.signature: weakref.ref[Any] = weakref.ref(signature)
+        self.instructions = signature.instructions
+        self.demos = list(demos)
+        self.config = dict(config)
+        self.text = text
+
+    def still(self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any]) -> bool:
+        """Whether it was computed from these (no allocation: it runs for every request)."""
+        computed_from: Any = self.signature()
+        if self.kind is not kind or computed_from is not signature or len(self.demos) != len(demos):
+            return False
+        if self.instructions != signature.instructions or self.config != config:
+            return False
+        for index, demo in enumerate(demos):  # noqa: SIM110 - a loop: no generator per request
+            if self.demos[index] is not demo:
+                return False
+        return True
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, _Fingerprint] = weakref.WeakKeyDictionary()
+_fingerprint_encoder = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=repr
+)
+
+
+def predictor_fingerprint(module: Any, predictor: Any) -> str:
+    """What of ``module`` (a pure module, :func:`pure_predictor`) decides its prediction besides its
+    inputs and LM: its kind, its predictor's signature (instructions, fields, their prefixes,
+    descriptions and types), demos and config, as text. Does no I/O.
+
+    Computed again whenever the signature class, its instructions, the demos (the list's items) or
+    the config differ from last time; a few microseconds otherwise. (A field's prefix or description
+    edited in place, which DSPy's own API never does, is not seen.)
+    """
+    kind, signature, demos, config = type(module), predictor.signature, predictor.demos, predictor.config
+    cached = _FINGERPRINTS.get(predictor)
+    if cached is not None and cached.still(kind, signature, demos, config):
+        return cached.text
+    fields = [
+        (name, dict(info.json_schema_extra or {}), repr(info.annotation))
+        for name, info in signature.model_fields.items()
+    ]
+    shown = [dict(demo) if not isinstance(demo, dict) else demo for demo in demos]
+    text = _fingerprint_encoder.encode([kind.__name__, signature.instructions, fields, shown, config])
+    _FINGERPRINTS[predictor] = _Fingerprint(kind, signature, demos, config, text)
+    return text
 
 
 def current_stream() -> tuple[Any, int | None]:

@@ -50,6 +50,7 @@ from ._programs import ProgramInfo, ProgramRegistry
 from ._request import Request
 from ._result import PredictionResult
 from ._runner import ProgramRunner
+from ._shared_predictions import SharedPredictions
 from ._sharing_statistics import SharingCollector
 from ._statistics import EngineStatistics
 from ._stream_options import StreamOptions
@@ -125,7 +126,9 @@ class Engine(metaclass=NoPublicConstructor):
         )
         self._closing = False
         self._batches: dict[str, list[RunningBatch]] = {}  # batch id -> (owner, stop it): cancel by id
-        self._runner = ProgramRunner(chains, config.adapter)
+        # Above the LM calls: identical predictions of pure programs share the whole prediction.
+        predictions = SharedPredictions(sharing) if sharing is not None else None
+        self._runner = ProgramRunner(chains, config.adapter, predictions)
         self._program_lms = {info.name: info.lm for info in programs.infos()}
         self.metrics = EngineMetrics(self.statistics)
         self._ledger = Ledger(

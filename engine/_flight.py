@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import trio
 
 from ._request_sharing import Verdict
-from .lm._base import Completion, DeltaSink
+from .lm._base import DeltaSink
 
 # Seconds the last waiter to leave waits (shielded) for the call it cancelled to end: its connection
 # closed, its task gone, as for a call of its own.
 CLOSE_WAIT = 5.0
 
 Source = Literal["upstream", "cache", "remote"]
+
+T = TypeVar("T")
 
 
 class FlightLost(Exception):
@@ -58,8 +60,9 @@ class Waiter:
         self.cursor = 0  # deltas handed to the waiter's sink
 
 
-class Flight:
-    """One shared upstream call (see the module docstring).
+class Flight(Generic[T]):
+    """One shared upstream call (see the module docstring), whose answer is a ``T``: an LM call's
+    :class:`Completion`, or a whole prediction (``engine/_shared_predictions.py``).
 
     Args:
         key: The calls' key (:func:`dspy_trio.engine._call_key.call_key`).
@@ -96,7 +99,7 @@ class Flight:
         self.done = False  # the call has ended (answered, failed or cancelled)
         self.attempts = 0  # attempts the upstream call made (retries included)
         self.verdict: Verdict | None = None  # how the adapter's verdict on its answer stores it
-        self.completion: Completion | None = None
+        self.completion: T | None = None
         self.error: Exception | None = None
         self.source: Source = "upstream"
         self.deltas: list[str] = []
@@ -175,7 +178,7 @@ class Flight:
             assert self._room is not None
             await self._room.park()
 
-    async def run(self, call: Awaitable[Completion]) -> None:
+    async def run(self, call: Awaitable[T]) -> None:
         """Await ``call`` (the upstream call, not yet started) in the flight's scope and hand its outcome
         to the waiters. Blocks until it ends: answered, failed, or cancelled because every waiter left
         (or its deadline passed)."""
@@ -197,7 +200,7 @@ class Flight:
 
     # --- a waiter's side ----------------------------------------------------------------------------
 
-    async def receive(self, waiter: Waiter, sink: DeltaSink | None) -> Completion:
+    async def receive(self, waiter: Waiter, sink: DeltaSink | None) -> T:
         """Wait for the flight's answer as ``waiter``, pushing its deltas into ``sink`` (the prefix
         first) if given; leave the flight when done, however that is.
 

@@ -14,8 +14,7 @@ settles every ticket still open as not good (the parse failed, the program faile
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -54,14 +53,36 @@ class RequestSharing:
         no_cache: Neither join an identical call in flight nor read the cache.
         no_store: Store none of its answers.
         tickets: Its answers waiting for the adapter's verdict.
+        direct: The program runs for a shared prediction (``_shared_predictions``), which is shared
+            and stored whole: its LM calls need not be shared or stored one by one, unless another
+            process or an identical streamed call in flight could share them.
+        received: Texts of LM answers the request received.
+        parsed: Of those, the ones its adapter parsed.
+        texts: The texts of the last LM answer it received.
     """
 
     owner: str | None = None
     no_cache: bool = False
     no_store: bool = False
     tickets: list[Ticket] = attrs.field(factory=list)
+    direct: bool = False
+    received: int = 0
+    parsed: int = 0
+    texts: Sequence[str] = ()
+
+    def got(self, texts: Sequence[str]) -> None:
+        """The request received an LM answer of these texts."""
+        self.received += len(texts)
+        self.texts = texts
+
+    @property
+    def all_parsed(self) -> bool:
+        """Whether the request received LM answers and its adapter parsed every one of them (DSPy's
+        fallback from ChatAdapter to JSONAdapter parses with an adapter that does not tell)."""
+        return 0 < self.received == self.parsed
 
     def heard_parse(self, text: str) -> None:
+        self.parsed += 1
         for ticket in self.tickets:
             if text in ticket.remaining:
                 ticket.remaining.remove(text)
@@ -76,6 +97,7 @@ _current: contextvars.ContextVar[RequestSharing | None] = contextvars.ContextVar
 )
 
 _DEFAULT = RequestSharing()
+OUTSIDE = _DEFAULT  # what :func:`current` is outside a request: it counts nothing
 
 
 def current() -> RequestSharing:
@@ -88,19 +110,33 @@ def in_request() -> bool:
     return _current.get() is not None
 
 
-@contextmanager
-def sharing_scope(owner: str | None, *, no_cache: bool = False, no_store: bool = False) -> Iterator[None]:
+class sharing_scope:  # lower case: used as ``with sharing_scope(...)``, like the function it was
     """Open one request's switches for the block; on exit every ticket still open is settled as not
-    good."""
-    sharing = RequestSharing(owner, no_cache, no_store)
-    token = _current.set(sharing)
-    try:
-        yield
-    finally:
-        _current.reset(token)
-        tickets, sharing.tickets = sharing.tickets, []
-        for ticket in tickets:
-            ticket.settle(False)
+    good. Yields them (what the request received and parsed is counted there).
+
+    A plain class, not a generator context manager: it is entered once per request.
+    """
+
+    __slots__ = ("_token", "sharing")
+
+    def __init__(
+        self, owner: str | None, *, no_cache: bool = False, no_store: bool = False, direct: bool = False
+    ) -> None:
+        self.sharing = RequestSharing(owner, no_cache, no_store, direct=direct)
+        self._token: contextvars.Token[RequestSharing | None] | None = None
+
+    def __enter__(self) -> RequestSharing:
+        self._token = _current.set(self.sharing)
+        return self.sharing
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._token is not None
+        _current.reset(self._token)
+        sharing = self.sharing
+        if sharing.tickets:
+            tickets, sharing.tickets = sharing.tickets, []
+            for ticket in tickets:
+                ticket.settle(False)
 
 
 def detach() -> None:
@@ -112,7 +148,7 @@ def detach() -> None:
 def heard_parse(text: str) -> None:
     """The adapter parsed ``text``: settle the current request's ticket for it, if any. Never blocks."""
     sharing = _current.get()
-    if sharing is not None and sharing.tickets:
+    if sharing is not None:
         sharing.heard_parse(text)
 
 

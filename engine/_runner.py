@@ -16,13 +16,20 @@ from typing import Any, NoReturn
 import trio
 
 from . import _groups
-from ._dspy import AdapterParseError, parse_failure_message, program_context
+from ._dspy import (
+    AdapterParseError,
+    parse_failure_message,
+    predictor_fingerprint,
+    program_context,
+    pure_predictor,
+)
 from ._errors import EngineError, ProgramError
 from ._program_spec import AdapterName
 from ._programs import Program
 from ._request import Request
 from ._request_sharing import sharing_scope
 from ._result import PredictionResult, Timings, Usage
+from ._shared_predictions import SharedPrediction, SharedPredictions, prediction_key
 from ._streaming import DeltaRouter
 from ._trace import RequestTrace, tracing
 from .lm import TrioLM
@@ -36,11 +43,16 @@ class ProgramRunner:
     Args:
         lms: The LM backends by name.
         adapter: The adapter of programs that do not name one.
+        predictions: Single-flight and the cache of whole predictions, for programs that are pure
+            functions of their inputs and LM answers (None: every program runs for each request).
     """
 
-    def __init__(self, lms: Mapping[str, TrioLM], adapter: AdapterName) -> None:
+    def __init__(
+        self, lms: Mapping[str, TrioLM], adapter: AdapterName, predictions: SharedPredictions | None = None
+    ) -> None:
         self._lms = lms
         self.adapter = adapter
+        self._predictions = predictions
 
     def model_of(self, lm: str | None) -> str:
         """The model name of the LM called ``lm`` (a metrics label), or "" for none."""
@@ -58,22 +70,110 @@ class ProgramRunner:
             EngineError: what an LM call raised (upstream errors, timeouts).
             ProgramError: anything else the program raised.
         """
-        program, values = request.program, request.values
+        program = request.program
         adapter = self.adapter_of(program)
+        predictions = self._predictions
+        if predictions is not None and not request.no_cache:
+            predictor = pure_predictor(program.module)
+            if predictor is not None:
+                key = prediction_key(
+                    predictions.secret,
+                    predictor_fingerprint(program.module, predictor),
+                    adapter=adapter,
+                    lm_name=program.lm,
+                    lm=self._lms[program.lm],
+                    values=request.values,
+                    params=request.lm_params,
+                    scope=predictions.scope_of(_sharer(request)),
+                )
+                if send_stream is None:
+                    return await self._shared(predictions, key, request, adapter)
+                if (found := predictions.cached(key)) is not None:
+                    return await self._streamed_hit(predictions, found, request, predictor, send_stream)
+                prediction = await self._run(request, adapter, send_stream)
+                if not request.no_store:
+                    predictions.store(key, prediction)
+                return prediction.outputs, prediction.usage
+        prediction = await self._run(request, adapter, send_stream)
+        return prediction.outputs, prediction.usage
+
+    async def _run(
+        self,
+        request: Request,
+        adapter: AdapterName,
+        send_stream: DeltaRouter | None,
+        shared: bool = False,
+    ) -> SharedPrediction:
+        """The request's program, run here (or, ``shared``, for a flight of identical requests, whose
+        usage DSPy's enclosing tracker gets through the one that paid for it).
+
+        Raises:
+            EngineError: what an LM call raised (upstream errors, timeouts).
+            ProgramError: anything else the program raised (not ``shared``: a flight's waiters raise
+                their copy of the program's own exception, and translate it themselves).
+        """
+        program = request.program
         with (
-            program_context(self._lms[program.lm], adapter, send_stream) as tracker,
+            program_context(self._lms[program.lm], adapter, send_stream, roll_up=not shared) as tracker,
             tracing(request.lm_params) as trace,
-            sharing_scope(_sharer(request), no_cache=request.no_cache, no_store=request.no_store),
+            sharing_scope(
+                _sharer(request), no_cache=request.no_cache, no_store=request.no_store, direct=shared
+            ) as sharing,
         ):
-            request.trace = trace
+            if not shared:
+                request.trace = trace
             try:
-                prediction = await program.module.acall(**values)
+                result = await program.module.acall(**request.values)
             except BaseExceptionGroup as group:
-                _raise_program_failure(program, adapter, _groups.collapse(group))
+                _raise_program_failure(program, adapter, _groups.collapse(group), translate=not shared)
             except Exception as exc:
-                _raise_program_failure(program, adapter, exc)
-        usage = Usage.from_tracker_totals(tracker.get_total_tokens(), saved_tokens=trace.saved_tokens)
-        return dict(prediction.items()), usage
+                _raise_program_failure(program, adapter, exc, translate=not shared)
+        return SharedPrediction(
+            dict(result.items()),
+            sharing.texts,
+            Usage.from_tracker_totals(tracker.get_total_tokens(), saved_tokens=trace.saved_tokens),
+            tracker.usage_data if shared else {},
+            lm_calls=trace.lm_calls,
+            answers=tuple(trace.answers),
+            truncated=trace.truncated,
+            cached_calls=trace.cached_calls,
+            shared_calls=trace.shared_calls,
+            attempts=trace.attempts,
+            lm_seconds=trace.lm_seconds,
+            storable=sharing.all_parsed,
+        )
+
+    async def _shared(
+        self, predictions: SharedPredictions, key: str, request: Request, adapter: AdapterName
+    ) -> tuple[dict[str, Any], Usage]:
+        """The request's prediction shared with identical ones (stored, or in flight)."""
+        started = trio.current_time()
+        try:
+            outputs, usage, request.trace = await predictions.predict(key, self._run, request, adapter)
+        except BaseException as exc:
+            request.trace = RequestTrace(lm_seconds=trio.current_time() - started)  # its time waiting
+            if isinstance(exc, BaseExceptionGroup):
+                _raise_program_failure(request.program, adapter, _groups.collapse(exc))
+            if isinstance(exc, Exception):
+                _raise_program_failure(request.program, adapter, exc)
+            raise
+        return outputs, usage
+
+    async def _streamed_hit(
+        self,
+        predictions: SharedPredictions,
+        found: SharedPrediction,
+        request: Request,
+        predictor: Any,
+        send_stream: DeltaRouter,
+    ) -> tuple[dict[str, Any], Usage]:
+        """A stored prediction streamed: its LM answer through the stream's router (one delta per
+        field), then its outputs. Blocks while the stream's buffer is full (policy ``block``)."""
+        outputs, usage, request.trace = predictions.hit(found)
+        sink = send_stream.sink(id(predictor))
+        if sink is not None and found.texts:
+            await sink.send(found.texts[0])
+        return outputs, usage
 
     @staticmethod
     def result(request: Request, outputs: dict[str, Any], usage: Usage) -> PredictionResult:
@@ -99,10 +199,13 @@ class ProgramRunner:
         return request.result
 
 
-def _raise_program_failure(program: Program, adapter: AdapterName, exc: BaseException) -> NoReturn:
+def _raise_program_failure(
+    program: Program, adapter: AdapterName, exc: BaseException, *, translate: bool = True
+) -> NoReturn:
     """Raise what a failure of ``program`` looks like to the engine's caller: engine errors and
-    cancellation as they are, anything else as a :class:`ProgramError` caused by it."""
-    if isinstance(exc, EngineError) or not isinstance(exc, Exception):
+    cancellation as they are, anything else as a :class:`ProgramError` caused by it (as it is, when
+    not ``translate``: for a shared prediction's flight, whose waiters each translate their copy)."""
+    if isinstance(exc, EngineError) or not isinstance(exc, Exception) or not translate:
         raise exc
     if isinstance(exc, AdapterParseError):
         message = parse_failure_message(program.name, exc, adapter)

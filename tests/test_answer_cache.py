@@ -222,9 +222,10 @@ def test_a_bad_cache_setting_is_a_config_error_naming_it(tmp_path: Any, text: st
 @pytest.mark.parametrize(
     ("cache", "across"),
     [
-        (CacheConfig(), False),  # the default: single-flight in each process, no Redis round trip
-        (CacheConfig(backend="memory"), False),
+        (CacheConfig(), True),  # the default: with a cluster, single-flight through Redis too
+        (CacheConfig(backend="memory"), True),
         (CacheConfig(backend="redis"), True),  # the cache lookup is the claim's round trip
+        (CacheConfig(across_processes=False), False),
         (CacheConfig(backend="redis", across_processes=False), False),
         (CacheConfig(across_processes=True), True),
         (CacheConfig(single_flight=False, backend="redis", across_processes=True), False),

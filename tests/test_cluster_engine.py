@@ -295,8 +295,8 @@ def test_the_cluster_secret_from_toml_and_env_is_checked_and_never_shown(tmp_pat
 
 async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: RedisServer) -> None:
     """README: an ACL user limited to the deployment's keys and channels and to these commands runs a
-    cluster (quota, cool-down, cancel, heartbeats, tenants' budgets) without a failure; a wrong password
-    is refused."""
+    cluster (quota, cool-down, cancel, heartbeats, tenants' budgets, breakers, single-flight) without a
+    failure; a wrong password is refused."""
     shared = prefix()
     user, password = f"user-{shared}", "a-long-password-for-this-test"
     rules = [
@@ -316,7 +316,7 @@ async def test_an_acl_user_with_the_documented_commands_is_enough(redis_server: 
         "+eval",
         "+evalsha",
         "+script|load",
-        "+script|exists",
+        "+script|exists",  # a pipeline of scripts (single-flight's announcements) checks them first
         "+time",
         "+multi",
         "+exec",

@@ -172,17 +172,17 @@ async def test_redis_stopped_mid_run_leaves_each_process_on_its_own_without_a_ha
                 assert 1 <= len(down) <= 2  # once per process
 
 
-async def test_without_the_cache_in_redis_single_flight_stays_in_the_process_and_costs_redis_nothing(
+async def test_across_processes_false_keeps_single_flight_in_the_process_and_costs_redis_nothing(
     redis_server: RedisServer,
 ) -> None:
-    """By default only a cache in Redis shares calls across processes (its lookup is the round trip a
-    claim needs); otherwise a prediction makes no Redis call, and each process shares only its own."""
+    """``across_processes = false`` without a cache in Redis: a prediction makes no Redis call, and each
+    process shares only its own."""
     shared = prefix()
     async with open_fake_upstream(Behavior(latency=0.5)) as upstream:
         url = redis_server.url
         async with (
-            open_engine(config(url, upstream, shared, backend="memory")) as a,
-            open_engine(config(url, upstream, shared)) as b,
+            open_engine(config(url, upstream, shared, backend="memory", across_processes=False)) as a,
+            open_engine(config(url, upstream, shared, across_processes=False)) as b,
         ):
             assert a.cluster is not None
             assert b.cluster is not None
@@ -225,6 +225,40 @@ async def test_a_redis_that_stops_answering_costs_a_claim_the_call_cap_never_the
             assert sharing is not None
             assert sharing.redis_fallbacks == 1
             assert engine.cluster.statistics().failures >= 1
+
+
+@pytest.mark.parametrize("backend", ["off", "memory"])
+async def test_with_a_cluster_single_flight_crosses_processes_whatever_the_cache(
+    redis_server: RedisServer, backend: str
+) -> None:
+    """With ``[cluster] redis_url`` and the cache off (the default) or in memory, identical predictions
+    in two processes still make one upstream call: the leader hands its answer over in an entry that
+    lives a lease TTL, not in a cache (a later prediction makes its own call while the cache is off)."""
+    shared = prefix()
+    async with open_fake_upstream(Behavior(latency=1.0)) as upstream:
+        url = redis_server.url
+        async with (
+            open_engine(config(url, upstream, shared, backend=backend, lease_ttl=1.0)) as a,
+            open_engine(config(url, upstream, shared, backend=backend, lease_ttl=1.0)) as b,
+        ):
+            with trio.fail_after(HANG_GUARD):
+                await eventually(lambda: subscribed(a, b))
+                results = []
+
+                async def predict(engine: Engine) -> None:
+                    results.append(await engine.predict("default", QUESTION))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(25):
+                        nursery.start_soon(predict, a)
+                        nursery.start_soon(predict, b)
+                assert len(upstream.records) == 1, "one upstream call for both processes"
+                assert len({str(r.outputs) for r in results}) == 1
+                assert sum(bool(r.usage.total_tokens) for r in results) == 1
+                if backend == "off":
+                    await trio.sleep(1.5)  # the hand-off entry has expired
+                    assert not (await b.predict("default", QUESTION)).timings.cached
+                    assert len(upstream.records) == 2
 
 
 LEADER = """

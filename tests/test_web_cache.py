@@ -4,11 +4,13 @@ keys never share; the metrics (Prometheus and JSON) and the OpenAPI document say
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import attrs
 import httpx
 import trio
+from trio_websocket import open_websocket_url
 
 from dspy_trio.engine import CacheConfig, EngineConfig
 
@@ -167,3 +169,49 @@ async def test_cors_lets_a_browser_send_cache_control_and_read_cache_status() ->
         assert "cache-control" in preflight.headers["Access-Control-Allow-Headers"].lower()
         answer = await post(client, **{"Origin": origin})
         assert "cache-status" in answer.headers["Access-Control-Expose-Headers"].lower()
+
+
+# --- WebSockets ----------------------------------------------------------------------------------------
+
+
+async def _ws_predict(ws: Any, label: str, **extra: Any) -> dict[str, Any]:
+    frame = {"id": label, "type": "predict", "inputs": {"question": "What is Trio?"}, **extra}
+    await ws.send_message(json.dumps(frame))
+    answer: dict[str, Any] = json.loads(await ws.get_message())
+    assert answer["id"] == label, answer
+    return answer
+
+
+async def test_a_websocket_opts_out_by_its_handshake_or_by_a_frame() -> None:
+    """``Cache-Control`` on the handshake applies to every request of the socket (``/v1/ws`` and
+    ``/ws``); a ``/v1/ws`` frame's ``cache_control`` (the same directives) to that request."""
+    lm = CountingLM(first_token_delay=0.1)
+    async with running(cached_settings(), lms={"default": lm}) as server:
+        ws_url = server.url.replace("http", "ws")
+        async with open_websocket_url(ws_url + "/v1/ws") as ws:
+            first = await _ws_predict(ws, "a")
+            assert first["type"] == "result"
+            assert (await _ws_predict(ws, "b"))["timings"]["cached"] is True
+            assert lm.started == 1
+            fresh = await _ws_predict(ws, "c", cache_control="no-cache")
+            assert "cached" not in fresh["timings"]
+            assert lm.started == 2
+            bad = await _ws_predict(ws, "d", cache_control=["no-cache"])
+            assert bad["type"] == "error"
+            assert bad["error"]["code"] == "invalid_body"  # as an HTTP body that does not fit
+        headers = [(b"Cache-Control", b"no-cache, no-store")]
+        async with open_websocket_url(ws_url + "/v1/ws", extra_headers=headers) as ws:
+            for label in ("e", "f"):
+                assert "cached" not in (await _ws_predict(ws, label))["timings"]
+            assert lm.started == 4
+        async with open_websocket_url(ws_url + "/ws", extra_headers=headers) as ws:
+            await ws.send_message("What is Trio?")
+            while await ws.get_message() != "[DONE]":
+                pass
+            assert lm.started == 5  # a fresh upstream call, though the answer is stored
+        async with open_websocket_url(ws_url + "/v1/ws") as ws:
+            stored = await _ws_predict(ws, "g", inputs={"question": "never stored"}, cache_control="no-store")
+            assert stored["type"] == "result"
+            again = await _ws_predict(ws, "h", inputs={"question": "never stored"})
+            assert "cached" not in again["timings"]
+            assert lm.started == 7

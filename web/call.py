@@ -84,7 +84,8 @@ class Call:
         refusal: The door's refusal (401, 429) for the app to answer when the app must shape it (CORS);
             None otherwise.
         notes: What the answer learns on its way (:class:`CallNotes`).
-        no_cache, no_store: ``Cache-Control``'s switches for the engine (a /v1/ws frame has none).
+        no_cache, no_store: ``Cache-Control``'s switches for the engine (a WebSocket's handshake's
+            apply to all its requests; a ``/v1/ws`` frame may add its own ``cache_control``).
         tenant: The tenant of its key (never the key), whose share, limits and budget it counts
             against; None without keys (the engine's ``default`` tenant).
     """
@@ -115,10 +116,28 @@ class Call:
             settings, arrived=self.arrived, asked=asked, header=self.timeout_header, param=param
         )
 
-    def frame(self, label: str | None, arrived: float, program: str | None) -> Call:
+    def frame(
+        self,
+        label: str | None,
+        arrived: float,
+        program: str | None,
+        *,
+        no_cache: bool = False,
+        no_store: bool = False,
+    ) -> Call:
         """A call made on this call's WebSocket (a question, a frame): a new id, the socket's owner and
-        tenant."""
-        return Call(new_request_id(), label, self.owner, arrived, self.route, program, tenant=self.tenant)
+        tenant, the handshake's cache switches, and the frame's own (``no_cache``, ``no_store``) on top."""
+        return Call(
+            new_request_id(),
+            label,
+            self.owner,
+            arrived,
+            self.route,
+            program,
+            no_cache=self.no_cache or no_cache,
+            no_store=self.no_store or no_store,
+            tenant=self.tenant,
+        )
 
     def runs(self) -> str:
         """The program the call runs (for the handlers of routes that run one)."""

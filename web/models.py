@@ -58,11 +58,14 @@ class BatchRequest(_Strict):
 
 
 class RunFrame(ProgramRequest):
-    """``/v1/ws``: run a program; ``id`` is the client's label for it within the socket."""
+    """``/v1/ws``: run a program; ``id`` is the client's label for it within the socket.
+    ``cache_control`` takes ``Cache-Control``'s directives for this request (``no-cache``,
+    ``no-store``; others ignored), on top of the handshake's."""
 
     id: FrameId
     type: Literal["predict", "stream"]
     program: str = "default"
+    cache_control: str | None = pydantic.Field(default=None, max_length=256, strict=True)
 
 
 class CancelFrame(_Strict):

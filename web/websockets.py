@@ -8,13 +8,15 @@ time.
 
     -> {"id": "a", "type": "predict", "program": "default", "inputs": {...}, "timeout_secs": 5}
     -> {"id": "b", "type": "stream", "program": "default", "inputs": {...}}
+    -> {"id": "c", "type": "predict", "inputs": {...}, "cache_control": "no-cache"}
     -> {"id": "b", "type": "cancel"}
     <- {"id": "a", "type": "result", "outputs": ..., "usage": ..., "timings": ...}
     <- {"id": "b", "type": "status" | "delta" | "final" | "error", ...}
     <- {"id": "b", "type": "cancelled"}
 
-The socket is one call (its owner is the handshake's key); each question and each frame is a call of its
-own (:meth:`dspy_trio.web.call.Call.frame`: the server's id, the socket's owner), run by the one runner
+The socket is one call (its owner is the handshake's key, its cache switches the handshake's
+``Cache-Control``, to which a frame's ``cache_control`` may add); each question and each frame is a call
+of its own (:meth:`dspy_trio.web.call.Call.frame`: the server's id, the socket's owner), run by the one runner
 (:mod:`dspy_trio.web.runner`) and encoded in the socket's format (:mod:`dspy_trio.web.formats`). A frame's
 ``id`` is the client's label *within its socket*; the server's id (``request_id`` in results) routes,
 cancels and logs, so ids of different sockets never collide. A cancel frame is turned into that id and
@@ -42,6 +44,7 @@ from quart_cors import cors_exempt
 
 from dspy_trio.engine import Engine
 
+from .cache_control import cache_switches
 from .call import Call
 from .deadline import RequestDeadline
 from .errors import HTTPError
@@ -191,7 +194,8 @@ class _Socket:
         if len(self.active) >= self.settings.ws_max_requests:
             message = f"at most {self.settings.ws_max_requests} requests per socket"
             raise _BadFrame(frame.id, _frame_error(429, message, "too_many_requests"))
-        call = self.call.frame(frame.id, arrived, frame.program)
+        no_cache, no_store = cache_switches(frame.cache_control)
+        call = self.call.frame(frame.id, arrived, frame.program, no_cache=no_cache, no_store=no_store)
         try:
             until = call.deadline(self.settings, frame.timeout_secs)
         except HTTPError as exc:
