@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -22,14 +22,17 @@ from dspy_trio.engine import RateLimitWaitError
 from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
 from dspy_trio.engine.cluster._heartbeat import beat
+from dspy_trio.engine.cluster._redis import stand_in_for_redis_time
 from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
 
 
 @pytest.fixture
-def mock_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.5)
+def mock_clock() -> Iterator[trio.testing.MockClock]:
+    """Trio's MockClock, which every process's quota script also reads in place of Redis's TIME."""
+    with stand_in_for_redis_time(trio.current_time):
+        yield trio.testing.MockClock(autojump_threshold=0.5)
 
 
 @asynccontextmanager
