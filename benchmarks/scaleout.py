@@ -226,6 +226,7 @@ def measure_script_cost(redis_url: str) -> dict[int, float]:
     """Part 6: the server's microseconds per EVALSHA of the quota script, by entries in its window."""
     from dspy_trio.engine._cluster_config import ClusterConfig
     from dspy_trio.engine.cluster import open_cluster
+    from dspy_trio.engine.cluster._redis import stand_in_for_redis_time
 
     port = redis_url.rsplit(":", 1)[1].split("/")[0]
     results: dict[int, float] = {}
@@ -235,16 +236,18 @@ def measure_script_cost(redis_url: str) -> dict[int, float]:
         config = ClusterConfig(
             redis_url=redis_url, key_prefix=f"script-cost-{entries}", secret="0123456789abcdef-bench"
         )
-        async with open_cluster(config, clock=lambda: clock[0]) as cluster:
-            quota = cluster.quota("up", 1e9, None)  # never reached: every grant is kept as an entry
-            step = 60.0 / entries  # one grant per entry's worth of the window
-            for _ in range(entries):
-                clock[0] += step
-                await quota.acquire(0)
-            await trio.run_process(["redis-cli", "-p", port, "CONFIG", "RESETSTAT"], capture_stdout=True)
-            for _ in range(1000):
-                clock[0] += step
-                await quota.acquire(0)
+        # The script's clock (Redis's TIME) stood in for, so that every grant is an entry of its own.
+        with stand_in_for_redis_time(lambda: clock[0]):
+            async with open_cluster(config) as cluster:
+                quota = cluster.quota("up", 1e9, None)  # never reached: every grant is kept as an entry
+                step = 60.0 / entries  # one grant per entry's worth of the window
+                for _ in range(entries):
+                    clock[0] += step
+                    await quota.acquire(0)
+                await trio.run_process(["redis-cli", "-p", port, "CONFIG", "RESETSTAT"], capture_stdout=True)
+                for _ in range(1000):
+                    clock[0] += step
+                    await quota.acquire(0)
         done = await trio.run_process(["redis-cli", "-p", port, "INFO", "commandstats"], capture_stdout=True)
         out = done.stdout.decode()
         line = next(line for line in out.splitlines() if line.startswith("cmdstat_evalsha:"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -22,14 +22,17 @@ from dspy_trio.engine import RateLimitWaitError
 from dspy_trio.engine._cluster_config import ClusterConfig
 from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
 from dspy_trio.engine.cluster._heartbeat import beat
+from dspy_trio.engine.cluster._redis import stand_in_for_redis_time
 from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix
 
 __all__ = ["own_redis_server"]  # fixture
 
 
 @pytest.fixture
-def mock_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.5)
+def mock_clock() -> Iterator[trio.testing.MockClock]:
+    """Trio's MockClock, which every process's quota script also reads in place of Redis's TIME."""
+    with stand_in_for_redis_time(trio.current_time):
+        yield trio.testing.MockClock(autojump_threshold=0.5)
 
 
 @asynccontextmanager
@@ -223,9 +226,15 @@ async def test_a_redis_slower_than_a_second_but_within_the_call_cap_is_subscribe
     reason="the fallback is sound only when every process loses Redis: a degraded process spends its "
     "local share (engine/cluster/_quota.py _open_share) while the processes that still reach Redis "
     "spend the whole shared log, which knows nothing of that share until the degraded one recovers. "
-    "The fix is a design change, not made here: leases (each process holds a slice of the shared log "
-    "reserved while it is connected, the only quota it may spend when cut off, renewed with its "
-    "heartbeat and given back when unused), so the others never grant what a cut-off process may spend",
+    "Not made (a design change, out of time): per-process leases in the log's header (size, expiry on "
+    "Redis's clock), renewed by each process's calls; the script grants a caller only what leaves the "
+    "others' leases free, each counted until 60 s after it expires (what its holder spent locally stays "
+    "in the upstream's window that long), and grants a lease only from what the log leaves free; a "
+    "process cut off spends from a local window of its lease (its own grants of the last minute counted) "
+    "until the lease's expiry, measured from the send time of its last answered renewal, then nothing. "
+    "Open choice: a lease large enough to serve through an outage is capacity the others lose while "
+    "connected, and 'then nothing' stops every rate-limited call once Redis is down for all processes "
+    "(today they keep quota / N)",
 )
 async def test_one_process_cut_off_from_redis_while_the_others_reach_it_keeps_the_quota(
     own_redis_server: RedisServer, mock_clock: trio.testing.MockClock

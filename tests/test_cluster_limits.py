@@ -1,15 +1,17 @@
 """Shared RPM/TPM buckets and the shared cool-down on a real redis-server, driven by Trio's MockClock.
 
-The shared clock of these clusters is Trio's clock (``clock=trio.current_time``), so the Lua script's
-"now" is virtual time: the clock stands still while Redis answers (real I/O) and moves only when a test
-jumps it, and every wait is asserted in exact virtual seconds.
+The quota script reads Redis's own clock (``TIME``); with ``mock_clock`` every process's script reads
+Trio's clock in its place (one stand-in for all), so its "now" is virtual time: the clock stands still
+while Redis answers (real I/O) and moves only when a test jumps it, and every wait is asserted in exact
+virtual seconds. A process's own clock (``open_cluster(clock=...)``) is not the script's: tests set it
+off to show that it does not matter.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
+import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -30,6 +32,7 @@ from dspy_trio.engine._upstream import UpstreamGuard, UpstreamPolicy
 from dspy_trio.engine.cluster import Cluster, SharedQuota, open_cluster
 from dspy_trio.engine.cluster._heartbeat import beat
 from dspy_trio.engine.cluster._quota_script import Reply
+from dspy_trio.engine.cluster._redis import stand_in_for_redis_time
 from dspy_trio.engine.lm._base import Completion
 from tests.redis_server import RedisServer, delaying_proxy, eventually, own_redis_server, prefix, redis_server
 
@@ -41,8 +44,10 @@ IDLE_JUMP = 0.5
 
 
 @pytest.fixture
-def mock_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=IDLE_JUMP)
+def mock_clock() -> Iterator[trio.testing.MockClock]:
+    """Trio's MockClock, which every process's quota script also reads in place of Redis's TIME."""
+    with stand_in_for_redis_time(trio.current_time):
+        yield trio.testing.MockClock(autojump_threshold=IDLE_JUMP)
 
 
 @asynccontextmanager
@@ -260,7 +265,8 @@ def test_the_shared_log_grants_exactly_what_the_local_window_grants(
                 _, process, tokens, max_wait = op
                 tokens = min(tokens, tpm or tokens)
                 expected_wait, entry = model.take(process, clock[0], tokens, max_wait)
-                reply = await _take(quotas[process], tokens, max_wait)
+                with stand_in_for_redis_time(lambda: clock[0]):
+                    reply = await _take(quotas[process], tokens, max_wait)
                 assert reply.wait == expected_wait
                 assert (reply.status == "ok") == (entry is not None)
                 if entry is not None:
@@ -281,7 +287,8 @@ def test_the_shared_log_grants_exactly_what_the_local_window_grants(
                 model.queued[process].append((entry, requests, used - estimate))
         for process in (0, 1):
             model.call(process, clock[0])
-            usage = await quotas[process].usage()
+            with stand_in_for_redis_time(lambda: clock[0]):
+                usage = await quotas[process].usage()
         assert usage == (model.log.requests, model.log.tokens)
         if not overspent:
             _assert_within([(e.at, e.requests, e.tokens) for e in model.log], rpm, tpm)
@@ -464,20 +471,20 @@ async def test_a_wait_the_redis_round_trip_would_push_past_the_deadline_is_refus
     after them, and the caller's deadline is 0.1 s after that. Without the round trip counted, the wait
     is granted and the caller sleeps past its deadline (a 504 and a wasted reservation); counted, it is
     refused at once with a Retry-After, and nothing stays reserved. Real clock; nothing timed."""
-    offset = [-59.0]
     async with delaying_proxy(redis_server.port, 0.2) as port:
         config = ClusterConfig(redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=prefix(), call_timeout=5.0)
-        async with open_cluster(config, clock=lambda: trio.current_time() + offset[0]) as a:
+        async with open_cluster(config) as a:
             quota = a.quota("up", 2, None)
-            await quota.acquire(0)
-            await quota.acquire(0)
-            fits_at = next(iter(quota.mirror)).at + 1.0  # on Trio's clock, once the offset is gone
-            offset[0] = 0.0
-            with pytest.raises(RateLimitWaitError) as info, trio.fail_at(fits_at + 0.1):
+            with stand_in_for_redis_time(lambda: trio.current_time() - 59.0):  # taken 59 s ago
                 await quota.acquire(0)
-            assert info.value.retry_after is not None
-            assert 0 < info.value.retry_after <= 1.0
-            assert (await quota.usage())[0] == 2
+                await quota.acquire(0)
+            fits_at = next(iter(quota.mirror)).at + 1.0  # on Trio's clock, Redis's from now on
+            with stand_in_for_redis_time(trio.current_time):
+                with pytest.raises(RateLimitWaitError) as info, trio.fail_at(fits_at + 0.1):
+                    await quota.acquire(0)
+                assert info.value.retry_after is not None
+                assert 0 < info.value.retry_after <= 1.0
+                assert (await quota.usage())[0] == 2
 
 
 # --- attacks on the shared window (the upstream attack round; each fix flips its test) ---------------
@@ -569,29 +576,22 @@ async def test_a_correction_after_the_grant_left_the_window_counts_the_same_loca
     assert waits["local"] == waits["shared"], waits
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'now' of the shared log is each caller's own clock (engine/cluster/_quota.py _run sends "
-    "link.clock(), wall time; the heartbeat already scores by Redis's TIME): a process whose clock is "
-    "behind records its grants in the past, they leave the window early, and the others grant more "
-    "than rpm within 60 s of real time. Not made yet: TIME read in the quota script, processes sending "
-    "only ages of their grants and durations; the MockClock tests then need the script's clock injected "
-    "once for all processes (a test-only stand-in for TIME), and this test rewritten to model skew as a "
-    "process's own clock, which injecting two shared clocks cannot express",
-)
+@pytest.mark.parametrize("off_by", [-5.0, 3600.0])
 async def test_processes_whose_clocks_disagree_still_keep_the_quota(
-    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, off_by: float
 ) -> None:
-    """Two processes, 2 requests a minute, b's clock 5 s behind a's (a VM without NTP, a container
-    after a host suspend). b takes one at 0 s (logged at -5 s), a takes one at 35 s: the window is full
-    until 60 s of real time. At 55 s a asks again: b's grant looks 60 s old and is gone, so a third
-    request went within 55 s of the first."""
+    """Two processes, 2 requests a minute; b's own clock is off (5 s behind: a VM without NTP; an hour
+    ahead: a container after a host suspend). b takes one at 0 s, a one at 35 s: the window is full
+    until 60 s. At 55 s a asks again and must be refused. When the script's "now" was each caller's
+    clock, b's grant was logged at -5 s, looked 60 s old at 55 s, and a third request went within 55 s
+    of the first (an hour ahead, b's grant held the window for an hour). Redis's clock is the only one
+    the script reads; a process's own clock must not matter."""
     config = ClusterConfig(
         redis_url=redis_server.url, key_prefix=prefix(), call_timeout=60.0, heartbeat_interval=600.0
     )
     async with (
         open_cluster(config, clock=trio.current_time) as a,
-        open_cluster(config, clock=lambda: trio.current_time() - 5.0) as b,
+        open_cluster(config, clock=lambda: trio.current_time() + off_by) as b,
     ):
         quota_a, quota_b = a.quota("up", 2, None), b.quota("up", 2, None)
         sent = []
@@ -601,10 +601,73 @@ async def test_processes_whose_clocks_disagree_still_keep_the_quota(
         await quota_a.acquire(0)
         sent.append(trio.current_time())
         mock_clock.jump(20)
-        with trio.move_on_after(1), contextlib.suppress(RateLimitWaitError):  # a wait: nothing is sent
+        with pytest.raises(RateLimitWaitError) as refused, trio.move_on_after(1):
             await quota_a.acquire(0)
-            sent.append(trio.current_time())
+        assert refused.value.retry_after == 5.0  # when b's grant leaves the window
     _assert_within([(at, 1.0, 0.0) for at in sent], 2, None)
+
+
+@pytest.mark.parametrize("off_by", [-30.0, 3600.0])
+async def test_grants_charged_back_after_an_outage_are_dated_by_their_age_not_a_clock(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, off_by: float
+) -> None:
+    """4 a minute, two processes: a takes 2 at 0 s; b, cut off from Redis, takes its share (2) locally;
+    Redis answers again at 10 s and b charges them back. They were made 10 s before, on Redis's clock
+    too, whatever b's own clock says (an hour ahead, they were dated an hour in the future and held the
+    window for an hour; 30 s behind, they left it 30 s early): a is refused until 60 s, then served."""
+    config = ClusterConfig(
+        redis_url=redis_server.url, key_prefix=prefix(), call_timeout=60.0, heartbeat_interval=600.0
+    )
+    async with (
+        open_cluster(config, clock=trio.current_time) as a,
+        open_cluster(config, clock=lambda: trio.current_time() + off_by) as b,
+    ):
+        quota_a, quota_b = a.quota("up", 4, None), b.quota("up", 4, None)
+        await quota_b.usage()  # b knows the log (empty)
+        await quota_a.acquire(0)
+        await quota_a.acquire(0)
+        b.link.mark_down("b's path to Redis broke")
+        await quota_b.acquire(0)
+        await quota_b.acquire(0)
+        mock_clock.jump(10)
+        b.link.mark_up()
+        await quota_b.flush(idle_after=0.0)  # b's two grants reach the log
+        assert await quota_a.usage() == (4.0, 0.0)
+        with pytest.raises(RateLimitWaitError) as refused, trio.move_on_after(1):
+            await quota_a.acquire(0)
+        assert refused.value.retry_after == 50.0
+        mock_clock.jump(50)
+        await quota_a.acquire(0)
+        assert trio.current_time() == 60.0
+
+
+async def test_an_idle_process_checks_in_by_the_time_it_was_idle_not_by_its_clock(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """b's own clock stands still (a broken clock source). b took 20 of 30 at 0 s; the log is lost at
+    30 s; b's heartbeat must still check in (b has been idle a heartbeat interval, however its clock
+    reads) and send its 20, so that a gets one when they leave the window at 60 s, not at 90 s."""
+    config = ClusterConfig(
+        redis_url=redis_server.url, key_prefix=prefix(), call_timeout=60.0, heartbeat_interval=40.0
+    )
+    async with (
+        open_cluster(config, clock=trio.current_time) as a,
+        open_cluster(config, clock=lambda: 1000.0) as b,
+    ):
+        quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
+        await quota_a.usage()
+        for _ in range(20):
+            await quota_b.acquire(0)
+        mock_clock.jump(30.0)
+        lost = quota_b.epoch
+        await a.link.call(lambda: a.link.client.flushall())
+        with pytest.raises(RateLimitWaitError), trio.fail_after(1):
+            await quota_a.acquire(0)
+        mock_clock.jump(10.0)  # b's heartbeat (40 s): b checks in with its 20
+        await eventually(lambda: _sent(quota_b, lost))
+        with pytest.raises(RateLimitWaitError) as refused, trio.fail_after(1):
+            await quota_a.acquire(0)
+        assert refused.value.retry_after == 20.0
 
 
 async def test_a_process_whose_clock_is_ahead_still_counts_the_others(
@@ -643,7 +706,7 @@ async def test_a_cool_down_heard_from_another_process_is_bounded_like_ones_own(
     ):
         guard_a = UpstreamGuard("up", UpstreamPolicy(rpm=60), limits=a)
         if sender == "infinity":
-            message = json.dumps({"upstream": "up", "until": math.inf, "from": "peer"})
+            message = json.dumps({"upstream": "up", "seconds": math.inf, "from": "peer"})
             await b.link.call(lambda: b.link.client.publish(b.link.key("cooldown"), message))
         else:
             b.cooldown("up").extend_to(trio.current_time() + 5.0)
@@ -651,3 +714,23 @@ async def test_a_cool_down_heard_from_another_process_is_bounded_like_ones_own(
         assert guard_a.statistics().cooldown_remaining <= guard_a.policy.retry.max_retry_after
         if sender == "clock-an-hour-ahead":  # a pause is sent as its length: the sender's clock is moot
             assert guard_a.statistics().cooldown_remaining == 5.0
+
+
+async def test_a_cool_down_that_gives_only_its_end_is_ignored(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message with only an end (``until``) could be read only on this process's clock, which need not
+    agree with the sender's (an hour apart, it paused this process an hour): it is malformed, logged and
+    ignored; a pause travels as its length (``seconds``)."""
+    caplog.set_level(logging.WARNING, "dspy_trio.engine.cluster")
+    async with clusters(redis_server, 2) as (a, b):
+        guard_a = UpstreamGuard("up", UpstreamPolicy(rpm=60), limits=a)
+        channel = b.link.key("cooldown")
+        for message in (
+            {"upstream": "up", "until": trio.current_time() + 30.0, "from": "peer"},
+            {"upstream": "up", "seconds": 5.0, "from": "peer"},
+        ):
+            await b.link.call(lambda m=message: b.link.client.publish(channel, json.dumps(m)))  # type: ignore[misc]
+        await eventually(lambda: guard_a.statistics().cooldown_remaining > 0)
+        assert guard_a.statistics().cooldown_remaining == 5.0
+        assert any("malformed cool-down" in r.getMessage() for r in caplog.records)

@@ -163,11 +163,9 @@ class Cluster:
             try:
                 heard = json.loads(data)
                 if heard.get("from") != self.link.process_id and heard.get("upstream") in self._cooldowns:
-                    if "seconds" in heard:
-                        seconds = float(heard["seconds"])
-                    else:  # only its end, on the shared clock
-                        seconds = float(heard["until"]) - self.link.clock()
-                    self._cooldowns[heard["upstream"]].heard(seconds)
+                    # A length only: an end ("until") would be read on this process's clock, which
+                    # need not agree with the sender's (such a message has no "seconds": malformed).
+                    self._cooldowns[heard["upstream"]].heard(float(heard["seconds"]))
             except (ValueError, TypeError, KeyError):
                 logger.warning("ignored a malformed cool-down message: %s", _excerpt(data))
         elif channel == self.link.key("breaker"):
@@ -250,7 +248,8 @@ async def open_cluster(
 
     Args:
         config: The cluster settings (``redis_url`` must be set).
-        clock: Time every process agrees on; tests pass ``trio.current_time``.
+        clock: Wall time, read only for the calendar windows of tenants' budgets (the quota runs on
+            Redis's own clock); tests pass ``trio.current_time``.
     """
     if not config.redis_url:
         raise ValueError("open_cluster needs a redis_url")

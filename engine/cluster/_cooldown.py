@@ -7,8 +7,8 @@ broadcast is a queued write: setting a cool-down never blocks a request.
 
 A pause heard is bounded like one's own: at most the hearing guard's ``max_retry_after`` (a broadcast of
 ``Infinity``, from a bug or from anyone who can publish, pauses that long, not forever), and measured as
-a duration, so a sender whose clock is off does not shift it (a message that gives only an end on the
-shared clock, ``until``, is read against this process's clock).
+a duration, so a sender whose clock is off does not shift it (a message that gives only an end,
+``until``, is ignored as malformed: no two processes' clocks need agree).
 """
 
 from __future__ import annotations

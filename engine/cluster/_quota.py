@@ -9,8 +9,11 @@ typical duration after it and the Redis round-trip counted, before the caller's 
 nothing and fails at once. One round-trip per acquire, three Redis commands (EVALSHA, GET, SET);
 corrections (TPM's real usage, a call never sent) ride along with the next one, or the heartbeat.
 
-"Now" is an argument of the script, read from the caller's clock: wall time in production (processes on
-different hosts agree on it within NTP's error), Trio's clock in tests, where a ``MockClock`` drives the
+"Now" is Redis's own clock (``TIME``, read by the script): a process sends only durations (a wait's
+bound, how long ago each grant it sends was made), never an instant, so a process whose clock is off
+(a VM without NTP, a host back from suspend) neither frees the others' grants early nor dates its own
+in the past. Tests put one stand-in clock in place of ``TIME`` for every process
+(:func:`~dspy_trio.engine.cluster._redis.stand_in_for_redis_time`), so that a ``MockClock`` drives the
 shared log exactly.
 
 What nobody knows is assumed to have happened at the worst moment:
@@ -45,7 +48,7 @@ import trio
 
 from .._rate_window import WINDOW, Entry, LocalGrant, LocalQuota, WindowLog, refuse
 from ._quota_script import KEY_TTL, QUOTA_SCRIPT, Reply
-from ._redis import Late, RedisLateError, RedisLink, RedisUnavailableError
+from ._redis import Late, RedisLateError, RedisLink, RedisUnavailableError, redis_time_argument
 
 _LONGEST_WAIT = 1e9  # "no deadline", as a number Lua can read
 _RESENDS = 3  # epoch changes one acquire follows before it gives up on the shared log
@@ -134,7 +137,7 @@ class SharedQuota:
         self.epoch = ""  # the shared log's epoch this process knows
         self._candidate = os.urandom(8).hex()  # the epoch of a log this process would create
         self._first_in_epoch = False
-        self._last_contact = -math.inf  # the shared clock at the last answer
+        self._last_contact = -math.inf  # when the last answered call was sent (Trio's clock)
         self._usage: tuple[float, float] | None = None  # the window's totals at the last answer
         self._corrections: list[tuple[int, float, float]] = []  # (seq, requests, tokens) of this epoch
         self._unmerged: list[Entry] = []  # may hold mirror entries the shared log lacks (see _take_unmerged)
@@ -290,17 +293,16 @@ class SharedQuota:
             RedisUnavailableError: Redis did not answer (what was queued stays queued).
         """
         link = self._link
-        now_local, now = trio.current_time(), link.clock()
+        now = trio.current_time()
         known = self.epoch if now - self._last_contact < KEY_TTL else ""
         corrections = self._corrections
-        self.mirror.expire(now_local)
+        self.mirror.expire(now)
         unmerged = self._take_unmerged()
         tags = [e.tag for e in unmerged]
         for entry in unmerged:  # a call running meanwhile must not send them too
             entry.tag = _SENDING
         first, self._first_in_epoch = self._first_in_epoch, False  # this call brings the grants
         numbers = [
-            now,
             self.rpm,
             self.tpm,
             max(1, link.processes),
@@ -314,9 +316,9 @@ class SharedQuota:
         ]
         for correction in corrections:
             numbers += correction
-        for entry in unmerged:
-            numbers += (now + (entry.at - now_local), entry.requests, entry.tokens)
-        args = (" ".join(map(repr, numbers)), known, self._candidate, link.process_id)
+        for entry in unmerged:  # by its age: the script dates it on Redis's clock
+            numbers += (now - entry.at, entry.requests, entry.tokens)
+        args = (" ".join(map(repr, numbers)), known, self._candidate, link.process_id, redis_time_argument())
         self._corrections = []
 
         def not_applied() -> None:  # keep what was queued for the next call
@@ -400,7 +402,7 @@ class SharedQuota:
         queued = self._corrections or any(
             e.alive and e.tag not in (self.epoch, _SENDING) for e in self._unmerged
         )
-        if not queued and self._link.clock() - self._last_contact < idle_after:
+        if not queued and trio.current_time() - self._last_contact < idle_after:
             return
         try:
             for _ in range(_RESENDS):

@@ -14,13 +14,16 @@ from typing import Any
 import attrs
 
 # KEYS[1] = the log. ARGV[1] = numbers separated by spaces (one argument: the client's cost is per
-# argument): now, rpm (0: none), tpm (0: none), the processes the caller counts, requests and tokens to
-# take (0 and 0: only corrections and merges), the bound of a wait, 1 if this is the caller's first
-# call in the epoch (else 0), the number of corrections and of merged grants, the seconds after a loss
-# before which its unknown use is never freed by a count (three heartbeat intervals: every live process
-# has beaten since), then each correction as (seq, requests, tokens) and each merged grant as (time,
-# requests, tokens). ARGV[2] = the epoch the
-# caller knows ('' : none), ARGV[3] = the epoch of a log this call creates, ARGV[4] = the caller's id.
+# argument): rpm (0: none), tpm (0: none), the processes the caller counts, requests and tokens to take
+# (0 and 0: only corrections and merges), the bound of a wait, 1 if this is the caller's first call in
+# the epoch (else 0), the number of corrections and of merged grants, the seconds after a loss before
+# which its unknown use is never freed by a count (three heartbeat intervals: every live process has
+# beaten since), then each correction as (seq, requests, tokens) and each merged grant as (age,
+# requests, tokens): how many seconds before the call it was made (negative: a reservation still to
+# come). ARGV[2] = the epoch the caller knows ('' : none), ARGV[3] = the epoch of a log this call
+# creates, ARGV[4] = the caller's id, ARGV[5] = '' (tests only: a stand-in for TIME, in seconds).
+# "Now" is Redis's own clock (TIME): no process sends an instant, only durations, so a process whose
+# clock is off changes nothing.
 # Replies {'epoch', epoch} (nothing done: the caller must resend under that epoch), or
 # {'ok' | 'wait', epoch, wait, seq, requests, tokens}: 'ok' took it (at now + wait), 'wait' took nothing
 # (a wait that does not end before its bound); requests and tokens are the window's totals. Numbers travel
@@ -43,9 +46,16 @@ local TTL_MS = 86400000
 local REC = 40
 local x = {}
 for number in string.gmatch(ARGV[1], '%S+') do x[#x + 1] = tonumber(number) end
-local now, rpm, tpm, processes = x[1], x[2], x[3], x[4]
-local want_n, want_w, max_wait, first = x[5], x[6], x[7], x[8] == 1
-local corrections, merges, settle = x[9], x[10], x[11]
+local now
+if ARGV[5] ~= '' then
+  now = tonumber(ARGV[5])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local rpm, tpm, processes = x[1], x[2], x[3]
+local want_n, want_w, max_wait, first = x[4], x[5], x[6], x[7] == 1
+local corrections, merges, settle = x[8], x[9], x[10]
 local known, pid = ARGV[2], ARGV[4]
 local gap = 60 / 2048
 if rpm > 0 and 0.999 * 60 / rpm > gap then gap = 0.999 * 60 / rpm end
@@ -129,7 +139,7 @@ if st.su + WINDOW <= now then
   st.sn, st.sw, st.nd, st.mg = 0, 0, 0, {}
 end
 
-local a = 12
+local a = 11
 for _ = 1, corrections do
   local seq, dn, dw = x[a], x[a + 1], x[a + 2]
   a = a + 3
@@ -161,7 +171,7 @@ if first and unknown then
   end
 end
 for _ = 1, merges do
-  local t, mn, mw = x[a], x[a + 1], x[a + 2]
+  local t, mn, mw = now - x[a], x[a + 1], x[a + 2]
   a = a + 3
   if t + WINDOW > now then
     insert(t, mn, mw)

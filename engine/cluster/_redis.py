@@ -20,12 +20,13 @@ callback instead of being lost with the caller.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import coredis
@@ -45,6 +46,28 @@ Write = tuple[Any, ...]
 
 _OUTBOX_SIZE = 4096
 _BATCH = 256
+
+
+_time_stand_in: Callable[[], float] | None = None
+
+
+@contextlib.contextmanager
+def stand_in_for_redis_time(clock: Callable[[], float]) -> Iterator[None]:
+    """Tests only: for the block, the shared quota's script reads ``clock()`` (seconds) instead of
+    Redis's own ``TIME``, in every process of this interpreter at once, so that a ``MockClock`` drives
+    the shared log exactly. One clock for all: processes never send the script an instant of their own
+    (in production nothing does; a process's own clock only ever measures durations)."""
+    global _time_stand_in
+    previous, _time_stand_in = _time_stand_in, clock
+    try:
+        yield
+    finally:
+        _time_stand_in = previous
+
+
+def redis_time_argument() -> str:
+    """The script argument that stands in for Redis's ``TIME``: '' (use ``TIME``) unless a test set one."""
+    return "" if _time_stand_in is None else repr(float(_time_stand_in()))
 
 
 class RedisUnavailableError(Exception):
@@ -76,8 +99,9 @@ class RedisLink:
     Args:
         client: An entered coredis client (its ``async with`` is the caller's).
         config: The cluster settings.
-        clock: Seconds on a clock every process agrees on (wall time, ``time.time``). Tests pass
-            ``trio.current_time`` to drive shared state with a ``MockClock``.
+        clock: Wall time (``time.time``): only the calendar windows of tenants' budgets read it (the
+            quota runs on Redis's own clock, heartbeats too; cool-downs travel as durations). Tests
+            pass ``trio.current_time`` to drive budgets with a ``MockClock``.
     """
 
     def __init__(self, client: coredis.Redis[str], config: ClusterConfig, clock: Callable[[], float]) -> None:
