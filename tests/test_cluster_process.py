@@ -207,7 +207,7 @@ async def test_metrics_of_a_replica_cover_every_worker(fresh: Deployment) -> Non
         before = (await client.get(f"{url}/metrics", headers={"Accept": "application/json"})).json()
         for _ in range(12):  # new connections: the kernel spreads them over both workers
             async with httpx.AsyncClient(timeout=30) as fresh_connection:
-                assert await predict(fresh_connection, url) == 200
+                assert await predict(fresh_connection, url, seconds=10) == 200
         limit = time.monotonic() + 5
         while True:  # the other worker's snapshot is at most SNAPSHOT_INTERVAL (1 s) old
             after = (await client.get(f"{url}/metrics", headers={"Accept": "application/json"})).json()
@@ -235,7 +235,7 @@ async def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(fresh: D
     assert len(workers) == WORKERS
     for _ in range(6):  # new connections: the kernel spreads them over both workers
         async with httpx.AsyncClient(timeout=30) as fresh_connection:
-            assert await predict(fresh_connection, url) == 200
+            assert await predict(fresh_connection, url, seconds=10) == 200
     await trio.sleep(SNAPSHOT_INTERVAL + 0.2)  # real time: both workers' snapshots hold their counts
     counted = await instance_requests(url)
     await behave(fresh, latency=0.5)
@@ -270,7 +270,7 @@ async def test_a_killed_worker_is_restarted_and_the_other_keeps_serving(fresh: D
     async with httpx.AsyncClient(timeout=30) as client:
         for _ in range(10):
             async with httpx.AsyncClient(timeout=30) as fresh_connection:
-                assert await predict(fresh_connection, url) == 200
+                assert await predict(fresh_connection, url, seconds=10) == 200
         limit = time.monotonic() + 5
         while True:  # real time: the new worker's first snapshot follows its engine's start
             metrics = (await client.get(f"{url}/metrics", headers={"Accept": "application/json"})).json()
