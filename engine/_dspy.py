@@ -276,7 +276,7 @@ class _Fingerprint:
     signature class is held weakly: a class is in a reference cycle of its own, and holding it here
     would leave it for a later collection once its program is gone."""
 
-    __slots__ = ("config", "demos", "instructions", "kind", "signature", "text")
+    __slots__ = ("config", "demo_fields", "demos", "instructions", "kind", "signature", "text")
 
     def __init__(
         self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any], text: str
@@ -285,6 +285,9 @@ class _Fingerprint:
         self.signature: weakref.ref[Any] = weakref.ref(signature)
         self.instructions = signature.instructions
         self.demos = list(demos)
+        # Each demo's fields as they were (a shallow copy): an Example is mutable, and one edited in
+        # place (``demo["answer"] = ...``) changes the prompt while staying the same object.
+        self.demo_fields = [dict(fields) for fields in map(_demo_fields, demos)]
         self.config = dict(config)
         self.text = text
 
@@ -296,9 +299,20 @@ class _Fingerprint:
         if self.instructions != signature.instructions or self.config != config:
             return False
         for index, demo in enumerate(demos):  # noqa: SIM110 - a loop: no generator per request
-            if self.demos[index] is not demo:
+            if self.demos[index] is not demo or self.demo_fields[index] != _demo_fields(demo):
                 return False
         return True
+
+
+_NO_FIELDS: dict[str, Any] = {}
+
+
+def _demo_fields(demo: Any) -> dict[str, Any]:
+    """A demo's fields, without copying them (an Example's store, or the dict itself)."""
+    if isinstance(demo, dict):
+        return demo
+    fields = getattr(demo, "_store", None)
+    return fields if isinstance(fields, dict) else _NO_FIELDS
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, _Fingerprint] = weakref.WeakKeyDictionary()

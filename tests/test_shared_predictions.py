@@ -447,3 +447,59 @@ async def test_a_shared_prediction_keeps_who_answered_what_it_cost_and_whether_i
 
 async def _into(results: list[Any], call: Any) -> None:
     results.append(await call)
+
+
+# --- identity and isolation under attack ---------------------------------------------------------------
+
+
+class Answering(SimulatedLM):
+    """Answers ``text`` after ``delay`` seconds, counting its calls."""
+
+    def __init__(self, text: str, delay: float = 1.0) -> None:
+        super().__init__()
+        self.text, self.delay, self.started = text, delay, 0
+
+    async def complete(self, messages: Sequence[Message], params: Mapping[str, Any], sink: Any) -> Completion:
+        self.started += 1
+        await trio.sleep(self.delay)
+        return Completion([self.text], {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+
+
+async def test_a_demo_or_instructions_changed_in_place_is_another_prediction(autojump_clock: Any) -> None:
+    """DSPy's Examples and signatures are mutable: a demo edited in place, or the instructions set on the
+    signature class, change the prompt, so a prediction stored before must not answer after."""
+    lm = CountingLM(first_token_delay=1.0)
+    changing = _with_demo("4")
+    async with open_engine(config(MEMORY, changing=ProgramSpec(changing)), lms={"default": lm}) as engine:
+        await engine.predict("changing", QUESTION)
+        assert (await engine.predict("changing", QUESTION)).timings.cached
+        changing.demos[0]["answer"] = "four"  # the same Example object, another answer
+        assert not (await engine.predict("changing", QUESTION)).timings.cached
+        changing.demos[0].question = "What is 2 + 2?"
+        assert not (await engine.predict("changing", QUESTION)).timings.cached
+        changing.signature.instructions = "Answer in one word."
+        assert not (await engine.predict("changing", QUESTION)).timings.cached
+        assert lm.started == 4
+
+
+async def test_outputs_nested_in_a_tuple_are_each_waiters_own(autojump_clock: Any) -> None:
+    """A tuple holding a list is not immutable: a caller appending to it changes no one else's outputs,
+    nor the stored prediction."""
+    lm = Answering('[[ ## pair ## ]]\n[["a", "b"], 1]\n\n[[ ## completed ## ]]')
+    programs = {"pairs": ProgramSpec("question -> pair: tuple[list[str], int]")}
+    async with open_engine(config(MEMORY, **programs), lms={"default": lm}) as engine:
+        results = []
+
+        async def predict() -> None:
+            result = await engine.predict("pairs", QUESTION)
+            results.append(result)
+            result.outputs["pair"][0].append("changed")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(predict)
+        assert lm.started == 1
+        hit = await engine.predict("pairs", QUESTION)
+        assert hit.timings.cached
+        assert hit.outputs["pair"] == (["a", "b"], 1)
+        assert all(r.outputs["pair"][0] == ["a", "b", "changed"] for r in results)
