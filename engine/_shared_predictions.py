@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from .lm import TrioLM
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=repr)
-_IMMUTABLE = (str, int, float, bool, type(None), tuple, frozenset, bytes)
+# Values shared as they are; anything else is copied (a tuple or frozenset may hold a list or a model).
+_IMMUTABLE = (str, int, float, bool, type(None), bytes)
 
 
 @attrs.frozen
