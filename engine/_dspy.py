@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import decimal
 import functools
 import importlib
 import json
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -36,6 +39,7 @@ import dspy.adapters.utils as _adapter_utils
 import dspy.clients._deprecation as _deprecation
 import dspy.clients.execution as _execution
 import pydantic
+import pydantic_core
 import sniffio
 import trio
 from dspy.clients.call_result import attributes
@@ -81,6 +85,7 @@ __all__ = [
     "roll_up_usage",
     "stream_chunk",
     "trio_safe_execution",
+    "written_out",
 ]
 
 Module = dspy.Module
@@ -298,7 +303,7 @@ class _Fingerprint:
             return False
         if self.instructions != signature.instructions or self.config != config:
             return False
-        for index, demo in enumerate(demos):  # noqa: SIM110 - a loop: no generator per request
+        for index, demo in enumerate(demos):  # a loop: no generator per request
             if self.demos[index] is not demo or self.demo_fields[index] != _demo_fields(demo):
                 return False
         return True
@@ -316,8 +321,38 @@ def _demo_fields(demo: Any) -> dict[str, Any]:
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, _Fingerprint] = weakref.WeakKeyDictionary()
+_WRITTEN_AS_TEXT = (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID)
+
+
+def written_out(value: Any) -> Any:
+    """``value`` (not JSON's own) written out in full for a key: a pydantic model (``dspy.Image``,
+    ``dspy.History``, an application's) as its type and JSON dump, a date, time, decimal or UUID as its
+    type and text. Does no I/O.
+
+    Raises:
+        TypeError: a value of another type, whose ``repr`` may elide what tells two apart (an image's
+            data, an array's middle): it has no key.
+    """
+    kind = type(value)
+    if isinstance(value, pydantic.BaseModel):
+        try:
+            return [f"{kind.__module__}.{kind.__qualname__}", value.model_dump(mode="json")]
+        except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+            raise TypeError(f"{kind.__qualname__} does not dump to JSON") from exc
+    if isinstance(value, _WRITTEN_AS_TEXT):
+        return [f"{kind.__module__}.{kind.__qualname__}", str(value)]
+    raise TypeError(f"{kind.__qualname__} has no key")
+
+
+def _written_or_repr(value: Any) -> Any:
+    try:
+        return written_out(value)
+    except TypeError:
+        return repr(value)
+
+
 _fingerprint_encoder = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=repr
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=_written_or_repr
 )
 
 

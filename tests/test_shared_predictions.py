@@ -503,3 +503,31 @@ async def test_outputs_nested_in_a_tuple_are_each_waiters_own(autojump_clock: An
         assert hit.timings.cached
         assert hit.outputs["pair"] == (["a", "b"], 1)
         assert all(r.outputs["pair"][0] == ["a", "b", "changed"] for r in results)
+
+
+async def test_inputs_whose_repr_elides_their_content_never_share(autojump_clock: Any) -> None:
+    """Two images of the same size have the same repr (DSPy elides the data); so may any value the key
+    cannot write out in full (a value of another type is not shared whole: its LM calls, keyed by the
+    prompts they send, still are)."""
+    lm = CountingLM(first_token_delay=1.0)
+    programs = {"look": ProgramSpec("image: dspy.Image -> answer")}
+    first = dspy.Image(url="data:image/png;base64," + "A" * 400)
+    second = dspy.Image(url="data:image/png;base64," + "B" * 400)
+    assert repr(first) == repr(second)
+    async with open_engine(config(MEMORY, **programs), lms={"default": lm}) as engine:
+        await engine.predict("look", {"image": first})
+        assert (await engine.predict("look", {"image": first})).timings.cached
+        assert not (await engine.predict("look", {"image": second})).timings.cached
+        assert lm.started == 2
+
+
+async def test_inputs_equal_in_python_but_not_in_the_prompt_never_share(autojump_clock: Any) -> None:
+    """1, 1.0 and True compare equal, as do two dicts in another order: each is its own prediction
+    when its prompt differs."""
+    lm = CountingLM(first_token_delay=1.0)
+    programs = {"count": ProgramSpec("question, n: int | float | bool | str | dict[str, int] -> answer")}
+    async with open_engine(config(MEMORY, **programs), lms={"default": lm}) as engine:
+        for n in (1, 1.0, True, "1", {"a": 1, "b": 2}, {"b": 2, "a": 1}, "é", "e\u0301"):
+            result = await engine.predict("count", {"question": "How many?", "n": n})
+            assert not result.timings.cached, n
+        assert lm.started == 8
