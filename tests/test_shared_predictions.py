@@ -531,3 +531,45 @@ async def test_inputs_equal_in_python_but_not_in_the_prompt_never_share(autojump
             result = await engine.predict("count", {"question": "How many?", "n": n})
             assert not result.timings.cached, n
         assert lm.started == 8
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+@pytest.mark.parametrize("leaves", [0.5, 1.0 - 1e-9, 1.0, 1.0 + 1e-9])
+@pytest.mark.parametrize("late", [1.0 - 1e-9, 1.0, 1.0 + 1e-9])
+async def test_the_payer_leaving_as_the_answer_arrives_leaves_exactly_one_payer(
+    autojump_clock: Any, how: str, leaves: float, late: float
+) -> None:
+    """The first waiter (the payer) leaves at about the instant the prediction arrives, and another
+    joins then: every request ends with one outcome, the tokens of each completed upstream call are
+    paid by exactly one request, and the tenant is booked once for them."""
+    upstream = Upstream(1.0)
+    outcomes: dict[str, Any] = {}
+    async with open_engine(config(), lms={"default": upstream}) as engine:
+
+        async def predict(name: str, joins: float, until: float | None) -> None:
+            await trio.sleep_until(joins)
+            with trio.CancelScope() as scope:
+                if until is not None and how == "deadline":
+                    scope.deadline = until
+                elif until is not None:
+                    nursery.start_soon(cancel_at, scope, until)
+                outcomes[name] = await engine.predict("default", QUESTION)
+                return
+            outcomes[name] = "left"
+
+        async def cancel_at(scope: trio.CancelScope, when: float) -> None:
+            await trio.sleep_until(when)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(predict, "payer", 0.0, leaves)
+            nursery.start_soon(predict, "stays", 0.1, None)
+            nursery.start_soon(predict, "late", late, None)
+        statistics = engine.statistics()
+    assert set(outcomes) == {"payer", "stays", "late"}
+    completed = sum(call.how == "completed" for call in upstream.calls)
+    paid = [r.usage.prompt_tokens for r in outcomes.values() if r != "left"]
+    assert sum(paid) == 3 * completed, (outcomes, upstream.calls)
+    assert all(tokens in (0, 3) for tokens in paid)
+    assert sum(t.prompt_tokens for t in statistics.tenants.values()) == 3 * completed
+    assert statistics.succeeded == len(paid)
