@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import decimal
 import functools
 import importlib
 import json
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -36,6 +39,7 @@ import dspy.adapters.utils as _adapter_utils
 import dspy.clients._deprecation as _deprecation
 import dspy.clients.execution as _execution
 import pydantic
+import pydantic_core
 import sniffio
 import trio
 from dspy.clients.call_result import attributes
@@ -81,6 +85,7 @@ __all__ = [
     "roll_up_usage",
     "stream_chunk",
     "trio_safe_execution",
+    "written_out",
 ]
 
 Module = dspy.Module
@@ -276,7 +281,7 @@ class _Fingerprint:
     signature class is held weakly: a class is in a reference cycle of its own, and holding it here
     would leave it for a later collection once its program is gone."""
 
-    __slots__ = ("config", "demos", "instructions", "kind", "signature", "text")
+    __slots__ = ("config", "demo_fields", "demos", "instructions", "kind", "signature", "text")
 
     def __init__(
         self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any], text: str
@@ -285,6 +290,9 @@ class _Fingerprint:
         self.signature: weakref.ref[Any] = weakref.ref(signature)
         self.instructions = signature.instructions
         self.demos = list(demos)
+        # Each demo's fields as they were (a shallow copy): an Example is mutable, and one edited in
+        # place (``demo["answer"] = ...``) changes the prompt while staying the same object.
+        self.demo_fields = [dict(fields) for fields in map(_demo_fields, demos)]
         self.config = dict(config)
         self.text = text
 
@@ -295,15 +303,56 @@ class _Fingerprint:
             return False
         if self.instructions != signature.instructions or self.config != config:
             return False
-        for index, demo in enumerate(demos):  # noqa: SIM110 - a loop: no generator per request
-            if self.demos[index] is not demo:
+        for index, demo in enumerate(demos):  # a loop: no generator per request
+            if self.demos[index] is not demo or self.demo_fields[index] != _demo_fields(demo):
                 return False
         return True
 
 
+_NO_FIELDS: dict[str, Any] = {}
+
+
+def _demo_fields(demo: Any) -> dict[str, Any]:
+    """A demo's fields, without copying them (an Example's store, or the dict itself)."""
+    if isinstance(demo, dict):
+        return demo
+    fields = getattr(demo, "_store", None)
+    return fields if isinstance(fields, dict) else _NO_FIELDS
+
+
 _FINGERPRINTS: weakref.WeakKeyDictionary[Any, _Fingerprint] = weakref.WeakKeyDictionary()
+_WRITTEN_AS_TEXT = (datetime.date, datetime.time, datetime.timedelta, decimal.Decimal, uuid.UUID)
+
+
+def written_out(value: Any) -> Any:
+    """``value`` (not JSON's own) written out in full for a key: a pydantic model (``dspy.Image``,
+    ``dspy.History``, an application's) as its type and JSON dump, a date, time, decimal or UUID as its
+    type and text. Does no I/O.
+
+    Raises:
+        TypeError: a value of another type, whose ``repr`` may elide what tells two apart (an image's
+            data, an array's middle): it has no key.
+    """
+    kind = type(value)
+    if isinstance(value, pydantic.BaseModel):
+        try:
+            return [f"{kind.__module__}.{kind.__qualname__}", value.model_dump(mode="json")]
+        except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+            raise TypeError(f"{kind.__qualname__} does not dump to JSON") from exc
+    if isinstance(value, _WRITTEN_AS_TEXT):
+        return [f"{kind.__module__}.{kind.__qualname__}", str(value)]
+    raise TypeError(f"{kind.__qualname__} has no key")
+
+
+def _written_or_repr(value: Any) -> Any:
+    try:
+        return written_out(value)
+    except TypeError:
+        return repr(value)
+
+
 _fingerprint_encoder = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=repr
+    ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=_written_or_repr
 )
 
 

@@ -70,32 +70,41 @@ class ProgramRunner:
             EngineError: what an LM call raised (upstream errors, timeouts).
             ProgramError: anything else the program raised.
         """
-        program = request.program
-        adapter = self.adapter_of(program)
-        predictions = self._predictions
-        if predictions is not None and not request.no_cache:
-            predictor = pure_predictor(program.module)
-            if predictor is not None:
-                key = prediction_key(
-                    predictions.secret,
-                    predictor_fingerprint(program.module, predictor),
-                    adapter=adapter,
-                    lm_name=program.lm,
-                    lm=self._lms[program.lm],
-                    values=request.values,
-                    params=request.lm_params,
-                    scope=predictions.scope_of(_sharer(request)),
-                )
-                if send_stream is None:
-                    return await self._shared(predictions, key, request, adapter)
-                if (found := predictions.cached(key)) is not None:
-                    return await self._streamed_hit(predictions, found, request, predictor, send_stream)
-                prediction = await self._run(request, adapter, send_stream)
-                if not request.no_store:
-                    predictions.store(key, prediction)
-                return prediction.outputs, prediction.usage
+        adapter = self.adapter_of(request.program)
+        predictions, shared = self._predictions, self._shared_whole(request, adapter)
+        if predictions is None or shared is None:
+            prediction = await self._run(request, adapter, send_stream)
+            return prediction.outputs, prediction.usage
+        predictor, key = shared
+        if send_stream is None:
+            return await self._shared(predictions, key, request, adapter)
+        if (found := predictions.cached(key)) is not None:
+            return await self._streamed_hit(predictions, found, request, predictor, send_stream)
         prediction = await self._run(request, adapter, send_stream)
+        if not request.no_store:
+            predictions.store(key, prediction)
         return prediction.outputs, prediction.usage
+
+    def _shared_whole(self, request: Request, adapter: AdapterName) -> tuple[Any, str] | None:
+        """The predictor and prediction key of ``request`` when its prediction is shared whole: a pure
+        program (:func:`._dspy.pure_predictor`), not ``no_cache``, inputs that have a key; else None."""
+        predictions, program = self._predictions, request.program
+        if predictions is None or request.no_cache:
+            return None
+        predictor = pure_predictor(program.module)
+        if predictor is None:
+            return None
+        key = prediction_key(
+            predictions.secret,
+            predictor_fingerprint(program.module, predictor),
+            adapter=adapter,
+            lm_name=program.lm,
+            lm=self._lms[program.lm],
+            values=request.values,
+            params=request.lm_params,
+            scope=predictions.scope_of(_sharer(request)),
+        )
+        return None if key is None else (predictor, key)
 
     async def _run(
         self,

@@ -39,7 +39,7 @@ import trio
 
 from . import _request_sharing
 from ._call_key import NOT_IN_KEY
-from ._dspy import roll_up_usage
+from ._dspy import roll_up_usage, written_out
 from ._errors import EngineClosedError
 from ._flight import Flight, FlightLost
 from ._result import LMCall, Usage
@@ -52,7 +52,10 @@ if TYPE_CHECKING:
     from .lm import TrioLM
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=repr)
-_IMMUTABLE = (str, int, float, bool, type(None), tuple, frozenset, bytes)
+# The inputs: every value written out in full, or no key at all (a repr may elide an image's data).
+_values_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=written_out)
+# Values shared as they are; anything else is copied (a tuple or frozenset may hold a list or a model).
+_IMMUTABLE = (str, int, float, bool, type(None), bytes)
 
 
 @attrs.frozen
@@ -128,17 +131,22 @@ def prediction_key(
     values: Mapping[str, Any],
     scope: str,
     params: Mapping[str, Any] | None = None,
-) -> str:
+) -> str | None:
     """The hex digest that identifies one prediction of a pure program: the program's fingerprint
     (:func:`._dspy.predictor_fingerprint`), its adapter, its LM (the engine's name, the model, its
     request parameters but credentials and transport settings), the inputs, the request's own LM
     parameters (``params``) and the scope. Keyed like
-    the LM calls' keys (:mod:`._call_key`), and never equal to one (theirs start otherwise). Does no
-    I/O."""
+    the LM calls' keys (:mod:`._call_key`), and never equal to one (theirs start otherwise). None when
+    an input cannot be written out in full (:func:`._dspy.written_out`): such a prediction is not
+    shared whole. Does no I/O."""
+    try:
+        inputs = _values_encoder.encode(values)
+    except (TypeError, ValueError):  # a value of no key, or a cycle
+        return None
     model = str(lm.model)
     text = (
         f"prediction|{len(lm_name)}:{lm_name}{len(model)}:{model}{len(adapter)}:{adapter}"
-        f"{len(scope)}:{scope}{_params_text(lm)}\n{fingerprint}\n{_encoder.encode(values)}"
+        f"{len(scope)}:{scope}{_params_text(lm)}\n{fingerprint}\n{inputs}"
     )
     if params:  # the request's own LM parameters (OpenAI's temperature, max_tokens, ...)
         text += f"\n{_encoder.encode(sorted(params.items()))}"

@@ -447,3 +447,129 @@ async def test_a_shared_prediction_keeps_who_answered_what_it_cost_and_whether_i
 
 async def _into(results: list[Any], call: Any) -> None:
     results.append(await call)
+
+
+# --- identity and isolation under attack ---------------------------------------------------------------
+
+
+class Answering(SimulatedLM):
+    """Answers ``text`` after ``delay`` seconds, counting its calls."""
+
+    def __init__(self, text: str, delay: float = 1.0) -> None:
+        super().__init__()
+        self.text, self.delay, self.started = text, delay, 0
+
+    async def complete(self, messages: Sequence[Message], params: Mapping[str, Any], sink: Any) -> Completion:
+        self.started += 1
+        await trio.sleep(self.delay)
+        return Completion([self.text], {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8})
+
+
+async def test_a_demo_or_instructions_changed_in_place_is_another_prediction(autojump_clock: Any) -> None:
+    """DSPy's Examples and signatures are mutable: a demo edited in place, or the instructions set on the
+    signature class, change the prompt, so a prediction stored before must not answer after."""
+    lm = CountingLM(first_token_delay=1.0)
+    changing = _with_demo("4")
+    async with open_engine(config(MEMORY, changing=ProgramSpec(changing)), lms={"default": lm}) as engine:
+        await engine.predict("changing", QUESTION)
+        assert (await engine.predict("changing", QUESTION)).timings.cached
+        changing.demos[0]["answer"] = "four"  # the same Example object, another answer
+        assert not (await engine.predict("changing", QUESTION)).timings.cached
+        changing.demos[0].question = "What is 2 + 2?"
+        assert not (await engine.predict("changing", QUESTION)).timings.cached
+        changing.signature.instructions = "Answer in one word."
+        assert not (await engine.predict("changing", QUESTION)).timings.cached
+        assert lm.started == 4
+
+
+async def test_outputs_nested_in_a_tuple_are_each_waiters_own(autojump_clock: Any) -> None:
+    """A tuple holding a list is not immutable: a caller appending to it changes no one else's outputs,
+    nor the stored prediction."""
+    lm = Answering('[[ ## pair ## ]]\n[["a", "b"], 1]\n\n[[ ## completed ## ]]')
+    programs = {"pairs": ProgramSpec("question -> pair: tuple[list[str], int]")}
+    async with open_engine(config(MEMORY, **programs), lms={"default": lm}) as engine:
+        results = []
+
+        async def predict() -> None:
+            result = await engine.predict("pairs", QUESTION)
+            results.append(result)
+            result.outputs["pair"][0].append("changed")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(predict)
+        assert lm.started == 1
+        hit = await engine.predict("pairs", QUESTION)
+        assert hit.timings.cached
+        assert hit.outputs["pair"] == (["a", "b"], 1)
+        assert all(r.outputs["pair"][0] == ["a", "b", "changed"] for r in results)
+
+
+async def test_inputs_whose_repr_elides_their_content_never_share(autojump_clock: Any) -> None:
+    """Two images of the same size have the same repr (DSPy elides the data); so may any value the key
+    cannot write out in full (a value of another type is not shared whole: its LM calls, keyed by the
+    prompts they send, still are)."""
+    lm = CountingLM(first_token_delay=1.0)
+    programs = {"look": ProgramSpec("image: dspy.Image -> answer")}
+    first = dspy.Image(url="data:image/png;base64," + "A" * 400)
+    second = dspy.Image(url="data:image/png;base64," + "B" * 400)
+    assert repr(first) == repr(second)
+    async with open_engine(config(MEMORY, **programs), lms={"default": lm}) as engine:
+        await engine.predict("look", {"image": first})
+        assert (await engine.predict("look", {"image": first})).timings.cached
+        assert not (await engine.predict("look", {"image": second})).timings.cached
+        assert lm.started == 2
+
+
+async def test_inputs_equal_in_python_but_not_in_the_prompt_never_share(autojump_clock: Any) -> None:
+    """1, 1.0 and True compare equal, as do two dicts in another order: each is its own prediction
+    when its prompt differs."""
+    lm = CountingLM(first_token_delay=1.0)
+    programs = {"count": ProgramSpec("question, n: int | float | bool | str | dict[str, int] -> answer")}
+    async with open_engine(config(MEMORY, **programs), lms={"default": lm}) as engine:
+        for n in (1, 1.0, True, "1", {"a": 1, "b": 2}, {"b": 2, "a": 1}, "é", "e\u0301"):
+            result = await engine.predict("count", {"question": "How many?", "n": n})
+            assert not result.timings.cached, n
+        assert lm.started == 8
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+@pytest.mark.parametrize("leaves", [0.5, 1.0 - 1e-9, 1.0, 1.0 + 1e-9])
+@pytest.mark.parametrize("late", [1.0 - 1e-9, 1.0, 1.0 + 1e-9])
+async def test_the_payer_leaving_as_the_answer_arrives_leaves_exactly_one_payer(
+    autojump_clock: Any, how: str, leaves: float, late: float
+) -> None:
+    """The first waiter (the payer) leaves at about the instant the prediction arrives, and another
+    joins then: every request ends with one outcome, the tokens of each completed upstream call are
+    paid by exactly one request, and the tenant is booked once for them."""
+    upstream = Upstream(1.0)
+    outcomes: dict[str, Any] = {}
+    async with open_engine(config(), lms={"default": upstream}) as engine:
+
+        async def predict(name: str, joins: float, until: float | None) -> None:
+            await trio.sleep_until(joins)
+            with trio.CancelScope() as scope:
+                if until is not None and how == "deadline":
+                    scope.deadline = until
+                elif until is not None:
+                    nursery.start_soon(cancel_at, scope, until)
+                outcomes[name] = await engine.predict("default", QUESTION)
+                return
+            outcomes[name] = "left"
+
+        async def cancel_at(scope: trio.CancelScope, when: float) -> None:
+            await trio.sleep_until(when)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(predict, "payer", 0.0, leaves)
+            nursery.start_soon(predict, "stays", 0.1, None)
+            nursery.start_soon(predict, "late", late, None)
+        statistics = engine.statistics()
+    assert set(outcomes) == {"payer", "stays", "late"}
+    completed = sum(call.how == "completed" for call in upstream.calls)
+    paid = [r.usage.prompt_tokens for r in outcomes.values() if r != "left"]
+    assert sum(paid) == 3 * completed, (outcomes, upstream.calls)
+    assert all(tokens in (0, 3) for tokens in paid)
+    assert sum(t.prompt_tokens for t in statistics.tenants.values()) == 3 * completed
+    assert statistics.succeeded == len(paid)

@@ -215,3 +215,25 @@ async def test_a_websocket_opts_out_by_its_handshake_or_by_a_frame() -> None:
             again = await _ws_predict(ws, "h", inputs={"question": "never stored"})
             assert "cached" not in again["timings"]
             assert lm.started == 7
+
+
+async def test_junk_cache_control_on_a_frame_or_a_handshake_never_breaks_the_socket() -> None:
+    """A frame's ``cache_control`` of the wrong type or size is an error frame naming it; junk
+    directives are ignored (as on HTTP); a junk handshake header too. The socket keeps serving."""
+    lm = CountingLM(first_token_delay=0.01)
+    async with running(cached_settings(), lms={"default": lm}) as server:
+        ws_url = server.url.replace("http", "ws")
+        async with open_websocket_url(ws_url + "/v1/ws") as ws:
+            for index, junk in enumerate([123, True, {"no-cache": 1}, "x" * 300, ["no-store"]]):
+                bad = await _ws_predict(ws, f"bad{index}", cache_control=junk)
+                assert bad["type"] == "error", (junk, bad)
+                assert bad["error"]["code"] == "invalid_body", (junk, bad)
+                assert "cache_control" in json.dumps(bad["error"]), (junk, bad)
+            for index, ignored in enumerate(["", ",,,", "no-cache=", "=", "nO-StOrE ; x", "\u00e9", None]):
+                fine = await _ws_predict(ws, f"fine{index}", cache_control=ignored)
+                assert fine["type"] == "result", (ignored, fine)
+        for header in (b",,,", b'no-cache="a,b"', b"\xff\xfe", b"max-age=-1, no-cache"):
+            headers = [(b"Cache-Control", header)]
+            async with open_websocket_url(ws_url + "/v1/ws", extra_headers=headers) as ws:
+                answer = await _ws_predict(ws, "h")
+                assert answer["type"] == "result", (header, answer)
