@@ -261,6 +261,37 @@ async def test_with_a_cluster_single_flight_crosses_processes_whatever_the_cache
                     assert len(upstream.records) == 2
 
 
+async def test_an_answer_too_large_to_hand_over_lets_the_other_processes_call_at_once(
+    redis_server: RedisServer,
+) -> None:
+    """An answer over ``max_entry_bytes`` cannot be handed over: the followers in other processes were
+    told "released" and claimed the call one after another, so with three processes the last waited for
+    three upstream calls in a row (3 s of a 1 s upstream). Told it was too large, each makes its own
+    call at once."""
+    shared = prefix()
+    async with open_fake_upstream(Behavior(latency=1.0, words_per_field=200)) as upstream:
+        url = redis_server.url
+        small = {"backend": "off", "lease_ttl": 5.0, "max_entry_bytes": 64}
+        async with (
+            open_engine(config(url, upstream, shared, **small)) as a,
+            open_engine(config(url, upstream, shared, **small)) as b,
+            open_engine(config(url, upstream, shared, **small)) as c,
+        ):
+            with trio.fail_after(HANG_GUARD):
+                await eventually(lambda: subscribed(a, b, c))
+
+                async def predict(engine: Engine) -> None:
+                    await engine.predict("default", QUESTION)
+
+                async with trio.open_nursery() as nursery:
+                    for engine in (a, b, c):
+                        nursery.start_soon(predict, engine)
+                        await trio.sleep(0.05)  # a leads; b and c follow its lease
+    leader, first, second = sorted(upstream.records, key=lambda record: record.index)
+    assert first.received_at >= leader.completed_at  # (the followers waited for the leader's answer)
+    assert second.received_at < first.completed_at  # the followers' calls overlap: not one after another
+
+
 LEADER = """
 import sys, trio
 from dspy_trio.engine import CacheConfig, EngineConfig, LMConfig, OpenAISettings, open_engine

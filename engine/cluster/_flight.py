@@ -253,6 +253,8 @@ class RemoteFlights:
                 await interest.wakeup.wait()
             heard, interest.heard, interest.wakeup = interest.heard, None, trio.Event()
             silent = heard is None
+            if heard == "oversize":  # the leader's answer cannot be handed over: make our own
+                return await call(), "upstream"
             if heard in ("answer", "handoff"):
                 where = entry if heard == "answer" else handoff
                 try:
@@ -276,7 +278,9 @@ class RemoteFlights:
 
     def announce(self, key: str, lease: Lease, answer: Completion | None, *, store: bool) -> None:
         """Give the lease up and tell the followers: with ``answer``, stored in the cache (``store`` and
-        the cache is in Redis) or as a hand-off entry; without, that they must claim again. A queued
+        the cache is in Redis) or as a hand-off entry, or, over ``max_entry_bytes``, that they must each
+        call (at once: waiting in turn would cost one upstream call each); without, that they must claim
+        again. A queued
         write: never blocks (one that is lost leaves the followers to their own claims)."""
         self._held.pop(id(lease), None)
         entry, handoff, lease_key = self._keys(key)
@@ -288,6 +292,8 @@ class RemoteFlights:
                 where, ttl = (
                     ("answer", self.cache_ttl) if store and self.cache else ("handoff", self.lease_ttl)
                 )
+            else:  # an answer, but too large to hand over: each follower calls at once, not in turn
+                where = "oversize"
         target = entry if where == "answer" else handoff
         args = [lease.token, payload, str(int(ttl * 1000)), self.channel, f"{key} {where}"]
         self.link.write_soon(("script", self._announce, [target, lease_key], args))
@@ -297,7 +303,8 @@ class RemoteFlights:
         self._held.pop(id(lease), None)
 
     def heard(self, message: str) -> None:
-        """An announcement from the ``flight`` channel (``"KEY answer|handoff|released"``). Never blocks."""
+        """An announcement from the ``flight`` channel (``"KEY answer|handoff|released|oversize"``). Never
+        blocks."""
         key, _, where = str(message).partition(" ")
         for interest in self._interests.get(key, ()):
             interest.heard = where
