@@ -54,6 +54,7 @@ from ._result import LMCall, SkippedLM
 from ._trace import record_lm_answer
 from .lm import TrioLM
 from .lm._base import Completion, DeltaSink, Message, request_params
+from .lm._wrapped import WrappedLM
 
 logger = logging.getLogger("dspy_trio.engine.fallback")
 
@@ -95,7 +96,7 @@ class _Delivered:
         await self._sink.send(text)
 
 
-class FallbackLM(TrioLM):
+class FallbackLM(WrappedLM):
     """A call to the first LM of ``chain`` that answers (see the module docstring).
 
     DSPy sees the first LM (its model, its default parameters and capabilities). A fallback gets the
@@ -117,9 +118,7 @@ class FallbackLM(TrioLM):
         if not chain:
             raise ValueError("a fallback chain needs at least one LM")
         self.name, self.first = chain[0]
-        super().__init__(model=self.first.model, cache=self.first.cache)
-        self.model_type = self.first.model_type
-        self.kwargs = self.first.kwargs  # the same dict: parameters stay the first LM's
+        super().__init__(self.first)  # DSPy sees the first LM: its model, parameters, capabilities
         self.chain = tuple(chain)
         self.on_context_window = frozenset(on_context_window)
         self.counts: FallbackCounts = counts if counts is not None else Counter()
@@ -127,22 +126,6 @@ class FallbackLM(TrioLM):
 
     def __repr__(self) -> str:
         return f"<FallbackLM {' -> '.join(name for name, _ in self.chain)}>"
-
-    @property
-    def supports_function_calling(self) -> bool:
-        return bool(self.first.supports_function_calling)
-
-    @property
-    def supports_reasoning(self) -> bool:
-        return bool(self.first.supports_reasoning)
-
-    @property
-    def supports_response_schema(self) -> bool:
-        return bool(self.first.supports_response_schema)
-
-    @property
-    def supported_params(self) -> set[str]:
-        return set(self.first.supported_params)
 
     async def complete(
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
