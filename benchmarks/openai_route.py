@@ -137,7 +137,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64, help="keep-alive connections")
     args = parser.parse_args()
 
-    upstream, upstream_url = start_upstream(0.02)
+    # Tokens 2 ms apart: each its own write, so a stream carries one delta per token (all at once, the
+    # pipeline may merge them, and the per-token figure measures the merging instead).
+    upstream, upstream_url = start_upstream(0.02, first_token_delay=0.02, token_delay=0.002)
     server, url = start_ours(upstream_url, in_flight=args.clients, queued=4 * args.clients)
     rows: dict[str, list[dict[str, Any]]] = {route: [] for route in ROUTES}
     try:
