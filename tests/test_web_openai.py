@@ -4,6 +4,7 @@ careless or hostile client sends."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import socket
@@ -292,6 +293,20 @@ async def test_a_completion_is_cancelled_by_its_id() -> None:
     assert (error.status_code, error.code) == (499, "cancelled")
 
 
+def _close_litellm_clients() -> None:
+    """Close the HTTP clients litellm keeps for the process (DSPy's JSON mode calls through litellm,
+    whose OpenAI client and its kept-alive socket ``LM.close()`` does not reach: left open, the socket
+    is only reclaimed, with a ResourceWarning, when the interpreter exits)."""
+    import litellm
+
+    cache = litellm.in_memory_llm_clients_cache
+    for client in list(cache.cache_dict.values()):
+        close = getattr(client, "close", None)
+        if callable(close) and not inspect.iscoroutinefunction(close):
+            close()
+    cache.flush_cache()
+
+
 def test_dspy_lm_pointed_at_the_service() -> None:
     """DSPy's own client: the LM alone, and a DSPy program whose LM is a served program (same output
     field, JSON mode, the earlier system message dropped)."""
@@ -315,6 +330,7 @@ def test_dspy_lm_pointed_at_the_service() -> None:
                 finally:
                     plain.close()
                     lm.close()
+                    _close_litellm_clients()
 
             return await trio.to_thread.run_sync(use)
 
