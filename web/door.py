@@ -45,7 +45,7 @@ from .cache_control import cache_switches
 from .call import Call, label_of, new_request_id
 from .encoding import dumps
 from .errors import HTTPError, engine_error_response, http_error_response
-from .keepalive import body_headers
+from .keepalive import drain_body
 from .routing import Route
 from .service import Service
 
@@ -301,35 +301,16 @@ class FrontDoor:
             await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
             await send({"type": "websocket.http.response.body", "body": payload, "more_body": False})
             return
-        complete = await self._read_body(scope, receive)
+        settings = self.service.settings
+        complete = await drain_body(
+            scope, receive, max_bytes=settings.max_body_bytes, max_wait=settings.keep_alive_timeout
+        )
         if complete is None:
             return  # the client left: nobody to answer
         if not complete:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers, "trailers": False})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-    async def _read_body(self, scope: Any, receive: ASGIReceiveCallable) -> bool | None:
-        """Read (never parse) the request body, so the connection can serve the next request: whether
-        all of it came within the size limit and the keep-alive timeout; None if the client left."""
-        settings = self.service.settings
-        declared, has_body = body_headers(scope)
-        if not has_body:
-            return True
-        if declared is not None and declared > settings.max_body_bytes:
-            return False
-        received = 0
-        with trio.move_on_after(settings.keep_alive_timeout):
-            while True:
-                message: Any = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                received += len(message.get("body", b""))
-                if received > settings.max_body_bytes:
-                    return False
-                if not message.get("more_body", False):
-                    return True
-        return False
 
 
 __all__ = ["CALL", "FrontDoor", "call_headers", "call_in"]

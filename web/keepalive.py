@@ -48,6 +48,35 @@ def body_headers(scope: Any) -> tuple[int | None, bool]:
     return declared, chunked or (declared or 0) > 0
 
 
+async def drain_body(
+    scope: Any, receive: ASGIReceiveCallable, *, max_bytes: int, max_wait: float
+) -> bool | None:
+    """Read (never parse) the request body of an answer given without it, so the connection can serve
+    the next request. Blocks for the body, at most ``max_wait`` seconds.
+
+    Returns:
+        Whether all of it came within ``max_bytes`` and ``max_wait`` (else the connection must close);
+        None if the client left.
+    """
+    declared, has_body = body_headers(scope)
+    if not has_body:
+        return True
+    if declared is not None and declared > max_bytes:
+        return False
+    received = 0
+    with trio.move_on_after(max_wait):
+        while True:
+            message: Any = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                return False
+            if not message.get("more_body", False):
+                return True
+    return False
+
+
 class KeepAliveGuard:
     """Wrap an ASGI app so that early answers never wedge an HTTP/1.1 keep-alive connection.
 

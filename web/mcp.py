@@ -72,7 +72,7 @@ from .door import call_in
 from .encoding import dumps
 from .errors import HTTPError, http_error_response
 from .formats import Outcome
-from .keepalive import body_headers
+from .keepalive import body_headers, drain_body
 from .limits import check_content_encoding, check_inputs, json_depth
 from .runner import run
 from .service import not_ready
@@ -164,7 +164,10 @@ class MCPEndpoint:
                 _check_post_headers(headers)
         except HTTPError as error:  # refused before its body was read: read it, so the connection serves on
             call.notes.refused = error.code
-            read = await self._drain(scope, receive)
+            settings = self.service.settings
+            read = await drain_body(
+                scope, receive, max_bytes=settings.max_body_bytes, max_wait=settings.keep_alive_timeout
+            )
             if read is not None:
                 await answer_refusal(send, error, close=not read)
             return
@@ -210,28 +213,6 @@ class MCPEndpoint:
         owner = authorization_context(principal)
         owners: dict[str, Any] = getattr(self.manager, "_session_owners", {})
         return sum(1 for held in owners.values() if held == owner)
-
-    async def _drain(self, scope: Scope, receive: ASGIReceiveCallable) -> bool | None:
-        """Read (never parse) a refused request's body: whether all of it came within the size limit and
-        the keep-alive timeout (else the connection closes); None if the client left."""
-        settings = self.service.settings
-        declared, has_body = body_headers(scope)
-        if not has_body:
-            return True
-        if declared is not None and declared > settings.max_body_bytes:
-            return False
-        received = 0
-        with trio.move_on_after(settings.keep_alive_timeout):
-            while True:
-                message: Any = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                received += len(message.get("body", b""))
-                if received > settings.max_body_bytes:
-                    return False
-                if not message.get("more_body", False):
-                    return True
-        return False
 
     async def _read_body(self, call: Call, scope: Scope, receive: ASGIReceiveCallable) -> bytes | None:
         """The request body within the size limit and the head's deadline, and JSON no deeper than the
