@@ -72,7 +72,9 @@ async def test_two_engines_coalesce_through_redis_and_share_their_answers(redis_
             assert sb is not None
             assert sa.coalesced + sb.coalesced == 99
 
-            # A later identical prediction in either process is a hit: one Redis round-trip, no upstream.
+            # A later identical prediction in either process is a hit: one Redis round-trip, no upstream
+            # (once the answer's queued write is in).
+            await eventually(lambda: _stored(redis_server, shared, 1))
             assert b.cluster is not None
             calls = b.cluster.link.round_trips
             hit = await b.predict("default", QUESTION)
@@ -97,8 +99,17 @@ async def test_scope_key_never_shares_across_api_keys_through_redis(redis_server
                     nursery.start_soon(lambda: a.predict("default", QUESTION, owner="alice-key"))
                     nursery.start_soon(lambda: b.predict("default", QUESTION, owner="bob-key"))
                 assert len(upstream.records) == 2
+                # An answer is stored by a queued write after its prediction ends: wait until both are in.
+                await eventually(lambda: _stored(redis_server, shared, 2))
                 assert (await b.predict("default", QUESTION, owner="alice-key")).timings.cached
                 assert len(upstream.records) == 2
+
+
+async def _stored(server: RedisServer, key_prefix: str, count: int) -> bool:
+    """Whether Redis holds at least ``count`` answers of the deployment ``key_prefix``."""
+    command = ["redis-cli", "-p", str(server.port), "--scan", "--pattern", f"{key_prefix}:answer:*"]
+    listed = await trio.run_process(command, capture_stdout=True)
+    return len(listed.stdout.split()) >= count
 
 
 async def test_a_corrupt_entry_is_a_miss_logged_once_and_deleted(
