@@ -17,14 +17,19 @@ import json
 import logging
 import re
 import signal
+from typing import Any
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h11
 import pytest
 import trio
 import trio.testing
+from hypercorn.events import Event, RawData
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from hypercorn.protocol.events import Response as Head
 
 from .test_web_keepalive import _port
 from .test_web_process import start
@@ -632,3 +637,81 @@ async def test_a_bare_cr_before_a_request_line_is_still_refused() -> None:
     async with running() as server:
         raw = await send_raw(_port(server.url), b"\r" + request("GET", "/health", "Host: x"))
     assert_refused(raw, 400, "malformed_request")
+
+
+# -- one write per answer of known length --------------------------------------------------------------
+
+
+def _protocol_after(request: bytes) -> tuple[Any, list[Event]]:
+    """Our protocol with ``request`` received and parsed (h11 ready to answer it), and the events it
+    sends to its connection."""
+    from hypercorn.config import Config
+
+    from dspy_trio.web.protocol import HTTP11Protocol
+
+    sent: list[Event] = []
+
+    async def send(event: Event) -> None:
+        sent.append(event)
+
+    from hypercorn.trio.worker_context import WorkerContext
+
+    protocol = HTTP11Protocol(None, Config(), WorkerContext(None), None, None, False, None, None, send)
+    protocol.connection.receive_data(request)
+    while protocol.connection.next_event() is not h11.NEED_DATA:
+        pass
+    return protocol, sent
+
+
+async def test_an_answer_of_known_length_is_one_write_head_and_body_together() -> None:
+    protocol, sent = _protocol_after(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    await protocol.stream_send(Head(stream_id=1, headers=[(b"content-length", b"5")], status_code=200))
+    assert sent == []  # the head waits for its body
+    await protocol.stream_send(Body(stream_id=1, data=b"hello"))
+    await protocol.stream_send(EndBody(stream_id=1))  # frames nothing: no write at all
+    [write] = sent
+    assert isinstance(write, RawData)
+    head, _, body = write.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"content-length: 5" in head.lower()
+    assert body == b"hello"
+    assert protocol.connection.our_state is h11.DONE
+
+
+async def test_an_empty_answer_of_known_length_goes_with_its_end() -> None:
+    protocol, sent = _protocol_after(b"HEAD /p HTTP/1.1\r\nHost: x\r\n\r\n")
+    await protocol.stream_send(Head(stream_id=1, headers=[(b"content-length", b"0")], status_code=204))
+    await protocol.stream_send(EndBody(stream_id=1))
+    [write] = sent
+    assert isinstance(write, RawData)
+    assert write.data.startswith(b"HTTP/1.1 204 ")
+
+
+async def test_a_streamed_answer_sends_its_head_at_once_and_each_chunk_as_it_comes() -> None:
+    protocol, sent = _protocol_after(b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    headers = [(b"content-type", b"text/event-stream")]
+    await protocol.stream_send(Head(stream_id=1, headers=headers, status_code=200))
+    [head] = sent
+    assert isinstance(head, RawData)
+    assert b"transfer-encoding: chunked" in head.data.lower()
+    await protocol.stream_send(Body(stream_id=1, data=b"data: 1\n\n"))
+    await protocol.stream_send(EndBody(stream_id=1))
+    assert [event.data for event in sent[1:]] == [b"9\r\ndata: 1\n\n\r\n", b"0\r\n\r\n"]  # type: ignore[attr-defined]
+
+
+async def test_a_head_whose_body_never_comes_still_goes_out_before_the_stream_closes() -> None:
+    protocol, sent = _protocol_after(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    class _Recycled(Exception):
+        pass
+
+    async def recycle() -> None:  # Hypercorn's reaction to StreamClosed: not this test's subject
+        raise _Recycled
+
+    protocol._maybe_recycle = recycle  # type: ignore[method-assign]
+    await protocol.stream_send(Head(stream_id=1, headers=[(b"content-length", b"5")], status_code=200))
+    with pytest.raises(_Recycled):
+        await protocol.stream_send(StreamClosed(stream_id=1))
+    [write] = sent
+    assert isinstance(write, RawData)
+    assert write.data.startswith(b"HTTP/1.1 200 ")

@@ -38,6 +38,12 @@ already made to look for an upgrade):
 
 Every refusal is one JSON error in the API's shape (``{"error": {"message", "type", "code", "param"}}``),
 sent in one write, with ``Connection: close``; nothing after it on the connection is read.
+
+An answer of a known length (``Content-Length``: every JSON answer) is written in one socket write too:
+its head waits for its body (which the app sends next) instead of going out on its own. Hypercorn wrote
+the head, the body and the (empty) end of a message separately: two system calls and three shielded
+writes per answer, about a tenth of the server's CPU for a cached answer. A streamed answer (SSE,
+NDJSON: chunked) still sends its head at once.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ from typing import Any
 
 import h11
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Body, EndBody, Request, Response
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import Request, Response
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
@@ -147,6 +153,10 @@ def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) 
         raise RequestRefused(*refusal)
 
 
+def _has_length(headers: Any) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in headers)
+
+
 class HTTP11Protocol(H11Protocol):
     """Hypercorn's HTTP/1.1 protocol (keep-alive, pipelining, WebSocket upgrades) with the rules above.
 
@@ -159,6 +169,37 @@ class HTTP11Protocol(H11Protocol):
         self.hosts = hosts  # the names this server answers for (dspy_trio.web.hosts); None: any
         limit = self.config.h11_max_incomplete_size
         self.connection = _H11Connection(h11.SERVER, max_incomplete_event_size=limit)
+        self._held = b""  # the head of an answer of known length, until its body goes with it
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        # Hypercorn's, with an answer of known length framed into one write (see the module's notes).
+        if isinstance(event, Response) and event.status_code >= 200 and _has_length(event.headers):
+            headers = [*event.headers, *self.config.response_headers("h11")]
+            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+                headers.append((b"connection", b"close"))
+            self._held = self._framed(h11.Response(headers=headers, status_code=event.status_code))
+            return
+        if isinstance(event, Body | EndBody):
+            data = self._framed(h11.Data(data=event.data) if isinstance(event, Body) else h11.EndOfMessage())
+            if self._held:
+                data, self._held = self._held + data, b""
+            if data:  # the end of a message of known length frames nothing
+                await self.send(RawData(data=data))
+            return
+        if self._held:  # anything else first lets the head go (a stream that closes without a body)
+            held, self._held = self._held, b""
+            await self.send(RawData(data=held))
+        await super().stream_send(event)
+
+    def _framed(self, event: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:
+        """``event`` as h11 frames it; nothing when the connection already failed (as Hypercorn's
+        ``_send_h11_event`` lets it pass)."""
+        try:
+            return self.connection.send(event) or b""
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return b""
 
     async def handle(self, event: Event) -> None:
         try:
