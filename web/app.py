@@ -38,14 +38,12 @@ from quart_cors import cors
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
-from werkzeug.routing import RoutingException
 
-from dspy_trio.engine import EngineError
 from dspy_trio.engine.lm import TrioLM
 
 from .call import Call
 from .door import FrontDoor, call_in
-from .errors import HTTPError, engine_error_response, error_body, http_error_response
+from .errors import error_answer, error_body
 from .http import json_response
 from .openapi import SWAGGER_CSS_URL, SWAGGER_JS_URL, ServiceOpenAPI
 from .routes import ROUTES
@@ -59,50 +57,18 @@ _STATIC = Path(__file__).parent / "static"
 _CORS_HEADERS = ["Authorization", "Content-Type", "X-Request-ID", "X-Request-Timeout", "Cache-Control"]
 _CORS_EXPOSE = ["X-Request-ID", "X-Server-Request-ID", "Server-Timing", "Retry-After", "Cache-Status"]
 _CORS_METHODS = ["GET", "POST", "DELETE", "OPTIONS"]
-_WERKZEUG_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-}
 
 
 def answer_error(call: Call, error: Exception, settings: ServiceSettings, method: str, path: str) -> Response:
-    """The JSON answer to an error raised while answering ``call``, in OpenAI's shape.
+    """The JSON answer to an error raised while answering ``call``
+    (:func:`dspy_trio.web.errors.error_answer`).
 
     Raises:
         Exception: ``error`` itself when it is not one the service answers (a redirect of the router,
             a bug): Quart handles it (a bug becomes a logged 500 with a JSON body).
     """
-    if isinstance(error, EngineError):
-        status, body, headers = engine_error_response(error)
-        return json_response(body, status, headers)
-    if isinstance(error, HTTPError):
-        call.notes.refused = error.code
-        status, body, headers = http_error_response(error)
-        return json_response(body, status, headers)
-    if isinstance(error, HTTPException) and not isinstance(error, RoutingException):
-        status = error.code or 500
-        message = error.description or error.name
-        if status == 413:
-            message = f"the request body is larger than {settings.max_body_bytes} bytes"
-        elif message == type(error).description:  # werkzeug's generic text: say what is known
-            message = f"{error.name.lower()}: {method} {path}"
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        extra: dict[str, Any] = {}
-        if status == 405 and (valid := getattr(error, "valid_methods", None)):
-            extra["Allow"] = ", ".join(sorted(valid))
-        body = error_body(message, type=kind, code=_WERKZEUG_CODES.get(status, "http_error"))
-        call.notes.refused = body["error"]["code"]
-        return json_response(body, status, extra)
-    if isinstance(error, UnicodeDecodeError):
-        call.notes.refused = "bad_request"
-        body = error_body(
-            "the request body must be UTF-8 JSON", type="invalid_request_error", code="bad_request"
-        )
-        return json_response(body, 400)
-    raise error
+    status, body, headers = error_answer(call, error, settings, method, path)
+    return json_response(body, status, headers)
 
 
 class ServiceApp(QuartTrio):

@@ -14,8 +14,9 @@ For each request the door, in ASGI, before Quart runs:
 4. builds the :class:`dspy_trio.web.call.Call` (a fresh server id, the client's label, the owner, the
    head's arrival) and hands it to the app in the ASGI scope (``scope["dspy_trio.call"]``), where the app
    passes it to the handler as an argument;
-5. hands a route whose handler speaks ASGI itself (``/mcp``) its call and the request, without Quart;
-   any other to the app;
+5. hands a route whose handler speaks ASGI itself (``/mcp``) its call and the request, without Quart,
+   and so a route's ``lean`` handler (the JSON predictions, :mod:`dspy_trio.web.lean`) unless CORS is
+   configured; any other to the app;
 6. writes the call's response headers, ``X-Server-Request-ID``, ``X-Request-ID`` (the client's label when
    valid, else the server's id) and ``Server-Timing``, on whatever answer starts: the app's, its own, a
    WebSocket handshake's (accepted or refused); and one log line for a refusal by the web layer.
@@ -159,6 +160,9 @@ class FrontDoor:
     # Whether the door answers its refusals itself; otherwise (and always with CORS configured) it
     # hands them to the app in the call. Tests compare the two answers.
     answers_refusals: ClassVar[bool] = True
+    # Whether a route with a ``lean`` handler is answered by it (below Quart); otherwise by the app.
+    # Tests compare the two answers.
+    answers_below_quart: ClassVar[bool] = True
 
     def __init__(self, app: ASGIFramework, service: Service) -> None:
         self.app = app
@@ -182,9 +186,19 @@ class FrontDoor:
             await send(message)
 
         route = call.route
-        if route is not None and route.asgi and route.handler is not None and kind == "http":
-            await route.handler(self.service, call, scope, receive, send_answer)
-            return
+        if route is not None and kind == "http":
+            if route.asgi and route.handler is not None:
+                await route.handler(self.service, call, scope, receive, send_answer)
+                return
+            if (
+                route.lean is not None
+                and self.answers_below_quart
+                and call.refusal is None
+                and scope.get("method") in route.methods
+                and not self._app_shapes(scope)
+            ):
+                await route.lean(self.service, call, scope, receive, send_answer)
+                return
         await self.app(scope, receive, send_answer)
 
     def call_of(self, scope: Any) -> Call:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RoutingException
 
 from dspy_trio.engine import (
     CircuitOpenError,
@@ -27,6 +30,10 @@ from dspy_trio.engine import (
     UpstreamRateLimitedError,
     UpstreamTimeoutError,
 )
+
+if TYPE_CHECKING:
+    from .call import Call
+    from .settings import ServiceSettings
 
 
 class HTTPError(Exception):
@@ -117,3 +124,51 @@ def http_error_response(error: HTTPError) -> tuple[int, dict[str, Any], dict[str
         headers["Retry-After"] = _retry_after_header(error.retry_after)
     body = error_body(error.message, type=error.type, code=error.code, param=error.param)
     return error.status, body, headers
+
+
+_WERKZEUG_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_answer(
+    call: Call, error: Exception, settings: ServiceSettings, method: str = "POST", path: str = ""
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and extra headers of the answer to an error raised while answering ``call``,
+    in OpenAI's shape (``method`` and ``path`` name the request in werkzeug's generic messages); a
+    refusal by the web layer is noted on the call for the front door's log line.
+
+    Raises:
+        Exception: ``error`` itself when it is not one the service answers (a redirect of the router,
+            a bug): the caller answers it as an internal error.
+    """
+    if isinstance(error, EngineError):
+        return engine_error_response(error)
+    if isinstance(error, HTTPError):
+        call.notes.refused = error.code
+        return http_error_response(error)
+    if isinstance(error, HTTPException) and not isinstance(error, RoutingException):
+        status = error.code or 500
+        message = error.description or error.name
+        if status == 413:
+            message = f"the request body is larger than {settings.max_body_bytes} bytes"
+        elif message == type(error).description:  # werkzeug's generic text: say what is known
+            message = f"{error.name.lower()}: {method} {path}"
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        extra: dict[str, str] = {}
+        if status == 405 and (valid := getattr(error, "valid_methods", None)):
+            extra["Allow"] = ", ".join(sorted(valid))
+        body = error_body(message, type=kind, code=_WERKZEUG_CODES.get(status, "http_error"))
+        call.notes.refused = body["error"]["code"]
+        return status, body, extra
+    if isinstance(error, UnicodeDecodeError):
+        call.notes.refused = "bad_request"
+        body = error_body(
+            "the request body must be UTF-8 JSON", type="invalid_request_error", code="bad_request"
+        )
+        return 400, body, {}
+    raise error

@@ -11,12 +11,14 @@ OpenAPI document shows; 401 is added to every route that is not ``open``.
 
 from __future__ import annotations
 
+from .lean import below_quart
+from .models import ProgramRequest, SeedRequest
 from .openapi import swagger_ui_asset
 from .routes_mcp import mcp_endpoint
 from .routes_openai import chat_completions, get_model, list_models
 from .routes_ops import cancel_request, health, metrics, playground, ready, tenant
-from .routes_programs import list_programs, program_batch, program_predict, program_stream
-from .routes_seed import seed_predict, seed_predict_stream, seed_stream
+from .routes_programs import list_programs, program_batch, program_predict, program_stream, v1_prediction
+from .routes_seed import seed_answer, seed_predict, seed_predict_stream, seed_stream
 from .routing import Route, Wire
 from .websockets import multiplexed_ws, seed_ws
 
@@ -72,6 +74,7 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         seed_predict,
         program="default",
+        lean=below_quart(SeedRequest, seed_answer),
         answer='`{"answer", "duration_ms", "request_id"}`.',
         refusals=_PREDICTION,
     ),
@@ -109,6 +112,7 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         program_predict,
         program="{name}",
+        lean=below_quart(ProgramRequest, v1_prediction),
         answer='`{"request_id", "program", "outputs", "usage", "timings"}`.',
         refusals=_PREDICTION,
     ),

@@ -39,7 +39,12 @@ async def list_programs(service: Service, call: Call) -> Response:
 @json_body(ProgramRequest)
 async def program_predict(service: Service, call: Call, name: str, data: ProgramRequest) -> Response:
     """One prediction: outputs, usage and timings."""
-    return json_response(v1_json(await predict_answer(service, call, data.inputs, data.timeout_secs)))
+    return json_response(await v1_prediction(service, call, data))
+
+
+async def v1_prediction(service: Service, call: Call, data: ProgramRequest) -> dict[str, Any]:
+    """The JSON answer of ``program_predict`` (which :func:`dspy_trio.web.lean.below_quart` serves too)."""
+    return v1_json(await predict_answer(service, call, data.inputs, data.timeout_secs))
 
 
 @json_body(ProgramRequest)

@@ -5,6 +5,8 @@ Each runs its route's program (``default``, named in the route table) on ``{"que
 
 from __future__ import annotations
 
+from typing import Any
+
 from quart import Response
 
 from .call import Call
@@ -18,8 +20,13 @@ from .service import Service
 @json_body(SeedRequest)
 async def seed_predict(service: Service, call: Call, data: SeedRequest) -> Response:
     """Answer a question with the default program."""
+    return json_response(await seed_answer(service, call, data))
+
+
+async def seed_answer(service: Service, call: Call, data: SeedRequest) -> dict[str, Any]:
+    """The JSON answer of ``seed_predict`` (which :func:`dspy_trio.web.lean.below_quart` serves too)."""
     result = await predict_answer(service, call, {"question": data.question}, data.timeout_secs)
-    return json_response(seed_json(result))
+    return seed_json(result)
 
 
 @json_body(SeedRequest)

@@ -86,6 +86,9 @@ class Route:
             model (404 ``model_not_found``).
         asgi: Its handler speaks ASGI itself, below the framework: the front door calls it as
             ``handler(service, call, scope, receive, send)`` (``/mcp``, whose transport is the MCP SDK's).
+        lean: The same answer as ``handler``'s, in ASGI below the framework
+            (:func:`dspy_trio.web.lean.below_quart`): the front door calls it for the route's methods
+            unless CORS is configured, when the app (quart-cors) must shape every answer.
     """
 
     path: str
@@ -100,6 +103,7 @@ class Route:
     refusals: frozenset[int] = attrs.field(default=frozenset(), converter=_statuses, kw_only=True)
     openai: bool = attrs.field(default=False, kw_only=True)
     asgi: bool = attrs.field(default=False, kw_only=True)
+    lean: Callable[..., Awaitable[None]] | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         program = self.program
