@@ -9,15 +9,16 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 import wsproto
 import wsproto.events
 
 from dspy_trio.engine import ConfigError
 from dspy_trio.web.settings import ServiceSettings
 
-from .helpers import wait_until
+from .helpers import CountingLM, tasks_living, wait_until
 from .test_web_keepalive import _port
-from .test_web_protocol import GUARD
+from .test_web_protocol import GUARD, parse_responses
 from .web_helpers import open_raw_websocket, running, settings
 
 PREDICT_FRAME = '{"id":"a","type":"predict","inputs":{"question":"q"}}'
@@ -135,3 +136,98 @@ async def test_a_long_dead_peer_timeout_still_sets_the_user_timeout() -> None:
                 assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 70_000_000
                 assert 0 < accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) <= 32767
+
+
+# -- the keep-alive timer: one per connection, its deadline moved by each request ------------------------
+
+_HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+_SLOW = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+    b'{"question": "q"}'
+)
+
+
+async def _answered(stream: trio.SocketStream, request: bytes) -> bytes:
+    await stream.send_all(request)
+    received = b""
+    while not parse_responses(received) or _short(received):
+        data = await stream.receive_some(65536)
+        assert data, "closed instead of answering"
+        received += data
+    return received
+
+
+def _short(received: bytes) -> bool:
+    head, _, rest = received.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    return len(rest) < length
+
+
+async def _closed(stream: trio.SocketStream) -> None:
+    with trio.fail_after(3600):  # virtual seconds: a hang guard
+        while await stream.receive_some(65536):
+            pass
+
+
+async def test_an_idle_connection_closes_keep_alive_timeout_after_its_last_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(settings(keep_alive_timeout=5.0)) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            for _ in range(3):  # each request moves the deadline: 4 s apart, none of them is cut
+                await _answered(stream, _HEALTH)
+                await trio.sleep(4.0)
+            await _answered(stream, _HEALTH)
+            last = trio.current_time()
+            await _closed(stream)
+            assert trio.current_time() - last == pytest.approx(5.0)
+
+
+async def test_a_request_longer_than_the_keep_alive_timeout_is_not_cut_by_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lm = CountingLM(first_token_delay=30.0)
+    async with running(settings(keep_alive_timeout=5.0), lms={"default": lm}) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            sent = trio.current_time()
+            [(status, _, _)] = parse_responses(await _answered(stream, _SLOW))
+            assert status == 200
+            assert trio.current_time() - sent == pytest.approx(30.0, abs=0.1)
+            answered = trio.current_time()
+            await _closed(stream)  # and the timer starts again once it is answered
+            assert trio.current_time() - answered == pytest.approx(5.0)
+
+
+async def test_a_connection_the_client_closed_leaves_no_timer_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(settings(keep_alive_timeout=600.0)) as server:
+        before = tasks_living()
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        await _answered(stream, _HEALTH)
+        await stream.aclose()
+        closed = trio.current_time()
+        await wait_until(lambda: tasks_living() == before, seconds=60)
+        assert trio.current_time() - closed < 1  # not the 600 s keep-alive timeout
+
+
+async def test_stopping_the_server_closes_its_idle_connections_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running(settings(keep_alive_timeout=600.0)) as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            await _answered(stream, _HEALTH)
+            server.shutdown()
+            stopping = trio.current_time()
+            await _closed(stream)
+            assert trio.current_time() - stopping < 1

@@ -1,6 +1,6 @@
 """One accepted TCP connection: Hypercorn's Trio connection code with our protocol and a prompt goodbye.
 
-Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs in four ways:
+Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs in five ways:
 
 - the protocol is always :class:`dspy_trio.web.protocol.HTTP11Protocol` (no switch to HTTP/2);
 - a peer that reset the connection (or that TCP gave up on, see below) has its socket closed at once,
@@ -14,7 +14,12 @@ Hypercorn's ``TCPServer`` reads the socket and feeds its protocol; ours differs 
 - a socket write is shielded from cancellation as Hypercorn's is (a cancelled request never leaves half an
   answer on a kept-alive connection), but only until the server's shutdown deadline
   (:class:`ShieldedWrites`): Hypercorn's shield had no end, so a client that stopped reading held its
-  write, and with it the graceful shutdown, until the client left.
+  write, and with it the graceful shutdown, until the client left;
+- the keep-alive timer is one task for the connection's life, whose deadline each request moves (none
+  while a request runs, ``keep_alive_timeout`` once the connection is idle again). Hypercorn cancelled
+  its timer task and started a new one (``nursery.start``, behind a lock) at every request: about a
+  tenth of the server's CPU for a cached answer. The timer closes an idle connection when it runs out,
+  or when the server stops (``terminated``); a connection whose peer left ends it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from math import inf
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -149,9 +154,17 @@ class Connection(TCPServer):
         self._socket_stream = stream
         self._writes = writes or ShieldedWrites()
         self._hosts = hosts
+        # The keep-alive timer: its deadline is when the idle connection closes (none while busy).
+        self._idle = trio.CancelScope(deadline=trio.current_time() + config.keep_alive_timeout)
+        self._over = False  # the connection ended: the timer has nothing left to close
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):  # a request starts (busy), or the connection waits for the next
+            self._idle.deadline = trio.current_time() + self.config.keep_alive_timeout if event.idle else inf
+            return
         if not isinstance(event, RawData):
+            if isinstance(event, Closed):
+                self._end_idle_timer()
             await super().protocol_send(event)
             return
         async with self.send_lock:  # Hypercorn's, with a shield that ends at the server's deadline
@@ -186,7 +199,7 @@ class Connection(TCPServer):
                     self.protocol_send,
                     hosts=self._hosts,
                 )
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                task_group.spawn(self._close_when_idle)
                 await self._read_data()
         except OSError:
             pass
@@ -209,9 +222,24 @@ class Connection(TCPServer):
                 if data == b"":
                     break
         self._gone.set()  # the ping task, if any, stops sleeping
+        self._end_idle_timer()
         if reset:  # nothing can be sent or received any more: give the descriptor back now
             await self._socket_stream.aclose()
         await self.protocol.handle(Closed())
+
+    async def _close_when_idle(self) -> None:
+        """The keep-alive timer: close the connection once it has been idle for ``keep_alive_timeout``,
+        or at once when the server stops while it is idle. Blocks for the connection's life."""
+        with self._idle:
+            await self.context.terminated.wait()
+        if self._over or self._idle.deadline == inf:
+            return  # it ended; or the server stops during a request, whose end closes it (the recycle)
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
+
+    def _end_idle_timer(self) -> None:
+        self._over = True
+        self._idle.cancel()
 
 
 __all__ = ["Connection", "ShieldedWrites", "watch_for_dead_peers"]
