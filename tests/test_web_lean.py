@@ -208,3 +208,50 @@ async def test_a_client_that_leaves_mid_prediction_cancels_it_below_quart() -> N
         await wait_until(lambda: engine.statistics().abandoned == 1, seconds=GUARD)
         assert lm.finished == 0
         assert engine.statistics().in_flight == 0
+
+
+async def test_under_another_server_a_client_that_leaves_still_cancels_the_prediction() -> None:
+    """Without the service's connections (no ``LEAVING`` extension in the scope), a task waits for the
+    ``http.disconnect`` and cancels the prediction, as Quart-Trio's did."""
+    from dspy_trio.web.app import create_app
+
+    lm = CountingLM(first_token_delay=60.0)
+    app = create_app(settings(), lms={"default": lm})
+    body = b'{"inputs": {"question": "q"}}'
+    scope: dict[str, Any] = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": V1,
+        "raw_path": V1.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"x"), (b"content-type", b"application/json"), (b"content-length", b"29")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "extensions": {},
+    }
+    left = trio.Event()
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        if not sent and not left.is_set() and lm.started == 0:
+            sent.append("body")
+            return {"type": "http.request", "body": body, "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async with app.test_app():
+        engine = app.service.engine
+        assert engine is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.asgi_app, scope, receive, send)
+            await wait_until(lambda: lm.started == 1, seconds=GUARD)
+            left.set()
+        assert sent == ["body"]  # nothing answered: nobody is there
+        assert engine.statistics().abandoned == 1
+        assert lm.finished == 0

@@ -46,6 +46,7 @@ from .errors import HTTPError, error_answer, error_body
 from .keepalive import body_headers, drain_body
 from .limits import check_content_encoding, parse_json
 from .models import validate
+from .protocol import LEAVING
 from .service import Service
 from .settings import ServiceSettings
 
@@ -92,7 +93,9 @@ def below_quart(model: type[M], answer: Callable[[Service, Call, M], Awaitable[A
             if raw is None:
                 return  # the client left: nobody to answer
             value = parse_json(raw, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
-            payload = await _unless_the_client_leaves(receive, answer, service, call, validate(model, value))
+            payload = await _unless_the_client_leaves(
+                request, receive, answer, service, call, validate(model, value)
+            )
             if payload is _LEFT:
                 return  # the client left while it ran: it was cancelled
         except Exception as error:
@@ -180,6 +183,7 @@ async def _read_body(
 
 
 async def _unless_the_client_leaves(
+    request: Any,
     receive: ASGIReceiveCallable,
     answer: Callable[[Service, Call, M], Awaitable[Any]],
     service: Service,
@@ -187,11 +191,24 @@ async def _unless_the_client_leaves(
     data: M,
 ) -> Any:
     """``await answer(service, call, data)``, cancelled if the client leaves first (then ``_LEFT``).
-    Blocks for the answer. The body has been read: the next message is the client's leaving.
+    Blocks for the answer.
+
+    The service's connections tell it through the ``LEAVING`` extension (:mod:`dspy_trio.web.protocol`);
+    under another server a task waits for the ``http.disconnect`` (the body has been read: the next
+    message is the client's leaving), as Quart-Trio's does.
 
     Raises:
         Exception: what ``answer`` raised.
     """
+    leaving: list[trio.CancelScope] | None = request.get("extensions", {}).get(LEAVING)
+    if leaving is not None:
+        with trio.CancelScope() as scope:
+            leaving.append(scope)
+            try:
+                return await answer(service, call, data)
+            finally:
+                leaving.remove(scope)
+        return _LEFT  # only a cancel by the connection ends the block without returning
     payload: Any = _LEFT
     failure: Exception | None = None
 

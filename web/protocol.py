@@ -54,7 +54,7 @@ from typing import Any
 
 import h11
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Body, EndBody, Request, Response
+from hypercorn.protocol.events import Body, EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -64,6 +64,10 @@ from .encoding import dumps
 from .errors import error_body
 from .handshake import PendingHandshake, closing, handshake_refusal, is_websocket_handshake
 from .hosts import AllowedHosts
+
+# The ASGI extension through which a handler below the framework learns that its client left
+# (:mod:`dspy_trio.web.lean`): a list of cancel scopes, each cancelled when the request's stream closes.
+LEAVING = "dspy_trio.leaving"
 
 _HTTP_1 = frozenset({b"1.0", b"1.1"})
 _EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
@@ -153,6 +157,22 @@ def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) 
         raise RequestRefused(*refusal)
 
 
+class _HTTPStream(HTTPStream):
+    """Hypercorn's HTTP stream, with the ``LEAVING`` extension in each request's scope: the cancel
+    scopes a handler put there are cancelled when the stream closes (the client left, or the answer
+    ended), as the ``http.disconnect`` it also queues would tell a task that waited for it."""
+
+    async def handle(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and not self.closed:
+            extensions: Any = self.scope["extensions"]
+            for scope in extensions.get(LEAVING, ()):
+                scope.cancel()
+        await super().handle(event)
+        if isinstance(event, Request):  # the app is spawned, not yet running: it will find the list
+            extensions = self.scope["extensions"]
+            extensions[LEAVING] = []
+
+
 def _has_length(headers: Any) -> bool:
     return any(name.lower() == b"content-length" for name, _ in headers)
 
@@ -222,7 +242,7 @@ class HTTP11Protocol(H11Protocol):
             self.connection = PendingHandshake(self.connection)  # type: ignore[assignment]  # as H11WSConnection
             stream = WSStream(*arguments, self._handshake_send, STREAM_ID)
         else:
-            stream = HTTPStream(*arguments, self.stream_send, STREAM_ID)
+            stream = _HTTPStream(*arguments, self.stream_send, STREAM_ID)
         self.stream = stream
         headers = request.headers.raw_items() if self.config.h11_pass_raw_headers else list(request.headers)
         await stream.handle(
@@ -285,4 +305,4 @@ class HTTP11Protocol(H11Protocol):
         await self.send(RawData(data=data))  # one write
 
 
-__all__ = ["HTTP11Protocol", "RequestRefused", "check_request_head"]
+__all__ = ["LEAVING", "HTTP11Protocol", "RequestRefused", "check_request_head"]
