@@ -208,9 +208,13 @@ class Connection(TCPServer):
 
     async def _read_data(self) -> None:
         reset = False
+        read_timeout = self.config.read_timeout  # none unless configured: then no cancel scope per read
         while True:
             try:
-                with trio.fail_after(self.config.read_timeout or inf):
+                if read_timeout:
+                    with trio.fail_after(read_timeout):
+                        data = await self.stream.receive_some(MAX_RECV)
+                else:
                     data = await self.stream.receive_some(MAX_RECV)
             except trio.BrokenResourceError:  # reset, or given up on by TCP (keep-alive, user timeout)
                 reset = True
