@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from dspy_trio.web.app import ServiceApp
 from dspy_trio.web.door import FrontDoor
 from dspy_trio.web.server import Server
 
-from .helpers import CountingLM, wait_until
+from .helpers import CountingLM, tasks_living, wait_until
 from .test_web_keepalive import _port
 from .test_web_protocol import parse_responses
 from .web_helpers import RAW_HOST, running, settings
@@ -255,3 +256,27 @@ async def test_under_another_server_a_client_that_leaves_still_cancels_the_predi
         assert sent == ["body"]  # nothing answered: nobody is there
         assert engine.statistics().abandoned == 1
         assert lm.finished == 0
+
+
+@pytest.mark.parametrize("below_quart", [True, False], ids=["lean", "quart"])
+async def test_clients_that_send_a_prediction_and_leave_at_once_cancel_it_both_ways(
+    below_quart: bool, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client is gone before the handler starts its prediction (the whole request and the close
+    in one go): the connection told its stream before the handler watched for it, and the prediction
+    must still be cancelled, as Quart's message task cancels it from the ``http.disconnect``."""
+    monkeypatch.setattr(FrontDoor, "answers_below_quart", below_quart)
+    lm = CountingLM(first_token_delay=30.0)
+    clients = 10
+    async with _server(lm) as server:
+        engine = server.state.engine
+        assert engine is not None
+        before = tasks_living()
+        for index in range(clients):
+            stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+            await stream.send_all(_post(V1, b'{"inputs": {"question": "q%d"}}' % index, JSON))
+            await stream.aclose()
+        await wait_until(lambda: tasks_living() == before, seconds=600)  # virtual seconds: a hang guard
+        statistics = engine.statistics()
+        assert (statistics.succeeded, statistics.timed_out, lm.finished) == (0, 0, 0)
+        assert trio.current_time() < 30.0  # none waited for its answer
