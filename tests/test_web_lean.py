@@ -84,6 +84,30 @@ CASES: dict[str, tuple[tuple[bytes, ...], int]] = {
     "too many chars": ((_post(V1, b'{"inputs": {"question": "' + b"y" * 300 + b'"}}', JSON),), 413),
     "unknown program": ((_post("/v1/programs/nope/predict", b'{"inputs": {}}', JSON),), 404),
     "unknown input": ((_post(V1, b'{"inputs": {"nope": 1}}', JSON),), 422),
+    "query string": ((_post(V1 + "?stream=1&x", b'{"inputs": {"question": "q"}}', JSON),), 200),
+    "chunk extensions and trailers": (
+        (
+            _chunked(V1, b'{"inputs": {"question": "q"}}').replace(b"\r\n{", b";ext=1\r\n{", 1)[:-2]
+            + b"X-Trailer: 1\r\n\r\n",
+        ),
+        200,
+    ),
+    "http/1.0": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON).replace(b"HTTP/1.1", b"HTTP/1.0"),), 200),
+    "http/1.0 keep-alive": (
+        (
+            _post(V1, b'{"inputs": {"question": "q"}}', JSON, "Connection: keep-alive").replace(
+                b"1.1", b"1.0", 1
+            ),
+        ),
+        200,
+    ),
+    "connection close": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "Connection: close"),), 200),
+    "label": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "X-Request-ID: my-label-1"),), 200),
+    "huge header": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "X-Big: " + "a" * 12_000),), 200),
+    "no cache": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "Cache-Control: no-cache"),), 200),
+    "415 and declared too large": ((_post(V1, b"", "Content-Type: text/plain", length=99_999),), 415),
+    "json suffix type": ((_post(V1, b'{"inputs": {}}', "Content-Type: application/vnd.api+json"),), 415),
+    "utf-16": ((_post(V1, '{"inputs": {"question": "q"}}'.encode("utf-16"), JSON),), 400),
 }
 
 
