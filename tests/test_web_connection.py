@@ -12,8 +12,15 @@ import trio
 import trio.testing
 import wsproto
 import wsproto.events
+from hypercorn.config import Config
+from hypercorn.events import Updated
+from hypercorn.trio.worker_context import WorkerContext
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from dspy_trio.engine import ConfigError
+from dspy_trio.web.connection import Connection
 from dspy_trio.web.settings import ServiceSettings
 
 from .helpers import CountingLM, tasks_living, wait_until
@@ -231,3 +238,82 @@ async def test_stopping_the_server_closes_its_idle_connections_at_once(
             stopping = trio.current_time()
             await _closed(stream)
             assert trio.current_time() - stopping < 1
+
+
+# -- the keep-alive timer's semantics, as a property -----------------------------------------------------
+
+_KEEP_ALIVE = 5.0
+# Idle gaps and request durations; a gap of exactly the keep-alive timeout makes the request arrive in the
+# very instant the timer runs out (both orders of that race are explored).
+_GAPS = st.sampled_from([0.0, 1.0, 2.5, _KEEP_ALIVE, 7.0])
+_BUSY = st.sampled_from([0.0, 1.0, 12.0])
+
+
+@given(
+    st.lists(st.tuples(_GAPS, _BUSY), max_size=6),
+    st.sampled_from(["waits", "leaves", "server stops"]),
+    st.random_module(),  # seeds Trio's scheduler: each order of the tasks woken together
+)
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_keep_alive_timer_closes_a_connection_exactly_when_it_has_been_idle_for_the_timeout(
+    requests: list[tuple[float, float]], end: str, scheduler: object
+) -> None:
+    """Requests come after idle gaps and last a while (the connection tells its timer, as the protocol
+    does, with ``Updated``); then the client waits, leaves, or the server stops. The timer closes the
+    connection once, at the first instant it has been idle for ``keep_alive_timeout`` (or at once when
+    the server stops while it is idle), never during a request, never after the client left. A request
+    that comes in the very instant the timer runs out may be refused (closed) or served, but the timer
+    must go on with the connection's next idle time."""
+    closes: list[float] = []
+    ties: list[float] = []  # instants where the close races a request
+
+    async def main() -> float | None:
+        left, right = trio.socket.socketpair()
+        context = WorkerContext(None)
+        connection = Connection(
+            None,  # type: ignore[arg-type]  # the timer never calls the app
+            Config.from_mapping(keep_alive_timeout=_KEEP_ALIVE),
+            context,
+            {},
+            trio.SocketStream(left),
+        )
+
+        async def close() -> None:
+            closes.append(trio.current_time())
+
+        connection._initiate_server_close = close  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connection._close_when_idle)
+            idle_since = 0.0
+            expected: float | None = None
+            for gap, busy in requests:
+                if gap > _KEEP_ALIVE:
+                    expected = idle_since + _KEEP_ALIVE
+                    break
+                await trio.sleep(gap)
+                if gap == _KEEP_ALIVE:
+                    ties.append(trio.current_time())
+                if closes:
+                    break
+                await connection.protocol_send(Updated(idle=False))
+                await trio.sleep(busy)
+                await connection.protocol_send(Updated(idle=True))
+                idle_since = trio.current_time()
+            else:
+                if end == "leaves":
+                    connection._end_idle_timer()  # what the read loop does at the client's EOF
+                elif end == "server stops":
+                    await context.terminated.set()
+                    expected = trio.current_time()
+                else:
+                    expected = idle_since + _KEEP_ALIVE
+            await trio.sleep(10 * _KEEP_ALIVE)
+            assert not nursery.child_tasks  # the timer ended: it closed the connection, or the client left
+        left.close()
+        right.close()
+        return expected
+
+    expected = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    if closes and closes[0] in ties:
+        return  # the race was lost by the request: closing then is allowed
+    assert closes == ([] if expected is None else [expected])

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from dspy_trio.web.app import ServiceApp
 from dspy_trio.web.door import FrontDoor
 from dspy_trio.web.server import Server
 
-from .helpers import CountingLM, wait_until
+from .helpers import CountingLM, tasks_living, wait_until
 from .test_web_keepalive import _port
 from .test_web_protocol import parse_responses
 from .web_helpers import RAW_HOST, running, settings
@@ -83,6 +84,30 @@ CASES: dict[str, tuple[tuple[bytes, ...], int]] = {
     "too many chars": ((_post(V1, b'{"inputs": {"question": "' + b"y" * 300 + b'"}}', JSON),), 413),
     "unknown program": ((_post("/v1/programs/nope/predict", b'{"inputs": {}}', JSON),), 404),
     "unknown input": ((_post(V1, b'{"inputs": {"nope": 1}}', JSON),), 422),
+    "query string": ((_post(V1 + "?stream=1&x", b'{"inputs": {"question": "q"}}', JSON),), 200),
+    "chunk extensions and trailers": (
+        (
+            _chunked(V1, b'{"inputs": {"question": "q"}}').replace(b"\r\n{", b";ext=1\r\n{", 1)[:-2]
+            + b"X-Trailer: 1\r\n\r\n",
+        ),
+        200,
+    ),
+    "http/1.0": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON).replace(b"HTTP/1.1", b"HTTP/1.0"),), 200),
+    "http/1.0 keep-alive": (
+        (
+            _post(V1, b'{"inputs": {"question": "q"}}', JSON, "Connection: keep-alive").replace(
+                b"1.1", b"1.0", 1
+            ),
+        ),
+        200,
+    ),
+    "connection close": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "Connection: close"),), 200),
+    "label": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "X-Request-ID: my-label-1"),), 200),
+    "huge header": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "X-Big: " + "a" * 12_000),), 200),
+    "no cache": ((_post(V1, b'{"inputs": {"question": "q"}}', JSON, "Cache-Control: no-cache"),), 200),
+    "415 and declared too large": ((_post(V1, b"", "Content-Type: text/plain", length=99_999),), 415),
+    "json suffix type": ((_post(V1, b'{"inputs": {}}', "Content-Type: application/vnd.api+json"),), 415),
+    "utf-16": ((_post(V1, '{"inputs": {"question": "q"}}'.encode("utf-16"), JSON),), 400),
 }
 
 
@@ -255,3 +280,27 @@ async def test_under_another_server_a_client_that_leaves_still_cancels_the_predi
         assert sent == ["body"]  # nothing answered: nobody is there
         assert engine.statistics().abandoned == 1
         assert lm.finished == 0
+
+
+@pytest.mark.parametrize("below_quart", [True, False], ids=["lean", "quart"])
+async def test_clients_that_send_a_prediction_and_leave_at_once_cancel_it_both_ways(
+    below_quart: bool, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client is gone before the handler starts its prediction (the whole request and the close
+    in one go): the connection told its stream before the handler watched for it, and the prediction
+    must still be cancelled, as Quart's message task cancels it from the ``http.disconnect``."""
+    monkeypatch.setattr(FrontDoor, "answers_below_quart", below_quart)
+    lm = CountingLM(first_token_delay=30.0)
+    clients = 10
+    async with _server(lm) as server:
+        engine = server.state.engine
+        assert engine is not None
+        before = tasks_living()
+        for index in range(clients):
+            stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+            await stream.send_all(_post(V1, b'{"inputs": {"question": "q%d"}}' % index, JSON))
+            await stream.aclose()
+        await wait_until(lambda: tasks_living() == before, seconds=600)  # virtual seconds: a hang guard
+        statistics = engine.statistics()
+        assert (statistics.succeeded, statistics.timed_out, lm.finished) == (0, 0, 0)
+        assert trio.current_time() < 30.0  # none waited for its answer

@@ -171,3 +171,36 @@ def test_a_route_names_its_program_by_a_path_parameter_it_has() -> None:
         Route("/v1/x/{other}/run", "POST", fake_run, program="{name}")
     route = attrs.evolve(FAKE, refusals=frozenset())
     assert route.program_of({"name": "p"}) == "p"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("//predict", b'{"question": "q"}'),
+        ("//v1/programs/default/predict", b'{"inputs": {"question": "q"}}'),
+        ("///v1/programs/default/batch", b'{"items": [{"question": "q"}]}'),
+    ],
+)
+async def test_a_path_the_door_finds_no_route_for_is_not_served_by_a_handler(path: str, body: bytes) -> None:
+    """werkzeug strips the leading slashes of a path before matching it; the front door matches the
+    path as sent. A handler Quart found for a call the door gave no route (no program, no overload
+    check) ran and failed with a 500: it is a 404, as the door sees it."""
+    from .test_web_keepalive import _port
+    from .test_web_protocol import parse_responses
+
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    async with running() as server:
+        stream = await trio.open_tcp_stream("127.0.0.1", _port(server.url))
+        async with stream:
+            await stream.send_all(request)
+            received = b""
+            with trio.fail_after(30):  # a hang guard
+                while not (answers := parse_responses(received)):
+                    received += await stream.receive_some(65536)
+    [(status, headers, answer)] = answers
+    assert status == 404, answer
+    assert headers["content-type"] == "application/json"
+    assert b'"code":"not_found"' in answer

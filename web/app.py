@@ -37,7 +37,7 @@ from quart.typing import ResponseReturnValue
 from quart_cors import cors
 from quart_schema import QuartSchema
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from dspy_trio.engine.lm import TrioLM
 
@@ -113,6 +113,10 @@ class ServiceApp(QuartTrio):
             view: Any = self.view_functions[rule.endpoint]
             parameters = request_.view_args or {}
             if rule.endpoint in self._handlers:
+                if call.route is not self._handlers[rule.endpoint]:
+                    # werkzeug matched a path the door did not (it strips leading slashes): the call
+                    # has no route, no program, no overload check. The door's routing decides.
+                    raise NotFound()
                 answer: ResponseReturnValue = await view(self.service, call, **parameters)
                 return answer
             answer = await self.ensure_async(view)(**parameters)

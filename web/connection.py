@@ -234,10 +234,18 @@ class Connection(TCPServer):
     async def _close_when_idle(self) -> None:
         """The keep-alive timer: close the connection once it has been idle for ``keep_alive_timeout``,
         or at once when the server stops while it is idle. Blocks for the connection's life."""
-        with self._idle:
-            await self.context.terminated.wait()
-        if self._over or self._idle.deadline == inf:
-            return  # it ended; or the server stops during a request, whose end closes it (the recycle)
+        while True:
+            with self._idle:
+                await self.context.terminated.wait()
+            idle_until = self._idle.deadline
+            stopping = self.context.terminated.is_set()
+            if self._over or (stopping and idle_until == inf):
+                return  # it ended; or the server stops during a request, whose end closes it (the recycle)
+            if stopping or trio.current_time() >= idle_until:
+                break
+            # It ran out as a request came (which moved the deadline before this task ran): a cancelled
+            # scope stays cancelled, so watch the new deadline with a new one.
+            self._idle = trio.CancelScope(deadline=idle_until)
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 

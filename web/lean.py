@@ -194,8 +194,9 @@ async def _unless_the_client_leaves(
     Blocks for the answer.
 
     The service's connections tell it through the ``LEAVING`` extension (:mod:`dspy_trio.web.protocol`);
-    under another server a task waits for the ``http.disconnect`` (the body has been read: the next
-    message is the client's leaving), as Quart-Trio's does.
+    under another server, or when the client left before this looked (the stream took the extension
+    away), a task waits for the ``http.disconnect`` (the body has been read: the next message is the
+    client's leaving), as Quart-Trio's does.
 
     Raises:
         Exception: what ``answer`` raised.

@@ -66,7 +66,8 @@ from .handshake import PendingHandshake, closing, handshake_refusal, is_websocke
 from .hosts import AllowedHosts
 
 # The ASGI extension through which a handler below the framework learns that its client left
-# (:mod:`dspy_trio.web.lean`): a list of cancel scopes, each cancelled when the request's stream closes.
+# (:mod:`dspy_trio.web.lean`): a list of cancel scopes, each cancelled when the request's stream closes
+# (which removes the extension: a handler that finds none must wait for the ``http.disconnect``).
 LEAVING = "dspy_trio.leaving"
 
 _HTTP_1 = frozenset({b"1.0", b"1.1"})
@@ -160,12 +161,15 @@ def check_request_head(request: h11.Request, hosts: AllowedHosts | None = None) 
 class _HTTPStream(HTTPStream):
     """Hypercorn's HTTP stream, with the ``LEAVING`` extension in each request's scope: the cancel
     scopes a handler put there are cancelled when the stream closes (the client left, or the answer
-    ended), as the ``http.disconnect`` it also queues would tell a task that waited for it."""
+    ended), as the ``http.disconnect`` it also queues would tell a task that waited for it; the
+    extension is gone from then on."""
 
     async def handle(self, event: StreamEvent) -> None:
         if isinstance(event, StreamClosed) and not self.closed:
+            # Taken away, too: a handler that has not looked yet (the client sent its request and left
+            # before the handler ran) finds none, and waits for the http.disconnect queued below.
             extensions: Any = self.scope["extensions"]
-            for scope in extensions.get(LEAVING, ()):
+            for scope in extensions.pop(LEAVING, ()):
                 scope.cancel()
         await super().handle(event)
         if isinstance(event, Request):  # the app is spawned, not yet running: it will find the list
