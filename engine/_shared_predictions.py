@@ -153,6 +153,10 @@ def prediction_key(
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=secret, digest_size=20).hexdigest()
 
 
+# The name of a flight's task (given, so that Trio need not make one up for each flight).
+_FLIGHT_TASK = f"{__name__}.SharedPredictions._run"
+
+
 class _PredictionFlight(Flight[SharedPrediction]):
     """A prediction in flight, and whether some request of it lets its prediction be stored."""
 
@@ -241,9 +245,10 @@ class SharedPredictions:
             Exception: a copy of what the program raised (its ``__context__`` kept).
             EngineClosedError: the engine is shutting down.
         """
-        if (found := self.cached(key)) is not None:
-            return self.hit(found)
         sharing = self._sharing
+        memory = sharing.memory
+        if memory is not None and isinstance(found := memory.get(key), SharedPrediction):
+            return self.hit(found)
         if not sharing.config.single_flight:  # the cache alone: the program in the caller's task
             prediction = await make(request, adapter, None, True)
             if not request.no_store:
@@ -258,7 +263,7 @@ class SharedPredictions:
                     raise EngineClosedError("the engine is shutting down")
                 flight = self._flights[key] = _PredictionFlight(key, deadline, not request.no_store)
                 waiter = flight.join(deadline, streams=False)
-                sharing.nursery.start_soon(self._run, flight, make, request, adapter)
+                sharing.nursery.start_soon(self._run, flight, make, request, adapter, name=_FLIGHT_TASK)
             else:
                 flight.store = flight.store or not request.no_store
                 waiter = flight.join(deadline, streams=False)
