@@ -211,6 +211,21 @@ def load_program(path: str) -> Any:
     return dspy.load(path, allow_pickle=True)
 
 
+# DSPy's settings module (``dspy.dsp.utils.settings`` as an attribute is the ``Settings`` object it makes).
+_dspy_settings = importlib.import_module("dspy.dsp.utils.settings")
+
+
+def setting(name: str) -> Any:
+    """``dspy.settings.<name>`` for a name DSPy always has (``usage_tracker``, ``callbacks``,
+    ``send_stream``, ...), read as ``Settings.__getattr__`` reads it (this context's overrides, then the
+    global configuration) without first failing the ordinary attribute lookup that ``dspy.settings.<name>``
+    makes: it is read several times per request."""
+    overrides = _dspy_settings.thread_local_overrides.get()
+    if name in overrides:
+        return overrides[name]
+    return _dspy_settings.main_thread_config.get(name)
+
+
 @contextmanager
 def program_context(
     lm: Any, adapter_name: str, send_stream: Any, *, roll_up: bool = True
@@ -219,7 +234,7 @@ def program_context(
     history or trace growth, and a fresh usage tracker (rolled up into an enclosing one on exit, as
     ``dspy.track_usage`` does, unless ``roll_up`` is false). Yields the tracker."""
     tracker = UsageTracker()
-    parent = dspy.settings.usage_tracker if roll_up else None
+    parent = setting("usage_tracker") if roll_up else None
     with dspy.context(
         lm=lm,
         adapter=adapter(adapter_name),
@@ -240,7 +255,7 @@ def program_context(
 def roll_up_usage(usage_data: Mapping[str, Sequence[Any]]) -> None:
     """Add a request's usage entries (a ``UsageTracker``'s ``usage_data``) to the usage tracker open
     here, if any (an application's ``dspy.track_usage()``)."""
-    parent = dspy.settings.usage_tracker
+    parent = setting("usage_tracker")
     if parent is not None:
         for model, entries in usage_data.items():
             parent.usage_data[model].extend(entries)
@@ -262,15 +277,22 @@ def pure_predictor(module: Any) -> Any:
     and DSPy's cache left on (``cache=False`` asks for a fresh answer). Never blocks.
     """
     kind = type(module)
-    if kind not in _PURE_MODULES or module.callbacks:
+    if kind not in _PURE_MODULES:
         return None
-    predictor: Any = module if kind is dspy.Predict else getattr(module, "predict", None)
+    # Their attributes read from their ``__dict__`` (where DSPy's own modules keep them): a module's
+    # ``__getattribute__`` is Python code, run on every attribute read, and this runs for every request.
+    own = vars(module)
+    if own.get("callbacks"):
+        return None
+    predictor: Any = module if kind is dspy.Predict else own.get("predict")
+    if type(predictor) is not dspy.Predict:
+        return None
+    own = vars(predictor) if predictor is not module else own
     if (
-        type(predictor) is not dspy.Predict
-        or predictor.lm is not None
-        or predictor.callbacks
-        or predictor.config.get("cache") is False
-        or dspy.settings.callbacks
+        own.get("lm") is not None
+        or own.get("callbacks")
+        or own.get("config", {}).get("cache") is False
+        or setting("callbacks")
     ):
         return None
     return predictor
@@ -281,14 +303,15 @@ class _Fingerprint:
     signature class is held weakly: a class is in a reference cycle of its own, and holding it here
     would leave it for a later collection once its program is gone."""
 
-    __slots__ = ("config", "demo_fields", "demos", "instructions", "kind", "signature", "text")
+    __slots__ = ("config", "demo_fields", "demos", "doc", "kind", "signature", "text")
 
     def __init__(
         self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any], text: str
     ) -> None:
         self.kind = kind
         self.signature: weakref.ref[Any] = weakref.ref(signature)
-        self.instructions = signature.instructions
+        # Its instructions as written (``instructions`` is ``cleandoc(__doc__)``, made on every read).
+        self.doc = signature.__doc__
         self.demos = list(demos)
         # Each demo's fields as they were (a shallow copy): an Example is mutable, and one edited in
         # place (``demo["answer"] = ...``) changes the prompt while staying the same object.
@@ -301,7 +324,7 @@ class _Fingerprint:
         computed_from: Any = self.signature()
         if self.kind is not kind or computed_from is not signature or len(self.demos) != len(demos):
             return False
-        if self.instructions != signature.instructions or self.config != config:
+        if self.doc != signature.__doc__ or self.config != config:
             return False
         for index, demo in enumerate(demos):  # a loop: no generator per request
             if self.demos[index] is not demo or self.demo_fields[index] != _demo_fields(demo):
@@ -365,7 +388,8 @@ def predictor_fingerprint(module: Any, predictor: Any) -> str:
     the config differ from last time; a few microseconds otherwise. (A field's prefix or description
     edited in place, which DSPy's own API never does, is not seen.)
     """
-    kind, signature, demos, config = type(module), predictor.signature, predictor.demos, predictor.config
+    own = vars(predictor)  # as in pure_predictor: no DSPy ``__getattribute__`` per attribute
+    kind, signature, demos, config = type(module), own["signature"], own["demos"], own["config"]
     cached = _FINGERPRINTS.get(predictor)
     if cached is not None and cached.still(kind, signature, demos, config):
         return cached.text
@@ -382,11 +406,10 @@ def predictor_fingerprint(module: Any, predictor: Any) -> str:
 def current_stream() -> tuple[Any, int | None]:
     """Where the current DSPy call's stream chunks go (None when nobody streams it), and the id of the
     predictor making the call (how ``dspy.streaming`` routes chunks)."""
-    settings = dspy.settings
-    stream = settings.send_stream
+    stream = setting("send_stream")
     if stream is None:
         return None, None
-    caller = settings.caller_predict
+    caller = setting("caller_predict")
     return stream, id(caller) if caller is not None else None
 
 
@@ -402,7 +425,7 @@ def stream_chunk(model: str, predict_id: int | None, text: str) -> Any:
 
 def report_usage(model: str, usage: Mapping[str, Any]) -> None:
     """Add one LM call's usage to DSPy's usage tracker, when one is open."""
-    tracker = dspy.settings.usage_tracker
+    tracker = setting("usage_tracker")
     if tracker is not None:
         tracker.add_usage(model, dict(usage))
 
