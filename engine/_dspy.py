@@ -165,10 +165,42 @@ def cache_type_adapters(enabled: bool = True) -> None:
 
 
 _STOCK_FIELDS_WITH_TYPE = SignatureMeta._get_fields_with_type
-# Per signature class: the pydantic fields dict the split was made from, its input and output fields.
-_SIGNATURE_FIELDS: weakref.WeakKeyDictionary[type, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+_STOCK_INPUT_FIELDS = SignatureMeta.input_fields
+_STOCK_OUTPUT_FIELDS = SignatureMeta.output_fields
+# Per signature class, by id: the class (held weakly, and checked: an id is reused once its class is gone),
+# the pydantic fields dict the split was made from, its input fields and its output fields. Keyed by id
+# rather than held in a WeakKeyDictionary: its lookup is a Python method, and this runs ~24 times a request.
+_SIGNATURE_FIELDS: dict[int, tuple[weakref.ref[type], dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+
+
+def _split_fields(cls: type) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """``cls``'s cached split (made now if missing or stale), or None when DSPy must split it itself."""
+    fields = getattr(cls, "__pydantic_fields__", None)  # what ``cls.model_fields`` returns, minus its wrapper
+    if fields is None:
+        return None
+    key = id(cls)
+    cached = _SIGNATURE_FIELDS.get(key)
+    if (
+        cached is None
+        or cached[1] is not fields
+        or cached[0]() is not cls
+        or len(cached[2]) + len(cached[3]) != len(fields)
+    ):
+        split: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
+        for name, info in fields.items():
+            kind = info.json_schema_extra["__dspy_field_type"]
+            if kind not in split:  # not DSPy's own two kinds: leave it to DSPy
+                return None
+            split[kind][name] = info
+        forget = functools.partial(_forget_signature, key)
+        cached = (weakref.ref(cls, forget), fields, split["input"], split["output"])
+        _SIGNATURE_FIELDS[key] = cached
+    return cached
+
+
+def _forget_signature(key: int, _: object) -> None:
+    """A signature class is gone: its entry goes (called before its id can be reused)."""
+    _SIGNATURE_FIELDS.pop(key, None)
 
 
 def _cached_fields_with_type(cls: type, field_type: str) -> dict[str, Any]:
@@ -178,24 +210,36 @@ def _cached_fields_with_type(cls: type, field_type: str) -> dict[str, Any]:
     ``with_updated_fields`` build new classes, and pydantic's rebuild assigns a new fields dict, which
     invalidates the entry — and edits of a field's ``prefix``/``desc`` mutate the shared ``FieldInfo``
     objects, which the cached dicts hold too. Each call returns a new dict, as DSPy's does."""
-    fields = getattr(cls, "__pydantic_fields__", None)  # what ``cls.model_fields`` returns, minus its wrapper
-    if fields is None:
+    cached = _split_fields(cls) if field_type in ("input", "output") else None
+    if cached is None:
         return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
-    cached = _SIGNATURE_FIELDS.get(cls)
-    if cached is None or cached[0] is not fields or len(cached[1]) + len(cached[2]) != len(fields):
-        split: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
-        for name, info in fields.items():
-            kind = info.json_schema_extra["__dspy_field_type"]
-            if kind not in split:  # not DSPy's own two kinds: leave it to DSPy
-                return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
-            split[kind][name] = info
-        cached = (fields, split["input"], split["output"])
-        _SIGNATURE_FIELDS[cls] = cached
-    if field_type == "input":
-        return dict(cached[1])
-    if field_type == "output":
+    return dict(cached[2] if field_type == "input" else cached[3])
+
+
+def _input_fields(cls: type) -> dict[str, Any]:
+    """``Signature.input_fields`` from the cached split (the fast path checked inline: one call)."""
+    cached = _SIGNATURE_FIELDS.get(id(cls))
+    if (
+        cached is not None
+        and cached[1] is getattr(cls, "__pydantic_fields__", None)
+        and cached[0]() is cls
+        and len(cached[2]) + len(cached[3]) == len(cached[1])
+    ):
         return dict(cached[2])
-    return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
+    return _cached_fields_with_type(cls, "input")
+
+
+def _output_fields(cls: type) -> dict[str, Any]:
+    """``Signature.output_fields`` from the cached split (see :func:`_input_fields`)."""
+    cached = _SIGNATURE_FIELDS.get(id(cls))
+    if (
+        cached is not None
+        and cached[1] is getattr(cls, "__pydantic_fields__", None)
+        and cached[0]() is cls
+        and len(cached[2]) + len(cached[3]) == len(cached[1])
+    ):
+        return dict(cached[3])
+    return _cached_fields_with_type(cls, "output")
 
 
 def cache_signature_fields(enabled: bool = True) -> None:
@@ -204,6 +248,8 @@ def cache_signature_fields(enabled: bool = True) -> None:
     so the prompts and parses are the same (the contract test compares them byte for byte).
     ``open_engine`` turns it on; ``enabled=False`` restores DSPy's own."""
     SignatureMeta._get_fields_with_type = _cached_fields_with_type if enabled else _STOCK_FIELDS_WITH_TYPE
+    SignatureMeta.input_fields = property(_input_fields) if enabled else _STOCK_INPUT_FIELDS
+    SignatureMeta.output_fields = property(_output_fields) if enabled else _STOCK_OUTPUT_FIELDS
 
 
 def load_program(path: str) -> Any:

@@ -60,9 +60,11 @@ def test_the_engines_fast_read_of_a_dspy_setting_reads_what_dspy_settings_reads(
     try:
         assert setting("callbacks") is marker
         with dspy.context(callbacks=[], send_stream="a stream"):
-            assert setting("callbacks") == [] and setting("send_stream") == "a stream"
+            assert setting("callbacks") == []
+            assert setting("send_stream") == "a stream"
             assert all(setting(name) is getattr(dspy.settings, name) for name in names)
-        assert setting("callbacks") is marker and setting("send_stream") is None
+        assert setting("callbacks") is marker
+        assert setting("send_stream") is None
     finally:
         dspy.configure(callbacks=before)
     assert setting("callbacks") is before
