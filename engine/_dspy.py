@@ -29,8 +29,8 @@ import importlib
 import json
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
@@ -272,29 +272,39 @@ def setting(name: str) -> Any:
     return _dspy_settings.main_thread_config.get(name)
 
 
-@contextmanager
-def program_context(
-    lm: Any, adapter_name: str, send_stream: Any, *, roll_up: bool = True
-) -> Iterator[UsageTracker]:
+class program_context:  # lower case: used as ``with program_context(...) as tracker``, like a function
     """DSPy's settings for one request, in one context: its LM, its adapter, the stream router, no
     history or trace growth, and a fresh usage tracker (rolled up into an enclosing one on exit, as
-    ``dspy.track_usage`` does, unless ``roll_up`` is false). Yields the tracker."""
-    tracker = UsageTracker()
-    parent = setting("usage_tracker") if roll_up else None
-    with dspy.context(
-        lm=lm,
-        adapter=adapter(adapter_name),
-        send_stream=send_stream,
-        usage_tracker=tracker,
-        disable_history=True,
-        max_trace_size=0,
-        max_history_size=0,
-    ):
+    ``dspy.track_usage`` does, unless ``roll_up`` is false). Yields the tracker.
+
+    A plain class, not a generator context manager: it is entered once per request.
+    """
+
+    __slots__ = ("_context", "_parent", "tracker")
+
+    def __init__(self, lm: Any, adapter_name: str, send_stream: Any, *, roll_up: bool = True) -> None:
+        self.tracker = UsageTracker()
+        self._parent: UsageTracker | None = setting("usage_tracker") if roll_up else None
+        self._context = dspy.context(
+            lm=lm,
+            adapter=adapter(adapter_name),
+            send_stream=send_stream,
+            usage_tracker=self.tracker,
+            disable_history=True,
+            max_trace_size=0,
+            max_history_size=0,
+        )
+
+    def __enter__(self) -> UsageTracker:
+        self._context.__enter__()
+        return self.tracker
+
+    def __exit__(self, *exc_info: Any) -> None:
         try:
-            yield tracker
+            self._context.__exit__(*exc_info)
         finally:
-            if parent is not None:
-                for model, entries in tracker.usage_data.items():
+            if (parent := self._parent) is not None:
+                for model, entries in self.tracker.usage_data.items():
                     parent.usage_data[model].extend(entries)
 
 

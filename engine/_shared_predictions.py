@@ -235,11 +235,15 @@ class SharedPredictions:
         make: Callable[[Request, AdapterName, None, bool], Awaitable[SharedPrediction]],
         request: Request,
         adapter: AdapterName,
+        *,
+        joined: float | None = None,
     ) -> Answer:
         """The prediction of ``key``: stored, the one in flight joined, or one started whose flight runs
         ``make(request, adapter, None, True)`` (the program, for ``request`` and those identical to it) in a
         task of the engine. Blocks until it is made, or the caller's own scope is cancelled (the caller
         leaves the flight; the last to leave cancels it).
+
+        ``joined`` is when the caller began waiting (now, if not given): a waiter's time in its trace.
 
         Raises:
             Exception: a copy of what the program raised (its ``__context__`` kept).
@@ -254,7 +258,8 @@ class SharedPredictions:
             if not request.no_store:
                 self.store(key, prediction)
             return self._paid(prediction)
-        joined = trio.current_time()
+        if joined is None:
+            joined = trio.current_time()
         while True:
             flight = self._flights.get(key)
             deadline = trio.current_effective_deadline()
