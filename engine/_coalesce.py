@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dspy_trio.engine")
 
 
+# The name of a flight's task (given, so that Trio need not make one up for each flight).
+_FLIGHT_TASK = f"{__name__}.Sharing._run"
+
+
 def _tokens(completion: Completion) -> int:
     usage = completion.usage
     total = usage.get("total_tokens")
@@ -212,7 +216,7 @@ class Sharing:
                 flight = Flight(key, streamed=streams, deadline=deadline)
                 self._flights[(key, streams)] = flight
                 waiter = flight.join(deadline, streams=streams)
-                self.nursery.start_soon(self._run, flight, inner, messages, params)
+                self.nursery.start_soon(self._run, flight, inner, messages, params, name=_FLIGHT_TASK)
             else:
                 waiter = flight.join(deadline, streams=streams)
             try:

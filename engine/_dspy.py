@@ -29,8 +29,8 @@ import importlib
 import json
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import anyio
@@ -165,10 +165,42 @@ def cache_type_adapters(enabled: bool = True) -> None:
 
 
 _STOCK_FIELDS_WITH_TYPE = SignatureMeta._get_fields_with_type
-# Per signature class: the pydantic fields dict the split was made from, its input and output fields.
-_SIGNATURE_FIELDS: weakref.WeakKeyDictionary[type, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+_STOCK_INPUT_FIELDS = SignatureMeta.input_fields
+_STOCK_OUTPUT_FIELDS = SignatureMeta.output_fields
+# Per signature class, by id: the class (held weakly, and checked: an id is reused once its class is gone),
+# the pydantic fields dict the split was made from, its input fields and its output fields. Keyed by id
+# rather than held in a WeakKeyDictionary: its lookup is a Python method, and this runs ~24 times a request.
+_SIGNATURE_FIELDS: dict[int, tuple[weakref.ref[type], dict[str, Any], dict[str, Any], dict[str, Any]]] = {}
+
+
+def _split_fields(cls: type) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+    """``cls``'s cached split (made now if missing or stale), or None when DSPy must split it itself."""
+    fields = getattr(cls, "__pydantic_fields__", None)  # what ``cls.model_fields`` returns, minus its wrapper
+    if fields is None:
+        return None
+    key = id(cls)
+    cached = _SIGNATURE_FIELDS.get(key)
+    if (
+        cached is None
+        or cached[1] is not fields
+        or cached[0]() is not cls
+        or len(cached[2]) + len(cached[3]) != len(fields)
+    ):
+        split: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
+        for name, info in fields.items():
+            kind = info.json_schema_extra["__dspy_field_type"]
+            if kind not in split:  # not DSPy's own two kinds: leave it to DSPy
+                return None
+            split[kind][name] = info
+        forget = functools.partial(_forget_signature, key)
+        cached = (weakref.ref(cls, forget), fields, split["input"], split["output"])
+        _SIGNATURE_FIELDS[key] = cached
+    return cached
+
+
+def _forget_signature(key: int, _: object) -> None:
+    """A signature class is gone: its entry goes (called before its id can be reused)."""
+    _SIGNATURE_FIELDS.pop(key, None)
 
 
 def _cached_fields_with_type(cls: type, field_type: str) -> dict[str, Any]:
@@ -178,24 +210,36 @@ def _cached_fields_with_type(cls: type, field_type: str) -> dict[str, Any]:
     ``with_updated_fields`` build new classes, and pydantic's rebuild assigns a new fields dict, which
     invalidates the entry — and edits of a field's ``prefix``/``desc`` mutate the shared ``FieldInfo``
     objects, which the cached dicts hold too. Each call returns a new dict, as DSPy's does."""
-    fields = getattr(cls, "__pydantic_fields__", None)  # what ``cls.model_fields`` returns, minus its wrapper
-    if fields is None:
+    cached = _split_fields(cls) if field_type in ("input", "output") else None
+    if cached is None:
         return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
-    cached = _SIGNATURE_FIELDS.get(cls)
-    if cached is None or cached[0] is not fields or len(cached[1]) + len(cached[2]) != len(fields):
-        split: dict[str, dict[str, Any]] = {"input": {}, "output": {}}
-        for name, info in fields.items():
-            kind = info.json_schema_extra["__dspy_field_type"]
-            if kind not in split:  # not DSPy's own two kinds: leave it to DSPy
-                return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
-            split[kind][name] = info
-        cached = (fields, split["input"], split["output"])
-        _SIGNATURE_FIELDS[cls] = cached
-    if field_type == "input":
-        return dict(cached[1])
-    if field_type == "output":
+    return dict(cached[2] if field_type == "input" else cached[3])
+
+
+def _input_fields(cls: type) -> dict[str, Any]:
+    """``Signature.input_fields`` from the cached split (the fast path checked inline: one call)."""
+    cached = _SIGNATURE_FIELDS.get(id(cls))
+    if (
+        cached is not None
+        and cached[1] is getattr(cls, "__pydantic_fields__", None)
+        and cached[0]() is cls
+        and len(cached[2]) + len(cached[3]) == len(cached[1])
+    ):
         return dict(cached[2])
-    return dict(_STOCK_FIELDS_WITH_TYPE(cls, field_type))
+    return _cached_fields_with_type(cls, "input")
+
+
+def _output_fields(cls: type) -> dict[str, Any]:
+    """``Signature.output_fields`` from the cached split (see :func:`_input_fields`)."""
+    cached = _SIGNATURE_FIELDS.get(id(cls))
+    if (
+        cached is not None
+        and cached[1] is getattr(cls, "__pydantic_fields__", None)
+        and cached[0]() is cls
+        and len(cached[2]) + len(cached[3]) == len(cached[1])
+    ):
+        return dict(cached[3])
+    return _cached_fields_with_type(cls, "output")
 
 
 def cache_signature_fields(enabled: bool = True) -> None:
@@ -204,6 +248,8 @@ def cache_signature_fields(enabled: bool = True) -> None:
     so the prompts and parses are the same (the contract test compares them byte for byte).
     ``open_engine`` turns it on; ``enabled=False`` restores DSPy's own."""
     SignatureMeta._get_fields_with_type = _cached_fields_with_type if enabled else _STOCK_FIELDS_WITH_TYPE
+    SignatureMeta.input_fields = property(_input_fields) if enabled else _STOCK_INPUT_FIELDS
+    SignatureMeta.output_fields = property(_output_fields) if enabled else _STOCK_OUTPUT_FIELDS
 
 
 def load_program(path: str) -> Any:
@@ -211,36 +257,61 @@ def load_program(path: str) -> Any:
     return dspy.load(path, allow_pickle=True)
 
 
-@contextmanager
-def program_context(
-    lm: Any, adapter_name: str, send_stream: Any, *, roll_up: bool = True
-) -> Iterator[UsageTracker]:
+# DSPy's settings module (``dspy.dsp.utils.settings`` as an attribute is the ``Settings`` object it makes).
+_dspy_settings = importlib.import_module("dspy.dsp.utils.settings")
+
+
+def setting(name: str) -> Any:
+    """``dspy.settings.<name>`` for a name DSPy always has (``usage_tracker``, ``callbacks``,
+    ``send_stream``, ...), read as ``Settings.__getattr__`` reads it (this context's overrides, then the
+    global configuration) without first failing the ordinary attribute lookup that ``dspy.settings.<name>``
+    makes: it is read several times per request."""
+    overrides = _dspy_settings.thread_local_overrides.get()
+    if name in overrides:
+        return overrides[name]
+    return _dspy_settings.main_thread_config.get(name)
+
+
+class program_context:  # lower case: used as ``with program_context(...) as tracker``, like a function
     """DSPy's settings for one request, in one context: its LM, its adapter, the stream router, no
     history or trace growth, and a fresh usage tracker (rolled up into an enclosing one on exit, as
-    ``dspy.track_usage`` does, unless ``roll_up`` is false). Yields the tracker."""
-    tracker = UsageTracker()
-    parent = dspy.settings.usage_tracker if roll_up else None
-    with dspy.context(
-        lm=lm,
-        adapter=adapter(adapter_name),
-        send_stream=send_stream,
-        usage_tracker=tracker,
-        disable_history=True,
-        max_trace_size=0,
-        max_history_size=0,
-    ):
+    ``dspy.track_usage`` does, unless ``roll_up`` is false). Yields the tracker.
+
+    A plain class, not a generator context manager: it is entered once per request.
+    """
+
+    __slots__ = ("_context", "_parent", "tracker")
+
+    def __init__(self, lm: Any, adapter_name: str, send_stream: Any, *, roll_up: bool = True) -> None:
+        self.tracker = UsageTracker()
+        self._parent: UsageTracker | None = setting("usage_tracker") if roll_up else None
+        self._context = dspy.context(
+            lm=lm,
+            adapter=adapter(adapter_name),
+            send_stream=send_stream,
+            usage_tracker=self.tracker,
+            disable_history=True,
+            max_trace_size=0,
+            max_history_size=0,
+        )
+
+    def __enter__(self) -> UsageTracker:
+        self._context.__enter__()
+        return self.tracker
+
+    def __exit__(self, *exc_info: Any) -> None:
         try:
-            yield tracker
+            self._context.__exit__(*exc_info)
         finally:
-            if parent is not None:
-                for model, entries in tracker.usage_data.items():
+            if (parent := self._parent) is not None:
+                for model, entries in self.tracker.usage_data.items():
                     parent.usage_data[model].extend(entries)
 
 
 def roll_up_usage(usage_data: Mapping[str, Sequence[Any]]) -> None:
     """Add a request's usage entries (a ``UsageTracker``'s ``usage_data``) to the usage tracker open
     here, if any (an application's ``dspy.track_usage()``)."""
-    parent = dspy.settings.usage_tracker
+    parent = setting("usage_tracker")
     if parent is not None:
         for model, entries in usage_data.items():
             parent.usage_data[model].extend(entries)
@@ -262,15 +333,22 @@ def pure_predictor(module: Any) -> Any:
     and DSPy's cache left on (``cache=False`` asks for a fresh answer). Never blocks.
     """
     kind = type(module)
-    if kind not in _PURE_MODULES or module.callbacks:
+    if kind not in _PURE_MODULES:
         return None
-    predictor: Any = module if kind is dspy.Predict else getattr(module, "predict", None)
+    # Their attributes read from their ``__dict__`` (where DSPy's own modules keep them): a module's
+    # ``__getattribute__`` is Python code, run on every attribute read, and this runs for every request.
+    own = vars(module)
+    if own.get("callbacks"):
+        return None
+    predictor: Any = module if kind is dspy.Predict else own.get("predict")
+    if type(predictor) is not dspy.Predict:
+        return None
+    own = vars(predictor) if predictor is not module else own
     if (
-        type(predictor) is not dspy.Predict
-        or predictor.lm is not None
-        or predictor.callbacks
-        or predictor.config.get("cache") is False
-        or dspy.settings.callbacks
+        own.get("lm") is not None
+        or own.get("callbacks")
+        or own.get("config", {}).get("cache") is False
+        or setting("callbacks")
     ):
         return None
     return predictor
@@ -281,14 +359,15 @@ class _Fingerprint:
     signature class is held weakly: a class is in a reference cycle of its own, and holding it here
     would leave it for a later collection once its program is gone."""
 
-    __slots__ = ("config", "demo_fields", "demos", "instructions", "kind", "signature", "text")
+    __slots__ = ("config", "demo_fields", "demos", "doc", "kind", "signature", "text")
 
     def __init__(
         self, kind: type, signature: Any, demos: list[Any], config: dict[str, Any], text: str
     ) -> None:
         self.kind = kind
         self.signature: weakref.ref[Any] = weakref.ref(signature)
-        self.instructions = signature.instructions
+        # Its instructions as written (``instructions`` is ``cleandoc(__doc__)``, made on every read).
+        self.doc = signature.__doc__
         self.demos = list(demos)
         # Each demo's fields as they were (a shallow copy): an Example is mutable, and one edited in
         # place (``demo["answer"] = ...``) changes the prompt while staying the same object.
@@ -301,7 +380,7 @@ class _Fingerprint:
         computed_from: Any = self.signature()
         if self.kind is not kind or computed_from is not signature or len(self.demos) != len(demos):
             return False
-        if self.instructions != signature.instructions or self.config != config:
+        if self.doc != signature.__doc__ or self.config != config:
             return False
         for index, demo in enumerate(demos):  # a loop: no generator per request
             if self.demos[index] is not demo or self.demo_fields[index] != _demo_fields(demo):
@@ -365,7 +444,8 @@ def predictor_fingerprint(module: Any, predictor: Any) -> str:
     the config differ from last time; a few microseconds otherwise. (A field's prefix or description
     edited in place, which DSPy's own API never does, is not seen.)
     """
-    kind, signature, demos, config = type(module), predictor.signature, predictor.demos, predictor.config
+    own = vars(predictor)  # as in pure_predictor: no DSPy ``__getattribute__`` per attribute
+    kind, signature, demos, config = type(module), own["signature"], own["demos"], own["config"]
     cached = _FINGERPRINTS.get(predictor)
     if cached is not None and cached.still(kind, signature, demos, config):
         return cached.text
@@ -382,11 +462,10 @@ def predictor_fingerprint(module: Any, predictor: Any) -> str:
 def current_stream() -> tuple[Any, int | None]:
     """Where the current DSPy call's stream chunks go (None when nobody streams it), and the id of the
     predictor making the call (how ``dspy.streaming`` routes chunks)."""
-    settings = dspy.settings
-    stream = settings.send_stream
+    stream = setting("send_stream")
     if stream is None:
         return None, None
-    caller = settings.caller_predict
+    caller = setting("caller_predict")
     return stream, id(caller) if caller is not None else None
 
 
@@ -402,7 +481,7 @@ def stream_chunk(model: str, predict_id: int | None, text: str) -> Any:
 
 def report_usage(model: str, usage: Mapping[str, Any]) -> None:
     """Add one LM call's usage to DSPy's usage tracker, when one is open."""
-    tracker = dspy.settings.usage_tracker
+    tracker = setting("usage_tracker")
     if tracker is not None:
         tracker.add_usage(model, dict(usage))
 

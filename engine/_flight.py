@@ -51,10 +51,9 @@ class FlightLost(Exception):
 class Waiter:
     """One call waiting for a flight: its deadline, and how far it has read the flight's deltas."""
 
-    __slots__ = ("cursor", "deadline", "id", "streams")
+    __slots__ = ("cursor", "deadline", "streams")
 
-    def __init__(self, waiter_id: int, deadline: float, streams: bool) -> None:
-        self.id = waiter_id
+    def __init__(self, deadline: float, streams: bool) -> None:
         self.deadline = deadline
         self.streams = streams
         self.cursor = 0  # deltas handed to the waiter's sink
@@ -74,8 +73,7 @@ class Flight(Generic[T]):
         "_all_left",
         "_blocked",
         "_ended",
-        "_ids",
-        "_progress",
+        "_parked",
         "_room",
         "_waiters",
         "answered",
@@ -105,9 +103,10 @@ class Flight(Generic[T]):
         self.deltas: list[str] = []
         self.joined = 0  # waiters that ever joined
         self.answered = 0  # waiters that received the answer
-        self._waiters: dict[int, Waiter] = {}
-        self._ids = 0
-        self._progress = trio.lowlevel.ParkingLot()  # waiters waiting for deltas or the end
+        self._waiters: dict[Waiter, None] = {}  # in the order they joined
+        # Waiters' tasks waiting for deltas or the end (parked here directly: a ParkingLot's own
+        # bookkeeping is a measurable part of a flight's cost, and one wake-up for all is all it needs).
+        self._parked: dict[trio.lowlevel.Task, None] = {}
         # The upstream read, waiting for a trailing waiter (streamed flights only).
         self._room = trio.lowlevel.ParkingLot() if streamed else None
         self._blocked = 0  # waiters waiting in their sink's send (a full buffer under ``block``)
@@ -125,9 +124,8 @@ class Flight(Generic[T]):
 
     def join(self, deadline: float, *, streams: bool) -> Waiter:
         """Add a waiter whose deadline is ``deadline``; the flight's moves out to it if later."""
-        self._ids += 1
-        waiter = Waiter(self._ids, deadline, streams)
-        self._waiters[waiter.id] = waiter
+        waiter = Waiter(deadline, streams)
+        self._waiters[waiter] = None
         self.joined += 1
         if deadline > self.scope.deadline:
             self.scope.deadline = deadline
@@ -137,7 +135,7 @@ class Flight(Generic[T]):
         """Remove ``waiter``. The last one to leave before the end cancels the call (and True is
         returned); one whose deadline was the latest moves the flight's deadline in to the latest of
         those left. Idempotent."""
-        if self._waiters.pop(waiter.id, None) is None:
+        if self._waiters.pop(waiter, False) is False:
             return False
         if self._room:
             self._room.unpark_all()
@@ -149,8 +147,27 @@ class Flight(Generic[T]):
             self.scope.cancel()
             return True
         if waiter.deadline >= self.scope.deadline:
-            self.scope.deadline = max(w.deadline for w in self._waiters.values())
+            self.scope.deadline = max(w.deadline for w in self._waiters)
         return False
+
+    async def _wait_progress(self) -> None:
+        """Block until :meth:`_wake` (a delta, or the end), or the caller's cancel."""
+        task = trio.lowlevel.current_task()
+        parked = self._parked
+        parked[task] = None
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            parked.pop(task, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _wake(self) -> None:
+        """Reschedule every waiter parked in :meth:`_wait_progress`, in the order they parked."""
+        if self._parked:
+            parked, self._parked = self._parked, {}
+            for task in parked:
+                trio.lowlevel.reschedule(task)
 
     async def wait_ended(self) -> None:
         """Block until the call has ended."""
@@ -172,8 +189,7 @@ class Flight(Generic[T]):
         """The upstream call's sink: keep ``text`` and wake the waiters. Blocks while a waiter waits in
         its own sink (its buffer is full under ``block``)."""
         self.deltas.append(text)
-        if self._progress:
-            self._progress.unpark_all()
+        self._wake()
         while self._blocked:
             assert self._room is not None
             await self._room.park()
@@ -190,7 +206,7 @@ class Flight(Generic[T]):
                     self.error = exc
         finally:
             self.done = True
-            self._progress.unpark_all()
+            self._wake()
             if self._room is not None:
                 self._room.unpark_all()
             if self._ended is not None:
@@ -229,7 +245,7 @@ class Flight(Generic[T]):
                     continue
                 if self.done:
                     break
-                await self._progress.park()
+                await self._wait_progress()
         finally:
             if self.leave(waiter):
                 with trio.move_on_after(CLOSE_WAIT) as cleanup:

@@ -21,8 +21,7 @@ a cancel is never lost in the hand-over.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -93,9 +92,9 @@ class Request:
         if self.scope is not None:
             self.scope.cancel()
 
-    @contextmanager
-    def scoped(self) -> Iterator[trio.CancelScope]:
-        """Run one stage of the request in a fresh cancel scope that :meth:`cancel` reaches.
+    def scoped(self) -> trio.CancelScope:
+        """A fresh cancel scope that :meth:`cancel` reaches, for one stage of the request (``with
+        request.scoped():``; the scope itself, not a generator around it: it is entered per request).
 
         A cancel that arrived before the stage began cancels its scope at once.
         """
@@ -103,8 +102,7 @@ class Request:
         self.scope = scope
         if self.cancel_reason is not None:
             scope.cancel()
-        with scope:
-            yield scope
+        return scope
 
     def interruption(self) -> EngineError:
         """The error of a request whose scope the engine cancelled."""

@@ -158,7 +158,9 @@ class ProgramRunner:
         """The request's prediction shared with identical ones (stored, or in flight)."""
         started = trio.current_time()
         try:
-            outputs, usage, request.trace = await predictions.predict(key, self._run, request, adapter)
+            outputs, usage, request.trace = await predictions.predict(
+                key, self._run, request, adapter, joined=started
+            )
         except BaseException as exc:
             request.trace = RequestTrace(lm_seconds=trio.current_time() - started)  # its time waiting
             if isinstance(exc, BaseExceptionGroup):

@@ -153,6 +153,10 @@ def prediction_key(
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), key=secret, digest_size=20).hexdigest()
 
 
+# The name of a flight's task (given, so that Trio need not make one up for each flight).
+_FLIGHT_TASK = f"{__name__}.SharedPredictions._run"
+
+
 class _PredictionFlight(Flight[SharedPrediction]):
     """A prediction in flight, and whether some request of it lets its prediction be stored."""
 
@@ -231,25 +235,31 @@ class SharedPredictions:
         make: Callable[[Request, AdapterName, None, bool], Awaitable[SharedPrediction]],
         request: Request,
         adapter: AdapterName,
+        *,
+        joined: float | None = None,
     ) -> Answer:
         """The prediction of ``key``: stored, the one in flight joined, or one started whose flight runs
         ``make(request, adapter, None, True)`` (the program, for ``request`` and those identical to it) in a
         task of the engine. Blocks until it is made, or the caller's own scope is cancelled (the caller
         leaves the flight; the last to leave cancels it).
 
+        ``joined`` is when the caller began waiting (now, if not given): a waiter's time in its trace.
+
         Raises:
             Exception: a copy of what the program raised (its ``__context__`` kept).
             EngineClosedError: the engine is shutting down.
         """
-        if (found := self.cached(key)) is not None:
-            return self.hit(found)
         sharing = self._sharing
+        memory = sharing.memory
+        if memory is not None and isinstance(found := memory.get(key), SharedPrediction):
+            return self.hit(found)
         if not sharing.config.single_flight:  # the cache alone: the program in the caller's task
             prediction = await make(request, adapter, None, True)
             if not request.no_store:
                 self.store(key, prediction)
             return self._paid(prediction)
-        joined = trio.current_time()
+        if joined is None:
+            joined = trio.current_time()
         while True:
             flight = self._flights.get(key)
             deadline = trio.current_effective_deadline()
@@ -258,7 +268,7 @@ class SharedPredictions:
                     raise EngineClosedError("the engine is shutting down")
                 flight = self._flights[key] = _PredictionFlight(key, deadline, not request.no_store)
                 waiter = flight.join(deadline, streams=False)
-                sharing.nursery.start_soon(self._run, flight, make, request, adapter)
+                sharing.nursery.start_soon(self._run, flight, make, request, adapter, name=_FLIGHT_TASK)
             else:
                 flight.store = flight.store or not request.no_store
                 waiter = flight.join(deadline, streams=False)

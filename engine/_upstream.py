@@ -179,8 +179,10 @@ class UpstreamGuard:
     async def _wait_cooldown(self) -> None:
         """Wait until no cool-down remains. A longer ``Retry-After`` that arrives meanwhile extends the
         wait; one that would end past the deadline fails at once, when it becomes known."""
-        started = trio.current_time()
         await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled scope's -inf deadline is no refusal
+        started = trio.current_time()
+        if self._cooldown_until <= started:  # the usual case: no cool-down, nothing waited
+            return
         try:
             while (until := self._cooldown_until) > trio.current_time():
                 if until > trio.current_effective_deadline():

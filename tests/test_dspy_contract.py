@@ -9,6 +9,7 @@ Trio, and that it uses no deprecated DSPy API: docs/dspy-engines.md.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import json
 import re
@@ -24,6 +25,7 @@ import dspy.clients.execution
 import pytest
 import trio
 import trio._core._run as trio_run
+from dspy.signatures.signature import SignatureMeta
 from dspy.streaming import StreamListener
 from dspy.utils.exceptions import LMUnexpectedError
 from hypothesis import HealthCheck, given, settings
@@ -227,7 +229,7 @@ async def test_cached_signature_fields_change_no_prompt_and_no_parse(
     finally:
         _dspy.cache_signature_fields(False)
     assert runs[0] == runs[1] == runs[2]
-    assert Typed in _dspy._SIGNATURE_FIELDS  # the cached runs did go through the cache
+    assert _dspy._SIGNATURE_FIELDS[id(Typed)][0]() is Typed  # the cached runs did go through the cache
 
 
 def test_cached_signature_fields_follow_every_way_dspy_derives_or_edits_a_signature() -> None:
@@ -259,6 +261,29 @@ def test_cached_signature_fields_follow_every_way_dspy_derives_or_edits_a_signat
         assert (list(cot.input_fields), list(cot.output_fields)) == stock
     finally:
         _dspy.cache_signature_fields(False)
+
+
+def test_cached_signature_fields_forget_a_class_once_it_is_gone_and_restore_dspys_own() -> None:
+    """The cache is keyed by the class's id: a class that is gone leaves no entry behind (its id may be
+    reused by a new class, which must get its own fields), and turning the cache off restores DSPy's
+    own properties."""
+    stock = (SignatureMeta.input_fields, SignatureMeta.output_fields, SignatureMeta._get_fields_with_type)
+    try:
+        _dspy.cache_signature_fields(True)
+        passing = dspy.Signature("question, context -> answer")
+        assert list(passing.input_fields) == ["question", "context"]
+        key = id(passing)
+        assert _dspy._SIGNATURE_FIELDS[key][0]() is passing
+        del passing
+        gc.collect()
+        assert key not in _dspy._SIGNATURE_FIELDS
+        for _ in range(50):  # new classes, some perhaps at the old id: each its own fields
+            fresh = dspy.Signature("topic -> summary, title")
+            assert (list(fresh.input_fields), list(fresh.output_fields)) == (["topic"], ["summary", "title"])
+    finally:
+        _dspy.cache_signature_fields(False)
+    restored = (SignatureMeta.input_fields, SignatureMeta.output_fields, SignatureMeta._get_fields_with_type)
+    assert restored == stock
 
 
 # --- The engine path: a backend as a DSPy async engine (docs/dspy-engines.md) ----------------------

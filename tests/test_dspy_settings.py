@@ -45,3 +45,26 @@ async def test_identical_requests_reach_the_model_unless_the_cache_is_enabled(
         cached = await engine.predict("default", {"question": question})
     assert len(fake_upstream.records) == 3
     assert cached.outputs["answer"]
+
+
+def test_the_engines_fast_read_of_a_dspy_setting_reads_what_dspy_settings_reads() -> None:
+    """``_dspy.setting`` reads DSPy's settings without ``dspy.settings``' failed attribute lookup first: it
+    must see the global configuration, a context's overrides, and a configuration made after import."""
+    from dspy_trio.engine._dspy import setting
+
+    names = ("usage_tracker", "callbacks", "send_stream", "caller_predict", "lm", "adapter")
+    assert all(setting(name) is getattr(dspy.settings, name) for name in names)
+    before = dspy.settings.callbacks
+    marker: list[object] = []
+    dspy.configure(callbacks=marker)
+    try:
+        assert setting("callbacks") is marker
+        with dspy.context(callbacks=[], send_stream="a stream"):
+            assert setting("callbacks") == []
+            assert setting("send_stream") == "a stream"
+            assert all(setting(name) is getattr(dspy.settings, name) for name in names)
+        assert setting("callbacks") is marker
+        assert setting("send_stream") is None
+    finally:
+        dspy.configure(callbacks=before)
+    assert setting("callbacks") is before

@@ -309,6 +309,44 @@ def test_an_error_reaches_every_waiter_as_its_own_copy() -> None:
     run(test)
 
 
+def test_waiters_cancelled_while_parked_are_never_woken_and_the_rest_get_the_answer_at_its_time() -> None:
+    """Waiters park on the flight itself: one cancelled while parked leaves the flight's wake-up list (a
+    second wake-up of it would be an error in Trio), a streamed flight's deltas wake the others many times
+    without losing any, and every waiter still there gets the answer when the call ends, not before."""
+
+    async def test() -> None:
+        upstream = Upstream(tokens=["a ", "b ", "c ", "d "], step=0.25)
+        got: dict[int, tuple[float, str]] = {}
+        sinks: dict[int, Collect | None] = {}
+        async with trio.open_nursery() as nursery:
+            sharing = Sharing(CacheConfig(), nursery, secret=b"k" * 32)
+            lm = SharedLM("default", upstream, sharing)
+
+            async def waiter(index: int, leave_at: float | None, task_status: Any) -> None:
+                sink = sinks[index] = Collect() if index % 2 == 0 else None
+                with trio.CancelScope(deadline=leave_at if leave_at is not None else math.inf):
+                    task_status.started()
+                    completion = await lm.complete_call(MESSAGES, {}, sink, {})
+                    got[index] = (trio.current_time(), completion.texts[0])
+
+            async with trio.open_nursery() as waiters:
+                # Even ones stream (the first starts a streamed flight, which the others join).
+                for index, leave_at in enumerate([None, 0.3, 0.6, None, 0.1, None]):
+                    await waiters.start(waiter, index, leave_at)
+            nursery.cancel_scope.cancel()
+        assert len(upstream.calls) == 1
+        assert upstream.calls[0].how == "completed"
+        assert upstream.calls[0].ended == 1.0
+        assert sorted(got) == [0, 3, 5]
+        assert {at for at, _ in got.values()} == {1.0}
+        assert {text for _, text in got.values()} == {"a b c d "}
+        first = sinks[0]
+        assert first is not None
+        assert "".join(first.deltas) == "a b c d "
+
+    run(test)
+
+
 def test_identical_calls_share_and_different_ones_do_not() -> None:
     async def test() -> None:
         upstream = Upstream(duration=1.0)
