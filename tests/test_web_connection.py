@@ -3,6 +3,7 @@ once, not at the next WebSocket ping, and accepted sockets ask the kernel to fin
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import struct
@@ -49,14 +50,19 @@ async def wait_for_descriptors(at_most: int) -> None:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
 async def test_websockets_reset_with_answers_unread_give_descriptors_back_before_the_next_ping() -> None:
     async with running(settings(ws_ping_interval=600.0)) as server:
+        gc.collect()  # descriptors of earlier tests' garbage are not counted in ``before``
         before = open_descriptors()
-        sockets = [await open_raw_websocket(_port(server.url)) for _ in range(50)]
-        for stream, client in sockets:
-            await stream.send_all(client.send(wsproto.events.TextMessage(PREDICT_FRAME)))
-        await trio.sleep(0.2)  # the answers arrive and stay unread
-        assert open_descriptors() >= before + 100  # ours and the server's
-        for stream, _ in sockets:
-            reset(stream)
+        sockets: list[tuple[trio.SocketStream, wsproto.WSConnection]] = []
+        try:
+            for _ in range(50):
+                sockets.append(await open_raw_websocket(_port(server.url)))
+            for stream, client in sockets:
+                await stream.send_all(client.send(wsproto.events.TextMessage(PREDICT_FRAME)))
+            await trio.sleep(0.2)  # the answers arrive and stay unread
+            assert open_descriptors() >= before + 100  # ours and the server's
+        finally:  # a failure above must not leave 50 sockets to the next test's garbage collection
+            for stream, _ in sockets:
+                reset(stream)
         await wait_for_descriptors(before)
 
 
