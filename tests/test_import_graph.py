@@ -166,3 +166,16 @@ def test_the_reader_counts_type_only_relative_and_on_the_way_imports(tmp_path: P
         ".lm._transport": set(),
         ".lm._transport._pool": {"._errors"},
     }
+
+
+def test_the_command_line_imports_the_serving_stack_only_to_serve() -> None:
+    """``dspy-trio predict``, ``--version`` and every usage error start without the app, Hypercorn's
+    serving code and the MCP SDK (about a second of imports): ``web/cli.py`` imports ``web/server.py``
+    only on the serve path."""
+    import subprocess
+    import sys
+
+    heavy = ("dspy_trio.web.server", "dspy_trio.web.app", "mcp", "quart")
+    probe = f"import sys, dspy_trio.web.cli; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

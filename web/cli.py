@@ -41,8 +41,8 @@ from dspy_trio.engine import ConfigError, EngineConfig, EngineError, InvalidInpu
 from dspy_trio.engine.testing.fake_upstream import Behavior, FakeUpstream
 
 from .preflight import check_api_keys, check_engine_opens, describe_lm
-from .server import CannotListenError, check_can_listen, configure_logging, run_workers, serve
 from .settings import ServiceSettings
+from .startup import CannotListenError, check_can_listen, configure_logging
 
 logger = logging.getLogger("dspy_trio.web.cli")
 
@@ -202,6 +202,8 @@ def _service_settings(args: argparse.Namespace) -> ServiceSettings:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from .server import serve  # the serving stack, imported only to serve (about a second)
+
     await serve(_service_settings(args), worker_count=args.worker_of or 1)
     return 0
 
@@ -243,6 +245,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 if lm.provider != "simulated":  # announced above, loudly
                     logger.info("LM %s: %s", name, describe_lm(lm))
             if settings.workers > 1:
+                from .server import run_workers
+
                 return run_workers(sys.argv[1:] if argv is None else list(argv), settings.workers)
     command = {"serve": _serve, "predict": _predict, "fake-upstream": _fake_upstream}[args.command]
     return trio.run(command, args)
