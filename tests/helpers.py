@@ -13,12 +13,15 @@ from dspy_trio.engine.lm._base import Message
 
 
 class CountingLM(SimulatedLM):
-    """The simulated LM, counting the calls that started and the ones that finished."""
+    """The simulated LM, counting the calls that started and the ones that finished. With ``release``,
+    each call waits for that event before it answers (set it once the test has seen what must happen
+    while a call is in flight)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, release: trio.Event | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("first_token_delay", 1.0)
         kwargs.setdefault("token_delay", 0.0)
         super().__init__(**kwargs)
+        self.release = release
         self.started = 0
         self.finished = 0
 
@@ -26,9 +29,21 @@ class CountingLM(SimulatedLM):
         self, messages: Sequence[Message], params: Mapping[str, Any], sink: ChunkSink | None
     ) -> Completion:
         self.started += 1
+        if self.release is not None:
+            await self.release.wait()
         completion = await super().complete(messages, params, sink)
         self.finished += 1
         return completion
+
+
+def most_waiting_on_one_flight(engine: Any) -> int:
+    """The most callers waiting now on one of ``engine``'s shared flights (LM calls or whole
+    predictions, ``engine/_flight.py``): how a test knows identical requests have all joined one."""
+    sharing = engine.sharing
+    if sharing is None:
+        return 0
+    tables = [sharing._flights, *(layer._flights for layer in sharing.other_flights)]
+    return max((flight.waiting for table in tables for flight in table.values()), default=0)
 
 
 class FailingLM(SimulatedLM):

@@ -440,19 +440,25 @@ async def test_a_probe_given_back_after_its_place_expired_leaves_no_key_for_ever
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:
     """A probe's place expires after ``open_for``; one cancelled after that gives its place back to a key
-    that is gone: the counter it leaves must expire too (a DECR alone made a -1 that stayed for ever)."""
-    quick = BreakerSettings(min_calls=2, failure_ratio=1.0, open_for=0.2)
+    that is gone: the counter it leaves must expire too (a DECR alone made a -1 that stayed for ever).
+
+    The place's expiry is the test's ``DEL`` (Redis expires it ``open_for`` of real time after the
+    claim): with an ``open_for`` of 200 ms the counter left lived 200 ms too, and a test process
+    stalled that long on a busy machine never saw it."""
+    settings = BreakerSettings(min_calls=2, failure_ratio=1.0, open_for=30.0)
     async with clusters(redis_server, 2) as (a, b):
-        breaker_a, breaker_b = [await made(x, quick) for x in (a, b)]
+        breaker_a, breaker_b = [await made(x, settings) for x in (a, b)]
         await fail(breaker_a, 2)
         await eventually(lambda: breaker_b.state == "open")
-        mock_clock.jump(0.2)
+        mock_clock.jump(30.0)
         probe = await breaker_b.admit()
         key = b.link.key("breaker", "up", "probes", breaker_b.epoch)
-        await eventually(lambda: _gone(b, key))  # Redis expires the place (PX 200, real time)
+        assert 29_000 < await b.link.client.pttl(key) <= 30_000  # the place expires with open_for
+        await b.link.client.delete([key])  # it expired
         breaker_b.release(probe)  # cancelled, late
         await eventually(lambda: _written(b, key))
-        assert 0 < await b.link.client.pttl(key) <= 200
+        assert await b.link.client.get(key) == "-1"
+        assert 0 < await b.link.client.pttl(key) <= 30_000
 
 
 async def _written(cluster: Cluster, key: str) -> bool:

@@ -122,14 +122,23 @@ async def predict(
     return response.status_code
 
 
+# The deadline of the hammer's requests: far shorter than the quota's window, so that a request refused
+# for the quota is still refused at once (429), not left to wait out its deadline (504), while one the
+# quota admits has the time to finish on a busy machine (with 2 s, 21 of 120 timed out under two CPU
+# hogs: admitted ones, or ones whose quota reply from Redis came late).
+HAMMER_DEADLINE = 10.0
+
+
 async def hammer(deployment: Deployment, count: int) -> list[int]:
     """``count`` concurrent predictions of the limited program over both replicas; their statuses."""
     statuses: list[int] = []
-    async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+    async with httpx.AsyncClient(timeout=60) as client, trio.open_nursery() as nursery:
         for i in range(count):
             # Distinct questions: identical ones would share one upstream call (single-flight).
             async def one(url: str = deployment.urls[i % 2], question: str = f"q {uuid.uuid4()}") -> None:
-                statuses.append(await predict(client, url, program="limited", question=question))
+                statuses.append(
+                    await predict(client, url, HAMMER_DEADLINE, program="limited", question=question)
+                )
 
             nursery.start_soon(one)
     return statuses

@@ -43,7 +43,11 @@ def config(server: RedisServer, key_prefix: str, tenants: dict[str, TenantConfig
 
 
 async def test_two_processes_enforce_one_tenants_rpm_together(redis_server: RedisServer) -> None:
-    """4 a minute in total: two each, then both refuse; a tenant without limits is not affected."""
+    """4 a minute in total: two each, then both refuse; a tenant without limits is not affected.
+
+    Every call asks its own question: identical calls share one upstream call across processes, and
+    one made just after the other's answer returned follows it while that answer's queued
+    announcement is on its way to Redis (on a busy machine: no call of its own)."""
     shared = prefix()
     tenants = {"t": TenantConfig(rate_limit=RateLimit(rpm=4))}
     lm_a, lm_b = CountingLM(first_token_delay=0), CountingLM(first_token_delay=0)
@@ -51,13 +55,13 @@ async def test_two_processes_enforce_one_tenants_rpm_together(redis_server: Redi
         open_engine(config(redis_server, shared, tenants), lms={"default": lm_a}) as a,
         open_engine(config(redis_server, shared, tenants), lms={"default": lm_b}) as b,
     ):
-        for engine in (a, b, a, b):
-            await engine.predict("default", {"question": "q"}, tenant="t")
-        for engine in (a, b):
+        for n, engine in enumerate((a, b, a, b)):
+            await engine.predict("default", {"question": f"q{n}"}, tenant="t")
+        for n, engine in enumerate((a, b), start=4):
             with pytest.raises(TenantRateLimitedError) as info:
-                await engine.predict("default", {"question": "q"}, tenant="t")
+                await engine.predict("default", {"question": f"q{n}"}, tenant="t")
             assert 55 < info.value.retry_after <= 60
-        await a.predict("default", {"question": "q"}, tenant="u")
+        await a.predict("default", {"question": "q6"}, tenant="u")
         assert (lm_a.started, lm_b.started) == (3, 2)
 
 

@@ -13,8 +13,9 @@ import trio
 from trio_websocket import open_websocket_url
 
 from dspy_trio.engine import CacheConfig, EngineConfig
+from dspy_trio.web.server import Server
 
-from .helpers import CountingLM
+from .helpers import HANG_GUARD, CountingLM, most_waiting_on_one_flight, wait_until
 from .web_helpers import FAST, running, settings
 
 
@@ -31,8 +32,18 @@ async def post(client: httpx.AsyncClient, question: str = "What is Trio?", **hea
     )
 
 
+async def all_join_one_flight(server: Server, lm: CountingLM, count: int) -> None:
+    """Once ``count`` requests wait on one shared flight, let ``lm`` answer (when it answered after a
+    fixed delay, a request that a busy machine delivered later found the answer stored: a hit)."""
+    engine = server.state.engine
+    assert engine is not None
+    assert lm.release is not None
+    await wait_until(lambda: most_waiting_on_one_flight(engine) == count, seconds=HANG_GUARD)
+    lm.release.set()
+
+
 async def test_identical_requests_share_one_upstream_call_and_say_so() -> None:
-    lm = CountingLM(first_token_delay=0.5)
+    lm = CountingLM(first_token_delay=0, release=trio.Event())
     async with (
         running(cached_settings(), lms={"default": lm}) as server,
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
@@ -45,6 +56,7 @@ async def test_identical_requests_share_one_upstream_call_and_say_so() -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(50):
                 nursery.start_soon(one)
+            await all_join_one_flight(server, lm, 50)
         assert lm.started == 1
         assert {r.status_code for r in responses} == {200}
         statuses = sorted(r.headers["Cache-Status"] for r in responses)
@@ -82,7 +94,7 @@ async def test_identical_requests_share_one_upstream_call_and_say_so() -> None:
 
 
 async def test_with_the_cache_off_a_shared_call_is_still_marked() -> None:
-    lm = CountingLM(first_token_delay=0.3)
+    lm = CountingLM(first_token_delay=0, release=trio.Event())
     async with (
         running(cached_settings(CacheConfig()), lms={"default": lm}) as server,
         httpx.AsyncClient(base_url=server.url, timeout=30) as client,
@@ -95,6 +107,7 @@ async def test_with_the_cache_off_a_shared_call_is_still_marked() -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(one)
+            await all_join_one_flight(server, lm, 3)
         assert lm.started == 1
         assert sorted(r.headers["Cache-Status"] for r in responses) == [
             "dspy-trio; fwd=bypass",

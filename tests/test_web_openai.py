@@ -9,7 +9,7 @@ import json
 import math
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,8 +19,9 @@ import openai
 import pytest
 import trio
 
-from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec, SimulatedSettings
-from dspy_trio.engine.lm import OpenAICompatibleLM
+from dspy_trio.engine import EngineConfig, LMConfig, ProgramSpec, SimulatedSettings, UpstreamServerError
+from dspy_trio.engine.lm import Completion, DeltaSink, OpenAICompatibleLM, SimulatedLM
+from dspy_trio.engine.lm._base import Message
 from dspy_trio.engine.testing import Behavior, FakeUpstream, open_fake_upstream
 from dspy_trio.web.server import Server
 
@@ -209,25 +210,45 @@ async def _call(client: openai.AsyncOpenAI, model: str) -> None:
     await client.chat.completions.create(model=model, messages=USER)  # type: ignore[arg-type]
 
 
+class FailsMidStream(SimulatedLM):
+    """Streams all of its answer but its end, then fails with a 503 once ``fail`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(first_token_delay=0.0, token_delay=0.0)
+        self.fail = trio.Event()
+
+    async def complete(
+        self, messages: Sequence[Message], params: Mapping[str, Any], sink: DeltaSink | None
+    ) -> Completion:
+        assert sink is not None
+        for token in self.tokens(self.render(messages))[:-3]:  # not "[[ ## completed ## ]]"
+            await sink.send(token)
+        await self.fail.wait()
+        raise UpstreamServerError("503 mid-stream", status=503)
+
+
 async def test_an_error_mid_stream_is_raised_by_the_sdk() -> None:
-    slow = LMConfig(settings=SimulatedSettings(first_token_delay=0.0, token_delay=0.05))
-    async with service(engine=EngineConfig(lms={"default": slow}, programs=PROGRAMS)) as (_, client):
+    """The upstream fails once the client has read some of the answer (a deadline of 0.3 s, as before,
+    sometimes passed on a busy machine before the first token was sent)."""
+    lm = FailsMidStream()
+    async with service(lms={"default": lm}) as (_, client):
         stream = await client.chat.completions.create(
             model="qa",
             messages=USER,  # type: ignore[arg-type]
             stream=True,
-            extra_body={"timeout": 0.3},
         )
         received: list[str] = []
 
         async def read() -> None:
             async for chunk in stream:
                 received.append(chunk.choices[0].delta.content or "")
+                if "".join(received):
+                    lm.fail.set()
 
-        with pytest.raises(openai.APIError) as caught:
+        with pytest.raises(openai.APIError) as caught, trio.fail_after(HANG_GUARD):
             await read()
     assert "".join(received)  # some tokens came first
-    assert caught.value.code == "deadline_exceeded"
+    assert caught.value.code == "upstream_server_error"
 
 
 @asynccontextmanager
