@@ -216,30 +216,27 @@ def _cached_fields_with_type(cls: type, field_type: str) -> dict[str, Any]:
     return dict(cached[2] if field_type == "input" else cached[3])
 
 
-def _input_fields(cls: type) -> dict[str, Any]:
-    """``Signature.input_fields`` from the cached split (the fast path checked inline: one call)."""
-    cached = _SIGNATURE_FIELDS.get(id(cls))
-    if (
-        cached is not None
-        and cached[1] is getattr(cls, "__pydantic_fields__", None)
-        and cached[0]() is cls
-        and len(cached[2]) + len(cached[3]) == len(cached[1])
-    ):
-        return dict(cached[2])
-    return _cached_fields_with_type(cls, "input")
+def _fields_reader(kind: str) -> Callable[[type], dict[str, Any]]:
+    """``Signature.input_fields`` (``kind`` "input") or ``output_fields`` from the cached split: the fast
+    path checked inline, so a read is one call."""
+    input_side = kind == "input"
+
+    def read(cls: type) -> dict[str, Any]:
+        cached = _SIGNATURE_FIELDS.get(id(cls))
+        if (
+            cached is not None
+            and cached[1] is getattr(cls, "__pydantic_fields__", None)
+            and cached[0]() is cls
+            and len(cached[2]) + len(cached[3]) == len(cached[1])
+        ):
+            return dict(cached[2] if input_side else cached[3])
+        return _cached_fields_with_type(cls, kind)
+
+    return read
 
 
-def _output_fields(cls: type) -> dict[str, Any]:
-    """``Signature.output_fields`` from the cached split (see :func:`_input_fields`)."""
-    cached = _SIGNATURE_FIELDS.get(id(cls))
-    if (
-        cached is not None
-        and cached[1] is getattr(cls, "__pydantic_fields__", None)
-        and cached[0]() is cls
-        and len(cached[2]) + len(cached[3]) == len(cached[1])
-    ):
-        return dict(cached[3])
-    return _cached_fields_with_type(cls, "output")
+_input_fields = _fields_reader("input")
+_output_fields = _fields_reader("output")
 
 
 def cache_signature_fields(enabled: bool = True) -> None:

@@ -39,16 +39,16 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from werkzeug.http import parse_options_header
 
+from .body import read_body
 from .call import Call
 from .deadline import RequestDeadline
 from .encoding import dumps
 from .errors import HTTPError, error_answer, error_body
-from .keepalive import body_headers, drain_body
+from .keepalive import drain_body
 from .limits import check_content_encoding, parse_json
 from .models import validate
 from .protocol import LEAVING
 from .service import Service
-from .settings import ServiceSettings
 
 logger = logging.getLogger("dspy_trio.web")
 
@@ -89,7 +89,7 @@ def below_quart(model: type[M], answer: Callable[[Service, Call, M], Awaitable[A
                     return  # the client left
                 closing = not complete
                 raise
-            raw = await _read_body(request, receive, settings, head)
+            raw = await read_body(request, receive, settings, head)
             if raw is None:
                 return  # the client left: nobody to answer
             value = parse_json(raw, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
@@ -134,52 +134,6 @@ def _check_head(scope: Any) -> None:
     if mimetype.lower() != "application/json":
         raise _NOT_SENT_AS_JSON
     check_content_encoding(_header(scope, b"content-encoding"))
-
-
-def _too_large(settings: ServiceSettings) -> HTTPError:
-    return HTTPError(
-        413,
-        f"the request body is larger than {settings.max_body_bytes} bytes",
-        type="invalid_request_error",
-        code="body_too_large",
-    )
-
-
-async def _read_body(
-    scope: Any, receive: ASGIReceiveCallable, settings: ServiceSettings, head: RequestDeadline
-) -> bytes | None:
-    """The request body, once it is all there. Blocks until then, at most until the head's deadline.
-    (Refused part-way, the rest is left to the keep-alive guard, which closes the connection.)
-
-    Returns:
-        The body; None if the client left.
-
-    Raises:
-        HTTPError: 413 larger than the limit; 408 ``body_timeout``.
-    """
-    declared, _ = body_headers(scope)
-    if declared is not None and declared > settings.max_body_bytes:
-        raise _too_large(settings)
-    chunks: list[bytes] = []
-    size = 0
-    with trio.move_on_at(head.at):
-        while True:
-            message: Any = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise _too_large(settings)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    raise HTTPError(
-        408,
-        f"the request body did not arrive within the request's timeout of {head.timeout:g}s",
-        type="timeout_error",
-        code="body_timeout",
-    )
 
 
 async def _unless_the_client_leaves(

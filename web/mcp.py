@@ -65,6 +65,7 @@ from dspy_trio.engine import (
 )
 
 from .auth import origin_refusal
+from .body import read_body
 from .call import Call
 from .chat import chat_content
 from .deadline import RequestDeadline
@@ -72,7 +73,7 @@ from .door import call_in
 from .encoding import dumps
 from .errors import HTTPError, http_error_response
 from .formats import Outcome
-from .keepalive import body_headers, drain_body
+from .keepalive import drain_body
 from .limits import check_content_encoding, check_inputs, json_depth
 from .runner import run
 from .service import not_ready
@@ -222,46 +223,16 @@ class MCPEndpoint:
             HTTPError: 413 ``body_too_large``; 408 ``body_timeout``; 400 ``too_deeply_nested``.
         """
         settings = self.service.settings
-        declared, has_body = body_headers(scope)
-        too_large = HTTPError(
-            413,
-            f"the request body is larger than {settings.max_body_bytes} bytes",
-            type="invalid_request_error",
-            code="body_too_large",
-        )
-        if declared is not None and declared > settings.max_body_bytes:
-            raise too_large
-        if not has_body:
-            return b""
         head = RequestDeadline.of_head(settings, arrived=call.arrived, header=call.timeout_header)
-        parts: list[bytes] = []
-        size = 0
-        with trio.move_on_at(head.at):
-            while True:
-                message: Any = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                part = message.get("body", b"")
-                size += len(part)
-                if size > settings.max_body_bytes:
-                    raise too_large
-                parts.append(part)
-                if not message.get("more_body", False):
-                    body = b"".join(parts)
-                    if json_depth(body, settings.max_json_depth) > settings.max_json_depth:
-                        raise HTTPError(
-                            400,
-                            f"the JSON is nested deeper than {settings.max_json_depth} levels",
-                            type="invalid_request_error",
-                            code="too_deeply_nested",
-                        )
-                    return body
-        raise HTTPError(
-            408,
-            f"the request body did not arrive within the request's timeout of {head.timeout:g}s",
-            type="timeout_error",
-            code="body_timeout",
-        )
+        body = await read_body(scope, receive, settings, head)
+        if body is not None and json_depth(body, settings.max_json_depth) > settings.max_json_depth:
+            raise HTTPError(
+                400,
+                f"the JSON is nested deeper than {settings.max_json_depth} levels",
+                type="invalid_request_error",
+                code="too_deeply_nested",
+            )
+        return body
 
     # -- the tools ---------------------------------------------------------------------------------------
 
