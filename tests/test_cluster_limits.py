@@ -409,6 +409,31 @@ async def test_a_lost_log_a_new_process_recreated_empty_is_full_once_a_process_t
             assert await quota_a.usage() == (31.0, 0.0)
 
 
+async def test_a_process_that_called_the_recreated_log_first_still_counts_as_having_sent_its_grants(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """30 a minute; a took 20 and knows the log; b never called it. Redis loses the log and b calls
+    first: it knows no log, so it recreates it empty and sends its (no) grants in that first call. a's
+    first call then marks the minute unknown. Both processes have now sent their grants, so once three
+    heartbeat intervals have passed the unknown is freed: only a's 20 count. (It stayed unknown until it
+    left the window: b's first call, made before the minute was marked unknown, was never counted, and
+    b makes no other first call; 1 run in 4 of test_cluster_fallback's recovery test.)"""
+    async with clusters(redis_server, 2, heartbeat_interval=5.0) as (a, b):
+        quota_a, quota_b = a.quota("up", 30, None), b.quota("up", 30, None)
+        await beat(b.link)
+        await beat(a.link)
+        assert a.statistics().processes == 2
+        for _ in range(20):
+            await quota_a.acquire(0)
+        await a.link.call(lambda: a.link.client.flushall())
+        await beat(b.link)
+        await beat(a.link)
+        await quota_b.usage()  # b first: the log is recreated empty (b cannot tell it was lost)
+        assert await quota_a.usage() == (30.0, 0.0)  # a's first call: the minute is unknown, a's 20 in it
+        mock_clock.jump(3 * a.link.config.heartbeat_interval)
+        assert await quota_a.usage() == (20.0, 0.0)  # every process has sent its grants: the rest is free
+
+
 async def test_an_idle_process_sends_its_grants_at_its_heartbeat(
     redis_server: RedisServer, mock_clock: trio.testing.MockClock
 ) -> None:

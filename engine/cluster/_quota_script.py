@@ -32,7 +32,7 @@ import attrs
 # The value: a 4-byte length, a msgpack header {ep = epoch, sq = last seq, rn/rw = the entries' requests and
 # tokens, sn/sw = requests/tokens of unknown use at time su (after a loss), mg = the processes that have
 # sent their own grants since (each replaces the unknown once), nd = the most processes a caller counted
-# since, fr = made by a process that knew no log},
+# since, fr = made by a process that knew no log, fs = the processes that made their first call to it},
 # then the entries, oldest first, 40 bytes each:
 # time, requests, tokens, first seq, last seq (doubles; seqs -1 for grants sent after a loss or an outage).
 # An acquire decodes the header, the oldest entries (expiry, and the walk to the first instant that fits)
@@ -109,8 +109,10 @@ if st.ep ~= known then
   if known ~= '' and st.fr then
     -- Made by a process that knew no log, which cannot tell a lost log from a new deployment's; this
     -- caller knew one: it was lost, and the minute before is unknown (on top of what is logged since).
+    -- The processes that made their first call to it already sent their grants: they are logged.
     st.fr = nil
-    st.sn, st.sw, st.su, st.nd, st.mg = rpm, tpm, now, 0, {}
+    st.sn, st.sw, st.su, st.nd, st.mg = rpm, tpm, now, 0, st.fs or {}
+    st.fs = nil
     save()
   elseif raw == '' then
     save()
@@ -183,6 +185,16 @@ for _ = 1, merges do
 end
 if first and unknown and not counted then
   st.mg[#st.mg + 1] = pid
+end
+if first and st.fr then
+  -- A first call to a log made by a process that knew no log: if a process that knew the lost one
+  -- marks the minute unknown later, this one has sent its grants already (see above).
+  st.fs = st.fs or {}
+  local seen = false
+  for _, p in ipairs(st.fs) do
+    if p == pid then seen = true end
+  end
+  if not seen then st.fs[#st.fs + 1] = pid end
 end
 -- Every process has sent its grants once as many have as the most any caller counted since the loss,
 -- provided the counts are of heartbeats made since: every live process has beaten again (a count of
