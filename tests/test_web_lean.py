@@ -23,7 +23,7 @@ from dspy_trio.web.server import Server
 
 from .helpers import CountingLM, tasks_living, wait_until
 from .test_web_keepalive import _port
-from .test_web_protocol import parse_responses
+from .test_web_protocol import read_responses
 from .web_helpers import RAW_HOST, running, settings
 
 MAX_BODY = 4000
@@ -121,23 +121,12 @@ async def _exchange(port: int, segments: tuple[bytes, ...]) -> tuple[int, dict[s
             if index:
                 await trio.sleep(0.05)
             await stream.send_all(segment)
-        received = b""
-        with trio.fail_after(GUARD):
-            while not (answers := parse_responses(received)) or _short(received):
-                data = await stream.receive_some(65536)
-                assert data, f"closed before an answer: {received!r}"
-                received += data
-        [(status, headers, body)] = answers
+        [(status, headers, body)] = await read_responses(stream, 1)
         reused = False
         if headers.get("connection") != "close":
             await stream.send_all(f"GET /health HTTP/1.1\r\nHost: {RAW_HOST}\r\n\r\n".encode())
-            received = b""
-            with trio.fail_after(GUARD):
-                while not (health := parse_responses(received)) or _short(received):
-                    data = await stream.receive_some(65536)
-                    assert data, "closed instead of answering /health"
-                    received += data
-            assert health[0][0] == 200
+            [(health, _, _)] = await read_responses(stream, 1)
+            assert health == 200
             reused = True
     assert int(headers.pop("content-length")) == len(body)  # varies with the ids and times
     kept = {name: value for name, value in headers.items() if name not in VARYING_HEADERS}
@@ -145,16 +134,6 @@ async def _exchange(port: int, segments: tuple[bytes, ...]) -> tuple[int, dict[s
     if isinstance(answer, dict):
         answer = {key: value for key, value in answer.items() if key not in VARYING_FIELDS}
     return status, kept, answer, reused
-
-
-def _short(received: bytes) -> bool:
-    """Whether the first answer's body is not all there yet."""
-    head, _, rest = received.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(rest) < int(value)
-    return False
 
 
 @asynccontextmanager

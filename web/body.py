@@ -14,18 +14,29 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable
 
 from .deadline import RequestDeadline
-from .errors import HTTPError
+from .errors import HTTPError, body_too_large
 from .keepalive import body_headers
 from .settings import ServiceSettings
 
 
-def too_large(settings: ServiceSettings) -> HTTPError:
-    """The refusal of a body larger than ``max_body_bytes`` (as werkzeug's 413 is answered)."""
+def not_sent_as_json() -> HTTPError:
+    """The refusal of a body not sent as ``Content-Type: application/json``."""
     return HTTPError(
-        413,
-        f"the request body is larger than {settings.max_body_bytes} bytes",
+        415,
+        "send the body as JSON with Content-Type: application/json",
         type="invalid_request_error",
-        code="body_too_large",
+        code="unsupported_media_type",
+    )
+
+
+def body_timeout(head: RequestDeadline | None) -> HTTPError:
+    """The refusal of a body that did not arrive by the deadline its request's head named."""
+    timeout = f" of {head.timeout:g}s" if head is not None else ""
+    return HTTPError(
+        408,
+        f"the request body did not arrive within the request's timeout{timeout}",
+        type="timeout_error",
+        code="body_timeout",
     )
 
 
@@ -44,7 +55,7 @@ async def read_body(
     """
     declared, _ = body_headers(scope)
     if declared is not None and declared > settings.max_body_bytes:
-        raise too_large(settings)
+        raise body_too_large(settings.max_body_bytes)
     chunks: list[bytes] = []
     size = 0
     with trio.move_on_at(head.at):
@@ -55,16 +66,11 @@ async def read_body(
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > settings.max_body_bytes:
-                raise too_large(settings)
+                raise body_too_large(settings.max_body_bytes)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    raise HTTPError(
-        408,
-        f"the request body did not arrive within the request's timeout of {head.timeout:g}s",
-        type="timeout_error",
-        code="body_timeout",
-    )
+    raise body_timeout(head)
 
 
-__all__ = ["read_body", "too_large"]
+__all__ = ["body_timeout", "not_sent_as_json", "read_body"]

@@ -126,6 +126,16 @@ def http_error_response(error: HTTPError) -> tuple[int, dict[str, Any], dict[str
     return error.status, body, headers
 
 
+def body_too_large(max_bytes: int) -> HTTPError:
+    """The refusal of a request body larger than ``max_bytes`` (however it was found out)."""
+    return HTTPError(
+        413,
+        f"the request body is larger than {max_bytes} bytes",
+        type="invalid_request_error",
+        code="body_too_large",
+    )
+
+
 _WERKZEUG_CODES = {
     400: "bad_request",
     404: "not_found",
@@ -155,7 +165,7 @@ def error_answer(
         status = error.code or 500
         message = error.description or error.name
         if status == 413:
-            message = f"the request body is larger than {settings.max_body_bytes} bytes"
+            message = body_too_large(settings.max_body_bytes).message
         elif message == type(error).description:  # werkzeug's generic text: say what is known
             message = f"{error.name.lower()}: {method} {path}"
         kind = "invalid_request_error" if status < 500 else "server_error"

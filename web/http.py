@@ -24,10 +24,10 @@ from werkzeug.exceptions import RequestTimeout
 
 from dspy_trio.engine import Engine, PredictionResult
 
+from .body import body_timeout, not_sent_as_json
 from .call import Call
 from .deadline import RequestDeadline
 from .encoding import dumps
-from .errors import HTTPError
 from .limits import check_content_encoding, check_inputs, parse_json
 from .models import validate
 from .runner import predict
@@ -53,25 +53,14 @@ async def read_json(model: type[M], settings: ServiceSettings, head: RequestDead
             body is not all there by the head's deadline; 400/413 from the limits; 422 invalid fields.
     """
     if request.mimetype != "application/json":
-        raise HTTPError(
-            415,
-            "send the body as JSON with Content-Type: application/json",
-            type="invalid_request_error",
-            code="unsupported_media_type",
-        )
+        raise not_sent_as_json()
     check_content_encoding(request.headers.get("content-encoding"))
     if head is not None:
         request.body_timeout = max(0.0, head.at - trio.current_time())  # type: ignore[assignment]  # int in Quart
     try:
         raw = await request.get_data(cache=False)
     except RequestTimeout:
-        timeout = f" of {head.timeout:g}s" if head is not None else ""
-        raise HTTPError(
-            408,
-            f"the request body did not arrive within the request's timeout{timeout}",
-            type="timeout_error",
-            code="body_timeout",
-        ) from None
+        raise body_timeout(head) from None
     value = parse_json(raw, max_bytes=settings.max_body_bytes, max_depth=settings.max_json_depth)
     return validate(model, value)
 

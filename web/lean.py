@@ -18,7 +18,7 @@ What Quart did for these routes, done here in the same order:
 - ``Content-Type`` must be JSON (415) and the body uncompressed (415), before the body is read;
 - the body within ``max_body_bytes``: a ``Content-Length`` above it is a 413 at once, a body that grows
   past it a 413 when it does (werkzeug's ``RequestEntityTooLarge``, as Quart raised it), and the body
-  must have arrived by the head's deadline (408 ``body_timeout``) (:func:`dspy_trio.web.http.read_json`);
+  must have arrived by the head's deadline (408 ``body_timeout``) (:func:`dspy_trio.web.body.read_body`);
 - while the handler runs, a client that leaves (``http.disconnect``) cancels it, as Quart-Trio's
   message task did: the prediction ends and its upstream call is closed;
 - an error becomes the app's JSON answer (:func:`dspy_trio.web.errors.error_answer`); an unexpected one
@@ -39,7 +39,7 @@ import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from werkzeug.http import parse_options_header
 
-from .body import read_body
+from .body import not_sent_as_json, read_body
 from .call import Call
 from .deadline import RequestDeadline
 from .encoding import dumps
@@ -56,12 +56,6 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 LeanHandler = Callable[[Service, Call, Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 _LEFT: Any = object()  # the client left while its answer was being made
-_NOT_SENT_AS_JSON = HTTPError(
-    415,
-    "send the body as JSON with Content-Type: application/json",
-    type="invalid_request_error",
-    code="unsupported_media_type",
-)
 
 
 def below_quart(model: type[M], answer: Callable[[Service, Call, M], Awaitable[Any]]) -> LeanHandler:
@@ -132,7 +126,7 @@ def _check_head(scope: Any) -> None:
     """
     mimetype, _ = parse_options_header(_header(scope, b"content-type") or "")
     if mimetype.lower() != "application/json":
-        raise _NOT_SENT_AS_JSON
+        raise not_sent_as_json()
     check_content_encoding(_header(scope, b"content-encoding"))
 
 
